@@ -1,0 +1,251 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class StreamType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STREAM_TYPE_UNSPECIFIED: _ClassVar[StreamType]
+    STREAM_TYPE_STDOUT: _ClassVar[StreamType]
+    STREAM_TYPE_STDERR: _ClassVar[StreamType]
+STREAM_TYPE_UNSPECIFIED: StreamType
+STREAM_TYPE_STDOUT: StreamType
+STREAM_TYPE_STDERR: StreamType
+
+class LogLine(_message.Message):
+    __slots__ = ("job_uuid", "stream", "timestamp", "sequence", "content")
+    JOB_UUID_FIELD_NUMBER: _ClassVar[int]
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    job_uuid: str
+    stream: StreamType
+    timestamp: int
+    sequence: int
+    content: bytes
+    def __init__(self, job_uuid: _Optional[str] = ..., stream: _Optional[_Union[StreamType, str]] = ..., timestamp: _Optional[int] = ..., sequence: _Optional[int] = ..., content: _Optional[bytes] = ...) -> None: ...
+
+class DiskIO(_message.Message):
+    __slots__ = ("read_bytes", "write_bytes", "read_ops", "write_ops")
+    READ_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WRITE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    READ_OPS_FIELD_NUMBER: _ClassVar[int]
+    WRITE_OPS_FIELD_NUMBER: _ClassVar[int]
+    read_bytes: int
+    write_bytes: int
+    read_ops: int
+    write_ops: int
+    def __init__(self, read_bytes: _Optional[int] = ..., write_bytes: _Optional[int] = ..., read_ops: _Optional[int] = ..., write_ops: _Optional[int] = ...) -> None: ...
+
+class NetworkIO(_message.Message):
+    __slots__ = ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets")
+    RX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RX_PACKETS_FIELD_NUMBER: _ClassVar[int]
+    TX_PACKETS_FIELD_NUMBER: _ClassVar[int]
+    rx_bytes: int
+    tx_bytes: int
+    rx_packets: int
+    tx_packets: int
+    def __init__(self, rx_bytes: _Optional[int] = ..., tx_bytes: _Optional[int] = ..., rx_packets: _Optional[int] = ..., tx_packets: _Optional[int] = ...) -> None: ...
+
+class MetricData(_message.Message):
+    __slots__ = ("cpu_usage", "memory_usage", "gpu_usage", "disk_io", "network_io")
+    CPU_USAGE_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_USAGE_FIELD_NUMBER: _ClassVar[int]
+    GPU_USAGE_FIELD_NUMBER: _ClassVar[int]
+    DISK_IO_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_IO_FIELD_NUMBER: _ClassVar[int]
+    cpu_usage: float
+    memory_usage: int
+    gpu_usage: float
+    disk_io: DiskIO
+    network_io: NetworkIO
+    def __init__(self, cpu_usage: _Optional[float] = ..., memory_usage: _Optional[int] = ..., gpu_usage: _Optional[float] = ..., disk_io: _Optional[_Union[DiskIO, _Mapping]] = ..., network_io: _Optional[_Union[NetworkIO, _Mapping]] = ...) -> None: ...
+
+class Metric(_message.Message):
+    __slots__ = ("job_uuid", "timestamp", "sequence", "data")
+    JOB_UUID_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    job_uuid: str
+    timestamp: int
+    sequence: int
+    data: MetricData
+    def __init__(self, job_uuid: _Optional[str] = ..., timestamp: _Optional[int] = ..., sequence: _Optional[int] = ..., data: _Optional[_Union[MetricData, _Mapping]] = ...) -> None: ...
+
+class PingRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PingResponse(_message.Message):
+    __slots__ = ("healthy", "timestamp")
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    healthy: bool
+    timestamp: int
+    def __init__(self, healthy: _Optional[bool] = ..., timestamp: _Optional[int] = ...) -> None: ...
+
+class QueryLogsRequest(_message.Message):
+    __slots__ = ("job_uuid", "stream", "start_time", "end_time", "limit", "offset", "node_id")
+    JOB_UUID_FIELD_NUMBER: _ClassVar[int]
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    job_uuid: str
+    stream: StreamType
+    start_time: int
+    end_time: int
+    limit: int
+    offset: int
+    node_id: str
+    def __init__(self, job_uuid: _Optional[str] = ..., stream: _Optional[_Union[StreamType, str]] = ..., start_time: _Optional[int] = ..., end_time: _Optional[int] = ..., limit: _Optional[int] = ..., offset: _Optional[int] = ..., node_id: _Optional[str] = ...) -> None: ...
+
+class QueryMetricsRequest(_message.Message):
+    __slots__ = ("job_uuid", "start_time", "end_time", "limit", "offset", "node_id")
+    JOB_UUID_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    job_uuid: str
+    start_time: int
+    end_time: int
+    limit: int
+    offset: int
+    node_id: str
+    def __init__(self, job_uuid: _Optional[str] = ..., start_time: _Optional[int] = ..., end_time: _Optional[int] = ..., limit: _Optional[int] = ..., offset: _Optional[int] = ..., node_id: _Optional[str] = ...) -> None: ...
+
+class GetJobInfoRequest(_message.Message):
+    __slots__ = ("job_uuid",)
+    JOB_UUID_FIELD_NUMBER: _ClassVar[int]
+    job_uuid: str
+    def __init__(self, job_uuid: _Optional[str] = ...) -> None: ...
+
+class GetJobInfoResponse(_message.Message):
+    __slots__ = ("job_uuid", "created_at", "last_updated", "log_count", "metric_count", "size_bytes")
+    JOB_UUID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_UPDATED_FIELD_NUMBER: _ClassVar[int]
+    LOG_COUNT_FIELD_NUMBER: _ClassVar[int]
+    METRIC_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    job_uuid: str
+    created_at: int
+    last_updated: int
+    log_count: int
+    metric_count: int
+    size_bytes: int
+    def __init__(self, job_uuid: _Optional[str] = ..., created_at: _Optional[int] = ..., last_updated: _Optional[int] = ..., log_count: _Optional[int] = ..., metric_count: _Optional[int] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+
+class JobInfo(_message.Message):
+    __slots__ = ("job_uuid", "created_at", "last_updated", "log_count", "metric_count", "size_bytes")
+    JOB_UUID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_UPDATED_FIELD_NUMBER: _ClassVar[int]
+    LOG_COUNT_FIELD_NUMBER: _ClassVar[int]
+    METRIC_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    job_uuid: str
+    created_at: int
+    last_updated: int
+    log_count: int
+    metric_count: int
+    size_bytes: int
+    def __init__(self, job_uuid: _Optional[str] = ..., created_at: _Optional[int] = ..., last_updated: _Optional[int] = ..., log_count: _Optional[int] = ..., metric_count: _Optional[int] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+
+class ListJobsRequest(_message.Message):
+    __slots__ = ("since", "until", "limit", "offset")
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    since: int
+    until: int
+    limit: int
+    offset: int
+    def __init__(self, since: _Optional[int] = ..., until: _Optional[int] = ..., limit: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class ListJobsResponse(_message.Message):
+    __slots__ = ("jobs", "total_count")
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_COUNT_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[JobInfo]
+    total_count: int
+    def __init__(self, jobs: _Optional[_Iterable[_Union[JobInfo, _Mapping]]] = ..., total_count: _Optional[int] = ...) -> None: ...
+
+class DeleteJobRequest(_message.Message):
+    __slots__ = ("job_uuid", "node_id")
+    JOB_UUID_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    job_uuid: str
+    node_id: str
+    def __init__(self, job_uuid: _Optional[str] = ..., node_id: _Optional[str] = ...) -> None: ...
+
+class DeleteJobResponse(_message.Message):
+    __slots__ = ("success", "message")
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    success: bool
+    message: str
+    def __init__(self, success: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
+
+class GetStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetStatsResponse(_message.Message):
+    __slots__ = ("total_jobs", "total_logs", "total_metrics", "total_size_bytes", "messages_received", "messages_written", "write_errors")
+    TOTAL_JOBS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_LOGS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_METRICS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    WRITE_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    total_jobs: int
+    total_logs: int
+    total_metrics: int
+    total_size_bytes: int
+    messages_received: int
+    messages_written: int
+    write_errors: int
+    def __init__(self, total_jobs: _Optional[int] = ..., total_logs: _Optional[int] = ..., total_metrics: _Optional[int] = ..., total_size_bytes: _Optional[int] = ..., messages_received: _Optional[int] = ..., messages_written: _Optional[int] = ..., write_errors: _Optional[int] = ...) -> None: ...
+
+class CleanupRequest(_message.Message):
+    __slots__ = ("dry_run",)
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    dry_run: bool
+    def __init__(self, dry_run: _Optional[bool] = ...) -> None: ...
+
+class CleanupResponse(_message.Message):
+    __slots__ = ("jobs_deleted", "bytes_freed", "deleted_job_ids")
+    JOBS_DELETED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FREED_FIELD_NUMBER: _ClassVar[int]
+    DELETED_JOB_IDS_FIELD_NUMBER: _ClassVar[int]
+    jobs_deleted: int
+    bytes_freed: int
+    deleted_job_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, jobs_deleted: _Optional[int] = ..., bytes_freed: _Optional[int] = ..., deleted_job_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class LogLineBatch(_message.Message):
+    __slots__ = ("lines",)
+    LINES_FIELD_NUMBER: _ClassVar[int]
+    lines: _containers.RepeatedCompositeFieldContainer[LogLine]
+    def __init__(self, lines: _Optional[_Iterable[_Union[LogLine, _Mapping]]] = ...) -> None: ...
+
+class MetricBatch(_message.Message):
+    __slots__ = ("metrics",)
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    metrics: _containers.RepeatedCompositeFieldContainer[Metric]
+    def __init__(self, metrics: _Optional[_Iterable[_Union[Metric, _Mapping]]] = ...) -> None: ...
