@@ -1,0 +1,278 @@
+"""Prometheus metrics of the service, on an injected CollectorRegistry.
+
+Nothing here uses the global registry: the composition root creates one
+registry per service, tests create a fresh one each.
+
+Hot paths (one call per IPC frame) only bump plain integers in dicts; a custom
+collector turns them into counters when Prometheus scrapes.  Those methods run
+on the reactor thread, and the collector reads the dicts from the scraping
+thread (also the reactor: Klein serves /metrics there), so no locking is
+needed.  Query metrics are updated from gRPC threads through prometheus-client
+objects, which are thread-safe.
+
+docs/operations.md lists every metric with its meaning.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.process_collector import ProcessCollector
+
+from joblet_persist._proto import ipc_pb2
+
+_TYPE_NAMES = {
+    value.number: value.name.removeprefix("MESSAGE_TYPE_").lower()
+    for value in ipc_pb2.DESCRIPTOR.enum_types_by_name["MessageType"].values
+}
+
+
+def message_type_name(msg_type: int) -> str:
+    """The label value for an IPC message type number ("log", "metric", ...)."""
+    return _TYPE_NAMES.get(msg_type, "other")
+
+
+class PersistMetrics:
+    """All metrics of one service instance.
+
+    Method names are the interface the ingest protocol, writer, query servicer
+    and retention call; each component also works without it (no-op
+    defaults), so unit tests need not build a registry.
+    """
+
+    def __init__(self, registry: Optional[CollectorRegistry] = None, *, process: bool = True):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        # Hot-path counters: plain ints read by _HotCollector at scrape time.
+        self._received: dict[str, int] = {}
+        self._received_bytes = 0
+        self._rejected: dict[str, int] = {}
+        self._connections = 0
+        self._storage_source: Optional[Callable[[], tuple[int, int]]] = None
+        self._backpressure_since: Optional[float] = None
+        self._backpressure_total = 0.0
+        self._clock: Callable[[], float] = _monotonic
+
+        r = self.registry
+        self.write_latency = Histogram(
+            "persist_write_latency_seconds",
+            "Time from handing a batch to storage until it is appended and published.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.flush_messages = Histogram(
+            "persist_flush_messages",
+            "Messages per appended batch.",
+            buckets=(1, 10, 100, 1000, 5000, 10000, 20000, 50000),
+            registry=r,
+        )
+        self.flush_bytes = Histogram(
+            "persist_flush_bytes",
+            "Raw content bytes per appended batch.",
+            buckets=(1 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20),
+            registry=r,
+        )
+        self.messages_written = Counter(
+            "persist_messages_written",
+            "Messages appended to storage.",
+            registry=r,
+        )
+        self.write_errors = Counter(
+            "persist_write_errors",
+            "Failed appends (disk full, I/O error); each is retried.",
+            registry=r,
+        )
+        self.buffered_bytes = Gauge(
+            "persist_writer_buffered_bytes",
+            "Bytes received and not yet appended (buffered or in flight).",
+            registry=r,
+        )
+        self.backpressure_active = Gauge(
+            "persist_backpressure_active",
+            "1 while ingest is paused because the writer is above its high-water mark.",
+            registry=r,
+        )
+        self.query_requests = Counter(
+            "persist_query_requests",
+            "gRPC requests by method and status code.",
+            ["rpc", "code"],
+            registry=r,
+        )
+        self.query_duration = Histogram(
+            "persist_query_duration_seconds",
+            "gRPC request handling time by method.",
+            ["rpc"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30),
+            registry=r,
+        )
+        self.query_members = Counter(
+            "persist_query_members",
+            "Storage members visited by queries: inflated, skipped without inflating, or corrupt.",
+            ["result"],
+            registry=r,
+        )
+        self.retention_deleted_jobs = Counter(
+            "persist_retention_deleted_jobs",
+            "Jobs (or job segments) deleted by retention.",
+            registry=r,
+        )
+        self.retention_bytes_freed = Counter(
+            "persist_retention_bytes_freed",
+            "Bytes freed by retention.",
+            registry=r,
+        )
+        r.register(_HotCollector(self))
+        if process:
+            ProcessCollector(registry=r)
+
+    # -- wiring --------------------------------------------------------
+
+    def set_clock(self, seconds: Callable[[], float]) -> None:
+        """Use this time source for backpressure time (an injected clock)."""
+        self._clock = seconds
+
+    def set_storage_source(self, source: Callable[[], tuple[int, int]]) -> None:
+        """``source()`` returns (jobs, bytes on disk); read at scrape time."""
+        self._storage_source = source
+
+    # -- ingest (reactor thread, per frame) -----------------------------
+
+    def frame_received(self, msg_type: int, nbytes: int) -> None:
+        name = _TYPE_NAMES.get(msg_type, "other")
+        self._received[name] = self._received.get(name, 0) + 1
+        self._received_bytes += nbytes
+
+    def frames_received(self, counts: dict[int, int], nbytes: int) -> None:
+        """Bulk form of frame_received: ``counts`` maps message type to frames."""
+        received = self._received
+        for msg_type, n in counts.items():
+            name = _TYPE_NAMES.get(msg_type, "other")
+            received[name] = received.get(name, 0) + n
+        self._received_bytes += nbytes
+
+    def frame_rejected(self, reason: str) -> None:
+        self._rejected[reason] = self._rejected.get(reason, 0) + 1
+
+    def connection_opened(self) -> None:
+        self._connections += 1
+
+    def connection_closed(self) -> None:
+        self._connections -= 1
+
+    # -- writer (reactor thread) ---------------------------------------
+
+    def write_done(self, seconds: float, messages: int, nbytes: int) -> None:
+        self.write_latency.observe(seconds)
+        self.flush_messages.observe(messages)
+        self.flush_bytes.observe(nbytes)
+        self.messages_written.inc(messages)
+
+    def write_error(self) -> None:
+        self.write_errors.inc()
+
+    def buffered(self, nbytes: int) -> None:
+        self.buffered_bytes.set(nbytes)
+
+    def backpressure(self, active: bool) -> None:
+        now = self._clock()
+        if active and self._backpressure_since is None:
+            self._backpressure_since = now
+        elif not active and self._backpressure_since is not None:
+            self._backpressure_total += now - self._backpressure_since
+            self._backpressure_since = None
+        self.backpressure_active.set(1 if active else 0)
+
+    def backpressure_seconds(self) -> float:
+        total = self._backpressure_total
+        if self._backpressure_since is not None:
+            total += self._clock() - self._backpressure_since
+        return total
+
+    # -- queries (gRPC threads) ----------------------------------------
+
+    def query_done(self, rpc: str, code: str, seconds: float) -> None:
+        self.query_requests.labels(rpc=rpc, code=code).inc()
+        self.query_duration.labels(rpc=rpc).observe(seconds)
+
+    def members_inflated(self, n: int) -> None:
+        if n:
+            self.query_members.labels(result="inflated").inc(n)
+
+    def members_skipped(self, n: int) -> None:
+        if n:
+            self.query_members.labels(result="skipped").inc(n)
+
+    def corrupt_members(self, n: int) -> None:
+        if n:
+            self.query_members.labels(result="corrupt").inc(n)
+
+    # -- retention (reactor thread) ------------------------------------
+
+    def retention_deleted(self, jobs: int, nbytes: int) -> None:
+        self.retention_deleted_jobs.inc(jobs)
+        self.retention_bytes_freed.inc(nbytes)
+
+    # -- reading back (tests, GetStats) --------------------------------
+
+    def received_total(self) -> int:
+        return sum(self._received.values())
+
+    def rejected_total(self) -> int:
+        return sum(self._rejected.values())
+
+
+def _monotonic() -> float:
+    import time
+
+    return time.monotonic()
+
+
+class _HotCollector:
+    """Exports the plain-int counters kept on the hot paths."""
+
+    def __init__(self, metrics: PersistMetrics):
+        self._m = metrics
+
+    def describe(self) -> Iterable:
+        return []
+
+    def collect(self) -> Iterable:
+        m = self._m
+        received = CounterMetricFamily(
+            "persist_ipc_messages_received",
+            "IPC frames received, by message type (including rejected ones).",
+            labels=["type"],
+        )
+        for name, value in sorted(m._received.items()):
+            received.add_metric([name], value)
+        yield received
+        yield CounterMetricFamily(
+            "persist_ipc_bytes_received",
+            "IPC frame bytes received.",
+            value=m._received_bytes,
+        )
+        rejected = CounterMetricFamily(
+            "persist_ipc_frames_rejected",
+            "IPC frames rejected, by reason; nothing else is lost with them.",
+            labels=["reason"],
+        )
+        for reason, value in sorted(m._rejected.items()):
+            rejected.add_metric([reason], value)
+        yield rejected
+        yield GaugeMetricFamily(
+            "persist_ipc_connections", "Open IPC connections.", value=m._connections
+        )
+        yield CounterMetricFamily(
+            "persist_backpressure_seconds",
+            "Time ingest spent paused by backpressure.",
+            value=m.backpressure_seconds(),
+        )
+        if m._storage_source is not None:
+            jobs, nbytes = m._storage_source()
+            yield GaugeMetricFamily("persist_jobs", "Jobs with stored data.", value=jobs)
+            yield GaugeMetricFamily(
+                "persist_storage_bytes_total",
+                "Bytes on disk under the data directory for job data.",
+                value=nbytes,
+            )

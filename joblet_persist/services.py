@@ -1,0 +1,232 @@
+"""Small Service classes the composition root (tap.py) wires together.
+
+Reactor thread: every method here runs on the reactor; blocking work goes to
+the thread pools these services own.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+from typing import Callable, Optional
+
+from twisted.application import service
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+
+class OrderedMultiService(service.MultiService):
+    """Starts children in order and stops them in reverse, one after another.
+
+    Stock MultiService stops children concurrently and drops their errors.
+    Here a child's ``startService``/``stopService`` may return a Deferred; the
+    next child waits for it.  A failed stop is logged and the remaining
+    children are still stopped.  ``started`` fires once every child started
+    (or fails with the first start error, which also stops the reactor via
+    ``on_start_failure``).
+    """
+
+    log = Logger()
+
+    def __init__(self, on_start_failure: Optional[Callable] = None):
+        super().__init__()
+        self._on_start_failure = on_start_failure
+        self.started: defer.Deferred = defer.Deferred()
+        self._starting: Optional[defer.Deferred] = None
+
+    def privilegedStartService(self):
+        # Nothing here needs privileges; children are started in startService.
+        pass
+
+    def startService(self):
+        service.Service.startService(self)
+        self._starting = self._start_children()
+        return self._starting
+
+    @defer.inlineCallbacks
+    def _start_children(self):
+        try:
+            for child in list(self):
+                yield defer.maybeDeferred(child.startService)
+        except Exception:
+            failure = Failure()
+            self.log.failure("startup failed; stopping", failure)
+            self.started.errback(failure)
+            if self._on_start_failure is not None:
+                self._on_start_failure(failure)
+            return
+        self.started.callback(None)
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        service.Service.stopService(self)
+        if self._starting is not None and not self._starting.called:
+            # Let a start in progress finish (or fail) before stopping.
+            yield self._starting
+        for child in reversed(list(self)):
+            if not child.running:
+                continue
+            try:
+                yield defer.maybeDeferred(child.stopService)
+            except Exception:
+                self.log.failure("error stopping {name}", name=child.name or repr(child))
+
+
+class ThreadPoolService(service.Service):
+    """Owns a ThreadPool created in startService and joined in stopService.
+
+    ``run(f, *args, **kwargs)`` hands blocking work to the pool and returns a
+    Deferred fired on the reactor.
+    """
+
+    def __init__(self, reactor, name: str, size: int):
+        self._reactor = reactor
+        self._size = max(1, size)
+        self.setName(name)
+        self.pool: Optional[ThreadPool] = None
+
+    def startService(self):
+        super().startService()
+        self.pool = ThreadPool(minthreads=0, maxthreads=self._size, name=self.name)
+        self.pool.start()
+
+    def stopService(self):
+        super().stopService()
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            # The pool is idle by now (its users stopped before us); joining is quick.
+            pool.stop()
+
+    def run(self, f, *args, **kwargs) -> defer.Deferred:
+        if self.pool is None:
+            return defer.fail(RuntimeError(f"thread pool {self.name} is not running"))
+        return threads.deferToThreadPool(self._reactor, self.pool, f, *args, **kwargs)
+
+
+class CallbackService(service.Service):
+    """A service whose start and stop are given callables (each may return a Deferred)."""
+
+    def __init__(self, name: str, start: Callable, stop: Callable):
+        self.setName(name)
+        self._start = start
+        self._stop = stop
+
+    def startService(self):
+        super().startService()
+        return self._start()
+
+    def stopService(self):
+        super().stopService()
+        return self._stop()
+
+
+def replace_stale_unix_socket(path: str) -> None:
+    """Remove a socket file left by a crash; refuse to steal a live one.
+
+    Raises OSError naming the path when another process still listens there or
+    the path is not a socket.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody listens: stale
+        return
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"{path}: another process is listening on this socket")
+
+
+class UnixListenerService(service.Service):
+    """Listens on a Unix socket with a given file mode; removes the file on stop.
+
+    ``on_stop`` runs after the listening port closed (used to drain ingest
+    connections); it may return a Deferred.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor, name: str, path: str, factory, mode: int = 0o600,
+                 backlog: int = 128, on_stop: Optional[Callable] = None):
+        self.setName(name)
+        self._reactor = reactor
+        self.path = path
+        self._factory = factory
+        self._mode = mode
+        self._backlog = backlog
+        self._on_stop = on_stop
+        self.port = None
+
+    def startService(self):
+        super().startService()
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        replace_stale_unix_socket(self.path)
+        # listenUNIX applies the mode with chmod right after bind.
+        old = os.umask(0o177)
+        try:
+            self.port = self._reactor.listenUNIX(
+                self.path, self._factory, backlog=self._backlog, mode=self._mode
+            )
+        finally:
+            os.umask(old)
+        self.log.info("{name} listening on unix:{path} mode {mode:04o}",
+                      name=self.name, path=self.path, mode=self._mode)
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        super().stopService()
+        port, self.port = self.port, None
+        if port is not None:
+            yield defer.maybeDeferred(port.stopListening)
+        if self._on_stop is not None:
+            yield defer.maybeDeferred(self._on_stop)
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    @property
+    def listening(self) -> bool:
+        return self.port is not None
+
+
+class TCPListenerService(service.Service):
+    """Listens on TCP host:port (port 0 picks a free one, see ``.port_number``)."""
+
+    log = Logger()
+
+    def __init__(self, reactor, name: str, host: str, port: int, factory):
+        self.setName(name)
+        self._reactor = reactor
+        self._host = host
+        self._port_number = port
+        self._factory = factory
+        self.port = None
+
+    def startService(self):
+        super().startService()
+        self.port = self._reactor.listenTCP(self._port_number, self._factory,
+                                            interface=self._host)
+        self.log.info("{name} listening on http://{host}:{port}/", name=self.name,
+                      host=self._host, port=self.port_number)
+
+    def stopService(self):
+        super().stopService()
+        port, self.port = self.port, None
+        if port is not None:
+            return defer.maybeDeferred(port.stopListening)
+
+    @property
+    def port_number(self) -> int:
+        return self.port.getHost().port if self.port is not None else self._port_number

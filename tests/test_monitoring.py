@@ -1,0 +1,184 @@
+"""Tests for metrics.py, health.py and web.py."""
+
+from __future__ import annotations
+
+import json
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+from treq.testing import StubTreq
+from twisted.internet import defer, task
+from twisted.trial.unittest import SynchronousTestCase
+
+from joblet_persist.health import HealthMonitor, thd_probe_disk
+from joblet_persist.metrics import PersistMetrics
+from joblet_persist.web import MonitoringApp
+
+
+def _sync_run(f, *args, **kwargs):
+    return defer.maybeDeferred(f, *args, **kwargs)
+
+
+def _samples(registry):
+    from prometheus_client import generate_latest
+
+    out = {}
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+class MetricsTests(SynchronousTestCase):
+    def test_hot_counters_exported(self):
+        """Per-frame counters kept as plain ints appear as Prometheus counters by type and
+        reason, with bytes, connections and storage totals."""
+        m = PersistMetrics(CollectorRegistry(), process=False)
+        m.frame_received(1, 100)
+        m.frame_received(1, 50)
+        m.frames_received({2: 3, 7: 1}, 40)
+        m.frame_rejected("bad_envelope")
+        m.connection_opened()
+        m.set_storage_source(lambda: (4, 1234))
+        s = _samples(m.registry)
+        self.assertEqual(s[("persist_ipc_messages_received_total", (("type", "log"),))], 2)
+        self.assertEqual(s[("persist_ipc_messages_received_total", (("type", "metric"),))], 3)
+        self.assertEqual(s[("persist_ipc_messages_received_total", (("type", "mmap_event"),))], 1)
+        self.assertEqual(s[("persist_ipc_bytes_received_total", ())], 190)
+        self.assertEqual(
+            s[("persist_ipc_frames_rejected_total", (("reason", "bad_envelope"),))], 1
+        )
+        self.assertEqual(s[("persist_ipc_connections", ())], 1)
+        self.assertEqual(s[("persist_jobs", ())], 4)
+        self.assertEqual(s[("persist_storage_bytes_total", ())], 1234)
+
+    def test_backpressure_time_from_clock(self):
+        """Backpressure seconds accumulate from the injected clock while active."""
+        clock = task.Clock()
+        m = PersistMetrics(CollectorRegistry(), process=False)
+        m.set_clock(clock.seconds)
+        m.backpressure(True)
+        clock.advance(2.5)
+        m.backpressure(True)  # repeated: no double counting
+        clock.advance(0.5)
+        m.backpressure(False)
+        clock.advance(10)
+        self.assertEqual(m.backpressure_seconds(), 3.0)
+        s = _samples(m.registry)
+        self.assertEqual(s[("persist_backpressure_seconds_total", ())], 3.0)
+        self.assertEqual(s[("persist_backpressure_active", ())], 0)
+
+    def test_write_and_query_metrics(self):
+        """Writer and query calls feed the histogram and labelled counters."""
+        m = PersistMetrics(CollectorRegistry(), process=False)
+        m.write_done(0.02, 10, 1000)
+        m.write_error()
+        m.query_done("QueryLogs", "OK", 0.003)
+        m.members_inflated(2)
+        m.retention_deleted(1, 500)
+        s = _samples(m.registry)
+        self.assertEqual(s[("persist_write_latency_seconds_count", ())], 1)
+        self.assertEqual(s[("persist_messages_written_total", ())], 10)
+        self.assertEqual(s[("persist_write_errors_total", ())], 1)
+        self.assertEqual(
+            s[("persist_query_requests_total", (("code", "OK"), ("rpc", "QueryLogs")))], 1
+        )
+        self.assertEqual(s[("persist_query_members_total", (("result", "inflated"),))], 2)
+        self.assertEqual(s[("persist_retention_bytes_freed_total", ())], 500)
+
+
+class HealthTests(SynchronousTestCase):
+    def test_real_probe_on_writable_and_missing_dir(self):
+        """The disk probe reports a writable directory with its free space."""
+        d = self.mktemp()
+        result = thd_probe_disk(d)
+        self.assertTrue(result["writable"])
+        self.assertGreater(result["free_bytes"], 0)
+
+    def test_verdict_combines_probe_floor_and_checks(self):
+        """Healthy only when the probe says writable, free space is above the floor and every
+        live check passes; the verdict is refreshed from the clock-driven loop."""
+        clock = task.Clock()
+        disk = {"writable": True, "error": None, "free_bytes": 1000}
+        listening = [True]
+        h = HealthMonitor(clock, _sync_run, "/nonexistent", min_free_bytes=500, interval=5,
+                          probe=lambda path: dict(disk))
+        h.add_check("ingest", lambda: (listening[0], "x"))
+        self.assertFalse(h.healthy)
+        h.start()
+        self.assertTrue(h.healthy)
+        disk["free_bytes"] = 100
+        clock.advance(5)
+        self.assertFalse(h.healthy)
+        self.assertFalse(h.details["disk_space"]["ok"])
+        disk["free_bytes"] = 1000
+        disk["writable"] = False
+        disk["error"] = "/nonexistent: read-only file system"
+        clock.advance(5)
+        self.assertFalse(h.healthy)
+        self.assertIn("read-only", h.details["storage"]["detail"])
+        disk["writable"] = True
+        clock.advance(5)
+        self.assertTrue(h.healthy)
+        listening[0] = False
+        self.assertFalse(h.refresh())
+        h.stop()
+        self.assertFalse(h.healthy)
+
+    def test_broken_check_is_unhealthy_not_a_crash(self):
+        """A check that raises makes the verdict unhealthy with the error as detail."""
+        h = HealthMonitor(task.Clock(), _sync_run, "/x",
+                          probe=lambda p: {"writable": True, "error": None, "free_bytes": 1})
+
+        def boom():
+            raise ValueError("broken")
+
+        h.add_check("boom", boom)
+        h.probe_now()
+        self.assertFalse(h.healthy)
+        self.assertIn("broken", h.details["boom"]["detail"])
+
+
+class WebTests(SynchronousTestCase):
+    def _app(self, writable=True):
+        disk = {"writable": writable, "error": None if writable else "ro", "free_bytes": 10}
+        h = HealthMonitor(task.Clock(), _sync_run, "/x", probe=lambda p: dict(disk))
+        h.probe_now()
+        m = PersistMetrics(CollectorRegistry(), process=False)
+        m.frame_received(1, 10)
+        return StubTreq(MonitoringApp(h, m.registry, node_id="n1").resource())
+
+    def test_health_200_json(self):
+        """/health answers 200 with JSON per-check detail when healthy."""
+        client = self._app()
+        response = self.successResultOf(client.get("http://x/health"))
+        self.assertEqual(response.code, 200)
+        body = json.loads(self.successResultOf(response.content()))
+        self.assertEqual(body["status"], "healthy")
+        self.assertEqual(body["node_id"], "n1")
+        self.assertTrue(body["checks"]["storage"]["ok"])
+
+    def test_health_503_when_unhealthy(self):
+        """/health answers 503 when storage is not writable."""
+        client = self._app(writable=False)
+        response = self.successResultOf(client.get("http://x/health"))
+        self.assertEqual(response.code, 503)
+        body = json.loads(self.successResultOf(response.content()))
+        self.assertEqual(body["status"], "unhealthy")
+
+    def test_metrics_text(self):
+        """/metrics serves the Prometheus text format of the registry."""
+        client = self._app()
+        response = self.successResultOf(client.get("http://x/metrics"))
+        self.assertEqual(response.code, 200)
+        self.assertTrue(
+            response.headers.getRawHeaders(b"content-type")[0].startswith(b"text/plain")
+        )
+        text = self.successResultOf(response.content()).decode()
+        self.assertIn('persist_ipc_messages_received_total{type="log"} 1.0', text)
+
+    def test_unknown_path_404(self):
+        """An unknown path is a 404 JSON error, not a 500."""
+        client = self._app()
+        response = self.successResultOf(client.get("http://x/nope"))
+        self.assertEqual(response.code, 404)
