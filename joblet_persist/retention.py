@@ -1,0 +1,326 @@
+"""Retention: decide what to delete (a pure planner) and carry it out (reactor side).
+
+``plan_retention`` is a pure function of the job set, the policy, ``now`` and
+the free space: deterministic, tested without fakes.  ``RetentionRunner``
+gathers its inputs from storage on the reactor thread, runs the planner, and
+applies the plan through storage (deletions run on the pool).  The same runner
+serves the periodic timer and the CleanupOldData RPC (with ``dry_run``).
+
+Rules, in order (docs/operations.md explains them to operators):
+
+1. Age: a job idle (no data) for longer than ``log_max_age`` loses its logs,
+   longer than ``metric_max_age`` its metrics; a job that loses both is
+   deleted whole.  Active jobs (data within ``active_window``, or data still
+   buffered) are never deleted by age.
+2. Per-job cap: a job over ``job_max_bytes`` loses its oldest closed segments
+   (logs and metrics alike, oldest first) until it fits.  The segment being
+   written (the last of each stream) is never dropped.
+3. Quota and free-space floor: while the data is over ``total_max_bytes``, or
+   the filesystem has less than ``min_free_bytes`` free, whole jobs are deleted,
+   least recently updated first.  Active jobs are spared; if only active jobs
+   remain, the shortfall is reported and backpressure protects the disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+KIND_LOGS = "logs"
+KIND_METRICS = "metrics"
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    log_max_age: float = 0.0  # seconds; 0 disables
+    metric_max_age: float = 0.0
+    job_max_bytes: int = 0
+    total_max_bytes: int = 0
+    min_free_bytes: int = 0
+    active_window: float = 600.0
+
+    @classmethod
+    def from_config(cls, retention) -> RetentionPolicy:
+        return cls(
+            log_max_age=retention.log_max_age,
+            metric_max_age=retention.metric_max_age,
+            job_max_bytes=retention.job_max_bytes,
+            total_max_bytes=retention.total_max_bytes,
+            min_free_bytes=retention.min_free_bytes,
+            active_window=retention.active_window,
+        )
+
+
+@dataclass(frozen=True)
+class SegmentUsage:
+    """One segment file: ``kind`` is "stdout", "stderr" or "metrics"."""
+
+    kind: str
+    index: int
+    size_bytes: int
+    last_segment: bool  # the one being written; never dropped
+
+
+@dataclass(frozen=True)
+class JobUsage:
+    job_id: str
+    last_updated: float  # Unix seconds
+    log_bytes: int
+    metric_bytes: int
+    # Segment detail; only needed (and only gathered) for jobs over the per-job cap.
+    segments: Optional[tuple[SegmentUsage, ...]] = None
+
+    @property
+    def size_bytes(self) -> int:
+        return self.log_bytes + self.metric_bytes
+
+
+@dataclass(frozen=True)
+class Action:
+    """One deletion: ``what`` is "job", "logs", "metrics" or "segment"."""
+
+    what: str
+    job_id: str
+    size_bytes: int
+    reason: str
+    segment: Optional[SegmentUsage] = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    actions: tuple[Action, ...] = ()
+    # Bytes still over quota / under the free floor after the plan (0 when met).
+    shortfall_bytes: int = 0
+
+    @property
+    def deleted_job_ids(self) -> list[str]:
+        return [a.job_id for a in self.actions if a.what == "job"]
+
+    @property
+    def bytes_freed(self) -> int:
+        return sum(a.size_bytes for a in self.actions)
+
+
+def plan_retention(
+    jobs: Sequence[JobUsage],
+    policy: RetentionPolicy,
+    now: float,
+    *,
+    free_bytes: Optional[int] = None,
+    busy: frozenset[str] | set[str] = frozenset(),
+) -> Plan:
+    """Decide what retention deletes.  Pure; any thread.
+
+    ``busy`` names jobs with data buffered or in flight: active whatever their
+    last_updated says.
+    """
+    actions: list[Action] = []
+    remaining: dict[str, int] = {}  # job -> bytes left after earlier rules
+    deleted: set[str] = set()
+
+    def active(job: JobUsage) -> bool:
+        return job.job_id in busy or now - job.last_updated <= policy.active_window
+
+    # 1. Age.
+    for job in jobs:
+        size = job.size_bytes
+        if not active(job):
+            idle = now - job.last_updated
+            logs_old = policy.log_max_age > 0 and idle > policy.log_max_age
+            metrics_old = policy.metric_max_age > 0 and idle > policy.metric_max_age
+            if (logs_old or job.log_bytes == 0) and (metrics_old or job.metric_bytes == 0) and (
+                logs_old or metrics_old
+            ):
+                actions.append(Action("job", job.job_id, size, "age"))
+                deleted.add(job.job_id)
+                continue
+            if logs_old and job.log_bytes:
+                actions.append(Action(KIND_LOGS, job.job_id, job.log_bytes, "log age"))
+                size -= job.log_bytes
+            if metrics_old and job.metric_bytes:
+                actions.append(Action(KIND_METRICS, job.job_id, job.metric_bytes, "metric age"))
+                size -= job.metric_bytes
+        remaining[job.job_id] = size
+
+    # 2. Per-job cap: oldest closed segments first.
+    if policy.job_max_bytes > 0:
+        dropped_parts = {(a.job_id, a.what) for a in actions if a.what in (KIND_LOGS, KIND_METRICS)}
+        for job in jobs:
+            if job.job_id in deleted or remaining[job.job_id] <= policy.job_max_bytes:
+                continue
+            if job.segments is None:
+                continue
+            candidates = [
+                s
+                for s in job.segments
+                if not s.last_segment
+                and (job.job_id, KIND_METRICS if s.kind == "metrics" else KIND_LOGS)
+                not in dropped_parts
+            ]
+            candidates.sort(key=lambda s: (s.index, s.kind))
+            for seg in candidates:
+                if remaining[job.job_id] <= policy.job_max_bytes:
+                    break
+                actions.append(Action("segment", job.job_id, seg.size_bytes, "job cap", seg))
+                remaining[job.job_id] -= seg.size_bytes
+
+    # 3. Quota and free-space floor: whole jobs, least recently updated first.
+    total = sum(remaining.values())
+    need = 0
+    if policy.total_max_bytes > 0 and total > policy.total_max_bytes:
+        need = total - policy.total_max_bytes
+    if policy.min_free_bytes > 0 and free_bytes is not None and free_bytes < policy.min_free_bytes:
+        need = max(need, policy.min_free_bytes - free_bytes)
+    if need > 0:
+        order = sorted(
+            (j for j in jobs if j.job_id not in deleted and not active(j)),
+            key=lambda j: (j.last_updated, j.job_id),
+        )
+        for job in order:
+            if need <= 0:
+                break
+            size = remaining[job.job_id]
+            # Earlier partial actions on this job are folded into one whole-job deletion.
+            actions = [a for a in actions if a.job_id != job.job_id]
+            actions.append(Action("job", job.job_id, job.size_bytes, "quota"))
+            deleted.add(job.job_id)
+            need -= size
+    return Plan(tuple(actions), max(need, 0))
+
+
+@dataclass
+class CleanupResult:
+    """What a retention run deleted (or would delete, for a dry run)."""
+
+    jobs_deleted: int = 0
+    bytes_freed: int = 0
+    deleted_job_ids: list[str] = field(default_factory=list)
+    actions: tuple[Action, ...] = ()
+    dry_run: bool = False
+    errors: int = 0
+
+
+class RetentionRunner:
+    """Runs the planner against live storage and applies the plan.  Reactor thread.
+
+    ``storage`` provides ``list_jobs()``, ``open_job(job_id)``, ``delete_job``,
+    ``delete_part(job_id, kind)`` and ``drop_segment(job_id, kind, index)``, plus
+    ``segment_usage(job_id)`` returning SegmentUsage for a loaded job.
+    ``discard_job(job_id)`` (the writer's) runs before a whole job is deleted so
+    that no buffered batch resurrects it.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        storage,
+        policy: RetentionPolicy,
+        clock,
+        *,
+        free_bytes: Callable[[], defer.Deferred],
+        busy_jobs: Callable[[], set[str]],
+        discard_job: Callable[[str], defer.Deferred],
+        metrics=None,
+    ):
+        self._storage = storage
+        self.policy = policy
+        self._clock = clock
+        self._free_bytes = free_bytes
+        self._busy = busy_jobs
+        self._discard = discard_job
+        self._metrics = metrics
+        self._running: Optional[defer.Deferred] = None
+
+    def run(self, dry_run: bool = False) -> defer.Deferred:
+        """Plan and (unless dry_run) apply; Deferred[CleanupResult].
+
+        Runs do not overlap: a run requested while one is in progress waits for
+        it first.
+        """
+        previous = self._running
+
+        @defer.inlineCallbacks
+        def go():
+            if previous is not None:
+                try:
+                    yield previous
+                except Exception:
+                    pass
+            result = yield self._run(dry_run)
+            return result
+
+        d = go()
+        self._running = d
+        return d
+
+    @defer.inlineCallbacks
+    def _run(self, dry_run: bool):
+        policy = self.policy
+        infos = list(self._storage.list_jobs())
+        free = None
+        if policy.min_free_bytes > 0:
+            free = yield self._free_bytes()
+        now = self._clock.seconds()
+        busy = set(self._busy())
+        jobs = []
+        for info in infos:
+            segments = None
+            if policy.job_max_bytes > 0 and info.size_bytes > policy.job_max_bytes:
+                yield self._storage.open_job(info.job_id)
+                segments = self._storage.segment_usage(info.job_id)
+            log_bytes, metric_bytes = self._storage.part_sizes(info.job_id)
+            jobs.append(JobUsage(info.job_id, float(info.last_updated), log_bytes, metric_bytes,
+                                 segments))
+        plan = plan_retention(jobs, policy, now, free_bytes=free, busy=busy)
+        result = CleanupResult(actions=plan.actions, dry_run=dry_run)
+        if plan.shortfall_bytes:
+            self.log.warn(
+                "retention: {shortfall} bytes still over quota or under the free-space floor; "
+                "only active jobs remain",
+                shortfall=plan.shortfall_bytes,
+            )
+        if dry_run:
+            result.deleted_job_ids = plan.deleted_job_ids
+            result.jobs_deleted = len(result.deleted_job_ids)
+            result.bytes_freed = plan.bytes_freed
+            return result
+        for action in plan.actions:
+            try:
+                freed = yield self._apply(action)
+            except Exception:
+                result.errors += 1
+                self.log.failure(
+                    "retention: deleting {what} of job {job} failed; retried next run",
+                    what=action.what,
+                    job=action.job_id,
+                )
+                continue
+            result.bytes_freed += freed or 0
+            if action.what == "job":
+                result.deleted_job_ids.append(action.job_id)
+        result.jobs_deleted = len(result.deleted_job_ids)
+        if self._metrics is not None:
+            self._metrics.retention_deleted(result.jobs_deleted, result.bytes_freed)
+        if plan.actions:
+            self.log.info(
+                "retention: deleted {jobs} jobs and {parts} parts, {nbytes} bytes freed",
+                jobs=result.jobs_deleted,
+                parts=len(plan.actions) - result.jobs_deleted,
+                nbytes=result.bytes_freed,
+            )
+        return result
+
+    def _apply(self, action: Action) -> defer.Deferred:
+        storage = self._storage
+        if action.what == "job":
+            d = self._discard(action.job_id)
+            d.addCallback(lambda _: storage.delete_job(action.job_id))
+            return d
+        if action.what in (KIND_LOGS, KIND_METRICS):
+            return storage.delete_part(action.job_id, action.what)
+        seg = action.segment
+        return storage.drop_segment(action.job_id, seg.kind, seg.index)

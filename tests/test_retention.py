@@ -1,0 +1,185 @@
+"""Tests for the retention planner (pure) and runner (reactor side, with fakes)."""
+
+from __future__ import annotations
+
+from twisted.internet import defer, task
+from twisted.trial.unittest import SynchronousTestCase
+
+from joblet_persist.retention import (
+    JobUsage,
+    RetentionPolicy,
+    RetentionRunner,
+    SegmentUsage,
+    plan_retention,
+)
+from joblet_persist.storage.api import JobInfo
+
+DAY = 86400.0
+NOW = 1_800_000_000.0
+
+
+def job(job_id, idle_days, logs=100, metrics=10, segments=None):
+    return JobUsage(job_id, NOW - idle_days * DAY, logs, metrics, segments)
+
+
+class PlannerTests(SynchronousTestCase):
+    def test_nothing_configured_deletes_nothing(self):
+        """With every rule disabled the plan is empty, whatever the ages."""
+        plan = plan_retention([job("a", 1000)], RetentionPolicy(), NOW)
+        self.assertEqual(plan.actions, ())
+
+    def test_age_deletes_idle_jobs_and_spares_active(self):
+        """Jobs idle past both ages are deleted whole; jobs inside the active window, or
+        busy with buffered data, are never deleted by age."""
+        policy = RetentionPolicy(log_max_age=7 * DAY, metric_max_age=7 * DAY, active_window=600)
+        jobs = [job("old", 10), job("young", 1), job("busy-old", 10),
+                JobUsage("just-now", NOW - 10, 5, 5)]
+        plan = plan_retention(jobs, policy, NOW, busy={"busy-old"})
+        self.assertEqual(plan.deleted_job_ids, ["old"])
+        self.assertEqual(plan.bytes_freed, 110)
+
+    def test_separate_ages_for_logs_and_metrics(self):
+        """A job idle past the log age but not the metric age loses only its logs; past both
+        it is deleted whole."""
+        policy = RetentionPolicy(log_max_age=2 * DAY, metric_max_age=30 * DAY)
+        plan = plan_retention([job("a", 5), job("b", 40)], policy, NOW)
+        self.assertEqual(
+            [(a.what, a.job_id, a.size_bytes) for a in plan.actions],
+            [("logs", "a", 100), ("job", "b", 110)],
+        )
+
+    def test_disabled_metric_age_keeps_metrics(self):
+        """metric_max_age 0 never deletes metrics, even when logs expire."""
+        policy = RetentionPolicy(log_max_age=DAY)
+        plan = plan_retention([job("a", 5), job("nometrics", 5, metrics=0)], policy, NOW)
+        self.assertEqual(
+            [(a.what, a.job_id) for a in plan.actions], [("logs", "a"), ("job", "nometrics")]
+        )
+
+    def test_job_cap_drops_oldest_closed_segments(self):
+        """A job over the cap loses its oldest closed segments until it fits; the segment
+        being written is never dropped."""
+        segs = (
+            SegmentUsage("stdout", 0, 40, False),
+            SegmentUsage("stdout", 1, 40, False),
+            SegmentUsage("stdout", 2, 40, True),
+            SegmentUsage("metrics", 0, 10, True),
+        )
+        policy = RetentionPolicy(job_max_bytes=60)
+        plan = plan_retention([JobUsage("a", NOW, 120, 10, segs)], policy, NOW)
+        self.assertEqual(
+            [(a.what, a.segment.kind, a.segment.index) for a in plan.actions],
+            [("segment", "stdout", 0), ("segment", "stdout", 1)],
+        )
+        self.assertEqual(plan.bytes_freed, 80)
+
+    def test_quota_deletes_least_recently_updated_first(self):
+        """Over the total quota, whole jobs go in order of last update until under it;
+        active jobs are spared and a remaining shortfall is reported."""
+        policy = RetentionPolicy(total_max_bytes=250, active_window=60)
+        jobs = [job("mid", 5), job("oldest", 9), job("newest", 1), job("active", 0)]
+        plan = plan_retention(jobs, policy, NOW)
+        self.assertEqual(plan.deleted_job_ids, ["oldest", "mid"])
+        self.assertEqual(plan.shortfall_bytes, 0)
+        tight = RetentionPolicy(total_max_bytes=10, active_window=60)
+        plan = plan_retention(jobs, tight, NOW)
+        self.assertEqual(plan.deleted_job_ids, ["oldest", "mid", "newest"])
+        self.assertEqual(plan.shortfall_bytes, 100)
+
+    def test_free_space_floor(self):
+        """Below the free-space floor, LRU jobs are deleted until the deficit is covered."""
+        policy = RetentionPolicy(min_free_bytes=1000)
+        jobs = [job("a", 3), job("b", 2), job("c", 1)]
+        plan = plan_retention(jobs, policy, NOW, free_bytes=800)
+        self.assertEqual(plan.deleted_job_ids, ["a", "b"])
+        self.assertEqual(plan_retention(jobs, policy, NOW, free_bytes=5000).actions, ())
+
+    def test_quota_folds_partial_actions(self):
+        """A job that lost its logs by age and is then deleted for quota appears once, as a
+        whole-job deletion of its full size."""
+        policy = RetentionPolicy(log_max_age=DAY, total_max_bytes=5)
+        plan = plan_retention([job("a", 3)], policy, NOW)
+        self.assertEqual([(a.what, a.size_bytes) for a in plan.actions], [("job", 110)])
+
+
+class _FakeStorage:
+    def __init__(self, infos, parts):
+        self.infos = {i.job_id: i for i in infos}
+        self.parts = parts
+        self.deleted = []
+        self.fail = set()
+
+    def list_jobs(self):
+        return tuple(self.infos.values())
+
+    def open_job(self, job_id):
+        return defer.succeed(None)
+
+    def segment_usage(self, job_id):
+        return ()
+
+    def part_sizes(self, job_id):
+        return self.parts[job_id]
+
+    def delete_job(self, job_id):
+        if job_id in self.fail:
+            return defer.fail(OSError(13, "Permission denied"))
+        self.deleted.append(job_id)
+        info = self.infos.pop(job_id)
+        return defer.succeed(info.size_bytes)
+
+    def delete_part(self, job_id, kind):
+        self.deleted.append((job_id, kind))
+        return defer.succeed(self.parts[job_id][0 if kind == "logs" else 1])
+
+
+def _info(job_id, last_updated, size):
+    return JobInfo(job_id, int(last_updated), int(last_updated), 1, 1, size, 0, 0)
+
+
+class RunnerTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = task.Clock()
+        self.clock.advance(NOW)
+        self.storage = _FakeStorage(
+            [_info("old", NOW - 10 * DAY, 110), _info("new", NOW, 110)],
+            {"old": (100, 10), "new": (100, 10)},
+        )
+        self.discarded = []
+
+        def discard(job_id):
+            self.discarded.append(job_id)
+            return defer.succeed(None)
+
+        self.runner = RetentionRunner(
+            self.storage,
+            RetentionPolicy(log_max_age=DAY, metric_max_age=DAY),
+            self.clock,
+            free_bytes=lambda: defer.succeed(10**12),
+            busy_jobs=set,
+            discard_job=discard,
+        )
+
+    def test_dry_run_deletes_nothing(self):
+        """A dry run reports what would go and deletes nothing."""
+        result = self.successResultOf(self.runner.run(dry_run=True))
+        self.assertEqual(result.deleted_job_ids, ["old"])
+        self.assertEqual(result.bytes_freed, 110)
+        self.assertEqual(self.storage.deleted, [])
+        self.assertEqual(self.discarded, [])
+
+    def test_run_discards_writer_state_then_deletes(self):
+        """A real run discards the writer's buffers for the job before deleting it."""
+        result = self.successResultOf(self.runner.run())
+        self.assertEqual(result.deleted_job_ids, ["old"])
+        self.assertEqual(result.jobs_deleted, 1)
+        self.assertEqual(self.discarded, ["old"])
+        self.assertEqual(self.storage.deleted, ["old"])
+
+    def test_failed_deletion_logged_and_run_continues(self):
+        """A deletion that fails is logged and counted; the run still completes."""
+        self.storage.fail.add("old")
+        result = self.successResultOf(self.runner.run())
+        self.assertEqual(result.errors, 1)
+        self.assertEqual(result.deleted_job_ids, [])
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
