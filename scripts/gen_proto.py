@@ -38,7 +38,7 @@ def generate(out: pathlib.Path) -> None:
         raise SystemExit(f"protoc failed with exit code {rc}")
     # grpc_tools emits absolute imports ("import persist_pb2"); make them
     # package-relative so the code imports as joblet_persist._proto.*.
-    for path in out.glob("*_pb2_grpc.py"):
+    for path in sorted(out.glob("*_pb2*.py*")):
         text = path.read_text()
         text = re.sub(r"^import (\w+_pb2) as", r"from . import \1 as", text, flags=re.M)
         path.write_text(text)
