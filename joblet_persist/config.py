@@ -1,0 +1,972 @@
+"""Configuration: YAML parsed and validated once into frozen dataclasses.
+
+``load_config(path)`` reads a file, ``config_from_string(text)`` is its twin for tests and
+tools, ``default_config()`` is what an empty file gives.  The result is an immutable
+``Config`` whose sections mirror the YAML sections (``server``, ``ipc``, ``storage`` with
+``storage.retention``, ``writer``, ``query``, ``monitoring``, ``logging``, ``security``).
+YAML keys are camelCase, attributes their snake_case twins (``grpcSocketMode`` ->
+``grpc_socket_mode``).  Durations become float seconds, sizes int bytes, file modes ints.
+
+Every problem is a ``ConfigError`` whose text names the file and the dotted key, e.g.
+``config.yml: storage.retention.logMaxAge: expected a duration ...``.
+
+A joblet-config.yml whose top level has a ``persist:`` section is accepted too: that
+section is the configuration, and the root's ``ipc.socket``, ``server.nodeId`` and
+``security.*`` are inherited unless the section sets them itself.  The rest of the root
+belongs to joblet-core and is not validated here.
+
+Threading: this module is a leaf (no reactor, no Deferreds).  ``load_config`` and
+``read_pem`` do blocking file I/O; they run once at startup, before the reactor serves
+anything (``makeService`` / ``startService``).  Everything else is pure and may run on any
+thread; the returned objects are immutable and safe to share between threads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Callable
+
+import yaml
+from twisted.logger import LogLevel
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "IPCConfig",
+    "LoggingConfig",
+    "MonitoringConfig",
+    "QueryConfig",
+    "RetentionConfig",
+    "SecurityConfig",
+    "ServerConfig",
+    "StorageConfig",
+    "WriterConfig",
+    "config_from_string",
+    "default_config",
+    "is_loopback_host",
+    "load_config",
+    "parse_duration",
+    "parse_host_port",
+    "parse_size",
+    "read_pem",
+]
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+DEFAULT_DATA_DIR = "/opt/joblet"
+IPC_SOCKET_NAME = "persist-ipc.sock"
+GRPC_SOCKET_NAME = "persist-grpc.sock"
+
+#: Longest AF_UNIX socket path in bytes (Linux: 108 bytes of sun_path, one for the NUL).
+MAX_SOCKET_PATH_BYTES = 107
+
+#: Accepted compression levels per compressor, inclusive.
+COMPRESSION_LEVELS = {"zlib": (0, 9), "deflate": (0, 12), "isal": (0, 3)}
+
+#: Level used for ``isal`` when ``storage.compressionLevel`` is omitted: the documented
+#: default 6 is out of ISA-L's range, so ISA-L's own default applies instead.
+ISAL_DEFAULT_LEVEL = 2
+
+
+class ConfigError(Exception):
+    """A configuration problem, fatal at startup.
+
+    ``str()`` reads ``<source>[, line N]: <dotted.key>: <message>``; ``source`` is the file
+    path (or ``<string>``), ``key`` the dotted YAML key as written in that file (``None``
+    when the problem is the file itself), ``line`` the 1-based line of a YAML syntax error.
+    """
+
+    def __init__(
+        self,
+        source: str | None,
+        key: str | None,
+        message: str,
+        line: int | None = None,
+    ) -> None:
+        super().__init__(source, key, message, line)
+        self.source = source
+        self.key = key
+        self.message = message
+        self.line = line
+
+    def __str__(self) -> str:
+        parts = []
+        if self.source is not None:
+            parts.append(self.source if self.line is None else f"{self.source}, line {self.line}")
+        if self.key:
+            parts.append(self.key)
+        parts.append(self.message)
+        return ": ".join(parts)
+
+
+class _Invalid(ValueError):
+    """A value that does not parse; the caller adds the file and the key."""
+
+
+# ---------------------------------------------------------------------------------------
+# Value parsers.  Each takes the value as YAML produced it and returns the typed value or
+# raises _Invalid with a message that does not repeat the key.
+
+
+def _show(value: Any) -> str:
+    """Render a YAML value for an error message, the way it would be written in YAML."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        if len(value) > 60:
+            return json.dumps(value[:57]) + "..."
+        return json.dumps(value)
+    if isinstance(value, int):
+        return str(int(value))
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"a {type(value).__name__}"
+
+
+_DURATION_UNITS = {
+    "ms": Fraction(1, 1000),
+    "s": Fraction(1),
+    "m": Fraction(60),
+    "h": Fraction(3600),
+    "d": Fraction(86400),
+}
+_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
+_DURATION_PART = re.compile(rf"({_NUMBER})(ms|s|m|h|d)")
+_DURATION_TEXT = re.compile(rf"(?:{_NUMBER}(?:ms|s|m|h|d))+")
+_DURATION_HELP = (
+    'a duration: a number of seconds or a string like "500ms", "30s", "15m", "12h", "7d"'
+)
+
+
+def parse_duration(value: Any) -> float:
+    """Return ``value`` as float seconds, or raise ValueError.
+
+    Accepts a number of seconds (int or float, not a bool) or a string: a bare number of
+    seconds or one or more ``<number><unit>`` parts with units ms, s, m, h, d
+    (``"500ms"``, ``"1.5h"``, ``"1h30m"``).  Negative, infinite and NaN values are refused.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise _Invalid(f"expected {_DURATION_HELP}, got {_show(value)}")
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("-"):
+            raise _Invalid(f"must not be negative, got {_show(value)}")
+        if re.fullmatch(_NUMBER, text):
+            seconds = float(text)
+        elif _DURATION_TEXT.fullmatch(text):
+            total = Fraction(0)
+            for number, unit in _DURATION_PART.findall(text):
+                total += Fraction(number) * _DURATION_UNITS[unit]
+            seconds = float(total)
+        else:
+            raise _Invalid(f"expected {_DURATION_HELP}, got {_show(value)}")
+    else:
+        seconds = float(value)
+    if not math.isfinite(seconds):
+        raise _Invalid(f"expected a finite duration, got {_show(value)}")
+    if seconds < 0:
+        raise _Invalid(f"must not be negative, got {_show(value)}")
+    return seconds
+
+
+_SIZE_UNITS = {
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+_SIZE_TEXT = re.compile(rf"({_NUMBER})\s*([A-Za-z]*)")
+_SIZE_HELP = 'a size: a number of bytes or a string like "64KiB", "16MiB", "1GiB", "10KB", "5MB"'
+
+
+def parse_size(value: Any) -> int:
+    """Return ``value`` as int bytes, or raise ValueError.
+
+    Accepts a whole number of bytes (an int, or a float with no fraction) or a string of
+    a number and an optional unit: B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB,
+    TiB (powers of 1024), case-insensitive.  ``"1.5KiB"`` is 1536; a result that is not a
+    whole number of bytes and negative values are refused.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise _Invalid(f"expected {_SIZE_HELP}, got {_show(value)}")
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("-"):
+            raise _Invalid(f"must not be negative, got {_show(value)}")
+        match = _SIZE_TEXT.fullmatch(text)
+        if match is None:
+            raise _Invalid(f"expected {_SIZE_HELP}, got {_show(value)}")
+        number, unit = match.groups()
+        multiplier = _SIZE_UNITS.get(unit.lower() if unit else "b")
+        if multiplier is None:
+            raise _Invalid(
+                f"unknown size unit {unit!r} in {_show(value)}; "
+                "use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB"
+            )
+        amount = Fraction(number) * multiplier
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise _Invalid(f"expected {_SIZE_HELP}, got {_show(value)}")
+        amount = Fraction(value)
+    else:
+        amount = Fraction(int(value))
+    if amount < 0:
+        raise _Invalid(f"must not be negative, got {_show(value)}")
+    if amount.denominator != 1:
+        raise _Invalid(f"{_show(value)} is not a whole number of bytes")
+    return int(amount)
+
+
+_HOSTNAME = re.compile(
+    r"(?=.{1,253}\Z)(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?"
+)
+
+
+def _valid_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return _HOSTNAME.fullmatch(host) is not None
+    return True
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """Split ``"host:port"`` into ``(host, port)``, or raise ValueError.
+
+    ``host`` is an IPv4 address, a hostname, or an IPv6 address in brackets
+    (``"[::1]:50052"``, returned without the brackets).  ``port`` is 0..65535.
+    """
+    if not isinstance(text, str):
+        raise _Invalid(f"expected host:port, got {_show(text)}")
+    help_ = 'expected host:port, e.g. "127.0.0.1:50052" or "[::1]:50052"'
+    if text.startswith("["):
+        match = re.fullmatch(r"\[([^\]]+)\]:(\d+)", text)
+        if match is None:
+            raise _Invalid(f"{help_}, got {_show(text)}")
+        host, port_text = match.groups()
+        try:
+            if ipaddress.ip_address(host).version != 6:
+                raise ValueError(host)
+        except ValueError:
+            raise _Invalid(f"{host!r} in brackets is not an IPv6 address") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise _Invalid(f"{help_}, got {_show(text)}")
+        if ":" in host:
+            raise _Invalid(f'an IPv6 address needs brackets, e.g. "[::1]:50052"; got {_show(text)}')
+        if not _valid_host(host):
+            raise _Invalid(f"{host!r} is not an IP address or a host name")
+    if not port_text.isdigit() or not port_text.isascii():
+        raise _Invalid(f"port {port_text!r} is not a number")
+    port = int(port_text)
+    if port > 65535:
+        raise _Invalid(f"port {port} is out of range (0-65535)")
+    return host, port
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1, ::ffff:127.x.y.z)."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    if mapped is not None:
+        return mapped.is_loopback
+    return address.is_loopback
+
+
+def _string(*, allow_empty: bool = True) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if not isinstance(value, str):
+            hint = " (quote it to make it a string)" if isinstance(value, (int, float)) else ""
+            raise _Invalid(f"expected a string, got {_show(value)}{hint}")
+        if not allow_empty and not value.strip():
+            raise _Invalid("must not be empty")
+        return value
+
+    return parse
+
+
+def _path(*, allow_empty: bool = False) -> Callable[[Any], str]:
+    as_string = _string(allow_empty=allow_empty)
+
+    def parse(value: Any) -> str:
+        text = as_string(value)
+        if "\0" in text:
+            raise _Invalid("a path must not contain a NUL character")
+        return os.path.abspath(text) if text else text
+
+    return parse
+
+
+def _integer(minimum: int | None = None, maximum: int | None = None) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        # bool is a subclass of int: "true" must not pass as 1.
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Invalid(f"expected an integer, got {_show(value)}")
+        number = int(value)
+        if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
+            if maximum is None:
+                raise _Invalid(f"must be at least {minimum}, got {number}")
+            raise _Invalid(f"must be between {minimum} and {maximum}, got {number}")
+        return number
+
+    return parse
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(f"expected true or false, got {_show(value)}")
+    return value
+
+
+def _duration(*, positive: bool = False) -> Callable[[Any], float]:
+    def parse(value: Any) -> float:
+        seconds = parse_duration(value)
+        if positive and seconds <= 0:
+            raise _Invalid(f"must be greater than 0, got {_show(value)}")
+        return seconds
+
+    return parse
+
+
+def _size(minimum: int = 0, maximum: int | None = None) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        size = parse_size(value)
+        if size < minimum:
+            raise _Invalid(f"must be at least {minimum} bytes, got {_show(value)}")
+        if maximum is not None and size > maximum:
+            raise _Invalid(f"must be at most {maximum} bytes, got {_show(value)}")
+        return size
+
+    return parse
+
+
+def _mode(value: Any) -> int:
+    """A file mode: "0600" (octal string), YAML 0600 (octal int) or a decimal int (384)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not re.fullmatch(r"(?:0o)?[0-7]{1,4}", text):
+            raise _Invalid(f'expected an octal file mode like "0600", got {_show(value)}')
+        mode = int(text, 8)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        literal = getattr(value, "literal", None)
+        # "600" without a leading zero is YAML decimal 600 (0o1130), almost certainly
+        # meant as octal 0600: refuse it rather than create a socket with the wrong mode.
+        if literal is not None and re.fullmatch(r"[1-7][0-7]{1,2}", literal):
+            raise _Invalid(
+                f"{literal} is read as a decimal number; write the octal mode with a "
+                f'leading zero or in quotes, e.g. "0{literal}"'
+            )
+        mode = int(value)
+    else:
+        raise _Invalid(f'expected an octal file mode like "0600", got {_show(value)}')
+    if not 0 <= mode <= 0o777:
+        raise _Invalid(f"file mode {mode:#o} is out of range (0000-0777)")
+    return mode
+
+
+def _choice(choices: tuple[str, ...], aliases: dict[str, str] | None = None):
+    aliases = aliases or {}
+
+    def parse(value: Any) -> str:
+        if isinstance(value, str):
+            name = value.strip().lower()
+            name = aliases.get(name, name)
+            if name in choices:
+                return name
+        valid = ", ".join(choices + tuple(aliases))
+        raise _Invalid(f"expected one of {valid}; got {_show(value)}")
+
+    return parse
+
+
+def _address(value: Any) -> str:
+    """A gRPC TCP listen address "host:port"; "" disables the listener."""
+    if value == "":
+        return ""
+    parse_host_port(value)
+    return value
+
+
+def _bind_host(value: Any) -> str:
+    host = _string(allow_empty=False)(value)
+    if not _valid_host(host):
+        raise _Invalid(f"{_show(value)} is not an IP address or a host name")
+    return host
+
+
+def _is_inline_pem(value: str) -> bool:
+    return value.lstrip().startswith("-----BEGIN")
+
+
+def _describe_mode(mode: int) -> str:
+    return f"{mode:04o}"
+
+
+def _describe_secret(value: str) -> str:
+    return "<set>" if value else "<unset>"
+
+
+def _describe_pem(value: str) -> str:
+    if not value:
+        return "<unset>"
+    return "<pem>" if _is_inline_pem(value) else value
+
+
+def _key(parse: Callable[[Any], Any], default: Any, describe: Callable[[Any], Any] | None = None):
+    """A dataclass field that is a YAML key: how to parse it and how to show it."""
+    return field(default=default, metadata={"parse": parse, "describe": describe})
+
+
+def _section(cls: type):
+    """A dataclass field that is a nested YAML section."""
+    return field(default_factory=cls, metadata={"section": cls})
+
+
+def _camel(name: str) -> str:
+    first, *rest = name.split("_")
+    return first + "".join(part.capitalize() for part in rest)
+
+
+# ---------------------------------------------------------------------------------------
+# The configuration objects.
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """``server``: the gRPC listeners (Unix socket and TCP)."""
+
+    node_id: str = _key(_string(), "")
+    grpc_socket: str = _key(
+        _path(allow_empty=True), os.path.join(DEFAULT_DATA_DIR, "run", GRPC_SOCKET_NAME)
+    )
+    grpc_socket_mode: int = _key(_mode, 0o600, _describe_mode)
+    grpc_address: str = _key(_address, "127.0.0.1:50052")
+    # gRPC takes message limits as a C int.
+    max_message_bytes: int = _key(_size(1, 2**31 - 1), 16 * MiB)
+    max_concurrent_rpcs: int = _key(_integer(1), 64)
+    grpc_workers: int = _key(_integer(1), 16)
+    shutdown_grace: float = _key(_duration(), 5.0)
+
+    @property
+    def grpc_host(self) -> str | None:
+        """Host part of ``grpc_address`` (IPv6 without brackets); None when TCP is off."""
+        return parse_host_port(self.grpc_address)[0] if self.grpc_address else None
+
+    @property
+    def grpc_port(self) -> int | None:
+        """Port of ``grpc_address``; None when the TCP listener is disabled."""
+        return parse_host_port(self.grpc_address)[1] if self.grpc_address else None
+
+
+@dataclass(frozen=True)
+class IPCConfig:
+    """``ipc``: the Unix socket on which joblet-core sends frames."""
+
+    socket: str = _key(_path(), os.path.join(DEFAULT_DATA_DIR, "run", IPC_SOCKET_NAME))
+    socket_mode: int = _key(_mode, 0o600, _describe_mode)
+    # The frame length prefix is an unsigned 32-bit integer.
+    max_frame_bytes: int = _key(_size(1, 2**32 - 1), 128 * MiB)
+    max_connections: int = _key(_integer(1), 1024)
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    """``storage.retention``: what is deleted, and how often retention runs. 0 disables."""
+
+    log_max_age: float = _key(_duration(), 30 * 86400.0)
+    metric_max_age: float = _key(_duration(), 30 * 86400.0)
+    job_max_bytes: int = _key(_size(), 0)
+    total_max_bytes: int = _key(_size(), 0)
+    min_free_bytes: int = _key(_size(), 100 * MiB)
+    active_window: float = _key(_duration(), 600.0)
+    interval: float = _key(_duration(positive=True), 300.0)
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """``storage``: where and how data is written."""
+
+    data_dir: str = _key(_path(), DEFAULT_DATA_DIR)
+    compressor: str = _key(_choice(tuple(COMPRESSION_LEVELS)), "deflate")
+    compression_level: int = _key(_integer(0, 12), 6)
+    segment_max_bytes: int = _key(_size(1), 256 * MiB)
+    fsync: str = _key(_choice(("batch", "interval", "never")), "batch")
+    max_open_files: int = _key(_integer(1), 256)
+    retention: RetentionConfig = _section(RetentionConfig)
+
+    @property
+    def logs_dir(self) -> str:
+        """``<dataDir>/logs``: one directory of log segments per job."""
+        return os.path.join(self.data_dir, "logs")
+
+    @property
+    def metrics_dir(self) -> str:
+        """``<dataDir>/metrics``: one directory of metric segments per job."""
+        return os.path.join(self.data_dir, "metrics")
+
+    @property
+    def index_path(self) -> str:
+        """``<dataDir>/job_index.json``: the per-job summary."""
+        return os.path.join(self.data_dir, "job_index.json")
+
+
+@dataclass(frozen=True)
+class WriterConfig:
+    """``writer``: batching, flushing, backpressure and retry of appends."""
+
+    flush_interval: float = _key(_duration(positive=True), 1.0)
+    batch_max_messages: int = _key(_integer(1), 20000)
+    batch_max_bytes: int = _key(_size(1), 2 * MiB)
+    high_water_bytes: int = _key(_size(1), 64 * MiB)
+    low_water_bytes: int = _key(_size(), 32 * MiB)
+    threads: int = _key(_integer(0, 1024), 0)
+    retry_initial: float = _key(_duration(positive=True), 0.5)
+    retry_max: float = _key(_duration(positive=True), 30.0)
+    index_interval: float = _key(_duration(positive=True), 5.0)
+
+    @property
+    def thread_count(self) -> int:
+        """Threads of the compression/append pool: ``threads``, or one per CPU when 0."""
+        return self.threads or os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class QueryConfig:
+    """``query``: sizes of query responses and requests."""
+
+    batch_max_items: int = _key(_integer(1), 4096)
+    batch_max_bytes: int = _key(_size(1), 1 * MiB)
+    max_limit: int = _key(_integer(1), 100_000_000)
+
+
+@dataclass(frozen=True)
+class MonitoringConfig:
+    """``monitoring``: the Klein web servers for /metrics and /health."""
+
+    enabled: bool = _key(_boolean, True)
+    bind_address: str = _key(_bind_host, "127.0.0.1")
+    metrics_port: int = _key(_integer(0, 65535), 9092)
+    health_port: int = _key(_integer(0, 65535), 9093)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """``logging``: level and format of the service's own log. ``warning`` reads as ``warn``."""
+
+    level: str = _key(_choice(("debug", "info", "warn", "error"), {"warning": "warn"}), "info")
+    format: str = _key(_choice(("text", "json")), "text")
+
+    @property
+    def log_level(self) -> LogLevel:
+        """``level`` as a ``twisted.logger.LogLevel``."""
+        return LogLevel.levelWithName(self.level)
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """``security``: TLS of the TCP gRPC listener and roles from client certificates.
+
+    ``server_cert``, ``server_key`` and ``ca_cert`` are kept as written: inline PEM text or
+    a file path; ``read_pem`` turns either into bytes.
+    """
+
+    server_cert: str = _key(_string(), "", _describe_pem)
+    server_key: str = _key(_string(), "", _describe_secret)
+    ca_cert: str = _key(_string(), "", _describe_pem)
+    require_client_cert: bool = _key(_boolean, True)
+    admin_ou: str = _key(_string(allow_empty=False), "admin")
+    viewer_ou: str = _key(_string(allow_empty=False), "viewer")
+
+    @property
+    def tls_enabled(self) -> bool:
+        """True when both ``server_cert`` and ``server_key`` are set."""
+        return bool(self.server_cert and self.server_key)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration.  ``source`` is the file read, or ``"<defaults>"``.
+
+    ``source`` does not take part in equality: a file that spells out every default equals
+    ``default_config()``.
+    """
+
+    server: ServerConfig = _section(ServerConfig)
+    ipc: IPCConfig = _section(IPCConfig)
+    storage: StorageConfig = _section(StorageConfig)
+    writer: WriterConfig = _section(WriterConfig)
+    query: QueryConfig = _section(QueryConfig)
+    monitoring: MonitoringConfig = _section(MonitoringConfig)
+    logging: LoggingConfig = _section(LoggingConfig)
+    security: SecurityConfig = _section(SecurityConfig)
+    source: str = field(default="<defaults>", compare=False)
+
+    def describe(self) -> dict[str, Any]:
+        """The effective configuration as a JSON-serializable dict for the startup log.
+
+        Keys are the YAML keys.  Modes read ``"0600"``; ``serverKey`` reads ``"<set>"`` or
+        ``"<unset>"``; ``serverCert`` and ``caCert`` read ``"<pem>"`` when inline, their
+        path otherwise, ``"<unset>"`` when empty.
+        """
+        return {"source": self.source, **_describe(self)}
+
+
+def _describe(section: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in dataclasses.fields(section):
+        value = getattr(section, item.name)
+        if "section" in item.metadata:
+            out[_camel(item.name)] = _describe(value)
+        elif "parse" in item.metadata:
+            show = item.metadata["describe"]
+            out[_camel(item.name)] = show(value) if show else value
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# YAML loading.
+
+
+class _LiteralInt(int):
+    """An int from YAML that remembers how it was written (to tell 0600 from 600)."""
+
+    literal: str
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys and keeps integer literals."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _value in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != (
+                    "tag:yaml.org,2002:merge"
+                ):
+                    if key_node.value in seen:
+                        raise yaml.constructor.ConstructorError(
+                            "while constructing a mapping",
+                            node.start_mark,
+                            f"found duplicate key {key_node.value!r}",
+                            key_node.start_mark,
+                        )
+                    seen.add(key_node.value)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _construct_int(loader: _Loader, node: yaml.ScalarNode) -> int:
+    value = _LiteralInt(yaml.SafeLoader.construct_yaml_int(loader, node))
+    value.literal = node.value
+    return value
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    try:
+        # _Loader is a SafeLoader subclass: no arbitrary object construction.
+        return yaml.load(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark is not None else None
+        problem = e.problem or e.context or "syntax error"
+        raise ConfigError(source, None, f"invalid YAML: {problem}", line=line) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(source, None, f"invalid YAML: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------
+# Building a Config from parsed YAML.
+
+#: Keys a persist section inherits from the root of a joblet-config.yml.
+_INHERITED = {
+    "ipc": ("socket",),
+    "server": ("nodeId",),
+    "security": tuple(_camel(f.name) for f in dataclasses.fields(SecurityConfig)),
+}
+
+
+class _Context:
+    """Where values came from, to name them in errors as they are written in the file."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.prefix = ""
+        self.inherited: dict[str, Any] = {}
+        self.from_root: set[str] = set()
+        self.explicit: set[str] = set()
+
+    def name(self, dotted: str) -> str:
+        if dotted in self.from_root:
+            return dotted
+        return (self.prefix + dotted) if dotted else self.prefix.rstrip(".")
+
+    def error(self, dotted: str, message: str) -> ConfigError:
+        return ConfigError(self.source, self.name(dotted) or None, message)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _parse_section(cls: type, mapping: Any, path: str, ctx: _Context) -> Any:
+    keys = {_camel(f.name): f for f in dataclasses.fields(cls) if f.metadata}
+    if mapping is None:
+        mapping = {}
+    if not isinstance(mapping, dict):
+        what = "sections" if not path else "keys"
+        raise ctx.error(path, f"expected a mapping of {what}, got {_show(mapping)}")
+    for key in mapping:
+        if key not in keys:
+            if path or ctx.prefix:
+                where = f"section {ctx.name(path)!r}"
+            else:
+                where = "the top level"
+            message = f"unknown key; valid keys of {where}: {', '.join(keys)}"
+            if not path and not ctx.prefix:
+                message += (
+                    " (in a joblet-config.yml, joblet-persist's settings go under a"
+                    " 'persist:' section)"
+                )
+            raise ctx.error(_join(path, str(key)), message)
+    values = {}
+    for key, item in keys.items():
+        dotted = _join(path, key)
+        if "section" in item.metadata:
+            values[item.name] = _parse_section(
+                item.metadata["section"], mapping.get(key), dotted, ctx
+            )
+            continue
+        if key in mapping:
+            raw = mapping[key]
+        elif dotted in ctx.inherited:
+            raw = ctx.inherited[dotted]
+            ctx.from_root.add(dotted)
+        else:
+            continue
+        ctx.explicit.add(dotted)
+        try:
+            values[item.name] = item.metadata["parse"](raw)
+        except _Invalid as e:
+            raise ctx.error(dotted, str(e)) from None
+    return cls(**values)
+
+
+def _root_inherited(root: dict, source: str) -> dict[str, Any]:
+    """The values a persist section inherits from a joblet-config.yml root, by dotted key."""
+    found = {}
+    for section, keys in _INHERITED.items():
+        mapping = root.get(section)
+        if mapping is None:
+            continue
+        if not isinstance(mapping, dict):
+            raise ConfigError(source, section, f"expected a mapping of keys, got {_show(mapping)}")
+        for key in keys:
+            if key in mapping:
+                found[f"{section}.{key}"] = mapping[key]
+    return found
+
+
+def _with_data_dir(cfg: Config, data_dir: str, ctx: _Context) -> Config:
+    if not isinstance(data_dir, str) or not data_dir or "\0" in data_dir:
+        raise ConfigError(None, "--data-dir", f"expected a directory path, got {_show(data_dir)}")
+    root = os.path.abspath(data_dir)
+    run = os.path.join(root, "run")
+    ipc, server = cfg.ipc, cfg.server
+    if "ipc.socket" not in ctx.explicit:
+        ipc = dataclasses.replace(ipc, socket=os.path.join(run, IPC_SOCKET_NAME))
+    if "server.grpcSocket" not in ctx.explicit:
+        server = dataclasses.replace(server, grpc_socket=os.path.join(run, GRPC_SOCKET_NAME))
+    storage = dataclasses.replace(cfg.storage, data_dir=root)
+    return dataclasses.replace(cfg, ipc=ipc, server=server, storage=storage)
+
+
+def _validate(cfg: Config, ctx: _Context) -> None:
+    """Checks that span several keys; raise ConfigError naming the key to change."""
+    storage = cfg.storage
+    low, high = COMPRESSION_LEVELS[storage.compressor]
+    if not low <= storage.compression_level <= high:
+        raise ctx.error(
+            "storage.compressionLevel",
+            f"{storage.compression_level} is out of range for compressor "
+            f"{storage.compressor} ({low}-{high})",
+        )
+
+    writer = cfg.writer
+    if writer.low_water_bytes >= writer.high_water_bytes:
+        raise ctx.error(
+            "writer.lowWaterBytes",
+            f"must be less than {ctx.name('writer.highWaterBytes')} "
+            f"({writer.low_water_bytes} >= {writer.high_water_bytes} bytes)",
+        )
+    if writer.retry_initial > writer.retry_max:
+        raise ctx.error(
+            "writer.retryMax",
+            f"must be at least {ctx.name('writer.retryInitial')} "
+            f"({writer.retry_max}s < {writer.retry_initial}s)",
+        )
+
+    if cfg.query.batch_max_bytes >= cfg.server.max_message_bytes:
+        raise ctx.error(
+            "query.batchMaxBytes",
+            f"must be less than {ctx.name('server.maxMessageBytes')} "
+            f"({cfg.query.batch_max_bytes} >= {cfg.server.max_message_bytes} bytes) "
+            "so that a batch fits in one gRPC message",
+        )
+
+    sockets = [("ipc.socket", cfg.ipc.socket), ("server.grpcSocket", cfg.server.grpc_socket)]
+    for key, path in sockets:
+        if path and len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
+            where = "" if key in ctx.explicit else " (placed under the data directory)"
+            raise ctx.error(
+                key,
+                f"socket path {path!r}{where} is {len(os.fsencode(path))} bytes long; Unix "
+                f"socket paths are limited to {MAX_SOCKET_PATH_BYTES} bytes",
+            )
+    if cfg.ipc.socket == cfg.server.grpc_socket:
+        raise ctx.error("server.grpcSocket", f"must differ from {ctx.name('ipc.socket')}")
+
+    security = cfg.security
+    if bool(security.server_cert) != bool(security.server_key):
+        missing, present = (
+            ("security.serverKey", "security.serverCert")
+            if security.server_cert
+            else ("security.serverCert", "security.serverKey")
+        )
+        raise ctx.error(missing, f"must be set together with {ctx.name(present)}: TLS needs both")
+    if security.tls_enabled and security.require_client_cert and not security.ca_cert:
+        raise ctx.error(
+            "security.caCert",
+            f"must be set when {ctx.name('security.requireClientCert')} is true: "
+            "client certificates are verified against it",
+        )
+    if security.admin_ou == security.viewer_ou:
+        raise ctx.error("security.viewerOu", f"must differ from {ctx.name('security.adminOu')}")
+
+    address = cfg.server.grpc_address
+    if address and not security.tls_enabled and not is_loopback_host(cfg.server.grpc_host):
+        raise ctx.error(
+            "server.grpcAddress",
+            f"{_show(address)}: plaintext TCP is only allowed on loopback "
+            f"(127.0.0.0/8, ::1, localhost); set {ctx.name('security.serverCert')} and "
+            f"{ctx.name('security.serverKey')} to serve TLS on this address, use a loopback "
+            'address, or "" to disable TCP',
+        )
+
+
+def _build(document: Any, source: str, data_dir: str | None) -> Config:
+    ctx = _Context(source)
+    if document is None:
+        document = {}
+    if not isinstance(document, dict):
+        raise ConfigError(
+            source, None, f"expected a mapping of sections at the top level, got {_show(document)}"
+        )
+    if "persist" in document:
+        ctx.prefix = "persist."
+        ctx.inherited = _root_inherited(document, source)
+        document = document["persist"]
+    sections = _parse_section(Config, document, "", ctx)
+    cfg = dataclasses.replace(sections, source=source)
+    if data_dir is not None:
+        cfg = _with_data_dir(cfg, data_dir, ctx)
+    if "storage.compressionLevel" not in ctx.explicit and cfg.storage.compressor == "isal":
+        storage = dataclasses.replace(cfg.storage, compression_level=ISAL_DEFAULT_LEVEL)
+        cfg = dataclasses.replace(cfg, storage=storage)
+    _validate(cfg, ctx)
+    return cfg
+
+
+def config_from_string(
+    text: str, *, source: str = "<string>", data_dir: str | None = None
+) -> Config:
+    """Parse YAML ``text`` into a Config; ``source`` names it in errors and in the result.
+
+    ``data_dir`` is the ``--data-dir`` option: it sets ``storage.data_dir`` (made absolute)
+    and moves the socket paths the text does not set under ``<data_dir>/run/``.
+    Raises ConfigError.  Pure; any thread.
+    """
+    return _build(_parse_yaml(text, source), source, data_dir)
+
+
+def load_config(path: str | None = None, *, data_dir: str | None = None) -> Config:
+    """Read and validate the YAML file at ``path``; ``None`` gives the defaults.
+
+    ``data_dir`` as for ``config_from_string``.  Raises ConfigError naming the file.
+    Blocking file I/O: run once at startup, before the reactor serves.
+    """
+    if path is None:
+        return default_config(data_dir=data_dir)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise ConfigError(path, None, f"cannot read configuration file: {reason}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, None, f"not UTF-8 text (byte {e.start})") from None
+    return config_from_string(text, source=path, data_dir=data_dir)
+
+
+def default_config(*, data_dir: str | None = None) -> Config:
+    """The configuration of an empty file; ``data_dir`` as for ``config_from_string``."""
+    cfg = Config()
+    if data_dir is not None:
+        cfg = _with_data_dir(cfg, data_dir, _Context("<defaults>"))
+    return cfg
+
+
+def read_pem(value: str, key: str, *, source: str | None = None) -> bytes:
+    """Return the PEM bytes of a ``security.*`` value: inline PEM text or a file path.
+
+    Inline text is recognised by its leading ``-----BEGIN``; anything else is a path to
+    read.  Raises ConfigError naming ``key`` (and ``source`` when given) when the value is
+    empty, the file is unreadable, or it holds no PEM block.  Blocking file I/O: call at
+    startup, before serving.
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(source, key, "is not set")
+    if _is_inline_pem(value):
+        data = value.encode("utf-8")
+        if b"-----END" not in data:
+            raise ConfigError(source, key, "inline PEM text has no -----END line")
+        return data
+    try:
+        with open(value, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise ConfigError(source, key, f"cannot read PEM file {value!r}: {reason}") from None
+    if b"-----BEGIN" not in data:
+        raise ConfigError(source, key, f"{value!r} does not contain PEM data")
+    return data
