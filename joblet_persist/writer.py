@@ -1,0 +1,656 @@
+"""The batching writer: buffers received messages and appends them to storage in batches.
+
+Everything in this module runs on the reactor thread.  Blocking work (compression, the append,
+fsync) happens inside the storage backend, which hands it to its pool and returns a Deferred.
+
+Shape (after twisted's ``_AggregateSmallWrites``, with Buildbot ``Debouncer``'s stop contract):
+
+- One buffer per (job, stream) for LOG messages and one per job for metric samples, held as
+  columns (timestamps, sequences, arrivals, contents/payloads) so that a flushed buffer becomes a
+  ``LogBatch``/``MetricBatch`` without per-message work.
+- A buffer is sealed into a batch when it reaches ``batch_max_messages`` or
+  ``batch_max_bytes``, and every ``flush_interval`` seconds when it is not empty.  Sealed
+  batches of one buffer form a queue: at most one append is in flight per buffer, the next is
+  sent when it completes, so per (job, stream) order is arrival order.  Different buffers
+  append in parallel.
+- A failed append stays at the head of its queue and is retried after a backoff
+  (``retry_initial`` doubling up to ``retry_max``); nothing is dropped and order is kept.
+- Backpressure: when buffered bytes (open, queued and in flight) exceed ``high_water_bytes``,
+  ``on_pause()`` is called once; when they fall below ``low_water_bytes``, ``on_resume()``
+  once.
+
+Each message is accounted as its content (or payload) length plus ``MESSAGE_OVERHEAD`` bytes.
+
+Arrival ordinals: every message of a job gets the next value of a per-job counter shared by both
+log streams and the metrics, so that storage can merge the streams in arrival order.  The
+counter lives as long as the job is known to the writer (for the process run), or until
+``discard_job``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable, Optional
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from joblet_persist.storage.api import LogBatch, MetricBatch
+
+__all__ = [
+    "MESSAGE_OVERHEAD",
+    "BatchingWriter",
+    "NullWriterMetrics",
+    "WriterStopped",
+]
+
+#: Bytes accounted per buffered message in addition to its content: the columns' entries.
+MESSAGE_OVERHEAD = 32
+
+#: Index of a job's metrics buffer in ``_Job.buffers`` (log buffers use their stream number).
+_METRICS = 0
+
+log = Logger()
+
+
+class WriterStopped(RuntimeError):
+    """Raised by ``add_log``/``add_metric`` once ``stop()`` has been called."""
+
+
+class NullWriterMetrics:
+    """The writer's metrics interface, doing nothing.  Reactor thread.
+
+    A real implementation (``joblet_persist.metrics.PersistMetrics``) receives:
+    ``write_done`` once per appended batch, ``write_error`` once per failed append,
+    ``buffered`` whenever a batch completes or is dropped and on every flush tick (never per
+    message), ``backpressure`` when ingest is paused (True) or resumed (False).
+    """
+
+    def write_done(self, seconds: float, messages: int, nbytes: int) -> None:
+        """A batch was appended: ``seconds`` since it was handed to storage (on the injected
+        clock), ``messages`` in it, ``nbytes`` of raw content/payload bytes."""
+
+    def write_error(self) -> None:
+        """An append failed; it will be retried."""
+
+    def buffered(self, nbytes: int) -> None:
+        """Bytes currently held by the writer (open, queued and in flight)."""
+
+    def backpressure(self, active: bool) -> None:
+        """Ingest was paused (True) or resumed (False)."""
+
+
+class _Sealed:
+    """One batch handed (or about to be handed) to storage."""
+
+    __slots__ = ("batch", "count", "nbytes", "serial", "abandoned")
+
+    def __init__(self, batch, count: int, nbytes: int, serial: int):
+        self.batch = batch
+        self.count = count
+        self.nbytes = nbytes
+        self.serial = serial
+        # Set when the batch is given up (discard_job, stop timeout): a late result is ignored.
+        self.abandoned = False
+
+
+class _Job:
+    """Per-job state: the arrival counter and the job's buffers."""
+
+    __slots__ = ("job_id", "arrival", "buffers", "held", "discarding")
+
+    def __init__(self, job_id: str, held: bool):
+        self.job_id = job_id
+        self.arrival = 0
+        # Index 0: metrics, 1: stdout, 2: stderr.
+        self.buffers: list[Optional[_Buffer]] = [None, None, None]
+        # True while a discard_job of an earlier incarnation of this job id is pending: batches
+        # are queued but not sent, so that they reach storage after its delete_job started.
+        self.held = held
+        self.discarding = False
+
+
+class _Buffer:
+    """One (job, stream) or (job, metrics) buffer: open columns plus its queue of batches."""
+
+    __slots__ = (
+        "job",
+        "stream",
+        "timestamps",
+        "sequences",
+        "arrivals",
+        "contents",
+        "nbytes",
+        "queue",
+        "inflight",
+        "retry_call",
+        "retry_delay",
+        "serial",
+        "done_serial",
+        "waiters",
+    )
+
+    def __init__(self, job: _Job, stream: int, retry_delay: float):
+        self.job = job
+        self.stream = stream
+        self.timestamps: list[int] = []
+        self.sequences: list[int] = []
+        self.arrivals: list[int] = []
+        self.contents: list[bytes] = []
+        self.nbytes = 0
+        self.queue: deque[_Sealed] = deque()
+        self.inflight: Optional[_Sealed] = None
+        self.retry_call = None
+        self.retry_delay = retry_delay
+        self.serial = 0  # serial of the last sealed batch
+        self.done_serial = 0  # serial of the last batch appended (or dropped)
+        self.waiters: list[tuple[int, defer.Deferred]] = []
+
+    def describe(self) -> str:
+        kind = {0: "metrics", 1: "stdout", 2: "stderr"}[self.stream]
+        return f"{self.job.job_id}/{kind}"
+
+
+class BatchingWriter:
+    """Buffers messages per (job, stream) and appends them to storage in batches.
+
+    Reactor thread only.  ``storage`` provides ``append_logs(LogBatch)`` and
+    ``append_metrics(MetricBatch)`` returning Deferreds (see ``storage.api.StorageBackend``);
+    ``clock`` provides ``callLater`` and ``seconds`` (the reactor, or ``task.Clock`` in tests).
+
+    Plain int counters for GetStats: ``messages_received`` (accepted by ``add_*``),
+    ``messages_written`` (appended), ``write_errors`` (failed appends, each retried).
+    """
+
+    def __init__(
+        self,
+        storage,
+        clock,
+        *,
+        flush_interval: float = 1.0,
+        batch_max_messages: int = 20000,
+        batch_max_bytes: int = 2 * 1024 * 1024,
+        high_water_bytes: int = 64 * 1024 * 1024,
+        low_water_bytes: int = 32 * 1024 * 1024,
+        retry_initial: float = 0.5,
+        retry_max: float = 30.0,
+        stop_timeout: float = 10.0,
+        on_pause: Callable[[], object] = lambda: None,
+        on_resume: Callable[[], object] = lambda: None,
+        metrics=None,
+    ):
+        if flush_interval <= 0:
+            raise ValueError(f"flush_interval must be > 0, not {flush_interval!r}")
+        if batch_max_messages < 1 or batch_max_bytes < 1:
+            raise ValueError("batch_max_messages and batch_max_bytes must be >= 1")
+        if low_water_bytes > high_water_bytes:
+            raise ValueError(
+                f"low_water_bytes ({low_water_bytes}) must not exceed "
+                f"high_water_bytes ({high_water_bytes})"
+            )
+        if retry_initial <= 0 or retry_max < retry_initial:
+            raise ValueError("retry_initial must be > 0 and retry_max >= retry_initial")
+        self._storage = storage
+        self._clock = clock
+        self._flush_interval = flush_interval
+        self._batch_max_messages = batch_max_messages
+        self._batch_max_bytes = batch_max_bytes
+        self._high_water = high_water_bytes
+        self._low_water = low_water_bytes
+        self._retry_initial = retry_initial
+        self._retry_max = retry_max
+        self._stop_timeout = stop_timeout
+        self._on_pause = on_pause
+        self._on_resume = on_resume
+        self._metrics = metrics if metrics is not None else NullWriterMetrics()
+
+        self._jobs: dict[str, _Job] = {}
+        # Buffers whose open columns are not empty, in the order they became so.
+        self._dirty: dict[_Buffer, None] = {}
+        # Buffers with a batch queued or in flight.
+        self._busy: set[_Buffer] = set()
+        # Buffers whose in-flight batch failed and awaits its retry.
+        self._failing: set[_Buffer] = set()
+        # Job ids with a discard_job in progress -> number of such calls.
+        self._discards: dict[str, int] = {}
+        self._buffered = 0
+        self._paused = False
+        self._timer = None
+        self._stopping = False
+        self._stop_deferreds: list[defer.Deferred] = []
+        self._stop_done = False
+        self._stop_deadline = None
+
+        self.messages_received = 0
+        self.messages_written = 0
+        self.write_errors = 0
+
+    # -- state ------------------------------------------------------------
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Accounted bytes received and not yet appended (open, queued and in flight)."""
+        return self._buffered
+
+    @property
+    def paused(self) -> bool:
+        """True while ingest is paused by backpressure."""
+        return self._paused
+
+    @property
+    def healthy(self) -> bool:
+        """False while any append has failed and not yet succeeded on retry."""
+        return not self._failing
+
+    @property
+    def failed_pending(self) -> int:
+        """Number of buffers whose batch failed and is waiting for its retry (0 = healthy)."""
+        return len(self._failing)
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the flush timer.  Reactor thread."""
+        if self._stopping:
+            raise WriterStopped("a stopped writer cannot be restarted")
+        if self._timer is None:
+            self._timer = self._clock.callLater(self._flush_interval, self._tick)
+
+    def stop(self) -> defer.Deferred:
+        """Flush everything and wait for it to be appended.  Reactor thread; Deferred.
+
+        Stops the timer, seals every buffer at once, retries failing appends at once, and fires
+        when nothing is queued or in flight.  Failures during stop are retried every
+        ``retry_initial`` seconds; after ``stop_timeout`` seconds the remaining data is given
+        up, logged as an error naming the jobs and message counts lost, and the Deferred fires
+        anyway.  From the call on, ``add_*`` raises ``WriterStopped``.
+        """
+        d = defer.Deferred()
+        if self._stop_done:
+            d.callback(None)
+            return d
+        self._stop_deferreds.append(d)
+        if self._stopping:
+            return d
+        self._stopping = True
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+        for buf in list(self._failing):
+            if buf.retry_call is not None and buf.retry_call.active():
+                buf.retry_call.cancel()
+                buf.retry_call = None
+                self._retry(buf)
+        self._seal_all()
+        if self._busy:
+            self._stop_deadline = self._clock.callLater(self._stop_timeout, self._give_up)
+        self._maybe_stopped()
+        return d
+
+    # -- the hot path -----------------------------------------------------
+
+    def add_log(self, job_id: str, stream: int, timestamp: int, sequence: int, content: bytes):
+        """Buffer one LOG message.  Reactor thread, once per received frame.
+
+        ``job_id`` must already be validated; ``stream`` is 1 (stdout) or 2 (stderr).
+        """
+        if self._stopping:
+            raise WriterStopped("writer is stopping")
+        if stream != 1 and stream != 2:
+            raise ValueError(f"stream must be 1 or 2, not {stream!r}")
+        job = self._jobs.get(job_id)
+        if job is None:
+            job = self._new_job(job_id)
+        buf = job.buffers[stream]
+        if buf is None:
+            buf = job.buffers[stream] = _Buffer(job, stream, self._retry_initial)
+        timestamps = buf.timestamps
+        if not timestamps:
+            self._dirty[buf] = None
+        timestamps.append(timestamp)
+        buf.sequences.append(sequence)
+        arrival = job.arrival
+        job.arrival = arrival + 1
+        buf.arrivals.append(arrival)
+        buf.contents.append(content)
+        n = len(content) + MESSAGE_OVERHEAD
+        buf.nbytes += n
+        self._buffered += n
+        self.messages_received += 1
+        if buf.nbytes >= self._batch_max_bytes or len(timestamps) >= self._batch_max_messages:
+            self._seal(buf)
+        if self._buffered > self._high_water and not self._paused:
+            self._pause()
+
+    def add_metric(self, job_id: str, timestamp: int, sequence: int, payload: bytes):
+        """Buffer one metric sample (a serialized ``joblet.ipc.Metric``).  Reactor thread."""
+        if self._stopping:
+            raise WriterStopped("writer is stopping")
+        job = self._jobs.get(job_id)
+        if job is None:
+            job = self._new_job(job_id)
+        buf = job.buffers[_METRICS]
+        if buf is None:
+            buf = job.buffers[_METRICS] = _Buffer(job, _METRICS, self._retry_initial)
+        timestamps = buf.timestamps
+        if not timestamps:
+            self._dirty[buf] = None
+        timestamps.append(timestamp)
+        buf.sequences.append(sequence)
+        arrival = job.arrival
+        job.arrival = arrival + 1
+        buf.arrivals.append(arrival)
+        buf.contents.append(payload)
+        n = len(payload) + MESSAGE_OVERHEAD
+        buf.nbytes += n
+        self._buffered += n
+        self.messages_received += 1
+        if buf.nbytes >= self._batch_max_bytes or len(timestamps) >= self._batch_max_messages:
+            self._seal(buf)
+        if self._buffered > self._high_water and not self._paused:
+            self._pause()
+
+    def _new_job(self, job_id: str) -> _Job:
+        job = self._jobs[job_id] = _Job(job_id, held=job_id in self._discards)
+        return job
+
+    # -- flushing -----------------------------------------------------------
+
+    def flush_all(self) -> defer.Deferred:
+        """Seal every buffer now; Deferred firing when all of it has been appended.
+
+        Reactor thread.  Covers everything buffered at call time (data added later may or may
+        not be included).  Fires also when that data is given up by ``discard_job`` or a stop
+        timeout; it never fails.
+        """
+        self._seal_all()
+        waits = [self._wait_done(buf, buf.serial) for buf in self._busy]
+        if not waits:
+            return defer.succeed(None)
+        return defer.gatherResults(waits).addCallback(lambda _: None)
+
+    def discard_job(self, job_id: str) -> defer.Deferred:
+        """Drop a job's buffered data before it is deleted.  Reactor thread; Deferred.
+
+        Open and queued batches of the job are dropped at once, a failing batch's retry is
+        cancelled and the batch dropped, and its arrival counter is forgotten; the Deferred
+        fires once the job's in-flight appends have finished (an in-flight append that fails
+        is not retried).  Data arriving meanwhile starts a fresh job whose batches are held
+        back until the Deferred has fired: the caller starts ``storage.delete_job``
+        synchronously in its callback, so these batches reach storage after the delete began.
+        """
+        job = self._jobs.pop(job_id, None)
+        if job is None:
+            return defer.succeed(None)
+        job.discarding = True
+        self._discards[job_id] = self._discards.get(job_id, 0) + 1
+        waits = []
+        for buf in job.buffers:
+            if buf is None:
+                continue
+            self._drop_open(buf)
+            while buf.queue:
+                self._drop_sealed(buf, buf.queue.pop())
+            sealed = buf.inflight
+            if sealed is not None:
+                if buf.retry_call is not None:
+                    # Failed and waiting for its retry: nothing is running, drop it now.
+                    buf.retry_call.cancel()
+                    buf.retry_call = None
+                    self._failing.discard(buf)
+                    buf.inflight = None
+                    self._drop_sealed(buf, sealed)
+                else:
+                    waits.append(self._wait_done(buf, sealed.serial))
+            self._update_busy(buf)
+        self._after_decrease()
+
+        def finished(_):
+            remaining = self._discards[job_id] - 1
+            if remaining:
+                self._discards[job_id] = remaining
+            else:
+                del self._discards[job_id]
+            return None
+
+        def release(result):
+            fresh = self._jobs.get(job_id)
+            if fresh is not None and fresh.held and job_id not in self._discards:
+                fresh.held = False
+                for buf in fresh.buffers:
+                    if buf is not None:
+                        self._pump(buf)
+            return result
+
+        d = defer.gatherResults(waits) if waits else defer.succeed(None)
+        d.addCallback(finished)
+        result = defer.Deferred()
+        # The caller's callbacks run first (result.callback), then held batches are released.
+        d.addCallback(lambda _: (result.callback(None), release(None)))
+        return result
+
+    def _tick(self) -> None:
+        self._timer = None
+        try:
+            self._seal_all()
+            self._metrics.buffered(self._buffered)
+        except Exception:
+            log.failure("periodic flush failed")
+        if not self._stopping:
+            self._timer = self._clock.callLater(self._flush_interval, self._tick)
+
+    def _seal_all(self) -> None:
+        for buf in list(self._dirty):
+            self._seal(buf)
+
+    def _seal(self, buf: _Buffer) -> None:
+        """Turn the buffer's open columns into a batch at the tail of its queue."""
+        count = len(buf.timestamps)
+        if not count:
+            return
+        job = buf.job
+        if buf.stream:
+            batch = LogBatch(
+                job.job_id, buf.stream, buf.timestamps, buf.sequences, buf.arrivals, buf.contents
+            )
+        else:
+            batch = MetricBatch(
+                job.job_id, buf.timestamps, buf.sequences, buf.arrivals, buf.contents
+            )
+        buf.serial += 1
+        sealed = _Sealed(batch, count, buf.nbytes, buf.serial)
+        # The lists now belong to the batch, which crosses to a pool thread: never mutate them.
+        buf.timestamps = []
+        buf.sequences = []
+        buf.arrivals = []
+        buf.contents = []
+        buf.nbytes = 0
+        self._dirty.pop(buf, None)
+        buf.queue.append(sealed)
+        self._busy.add(buf)
+        self._pump(buf)
+
+    def _pump(self, buf: _Buffer) -> None:
+        """Send the buffer's next batch unless one is in flight (or the job is held)."""
+        if buf.inflight is not None or not buf.queue or buf.job.held:
+            return
+        sealed = buf.inflight = buf.queue.popleft()
+        self._send(buf, sealed)
+
+    def _send(self, buf: _Buffer, sealed: _Sealed) -> None:
+        started = self._clock.seconds()
+        append = self._storage.append_logs if buf.stream else self._storage.append_metrics
+        try:
+            d = append(sealed.batch)
+        except Exception:
+            d = defer.fail(Failure())
+        d.addCallbacks(
+            self._append_done,
+            self._append_failed,
+            callbackArgs=(buf, sealed, started),
+            errbackArgs=(buf, sealed),
+        )
+
+    def _append_done(self, result, buf: _Buffer, sealed: _Sealed, started: float) -> None:
+        if sealed.abandoned:
+            return
+        buf.inflight = None
+        self._buffered -= sealed.nbytes
+        self.messages_written += sealed.count
+        self._failing.discard(buf)
+        buf.retry_delay = self._retry_initial
+        self._metrics.write_done(
+            self._clock.seconds() - started,
+            sealed.count,
+            sealed.nbytes - sealed.count * MESSAGE_OVERHEAD,
+        )
+        self._update_busy(buf)
+        self._mark_done(buf, sealed.serial)
+        self._after_decrease()
+        self._pump(buf)
+        self._maybe_stopped()
+
+    def _append_failed(self, failure: Failure, buf: _Buffer, sealed: _Sealed) -> None:
+        if sealed.abandoned:
+            return
+        self.write_errors += 1
+        self._metrics.write_error()
+        if buf.job.discarding:
+            log.failure(
+                "append of {count} messages for {key} failed while the job is being deleted; "
+                "dropping them",
+                failure,
+                count=sealed.count,
+                key=buf.describe(),
+            )
+            buf.inflight = None
+            self._failing.discard(buf)
+            self._drop_sealed(buf, sealed)
+            self._update_busy(buf)
+            self._after_decrease()
+            self._maybe_stopped()
+            return
+        if self._stopping:
+            delay = self._retry_initial
+        else:
+            delay = buf.retry_delay
+            buf.retry_delay = min(delay * 2, self._retry_max)
+        log.failure(
+            "append of {count} messages for {key} failed; retrying in {delay}s",
+            failure,
+            count=sealed.count,
+            key=buf.describe(),
+            delay=delay,
+        )
+        self._failing.add(buf)
+        buf.retry_call = self._clock.callLater(delay, self._retry, buf)
+
+    def _retry(self, buf: _Buffer) -> None:
+        buf.retry_call = None
+        sealed = buf.inflight
+        if sealed is not None and not sealed.abandoned:
+            self._send(buf, sealed)
+
+    # -- bookkeeping ----------------------------------------------------------
+
+    def _drop_open(self, buf: _Buffer) -> None:
+        n = buf.nbytes
+        if buf.timestamps:
+            buf.timestamps = []
+            buf.sequences = []
+            buf.arrivals = []
+            buf.contents = []
+            buf.nbytes = 0
+            self._buffered -= n
+        self._dirty.pop(buf, None)
+
+    def _drop_sealed(self, buf: _Buffer, sealed: _Sealed) -> None:
+        # Waiters are released by _update_busy once the buffer is idle: a dropped queued batch
+        # must not release a waiter for the (older) batch still in flight.
+        sealed.abandoned = True
+        self._buffered -= sealed.nbytes
+
+    def _mark_done(self, buf: _Buffer, serial: int) -> None:
+        if serial > buf.done_serial:
+            buf.done_serial = serial
+        if buf.waiters:
+            ready = [d for s, d in buf.waiters if s <= buf.done_serial]
+            buf.waiters = [(s, d) for s, d in buf.waiters if s > buf.done_serial]
+            for d in ready:
+                d.callback(None)
+
+    def _wait_done(self, buf: _Buffer, serial: int) -> defer.Deferred:
+        if buf.done_serial >= serial:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        buf.waiters.append((serial, d))
+        return d
+
+    def _update_busy(self, buf: _Buffer) -> None:
+        if buf.inflight is None and not buf.queue:
+            self._busy.discard(buf)
+            # Nothing before this point can still be waited for.
+            self._mark_done(buf, buf.serial)
+        else:
+            self._busy.add(buf)
+
+    def _pause(self) -> None:
+        self._paused = True
+        self._metrics.backpressure(True)
+        self._metrics.buffered(self._buffered)
+        try:
+            self._on_pause()
+        except Exception:
+            log.failure("pausing ingest failed")
+
+    def _after_decrease(self) -> None:
+        self._metrics.buffered(self._buffered)
+        if self._paused and self._buffered < self._low_water:
+            self._paused = False
+            self._metrics.backpressure(False)
+            try:
+                self._on_resume()
+            except Exception:
+                log.failure("resuming ingest failed")
+
+    def _maybe_stopped(self) -> None:
+        if not self._stopping or self._stop_done or self._busy:
+            return
+        self._stop_done = True
+        if self._stop_deadline is not None and self._stop_deadline.active():
+            self._stop_deadline.cancel()
+        self._stop_deadline = None
+        deferreds, self._stop_deferreds = self._stop_deferreds, []
+        for d in deferreds:
+            d.callback(None)
+
+    def _give_up(self) -> None:
+        """Stop timeout: abandon whatever is still queued, failing or in flight."""
+        self._stop_deadline = None
+        lost: dict[str, int] = {}
+        for buf in list(self._busy):
+            batches = list(buf.queue)
+            if buf.inflight is not None:
+                batches.insert(0, buf.inflight)
+            buf.queue.clear()
+            buf.inflight = None
+            if buf.retry_call is not None and buf.retry_call.active():
+                buf.retry_call.cancel()
+            buf.retry_call = None
+            for sealed in batches:
+                lost[buf.describe()] = lost.get(buf.describe(), 0) + sealed.count
+                self._drop_sealed(buf, sealed)
+            self._update_busy(buf)
+        self._failing.clear()
+        if lost:
+            log.error(
+                "writer stop timed out after {timeout}s: {total} messages were not stored: "
+                "{lost}",
+                timeout=self._stop_timeout,
+                total=sum(lost.values()),
+                lost=", ".join(f"{key}: {n}" for key, n in sorted(lost.items())),
+            )
+        self._after_decrease()
+        self._maybe_stopped()

@@ -1,0 +1,713 @@
+"""Tests for joblet_persist.writer.BatchingWriter, with task.Clock and a controllable storage."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet import defer, task
+from twisted.trial.unittest import SynchronousTestCase
+
+from joblet_persist.storage.api import LogBatch, MetricBatch
+from joblet_persist.writer import MESSAGE_OVERHEAD, BatchingWriter, WriterStopped
+
+
+class DiskFull(OSError):
+    """Stands in for ENOSPC from the storage backend."""
+
+
+class _Call:
+    """One append handed to FakeStorage; ``outcome`` is None until the test completes it."""
+
+    def __init__(self, kind, batch):
+        self.kind = kind
+        self.batch = batch
+        self.deferred = defer.Deferred()
+        self.outcome = None
+
+    @property
+    def key(self):
+        b = self.batch
+        return (b.job_id, b.stream if self.kind == "logs" else "metrics")
+
+    @property
+    def items(self):
+        b = self.batch
+        return list(b.contents if self.kind == "logs" else b.payloads)
+
+    def succeed(self):
+        self.outcome = "ok"
+        self.deferred.callback(len(self.items))
+
+    def fail(self):
+        self.outcome = "failed"
+        self.deferred.errback(DiskFull(28, "No space left on device"))
+
+
+class FakeStorage:
+    """Records every append; the test completes them (or ``auto`` completes them at once).
+
+    ``fail_next`` makes that many following auto-completed appends fail.
+    """
+
+    def __init__(self, auto=False):
+        self.auto = auto
+        self.fail_next = 0
+        self.calls: list[_Call] = []
+
+    def append_logs(self, batch):
+        assert isinstance(batch, LogBatch)
+        return self._record("logs", batch)
+
+    def append_metrics(self, batch):
+        assert isinstance(batch, MetricBatch)
+        return self._record("metrics", batch)
+
+    def _record(self, kind, batch):
+        call = _Call(kind, batch)
+        self.calls.append(call)
+        if self.auto:
+            if self.fail_next:
+                self.fail_next -= 1
+                call.fail()
+            else:
+                call.succeed()
+        return call.deferred
+
+    def pending(self):
+        return [c for c in self.calls if c.outcome is None]
+
+
+class RecordingMetrics:
+    def __init__(self):
+        self.events = []
+
+    def write_done(self, seconds, messages, nbytes):
+        self.events.append(("write_done", seconds, messages, nbytes))
+
+    def write_error(self):
+        self.events.append(("write_error",))
+
+    def buffered(self, nbytes):
+        self.events.append(("buffered", nbytes))
+
+    def backpressure(self, active):
+        self.events.append(("backpressure", active))
+
+    def named(self, name):
+        return [e for e in self.events if e[0] == name]
+
+
+class WriterTestMixin:
+    def make(self, auto=False, **kwargs):
+        self.clock = task.Clock()
+        self.storage = FakeStorage(auto=auto)
+        self.pauses = []
+        kwargs.setdefault("on_pause", lambda: self.pauses.append("pause"))
+        kwargs.setdefault("on_resume", lambda: self.pauses.append("resume"))
+        self.writer = BatchingWriter(self.storage, self.clock, **kwargs)
+        return self.writer
+
+    def add(self, job, stream, content, ts=1, seq=0):
+        self.writer.add_log(job, stream, ts, seq, content)
+
+    def stored_contents(self):
+        """Contents per key from succeeded appends, in completion order."""
+        out: dict = {}
+        for call in self.storage.calls:
+            if call.outcome == "ok":
+                out.setdefault(call.key, []).extend(call.items)
+        return out
+
+
+class FlushTriggerTests(WriterTestMixin, SynchronousTestCase):
+    def test_flush_by_message_count(self):
+        """A buffer is appended as soon as it holds batch_max_messages, not before, with its
+        columns in arrival order."""
+        w = self.make(batch_max_messages=3)
+        self.add("job1", 1, b"a", ts=10, seq=1)
+        self.add("job1", 1, b"b", ts=11, seq=2)
+        self.assertEqual(self.storage.calls, [])
+        self.add("job1", 1, b"c", ts=12, seq=3)
+        self.assertEqual(len(self.storage.calls), 1)
+        batch = self.storage.calls[0].batch
+        self.assertEqual(batch.job_id, "job1")
+        self.assertEqual(batch.stream, 1)
+        self.assertEqual(list(batch.contents), [b"a", b"b", b"c"])
+        self.assertEqual(list(batch.timestamps), [10, 11, 12])
+        self.assertEqual(list(batch.sequences), [1, 2, 3])
+        self.assertEqual(list(batch.arrivals), [0, 1, 2])
+        self.assertEqual(w.buffered_bytes, 3 * (1 + MESSAGE_OVERHEAD))
+
+    def test_flush_by_size(self):
+        """A buffer is appended as soon as its accounted bytes (content plus the per-message
+        overhead) reach batch_max_bytes."""
+        self.make(batch_max_bytes=2 * (10 + MESSAGE_OVERHEAD))
+        self.add("job1", 2, b"x" * 10)
+        self.assertEqual(self.storage.calls, [])
+        self.add("job1", 2, b"y" * 10)
+        self.assertEqual([c.items for c in self.storage.calls], [[b"x" * 10, b"y" * 10]])
+
+    def test_flush_by_time(self):
+        """Every flush_interval after start(), each non-empty buffer is appended; the timer
+        keeps running and an empty writer appends nothing."""
+        w = self.make(auto=True, flush_interval=1.0)
+        w.start()
+        self.add("job1", 1, b"a")
+        self.writer.add_metric("job1", 5, 6, b"m")
+        self.add("job2", 2, b"b")
+        self.clock.advance(0.999)
+        self.assertEqual(self.storage.calls, [])
+        self.clock.advance(0.001)
+        self.assertEqual(
+            sorted((str(c.key), c.items) for c in self.storage.calls),
+            sorted(
+                (str(k), v)
+                for k, v in [
+                    (("job1", 1), [b"a"]),
+                    (("job1", "metrics"), [b"m"]),
+                    (("job2", 2), [b"b"]),
+                ]
+            ),
+        )
+        self.clock.advance(5)
+        self.assertEqual(len(self.storage.calls), 3)
+        self.add("job1", 1, b"c")
+        self.clock.advance(1.0)
+        self.assertEqual(self.storage.calls[-1].items, [b"c"])
+        self.assertEqual(w.buffered_bytes, 0)
+
+    def test_metric_batch_columns(self):
+        """Metric samples become a MetricBatch with the payloads as given."""
+        self.make(batch_max_messages=2)
+        self.writer.add_metric("job1", 100, 7, b"p1")
+        self.writer.add_metric("job1", 200, 8, b"p2")
+        (call,) = self.storage.calls
+        self.assertEqual(call.kind, "metrics")
+        self.assertEqual(
+            (list(call.batch.timestamps), list(call.batch.sequences), list(call.batch.payloads)),
+            ([100, 200], [7, 8], [b"p1", b"p2"]),
+        )
+
+    def test_bad_stream_refused(self):
+        """add_log accepts only stream 1 or 2."""
+        w = self.make()
+        self.assertRaises(ValueError, w.add_log, "job1", 0, 1, 1, b"x")
+        self.assertRaises(ValueError, w.add_log, "job1", 3, 1, 1, b"x")
+        self.assertEqual(w.messages_received, 0)
+
+    def test_constructor_checks(self):
+        """Inconsistent settings are refused at construction."""
+        clock = task.Clock()
+        storage = FakeStorage()
+        self.assertRaises(
+            ValueError, BatchingWriter, storage, clock, high_water_bytes=10, low_water_bytes=11
+        )
+        self.assertRaises(ValueError, BatchingWriter, storage, clock, flush_interval=0)
+        self.assertRaises(ValueError, BatchingWriter, storage, clock, batch_max_messages=0)
+        self.assertRaises(ValueError, BatchingWriter, storage, clock, retry_initial=0)
+
+
+class OrderingTests(WriterTestMixin, SynchronousTestCase):
+    def test_one_in_flight_per_key_in_order(self):
+        """While a key's append is in flight, its next batches wait and are sent one by one in
+        order as each completes; another key appends in parallel and may finish first."""
+        self.make(batch_max_messages=1)
+        for c in (b"a1", b"a2", b"a3"):
+            self.add("jobA", 1, c)
+        for c in (b"b1", b"b2"):
+            self.add("jobB", 1, c)
+        pending = self.storage.pending()
+        self.assertEqual(sorted((c.key, c.items) for c in pending),
+                         [(("jobA", 1), [b"a1"]), (("jobB", 1), [b"b1"])])
+        # Complete B first, then A: each key's next batch is sent only then.
+        b1 = next(c for c in pending if c.key == ("jobB", 1))
+        b1.succeed()
+        self.assertEqual([c.items for c in self.storage.pending() if c.key == ("jobB", 1)],
+                         [[b"b2"]])
+        a1 = next(c for c in pending if c.key == ("jobA", 1))
+        a1.succeed()
+        self.assertEqual([c.items for c in self.storage.pending() if c.key == ("jobA", 1)],
+                         [[b"a2"]])
+        while self.storage.pending():
+            self.storage.pending()[-1].succeed()
+        self.assertEqual(self.stored_contents(),
+                         {("jobA", 1): [b"a1", b"a2", b"a3"], ("jobB", 1): [b"b1", b"b2"]})
+        self.assertEqual(self.writer.messages_written, 5)
+
+    def test_streams_of_a_job_are_separate_keys(self):
+        """stdout, stderr and metrics of one job append in parallel (separate files)."""
+        self.make(batch_max_messages=1)
+        self.add("job1", 1, b"out")
+        self.add("job1", 2, b"err")
+        self.writer.add_metric("job1", 1, 1, b"m")
+        self.assertEqual(sorted(str(c.key) for c in self.storage.pending()),
+                         sorted(str(k) for k in [("job1", 1), ("job1", 2), ("job1", "metrics")]))
+
+    @given(
+        st.lists(
+            st.tuples(
+                st.sampled_from(["add", "add", "add", "tick", "complete", "fail"]),
+                st.integers(0, 2),  # job
+                st.integers(1, 2),  # stream
+                st.integers(0, 50),  # which pending call
+            ),
+            max_size=60,
+        )
+    )
+    def test_random_schedules_lose_nothing(self, ops):
+        """Under any interleaving of appends, ticks, completions in any order and failures,
+        each key has at most one append in flight, storage receives every message exactly
+        once, in per-key arrival order, and stop() fires once everything is stored."""
+        self.make(batch_max_messages=3, retry_initial=1.0, retry_max=4.0)
+        self.writer.start()
+        expected: dict = {}
+        n = 0
+        for op, job, stream, pick in ops:
+            if op == "add":
+                content = b"%d" % n
+                n += 1
+                self.add(f"job{job}", stream, content)
+                expected.setdefault((f"job{job}", stream), []).append(content)
+            elif op == "tick":
+                self.clock.advance(1.0)
+            else:
+                pending = self.storage.pending()
+                if pending:
+                    call = pending[pick % len(pending)]
+                    call.succeed() if op == "complete" else call.fail()
+            keys = [c.key for c in self.storage.pending()]
+            self.assertEqual(len(keys), len(set(keys)))
+        stopped = self.writer.stop()
+        for _ in range(1000):
+            pending = self.storage.pending()
+            if not pending:
+                if stopped.called:
+                    break
+                self.clock.advance(1.0)
+                continue
+            pending[0].succeed()
+        self.successResultOf(stopped)
+        self.assertEqual(self.stored_contents(), expected)
+        self.assertEqual(self.writer.messages_written, n)
+        self.assertEqual(self.writer.buffered_bytes, 0)
+        self.assertTrue(self.writer.healthy)
+        self.flushLoggedErrors(DiskFull)
+
+
+class ArrivalTests(WriterTestMixin, SynchronousTestCase):
+    @given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 2)), max_size=80))
+    def test_arrivals_increase_across_streams(self, adds):
+        """Each job's messages get arrivals 0, 1, 2, ... in add order across stdout, stderr
+        and metrics, whatever the batching."""
+        self.make(auto=True, batch_max_messages=2)
+        order: dict = {}
+        for job, kind in adds:
+            job_id = f"job{job}"
+            tag = b"%d" % len(order.setdefault(job_id, []))
+            order[job_id].append(tag)
+            if kind == 0:
+                self.writer.add_metric(job_id, 1, 1, tag)
+            else:
+                self.add(job_id, kind, tag)
+        self.successResultOf(self.writer.flush_all())
+        seen: dict = {}
+        for call in self.storage.calls:
+            for arrival, item in zip(call.batch.arrivals, call.items, strict=True):
+                seen.setdefault(call.batch.job_id, {})[arrival] = item
+        for job_id, tags in order.items():
+            self.assertEqual(seen[job_id], dict(enumerate(tags)))
+
+
+class StopTests(WriterTestMixin, SynchronousTestCase):
+    def test_stop_flushes_at_once(self):
+        """stop() appends every open buffer at once without waiting for the timer, and
+        fires when the appends have completed."""
+        w = self.make(flush_interval=60)
+        w.start()
+        self.add("job1", 1, b"a")
+        self.add("job2", 2, b"b")
+        stopped = w.stop()
+        self.assertEqual(len(self.storage.pending()), 2)
+        self.assertNoResult(stopped)
+        self.storage.pending()[0].succeed()
+        self.assertNoResult(stopped)
+        self.storage.pending()[0].succeed()
+        self.successResultOf(stopped)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_stop_waits_for_in_flight_and_queued(self):
+        """A batch already in flight and one queued behind it are both appended before
+        stop()'s Deferred fires."""
+        w = self.make(batch_max_messages=1)
+        self.add("job1", 1, b"a")
+        self.add("job1", 1, b"b")
+        stopped = w.stop()
+        self.assertNoResult(stopped)
+        self.storage.pending()[0].succeed()
+        self.assertNoResult(stopped)
+        self.assertEqual(self.storage.pending()[0].items, [b"b"])
+        self.storage.pending()[0].succeed()
+        self.successResultOf(stopped)
+        self.assertEqual(self.stored_contents(), {("job1", 1): [b"a", b"b"]})
+
+    def test_stop_with_nothing_buffered(self):
+        """stop() on an idle writer fires at once, and again on a second call."""
+        w = self.make()
+        w.start()
+        self.successResultOf(w.stop())
+        self.successResultOf(w.stop())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_add_after_stop_raises(self):
+        """Once stop() was called, add_log and add_metric raise WriterStopped."""
+        w = self.make(auto=True)
+        w.stop()
+        self.assertRaises(WriterStopped, w.add_log, "job1", 1, 1, 1, b"x")
+        self.assertRaises(WriterStopped, w.add_metric, "job1", 1, 1, b"x")
+        self.assertRaises(WriterStopped, w.start)
+
+    def test_stop_retries_failing_batch_at_once(self):
+        """A batch waiting for its backoff retry is retried at once by stop(), and stop fires
+        when it succeeds."""
+        w = self.make(batch_max_messages=1, retry_initial=5.0)
+        self.add("job1", 1, b"a")
+        self.storage.pending()[0].fail()
+        self.assertEqual(self.storage.pending(), [])
+        stopped = w.stop()
+        (retry,) = self.storage.pending()
+        self.assertEqual(retry.items, [b"a"])
+        retry.succeed()
+        self.successResultOf(stopped)
+        self.flushLoggedErrors(DiskFull)
+
+    def test_stop_gives_up_after_timeout(self):
+        """If storage keeps failing during stop, attempts are spaced retry_initial apart and
+        stop fires after stop_timeout, logging the jobs and counts it could not store."""
+        w = self.make(auto=True, batch_max_messages=1000, retry_initial=0.5, stop_timeout=3.0)
+        self.storage.fail_next = 10**6
+        self.add("job1", 1, b"a")
+        self.add("job1", 1, b"b")
+        self.writer.add_metric("job2", 1, 1, b"m")
+        logged = []
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        stopped = w.stop()
+        self.assertEqual(len(self.storage.calls), 2)
+        self.assertNoResult(stopped)
+        self.clock.pump([0.5] * 5 + [0.49])
+        self.assertNoResult(stopped)
+        self.clock.advance(0.01)
+        self.successResultOf(stopped)
+        # Two keys, each attempted at 0, 0.5, ..., 2.5; at 3.0 the stop gives up.
+        self.assertEqual(len(self.storage.calls), 2 * 6)
+        self.assertEqual(w.buffered_bytes, 0)
+        self.assertEqual(w.messages_written, 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        errors = [e for e in logged if "timed out" in e.get("log_format", "")]
+        self.assertEqual(len(errors), 1)
+        self.assertEqual(errors[0]["total"], 3)
+        self.assertIn("job1/stdout: 2", errors[0]["lost"])
+        self.assertIn("job2/metrics: 1", errors[0]["lost"])
+        self.flushLoggedErrors(DiskFull)
+
+    def test_stop_gives_up_on_hung_append(self):
+        """An append that never completes does not hold stop() beyond stop_timeout; its late
+        completion changes nothing."""
+        w = self.make(batch_max_messages=1, stop_timeout=2.0)
+        self.add("job1", 1, b"a")
+        (hung,) = self.storage.pending()
+        stopped = w.stop()
+        self.clock.advance(2.0)
+        self.successResultOf(stopped)
+        hung.succeed()
+        self.assertEqual(w.messages_written, 0)
+        self.assertEqual(w.buffered_bytes, 0)
+
+
+class FailureTests(WriterTestMixin, SynchronousTestCase):
+    def test_retry_with_backoff_then_success(self):
+        """A failed append is retried after retry_initial, then doubling delays up to
+        retry_max; meanwhile the writer is unhealthy and the key's later batches wait;
+        after success nothing is lost, order is kept and the writer is healthy again."""
+        metrics = RecordingMetrics()
+        w = self.make(batch_max_messages=1, retry_initial=0.5, retry_max=1.5, metrics=metrics)
+        self.add("job1", 1, b"a")
+        self.add("job1", 1, b"b")
+        times = []
+        for _ in range(4):
+            (call,) = self.storage.pending()
+            self.assertEqual(call.items, [b"a"])
+            times.append(self.clock.seconds())
+            call.fail()
+            self.assertFalse(w.healthy)
+            self.assertEqual(w.failed_pending, 1)
+            self.assertEqual(self.storage.pending(), [])
+            self.clock.advance(min(self.clock.getDelayedCalls(), key=lambda c: c.getTime())
+                               .getTime() - self.clock.seconds())
+        self.assertEqual(times, [0, 0.5, 1.5, 3.0])
+        self.assertEqual(w.write_errors, 4)
+        (call,) = self.storage.pending()
+        self.assertEqual(self.clock.seconds(), 4.5)  # capped at retry_max
+        call.succeed()
+        self.assertTrue(w.healthy)
+        self.assertEqual(w.failed_pending, 0)
+        (call,) = self.storage.pending()
+        self.assertEqual(call.items, [b"b"])
+        call.succeed()
+        self.assertEqual(self.stored_contents(), {("job1", 1): [b"a", b"b"]})
+        self.assertEqual(len(metrics.named("write_error")), 4)
+        self.assertEqual([e[2] for e in metrics.named("write_done")], [1, 1])
+        self.assertEqual(len(self.flushLoggedErrors(DiskFull)), 4)
+
+    def test_backoff_restarts_after_success(self):
+        """After a success, the next failure of that key waits retry_initial again."""
+        self.make(batch_max_messages=1, retry_initial=0.5, retry_max=30)
+        self.add("job1", 1, b"a")
+        self.storage.pending()[0].fail()
+        self.clock.advance(0.5)
+        self.storage.pending()[0].fail()
+        self.clock.advance(1.0)
+        self.storage.pending()[0].succeed()
+        self.add("job1", 1, b"b")
+        self.storage.pending()[0].fail()
+        self.clock.advance(0.5)
+        self.assertEqual(self.storage.pending()[0].items, [b"b"])
+        self.flushLoggedErrors(DiskFull)
+
+    def test_unhealthy_until_all_failing_keys_recover(self):
+        """With two keys failing, one success is not enough to be healthy again."""
+        w = self.make(batch_max_messages=1, retry_initial=1.0)
+        self.add("job1", 1, b"a")
+        self.add("job2", 1, b"b")
+        for call in self.storage.pending():
+            call.fail()
+        self.assertEqual(w.failed_pending, 2)
+        self.clock.advance(1.0)
+        first, second = self.storage.pending()
+        first.succeed()
+        self.assertFalse(w.healthy)
+        second.succeed()
+        self.assertTrue(w.healthy)
+        self.flushLoggedErrors(DiskFull)
+
+    def test_synchronous_storage_exception_is_a_failure(self):
+        """A storage method raising instead of returning a failed Deferred is retried like
+        any failure."""
+        w = self.make(batch_max_messages=1, retry_initial=1.0)
+        calls = []
+
+        def broken(batch):
+            calls.append(batch)
+            if len(calls) == 1:
+                raise DiskFull(28, "No space left on device")
+            return defer.succeed(0)
+
+        self.storage.append_logs = broken
+        self.add("job1", 1, b"a")
+        self.assertFalse(w.healthy)
+        self.clock.advance(1.0)
+        self.assertTrue(w.healthy)
+        self.assertEqual(w.messages_written, 1)
+        self.assertEqual(len(self.flushLoggedErrors(DiskFull)), 1)
+
+
+class BackpressureTests(WriterTestMixin, SynchronousTestCase):
+    def test_pause_and_resume_at_exact_thresholds(self):
+        """on_pause is called once when buffered bytes exceed high water (not when equal),
+        on_resume once when they fall below low water (not when equal)."""
+        unit = 68 + MESSAGE_OVERHEAD  # 100 accounted bytes per message
+        metrics = RecordingMetrics()
+        w = self.make(batch_max_messages=1, high_water_bytes=1000, low_water_bytes=500,
+                      metrics=metrics)
+        for i in range(10):
+            self.add(f"job{i}", 1, b"x" * 68)
+        self.assertEqual(w.buffered_bytes, 10 * unit)
+        self.assertEqual(self.pauses, [])
+        self.assertFalse(w.paused)
+        self.add("job10", 1, b"")  # 1032 bytes > 1000
+        self.assertEqual(self.pauses, ["pause"])
+        self.assertTrue(w.paused)
+        self.add("job11", 1, b"x" * 68)
+        self.assertEqual(self.pauses, ["pause"])
+        # 1132 buffered; the empty message (32) completes first, then five of 100: 600.
+        calls = {c.batch.job_id: c for c in self.storage.pending()}
+        calls.pop("job10").succeed()
+        for i in range(5):
+            calls.pop(f"job{i}").succeed()
+        self.assertEqual(w.buffered_bytes, 600)
+        self.assertEqual(self.pauses, ["pause"])
+        calls.pop("job5").succeed()
+        self.assertEqual(w.buffered_bytes, 500)
+        self.assertEqual(self.pauses, ["pause"])
+        calls.pop("job6").succeed()
+        self.assertEqual(w.buffered_bytes, 400)
+        self.assertEqual(self.pauses, ["pause", "resume"])
+        self.assertFalse(w.paused)
+        for call in calls.values():
+            call.succeed()
+        self.assertEqual(self.pauses, ["pause", "resume"])
+        self.assertEqual(metrics.named("backpressure"), [("backpressure", True),
+                                                         ("backpressure", False)])
+        self.assertEqual(metrics.named("buffered")[-1], ("buffered", 0))
+
+    def test_in_flight_bytes_count(self):
+        """Bytes stay accounted while their append is in flight, and while it is retried."""
+        w = self.make(batch_max_messages=1, high_water_bytes=150, low_water_bytes=100,
+                      retry_initial=1.0)
+        self.add("job1", 1, b"x" * 100)
+        self.assertEqual(w.buffered_bytes, 100 + MESSAGE_OVERHEAD)
+        self.assertEqual(self.pauses, [])
+        self.add("job1", 1, b"x" * 100)
+        self.assertEqual(self.pauses, ["pause"])
+        self.storage.pending()[0].fail()
+        self.assertEqual(w.buffered_bytes, 2 * (100 + MESSAGE_OVERHEAD))
+        self.clock.advance(1.0)
+        self.storage.pending()[0].succeed()
+        self.assertEqual(self.pauses, ["pause"])
+        self.storage.pending()[0].succeed()
+        self.assertEqual(self.pauses, ["pause", "resume"])
+        self.flushLoggedErrors(DiskFull)
+
+
+class FlushAllTests(WriterTestMixin, SynchronousTestCase):
+    def test_flush_all_waits_for_everything_buffered(self):
+        """flush_all() seals all buffers and fires only when every batch buffered at call
+        time, including queued ones, has been appended."""
+        self.make(batch_max_messages=2)
+        self.add("job1", 1, b"a")
+        self.add("job1", 1, b"b")  # sealed, in flight
+        self.add("job1", 1, b"c")  # open
+        self.writer.add_metric("job2", 1, 1, b"m")
+        d = self.writer.flush_all()
+        self.assertNoResult(d)
+        by_key = {c.key: c for c in self.storage.pending()}
+        by_key[("job2", "metrics")].succeed()
+        by_key[("job1", 1)].succeed()
+        self.assertNoResult(d)
+        (last,) = self.storage.pending()
+        self.assertEqual(last.items, [b"c"])
+        last.succeed()
+        self.successResultOf(d)
+
+    def test_flush_all_idle(self):
+        """flush_all() with nothing buffered fires at once."""
+        self.make()
+        self.successResultOf(self.writer.flush_all())
+
+    def test_metrics_on_write(self):
+        """write_done reports latency on the clock, message count and raw content bytes."""
+        metrics = RecordingMetrics()
+        self.make(batch_max_messages=2, metrics=metrics)
+        self.add("job1", 1, b"abc")
+        self.add("job1", 1, b"de")
+        self.clock.advance(0.25)
+        self.storage.pending()[0].succeed()
+        self.assertEqual(metrics.named("write_done"),
+                         [("write_done", 0.25, 2, 5)])
+
+
+class DiscardTests(WriterTestMixin, SynchronousTestCase):
+    def test_discard_drops_buffered_and_waits_for_in_flight(self):
+        """discard_job drops the job's open and queued data at once, waits for its in-flight
+        append, and leaves other jobs alone."""
+        w = self.make(batch_max_messages=1, flush_interval=10)
+        self.add("job1", 1, b"a")  # in flight
+        self.add("job1", 1, b"b")  # queued
+        self.writer.add_metric("job1", 1, 1, b"m")  # in flight (other key)
+        self.add("job2", 1, b"keep")
+        d = w.discard_job("job1")
+        self.assertNoResult(d)
+        pending = {c.key: c for c in self.storage.pending()}
+        pending[("job1", 1)].succeed()
+        self.assertNoResult(d)
+        pending[("job1", "metrics")].succeed()
+        self.successResultOf(d)
+        self.assertEqual([c.items for c in self.storage.pending()], [[b"keep"]])
+        self.assertEqual(w.buffered_bytes, 4 + MESSAGE_OVERHEAD)
+        self.assertNotIn([b"b"], [c.items for c in self.storage.calls])
+
+    def test_discard_resets_arrivals_and_holds_new_data(self):
+        """Data arriving during a discard starts a fresh job (arrivals from 0) and reaches
+        storage only after the discard's callbacks ran (where the caller deletes the job)."""
+        w = self.make(batch_max_messages=1)
+        self.add("job1", 1, b"old1")
+        self.add("job1", 1, b"old2")
+        (inflight,) = self.storage.pending()
+        d = w.discard_job("job1")
+        self.add("job1", 2, b"new")
+        self.assertEqual(self.storage.pending(), [inflight])
+        events = []
+        d.addCallback(lambda _: events.append(("deleted", len(self.storage.calls))))
+        inflight.succeed()
+        self.assertEqual(events, [("deleted", 1)])
+        (fresh,) = self.storage.pending()
+        self.assertEqual((fresh.items, list(fresh.batch.arrivals)), ([b"new"], [0]))
+
+    def test_discard_drops_failing_batch(self):
+        """A batch waiting for its retry is dropped by discard_job, which fires at once, and
+        the writer is healthy again."""
+        w = self.make(batch_max_messages=1, retry_initial=1.0)
+        self.add("job1", 1, b"a")
+        self.storage.pending()[0].fail()
+        self.assertFalse(w.healthy)
+        self.successResultOf(w.discard_job("job1"))
+        self.assertTrue(w.healthy)
+        self.assertEqual(w.buffered_bytes, 0)
+        self.clock.advance(10)
+        self.assertEqual(len(self.storage.calls), 1)
+        self.flushLoggedErrors(DiskFull)
+
+    def test_discard_in_flight_failure_not_retried(self):
+        """An in-flight append of a job being discarded that fails is dropped, not retried."""
+        w = self.make(batch_max_messages=1, retry_initial=1.0)
+        self.add("job1", 1, b"a")
+        d = w.discard_job("job1")
+        self.storage.pending()[0].fail()
+        self.successResultOf(d)
+        self.clock.advance(10)
+        self.assertEqual(len(self.storage.calls), 1)
+        self.assertTrue(w.healthy)
+        self.assertEqual(w.buffered_bytes, 0)
+        self.flushLoggedErrors(DiskFull)
+
+    def test_discard_unknown_job(self):
+        """Discarding a job the writer does not know fires at once."""
+        self.make()
+        self.successResultOf(self.writer.discard_job("nope"))
+
+    def test_flush_all_released_by_discard(self):
+        """A flush_all waiting on a job's data fires when that data is discarded."""
+        self.make(batch_max_messages=1)
+        self.add("job1", 1, b"a")
+        self.add("job1", 1, b"b")
+        flushed = self.writer.flush_all()
+        discarded = self.writer.discard_job("job1")
+        self.assertNoResult(flushed)
+        self.storage.pending()[0].succeed()
+        self.successResultOf(discarded)
+        self.successResultOf(flushed)
+
+
+class PersistMetricsTests(WriterTestMixin, SynchronousTestCase):
+    def test_with_service_metrics(self):
+        """The service's PersistMetrics accepts every call the writer makes."""
+        from prometheus_client import CollectorRegistry
+
+        from joblet_persist.metrics import PersistMetrics
+
+        metrics = PersistMetrics(CollectorRegistry(), process=False)
+        metrics.set_clock(lambda: self.clock.seconds())
+        w = self.make(batch_max_messages=1, high_water_bytes=10, low_water_bytes=5,
+                      retry_initial=1.0, metrics=metrics)
+        self.add("job1", 1, b"x" * 20)
+        self.storage.pending()[0].fail()
+        self.clock.advance(1.0)
+        self.storage.pending()[0].succeed()
+        self.assertEqual(self.pauses, ["pause", "resume"])
+        self.assertEqual(metrics.registry.get_sample_value("persist_messages_written_total"), 1)
+        self.assertEqual(metrics.registry.get_sample_value("persist_write_errors_total"), 1)
+        self.assertEqual(metrics.backpressure_seconds(), 1.0)
+        self.assertEqual(w.write_errors, 1)
+        self.flushLoggedErrors(DiskFull)
