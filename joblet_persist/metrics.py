@@ -50,6 +50,7 @@ class PersistMetrics:
         self._rejected: dict[str, int] = {}
         self._connections = 0
         self._storage_source: Optional[Callable[[], tuple[int, int]]] = None
+        self._health_source = None
         self._backpressure_since: Optional[float] = None
         self._backpressure_total = 0.0
         self._clock: Callable[[], float] = _monotonic
@@ -135,6 +136,10 @@ class PersistMetrics:
     def set_storage_source(self, source: Callable[[], tuple[int, int]]) -> None:
         """``source()`` returns (jobs, bytes on disk); read at scrape time."""
         self._storage_source = source
+
+    def set_health_source(self, health) -> None:
+        """``health.healthy`` and ``health.details`` are exported at scrape time."""
+        self._health_source = health
 
     # -- ingest (reactor thread, per frame) -----------------------------
 
@@ -268,6 +273,19 @@ class _HotCollector:
             "Time ingest spent paused by backpressure.",
             value=m.backpressure_seconds(),
         )
+        if m._health_source is not None:
+            yield GaugeMetricFamily(
+                "persist_healthy",
+                "1 when every health check passes (the verdict of /health and Ping).",
+                value=1 if m._health_source.healthy else 0,
+            )
+            checks = GaugeMetricFamily(
+                "persist_health_check_ok", "1 when the named health check passes.",
+                labels=["check"],
+            )
+            for name, detail in sorted(m._health_source.details.items()):
+                checks.add_metric([name], 1 if detail.get("ok") else 0)
+            yield checks
         if m._storage_source is not None:
             jobs, nbytes = m._storage_source()
             yield GaugeMetricFamily("persist_jobs", "Jobs with stored data.", value=jobs)

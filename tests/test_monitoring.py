@@ -52,6 +52,19 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(s[("persist_jobs", ())], 4)
         self.assertEqual(s[("persist_storage_bytes_total", ())], 1234)
 
+    def test_health_exported(self):
+        """The health verdict and each check appear as gauges."""
+        h = HealthMonitor(task.Clock(), _sync_run, "/x",
+                          probe=lambda p: {"writable": True, "error": None, "free_bytes": 1})
+        h.add_check("ingest", lambda: (False, "not listening"))
+        h.probe_now()
+        m = PersistMetrics(CollectorRegistry(), process=False)
+        m.set_health_source(h)
+        s = _samples(m.registry)
+        self.assertEqual(s[("persist_healthy", ())], 0)
+        self.assertEqual(s[("persist_health_check_ok", (("check", "storage"),))], 1)
+        self.assertEqual(s[("persist_health_check_ok", (("check", "ingest"),))], 0)
+
     def test_backpressure_time_from_clock(self):
         """Backpressure seconds accumulate from the injected clock while active."""
         clock = task.Clock()
