@@ -1,0 +1,494 @@
+"""The job index (``job_index.json``) and the header scans that rebuild it.
+
+Blocking code for pool threads (``thd_*``): no reactor, no Deferreds, no
+module-level mutable state.  ``LocalStorage`` calls these through its injected
+thread runner and applies the results on the reactor thread.
+
+The index is a cache of per-job summaries; the segment files are the truth.
+It is written atomically (temporary file in the same directory, fsync,
+rename, fsync of the directory), so a reader sees either the old or the new
+file.  When it is missing or unreadable it is rebuilt from the files by
+walking member headers (nothing is inflated except each segment's last member,
+which the scan verifies, and legacy members, which carry no header metadata).
+Because the index is only written every few seconds, entries of jobs whose
+files changed after the index was written are refreshed on start.
+
+File format::
+
+    {"version": 1,
+     "jobs": {"<job id>": {"created_at": int, "last_updated": int,
+                           "log_count": int, "metric_count": int,
+                           "size_bytes": int, "first_timestamp": int,
+                           "last_timestamp": int}, ...}}
+
+``created_at``/``last_updated`` are Unix seconds; timestamps are Unix ns.
+Entries may also hold ``"log_bytes"`` and ``"metric_bytes"`` (the split of
+``size_bytes`` between ``logs/<job>`` and ``metrics/<job>``, used by
+retention); an entry without them is refreshed from the files on start.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
+
+from joblet_persist.storage import segment
+from joblet_persist.storage.api import JobInfo, is_valid_job_id
+from joblet_persist.storage.format import KIND_LEGACY
+
+INDEX_FILENAME = "job_index.json"
+INDEX_VERSION = 1
+
+LOGS_DIRNAME = "logs"
+METRICS_DIRNAME = "metrics"
+#: Segment kinds stored under ``logs/<job>/`` and ``metrics/<job>/``.
+LOG_KINDS = ("stdout", "stderr")
+METRICS_KIND = "metrics"
+ALL_KINDS = LOG_KINDS + (METRICS_KIND,)
+
+_INFO_FIELDS = (
+    "created_at",
+    "last_updated",
+    "log_count",
+    "metric_count",
+    "size_bytes",
+    "first_timestamp",
+    "last_timestamp",
+)
+
+_logger = logging.getLogger("joblet_persist.storage")
+
+
+class IndexCorrupt(Exception):
+    """``job_index.json`` exists but cannot be used; it must be rebuilt."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+def index_path(data_dir: str) -> str:
+    """Path of the job index under ``data_dir``."""
+    return os.path.join(data_dir, INDEX_FILENAME)
+
+
+def job_dir(data_dir: str, kind: str, job_id: str) -> str:
+    """Directory holding segments of ``kind`` for a job whose id was validated."""
+    top = METRICS_DIRNAME if kind == METRICS_KIND else LOGS_DIRNAME
+    return os.path.join(data_dir, top, job_id)
+
+
+# -- reading and writing the file -----------------------------------------
+
+
+def info_to_json(info: JobInfo) -> dict:
+    """The JSON object stored for one job (without its id, which is the key)."""
+    return {name: getattr(info, name) for name in _INFO_FIELDS}
+
+
+def info_from_json(job_id: str, obj, path: str = "<index>") -> JobInfo:
+    """Build a JobInfo from its stored JSON object; IndexCorrupt when malformed."""
+    if not isinstance(obj, dict):
+        raise IndexCorrupt(path, f"entry of job {job_id!r} is not an object")
+    values = {}
+    for name in _INFO_FIELDS:
+        value = obj.get(name)
+        # bool is an int subclass; it is never a valid count or time here.
+        if type(value) is not int or value < 0:
+            raise IndexCorrupt(path, f"job {job_id!r}: {name} must be a non-negative integer")
+        values[name] = value
+    return JobInfo(job_id=job_id, **values)
+
+
+def _parts_from_json(info: JobInfo, obj: dict) -> Optional[tuple[int, int]]:
+    """The (log_bytes, metric_bytes) split of an entry, None when absent or inconsistent."""
+    log_bytes = obj.get("log_bytes")
+    metric_bytes = obj.get("metric_bytes")
+    if type(log_bytes) is not int or type(metric_bytes) is not int:
+        return None
+    if log_bytes < 0 or metric_bytes < 0 or log_bytes + metric_bytes != info.size_bytes:
+        return None
+    return (log_bytes, metric_bytes)
+
+
+def thd_load(path: str) -> dict[str, JobInfo]:
+    """Read the job index.  Pool thread.
+
+    Returns job id -> JobInfo.  Raises FileNotFoundError when the file does
+    not exist, IndexCorrupt when it is not a version-1 index of valid entries
+    (bad JSON, wrong shape, invalid job id, negative or non-integer value), and
+    other OSErrors as they come.
+    """
+    return thd_load_parts(path)[0]
+
+
+def thd_load_parts(path: str) -> tuple[dict[str, JobInfo], dict[str, tuple[int, int]]]:
+    """Like thd_load, also returning job id -> (log_bytes, metric_bytes) where recorded."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise IndexCorrupt(path, f"not JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise IndexCorrupt(path, "top level is not an object")
+    if doc.get("version") != INDEX_VERSION:
+        raise IndexCorrupt(path, f"unsupported version {doc.get('version')!r}")
+    entries = doc.get("jobs")
+    if not isinstance(entries, dict):
+        raise IndexCorrupt(path, '"jobs" is not an object')
+    jobs = {}
+    parts = {}
+    for job_id, obj in entries.items():
+        if not is_valid_job_id(job_id):
+            raise IndexCorrupt(path, f"invalid job id {job_id[:160]!r}")
+        info = jobs[job_id] = info_from_json(job_id, obj, path)
+        split = _parts_from_json(info, obj)
+        if split is not None:
+            parts[job_id] = split
+    return jobs, parts
+
+
+def thd_write(
+    path: str,
+    jobs: Mapping[str, JobInfo],
+    parts: Optional[Mapping[str, tuple[int, int]]] = None,
+) -> None:
+    """Atomically replace the job index with ``jobs``.  Pool thread.
+
+    ``parts`` optionally gives job id -> (log_bytes, metric_bytes).  Writes a
+    temporary file in the same directory, fsyncs it, renames it over ``path``
+    and fsyncs the directory.  On error the temporary file is removed and the
+    previous index stays in place.
+    """
+    parts = parts or {}
+    entries = {}
+    for job_id in sorted(jobs):
+        entry = entries[job_id] = info_to_json(jobs[job_id])
+        split = parts.get(job_id)
+        if split is not None:
+            entry["log_bytes"], entry["metric_bytes"] = split
+    doc = {"version": INDEX_VERSION, "jobs": entries}
+    data = json.dumps(doc, indent=1, sort_keys=True).encode("utf-8") + b"\n"
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix="." + INDEX_FILENAME + ".", suffix=".tmp", dir=directory)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    segment.thd_fsync_path(directory)
+
+
+# -- scanning the files ---------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentScan:
+    """One segment file as found by a scan."""
+
+    kind: str  # "stdout" | "stderr" | "metrics"
+    index: int
+    path: str
+    result: segment.ScanResult
+
+    @property
+    def size(self) -> int:
+        """Bytes this segment occupies after the scan (valid size once repaired)."""
+        r = self.result
+        return r.valid_size if r.truncated else r.file_size
+
+
+@dataclass(frozen=True, slots=True)
+class JobScan:
+    """Everything a header scan found about one job's files."""
+
+    job_id: str
+    segments: dict = field(default_factory=dict)  # kind -> tuple[SegmentScan, ...]
+    min_mtime: float = 0.0  # seconds; 0 when the job has no segment file
+    max_mtime: float = 0.0
+    truncated: tuple = ()  # paths whose torn tail was cut
+
+    def kind_segments(self, kind: str) -> tuple:
+        return self.segments.get(kind, ())
+
+    def part_sizes(self) -> tuple[int, int]:
+        """(bytes under logs/<job>, bytes under metrics/<job>)."""
+        log_bytes = metric_bytes = 0
+        for kind, segs in self.segments.items():
+            size = sum(seg.size for seg in segs)
+            if kind == METRICS_KIND:
+                metric_bytes += size
+            else:
+                log_bytes += size
+        return log_bytes, metric_bytes
+
+    def ordinal_base(self) -> int:
+        """Max stored persistent ordinal + 1 across the job's files (0 if none).
+
+        Legacy members carry negative ordinals and never raise the base.
+        """
+        top = -1
+        for segs in self.segments.values():
+            for seg in segs:
+                for m in seg.result.members:
+                    if m.count and m.kind != KIND_LEGACY and m.last_ordinal > top:
+                        top = m.last_ordinal
+        return top + 1
+
+    def summary(self, previous: Optional[JobInfo] = None) -> JobInfo:
+        """The job's JobInfo as the files show it.
+
+        Counts, sizes and timestamps come from the scan.  With ``previous``
+        (the index entry) created_at is kept, and so is last_updated unless the
+        counts or size differ (then the latest file mtime, if later).  Without
+        it, created_at is the earlier of the first message timestamp and the
+        earliest file mtime, last_updated the latest mtime.
+        """
+        log_count = metric_count = size = 0
+        first = last = 0
+        for kind, segs in self.segments.items():
+            for seg in segs:
+                size += seg.size
+                for m in seg.result.members:
+                    if not m.count:
+                        continue
+                    if kind == METRICS_KIND:
+                        metric_count += m.count
+                    else:
+                        log_count += m.count
+                    if m.min_timestamp > 0 and (first == 0 or m.min_timestamp < first):
+                        first = m.min_timestamp
+                    if m.max_timestamp > last:
+                        last = m.max_timestamp
+        if previous is not None:
+            created = previous.created_at
+            same = (
+                previous.log_count == log_count
+                and previous.metric_count == metric_count
+                and previous.size_bytes == size
+            )
+            # Unchanged data keeps its recorded time; changed data was written
+            # after the entry, when the files were last modified.
+            updated = previous.last_updated
+            if not same:
+                updated = max(updated, int(self.max_mtime))
+        else:
+            candidates = [int(self.min_mtime)] if self.min_mtime > 0 else []
+            if first // 1_000_000_000 > 0:
+                candidates.append(first // 1_000_000_000)
+            created = min(candidates) if candidates else 0
+            updated = max(int(self.max_mtime), created)
+        return JobInfo(
+            job_id=self.job_id,
+            created_at=created,
+            last_updated=updated,
+            log_count=log_count,
+            metric_count=metric_count,
+            size_bytes=size,
+            first_timestamp=first,
+            last_timestamp=last,
+        )
+
+
+def thd_scan_job(data_dir: str, job_id: str, repair: bool) -> Optional[JobScan]:
+    """Scan the headers of every segment of a job.  Pool thread.
+
+    ``job_id`` must already be validated.  With ``repair`` a torn tail of a
+    segment is cut (see segment.thd_scan_segment).  Returns None when the job
+    has neither a logs nor a metrics directory.
+    """
+    found_dir = False
+    segments = {}
+    mtimes = []
+    truncated = []
+    for kind in ALL_KINDS:
+        directory = job_dir(data_dir, kind, job_id)
+        if not os.path.isdir(directory):
+            continue
+        found_dir = True
+        scans = []
+        for index, path in segment.thd_list_segments(directory, kind):
+            result = segment.thd_scan_segment(path, repair)
+            if result.truncated:
+                truncated.append(path)
+            try:
+                mtimes.append(os.stat(path).st_mtime)
+            except FileNotFoundError:
+                continue
+            scans.append(SegmentScan(kind, index, path, result))
+        if scans:
+            segments[kind] = tuple(scans)
+    if not found_dir:
+        return None
+    return JobScan(
+        job_id=job_id,
+        segments=segments,
+        min_mtime=min(mtimes) if mtimes else 0.0,
+        max_mtime=max(mtimes) if mtimes else 0.0,
+        truncated=tuple(truncated),
+    )
+
+
+def thd_list_job_ids(data_dir: str) -> set[str]:
+    """Ids of the jobs that have a logs or metrics directory.  Pool thread.
+
+    Entries that are not valid job ids (foreign files, temporary names) are
+    ignored.
+    """
+    ids = set()
+    for top in (LOGS_DIRNAME, METRICS_DIRNAME):
+        try:
+            entries = list(os.scandir(os.path.join(data_dir, top)))
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            if is_valid_job_id(entry.name) and entry.is_dir(follow_symlinks=False):
+                ids.add(entry.name)
+    return ids
+
+
+def thd_rebuild(data_dir: str) -> dict[str, JobInfo]:
+    """Rebuild the index from the files (headers only, nothing repaired).  Pool thread."""
+    return _rebuild(data_dir)[0]
+
+
+def _rebuild(data_dir: str) -> tuple[dict, dict]:
+    jobs = {}
+    parts = {}
+    for job_id in sorted(thd_list_job_ids(data_dir)):
+        scan = thd_scan_job(data_dir, job_id, repair=False)
+        if scan is not None:
+            jobs[job_id] = scan.summary()
+            parts[job_id] = scan.part_sizes()
+    return jobs, parts
+
+
+def _newest_mtime_ns(data_dir: str, job_id: str) -> int:
+    """Latest mtime of a job's directories and the files in them (0 if none)."""
+    newest = 0
+    for top in (LOGS_DIRNAME, METRICS_DIRNAME):
+        directory = os.path.join(data_dir, top, job_id)
+        try:
+            newest = max(newest, os.stat(directory).st_mtime_ns)
+            entries = list(os.scandir(directory))
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            try:
+                newest = max(newest, entry.stat(follow_symlinks=False).st_mtime_ns)
+            except FileNotFoundError:
+                continue
+    return newest
+
+
+def thd_refresh(
+    data_dir: str,
+    jobs: dict[str, JobInfo],
+    index_mtime_ns: int,
+    parts: Optional[dict[str, tuple[int, int]]] = None,
+) -> list[str]:
+    """Bring a loaded index up to date with the files.  Pool thread.
+
+    Mutates ``jobs`` and ``parts`` (dicts private to the calling pool thread)
+    and returns the ids whose entries changed: jobs found on disk but missing
+    from the index, jobs whose directories or files were modified at or after
+    the index (the index is written every few seconds, so a crash leaves it
+    behind the files), and index entries whose directories are gone (dropped).
+    When ``parts`` is given, entries without a recorded split are rescanned.
+    """
+    changed = []
+    on_disk = thd_list_job_ids(data_dir)
+    for job_id in sorted(set(jobs) - on_disk):
+        del jobs[job_id]
+        if parts is not None:
+            parts.pop(job_id, None)
+        changed.append(job_id)
+    for job_id in sorted(on_disk):
+        previous = jobs.get(job_id)
+        if (
+            previous is not None
+            and (parts is None or job_id in parts)
+            and _newest_mtime_ns(data_dir, job_id) < index_mtime_ns
+        ):
+            continue
+        scan = thd_scan_job(data_dir, job_id, repair=False)
+        if scan is None:
+            continue
+        info = scan.summary(previous)
+        split = scan.part_sizes()
+        if info != previous or (parts is not None and parts.get(job_id) != split):
+            jobs[job_id] = info
+            if parts is not None:
+                parts[job_id] = split
+            changed.append(job_id)
+    return changed
+
+
+@dataclass(frozen=True, slots=True)
+class IndexLoad:
+    """Result of thd_open_index."""
+
+    jobs: dict  # job id -> JobInfo; handed over to the reactor thread
+    rebuilt: bool  # the index was missing or corrupt and was rebuilt from the files
+    changed: tuple  # ids refreshed from the files (all of them when rebuilt)
+    reason: str  # why it was rebuilt ("" when loaded)
+    parts: dict  # job id -> (log_bytes, metric_bytes) for every job in ``jobs``
+
+    @property
+    def needs_write(self) -> bool:
+        return self.rebuilt or bool(self.changed)
+
+
+def _remove_stale_temporaries(data_dir: str) -> None:
+    """Remove temporary index files left by a crash in the middle of thd_write."""
+    prefix = "." + INDEX_FILENAME + "."
+    for name in os.listdir(data_dir):
+        if name.startswith(prefix) and name.endswith(".tmp"):
+            try:
+                os.unlink(os.path.join(data_dir, name))
+            except FileNotFoundError:
+                pass
+
+
+def thd_open_index(data_dir: str) -> IndexLoad:
+    """Load the job index, rebuilding or refreshing it from the files.  Pool thread.
+
+    Creates ``data_dir`` if needed and removes temporary files of an
+    interrupted index write.  A missing or corrupt index is rebuilt
+    from the files; a valid one gets stale entries refreshed (thd_refresh).
+    Does not write anything besides creating the directory: the caller writes
+    the result when ``needs_write``.
+    """
+    os.makedirs(data_dir, exist_ok=True)
+    path = index_path(data_dir)
+    _remove_stale_temporaries(data_dir)
+    try:
+        mtime_ns = os.stat(path).st_mtime_ns
+        jobs, parts = thd_load_parts(path)
+    except FileNotFoundError:
+        reason = "missing"
+    except IndexCorrupt as e:
+        reason = f"corrupt ({e.reason})"
+        _logger.warning("job index %s is corrupt (%s); rebuilding from the files", path, e.reason)
+    else:
+        changed = thd_refresh(data_dir, jobs, mtime_ns, parts)
+        return IndexLoad(jobs, False, tuple(changed), "", parts)
+    jobs, parts = _rebuild(data_dir)
+    return IndexLoad(jobs, True, tuple(sorted(jobs)), reason, parts)

@@ -1,0 +1,1149 @@
+"""LocalStorage: the local-directory storage backend.
+
+Layout under ``data_dir``::
+
+    logs/<job>/stdout.log.gz  stdout_000001.log.gz ...   (segments of stdout)
+    logs/<job>/stderr.log.gz  stderr_000001.log.gz ...
+    metrics/<job>/metrics.jsonl.gz  metrics_000001.jsonl.gz ...
+    job_index.json
+
+Threading: ``LocalStorage`` is a reactor-side object.  Every method documented
+"reactor thread" mutates its state and must run on the reactor thread; the
+blocking work (scanning headers, compressing, appending, fsync, rmtree) is
+handed to the injected ``run_in_thread`` runner as module-level ``thd_*``
+functions that only take arguments and return results.  The results are
+applied back on the reactor thread, which then *publishes* them: it builds a
+new immutable ``LocalJobSnapshot`` (sharing the unchanged tuples) and stores it
+in a dict.  Methods documented "any thread" only read those dicts and the
+immutable objects in them (a single dict lookup or ``dict.copy()``, atomic in
+CPython), so gRPC threads never see a partially applied append.
+
+Persistent ordinals: every stored message carries an ordinal that orders both
+streams of a job in arrival order, also across restarts.  When a job is
+loaded its ordinal base is the largest ordinal in its files + 1; a batch's
+ordinals are ``base + arrival`` (arrivals come from the writer, strictly
+increasing per job within one process run).
+
+This module may create Deferreds because it is the reactor-side half of the
+storage package; it never imports the reactor: the clock and the thread runner
+are injected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from joblet_persist.storage import format as fmt
+from joblet_persist.storage import jobindex, reader, segment
+from joblet_persist.storage.api import (
+    LOG_STREAMS,
+    STREAM_STDERR,
+    STREAM_STDOUT,
+    STREAM_UNSPECIFIED,
+    JobInfo,
+    JobSnapshot,
+    LogBatch,
+    MetricBatch,
+    ReadStats,
+    StorageBackend,
+    check_job_id,
+)
+from joblet_persist.storage.jobindex import ALL_KINDS, LOG_KINDS, METRICS_KIND
+
+FSYNC_POLICIES = ("batch", "interval", "never")
+
+_KIND_OF_STREAM = {STREAM_STDOUT: "stdout", STREAM_STDERR: "stderr"}
+
+
+def _never_cancelled() -> bool:
+    return False
+
+
+# -- the published, immutable view -----------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class LocalJobSnapshot(JobSnapshot):
+    """One job's published data.  Immutable; any thread.
+
+    Holds the SegmentViews of each stream and of the metrics, each listing only
+    members that were completely appended before the snapshot was published;
+    the reader never reads past them.
+    """
+
+    job_id: str
+    info: JobInfo
+    # tuple[reader.SegmentView, ...] in segment order; left out of repr (large).
+    stdout: tuple = field(repr=False)
+    stderr: tuple = field(repr=False)
+    metrics: tuple = field(repr=False)
+
+    def iter_logs(
+        self,
+        stream: int,
+        start_time: int = 0,
+        end_time: int = 0,
+        offset: int = 0,
+        limit: int = 0,
+        stats: Optional[ReadStats] = None,
+        cancelled: Callable[[], bool] = _never_cancelled,
+    ):
+        """Yield LogRecords (see JobSnapshot.iter_logs).  Blocking; any thread."""
+        if stream != STREAM_UNSPECIFIED and stream not in LOG_STREAMS:
+            raise ValueError(f"invalid stream {stream!r}: expected 0, 1 or 2")
+        return reader.iter_logs(
+            {STREAM_STDOUT: self.stdout, STREAM_STDERR: self.stderr},
+            stream,
+            start_time,
+            end_time,
+            offset,
+            limit,
+            stats,
+            cancelled,
+        )
+
+    def iter_metrics(
+        self,
+        start_time: int = 0,
+        end_time: int = 0,
+        offset: int = 0,
+        limit: int = 0,
+        stats: Optional[ReadStats] = None,
+        cancelled: Callable[[], bool] = _never_cancelled,
+    ):
+        """Yield MetricRecords (see JobSnapshot.iter_metrics).  Blocking; any thread."""
+        return reader.iter_metrics(
+            self.metrics, start_time, end_time, offset, limit, stats, cancelled
+        )
+
+
+# -- blocking work, run on pool threads -------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """What a pool-thread append hands back to the reactor."""
+
+    new_size: int  # size of the segment file after the append
+    members: tuple  # MemberInfo of the appended members, offsets = file positions
+    written: int  # bytes appended
+    skipped: int  # undecodable metric payloads left out of the batch
+    dirty_dirs: tuple  # directories whose entries changed and were not fsync'd
+
+
+def _thd_make_dirs(directory: str, fsync: bool) -> list:
+    """Create ``directory`` and its missing parents.  Pool thread.
+
+    Returns the directories whose entries changed (the parents of the created
+    ones); with ``fsync`` they are fsync'd here and the list is empty.
+    """
+    if os.path.isdir(directory):
+        return []
+    created = []
+    path = directory
+    while not os.path.isdir(path):
+        created.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    os.makedirs(directory, exist_ok=True)
+    parents = [os.path.dirname(p) for p in created]
+    if fsync:
+        for parent in parents:
+            segment.thd_fsync_path(parent)
+        return []
+    return parents
+
+
+def _thd_write_pieces(path, directory, expected_size, fsync, pieces, skipped) -> AppendResult:
+    dirty = _thd_make_dirs(directory, fsync)
+    data = b"".join(blob for blob, _ in pieces)
+    new_size = segment.thd_append(path, data, expected_size, fsync)
+    members = []
+    position = expected_size
+    for blob, info in pieces:
+        members.append(dataclasses.replace(info, offset=position))
+        position += len(blob)
+    if position != new_size:
+        raise OSError(f"{path}: appended {len(data)} bytes at {expected_size} but size is {new_size}")
+    if not fsync and expected_size == 0:
+        # The segment file may have just been created: its directory entry is new.
+        dirty.append(directory)
+    return AppendResult(new_size, tuple(members), new_size - expected_size, skipped, tuple(dirty))
+
+
+def thd_append_logs(
+    path: str,
+    directory: str,
+    expected_size: int,
+    fsync: bool,
+    compressor,
+    base: int,
+    timestamps: Sequence[int],
+    sequences: Sequence[int],
+    arrivals: Sequence[int],
+    contents: Sequence[bytes],
+) -> AppendResult:
+    """Encode a log batch as gzip members and append it at ``expected_size``.  Pool thread.
+
+    Ordinals are ``base + arrival``.  On error nothing partial stays in the
+    file (segment.thd_append truncates back) and the error propagates.
+    """
+    ordinals = [base + a for a in arrivals]
+    pieces = fmt.encode_log_members(timestamps, sequences, ordinals, contents, compressor)
+    return _thd_write_pieces(path, directory, expected_size, fsync, pieces, 0)
+
+
+def thd_append_metrics(
+    path: str,
+    directory: str,
+    expected_size: int,
+    fsync: bool,
+    compressor,
+    base: int,
+    job_id: str,
+    timestamps: Sequence[int],
+    sequences: Sequence[int],
+    arrivals: Sequence[int],
+    payloads: Sequence[bytes],
+) -> AppendResult:
+    """Convert metric payloads to JSON lines, encode and append them.  Pool thread.
+
+    An undecodable payload is left out and counted in ``skipped``; it never
+    fails the batch.  A batch with nothing decodable appends nothing.
+    """
+    ts, seqs, ords, lines = [], [], [], []
+    skipped = 0
+    for i, payload in enumerate(payloads):
+        try:
+            line = fmt.metric_json_line(job_id, payload)
+        except ValueError:
+            skipped += 1
+            continue
+        ts.append(timestamps[i])
+        seqs.append(sequences[i])
+        ords.append(base + arrivals[i])
+        lines.append(line)
+    if not lines:
+        return AppendResult(expected_size, (), 0, skipped, ())
+    pieces = fmt.encode_metric_members(ts, seqs, ords, lines, compressor)
+    return _thd_write_pieces(path, directory, expected_size, fsync, pieces, skipped)
+
+
+_ALL_TOPS = (jobindex.LOGS_DIRNAME, jobindex.METRICS_DIRNAME)
+_PART_TOPS = {"logs": (jobindex.LOGS_DIRNAME,), "metrics": (jobindex.METRICS_DIRNAME,)}
+
+
+def thd_remove_job(data_dir: str, job_id: str, tops: Sequence[str] = _ALL_TOPS) -> int:
+    """Remove a job's directories (logs and metrics by default); return the bytes freed.
+
+    Pool thread.
+    """
+    freed = 0
+    for top in tops:
+        directory = os.path.join(data_dir, top, job_id)
+        if not os.path.lexists(directory):
+            continue
+        for root, _dirs, files in os.walk(directory):
+            for name in files:
+                try:
+                    freed += os.lstat(os.path.join(root, name)).st_size
+                except FileNotFoundError:
+                    pass
+        shutil.rmtree(directory)
+    return freed
+
+
+def thd_remove_file(path: str) -> int:
+    """Remove one file and return its size (0 if it was already gone).  Pool thread."""
+    try:
+        size = os.lstat(path).st_size
+        os.unlink(path)
+    except FileNotFoundError:
+        return 0
+    return size
+
+
+def thd_fsync_paths(paths: Sequence[str]) -> None:
+    """fsync each file or directory; ones removed meanwhile are skipped.  Pool thread."""
+    for path in paths:
+        try:
+            segment.thd_fsync_path(path)
+        except FileNotFoundError:
+            pass
+
+
+def thd_probe_writable(data_dir: str, name: str) -> None:
+    """Create, fsync and remove a small file in ``data_dir``; OSError if not writable."""
+    path = os.path.join(data_dir, name)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        try:
+            os.write(fd, b"joblet-persist write probe\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        os.unlink(path)
+
+
+# -- reactor-side state ---------------------------------------------------------
+
+
+class NullStorageMetrics:
+    """The metrics calls LocalStorage makes; a no-op default."""
+
+    def metric_payloads_skipped(self, count: int) -> None:
+        """``count`` undecodable metric payloads were left out of a batch."""
+
+    def index_write_failed(self) -> None:
+        """Writing job_index.json failed (it is retried)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentUsage:
+    """One segment file of a loaded job, as retention sees it."""
+
+    kind: str  # "stdout" | "stderr" | "metrics"
+    index: int
+    size_bytes: int
+    last_segment: bool  # the one appends go to; never dropped
+
+
+@dataclass(frozen=True, slots=True)
+class _Segment:
+    index: int
+    path: str
+    size: int  # bytes of published members: where the next append goes
+    view: reader.SegmentView
+
+
+class _JobState:
+    """Mutable per-job state.  Reactor thread only."""
+
+    __slots__ = ("job_id", "segments", "base", "info")
+
+    def __init__(self, job_id: str, segments: dict, base: int, info: JobInfo):
+        self.job_id = job_id
+        self.segments = segments  # kind -> tuple[_Segment, ...]
+        self.base = base  # ordinal base: persistent ordinal = base + arrival
+        self.info = info
+
+
+class LocalStorage(StorageBackend):
+    """StorageBackend on a local directory of gzip segment files.
+
+    ``run_in_thread(f, *args, **kwargs) -> Deferred`` runs blocking ``f`` on
+    the CPU/IO pool.  ``clock`` provides ``seconds()`` and ``callLater``.
+    ``fsync`` is "batch" (fsync each append before it is published),
+    "interval" (append without fsync; ``sync_dirty()`` fsyncs what changed: it
+    runs ``sync_interval`` seconds after the first unsynced append, with every
+    index write, and on stop; the writer may also call it) or "never".
+    ``metrics`` is an object with the methods of NullStorageMetrics.
+    """
+
+    def __init__(
+        self,
+        data_dir: str,
+        run_in_thread,
+        *,
+        compressor,
+        segment_max_bytes: int,
+        fsync: str,
+        clock,
+        index_interval: float = 5.0,
+        sync_interval: float = 1.0,
+        log: Optional[Logger] = None,
+        metrics=None,
+    ) -> None:
+        if fsync not in FSYNC_POLICIES:
+            raise ValueError(f"invalid fsync policy {fsync!r}: expected one of {FSYNC_POLICIES}")
+        if segment_max_bytes <= 0:
+            raise ValueError(f"segment_max_bytes must be positive, not {segment_max_bytes!r}")
+        self._data_dir = data_dir
+        self._index_path = jobindex.index_path(data_dir)
+        self._run = run_in_thread
+        self._compressor = compressor
+        self._segment_max_bytes = segment_max_bytes
+        self._fsync = fsync
+        self._clock = clock
+        self._index_interval = index_interval
+        self._sync_interval = sync_interval
+        self._log = log if log is not None else Logger(namespace="joblet_persist.storage.local")
+        self._metrics = metrics if metrics is not None else NullStorageMetrics()
+
+        self._started = False
+        self._stopped = False
+        # Published state, read from any thread; mutated on the reactor only.
+        self._snapshots: dict[str, LocalJobSnapshot] = {}
+        self._index: dict[str, JobInfo] = {}
+        self._index_version = 0
+        self._list_cache: tuple = (-1, ())
+        self._total_size = 0
+        self._parts: dict[str, tuple[int, int]] = {}  # job -> (log bytes, metric bytes)
+        # Reactor-only state.
+        self._jobs: dict[str, _JobState] = {}
+        self._loading: dict[str, list] = {}  # job -> Deferreds waiting for its load
+        self._deleting: dict[str, list] = {}  # job -> Deferreds waiting for its deletion
+        self._pending: dict[str, int] = {}  # job -> loads/appends/removals in flight
+        self._idle_waiters: dict[str, list] = {}
+        self._quiescent_waiters: list = []
+        self._busy: set = set()  # (job, kind) with an append in flight
+        self._dirty: set = set()  # paths to fsync under the "interval" policy
+        self._sync_timer = None
+        self._index_dirty = False
+        self._index_timer = None
+        self._index_write = None  # Deferred of the index write in flight
+        self._index_waiters: list = []  # fire when the write in flight ends
+        self._index_next: list = []  # need a write that starts after the one in flight
+        self._probe_count = 0
+
+        #: Undecodable metric payloads left out of batches.
+        self.skipped_metric_payloads = 0
+        #: Failed job index writes.
+        self.index_write_errors = 0
+        #: Segment files whose torn tail was cut when their job was loaded.
+        self.repaired_segments = 0
+
+    # -- any thread ---------------------------------------------------------
+
+    @property
+    def data_dir(self) -> str:
+        """The data directory.  Any thread."""
+        return self._data_dir
+
+    def snapshot(self, job_id: str) -> Optional[LocalJobSnapshot]:
+        """The job's latest published snapshot if it is loaded, else None.  Any thread.
+
+        Raises InvalidJobId for an invalid id.
+        """
+        check_job_id(job_id)
+        return self._snapshots.get(job_id)
+
+    def job_info(self, job_id: str) -> Optional[JobInfo]:
+        """The job's summary from the job index, or None.  Any thread."""
+        check_job_id(job_id)
+        return self._index.get(job_id)
+
+    def list_jobs(self) -> tuple:
+        """Every known job's JobInfo, sorted by job id.  Any thread.
+
+        The tuple is rebuilt at most once per change of the index, not per call.
+        """
+        version = self._index_version
+        cached_version, jobs = self._list_cache
+        if cached_version == version:
+            return jobs
+        # dict.copy() is atomic under the GIL; the reactor may mutate meanwhile.
+        jobs = tuple(sorted(self._index.copy().values(), key=lambda info: info.job_id))
+        # If the index changed after ``version`` was read, the cache is marked
+        # older than it is and the next call rebuilds it: never stale for long.
+        self._list_cache = (version, jobs)
+        return jobs
+
+    def total_size_bytes(self) -> int:
+        """Bytes on disk of every job in the index.  Any thread."""
+        return self._total_size
+
+    # -- reactor thread: lifecycle --------------------------------------------
+
+    def start(self):
+        """Load, rebuild or refresh the job index.  Reactor thread; Deferred."""
+        d = self._run(jobindex.thd_open_index, self._data_dir)
+        d.addCallback(self._index_opened)
+        return d
+
+    def _index_opened(self, load: jobindex.IndexLoad):
+        self._index = dict(load.jobs)
+        self._parts = dict(load.parts)
+        self._total_size = sum(info.size_bytes for info in self._index.values())
+        self._index_version += 1
+        self._started = True
+        if load.rebuilt:
+            self._log.info(
+                "job index {path} {reason}: rebuilt from the files ({count} jobs)",
+                path=self._index_path,
+                reason=load.reason,
+                count=len(self._index),
+            )
+        elif load.changed:
+            self._log.info(
+                "job index {path}: refreshed {count} jobs from the files",
+                path=self._index_path,
+                count=len(load.changed),
+            )
+        if load.needs_write:
+            return self.flush_index().addCallback(lambda _: None)
+        return None
+
+    def stop(self):
+        """Wait for work in flight, write the index, fsync dirty files.  Reactor thread; Deferred.
+
+        Appends, loads and deletions after stop() fail with RuntimeError.
+        """
+        if self._stopped:
+            return defer.succeed(None)
+        self._stopped = True
+        if not self._started:
+            # Never loaded: writing the (empty) in-memory index would clobber the file.
+            return defer.succeed(None)
+        for timer in (self._index_timer, self._sync_timer):
+            if timer is not None:
+                timer.cancel()
+        self._index_timer = self._sync_timer = None
+        d = self._wait_quiescent()
+        d.addCallback(lambda _: self.flush_index())
+        d.addCallback(lambda _: self.sync_dirty())
+        d.addErrback(lambda f: self._log.failure("storage stop: fsync of dirty files failed", f))
+        d.addCallback(lambda _: None)
+        return d
+
+    def _check_running(self):
+        if not self._started:
+            raise RuntimeError("LocalStorage is not started")
+        if self._stopped:
+            raise RuntimeError("LocalStorage is stopped")
+
+    # -- reactor thread: bookkeeping of work in flight -------------------------
+
+    def _begin(self, job_id: str) -> None:
+        self._pending[job_id] = self._pending.get(job_id, 0) + 1
+
+    def _end(self, job_id: str) -> None:
+        remaining = self._pending[job_id] - 1
+        if remaining:
+            self._pending[job_id] = remaining
+            return
+        del self._pending[job_id]
+        for d in self._idle_waiters.pop(job_id, ()):
+            d.callback(None)
+        self._check_quiescent()
+
+    def _wait_idle(self, job_id: str):
+        if job_id not in self._pending:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._idle_waiters.setdefault(job_id, []).append(d)
+        return d
+
+    def _wait_quiescent(self):
+        if not self._pending and not self._deleting:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._quiescent_waiters.append(d)
+        return d
+
+    def _check_quiescent(self) -> None:
+        if self._pending or self._deleting or not self._quiescent_waiters:
+            return
+        waiters, self._quiescent_waiters = self._quiescent_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def _after_deletion(self, job_id: str, retry: Callable):
+        """Deferred running ``retry()`` once the deletion of ``job_id`` in progress ends."""
+        d = defer.Deferred()
+        self._deleting[job_id].append(d)
+        d.addCallback(lambda _: retry())
+        return d
+
+    # -- reactor thread: loading a job -------------------------------------------
+
+    def open_job(self, job_id: str):
+        """Deferred firing with the job's snapshot, or None if the job is unknown.
+
+        Reactor thread.  The first call scans the headers of the job's segments
+        on the pool (cutting torn tails); concurrent calls share that scan;
+        later calls fire at once.
+        """
+        try:
+            check_job_id(job_id)
+            self._check_running()
+        except (ValueError, RuntimeError):
+            return defer.fail()
+        if job_id in self._deleting:
+            return self._after_deletion(job_id, lambda: self.open_job(job_id))
+        if job_id in self._jobs:
+            return defer.succeed(self._snapshots.get(job_id))
+        d = self._load(job_id)
+        d.addCallback(lambda state: None if state is None else self._snapshots.get(job_id))
+        return d
+
+    def _load(self, job_id: str):
+        """Deferred firing with the job's _JobState after a scan, or None if unknown."""
+        d = defer.Deferred()
+        waiters = self._loading.get(job_id)
+        if waiters is not None:
+            waiters.append(d)
+            return d
+        self._loading[job_id] = [d]
+        self._begin(job_id)
+        scan = self._run(jobindex.thd_scan_job, self._data_dir, job_id, True)
+        scan.addBoth(self._load_done, job_id)
+        return d
+
+    def _load_done(self, result, job_id: str) -> None:
+        waiters = self._loading.pop(job_id)
+        if not isinstance(result, Failure):
+            try:
+                result = self._install(job_id, result)
+            except Exception:
+                result = Failure()
+        self._end(job_id)
+        for d in waiters:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+
+    def _install(self, job_id: str, scan: Optional[jobindex.JobScan]) -> Optional[_JobState]:
+        """Build and publish the state of a scanned job (None: the job has no files)."""
+        state = self._jobs.get(job_id)
+        if state is not None:
+            return state
+        if scan is None:
+            if job_id in self._index:
+                # The index knew a job whose files are gone.
+                self._drop_info(job_id)
+            return None
+        segments = {}
+        for kind in ALL_KINDS:
+            segments[kind] = tuple(
+                _Segment(
+                    s.index,
+                    s.path,
+                    s.result.valid_size,
+                    reader.SegmentView(s.path, s.result.members),
+                )
+                for s in scan.kind_segments(kind)
+            )
+        info = scan.summary(self._index.get(job_id))
+        if info.created_at == 0:
+            now = int(self._clock.seconds())
+            info = dataclasses.replace(info, created_at=now, last_updated=now)
+        for path in scan.truncated:
+            self.repaired_segments += 1
+            self._log.warn("cut a torn tail off {path}", path=path)
+        state = _JobState(job_id, segments, scan.ordinal_base(), info)
+        self._jobs[job_id] = state
+        self._publish(state)
+        return state
+
+    def _state_for_append(self, job_id: str):
+        state = self._jobs.get(job_id)
+        if state is not None:
+            return defer.succeed(state)
+
+        def loaded(state):
+            if state is None:
+                # Unknown job: it starts now.  A concurrent append of another
+                # stream may have created it in its own callback already.
+                state = self._jobs.get(job_id)
+            if state is None:
+                now = int(self._clock.seconds())
+                info = JobInfo(job_id, now, now, 0, 0, 0, 0, 0)
+                state = _JobState(job_id, {kind: () for kind in ALL_KINDS}, 0, info)
+                self._jobs[job_id] = state
+            return state
+
+        return self._load(job_id).addCallback(loaded)
+
+    # -- reactor thread: appends ---------------------------------------------------
+
+    def append_logs(self, batch: LogBatch):
+        """Append one log batch; Deferred firing with the bytes written.  Reactor thread.
+
+        The batch is encoded and appended on the pool, then published.  On
+        failure nothing is published and the Deferred fails with the original
+        error; the same batch may be retried.
+        """
+        try:
+            job_id = check_job_id(batch.job_id)
+            kind = _KIND_OF_STREAM.get(batch.stream)
+            if kind is None:
+                raise ValueError(f"invalid stream {batch.stream!r} for a log batch")
+            count = _column_length(
+                batch.timestamps, batch.sequences, batch.arrivals, batch.contents
+            )
+        except ValueError:
+            return defer.fail()
+        if count == 0:
+            return defer.succeed(0)
+
+        def start_write(state, path, directory, expected_size, fsync):
+            return self._run(
+                thd_append_logs,
+                path,
+                directory,
+                expected_size,
+                fsync,
+                self._compressor,
+                state.base,
+                batch.timestamps,
+                batch.sequences,
+                batch.arrivals,
+                batch.contents,
+            )
+
+        return self._append(job_id, kind, start_write)
+
+    def append_metrics(self, batch: MetricBatch):
+        """Append one metric batch; like append_logs.  Reactor thread.
+
+        Undecodable payloads are left out and counted (``skipped_metric_payloads``).
+        """
+        try:
+            job_id = check_job_id(batch.job_id)
+            count = _column_length(
+                batch.timestamps, batch.sequences, batch.arrivals, batch.payloads
+            )
+        except ValueError:
+            return defer.fail()
+        if count == 0:
+            return defer.succeed(0)
+
+        def start_write(state, path, directory, expected_size, fsync):
+            return self._run(
+                thd_append_metrics,
+                path,
+                directory,
+                expected_size,
+                fsync,
+                self._compressor,
+                state.base,
+                job_id,
+                batch.timestamps,
+                batch.sequences,
+                batch.arrivals,
+                batch.payloads,
+            )
+
+        return self._append(job_id, METRICS_KIND, start_write)
+
+    def _append(self, job_id: str, kind: str, start_write):
+        try:
+            self._check_running()
+        except RuntimeError:
+            return defer.fail()
+        if job_id in self._deleting:
+            return self._after_deletion(job_id, lambda: self._append(job_id, kind, start_write))
+        key = (job_id, kind)
+        if key in self._busy:
+            return defer.fail(
+                RuntimeError(f"an append to {kind} of job {job_id} is already in flight")
+            )
+        self._busy.add(key)
+        self._begin(job_id)
+        d = self._state_for_append(job_id)
+        d.addCallback(self._write_batch, kind, start_write)
+        d.addBoth(self._append_finished, job_id, key)
+        return d
+
+    def _write_batch(self, state: _JobState, kind: str, start_write):
+        segments = state.segments[kind]
+        directory = jobindex.job_dir(self._data_dir, kind, state.job_id)
+        if segments and segments[-1].size < self._segment_max_bytes:
+            current = segments[-1]
+            index, path, expected_size = current.index, current.path, current.size
+        else:
+            index = segments[-1].index + 1 if segments else 0
+            path = os.path.join(directory, segment.segment_name(kind, index))
+            expected_size = 0
+        d = start_write(state, path, directory, expected_size, self._fsync == "batch")
+        d.addCallback(self._appended, state, kind, index, path)
+        return d
+
+    def _appended(self, result: AppendResult, state: _JobState, kind: str, index: int, path: str):
+        """Publish a completed append.  Reactor thread."""
+        if result.skipped:
+            self.skipped_metric_payloads += result.skipped
+            self._metrics.metric_payloads_skipped(result.skipped)
+            self._log.warn(
+                "job {job}: {count} undecodable metric payloads skipped",
+                job=state.job_id,
+                count=result.skipped,
+            )
+        if not result.members:
+            return result.written
+        segments = list(state.segments[kind])
+        if segments and segments[-1].index == index:
+            members = segments[-1].view.members + result.members
+        else:
+            segments.append(None)
+            members = result.members
+        segments[-1] = _Segment(index, path, result.new_size, reader.SegmentView(path, members))
+        state.segments[kind] = tuple(segments)
+
+        count = 0
+        first = state.info.first_timestamp
+        last = state.info.last_timestamp
+        for m in result.members:
+            count += m.count
+            if m.count:
+                if m.min_timestamp > 0 and (first == 0 or m.min_timestamp < first):
+                    first = m.min_timestamp
+                if m.max_timestamp > last:
+                    last = m.max_timestamp
+        info = state.info
+        if kind == METRICS_KIND:
+            counts = {"metric_count": info.metric_count + count}
+        else:
+            counts = {"log_count": info.log_count + count}
+        state.info = dataclasses.replace(
+            info,
+            last_updated=max(info.last_updated, int(self._clock.seconds())),
+            size_bytes=info.size_bytes + result.written,
+            first_timestamp=first,
+            last_timestamp=last,
+            **counts,
+        )
+        if self._fsync == "interval":
+            self._dirty.add(path)
+            self._dirty.update(result.dirty_dirs)
+            if self._sync_timer is None and not self._stopped:
+                self._sync_timer = self._clock.callLater(self._sync_interval, self._sync_fired)
+        self._publish(state)
+        return result.written
+
+    def _append_finished(self, result, job_id: str, key):
+        self._busy.discard(key)
+        self._end(job_id)
+        return result
+
+    def _publish(self, state: _JobState) -> None:
+        """Replace the job's snapshot and index entry.  Reactor thread."""
+        segments = state.segments
+        self._snapshots[state.job_id] = LocalJobSnapshot(
+            job_id=state.job_id,
+            info=state.info,
+            stdout=tuple(s.view for s in segments["stdout"]),
+            stderr=tuple(s.view for s in segments["stderr"]),
+            metrics=tuple(s.view for s in segments[METRICS_KIND]),
+        )
+        log_bytes = sum(seg.size for kind in LOG_KINDS for seg in segments[kind])
+        self._set_info(state.job_id, state.info, (log_bytes, state.info.size_bytes - log_bytes))
+
+    # -- reactor thread: deletion ------------------------------------------------------
+
+    def delete_job(self, job_id: str):
+        """Delete all of a job's files; Deferred firing with the bytes freed.  Reactor thread.
+
+        Waits for the job's loads and appends in flight first; appends and
+        open_job calls made meanwhile wait for the deletion and then see a
+        fresh (or unknown) job.  An unknown job frees 0 bytes.
+        """
+        return self._exclusive(job_id, self.delete_job, self._remove, _ALL_TOPS, False)
+
+    def delete_part(self, job_id: str, part: str):
+        """Delete a job's logs ("logs") or metrics ("metrics"); Deferred[bytes freed].
+
+        Reactor thread; used by retention.  Like delete_job for one of the
+        job's two directories.  The job is then reloaded from what remains
+        (keeping its created_at); when nothing remains it is gone.
+        """
+        tops = _PART_TOPS.get(part)
+        if tops is None:
+            return defer.fail(ValueError(f"unknown part {part!r}: expected 'logs' or 'metrics'"))
+        return self._exclusive(
+            job_id, lambda j: self.delete_part(j, part), self._remove, tops, True
+        )
+
+    def _exclusive(self, job_id: str, retry, operation, *args):
+        """Run ``operation(job_id, *args)`` once nothing else touches the job.
+
+        New appends, loads and deletions of the job wait until it is done.
+        """
+        try:
+            check_job_id(job_id)
+            self._check_running()
+        except (ValueError, RuntimeError):
+            return defer.fail()
+        if job_id in self._deleting:
+            return self._after_deletion(job_id, lambda: retry(job_id))
+        self._deleting[job_id] = []
+        d = self._wait_idle(job_id)
+        d.addCallback(lambda _: operation(job_id, *args))
+
+        def finished(result):
+            for waiter in self._deleting.pop(job_id):
+                waiter.callback(None)
+            self._check_quiescent()
+            return result
+
+        d.addBoth(finished)
+        return d
+
+    def _remove(self, job_id: str, tops: tuple, reload: bool):
+        self._begin(job_id)
+        d = self._run(thd_remove_job, self._data_dir, job_id, tops)
+        d.addBoth(self._removed, job_id, tops, reload)
+        d.addBoth(self._pass_after, self._end, job_id)
+        return d
+
+    @staticmethod
+    def _pass_after(result, f, *args):
+        f(*args)
+        return result
+
+    def _removed(self, result, job_id: str, tops: tuple, reload: bool):
+        # Even when rmtree failed part way, forget the state: it is rebuilt
+        # from whatever is left in the files.
+        self._jobs.pop(job_id, None)
+        self._snapshots.pop(job_id, None)
+        prefixes = tuple(os.path.join(self._data_dir, top, job_id) + os.sep for top in tops)
+        self._dirty = {p for p in self._dirty if not (p + os.sep).startswith(prefixes)}
+        if reload and job_id in self._index:
+            d = self._load(job_id)
+            d.addErrback(
+                lambda f: self._log.failure("reloading job {job} failed", f, job=job_id)
+            )
+        else:
+            if job_id in self._index:
+                self._drop_info(job_id)
+            d = defer.succeed(None)
+        d.addCallback(lambda _: self.flush_index())
+        d.addCallback(lambda _: result)
+        return d
+
+    def drop_segment(self, job_id: str, kind: str, index: int):
+        """Remove one closed segment of a job; Deferred firing with the bytes freed.
+
+        Reactor thread; used by retention to cap a job's size.  ``kind`` is
+        "stdout", "stderr" or "metrics".  The segment being written (the last
+        of its kind) is refused with ValueError; an unknown segment frees 0.
+        The segment leaves the published snapshot at once and its file is
+        removed on the pool: a query that already holds the older snapshot and
+        has not opened the file yet gets FileNotFoundError for it.
+        """
+        try:
+            check_job_id(job_id)
+            self._check_running()
+            if kind not in ALL_KINDS:
+                raise ValueError(f"unknown segment kind {kind!r}")
+        except (ValueError, RuntimeError):
+            return defer.fail()
+        if job_id in self._deleting:
+            return self._after_deletion(job_id, lambda: self.drop_segment(job_id, kind, index))
+        if job_id not in self._jobs:
+            d = self._load(job_id)
+            d.addCallback(
+                lambda state: 0 if state is None else self.drop_segment(job_id, kind, index)
+            )
+            return d
+        state = self._jobs[job_id]
+        segments = state.segments[kind]
+        positions = [i for i, seg in enumerate(segments) if seg.index == index]
+        if not positions:
+            return defer.succeed(0)
+        if positions[0] == len(segments) - 1:
+            return defer.fail(
+                ValueError(f"segment {kind} {index} of job {job_id} is being written")
+            )
+        dropped = segments[positions[0]]
+        state.segments[kind] = segments[: positions[0]] + segments[positions[0] + 1 :]
+        state.info = _recount(state)
+        self._publish(state)
+        self._begin(job_id)
+        d = self._run(thd_remove_file, dropped.path)
+        d.addBoth(self._pass_after, self._end, job_id)
+        return d
+
+    # -- any thread: sizes for retention -------------------------------------------------
+
+    def part_sizes(self, job_id: str) -> tuple[int, int]:
+        """(bytes of logs, bytes of metrics) of a job in the index, (0, 0) if unknown.
+
+        Any thread.
+        """
+        return self._parts.get(job_id, (0, 0))
+
+    def segment_usage(self, job_id: str) -> tuple:
+        """SegmentUsage of each segment of a loaded job (() when not loaded).
+
+        Reactor thread.  ``last_segment`` marks the segment of each kind that
+        appends go to.
+        """
+        state = self._jobs.get(job_id)
+        if state is None:
+            return ()
+        usage = []
+        for kind in ALL_KINDS:
+            segments = state.segments[kind]
+            for i, seg in enumerate(segments):
+                usage.append(SegmentUsage(kind, seg.index, seg.size, i == len(segments) - 1))
+        return tuple(usage)
+
+    # -- reactor thread: the job index ---------------------------------------------------
+
+    def _set_info(self, job_id: str, info: JobInfo, parts: tuple[int, int]) -> None:
+        old = self._index.get(job_id)
+        self._total_size += info.size_bytes - (old.size_bytes if old is not None else 0)
+        self._index[job_id] = info
+        self._parts[job_id] = parts
+        self._index_changed()
+
+    def _drop_info(self, job_id: str) -> None:
+        old = self._index.pop(job_id)
+        self._parts.pop(job_id, None)
+        self._total_size -= old.size_bytes
+        self._index_changed()
+
+    def _index_changed(self) -> None:
+        self._index_version += 1
+        self._index_dirty = True
+        self._schedule_index_write()
+
+    def _schedule_index_write(self) -> None:
+        if (
+            self._index_timer is None
+            and self._index_write is None
+            and self._started
+            and not self._stopped
+        ):
+            self._index_timer = self._clock.callLater(self._index_interval, self._index_timer_fired)
+
+    def _index_timer_fired(self) -> None:
+        self._index_timer = None
+        if self._index_write is None:
+            self._start_index_write()
+
+    def _start_index_write(self) -> None:
+        self._index_dirty = False
+        d = self._run(
+            jobindex.thd_write, self._index_path, self._index.copy(), self._parts.copy()
+        )
+        self._index_write = d
+        if self._fsync == "interval" and self._dirty:
+            self.sync_dirty().addErrback(
+                lambda f: self._log.failure("fsync of dirty segment files failed", f)
+            )
+        d.addBoth(self._index_written)
+
+    def _index_written(self, result) -> None:
+        self._index_write = None
+        ok = not isinstance(result, Failure)
+        if not ok:
+            self.index_write_errors += 1
+            self._metrics.index_write_failed()
+            self._log.failure("writing the job index {path} failed", result, path=self._index_path)
+            self._index_dirty = True
+        waiters, self._index_waiters = self._index_waiters, []
+        if self._index_next:
+            self._index_waiters, self._index_next = self._index_next, []
+            self._start_index_write()
+        elif self._index_dirty:
+            self._schedule_index_write()
+        for d in waiters:
+            d.callback(ok)
+
+    def flush_index(self):
+        """Write the job index now; Deferred firing with True, or False if it failed.
+
+        Reactor thread.  The write includes every change made before the call;
+        it cancels the pending debounced write.  A failure is logged, counted
+        and retried later; the Deferred never fails.
+        """
+        d = defer.Deferred()
+        if self._index_write is not None:
+            self._index_next.append(d)
+            return d
+        if self._index_timer is not None:
+            self._index_timer.cancel()
+            self._index_timer = None
+        self._index_waiters.append(d)
+        self._start_index_write()
+        return d
+
+    # -- reactor thread: durability and health --------------------------------------------
+
+    def _sync_fired(self) -> None:
+        self._sync_timer = None
+        self.sync_dirty().addErrback(
+            lambda f: self._log.failure("fsync of dirty segment files failed", f)
+        )
+
+    def sync_dirty(self):
+        """fsync the files and directories appended to without fsync.  Reactor thread.
+
+        Used with the "interval" policy (with the other policies nothing is
+        dirty).  Deferred firing with the number of paths synced; on failure
+        the paths stay dirty and the Deferred fails.
+        """
+        if not self._dirty:
+            return defer.succeed(0)
+        paths = sorted(self._dirty)
+        self._dirty = set()
+
+        def failed(f):
+            self._dirty.update(paths)
+            return f
+
+        d = self._run(thd_fsync_paths, paths)
+        d.addCallbacks(lambda _: len(paths), failed)
+        return d
+
+    def probe_writable(self):
+        """Deferred[bool]: whether a small file can be created, fsync'd and removed.
+
+        Reactor thread; the probe runs on the pool.  Never fails.
+        """
+        self._probe_count += 1
+        name = f".write-probe-{os.getpid()}-{self._probe_count}"
+
+        def failed(f):
+            f.trap(OSError)
+            self._log.warn(
+                "data directory {path} is not writable: {error}",
+                path=self._data_dir,
+                error=f.value,
+            )
+            return False
+
+        d = self._run(thd_probe_writable, self._data_dir, name)
+        d.addCallbacks(lambda _: True, failed)
+        return d
+
+
+def _recount(state: _JobState) -> JobInfo:
+    """A job's JobInfo recomputed from its published segments (after dropping one)."""
+    log_count = metric_count = size = 0
+    first = last = 0
+    for kind in ALL_KINDS:
+        for seg in state.segments[kind]:
+            size += seg.size
+            for m in seg.view.members:
+                if not m.count:
+                    continue
+                if kind == METRICS_KIND:
+                    metric_count += m.count
+                else:
+                    log_count += m.count
+                if m.min_timestamp > 0 and (first == 0 or m.min_timestamp < first):
+                    first = m.min_timestamp
+                if m.max_timestamp > last:
+                    last = m.max_timestamp
+    return dataclasses.replace(
+        state.info,
+        log_count=log_count,
+        metric_count=metric_count,
+        size_bytes=size,
+        first_timestamp=first,
+        last_timestamp=last,
+    )
+
+
+def _column_length(*columns) -> int:
+    length = len(columns[0])
+    for column in columns[1:]:
+        if len(column) != length:
+            raise ValueError("batch columns have different lengths")
+    return length

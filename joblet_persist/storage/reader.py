@@ -1,0 +1,549 @@
+"""Seek-based reading of published segment members.
+
+Leaf module: blocking generators, no reactor imports, no module-level mutable
+state.  gRPC handler threads run them over immutable ``SegmentView`` tuples
+taken from a published snapshot; they read only the member byte ranges listed
+there, never past them.
+
+Cost is proportional to what a query returns: members whose timestamp bounds
+miss the range are never read, offsets are skipped using member counts (and,
+for the member where the offset lands or the time range cuts, the per-message
+table in its header), and only members that records are returned from are
+inflated.  Both streams merge by persistent ordinal (arrival order); for an
+offset into the merged stream the split ordinal is found by a binary search
+that counts matching messages below a candidate ordinal in both streams.
+
+Legacy members (files written by the older Go service) come before all other
+data; they carry no table, so they are inflated to be counted and filtered,
+and both streams of them merge by (timestamp, sequence).
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+from bisect import bisect_left
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import Callable, Iterator, Optional
+
+from joblet_persist.storage.api import (
+    STREAM_STDERR,
+    STREAM_STDOUT,
+    STREAM_UNSPECIFIED,
+    LogRecord,
+    MetricRecord,
+    ReadStats,
+)
+from joblet_persist.storage.format import (
+    KIND_LEGACY,
+    KIND_LOG,
+    KIND_METRIC,
+    CorruptMember,
+    MemberInfo,
+    decode_member_table,
+    read_member,
+)
+from joblet_persist.storage.legacy import parse_legacy_log_member, parse_legacy_metric_member
+
+__all__ = ["SegmentView", "iter_logs", "iter_metrics"]
+
+_log = logging.getLogger("joblet_persist.storage")
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentView:
+    """One segment file and its published members, in file order; immutable."""
+
+    path: str
+    members: tuple[MemberInfo, ...]
+
+
+class _Range:
+    """Inclusive time range; a bound applies when it is > 0."""
+
+    __slots__ = ("start", "end", "active")
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start = start if start > 0 else None
+        self.end = end if end > 0 else None
+        self.active = self.start is not None or self.end is not None
+
+    def contains(self, ts: int) -> bool:
+        return (self.start is None or ts >= self.start) and (self.end is None or ts <= self.end)
+
+    def overlaps(self, m: MemberInfo) -> bool:
+        return (self.start is None or m.max_timestamp >= self.start) and (
+            self.end is None or m.min_timestamp <= self.end
+        )
+
+    def covers(self, m: MemberInfo) -> bool:
+        return (self.start is None or m.min_timestamp >= self.start) and (
+            self.end is None or m.max_timestamp <= self.end
+        )
+
+
+class _Query:
+    """Per-call state: open files, caches, counters.  Owned by one reading thread."""
+
+    def __init__(self, rng: _Range, stats: Optional[ReadStats], cancelled) -> None:
+        self.rng = rng
+        self.stats = stats if stats is not None else ReadStats()
+        self.cancelled = cancelled
+        self._files: dict = {}
+        self._tables: dict = {}
+        self._matching: dict = {}
+        self._corrupt: set = set()
+
+    def close(self) -> None:
+        files, self._files = self._files, {}
+        for f in files.values():
+            f.close()
+
+    def file(self, path: str):
+        f = self._files.get(path)
+        if f is None:
+            f = self._files[path] = open(path, "rb")
+        return f
+
+    def skipped(self, n: int = 1) -> None:
+        self.stats.members_skipped += n
+
+    def is_corrupt(self, path: str, m: MemberInfo) -> bool:
+        return (path, m.offset) in self._corrupt
+
+    def corrupt(self, path: str, m: MemberInfo, exc: Exception) -> None:
+        key = (path, m.offset)
+        if key in self._corrupt:
+            return
+        self._corrupt.add(key)
+        self.stats.corrupt_members += 1
+        _log.warning("skipping corrupt member of %s at offset %d: %s", path, m.offset, exc)
+
+    def table(self, path: str, m: MemberInfo):
+        """The member's header table (cached), or None when it is corrupt."""
+        key = (path, m.offset)
+        if key in self._tables:
+            return self._tables[key]
+        table = None
+        if key not in self._corrupt:
+            try:
+                table = decode_member_table(self.file(path), m)
+            except CorruptMember as e:
+                self.corrupt(path, m, e)
+        self._tables[key] = table
+        return table
+
+    def matching_ordinals(self, path: str, m: MemberInfo) -> list:
+        """Ordinals of the member's messages inside the time range (from its table)."""
+        key = (path, m.offset)
+        found = self._matching.get(key)
+        if found is None:
+            table = self.table(path, m)
+            if table is None:
+                found = []
+            elif self.rng.covers(m):
+                found = table.ordinals
+            else:
+                contains = self.rng.contains
+                found = [
+                    o
+                    for o, t in zip(table.ordinals, table.timestamps, strict=True)
+                    if contains(t)
+                ]
+            self._matching[key] = found
+        return found
+
+    def matching_count(self, path: str, m: MemberInfo) -> int:
+        if self.rng.covers(m) and not self.is_corrupt(path, m):
+            return m.count
+        return len(self.matching_ordinals(path, m))
+
+    def load(self, path: str, m: MemberInfo):
+        """Read and inflate a member: ``(table, data)`` or None when it is corrupt."""
+        if self.is_corrupt(path, m):
+            return None
+        try:
+            result = read_member(self.file(path), m)
+        except CorruptMember as e:
+            self.corrupt(path, m, e)
+            return None
+        self.stats.members_inflated += 1
+        return result
+
+
+class _Source:
+    """One stream's (or the metrics') members of our format, as candidates for a query."""
+
+    def __init__(self, q: _Query, key: int, entries: list) -> None:
+        self.key = key  # stream number (0 for metrics): the merge tie-breaker
+        self.entries = entries  # [(path, MemberInfo)] overlapping the time range
+        self.first = [m.first_ordinal for _, m in entries]
+        self.last = [m.last_ordinal for _, m in entries]
+        self._q = q
+        self._prefix: Optional[list] = None
+
+    def prefix(self) -> list:
+        if self._prefix is None:
+            counts = (self._q.matching_count(p, m) for p, m in self.entries)
+            self._prefix = list(accumulate(counts, initial=0))
+        return self._prefix
+
+    def bounds_below(self, x: int) -> tuple[int, int]:
+        """(lower, upper) bounds of matching messages with ordinal < x, no tables read."""
+        prefix = self.prefix()
+        k = bisect_left(self.last, x)  # entries[:k] lie wholly below x
+        j = bisect_left(self.first, x)  # entries[:j] start below x
+        return prefix[k], prefix[max(j, k)]
+
+    def count_below(self, x: int) -> int:
+        """Exact matching messages with ordinal < x (reads at most one table)."""
+        prefix = self.prefix()
+        k = bisect_left(self.last, x)
+        n = prefix[k]
+        if k < len(self.entries) and self.first[k] < x:
+            path, m = self.entries[k]
+            n += bisect_left(self._q.matching_ordinals(path, m), x)
+        return n
+
+
+def _split_point(sources: list, offset: int):
+    """Smallest ordinal X with count_below(X) <= offset < count_below(X + 1), or None.
+
+    None when fewer than ``offset + 1`` messages match.  Uses member bounds to
+    decide most probes and reads a table only where a member straddles.
+    """
+    total = sum(s.prefix()[-1] for s in sources)
+    if offset >= total:
+        return None
+    lo = min(s.first[0] for s in sources if s.entries)
+    hi = max(s.last[-1] for s in sources if s.entries)
+
+    def above_offset(x: int) -> bool:  # count_below(x) > offset ?
+        lower = upper = 0
+        for s in sources:
+            a, b = s.bounds_below(x)
+            lower += a
+            upper += b
+        if lower > offset:
+            return True
+        if upper <= offset:
+            return False
+        return sum(s.count_below(x) for s in sources) > offset
+
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if above_offset(mid + 1):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+class _Cursor:
+    """Walks one source's records from a start member; loads members lazily."""
+
+    __slots__ = ("_q", "_src", "_idx", "_buf", "_pos", "_min_ord", "_make")
+
+    def __init__(self, q: _Query, src: _Source, start: int, min_ord, make) -> None:
+        self._q = q
+        self._src = src
+        self._idx = start
+        self._buf: Optional[list] = None
+        self._pos = 0
+        self._min_ord = min_ord
+        self._make = make  # (path, member, table, data, min_ord) -> list of records
+
+    def key(self):
+        """((ordinal, source key), exact) of the next record, or None at the end.
+
+        When the next member is not loaded yet, its first ordinal is a lower
+        bound of its first matching record's ordinal.
+        """
+        if self._buf is not None:
+            return (self._buf[self._pos][0], self._src.key), True
+        if self._idx >= len(self._src.entries):
+            return None
+        return (self._src.first[self._idx], self._src.key), False
+
+    def load(self) -> None:
+        path, m = self._src.entries[self._idx]
+        self._idx += 1
+        loaded = self._q.load(path, m)
+        records = []
+        if loaded is not None:
+            table, data = loaded
+            try:
+                records = self._make(path, m, table, data, self._min_ord)
+            except CorruptMember as e:
+                self._q.corrupt(path, m, e)
+                records = []
+        self._min_ord = None
+        if records:
+            self._buf, self._pos = records, 0
+
+    def take(self):
+        rec = self._buf[self._pos]
+        self._pos += 1
+        if self._pos == len(self._buf):
+            self._buf = None
+        return rec
+
+
+def _select(q: _Query, entries: list, kind: int) -> list:
+    """Our-format members of ``kind`` overlapping the range; counts the others as skipped."""
+    out = []
+    for path, m in entries:
+        if m.kind == kind and m.count > 0 and q.rng.overlaps(m):
+            out.append((path, m))
+        elif m.kind != KIND_LEGACY:
+            q.skipped()
+    return out
+
+
+def _merged(q: _Query, sources: list, offset: int, limit: int, make_for) -> Iterator[tuple]:
+    """Yield records of ``sources`` merged by (ordinal, key), after ``offset``, up to ``limit``.
+
+    ``make_for(source)`` gives the function that turns a loaded member into
+    record tuples ``(ordinal, key, timestamp, sequence, payload)``.
+    """
+    sources = [s for s in sources if s.entries]
+    if not sources:
+        return
+    extra = 0
+    x = None
+    if offset > 0:
+        x = _split_point(sources, offset)
+        if x is None:
+            q.skipped(sum(len(s.entries) for s in sources))
+            return
+        extra = offset - sum(s.count_below(x) for s in sources)
+    cursors = []
+    for s in sources:
+        start = bisect_left(s.last, x) if x is not None else 0
+        q.skipped(start)
+        cursors.append(_Cursor(q, s, start, x, make_for(s)))
+    emitted = 0
+    while True:
+        best = None
+        best_key = None
+        best_exact = False
+        for c in cursors:
+            k = c.key()
+            if k is not None and (best_key is None or k[0] < best_key):
+                best, best_key, best_exact = c, k[0], k[1]
+        if best is None:
+            return
+        if not best_exact:
+            if q.cancelled():
+                return
+            best.load()
+            continue
+        rec = best.take()
+        if extra:
+            extra -= 1
+            continue
+        yield rec
+        emitted += 1
+        if limit and emitted >= limit:
+            return
+
+
+def _make_logs(stream: int, rng: _Range):
+    def make(path, m, table, data, min_ord) -> list:
+        contains = rng.contains
+        check_time = rng.active and not rng.covers(m)
+        out = []
+        start = 0
+        for length, ts, seq, o in zip(
+            table.lengths, table.timestamps, table.sequences, table.ordinals, strict=True
+        ):
+            end = start + length
+            if (min_ord is None or o >= min_ord) and (not check_time or contains(ts)):
+                out.append((o, stream, ts, seq, data[start:end]))
+            start = end
+        return out
+
+    return make
+
+
+def _make_metrics(rng: _Range):
+    def make(path, m, table, data, min_ord) -> list:
+        contains = rng.contains
+        check_time = rng.active and not rng.covers(m)
+        out = []
+        start = 0
+        for length, ts, seq, o in zip(
+            table.lengths, table.timestamps, table.sequences, table.ordinals, strict=True
+        ):
+            end = start + length
+            if (min_ord is None or o >= min_ord) and (not check_time or contains(ts)):
+                try:
+                    obj = json.loads(data[start:end])
+                except ValueError as e:
+                    raise CorruptMember(f"metric line does not parse: {e}", path, m.offset) from None
+                payload = obj.get("data") if isinstance(obj, dict) else None
+                if not isinstance(payload, dict):
+                    raise CorruptMember("metric line has no data object", path, m.offset)
+                out.append((o, 0, ts, seq, payload))
+            start = end
+        return out
+
+    return make
+
+
+def _check_args(offset: int, limit: int) -> None:
+    if offset < 0 or limit < 0:
+        raise ValueError(f"offset and limit must be >= 0, got offset={offset} limit={limit}")
+
+
+# -- legacy members -----------------------------------------------------------
+
+
+def _legacy_log_records(q: _Query, path: str, members: list, home: Optional[int], stream: int):
+    """Yield (timestamp, sequence, stream, content) of one legacy file's members."""
+    for m in members:
+        if m.count == 0 or not q.rng.overlaps(m):
+            q.skipped()
+            continue
+        if q.cancelled():
+            return
+        loaded = q.load(path, m)
+        if loaded is None:
+            continue
+        for st, ts, seq, content in parse_legacy_log_member(loaded[1]):
+            if st not in (STREAM_STDOUT, STREAM_STDERR):
+                st = home if home is not None else STREAM_STDOUT
+            if (stream == STREAM_UNSPECIFIED or st == stream) and q.rng.contains(ts):
+                yield ts, seq, st, content
+
+
+def _legacy_logs(q: _Query, streams: dict, stream: int) -> Iterator[tuple]:
+    order: list = []
+    members: dict = {}
+    homes: dict = {}
+    seen: set = set()
+    for key in (STREAM_STDOUT, STREAM_STDERR):
+        for view in streams.get(key, ()):
+            for m in view.members:
+                if m.kind != KIND_LEGACY:
+                    continue
+                if view.path not in members:
+                    order.append(view.path)
+                    members[view.path] = []
+                    homes[view.path] = key
+                elif homes[view.path] != key:
+                    homes[view.path] = None  # listed under both streams
+                if (view.path, m.offset) not in seen:
+                    seen.add((view.path, m.offset))
+                    members[view.path].append(m)
+    gens = [_legacy_log_records(q, p, members[p], homes[p], stream) for p in order]
+    if len(gens) == 1:
+        return gens[0]
+    return heapq.merge(*gens, key=lambda r: (r[0], r[1]))
+
+
+def iter_logs(
+    streams: dict,
+    stream: int,
+    start_time: int = 0,
+    end_time: int = 0,
+    offset: int = 0,
+    limit: int = 0,
+    stats: Optional[ReadStats] = None,
+    cancelled: Callable[[], bool] = lambda: False,
+) -> Iterator[LogRecord]:
+    """Yield a job's LOG messages from published segments.  Blocking; any thread.
+
+    ``streams`` maps 1 (stdout) and 2 (stderr) to that stream's SegmentViews
+    in order.  ``stream`` 0 merges both by persistent ordinal.  The inclusive
+    time range applies to each bound > 0, then ``offset`` matching messages
+    are skipped, then at most ``limit`` are yielded (0 = all).  Members are
+    inflated only when records are returned from them (see the module
+    docstring).  ``stats.members_inflated`` counts members whose data was
+    inflated, ``members_skipped`` members passed over unread (outside the time
+    range, empty, or wholly before the offset), ``corrupt_members`` members
+    that failed to decode.  A corrupt member is skipped, counted and logged
+    on the stdlib logger "joblet_persist.storage".  ``cancelled()`` is checked
+    between members.
+    Files are opened once per call and closed when the generator finishes or
+    is closed.
+    """
+    if stream not in (STREAM_UNSPECIFIED, STREAM_STDOUT, STREAM_STDERR):
+        raise ValueError(f"unknown stream {stream!r}")
+    _check_args(offset, limit)
+    q = _Query(_Range(start_time, end_time), stats, cancelled)
+    try:
+        emitted = 0
+        for ts, seq, st, content in _legacy_logs(q, streams, stream):
+            if offset:
+                offset -= 1
+                continue
+            yield LogRecord(st, ts, seq, content)
+            emitted += 1
+            if limit and emitted >= limit:
+                return
+        wanted = (STREAM_STDOUT, STREAM_STDERR) if stream == STREAM_UNSPECIFIED else (stream,)
+        sources = []
+        for key in (STREAM_STDOUT, STREAM_STDERR):
+            entries = [(v.path, m) for v in streams.get(key, ()) for m in v.members]
+            if key in wanted:
+                sources.append(_Source(q, key, _select(q, entries, KIND_LOG)))
+        rng = q.rng
+        remaining = limit - emitted if limit else 0
+        merged = _merged(q, sources, offset, remaining, lambda s: _make_logs(s.key, rng))
+        for _o, st, ts, seq, content in merged:
+            yield LogRecord(st, ts, seq, content)
+    finally:
+        q.close()
+
+
+def iter_metrics(
+    segments: tuple,
+    start_time: int = 0,
+    end_time: int = 0,
+    offset: int = 0,
+    limit: int = 0,
+    stats: Optional[ReadStats] = None,
+    cancelled: Callable[[], bool] = lambda: False,
+) -> Iterator[MetricRecord]:
+    """Yield a job's metric samples from published segments.  Blocking; any thread.
+
+    Same semantics and cost rules as iter_logs, over one sequence of
+    SegmentViews.  ``MetricRecord.data`` is the stored ``data`` object.
+    """
+    _check_args(offset, limit)
+    q = _Query(_Range(start_time, end_time), stats, cancelled)
+    try:
+        emitted = 0
+        entries = [(v.path, m) for v in segments for m in v.members]
+        for path, m in entries:
+            if m.kind != KIND_LEGACY:
+                continue
+            if m.count == 0 or not q.rng.overlaps(m):
+                q.skipped()
+                continue
+            if q.cancelled():
+                return
+            loaded = q.load(path, m)
+            if loaded is None:
+                continue
+            for rec in parse_legacy_metric_member(loaded[1]):
+                if not q.rng.contains(rec["timestamp"]):
+                    continue
+                if offset:
+                    offset -= 1
+                    continue
+                yield MetricRecord(rec["timestamp"], rec["sequence"], rec["data"])
+                emitted += 1
+                if limit and emitted >= limit:
+                    return
+        source = _Source(q, 0, _select(q, entries, KIND_METRIC))
+        remaining = limit - emitted if limit else 0
+        make = _make_metrics(q.rng)
+        merged = _merged(q, [source], offset, remaining, lambda s: make)
+        for _o, _k, ts, seq, data in merged:
+            yield MetricRecord(ts, seq, data)
+    finally:
+        q.close()

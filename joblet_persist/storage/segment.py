@@ -1,0 +1,347 @@
+"""Segment files: naming, scanning (with torn-tail repair) and whole appends.
+
+Leaf module: every ``thd_*`` function is blocking file I/O meant for a pool
+thread; nothing here imports the reactor or keeps mutable module state.  The
+reactor-side storage decides *what* to do and calls these with plain values.
+
+A segment is a concatenation of gzip members (see format.py and
+docs/storage-format.md).  Appends write one or more complete members at a
+known offset; a crash can therefore only leave a torn tail, which
+``thd_scan_segment`` detects and (with ``repair=True``) cuts off.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import re
+import zlib
+from dataclasses import dataclass
+from typing import Optional
+
+from joblet_persist.storage.format import (
+    KIND_LEGACY,
+    CorruptMember,
+    MemberInfo,
+    inflate_member,
+    parse_member_header,
+    read_member_header,
+)
+from joblet_persist.storage.legacy import LEGACY_ORDINAL_BASE, legacy_member_summary
+
+__all__ = [
+    "SEGMENT_KINDS",
+    "ScanResult",
+    "SegmentShorterThanExpected",
+    "parse_segment_name",
+    "segment_name",
+    "thd_append",
+    "thd_fsync_path",
+    "thd_list_segments",
+    "thd_scan_segment",
+]
+
+#: Segment kinds and their file name suffixes.
+SEGMENT_KINDS = {"stdout": ".log.gz", "stderr": ".log.gz", "metrics": ".jsonl.gz"}
+
+_NAME_RE = re.compile(r"(stdout|stderr|metrics)(?:_([0-9]{6,}))?(\.log\.gz|\.jsonl\.gz)\Z")
+_READ_CHUNK = 1 << 18
+_GZIP_START = b"\x1f\x8b\x08"
+
+
+@dataclass(frozen=True, slots=True)
+class ScanResult:
+    """What a scan found in one segment file; immutable."""
+
+    members: tuple[MemberInfo, ...]
+    valid_size: int  # bytes of complete members (the offset appends continue at)
+    file_size: int  # size found on disk
+    truncated: bool  # whether a torn tail was cut (only when repair=True)
+    #: Damaged byte ranges ``(start, end)`` in the middle of the file that the
+    #: walk stepped over to reach complete members after them; never cut.
+    holes: tuple[tuple[int, int], ...] = ()
+
+
+class SegmentShorterThanExpected(OSError):
+    """The segment on disk is shorter than the caller's known valid size.
+
+    Appending would leave a gap, so nothing is written.  Raised by thd_append;
+    an OSError with errno EIO so generic I/O error handling applies.
+    """
+
+
+def segment_name(kind: str, index: int) -> str:
+    """File name of segment ``index`` of ``kind`` ("stdout", "stderr", "metrics").
+
+    Index 0 is the seed layout's name (``stdout.log.gz``); later ones carry a
+    zero-padded index (``stdout_000001.log.gz``) so that a plain sort (``.``
+    sorts before ``_``) lists them in time order.
+    """
+    if kind not in SEGMENT_KINDS:
+        raise ValueError(f"unknown segment kind {kind!r}")
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise ValueError(f"segment index must be a non-negative int, got {index!r}")
+    suffix = SEGMENT_KINDS[kind]
+    if index == 0:
+        return kind + suffix
+    return f"{kind}_{index:06d}{suffix}"
+
+
+def parse_segment_name(name: str) -> Optional[tuple[str, int]]:
+    """``(kind, index)`` for a name segment_name produces; None for anything else."""
+    m = _NAME_RE.match(name)
+    if m is None:
+        return None
+    kind, digits, suffix = m.groups()
+    index = int(digits) if digits is not None else 0
+    if SEGMENT_KINDS[kind] != suffix or (digits is not None and index == 0):
+        return None
+    if segment_name(kind, index) != name:
+        return None  # non-canonical padding
+    return kind, index
+
+
+def thd_list_segments(job_dir: str, kind: str) -> list[tuple[int, str]]:
+    """Sorted ``(index, path)`` of ``kind``'s segments in ``job_dir``.  Pool thread.
+
+    A missing directory has no segments.  Foreign files are ignored.
+    """
+    if kind not in SEGMENT_KINDS:
+        raise ValueError(f"unknown segment kind {kind!r}")
+    try:
+        names = os.listdir(job_dir)
+    except FileNotFoundError:
+        return []
+    found = []
+    for name in names:
+        parsed = parse_segment_name(name)
+        if parsed is not None and parsed[0] == kind:
+            found.append((parsed[1], os.path.join(job_dir, name)))
+    found.sort()
+    return found
+
+
+# -- scanning ----------------------------------------------------------------
+
+
+def _probe_legacy(f, pos: int, hlen: int, file_size: int, ordinal: int) -> Optional[MemberInfo]:
+    """Inflate a plain gzip member to find its end; None if it is not complete and valid."""
+    f.seek(pos + hlen)
+    d = zlib.decompressobj(-15)
+    parts = []
+    fed = 0
+    try:
+        while not d.eof:
+            chunk = f.read(_READ_CHUNK)
+            if not chunk:
+                return None
+            fed += len(chunk)
+            parts.append(d.decompress(chunk))
+    except zlib.error:
+        return None
+    tail = d.unused_data
+    end = pos + hlen + fed - len(tail)
+    if end + 8 > file_size:
+        return None
+    if len(tail) < 8:
+        f.seek(end)
+        tail = f.read(8)
+    data = b"".join(parts)
+    crc = int.from_bytes(tail[0:4], "little")
+    isize = int.from_bytes(tail[4:8], "little")
+    if zlib.crc32(data) != crc or len(data) & 0xFFFFFFFF != isize:
+        return None
+    count, min_ts, max_ts, first_seq, last_seq = legacy_member_summary(data)
+    return MemberInfo(
+        offset=pos, size=end + 8 - pos, kind=KIND_LEGACY, count=count,
+        first_ordinal=ordinal, last_ordinal=ordinal + count - 1,
+        min_timestamp=min_ts, max_timestamp=max_ts,
+        first_sequence=first_seq, last_sequence=last_seq,
+        raw_size=len(data),
+    )  # fmt: skip
+
+
+def _probe(f, pos: int, file_size: int, ordinal: int, legacy_ok: bool) -> Optional[MemberInfo]:
+    """The member starting at ``pos`` if its header (and extent) is valid, else None.
+
+    Members we wrote are checked by header only (their checksummed header
+    records their size); plain gzip members are inflated to find their end.
+    """
+    try:
+        header = read_member_header(f, pos, file_size)
+        info, hlen = parse_member_header(header, pos)
+    except ValueError:
+        return None
+    if info is None:
+        if not legacy_ok:
+            return None
+        return _probe_legacy(f, pos, hlen, file_size, ordinal)
+    if pos + info.size > file_size:
+        return None
+    return info
+
+
+def _resync(f, start: int, file_size: int, ordinal: int, legacy_ok: bool):
+    """Find the next valid member at or after ``start``: ``(info)`` or None."""
+    if start >= file_size:
+        return None
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        pos = start
+        while True:
+            q = mm.find(_GZIP_START, pos)
+            if q < 0:
+                return None
+            info = _probe(f, q, file_size, ordinal, legacy_ok)
+            if info is not None:
+                return info
+            pos = q + 1
+
+
+def _verified(f, member: MemberInfo) -> bool:
+    if member.kind == KIND_LEGACY:
+        return True  # inflated and CRC-checked while probing
+    try:
+        inflate_member(f, member)
+    except CorruptMember:
+        return False
+    return True
+
+
+def thd_scan_segment(path: str, repair: bool) -> ScanResult:
+    """Walk a segment's member headers and find where its valid data ends.  Pool thread.
+
+    Our members are walked by their recorded sizes without inflating data;
+    plain gzip (legacy) members are inflated to find their end and to count
+    their records.  The last member is verified fully (inflate, CRC32,
+    ISIZE), and the one before it too if it fails, since a crash can only
+    tear the tail.  A torn or garbage tail (partial header, short member, bad
+    last member, zero fill) ends the valid data; with ``repair=True`` the file
+    is truncated to ``valid_size`` and fsync'd, with ``repair=False`` nothing
+    is modified.  A damaged region followed by complete members is stepped
+    over and reported in ``holes`` (never cut).  A missing file gives
+    ``ScanResult((), 0, 0, False)``.
+    """
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return ScanResult((), 0, 0, False)
+    with f:
+        file_size = os.fstat(f.fileno()).st_size
+        members: list[MemberInfo] = []
+        holes: list[tuple[int, int]] = []
+        pos = 0
+        legacy_seen = 0
+        ours_seen = False
+        while pos < file_size:
+            ordinal = LEGACY_ORDINAL_BASE + legacy_seen
+            info = _probe(f, pos, file_size, ordinal, not ours_seen)
+            if info is None:
+                info = _resync(f, pos + 1, file_size, ordinal, not ours_seen)
+                if info is None:
+                    break
+                holes.append((pos, info.offset))
+            members.append(info)
+            if info.kind == KIND_LEGACY:
+                legacy_seen += info.count
+            else:
+                ours_seen = True
+            pos = info.offset + info.size
+        valid_size = pos
+        while members and not _verified(f, members[-1]):
+            valid_size = members.pop().offset
+            while holes and holes[-1][1] >= valid_size:
+                valid_size = holes.pop()[0]
+    truncated = False
+    if repair and valid_size < file_size:
+        with open(path, "r+b") as w:
+            w.truncate(valid_size)
+            w.flush()
+            os.fsync(w.fileno())
+        truncated = True
+    return ScanResult(tuple(members), valid_size, file_size, truncated, tuple(holes))
+
+
+# -- appending ---------------------------------------------------------------
+
+
+def thd_fsync_path(path: str) -> None:
+    """fsync a file or directory by path.  Pool thread."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _missing_dirs(directory: str) -> list[str]:
+    """Directories on the way to ``directory`` that do not exist yet, outermost first."""
+    missing = []
+    d = os.path.abspath(directory)
+    while not os.path.isdir(d):
+        missing.append(d)
+        parent = os.path.dirname(d)
+        if parent == d:
+            break
+        d = parent
+    missing.reverse()
+    return missing
+
+
+def thd_append(path: str, data: bytes, expected_size: int, fsync: bool) -> int:
+    """Append ``data`` whole at ``expected_size`` and return the new size.  Pool thread.
+
+    Creates missing directories and the file.  When the file is longer than
+    ``expected_size`` (a previous failed partial write), it is first cut back.
+    On any error (ENOSPC, EIO, ...) the file is truncated back to
+    ``expected_size`` (best effort) and the error re-raised: nothing partial
+    stays.  With ``fsync=True`` the file is fsync'd, and so are the parent
+    directories of everything this call created.  Raises
+    SegmentShorterThanExpected, writing nothing, when the file is shorter
+    than ``expected_size``.
+    """
+    directory = os.path.dirname(path) or "."
+    created_dirs = _missing_dirs(directory)
+    if created_dirs:
+        os.makedirs(directory, exist_ok=True)
+    cloexec = getattr(os, "O_CLOEXEC", 0)
+    created = False
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | cloexec, 0o644)
+        created = True
+    except FileExistsError:
+        fd = os.open(path, os.O_WRONLY | cloexec)
+    try:
+        size = os.fstat(fd).st_size
+        if size < expected_size:
+            raise SegmentShorterThanExpected(
+                errno.EIO,
+                f"segment is {size} bytes, shorter than its known valid size {expected_size}",
+                path,
+            )
+        try:
+            if size > expected_size:
+                os.ftruncate(fd, expected_size)
+            view = memoryview(data)
+            written = 0
+            while written < len(view):
+                n = os.pwrite(fd, view[written:], expected_size + written)
+                if n <= 0:
+                    raise OSError(errno.EIO, "write made no progress", path)
+                written += n
+            if fsync:
+                os.fsync(fd)
+                to_sync = {os.path.dirname(d) for d in created_dirs}
+                if created:
+                    to_sync.add(os.path.abspath(directory))
+                for d in sorted(to_sync):
+                    thd_fsync_path(d)
+        except BaseException:
+            try:
+                os.ftruncate(fd, expected_size)
+            except OSError:
+                pass
+            raise
+    finally:
+        os.close(fd)
+    return expected_size + len(data)

@@ -1,0 +1,255 @@
+"""StorageBackend behaviour shared by every backend and by test fakes.
+
+``StorageBackendContractMixin`` is mixed into a ``SynchronousTestCase`` that
+provides ``make_storage()``: a started backend whose Deferreds fire
+synchronously (a fake, or LocalStorage with a synchronous thread runner).
+Running the same tests against the fakes and the real backend keeps the fakes
+honest.
+
+The contract, beyond storage/api.py's docstrings:
+
+- Reactor-thread methods that take a job id fail their Deferred with
+  InvalidJobId for an invalid id; any-thread lookups (snapshot, job_info)
+  raise it.
+- An empty batch fires with 0.
+- Snapshots are immutable: one taken before an append does not change.
+"""
+
+from __future__ import annotations
+
+from joblet_persist._proto import ipc_pb2
+from joblet_persist.storage.api import (
+    STREAM_STDERR,
+    STREAM_STDOUT,
+    STREAM_UNSPECIFIED,
+    InvalidJobId,
+    JobInfo,
+    LogBatch,
+    LogRecord,
+    MetricBatch,
+)
+
+INVALID_JOB_IDS = ("", "../x", "a/b", "..", "x" * 200, ".hidden", "a\x00b", "job id")
+
+
+def log_batch(job_id: str, stream: int, rows) -> LogBatch:
+    """LogBatch from rows of (timestamp, sequence, arrival, content)."""
+    rows = list(rows)
+    return LogBatch(
+        job_id=job_id,
+        stream=stream,
+        timestamps=[r[0] for r in rows],
+        sequences=[r[1] for r in rows],
+        arrivals=[r[2] for r in rows],
+        contents=[r[3] for r in rows],
+    )
+
+
+def metric_payload(job_id: str, timestamp: int, sequence: int, cpu: float = 1.5, **more) -> bytes:
+    """A serialized joblet.ipc.Metric with every data field set."""
+    m = ipc_pb2.Metric(job_uuid=job_id, timestamp=timestamp, sequence=sequence)
+    m.data.cpu_usage = cpu
+    m.data.memory_usage = more.get("memory", 1 << 40)
+    m.data.gpu_usage = more.get("gpu", 0.25)
+    m.data.disk_io.read_bytes = more.get("read_bytes", 2**62 + 3)
+    m.data.disk_io.write_bytes = 11
+    m.data.disk_io.read_ops = 12
+    m.data.disk_io.write_ops = 13
+    m.data.network_io.rx_bytes = 21
+    m.data.network_io.tx_bytes = 22
+    m.data.network_io.rx_packets = 23
+    m.data.network_io.tx_packets = 24
+    return m.SerializeToString()
+
+
+def metric_batch(job_id: str, rows) -> MetricBatch:
+    """MetricBatch from rows of (timestamp, sequence, arrival, payload)."""
+    rows = list(rows)
+    return MetricBatch(
+        job_id=job_id,
+        timestamps=[r[0] for r in rows],
+        sequences=[r[1] for r in rows],
+        arrivals=[r[2] for r in rows],
+        payloads=[r[3] for r in rows],
+    )
+
+
+def reference_logs(records, stream, start_time=0, end_time=0, offset=0, limit=0):
+    """What iter_logs must return for ``records`` [(arrival, LogRecord)]: brute force."""
+    chosen = [
+        r
+        for _, r in sorted(records, key=lambda item: item[0])
+        if (stream == STREAM_UNSPECIFIED or r.stream == stream)
+        and (start_time <= 0 or r.timestamp >= start_time)
+        and (end_time <= 0 or r.timestamp <= end_time)
+    ]
+    chosen = chosen[offset:]
+    return chosen[:limit] if limit else chosen
+
+
+class StorageBackendContractMixin:
+    """Tests of the StorageBackend contract; needs ``make_storage()`` on the test case."""
+
+    JOB = "3f2a9c1e-0b7d-4e2a-9a51-1c0de0000001"
+
+    def make_storage(self):
+        raise NotImplementedError("the test case provides a started backend")
+
+    def _append_logs(self, storage, job_id, stream, rows):
+        return self.successResultOf(storage.append_logs(log_batch(job_id, stream, rows)))
+
+    def _open(self, storage, job_id):
+        return self.successResultOf(storage.open_job(job_id))
+
+    def _sample_job(self, storage):
+        """Append an interleaving of both streams; return [(arrival, LogRecord)]."""
+        records = []
+        plan = [
+            (STREAM_STDOUT, [(1000, 1, 0, b"out-0\n"), (1000, 2, 2, b"out-1\n")]),
+            (STREAM_STDERR, [(1500, 3, 1, b"err-0\n"), (2000, 4, 3, b"")]),
+            (STREAM_STDOUT, [(2500, 5, 4, b"\x00\xffbinary"), (3000, 6, 6, b"out-3")]),
+            (STREAM_STDERR, [(3000, 7, 5, b"err-2\n")]),
+        ]
+        for stream, rows in plan:
+            self._append_logs(storage, self.JOB, stream, rows)
+            records.extend((a, LogRecord(stream, ts, seq, content)) for ts, seq, a, content in rows)
+        return records
+
+    def test_append_then_read_back(self):
+        """Appended log messages read back byte-exact with stream, timestamp and sequence."""
+        storage = self.make_storage()
+        rows = [(10, 1, 0, b"hello\n"), (11, 2, 1, b""), (12, 3, 2, bytes(range(256)))]
+        written = self._append_logs(storage, self.JOB, STREAM_STDOUT, rows)
+        self.assertIsInstance(written, int)
+        snap = self._open(storage, self.JOB)
+        self.assertEqual(snap.job_id, self.JOB)
+        self.assertEqual(
+            list(snap.iter_logs(STREAM_STDOUT)),
+            [LogRecord(STREAM_STDOUT, ts, seq, c) for ts, seq, _, c in rows],
+        )
+        self.assertEqual(list(snap.iter_logs(STREAM_STDERR)), [])
+
+    def test_merged_streams_in_arrival_order(self):
+        """Stream 0 merges stdout and stderr by arrival, not by timestamp or per stream."""
+        storage = self.make_storage()
+        records = self._sample_job(storage)
+        snap = self._open(storage, self.JOB)
+        self.assertEqual(
+            list(snap.iter_logs(STREAM_UNSPECIFIED)), reference_logs(records, STREAM_UNSPECIFIED)
+        )
+        self.assertEqual(list(snap.iter_logs(STREAM_STDERR)), reference_logs(records, STREAM_STDERR))
+
+    def test_range_offset_limit(self):
+        """Inclusive time range on bounds > 0, then offset, then limit, for every stream."""
+        storage = self.make_storage()
+        records = self._sample_job(storage)
+        snap = self._open(storage, self.JOB)
+        for stream in (0, 1, 2):
+            for start, end in ((0, 0), (1000, 0), (0, 2000), (1500, 2500), (3001, 0), (1, 999)):
+                for offset, limit in ((0, 0), (1, 0), (0, 2), (2, 1), (10, 0)):
+                    self.assertEqual(
+                        list(snap.iter_logs(stream, start, end, offset, limit)),
+                        reference_logs(records, stream, start, end, offset, limit),
+                        (stream, start, end, offset, limit),
+                    )
+
+    def test_snapshot_is_immutable(self):
+        """A snapshot taken before an append keeps showing the data it was taken with."""
+        storage = self.make_storage()
+        self._append_logs(storage, self.JOB, STREAM_STDOUT, [(1, 1, 0, b"a")])
+        before = self._open(storage, self.JOB)
+        self._append_logs(storage, self.JOB, STREAM_STDOUT, [(2, 2, 1, b"b")])
+        self.assertEqual([r.content for r in before.iter_logs(0)], [b"a"])
+        self.assertEqual(before.info.log_count, 1)
+        after = storage.snapshot(self.JOB)
+        self.assertEqual([r.content for r in after.iter_logs(0)], [b"a", b"b"])
+
+    def test_job_info_counts(self):
+        """JobInfo counts messages of both kinds and spans their timestamps."""
+        storage = self.make_storage()
+        self._sample_job(storage)
+        payloads = [(900, 1, 10, metric_payload(self.JOB, 900, 1))]
+        self.successResultOf(storage.append_metrics(metric_batch(self.JOB, payloads)))
+        info = storage.job_info(self.JOB)
+        self.assertIsInstance(info, JobInfo)
+        self.assertEqual((info.job_id, info.log_count, info.metric_count), (self.JOB, 7, 1))
+        self.assertEqual((info.first_timestamp, info.last_timestamp), (900, 3000))
+        self.assertEqual(self._open(storage, self.JOB).info, info)
+        self.assertIn(info, storage.list_jobs())
+
+    def test_metrics_round_trip(self):
+        """Metric samples read back with exact integers and WIRE.md snake_case keys."""
+        storage = self.make_storage()
+        rows = [
+            (5_000_000_001, 7, 0, metric_payload(self.JOB, 5_000_000_001, 7, cpu=12.5)),
+            (5_000_000_002, 8, 1, metric_payload(self.JOB, 5_000_000_002, 8, memory=3)),
+        ]
+        self.successResultOf(storage.append_metrics(metric_batch(self.JOB, rows)))
+        records = list(self._open(storage, self.JOB).iter_metrics())
+        self.assertEqual([(r.timestamp, r.sequence) for r in records], [r[:2] for r in rows])
+        data = records[0].data
+        self.assertEqual(data["cpu_usage"], 12.5)
+        self.assertEqual(data["memory_usage"], 1 << 40)
+        self.assertEqual(data["disk_io"]["read_bytes"], 2**62 + 3)
+        self.assertEqual(data["network_io"]["tx_packets"], 24)
+        self.assertEqual(records[1].data["memory_usage"], 3)
+        later = list(self._open(storage, self.JOB).iter_metrics(5_000_000_002))
+        self.assertEqual([r.sequence for r in later], [8])
+
+    def test_unknown_job(self):
+        """A job never written is unknown everywhere."""
+        storage = self.make_storage()
+        self.assertIsNone(self._open(storage, "never-written"))
+        self.assertIsNone(storage.snapshot("never-written"))
+        self.assertIsNone(storage.job_info("never-written"))
+        self.assertEqual(self.successResultOf(storage.delete_job("never-written")), 0)
+
+    def test_empty_batch(self):
+        """An empty batch fires with 0 bytes."""
+        storage = self.make_storage()
+        self.assertEqual(self._append_logs(storage, self.JOB, STREAM_STDOUT, []), 0)
+        self.assertEqual(self.successResultOf(storage.append_metrics(metric_batch(self.JOB, []))), 0)
+
+    def test_delete_then_recreate(self):
+        """A deleted job is gone; data appended afterwards starts a fresh job."""
+        storage = self.make_storage()
+        self._sample_job(storage)
+        freed = self.successResultOf(storage.delete_job(self.JOB))
+        self.assertIsInstance(freed, int)
+        self.assertIsNone(storage.job_info(self.JOB))
+        self.assertIsNone(storage.snapshot(self.JOB))
+        self.assertIsNone(self._open(storage, self.JOB))
+        self.assertNotIn(self.JOB, [info.job_id for info in storage.list_jobs()])
+        self._append_logs(storage, self.JOB, STREAM_STDERR, [(9, 1, 0, b"new")])
+        snap = self._open(storage, self.JOB)
+        self.assertEqual(list(snap.iter_logs(0)), [LogRecord(STREAM_STDERR, 9, 1, b"new")])
+        self.assertEqual((snap.info.log_count, snap.info.first_timestamp), (1, 9))
+
+    def test_invalid_job_ids_rejected(self):
+        """Invalid job ids fail every entry point with InvalidJobId."""
+        storage = self.make_storage()
+        for bad in INVALID_JOB_IDS:
+            self.failureResultOf(
+                storage.append_logs(log_batch(bad, STREAM_STDOUT, [(1, 1, 0, b"x")])),
+                InvalidJobId,
+            )
+            self.failureResultOf(
+                storage.append_metrics(metric_batch(bad, [(1, 1, 0, metric_payload(bad, 1, 1))])),
+                InvalidJobId,
+            )
+            self.failureResultOf(storage.open_job(bad), InvalidJobId)
+            self.failureResultOf(storage.delete_job(bad), InvalidJobId)
+            self.assertRaises(InvalidJobId, storage.snapshot, bad)
+            self.assertRaises(InvalidJobId, storage.job_info, bad)
+        self.assertEqual(tuple(storage.list_jobs()), ())
+
+    def test_list_jobs(self):
+        """list_jobs returns an immutable tuple holding every job's summary."""
+        storage = self.make_storage()
+        self.assertEqual(tuple(storage.list_jobs()), ())
+        for n, job in enumerate(("job-b", "job-a")):
+            self._append_logs(storage, job, STREAM_STDOUT, [(n + 1, 1, 0, b"x" * (n + 1))])
+        jobs = storage.list_jobs()
+        self.assertIsInstance(jobs, tuple)
+        self.assertEqual(sorted(info.job_id for info in jobs), ["job-a", "job-b"])
+        self.assertEqual({info.job_id: info for info in jobs}["job-a"], storage.job_info("job-a"))
