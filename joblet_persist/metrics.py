@@ -113,6 +113,13 @@ class PersistMetrics:
             ["result"],
             registry=r,
         )
+        self.storage_errors = Counter(
+            "persist_storage_errors",
+            "Storage problems that lose nothing else: undecodable metric payloads skipped, "
+            "job index writes failed (retried).",
+            ["kind"],
+            registry=r,
+        )
         self.retention_deleted_jobs = Counter(
             "persist_retention_deleted_jobs",
             "Jobs (or job segments) deleted by retention.",
@@ -193,6 +200,14 @@ class PersistMetrics:
         if self._backpressure_since is not None:
             total += self._clock() - self._backpressure_since
         return total
+
+    # -- storage (reactor thread) ----------------------------------------
+
+    def metric_payloads_skipped(self, count: int) -> None:
+        self.storage_errors.labels(kind="metric_payload_skipped").inc(count)
+
+    def index_write_failed(self) -> None:
+        self.storage_errors.labels(kind="index_write_failed").inc()
 
     # -- queries (gRPC threads) ----------------------------------------
 

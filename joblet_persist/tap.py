@@ -1,14 +1,262 @@
-"""Composition root: twistd options and makeService.  Reactor thread."""
-from twisted.application import service
+"""Composition root: twistd options and makeService.  Reactor thread.
+
+This is the only place where components are wired together.  Nothing here
+creates threads or servers: ``makeService`` only builds Service objects, and
+each creates its pools, sockets and gRPC server in ``startService`` (twistd may
+fork between the two).
+
+Start order (stop order is the reverse, each step waiting for the previous):
+
+1. cpu-pool      compression/append/scan thread pool, sized to the cores
+2. storage       job index loaded (or rebuilt from the files)
+3. writer        batching writer and its flush timer
+4. health        disk probe loop feeding /health, Ping and gRPC health
+5. retention     periodic retention run
+6. ingest        IPC Unix socket listener (stop: close listener, drain connections)
+7. grpc          gRPC server on the Unix socket and/or TCP (stop: refuse, then grace)
+8. monitoring    Klein /metrics and /health listeners
+
+So on SIGTERM: monitoring and gRPC stop accepting first, ingest closes its
+connections, the writer flushes and fsyncs every received frame, storage
+writes the job index, and the pool is joined.
+"""
+
+from __future__ import annotations
+
 from twisted.python import usage
 
 
 class Options(usage.Options):
+    synopsis = "[--config FILE] [--data-dir DIR]"
+    longdesc = (
+        "Receive joblet job output and metrics over a Unix socket, store them as gzip "
+        "files, and answer historical queries over gRPC."
+    )
     optParameters = [
-        ["config", "c", None, "Path to the YAML configuration file."],
-        ["data-dir", "d", None, "Data directory; default socket paths go under DIR/run/."],
+        ["config", "c", None, "YAML configuration file (see config.example.yml)."],
+        [
+            "data-dir",
+            "d",
+            None,
+            "Data directory (overrides storage.dataDir); default socket paths go under DIR/run/.",
+        ],
     ]
 
+    def postOptions(self):
+        from joblet_persist.config import ConfigError, load_config
 
-def makeService(options):
-    return service.MultiService()
+        try:
+            self.config = load_config(self["config"], data_dir=self["data-dir"])
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def makeService(options, reactor=None):
+    """Build the service tree for ``twistd joblet-persist``."""
+    if reactor is None:
+        from twisted.internet import reactor
+    config = getattr(options, "config", None)
+    if config is None:
+        from joblet_persist.config import load_config
+
+        config = load_config(options.get("config"), data_dir=options.get("data-dir"))
+    return build_service(config, reactor)
+
+
+def build_service(config, reactor, *, registry=None):
+    """Wire every component for ``config``; returns the root service.
+
+    ``root.components`` exposes the parts for tests and benchmarks.
+    """
+    from prometheus_client import CollectorRegistry
+    from twisted.web.server import Site
+
+    from joblet_persist.grpc_server import GrpcServerService
+    from joblet_persist.health import HealthMonitor
+    from joblet_persist.ingest import IngestFactory
+    from joblet_persist.metrics import PersistMetrics
+    from joblet_persist.query import PersistServicer
+    from joblet_persist.services import (
+        CallbackService,
+        OrderedMultiService,
+        TCPListenerService,
+        ThreadPoolService,
+        UnixListenerService,
+    )
+    from joblet_persist.storage.compress import make_compressor
+    from joblet_persist.storage.local import LocalStorage
+    from joblet_persist.web import MonitoringApp
+    from joblet_persist.writer import BatchingWriter
+
+    sc, wc, ic, qc, mc = config.storage, config.writer, config.ipc, config.query, config.monitoring
+    metrics = PersistMetrics(registry if registry is not None else CollectorRegistry())
+    metrics.set_clock(reactor.seconds)
+
+    def start_failed(failure):
+        # A service that cannot start (socket in use, unreadable data dir) ends the process.
+        if reactor.running:
+            reactor.stop()
+
+    root = OrderedMultiService(on_start_failure=start_failed)
+
+    pool = ThreadPoolService(reactor, "cpu-pool", wc.thread_count)
+    pool.setServiceParent(root)
+
+    storage = LocalStorage(
+        sc.data_dir,
+        pool.run,
+        compressor=make_compressor(sc.compressor, sc.compression_level),
+        segment_max_bytes=sc.segment_max_bytes,
+        fsync=sc.fsync,
+        clock=reactor,
+        index_interval=wc.index_interval,
+        sync_interval=wc.flush_interval,
+        metrics=metrics,
+    )
+
+    def storage_totals():
+        jobs = storage.list_jobs()
+        return len(jobs), sum(j.size_bytes for j in jobs)
+
+    metrics.set_storage_source(storage_totals)
+    CallbackService("storage", storage.start, storage.stop).setServiceParent(root)
+
+    factory_box: list = []
+    writer = BatchingWriter(
+        storage,
+        reactor,
+        flush_interval=wc.flush_interval,
+        batch_max_messages=wc.batch_max_messages,
+        batch_max_bytes=wc.batch_max_bytes,
+        high_water_bytes=wc.high_water_bytes,
+        low_water_bytes=wc.low_water_bytes,
+        retry_initial=wc.retry_initial,
+        retry_max=wc.retry_max,
+        on_pause=lambda: factory_box[0].pause_all(),
+        on_resume=lambda: factory_box[0].resume_all(),
+        metrics=metrics,
+    )
+    CallbackService("writer", writer.start, writer.stop).setServiceParent(root)
+
+    factory = IngestFactory(
+        writer,
+        metrics,
+        reactor,
+        max_frame_bytes=ic.max_frame_bytes,
+        max_connections=ic.max_connections,
+    )
+    factory_box.append(factory)
+
+    health = HealthMonitor(
+        reactor, pool.run, sc.data_dir, min_free_bytes=sc.retention.min_free_bytes
+    )
+    metrics.set_health_source(health)
+    CallbackService("health", health.start, health.stop).setServiceParent(root)
+
+    ingest = UnixListenerService(
+        reactor, "ingest", ic.socket, factory, mode=ic.socket_mode,
+        on_stop=factory.disconnect_all,
+    )
+    ingest.setServiceParent(root)
+
+    def delete_job(job_id):
+        d = writer.discard_job(job_id)
+        d.addCallback(lambda _: storage.delete_job(job_id))
+        return d
+
+    def ingest_stats():
+        return {
+            "messages_received": writer.messages_received,
+            "messages_written": writer.messages_written,
+            "write_errors": writer.write_errors,
+        }
+
+    servicer = PersistServicer(
+        storage,
+        reactor,
+        is_healthy=lambda: health.healthy,
+        ingest_stats=ingest_stats,
+        delete_job=delete_job,
+        cleanup=None,
+        batch_max_items=qc.batch_max_items,
+        batch_max_bytes=qc.batch_max_bytes,
+        max_limit=qc.max_limit,
+        metrics=metrics,
+        admin_ou=config.security.admin_ou,
+        viewer_ou=config.security.viewer_ou,
+    )
+    grpc_service = GrpcServerService(
+        servicer,
+        unix_socket=config.server.grpc_socket or None,
+        unix_socket_mode=config.server.grpc_socket_mode,
+        tcp_address=config.server.grpc_address or None,
+        tls=_tls_settings(config),
+        max_workers=config.server.grpc_workers,
+        max_message_bytes=config.server.max_message_bytes,
+        max_concurrent_rpcs=config.server.max_concurrent_rpcs,
+        shutdown_grace=config.server.shutdown_grace,
+        reactor=reactor,
+    )
+    grpc_service.setName("grpc")
+
+    health.add_check(
+        "writer",
+        lambda: (
+            not writer.failed_pending,
+            "writes failing; retrying" if writer.failed_pending else "writes succeeding",
+        ),
+    )
+    health.add_check(
+        "ingest",
+        lambda: (ingest.listening, f"unix:{ic.socket}" if ingest.listening else "not listening"),
+    )
+    health.add_check(
+        "grpc", lambda: (grpc_service.running, "serving" if grpc_service.running else "stopped")
+    )
+    grpc_service.setServiceParent(root)
+
+    web_services = []
+    if mc.enabled:
+        app = MonitoringApp(health, metrics.registry, node_id=config.server.node_id)
+        site = Site(app.resource())
+        site.noisy = False
+        web_services.append(
+            TCPListenerService(reactor, "metrics-http", mc.bind_address, mc.metrics_port, site)
+        )
+        if mc.health_port != mc.metrics_port or mc.health_port == 0:
+            web_services.append(
+                TCPListenerService(reactor, "health-http", mc.bind_address, mc.health_port, site)
+            )
+        for web in web_services:
+            web.setServiceParent(root)
+
+    root.components = {
+        "config": config,
+        "metrics": metrics,
+        "pool": pool,
+        "storage": storage,
+        "writer": writer,
+        "factory": factory,
+        "health": health,
+        "ingest": ingest,
+        "servicer": servicer,
+        "grpc": grpc_service,
+        "web": web_services,
+    }
+    return root
+
+
+def _tls_settings(config):
+    sec = config.security
+    if not sec.tls_enabled:
+        return None
+    from joblet_persist.config import read_pem
+
+    return {
+        "server_cert": read_pem(sec.server_cert, "security.serverCert", source=config.source),
+        "server_key": read_pem(sec.server_key, "security.serverKey", source=config.source),
+        "ca_cert": (
+            read_pem(sec.ca_cert, "security.caCert", source=config.source) if sec.ca_cert else None
+        ),
+        "require_client_cert": sec.require_client_cert,
+    }

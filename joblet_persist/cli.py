@@ -1,0 +1,590 @@
+"""``joblet-persist-ctl``: the operator's command line client of the query API.
+
+A plain blocking gRPC client (no reactor).  ``main(argv, stdout=, stderr=)``
+returns the exit status, so tests can run it in-process and capture output:
+
+- 0 ok, 1 error (including an invalid argument the service refused),
+- 2 usage (bad options, unreadable certificate files),
+- 3 not found, 4 permission denied or unauthenticated,
+- 5 the service is unreachable, shutting down or timed out.
+
+``ping`` exits 0 only when the service reports itself healthy.  ``logs``
+writes the raw output bytes to stdout, so it can be piped; a closed pipe
+(``logs JOB | head``) ends it quietly with status 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime
+import json
+import os
+import re
+import sys
+import time
+from typing import Optional
+
+import grpc
+
+from joblet_persist._proto import persist_pb2, persist_pb2_grpc
+
+DEFAULT_SOCKET = "/opt/joblet/run/persist-grpc.sock"
+SOCKET_ENV = "JOBLET_PERSIST_SOCKET"
+DEFAULT_TIMEOUT = 10.0
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_DENIED = 4
+EXIT_UNAVAILABLE = 5
+
+_STREAMS = {"both": 0, "stdout": 1, "stderr": 2}
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+_DURATION = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h|d|w))+")
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+
+
+class UsageError(Exception):
+    """A problem with the command line (exit status 2)."""
+
+
+# -- parsing ----------------------------------------------------------------------------
+
+
+def parse_duration(text: str) -> Optional[float]:
+    """Seconds of a duration like ``90s``, ``30m``, ``2h``, ``1d``, ``1h30m``; else None."""
+    if not _DURATION.fullmatch(text):
+        return None
+    return sum(float(n) * _UNITS[u] for n, u in _DURATION_PART.findall(text))
+
+
+def parse_time(text: str, now_ns: Optional[int] = None) -> int:
+    """Unix nanoseconds of a ``--since``/``--until`` value.
+
+    Accepts a duration before now (``2h``, ``30m``, ``1d``), ``now``, an ISO
+    8601 time (``2024-05-01T12:00:00Z``; without an offset it is local time),
+    or an integer, taken as Unix nanoseconds.
+    """
+    value = text.strip()
+    if now_ns is None:
+        now_ns = time.time_ns()
+    if value.isdigit():
+        return int(value)
+    if value == "now":
+        return now_ns
+    seconds = parse_duration(value)
+    if seconds is not None:
+        return max(0, now_ns - round(seconds * 1e9))
+    try:
+        moment = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(
+            f"invalid time {text!r}: expected a duration before now (2h, 30m, 1d), "
+            "an ISO 8601 time or Unix nanoseconds"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.astimezone()
+    return ((moment - _EPOCH) // datetime.timedelta(microseconds=1)) * 1000
+
+
+def _time_arg(text: str) -> int:
+    try:
+        return parse_time(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _count_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0 or value > 2**31 - 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (0..2147483647)")
+    return value
+
+
+def _connection_options(parser, suppress: bool) -> None:
+    default = argparse.SUPPRESS if suppress else None
+    group = parser.add_argument_group("connection")
+    group.add_argument(
+        "--socket",
+        metavar="PATH",
+        default=default,
+        help=f"Unix socket of the service (default: ${SOCKET_ENV} or {DEFAULT_SOCKET})",
+    )
+    group.add_argument(
+        "--address", metavar="HOST:PORT", default=default, help="connect over TCP instead"
+    )
+    group.add_argument("--ca", metavar="FILE", default=default, help="CA certificate (TLS)")
+    group.add_argument("--cert", metavar="FILE", default=default, help="client certificate")
+    group.add_argument("--key", metavar="FILE", default=default, help="client private key")
+    group.add_argument(
+        "--server-name",
+        metavar="NAME",
+        default=default,
+        help="expected name in the server certificate (default: the address's host)",
+    )
+    group.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=float,
+        default=default,
+        help=f"deadline of each call (default: {DEFAULT_TIMEOUT:g}s; none for logs/metrics)",
+    )
+
+
+def _range_options(parser) -> None:
+    parser.add_argument(
+        "--since",
+        type=_time_arg,
+        default=0,
+        metavar="TIME",
+        help="from this time: 2h, 30m, 1d (before now), ISO 8601, or Unix ns",
+    )
+    parser.add_argument(
+        "--until", type=_time_arg, default=0, metavar="TIME", help="up to this time (inclusive)"
+    )
+    parser.add_argument("--limit", type=_count_arg, default=0, help="at most N (0 = all)")
+    parser.add_argument("--offset", type=_count_arg, default=0, help="skip the first N")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="joblet-persist-ctl",
+        description="Query and manage the data stored by joblet-persist.",
+        epilog="Exit status: 0 ok, 1 error, 2 usage, 3 not found, "
+        "4 permission denied, 5 service unavailable.",
+    )
+    _connection_options(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name, help):
+        p = sub.add_parser(name, help=help, description=help)
+        _connection_options(p, suppress=True)
+        return p
+
+    p = command("logs", "write a job's output (raw bytes) to stdout")
+    p.add_argument("job")
+    p.add_argument("--stream", choices=sorted(_STREAMS), default="both")
+    _range_options(p)
+
+    p = command("metrics", "print a job's metric samples")
+    p.add_argument("job")
+    _range_options(p)
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="one JSON object per line")
+    fmt.add_argument("--csv", action="store_true", help="CSV with a header row")
+
+    p = command("jobs", "list stored jobs, newest first")
+    _range_options(p)
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    p = command("info", "show one job's summary")
+    p.add_argument("job")
+    p.add_argument("--json", action="store_true")
+
+    p = command("stats", "show service totals")
+    p.add_argument("--json", action="store_true")
+
+    p = command("delete", "delete all data of a job")
+    p.add_argument("job")
+
+    command("ping", "check that the service is up and healthy")
+    return parser
+
+
+# -- connection ---------------------------------------------------------------------------
+
+
+def _read(path: Optional[str], what: str) -> Optional[bytes]:
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise UsageError(f"cannot read {what} {path}: {e.strerror or e}") from None
+
+
+def _connect(args) -> tuple[grpc.Channel, str]:
+    options = [("grpc.max_receive_message_length", 64 << 20)]
+    if args.address:
+        target = args.address
+        if args.ca or args.cert or args.key:
+            if bool(args.cert) != bool(args.key):
+                raise UsageError("--cert and --key must be given together")
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=_read(args.ca, "CA certificate"),
+                private_key=_read(args.key, "client key"),
+                certificate_chain=_read(args.cert, "client certificate"),
+            )
+            if args.server_name:
+                options.append(("grpc.ssl_target_name_override", args.server_name))
+            return grpc.secure_channel(target, creds, options), target
+        return grpc.insecure_channel(target, options), target
+    path = args.socket or os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
+    target = f"unix:{path}"
+    return grpc.insecure_channel(target, options), target
+
+
+# -- output helpers --------------------------------------------------------------------
+
+
+def _iso(ns: int) -> str:
+    if ns <= 0:
+        return "-"
+    moment = _EPOCH + datetime.timedelta(microseconds=ns // 1000)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _iso_seconds(seconds: int) -> str:
+    return _iso(seconds * 10**9)
+
+
+def _human(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def _metric_dict(m: persist_pb2.Metric) -> dict:
+    d = m.data
+    return {
+        "job_uuid": m.job_uuid,
+        "timestamp": m.timestamp,
+        "sequence": m.sequence,
+        "data": {
+            "cpu_usage": d.cpu_usage,
+            "memory_usage": d.memory_usage,
+            "gpu_usage": d.gpu_usage,
+            "disk_io": {
+                "read_bytes": d.disk_io.read_bytes,
+                "write_bytes": d.disk_io.write_bytes,
+                "read_ops": d.disk_io.read_ops,
+                "write_ops": d.disk_io.write_ops,
+            },
+            "network_io": {
+                "rx_bytes": d.network_io.rx_bytes,
+                "tx_bytes": d.network_io.tx_bytes,
+                "rx_packets": d.network_io.rx_packets,
+                "tx_packets": d.network_io.tx_packets,
+            },
+        },
+    }
+
+
+_CSV_HEADER = [
+    "timestamp",
+    "sequence",
+    "cpu_usage",
+    "memory_usage",
+    "gpu_usage",
+    "disk_read_bytes",
+    "disk_write_bytes",
+    "disk_read_ops",
+    "disk_write_ops",
+    "net_rx_bytes",
+    "net_tx_bytes",
+    "net_rx_packets",
+    "net_tx_packets",
+]
+_TABLE = "{:<20}  {:>8}  {:>7}  {:>10}  {:>6}  {:>10}  {:>10}  {:>10}  {:>10}"
+
+
+def _job_dict(info) -> dict:
+    return {
+        "job_uuid": info.job_uuid,
+        "created_at": info.created_at,
+        "last_updated": info.last_updated,
+        "log_count": info.log_count,
+        "metric_count": info.metric_count,
+        "size_bytes": info.size_bytes,
+    }
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+def _stream_timeout(args) -> Optional[float]:
+    return args.timeout
+
+
+def _unary_timeout(args) -> float:
+    return args.timeout if args.timeout else DEFAULT_TIMEOUT
+
+
+def cmd_logs(stub, args, out) -> int:
+    request = persist_pb2.QueryLogsRequest(
+        job_uuid=args.job,
+        stream=_STREAMS[args.stream],
+        start_time=args.since,
+        end_time=args.until,
+        limit=args.limit,
+        offset=args.offset,
+    )
+    binary = getattr(out, "buffer", out)
+    out.flush()
+    call = stub.QueryLogsBatched(request, timeout=_stream_timeout(args))
+    wrote = False
+    try:
+        try:
+            for batch in call:
+                binary.write(b"".join(line.content for line in batch.lines))
+                binary.flush()
+                wrote = True
+        except grpc.RpcError as e:
+            # A service without the batched extension: fall back to QueryLogs.
+            if wrote or e.code() is not grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            call = stub.QueryLogs(request, timeout=_stream_timeout(args))
+            for line in call:
+                binary.write(line.content)
+            binary.flush()
+    except BrokenPipeError:
+        call.cancel()
+        raise
+    return EXIT_OK
+
+
+def cmd_metrics(stub, args, out) -> int:
+    request = persist_pb2.QueryMetricsRequest(
+        job_uuid=args.job,
+        start_time=args.since,
+        end_time=args.until,
+        limit=args.limit,
+        offset=args.offset,
+    )
+    call = stub.QueryMetricsBatched(request, timeout=_stream_timeout(args))
+    writer = None
+    if args.csv:
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(_CSV_HEADER)
+    elif not args.json:
+        out.write(
+            _TABLE.format(
+                "TIME",
+                "SEQ",
+                "CPU%",
+                "MEMORY",
+                "GPU%",
+                "DISK_READ",
+                "DISK_WRITE",
+                "NET_RX",
+                "NET_TX",
+            ).rstrip()
+            + "\n"
+        )
+    try:
+        for batch in call:
+            for m in batch.metrics:
+                d = m.data
+                if args.json:
+                    out.write(json.dumps(_metric_dict(m), separators=(",", ":")) + "\n")
+                elif writer is not None:
+                    writer.writerow(
+                        [
+                            m.timestamp,
+                            m.sequence,
+                            repr(d.cpu_usage),
+                            d.memory_usage,
+                            repr(d.gpu_usage),
+                            d.disk_io.read_bytes,
+                            d.disk_io.write_bytes,
+                            d.disk_io.read_ops,
+                            d.disk_io.write_ops,
+                            d.network_io.rx_bytes,
+                            d.network_io.tx_bytes,
+                            d.network_io.rx_packets,
+                            d.network_io.tx_packets,
+                        ]
+                    )
+                else:
+                    out.write(
+                        _TABLE.format(
+                            _iso(m.timestamp),
+                            m.sequence,
+                            f"{d.cpu_usage:.1f}",
+                            _human(d.memory_usage),
+                            f"{d.gpu_usage:.1f}",
+                            _human(d.disk_io.read_bytes),
+                            _human(d.disk_io.write_bytes),
+                            _human(d.network_io.rx_bytes),
+                            _human(d.network_io.tx_bytes),
+                        )
+                        + "\n"
+                    )
+            out.flush()
+    except BrokenPipeError:
+        call.cancel()
+        raise
+    return EXIT_OK
+
+
+def cmd_jobs(stub, args, out, err) -> int:
+    request = persist_pb2.ListJobsRequest(
+        since=args.since // 10**9,
+        until=args.until // 10**9,
+        limit=args.limit,
+        offset=args.offset,
+    )
+    response = stub.ListJobs(request, timeout=_unary_timeout(args))
+    if args.json:
+        for job in response.jobs:
+            out.write(json.dumps(_job_dict(job)) + "\n")
+    else:
+        row = "{:<40}  {:<20}  {:<20}  {:>10}  {:>10}  {:>10}"
+        out.write(row.format("JOB", "CREATED", "UPDATED", "LOGS", "METRICS", "SIZE") + "\n")
+        for job in response.jobs:
+            out.write(
+                row.format(
+                    job.job_uuid,
+                    _iso_seconds(job.created_at),
+                    _iso_seconds(job.last_updated),
+                    job.log_count,
+                    job.metric_count,
+                    _human(job.size_bytes),
+                )
+                + "\n"
+            )
+    if len(response.jobs) < response.total_count:
+        err.write(f"showing {len(response.jobs)} of {response.total_count} jobs\n")
+    return EXIT_OK
+
+
+def cmd_info(stub, args, out) -> int:
+    info = stub.GetJobInfo(
+        persist_pb2.GetJobInfoRequest(job_uuid=args.job), timeout=_unary_timeout(args)
+    )
+    if args.json:
+        out.write(json.dumps(_job_dict(info)) + "\n")
+        return EXIT_OK
+    rows = [
+        ("job", info.job_uuid),
+        ("created", f"{_iso_seconds(info.created_at)} ({info.created_at})"),
+        ("last updated", f"{_iso_seconds(info.last_updated)} ({info.last_updated})"),
+        ("log messages", info.log_count),
+        ("metric samples", info.metric_count),
+        ("size", f"{info.size_bytes} bytes ({_human(info.size_bytes)})"),
+    ]
+    for name, value in rows:
+        out.write(f"{name + ':':<16}{value}\n")
+    return EXIT_OK
+
+
+def cmd_stats(stub, args, out) -> int:
+    s = stub.GetStats(persist_pb2.GetStatsRequest(), timeout=_unary_timeout(args))
+    fields = [
+        "total_jobs",
+        "total_logs",
+        "total_metrics",
+        "total_size_bytes",
+        "messages_received",
+        "messages_written",
+        "write_errors",
+    ]
+    if args.json:
+        out.write(json.dumps({f: getattr(s, f) for f in fields}) + "\n")
+        return EXIT_OK
+    for f in fields:
+        out.write(f"{f + ':':<19}{getattr(s, f)}\n")
+    return EXIT_OK
+
+
+def cmd_delete(stub, args, out) -> int:
+    response = stub.DeleteJob(
+        persist_pb2.DeleteJobRequest(job_uuid=args.job), timeout=_unary_timeout(args)
+    )
+    out.write((response.message or ("deleted" if response.success else "not deleted")) + "\n")
+    return EXIT_OK if response.success else EXIT_ERROR
+
+
+def cmd_ping(stub, args, out) -> int:
+    response = stub.Ping(persist_pb2.PingRequest(), timeout=_unary_timeout(args))
+    state = "healthy" if response.healthy else "unhealthy"
+    out.write(f"{state} (server time {_iso(response.timestamp)})\n")
+    return EXIT_OK if response.healthy else EXIT_ERROR
+
+
+# -- main -----------------------------------------------------------------------------------
+
+
+def _one_line(text: str) -> str:
+    return " ".join((text or "").split())
+
+
+def _rpc_failure(e: grpc.RpcError, target: str, err) -> int:
+    code = e.code() if callable(getattr(e, "code", None)) else None
+    details = _one_line(e.details() if callable(getattr(e, "details", None)) else str(e))
+    if code is grpc.StatusCode.NOT_FOUND:
+        message, status = f"not found: {details}", EXIT_NOT_FOUND
+    elif code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+        message, status = f"permission denied: {details}", EXIT_DENIED
+    elif code is grpc.StatusCode.UNAVAILABLE:
+        message, status = f"joblet-persist unavailable at {target}: {details}", EXIT_UNAVAILABLE
+    elif code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        message, status = f"joblet-persist at {target} did not answer in time", EXIT_UNAVAILABLE
+    elif code is grpc.StatusCode.INVALID_ARGUMENT:
+        message, status = f"invalid argument: {details}", EXIT_ERROR
+    else:
+        name = code.name if code is not None else "error"
+        message, status = f"{name}: {details}", EXIT_ERROR
+    err.write(f"joblet-persist-ctl: {message}\n")
+    return status
+
+
+def _silence_closed_stdout(stdout) -> None:
+    """After EPIPE, point fd 1 at /dev/null so the interpreter's final flush stays quiet."""
+    if stdout is sys.stdout:
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+
+
+def main(argv=None, stdout=None, stderr=None) -> int:
+    """Run the command line; returns the exit status."""
+    stdout = stdout if stdout is not None else sys.stdout
+    stderr = stderr if stderr is not None else sys.stderr
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            args = parser.parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    target = "?"
+    try:
+        channel, target = _connect(args)
+        with channel:
+            stub = persist_pb2_grpc.PersistServiceStub(channel)
+            if args.command == "logs":
+                return cmd_logs(stub, args, stdout)
+            if args.command == "metrics":
+                return cmd_metrics(stub, args, stdout)
+            if args.command == "jobs":
+                return cmd_jobs(stub, args, stdout, stderr)
+            if args.command == "info":
+                return cmd_info(stub, args, stdout)
+            if args.command == "stats":
+                return cmd_stats(stub, args, stdout)
+            if args.command == "delete":
+                return cmd_delete(stub, args, stdout)
+            return cmd_ping(stub, args, stdout)
+    except UsageError as e:
+        stderr.write(f"joblet-persist-ctl: {e}\n")
+        return EXIT_USAGE
+    except grpc.RpcError as e:
+        return _rpc_failure(e, target, stderr)
+    except BrokenPipeError:
+        _silence_closed_stdout(stdout)
+        return EXIT_OK
+    except KeyboardInterrupt:
+        return 130

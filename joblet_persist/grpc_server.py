@@ -1,0 +1,276 @@
+"""The gRPC server's lifecycle as a Twisted service.
+
+Reactor thread: ``startService`` and ``stopService`` run on the reactor.  The
+grpc server and its handler thread pool are created in ``startService``
+(twistd may fork after ``makeService``).  Shutdown never blocks the reactor:
+``server.stop(grace)`` returns a ``threading.Event`` that a private thread
+waits for, before it shuts the executor down; ``stopService`` returns a
+Deferred that fires on the reactor when all of that is done.
+
+Besides ``joblet.persist.PersistService`` the server carries
+``grpc.health.v1.Health`` (SERVING / NOT_SERVING from the servicer's health
+verdict, for the overall service "" and for ``joblet.persist.PersistService``)
+and server reflection.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent import futures
+from typing import Optional
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from twisted.application import service
+from twisted.internet import defer, task
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from joblet_persist._proto import persist_pb2, persist_pb2_grpc
+from joblet_persist.security import check_tcp_listener, server_credentials
+from joblet_persist.services import replace_stale_unix_socket
+
+PERSIST_SERVICE_NAME = persist_pb2.DESCRIPTOR.services_by_name["PersistService"].full_name
+
+#: Handler threads beyond the concurrency limit, so that Ping, health checks
+#: and reflection always find a free thread.
+SPARE_WORKERS = 4
+
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class _HealthServicer(health.HealthServicer):
+    """grpc.health.v1.Health whose status follows ``healthy()``.
+
+    ``refresh()`` recomputes the status and notifies watchers; it may block on
+    a slow watcher, so it runs on gRPC threads only: in Check (on demand) and
+    when the reactor's poll sees a change (handed to the executor).
+    """
+
+    def __init__(self, healthy):
+        super().__init__()
+        self._healthy = healthy
+        self.serving: Optional[bool] = None
+
+    def refresh(self) -> None:
+        serving = bool(self._healthy())
+        if serving != self.serving:
+            self.serving = serving
+            status = _SERVING if serving else _NOT_SERVING
+            self.set("", status)
+            self.set(PERSIST_SERVICE_NAME, status)
+
+    def Check(self, request, context):
+        self.refresh()
+        return super().Check(request, context)
+
+
+def _mode(value) -> int:
+    if isinstance(value, str):
+        return int(value, 8)
+    return int(value)
+
+
+class GrpcServerService(service.Service):
+    """Serves ``servicer`` on a Unix socket and/or TCP.  Reactor thread.
+
+    - ``unix_socket``: path; a stale socket file from a crash is replaced, a
+      live one (another server answers) or a non-socket file is an error.  The
+      file mode is set right after the bind, before the server starts.
+    - ``tcp_address``: ``host:port`` (port 0 picks a free one; see
+      ``tcp_port`` after start).  Without ``tls`` only a loopback address is
+      accepted.  ``tls``: ``{"server_cert", "server_key", "ca_cert",
+      "require_client_cert"}`` with PEM bytes.
+    - The handler pool has ``max(max_workers, limit + SPARE_WORKERS)``
+      threads, where ``limit`` is the servicer's concurrency limit (set from
+      ``max_concurrent_rpcs`` when given), so that Ping never queues behind
+      queries.
+    """
+
+    name = "grpc"
+    log = Logger()
+
+    def __init__(
+        self,
+        servicer,
+        *,
+        unix_socket: Optional[str] = None,
+        unix_socket_mode=0o600,
+        tcp_address: Optional[str] = None,
+        tls: Optional[dict] = None,
+        max_workers: int = 16,
+        max_message_bytes: int = 16 << 20,
+        max_concurrent_rpcs: Optional[int] = None,
+        shutdown_grace: float = 5.0,
+        health_interval: float = 1.0,
+        reactor=None,
+    ):
+        if not unix_socket and not tcp_address:
+            raise ValueError("no gRPC listener configured: set a Unix socket or a TCP address")
+        if tcp_address:
+            check_tcp_listener(tcp_address, tls)
+        if max_concurrent_rpcs is not None:
+            servicer.set_max_concurrent_rpcs(max_concurrent_rpcs)
+        self.servicer = servicer
+        self.unix_socket = unix_socket or None
+        self._unix_mode = _mode(unix_socket_mode)
+        self.tcp_address = tcp_address or None
+        self._tls = tls
+        self._max_workers = max(1, int(max_workers))
+        self._max_message_bytes = int(max_message_bytes)
+        self._grace = float(shutdown_grace)
+        self._health_interval = float(health_interval)
+        self._reactor = reactor
+        self.tcp_port: Optional[int] = None
+        self._server: Optional[grpc.Server] = None
+        self._executor: Optional[futures.ThreadPoolExecutor] = None
+        self._health: Optional[_HealthServicer] = None
+        self._health_loop: Optional[task.LoopingCall] = None
+
+    @property
+    def workers(self) -> int:
+        """Size of the handler thread pool."""
+        return max(self._max_workers, self.servicer.max_concurrent_rpcs + SPARE_WORKERS)
+
+    def _get_reactor(self):
+        if self._reactor is None:
+            from twisted.internet import reactor
+
+            self._reactor = reactor
+        return self._reactor
+
+    # -- start ------------------------------------------------------------------------
+
+    def startService(self):
+        if self.tcp_address:
+            check_tcp_listener(self.tcp_address, self._tls)
+        reactor = self._get_reactor()
+        executor = futures.ThreadPoolExecutor(
+            max_workers=self.workers, thread_name_prefix="grpc-query"
+        )
+        server = grpc.server(
+            executor,
+            options=[
+                ("grpc.max_send_message_length", self._max_message_bytes),
+                ("grpc.max_receive_message_length", self._max_message_bytes),
+                # A second server on the same port must fail, not share it.
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        health_servicer = _HealthServicer(self.servicer.healthy)
+        try:
+            persist_pb2_grpc.add_PersistServiceServicer_to_server(self.servicer, server)
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+            reflection.enable_server_reflection(
+                (PERSIST_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            )
+            if self.unix_socket:
+                self._bind_unix(server)
+            if self.tcp_address:
+                self.tcp_port = self._bind_tcp(server)
+            health_servicer.refresh()
+            server.start()
+        except BaseException:
+            server.stop(None)
+            executor.shutdown(wait=False, cancel_futures=True)
+            raise
+        self._server, self._executor, self._health = server, executor, health_servicer
+        service.Service.startService(self)
+        self._health_loop = task.LoopingCall(self._poll_health)
+        self._health_loop.clock = reactor
+        self._health_loop.start(self._health_interval, now=False)
+        self.log.info(
+            "gRPC serving on {where}",
+            where=", ".join(self._listeners()),
+        )
+
+    def _listeners(self) -> list[str]:
+        where = []
+        if self.unix_socket:
+            where.append(f"unix:{self.unix_socket}")
+        if self.tcp_address:
+            host = self.tcp_address.rpartition(":")[0]
+            scheme = "tls" if self._tls else "plaintext"
+            where.append(f"{host}:{self.tcp_port} ({scheme})")
+        return where
+
+    def _bind_unix(self, server: grpc.Server) -> None:
+        path = self.unix_socket
+        parent = os.path.dirname(path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        replace_stale_unix_socket(path)
+        self._add_port(server.add_insecure_port, f"unix:{path}")
+        # The socket file exists once bound; nothing is served before start().
+        os.chmod(path, self._unix_mode)
+
+    def _bind_tcp(self, server: grpc.Server) -> int:
+        if self._tls is not None:
+            creds = server_credentials(self._tls)
+            return self._add_port(lambda a: server.add_secure_port(a, creds), self.tcp_address)
+        return self._add_port(server.add_insecure_port, self.tcp_address)
+
+    @staticmethod
+    def _add_port(add, address: str) -> int:
+        try:
+            port = add(address)
+        except RuntimeError as e:
+            raise OSError(f"cannot listen on {address}: {e}") from None
+        if not port:
+            raise OSError(f"cannot listen on {address}")
+        return port
+
+    def _poll_health(self) -> None:
+        """Reactor thread: hand a health change to a gRPC thread (watchers may block)."""
+        health_servicer, executor = self._health, self._executor
+        if health_servicer is None or executor is None:
+            return
+        if self.servicer.healthy() != health_servicer.serving:
+            try:
+                executor.submit(health_servicer.refresh)
+            except RuntimeError:
+                pass  # the executor is shutting down
+
+    # -- stop -------------------------------------------------------------------------
+
+    def stopService(self):
+        """Refuse new RPCs, let in-flight ones finish within the grace period,
+        then shut the handler pool down and remove the socket file.  Returns a
+        Deferred fired on the reactor."""
+        service.Service.stopService(self)
+        self.servicer.set_stopping()
+        if self._health_loop is not None and self._health_loop.running:
+            self._health_loop.stop()
+        self._health_loop = None
+        server, executor, health_servicer = self._server, self._executor, self._health
+        self._server = self._executor = self._health = None
+        if server is None:
+            return defer.succeed(None)
+        reactor = self._get_reactor()
+        done = defer.Deferred()
+        grace = self._grace
+
+        def thd_stop():
+            try:
+                # Watchers are notified from here, never from the reactor.
+                health_servicer.enter_graceful_shutdown()
+                server.stop(grace).wait()
+                executor.shutdown(wait=True, cancel_futures=True)
+            except BaseException:
+                reactor.callFromThread(done.errback, Failure())
+            else:
+                reactor.callFromThread(done.callback, None)
+
+        threading.Thread(target=thd_stop, name="grpc-stop", daemon=True).start()
+        done.addCallback(lambda _: self._remove_socket())
+        return done
+
+    def _remove_socket(self) -> None:
+        if self.unix_socket:
+            try:
+                os.unlink(self.unix_socket)
+            except FileNotFoundError:
+                pass

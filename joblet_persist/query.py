@@ -1,0 +1,559 @@
+"""The gRPC servicer of ``joblet.persist.PersistService``.
+
+gRPC handler threads (grpcio's ThreadPoolExecutor) run everything in this
+module.  The handlers only read immutable, published storage snapshots
+(``StorageBackend.snapshot``, ``job_info``, ``list_jobs``) and the file bytes
+within them.  The few operations that change state or load a job from disk
+(``open_job``, DeleteJob, CleanupOldData) are marshalled onto the reactor with
+``blockingCallFromThread``, with a timeout applied on the reactor side.
+
+Every handler is wrapped by one piece of code (``_run_unary`` / ``_run_stream``,
+applied by the ``_unary`` / ``_streaming`` decorators) that
+
+- refuses RPCs with UNAVAILABLE once ``set_stopping()`` was called,
+- checks the caller's role (security.Authorizer),
+- enforces the concurrency limit (RESOURCE_EXHAUSTED beyond it; Ping is
+  exempt, so joblet-core's pre-job Ping answers even when queries saturate
+  the service),
+- maps exceptions to status codes (the only place that does so), and
+- reports each RPC's outcome and duration to the injected metrics object.
+
+Metrics object (optional; a no-op by default), called on gRPC threads:
+``query_done(rpc: str, code: str, seconds: float)``, ``members_inflated(n)``,
+``members_skipped(n)``, ``corrupt_members(n)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from typing import Callable, Iterator, Optional
+
+import grpc
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from joblet_persist._proto import persist_pb2, persist_pb2_grpc
+from joblet_persist.security import (
+    ROLE_ADMIN,
+    ROLE_VIEWER,
+    Authorizer,
+    PermissionDenied,
+    Unauthenticated,
+)
+from joblet_persist.storage.api import (
+    InvalidJobId,
+    JobInfo,
+    LogRecord,
+    MetricRecord,
+    ReadStats,
+    check_job_id,
+)
+
+_INT32_MAX = 2**31 - 1
+_INT64_MAX = 2**63 - 1
+
+
+class BadRequest(ValueError):
+    """A malformed request field (maps to INVALID_ARGUMENT)."""
+
+
+class RpcStatus(Exception):
+    """End the RPC with this status code and details."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class _NoMetrics:
+    def query_done(self, rpc: str, code: str, seconds: float) -> None:
+        pass
+
+    def members_inflated(self, n: int) -> None:
+        pass
+
+    def members_skipped(self, n: int) -> None:
+        pass
+
+    def corrupt_members(self, n: int) -> None:
+        pass
+
+
+class _Slot:
+    """One admitted RPC; released exactly once (handler end or RPC termination)."""
+
+    __slots__ = ("_limiter", "_released")
+
+    def __init__(self, limiter: _Limiter):
+        self._limiter = limiter
+        self._released = False
+
+    def release(self) -> None:
+        with self._limiter.lock:
+            if not self._released:
+                self._released = True
+                self._limiter.active -= 1
+
+
+class _Limiter:
+    """Counts RPCs in progress; any thread."""
+
+    def __init__(self, limit: int):
+        self.lock = threading.Lock()
+        self.limit = limit
+        self.active = 0
+
+    def acquire(self) -> Optional[_Slot]:
+        with self.lock:
+            if self.active >= self.limit:
+                return None
+            self.active += 1
+            return _Slot(self)
+
+
+def _unary(rpc: str, role: str, limited: bool = True):
+    """Wrap a unary handler with the admission checks and error mapping."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def handler(self, request, context):
+            return self._run_unary(rpc, role, limited, fn, request, context)
+
+        return handler
+
+    return decorate
+
+
+def _streaming(rpc: str, role: str):
+    """Wrap a server-streaming handler (a generator) likewise."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def handler(self, request, context):
+            yield from self._run_stream(rpc, role, fn, request, context)
+
+        return handler
+
+    return decorate
+
+
+def _num(data: dict, key: str, kind):
+    """A numeric field of a stored metric object; missing or unreadable -> 0."""
+    value = data.get(key)
+    if value is None:
+        # Records written by other tools may use protobuf JSON's camelCase.
+        head, *rest = key.split("_")
+        value = data.get(head + "".join(w.title() for w in rest))
+    if value is None:
+        return kind(0)
+    try:
+        return kind(value)
+    except (TypeError, ValueError, OverflowError):
+        return kind(0)
+
+
+def metric_message(job_id: str, record: MetricRecord) -> persist_pb2.Metric:
+    """Rebuild the wire Metric from a stored record's ``data`` object.
+
+    Unknown keys are ignored, missing ones are zero; snake_case keys (the
+    stored format) and camelCase keys are both read.
+    """
+    data = record.data if isinstance(record.data, dict) else {}
+    msg = persist_pb2.Metric(job_uuid=job_id, timestamp=record.timestamp, sequence=record.sequence)
+    md = msg.data
+    md.cpu_usage = _num(data, "cpu_usage", float)
+    md.memory_usage = _num(data, "memory_usage", int)
+    md.gpu_usage = _num(data, "gpu_usage", float)
+    disk = data.get("disk_io", data.get("diskIo"))
+    if isinstance(disk, dict):
+        for name in ("read_bytes", "write_bytes", "read_ops", "write_ops"):
+            setattr(md.disk_io, name, _num(disk, name, int))
+    net = data.get("network_io", data.get("networkIo"))
+    if isinstance(net, dict):
+        for name in ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets"):
+            setattr(md.network_io, name, _num(net, name, int))
+    return msg
+
+
+def _job_info_fields(info: JobInfo) -> dict:
+    return {
+        "job_uuid": info.job_id,
+        "created_at": info.created_at,
+        "last_updated": info.last_updated,
+        "log_count": info.log_count,
+        "metric_count": info.metric_count,
+        "size_bytes": info.size_bytes,
+    }
+
+
+class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
+    """``joblet.persist.PersistService``.  Handlers run on gRPC threads.
+
+    ``is_healthy`` and ``ingest_stats`` are called on gRPC threads: they must
+    be cheap, thread-safe reads of state the reactor maintains.
+    ``delete_job(job_id)`` and ``cleanup(dry_run)`` are called on the reactor
+    thread and return Deferreds (bytes freed; an object with
+    ``jobs_deleted``, ``bytes_freed``, ``deleted_job_ids``).  ``cleanup=None``
+    answers CleanupOldData with UNIMPLEMENTED.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        storage,
+        reactor,
+        *,
+        is_healthy: Callable[[], bool],
+        ingest_stats: Callable[[], dict],
+        delete_job: Callable[[str], defer.Deferred],
+        cleanup: Optional[Callable[[bool], defer.Deferred]] = None,
+        batch_max_items: int = 4096,
+        batch_max_bytes: int = 1 << 20,
+        max_limit: int = 100_000_000,
+        reactor_call_timeout: float = 30.0,
+        max_concurrent_rpcs: int = 64,
+        metrics=None,
+        admin_ou: str = "admin",
+        viewer_ou: str = "viewer",
+    ):
+        self._storage = storage
+        self._reactor = reactor
+        self._is_healthy = is_healthy
+        self._ingest_stats = ingest_stats
+        self._delete_job = delete_job
+        self._cleanup = cleanup
+        self._batch_max_items = max(1, int(batch_max_items))
+        self._batch_max_bytes = max(1, int(batch_max_bytes))
+        self._max_limit = min(int(max_limit), _INT32_MAX)
+        self._timeout = float(reactor_call_timeout)
+        self._limiter = _Limiter(max(1, int(max_concurrent_rpcs)))
+        self._metrics = metrics if metrics is not None else _NoMetrics()
+        self._authorizer = Authorizer(admin_ou, viewer_ou)
+        self._stopping = False
+
+    # -- lifecycle (any thread) -------------------------------------------------
+
+    def set_stopping(self) -> None:
+        """From now on every RPC is refused with UNAVAILABLE.  Any thread."""
+        self._stopping = True
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    @property
+    def max_concurrent_rpcs(self) -> int:
+        return self._limiter.limit
+
+    def set_max_concurrent_rpcs(self, limit: int) -> None:
+        """Change the concurrency limit (before serving).  Any thread."""
+        with self._limiter.lock:
+            self._limiter.limit = max(1, int(limit))
+
+    @property
+    def active_rpcs(self) -> int:
+        """RPCs admitted and not yet finished (Ping excluded)."""
+        with self._limiter.lock:
+            return self._limiter.active
+
+    def healthy(self) -> bool:
+        """The health verdict for Ping and the gRPC health service.  Any thread."""
+        if self._stopping:
+            return False
+        try:
+            return bool(self._is_healthy())
+        except Exception:
+            self.log.failure("health check raised; reporting unhealthy")
+            return False
+
+    # -- the wrapper: admission, error mapping, metrics -----------------------------
+
+    def _admit(self, context, rpc: str, role: str, limited: bool):
+        if self._stopping:
+            raise RpcStatus(grpc.StatusCode.UNAVAILABLE, "joblet-persist is shutting down")
+        self._authorizer.check(context, role, rpc)
+        if not limited:
+            return None
+        slot = self._limiter.acquire()
+        if slot is None:
+            raise RpcStatus(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many concurrent requests (limit {self._limiter.limit}); retry later",
+            )
+        # Released when the RPC terminates, even if grpc never resumes a
+        # streaming handler whose client went away.
+        context.add_callback(slot.release)
+        return slot
+
+    def _map_error(self, rpc: str, exc: Exception) -> tuple[grpc.StatusCode, str]:
+        if isinstance(exc, RpcStatus):
+            return exc.code, exc.details
+        if isinstance(exc, (InvalidJobId, BadRequest)):
+            return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        if isinstance(exc, Unauthenticated):
+            return grpc.StatusCode.UNAUTHENTICATED, str(exc)
+        if isinstance(exc, PermissionDenied):
+            return grpc.StatusCode.PERMISSION_DENIED, str(exc)
+        if isinstance(exc, defer.TimeoutError):
+            return (
+                grpc.StatusCode.UNAVAILABLE,
+                f"{rpc}: the service did not complete the operation within "
+                f"{self._timeout:g}s; retry later",
+            )
+        self.log.failure("{rpc} failed", failure=Failure(exc), rpc=rpc)
+        return grpc.StatusCode.INTERNAL, f"{rpc}: internal error (see the service log)"
+
+    def _run_unary(self, rpc, role, limited, fn, request, context):
+        started = time.monotonic()
+        code = grpc.StatusCode.OK
+        slot = None
+        try:
+            slot = self._admit(context, rpc, role, limited)
+            return fn(self, request, context)
+        except Exception as exc:
+            code, details = self._map_error(rpc, exc)
+            context.abort(code, details)
+        finally:
+            if slot is not None:
+                slot.release()
+            self._metrics.query_done(rpc, code.name, time.monotonic() - started)
+
+    def _run_stream(self, rpc, role, fn, request, context):
+        started = time.monotonic()
+        code = grpc.StatusCode.OK
+        slot = None
+        try:
+            slot = self._admit(context, rpc, role, True)
+            yield from fn(self, request, context)
+            if not context.is_active():
+                code = grpc.StatusCode.CANCELLED
+        except GeneratorExit:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            code, details = self._map_error(rpc, exc)
+            context.abort(code, details)
+        finally:
+            if slot is not None:
+                slot.release()
+            self._metrics.query_done(rpc, code.name, time.monotonic() - started)
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _call_on_reactor(self, fn, *args):
+        """Run ``fn(*args)`` on the reactor and wait for its Deferred.  gRPC thread.
+
+        The timeout is applied on the reactor; it fails with
+        ``defer.TimeoutError`` (mapped to UNAVAILABLE).
+        """
+
+        def call():
+            d = defer.maybeDeferred(fn, *args)
+            d.addTimeout(self._timeout, self._reactor)
+            return d
+
+        return threads.blockingCallFromThread(self._reactor, call)
+
+    def _snapshot(self, job_id: str):
+        snap = self._storage.snapshot(job_id)
+        if snap is None:
+            snap = self._call_on_reactor(self._storage.open_job, job_id)
+        if snap is None:
+            raise RpcStatus(grpc.StatusCode.NOT_FOUND, f"job {job_id} not found")
+        return snap
+
+    def _check_page(self, limit: int, offset: int) -> None:
+        for name, value in (("limit", limit), ("offset", offset)):
+            if value < 0 or value > self._max_limit:
+                raise BadRequest(f"{name} {value} is out of range: expected 0..{self._max_limit}")
+
+    @staticmethod
+    def _check_range(start: int, end: int, unit: str = "start_time/end_time") -> None:
+        if start > 0 and end > 0 and start > end:
+            raise BadRequest(f"inverted range: {unit} {start} > {end}")
+
+    def _report(self, stats: ReadStats) -> None:
+        self._metrics.members_inflated(stats.members_inflated)
+        self._metrics.members_skipped(stats.members_skipped)
+        self._metrics.corrupt_members(stats.corrupt_members)
+
+    def _log_lines(self, request, context) -> Iterator[persist_pb2.LogLine]:
+        job_id = check_job_id(request.job_uuid)
+        stream = int(request.stream)
+        if stream not in (0, 1, 2):
+            raise BadRequest(
+                f"invalid stream {stream}: expected 0 (both), 1 (stdout) or 2 (stderr)"
+            )
+        self._check_page(request.limit, request.offset)
+        self._check_range(request.start_time, request.end_time)
+        # node_id (field 7) is ignored: local storage holds this node's data only.
+        snap = self._snapshot(job_id)
+        stats = ReadStats()
+        records: Iterator[LogRecord] = snap.iter_logs(
+            stream,
+            request.start_time,
+            request.end_time,
+            request.offset,
+            request.limit,
+            stats=stats,
+            cancelled=lambda: not context.is_active(),
+        )
+        line = persist_pb2.LogLine
+        try:
+            for rec in records:
+                yield line(
+                    job_uuid=job_id,
+                    stream=rec.stream,
+                    timestamp=rec.timestamp,
+                    sequence=rec.sequence,
+                    content=rec.content,
+                )
+        finally:
+            self._report(stats)
+
+    def _metrics_of(self, request, context) -> Iterator[persist_pb2.Metric]:
+        job_id = check_job_id(request.job_uuid)
+        self._check_page(request.limit, request.offset)
+        self._check_range(request.start_time, request.end_time)
+        snap = self._snapshot(job_id)
+        stats = ReadStats()
+        records: Iterator[MetricRecord] = snap.iter_metrics(
+            request.start_time,
+            request.end_time,
+            request.offset,
+            request.limit,
+            stats=stats,
+            cancelled=lambda: not context.is_active(),
+        )
+        try:
+            for rec in records:
+                yield metric_message(job_id, rec)
+        finally:
+            self._report(stats)
+
+    def _batches(self, items, size_of, make):
+        """Group items into messages of at most batch_max_items / batch_max_bytes.
+
+        An item larger than batch_max_bytes travels alone.
+        """
+        max_items, max_bytes = self._batch_max_items, self._batch_max_bytes
+        batch: list = []
+        size = 0
+        for item in items:
+            n = size_of(item)
+            if batch and (len(batch) >= max_items or size + n > max_bytes):
+                yield make(batch)
+                batch, size = [], 0
+            batch.append(item)
+            size += n
+        if batch:
+            yield make(batch)
+
+    # -- RPCs -------------------------------------------------------------------------------
+
+    @_unary("Ping", ROLE_VIEWER, limited=False)
+    def Ping(self, request, context):
+        return persist_pb2.PingResponse(healthy=self.healthy(), timestamp=time.time_ns())
+
+    @_streaming("QueryLogs", ROLE_VIEWER)
+    def QueryLogs(self, request, context):
+        yield from self._log_lines(request, context)
+
+    @_streaming("QueryLogsBatched", ROLE_VIEWER)
+    def QueryLogsBatched(self, request, context):
+        yield from self._batches(
+            self._log_lines(request, context),
+            lambda line: len(line.content),
+            lambda lines: persist_pb2.LogLineBatch(lines=lines),
+        )
+
+    @_streaming("QueryMetrics", ROLE_VIEWER)
+    def QueryMetrics(self, request, context):
+        yield from self._metrics_of(request, context)
+
+    @_streaming("QueryMetricsBatched", ROLE_VIEWER)
+    def QueryMetricsBatched(self, request, context):
+        yield from self._batches(
+            self._metrics_of(request, context),
+            lambda metric: metric.ByteSize(),
+            lambda metrics: persist_pb2.MetricBatch(metrics=metrics),
+        )
+
+    @_unary("GetJobInfo", ROLE_VIEWER)
+    def GetJobInfo(self, request, context):
+        job_id = check_job_id(request.job_uuid)
+        info = self._storage.job_info(job_id)
+        if info is None:
+            info = self._snapshot(job_id).info
+        return persist_pb2.GetJobInfoResponse(**_job_info_fields(info))
+
+    @_unary("ListJobs", ROLE_VIEWER)
+    def ListJobs(self, request, context):
+        since, until = request.since, request.until
+        self._check_range(since, until, "since/until")
+        self._check_page(request.limit, request.offset)
+        jobs = [
+            j
+            for j in self._storage.list_jobs()
+            if (since <= 0 or j.created_at >= since) and (until <= 0 or j.created_at <= until)
+        ]
+        jobs.sort(key=lambda j: (-j.created_at, j.job_id))
+        total = len(jobs)
+        start = request.offset
+        page = jobs[start : start + request.limit] if request.limit else jobs[start:]
+        return persist_pb2.ListJobsResponse(
+            jobs=[persist_pb2.JobInfo(**_job_info_fields(j)) for j in page],
+            total_count=min(total, _INT32_MAX),
+        )
+
+    @_unary("GetStats", ROLE_VIEWER)
+    def GetStats(self, request, context):
+        jobs = self._storage.list_jobs()
+        ingest = self._ingest_stats() or {}
+
+        def total(values):
+            return min(sum(values), _INT64_MAX)
+
+        return persist_pb2.GetStatsResponse(
+            total_jobs=len(jobs),
+            total_logs=total(j.log_count for j in jobs),
+            total_metrics=total(j.metric_count for j in jobs),
+            total_size_bytes=total(j.size_bytes for j in jobs),
+            messages_received=int(ingest.get("messages_received", 0)),
+            messages_written=int(ingest.get("messages_written", 0)),
+            write_errors=int(ingest.get("write_errors", 0)),
+        )
+
+    @_unary("DeleteJob", ROLE_ADMIN)
+    def DeleteJob(self, request, context):
+        job_id = check_job_id(request.job_uuid)
+        known = (
+            self._storage.job_info(job_id) is not None or self._storage.snapshot(job_id) is not None
+        )
+        freed = int(self._call_on_reactor(self._delete_job, job_id) or 0)
+        # WIRE.md: success=true when the job's data is gone.  An unknown job's
+        # data is gone too, so deleting it succeeds (idempotent delete).
+        if known or freed:
+            message = f"deleted job {job_id}: {freed} bytes freed"
+        else:
+            message = f"job {job_id} not found; nothing to delete"
+        return persist_pb2.DeleteJobResponse(success=True, message=message)
+
+    @_unary("CleanupOldData", ROLE_ADMIN)
+    def CleanupOldData(self, request, context):
+        if self._cleanup is None:
+            raise RpcStatus(
+                grpc.StatusCode.UNIMPLEMENTED,
+                "CleanupOldData is not available: retention is not configured on this service",
+            )
+        result = self._call_on_reactor(self._cleanup, bool(request.dry_run))
+        return persist_pb2.CleanupResponse(
+            jobs_deleted=min(int(result.jobs_deleted), _INT32_MAX),
+            bytes_freed=int(result.bytes_freed),
+            deleted_job_ids=list(result.deleted_job_ids),
+        )

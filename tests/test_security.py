@@ -1,0 +1,188 @@
+"""Tests for joblet_persist.security: PEM values, listener checks, roles from certificates.
+
+The end-to-end TLS checks over a real gRPC connection are in
+tests/integration/test_grpc.py (TLSTests).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+
+import grpc
+from twisted.trial.unittest import SynchronousTestCase
+
+from joblet_persist.config import ConfigError
+from joblet_persist.grpc_server import GrpcServerService
+from joblet_persist.query import PersistServicer
+from joblet_persist.security import (
+    ROLE_ADMIN,
+    ROLE_VIEWER,
+    Authorizer,
+    PermissionDenied,
+    Unauthenticated,
+    certificate_ous,
+    check_tcp_listener,
+    is_loopback_host,
+    read_pem,
+    role_for_ous,
+    server_credentials,
+    split_host_port,
+    tls_settings,
+)
+from tests.fakes import FakeContext, FakeStorage, ImmediateReactor, make_pki
+
+
+@functools.lru_cache(maxsize=1)
+def _pki():
+    return make_pki(("admin", "viewer", "other", ""))
+
+
+def _tls_context(ou: str, peer: str = "ipv4:192.0.2.1:4000") -> FakeContext:
+    return FakeContext(
+        peer=peer,
+        auth={"transport_security_type": [b"ssl"], "x509_pem_cert": [_pki().clients[ou][0]]},
+    )
+
+
+class PemTests(SynchronousTestCase):
+    def write(self, data: bytes) -> str:
+        fd, path = tempfile.mkstemp(prefix="jp-pem")
+        os.write(fd, data)
+        os.close(fd)
+        self.addCleanup(os.unlink, path)
+        return path
+
+    def test_text_and_path(self):
+        """A value is PEM text itself or the path of a PEM file; "" is empty."""
+        pem = _pki().ca_cert
+        self.assertEqual(read_pem(pem.decode(), "security.caCert"), pem)
+        self.assertEqual(read_pem(self.write(pem), "security.caCert"), pem)
+        self.assertEqual(read_pem("", "security.caCert"), b"")
+
+    def test_errors_name_the_key(self):
+        """An unreadable path or a file without PEM data is a ConfigError naming the key."""
+        e = self.assertRaises(ConfigError, read_pem, "/nonexistent/ca.pem", "security.caCert")
+        self.assertIn("security.caCert", str(e))
+        self.assertIn("/nonexistent/ca.pem", str(e))
+        e = self.assertRaises(ConfigError, read_pem, self.write(b"junk"), "security.serverKey")
+        self.assertIn("security.serverKey", str(e))
+
+    def test_tls_settings(self):
+        """tls_settings: None without cert and key; both needed together; CA needed for mTLS."""
+        p = _pki()
+        cert, key, ca = p.server_cert.decode(), p.server_key.decode(), p.ca_cert.decode()
+        self.assertIsNone(tls_settings("", "", "", True))
+        self.assertRaises(ValueError, tls_settings, cert, "", ca, True)
+        self.assertRaises(ValueError, tls_settings, "", key, ca, True)
+        e = self.assertRaises(ValueError, tls_settings, cert, key, "", True)
+        self.assertIn("caCert", str(e))
+        tls = tls_settings(cert, key, "", False)
+        self.assertEqual((tls["ca_cert"], tls["require_client_cert"]), (None, False))
+        tls = tls_settings(cert, key, ca, True)
+        self.assertEqual(tls["server_cert"].strip(), p.server_cert.strip())
+        self.assertIsInstance(server_credentials(tls), grpc.ServerCredentials)
+
+    def test_credentials_need_ca_for_client_certs(self):
+        """Requiring client certificates without a CA is refused."""
+        p = _pki()
+        tls = {"server_cert": p.server_cert, "server_key": p.server_key, "ca_cert": None}
+        self.assertRaises(ValueError, server_credentials, tls)
+        tls["require_client_cert"] = False
+        self.assertIsInstance(server_credentials(tls), grpc.ServerCredentials)
+
+
+class AddressTests(SynchronousTestCase):
+    def test_split(self):
+        """host:port and [v6]:port split; malformed addresses are ValueErrors."""
+        self.assertEqual(split_host_port("127.0.0.1:50052"), ("127.0.0.1", 50052))
+        self.assertEqual(split_host_port("[::1]:0"), ("::1", 0))
+        self.assertEqual(split_host_port(":50052"), ("", 50052))
+        for bad in ("127.0.0.1", "host:port", "h:70000", ""):
+            self.assertRaises(ValueError, split_host_port, bad)
+
+    def test_loopback(self):
+        """localhost, 127/8 and ::1 are loopback; other names and addresses are not."""
+        for host in ("localhost", "127.0.0.1", "127.1.2.3", "::1", "::ffff:127.0.0.1"):
+            self.assertTrue(is_loopback_host(host), host)
+        for host in ("", "0.0.0.0", "::", "10.0.0.1", "example.com", "localhost.example.com"):
+            self.assertFalse(is_loopback_host(host), host)
+
+    def test_plaintext_only_on_loopback(self):
+        """Plaintext TCP on a non-loopback address is refused with a clear error; TLS allows it."""
+        check_tcp_listener("127.0.0.1:50052", None)
+        check_tcp_listener("[::1]:50052", None)
+        for address in ("0.0.0.0:50052", ":50052", "10.0.0.1:1", "myhost:1"):
+            e = self.assertRaises(ValueError, check_tcp_listener, address, None)
+            self.assertIn(address, str(e))
+            self.assertIn("TLS", str(e))
+        check_tcp_listener("0.0.0.0:50052", {"server_cert": b"x", "server_key": b"y"})
+
+    def test_server_service_refuses_plaintext_non_loopback(self):
+        """GrpcServerService refuses to be built for plaintext on a non-loopback address."""
+        servicer = PersistServicer(
+            FakeStorage(),
+            ImmediateReactor(),
+            is_healthy=lambda: True,
+            ingest_stats=dict,
+            delete_job=lambda job_id: None,
+        )
+        e = self.assertRaises(
+            ValueError, GrpcServerService, servicer, tcp_address="0.0.0.0:50052", tls=None
+        )
+        self.assertIn("0.0.0.0:50052", str(e))
+        self.assertRaises(ValueError, GrpcServerService, servicer)
+
+
+class RoleTests(SynchronousTestCase):
+    def test_ous(self):
+        """The subject OU values are read from the certificate."""
+        self.assertEqual(certificate_ous(_pki().clients["viewer"][0]), ("viewer",))
+        self.assertEqual(certificate_ous(_pki().clients[""][0]), ())
+        self.assertRaises(ValueError, certificate_ous, b"not a certificate")
+
+    def test_role_for_ous(self):
+        """admin OU wins over viewer OU; neither gives no role; OU names are configurable."""
+        self.assertEqual(role_for_ous(("viewer", "admin"), "admin", "viewer"), ROLE_ADMIN)
+        self.assertEqual(role_for_ous(("viewer",), "admin", "viewer"), ROLE_VIEWER)
+        self.assertIsNone(role_for_ous(("ops",), "admin", "viewer"))
+        self.assertEqual(role_for_ous(("ops",), "ops", "dev"), ROLE_ADMIN)
+        self.assertIsNone(role_for_ous((), "", ""))
+
+    def test_transport_roles(self):
+        """Unix socket and loopback plaintext callers are admin; remote plaintext is refused."""
+        a = Authorizer()
+        self.assertEqual(a.role(FakeContext(peer="unix:")), ROLE_ADMIN)
+        self.assertEqual(a.role(FakeContext(peer="unix:/run/x.sock")), ROLE_ADMIN)
+        self.assertEqual(a.role(FakeContext(peer="ipv4:127.0.0.1:5555")), ROLE_ADMIN)
+        self.assertEqual(a.role(FakeContext(peer="ipv6:[::1]:5555")), ROLE_ADMIN)
+        self.assertRaises(Unauthenticated, a.role, FakeContext(peer="ipv4:10.0.0.2:5555"))
+        self.assertRaises(Unauthenticated, a.role, FakeContext(peer="ipv4:127.0.0.1:1", auth={}))
+
+    def test_certificate_roles(self):
+        """TLS callers get their role from the certificate OU; none or no cert is refused."""
+        a = Authorizer("admin", "viewer")
+        self.assertEqual(a.role(_tls_context("admin")), ROLE_ADMIN)
+        self.assertEqual(a.role(_tls_context("viewer")), ROLE_VIEWER)
+        e = self.assertRaises(PermissionDenied, a.role, _tls_context("other"))
+        self.assertIn("'other'", str(e))
+        self.assertRaises(PermissionDenied, a.role, _tls_context(""))
+        # TLS on loopback without a certificate is not trusted like plaintext loopback.
+        no_cert = FakeContext(peer="ipv4:127.0.0.1:1", auth={"transport_security_type": [b"ssl"]})
+        self.assertRaises(Unauthenticated, a.role, no_cert)
+        garbage = FakeContext(
+            peer="ipv4:1.2.3.4:1",
+            auth={"transport_security_type": [b"ssl"], "x509_pem_cert": [b"garbage"]},
+        )
+        self.assertRaises(Unauthenticated, a.role, garbage)
+
+    def test_check(self):
+        """check() allows a role at least as strong as required and names the RPC otherwise."""
+        a = Authorizer()
+        self.assertEqual(a.check(_tls_context("admin"), ROLE_VIEWER, "Ping"), ROLE_ADMIN)
+        self.assertEqual(a.check(_tls_context("viewer"), ROLE_VIEWER, "Ping"), ROLE_VIEWER)
+        e = self.assertRaises(
+            PermissionDenied, a.check, _tls_context("viewer"), ROLE_ADMIN, "DeleteJob"
+        )
+        self.assertIn("DeleteJob", str(e))
