@@ -25,10 +25,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from twisted.application import service
 from twisted.internet import defer, task
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from joblet_persist._proto import persist_pb2, persist_pb2_grpc
+from joblet_persist.logs import Logger
 from joblet_persist.security import check_tcp_listener, server_credentials
 from joblet_persist.services import replace_stale_unix_socket
 

@@ -12,7 +12,8 @@ import os
 from typing import Callable, Optional
 
 from twisted.internet import defer, task
-from twisted.logger import Logger
+
+from joblet_persist.logs import Logger
 
 _PROBE_NAME = ".health-probe"
 
@@ -78,6 +79,10 @@ class HealthMonitor:
         self._loop: Optional[task.LoopingCall] = None
         self.healthy = False
         self.details: dict = {}
+
+    def set_min_free_bytes(self, nbytes: int) -> None:
+        """Change the free-space floor (SIGHUP reload); applied at the next refresh."""
+        self._min_free = nbytes
 
     def add_check(self, name: str, check: Callable[[], tuple[bool, str]]) -> None:
         self._checks[name] = check

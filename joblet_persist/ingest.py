@@ -56,10 +56,10 @@ from typing import Optional
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 from twisted.internet import defer, protocol
-from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
 
 from joblet_persist._proto import ipc_pb2
+from joblet_persist.logs import Logger
 from joblet_persist.storage.api import is_valid_job_id
 from joblet_persist.writer import WriterStopped
 

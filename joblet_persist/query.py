@@ -32,10 +32,10 @@ from typing import Callable, Iterator, Optional
 
 import grpc
 from twisted.internet import defer, threads
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from joblet_persist._proto import persist_pb2, persist_pb2_grpc
+from joblet_persist.logs import Logger
 from joblet_persist.security import (
     ROLE_ADMIN,
     ROLE_VIEWER,

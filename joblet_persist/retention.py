@@ -26,8 +26,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
-from twisted.internet import defer
-from twisted.logger import Logger
+from twisted.application import service
+from twisted.internet import defer, task
+
+from joblet_persist.logs import Logger
 
 KIND_LOGS = "logs"
 KIND_METRICS = "metrics"
@@ -233,7 +235,7 @@ class RetentionRunner:
         self._busy = busy_jobs
         self._discard = discard_job
         self._metrics = metrics
-        self._running: Optional[defer.Deferred] = None
+        self._lock = defer.DeferredLock()
 
     def run(self, dry_run: bool = False) -> defer.Deferred:
         """Plan and (unless dry_run) apply; Deferred[CleanupResult].
@@ -241,21 +243,7 @@ class RetentionRunner:
         Runs do not overlap: a run requested while one is in progress waits for
         it first.
         """
-        previous = self._running
-
-        @defer.inlineCallbacks
-        def go():
-            if previous is not None:
-                try:
-                    yield previous
-                except Exception:
-                    pass
-            result = yield self._run(dry_run)
-            return result
-
-        d = go()
-        self._running = d
-        return d
+        return self._lock.run(self._run, dry_run)
 
     @defer.inlineCallbacks
     def _run(self, dry_run: bool):
@@ -324,3 +312,56 @@ class RetentionRunner:
             return storage.delete_part(action.job_id, action.what)
         seg = action.segment
         return storage.drop_segment(action.job_id, seg.kind, seg.index)
+
+
+def thd_free_bytes(path: str) -> Optional[int]:
+    """Free bytes (for unprivileged users) on the filesystem holding ``path``.  Pool thread."""
+    import os
+
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+class RetentionTimerService(service.Service):
+    """Runs retention every ``interval`` seconds.  Reactor thread.
+
+    Each run's errors are logged and the loop goes on; stopping waits for a
+    run in progress.
+    """
+
+    log = Logger()
+
+    def __init__(self, clock, runner: RetentionRunner, interval: float):
+        self.setName("retention")
+        self._clock = clock
+        self._runner = runner
+        self._interval = interval
+        self._loop: Optional[task.LoopingCall] = None
+        self._current: Optional[defer.Deferred] = None
+
+    def startService(self):
+        super().startService()
+        if self._interval <= 0:
+            return
+        self._loop = task.LoopingCall(self._run_once)
+        self._loop.clock = self._clock
+        self._loop.start(self._interval, now=False)
+
+    def _run_once(self) -> defer.Deferred:
+        d = self._runner.run(dry_run=False)
+        d.addErrback(lambda f: self.log.failure("retention run failed; retried next interval", f))
+        self._current = d
+        return d
+
+    def stopService(self):
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        current, self._current = self._current, None
+        if current is not None and not current.called:
+            waiter = defer.Deferred()
+            current.addBoth(lambda r: (waiter.callback(None), r)[1])
+            return waiter

@@ -14,9 +14,10 @@ from typing import Callable, Optional
 
 from twisted.application import service
 from twisted.internet import defer, threads
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
+
+from joblet_persist.logs import Logger
 
 
 class OrderedMultiService(service.MultiService):
@@ -187,8 +188,10 @@ class UnixListenerService(service.Service):
     def stopService(self):
         super().stopService()
         port, self.port = self.port, None
-        if port is not None:
-            yield defer.maybeDeferred(port.stopListening)
+        if port is None:
+            # We never listened (e.g. another process holds the socket): the file is not ours.
+            return
+        yield defer.maybeDeferred(port.stopListening)
         if self._on_stop is not None:
             yield defer.maybeDeferred(self._on_stop)
         try:

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from twisted.python import usage
 
+from joblet_persist import __version__
+
 
 class Options(usage.Options):
     synopsis = "[--config FILE] [--data-dir DIR]"
@@ -49,6 +51,10 @@ class Options(usage.Options):
             self.config = load_config(self["config"], data_dir=self["data-dir"])
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
+        from joblet_persist import logs
+
+        # Runs before twistd picks its log observer: lets logging.format apply.
+        logs.select_twistd_logger(self)
 
 
 def makeService(options, reactor=None):
@@ -60,10 +66,60 @@ def makeService(options, reactor=None):
         from joblet_persist.config import load_config
 
         config = load_config(options.get("config"), data_dir=options.get("data-dir"))
-    return build_service(config, reactor)
+    from joblet_persist import logs
+    from joblet_persist.reload import Reloader, SighupService
+
+    # Process-wide settings live here, not in build_service, so tests and benchmarks
+    # that build services in-process do not change them.
+    logs.configure(config.logging.log_level, config.logging.format)
+    logs.bridge_stdlib_logging()
+    root = build_service(config, reactor, exit_on_start_failure=True)
+    parts = root.components
+
+    def apply_retention(policy):
+        parts["retention"].policy = policy
+        parts["health"].set_min_free_bytes(policy.min_free_bytes)
+
+    reloader = Reloader(
+        options.get("config"),
+        options.get("data-dir"),
+        apply_retention,
+        logs.set_level,
+        current=config,
+        run_in_thread=parts["pool"].run,
+    )
+    SighupService(reactor, reloader.reload).setServiceParent(root)
+    root.started.addCallback(lambda _: logs.log_startup(config, _listeners(config, parts)))
+    return root
 
 
-def build_service(config, reactor, *, registry=None):
+def _listeners(config, parts):
+    """Where the running service listens, for the startup line."""
+    found = {"ipc": f"unix:{parts['ingest'].path}"}
+    grpc = parts["grpc"]
+    if grpc.unix_socket:
+        found["grpc"] = f"unix:{grpc.unix_socket}"
+    if grpc.tcp_port:
+        scheme = "tls" if config.security.tls_enabled else "plaintext"
+        found["grpc-tcp"] = f"{config.server.grpc_host}:{grpc.tcp_port} ({scheme})"
+    for web in parts["web"]:
+        found[web.name] = f"http://{config.monitoring.bind_address}:{web.port_number}/"
+    return found
+
+
+def _exit_nonzero_at_interpreter_exit():
+    """Make the process exit with status 1 once twistd has shut down and cleaned up.
+
+    twistd has no way to set the exit status; a service that failed to start
+    must not look like a clean stop to systemd's Restart=on-failure.
+    """
+    import atexit
+    import os
+
+    atexit.register(os._exit, 1)
+
+
+def build_service(config, reactor, *, registry=None, exit_on_start_failure=False):
     """Wire every component for ``config``; returns the root service.
 
     ``root.components`` exposes the parts for tests and benchmarks.
@@ -76,6 +132,12 @@ def build_service(config, reactor, *, registry=None):
     from joblet_persist.ingest import IngestFactory
     from joblet_persist.metrics import PersistMetrics
     from joblet_persist.query import PersistServicer
+    from joblet_persist.retention import (
+        RetentionPolicy,
+        RetentionRunner,
+        RetentionTimerService,
+        thd_free_bytes,
+    )
     from joblet_persist.services import (
         CallbackService,
         OrderedMultiService,
@@ -94,8 +156,12 @@ def build_service(config, reactor, *, registry=None):
 
     def start_failed(failure):
         # A service that cannot start (socket in use, unreadable data dir) ends the process.
+        if exit_on_start_failure:
+            _exit_nonzero_at_interpreter_exit()
         if reactor.running:
             reactor.stop()
+        else:
+            reactor.callWhenRunning(reactor.stop)
 
     root = OrderedMultiService(on_start_failure=start_failed)
 
@@ -171,13 +237,31 @@ def build_service(config, reactor, *, registry=None):
             "write_errors": writer.write_errors,
         }
 
+    retention = RetentionRunner(
+        storage,
+        RetentionPolicy.from_config(sc.retention),
+        reactor,
+        free_bytes=lambda: pool.run(thd_free_bytes, sc.data_dir),
+        busy_jobs=writer.busy_jobs,
+        discard_job=writer.discard_job,
+        metrics=metrics,
+    )
+    retention_timer = RetentionTimerService(reactor, retention, sc.retention.interval)
+    retention_timer.setServiceParent(root)
+
+    def cleanup(dry_run):
+        d = retention.run(dry_run)
+        if not dry_run:
+            d.addCallback(_refresh_health_after, health)
+        return d
+
     servicer = PersistServicer(
         storage,
         reactor,
         is_healthy=lambda: health.healthy,
         ingest_stats=ingest_stats,
         delete_job=delete_job,
-        cleanup=None,
+        cleanup=cleanup,
         batch_max_items=qc.batch_max_items,
         batch_max_bytes=qc.batch_max_bytes,
         max_limit=qc.max_limit,
@@ -217,7 +301,9 @@ def build_service(config, reactor, *, registry=None):
 
     web_services = []
     if mc.enabled:
-        app = MonitoringApp(health, metrics.registry, node_id=config.server.node_id)
+        app = MonitoringApp(
+            health, metrics.registry, node_id=config.server.node_id, version=__version__
+        )
         site = Site(app.resource())
         site.noisy = False
         web_services.append(
@@ -240,6 +326,7 @@ def build_service(config, reactor, *, registry=None):
         "health": health,
         "ingest": ingest,
         "servicer": servicer,
+        "retention": retention,
         "grpc": grpc_service,
         "web": web_services,
     }
@@ -260,3 +347,8 @@ def _tls_settings(config):
         ),
         "require_client_cert": sec.require_client_cert,
     }
+
+
+def _refresh_health_after(result, health):
+    health.probe_now()
+    return result

@@ -33,9 +33,9 @@ from collections import deque
 from typing import Callable, Optional
 
 from twisted.internet import defer
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from joblet_persist.logs import Logger
 from joblet_persist.storage.api import LogBatch, MetricBatch
 
 __all__ = [
@@ -227,6 +227,12 @@ class BatchingWriter:
         self.write_errors = 0
 
     # -- state ------------------------------------------------------------
+
+    def busy_jobs(self) -> set[str]:
+        """Job ids with data buffered, queued or in flight (retention spares them)."""
+        jobs = {buf.job.job_id for buf in self._dirty}
+        jobs.update(buf.job.job_id for buf in self._busy)
+        return jobs
 
     @property
     def buffered_bytes(self) -> int:

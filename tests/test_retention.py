@@ -183,3 +183,77 @@ class RunnerTests(SynchronousTestCase):
         self.assertEqual(result.errors, 1)
         self.assertEqual(result.deleted_job_ids, [])
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+
+class _CountingRunner:
+    def __init__(self):
+        self.calls = 0
+        self.fail_next = False
+        self.pending = None
+
+    def run(self, dry_run=False):
+        self.calls += 1
+        if self.fail_next:
+            self.fail_next = False
+            return defer.fail(RuntimeError("disk went away"))
+        if self.pending is not None:
+            return self.pending
+        return defer.succeed(None)
+
+
+class TimerServiceTests(SynchronousTestCase):
+    def test_runs_every_interval_and_survives_errors(self):
+        """The timer runs retention each interval; a failed run is logged and the next
+        interval runs again."""
+        from joblet_persist.retention import RetentionTimerService
+
+        clock = task.Clock()
+        runner = _CountingRunner()
+        svc = RetentionTimerService(clock, runner, 300)
+        svc.startService()
+        self.assertEqual(runner.calls, 0)
+        clock.advance(300)
+        self.assertEqual(runner.calls, 1)
+        runner.fail_next = True
+        clock.advance(300)
+        self.assertEqual(runner.calls, 2)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        clock.advance(300)
+        self.assertEqual(runner.calls, 3)
+        svc.stopService()
+        clock.advance(3000)
+        self.assertEqual(runner.calls, 3)
+
+    def test_stop_waits_for_run_in_progress(self):
+        """Stopping while a run is in progress fires only when the run ends."""
+        from joblet_persist.retention import RetentionTimerService
+
+        clock = task.Clock()
+        runner = _CountingRunner()
+        runner.pending = defer.Deferred()
+        svc = RetentionTimerService(clock, runner, 10)
+        svc.startService()
+        clock.advance(10)
+        stopped = svc.stopService()
+        self.assertNoResult(stopped)
+        runner.pending.callback(None)
+        self.successResultOf(stopped)
+
+    def test_overlapping_runs_serialised(self):
+        """A run requested during another waits for it and both callers get their own
+        result (not None)."""
+        storage = _FakeStorage([_info("old", NOW - 10 * DAY, 110)], {"old": (100, 10)})
+        clock = task.Clock()
+        clock.advance(NOW)
+        gate = defer.Deferred()
+        runner = RetentionRunner(
+            storage, RetentionPolicy(log_max_age=DAY, metric_max_age=DAY), clock,
+            free_bytes=lambda: defer.succeed(None), busy_jobs=set,
+            discard_job=lambda j: gate,
+        )
+        first = runner.run()
+        second = runner.run(dry_run=True)
+        self.assertNoResult(second)
+        gate.callback(None)
+        self.assertEqual(self.successResultOf(first).deleted_job_ids, ["old"])
+        self.assertEqual(self.successResultOf(second).deleted_job_ids, [])

@@ -135,3 +135,20 @@ class StaleSocketTests(SynchronousTestCase):
         self.successResultOf(svc.stopService())
         self.assertEqual(calls, ["drained"])
         self.assertFalse(os.path.exists(self.path))
+
+
+class ListenerNeverStartedTests(SynchronousTestCase):
+    def test_failed_listen_leaves_other_process_socket(self):
+        """When listening fails because another process owns the socket, stopping the
+        service does not delete that process's live socket file."""
+        d = tempfile.mkdtemp(prefix="jp", dir="/tmp")
+        self.addCleanup(lambda: __import__("shutil").rmtree(d, True))
+        path = os.path.join(d, "s.sock")
+        live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        live.bind(path)
+        live.listen(1)
+        self.addCleanup(live.close)
+        svc = UnixListenerService(MemoryReactorClock(), "ipc", path, object())
+        self.assertRaises(OSError, svc.startService)
+        self.successResultOf(defer.maybeDeferred(svc.stopService))
+        self.assertTrue(os.path.exists(path))

@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 from twisted.internet import defer
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from joblet_persist.logs import Logger
 from joblet_persist.storage import format as fmt
 from joblet_persist.storage import jobindex, reader, segment
 from joblet_persist.storage.api import (
