@@ -153,6 +153,17 @@ def run_one(args, payloads, raw_total: int, gzip6_bytes: int, compressor: str, l
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise SystemExit(f"service did not start; see {work}/twistd.log")
             time.sleep(0.05)
+        profiler = None
+        if args.profile:
+            profiler = subprocess.Popen(
+                ["py-spy", "record", "--pid", str(proc.pid), "--rate", "250", "--nonblocking",
+                 *(["--gil"] if os.environ.get("BENCH_PROFILE_GIL") else []),
+                 "--threads", "--format", {".json": "speedscope", ".txt": "raw"}.get(
+                    os.path.splitext(args.profile)[1], "flamegraph"),
+                 "-o", args.profile],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            time.sleep(1.0)
         ctx = multiprocessing.get_context("fork")
         go = ctx.Event()
         readies = []
@@ -168,14 +179,20 @@ def run_one(args, payloads, raw_total: int, gzip6_bytes: int, compressor: str, l
         total = args.frames
         t0 = time.perf_counter()
         go.set()
+        received_at = None
         while True:
             st = _stats(stub)
+            if received_at is None and st.messages_received >= total:
+                received_at = time.perf_counter() - t0
             if st.messages_written >= total:
                 break
             if proc.poll() is not None:
                 raise SystemExit(f"service exited; see {work}/twistd.log")
             time.sleep(0.02)
         elapsed = time.perf_counter() - t0
+        if profiler is not None:
+            profiler.send_signal(signal.SIGINT)
+            profiler.wait(30)
         rss = _peak_rss(proc.pid)
         st = _stats(stub)
         channel.close()
@@ -190,6 +207,8 @@ def run_one(args, payloads, raw_total: int, gzip6_bytes: int, compressor: str, l
             "frames": total,
             "seconds": round(elapsed, 3),
             "frames_per_s": round(total / elapsed),
+            # All frames decoded and buffered (the rest is the last flush and fsync).
+            "received_s": round(received_at or elapsed, 3),
             "mb_per_s": round(raw_total / elapsed / 1e6, 1),
             "peak_rss_mb": round(rss / 2**20, 1),
             "disk_bytes": disk,
@@ -212,6 +231,8 @@ def main() -> None:
                     help="name:level pairs")
     ap.add_argument("--repeat", type=int, default=1, help="runs per setting; the median is kept")
     ap.add_argument("--json", help="also write results to this file")
+    ap.add_argument("--profile", help="record the service with py-spy into this file "
+                    "(.svg flamegraph, or .json speedscope)")
     args = ap.parse_args()
 
     lines = make_lines(args.frames, 1, args.line_bytes)

@@ -192,17 +192,33 @@ def _check_range(name: str, values: list, low: int, high: int) -> None:
 
 
 def _build_table(lengths, ts, d_ts, d_seq, d_ord, i: int, j: int):
-    """Serialize the table of messages [i, j); returns (stored, flags, raw_len, min_ts, max_ts)."""
+    """Serialize the table of messages [i, j); returns (stored, flags, raw_len, min_ts, max_ts).
+
+    Raises ValueError when a timestamp of the window is outside int64.
+    """
     window = ts[i:j]
     min_ts = min(window)
     max_ts = max(window)
-    first_delta = _wrap_signed([ts[i] - min_ts])[0]
-    msg = _TableProto(
-        lengths=lengths[i:j],
-        timestamp_deltas=[first_delta] + d_ts[i : j - 1],
-        sequence_deltas=[0] + d_seq[i : j - 1],
-        ordinal_deltas=[0] + d_ord[i : j - 1],
-    )
+    if min_ts < _I64_MIN or max_ts > _I64_MAX:
+        raise ValueError(f"timestamp out of range {_I64_MIN}..{_I64_MAX}")
+    ts_deltas = [ts[i] - min_ts] + d_ts[i : j - 1]
+    seq_deltas = [0] + d_seq[i : j - 1]
+    try:
+        msg = _TableProto(
+            lengths=lengths[i:j],
+            timestamp_deltas=ts_deltas,
+            sequence_deltas=seq_deltas,
+            ordinal_deltas=[0] + d_ord[i : j - 1],
+        )
+    except ValueError:
+        # A delta outside int64 (values near both ends of the range): store it modulo
+        # 2**64, which the reader undoes.  Rare, so the common path never scans for it.
+        msg = _TableProto(
+            lengths=lengths[i:j],
+            timestamp_deltas=_wrap_signed(ts_deltas),
+            sequence_deltas=_wrap_signed(seq_deltas),
+            ordinal_deltas=[0] + d_ord[i : j - 1],
+        )
     raw = msg.SerializeToString()
     stored, flags = raw, 0
     if len(raw) >= _TABLE_DEFLATE_MIN:
@@ -232,18 +248,21 @@ def _encode_members(
         return []
     if max_member_raw < 1:
         raise ValueError(f"max_member_raw must be >= 1, got {max_member_raw}")
-    ts = list(timestamps)
-    seq = list(sequences)
-    ords = list(ordinals)
+    # This runs on a pool thread holding the GIL, which the reactor needs for every
+    # received frame: each pass over the columns counts, so checks ride along with
+    # work that is needed anyway (timestamps: per member in _build_table).
+    ts = timestamps if type(timestamps) is list else list(timestamps)
+    seq = sequences if type(sequences) is list else list(sequences)
+    ords = ordinals if type(ordinals) is list else list(ordinals)
     lengths = list(map(len, items))
-    _check_range("timestamp", ts, _I64_MIN, _I64_MAX)
     _check_range("sequence", seq, 0, _U64)
-    _check_range("ordinal", ords, _I64_MIN, _I64_MAX)
     d_ord = list(map(sub, ords[1:], ords))
     if d_ord and min(d_ord) <= 0:
         raise ValueError("ordinals must be strictly increasing")
-    d_ts = _wrap_signed(list(map(sub, ts[1:], ts)))
-    d_seq = _wrap_signed(list(map(sub, seq[1:], seq)))
+    # Strictly increasing: the ends bound every ordinal.
+    _check_range("ordinal", [ords[0], ords[-1]], _I64_MIN, _I64_MAX)
+    d_ts = list(map(sub, ts[1:], ts))
+    d_seq = list(map(sub, seq[1:], seq))
     cum = list(accumulate(lengths, initial=0))
 
     out = []

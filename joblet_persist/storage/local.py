@@ -198,7 +198,7 @@ def thd_append_logs(
     Ordinals are ``base + arrival``.  On error nothing partial stays in the
     file (segment.thd_append truncates back) and the error propagates.
     """
-    ordinals = [base + a for a in arrivals]
+    ordinals = arrivals if base == 0 else [base + a for a in arrivals]
     pieces = fmt.encode_log_members(timestamps, sequences, ordinals, contents, compressor)
     return _thd_write_pieces(path, directory, expected_size, fsync, pieces, 0)
 
