@@ -8,9 +8,17 @@ Runs on the calling thread with a task.Clock; nothing touches the network or the
                        LogLine parse, checks, writer call)
       stock-framing    Int32StringReceiver's dataReceived + IngestProtocol's per-frame handling
                        (isolates the framing loop)
-      ingest           IngestProtocol (the service's receiver) with a writer that does nothing
-      ingest+writer    IngestProtocol feeding a real BatchingWriter whose storage completes
-                       every append at once (the whole reactor-side cost per frame)
+      fused-upb        the previous receive loop: one upb parse per LOG frame of a fused
+                       envelope+LogLine message type, one add_log call per frame
+      decode-c         framing.decode_log_frames (C extension) alone, over every read
+      decode-py        framing.decode_log_frames_py (pure-Python twin) alone
+      ingest-py        IngestProtocol (the service's receiver) with the pure-Python decoder and
+                       a bulk writer that does nothing
+      ingest           IngestProtocol with the C decoder and a bulk writer that does nothing
+      ingest+writer-py IngestProtocol (pure-Python decoder) feeding a real BatchingWriter whose
+                       storage completes every append at once
+      ingest+writer    the same with the C decoder (the whole reactor-side cost per frame)
+    Rows needing the C extension are skipped when it is not built.
 (b) A stream of large LOG frames (default 8 MiB) delivered in 64 KiB reads, stock vs ingest, at
     several frame sizes: the stock receiver re-concatenates its whole buffer on every read, so
     its cost per MiB grows with the frame size; the ingest receiver's stays flat.
@@ -28,9 +36,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory  # noqa: E402
+from google.protobuf.message import DecodeError  # noqa: E402
 from twisted.internet import defer, task  # noqa: E402
 from twisted.protocols.basic import Int32StringReceiver  # noqa: E402
 
+from joblet_persist import framing, ingest  # noqa: E402
 from joblet_persist._proto import ipc_pb2  # noqa: E402
 from joblet_persist.ingest import IngestProtocol, RejectionLog  # noqa: E402
 from joblet_persist.storage.api import is_valid_job_id  # noqa: E402
@@ -41,12 +52,22 @@ JOB_IDS = [f"0b7c6a1e-3f7e-4d2a-9c1b-{i:012d}" for i in range(8)]
 
 
 class NullWriter:
-    """Accepts messages and does nothing with them."""
+    """Accepts messages one at a time and does nothing with them."""
 
     def add_log(self, job_id, stream, timestamp, sequence, content):
         return None
 
     def add_metric(self, job_id, timestamp, sequence, payload):
+        return None
+
+
+class NullBulkWriter(NullWriter):
+    """Also accepts groups (``add_logs``) and owns the arrival counters, as BatchingWriter."""
+
+    def __init__(self):
+        self.arrivals = {}
+
+    def add_logs(self, job_id, stream, timestamps, sequences, arrivals, contents):
         return None
 
 
@@ -90,6 +111,78 @@ class StockFramingIngest(IngestProtocol):
     dataReceived = Int32StringReceiver.dataReceived
 
 
+def _fused_log_envelope():
+    """The previous receive loop's message type: IPCMessage with field 6 as a LogLine."""
+    src = descriptor_pb2.FileDescriptorProto()
+    ipc_pb2.DESCRIPTOR.CopyToProto(src)
+    package = "bench.fused"
+    fused = descriptor_pb2.FileDescriptorProto(
+        name="bench/fused.proto", package=package, syntax=src.syntax
+    )
+    fused.enum_type.extend(src.enum_type)
+    for msg in src.message_type:
+        if msg.name not in ("IPCMessage", "LogLine"):
+            continue
+        copy = fused.message_type.add()
+        copy.CopyFrom(msg)
+        for field in copy.field:
+            if field.type_name:
+                field.type_name = field.type_name.replace(f".{src.package}.", f".{package}.")
+            if msg.name == "IPCMessage" and field.number == 6:
+                field.type = descriptor_pb2.FieldDescriptorProto.TYPE_MESSAGE
+                field.type_name = f".{package}.LogLine"
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fused)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{package}.IPCMessage"))
+
+
+class FusedUpbIngest(IngestProtocol):
+    """The previous receive loop (complete frames only, as this benchmark sends them): one
+    fused upb parse and one add_log call per LOG frame; everything else to the slow path."""
+
+    _parse = staticmethod(_fused_log_envelope().FromString)
+
+    def dataReceived(self, data):
+        if self._head:
+            data = self._head + data
+            self._head = b""
+        off, end = 0, len(data)
+        unpack_from = ingest._HEADER.unpack_from
+        parse = self._parse
+        valid_ids = self._valid_ids
+        add_log = self._add_log
+        nlog = nlog_bytes = 0
+        while end - off >= 4:
+            (length,) = unpack_from(data, off)
+            start = off + 4
+            stop = start + length
+            if stop > end:
+                break
+            frame = data[start:stop]
+            off = stop
+            try:
+                env = parse(frame)
+            except DecodeError:
+                self._decode_slowly(frame)
+                continue
+            if env.type != 1:
+                self._decode_slowly(frame)
+                continue
+            nlog += 1
+            nlog_bytes += length
+            job_id = env.job_uuid
+            if job_id not in valid_ids and not self._admit(job_id):
+                continue
+            line = env.data
+            stream = line.stream
+            if stream != 1 and stream != 2:
+                continue
+            add_log(job_id, stream, line.timestamp, line.sequence, line.content)
+        if nlog:
+            self._frames_received({1: nlog}, nlog_bytes)
+        self._head = data[off:]
+
+
 def log_frame(i: int, content_len: int) -> bytes:
     job = JOB_IDS[i % len(JOB_IDS)]
     ts = 1_700_000_000_000_000_000 + i * 1_000_000
@@ -111,18 +204,51 @@ def chunked(stream: bytes, size: int = READ_SIZE) -> list[bytes]:
     return [stream[i : i + size] for i in range(0, len(stream), size)]
 
 
+class DecodeOnly:
+    """Calls a decode_log_frames implementation over each read, as IngestProtocol does
+    (without handing anything over); the incomplete tail is carried to the next read."""
+
+    def __init__(self, decode):
+        self.decode = decode
+        self.arrivals = {}
+        self.tail = b""
+
+    def dataReceived(self, data):
+        if self.tail:
+            data = self.tail + data
+        off, _, _ = self.decode(data, 0, 1 << 30, self.arrivals)
+        self.tail = data[off:]
+
+
 def make_protocol(kind: str, clock):
     if kind == "stock":
         return StockReceiver(NullWriter()), None
+    if kind == "decode-c":
+        return DecodeOnly(framing._decode_log_frames_c), None
+    if kind == "decode-py":
+        return DecodeOnly(framing.decode_log_frames_py), None
     rejections = RejectionLog(clock)
     if kind == "stock-framing":
         return StockFramingIngest(NullWriter(), rejections), None
-    if kind == "ingest":
-        return IngestProtocol(NullWriter(), rejections), None
-    if kind == "ingest+writer":
+    if kind == "fused-upb":
+        return FusedUpbIngest(NullWriter(), rejections), None
+    writer = None
+    if kind.startswith("ingest+writer"):
         writer = BatchingWriter(InstantStorage(), clock)
-        return IngestProtocol(writer, rejections), writer
-    raise ValueError(kind)
+    decode = framing.decode_log_frames_py if kind.endswith("-py") else framing.decode_log_frames
+    saved = ingest.decode_log_frames
+    ingest.decode_log_frames = decode  # read by IngestProtocol.__init__
+    try:
+        return IngestProtocol(writer or NullBulkWriter(), rejections), writer
+    finally:
+        ingest.decode_log_frames = saved
+
+
+KINDS = (
+    "stock", "stock-framing", "fused-upb", "decode-c", "decode-py",
+    "ingest-py", "ingest", "ingest+writer-py", "ingest+writer",
+)
+NEEDS_C = {"decode-c", "ingest", "ingest+writer"}
 
 
 def run(kind: str, chunks: list[bytes]) -> float:
@@ -150,10 +276,13 @@ def bench_small(frames: int, repeat: int, content_len: int) -> None:
         f"(a) {frames} LOG frames, {avg:.0f} bytes each on average (prefix included), "
         f"in {len(chunks)} reads of {READ_SIZE // 1024} KiB; best of {repeat}"
     )
-    print(f"    {'receiver':<15} {'us/frame':>9} {'frames/s':>12}")
-    for kind in ("stock", "stock-framing", "ingest", "ingest+writer"):
+    print(f"    {'receiver':<16} {'us/frame':>9} {'frames/s':>12}")
+    for kind in KINDS:
+        if kind in NEEDS_C and framing._decode_log_frames_c is None:
+            print(f"    {kind:<16} (skipped: joblet_persist._speedups is not built)")
+            continue
         best = min(run(kind, chunks) for _ in range(repeat))
-        print(f"    {kind:<15} {best / frames * 1e6:9.3f} {frames / best:12,.0f}")
+        print(f"    {kind:<16} {best / frames * 1e6:9.3f} {frames / best:12,.0f}")
 
 
 def bench_big(mib_sizes: list[int], total_mib: int) -> None:
@@ -182,7 +311,8 @@ def main(argv=None) -> None:
     ap.add_argument("--big-mib", type=int, default=8, help="largest frame size in (b), MiB")
     ap.add_argument("--big-total", type=int, default=64, help="MiB streamed per run in (b)")
     args = ap.parse_args(argv)
-    print(f"python {sys.version.split()[0]}, protobuf backend: {_pb_backend()}")
+    print(f"python {sys.version.split()[0]}, protobuf backend: {_pb_backend()}, "
+          f"frame decoder: {framing.IMPLEMENTATION}")
     bench_small(args.frames, args.repeat, args.content)
     sizes = [s for s in (1, 2, 4, 8, 16, 32) if s <= args.big_mib]
     bench_big(sizes, args.big_total)

@@ -23,42 +23,48 @@ keeps reading after any rejection:
 - ``truncated_frame``: the connection closed in the middle of a frame.
 - ``too_many_connections`` (not a frame): a connection beyond ``max_connections`` was refused.
 
-Accepted LOG frames go to ``writer.add_log(job, stream, timestamp, sequence, content)`` with
-timestamp and sequence from the LogLine payload.  METRIC payloads are parsed here, on the
+Accepted LOG frames go to the writer with timestamp and sequence from the LogLine payload: in
+bulk, ``writer.add_logs(job, stream, timestamps, sequences, arrivals, contents)``, one call per
+(job, stream) per read, when the writer has ``add_logs`` and its arrival counters as the dict
+``writer.arrivals`` (BatchingWriter); otherwise one ``writer.add_log(job, stream, timestamp,
+sequence, content)`` per frame, in frame order.  METRIC payloads are parsed here, on the
 reactor thread, so that a payload storage could not convert never reaches (and blocks) a
 storage batch; samples are rare (about one per second per job), so this costs little.  They go
 to ``writer.add_metric(job, timestamp, sequence, payload)`` with the payload bytes as received
 and timestamp/sequence from the Metric payload, or from the envelope when the payload's
 timestamp is 0 (unset).
 
-Counting received frames (``persist_ipc_messages_received_total``): LOG frames on the fast path
+Counting received frames (``persist_ipc_messages_received_total``): LOG frames of the bulk path
 are counted in local integers and reported once per read through
 ``metrics.frames_received({1: count}, nbytes)``; every other frame whose envelope decodes is
 reported through ``metrics.frame_received(msg_type, nbytes)``.  Both count rejected frames too,
 except ``bad_envelope`` ones (they have no type); ``nbytes`` is the frame's length without its
 prefix.  Implementations must be cheap (integer increments read by a collector).
 
-Speed: the receive loop scans each read with ``struct.unpack_from`` at an offset, never
-re-slicing the whole buffer; a frame incomplete at the end of a read is collected as a list of
-chunks and joined once, so a multi-MiB frame split over many reads costs linear time.  LOG
-frames are decoded with one protobuf parse of a private message type identical to IPCMessage
-except that field 6 is typed as an embedded LogLine (same wire type as ``bytes``); anything that
-does not parse that way, and every other type, takes the plain two-step decode.  The results are
-the same, except for an envelope that repeats field 6 (no encoder does): the fused parse merges
-the occurrences where the plain one keeps the last.
+Speed: each read goes to ``framing.decode_log_frames`` (a C extension, or its pure-Python twin
+when it is not built), which walks the frames at an offset, never re-slicing the buffer, and
+collects the canonical LOG frames into per-(job, stream) columns with their arrival numbers
+taken from ``writer.arrivals``; a job id is then validated once per group, and each group is one
+``add_logs`` call.  The decoder stops at any other frame, which gets the plain two-step decode
+(envelope, then payload) before the walk resumes after it; the results are those of the plain
+decode frame by frame.  A frame incomplete at the end of a read is collected as a list of
+chunks (its length prefix included) and joined once, so a multi-MiB frame split over many reads
+costs linear time.
 """
 
 from __future__ import annotations
 
+import socket
 import struct
 from typing import Optional
 
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 from twisted.internet import defer, protocol
 from twisted.protocols.basic import Int32StringReceiver
 
 from joblet_persist._proto import ipc_pb2
+from joblet_persist.framing import IMPLEMENTATION as DECODER_IMPLEMENTATION
+from joblet_persist.framing import decode_log_frames
 from joblet_persist.logs import Logger
 from joblet_persist.storage.api import is_valid_job_id
 from joblet_persist.writer import WriterStopped
@@ -82,37 +88,6 @@ _HEADER = struct.Struct(">I")
 log = Logger()
 
 
-def _build_log_envelope():
-    """IPCMessage with ``data`` (field 6) declared as an embedded LogLine.
-
-    Built from the generated descriptors, so field numbers and types stay those of
-    proto/ipc.proto.  Parsing a LOG frame with it decodes envelope and payload in one call.
-    """
-    src = descriptor_pb2.FileDescriptorProto()
-    ipc_pb2.DESCRIPTOR.CopyToProto(src)
-    package = "joblet_persist.ingest_fused"
-    fused = descriptor_pb2.FileDescriptorProto(
-        name="joblet_persist/ingest_fused.proto", package=package, syntax=src.syntax
-    )
-    fused.enum_type.extend(src.enum_type)
-    for msg in src.message_type:
-        if msg.name not in ("IPCMessage", "LogLine"):
-            continue
-        copy = fused.message_type.add()
-        copy.CopyFrom(msg)
-        for field in copy.field:
-            if field.type_name:
-                field.type_name = field.type_name.replace(f".{src.package}.", f".{package}.")
-            if msg.name == "IPCMessage" and field.number == 6:
-                field.type = descriptor_pb2.FieldDescriptorProto.TYPE_MESSAGE
-                field.type_name = f".{package}.LogLine"
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(fused)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{package}.IPCMessage"))
-
-
-_LogEnvelope = _build_log_envelope()
-_parse_log_envelope = _LogEnvelope.FromString
 _parse_envelope = ipc_pb2.IPCMessage.FromString
 _parse_log_line = ipc_pb2.LogLine.FromString
 _parse_metric = ipc_pb2.Metric.FromString
@@ -212,6 +187,19 @@ class IngestProtocol(Int32StringReceiver):
         self.MAX_LENGTH = max_frame_bytes
         self._add_log = writer.add_log
         self._add_metric = writer.add_metric
+        self._decode_frames = decode_log_frames
+        add_logs = getattr(writer, "add_logs", None)
+        arrivals = getattr(writer, "arrivals", None)
+        if add_logs is not None and isinstance(arrivals, dict):
+            self._add_logs = add_logs
+            self._arrivals = arrivals
+            self._decode = self._decode_frames
+        else:
+            # A writer taking one message at a time: one frame per decoder call keeps its
+            # calls in frame order (across jobs too), at the price of speed.
+            self._add_logs = self._add_logs_singly
+            self._arrivals = {}
+            self._decode = self._decode_one
         self._reject = rejections.reject
         metrics = metrics if metrics is not None else NullIngestMetrics()
         self._frame_received = metrics.frame_received
@@ -220,8 +208,8 @@ class IngestProtocol(Int32StringReceiver):
         self._valid_ids = self._job_ids.ids
         # Receive state between reads; at most one of these is set.
         self._head = b""  # 1-3 bytes of a length prefix
-        self._chunks: list[bytes] = []  # parts of the current frame's body ...
-        self._need = 0  # ... and how many body bytes are still missing
+        self._chunks: list[bytes] = []  # parts of the current frame, length prefix included ...
+        self._need = 0  # ... and how many of its bytes are still missing
         self._skip = 0  # bytes of an oversized frame still to be skipped
         self._lost_waiters: list[defer.Deferred] = []
 
@@ -247,7 +235,7 @@ class IngestProtocol(Int32StringReceiver):
             chunks.append(data[:need] if n > need else data)
             self._chunks = []
             self._need = 0
-            self.stringReceived(b"".join(chunks))
+            self._receive(b"".join(chunks), 0)
             if n == need:
                 return
             off = need
@@ -263,78 +251,98 @@ class IngestProtocol(Int32StringReceiver):
             self._head = b""
 
         end = len(data)
-        unpack_from = _HEADER.unpack_from
-        parse = _parse_log_envelope
-        valid_ids = self._valid_ids
-        add_log = self._add_log
-        max_length = self.MAX_LENGTH
-        nlog = 0
-        nlog_bytes = 0
-        try:
-            while end - off >= 4:
-                (length,) = unpack_from(data, off)
-                start = off + 4
-                stop = start + length
-                if length > max_length:
-                    self.lengthLimitExceeded(length)
-                    if stop > end:
-                        self._skip = stop - end
-                        off = end
-                        break
-                    off = stop
-                    continue
-                if stop > end:
-                    # Incomplete: keep the body part received so far, join it when complete.
-                    self._chunks = [data[start:]]
-                    self._need = stop - end
-                    off = end
-                    break
-                frame = data[start:stop]
-                off = stop
-                try:
-                    env = parse(frame)
-                except DecodeError:
-                    self._decode_slowly(frame)
-                    continue
-                if env.type != MSG_LOG:
-                    self._decode_slowly(frame)
-                    continue
-                nlog += 1
-                nlog_bytes += length
-                job_id = env.job_uuid
-                if job_id not in valid_ids and not self._admit(job_id):
-                    continue
-                line = env.data
-                stream = line.stream
-                if stream != 1 and stream != 2:
-                    self._reject("invalid_stream", f"LogLine stream {stream} for job {job_id}")
-                    continue
-                try:
-                    add_log(job_id, stream, line.timestamp, line.sequence, line.content)
-                except WriterStopped:
-                    self._reject("stopping", f"LOG for job {job_id} after the writer stopped")
-        finally:
-            if nlog:
-                self._frames_received({MSG_LOG: nlog}, nlog_bytes)
+        off = self._receive(data, off)
         if off < end:
-            self._head = data[off:]
+            if end - off < 4:
+                self._head = data[off:]
+            else:
+                # Incomplete: keep the part received so far, join it when complete.
+                (length,) = _HEADER.unpack_from(data, off)
+                self._chunks = [data[off:]]
+                self._need = off + 4 + length - end
 
     def stringReceived(self, frame: bytes) -> None:
         """Handle one complete frame (without its length prefix).  Reactor thread."""
+        self._receive(_HEADER.pack(len(frame)) + frame, 0)
+
+    def _receive(self, data: bytes, off: int) -> int:
+        """Handle every complete frame of ``data`` from ``off`` on; return where the incomplete
+        rest begins (``len(data)`` when there is none, or when an oversized frame is being
+        skipped past the end).  Reactor thread."""
+        end = len(data)
+        decode = self._decode
+        max_length = self.MAX_LENGTH
+        arrivals = self._arrivals
+        nlog = 0
+        nlog_bytes = 0
         try:
-            env = _parse_log_envelope(frame)
-        except DecodeError:
-            self._decode_slowly(frame)
-            return
-        if env.type != MSG_LOG:
-            self._decode_slowly(frame)
-            return
-        self._frames_received({MSG_LOG: 1}, len(frame))
-        job_id = env.job_uuid
-        if job_id not in self._valid_ids and not self._admit(job_id):
-            return
-        line = env.data
-        self._accept_log(job_id, line)
+            while off < end:
+                start = off
+                off, groups, reason = decode(data, off, max_length, arrivals)
+                if groups:
+                    n = self._deliver(groups)
+                    nlog += n
+                    nlog_bytes += off - start - 4 * n
+                if reason == "slow":
+                    # Not a canonical LOG frame (complete unless oversized): the plain decode.
+                    (length,) = _HEADER.unpack_from(data, off)
+                    stop = off + 4 + length
+                    if length > max_length:
+                        self.lengthLimitExceeded(length)
+                        if stop > end:
+                            self._skip = stop - end
+                            return end
+                    else:
+                        self._decode_slowly(data[off + 4 : stop])
+                    off = stop
+                elif reason == "partial":
+                    break
+        finally:
+            if nlog:
+                self._frames_received({MSG_LOG: nlog}, nlog_bytes)
+        return off
+
+    def _decode_one(self, data: bytes, off: int, max_length: int, arrivals: dict):
+        """``decode_log_frames`` limited to the frame at ``off`` (writers without
+        ``add_logs``, whose arrival numbers are their own: ``arrivals`` is not used)."""
+        end = len(data)
+        if end - off >= 4:
+            (length,) = _HEADER.unpack_from(data, off)
+            stop = off + 4 + length
+            if length <= max_length and stop < end:
+                new, groups, reason = self._decode_frames(data[off:stop], 0, max_length, {})
+                return off + new, groups, reason
+        return self._decode_frames(data, off, max_length, {})
+
+    def _deliver(self, groups: dict) -> int:
+        """Hand the decoder's groups to the writer, each job id validated once; return the
+        number of frames in them.  Reactor thread."""
+        valid_ids = self._valid_ids
+        add_logs = self._add_logs
+        total = 0
+        for (job_id, stream), (timestamps, sequences, arrivals, contents) in groups.items():
+            n = len(timestamps)
+            total += n
+            if job_id not in valid_ids and not self._job_ids.admit(job_id):
+                # Never stored: forget the arrival numbers the decoder gave these frames.
+                self._arrivals.pop(job_id, None)
+                detail = f"job id {job_id[:160]!r}"
+                for _ in range(n):
+                    self._reject("invalid_job_id", detail)
+                continue
+            try:
+                add_logs(job_id, stream, timestamps, sequences, arrivals, contents)
+            except WriterStopped:
+                detail = f"LOG for job {job_id} after the writer stopped"
+                for _ in range(n):
+                    self._reject("stopping", detail)
+        return total
+
+    def _add_logs_singly(self, job_id, stream, timestamps, sequences, arrivals, contents):
+        """``add_logs`` for writers that only have ``add_log`` (groups of one frame)."""
+        add_log = self._add_log
+        for timestamp, sequence, content in zip(timestamps, sequences, contents, strict=True):
+            add_log(job_id, stream, timestamp, sequence, content)
 
     def lengthLimitExceeded(self, length: int) -> None:
         """A length prefix above ``MAX_LENGTH``: count it; its bytes are skipped, not read."""
@@ -465,6 +473,11 @@ class IngestFactory(protocol.Factory):
         self._job_ids = _JobIdCache(job_id_cache_size)
         self._protocols: dict[IngestProtocol, None] = {}
         self._paused = False
+        self._draining = False
+
+    def startFactory(self) -> None:
+        """The listener starts: log once which frame decoder this process uses."""
+        log.info("IPC frame decoder: {implementation}", implementation=DECODER_IMPLEMENTATION)
 
     @property
     def paused(self) -> bool:
@@ -504,8 +517,13 @@ class IngestFactory(protocol.Factory):
             self._metrics.connection_closed()
 
     def pause_all(self) -> None:
-        """Stop reading on every connection, and on new ones until ``resume_all``."""
+        """Stop reading on every connection, and on new ones until ``resume_all``.
+
+        Not while ``disconnect_all`` drains the connections: that reads on regardless.
+        """
         self._paused = True
+        if self._draining:
+            return
         for p in self._protocols:
             _pause(p.transport)
 
@@ -515,21 +533,52 @@ class IngestFactory(protocol.Factory):
         for p in self._protocols:
             _resume(p.transport)
 
-    def disconnect_all(self) -> defer.Deferred:
+    def disconnect_all(self, drain_timeout: float = 5.0) -> defer.Deferred:
         """Close every connection; Deferred firing when all of them have closed.
 
-        Frames completely received before the close have been handed to the writer already;
-        a frame cut off is counted as ``truncated_frame``.
+        What a peer has already written is not lost: each connection's read side is shut
+        down first (``shutdown(SHUT_RD)``), so that the peer's further writes fail (EPIPE)
+        while the bytes already queued in the socket are still read, up to the end of file,
+        and handed to the writer; the connection then closes.  Reading resumes even under
+        backpressure (what is queued is bounded by the socket buffers).  A connection still
+        open after ``drain_timeout`` seconds, or whose transport has no socket, is closed with
+        ``loseConnection``.  A frame cut off is counted as ``truncated_frame``.
         """
+        self._draining = True
         waits = []
         for p in list(self._protocols):
             d = defer.Deferred()
             p._lost_waiters.append(d)
             waits.append(d)
-            p.transport.loseConnection()
+            if not _shutdown_read(p.transport):
+                p.transport.loseConnection()
         if not waits:
             return defer.succeed(None)
-        return defer.gatherResults(waits).addCallback(lambda _: None)
+        timer = self._clock.callLater(drain_timeout, self._close_remaining)
+
+        def closed(_):
+            if timer.active():
+                timer.cancel()
+
+        return defer.gatherResults(waits).addCallback(closed)
+
+    def _close_remaining(self) -> None:
+        for p in list(self._protocols):
+            if p.transport is not None:
+                p.transport.loseConnection()
+
+
+def _shutdown_read(transport) -> bool:
+    """Shut down the read side of ``transport``'s socket and keep reading; False if impossible."""
+    get_handle = getattr(transport, "getHandle", None)
+    if get_handle is None or getattr(transport, "disconnecting", False):
+        return False
+    try:
+        get_handle().shutdown(socket.SHUT_RD)
+    except (OSError, AttributeError):
+        return False
+    transport.resumeProducing()
+    return True
 
 
 def _pause(transport) -> None:

@@ -11,14 +11,14 @@ Start order (stop order is the reverse, each step waiting for the previous):
 2. storage       job index loaded (or rebuilt from the files)
 3. writer        batching writer and its flush timer
 4. health        disk probe loop feeding /health, Ping and gRPC health
-5. retention     periodic retention run
-6. ingest        IPC Unix socket listener (stop: close listener, drain connections)
+5. ingest        IPC Unix socket listener (stop: close listener, drain connections)
+6. retention     periodic retention run (stop: wait for a run in progress)
 7. grpc          gRPC server on the Unix socket and/or TCP (stop: refuse, then grace)
 8. monitoring    Klein /metrics and /health listeners
 
-So on SIGTERM: monitoring and gRPC stop accepting first, ingest closes its
-connections, the writer flushes and fsyncs every received frame, storage
-writes the job index, and the pool is joined.
+So on SIGTERM: monitoring and gRPC stop accepting first, a retention run in
+progress finishes, ingest closes its connections, the writer flushes and fsyncs
+every received frame, storage writes the job index, and the pool is joined.
 """
 
 from __future__ import annotations
@@ -200,6 +200,9 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
         retry_max=wc.retry_max,
         on_pause=lambda: factory_box[0].pause_all(),
         on_resume=lambda: factory_box[0].resume_all(),
+        # Failing writes turn the verdict (Ping, gRPC health) unhealthy at once; on recovery
+        # the disk is probed again first, since the last probe may have seen it full.
+        on_health_change=lambda ok: health.probe_now() if ok else health.refresh(),
         metrics=metrics,
     )
     CallbackService("writer", writer.start, writer.stop).setServiceParent(root)
@@ -316,6 +319,10 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
         for web in web_services:
             web.setServiceParent(root)
 
+    # The verdict checks the listeners, which start after the health monitor's first probe:
+    # recompute it once everything runs, or Ping reports unhealthy until the next probe.
+    root.started.addCallback(_refresh_verdict, health)
+
     root.components = {
         "config": config,
         "metrics": metrics,
@@ -351,4 +358,9 @@ def _tls_settings(config):
 
 def _refresh_health_after(result, health):
     health.probe_now()
+    return result
+
+
+def _refresh_verdict(result, health):
+    health.refresh()
     return result

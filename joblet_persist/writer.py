@@ -18,12 +18,18 @@ Shape (after twisted's ``_AggregateSmallWrites``, with Buildbot ``Debouncer``'s 
 - Backpressure: when buffered bytes (open, queued and in flight) exceed ``high_water_bytes``,
   ``on_pause()`` is called once; when they fall below ``low_water_bytes``, ``on_resume()``
   once.
+- Health: ``on_health_change(healthy)`` is called when ``healthy`` flips, i.e. when the first
+  append starts failing (False) and when the last failing one succeeds or is dropped (True),
+  so that the service's health verdict follows at once instead of at its next probe.
 
 Each message is accounted as its content (or payload) length plus ``MESSAGE_OVERHEAD`` bytes.
 
 Arrival ordinals: every message of a job gets the next value of a per-job counter shared by both
 log streams and the metrics, so that storage can merge the streams in arrival order.  The
-counter lives as long as the job is known to the writer (for the process run), or until
+counters are the plain dict ``arrivals`` (job id -> next arrival), public so that the ingest
+protocol's frame decoder (``framing.decode_log_frames``) numbers LOG frames in bulk with the
+same counters that ``add_log``/``add_metric`` use (``add_logs`` takes the numbers it assigned).
+A counter lives as long as the job is known to the writer (for the process run), or until
 ``discard_job``.
 """
 
@@ -96,13 +102,12 @@ class _Sealed:
 
 
 class _Job:
-    """Per-job state: the arrival counter and the job's buffers."""
+    """Per-job state: the job's buffers (its arrival counter is in ``BatchingWriter.arrivals``)."""
 
-    __slots__ = ("job_id", "arrival", "buffers", "held", "discarding")
+    __slots__ = ("job_id", "buffers", "held", "discarding")
 
     def __init__(self, job_id: str, held: bool):
         self.job_id = job_id
-        self.arrival = 0
         # Index 0: metrics, 1: stdout, 2: stderr.
         self.buffers: list[Optional[_Buffer]] = [None, None, None]
         # True while a discard_job of an earlier incarnation of this job id is pending: batches
@@ -178,6 +183,7 @@ class BatchingWriter:
         stop_timeout: float = 10.0,
         on_pause: Callable[[], object] = lambda: None,
         on_resume: Callable[[], object] = lambda: None,
+        on_health_change: Callable[[bool], object] = lambda healthy: None,
         metrics=None,
     ):
         if flush_interval <= 0:
@@ -203,9 +209,12 @@ class BatchingWriter:
         self._stop_timeout = stop_timeout
         self._on_pause = on_pause
         self._on_resume = on_resume
+        self._on_health_change = on_health_change
         self._metrics = metrics if metrics is not None else NullWriterMetrics()
 
         self._jobs: dict[str, _Job] = {}
+        #: Job id -> the job's next arrival ordinal (see the module docstring).
+        self.arrivals: dict[str, int] = {}
         # Buffers whose open columns are not empty, in the order they became so.
         self._dirty: dict[_Buffer, None] = {}
         # Buffers with a batch queued or in flight.
@@ -317,8 +326,9 @@ class BatchingWriter:
             self._dirty[buf] = None
         timestamps.append(timestamp)
         buf.sequences.append(sequence)
-        arrival = job.arrival
-        job.arrival = arrival + 1
+        arrivals = self.arrivals
+        arrival = arrivals.get(job_id, 0)
+        arrivals[job_id] = arrival + 1
         buf.arrivals.append(arrival)
         buf.contents.append(content)
         n = len(content) + MESSAGE_OVERHEAD
@@ -329,6 +339,84 @@ class BatchingWriter:
             self._seal(buf)
         if self._buffered > self._high_water and not self._paused:
             self._pause()
+
+    def add_logs(
+        self,
+        job_id: str,
+        stream: int,
+        timestamps: list[int],
+        sequences: list[int],
+        arrivals: list[int],
+        contents: list[bytes],
+    ):
+        """Buffer several LOG messages of one (job, stream), in order.  Reactor thread.
+
+        The bulk form of ``add_log``, for the frame decoder's groups: four equally long
+        columns, with the arrival ordinals already assigned from ``self.arrivals`` (the caller
+        advanced the job's counter).  The buffer is sealed exactly where successive
+        ``add_log`` calls would seal it, so batches stay within ``batch_max_messages`` and
+        ``batch_max_bytes`` plus one message.  The lists are copied, not kept.
+        """
+        if self._stopping:
+            raise WriterStopped("writer is stopping")
+        if stream != 1 and stream != 2:
+            raise ValueError(f"stream must be 1 or 2, not {stream!r}")
+        n = len(timestamps)
+        if not n:
+            return
+        job = self._jobs.get(job_id)
+        if job is None:
+            job = self._new_job(job_id)
+        buf = job.buffers[stream]
+        if buf is None:
+            buf = job.buffers[stream] = _Buffer(job, stream, self._retry_initial)
+        nbytes = sum(map(len, contents)) + MESSAGE_OVERHEAD * n
+        self.messages_received += n
+        self._buffered += nbytes
+        max_bytes = self._batch_max_bytes
+        max_messages = self._batch_max_messages
+        if buf.nbytes + nbytes < max_bytes and len(buf.timestamps) + n < max_messages:
+            # The common case: the whole group fits in the open buffer.
+            if not buf.timestamps:
+                self._dirty[buf] = None
+            buf.timestamps.extend(timestamps)
+            buf.sequences.extend(sequences)
+            buf.arrivals.extend(arrivals)
+            buf.contents.extend(contents)
+            buf.nbytes += nbytes
+        else:
+            self._add_logs_sealing(buf, timestamps, sequences, arrivals, contents)
+        if self._buffered > self._high_water and not self._paused:
+            self._pause()
+
+    def _add_logs_sealing(self, buf: _Buffer, timestamps, sequences, arrivals, contents):
+        """``add_logs`` for a group that reaches a threshold: fill, seal, repeat."""
+        max_bytes = self._batch_max_bytes
+        max_messages = self._batch_max_messages
+        n = len(timestamps)
+        i = 0
+        while i < n:
+            # Take messages up to the one that reaches a threshold (it is included, as in
+            # add_log, which seals after appending).
+            room = max_messages - len(buf.timestamps)
+            limit = min(n, i + room)
+            size = buf.nbytes
+            j = i
+            while j < limit:
+                size += len(contents[j]) + MESSAGE_OVERHEAD
+                j += 1
+                if size >= max_bytes:
+                    break
+            if not buf.timestamps:
+                self._dirty[buf] = None
+            buf.timestamps.extend(timestamps[i:j])
+            buf.sequences.extend(sequences[i:j])
+            buf.arrivals.extend(arrivals[i:j])
+            buf.contents.extend(contents[i:j])
+            buf.nbytes = size
+            if size >= max_bytes or len(buf.timestamps) >= max_messages:
+                self._seal(buf)
+            i = j
 
     def add_metric(self, job_id: str, timestamp: int, sequence: int, payload: bytes):
         """Buffer one metric sample (a serialized ``joblet.ipc.Metric``).  Reactor thread."""
@@ -345,8 +433,9 @@ class BatchingWriter:
             self._dirty[buf] = None
         timestamps.append(timestamp)
         buf.sequences.append(sequence)
-        arrival = job.arrival
-        job.arrival = arrival + 1
+        arrivals = self.arrivals
+        arrival = arrivals.get(job_id, 0)
+        arrivals[job_id] = arrival + 1
         buf.arrivals.append(arrival)
         buf.contents.append(payload)
         n = len(payload) + MESSAGE_OVERHEAD
@@ -387,6 +476,7 @@ class BatchingWriter:
         back until the Deferred has fired: the caller starts ``storage.delete_job``
         synchronously in its callback, so these batches reach storage after the delete began.
         """
+        self.arrivals.pop(job_id, None)
         job = self._jobs.pop(job_id, None)
         if job is None:
             return defer.succeed(None)
@@ -405,7 +495,7 @@ class BatchingWriter:
                     # Failed and waiting for its retry: nothing is running, drop it now.
                     buf.retry_call.cancel()
                     buf.retry_call = None
-                    self._failing.discard(buf)
+                    self._set_failing(buf, False)
                     buf.inflight = None
                     self._drop_sealed(buf, sealed)
                 else:
@@ -505,7 +595,7 @@ class BatchingWriter:
         buf.inflight = None
         self._buffered -= sealed.nbytes
         self.messages_written += sealed.count
-        self._failing.discard(buf)
+        self._set_failing(buf, False)
         buf.retry_delay = self._retry_initial
         self._metrics.write_done(
             self._clock.seconds() - started,
@@ -532,7 +622,7 @@ class BatchingWriter:
                 key=buf.describe(),
             )
             buf.inflight = None
-            self._failing.discard(buf)
+            self._set_failing(buf, False)
             self._drop_sealed(buf, sealed)
             self._update_busy(buf)
             self._after_decrease()
@@ -550,7 +640,7 @@ class BatchingWriter:
             key=buf.describe(),
             delay=delay,
         )
-        self._failing.add(buf)
+        self._set_failing(buf, True)
         buf.retry_call = self._clock.callLater(delay, self._retry, buf)
 
     def _retry(self, buf: _Buffer) -> None:
@@ -602,6 +692,20 @@ class BatchingWriter:
         else:
             self._busy.add(buf)
 
+    def _set_failing(self, buf: _Buffer, failing: bool) -> None:
+        """Mark ``buf``'s in-flight batch as failing or not; report a flip of ``healthy``."""
+        was_healthy = not self._failing
+        if failing:
+            self._failing.add(buf)
+        else:
+            self._failing.discard(buf)
+        healthy = not self._failing
+        if healthy != was_healthy:
+            try:
+                self._on_health_change(healthy)
+            except Exception:
+                log.failure("reporting the writer's health failed")
+
     def _pause(self) -> None:
         self._paused = True
         self._metrics.backpressure(True)
@@ -649,7 +753,8 @@ class BatchingWriter:
                 lost[buf.describe()] = lost.get(buf.describe(), 0) + sealed.count
                 self._drop_sealed(buf, sealed)
             self._update_busy(buf)
-        self._failing.clear()
+        for buf in list(self._failing):
+            self._set_failing(buf, False)
         if lost:
             log.error(
                 "writer stop timed out after {timeout}s: {total} messages were not stored: "

@@ -349,14 +349,15 @@ def thd_scan_job(data_dir: str, job_id: str, repair: bool) -> Optional[JobScan]:
 def thd_list_job_ids(data_dir: str) -> set[str]:
     """Ids of the jobs that have a logs or metrics directory.  Pool thread.
 
-    Entries that are not valid job ids (foreign files, temporary names) are
-    ignored.
+    Entries that are not valid job ids (foreign files, temporary names) or
+    not directories are ignored, and so is a ``logs``/``metrics`` that is not
+    a directory.
     """
     ids = set()
     for top in (LOGS_DIRNAME, METRICS_DIRNAME):
         try:
             entries = list(os.scandir(os.path.join(data_dir, top)))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             continue
         for entry in entries:
             if is_valid_job_id(entry.name) and entry.is_dir(follow_symlinks=False):
@@ -369,11 +370,25 @@ def thd_rebuild(data_dir: str) -> dict[str, JobInfo]:
     return _rebuild(data_dir)[0]
 
 
+def _scan_or_skip(data_dir: str, job_id: str) -> Optional[JobScan]:
+    """thd_scan_job without repair; a job whose files cannot be read is logged and skipped.
+
+    One unreadable job directory (permissions, I/O error) must not keep the
+    index, and so the service, from loading; the job stays out of the index
+    until it can be read (loading it later fails with the same error).
+    """
+    try:
+        return thd_scan_job(data_dir, job_id, repair=False)
+    except OSError as e:
+        _logger.warning("job %s: cannot read its files (%s); left out of the job index", job_id, e)
+        return None
+
+
 def _rebuild(data_dir: str) -> tuple[dict, dict]:
     jobs = {}
     parts = {}
     for job_id in sorted(thd_list_job_ids(data_dir)):
-        scan = thd_scan_job(data_dir, job_id, repair=False)
+        scan = _scan_or_skip(data_dir, job_id)
         if scan is not None:
             jobs[job_id] = scan.summary()
             parts[job_id] = scan.part_sizes()
@@ -388,7 +403,8 @@ def _newest_mtime_ns(data_dir: str, job_id: str) -> int:
         try:
             newest = max(newest, os.stat(directory).st_mtime_ns)
             entries = list(os.scandir(directory))
-        except FileNotFoundError:
+        except OSError:
+            # Missing, not a directory, or unreadable: its own mtime is all there is.
             continue
         for entry in entries:
             try:
@@ -428,8 +444,14 @@ def thd_refresh(
             and _newest_mtime_ns(data_dir, job_id) < index_mtime_ns
         ):
             continue
-        scan = thd_scan_job(data_dir, job_id, repair=False)
+        scan = _scan_or_skip(data_dir, job_id)
         if scan is None:
+            if previous is not None:
+                # Unreadable now: drop the entry rather than keep counts nobody can verify.
+                del jobs[job_id]
+                if parts is not None:
+                    parts.pop(job_id, None)
+                changed.append(job_id)
             continue
         info = scan.summary(previous)
         split = scan.part_sizes()

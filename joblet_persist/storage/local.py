@@ -110,6 +110,34 @@ class LocalJobSnapshot(JobSnapshot):
             cancelled,
         )
 
+    def iter_log_chunks(
+        self,
+        stream: int,
+        start_time: int = 0,
+        end_time: int = 0,
+        offset: int = 0,
+        limit: int = 0,
+        stats: Optional[ReadStats] = None,
+        cancelled: Callable[[], bool] = _never_cancelled,
+    ):
+        """The messages of iter_logs in runs ``(stream, timestamps, sequences, contents)``.
+
+        Blocking; any thread.  An optional fast path beyond JobSnapshot (see
+        reader.iter_log_chunks); the batched query RPCs use it when present.
+        """
+        if stream != STREAM_UNSPECIFIED and stream not in LOG_STREAMS:
+            raise ValueError(f"invalid stream {stream!r}: expected 0, 1 or 2")
+        return reader.iter_log_chunks(
+            {STREAM_STDOUT: self.stdout, STREAM_STDERR: self.stderr},
+            stream,
+            start_time,
+            end_time,
+            offset,
+            limit,
+            stats,
+            cancelled,
+        )
+
     def iter_metrics(
         self,
         start_time: int = 0,
@@ -246,12 +274,17 @@ _PART_TOPS = {"logs": (jobindex.LOGS_DIRNAME,), "metrics": (jobindex.METRICS_DIR
 def thd_remove_job(data_dir: str, job_id: str, tops: Sequence[str] = _ALL_TOPS) -> int:
     """Remove a job's directories (logs and metrics by default); return the bytes freed.
 
-    Pool thread.
+    Pool thread.  Whatever else stands where a job directory should be (a
+    file, a symlink) is removed too (the link, not its target), so that
+    deleting a damaged job always clears its place.
     """
     freed = 0
     for top in tops:
         directory = os.path.join(data_dir, top, job_id)
         if not os.path.lexists(directory):
+            continue
+        if os.path.islink(directory) or not os.path.isdir(directory):
+            freed += thd_remove_file(directory)
             continue
         for root, _dirs, files in os.walk(directory):
             for name in files:
@@ -413,6 +446,8 @@ class LocalStorage(StorageBackend):
         self.index_write_errors = 0
         #: Segment files whose torn tail was cut when their job was loaded.
         self.repaired_segments = 0
+        #: Damaged regions in the middle of segments, stepped over when their job was loaded.
+        self.damaged_regions = 0
 
     # -- any thread ---------------------------------------------------------
 
@@ -633,6 +668,19 @@ class LocalStorage(StorageBackend):
         for path in scan.truncated:
             self.repaired_segments += 1
             self._log.warn("cut a torn tail off {path}", path=path)
+        for kind in ALL_KINDS:
+            for s in scan.kind_segments(kind):
+                for start, end in s.result.holes:
+                    # Complete members follow the damage, so it is not a torn tail: the
+                    # members in it are lost to queries, the ones around it are kept.
+                    self.damaged_regions += 1
+                    self._log.error(
+                        "{path}: bytes {start}-{end} are damaged and were skipped; the "
+                        "messages stored there cannot be read",
+                        path=s.path,
+                        start=start,
+                        end=end,
+                    )
         state = _JobState(job_id, segments, scan.ordinal_base(), info)
         self._jobs[job_id] = state
         self._publish(state)

@@ -105,19 +105,24 @@ def parse_segment_name(name: str) -> Optional[tuple[str, int]]:
 def thd_list_segments(job_dir: str, kind: str) -> list[tuple[int, str]]:
     """Sorted ``(index, path)`` of ``kind``'s segments in ``job_dir``.  Pool thread.
 
-    A missing directory has no segments.  Foreign files are ignored.
+    A missing directory (or a file where it should be) has no segments.
+    Foreign files are ignored, and so is anything with a segment's name that
+    is not a regular file (a directory, a dangling symlink): it cannot be read
+    as one, and must not keep the job's other segments from loading.
     """
     if kind not in SEGMENT_KINDS:
         raise ValueError(f"unknown segment kind {kind!r}")
     try:
         names = os.listdir(job_dir)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return []
     found = []
     for name in names:
         parsed = parse_segment_name(name)
         if parsed is not None and parsed[0] == kind:
-            found.append((parsed[1], os.path.join(job_dir, name)))
+            path = os.path.join(job_dir, name)
+            if os.path.isfile(path):
+                found.append((parsed[1], path))
     found.sort()
     return found
 
@@ -294,7 +299,8 @@ def thd_append(path: str, data: bytes, expected_size: int, fsync: bool) -> int:
     Creates missing directories and the file.  When the file is longer than
     ``expected_size`` (a previous failed partial write), it is first cut back.
     On any error (ENOSPC, EIO, ...) the file is truncated back to
-    ``expected_size`` (best effort) and the error re-raised: nothing partial
+    ``expected_size`` (best effort), or removed when this call created it (an
+    empty file is not valid gzip), and the error re-raised: nothing partial
     stays.  With ``fsync=True`` the file is fsync'd, and so are the parent
     directories of everything this call created.  Raises
     SegmentShorterThanExpected, writing nothing, when the file is shorter
@@ -342,6 +348,13 @@ def thd_append(path: str, data: bytes, expected_size: int, fsync: bool) -> int:
             except OSError:
                 pass
             raise
+    except BaseException:
+        if created:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        raise
     finally:
         os.close(fd)
     return expected_size + len(data)

@@ -1,0 +1,684 @@
+/*
+ * joblet_persist._speedups: the IPC receive path's frame decoder, in C.
+ *
+ * decode_log_frames(data, offset, max_length, arrivals) -> (new_offset, groups, stop_reason)
+ *
+ * Walks [u32 big-endian length][IPCMessage] frames of `data` from `offset` and collects every
+ * canonical LOG frame into `groups`, {(job_uuid, stream): [timestamps, sequences, arrivals,
+ * contents]}, stopping at the first frame that needs the general decoder ("slow"), at an
+ * incomplete frame ("partial") or at the end of the data ("end").  The semantics, and the
+ * exact protobuf wire-format rules followed, are documented in joblet_persist/framing.py,
+ * whose pure-Python implementation this module must match exactly (tests/test_framing.py
+ * checks both against each other and against the generated protobuf classes).
+ *
+ * Runs on the calling thread (the reactor thread) and holds the GIL throughout: it creates
+ * Python objects for every accepted frame.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdint.h>
+#include <string.h>
+
+static PyObject *str_slow;
+static PyObject *str_partial;
+static PyObject *str_end;
+static PyObject *stream_numbers[3];
+static uint64_t hash_seed;
+
+/* -- wire format ---------------------------------------------------------------------------- */
+
+/* A varint of at most `max_bytes` bytes; the value is taken modulo 2**64 (a 10th byte only
+ * contributes its lowest bit), as upb does.  0 when truncated or too long. */
+static inline int
+read_varint(const unsigned char **pp, const unsigned char *end, int max_bytes, uint64_t *out)
+{
+    const unsigned char *p = *pp;
+    uint64_t value = 0;
+    int i;
+    for (i = 0; i < max_bytes; i++) {
+        unsigned char byte;
+        if (p >= end) {
+            return 0;
+        }
+        byte = *p++;
+        value |= (uint64_t)(byte & 0x7f) << (7 * i);
+        if (!(byte & 0x80)) {
+            *pp = p;
+            *out = value;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* A field tag: at most 5 bytes and at most 2**32 - 1; field number 0 is malformed. */
+static inline int
+read_tag(const unsigned char **pp, const unsigned char *end, uint32_t *field, uint32_t *wire)
+{
+    uint64_t tag;
+    const unsigned char *p = *pp;
+    if (p < end && *p < 0x80) {
+        tag = *p;
+        *pp = p + 1;
+    }
+    else if (!read_varint(pp, end, 5, &tag) || tag > UINT32_MAX) {
+        return 0;
+    }
+    *field = (uint32_t)(tag >> 3);
+    *wire = (uint32_t)(tag & 7);
+    return *field != 0;
+}
+
+/* The size of a length-delimited field: a varint of at most 5 bytes, below 2**31 - 1, that
+ * fits in what is left of the message. */
+static inline int
+read_size(const unsigned char **pp, const unsigned char *end, Py_ssize_t *size)
+{
+    uint64_t value;
+    if (!read_varint(pp, end, 5, &value) || value >= 0x7fffffffu
+        || value > (uint64_t)(end - *pp)) {
+        return 0;
+    }
+    *size = (Py_ssize_t)value;
+    return 1;
+}
+
+/* Skip an unknown field.  Groups (wire types 3 and 4) and wire types 6 and 7 are refused. */
+static inline int
+skip_field(const unsigned char **pp, const unsigned char *end, uint32_t wire)
+{
+    uint64_t ignored;
+    Py_ssize_t size;
+    switch (wire) {
+    case 0:
+        return read_varint(pp, end, 10, &ignored);
+    case 1:
+        if (end - *pp < 8) {
+            return 0;
+        }
+        *pp += 8;
+        return 1;
+    case 2:
+        if (!read_size(pp, end, &size)) {
+            return 0;
+        }
+        *pp += size;
+        return 1;
+    case 5:
+        if (end - *pp < 4) {
+            return 0;
+        }
+        *pp += 4;
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+/* Strict UTF-8 (no surrogates, no overlong forms, nothing above U+10FFFF), as protobuf
+ * requires for string fields. */
+static int
+utf8_valid(const unsigned char *s, Py_ssize_t n)
+{
+    const unsigned char *end = s + n;
+    while (s < end) {
+        unsigned char c = *s;
+        if (end - s >= 8) {
+            uint64_t word;
+            memcpy(&word, s, 8);
+            if (!(word & UINT64_C(0x8080808080808080))) {
+                s += 8;
+                continue;
+            }
+        }
+        if (c < 0x80) {
+            s++;
+        }
+        else if (c < 0xc2) {
+            return 0;
+        }
+        else if (c < 0xe0) {
+            if (end - s < 2 || (s[1] & 0xc0) != 0x80) {
+                return 0;
+            }
+            s += 2;
+        }
+        else if (c < 0xf0) {
+            if (end - s < 3 || (s[1] & 0xc0) != 0x80 || (s[2] & 0xc0) != 0x80
+                || (c == 0xe0 && s[1] < 0xa0) || (c == 0xed && s[1] >= 0xa0)) {
+                return 0;
+            }
+            s += 3;
+        }
+        else if (c < 0xf5) {
+            if (end - s < 4 || (s[1] & 0xc0) != 0x80 || (s[2] & 0xc0) != 0x80
+                || (s[3] & 0xc0) != 0x80 || (c == 0xf0 && s[1] < 0x90)
+                || (c == 0xf4 && s[1] >= 0x90)) {
+                return 0;
+            }
+            s += 4;
+        }
+        else {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+typedef struct {
+    const unsigned char *job;
+    Py_ssize_t job_len;
+    int stream;
+    int64_t timestamp;
+    uint64_t sequence;
+    const unsigned char *content;
+    Py_ssize_t content_len;
+} LogFrame;
+
+/* LogLine: 1 job_uuid string (checked, ignored), 2 stream enum, 3 timestamp int64,
+ * 4 sequence uint64, 5 content bytes.  Scalars: the last occurrence wins. */
+static int
+parse_log_line(const unsigned char *p, const unsigned char *end, LogFrame *f)
+{
+    uint32_t stream = 0;
+    uint64_t value;
+    Py_ssize_t size;
+    f->timestamp = 0;
+    f->sequence = 0;
+    f->content = p;
+    f->content_len = 0;
+    while (p < end) {
+        uint32_t field, wire;
+        if (!read_tag(&p, end, &field, &wire)) {
+            return 0;
+        }
+        switch (field) {
+        case 1:
+            if (wire != 2 || !read_size(&p, end, &size) || !utf8_valid(p, size)) {
+                return 0;
+            }
+            p += size;
+            break;
+        case 2:
+            if (wire != 0 || !read_varint(&p, end, 10, &value)) {
+                return 0;
+            }
+            stream = (uint32_t)value;
+            break;
+        case 3:
+            if (wire != 0 || !read_varint(&p, end, 10, &value)) {
+                return 0;
+            }
+            f->timestamp = (int64_t)value;
+            break;
+        case 4:
+            if (wire != 0 || !read_varint(&p, end, 10, &f->sequence)) {
+                return 0;
+            }
+            break;
+        case 5:
+            if (wire != 2 || !read_size(&p, end, &size)) {
+                return 0;
+            }
+            f->content = p;
+            f->content_len = size;
+            p += size;
+            break;
+        default:
+            if (!skip_field(&p, end, wire)) {
+                return 0;
+            }
+        }
+    }
+    if (stream != 1 && stream != 2) {
+        return 0;
+    }
+    f->stream = (int)stream;
+    return 1;
+}
+
+/* IPCMessage: 1 version uint32, 2 type enum, 3 job_uuid string, 4 timestamp int64,
+ * 5 sequence uint64, 6 data bytes (parsed as a LogLine; a second occurrence is refused). */
+static int
+parse_frame(const unsigned char *p, const unsigned char *end, LogFrame *f)
+{
+    uint32_t type = 0;
+    const unsigned char *data = p, *data_end = p;
+    int have_data = 0;
+    uint64_t value;
+    Py_ssize_t size;
+    f->job = p;
+    f->job_len = 0;
+    while (p < end) {
+        uint32_t field, wire;
+        if (!read_tag(&p, end, &field, &wire)) {
+            return 0;
+        }
+        switch (field) {
+        case 1:
+        case 4:
+        case 5:
+            if (wire != 0 || !read_varint(&p, end, 10, &value)) {
+                return 0;
+            }
+            break;
+        case 2:
+            if (wire != 0 || !read_varint(&p, end, 10, &value)) {
+                return 0;
+            }
+            type = (uint32_t)value;
+            break;
+        case 3:
+            if (wire != 2 || !read_size(&p, end, &size) || !utf8_valid(p, size)) {
+                return 0;
+            }
+            f->job = p;
+            f->job_len = size;
+            p += size;
+            break;
+        case 6:
+            if (wire != 2 || have_data || !read_size(&p, end, &size)) {
+                return 0;
+            }
+            have_data = 1;
+            data = p;
+            data_end = p + size;
+            p += size;
+            break;
+        default:
+            if (!skip_field(&p, end, wire)) {
+                return 0;
+            }
+        }
+    }
+    if (type != 1) {
+        return 0;
+    }
+    return parse_log_line(data, data_end, f);
+}
+
+/* -- per-call job table ------------------------------------------------------------------ */
+
+/* One job seen during a call: its interned id, its group columns per stream (borrowed from the
+ * groups dict) and its next arrival number. */
+typedef struct {
+    uint64_t hash;
+    const unsigned char *raw; /* the id's bytes inside `data` */
+    Py_ssize_t len;
+    PyObject *job; /* owned; NULL marks a free slot */
+    PyObject *columns[2][4];
+    long long next_arrival;
+} Entry;
+
+typedef struct {
+    Entry *slots;
+    size_t mask;
+    size_t used;
+    Entry inline_slots[16];
+} JobTable;
+
+static uint64_t
+hash_bytes(const unsigned char *p, Py_ssize_t n)
+{
+    uint64_t h = hash_seed ^ ((uint64_t)n * UINT64_C(0x9e3779b97f4a7c15));
+    while (n >= 8) {
+        uint64_t word;
+        memcpy(&word, p, 8);
+        h = (h ^ word) * UINT64_C(0xff51afd7ed558ccd);
+        h ^= h >> 29;
+        p += 8;
+        n -= 8;
+    }
+    if (n > 0) {
+        uint64_t word = 0;
+        memcpy(&word, p, (size_t)n);
+        h = (h ^ word) * UINT64_C(0xc4ceb9fe1a85ec53);
+    }
+    h ^= h >> 32;
+    return h;
+}
+
+static void
+table_init(JobTable *t)
+{
+    memset(t->inline_slots, 0, sizeof(t->inline_slots));
+    t->slots = t->inline_slots;
+    t->mask = 15;
+    t->used = 0;
+}
+
+static void
+table_free(JobTable *t)
+{
+    size_t i;
+    for (i = 0; i <= t->mask; i++) {
+        Py_XDECREF(t->slots[i].job);
+    }
+    if (t->slots != t->inline_slots) {
+        PyMem_Free(t->slots);
+    }
+}
+
+static Entry *
+table_probe(Entry *slots, size_t mask, uint64_t hash, const unsigned char *raw, Py_ssize_t len)
+{
+    size_t i = (size_t)hash & mask;
+    for (;;) {
+        Entry *e = &slots[i];
+        if (e->job == NULL
+            || (e->hash == hash && e->len == len && memcmp(e->raw, raw, (size_t)len) == 0)) {
+            return e;
+        }
+        i = (i + 1) & mask;
+    }
+}
+
+static int
+table_grow(JobTable *t)
+{
+    size_t new_mask = t->mask * 2 + 1, i;
+    Entry *slots = PyMem_Calloc(new_mask + 1, sizeof(Entry));
+    if (slots == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (i = 0; i <= t->mask; i++) {
+        Entry *old = &t->slots[i];
+        if (old->job != NULL) {
+            *table_probe(slots, new_mask, old->hash, old->raw, old->len) = *old;
+        }
+    }
+    if (t->slots != t->inline_slots) {
+        PyMem_Free(t->slots);
+    }
+    t->slots = slots;
+    t->mask = new_mask;
+    return 0;
+}
+
+/* The entry of the job whose (valid UTF-8) id is raw[:len], created on first sight with the
+ * arrival number read from `arrivals`.  NULL with an exception set on error. */
+static Entry *
+table_get(JobTable *t, const unsigned char *raw, Py_ssize_t len, PyObject *arrivals)
+{
+    uint64_t hash = hash_bytes(raw, len);
+    Entry *e = table_probe(t->slots, t->mask, hash, raw, len);
+    PyObject *job, *next;
+    long long next_arrival = 0;
+    if (e->job != NULL) {
+        return e;
+    }
+    job = PyUnicode_DecodeUTF8((const char *)raw, len, "strict");
+    if (job == NULL) {
+        return NULL;
+    }
+    next = PyDict_GetItemWithError(arrivals, job); /* borrowed */
+    if (next != NULL) {
+        next_arrival = PyLong_AsLongLong(next);
+        if (next_arrival == -1 && PyErr_Occurred()) {
+            Py_DECREF(job);
+            return NULL;
+        }
+    }
+    else if (PyErr_Occurred()) {
+        Py_DECREF(job);
+        return NULL;
+    }
+    if ((t->used + 1) * 2 > t->mask + 1) {
+        if (table_grow(t) < 0) {
+            Py_DECREF(job);
+            return NULL;
+        }
+        e = table_probe(t->slots, t->mask, hash, raw, len);
+    }
+    memset(e, 0, sizeof(*e));
+    e->hash = hash;
+    e->raw = raw;
+    e->len = len;
+    e->job = job;
+    e->next_arrival = next_arrival;
+    t->used++;
+    return e;
+}
+
+/* Store every seen job's next arrival number into `arrivals`. */
+static int
+table_store_arrivals(JobTable *t, PyObject *arrivals)
+{
+    size_t i;
+    for (i = 0; i <= t->mask; i++) {
+        Entry *e = &t->slots[i];
+        PyObject *value;
+        int rc;
+        if (e->job == NULL) {
+            continue;
+        }
+        value = PyLong_FromLongLong(e->next_arrival);
+        if (value == NULL) {
+            return -1;
+        }
+        rc = PyDict_SetItem(arrivals, e->job, value);
+        Py_DECREF(value);
+        if (rc < 0) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Create the (job, stream) group in `groups`; keep borrowed references to its four lists. */
+static int
+new_group(PyObject *groups, Entry *e, int stream)
+{
+    PyObject *key, *value;
+    int i, rc;
+    value = PyList_New(4);
+    if (value == NULL) {
+        return -1;
+    }
+    for (i = 0; i < 4; i++) {
+        PyObject *column = PyList_New(0);
+        if (column == NULL) {
+            Py_DECREF(value);
+            return -1;
+        }
+        PyList_SET_ITEM(value, i, column);
+        e->columns[stream - 1][i] = column;
+    }
+    key = PyTuple_Pack(2, e->job, stream_numbers[stream]);
+    if (key == NULL) {
+        Py_DECREF(value);
+        return -1;
+    }
+    rc = PyDict_SetItem(groups, key, value);
+    Py_DECREF(key);
+    Py_DECREF(value);
+    return rc;
+}
+
+static inline int
+append_new(PyObject *list, PyObject *item)
+{
+    int rc;
+    if (item == NULL) {
+        return -1;
+    }
+    rc = PyList_Append(list, item);
+    Py_DECREF(item);
+    return rc;
+}
+
+/* -- decode_log_frames ----------------------------------------------------------------------- */
+
+PyDoc_STRVAR(decode_log_frames_doc,
+"decode_log_frames(data, offset, max_length, arrivals) -> (new_offset, groups, stop_reason)\n\
+\n\
+Collect the canonical LOG frames of data[offset:] into groups keyed by (job_uuid, stream);\n\
+see joblet_persist.framing for the exact contract.");
+
+static PyObject *
+decode_log_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *data, *arrivals, *groups, *reason, *result;
+    Py_ssize_t offset, end, pos;
+    long long max_length;
+    int overflow;
+    const unsigned char *base;
+    JobTable table;
+
+    (void)module;
+    if (nargs != 4) {
+        PyErr_Format(PyExc_TypeError,
+                     "decode_log_frames() takes exactly 4 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    data = args[0];
+    arrivals = args[3];
+    if (!PyBytes_Check(data)) {
+        PyErr_Format(PyExc_TypeError, "data must be bytes, not %.100s", Py_TYPE(data)->tp_name);
+        return NULL;
+    }
+    if (!PyDict_Check(arrivals)) {
+        PyErr_Format(PyExc_TypeError, "arrivals must be a dict, not %.100s",
+                     Py_TYPE(arrivals)->tp_name);
+        return NULL;
+    }
+    offset = PyNumber_AsSsize_t(args[1], NULL); /* clamped: out of range below */
+    if (offset == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    max_length = PyLong_AsLongLongAndOverflow(args[2], &overflow);
+    if (max_length == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (overflow) {
+        max_length = overflow > 0 ? LLONG_MAX : LLONG_MIN;
+    }
+    end = PyBytes_GET_SIZE(data);
+    if (offset < 0 || offset > end) {
+        PyErr_Format(PyExc_ValueError, "offset %zd outside the data (0..%zd)", offset, end);
+        return NULL;
+    }
+    base = (const unsigned char *)PyBytes_AS_STRING(data);
+
+    groups = PyDict_New();
+    if (groups == NULL) {
+        return NULL;
+    }
+    table_init(&table);
+    pos = offset;
+    for (;;) {
+        const unsigned char *frame;
+        uint32_t length;
+        LogFrame f;
+        Entry *e;
+        PyObject **columns;
+
+        if (end - pos < 4) {
+            reason = pos == end ? str_end : str_partial;
+            break;
+        }
+        frame = base + pos;
+        length = ((uint32_t)frame[0] << 24) | ((uint32_t)frame[1] << 16)
+                 | ((uint32_t)frame[2] << 8) | (uint32_t)frame[3];
+        if ((long long)length > max_length) {
+            reason = str_slow;
+            break;
+        }
+        if ((Py_ssize_t)length > end - pos - 4) {
+            reason = str_partial;
+            break;
+        }
+        if (!parse_frame(frame + 4, frame + 4 + length, &f)) {
+            reason = str_slow;
+            break;
+        }
+        e = table_get(&table, f.job, f.job_len, arrivals);
+        if (e == NULL) {
+            goto error;
+        }
+        if (e->next_arrival == LLONG_MAX) {
+            PyErr_Format(PyExc_OverflowError, "arrival number of job %R out of range", e->job);
+            goto error;
+        }
+        columns = e->columns[f.stream - 1];
+        if (columns[0] == NULL && new_group(groups, e, f.stream) < 0) {
+            goto error;
+        }
+        if (append_new(columns[0], PyLong_FromLongLong(f.timestamp)) < 0
+            || append_new(columns[1], PyLong_FromUnsignedLongLong(f.sequence)) < 0
+            || append_new(columns[2], PyLong_FromLongLong(e->next_arrival)) < 0
+            || append_new(columns[3], PyBytes_FromStringAndSize((const char *)f.content,
+                                                                f.content_len)) < 0) {
+            goto error;
+        }
+        e->next_arrival++;
+        pos += 4 + (Py_ssize_t)length;
+    }
+    if (table_store_arrivals(&table, arrivals) < 0) {
+        goto error;
+    }
+    table_free(&table);
+    result = Py_BuildValue("(nNO)", pos, groups, reason);
+    return result;
+
+error:
+    table_free(&table);
+    Py_DECREF(groups);
+    return NULL;
+}
+
+static PyMethodDef speedups_methods[] = {
+    {"decode_log_frames", (PyCFunction)(void (*)(void))decode_log_frames, METH_FASTCALL,
+     decode_log_frames_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef speedups_module = {
+    PyModuleDef_HEAD_INIT,
+    "joblet_persist._speedups",
+    "C implementation of joblet_persist.framing.decode_log_frames (the IPC receive path).",
+    -1,
+    speedups_methods,
+    NULL,
+    NULL,
+    NULL,
+    NULL,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    PyObject *module, *seed_source;
+    Py_hash_t seed;
+    int i;
+
+    str_slow = PyUnicode_InternFromString("slow");
+    str_partial = PyUnicode_InternFromString("partial");
+    str_end = PyUnicode_InternFromString("end");
+    if (str_slow == NULL || str_partial == NULL || str_end == NULL) {
+        return NULL;
+    }
+    for (i = 0; i < 3; i++) {
+        stream_numbers[i] = PyLong_FromLong(i);
+        if (stream_numbers[i] == NULL) {
+            return NULL;
+        }
+    }
+    /* The job table's hash takes its seed from the interpreter's randomized bytes hash, so
+     * that the ids a peer sends cannot be chosen to collide. */
+    seed_source = PyBytes_FromString("joblet_persist._speedups");
+    if (seed_source == NULL) {
+        return NULL;
+    }
+    seed = PyObject_Hash(seed_source);
+    Py_DECREF(seed_source);
+    if (seed == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    hash_seed = (uint64_t)seed;
+    module = PyModule_Create(&speedups_module);
+    return module;
+}

@@ -1,0 +1,292 @@
+"""Bulk decoding of LOG frames: the IPC receive path's hot loop.
+
+Runs on the reactor thread (called by ``ingest.IngestProtocol.dataReceived``); it keeps no
+state between calls.
+
+``decode_log_frames(data, offset, max_length, arrivals) -> (new_offset, groups, stop_reason)``
+
+Walks the frames of ``data`` (a ``bytes`` object: a 4-byte big-endian length N, then N bytes of
+a serialized ``joblet.ipc.IPCMessage``, WIRE.md section 1) from ``offset`` on, and collects
+every *canonical LOG frame* into ``groups``, a dict keyed by ``(job_uuid, stream)`` whose values
+are four lists ``[timestamps, sequences, arrivals, contents]`` (ints, ints, ints, bytes), in
+frame order.  ``job_uuid`` is the envelope's (field 3); timestamp, sequence, stream and content
+are the LogLine payload's.  Equal job ids are one ``str`` object within a call.
+
+``arrivals`` maps a job id to its next arrival number (0 when missing): each collected frame
+gets that number and the entry is incremented, so arrival numbers increase strictly per job
+across both streams, in frame order.  The dict is updated once, at the end of a successful
+call; values must be ints in the signed 64-bit range, and a counter that would pass
+``2**63 - 1`` raises OverflowError.
+
+A frame is canonical when its length is at most ``max_length``, the envelope parses, its
+``type`` is 1 (LOG), its ``data`` (field 6, present at most once) parses as a LogLine and the
+LogLine's stream is 1 or 2.  The call stops at the first frame that is not, and returns:
+
+- ``"slow"``: ``new_offset`` is that frame's start (its length prefix).  The caller decodes it
+  with the general decoder (which may still accept it, see below) and calls again after it.
+- ``"partial"``: the frame at ``new_offset`` is incomplete, or fewer than 4 bytes are left.
+- ``"end"``: every byte was consumed (``new_offset == len(data)``).
+
+Protobuf wire format, as upb (the protobuf runtime) applies it to these messages:
+
+- Varints have at most 10 bytes; the value is taken modulo 2**64 (int64 fields are the two's
+  complement: negative values are 10-byte varints).  Enum fields (``type``, ``stream``) keep
+  the low 32 bits as a signed int32, so a varint 2**32 + 1 is stream 1.
+- Field tags have at most 5 bytes and a value below 2**32; field number 0 is malformed.
+- Length-delimited sizes have at most 5 bytes, are below 2**31 - 1 and must fit in the
+  enclosing message.
+- Unknown fields of wire types 0, 1, 2 and 5 are skipped.
+- A scalar field that appears several times: the last occurrence wins (``content`` included).
+- Every occurrence of a string field (the envelope's and the payload's ``job_uuid``) must be
+  valid UTF-8 (no surrogates, no overlong forms, nothing above U+10FFFF).
+
+Not canonical although upb may accept them, so left to the general decoder: groups (wire types
+3 and 4, also in unknown fields), a known field with another wire type than its own (upb keeps
+it as an unknown field), and a second ``data`` field (upb would merge the embedded messages).
+Everything upb rejects is not canonical either.
+
+Two implementations with identical results: the C extension ``joblet_persist._speedups``
+(built by ``pip install`` when a compiler is available) and the pure-Python
+``decode_log_frames_py`` below; ``decode_log_frames`` is the C one when it could be imported.
+``IMPLEMENTATION`` names the one in use.
+"""
+
+from __future__ import annotations
+
+from operator import index
+
+__all__ = ["IMPLEMENTATION", "decode_log_frames", "decode_log_frames_py"]
+
+_MASK32 = 0xFFFFFFFF
+_MASK64 = (1 << 64) - 1
+_INT64_MAX = (1 << 63) - 1
+_SIZE_LIMIT = 0x7FFFFFFF
+
+
+class _NotCanonical(Exception):
+    """The frame being parsed is not a canonical LOG frame."""
+
+
+def _varint(data: bytes, pos: int, end: int, max_bytes: int) -> tuple[int, int]:
+    """A varint of at most ``max_bytes`` bytes at ``pos``: (value modulo 2**64, next pos)."""
+    value = 0
+    shift = 0
+    stop = min(end, pos + max_bytes)
+    while pos < stop:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value & _MASK64, pos
+        shift += 7
+    raise _NotCanonical
+
+
+def _size(data: bytes, pos: int, end: int) -> tuple[int, int]:
+    """A length-delimited field's size at ``pos``: (size, start of the bytes)."""
+    if pos < end and data[pos] < 0x80:
+        size = data[pos]
+        pos += 1
+    else:
+        size, pos = _varint(data, pos, end, 5)
+        if size >= _SIZE_LIMIT:
+            raise _NotCanonical
+    if size > end - pos:
+        raise _NotCanonical
+    return size, pos
+
+
+def _value(data: bytes, pos: int, end: int) -> tuple[int, int]:
+    """A varint field's value at ``pos`` (one-byte values without a call)."""
+    if pos < end and data[pos] < 0x80:
+        return data[pos], pos + 1
+    return _varint(data, pos, end, 10)
+
+
+def _skip(data: bytes, pos: int, end: int, field: int, wire: int) -> int:
+    """Skip an unknown field's value; refuse field 0, groups and wire types 6 and 7."""
+    if field == 0:
+        raise _NotCanonical
+    if wire == 0:
+        return _varint(data, pos, end, 10)[1]
+    if wire == 2:
+        size, pos = _size(data, pos, end)
+        return pos + size
+    if wire == 1:
+        pos += 8
+    elif wire == 5:
+        pos += 4
+    else:
+        raise _NotCanonical
+    if pos > end:
+        raise _NotCanonical
+    return pos
+
+
+def _parse_frame(data: bytes, pos: int, end: int, entries: dict):
+    """Parse one frame body: (envelope job id bytes, stream, timestamp, sequence, content).
+
+    ``entries`` holds the job ids (as bytes) already known to be valid UTF-8.  Raises
+    _NotCanonical or UnicodeDecodeError for a frame that is not a canonical LOG frame.
+    """
+    msg_type = 0
+    job_raw = b""
+    payload = payload_end = -1
+    while pos < end:
+        tag = data[pos]
+        if tag < 0x80:
+            pos += 1
+        else:
+            tag, pos = _varint(data, pos, end, 5)
+            if tag > _MASK32:
+                raise _NotCanonical
+        field = tag >> 3
+        wire = tag & 7
+        if field == 3:
+            if wire != 2:
+                raise _NotCanonical
+            size, pos = _size(data, pos, end)
+            job_raw = data[pos : pos + size]
+            if job_raw not in entries:
+                job_raw.decode()
+            pos += size
+        elif field == 6:
+            if wire != 2 or payload >= 0:
+                raise _NotCanonical
+            size, pos = _size(data, pos, end)
+            payload = pos
+            pos += size
+            payload_end = pos
+        elif field == 2:
+            if wire != 0:
+                raise _NotCanonical
+            msg_type, pos = _value(data, pos, end)
+        elif field == 1 or field == 4 or field == 5:
+            if wire != 0:
+                raise _NotCanonical
+            pos = _value(data, pos, end)[1]
+        else:
+            pos = _skip(data, pos, end, field, wire)
+    if msg_type & _MASK32 != 1:
+        raise _NotCanonical
+
+    stream = timestamp = sequence = 0
+    content = b""
+    pos = payload
+    end = payload_end
+    while pos < end:
+        tag = data[pos]
+        if tag < 0x80:
+            pos += 1
+        else:
+            tag, pos = _varint(data, pos, end, 5)
+            if tag > _MASK32:
+                raise _NotCanonical
+        field = tag >> 3
+        wire = tag & 7
+        if field == 5:
+            if wire != 2:
+                raise _NotCanonical
+            size, pos = _size(data, pos, end)
+            content = data[pos : pos + size]
+            pos += size
+        elif field == 3:
+            if wire != 0:
+                raise _NotCanonical
+            timestamp, pos = _value(data, pos, end)
+        elif field == 4:
+            if wire != 0:
+                raise _NotCanonical
+            sequence, pos = _value(data, pos, end)
+        elif field == 2:
+            if wire != 0:
+                raise _NotCanonical
+            stream, pos = _value(data, pos, end)
+        elif field == 1:
+            if wire != 2:
+                raise _NotCanonical
+            size, pos = _size(data, pos, end)
+            raw = data[pos : pos + size]
+            if raw not in entries:
+                raw.decode()
+            pos += size
+        else:
+            pos = _skip(data, pos, end, field, wire)
+    stream &= _MASK32
+    if stream != 1 and stream != 2:
+        raise _NotCanonical
+    if timestamp > _INT64_MAX:
+        timestamp -= 1 << 64
+    return job_raw, stream, timestamp, sequence, content
+
+
+def decode_log_frames_py(data: bytes, offset: int, max_length: int, arrivals: dict):
+    """Pure-Python ``decode_log_frames`` (see the module docstring).  Reactor thread."""
+    if not isinstance(data, bytes):
+        raise TypeError(f"data must be bytes, not {type(data).__name__}")
+    if not isinstance(arrivals, dict):
+        raise TypeError(f"arrivals must be a dict, not {type(arrivals).__name__}")
+    offset = index(offset)
+    max_length = index(max_length)
+    end = len(data)
+    if not 0 <= offset <= end:
+        raise ValueError(f"offset {offset} outside the data (0..{end})")
+    groups: dict = {}
+    # job id bytes -> [job id str, stream 1 columns, stream 2 columns, next arrival]
+    entries: dict = {}
+    pos = offset
+    while True:
+        if end - pos < 4:
+            reason = "end" if pos == end else "partial"
+            break
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        if length > max_length:
+            reason = "slow"
+            break
+        stop = pos + 4 + length
+        if stop > end:
+            reason = "partial"
+            break
+        try:
+            job_raw, stream, timestamp, sequence, content = _parse_frame(
+                data, pos + 4, stop, entries
+            )
+        except (_NotCanonical, UnicodeDecodeError):
+            reason = "slow"
+            break
+        entry = entries.get(job_raw)
+        if entry is None:
+            job = job_raw.decode()
+            arrival = index(dict.get(arrivals, job, 0))
+            if not -_INT64_MAX - 1 <= arrival <= _INT64_MAX:
+                raise OverflowError(f"arrival number of job {job!r} out of range")
+            entry = entries[job_raw] = [job, None, None, arrival]
+        columns = entry[stream]
+        if columns is None:
+            columns = entry[stream] = [[], [], [], []]
+            groups[(entry[0], stream)] = columns
+        arrival = entry[3]
+        if arrival == _INT64_MAX:
+            raise OverflowError(f"arrival number of job {entry[0]!r} out of range")
+        entry[3] = arrival + 1
+        columns[0].append(timestamp)
+        columns[1].append(sequence)
+        columns[2].append(arrival)
+        columns[3].append(content)
+        pos = stop
+    for entry in entries.values():
+        arrivals[entry[0]] = entry[3]
+    return pos, groups, reason
+
+
+try:
+    from joblet_persist._speedups import decode_log_frames as _decode_log_frames_c
+except ImportError:  # no compiler at install time: the pure-Python twin does the same work
+    _decode_log_frames_c = None
+
+if _decode_log_frames_c is not None:
+    decode_log_frames = _decode_log_frames_c
+    IMPLEMENTATION = "C extension joblet_persist._speedups"
+else:
+    decode_log_frames = decode_log_frames_py
+    IMPLEMENTATION = "pure Python (joblet_persist._speedups is not built)"

@@ -1,0 +1,278 @@
+"""Tests for joblet_persist.tap: the twistd plugin, its options and the composition root.
+
+Unit tests: a MemoryReactorClock stands in for the reactor, nothing is started, so no
+socket, thread or gRPC server is ever created (that is what most of them prove).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+import threading
+
+from prometheus_client import CollectorRegistry
+from twisted.application.service import IServiceMaker
+from twisted.internet.testing import MemoryReactorClock
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from joblet_persist import logs, tap
+from joblet_persist.config import config_from_string
+
+#: Children of the root service in start order (stop order is the reverse).
+EXPECTED_ORDER = [
+    "cpu-pool",
+    "storage",
+    "writer",
+    "health",
+    "ingest",
+    "retention",
+    "grpc",
+    "metrics-http",
+    "health-http",
+]
+
+
+def _tempdir(testcase) -> str:
+    path = tempfile.mkdtemp(prefix="jptap", dir="/tmp")
+    testcase.addCleanup(shutil.rmtree, path, True)
+    return path
+
+
+def _config(directory: str, extra: str = ""):
+    return config_from_string(
+        f"""\
+server:
+  grpcSocket: {directory}/run/grpc.sock
+  grpcAddress: 127.0.0.1:0
+ipc:
+  socket: {directory}/run/ipc.sock
+storage:
+  dataDir: {directory}/data
+monitoring:
+  metricsPort: 0
+  healthPort: 0
+{extra}""",
+        source=os.path.join(directory, "persist.yml"),
+    )
+
+
+class PluginTests(SynchronousTestCase):
+    def test_plugin_discovered(self):
+        """twistd's plugin scan finds exactly one ``joblet-persist`` service maker, and it
+        points at joblet_persist.tap (whose Options and makeService twistd uses)."""
+        makers = [p for p in getPlugins(IServiceMaker) if p.tapname == "joblet-persist"]
+        self.assertEqual(len(makers), 1)
+        maker = makers[0]
+        self.assertEqual(maker.module, "joblet_persist.tap")
+        self.assertIs(maker.options, tap.Options)
+        self.assertIs(maker.makeService, tap.makeService)
+        self.assertTrue(maker.description)
+
+
+class OptionsTests(SynchronousTestCase):
+    def setUp(self):
+        self.dir = _tempdir(self)
+
+    def _write(self, text: str, name: str = "persist.yml") -> str:
+        path = os.path.join(self.dir, name)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_config_file_is_loaded(self):
+        """--config FILE loads that file: its values replace the defaults and the config
+        remembers the file it came from."""
+        path = self._write("writer:\n  flushInterval: 250ms\nlogging:\n  level: warn\n")
+        options = tap.Options()
+        options.parseOptions(["--config", path])
+        self.assertEqual(options.config.writer.flush_interval, 0.25)
+        self.assertEqual(options.config.logging.level, "warn")
+        self.assertEqual(options.config.source, path)
+
+    def test_no_config_gives_defaults(self):
+        """Without options the configuration is the documented default."""
+        options = tap.Options()
+        options.parseOptions([])
+        self.assertEqual(options.config.storage.data_dir, "/opt/joblet")
+        self.assertEqual(options.config.monitoring.metrics_port, 9092)
+
+    def test_data_dir_moves_data_and_sockets(self):
+        """--data-dir DIR overrides storage.dataDir (also one set in the file) and puts the
+        socket paths the file does not set under DIR/run/."""
+        path = self._write("storage:\n  dataDir: /somewhere/else\n")
+        data = os.path.join(self.dir, "d")
+        options = tap.Options()
+        options.parseOptions(["--config", path, "--data-dir", data])
+        cfg = options.config
+        self.assertEqual(cfg.storage.data_dir, data)
+        self.assertEqual(os.path.dirname(cfg.ipc.socket), os.path.join(data, "run"))
+        self.assertEqual(os.path.dirname(cfg.server.grpc_socket), os.path.join(data, "run"))
+
+    def test_short_options(self):
+        """-c and -d are the short forms of --config and --data-dir."""
+        path = self._write("")
+        options = tap.Options()
+        options.parseOptions(["-c", path, "-d", self.dir])
+        self.assertEqual(options.config.storage.data_dir, self.dir)
+
+    def test_unknown_key_is_usage_error_naming_key_and_file(self):
+        """An unknown key makes option parsing fail with a UsageError (what twistd prints
+        before exiting non-zero) that names the key and the file."""
+        path = self._write("storage:\n  dataDirectory: /tmp/x\n")
+        options = tap.Options()
+        e = self.assertRaises(usage.UsageError, options.parseOptions, ["--config", path])
+        self.assertIn("storage.dataDirectory", str(e))
+        self.assertIn(path, str(e))
+
+    def test_wrong_type_is_usage_error_naming_key_and_file(self):
+        """A value of the wrong type is a UsageError naming the key and the file."""
+        path = self._write("writer:\n  flushInterval: soon\n")
+        e = self.assertRaises(usage.UsageError, tap.Options().parseOptions, ["--config", path])
+        self.assertIn("writer.flushInterval", str(e))
+        self.assertIn(path, str(e))
+
+    def test_missing_file_is_usage_error(self):
+        """A config file that does not exist is a UsageError naming it."""
+        path = os.path.join(self.dir, "nope.yml")
+        e = self.assertRaises(usage.UsageError, tap.Options().parseOptions, ["--config", path])
+        self.assertIn(path, str(e))
+
+
+class BuildServiceTests(SynchronousTestCase):
+    def setUp(self):
+        self.dir = _tempdir(self)
+        self.reactor = MemoryReactorClock()
+
+    def build(self, extra: str = ""):
+        return tap.build_service(
+            _config(self.dir, extra), self.reactor, registry=CollectorRegistry()
+        )
+
+    def test_children_in_start_order(self):
+        """The root holds the components in dependency order: pool, storage, writer, health,
+        ingest, retention, gRPC, then the monitoring listeners (stopped in reverse).  The
+        order matches the one documented in tap.py."""
+        root = self.build()
+        self.assertEqual([child.name for child in root], EXPECTED_ORDER)
+        parts = root.components
+        self.assertIs(root.getServiceNamed("grpc"), parts["grpc"])
+        self.assertIs(root.getServiceNamed("ingest"), parts["ingest"])
+        self.assertIs(root.getServiceNamed("cpu-pool"), parts["pool"])
+        self.assertEqual([w.name for w in parts["web"]], ["metrics-http", "health-http"])
+
+    def test_components_exposed(self):
+        """root.components names every part the tests and benchmarks reach for, wired to the
+        configuration (sockets, data directory)."""
+        root = self.build()
+        parts = root.components
+        self.assertEqual(
+            set(parts),
+            {"config", "metrics", "pool", "storage", "writer", "factory", "health", "ingest",
+             "servicer", "retention", "grpc", "web"},
+        )
+        self.assertEqual(parts["ingest"].path, os.path.join(self.dir, "run", "ipc.sock"))
+        self.assertEqual(parts["grpc"].unix_socket, os.path.join(self.dir, "run", "grpc.sock"))
+        self.assertEqual(parts["storage"].data_dir, os.path.join(self.dir, "data"))
+
+    def test_nothing_created_before_start(self):
+        """build_service only builds objects: no listener on the reactor, no timer, no
+        thread, no thread pool, no gRPC server, nothing on disk; no child is running."""
+        threads_before = set(threading.enumerate())
+        root = self.build()
+        r = self.reactor
+        self.assertEqual((r.tcpServers, r.unixServers, r.tcpClients, r.unixClients),
+                         ([], [], [], []))
+        self.assertEqual(r.getDelayedCalls(), [])
+        self.assertEqual(set(threading.enumerate()), threads_before)
+        parts = root.components
+        self.assertIsNone(parts["pool"].pool)
+        self.assertIsNone(parts["grpc"]._server)
+        self.assertIsNone(parts["grpc"]._executor)
+        self.assertIsNone(parts["grpc"].tcp_port)
+        self.assertFalse(parts["ingest"].listening)
+        self.assertEqual([w.port for w in parts["web"]], [None, None])
+        self.assertFalse(root.running)
+        self.assertFalse(any(child.running for child in root))
+        self.assertFalse(root.started.called)
+        self.assertEqual(sorted(os.listdir(self.dir)), [])
+
+    def test_same_port_for_metrics_and_health(self):
+        """When /metrics and /health share a (non-zero) port, one listener serves both."""
+        cfg = config_from_string(
+            f"""\
+server:
+  grpcSocket: {self.dir}/run/grpc.sock
+  grpcAddress: ""
+ipc:
+  socket: {self.dir}/run/ipc.sock
+storage:
+  dataDir: {self.dir}/data
+monitoring:
+  metricsPort: 19092
+  healthPort: 19092
+"""
+        )
+        root = tap.build_service(cfg, self.reactor, registry=CollectorRegistry())
+        self.assertEqual([child.name for child in root], EXPECTED_ORDER[:-1])
+
+    def test_monitoring_disabled(self):
+        """monitoring.enabled: false leaves the HTTP listeners out."""
+        cfg = config_from_string(
+            f"""\
+server:
+  grpcSocket: {self.dir}/run/grpc.sock
+ipc:
+  socket: {self.dir}/run/ipc.sock
+storage:
+  dataDir: {self.dir}/data
+monitoring:
+  enabled: false
+"""
+        )
+        root = tap.build_service(cfg, self.reactor, registry=CollectorRegistry())
+        self.assertEqual([child.name for child in root], EXPECTED_ORDER[:-2])
+        self.assertEqual(root.components["web"], [])
+
+    def test_registry_is_injected(self):
+        """Metrics go to the given registry (never the global one)."""
+        registry = CollectorRegistry()
+        root = tap.build_service(_config(self.dir), self.reactor, registry=registry)
+        self.assertIs(root.components["metrics"].registry, registry)
+        self.assertIsNotNone(registry.get_sample_value("persist_backpressure_active"))
+
+
+class MakeServiceTests(SynchronousTestCase):
+    def setUp(self):
+        self.dir = _tempdir(self)
+        # makeService applies process-wide log settings: record them instead of changing
+        # this process' logging, and restore the level and format it sets.
+        self.bridged = []
+        self.patch(logs, "bridge_stdlib_logging", lambda *a, **kw: self.bridged.append(a))
+        level, fmt = logs.get_level(), logs.get_format()
+        self.addCleanup(logs.configure, level, fmt)
+
+    def test_make_service_adds_sighup_last_and_installs_nothing(self):
+        """makeService is build_service plus a SIGHUP service, last; building it installs
+        no signal handler (that happens in startService) and creates nothing."""
+        path = os.path.join(self.dir, "persist.yml")
+        with open(path, "w") as f:
+            f.write(
+                f"ipc:\n  socket: {self.dir}/i.sock\nserver:\n  grpcSocket: {self.dir}/g.sock\n"
+                f"storage:\n  dataDir: {self.dir}/data\nlogging:\n  level: warn\n"
+            )
+        options = tap.Options()
+        options.parseOptions(["--config", path])
+        before = signal.getsignal(signal.SIGHUP)
+        reactor = MemoryReactorClock()
+        root = tap.makeService(options, reactor=reactor)
+        self.assertEqual([child.name for child in root], EXPECTED_ORDER + ["sighup"])
+        self.assertEqual(signal.getsignal(signal.SIGHUP), before)
+        self.assertEqual((reactor.tcpServers, reactor.unixServers), ([], []))
+        self.assertEqual(reactor.getDelayedCalls(), [])
+        self.assertIsNone(root.components["grpc"]._server)
+        self.assertEqual(self.bridged, [()])
+        self.assertEqual(logs.get_level().name, "warn")
