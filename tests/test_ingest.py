@@ -39,7 +39,10 @@ def log_body(content=b"hello\n", stream=1, job=JOB, ts=1_700_000_000_000_000_000
         sequence=seq,
         content=content,
     )
-    return envelope(1, job, line.SerializeToString(), ts + 5, seq + 5)
+    # Envelope values differ from the payload's (which are the ones stored), staying in range.
+    env_ts = ts - 5 if ts > 0 else ts + 5
+    env_seq = seq - 5 if seq >= 5 else seq + 5
+    return envelope(1, job, line.SerializeToString(), env_ts, env_seq)
 
 
 def metric_body(job=JOB, ts=1_700_000_000_000_000_000, seq=3, env_ts=11, env_seq=12,

@@ -86,8 +86,9 @@ class TwistdProcess:
             "joblet-persist",
             *args,
         ]
-        self.transport = reactor.spawnProcess(self.proto, sys.executable, argv, env=env,
-                                              path=workdir)
+        # No path= argument: with one, Twisted forks instead of using posix_spawn, and a
+        # child forked from a test process running gRPC threads can die before exec.
+        self.transport = reactor.spawnProcess(self.proto, sys.executable, argv, env=env)
         testcase.addCleanup(self._kill)
 
     @property

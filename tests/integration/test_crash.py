@@ -1,9 +1,14 @@
 """Crash safety and graceful stop of a real service.
 
-- SIGKILL of a ``twistd -n joblet-persist`` child in the middle of a steady ingest, then a
-  restart on the same data directory.
-- Torn tails (garbage appended, last member cut) left in the files of a stopped service.
-- SIGTERM / SIGINT while frames are buffered and the flush timer has not fired.
+- SIGKILL of a ``twistd -n joblet-persist`` child in the middle of a steady ingest (with
+  small segments, so streams span several files), then a restart on the same data directory.
+- Torn tails (garbage appended, last member cut, a next segment holding only a partial
+  header) left in the files of a stopped service.
+- SIGTERM / SIGINT while frames are buffered and the flush timer has not fired; SIGTERM while
+  senders push; a stop while ingest is paused by backpressure: what the senders had written
+  into the sockets before the service closed them is read and stored.
+
+The twistd children are started with posix_spawn (``SpawnedTwistd``), never fork: see there.
 
 Real reactor, real processes, real sockets and files; blocking clients run in threads.
 """
