@@ -309,6 +309,10 @@ typedef struct {
     Py_ssize_t len;
     PyObject *job; /* owned; NULL marks a free slot */
     PyObject *columns[2][4];
+    /* The last timestamp appended per stream (borrowed from its list): joblet-core sends
+     * whole seconds, so consecutive lines often share one int object. */
+    PyObject *last_timestamp[2];
+    int64_t last_timestamp_value[2];
     long long next_arrival;
 } Entry;
 
@@ -574,7 +578,7 @@ decode_log_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         uint32_t length;
         LogFrame f;
         Entry *e;
-        PyObject **columns;
+        PyObject **columns, *last;
 
         if (end - pos < 4) {
             reason = pos == end ? str_end : str_partial;
@@ -607,8 +611,21 @@ decode_log_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         if (columns[0] == NULL && new_group(groups, e, f.stream) < 0) {
             goto error;
         }
-        if (append_new(columns[0], PyLong_FromLongLong(f.timestamp)) < 0
-            || append_new(columns[1], PyLong_FromUnsignedLongLong(f.sequence)) < 0
+        last = e->last_timestamp[f.stream - 1];
+        if (last != NULL && e->last_timestamp_value[f.stream - 1] == f.timestamp) {
+            if (PyList_Append(columns[0], last) < 0) {
+                goto error;
+            }
+        }
+        else {
+            last = PyLong_FromLongLong(f.timestamp);
+            if (append_new(columns[0], last) < 0) {
+                goto error;
+            }
+            e->last_timestamp[f.stream - 1] = last;
+            e->last_timestamp_value[f.stream - 1] = f.timestamp;
+        }
+        if (append_new(columns[1], PyLong_FromUnsignedLongLong(f.sequence)) < 0
             || append_new(columns[2], PyLong_FromLongLong(e->next_arrival)) < 0
             || append_new(columns[3], PyBytes_FromStringAndSize((const char *)f.content,
                                                                 f.content_len)) < 0) {

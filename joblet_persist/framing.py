@@ -49,11 +49,24 @@ Two implementations with identical results: the C extension ``joblet_persist._sp
 (built by ``pip install`` when a compiler is available) and the pure-Python
 ``decode_log_frames_py`` below; ``decode_log_frames`` is the C one when it could be imported.
 ``IMPLEMENTATION`` names the one in use.
+
+The pure-Python one first lets upb parse a frame as ``joblet.ipc.views.LogFrame`` (the envelope
+with ``data`` typed as a LogLine) and checks that the frame is byte for byte the canonical
+serialization of what was parsed, unknown fields dropped: then it has each known field at most
+once, with its own wire type, minimal varints and no unknown field or group, so upb's values are
+the answer.  Any other frame upb parses goes through an exact walk of the wire format in Python
+(slower, but encoders produce canonical frames).
 """
 
 from __future__ import annotations
 
 from operator import index
+
+from google.protobuf.message import DecodeError
+
+from joblet_persist._proto import ipc_views_pb2
+
+_parse_log_frame = ipc_views_pb2.LogFrame.FromString
 
 __all__ = ["IMPLEMENTATION", "decode_log_frames", "decode_log_frames_py"]
 
@@ -123,11 +136,10 @@ def _skip(data: bytes, pos: int, end: int, field: int, wire: int) -> int:
     return pos
 
 
-def _parse_frame(data: bytes, pos: int, end: int, entries: dict):
-    """Parse one frame body: (envelope job id bytes, stream, timestamp, sequence, content).
+def _parse_frame(data: bytes, pos: int, end: int):
+    """Walk one frame body: (envelope job id, stream, timestamp, sequence, content).
 
-    ``entries`` holds the job ids (as bytes) already known to be valid UTF-8.  Raises
-    _NotCanonical or UnicodeDecodeError for a frame that is not a canonical LOG frame.
+    Raises _NotCanonical or UnicodeDecodeError for a frame that is not a canonical LOG frame.
     """
     msg_type = 0
     job_raw = b""
@@ -147,8 +159,7 @@ def _parse_frame(data: bytes, pos: int, end: int, entries: dict):
                 raise _NotCanonical
             size, pos = _size(data, pos, end)
             job_raw = data[pos : pos + size]
-            if job_raw not in entries:
-                job_raw.decode()
+            job_raw.decode()
             pos += size
         elif field == 6:
             if wire != 2 or payload >= 0:
@@ -206,9 +217,7 @@ def _parse_frame(data: bytes, pos: int, end: int, entries: dict):
             if wire != 2:
                 raise _NotCanonical
             size, pos = _size(data, pos, end)
-            raw = data[pos : pos + size]
-            if raw not in entries:
-                raw.decode()
+            data[pos : pos + size].decode()
             pos += size
         else:
             pos = _skip(data, pos, end, field, wire)
@@ -217,7 +226,7 @@ def _parse_frame(data: bytes, pos: int, end: int, entries: dict):
         raise _NotCanonical
     if timestamp > _INT64_MAX:
         timestamp -= 1 << 64
-    return job_raw, stream, timestamp, sequence, content
+    return job_raw.decode(), stream, timestamp, sequence, content
 
 
 def decode_log_frames_py(data: bytes, offset: int, max_length: int, arrivals: dict):
@@ -232,8 +241,9 @@ def decode_log_frames_py(data: bytes, offset: int, max_length: int, arrivals: di
     if not 0 <= offset <= end:
         raise ValueError(f"offset {offset} outside the data (0..{end})")
     groups: dict = {}
-    # job id bytes -> [job id str, stream 1 columns, stream 2 columns, next arrival]
+    # job id -> [job id, stream 1 columns, stream 2 columns, next arrival]
     entries: dict = {}
+    parse = _parse_log_frame
     pos = offset
     while True:
         if end - pos < 4:
@@ -247,20 +257,36 @@ def decode_log_frames_py(data: bytes, offset: int, max_length: int, arrivals: di
         if stop > end:
             reason = "partial"
             break
+        body = data[pos + 4 : stop]
         try:
-            job_raw, stream, timestamp, sequence, content = _parse_frame(
-                data, pos + 4, stop, entries
-            )
-        except (_NotCanonical, UnicodeDecodeError):
+            frame = parse(body)
+        except DecodeError:
+            # Not even upb decodes it (with the payload as a LogLine).
             reason = "slow"
             break
-        entry = entries.get(job_raw)
+        frame.DiscardUnknownFields()
+        if frame.SerializeToString() == body:
+            line = frame.data
+            stream = line.stream
+            if frame.type != 1 or (stream != 1 and stream != 2):
+                reason = "slow"
+                break
+            job = frame.job_uuid
+            timestamp = line.timestamp
+            sequence = line.sequence
+            content = line.content
+        else:
+            try:
+                job, stream, timestamp, sequence, content = _parse_frame(data, pos + 4, stop)
+            except (_NotCanonical, UnicodeDecodeError):
+                reason = "slow"
+                break
+        entry = entries.get(job)
         if entry is None:
-            job = job_raw.decode()
             arrival = index(dict.get(arrivals, job, 0))
             if not -_INT64_MAX - 1 <= arrival <= _INT64_MAX:
                 raise OverflowError(f"arrival number of job {job!r} out of range")
-            entry = entries[job_raw] = [job, None, None, arrival]
+            entry = entries[job] = [job, None, None, arrival]
         columns = entry[stream]
         if columns is None:
             columns = entry[stream] = [[], [], [], []]

@@ -168,7 +168,7 @@ class _JobIdCache:
 
 
 class IngestProtocol(Int32StringReceiver):
-    """One joblet-core connection: frames in, ``writer.add_log``/``add_metric`` out.
+    """One joblet-core connection: frames in, ``writer.add_logs``/``add_log``/``add_metric`` out.
 
     Reactor thread.  Keeps Int32StringReceiver's interface (``MAX_LENGTH``,
     ``stringReceived`` for one frame, ``lengthLimitExceeded``) with a faster ``dataReceived``.

@@ -384,6 +384,21 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
         self._metrics.members_skipped(stats.members_skipped)
         self._metrics.corrupt_members(stats.corrupt_members)
 
+    def _vanished(self, job_id: str) -> RpcStatus:
+        """The status of a read whose snapshot lost a file to DeleteJob or retention.
+
+        A snapshot names the files published when the read began; a segment
+        deleted meanwhile cannot be opened any more.  The job is NOT_FOUND
+        when it is gone; when only part of it went (retention dropped a
+        segment), ABORTED: a retry reads what is left.
+        """
+        if self._storage.job_info(job_id) is None:
+            return RpcStatus(grpc.StatusCode.NOT_FOUND, f"job {job_id} was deleted during the read")
+        return RpcStatus(
+            grpc.StatusCode.ABORTED,
+            f"part of job {job_id} was deleted during the read (retention); retry the query",
+        )
+
     def _log_chunks(self, request, context) -> Iterator[tuple]:
         """Validate a log query and yield its records in chunks.
 
@@ -418,6 +433,8 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
                 )
                 for rec in records:
                     yield (rec.stream,), (rec.timestamp,), (rec.sequence,), (rec.content,)
+        except FileNotFoundError:
+            raise self._vanished(job_id) from None
         finally:
             self._report(stats)
 
@@ -494,6 +511,8 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
         try:
             for rec in records:
                 yield metric_message(job_id, rec)
+        except FileNotFoundError:
+            raise self._vanished(job_id) from None
         finally:
             self._report(stats)
 

@@ -213,7 +213,8 @@ class BatchingWriter:
         self._metrics = metrics if metrics is not None else NullWriterMetrics()
 
         self._jobs: dict[str, _Job] = {}
-        #: Job id -> the job's next arrival ordinal (see the module docstring).
+        #: Job id -> the job's next arrival ordinal (see the module docstring).  Always this
+        #: dict object: the ingest protocol holds on to it.
         self.arrivals: dict[str, int] = {}
         # Buffers whose open columns are not empty, in the order they became so.
         self._dirty: dict[_Buffer, None] = {}

@@ -120,10 +120,10 @@ class LocalJobSnapshot(JobSnapshot):
         stats: Optional[ReadStats] = None,
         cancelled: Callable[[], bool] = _never_cancelled,
     ):
-        """The messages of iter_logs in runs ``(stream, timestamps, sequences, contents)``.
+        """The messages of iter_logs in chunks ``(streams, timestamps, sequences, contents)``.
 
         Blocking; any thread.  An optional fast path beyond JobSnapshot (see
-        reader.iter_log_chunks); the batched query RPCs use it when present.
+        reader.iter_log_chunks); the log query RPCs use it when present.
         """
         if stream != STREAM_UNSPECIFIED and stream not in LOG_STREAMS:
             raise ValueError(f"invalid stream {stream!r}: expected 0, 1 or 2")

@@ -13,6 +13,14 @@ inflated.  Both streams merge by persistent ordinal (arrival order); for an
 offset into the merged stream the split ordinal is found by a binary search
 that counts matching messages below a candidate ordinal in both streams.
 
+Per-message work is kept to what is returned, in bulk: a loaded member is
+kept as columns, only the contents a query returns are sliced out of its
+data, and records come out in chunks (``iter_log_chunks``), where the records
+of both streams that lie before any member not yet loaded are merged with one
+sort of their ordinals.  In a time range, timestamps in order within a member
+(the usual case) are cut by binary search.  docs/performance-queries.md has
+the measurements.
+
 Legacy members (files written by the older Go service) come before all other
 data; they carry no table, so they are inflated to be counted and filtered,
 and both streams of them merge by (timestamp, sequence).

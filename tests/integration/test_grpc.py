@@ -487,6 +487,9 @@ class ServeTests(GrpcTestBase):
         call = stub.QueryLogs(pb.QueryLogsRequest(job_uuid=JOB))
         got = yield threads.deferToThread(lambda: [next(call) for _ in range(10)])
         self.assertEqual([x.sequence for x in got], list(range(10)))
+        # Cancel only once the server's read reached its pause point, so that the
+        # cancellation is seen by the read rather than before it.
+        yield threads.deferToThread(self.storage.paused.acquire)
         call.cancel()
         yield wait_for(lambda: self.storage.finished == 1 and servicer.active_rpcs == 0)
         self.assertTrue(self.storage.saw_cancel)

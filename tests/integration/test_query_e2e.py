@@ -28,6 +28,7 @@ import os
 import socket
 import struct
 import time
+from dataclasses import astuple
 
 import grpc
 import yaml
@@ -40,6 +41,7 @@ from joblet_persist._proto import ipc_pb2, persist_pb2_grpc
 from joblet_persist._proto import persist_pb2 as pb
 from joblet_persist.config import config_from_string
 from joblet_persist.tap import build_service
+from tests.fakes import Aborted, FakeContext
 from tests.integration.support import short_tempdir, wait_for
 
 #: Unix ns of the first line written by these tests (2025-11-24T16:00:00Z).
@@ -682,6 +684,39 @@ class ManyMembersTests(ServiceTestBase):
         self.assertEqual(len(everything), self.N)
         self.assertEqual(self.inflated() - before, total_members)
 
+    def test_bulk_chunks_match_records(self):
+        """The snapshot's bulk reader (behind both query RPCs) returns exactly iter_logs's
+        messages: chunks of equally long, non-empty columns; a merged chunk spans both
+        streams (one sort per window, not one step per message)."""
+        snap = self.parts["storage"].snapshot(self.JOB)
+        window = (T0 + 300 * MS, T0 + 420 * MS)
+        for args in [
+            (0, 0, 0, 0, 0),
+            (0, 0, 0, 12_345, 3_000),
+            (1, 0, 0, 7_000, 0),
+            (2, window[0], window[1], 10, 500),
+            (0, window[0], window[1], 0, 0),
+        ]:
+            chunks = list(snap.iter_log_chunks(*args))
+            for chunk in chunks:
+                self.assertTrue(len(chunk[0]) > 0)
+                self.assertEqual({len(column) for column in chunk}, {len(chunk[0])})
+            flat = [
+                (st, ts, seq, content)
+                for chunk in chunks
+                for st, ts, seq, content in zip(*chunk, strict=True)
+            ]
+            self.assertEqual(flat, [astuple(r) for r in snap.iter_logs(*args)], args)
+            self.assertEqual(flat, select(self.lines, *args[:3], args[3], args[4]), args)
+        merged = list(snap.iter_log_chunks(0, limit=5_000))
+        streams = [st for chunk in merged for st in chunk[0]]
+        switches = sum(a != b for a, b in zip(streams[:-1], streams[1:], strict=True))
+        # 5,000 messages in batches of 100 (two members each): at most one chunk per member,
+        # although the stream changes about 2,500 times.
+        self.assertGreater(switches, 2_000)
+        self.assertLessEqual(len(merged), 100)
+        self.assertGreater(sum(set(chunk[0]) == {1, 2} for chunk in merged), len(merged) // 2)
+
     @defer.inlineCallbacks
     def test_cancellation_mid_stream_stops_the_read(self):
         """A client that cancels a QueryLogs stream after a few lines ends the server's read:
@@ -911,3 +946,84 @@ class CleanupTests(ServiceTestBase):
         self.assertIsNotNone((yield self.info("busy")))
         stats = yield self.call(self.stub.GetStats, pb.GetStatsRequest(), timeout=5)
         self.assertEqual(stats.total_jobs, 1)
+
+
+# -- reads that lose their files to DeleteJob or retention -------------------------------------
+
+
+class VanishingFilesTests(ServiceTestBase):
+    """Every appended batch of 10 messages starts a new segment file (segmentMaxBytes 1).
+
+    A read takes the snapshot of the files published when it starts and opens
+    each segment when it gets there; these tests delete files in between.  The
+    servicer is driven directly (as a gRPC thread would, from a thread) so that
+    the point where the files go is exact, independent of gRPC flow control.
+    """
+
+    settings = {"writer": {"batchMaxMessages": 10}, "storage": {"segmentMaxBytes": 1}}
+    JOB = "vanishing"
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield super().setUp()
+        self.lines = [(1, T0 + i * MS, i, b"line %d\n" % i) for i in range(100)]
+        frames = [log_frame(self.JOB, *line) for line in self.lines]
+        frames += [metric_frame(self.JOB, T0 + i * SEC, i, i) for i in range(30)]
+        yield self.send(b"".join(frames))
+        yield self.wait_counts(self.JOB, 100, 30)
+        self.assertEqual(len(os.listdir(os.path.join(self.data_dir, "logs", self.JOB))), 10)
+
+    def drain(self, stream):
+        """Read the rest of a servicer stream in a thread: (items, status code or None)."""
+
+        def run():
+            items = []
+            try:
+                for item in stream:
+                    items.append(item)
+            except Aborted as e:
+                return items, e.code
+            return items, None
+
+        return threads.deferToThread(run)
+
+    @defer.inlineCallbacks
+    def test_delete_during_a_read_is_not_found(self):
+        """A read whose job is deleted before it reaches the next segment ends with NOT_FOUND
+        (not INTERNAL) after the lines it had; logs and metrics alike."""
+        servicer = self.parts["servicer"]
+        logs = servicer.QueryLogs(pb.QueryLogsRequest(job_uuid=self.JOB), FakeContext())
+        metrics = servicer.QueryMetrics(pb.QueryMetricsRequest(job_uuid=self.JOB), FakeContext())
+        first = yield threads.deferToThread(next, logs)
+        self.assertEqual(first.content, b"line 0\n")
+        sample = yield threads.deferToThread(next, metrics)
+        self.assertEqual(sample.sequence, 0)
+        response = yield self.call(
+            self.stub.DeleteJob, pb.DeleteJobRequest(job_uuid=self.JOB), timeout=10
+        )
+        self.assertTrue(response.success)
+        rest, code = yield self.drain(logs)
+        self.assertEqual(code, grpc.StatusCode.NOT_FOUND)
+        self.assertEqual([x.sequence for x in rest], list(range(1, 10)))
+        rest, code = yield self.drain(metrics)
+        self.assertEqual(code, grpc.StatusCode.NOT_FOUND)
+        self.assertEqual([x.sequence for x in rest], list(range(1, 10)))
+        self.assertEqual(
+            self.sample("persist_query_requests_total", rpc="QueryLogs", code="NOT_FOUND"), 1
+        )
+        self.assertEqual(servicer.active_rpcs, 0)
+
+    @defer.inlineCallbacks
+    def test_segment_dropped_during_a_read_is_aborted(self):
+        """When retention drops a segment a read has not reached yet, the read ends with
+        ABORTED; a retry reads what is left."""
+        servicer = self.parts["servicer"]
+        logs = servicer.QueryLogs(pb.QueryLogsRequest(job_uuid=self.JOB), FakeContext())
+        yield threads.deferToThread(next, logs)
+        freed = yield self.parts["storage"].drop_segment(self.JOB, "stdout", 5)
+        self.assertGreater(freed, 0)
+        rest, code = yield self.drain(logs)
+        self.assertEqual(code, grpc.StatusCode.ABORTED)
+        self.assertEqual([x.sequence for x in rest], list(range(1, 50)))
+        again = yield self.logs(self.JOB)
+        self.assertEqual(again, self.lines[:50] + self.lines[60:])
