@@ -647,9 +647,212 @@ error:
     return NULL;
 }
 
+/* ---- member_table: the per-message table of a storage member (storage/format.py) ---------- */
+
+typedef struct {
+    unsigned char *buf;
+    Py_ssize_t len;
+} column_t;
+
+static inline void
+column_put_varint(column_t *c, uint64_t v)
+{
+    while (v >= 0x80) {
+        c->buf[c->len++] = (unsigned char)(v | 0x80);
+        v >>= 7;
+    }
+    c->buf[c->len++] = (unsigned char)v;
+}
+
+static inline uint64_t
+zigzag64(int64_t v)
+{
+    return ((uint64_t)v << 1) ^ (uint64_t)(v >> 63);
+}
+
+static Py_ssize_t
+varint_size(uint64_t v)
+{
+    Py_ssize_t n = 1;
+    while (v >= 0x80) {
+        v >>= 7;
+        n++;
+    }
+    return n;
+}
+
+PyDoc_STRVAR(member_table_doc,
+"member_table(items, timestamps, sequences, ordinals, i, j) -> (table, min_ts, max_ts)\n\n"
+"The serialized member table (protobuf wire form of storage/format.py's MemberTable:\n"
+"packed lengths, zigzag timestamp deltas from the window minimum then from the previous\n"
+"message, zigzag sequence deltas, ordinal deltas) of messages [i, j).  Deltas wrap modulo\n"
+"2**64 like the Python encoder's.  Raises ValueError when a timestamp or ordinal is outside\n"
+"int64, a sequence outside uint64, or ordinals are not strictly increasing (also across the\n"
+"message before i).  Pool thread; holds the GIL, touches no shared state.");
+
+static PyObject *
+member_table(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *items, *ts_list, *seq_list, *ord_list, *result = NULL;
+    Py_ssize_t i, j, n, k;
+    int64_t *ts = NULL, *ords = NULL;
+    uint64_t *seqs = NULL;
+    column_t cols[4] = {{NULL, 0}, {NULL, 0}, {NULL, 0}, {NULL, 0}};
+    int64_t min_ts, max_ts;
+
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "member_table() takes exactly 6 arguments");
+        return NULL;
+    }
+    items = args[0];
+    ts_list = args[1];
+    seq_list = args[2];
+    ord_list = args[3];
+    if (!PyList_Check(items) || !PyList_Check(ts_list) || !PyList_Check(seq_list)
+        || !PyList_Check(ord_list)) {
+        PyErr_SetString(PyExc_TypeError, "member_table() columns must be lists");
+        return NULL;
+    }
+    i = PyLong_AsSsize_t(args[4]);
+    if (i == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    j = PyLong_AsSsize_t(args[5]);
+    if (j == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    n = PyList_GET_SIZE(items);
+    if (i < 0 || j <= i || j > n || PyList_GET_SIZE(ts_list) != n
+        || PyList_GET_SIZE(seq_list) != n || PyList_GET_SIZE(ord_list) != n) {
+        PyErr_SetString(PyExc_ValueError, "member_table(): bad window or column lengths");
+        return NULL;
+    }
+    n = j - i;
+    ts = PyMem_Malloc(sizeof(int64_t) * (size_t)n);
+    seqs = PyMem_Malloc(sizeof(uint64_t) * (size_t)n);
+    ords = PyMem_Malloc(sizeof(int64_t) * (size_t)n);
+    for (k = 0; k < 4; k++) {
+        cols[k].buf = PyMem_Malloc((size_t)n * 10);
+    }
+    if (ts == NULL || seqs == NULL || ords == NULL || cols[0].buf == NULL || cols[1].buf == NULL
+        || cols[2].buf == NULL || cols[3].buf == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (k = 0; k < n; k++) {
+        PyObject *item = PyList_GET_ITEM(items, i + k);
+        int overflow = 0;
+        if (!PyBytes_Check(item)) {
+            PyErr_SetString(PyExc_TypeError, "member_table() items must be bytes");
+            goto done;
+        }
+        column_put_varint(&cols[0], (uint64_t)PyBytes_GET_SIZE(item));
+        ts[k] = PyLong_AsLongLongAndOverflow(PyList_GET_ITEM(ts_list, i + k), &overflow);
+        if (overflow) {
+            PyErr_SetString(PyExc_ValueError, "timestamp out of range -9223372036854775808.."
+                                              "9223372036854775807");
+            goto done;
+        }
+        if (ts[k] == -1 && PyErr_Occurred()) {
+            goto done;
+        }
+        ords[k] = PyLong_AsLongLongAndOverflow(PyList_GET_ITEM(ord_list, i + k), &overflow);
+        if (overflow) {
+            PyErr_SetString(PyExc_ValueError, "ordinal out of range");
+            goto done;
+        }
+        if (ords[k] == -1 && PyErr_Occurred()) {
+            goto done;
+        }
+        {
+            PyObject *sv = PyList_GET_ITEM(seq_list, i + k);
+            if (!PyLong_Check(sv) || _PyLong_Sign(sv) < 0) {
+                if (PyLong_Check(sv)) {
+                    PyErr_SetString(PyExc_ValueError, "sequence out of range 0..18446744073709551615");
+                }
+                else {
+                    PyErr_SetString(PyExc_TypeError, "sequences must be ints");
+                }
+                goto done;
+            }
+            seqs[k] = PyLong_AsUnsignedLongLong(sv);
+            if (seqs[k] == (uint64_t)-1 && PyErr_Occurred()) {
+                PyErr_Clear();
+                PyErr_SetString(PyExc_ValueError, "sequence out of range 0..18446744073709551615");
+                goto done;
+            }
+        }
+    }
+    if (i > 0) {
+        int overflow = 0;
+        long long before = PyLong_AsLongLongAndOverflow(PyList_GET_ITEM(ord_list, i - 1),
+                                                        &overflow);
+        if (before == -1 && PyErr_Occurred()) {
+            goto done;
+        }
+        if (!overflow && before >= ords[0]) {
+            PyErr_SetString(PyExc_ValueError, "ordinals must be strictly increasing");
+            goto done;
+        }
+    }
+    min_ts = max_ts = ts[0];
+    for (k = 1; k < n; k++) {
+        if (ts[k] < min_ts) {
+            min_ts = ts[k];
+        }
+        if (ts[k] > max_ts) {
+            max_ts = ts[k];
+        }
+        if (ords[k] <= ords[k - 1]) {
+            PyErr_SetString(PyExc_ValueError, "ordinals must be strictly increasing");
+            goto done;
+        }
+    }
+    column_put_varint(&cols[1], zigzag64((int64_t)((uint64_t)ts[0] - (uint64_t)min_ts)));
+    column_put_varint(&cols[2], 0);
+    column_put_varint(&cols[3], 0);
+    for (k = 1; k < n; k++) {
+        column_put_varint(&cols[1], zigzag64((int64_t)((uint64_t)ts[k] - (uint64_t)ts[k - 1])));
+        column_put_varint(&cols[2], zigzag64((int64_t)(seqs[k] - seqs[k - 1])));
+        column_put_varint(&cols[3], (uint64_t)ords[k] - (uint64_t)ords[k - 1]);
+    }
+    {
+        Py_ssize_t total = 0;
+        char *out;
+        PyObject *table;
+        for (k = 0; k < 4; k++) {
+            total += 1 + varint_size((uint64_t)cols[k].len) + cols[k].len;
+        }
+        table = PyBytes_FromStringAndSize(NULL, total);
+        if (table == NULL) {
+            goto done;
+        }
+        out = PyBytes_AS_STRING(table);
+        for (k = 0; k < 4; k++) {
+            column_t header = {(unsigned char *)out, 0};
+            header.buf[header.len++] = (unsigned char)(((k + 1) << 3) | 2);
+            column_put_varint(&header, (uint64_t)cols[k].len);
+            out += header.len;
+            memcpy(out, cols[k].buf, (size_t)cols[k].len);
+            out += cols[k].len;
+        }
+        result = Py_BuildValue("(NLL)", table, (long long)min_ts, (long long)max_ts);
+    }
+
+done:
+    PyMem_Free(ts);
+    PyMem_Free(seqs);
+    PyMem_Free(ords);
+    for (k = 0; k < 4; k++) {
+        PyMem_Free(cols[k].buf);
+    }
+    return result;
+}
+
 static PyMethodDef speedups_methods[] = {
     {"decode_log_frames", (PyCFunction)(void (*)(void))decode_log_frames, METH_FASTCALL,
      decode_log_frames_doc},
+    {"member_table", (PyCFunction)(void (*)(void))member_table, METH_FASTCALL, member_table_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -124,6 +124,12 @@ def _make_table_class():
 
 _TableProto = _make_table_class()
 
+try:
+    # Builds the same table bytes in one C pass; the Python path below is the reference.
+    from joblet_persist._speedups import member_table as _member_table
+except ImportError:  # not built (no compiler): the pure-Python encoder is used
+    _member_table = None
+
 
 class CorruptMember(Exception):
     """A member whose bytes do not decode: bad header, CRC, size or table.
@@ -220,13 +226,29 @@ def _build_table(lengths, ts, d_ts, d_seq, d_ord, i: int, j: int):
             ordinal_deltas=[0] + d_ord[i : j - 1],
         )
     raw = msg.SerializeToString()
-    stored, flags = raw, 0
+    stored, flags = _pack_table(raw)
+    return stored, flags, len(raw), min_ts, max_ts
+
+
+def _pack_table(raw: bytes):
+    """Deflate a serialized table when that makes it smaller; returns (stored, flags)."""
     if len(raw) >= _TABLE_DEFLATE_MIN:
         c = zlib.compressobj(6, zlib.DEFLATED, -15)
         packed = c.compress(raw) + c.flush()
         if len(packed) < len(raw):
-            stored, flags = packed, FLAG_TABLE_DEFLATED
-    return stored, flags, len(raw), min_ts, max_ts
+            return packed, FLAG_TABLE_DEFLATED
+    return raw, 0
+
+
+def _table_builder_c(items, ts, seq, ords):
+    """build_table(i, j) backed by the C extension: same bytes as _build_table."""
+
+    def build_table(i, j):
+        raw, min_ts, max_ts = _member_table(items, ts, seq, ords, i, j)
+        stored, flags = _pack_table(raw)
+        return stored, flags, len(raw), min_ts, max_ts
+
+    return build_table
 
 
 def _encode_members(
@@ -254,15 +276,24 @@ def _encode_members(
     ts = timestamps if type(timestamps) is list else list(timestamps)
     seq = sequences if type(sequences) is list else list(sequences)
     ords = ordinals if type(ordinals) is list else list(ordinals)
+    items = items if type(items) is list else list(items)
     lengths = list(map(len, items))
-    _check_range("sequence", seq, 0, _U64)
-    d_ord = list(map(sub, ords[1:], ords))
-    if d_ord and min(d_ord) <= 0:
-        raise ValueError("ordinals must be strictly increasing")
-    # Strictly increasing: the ends bound every ordinal.
-    _check_range("ordinal", [ords[0], ords[-1]], _I64_MIN, _I64_MAX)
-    d_ts = list(map(sub, ts[1:], ts))
-    d_seq = list(map(sub, seq[1:], seq))
+    if _member_table is not None:
+        # The C table builder validates the columns while it encodes them (one pass).
+        build_table = _table_builder_c(items, ts, seq, ords)
+    else:
+        _check_range("sequence", seq, 0, _U64)
+        d_ord = list(map(sub, ords[1:], ords))
+        if d_ord and min(d_ord) <= 0:
+            raise ValueError("ordinals must be strictly increasing")
+        # Strictly increasing: the ends bound every ordinal.
+        _check_range("ordinal", [ords[0], ords[-1]], _I64_MIN, _I64_MAX)
+        d_ts = list(map(sub, ts[1:], ts))
+        d_seq = list(map(sub, seq[1:], seq))
+
+        def build_table(i, j):
+            return _build_table(lengths, ts, d_ts, d_seq, d_ord, i, j)
+
     cum = list(accumulate(lengths, initial=0))
 
     out = []
@@ -270,9 +301,7 @@ def _encode_members(
     while i < n:
         j = max(i + 1, bisect_right(cum, cum[i] + max_member_raw, i + 1) - 1)
         while True:
-            stored, flags, raw_len, min_ts, max_ts = _build_table(
-                lengths, ts, d_ts, d_seq, d_ord, i, j
-            )
+            stored, flags, raw_len, min_ts, max_ts = build_table(i, j)
             if len(stored) <= MAX_TABLE_BYTES:
                 break
             # Too many messages for one header: shrink proportionally.
