@@ -8,7 +8,7 @@ it reports frames/s, MB/s, the service's peak RSS, the bytes on disk, and the
 size of ``gzip -6`` of the same raw content, computed in the same run.
 
     .venv/bin/python bench/bench_ingest.py --frames 2000000 --connections 1 4 \
-        --compressors deflate:6 isal:1
+        --compressors deflate:5 isal:1
 
 Traffic goes only to Unix sockets in a temporary directory on this machine.
 """
@@ -227,7 +227,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=10)
     ap.add_argument("--line-bytes", type=int, default=100)
     ap.add_argument("--connections", type=int, nargs="+", default=[1, 4])
-    ap.add_argument("--compressors", nargs="+", default=["deflate:6", "isal:1"],
+    ap.add_argument("--compressors", nargs="+", default=["deflate:5", "isal:1"],
                     help="name:level pairs")
     ap.add_argument("--repeat", type=int, default=1, help="runs per setting; the median is kept")
     ap.add_argument("--json", help="also write results to this file")

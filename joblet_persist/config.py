@@ -515,7 +515,7 @@ class StorageConfig:
 
     data_dir: str = _key(_path(), DEFAULT_DATA_DIR)
     compressor: str = _key(_choice(tuple(COMPRESSION_LEVELS)), "deflate")
-    compression_level: int = _key(_integer(0, 12), 6)
+    compression_level: int = _key(_integer(0, 12), 5)
     segment_max_bytes: int = _key(_size(1), 256 * MiB)
     fsync: str = _key(_choice(("batch", "interval", "never")), "batch")
     max_open_files: int = _key(_integer(1), 256)

@@ -108,7 +108,7 @@ class DefaultsTests(SynchronousTestCase):
         st_ = default_config().storage
         self.assertEqual(st_.data_dir, "/opt/joblet")
         self.assertEqual(st_.compressor, "deflate")
-        self.assertEqual(st_.compression_level, 6)
+        self.assertEqual(st_.compression_level, 5)
         self.assertEqual(st_.segment_max_bytes, 256 * MiB)
         self.assertEqual(st_.fsync, "batch")
         self.assertEqual(st_.max_open_files, 256)
