@@ -316,30 +316,7 @@ class BatchingWriter:
             raise WriterStopped("writer is stopping")
         if stream != 1 and stream != 2:
             raise ValueError(f"stream must be 1 or 2, not {stream!r}")
-        job = self._jobs.get(job_id)
-        if job is None:
-            job = self._new_job(job_id)
-        buf = job.buffers[stream]
-        if buf is None:
-            buf = job.buffers[stream] = _Buffer(job, stream, self._retry_initial)
-        timestamps = buf.timestamps
-        if not timestamps:
-            self._dirty[buf] = None
-        timestamps.append(timestamp)
-        buf.sequences.append(sequence)
-        arrivals = self.arrivals
-        arrival = arrivals.get(job_id, 0)
-        arrivals[job_id] = arrival + 1
-        buf.arrivals.append(arrival)
-        buf.contents.append(content)
-        n = len(content) + MESSAGE_OVERHEAD
-        buf.nbytes += n
-        self._buffered += n
-        self.messages_received += 1
-        if buf.nbytes >= self._batch_max_bytes or len(timestamps) >= self._batch_max_messages:
-            self._seal(buf)
-        if self._buffered > self._high_water and not self._paused:
-            self._pause()
+        self._add(job_id, stream, timestamp, sequence, content)
 
     def add_logs(
         self,
@@ -423,12 +400,16 @@ class BatchingWriter:
         """Buffer one metric sample (a serialized ``joblet.ipc.Metric``).  Reactor thread."""
         if self._stopping:
             raise WriterStopped("writer is stopping")
+        self._add(job_id, _METRICS, timestamp, sequence, payload)
+
+    def _add(self, job_id: str, index: int, timestamp: int, sequence: int, item: bytes):
+        """Append one message to buffer ``index`` (0 metrics, 1 stdout, 2 stderr) of the job."""
         job = self._jobs.get(job_id)
         if job is None:
             job = self._new_job(job_id)
-        buf = job.buffers[_METRICS]
+        buf = job.buffers[index]
         if buf is None:
-            buf = job.buffers[_METRICS] = _Buffer(job, _METRICS, self._retry_initial)
+            buf = job.buffers[index] = _Buffer(job, index, self._retry_initial)
         timestamps = buf.timestamps
         if not timestamps:
             self._dirty[buf] = None
@@ -438,8 +419,8 @@ class BatchingWriter:
         arrival = arrivals.get(job_id, 0)
         arrivals[job_id] = arrival + 1
         buf.arrivals.append(arrival)
-        buf.contents.append(payload)
-        n = len(payload) + MESSAGE_OVERHEAD
+        buf.contents.append(item)
+        n = len(item) + MESSAGE_OVERHEAD
         buf.nbytes += n
         self._buffered += n
         self.messages_received += 1
