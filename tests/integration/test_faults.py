@@ -115,10 +115,6 @@ class _ServiceCase(unittest.TestCase):
         )
         return self.root
 
-    async def restart(self, sections: dict | None = None):
-        await stop_service(self.root)
-        return await self.start(sections)
-
     async def send(self, frames: list[bytes], flush: bool = True) -> None:
         """Send frames on one connection; wait until read (and, by default, all written)."""
         writer = self.root.components["writer"]
