@@ -400,6 +400,9 @@ class Checker:
         self.deleted = 0
         self.expired = 0
         self.lost_age = 0.0
+        self.lost_outside_age = 0.0  # the oldest frame lost outside a window: age at the kill
+        self.lost_by_kill: dict = {}  # kill time (monotonic) -> frames lost outside its window
+        self.lost_without_kill = 0
         self.seen_counts: dict[str, tuple[int, int]] = {}
         self.backwards = 0
         self.stop = threading.Event()
@@ -569,6 +572,15 @@ class Checker:
                         break
                 else:
                     self.lost += 1
+                    later = [killed for _lo, _hi, killed in windows if killed > t]
+                    if later:
+                        # Lost to the next kill although written before its window.
+                        age = min(later) - t
+                        self.lost_outside_age = max(self.lost_outside_age, age)
+                        key = round(min(later), 1)
+                        self.lost_by_kill[key] = self.lost_by_kill.get(key, 0) + 1
+                    else:
+                        self.lost_without_kill += 1
             if kind != "metrics":
                 for item in items:
                     if item.content != content(job.n, kind, item.sequence):
@@ -756,6 +768,11 @@ def main(argv=None) -> int:
         "frames_lost": checker.lost,
         "frames_lost_within_kill_windows": checker.lost_in_window,
         "oldest_lost_frame_seconds_before_kill": round(checker.lost_age, 3),
+        "frames_lost_without_a_kill": checker.lost_without_kill,
+        "oldest_frame_lost_outside_a_window_seconds_before_kill":
+            round(checker.lost_outside_age, 3),
+        "frames_lost_outside_windows_by_kill": {
+            f"{k - started:.1f}s": v for k, v in sorted(checker.lost_by_kill.items())},
         "frames_cut_by_faults": load.cut_frames,
         "counts_went_backwards": checker.backwards,
         "errors": checker.errors[:20],
