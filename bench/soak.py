@@ -217,7 +217,7 @@ class Job:
         self.sent = {1: [], 2: [], "metrics": []}
         self.next = {1: 0, 2: 0, "metrics": 0}  # next sequence number to send
         self.finished_at = 0.0
-        self.state = "active"  # active -> finished -> checked (-> deleted)
+        self.state = "active"  # active -> finished -> checked -> kept | deleted (or expired)
 
 
 class Load:
@@ -323,13 +323,15 @@ class Load:
             socks.pop(conn)
             self.reconnects += 1
         done = time.monotonic()
+        start = 0
         for end, job, kind, seq in ends:
             if end <= pos:
                 job.sent[kind].append((seq, done))
             else:
-                if end - pos < len(data):
-                    self.cut_frames += 1
+                if start < pos:
+                    self.cut_frames += 1  # partly written: never counted as sent
                 break
+            start = end
         self.frames += sum(1 for e in ends if e[0] <= pos)
         self.bytes += pos
 
@@ -537,6 +539,11 @@ class Checker:
         return [ln for b in stub.QueryLogsBatched(req, timeout=30) for ln in b.lines]
 
     def _check(self, stub, job: Job) -> None:
+        if job.state == "checked":
+            # Verified already; the DeleteJob after it was cut off by a fault: only retry
+            # that (reading again would find the job deleted and count it lost).
+            self._delete(stub, job)
+            return
         try:
             got = {1: self._read(stub, job.job_id, 1), 2: self._read(stub, job.job_id, 2),
                    "metrics": list(stub.QueryMetrics(
@@ -589,12 +596,18 @@ class Checker:
         self.checked += 1
         job.state = "checked"
         if self.rng.random() < self.args.delete_share:
-            r = stub.DeleteJob(persist_pb2.DeleteJobRequest(job_uuid=job.job_id), timeout=30)
-            if not r.success:
-                self.errors.append(f"DeleteJob {job.job_id}: {r.message}")
-            self.deleted += 1
-            job.state = "deleted"
-            self.seen_counts.pop(job.job_id, None)
+            self._delete(stub, job)
+        else:
+            job.state = "kept"
+
+    def _delete(self, stub, job: Job) -> None:
+        """DeleteJob (idempotent: a retry after a fault succeeds too)."""
+        r = stub.DeleteJob(persist_pb2.DeleteJobRequest(job_uuid=job.job_id), timeout=30)
+        if not r.success:
+            self.errors.append(f"DeleteJob {job.job_id}: {r.message}")
+        self.deleted += 1
+        job.state = "deleted"
+        self.seen_counts.pop(job.job_id, None)
 
 
 def final_checks(data_dir: str) -> dict:
