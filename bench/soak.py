@@ -641,7 +641,8 @@ def final_checks(data_dir: str) -> dict:
 
 def scrape(port: int) -> dict:
     wanted = ("persist_retention_deleted_jobs_total", "persist_ipc_frames_rejected_total",
-              "persist_write_errors_total", "persist_backpressure_seconds_total")
+              "persist_write_errors_total", "persist_backpressure_seconds_total",
+              "persist_durability_lag_seconds")
     found: dict = {}
     try:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
@@ -653,6 +654,25 @@ def scrape(port: int) -> dict:
                 key, _, value = line.rpartition(" ")
                 found[key] = float(value)
     return found
+
+
+def durability_lag(found: dict) -> dict:
+    """From the persist_durability_lag_seconds histogram of the last service process: how
+    many batches were appended, their mean lag, the share appended within 0.5/1/1.5/2 s of
+    their oldest message, and the upper bound of the bucket holding the slowest one."""
+    prefix = "persist_durability_lag_seconds"
+    count = found.get(prefix + "_count", 0.0)
+    if not count:
+        return {}
+    buckets = sorted(
+        (float("inf") if le == "+Inf" else float(le), n)
+        for key, n in found.items()
+        if key.startswith(prefix + "_bucket") and (le := key.split('le="')[1].split('"')[0])
+    )
+    within = {f"within_{b:g}s": round(n / count, 5) for b, n in buckets if b in (0.5, 1, 1.5, 2)}
+    slowest = next(b for b, n in buckets if n >= count)
+    return {"batches": int(count), "mean_s": round(found[prefix + "_sum"] / count, 3),
+            **within, "slowest_at_most_s": slowest}
 
 
 def machine() -> dict:
@@ -801,7 +821,9 @@ def main(argv=None) -> int:
         "fds_max": max((s["fds"] for s in samples), default=None),
         "data_fds_max": max((s["data_fds"] for s in samples), default=None),
         "samples": samples,
-        "service_metrics": metrics,
+        "service_metrics": {k: v for k, v in metrics.items()
+                            if not k.startswith("persist_durability_lag")},
+        "durability_lag_last_process": durability_lag(metrics),
         "final_checks": final,
     }
     print(json.dumps({k: v for k, v in summary.items() if k != "samples"}, indent=1))

@@ -36,6 +36,8 @@ from typing import Any, Callable
 import yaml
 from twisted.logger import LogLevel
 
+from joblet_persist.storage.files import POOL_FILES_PER_THREAD
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -494,6 +496,8 @@ class IPCConfig:
     # The frame length prefix is an unsigned 32-bit integer.
     max_frame_bytes: int = _key(_size(1, 2**32 - 1), 128 * MiB)
     max_connections: int = _key(_integer(1), 1024)
+    # On shutdown, how long connections are read for what their peers already wrote.
+    drain_timeout: float = _key(_duration(positive=True), 5.0)
 
 
 @dataclass(frozen=True)
@@ -832,6 +836,14 @@ def _validate(cfg: Config, ctx: _Context) -> None:
             "writer.retryMax",
             f"must be at least {ctx.name('writer.retryInitial')} "
             f"({writer.retry_max}s < {writer.retry_initial}s)",
+        )
+    pool_files = POOL_FILES_PER_THREAD * writer.thread_count
+    if storage.max_open_files <= pool_files:
+        raise ctx.error(
+            "storage.maxOpenFiles",
+            f"{storage.max_open_files} leaves no file for queries: the write pool may hold "
+            f"{pool_files} ({POOL_FILES_PER_THREAD} per thread, {ctx.name('writer.threads')} "
+            f"resolving to {writer.thread_count}); set it to {pool_files + 1} or more",
         )
 
     if cfg.query.batch_max_bytes >= cfg.server.max_message_bytes:

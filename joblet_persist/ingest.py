@@ -541,8 +541,9 @@ class IngestFactory(protocol.Factory):
         while the bytes already queued in the socket are still read, up to the end of file,
         and handed to the writer; the connection then closes.  Reading resumes even under
         backpressure (what is queued is bounded by the socket buffers).  A connection still
-        open after ``drain_timeout`` seconds, or whose transport has no socket, is closed with
-        ``loseConnection``.  A frame cut off is counted as ``truncated_frame``.
+        open after ``drain_timeout`` seconds (``ipc.drainTimeout``), or whose transport has no
+        socket, is closed with ``loseConnection``.  A frame cut off is counted as
+        ``truncated_frame``.
         """
         self._draining = True
         waits = []

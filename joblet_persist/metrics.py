@@ -51,6 +51,7 @@ class PersistMetrics:
         self._connections = 0
         self._storage_source: Optional[Callable[[], tuple[int, int]]] = None
         self._health_source = None
+        self._file_budget = None
         self._backpressure_since: Optional[float] = None
         self._backpressure_total = 0.0
         self._clock: Callable[[], float] = _monotonic
@@ -60,6 +61,13 @@ class PersistMetrics:
             "persist_write_latency_seconds",
             "Time from handing a batch to storage until it is appended and published.",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.durability_lag = Histogram(
+            "persist_durability_lag_seconds",
+            "Age of a batch's oldest message when the batch was appended (and fsync'd under "
+            "storage.fsync batch): how much recent data a crash can lose.",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30),
             registry=r,
         )
         self.flush_messages = Histogram(
@@ -144,6 +152,10 @@ class PersistMetrics:
         """``source()`` returns (jobs, bytes on disk); read at scrape time."""
         self._storage_source = source
 
+    def set_file_budget(self, budget) -> None:
+        """``budget`` (storage.files.FileBudget) is exported at scrape time."""
+        self._file_budget = budget
+
     def set_health_source(self, health) -> None:
         """``health.healthy`` and ``health.details`` are exported at scrape time."""
         self._health_source = health
@@ -179,6 +191,9 @@ class PersistMetrics:
         self.flush_messages.observe(messages)
         self.flush_bytes.observe(nbytes)
         self.messages_written.inc(messages)
+
+    def durable(self, age: float) -> None:
+        self.durability_lag.observe(age)
 
     def write_error(self) -> None:
         self.write_errors.inc()
@@ -301,6 +316,23 @@ class _HotCollector:
             for name, detail in sorted(m._health_source.details.items()):
                 checks.add_metric([name], 1 if detail.get("ok") else 0)
             yield checks
+        budget = m._file_budget
+        if budget is not None:
+            yield GaugeMetricFamily(
+                "persist_query_open_files",
+                "Segment files queries hold open now.",
+                value=budget.in_use,
+            )
+            yield GaugeMetricFamily(
+                "persist_query_open_files_limit",
+                "Files queries may hold open at once: storage.maxOpenFiles less the pool's share.",
+                value=budget.limit,
+            )
+            yield CounterMetricFamily(
+                "persist_query_open_file_waits",
+                "Times a query waited for another to close a file (the limit was reached).",
+                value=budget.waits,
+            )
         if m._storage_source is not None:
             jobs, nbytes = m._storage_source()
             yield GaugeMetricFamily("persist_jobs", "Jobs with stored data.", value=jobs)

@@ -73,6 +73,7 @@ def makeService(options, reactor=None):
     # that build services in-process do not change them.
     logs.configure(config.logging.log_level, config.logging.format)
     logs.bridge_stdlib_logging()
+    ensure_descriptor_limit(config)
     root = build_service(config, reactor, exit_on_start_failure=True)
     parts = root.components
 
@@ -91,6 +92,53 @@ def makeService(options, reactor=None):
     SighupService(reactor, reloader.reload).setServiceParent(root)
     root.started.addCallback(lambda _: logs.log_startup(config, _listeners(config, parts)))
     return root
+
+
+#: Descriptors beyond data files and IPC connections: listeners, gRPC clients, logs.
+DESCRIPTOR_RESERVE = 256
+
+
+def ensure_descriptor_limit(config, log=None, getrlimit=None, setrlimit=None) -> tuple:
+    """Raise the soft RLIMIT_NOFILE to what the configuration may use, if it is lower.
+
+    The service may hold ``storage.maxOpenFiles`` data files, ``ipc.maxConnections``
+    IPC connections and DESCRIPTOR_RESERVE more (listeners, gRPC clients, log
+    files).  A soft limit below that is raised as far as the hard limit allows
+    (like most daemons, since systemd's default soft limit is 1024); when even
+    the hard limit is lower, a warning names the keys to lower.  Returns the
+    (needed, soft limit in effect) pair.  Process-wide: called by makeService.
+    """
+    import resource
+
+    from joblet_persist.logs import Logger
+
+    log = log if log is not None else Logger(namespace="joblet_persist.tap")
+    getrlimit = getrlimit or resource.getrlimit
+    setrlimit = setrlimit or resource.setrlimit
+    needed = config.storage.max_open_files + config.ipc.max_connections + DESCRIPTOR_RESERVE
+    soft, hard = getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return needed, soft
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if target > soft:
+        try:
+            setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as e:
+            log.warn("could not raise the open file limit from {soft} to {target}: {error}",
+                     soft=soft, target=target, error=e)
+        else:
+            log.info("raised the open file limit (RLIMIT_NOFILE) from {soft} to {target}",
+                     soft=soft, target=target)
+            soft = target
+    if soft < needed:
+        log.warn(
+            "the open file limit is {soft}, below the {needed} descriptors the configuration "
+            "may use (storage.maxOpenFiles {files} + ipc.maxConnections {conns} + {reserve}); "
+            "lower those keys or raise the limit (LimitNOFILE= in the systemd unit)",
+            soft=soft, needed=needed, files=config.storage.max_open_files,
+            conns=config.ipc.max_connections, reserve=DESCRIPTOR_RESERVE,
+        )
+    return needed, soft
 
 
 def _listeners(config, parts):
@@ -146,6 +194,7 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
         UnixListenerService,
     )
     from joblet_persist.storage.compress import make_compressor
+    from joblet_persist.storage.files import FileBudget, query_share
     from joblet_persist.storage.local import LocalStorage
     from joblet_persist.web import MonitoringApp
     from joblet_persist.writer import BatchingWriter
@@ -168,6 +217,9 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
     pool = ThreadPoolService(reactor, "cpu-pool", wc.thread_count)
     pool.setServiceParent(root)
 
+    # Queries share what storage.maxOpenFiles leaves after the pool's own files.
+    file_budget = FileBudget(query_share(sc.max_open_files, wc.thread_count))
+    metrics.set_file_budget(file_budget)
     storage = LocalStorage(
         sc.data_dir,
         pool.run,
@@ -178,6 +230,7 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
         index_interval=wc.index_interval,
         sync_interval=wc.flush_interval,
         metrics=metrics,
+        file_budget=file_budget,
     )
 
     def storage_totals():
@@ -224,7 +277,7 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
 
     ingest = UnixListenerService(
         reactor, "ingest", ic.socket, factory, mode=ic.socket_mode,
-        on_stop=factory.disconnect_all,
+        on_stop=lambda: factory.disconnect_all(ic.drain_timeout),
     )
     ingest.setServiceParent(root)
 

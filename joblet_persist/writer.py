@@ -77,6 +77,10 @@ class NullWriterMetrics:
         """A batch was appended: ``seconds`` since it was handed to storage (on the injected
         clock), ``messages`` in it, ``nbytes`` of raw content/payload bytes."""
 
+    def durable(self, age: float) -> None:
+        """A batch was appended: its oldest message had been buffered ``age`` seconds
+        before (on the injected clock): how long data waits before it survives a crash."""
+
     def write_error(self) -> None:
         """An append failed; it will be retried."""
 
@@ -90,13 +94,14 @@ class NullWriterMetrics:
 class _Sealed:
     """One batch handed (or about to be handed) to storage."""
 
-    __slots__ = ("batch", "count", "nbytes", "serial", "abandoned")
+    __slots__ = ("batch", "count", "nbytes", "serial", "opened_at", "abandoned")
 
-    def __init__(self, batch, count: int, nbytes: int, serial: int):
+    def __init__(self, batch, count: int, nbytes: int, serial: int, opened_at: float):
         self.batch = batch
         self.count = count
         self.nbytes = nbytes
         self.serial = serial
+        self.opened_at = opened_at  # when its oldest message was buffered (clock seconds)
         # Set when the batch is given up (discard_job, stop timeout): a late result is ignored.
         self.abandoned = False
 
@@ -134,6 +139,7 @@ class _Buffer:
         "serial",
         "done_serial",
         "waiters",
+        "opened_at",
     )
 
     def __init__(self, job: _Job, stream: int, retry_delay: float):
@@ -151,6 +157,7 @@ class _Buffer:
         self.serial = 0  # serial of the last sealed batch
         self.done_serial = 0  # serial of the last batch appended (or dropped)
         self.waiters: list[tuple[int, defer.Deferred]] = []
+        self.opened_at = 0.0  # when the open columns got their first message
 
     def describe(self) -> str:
         kind = {0: "metrics", 1: "stdout", 2: "stderr"}[self.stream]
@@ -357,6 +364,7 @@ class BatchingWriter:
             # The common case: the whole group fits in the open buffer.
             if not buf.timestamps:
                 self._dirty[buf] = None
+                buf.opened_at = self._clock.seconds()
             buf.timestamps.extend(timestamps)
             buf.sequences.extend(sequences)
             buf.arrivals.extend(arrivals)
@@ -387,6 +395,7 @@ class BatchingWriter:
                     break
             if not buf.timestamps:
                 self._dirty[buf] = None
+                buf.opened_at = self._clock.seconds()
             buf.timestamps.extend(timestamps[i:j])
             buf.sequences.extend(sequences[i:j])
             buf.arrivals.extend(arrivals[i:j])
@@ -413,6 +422,7 @@ class BatchingWriter:
         timestamps = buf.timestamps
         if not timestamps:
             self._dirty[buf] = None
+            buf.opened_at = self._clock.seconds()
         timestamps.append(timestamp)
         buf.sequences.append(sequence)
         arrivals = self.arrivals
@@ -538,7 +548,7 @@ class BatchingWriter:
                 job.job_id, buf.timestamps, buf.sequences, buf.arrivals, buf.contents
             )
         buf.serial += 1
-        sealed = _Sealed(batch, count, buf.nbytes, buf.serial)
+        sealed = _Sealed(batch, count, buf.nbytes, buf.serial, buf.opened_at)
         # The lists now belong to the batch, which crosses to a pool thread: never mutate them.
         buf.timestamps = []
         buf.sequences = []
@@ -579,11 +589,13 @@ class BatchingWriter:
         self.messages_written += sealed.count
         self._set_failing(buf, False)
         buf.retry_delay = self._retry_initial
+        now = self._clock.seconds()
         self._metrics.write_done(
-            self._clock.seconds() - started,
+            now - started,
             sealed.count,
             sealed.nbytes - sealed.count * MESSAGE_OVERHEAD,
         )
+        self._metrics.durable(now - sealed.opened_at)
         self._update_busy(buf)
         self._mark_done(buf, sealed.serial)
         self._after_decrease()

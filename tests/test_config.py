@@ -96,12 +96,14 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual((s.grpc_host, s.grpc_port), ("127.0.0.1", 50052))
 
     def test_ipc_defaults(self):
-        """ipc: socket under /opt/joblet/run, mode 0600, 128 MiB frames, 1024 connections."""
+        """ipc: socket under /opt/joblet/run, mode 0600, 128 MiB frames, 1024 connections,
+        5 s shutdown drain."""
         i = default_config().ipc
         self.assertEqual(i.socket, "/opt/joblet/run/persist-ipc.sock")
         self.assertEqual(i.socket_mode, 0o600)
         self.assertEqual(i.max_frame_bytes, 134217728)
         self.assertEqual(i.max_connections, 1024)
+        self.assertEqual(i.drain_timeout, 5.0)
 
     def test_storage_defaults(self):
         """storage and storage.retention hold the documented defaults and derived paths."""
@@ -436,6 +438,23 @@ class ValueTypeTests(SynchronousTestCase, ConfigErrorMixin):
         c = config_from_string("storage:\n  retention:\n    logMaxAge: 0\n")
         self.assertEqual(c.storage.retention.log_max_age, 0.0)
 
+    def test_drain_timeout(self):
+        """ipc.drainTimeout is a duration greater than 0; a bad value is an error naming the
+        key."""
+        c = config_from_string('ipc:\n  drainTimeout: "250ms"\n')
+        self.assertEqual(c.ipc.drain_timeout, 0.25)
+        self.assertEqual(config_from_string("ipc:\n  drainTimeout: 30\n").ipc.drain_timeout, 30.0)
+        error = self.assertConfigError("ipc:\n  drainTimeout: 0\n", "ipc.drainTimeout")
+        self.assertEqual(str(error), "config.yml: ipc.drainTimeout: must be greater than 0, got 0")
+        for written, fragment in [
+            ('"0s"', 'must be greater than 0, got "0s"'),
+            ("abc", 'expected a duration: a number of seconds or a string like "500ms"'),
+            ("-1", "must not be negative"),
+        ]:
+            self.assertConfigError(
+                f"ipc:\n  drainTimeout: {written}\n", "ipc.drainTimeout", fragment
+            )
+
     def test_size_forms(self):
         """Sizes accept bytes as numbers or strings with decimal and binary units."""
         cases = {
@@ -645,6 +664,18 @@ class CrossFieldTests(SynchronousTestCase, ConfigErrorMixin):
             "writer.retryMax",
             "writer.retryInitial",
         )
+
+    def test_open_files_leave_room_for_queries(self):
+        """maxOpenFiles must exceed what the write pool may hold (2 per thread)."""
+        self.assertConfigError(
+            "writer:\n  threads: 4\nstorage:\n  maxOpenFiles: 8\n",
+            "storage.maxOpenFiles",
+            "writer.threads",
+            "resolving to 4",
+            "9 or more",
+        )
+        c = config_from_string("writer:\n  threads: 4\nstorage:\n  maxOpenFiles: 9\n")
+        self.assertEqual(c.storage.max_open_files, 9)
 
     def test_query_batch_fits_message(self):
         """A query batch as large as the gRPC message limit is refused."""

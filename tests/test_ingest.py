@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import socket
 import struct
 
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import task
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from joblet_persist._proto import ipc_pb2
@@ -72,6 +75,47 @@ class RecordingWriter:
         self.calls.append(("metric", job_id, timestamp, sequence, payload))
 
 
+class FakeSocket:
+    """The socket behind a SocketTransport: records ``shutdown(how)`` calls."""
+
+    def __init__(self):
+        self.shutdowns: list[int] = []
+
+    def shutdown(self, how: int) -> None:
+        self.shutdowns.append(how)
+
+
+class SocketTransport(StringTransport):
+    """A StringTransport with a socket (``getHandle``), so that ``disconnect_all`` drains it
+    (read side shut down, reading resumed) instead of closing it at once.
+
+    ``loseConnection`` closes at once: it records the ``clock`` time in ``closed_at`` and
+    runs the protocol's ``connectionLost``, as the reactor would once the (empty) write
+    buffer is flushed.  ``peer_closed()`` is the peer's end of file.
+    """
+
+    def __init__(self, clock):
+        super().__init__()
+        self.socket = FakeSocket()
+        self.clock = clock
+        self.closed_at = None
+        self.protocol = None
+
+    def getHandle(self):
+        return self.socket
+
+    def loseConnection(self):
+        if self.disconnecting:
+            return
+        super().loseConnection()
+        self.closed_at = self.clock.seconds()
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+
+    def peer_closed(self):
+        """The peer closed its end: the protocol's connectionLost, without loseConnection."""
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+
+
 class RecordingMetrics:
     def __init__(self):
         self.received: dict[int, int] = {}
@@ -112,6 +156,14 @@ class IngestTestMixin:
         factory = factory if factory is not None else self.make_factory()
         proto = factory.buildProtocol(None)
         transport = StringTransport()
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def connect_socket(self, factory):
+        """A connection whose transport has a socket (SocketTransport)."""
+        proto = factory.buildProtocol(None)
+        transport = SocketTransport(self.clock)
+        transport.protocol = proto
         proto.makeConnection(transport)
         return proto, transport
 
@@ -484,6 +536,98 @@ class FactoryTests(IngestTestMixin, SynchronousTestCase):
     def test_disconnect_all_without_connections(self):
         """disconnect_all with nothing connected fires at once."""
         self.successResultOf(self.make_factory().disconnect_all())
+
+    def test_pause_all_while_draining(self):
+        """While disconnect_all drains, pause_all (the writer's backpressure) pauses no
+        connection: each keeps being read and its frames reach the writer.  The factory
+        still records the pause, so the writer's resume_all after the drain leaves it
+        unpaused, with no connection, timer or rejection left over."""
+        factory = self.make_factory()
+        conns = [self.connect_socket(factory) for _ in range(2)]
+        factory.pause_all()
+        self.assertEqual({t.producerState for _, t in conns}, {"paused"})
+
+        d = factory.disconnect_all(drain_timeout=10.0)
+        # Each read side is shut down, and reading resumes despite the earlier pause.
+        self.assertEqual([t.socket.shutdowns for _, t in conns], [[socket.SHUT_RD]] * 2)
+        self.assertEqual({t.producerState for _, t in conns}, {"producing"})
+        self.assertEqual([t.disconnecting for _, t in conns], [False, False])
+
+        factory.pause_all()
+        self.assertTrue(factory.paused)
+        self.assertEqual({t.producerState for _, t in conns}, {"producing"})
+        for i, (proto, _) in enumerate(conns):
+            proto.dataReceived(frame(log_body(b"queued %d" % i)))
+        self.assertEqual([c[5] for c in self.writer.calls], [b"queued 0", b"queued 1"])
+        factory.resume_all()
+        factory.pause_all()
+        self.assertEqual({t.producerState for _, t in conns}, {"producing"})
+        self.assertNoResult(d)
+
+        for _, transport in conns:
+            transport.peer_closed()
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual([t.closed_at for _, t in conns], [None, None])
+        self.assertEqual(factory.connection_count(), 0)
+        self.assertEqual(self.metrics.connections, 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertTrue(factory.paused)
+        factory.resume_all()
+        self.assertFalse(factory.paused)
+        self.assertEqual(self.metrics.rejected, [])
+
+    def test_drain_timeout_closes_remaining_connections(self):
+        """A connection still open when drain_timeout expires is closed at exactly that
+        moment (not a tick before), and disconnect_all's Deferred fires then; a frame it
+        cut off is counted as truncated_frame.  A connection whose peer closed earlier is
+        not closed again."""
+        factory = self.make_factory()
+        (_, early), (late_proto, late) = [self.connect_socket(factory) for _ in range(2)]
+        fired = []
+        d = factory.disconnect_all(drain_timeout=7.5)
+        d.addCallback(lambda _: fired.append(self.clock.seconds()))
+
+        self.clock.advance(1.0)
+        early.peer_closed()
+        late_proto.dataReceived(frame(log_body(b"cut"))[:-2])
+        self.clock.advance(7.5 - 1.0 - 2**-10)
+        self.assertFalse(late.disconnecting)
+        self.assertEqual(factory.connection_count(), 1)
+        self.assertEqual(fired, [])
+        self.assertNoResult(d)
+
+        self.clock.advance(2**-10)
+        self.assertEqual(late.closed_at, 7.5)
+        self.assertEqual(fired, [7.5])
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(early.closed_at, None)
+        self.assertEqual(factory.connection_count(), 0)
+        self.assertEqual(self.metrics.connections, 0)
+        self.assertEqual(self.metrics.rejected, ["truncated_frame"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_drain_ends_when_every_peer_closed(self):
+        """disconnect_all's Deferred fires as soon as the last peer closes, before
+        drain_timeout; the timer is cancelled, so nothing is closed when it would have
+        expired."""
+        factory = self.make_factory()
+        conns = [self.connect_socket(factory) for _ in range(2)]
+        fired = []
+        d = factory.disconnect_all(drain_timeout=7.5)
+        d.addCallback(lambda _: fired.append(self.clock.seconds()))
+
+        self.clock.advance(1.0)
+        conns[0][1].peer_closed()
+        self.assertEqual(fired, [])
+        self.clock.advance(1.0)
+        conns[1][1].peer_closed()
+        self.assertEqual(fired, [2.0])
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+        self.clock.advance(10.0)
+        self.assertEqual([t.closed_at for _, t in conns], [None, None])
+        self.assertEqual(self.metrics.rejected, [])
 
     def test_writer_backpressure_wiring(self):
         """A real BatchingWriter above its high-water mark pauses every connection through

@@ -29,6 +29,55 @@ def _samples(registry):
     return out
 
 
+class MetricsDocumentedTests(SynchronousTestCase):
+    """docs/operations.md lists every exported metric; the alert rules use only those."""
+
+    ROOT = __import__("os").path.dirname(__import__("os").path.dirname(__file__))
+
+    def exported(self) -> set:
+        from joblet_persist.storage.files import FileBudget
+
+        m = PersistMetrics(CollectorRegistry(), process=False)
+        m.set_storage_source(lambda: (0, 0))
+        m.set_file_budget(FileBudget(1))
+        h = HealthMonitor(task.Clock(), _sync_run, "/x",
+                          probe=lambda p: {"writable": True, "error": None, "free_bytes": 1})
+        h.probe_now()
+        m.set_health_source(h)
+        m.frame_rejected("bad_envelope")
+        m.query_done("Ping", "OK", 0.001)
+        names = set()
+        for family in m.registry.collect():
+            suffix = "_total" if family.type == "counter" else ""
+            names.add(family.name + suffix)
+        return names
+
+    def test_every_metric_documented(self):
+        import os
+
+        with open(os.path.join(self.ROOT, "docs", "operations.md")) as f:
+            doc = f.read()
+        missing = sorted(n for n in self.exported() if f"`{n}`" not in doc)
+        self.assertEqual(missing, [], "metrics not in docs/operations.md")
+
+    def test_alerts_use_exported_metrics(self):
+        import os
+        import re
+
+        import yaml
+
+        with open(os.path.join(self.ROOT, "deploy", "prometheus-alerts.yml")) as f:
+            rules = yaml.safe_load(f)["groups"][0]["rules"]
+        exported = self.exported()
+        unknown = []
+        for rule in rules:
+            for name in re.findall(r"\bpersist_[a-z_]+", rule["expr"]):
+                base = re.sub(r"_(bucket|sum|count)$", "", name)
+                if name not in exported and base not in exported:
+                    unknown.append((rule["alert"], name))
+        self.assertEqual(unknown, [])
+
+
 class MetricsTests(SynchronousTestCase):
     def test_hot_counters_exported(self):
         """Per-frame counters kept as plain ints appear as Prometheus counters by type and

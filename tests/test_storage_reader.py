@@ -5,15 +5,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from joblet_persist._proto import ipc_pb2
+from joblet_persist.storage import files as files_module
 from joblet_persist.storage import format as fmt
 from joblet_persist.storage.api import LogRecord, MetricRecord, ReadStats
 from joblet_persist.storage.compress import make_compressor
+from joblet_persist.storage.files import FileBudget
 from joblet_persist.storage.reader import SegmentView, iter_logs, iter_metrics
 from joblet_persist.storage.segment import segment_name, thd_append
 
@@ -195,16 +198,114 @@ class LogCostTests(BigJobMixin, SynchronousTestCase):
         self.assertEqual(len(got), 100)
         self.assertEqual(stats.members_inflated, 2)
 
-    def test_early_close_closes_files(self):
-        """Closing the generator early closes the segment files it opened."""
+    def test_no_file_held_between_records(self):
+        """A caller holding a record holds no file; closing early leaves none open."""
         before = open_fds()
+        opened = []
+        real_open = open
+
+        def spy(path, mode="r", *a, **kw):
+            f = real_open(path, mode, *a, **kw)
+            if str(path).startswith(self.dir):
+                opened.append(f)
+            return f
+
+        self.patch(files_module, "_open_file", spy)
         gen = iter_logs(self.streams, 0, offset=5_000)
         next(gen)
-        self.assertGreater(open_fds(), before)
+        self.assertTrue(opened)  # the read did open segment files...
+        self.assertTrue(all(f.closed for f in opened))  # ...and closed them before yielding
+        self.assertEqual(open_fds(), before)
+        next(gen)
         gen.close()
         self.assertEqual(open_fds(), before)
         list(iter_logs(self.streams, 2))
         self.assertEqual(open_fds(), before)
+
+
+class FileBudgetTests(BigJobMixin, SynchronousTestCase):
+    """Queries open their files within a shared FileBudget."""
+
+    def test_interleaved_queries_share_one_slot(self):
+        """Generators advanced in turn by one thread all finish within a budget of 1."""
+        budget = FileBudget(1)
+        gens = [
+            iter_logs(self.streams, 0, budget=budget),
+            iter_logs(self.streams, 1, start_time=1_050, budget=budget),
+            iter_logs(self.streams, 2, offset=100, limit=900, budget=budget),
+        ]
+        got = [[] for _ in gens]
+        live = set(range(len(gens)))
+        while live:
+            for i in sorted(live):
+                try:
+                    got[i].append(next(gens[i]))
+                except StopIteration:
+                    live.discard(i)
+                self.assertEqual(budget.in_use, 0)  # nothing held between records
+        self.assertEqual(got[0], reference(self.messages, 0, 0, 0, 0, 0))
+        self.assertEqual(got[1], reference(self.messages, 1, 1_050, 0, 0, 0))
+        self.assertEqual(got[2], reference(self.messages, 2, 0, 0, 100, 900))
+        self.assertEqual(budget.peak, 1)
+
+    def test_metrics_within_budget(self):
+        d = self.mktemp()
+        os.makedirs(d)
+        w = JobWriter(d, per_segment=3)
+        for b in range(10):
+            w.metrics([(100 + b, b * 5 + i, float(i)) for i in range(5)])
+        segments = w.metric_segments()
+        budget = FileBudget(1)
+        a = iter_metrics(segments, budget=budget)
+        b = iter_metrics(segments, offset=7, budget=budget)
+        first = [next(a), next(b)]
+        self.assertEqual(budget.in_use, 0)
+        rest_a, rest_b = list(a), list(b)
+        self.assertEqual(len(rest_a) + 1, 50)
+        self.assertEqual(len(rest_b) + 1, 43)
+        self.assertEqual(first[1].sequence, 7)
+        self.assertEqual(budget.in_use, 0)
+
+    def test_threads_stay_within_budget(self):
+        """Six threads reading the whole job at once never hold more than the budget."""
+        budget = FileBudget(2)
+        want = reference(self.messages, 0, 0, 0, 0, 0)
+        results: list = []
+        peak_fds = [0]
+        stop = threading.Event()
+
+        def data_fds() -> int:
+            n = 0
+            for fd in os.listdir("/proc/self/fd"):
+                try:
+                    if os.readlink(f"/proc/self/fd/{fd}").startswith(os.path.abspath(self.dir)):
+                        n += 1
+                except OSError:
+                    pass
+            return n
+
+        def sample():
+            while not stop.is_set():
+                peak_fds[0] = max(peak_fds[0], data_fds())
+
+        def read():
+            results.append(list(iter_logs(self.streams, 0, budget=budget)))
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        readers = [threading.Thread(target=read) for _ in range(6)]
+        for t in readers:
+            t.start()
+        for t in readers:
+            t.join(60)
+        stop.set()
+        sampler.join(10)
+        self.assertEqual(len(results), 6)
+        for got in results:
+            self.assertEqual(got, want)
+        self.assertLessEqual(budget.peak, 2)
+        self.assertLessEqual(peak_fds[0], 2)
+        self.assertEqual(budget.in_use, 0)
 
 
 class LogSemanticsTests(SynchronousTestCase):

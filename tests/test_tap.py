@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 
@@ -21,6 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from joblet_persist import logs, tap
 from joblet_persist.config import config_from_string
+from tests.test_ingest import SocketTransport
 
 #: Children of the root service in start order (stop order is the reverse).
 EXPECTED_ORDER = [
@@ -237,6 +239,39 @@ monitoring:
         self.assertEqual([child.name for child in root], EXPECTED_ORDER[:-2])
         self.assertEqual(root.components["web"], [])
 
+    def test_drain_timeout_reaches_ingest_stop(self):
+        """ipc.drainTimeout is how long the ingest service's stop drains the IPC
+        connections: one whose peer never closes is closed, and the stop completes, exactly
+        when it expires (MemoryReactorClock: no socket is created)."""
+        cfg = config_from_string(
+            f"""\
+server:
+  grpcSocket: {self.dir}/run/grpc.sock
+ipc:
+  socket: {self.dir}/run/ipc.sock
+  drainTimeout: 7.5s
+storage:
+  dataDir: {self.dir}/data
+"""
+        )
+        root = tap.build_service(cfg, self.reactor, registry=CollectorRegistry())
+        ingest, factory = root.components["ingest"], root.components["factory"]
+        ingest.startService()
+        self.assertEqual([s[0] for s in self.reactor.unixServers], [cfg.ipc.socket])
+        proto = factory.buildProtocol(None)
+        transport = SocketTransport(self.reactor)
+        transport.protocol = proto
+        proto.makeConnection(transport)
+
+        d = ingest.stopService()
+        self.assertEqual(transport.socket.shutdowns, [socket.SHUT_RD])
+        self.reactor.advance(7.5 - 2**-10)
+        self.assertFalse(transport.disconnecting)
+        self.assertNoResult(d)
+        self.reactor.advance(2**-10)
+        self.assertEqual(transport.closed_at, 7.5)
+        self.successResultOf(d)
+
     def test_registry_is_injected(self):
         """Metrics go to the given registry (never the global one)."""
         registry = CollectorRegistry()
@@ -276,3 +311,61 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIsNone(root.components["grpc"]._server)
         self.assertEqual(self.bridged, [()])
         self.assertEqual(logs.get_level().name, "warn")
+
+
+class DescriptorLimitTests(SynchronousTestCase):
+    """ensure_descriptor_limit raises the soft RLIMIT_NOFILE to what the config may use."""
+
+    def setUp(self):
+        import resource
+
+        self.resource = resource
+        self.events = []
+        self.calls = []
+        from twisted.logger import Logger
+
+        self.log = Logger(observer=self.events.append)
+        # Defaults: 256 data files + 1024 IPC connections + the reserve.
+        self.config = config_from_string("")
+        self.needed = 256 + 1024 + tap.DESCRIPTOR_RESERVE
+
+    def run_with(self, soft, hard, fail=None):
+        def getrlimit(which):
+            self.assertEqual(which, self.resource.RLIMIT_NOFILE)
+            return soft, hard
+
+        def setrlimit(which, limits):
+            self.calls.append(limits)
+            if fail is not None:
+                raise fail
+
+        return tap.ensure_descriptor_limit(self.config, self.log, getrlimit, setrlimit)
+
+    def formats(self):
+        return [e["log_format"] for e in self.events]
+
+    def test_enough_already(self):
+        self.assertEqual(self.run_with(20000, 20000), (self.needed, 20000))
+        self.assertEqual(self.calls, [])
+        self.assertEqual(self.events, [])
+
+    def test_soft_limit_raised_to_what_is_needed(self):
+        self.assertEqual(self.run_with(1024, 524288), (self.needed, self.needed))
+        self.assertEqual(self.calls, [(self.needed, 524288)])
+        self.assertIn("raised the open file limit", self.formats()[0])
+
+    def test_hard_limit_too_low_warns_naming_the_keys(self):
+        needed, soft = self.run_with(512, 1024)
+        self.assertEqual(self.calls, [(1024, 1024)])
+        self.assertEqual(soft, 1024)
+        warning = self.events[-1]
+        self.assertEqual(warning["log_level"].name, "warn")
+        self.assertIn("storage.maxOpenFiles", warning["log_format"])
+        self.assertIn("ipc.maxConnections", warning["log_format"])
+        self.assertEqual(warning["needed"], self.needed)
+
+    def test_refused_raise_warns(self):
+        needed, soft = self.run_with(1024, 524288, fail=ValueError("not allowed"))
+        self.assertEqual(soft, 1024)
+        self.assertIn("could not raise", self.formats()[0])
+        self.assertIn("below the", self.formats()[1])

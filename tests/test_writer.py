@@ -84,6 +84,9 @@ class RecordingMetrics:
     def write_done(self, seconds, messages, nbytes):
         self.events.append(("write_done", seconds, messages, nbytes))
 
+    def durable(self, age):
+        self.events.append(("durable", age))
+
     def write_error(self):
         self.events.append(("write_error",))
 
@@ -606,6 +609,36 @@ class FlushAllTests(WriterTestMixin, SynchronousTestCase):
         self.storage.pending()[0].succeed()
         self.assertEqual(metrics.named("write_done"),
                          [("write_done", 0.25, 2, 5)])
+        self.assertEqual(metrics.named("durable"), [("durable", 0.25)])
+
+    def test_durability_lag_counts_from_the_oldest_message(self):
+        """durable() reports the age of a batch's oldest message when its append is done:
+        the wait for the flush timer, the append's time, and any failed attempts between."""
+        metrics = RecordingMetrics()
+        self.make(flush_interval=1.0, retry_initial=0.5, metrics=metrics).start()
+        self.clock.advance(0.2)
+        self.add("job1", 1, b"first")  # opens the buffer at 0.2
+        self.clock.advance(0.5)
+        self.add("job1", 1, b"second")
+        self.clock.advance(0.3)  # the flush timer seals the batch at 1.0
+        [call] = self.storage.pending()
+        self.clock.advance(0.1)
+        call.fail()
+        self.clock.advance(0.5)  # retried at 1.6
+        [retry] = self.storage.pending()
+        self.clock.advance(0.4)
+        retry.succeed()
+        [(_, age)] = metrics.named("durable")
+        self.assertAlmostEqual(age, 1.8)  # 2.0 - 0.2
+        [(_, seconds, count, _n)] = metrics.named("write_done")
+        self.assertAlmostEqual(seconds, 0.4)  # from the successful hand-over only
+        self.assertEqual(count, 2)
+        # The next batch counts from its own first message.
+        self.add("job1", 1, b"third")  # at 2.0
+        self.clock.advance(1.0)
+        self.storage.pending()[0].succeed()
+        self.assertAlmostEqual(metrics.named("durable")[1][1], 1.0)
+        self.assertEqual(len(self.flushLoggedErrors(DiskFull)), 1)
 
 
 class DiscardTests(WriterTestMixin, SynchronousTestCase):

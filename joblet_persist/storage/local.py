@@ -56,6 +56,7 @@ from joblet_persist.storage.api import (
     StorageBackend,
     check_job_id,
 )
+from joblet_persist.storage.files import FileBudget
 from joblet_persist.storage.jobindex import ALL_KINDS, LOG_KINDS, METRICS_KIND
 
 FSYNC_POLICIES = ("batch", "interval", "never")
@@ -85,6 +86,8 @@ class LocalJobSnapshot(JobSnapshot):
     stdout: tuple = field(repr=False)
     stderr: tuple = field(repr=False)
     metrics: tuple = field(repr=False)
+    # Shared cap on the files queries hold open (storage.files), or None.
+    budget: Optional[FileBudget] = field(default=None, repr=False)
 
     def iter_logs(
         self,
@@ -108,6 +111,7 @@ class LocalJobSnapshot(JobSnapshot):
             limit,
             stats,
             cancelled,
+            self.budget,
         )
 
     def iter_log_chunks(
@@ -136,6 +140,7 @@ class LocalJobSnapshot(JobSnapshot):
             limit,
             stats,
             cancelled,
+            self.budget,
         )
 
     def iter_metrics(
@@ -149,7 +154,7 @@ class LocalJobSnapshot(JobSnapshot):
     ):
         """Yield MetricRecords (see JobSnapshot.iter_metrics).  Blocking; any thread."""
         return reader.iter_metrics(
-            self.metrics, start_time, end_time, offset, limit, stats, cancelled
+            self.metrics, start_time, end_time, offset, limit, stats, cancelled, self.budget
         )
 
 
@@ -382,6 +387,8 @@ class LocalStorage(StorageBackend):
     runs ``sync_interval`` seconds after the first unsynced append, with every
     index write, and on stop; the writer may also call it) or "never".
     ``metrics`` is an object with the methods of NullStorageMetrics.
+    ``file_budget`` caps the files queries hold open at once (see
+    storage.files); the pool's own files are bounded by its thread count.
     """
 
     def __init__(
@@ -397,6 +404,7 @@ class LocalStorage(StorageBackend):
         sync_interval: float = 1.0,
         log: Optional[Logger] = None,
         metrics=None,
+        file_budget: Optional[FileBudget] = None,
     ) -> None:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"invalid fsync policy {fsync!r}: expected one of {FSYNC_POLICIES}")
@@ -413,6 +421,8 @@ class LocalStorage(StorageBackend):
         self._sync_interval = sync_interval
         self._log = log if log is not None else Logger(namespace="joblet_persist.storage.local")
         self._metrics = metrics if metrics is not None else NullStorageMetrics()
+        #: Shared by the snapshots' readers; None: only the per-query limit applies.
+        self.file_budget = file_budget
 
         self._started = False
         self._stopped = False
@@ -876,6 +886,7 @@ class LocalStorage(StorageBackend):
             stdout=tuple(s.view for s in segments["stdout"]),
             stderr=tuple(s.view for s in segments["stderr"]),
             metrics=tuple(s.view for s in segments[METRICS_KIND]),
+            budget=self.file_budget,
         )
         log_bytes = sum(seg.size for kind in LOG_KINDS for seg in segments[kind])
         self._set_info(state.job_id, state.info, (log_bytes, state.info.size_bytes - log_bytes))

@@ -49,6 +49,7 @@ from joblet_persist.storage.api import (
     MetricRecord,
     ReadStats,
 )
+from joblet_persist.storage.files import FileBudget, OpenFiles
 from joblet_persist.storage.format import (
     KIND_LEGACY,
     KIND_LOG,
@@ -101,25 +102,23 @@ class _Range:
 class _Query:
     """Per-call state: open files, caches, counters.  Owned by one reading thread."""
 
-    def __init__(self, rng: _Range, stats: Optional[ReadStats], cancelled) -> None:
+    def __init__(
+        self, rng: _Range, stats: Optional[ReadStats], cancelled, budget: Optional[FileBudget]
+    ) -> None:
         self.rng = rng
         self.stats = stats if stats is not None else ReadStats()
         self.cancelled = cancelled
-        self._files: dict = {}
+        self._files = OpenFiles(budget)
         self._tables: dict = {}
         self._matching: dict = {}
         self._corrupt: set = set()
 
     def close(self) -> None:
-        files, self._files = self._files, {}
-        for f in files.values():
-            f.close()
+        """Close the files this query holds (it reopens them when it reads on)."""
+        self._files.release_all()
 
     def file(self, path: str):
-        f = self._files.get(path)
-        if f is None:
-            f = self._files[path] = open(path, "rb")
-        return f
+        return self._files.get(path)
 
     def skipped(self, n: int = 1) -> None:
         self.stats.members_skipped += n
@@ -623,6 +622,7 @@ def iter_log_chunks(
     limit: int = 0,
     stats: Optional[ReadStats] = None,
     cancelled: Callable[[], bool] = lambda: False,
+    budget: Optional[FileBudget] = None,
 ) -> Iterator[tuple]:
     """Yield a job's LOG messages in chunks: ``(streams, timestamps, sequences, contents)``.
 
@@ -634,7 +634,7 @@ def iter_log_chunks(
     if stream not in (STREAM_UNSPECIFIED, STREAM_STDOUT, STREAM_STDERR):
         raise ValueError(f"unknown stream {stream!r}")
     _check_args(offset, limit)
-    q = _Query(_Range(start_time, end_time), stats, cancelled)
+    q = _Query(_Range(start_time, end_time), stats, cancelled, budget)
     try:
         emitted = 0
         chunk: tuple = ([], [], [], [])
@@ -643,6 +643,7 @@ def iter_log_chunks(
                 offset -= 1
                 continue
             if len(chunk[0]) >= _LEGACY_CHUNK:
+                q.close()
                 yield chunk
                 chunk = ([], [], [], [])
             chunk[0].append(st)
@@ -653,6 +654,7 @@ def iter_log_chunks(
             if limit and emitted >= limit:
                 break
         if chunk[0]:
+            q.close()
             yield chunk
         if limit and emitted >= limit:
             return
@@ -663,7 +665,9 @@ def iter_log_chunks(
             if key in wanted:
                 sources.append(_Source(q, key, _select(q, entries, KIND_LOG)))
         remaining = limit - emitted if limit else 0
-        yield from _merged(q, sources, offset, remaining, _log_loader(q.rng))
+        for chunk in _merged(q, sources, offset, remaining, _log_loader(q.rng)):
+            q.close()  # the caller may take its time: hold no file meanwhile
+            yield chunk
     finally:
         q.close()
 
@@ -681,6 +685,7 @@ def iter_logs(
     limit: int = 0,
     stats: Optional[ReadStats] = None,
     cancelled: Callable[[], bool] = lambda: False,
+    budget: Optional[FileBudget] = None,
 ) -> Iterator[LogRecord]:
     """Yield a job's LOG messages from published segments.  Blocking; any thread.
 
@@ -695,11 +700,13 @@ def iter_logs(
     that failed to decode.  A corrupt member is skipped, counted and logged
     on the stdlib logger "joblet_persist.storage".  ``cancelled()`` is checked
     between members.
-    Files are opened once per call and closed when the generator finishes or
-    is closed.
+    Files are opened as members are read, at most storage.files.QUERY_FILES
+    at once (within ``budget`` when one is given), and all are closed before
+    each record or chunk is handed to the caller and when the generator
+    finishes or is closed: a caller that stops reading holds no file.
     """
     chunks = iter_log_chunks(
-        streams, stream, start_time, end_time, offset, limit, stats, cancelled
+        streams, stream, start_time, end_time, offset, limit, stats, cancelled, budget
     )
     try:
         for kinds, timestamps, sequences, contents in chunks:
@@ -717,6 +724,7 @@ def iter_metrics(
     limit: int = 0,
     stats: Optional[ReadStats] = None,
     cancelled: Callable[[], bool] = lambda: False,
+    budget: Optional[FileBudget] = None,
 ) -> Iterator[MetricRecord]:
     """Yield a job's metric samples from published segments.  Blocking; any thread.
 
@@ -724,7 +732,7 @@ def iter_metrics(
     SegmentViews.  ``MetricRecord.data`` is the stored ``data`` object.
     """
     _check_args(offset, limit)
-    q = _Query(_Range(start_time, end_time), stats, cancelled)
+    q = _Query(_Range(start_time, end_time), stats, cancelled, budget)
     try:
         emitted = 0
         entries = [(v.path, m) for v in segments for m in v.members]
@@ -745,6 +753,7 @@ def iter_metrics(
                 if offset:
                     offset -= 1
                     continue
+                q.close()
                 yield MetricRecord(rec["timestamp"], rec["sequence"], rec["data"])
                 emitted += 1
                 if limit and emitted >= limit:
@@ -753,6 +762,7 @@ def iter_metrics(
         remaining = limit - emitted if limit else 0
         merged = _merged(q, [source], offset, remaining, _metric_loader(q.rng))
         for _key, timestamps, sequences, payloads in merged:
+            q.close()
             for ts, seq, data in zip(timestamps, sequences, payloads, strict=True):
                 yield MetricRecord(ts, seq, data)
     finally:

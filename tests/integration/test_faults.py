@@ -838,10 +838,10 @@ class SlowClientTests(_ServiceCase):
 
     async def test_client_that_stops_reading_is_released_at_its_deadline(self):
         """A client reads one line of a 20 MB QueryLogs and then stops reading, with a 2 s
-        deadline: while it stalls, the RPC holds a handler slot and the segment file open; at
-        the deadline both are released (the active-RPC count returns to 0, the file is
-        closed: the read generator was closed), the RPC is counted as cancelled, and the
-        client sees DEADLINE_EXCEEDED.  Other queries are answered meanwhile."""
+        deadline: while it stalls, the RPC holds a handler slot but no file (a query closes
+        its files before handing records over); at the deadline the slot is released (the
+        active-RPC count returns to 0), the RPC is counted as cancelled, and the client sees
+        DEADLINE_EXCEEDED.  Other queries are answered meanwhile."""
         await self.start()
         await self._fill()
         servicer = self._servicer()
@@ -851,7 +851,8 @@ class SlowClientTests(_ServiceCase):
         opened = time.monotonic()
         self.assertEqual(first.sequence, 0)
         self.assertEqual(servicer.active_rpcs, 1)
-        self.assertGreaterEqual(_data_fds(self.data_dir), 1)
+        await wait_for(lambda: _data_fds(self.data_dir) == 0, timeout=1, what="no file held")
+        self.assertEqual(servicer.active_rpcs, 1)
         info = await threads.deferToThread(_job_info, self.grpc_sock, self.JOB)
         self.assertEqual(info.log_count, self.LINES)
         self.assertEqual(servicer.active_rpcs, 1, "the stalled RPC finished on its own")

@@ -267,6 +267,8 @@ class MetricsEndToEndTests(unittest.TestCase):
                      "persist_retention_deleted_jobs_total",
                      "persist_retention_bytes_freed_total", "persist_backpressure_seconds_total",
                      "persist_write_latency_seconds_count", "persist_ipc_connections",
+                     "persist_durability_lag_seconds_count", "persist_query_open_files",
+                     "persist_query_open_file_waits_total",
                      "persist_backpressure_active", "persist_writer_buffered_bytes"):
             self.assertEqual(value(before, name), 0, name)
         self.assertEqual(value(before, "persist_jobs"), 1)  # the seeded OLD job
@@ -385,6 +387,15 @@ class MetricsEndToEndTests(unittest.TestCase):
         check("persist_ipc_connections", 0)
         self.assertGreaterEqual(value(m, "persist_write_latency_seconds_count"), 3)
         self.assertGreater(value(m, "persist_write_latency_seconds_sum"), 0)
+        # Every appended batch reports its lag, which includes the latency of its append.
+        self.assertEqual(value(m, "persist_durability_lag_seconds_count"),
+                         value(m, "persist_write_latency_seconds_count"))
+        self.assertGreaterEqual(value(m, "persist_durability_lag_seconds_sum"),
+                                value(m, "persist_write_latency_seconds_sum"))
+        check("persist_query_open_files", 0)  # the query that ran closed its files
+        check("persist_query_open_files_limit",
+              root.components["config"].storage.max_open_files
+              - 2 * root.components["config"].writer.thread_count)
         check("persist_writer_buffered_bytes", 0)
         check("persist_backpressure_active", 0)
         self.assertGreater(value(m, "persist_backpressure_seconds_total"), 0)

@@ -10,6 +10,7 @@ then read to end of file), so stored counts must equal these counts exactly.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import selectors
@@ -18,7 +19,7 @@ import socket
 import threading
 import time
 
-from twisted.internet import threads
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.trial import unittest
@@ -607,3 +608,165 @@ def defer_succeed(value):
     from twisted.internet import defer
 
     return defer.succeed(value)
+
+
+class OpenFileCapTests(unittest.TestCase):
+    """``storage.maxOpenFiles`` caps the data files open at once, whatever the queries do.
+
+    Two pool threads may hold 4 files; queries share the other 2.  Sixteen concurrent
+    queries over jobs of several segments, two of them stalled by their clients mid-stream,
+    and ingest of new jobs at the same time: descriptors under the data directory
+    (sampled from /proc/self/fd: the service runs in this process) never exceed 6, every
+    query returns exactly what was stored, and the stalled streams block nobody.
+    """
+
+    timeout = 120
+    JOBS = 6
+    LINES = 4000
+    BIG_LINES = 40_000
+    MAX_OPEN_FILES = 6
+
+    def _line(self, job: int, i: int) -> bytes:
+        noise = hashlib.blake2b(b"%d.%d" % (job, i), digest_size=12).hexdigest()
+        return f"cap job {job} line {i:05d} {noise}".encode()
+
+    def _frames(self, job: int, lines: int, first_job_ts: int = BASE_TS) -> bytes:
+        name = job_name(900_000 + job)
+        return b"".join(
+            log_frame(name, 1 + i % 2, first_job_ts + i, i, self._line(job, i))
+            for i in range(lines)
+        )
+
+    @defer.inlineCallbacks
+    def test_descriptors_stay_within_max_open_files(self):
+        import grpc
+
+        from joblet_persist._proto import persist_pb2_grpc
+        from tests.integration.support import send_in_pieces
+
+        directory = short_tempdir(self)
+        data_dir = os.path.abspath(os.path.join(directory, "data"))
+        root = yield start_service(self, service_config_text(directory, {
+            "writer": {"threads": 2, "flushInterval": "50ms", "batchMaxMessages": 100},
+            "storage": {"maxOpenFiles": self.MAX_OPEN_FILES, "segmentMaxBytes": "8KiB"},
+            "server": {"maxConcurrentRpcs": 32},
+        }))
+        budget = root.components["storage"].file_budget
+        self.assertEqual(budget.limit, self.MAX_OPEN_FILES - 4)
+        ipc_sock, grpc_sock = f"{directory}/ipc.sock", f"{directory}/grpc.sock"
+        # JOBS jobs read by the queries, and two larger ones read by the stalled streams
+        # (larger than what gRPC and the socket buffer between the server and a client that
+        # stopped reading, so that the server's stream really waits).
+        sizes = [self.LINES] * self.JOBS + [self.BIG_LINES] * 2
+        yield in_thread(send_in_pieces, ipc_sock,
+                        b"".join(self._frames(j, n) for j, n in enumerate(sizes)), (1 << 16,))
+        jobs = [job_name(900_000 + j) for j in range(len(sizes))]
+
+        def all_stored():
+            try:
+                return all(
+                    _job_info(grpc_sock, j).log_count == n for j, n in zip(jobs, sizes, strict=True)
+                )
+            except grpc.RpcError as e:  # NOT_FOUND until a job's first batch is stored
+                if e.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+                return False
+
+        yield wait_for(lambda: in_thread(all_stored), 30, 0.1, "every line stored")
+        segments = [
+            f for f in os.listdir(jobindex.job_dir(data_dir, "stdout", jobs[0]))
+            if f.endswith(".gz")
+        ]
+        self.assertGreater(len(segments), 4)  # more than one query may hold at once
+
+        expected = {jobs[j]: [self._line(j, i) for i in range(n)] for j, n in enumerate(sizes)}
+        stop = threading.Event()
+        peak = [0]
+        errors: list = []
+
+        def sample():
+            while not stop.is_set():
+                n = sum(1 for t in proc_fds() if t.startswith(data_dir + "/"))
+                peak[0] = max(peak[0], n)
+                time.sleep(0.001)
+
+        def read(job, batched, rounds):
+            try:
+                with grpc.insecure_channel(f"unix:{grpc_sock}") as channel:
+                    stub = persist_pb2_grpc.PersistServiceStub(channel)
+                    for _ in range(rounds):
+                        req = persist_pb2.QueryLogsRequest(job_uuid=job)
+                        if batched:
+                            got = [ln.content for b in stub.QueryLogsBatched(req, timeout=60)
+                                   for ln in b.lines]
+                        else:
+                            got = [ln.content for ln in stub.QueryLogs(req, timeout=60)]
+                        if got != expected[job]:
+                            errors.append(f"{job}: {len(got)} lines differ from what was sent")
+            except BaseException as e:
+                errors.append(f"{job}: {e!r}")
+
+        stalled_ready = threading.Barrier(3)
+        resume = threading.Event()
+
+        def stalled(job):
+            try:
+                # No BDP probing: the receive window stays small while this client waits.
+                options = [("grpc.http2.bdp_probe", 0)]
+                with grpc.insecure_channel(f"unix:{grpc_sock}", options=options) as channel:
+                    stub = persist_pb2_grpc.PersistServiceStub(channel)
+                    it = stub.QueryLogs(persist_pb2.QueryLogsRequest(job_uuid=job), timeout=90)
+                    got = [next(it).content]
+                    stalled_ready.wait(30)
+                    resume.wait(60)  # not reading: the server's stream waits on us
+                    got += [ln.content for ln in it]
+                    if got != expected[job]:
+                        errors.append(f"stalled {job}: {len(got)} lines differ")
+            except BaseException as e:
+                errors.append(f"stalled {job}: {e!r}")
+
+        def more_ingest():
+            try:
+                data = b"".join(self._frames(j, 300) for j in range(self.JOBS, self.JOBS + 40))
+                send_in_pieces(ipc_sock, data, (1 << 15,))
+            except BaseException as e:
+                errors.append(f"ingest: {e!r}")
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        stallers = [threading.Thread(target=stalled, args=(jobs[self.JOBS + i],), daemon=True)
+                    for i in range(2)]
+        for t in stallers:
+            t.start()
+        yield in_thread(stalled_ready.wait, 30)
+        readers = [
+            threading.Thread(target=read, args=(jobs[i % self.JOBS], i % 2 == 0, 3), daemon=True)
+            for i in range(14)
+        ]
+        readers.append(threading.Thread(target=more_ingest, daemon=True))
+
+        def run_all():
+            for t in readers:
+                t.start()
+            for t in readers:
+                t.join(90)
+            return [t.name for t in readers if t.is_alive()]
+
+        # Everything else completes while the two streams are stalled.
+        stuck = yield in_thread(run_all)
+        self.assertEqual(stuck, [])
+        # The stalled streams are still in progress on the server, and hold no file.
+        limiter = root.components["servicer"]._limiter
+        yield wait_for(lambda: limiter.active == 2 and budget.in_use == 0, 10, 0.01,
+                       "two RPCs in progress holding no file")
+        resume.set()
+        for t in stallers:
+            yield in_thread(t.join, 60)
+        stop.set()
+        yield in_thread(sampler.join, 10)
+        self.assertEqual(errors, [])
+        self.assertLessEqual(peak[0], self.MAX_OPEN_FILES)
+        self.assertGreater(peak[0], 0)
+        self.assertGreaterEqual(budget.peak, 1)  # the queries' files went through the budget
+        self.assertLessEqual(budget.peak, self.MAX_OPEN_FILES - 4)
+        self.assertEqual(budget.in_use, 0)
