@@ -94,7 +94,8 @@ class PersistMetrics:
         )
         self.buffered_bytes = Gauge(
             "persist_writer_buffered_bytes",
-            "Bytes received and not yet appended (buffered or in flight).",
+            "Memory held by messages received and not yet appended (content plus per-message "
+            "objects).",
             registry=r,
         )
         self.backpressure_active = Gauge(
@@ -124,7 +125,7 @@ class PersistMetrics:
         self.storage_errors = Counter(
             "persist_storage_errors",
             "Storage problems that lose nothing else: undecodable metric payloads skipped, "
-            "job index writes failed (retried).",
+            "job index writes failed (retried), segments found cut outside the service.",
             ["kind"],
             registry=r,
         )
@@ -223,6 +224,9 @@ class PersistMetrics:
 
     def index_write_failed(self) -> None:
         self.storage_errors.labels(kind="index_write_failed").inc()
+
+    def segment_shrunk(self) -> None:
+        self.storage_errors.labels(kind="segment_shrunk").inc()
 
     # -- queries (gRPC threads) ----------------------------------------
 

@@ -132,8 +132,8 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(w.flush_interval, 1.0)
         self.assertEqual(w.batch_max_messages, 20000)
         self.assertEqual(w.batch_max_bytes, 2 * MiB)
-        self.assertEqual(w.high_water_bytes, 64 * MiB)
-        self.assertEqual(w.low_water_bytes, 32 * MiB)
+        self.assertEqual(w.high_water_bytes, 128 * MiB)
+        self.assertEqual(w.low_water_bytes, 64 * MiB)
         self.assertEqual(w.threads, 0)
         self.assertEqual(w.retry_initial, 0.5)
         self.assertEqual(w.retry_max, 30.0)
@@ -628,7 +628,7 @@ class CrossFieldTests(SynchronousTestCase, ConfigErrorMixin):
     def test_low_water_not_below_high(self):
         """lowWaterBytes equal to or above highWaterBytes is refused."""
         self.assertConfigError(
-            "writer:\n  lowWaterBytes: 64MiB\n",
+            "writer:\n  lowWaterBytes: 128MiB\n",
             "writer.lowWaterBytes",
             "must be less than writer.highWaterBytes",
         )
@@ -948,7 +948,7 @@ class DescribeTests(SynchronousTestCase):
         self.assertEqual(d["storage"]["retention"]["logMaxAge"], 2592000.0)
         self.assertEqual(d["security"]["serverKey"], "<unset>")
         self.assertEqual(d["security"]["serverCert"], "<unset>")
-        self.assertEqual(d["writer"]["highWaterBytes"], 64 * MiB)
+        self.assertEqual(d["writer"]["highWaterBytes"], 128 * MiB)
         json.dumps(d)
 
     def test_hides_secrets(self):

@@ -21,7 +21,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from joblet_persist import framing, ingest
 from joblet_persist._proto import ipc_pb2
 from joblet_persist.ingest import IngestFactory
-from joblet_persist.writer import MESSAGE_OVERHEAD, BatchingWriter, WriterStopped
+from joblet_persist.writer import (
+    MESSAGE_MEMORY,
+    MESSAGE_OVERHEAD,
+    BatchingWriter,
+    WriterStopped,
+)
 from tests import test_ingest, test_writer
 
 try:
@@ -792,9 +797,9 @@ class AddLogsTests(test_writer.WriterTestMixin, SynchronousTestCase):
     def test_accounting_and_backpressure(self):
         """add_logs accounts content plus overhead per message, counts messages_received and
         pauses ingest past the high-water mark."""
-        self.make(high_water_bytes=100, low_water_bytes=10)
+        self.make(high_water_bytes=5 + 2 * MESSAGE_MEMORY + 50, low_water_bytes=10)
         self.add_group("a", 2, [b"12345", b""])
-        self.assertEqual(self.writer.buffered_bytes, 5 + 2 * MESSAGE_OVERHEAD)
+        self.assertEqual(self.writer.buffered_bytes, 5 + 2 * MESSAGE_MEMORY)
         self.assertEqual(self.writer.messages_received, 2)
         self.assertEqual(self.pauses, [])
         self.add_group("a", 2, [b"x" * 40])

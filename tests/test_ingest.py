@@ -648,7 +648,7 @@ class FactoryTests(IngestTestMixin, SynchronousTestCase):
 
         box = []
         writer = BatchingWriter(Storage(), self.clock, batch_max_messages=1,
-                                high_water_bytes=300, low_water_bytes=100,
+                                high_water_bytes=500, low_water_bytes=100,
                                 on_pause=lambda: box[0].pause_all(),
                                 on_resume=lambda: box[0].resume_all())
         factory = IngestFactory(writer, self.metrics, self.clock)

@@ -628,6 +628,45 @@ class FailureTests(StorageTestCase):
             self.assertEqual(gzip.decompress(f.read()), b"before\nafter\nagain\n")
         self.assertEqual(storage.job_info(JOB).size_bytes, os.path.getsize(path))
 
+    def test_segment_cut_outside_moves_appends_to_a_new_segment(self):
+        """A segment truncated behind the service's back: the next append goes to a new
+        segment at once (no error to retry), is stored whole, and is logged and counted;
+        what is left of the old segment stays readable, the lost part is skipped."""
+        storage = self.make()
+        self.append(storage, STREAM_STDOUT, rows(0, b"kept\n"))
+        self.append(storage, STREAM_STDOUT, rows(1, b"cut away\n"))
+        path = os.path.join(self.data_dir, "logs", JOB, "stdout.log.gz")
+        first_member_end = storage.snapshot(JOB).stdout[0].members[1].offset
+        os.truncate(path, first_member_end + 5)  # into the second member
+
+        self.append(storage, STREAM_STDOUT, rows(2, b"after\n"))
+        self.assertEqual(storage.shrunk_segments, 1)
+        self.assertEqual(self.segment_files(), ["stdout.log.gz", "stdout_000001.log.gz"])
+        self.assertEqual(self.logs(storage), [(1, b"kept\n"), (1, b"after\n")])
+        info = storage.job_info(JOB)
+        self.assertEqual(info.log_count, 2)  # recounted from what is left
+        sizes = [os.path.getsize(os.path.join(self.data_dir, "logs", JOB, name))
+                 for name in self.segment_files()]
+        self.assertEqual(info.size_bytes, first_member_end + sizes[1])
+        self.append(storage, STREAM_STDOUT, rows(3, b"more\n"))  # the new segment goes on
+        self.assertEqual(self.segment_files(), ["stdout.log.gz", "stdout_000001.log.gz"])
+        # After a restart, the scan cuts the torn tail and the counts are right again.
+        storage = self.restart(storage)
+        self.assertEqual(
+            self.logs(storage), [(1, b"kept\n"), (1, b"after\n"), (1, b"more\n")]
+        )
+        self.assertEqual(storage.job_info(JOB).log_count, 3)
+
+    def test_segment_removed_outside_moves_appends_to_a_new_segment(self):
+        storage = self.make()
+        self.append(storage, STREAM_STDERR, rows(0, b"gone\n"))
+        os.unlink(os.path.join(self.data_dir, "logs", JOB, "stderr.log.gz"))
+        self.append(storage, STREAM_STDERR, rows(1, b"next\n"))
+        self.assertEqual(storage.shrunk_segments, 1)
+        self.assertEqual(self.segment_files("stderr"), ["stderr_000001.log.gz"])
+        self.assertEqual(self.logs(storage, STREAM_STDERR), [(2, b"next\n")])
+        self.assertEqual(storage.job_info(JOB).log_count, 1)
+
     def test_failed_first_append_leaves_job_unknown(self):
         """A new job whose first append fails is not listed; the retry creates it."""
         storage = self.make()

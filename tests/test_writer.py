@@ -8,7 +8,12 @@ from twisted.internet import defer, task
 from twisted.trial.unittest import SynchronousTestCase
 
 from joblet_persist.storage.api import LogBatch, MetricBatch
-from joblet_persist.writer import MESSAGE_OVERHEAD, BatchingWriter, WriterStopped
+from joblet_persist.writer import (
+    MESSAGE_MEMORY,
+    MESSAGE_OVERHEAD,
+    BatchingWriter,
+    WriterStopped,
+)
 
 
 class DiskFull(OSError):
@@ -139,7 +144,7 @@ class FlushTriggerTests(WriterTestMixin, SynchronousTestCase):
         self.assertEqual(list(batch.timestamps), [10, 11, 12])
         self.assertEqual(list(batch.sequences), [1, 2, 3])
         self.assertEqual(list(batch.arrivals), [0, 1, 2])
-        self.assertEqual(w.buffered_bytes, 3 * (1 + MESSAGE_OVERHEAD))
+        self.assertEqual(w.buffered_bytes, 3 * (1 + MESSAGE_MEMORY))
 
     def test_flush_by_size(self):
         """A buffer is appended as soon as its accounted bytes (content plus the per-message
@@ -519,33 +524,35 @@ class FailureTests(WriterTestMixin, SynchronousTestCase):
 class BackpressureTests(WriterTestMixin, SynchronousTestCase):
     def test_pause_and_resume_at_exact_thresholds(self):
         """on_pause is called once when buffered bytes exceed high water (not when equal),
-        on_resume once when they fall below low water (not when equal)."""
-        unit = 68 + MESSAGE_OVERHEAD  # 100 accounted bytes per message
+        on_resume once when they fall below low water (not when equal).  A message counts
+        as its content plus MESSAGE_MEMORY bytes."""
+        unit = 200  # accounted bytes per message below
+        content = b"x" * (unit - MESSAGE_MEMORY)
         metrics = RecordingMetrics()
-        w = self.make(batch_max_messages=1, high_water_bytes=1000, low_water_bytes=500,
-                      metrics=metrics)
+        w = self.make(batch_max_messages=1, high_water_bytes=10 * unit,
+                      low_water_bytes=5 * unit, metrics=metrics)
         for i in range(10):
-            self.add(f"job{i}", 1, b"x" * 68)
+            self.add(f"job{i}", 1, content)
         self.assertEqual(w.buffered_bytes, 10 * unit)
         self.assertEqual(self.pauses, [])
         self.assertFalse(w.paused)
-        self.add("job10", 1, b"")  # 1032 bytes > 1000
+        self.add("job10", 1, b"")  # 10 units + MESSAGE_MEMORY > high water
         self.assertEqual(self.pauses, ["pause"])
         self.assertTrue(w.paused)
-        self.add("job11", 1, b"x" * 68)
+        self.add("job11", 1, content)
         self.assertEqual(self.pauses, ["pause"])
-        # 1132 buffered; the empty message (32) completes first, then five of 100: 600.
+        # 11 units + the empty message; it completes first, then five others: 6 units.
         calls = {c.batch.job_id: c for c in self.storage.pending()}
         calls.pop("job10").succeed()
         for i in range(5):
             calls.pop(f"job{i}").succeed()
-        self.assertEqual(w.buffered_bytes, 600)
+        self.assertEqual(w.buffered_bytes, 6 * unit)
         self.assertEqual(self.pauses, ["pause"])
         calls.pop("job5").succeed()
-        self.assertEqual(w.buffered_bytes, 500)
+        self.assertEqual(w.buffered_bytes, 5 * unit)  # equal to low water: still paused
         self.assertEqual(self.pauses, ["pause"])
         calls.pop("job6").succeed()
-        self.assertEqual(w.buffered_bytes, 400)
+        self.assertEqual(w.buffered_bytes, 4 * unit)
         self.assertEqual(self.pauses, ["pause", "resume"])
         self.assertFalse(w.paused)
         for call in calls.values():
@@ -557,15 +564,16 @@ class BackpressureTests(WriterTestMixin, SynchronousTestCase):
 
     def test_in_flight_bytes_count(self):
         """Bytes stay accounted while their append is in flight, and while it is retried."""
-        w = self.make(batch_max_messages=1, high_water_bytes=150, low_water_bytes=100,
+        one = 100 + MESSAGE_MEMORY
+        w = self.make(batch_max_messages=1, high_water_bytes=one + 50, low_water_bytes=one,
                       retry_initial=1.0)
         self.add("job1", 1, b"x" * 100)
-        self.assertEqual(w.buffered_bytes, 100 + MESSAGE_OVERHEAD)
+        self.assertEqual(w.buffered_bytes, one)
         self.assertEqual(self.pauses, [])
         self.add("job1", 1, b"x" * 100)
         self.assertEqual(self.pauses, ["pause"])
         self.storage.pending()[0].fail()
-        self.assertEqual(w.buffered_bytes, 2 * (100 + MESSAGE_OVERHEAD))
+        self.assertEqual(w.buffered_bytes, 2 * one)
         self.clock.advance(1.0)
         self.storage.pending()[0].succeed()
         self.assertEqual(self.pauses, ["pause"])
@@ -658,7 +666,7 @@ class DiscardTests(WriterTestMixin, SynchronousTestCase):
         pending[("job1", "metrics")].succeed()
         self.successResultOf(d)
         self.assertEqual([c.items for c in self.storage.pending()], [[b"keep"]])
-        self.assertEqual(w.buffered_bytes, 4 + MESSAGE_OVERHEAD)
+        self.assertEqual(w.buffered_bytes, 4 + MESSAGE_MEMORY)
         self.assertNotIn([b"b"], [c.items for c in self.storage.calls])
 
     def test_discard_resets_arrivals_and_holds_new_data(self):

@@ -346,6 +346,9 @@ class NullStorageMetrics:
     def index_write_failed(self) -> None:
         """Writing job_index.json failed (it is retried)."""
 
+    def segment_shrunk(self) -> None:
+        """A segment was found shorter than what was written to it; appends moved on."""
+
 
 @dataclass(frozen=True, slots=True)
 class SegmentUsage:
@@ -363,6 +366,9 @@ class _Segment:
     path: str
     size: int  # bytes of published members: where the next append goes
     view: reader.SegmentView
+    # Set when the file turned out shorter than ``size`` (cut outside the service):
+    # appends go to a new segment, what is left of this one stays readable.
+    closed: bool = False
 
 
 class _JobState:
@@ -458,6 +464,8 @@ class LocalStorage(StorageBackend):
         self.repaired_segments = 0
         #: Damaged regions in the middle of segments, stepped over when their job was loaded.
         self.damaged_regions = 0
+        #: Segments found cut or removed behind the service's back while appending.
+        self.shrunk_segments = 0
 
     # -- any thread ---------------------------------------------------------
 
@@ -809,7 +817,7 @@ class LocalStorage(StorageBackend):
     def _write_batch(self, state: _JobState, kind: str, start_write):
         segments = state.segments[kind]
         directory = jobindex.job_dir(self._data_dir, kind, state.job_id)
-        if segments and segments[-1].size < self._segment_max_bytes:
+        if segments and segments[-1].size < self._segment_max_bytes and not segments[-1].closed:
             current = segments[-1]
             index, path, expected_size = current.index, current.path, current.size
         else:
@@ -817,8 +825,48 @@ class LocalStorage(StorageBackend):
             path = os.path.join(directory, segment.segment_name(kind, index))
             expected_size = 0
         d = start_write(state, path, directory, expected_size, self._fsync == "batch")
-        d.addCallback(self._appended, state, kind, index, path)
+        d.addCallbacks(
+            self._appended,
+            self._write_failed,
+            callbackArgs=(state, kind, index, path),
+            errbackArgs=(state, kind, index, start_write),
+        )
         return d
+
+    def _write_failed(self, failure: Failure, state: _JobState, kind: str, index: int, start_write):
+        """A segment cut or removed behind the service's back: close it, write a new one.
+
+        Reactor thread.  Appending where the file now ends would put members at
+        offsets the published view does not expect; the batch goes to a new
+        segment instead, at once (no retry delay, nothing lost of the batch).
+        The old segment keeps the members that still lie within the file
+        (none if it is gone) and the job's counts are recomputed.  Any other
+        error is passed on (the writer retries the batch).
+        """
+        if not failure.check(segment.SegmentShorterThanExpected):
+            return failure
+        segments = state.segments[kind]
+        if not segments or segments[-1].index != index or segments[-1].closed:
+            return failure
+        self._log.error(
+            "job {job}: segment {path} is shorter than the {size} bytes written to it (cut or "
+            "removed outside the service: {error}); appends go on in a new segment",
+            job=state.job_id,
+            path=segments[-1].path,
+            size=segments[-1].size,
+            error=failure.value,
+        )
+        self.shrunk_segments += 1
+        self._metrics.segment_shrunk()
+        old = segments[-1]
+        actual = min(failure.value.actual_size, old.size)
+        kept = tuple(m for m in old.view.members if m.offset + m.size <= actual)
+        size = kept[-1].offset + kept[-1].size if kept else 0
+        shrunk = _Segment(old.index, old.path, size, reader.SegmentView(old.path, kept), True)
+        state.segments[kind] = segments[:-1] + (shrunk,)
+        state.info = _recount(state)
+        self._publish(state)
+        return self._write_batch(state, kind, start_write)
 
     def _appended(self, result: AppendResult, state: _JobState, kind: str, index: int, path: str):
         """Publish a completed append.  Reactor thread."""

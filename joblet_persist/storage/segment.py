@@ -68,7 +68,10 @@ class SegmentShorterThanExpected(OSError):
 
     Appending would leave a gap, so nothing is written.  Raised by thd_append;
     an OSError with errno EIO so generic I/O error handling applies.
+    ``actual_size`` is the size found (0 when the file was missing).
     """
+
+    actual_size = 0
 
 
 def segment_name(kind: str, index: int) -> str:
@@ -320,11 +323,13 @@ def thd_append(path: str, data: bytes, expected_size: int, fsync: bool) -> int:
     try:
         size = os.fstat(fd).st_size
         if size < expected_size:
-            raise SegmentShorterThanExpected(
+            error = SegmentShorterThanExpected(
                 errno.EIO,
                 f"segment is {size} bytes, shorter than its known valid size {expected_size}",
                 path,
             )
+            error.actual_size = size
+            raise error
         try:
             if size > expected_size:
                 os.ftruncate(fd, expected_size)
