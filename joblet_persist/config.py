@@ -38,6 +38,10 @@ from twisted.logger import LogLevel
 
 from joblet_persist.storage.files import POOL_FILES_PER_THREAD
 
+#: Files the default storage.maxOpenFiles leaves to queries at least (more pool threads
+#: than 2 x 2 raise the default above 256 by their share).
+QUERY_FILES_DEFAULT = 252
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -913,6 +917,11 @@ def _build(document: Any, source: str, data_dir: str | None) -> Config:
     if "storage.compressionLevel" not in ctx.explicit and cfg.storage.compressor == "isal":
         storage = dataclasses.replace(cfg.storage, compression_level=ISAL_DEFAULT_LEVEL)
         cfg = dataclasses.replace(cfg, storage=storage)
+    pool_files = POOL_FILES_PER_THREAD * cfg.writer.thread_count
+    if "storage.maxOpenFiles" not in ctx.explicit and pool_files + QUERY_FILES_DEFAULT > 256:
+        # Many pool threads: the default leaves queries as many files as on a small node.
+        storage = dataclasses.replace(cfg.storage, max_open_files=pool_files + QUERY_FILES_DEFAULT)
+        cfg = dataclasses.replace(cfg, storage=storage)
     _validate(cfg, ctx)
     return cfg
 
@@ -952,10 +961,7 @@ def load_config(path: str | None = None, *, data_dir: str | None = None) -> Conf
 
 def default_config(*, data_dir: str | None = None) -> Config:
     """The configuration of an empty file; ``data_dir`` as for ``config_from_string``."""
-    cfg = Config()
-    if data_dir is not None:
-        cfg = _with_data_dir(cfg, data_dir, _Context("<defaults>"))
-    return cfg
+    return _build({}, Config().source, data_dir)
 
 
 def read_pem(value: str, key: str, *, source: str | None = None) -> bytes:

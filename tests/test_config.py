@@ -677,6 +677,23 @@ class CrossFieldTests(SynchronousTestCase, ConfigErrorMixin):
         c = config_from_string("writer:\n  threads: 4\nstorage:\n  maxOpenFiles: 9\n")
         self.assertEqual(c.storage.max_open_files, 9)
 
+    def test_default_open_files_grow_with_the_pool(self):
+        """Left unset, maxOpenFiles leaves queries 252 files however many pool threads run
+        (a many-core node must not be refused by the defaults); set, it is taken as is."""
+        self.assertEqual(config_from_string("").storage.max_open_files, 256)
+        self.assertEqual(
+            config_from_string("writer:\n  threads: 2\n").storage.max_open_files, 256
+        )
+        self.assertEqual(
+            config_from_string("writer:\n  threads: 200\n").storage.max_open_files, 652
+        )
+        self.patch(os, "cpu_count", lambda: 192)  # threads: 0 means one per core
+        self.assertEqual(config_from_string("").storage.max_open_files, 636)
+        self.assertEqual(default_config().storage.max_open_files, 636)
+        self.assertConfigError(
+            "storage:\n  maxOpenFiles: 256\n", "storage.maxOpenFiles", "resolving to 192"
+        )
+
     def test_query_batch_fits_message(self):
         """A query batch as large as the gRPC message limit is refused."""
         self.assertConfigError(
