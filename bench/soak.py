@@ -158,6 +158,7 @@ storage:
     activeWindow: {max(1, args.max_age // 2)}s
     interval: {args.retention_interval}s
     minFreeBytes: 0
+  unloadIdleAfter: {args.unload_after}s
 writer:
   flushInterval: {args.flush_interval}s
 monitoring:
@@ -642,7 +643,8 @@ def final_checks(data_dir: str) -> dict:
 def scrape(port: int) -> dict:
     wanted = ("persist_retention_deleted_jobs_total", "persist_ipc_frames_rejected_total",
               "persist_write_errors_total", "persist_backpressure_seconds_total",
-              "persist_durability_lag_seconds")
+              "persist_durability_lag_seconds", "persist_jobs_loaded", "persist_jobs ",
+              "persist_jobs_unloaded_total")
     found: dict = {}
     try:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
@@ -699,6 +701,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-age", type=int, default=60, help="retention age in seconds")
     p.add_argument("--retention-interval", type=int, default=15)
     p.add_argument("--delete-share", type=float, default=0.1)
+    p.add_argument("--unload-after", type=int, default=600,
+                   help="storage.unloadIdleAfter in seconds (0 keeps every job loaded)")
     p.add_argument("--query-pause", type=float, default=0.01)
     p.add_argument("--kills", type=int, default=0)
     p.add_argument("--restarts", type=int, default=0)
@@ -750,12 +754,16 @@ def main(argv=None) -> int:
         if now >= next_sample:
             try:
                 total_fds, data_fds = service.fds()
+                m = scrape(metrics_port)
                 samples.append({"t": round(now - started, 1), "rss_mib": round(service.rss() / 2**20, 1),
                                 "fds": total_fds, "data_fds": data_fds, "frames": load.frames,
-                                "jobs": load.next_job})
+                                "jobs": load.next_job,
+                                "jobs_on_disk": int(m.get("persist_jobs", -1)),
+                                "jobs_loaded": int(m.get("persist_jobs_loaded", -1))})
                 s = samples[-1]
                 log(f"t={s['t']:.0f}s rss={s['rss_mib']} MiB fds={s['fds']} "
                     f"data_fds={s['data_fds']} frames={s['frames']} jobs={s['jobs']} "
+                    f"on_disk={s['jobs_on_disk']} loaded={s['jobs_loaded']} "
                     f"checked={checker.checked} lost={checker.lost}")
             except OSError:
                 pass

@@ -527,6 +527,7 @@ class StorageConfig:
     segment_max_bytes: int = _key(_size(1), 256 * MiB)
     fsync: str = _key(_choice(("batch", "interval", "never")), "batch")
     max_open_files: int = _key(_integer(1), 256)
+    unload_idle_after: float = _key(_duration(), 600.0)
     retention: RetentionConfig = _section(RetentionConfig)
 
     @property

@@ -52,6 +52,7 @@ class PersistMetrics:
         self._storage_source: Optional[Callable[[], tuple[int, int]]] = None
         self._health_source = None
         self._file_budget = None
+        self._loaded_source = None
         self._backpressure_since: Optional[float] = None
         self._backpressure_total = 0.0
         self._clock: Callable[[], float] = _monotonic
@@ -152,6 +153,10 @@ class PersistMetrics:
     def set_storage_source(self, source: Callable[[], tuple[int, int]]) -> None:
         """``source()`` returns (jobs, bytes on disk); read at scrape time."""
         self._storage_source = source
+
+    def set_loaded_source(self, source: Callable[[], tuple[int, int]]) -> None:
+        """``source()`` returns (jobs loaded in memory, jobs unloaded so far)."""
+        self._loaded_source = source
 
     def set_file_budget(self, budget) -> None:
         """``budget`` (storage.files.FileBudget) is exported at scrape time."""
@@ -320,6 +325,18 @@ class _HotCollector:
             for name, detail in sorted(m._health_source.details.items()):
                 checks.add_metric([name], 1 if detail.get("ok") else 0)
             yield checks
+        if m._loaded_source is not None:
+            loaded, unloaded = m._loaded_source()
+            yield GaugeMetricFamily(
+                "persist_jobs_loaded",
+                "Jobs whose state is in memory (used within storage.unloadIdleAfter).",
+                value=loaded,
+            )
+            yield CounterMetricFamily(
+                "persist_jobs_unloaded",
+                "Idle jobs whose in-memory state was dropped (reloaded from files on next use).",
+                value=unloaded,
+            )
         budget = m._file_budget
         if budget is not None:
             yield GaugeMetricFamily(

@@ -173,6 +173,7 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
     ``root.components`` exposes the parts for tests and benchmarks.
     """
     from prometheus_client import CollectorRegistry
+    from twisted.application.internet import TimerService
     from twisted.web.server import Site
 
     from joblet_persist.grpc_server import GrpcServerService
@@ -259,6 +260,19 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
         metrics=metrics,
     )
     CallbackService("writer", writer.start, writer.stop).setServiceParent(root)
+
+    if sc.unload_idle_after > 0:
+        # Memory follows the jobs in use: storage first, so that the writer may then forget
+        # the arrival counters of jobs storage no longer holds.
+        def unload_idle():
+            storage.unload_idle(sc.unload_idle_after)
+            writer.unload_idle(sc.unload_idle_after, storage.resident)
+
+        unloader = TimerService(min(60.0, sc.unload_idle_after), unload_idle)
+        unloader.clock = reactor
+        unloader.setName("unload")
+        unloader.setServiceParent(root)
+    metrics.set_loaded_source(lambda: (storage.loaded_jobs, storage.unloaded_jobs))
 
     factory = IngestFactory(
         writer,

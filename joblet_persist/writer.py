@@ -450,6 +450,42 @@ class BatchingWriter:
         if self._buffered > self._high_water and not self._paused:
             self._pause()
 
+    def unload_idle(self, idle: float, resident: Callable[[str], bool] = lambda job: True) -> int:
+        """Forget jobs that received nothing for ``idle`` seconds.  Reactor thread.
+
+        A job is forgotten when none of its buffers opened in the last ``idle``
+        seconds and none holds data, a queued or in-flight batch, a retry or a
+        waiter, and it is not held by a discard.  Its arrival counter goes with
+        it only when ``resident(job_id)`` is false, i.e. storage holds no state
+        for the job either: the ordinals storage derives from the counter must
+        keep increasing, and storage recomputes its base from the files when it
+        loads the job again.  Returns the number of jobs forgotten.
+        """
+        cutoff = self._clock.seconds() - idle
+        busy = self._busy
+        forgotten = 0
+        for job_id, job in list(self._jobs.items()):
+            if job.held or job.discarding or resident(job_id):
+                continue
+            idle_job = True
+            for buf in job.buffers:
+                if buf is not None and (
+                    buf.opened_at > cutoff
+                    or buf.timestamps
+                    or buf.queue
+                    or buf.inflight is not None
+                    or buf.retry_call is not None
+                    or buf.waiters
+                    or buf in busy
+                ):
+                    idle_job = False
+                    break
+            if idle_job:
+                del self._jobs[job_id]
+                self.arrivals.pop(job_id, None)
+                forgotten += 1
+        return forgotten
+
     def _new_job(self, job_id: str) -> _Job:
         job = self._jobs[job_id] = _Job(job_id, held=job_id in self._discards)
         return job

@@ -1096,3 +1096,66 @@ class RandomHistoryTests(StorageTestCase):
         self.assertEqual(storage.job_info(JOB).log_count, len(expected))
         storage = self.restart(storage, segment_max_bytes=segment_max_bytes)
         self.assertEqual(self.logs(storage, offset=len(expected) // 2), expected[len(expected) // 2 :])
+
+
+class UnloadIdleTests(StorageTestCase):
+    """unload_idle drops idle jobs' in-memory state; their next use loads them again."""
+
+    OTHER = "5b1e8d2c-7f3a-4c19-8e6d-000000000043"
+
+    def test_idle_job_unloaded_and_reloaded(self):
+        storage = self.make()
+        self.append(storage, STREAM_STDOUT, rows(0, b"o0\n", b"o1\n"))
+        self.append(storage, STREAM_STDERR, rows(2, b"e2\n"))
+        self.append(storage, STREAM_STDOUT, rows(0, b"x\n"), job=self.OTHER)
+        info = storage.job_info(JOB)
+        self.clock.advance(100)
+        self.append(storage, STREAM_STDOUT, rows(1, b"y\n"), job=self.OTHER)  # OTHER in use
+        self.assertEqual(storage.unload_idle(50), 1)
+        self.assertEqual((storage.loaded_jobs, storage.unloaded_jobs), (1, 1))
+        self.assertIsNone(storage.snapshot(JOB))
+        self.assertFalse(storage.resident(JOB))
+        self.assertTrue(storage.resident(self.OTHER))
+        self.assertEqual(storage.job_info(JOB), info)  # the index entry stays
+        self.assertEqual([j.job_id for j in storage.list_jobs()].count(JOB), 1)
+        # A query loads it again from its files.
+        self.assertEqual(self.logs(storage), [(1, b"o0\n"), (1, b"o1\n"), (2, b"e2\n")])
+        self.assertEqual(storage.loaded_jobs, 2)
+        self.assertEqual(storage.job_info(JOB).log_count, 3)
+
+    def test_appends_after_reload_keep_arrival_order(self):
+        """Whether the writer's arrival counter went on (3) or restarted (0) while the job
+        was unloaded, later messages sort after earlier ones in the merged stream."""
+        for next_arrival in (3, 0):
+            storage = self.make()
+            self.append(storage, STREAM_STDOUT, rows(0, b"o0\n", b"o1\n"))
+            self.append(storage, STREAM_STDERR, rows(2, b"e2\n"))
+            self.clock.advance(10)
+            self.assertEqual(storage.unload_idle(5), 1)
+            self.append(storage, STREAM_STDERR, rows(next_arrival, b"e-after\n"))
+            self.append(storage, STREAM_STDOUT, rows(next_arrival + 1, b"o-after\n"))
+            self.assertEqual(
+                self.logs(storage),
+                [(1, b"o0\n"), (1, b"o1\n"), (2, b"e2\n"), (2, b"e-after\n"), (1, b"o-after\n")],
+            )
+            self.assertEqual(storage.job_info(JOB).log_count, 5)
+            self.successResultOf(storage.delete_job(JOB))
+            self.successResultOf(storage.stop())
+
+    def test_jobs_in_use_are_kept(self):
+        """An append or load in flight, or a recent open_job, keeps a job loaded."""
+        runner = ManualRunner()
+        storage = self.make(runner)
+        d = storage.append_logs(log_batch(JOB, 1, rows(0, b"a\n")))
+        runner.run()  # the scan: the job is loading, then appending
+        self.clock.advance(100)
+        self.assertEqual(storage.unload_idle(0), 0)  # append in flight
+        runner.run()
+        self.successResultOf(d)
+        self.clock.advance(100)
+        self.successResultOf(storage.open_job(JOB))  # a query uses it now
+        self.assertEqual(storage.unload_idle(50), 0)
+        self.clock.advance(100)
+        self.assertEqual(storage.unload_idle(50), 1)
+        self.assertNotIn("thd_scan_job", runner.names())  # unloading reads nothing
+        runner.run_all()

@@ -29,6 +29,7 @@ EXPECTED_ORDER = [
     "cpu-pool",
     "storage",
     "writer",
+    "unload",
     "health",
     "ingest",
     "retention",

@@ -752,3 +752,62 @@ class PersistMetricsTests(WriterTestMixin, SynchronousTestCase):
         self.assertEqual(metrics.backpressure_seconds(), 1.0)
         self.assertEqual(w.write_errors, 1)
         self.flushLoggedErrors(DiskFull)
+
+
+class UnloadIdleTests(WriterTestMixin, SynchronousTestCase):
+    """unload_idle forgets idle jobs, with their arrival counters only when storage holds
+    nothing of them."""
+
+    def test_idle_job_forgotten_with_its_counter(self):
+        w = self.make(auto=True, flush_interval=1.0)
+        w.start()
+        self.add("job1", 1, b"a")
+        self.add("job1", 2, b"b")
+        self.add("job2", 1, b"c")
+        self.clock.advance(1.0)  # flushed and appended
+        self.assertEqual(w.arrivals, {"job1": 2, "job2": 1})
+        self.clock.advance(50)
+        self.add("job2", 1, b"d")  # job2 is in use
+        self.clock.advance(1.0)
+        self.assertEqual(w.unload_idle(30, resident=lambda job: False), 1)
+        self.assertEqual(w.arrivals, {"job2": 2})
+        self.assertEqual(w.busy_jobs(), set())
+        # job1 starts afresh: arrivals from 0 (storage re-bases on its next load).
+        self.add("job1", 1, b"e")
+        self.clock.advance(1.0)
+        self.assertEqual(list(self.storage.calls[-1].batch.arrivals), [0])
+
+    def test_kept_while_storage_holds_it(self):
+        w = self.make(auto=True, flush_interval=1.0)
+        w.start()
+        self.add("job1", 1, b"a")
+        self.clock.advance(100)
+        self.assertEqual(w.unload_idle(30, resident=lambda job: True), 0)
+        self.assertEqual(w.arrivals, {"job1": 1})
+        self.add("job1", 1, b"b")
+        self.clock.advance(1.0)
+        self.assertEqual(list(self.storage.calls[-1].batch.arrivals), [1])
+
+    def test_kept_while_data_is_buffered_or_in_flight(self):
+        w = self.make(flush_interval=10.0, batch_max_messages=1, retry_initial=5.0)
+        w.start()
+        self.add("open", 1, b"a")  # sealed at once (batch of 1): in flight
+        self.clock.advance(100)
+        self.assertEqual(w.unload_idle(30, resident=lambda job: False), 0)
+        self.storage.pending()[0].fail()  # failing: waits for its retry
+        self.clock.advance(1)
+        self.assertEqual(w.unload_idle(0, resident=lambda job: False), 0)
+        self.clock.advance(5)
+        self.storage.pending()[0].succeed()
+        self.assertEqual(w.unload_idle(0, resident=lambda job: False), 1)
+        self.assertEqual(w.arrivals, {})
+        self.assertEqual(w.messages_written, 1)
+        self.flushLoggedErrors(DiskFull)
+
+    def test_recently_opened_buffer_keeps_the_job(self):
+        w = self.make(flush_interval=100.0)
+        w.start()
+        self.clock.advance(50)
+        self.add("job1", 1, b"a")  # open buffer, not flushed
+        self.assertEqual(w.unload_idle(0, resident=lambda job: False), 0)  # data buffered
+        self.assertEqual(w.unload_idle(30, resident=lambda job: False), 0)

@@ -374,13 +374,14 @@ class _Segment:
 class _JobState:
     """Mutable per-job state.  Reactor thread only."""
 
-    __slots__ = ("job_id", "segments", "base", "info")
+    __slots__ = ("job_id", "segments", "base", "info", "last_used")
 
-    def __init__(self, job_id: str, segments: dict, base: int, info: JobInfo):
+    def __init__(self, job_id: str, segments: dict, base: int, info: JobInfo, now: float):
         self.job_id = job_id
         self.segments = segments  # kind -> tuple[_Segment, ...]
         self.base = base  # ordinal base: persistent ordinal = base + arrival
         self.info = info
+        self.last_used = now  # clock seconds of the last load, append or open_job
 
 
 class LocalStorage(StorageBackend):
@@ -466,6 +467,8 @@ class LocalStorage(StorageBackend):
         self.damaged_regions = 0
         #: Segments found cut or removed behind the service's back while appending.
         self.shrunk_segments = 0
+        #: Jobs whose in-memory state was dropped by unload_idle.
+        self.unloaded_jobs = 0
 
     # -- any thread ---------------------------------------------------------
 
@@ -625,7 +628,9 @@ class LocalStorage(StorageBackend):
             return defer.fail()
         if job_id in self._deleting:
             return self._after_deletion(job_id, lambda: self.open_job(job_id))
-        if job_id in self._jobs:
+        state = self._jobs.get(job_id)
+        if state is not None:
+            state.last_used = self._clock.seconds()
             return defer.succeed(self._snapshots.get(job_id))
         d = self._load(job_id)
         d.addCallback(lambda state: None if state is None else self._snapshots.get(job_id))
@@ -699,7 +704,7 @@ class LocalStorage(StorageBackend):
                         start=start,
                         end=end,
                     )
-        state = _JobState(job_id, segments, scan.ordinal_base(), info)
+        state = _JobState(job_id, segments, scan.ordinal_base(), info, self._clock.seconds())
         self._jobs[job_id] = state
         self._publish(state)
         return state
@@ -717,11 +722,54 @@ class LocalStorage(StorageBackend):
             if state is None:
                 now = int(self._clock.seconds())
                 info = JobInfo(job_id, now, now, 0, 0, 0, 0, 0)
-                state = _JobState(job_id, {kind: () for kind in ALL_KINDS}, 0, info)
+                state = _JobState(
+                    job_id, {kind: () for kind in ALL_KINDS}, 0, info, self._clock.seconds()
+                )
                 self._jobs[job_id] = state
             return state
 
         return self._load(job_id).addCallback(loaded)
+
+    def unload_idle(self, idle: float) -> int:
+        """Forget the in-memory state of jobs not used for ``idle`` seconds.  Reactor thread.
+
+        A job's segment list, member index and published snapshot are dropped
+        when nothing was appended to it, loaded or opened for a query for
+        ``idle`` seconds and no append, load or deletion of it is in flight;
+        its job index entry stays.  The next append or query loads it again
+        from its files (as after a restart), so memory follows the jobs in use,
+        not every job on disk.  Queries holding an older snapshot read on
+        undisturbed.  Returns the number of jobs unloaded.
+        """
+        cutoff = self._clock.seconds() - idle
+        unloaded = 0
+        for job_id, state in list(self._jobs.items()):
+            if (
+                state.last_used > cutoff
+                or job_id in self._pending
+                or job_id in self._deleting
+                or job_id in self._loading
+            ):
+                continue
+            del self._jobs[job_id]
+            self._snapshots.pop(job_id, None)
+            unloaded += 1
+        self.unloaded_jobs += unloaded
+        return unloaded
+
+    def resident(self, job_id: str) -> bool:
+        """Whether the job's state is in memory or being loaded, written or deleted."""
+        return (
+            job_id in self._jobs
+            or job_id in self._pending
+            or job_id in self._loading
+            or job_id in self._deleting
+        )
+
+    @property
+    def loaded_jobs(self) -> int:
+        """Jobs whose state is in memory.  Any thread."""
+        return len(self._jobs)
 
     # -- reactor thread: appends ---------------------------------------------------
 
@@ -904,9 +952,11 @@ class LocalStorage(StorageBackend):
             counts = {"metric_count": info.metric_count + count}
         else:
             counts = {"log_count": info.log_count + count}
+        now = self._clock.seconds()
+        state.last_used = now
         state.info = dataclasses.replace(
             info,
-            last_updated=max(info.last_updated, int(self._clock.seconds())),
+            last_updated=max(info.last_updated, int(now)),
             size_bytes=info.size_bytes + result.written,
             first_timestamp=first,
             last_timestamp=last,

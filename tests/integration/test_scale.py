@@ -770,3 +770,53 @@ class OpenFileCapTests(unittest.TestCase):
         self.assertGreaterEqual(budget.peak, 1)  # the queries' files went through the budget
         self.assertLessEqual(budget.peak, self.MAX_OPEN_FILES - 4)
         self.assertEqual(budget.in_use, 0)
+
+
+class UnloadIdleJobsTests(unittest.TestCase):
+    """``storage.unloadIdleAfter``: idle jobs leave memory and come back intact."""
+
+    timeout = 60
+    JOBS = 300
+
+    @defer.inlineCallbacks
+    def test_idle_jobs_unloaded_then_queried_and_appended(self):
+        from tests.integration.support import query_logs, send_in_pieces
+
+        directory = short_tempdir(self)
+        root = yield start_service(self, service_config_text(directory, {
+            "writer": {"flushInterval": "50ms"},
+            "storage": {"unloadIdleAfter": "1s"},
+        }))
+        storage, writer = root.components["storage"], root.components["writer"]
+        ipc_sock, grpc_sock = f"{directory}/ipc.sock", f"{directory}/grpc.sock"
+        jobs = [job_name(700_000 + n) for n in range(self.JOBS)]
+
+        def frames(first_seq: int, count: int) -> bytes:
+            return b"".join(
+                log_frame(job, 1 + (first_seq + i) % 2, BASE_TS + first_seq + i, first_seq + i,
+                          b"%s line %d\n" % (job.encode(), first_seq + i))
+                for job in jobs for i in range(count)
+            )
+
+        yield in_thread(send_in_pieces, ipc_sock, frames(0, 3), (1 << 16,))
+        yield wait_for(lambda: writer.messages_written == 3 * self.JOBS, 20, 0.05, "stored")
+        self.assertEqual(storage.loaded_jobs, self.JOBS)
+        # Within a minute... the unload timer runs every second here (unloadIdleAfter 1s).
+        yield wait_for(lambda: storage.loaded_jobs == 0 and not writer.arrivals, 10, 0.1,
+                       "every idle job unloaded")
+        self.assertEqual(len(storage.list_jobs()), self.JOBS)
+        self.assertEqual(storage.unloaded_jobs, self.JOBS)
+
+        # New data for every job: loaded again from the files, numbered after what is there.
+        yield in_thread(send_in_pieces, ipc_sock, frames(3, 2), (1 << 16,))
+        yield wait_for(lambda: writer.messages_written == 5 * self.JOBS, 20, 0.05, "stored")
+        for job in jobs[:: self.JOBS // 10]:
+            lines = yield in_thread(query_logs, grpc_sock, job)
+            self.assertEqual([ln.content for ln in lines],
+                             [b"%s line %d\n" % (job.encode(), i) for i in range(5)])
+            self.assertEqual([ln.sequence for ln in lines], list(range(5)))
+            info = yield in_thread(_job_info, grpc_sock, job)
+            self.assertEqual(info.log_count, 5)
+        rebuilt = yield threads.deferToThread(jobindex.thd_rebuild, storage.data_dir)
+        for job in jobs:
+            self.assertEqual(rebuilt[job].log_count, storage.job_info(job).log_count)
