@@ -45,6 +45,21 @@ def _tempdir(testcase) -> str:
     return path
 
 
+def _unix_only_config(directory: str, ipc: str = "", rest: str = ""):
+    """Sockets and data under ``directory``, gRPC on TCP at its default; ``ipc`` adds keys
+    to the ipc section, ``rest`` more sections."""
+    return config_from_string(
+        f"""\
+server:
+  grpcSocket: {directory}/run/grpc.sock
+ipc:
+  socket: {directory}/run/ipc.sock
+{ipc}storage:
+  dataDir: {directory}/data
+{rest}"""
+    )
+
+
 def _config(directory: str, extra: str = ""):
     return config_from_string(
         f"""\
@@ -224,18 +239,7 @@ monitoring:
 
     def test_monitoring_disabled(self):
         """monitoring.enabled: false leaves the HTTP listeners out."""
-        cfg = config_from_string(
-            f"""\
-server:
-  grpcSocket: {self.dir}/run/grpc.sock
-ipc:
-  socket: {self.dir}/run/ipc.sock
-storage:
-  dataDir: {self.dir}/data
-monitoring:
-  enabled: false
-"""
-        )
+        cfg = _unix_only_config(self.dir, rest="monitoring:\n  enabled: false\n")
         root = tap.build_service(cfg, self.reactor, registry=CollectorRegistry())
         self.assertEqual([child.name for child in root], EXPECTED_ORDER[:-2])
         self.assertEqual(root.components["web"], [])
@@ -244,17 +248,7 @@ monitoring:
         """ipc.drainTimeout is how long the ingest service's stop drains the IPC
         connections: one whose peer never closes is closed, and the stop completes, exactly
         when it expires (MemoryReactorClock: no socket is created)."""
-        cfg = config_from_string(
-            f"""\
-server:
-  grpcSocket: {self.dir}/run/grpc.sock
-ipc:
-  socket: {self.dir}/run/ipc.sock
-  drainTimeout: 7.5s
-storage:
-  dataDir: {self.dir}/data
-"""
-        )
+        cfg = _unix_only_config(self.dir, ipc="  drainTimeout: 7.5s\n")
         root = tap.build_service(cfg, self.reactor, registry=CollectorRegistry())
         ingest, factory = root.components["ingest"], root.components["factory"]
         ingest.startService()
