@@ -13,6 +13,10 @@
  *
  * Runs on the calling thread (the reactor thread) and holds the GIL throughout: it creates
  * Python objects for every accepted frame.
+ *
+ * member_table(...) builds a member's table bytes for storage/format.py (the write path), and
+ * decode_table(...) decodes canonically encoded tables (the query path); each has a pure-Python
+ * reference in storage/format.py that tests/test_member_table.py holds it to.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -849,17 +853,209 @@ done:
     return result;
 }
 
+/* -- member table decoding (the query path) ------------------------------------------------ */
+
+PyDoc_STRVAR(decode_table_doc,
+"decode_table(raw, count, min_timestamp, first_sequence, first_ordinal)\n"
+"    -> (lengths, timestamps, sequences, ordinals, total_length, min_ts, max_ts) | None\n"
+"\n"
+"Decode a member table serialized the canonical way (fields 1-4 once each, in order, each\n"
+"packed, exactly `count` values) into its four columns: the deltas accumulated from the\n"
+"header's bases with 64-bit wrap-around (timestamps and ordinals signed, sequences\n"
+"unsigned), as storage.format._decode_table does.  Also returns the sum of the lengths and\n"
+"the smallest and largest timestamp for the caller's checks.  Returns None for anything\n"
+"else (another encoding, a malformed varint, a wrong count, a sum beyond 64 bits): the\n"
+"caller then takes the reference path, which accepts every valid encoding and reports\n"
+"corruption.");
+
+/* Read a varint of at most 10 bytes with no bits beyond 64; 0 on failure. */
+static inline int
+read_varint64(const unsigned char **pp, const unsigned char *end, uint64_t *out)
+{
+    const unsigned char *p = *pp;
+    uint64_t v = 0;
+    int shift = 0;
+    while (p < end) {
+        unsigned char b = *p++;
+        if (shift == 63 && (b & 0x7e)) {
+            return 0;
+        }
+        v |= (uint64_t)(b & 0x7f) << shift;
+        if (!(b & 0x80)) {
+            *pp = p;
+            *out = v;
+            return 1;
+        }
+        shift += 7;
+        if (shift > 63) {
+            return 0;
+        }
+    }
+    return 0;
+}
+
+static PyObject *
+decode_table(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    PyObject *cols[4] = {NULL, NULL, NULL, NULL};
+    PyObject *result = NULL;
+    const unsigned char *p, *end;
+    Py_ssize_t n, i;
+    int field;
+    int64_t min_ts = 0, max_ts = 0;
+    uint64_t acc[4], total = 0;
+
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "decode_table() takes exactly 5 arguments");
+        return NULL;
+    }
+    n = PyLong_AsSsize_t(args[1]);
+    if (n == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    /* Bases: min_timestamp and first_ordinal are int64, first_sequence uint64; any other
+     * value (or count 0) goes to the reference path. */
+    {
+        long long ts0 = PyLong_AsLongLong(args[2]);
+        unsigned long long seq0;
+        long long ord0;
+        if (ts0 == -1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            Py_RETURN_NONE;
+        }
+        seq0 = PyLong_AsUnsignedLongLong(args[3]);
+        if (seq0 == (unsigned long long)-1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            Py_RETURN_NONE;
+        }
+        ord0 = PyLong_AsLongLong(args[4]);
+        if (ord0 == -1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            Py_RETURN_NONE;
+        }
+        acc[0] = 0;
+        acc[1] = (uint64_t)ts0;
+        acc[2] = (uint64_t)seq0;
+        acc[3] = (uint64_t)ord0;
+    }
+    if (n <= 0) {
+        Py_RETURN_NONE;
+    }
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    p = (const unsigned char *)view.buf;
+    end = p + view.len;
+    for (field = 0; field < 4; field++) {
+        uint64_t key, size;
+        const unsigned char *stop;
+        cols[field] = PyList_New(n);
+        if (cols[field] == NULL) {
+            goto done;
+        }
+        if (!read_varint64(&p, end, &key) || key != (uint64_t)(((field + 1) << 3) | 2)) {
+            goto fallback;
+        }
+        if (!read_varint64(&p, end, &size) || size > (uint64_t)(end - p)) {
+            goto fallback;
+        }
+        stop = p + size;
+        for (i = 0; i < n; i++) {
+            uint64_t raw;
+            PyObject *value;
+            if (!read_varint64(&p, stop, &raw)) {
+                goto fallback;
+            }
+            if (field == 0) {
+                if (total + raw < total) {
+                    goto fallback; /* the sum needs more than 64 bits */
+                }
+                total += raw;
+                value = PyLong_FromUnsignedLongLong(raw);
+            }
+            else {
+                uint64_t delta = raw;
+                if (field != 3) { /* sint64: zigzag */
+                    delta = (raw >> 1) ^ (0 - (raw & 1));
+                }
+                acc[field] += delta; /* modulo 2**64, as the reference wraps */
+                if (field == 2) {
+                    value = PyLong_FromUnsignedLongLong(acc[field]);
+                }
+                else {
+                    int64_t v = (int64_t)acc[field];
+                    if (field == 1) {
+                        if (i == 0 || v < min_ts) {
+                            min_ts = v;
+                        }
+                        if (i == 0 || v > max_ts) {
+                            max_ts = v;
+                        }
+                    }
+                    value = PyLong_FromLongLong(v);
+                }
+            }
+            if (value == NULL) {
+                goto done;
+            }
+            PyList_SET_ITEM(cols[field], i, value);
+        }
+        if (p != stop) {
+            goto fallback;
+        }
+    }
+    if (p != end) {
+        goto fallback;
+    }
+    {
+        PyObject *tail[3];
+        tail[0] = PyLong_FromUnsignedLongLong(total);
+        tail[1] = PyLong_FromLongLong(min_ts);
+        tail[2] = PyLong_FromLongLong(max_ts);
+        result = PyTuple_New(7);
+        if (result == NULL || tail[0] == NULL || tail[1] == NULL || tail[2] == NULL) {
+            Py_XDECREF(result);
+            result = NULL;
+            for (i = 0; i < 3; i++) {
+                Py_XDECREF(tail[i]);
+            }
+            goto done;
+        }
+        for (field = 0; field < 4; field++) {
+            PyTuple_SET_ITEM(result, field, cols[field]); /* steals the reference */
+            cols[field] = NULL;
+        }
+        for (i = 0; i < 3; i++) {
+            PyTuple_SET_ITEM(result, 4 + i, tail[i]);
+        }
+    }
+    goto done;
+
+fallback:
+    result = Py_None;
+    Py_INCREF(result);
+
+done:
+    PyBuffer_Release(&view);
+    for (field = 0; field < 4; field++) {
+        Py_XDECREF(cols[field]);
+    }
+    return result;
+}
+
 static PyMethodDef speedups_methods[] = {
     {"decode_log_frames", (PyCFunction)(void (*)(void))decode_log_frames, METH_FASTCALL,
      decode_log_frames_doc},
     {"member_table", (PyCFunction)(void (*)(void))member_table, METH_FASTCALL, member_table_doc},
+    {"decode_table", (PyCFunction)(void (*)(void))decode_table, METH_FASTCALL, decode_table_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef speedups_module = {
     PyModuleDef_HEAD_INIT,
     "joblet_persist._speedups",
-    "C implementation of joblet_persist.framing.decode_log_frames (the IPC receive path).",
+    "C implementations of the IPC frame decoder and of member table encoding and decoding.",
     -1,
     speedups_methods,
     NULL,

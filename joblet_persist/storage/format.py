@@ -130,6 +130,13 @@ try:
 except ImportError:  # not built (no compiler): the pure-Python encoder is used
     _member_table = None
 
+try:
+    # Decodes canonically encoded tables in one C pass (about 5x faster); anything else, and
+    # every table when the extension is not built, takes the protobuf path below.
+    from joblet_persist._speedups import decode_table as _decode_table_c
+except ImportError:
+    _decode_table_c = None
+
 
 class CorruptMember(Exception):
     """A member whose bytes do not decode: bad header, CRC, size or table.
@@ -599,11 +606,26 @@ def _decode_table(stored: bytes, flags: int, table_raw_size: int, info: MemberIn
             raise CorruptMember("table inflates to the wrong size", *where)
     else:
         raw = stored
+    n = info.count
+    if _decode_table_c is not None:
+        fast = _decode_table_c(
+            raw, n, info.min_timestamp, info.first_sequence, info.first_ordinal
+        )
+        if fast is not None:
+            lengths, timestamps, sequences, ordinals, total, low, high = fast
+            if (
+                total != info.raw_size
+                or ordinals[-1] != info.last_ordinal
+                or sequences[-1] != info.last_sequence
+                or low != info.min_timestamp
+                or high != info.max_timestamp
+            ):
+                raise CorruptMember("table disagrees with the member bounds", *where)
+            return MemberTable(lengths, timestamps, sequences, ordinals)
     try:
         msg = _TableProto.FromString(raw)
     except DecodeError as e:
         raise CorruptMember(f"table does not decode: {e}", *where) from None
-    n = info.count
     lengths = list(msg.lengths)
     ts_deltas = list(msg.timestamp_deltas)
     seq_deltas = list(msg.sequence_deltas)
