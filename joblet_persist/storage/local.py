@@ -100,18 +100,8 @@ class LocalJobSnapshot(JobSnapshot):
         cancelled: Callable[[], bool] = _never_cancelled,
     ):
         """Yield LogRecords (see JobSnapshot.iter_logs).  Blocking; any thread."""
-        if stream != STREAM_UNSPECIFIED and stream not in LOG_STREAMS:
-            raise ValueError(f"invalid stream {stream!r}: expected 0, 1 or 2")
-        return reader.iter_logs(
-            {STREAM_STDOUT: self.stdout, STREAM_STDERR: self.stderr},
-            stream,
-            start_time,
-            end_time,
-            offset,
-            limit,
-            stats,
-            cancelled,
-            self.budget,
+        return self._read_logs(
+            reader.iter_logs, stream, start_time, end_time, offset, limit, stats, cancelled
         )
 
     def iter_log_chunks(
@@ -129,19 +119,16 @@ class LocalJobSnapshot(JobSnapshot):
         Blocking; any thread.  An optional fast path beyond JobSnapshot (see
         reader.iter_log_chunks); the log query RPCs use it when present.
         """
+        return self._read_logs(
+            reader.iter_log_chunks, stream, start_time, end_time, offset, limit, stats, cancelled
+        )
+
+    def _read_logs(self, read, stream: int, *args):
+        """``read`` (a reader function) over both streams' segments, within the budget."""
         if stream != STREAM_UNSPECIFIED and stream not in LOG_STREAMS:
             raise ValueError(f"invalid stream {stream!r}: expected 0, 1 or 2")
-        return reader.iter_log_chunks(
-            {STREAM_STDOUT: self.stdout, STREAM_STDERR: self.stderr},
-            stream,
-            start_time,
-            end_time,
-            offset,
-            limit,
-            stats,
-            cancelled,
-            self.budget,
-        )
+        streams = {STREAM_STDOUT: self.stdout, STREAM_STDERR: self.stderr}
+        return read(streams, stream, *args, self.budget)
 
     def iter_metrics(
         self,
