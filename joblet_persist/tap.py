@@ -179,6 +179,7 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
     from joblet_persist.grpc_server import GrpcServerService
     from joblet_persist.health import HealthMonitor
     from joblet_persist.ingest import IngestFactory
+    from joblet_persist.logs import Logger
     from joblet_persist.metrics import PersistMetrics
     from joblet_persist.query import PersistServicer
     from joblet_persist.retention import (
@@ -265,8 +266,14 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
         # Memory follows the jobs in use: storage first, so that the writer may then forget
         # the arrival counters of jobs storage no longer holds.
         def unload_idle():
-            storage.unload_idle(sc.unload_idle_after)
-            writer.unload_idle(sc.unload_idle_after, storage.resident)
+            try:
+                storage.unload_idle(sc.unload_idle_after)
+                writer.unload_idle(sc.unload_idle_after, storage.resident)
+            except Exception:
+                # Logged and tried again next time: a failure must not stop the timer.
+                unload_log.failure("unloading idle jobs failed")
+
+        unload_log = Logger(namespace="joblet_persist.unload")
 
         unloader = TimerService(min(60.0, sc.unload_idle_after), unload_idle)
         unloader.clock = reactor

@@ -45,9 +45,9 @@ def _tempdir(testcase) -> str:
     return path
 
 
-def _unix_only_config(directory: str, ipc: str = "", rest: str = ""):
-    """Sockets and data under ``directory``, gRPC on TCP at its default; ``ipc`` adds keys
-    to the ipc section, ``rest`` more sections."""
+def _unix_only_config(directory: str, ipc: str = "", storage: str = "", rest: str = ""):
+    """Sockets and data under ``directory``, gRPC on TCP at its default; ``ipc`` and
+    ``storage`` add keys to those sections, ``rest`` more sections."""
     return config_from_string(
         f"""\
 server:
@@ -56,7 +56,7 @@ ipc:
   socket: {directory}/run/ipc.sock
 {ipc}storage:
   dataDir: {directory}/data
-{rest}"""
+{storage}{rest}"""
     )
 
 
@@ -364,3 +364,40 @@ class DescriptorLimitTests(SynchronousTestCase):
         self.assertEqual(soft, 1024)
         self.assertIn("could not raise", self.formats()[0])
         self.assertIn("below the", self.formats()[1])
+
+
+class UnloadTimerTests(SynchronousTestCase):
+    """The unload timer drops idle jobs every minute and survives a failure."""
+
+    def test_timer_unloads_and_keeps_running_after_a_failure(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory, True)
+        reactor = MemoryReactorClock()
+        root = tap.build_service(_config(directory), reactor, registry=CollectorRegistry())
+        parts = root.components
+        unload = [s for s in root if s.name == "unload"][0]
+        self.assertEqual(unload.step, 60.0)
+        calls = []
+
+        def failing(idle):
+            calls.append(idle)
+            if len(calls) == 1:
+                raise RuntimeError("boom")
+            return 0
+
+        self.patch(parts["storage"], "unload_idle", failing)
+        unload.startService()
+        reactor.advance(60)
+        reactor.advance(60)
+        self.assertEqual(calls, [600.0, 600.0, 600.0])  # at start, then every minute
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        unload.stopService()
+
+    def test_zero_disables_unloading(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory, True)
+        root = tap.build_service(
+            _unix_only_config(directory, storage="  unloadIdleAfter: 0\n"),
+            MemoryReactorClock(), registry=CollectorRegistry(),
+        )
+        self.assertNotIn("unload", [s.name for s in root])
