@@ -573,15 +573,19 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
         since, until = request.since, request.until
         self._check_range(since, until, "since/until")
         self._check_page(request.limit, request.offset)
-        jobs = [
-            j
-            for j in self._storage.list_jobs()
-            if (since <= 0 or j.created_at >= since) and (until <= 0 or j.created_at <= until)
-        ]
-        jobs.sort(key=lambda j: (-j.created_at, j.job_id))
-        total = len(jobs)
-        start = request.offset
-        page = jobs[start : start + request.limit] if request.limit else jobs[start:]
+        paged = getattr(self._storage, "list_jobs_page", None)
+        if paged is not None:  # LocalStorage keeps the order: no sort per call
+            total, page = paged(since, until, request.offset, request.limit)
+        else:
+            jobs = [
+                j
+                for j in self._storage.list_jobs()
+                if (since <= 0 or j.created_at >= since) and (until <= 0 or j.created_at <= until)
+            ]
+            jobs.sort(key=lambda j: (-j.created_at, j.job_id))
+            total = len(jobs)
+            start = request.offset
+            page = jobs[start : start + request.limit] if request.limit else jobs[start:]
         return persist_pb2.ListJobsResponse(
             jobs=[persist_pb2.JobInfo(**_job_info_fields(j)) for j in page],
             total_count=min(total, _INT32_MAX),
@@ -589,17 +593,21 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
 
     @_unary("GetStats", ROLE_VIEWER)
     def GetStats(self, request, context):
-        jobs = self._storage.list_jobs()
+        totals = getattr(self._storage, "totals", None)
+        if totals is not None:  # LocalStorage keeps running totals: O(1)
+            jobs, logs, metrics, size = totals()
+        else:
+            infos = self._storage.list_jobs()
+            jobs = len(infos)
+            logs = sum(j.log_count for j in infos)
+            metrics = sum(j.metric_count for j in infos)
+            size = sum(j.size_bytes for j in infos)
         ingest = self._ingest_stats() or {}
-
-        def total(values):
-            return min(sum(values), _INT64_MAX)
-
         return persist_pb2.GetStatsResponse(
-            total_jobs=len(jobs),
-            total_logs=total(j.log_count for j in jobs),
-            total_metrics=total(j.metric_count for j in jobs),
-            total_size_bytes=total(j.size_bytes for j in jobs),
+            total_jobs=jobs,
+            total_logs=min(logs, _INT64_MAX),
+            total_metrics=min(metrics, _INT64_MAX),
+            total_size_bytes=min(size, _INT64_MAX),
             messages_received=int(ingest.get("messages_received", 0)),
             messages_written=int(ingest.get("messages_written", 0)),
             write_errors=int(ingest.get("write_errors", 0)),

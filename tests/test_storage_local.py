@@ -1159,3 +1159,54 @@ class UnloadIdleTests(StorageTestCase):
         self.assertEqual(storage.unload_idle(50), 1)
         self.assertNotIn("thd_scan_job", runner.names())  # unloading reads nothing
         runner.run_all()
+
+
+def _reference_page(storage, since, until, offset, limit):
+    jobs = [j for j in storage.list_jobs()
+            if (since <= 0 or j.created_at >= since) and (until <= 0 or j.created_at <= until)]
+    jobs.sort(key=lambda j: (-j.created_at, j.job_id))
+    return len(jobs), (jobs[offset : offset + limit] if limit else jobs[offset:])
+
+
+class IndexViewsTests(StorageTestCase):
+    """totals() and list_jobs_page() are kept up to date, equal to computing them anew."""
+
+    @settings(max_examples=40, deadline=None)
+    @given(
+        st.lists(st.tuples(st.sampled_from("adu"), st.integers(0, 7), st.integers(0, 30)),
+                 min_size=1, max_size=25),
+        st.lists(st.tuples(st.integers(-5, 40), st.integers(-5, 40), st.integers(0, 9),
+                           st.integers(0, 9)), min_size=1, max_size=6),
+    )
+    def test_same_as_recomputing(self, operations, pages):
+        """Random appends (jobs created at various times), deletions and unloads; then every
+        page and the totals equal what sorting and summing the whole index gives."""
+        self.data_dir = os.path.abspath(self.mktemp())
+        storage = self.make()
+        jobs = [f"5b1e8d2c-7f3a-4c19-8e6d-{n:012d}" for n in range(8)]
+        arrival = 0
+        for op, n, advance in operations:
+            self.clock.advance(advance)
+            if op == "a":
+                self.append(storage, 1 + n % 2, rows(arrival, b"x" * (n + 1)), job=jobs[n])
+                arrival += 1
+            elif op == "d":
+                self.successResultOf(storage.delete_job(jobs[n]))
+            else:
+                storage.unload_idle(5)
+        infos = storage.list_jobs()
+        self.assertEqual(storage.totals(), (
+            len(infos), sum(j.log_count for j in infos), sum(j.metric_count for j in infos),
+            sum(j.size_bytes for j in infos)))
+        base = int(START)
+        for since, until, offset, limit in pages:
+            since = base + since if since > 0 else since
+            until = base + until if until > 0 else until
+            self.assertEqual(storage.list_jobs_page(since, until, offset, limit),
+                             _reference_page(storage, since, until, offset, limit))
+        self.successResultOf(storage.stop())
+        # After a restart (index loaded from the file) the views are rebuilt the same.
+        storage = self.make()
+        self.assertEqual(storage.list_jobs_page(0, 0, 0, 0), _reference_page(storage, 0, 0, 0, 0))
+        self.assertEqual(storage.totals()[0], len(storage.list_jobs()))
+        self.successResultOf(storage.stop())

@@ -34,7 +34,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+from bisect import bisect_left, bisect_right, insort
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Callable, Optional, Sequence
 
 from twisted.internet import defer
@@ -426,6 +428,10 @@ class LocalStorage(StorageBackend):
         self._index_version = 0
         self._list_cache: tuple = (-1, ())
         self._total_size = 0
+        self._total_logs = 0
+        self._total_metrics = 0
+        # (-created_at, job id) of every indexed job, sorted: ListJobs' order.
+        self._order: list = []
         self._parts: dict[str, tuple[int, int]] = {}  # job -> (log bytes, metric bytes)
         # Reactor-only state.
         self._jobs: dict[str, _JobState] = {}
@@ -508,7 +514,10 @@ class LocalStorage(StorageBackend):
     def _index_opened(self, load: jobindex.IndexLoad):
         self._index = dict(load.jobs)
         self._parts = dict(load.parts)
-        self._total_size = sum(info.size_bytes for info in self._index.values())
+        self._total_size = self._total_logs = self._total_metrics = 0
+        for info in self._index.values():
+            self._count_totals(info, 1)
+        self._order = sorted((-info.created_at, job) for job, info in self._index.items())
         self._index_version += 1
         self._started = True
         if load.rebuilt:
@@ -1130,7 +1139,14 @@ class LocalStorage(StorageBackend):
 
     def _set_info(self, job_id: str, info: JobInfo, parts: tuple[int, int]) -> None:
         old = self._index.get(job_id)
-        self._total_size += info.size_bytes - (old.size_bytes if old is not None else 0)
+        if old is None:
+            self._count_totals(info, 1)
+            self._reorder(add=(-info.created_at, job_id))
+        else:
+            self._count_totals(old, -1)
+            self._count_totals(info, 1)
+            if old.created_at != info.created_at:
+                self._reorder((-old.created_at, job_id), (-info.created_at, job_id))
         self._index[job_id] = info
         self._parts[job_id] = parts
         self._index_changed()
@@ -1138,8 +1154,51 @@ class LocalStorage(StorageBackend):
     def _drop_info(self, job_id: str) -> None:
         old = self._index.pop(job_id)
         self._parts.pop(job_id, None)
-        self._total_size -= old.size_bytes
+        self._count_totals(old, -1)
+        self._reorder(remove=(-old.created_at, job_id))
         self._index_changed()
+
+    def _count_totals(self, info: JobInfo, sign: int) -> None:
+        self._total_size += sign * info.size_bytes
+        self._total_logs += sign * info.log_count
+        self._total_metrics += sign * info.metric_count
+
+    def _reorder(self, remove=None, add=None) -> None:
+        """Replace ``_order`` by a copy with ``remove`` taken out and ``add`` put in.
+
+        Copy on write: readers on other threads take the list as it was, whole.
+        """
+        order = list(self._order)
+        if remove is not None:
+            i = bisect_left(order, remove)
+            if i < len(order) and order[i] == remove:
+                del order[i]
+        if add is not None:
+            insort(order, add)
+        self._order = order
+
+    def totals(self) -> tuple[int, int, int, int]:
+        """(jobs, log messages, metric samples, bytes) over the job index.  Any thread; O(1)."""
+        return len(self._index), self._total_logs, self._total_metrics, self._total_size
+
+    def list_jobs_page(self, since: int, until: int, offset: int, limit: int):
+        """ListJobs in O(log jobs + page): ``(total, infos)``.  Any thread.
+
+        Jobs with ``since <= created_at <= until`` (a bound <= 0 is open),
+        newest first, ties by job id; ``total`` counts them all, ``infos`` are
+        the JobInfos from ``offset``, at most ``limit`` (0 = all).  The order
+        is kept up to date as jobs come and go, so no call sorts the index.
+        """
+        order = self._order
+        created = itemgetter(0)
+        hi = bisect_right(order, -since, key=created) if since > 0 else len(order)
+        lo = bisect_left(order, -until, key=created) if until > 0 else 0
+        total = max(0, hi - lo)
+        start = lo + offset
+        stop = hi if not limit else min(hi, start + limit)
+        index = self._index
+        infos = [info for _, job in order[start:stop] if (info := index.get(job)) is not None]
+        return total, infos
 
     def _index_changed(self) -> None:
         self._index_version += 1
