@@ -427,8 +427,10 @@ class Checker:
                     self.count(grpc.StatusCode.OK)
                 except grpc.RpcError as e:
                     self.count(e.code())
+                    # ABORTED: the job lost a file to a deletion during the read (the
+                    # soak's DeleteJob or retention); documented, the client retries.
                     if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND,
-                                        grpc.StatusCode.CANCELLED,
+                                        grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED,
                                         grpc.StatusCode.DEADLINE_EXCEEDED):
                         self.errors.append(f"query: {e.code().name}: {e.details()}")
                     if e.code() == grpc.StatusCode.UNAVAILABLE:

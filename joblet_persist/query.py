@@ -389,14 +389,16 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
 
         A snapshot names the files published when the read began; a segment
         deleted meanwhile cannot be opened any more.  The job is NOT_FOUND
-        when it is gone; when only part of it went (retention dropped a
-        segment), ABORTED: a retry reads what is left.
+        when it is gone; otherwise ABORTED (retention dropped a segment, or a
+        DeleteJob is still removing the job's files): a retry reads what is
+        left, or finds the job gone.
         """
         if self._storage.job_info(job_id) is None:
             return RpcStatus(grpc.StatusCode.NOT_FOUND, f"job {job_id} was deleted during the read")
         return RpcStatus(
             grpc.StatusCode.ABORTED,
-            f"part of job {job_id} was deleted during the read (retention); retry the query",
+            f"a file of job {job_id} was deleted during the read (by retention or DeleteJob); "
+            "retry the query",
         )
 
     def _log_chunks(self, request, context) -> Iterator[tuple]:
