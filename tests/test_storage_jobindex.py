@@ -332,3 +332,23 @@ class OpenIndexTests(FilesTestCase):
         self.assertEqual(load.jobs[JOB].log_count, 2)
         self.assertEqual(load.jobs[JOB].created_at, 42)
         self.assertEqual(load.jobs["new-job"].metric_count, 1)
+
+
+class IndexFileLayoutTests(SynchronousTestCase):
+    def test_one_job_per_line_and_round_trip(self):
+        """The index is compact JSON with one job per line, and reads back exactly; a job
+        id that looks like the separator cannot break it (quotes are escaped in JSON)."""
+        d = self.mktemp()
+        os.makedirs(d)
+        path = os.path.join(d, "job_index.json")
+        ids = [f"5b1e8d2c-7f3a-4c19-8e6d-{n:012d}" for n in range(5)]
+        jobs = {j: JobInfo(j, 1, 2, n, 4, 5, 6, 7) for n, j in enumerate(ids)}
+        jobindex.thd_write(path, jobs, {j: (3, 2) for j in ids})
+        with open(path) as f:
+            lines = f.read().splitlines()
+        self.assertEqual([ln[1:37] for ln in lines[1:6]], ids)
+        self.assertEqual(jobindex.thd_load_parts(path), (jobs, {j: (3, 2) for j in ids}))
+        tricky = {'a},"b': JobInfo('a},"b', 1, 2, 3, 4, 5, 6, 7)}
+        jobindex.thd_write(path, tricky)
+        with open(path) as f:
+            self.assertEqual(list(json.load(f)["jobs"]), ['a},"b'])
