@@ -374,8 +374,7 @@ class BatchingWriter:
         if buf.nbytes + nbytes < max_bytes and len(buf.timestamps) + n < max_messages:
             # The common case: the whole group fits in the open buffer.
             if not buf.timestamps:
-                self._dirty[buf] = None
-                buf.opened_at = self._clock.seconds()
+                self._opened(buf)
             buf.timestamps.extend(timestamps)
             buf.sequences.extend(sequences)
             buf.arrivals.extend(arrivals)
@@ -405,8 +404,7 @@ class BatchingWriter:
                 if size >= max_bytes:
                     break
             if not buf.timestamps:
-                self._dirty[buf] = None
-                buf.opened_at = self._clock.seconds()
+                self._opened(buf)
             buf.timestamps.extend(timestamps[i:j])
             buf.sequences.extend(sequences[i:j])
             buf.arrivals.extend(arrivals[i:j])
@@ -432,8 +430,7 @@ class BatchingWriter:
             buf = job.buffers[index] = _Buffer(job, index, self._retry_initial)
         timestamps = buf.timestamps
         if not timestamps:
-            self._dirty[buf] = None
-            buf.opened_at = self._clock.seconds()
+            self._opened(buf)
         timestamps.append(timestamp)
         buf.sequences.append(sequence)
         arrivals = self.arrivals
@@ -485,6 +482,11 @@ class BatchingWriter:
                 self.arrivals.pop(job_id, None)
                 forgotten += 1
         return forgotten
+
+    def _opened(self, buf: _Buffer) -> None:
+        """An empty buffer gets its first message: the flush timer covers it from now on."""
+        self._dirty[buf] = None
+        buf.opened_at = self._clock.seconds()
 
     def _new_job(self, job_id: str) -> _Job:
         job = self._jobs[job_id] = _Job(job_id, held=job_id in self._discards)

@@ -606,22 +606,27 @@ def _decode_table(stored: bytes, flags: int, table_raw_size: int, info: MemberIn
             raise CorruptMember("table inflates to the wrong size", *where)
     else:
         raw = stored
-    n = info.count
+    columns = None
     if _decode_table_c is not None:
-        fast = _decode_table_c(
-            raw, n, info.min_timestamp, info.first_sequence, info.first_ordinal
+        columns = _decode_table_c(
+            raw, info.count, info.min_timestamp, info.first_sequence, info.first_ordinal
         )
-        if fast is not None:
-            lengths, timestamps, sequences, ordinals, total, low, high = fast
-            if (
-                total != info.raw_size
-                or ordinals[-1] != info.last_ordinal
-                or sequences[-1] != info.last_sequence
-                or low != info.min_timestamp
-                or high != info.max_timestamp
-            ):
-                raise CorruptMember("table disagrees with the member bounds", *where)
-            return MemberTable(lengths, timestamps, sequences, ordinals)
+    if columns is None:  # not the canonical encoding, or the extension is not built
+        columns = _decode_table_proto(raw, info, where)
+    lengths, timestamps, sequences, ordinals, total, low, high = columns
+    if (
+        total != info.raw_size
+        or ordinals[-1] != info.last_ordinal
+        or sequences[-1] != info.last_sequence
+        or low != info.min_timestamp
+        or high != info.max_timestamp
+    ):
+        raise CorruptMember("table disagrees with the member bounds", *where)
+    return MemberTable(lengths, timestamps, sequences, ordinals)
+
+
+def _decode_table_proto(raw: bytes, info: MemberInfo, where) -> tuple:
+    """The reference decoder: the columns of ``_speedups.decode_table``, from protobuf."""
     try:
         msg = _TableProto.FromString(raw)
     except DecodeError as e:
@@ -630,20 +635,15 @@ def _decode_table(stored: bytes, flags: int, table_raw_size: int, info: MemberIn
     ts_deltas = list(msg.timestamp_deltas)
     seq_deltas = list(msg.sequence_deltas)
     ord_deltas = list(msg.ordinal_deltas)
+    n = info.count
     if not (len(lengths) == len(ts_deltas) == len(seq_deltas) == len(ord_deltas) == n):
         raise CorruptMember("table column lengths do not match the count", *where)
     timestamps = _accumulate_wrapped(info.min_timestamp, ts_deltas, unsigned=False)
     sequences = _accumulate_wrapped(info.first_sequence, seq_deltas, unsigned=True)
     ordinals = _accumulate_wrapped(info.first_ordinal, ord_deltas, unsigned=False)
-    if (
-        sum(lengths) != info.raw_size
-        or ordinals[-1] != info.last_ordinal
-        or sequences[-1] != info.last_sequence
-        or min(timestamps) != info.min_timestamp
-        or max(timestamps) != info.max_timestamp
-    ):
-        raise CorruptMember("table disagrees with the member bounds", *where)
-    return MemberTable(lengths, timestamps, sequences, ordinals)
+    low = min(timestamps) if timestamps else None
+    high = max(timestamps) if timestamps else None
+    return lengths, timestamps, sequences, ordinals, sum(lengths), low, high
 
 
 def _file_name(f) -> Optional[str]:

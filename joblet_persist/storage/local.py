@@ -740,12 +740,7 @@ class LocalStorage(StorageBackend):
         cutoff = self._clock.seconds() - idle
         unloaded = 0
         for job_id, state in list(self._jobs.items()):
-            if (
-                state.last_used > cutoff
-                or job_id in self._pending
-                or job_id in self._deleting
-                or job_id in self._loading
-            ):
+            if state.last_used > cutoff or self._in_flight(job_id):
                 continue
             del self._jobs[job_id]
             self._snapshots.pop(job_id, None)
@@ -755,12 +750,11 @@ class LocalStorage(StorageBackend):
 
     def resident(self, job_id: str) -> bool:
         """Whether the job's state is in memory or being loaded, written or deleted."""
-        return (
-            job_id in self._jobs
-            or job_id in self._pending
-            or job_id in self._loading
-            or job_id in self._deleting
-        )
+        return job_id in self._jobs or self._in_flight(job_id)
+
+    def _in_flight(self, job_id: str) -> bool:
+        """A load, append or deletion of the job is in progress.  Reactor thread."""
+        return job_id in self._pending or job_id in self._loading or job_id in self._deleting
 
     @property
     def loaded_jobs(self) -> int:
