@@ -7,6 +7,10 @@ HYPOTHESIS_PROFILE=long for longer exploratory runs.
 import os
 import warnings
 
+# Reactor-only methods assert their thread in tests (joblet_persist/threads.py); set before
+# any joblet_persist module is imported, and inherited by the twistd processes tests spawn.
+os.environ.setdefault("JOBLET_PERSIST_CHECK_THREADS", "1")
+
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
