@@ -17,9 +17,14 @@ from joblet_persist.config import ConfigError
 from joblet_persist.grpc_server import GrpcServerService
 from joblet_persist.query import PersistServicer
 from joblet_persist.security import (
+    LISTENER_ADMIN_SOCKET,
+    LISTENER_TLS_TCP,
+    LISTENER_VIEWER_SOCKET,
     ROLE_ADMIN,
     ROLE_VIEWER,
     Authorizer,
+    ListenerContext,
+    ListenerServicer,
     PermissionDenied,
     Unauthenticated,
     certificate_ous,
@@ -110,14 +115,20 @@ class AddressTests(SynchronousTestCase):
             self.assertFalse(is_loopback_host(host), host)
 
     def test_plaintext_only_on_loopback(self):
-        """Plaintext TCP on a non-loopback address is refused with a clear error; TLS allows it."""
-        check_tcp_listener("127.0.0.1:50052", None)
-        check_tcp_listener("[::1]:50052", None)
-        for address in ("0.0.0.0:50052", ":50052", "10.0.0.1:1", "myhost:1"):
+        """Plaintext TCP needs the opt-in and a loopback address; TLS allows any address."""
+        check_tcp_listener("127.0.0.1:50052", None, True)
+        check_tcp_listener("[::1]:50052", None, True)
+        for address in ("127.0.0.1:50052", "[::1]:50052"):
             e = self.assertRaises(ValueError, check_tcp_listener, address, None)
             self.assertIn(address, str(e))
-            self.assertIn("TLS", str(e))
+            self.assertIn("server.allowPlaintextTcp", str(e))
+        for address in ("0.0.0.0:50052", ":50052", "10.0.0.1:1", "myhost:1"):
+            for allow in (False, True):
+                e = self.assertRaises(ValueError, check_tcp_listener, address, None, allow)
+                self.assertIn(address, str(e))
+                self.assertIn("TLS", str(e))
         check_tcp_listener("0.0.0.0:50052", {"server_cert": b"x", "server_key": b"y"})
+        check_tcp_listener("127.0.0.1:50052", {"server_cert": b"x", "server_key": b"y"})
 
     def test_server_service_refuses_plaintext_non_loopback(self):
         """GrpcServerService refuses to be built for plaintext on a non-loopback address."""
@@ -133,6 +144,12 @@ class AddressTests(SynchronousTestCase):
         )
         self.assertIn("0.0.0.0:50052", str(e))
         self.assertRaises(ValueError, GrpcServerService, servicer)
+        # Loopback plaintext without the opt-in is refused too.
+        e = self.assertRaises(
+            ValueError, GrpcServerService, servicer, tcp_address="127.0.0.1:0", tls=None
+        )
+        self.assertIn("server.allowPlaintextTcp", str(e))
+        GrpcServerService(servicer, tcp_address="127.0.0.1:0", allow_plaintext_tcp=True)
 
 
 class RoleTests(SynchronousTestCase):
@@ -151,7 +168,8 @@ class RoleTests(SynchronousTestCase):
         self.assertIsNone(role_for_ous((), "", ""))
 
     def test_transport_roles(self):
-        """Unix socket and loopback plaintext callers are admin; remote plaintext is refused."""
+        """Admin socket and opted-in loopback plaintext callers are admin; remote plaintext
+        is refused."""
         a = Authorizer()
         self.assertEqual(a.role(FakeContext(peer="unix:")), ROLE_ADMIN)
         self.assertEqual(a.role(FakeContext(peer="unix:/run/x.sock")), ROLE_ADMIN)
@@ -159,6 +177,44 @@ class RoleTests(SynchronousTestCase):
         self.assertEqual(a.role(FakeContext(peer="ipv6:[::1]:5555")), ROLE_ADMIN)
         self.assertRaises(Unauthenticated, a.role, FakeContext(peer="ipv4:10.0.0.2:5555"))
         self.assertRaises(Unauthenticated, a.role, FakeContext(peer="ipv4:127.0.0.1:1", auth={}))
+
+    def test_listener_decides(self):
+        """The listener a call came in on decides, not the peer: the viewer socket gives
+        viewer, and a Unix or loopback peer on no known listener (or on the TLS listener)
+        gets no role without a certificate."""
+        a = Authorizer()
+        self.assertEqual(a.role(FakeContext(listener=LISTENER_VIEWER_SOCKET)), ROLE_VIEWER)
+        self.assertEqual(a.role(FakeContext(listener=LISTENER_ADMIN_SOCKET)), ROLE_ADMIN)
+        for listener in (None, "", LISTENER_TLS_TCP, "something-else"):
+            for peer in ("unix:", "ipv4:127.0.0.1:5", "ipv6:[::1]:5"):
+                ctx = FakeContext(peer=peer, listener=listener)
+                if listener is None:
+                    del ctx.joblet_listener
+                self.assertRaises(Unauthenticated, a.role, ctx)
+        # A certificate still decides on the TLS listener.
+        ctx = _tls_context("viewer")
+        self.assertEqual(ctx.joblet_listener, LISTENER_TLS_TCP)
+        self.assertEqual(a.role(ctx), ROLE_VIEWER)
+
+    def test_listener_context_and_servicer(self):
+        """ListenerServicer hands each RPC method the call's context wrapped with the
+        listener's name; every other attribute of the context is the original's."""
+        seen = []
+
+        class Servicer:
+            value = 7
+
+            def Ping(self, request, context):
+                seen.append((request, context.joblet_listener, context.peer()))
+                return "pong"
+
+        wrapped = ListenerServicer(Servicer(), LISTENER_VIEWER_SOCKET)
+        self.assertEqual(wrapped.Ping("req", FakeContext(peer="unix:")), "pong")
+        self.assertEqual(seen, [("req", LISTENER_VIEWER_SOCKET, "unix:")])
+        self.assertEqual(wrapped.value, 7)
+        ctx = ListenerContext(FakeContext(peer="ipv4:1.2.3.4:5"), LISTENER_ADMIN_SOCKET)
+        self.assertEqual(ctx.peer(), "ipv4:1.2.3.4:5")
+        self.assertEqual(Authorizer().role(ctx), ROLE_ADMIN)
 
     def test_certificate_roles(self):
         """TLS callers get their role from the certificate OU; none or no cert is refused."""
