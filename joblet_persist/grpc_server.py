@@ -248,7 +248,7 @@ class GrpcServerService(service.Service):
         )
         if self.tcp_address and self._tls is None:
             host = self.tcp_address.rpartition(":")[0]
-            self.log.warn("{warning}", warning=plaintext_tcp_warning(f"{host}:{self.tcp_port}"))
+            self.log.warn("{detail}", detail=plaintext_tcp_warning(f"{host}:{self.tcp_port}"))
 
     def _new_server(self, executor, health_servicer, listener: str) -> grpc.Server:
         """One listener's grpc server: the servicer as that listener sees it, health and

@@ -105,7 +105,7 @@ def warn_exposed_settings(config, log=None) -> list[str]:
     log = log if log is not None else Logger(namespace="joblet_persist.tap")
     messages = config_warnings(config)
     for message in messages:
-        log.warn("{warning}", warning=message)
+        log.warn("{detail}", detail=message)
     return messages
 
 

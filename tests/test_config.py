@@ -11,6 +11,7 @@ from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 
 from joblet_persist.config import (
+    QUERY_MESSAGE_OVERHEAD,
     Config,
     ConfigError,
     IPCConfig,
@@ -30,6 +31,7 @@ from joblet_persist.config import (
     parse_host_port,
     parse_size,
     read_pem,
+    resolve_group,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -1080,3 +1082,88 @@ class ConfigErrorTests(SynchronousTestCase):
         self.assertEqual(str(ConfigError(None, "a.b", "bad")), "a.b: bad")
         e = ConfigError("c.yml", "a.b", "bad", line=4)
         self.assertEqual((e.source, e.key, e.message, e.line), ("c.yml", "a.b", "bad", 4))
+
+
+class AccessKeyTests(SynchronousTestCase, ConfigErrorMixin):
+    """server.grpcViewerSocket*, server.allowPlaintextTcp, and the query send limit."""
+
+    def test_viewer_socket_keys(self):
+        """The viewer socket takes a path, a mode and a group name or gid."""
+        c = config_from_string(
+            _yaml(
+                {
+                    "server": {
+                        "grpcViewerSocket": "/run/jp/viewer.sock",
+                        "grpcViewerSocketMode": "0640",
+                        "grpcViewerSocketGroup": "root",
+                    }
+                }
+            )
+        )
+        self.assertEqual(c.server.grpc_viewer_socket, "/run/jp/viewer.sock")
+        self.assertEqual(c.server.grpc_viewer_socket_mode, 0o640)
+        self.assertEqual(c.server.grpc_viewer_socket_group, "root")
+        self.assertEqual(c.describe()["server"]["grpcViewerSocketMode"], "0640")
+        c = config_from_string(
+            "server:\n  grpcViewerSocket: /run/v.sock\n  grpcViewerSocketGroup: 0\n"
+        )
+        self.assertEqual(c.server.grpc_viewer_socket_group, "0")
+        self.assertEqual(resolve_group("0"), 0)
+        self.assertEqual(resolve_group("root"), 0)
+        self.assertIsNone(resolve_group(""))
+
+    def test_viewer_socket_errors(self):
+        """An unknown group, a bad group value, a shared path or a long path is refused,
+        naming the key."""
+        self.assertConfigError(
+            "server:\n  grpcViewerSocket: /run/v.sock\n  grpcViewerSocketGroup: nosuchgroup-jp\n",
+            "server.grpcViewerSocketGroup",
+            "no group named 'nosuchgroup-jp'",
+        )
+        self.assertConfigError(
+            "server:\n  grpcViewerSocketGroup: 'a b'\n",
+            "server.grpcViewerSocketGroup",
+            "not a group name or a gid",
+        )
+        self.assertConfigError(
+            "server:\n  grpcViewerSocketGroup: -1\n",
+            "server.grpcViewerSocketGroup",
+            "expected a group name or a gid",
+        )
+        self.assertConfigError(
+            "server:\n  grpcSocket: /run/a.sock\n  grpcViewerSocket: /run/a.sock\n",
+            "server.grpcViewerSocket",
+            "must differ",
+        )
+        self.assertConfigError(
+            "server:\n  grpcViewerSocket: /" + "x" * 120 + ".sock\n",
+            "server.grpcViewerSocket",
+            "limited to 107 bytes",
+        )
+        self.assertConfigError(
+            "server:\n  allowPlaintextTcp: 1\n", "server.allowPlaintextTcp", "true or false"
+        )
+
+    def test_send_limit_covers_the_largest_frame(self):
+        """Queries may send a message as large as the largest accepted IPC frame plus the
+        response's overhead, and at least server.maxMessageBytes."""
+        c = default_config()
+        self.assertEqual(c.grpc_send_message_bytes, 128 * MiB + QUERY_MESSAGE_OVERHEAD)
+        c = config_from_string("ipc:\n  maxFrameBytes: 1MiB\n")
+        self.assertEqual(c.grpc_send_message_bytes, 16 * MiB)
+        c = config_from_string("ipc:\n  maxFrameBytes: 1GiB\n")
+        self.assertEqual(c.grpc_send_message_bytes, 1024 * MiB + QUERY_MESSAGE_OVERHEAD)
+
+    def test_frame_larger_than_a_query_can_send_refused(self):
+        """An ipc.maxFrameBytes whose lines could never be sent back (beyond gRPC's 2 GiB
+        message limit) is an error naming both keys."""
+        e = self.assertConfigError(
+            "ipc:\n  maxFrameBytes: 2GiB\n",
+            "ipc.maxFrameBytes",
+            "never read back",
+            "server.maxMessageBytes",
+        )
+        self.assertIn(str(2**31 - 1 - QUERY_MESSAGE_OVERHEAD), str(e))
+        largest = 2**31 - 1 - QUERY_MESSAGE_OVERHEAD
+        c = config_from_string(f"ipc:\n  maxFrameBytes: {largest}\n")
+        self.assertEqual(c.grpc_send_message_bytes, 2**31 - 1)

@@ -11,10 +11,12 @@ import os
 import tempfile
 
 import grpc
+from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 
-from joblet_persist.config import ConfigError
+from joblet_persist.config import ConfigError, config_from_string, default_config
 from joblet_persist.grpc_server import GrpcServerService
+from joblet_persist.logs import Logger
 from joblet_persist.query import PersistServicer
 from joblet_persist.security import (
     LISTENER_ADMIN_SOCKET,
@@ -29,13 +31,16 @@ from joblet_persist.security import (
     Unauthenticated,
     certificate_ous,
     check_tcp_listener,
+    config_warnings,
     is_loopback_host,
+    plaintext_tcp_warning,
     read_pem,
     role_for_ous,
     server_credentials,
     split_host_port,
     tls_settings,
 )
+from joblet_persist.tap import warn_exposed_settings
 from tests.fakes import FakeContext, FakeStorage, ImmediateReactor, make_pki
 
 
@@ -242,3 +247,62 @@ class RoleTests(SynchronousTestCase):
             PermissionDenied, a.check, _tls_context("viewer"), ROLE_ADMIN, "DeleteJob"
         )
         self.assertIn("DeleteJob", str(e))
+
+
+class ExposedSettingsTests(SynchronousTestCase):
+    """Accepted settings that expose data warn at start, naming the key and the file."""
+
+    def warnings(self, text):
+        config = config_from_string(text, source="/etc/jp.yml")
+        events = []
+        messages = warn_exposed_settings(config, log=Logger(observer=events.append))
+        self.assertEqual([e["log_level"] for e in events], [LogLevel.warn] * len(messages))
+        self.assertEqual([e["detail"] for e in events], messages)
+        return messages
+
+    def test_defaults_warn_nothing(self):
+        """The default configuration has nothing to warn about."""
+        self.assertEqual(config_warnings(default_config()), [])
+        self.assertEqual(self.warnings(""), [])
+
+    def test_socket_modes_open_to_others(self):
+        """Any o+rw bit on a socket mode warns, naming the key; group access does not."""
+        for mode in ("0666", "0777", "0606", "0602", "0604"):
+            text = (
+                f'ipc:\n  socketMode: "{mode}"\n'
+                f'server:\n  grpcSocketMode: "{mode}"\n'
+                f'  grpcViewerSocket: /run/v.sock\n  grpcViewerSocketMode: "{mode}"\n'
+            )
+            messages = self.warnings(text)
+            self.assertEqual(len(messages), 3, messages)
+            for message, key in zip(
+                messages,
+                ["ipc.socketMode", "server.grpcSocketMode", "server.grpcViewerSocketMode"],
+                strict=True,
+            ):
+                self.assertTrue(message.startswith(f"/etc/jp.yml: {key}: {mode}"), message)
+                self.assertIn("every local user", message)
+        for mode in ("0600", "0660", "0670", "0601"):
+            self.assertEqual(self.warnings(f'server:\n  grpcSocketMode: "{mode}"\n'), [])
+        # A listener that is off does not warn about its mode.
+        self.assertEqual(self.warnings('server:\n  grpcViewerSocketMode: "0666"\n'), [])
+
+    def test_monitoring_bind_address(self):
+        """A non-loopback monitoring.bindAddress warns; loopback ones and a disabled
+        monitoring do not."""
+        for address in ("0.0.0.0", "::", "10.1.2.3", "example.com"):
+            [message] = self.warnings(f"monitoring:\n  bindAddress: '{address}'\n")
+            self.assertTrue(message.startswith("/etc/jp.yml: monitoring.bindAddress: "), message)
+            self.assertIn(address, message)
+        for address in ("127.0.0.1", "::1", "localhost"):
+            self.assertEqual(self.warnings(f"monitoring:\n  bindAddress: '{address}'\n"), [])
+        self.assertEqual(
+            self.warnings("monitoring:\n  enabled: false\n  bindAddress: 0.0.0.0\n"), []
+        )
+
+    def test_plaintext_warning_names_address_and_risk(self):
+        """The plaintext TCP warning names the address, the opt-in key and the risk."""
+        message = plaintext_tcp_warning("127.0.0.1:50052")
+        for fragment in ("127.0.0.1:50052", "server.allowPlaintextTcp", "every local user",
+                         "admin", "delete jobs"):
+            self.assertIn(fragment, message)
