@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from concurrent import futures
 from typing import Optional
 
@@ -90,13 +91,22 @@ def _mode(value) -> int:
 
 
 class _AllStopped:
-    """The events of several ``grpc.Server.stop`` calls, waited for as one."""
+    """The events of several ``grpc.Server.stop`` calls, waited for as one
+    (``wait(timeout)`` and ``is_set()`` like ``threading.Event``'s).  Any thread."""
 
     def __init__(self, events):
         self._events = list(events)
 
+    def is_set(self) -> bool:
+        return all(event.is_set() for event in self._events)
+
     def wait(self, timeout=None) -> bool:
-        return all(event.wait(timeout) for event in self._events)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for event in self._events:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not event.wait(left):
+                return False
+        return True
 
 
 class _Servers:

@@ -306,3 +306,26 @@ class ExposedSettingsTests(SynchronousTestCase):
         for fragment in ("127.0.0.1:50052", "server.allowPlaintextTcp", "every local user",
                          "admin", "delete jobs"):
             self.assertIn(fragment, message)
+
+
+class AllStoppedTests(SynchronousTestCase):
+    """The combined stop event of several listeners' grpc servers."""
+
+    def test_waits_for_every_event_within_one_timeout(self):
+        """wait() is true only when every server stopped; one timeout bounds the whole wait;
+        is_set() follows all events."""
+        import threading
+
+        from joblet_persist.grpc_server import _AllStopped
+
+        a, b = threading.Event(), threading.Event()
+        both = _AllStopped([a, b])
+        self.assertFalse(both.is_set())
+        a.set()
+        self.assertFalse(both.wait(0))
+        self.assertFalse(both.is_set())
+        b.set()
+        self.assertTrue(both.wait(0))
+        self.assertTrue(both.wait())
+        self.assertTrue(both.is_set())
+        self.assertTrue(_AllStopped([]).wait(0))
