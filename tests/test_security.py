@@ -303,8 +303,13 @@ class ExposedSettingsTests(SynchronousTestCase):
     def test_plaintext_warning_names_address_and_risk(self):
         """The plaintext TCP warning names the address, the opt-in key and the risk."""
         message = plaintext_tcp_warning("127.0.0.1:50052")
-        for fragment in ("127.0.0.1:50052", "server.allowPlaintextTcp", "every local user",
-                         "admin", "delete jobs"):
+        for fragment in (
+            "127.0.0.1:50052",
+            "server.allowPlaintextTcp",
+            "every local user",
+            "admin",
+            "delete jobs",
+        ):
             self.assertIn(fragment, message)
 
 

@@ -104,9 +104,7 @@ def _run_as_nobody(python: str, spec: dict) -> dict:
 
 
 def _frames(job: str) -> bytes:
-    return b"".join(
-        log_frame(job, 1, 1_000 + i, i + 1, content) for i, content in enumerate(LINES)
-    )
+    return b"".join(log_frame(job, 1, 1_000 + i, i + 1, content) for i, content in enumerate(LINES))
 
 
 def _query_logs(target: str, job: str, credentials=None, max_receive: int = 0) -> list:
@@ -226,14 +224,20 @@ class HostileUserTests(_TwistdBase):
         self.assertEqual(report["ipc_socket_connect"], "EACCES")
         self.assertEqual(
             report["admin_socket"],
-            {"QueryLogs": "UNAVAILABLE", "DeleteJob": "UNAVAILABLE",
-             "CleanupOldData": "UNAVAILABLE"},
+            {
+                "QueryLogs": "UNAVAILABLE",
+                "DeleteJob": "UNAVAILABLE",
+                "CleanupOldData": "UNAVAILABLE",
+            },
         )
         for attempt in ("tcp_plaintext", "tcp_tls_without_certificate"):
             self.assertEqual(
                 report[attempt],
-                {"QueryLogs": "UNAVAILABLE", "DeleteJob": "UNAVAILABLE",
-                 "CleanupOldData": "UNAVAILABLE"},
+                {
+                    "QueryLogs": "UNAVAILABLE",
+                    "DeleteJob": "UNAVAILABLE",
+                    "CleanupOldData": "UNAVAILABLE",
+                },
                 attempt,
             )
         self.assertEqual(report["viewer_socket_connect"], "connected")
@@ -341,13 +345,19 @@ class StartupTests(_TwistdBase):
             """
         )
         yield wait_for(lambda: in_thread(ping, f"{d}/grpc.sock"), what="Ping")
-        yield wait_for(lambda: f"127.0.0.1:{port} (server.allowPlaintextTcp" in self.proc.output,
-                       what="the plaintext TCP warning")
+        yield wait_for(
+            lambda: f"127.0.0.1:{port} (server.allowPlaintextTcp" in self.proc.output,
+            what="the plaintext TCP warning",
+        )
         output = self.proc.output
         warnings = [line for line in output.splitlines() if "#warn]" in line]
         self.assertTrue(
-            any(f"plaintext TCP on 127.0.0.1:{port}" in w and "every local user" in w
-                for w in warnings), output)
+            any(
+                f"plaintext TCP on 127.0.0.1:{port}" in w and "every local user" in w
+                for w in warnings
+            ),
+            output,
+        )
         self.assertTrue(any("ipc.socketMode: 0666" in w for w in warnings), output)
         self.assertTrue(any("monitoring.bindAddress: 0.0.0.0" in w for w in warnings), output)
         yield self.stop()

@@ -668,7 +668,10 @@ class ListenerRoleTests(GrpcTestBase):
         }
         events = []
         service = GrpcServerService(
-            self.make_servicer(), tcp_address="127.0.0.1:0", tls=tls, reactor=reactor,
+            self.make_servicer(),
+            tcp_address="127.0.0.1:0",
+            tls=tls,
+            reactor=reactor,
             shutdown_grace=0.5,
         )
         service.log = Logger(observer=events.append)
