@@ -33,6 +33,9 @@ from joblet_persist._proto import persist_pb2, persist_pb2_grpc
 DEFAULT_SOCKET = "/opt/joblet/run/persist-grpc.sock"
 SOCKET_ENV = "JOBLET_PERSIST_SOCKET"
 DEFAULT_TIMEOUT = 10.0
+#: Largest message accepted from the service: gRPC's own limit.  A LogLine may be as large
+#: as the service's ipc.maxFrameBytes (128 MiB by default, up to 2 GiB).
+MAX_RECEIVE_MESSAGE_BYTES = 2**31 - 1
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -115,10 +118,21 @@ def _connection_options(parser, suppress: bool) -> None:
         "--socket",
         metavar="PATH",
         default=default,
-        help=f"Unix socket of the service (default: ${SOCKET_ENV} or {DEFAULT_SOCKET})",
+        help=(
+            f"Unix socket of the service (default: ${SOCKET_ENV} or {DEFAULT_SOCKET}, the "
+            "admin socket); the viewer socket (server.grpcViewerSocket) allows everything "
+            "but delete"
+        ),
     )
     group.add_argument(
-        "--address", metavar="HOST:PORT", default=default, help="connect over TCP instead"
+        "--address",
+        metavar="HOST:PORT",
+        default=default,
+        help=(
+            "connect over TCP instead: TLS with --ca, --cert and --key (the certificate's OU "
+            "gives the role); without them plaintext, which only a service with "
+            "server.allowPlaintextTcp accepts"
+        ),
     )
     group.add_argument("--ca", metavar="FILE", default=default, help="CA certificate (TLS)")
     group.add_argument("--cert", metavar="FILE", default=default, help="client certificate")
@@ -212,7 +226,7 @@ def _read(path: Optional[str], what: str) -> Optional[bytes]:
 
 
 def _connect(args) -> tuple[grpc.Channel, str]:
-    options = [("grpc.max_receive_message_length", 64 << 20)]
+    options = [("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES)]
     if args.address:
         target = args.address
         if args.ca or args.cert or args.key:

@@ -62,6 +62,7 @@ __all__ = [
     "parse_host_port",
     "parse_size",
     "read_pem",
+    "resolve_group",
 ]
 
 KiB = 1024
@@ -71,6 +72,14 @@ GiB = 1024 * MiB
 DEFAULT_DATA_DIR = "/opt/joblet"
 IPC_SOCKET_NAME = "persist-ipc.sock"
 GRPC_SOCKET_NAME = "persist-grpc.sock"
+
+#: Bytes a query response may add to the largest IPC frame's content: a LogLine or an
+#: event re-encoded for the query API carries the job id (up to 128 bytes), timestamps
+#: and field tags besides the content the frame held.
+QUERY_MESSAGE_OVERHEAD = 64 * KiB
+
+#: gRPC takes message limits as a C int.
+GRPC_MAX_MESSAGE_BYTES = 2**31 - 1
 
 #: Longest AF_UNIX socket path in bytes (Linux: 108 bytes of sun_path, one for the NUL).
 MAX_SOCKET_PATH_BYTES = 107
@@ -420,6 +429,33 @@ def _address(value: Any) -> str:
     return value
 
 
+def _group(value: Any) -> str:
+    """A group name or a numeric gid (as a string or an int); "" keeps the service's group."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise _Invalid(f"expected a group name or a gid, got {_show(value)}")
+        return str(int(value))
+    text = _string()(value).strip()
+    if text and not re.fullmatch(r"[A-Za-z0-9_.][A-Za-z0-9_.-]*\$?", text):
+        raise _Invalid(f"{_show(value)} is not a group name or a gid")
+    return text
+
+
+def resolve_group(name: str) -> int | None:
+    """The gid of a ``server.grpcViewerSocketGroup`` value; None for "".
+
+    Raises KeyError when no such group exists.  Reads the group database (NSS): call
+    at startup.
+    """
+    if not name:
+        return None
+    if name.isdigit():
+        return int(name)
+    import grp
+
+    return grp.getgrnam(name).gr_gid
+
+
 def _bind_host(value: Any) -> str:
     host = _string(allow_empty=False)(value)
     if not _valid_host(host):
@@ -473,9 +509,14 @@ class ServerConfig:
         _path(allow_empty=True), os.path.join(DEFAULT_DATA_DIR, "run", GRPC_SOCKET_NAME)
     )
     grpc_socket_mode: int = _key(_mode, 0o600, _describe_mode)
-    grpc_address: str = _key(_address, "127.0.0.1:50052")
-    # gRPC takes message limits as a C int.
-    max_message_bytes: int = _key(_size(1, 2**31 - 1), 16 * MiB)
+    # The read-only socket: every caller there is a viewer.  "" = off.
+    grpc_viewer_socket: str = _key(_path(allow_empty=True), "")
+    grpc_viewer_socket_mode: int = _key(_mode, 0o660, _describe_mode)
+    grpc_viewer_socket_group: str = _key(_group, "")
+    # TCP is off by default; with an address it needs TLS or allowPlaintextTcp (loopback).
+    grpc_address: str = _key(_address, "")
+    allow_plaintext_tcp: bool = _key(_boolean, False)
+    max_message_bytes: int = _key(_size(1, GRPC_MAX_MESSAGE_BYTES), 16 * MiB)
     max_concurrent_rpcs: int = _key(_integer(1), 64)
     grpc_workers: int = _key(_integer(1), 16)
     shutdown_grace: float = _key(_duration(), 5.0)
@@ -636,6 +677,13 @@ class Config:
     logging: LoggingConfig = _section(LoggingConfig)
     security: SecurityConfig = _section(SecurityConfig)
     source: str = field(default="<defaults>", compare=False)
+
+    @property
+    def grpc_send_message_bytes(self) -> int:
+        """The largest message a query may send: at least ``server.maxMessageBytes``, and
+        enough for the largest line ``ipc.maxFrameBytes`` lets in, so that every stored
+        line can be read back (``_validate`` keeps it within gRPC's limit)."""
+        return max(self.server.max_message_bytes, self.ipc.max_frame_bytes + QUERY_MESSAGE_OVERHEAD)
 
     def describe(self) -> dict[str, Any]:
         """The effective configuration as a JSON-serializable dict for the startup log.
@@ -851,6 +899,16 @@ def _validate(cfg: Config, ctx: _Context) -> None:
             f"resolving to {writer.thread_count}); set it to {pool_files + 1} or more",
         )
 
+    largest = cfg.ipc.max_frame_bytes + QUERY_MESSAGE_OVERHEAD
+    if largest > GRPC_MAX_MESSAGE_BYTES:
+        raise ctx.error(
+            "ipc.maxFrameBytes",
+            f"{cfg.ipc.max_frame_bytes} bytes: a line that large could be stored but never "
+            f"read back, since a query message (like {ctx.name('server.maxMessageBytes')}) "
+            f"is limited to {GRPC_MAX_MESSAGE_BYTES} bytes; set it to at most "
+            f"{GRPC_MAX_MESSAGE_BYTES - QUERY_MESSAGE_OVERHEAD}",
+        )
+
     if cfg.query.batch_max_bytes >= cfg.server.max_message_bytes:
         raise ctx.error(
             "query.batchMaxBytes",
@@ -859,7 +917,11 @@ def _validate(cfg: Config, ctx: _Context) -> None:
             "so that a batch fits in one gRPC message",
         )
 
-    sockets = [("ipc.socket", cfg.ipc.socket), ("server.grpcSocket", cfg.server.grpc_socket)]
+    sockets = [
+        ("ipc.socket", cfg.ipc.socket),
+        ("server.grpcSocket", cfg.server.grpc_socket),
+        ("server.grpcViewerSocket", cfg.server.grpc_viewer_socket),
+    ]
     for key, path in sockets:
         if path and len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
             where = "" if key in ctx.explicit else " (placed under the data directory)"
@@ -870,6 +932,20 @@ def _validate(cfg: Config, ctx: _Context) -> None:
             )
     if cfg.ipc.socket == cfg.server.grpc_socket:
         raise ctx.error("server.grpcSocket", f"must differ from {ctx.name('ipc.socket')}")
+    viewer = cfg.server.grpc_viewer_socket
+    if viewer and viewer in (cfg.ipc.socket, cfg.server.grpc_socket):
+        raise ctx.error(
+            "server.grpcViewerSocket",
+            f"must differ from {ctx.name('ipc.socket')} and {ctx.name('server.grpcSocket')}",
+        )
+    if viewer and cfg.server.grpc_viewer_socket_group:
+        try:
+            resolve_group(cfg.server.grpc_viewer_socket_group)
+        except KeyError:
+            raise ctx.error(
+                "server.grpcViewerSocketGroup",
+                f"no group named {cfg.server.grpc_viewer_socket_group!r} on this system",
+            ) from None
 
     security = cfg.security
     if bool(security.server_cert) != bool(security.server_key):
@@ -896,6 +972,14 @@ def _validate(cfg: Config, ctx: _Context) -> None:
             f"(127.0.0.0/8, ::1, localhost); set {ctx.name('security.serverCert')} and "
             f"{ctx.name('security.serverKey')} to serve TLS on this address, use a loopback "
             'address, or "" to disable TCP',
+        )
+    if address and not security.tls_enabled and not cfg.server.allow_plaintext_tcp:
+        raise ctx.error(
+            "server.grpcAddress",
+            f"{_show(address)}: the TCP listener needs TLS ({ctx.name('security.serverCert')}"
+            f" and {ctx.name('security.serverKey')}); plaintext TCP makes every local user "
+            f"admin and needs {ctx.name('server.allowPlaintextTcp')}: true; "
+            'or set it to "" and use the Unix sockets',
         )
 
 

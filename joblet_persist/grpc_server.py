@@ -7,7 +7,13 @@ grpc server and its handler thread pool are created in ``startService``
 waits for, before it shuts the executor down; ``stopService`` returns a
 Deferred that fires on the reactor when all of that is done.
 
-Besides ``joblet.persist.PersistService`` the server carries
+Each listener (the admin Unix socket, the optional viewer Unix socket, TCP)
+has a grpc server of its own, so that a call's role can follow the listener
+it came in on (security.py: gRPC reports the same peer for every Unix
+socket).  The servers share one handler thread pool and one servicer, so the
+concurrency limit and Ping's spare threads stay global.
+
+Besides ``joblet.persist.PersistService`` each server carries
 ``grpc.health.v1.Health`` (SERVING / NOT_SERVING from the servicer's health
 verdict, for the overall service "" and for ``joblet.persist.PersistService``)
 and server reflection.
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from concurrent import futures
 from typing import Optional
 
@@ -29,7 +36,16 @@ from twisted.python.failure import Failure
 
 from joblet_persist._proto import persist_pb2, persist_pb2_grpc
 from joblet_persist.logs import Logger
-from joblet_persist.security import check_tcp_listener, server_credentials
+from joblet_persist.security import (
+    LISTENER_ADMIN_SOCKET,
+    LISTENER_PLAINTEXT_TCP,
+    LISTENER_TLS_TCP,
+    LISTENER_VIEWER_SOCKET,
+    ListenerServicer,
+    check_tcp_listener,
+    plaintext_tcp_warning,
+    server_credentials,
+)
 from joblet_persist.services import replace_stale_unix_socket
 
 PERSIST_SERVICE_NAME = persist_pb2.DESCRIPTOR.services_by_name["PersistService"].full_name
@@ -74,16 +90,62 @@ def _mode(value) -> int:
     return int(value)
 
 
-class GrpcServerService(service.Service):
-    """Serves ``servicer`` on a Unix socket and/or TCP.  Reactor thread.
+class _AllStopped:
+    """The events of several ``grpc.Server.stop`` calls, waited for as one
+    (``wait(timeout)`` and ``is_set()`` like ``threading.Event``'s).  Any thread."""
 
-    - ``unix_socket``: path; a stale socket file from a crash is replaced, a
-      live one (another server answers) or a non-socket file is an error.  The
-      file mode is set right after the bind, before the server starts.
+    def __init__(self, events):
+        self._events = list(events)
+
+    def is_set(self) -> bool:
+        return all(event.is_set() for event in self._events)
+
+    def wait(self, timeout=None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for event in self._events:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not event.wait(left):
+                return False
+        return True
+
+
+class _Servers:
+    """The grpc servers of the listeners, started and stopped together.
+
+    ``stop(grace)`` stops every server at once (the grace periods run in
+    parallel) and returns an object whose ``wait()`` waits for all of them,
+    like ``grpc.Server.stop``'s event.
+    """
+
+    def __init__(self, servers):
+        self.servers = list(servers)
+
+    def start(self) -> None:
+        for server in self.servers:
+            server.start()
+
+    def stop(self, grace):
+        return _AllStopped([server.stop(grace) for server in self.servers])
+
+
+class GrpcServerService(service.Service):
+    """Serves ``servicer`` on Unix sockets and/or TCP.  Reactor thread.
+
+    - ``unix_socket``: the admin socket's path (every caller is admin); a
+      stale socket file from a crash is replaced, a live one (another server
+      answers) or a non-socket file is an error.  The file mode is set right
+      after the bind, before the server starts.
+    - ``viewer_socket``: the read-only socket's path (every caller is viewer),
+      with ``viewer_socket_mode`` and ``viewer_socket_gid`` (None keeps the
+      process's group) applied likewise.
     - ``tcp_address``: ``host:port`` (port 0 picks a free one; see
-      ``tcp_port`` after start).  Without ``tls`` only a loopback address is
-      accepted.  ``tls``: ``{"server_cert", "server_key", "ca_cert",
-      "require_client_cert"}`` with PEM bytes.
+      ``tcp_port`` after start).  ``tls``: ``{"server_cert", "server_key",
+      "ca_cert", "require_client_cert"}`` with PEM bytes; roles then come from
+      client certificates.  Without ``tls`` the address must be loopback and
+      ``allow_plaintext_tcp`` true (callers are admin; a warning is logged).
+    - ``max_message_bytes`` limits received requests; ``max_send_message_bytes``
+      (default: the same) limits sent messages, which must hold the largest
+      stored line.
     - The handler pool has ``max(max_workers, limit + SPARE_WORKERS)``
       threads, where ``limit`` is the servicer's concurrency limit (set from
       ``max_concurrent_rpcs`` when given), so that Ping never queues behind
@@ -99,33 +161,45 @@ class GrpcServerService(service.Service):
         *,
         unix_socket: Optional[str] = None,
         unix_socket_mode=0o600,
+        viewer_socket: Optional[str] = None,
+        viewer_socket_mode=0o660,
+        viewer_socket_gid: Optional[int] = None,
         tcp_address: Optional[str] = None,
         tls: Optional[dict] = None,
+        allow_plaintext_tcp: bool = False,
         max_workers: int = 16,
         max_message_bytes: int = 16 << 20,
+        max_send_message_bytes: Optional[int] = None,
         max_concurrent_rpcs: Optional[int] = None,
         shutdown_grace: float = 5.0,
         health_interval: float = 1.0,
         reactor=None,
     ):
-        if not unix_socket and not tcp_address:
+        if not unix_socket and not viewer_socket and not tcp_address:
             raise ValueError("no gRPC listener configured: set a Unix socket or a TCP address")
         if tcp_address:
-            check_tcp_listener(tcp_address, tls)
+            check_tcp_listener(tcp_address, tls, allow_plaintext_tcp)
         if max_concurrent_rpcs is not None:
             servicer.set_max_concurrent_rpcs(max_concurrent_rpcs)
         self.servicer = servicer
         self.unix_socket = unix_socket or None
         self._unix_mode = _mode(unix_socket_mode)
+        self.viewer_socket = viewer_socket or None
+        self._viewer_mode = _mode(viewer_socket_mode)
+        self._viewer_gid = viewer_socket_gid
         self.tcp_address = tcp_address or None
         self._tls = tls
+        self._allow_plaintext_tcp = bool(allow_plaintext_tcp)
         self._max_workers = max(1, int(max_workers))
         self._max_message_bytes = int(max_message_bytes)
+        self._max_send_message_bytes = int(
+            max_message_bytes if max_send_message_bytes is None else max_send_message_bytes
+        )
         self._grace = float(shutdown_grace)
         self._health_interval = float(health_interval)
         self._reactor = reactor
         self.tcp_port: Optional[int] = None
-        self._server: Optional[grpc.Server] = None
+        self._server: Optional[_Servers] = None
         self._executor: Optional[futures.ThreadPoolExecutor] = None
         self._health: Optional[_HealthServicer] = None
         self._health_loop: Optional[task.LoopingCall] = None
@@ -146,31 +220,27 @@ class GrpcServerService(service.Service):
 
     def startService(self):
         if self.tcp_address:
-            check_tcp_listener(self.tcp_address, self._tls)
+            check_tcp_listener(self.tcp_address, self._tls, self._allow_plaintext_tcp)
         reactor = self._get_reactor()
         executor = futures.ThreadPoolExecutor(
             max_workers=self.workers, thread_name_prefix="grpc-query"
         )
-        server = grpc.server(
-            executor,
-            options=[
-                ("grpc.max_send_message_length", self._max_message_bytes),
-                ("grpc.max_receive_message_length", self._max_message_bytes),
-                # A second server on the same port must fail, not share it.
-                ("grpc.so_reuseport", 0),
-            ],
-        )
         health_servicer = _HealthServicer(self.servicer.healthy)
+        server = _Servers([])
         try:
-            persist_pb2_grpc.add_PersistServiceServicer_to_server(self.servicer, server)
-            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-            reflection.enable_server_reflection(
-                (PERSIST_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-            )
             if self.unix_socket:
-                self._bind_unix(server)
+                listener = self._new_server(executor, health_servicer, LISTENER_ADMIN_SOCKET)
+                server.servers.append(listener)
+                self._bind_unix(listener, self.unix_socket, self._unix_mode, None)
+            if self.viewer_socket:
+                listener = self._new_server(executor, health_servicer, LISTENER_VIEWER_SOCKET)
+                server.servers.append(listener)
+                self._bind_unix(listener, self.viewer_socket, self._viewer_mode, self._viewer_gid)
             if self.tcp_address:
-                self.tcp_port = self._bind_tcp(server)
+                kind = LISTENER_TLS_TCP if self._tls is not None else LISTENER_PLAINTEXT_TCP
+                listener = self._new_server(executor, health_servicer, kind)
+                server.servers.append(listener)
+                self.tcp_port = self._bind_tcp(listener)
             health_servicer.refresh()
             server.start()
         except BaseException:
@@ -186,26 +256,53 @@ class GrpcServerService(service.Service):
             "gRPC serving on {where}",
             where=", ".join(self._listeners()),
         )
+        if self.tcp_address and self._tls is None:
+            host = self.tcp_address.rpartition(":")[0]
+            self.log.warn("{detail}", detail=plaintext_tcp_warning(f"{host}:{self.tcp_port}"))
+
+    def _new_server(self, executor, health_servicer, listener: str) -> grpc.Server:
+        """One listener's grpc server: the servicer as that listener sees it, health and
+        reflection, on the shared handler pool."""
+        server = grpc.server(
+            executor,
+            options=[
+                ("grpc.max_send_message_length", self._max_send_message_bytes),
+                ("grpc.max_receive_message_length", self._max_message_bytes),
+                # A second server on the same port must fail, not share it.
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        persist_pb2_grpc.add_PersistServiceServicer_to_server(
+            ListenerServicer(self.servicer, listener), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (PERSIST_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        return server
 
     def _listeners(self) -> list[str]:
         where = []
         if self.unix_socket:
-            where.append(f"unix:{self.unix_socket}")
+            where.append(f"unix:{self.unix_socket} (admin)")
+        if self.viewer_socket:
+            where.append(f"unix:{self.viewer_socket} (viewer)")
         if self.tcp_address:
             host = self.tcp_address.rpartition(":")[0]
             scheme = "tls" if self._tls else "plaintext"
             where.append(f"{host}:{self.tcp_port} ({scheme})")
         return where
 
-    def _bind_unix(self, server: grpc.Server) -> None:
-        path = self.unix_socket
+    def _bind_unix(self, server: grpc.Server, path: str, mode: int, gid: Optional[int]) -> None:
         parent = os.path.dirname(path)
         if parent:
             os.makedirs(parent, exist_ok=True)
         replace_stale_unix_socket(path)
         self._add_port(server.add_insecure_port, f"unix:{path}")
         # The socket file exists once bound; nothing is served before start().
-        os.chmod(path, self._unix_mode)
+        if gid is not None:
+            os.chown(path, -1, gid)
+        os.chmod(path, mode)
 
     def _bind_tcp(self, server: grpc.Server) -> int:
         if self._tls is not None:
@@ -269,8 +366,9 @@ class GrpcServerService(service.Service):
         return done
 
     def _remove_socket(self) -> None:
-        if self.unix_socket:
-            try:
-                os.unlink(self.unix_socket)
-            except FileNotFoundError:
-                pass
+        for path in (self.unix_socket, self.viewer_socket):
+            if path:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass

@@ -1,15 +1,25 @@
 """Transport security and authorization for the gRPC query API.
 
-Three kinds of callers reach the servicer:
+The listener a call came in on decides how its role is found (least
+privilege: a caller nothing vouches for gets no role):
 
-- the Unix socket listener (no TLS): the socket's file mode is the access
-  control, so every caller there is trusted as ``admin``;
-- plaintext TCP, which the service only binds on a loopback address: loopback
-  callers are trusted like the Unix socket, as ``admin``;
+- the admin Unix socket (``server.grpcSocket``, mode 0600 by default): the
+  socket file's permissions are the access control, every caller is ``admin``;
+- the viewer Unix socket (``server.grpcViewerSocket``, optional, mode 0660
+  and a configured group): every caller is ``viewer``;
 - TLS TCP: the role comes from the verified client certificate's subject OU
   (``admin_ou`` -> ``admin``, ``viewer_ou`` -> ``viewer``); a certificate with
   neither OU is refused with PERMISSION_DENIED, a TLS caller without a
-  certificate (``requireClientCert: false``) with UNAUTHENTICATED.
+  certificate (``requireClientCert: false``) with UNAUTHENTICATED;
+- plaintext TCP, only on a loopback address and only with
+  ``server.allowPlaintextTcp: true``: loopback callers are ``admin`` (any
+  local user; the service warns about it at start).
+
+gRPC cannot tell two Unix socket listeners of one server apart (the peer is
+``unix:`` and the auth context is the same on both), so every listener has
+its own grpc server, and the servicer sees the call's context wrapped in a
+``ListenerContext`` that names the listener.  A context that names no listener
+gets a role only from a client certificate.
 
 ``viewer`` may Ping, query, get job info, list jobs and read stats; only
 ``admin`` may DeleteJob and CleanupOldData.
@@ -17,7 +27,7 @@ Three kinds of callers reach the servicer:
 Threading: the Authorizer runs on gRPC handler threads; it keeps no mutable
 state apart from an lru_cache of parsed certificates (thread-safe).  The helpers that build
 credentials run on the reactor thread in ``startService`` (reading PEM files
-is a one-off blocking read at startup).
+is a one-off blocking read at startup).  ``config_warnings`` is pure.
 """
 
 from __future__ import annotations
@@ -32,6 +42,15 @@ import grpc
 ROLE_ADMIN = "admin"
 ROLE_VIEWER = "viewer"
 _RANK = {ROLE_VIEWER: 1, ROLE_ADMIN: 2}
+
+#: The kinds of gRPC listener; each has its own grpc server (see the module doc).
+LISTENER_ADMIN_SOCKET = "admin-socket"
+LISTENER_VIEWER_SOCKET = "viewer-socket"
+LISTENER_TLS_TCP = "tls-tcp"
+LISTENER_PLAINTEXT_TCP = "plaintext-tcp"
+
+#: File mode bits that let other users (neither owner nor group) use a socket.
+OTHER_ACCESS_BITS = 0o006
 
 
 class Unauthenticated(Exception):
@@ -132,15 +151,78 @@ def is_loopback_host(host: str) -> bool:
     return ip.is_loopback
 
 
-def check_tcp_listener(address: str, tls: Optional[dict]) -> None:
-    """Refuse plaintext gRPC on a non-loopback TCP address (ValueError)."""
+def check_tcp_listener(address: str, tls: Optional[dict], allow_plaintext: bool = False) -> None:
+    """Refuse plaintext gRPC on TCP unless opted in, and always on a non-loopback address.
+
+    Raises ValueError naming the address and the keys to change.
+    """
     host, _ = split_host_port(address)
-    if tls is None and not is_loopback_host(host):
+    if tls is not None:
+        return
+    if not is_loopback_host(host):
         raise ValueError(
             f"refusing to serve plaintext gRPC on {address}: a non-loopback address "
             "needs TLS (security.serverCert and security.serverKey); "
             "or bind server.grpcAddress to 127.0.0.1"
         )
+    if not allow_plaintext:
+        raise ValueError(
+            f"refusing to serve plaintext gRPC on {address}: TCP needs TLS "
+            "(security.serverCert and security.serverKey), or server.allowPlaintextTcp: true "
+            "to accept every local user as admin"
+        )
+
+
+def plaintext_tcp_warning(address: str) -> str:
+    """The start-up warning of an opted-in plaintext TCP listener on ``address``."""
+    return (
+        f"gRPC serves plaintext TCP on {address} (server.allowPlaintextTcp: true): every "
+        "local user who can connect to it is admin and may read every job's output and "
+        "delete jobs; configure TLS (security.serverCert, security.serverKey, "
+        "security.caCert) or use the Unix sockets instead"
+    )
+
+
+def config_warnings(config) -> list[str]:
+    """Settings that are accepted but expose the service to other users.  Pure.
+
+    Each message names the key (and the file).  ``config`` is a
+    ``joblet_persist.config.Config``.  The plaintext TCP listener's warning is
+    logged by the gRPC service itself, with the port it bound.
+    """
+    from joblet_persist.config import is_loopback_host as loopback
+
+    source = config.source
+    found = []
+    modes = [
+        ("ipc.socketMode", config.ipc.socket, config.ipc.socket_mode, "send data as any job"),
+        (
+            "server.grpcSocketMode",
+            config.server.grpc_socket,
+            config.server.grpc_socket_mode,
+            "act as admin (read every job's output, delete jobs)",
+        ),
+        (
+            "server.grpcViewerSocketMode",
+            config.server.grpc_viewer_socket,
+            config.server.grpc_viewer_socket_mode,
+            "read every job's output",
+        ),
+    ]
+    for key, path, mode, what in modes:
+        if path and mode & OTHER_ACCESS_BITS:
+            found.append(
+                f"{source}: {key}: {mode:04o} lets every local user connect to {path} and "
+                f"{what}; use a mode without access for others (e.g. 0600 or 0660)"
+            )
+    monitoring = config.monitoring
+    if monitoring.enabled and not loopback(monitoring.bind_address):
+        found.append(
+            f"{source}: monitoring.bindAddress: {monitoring.bind_address} is not a loopback "
+            "address: /metrics and /health (job counts, sizes, node id) are served to the "
+            "network without authentication"
+        )
+    return found
 
 
 # -- client identity -------------------------------------------------------------
@@ -177,6 +259,48 @@ def _peer_host(peer: str) -> Optional[str]:
     return None
 
 
+class ListenerContext:
+    """A grpc.ServicerContext that also names the listener the call came in on.
+
+    Every attribute but ``joblet_listener`` is the wrapped context's.  Built per
+    call on a gRPC handler thread by ``ListenerServicer``.
+    """
+
+    __slots__ = ("_context", "joblet_listener")
+
+    def __init__(self, context, listener: str):
+        self._context = context
+        self.joblet_listener = listener
+
+    def __getattr__(self, name):
+        return getattr(self._context, name)
+
+
+class ListenerServicer:
+    """The servicer as one listener's grpc server sees it.  gRPC handler threads.
+
+    Each RPC method of ``servicer`` is called with the context wrapped in a
+    ``ListenerContext`` naming ``listener``; everything else (the concurrency
+    limit, the stopping flag) stays the one servicer's, shared by all listeners.
+    """
+
+    def __init__(self, servicer, listener: str):
+        self._servicer = servicer
+        self._listener = listener
+
+    def __getattr__(self, name):
+        method = getattr(self._servicer, name)
+        if not callable(method):
+            return method
+        listener = self._listener
+
+        @functools.wraps(method)
+        def call(request, context):
+            return method(request, ListenerContext(context, listener))
+
+        return call
+
+
 class Authorizer:
     """Decides a caller's role from the gRPC context.  gRPC handler threads."""
 
@@ -186,9 +310,12 @@ class Authorizer:
 
     def role(self, context) -> str:
         """``admin`` or ``viewer``; raises Unauthenticated or PermissionDenied."""
-        peer = context.peer() or ""
-        if peer.startswith("unix:"):
+        listener = getattr(context, "joblet_listener", None)
+        if listener == LISTENER_ADMIN_SOCKET:
             return ROLE_ADMIN
+        if listener == LISTENER_VIEWER_SOCKET:
+            return ROLE_VIEWER
+        peer = context.peer() or ""
         auth = context.auth_context() or {}
         certs = auth.get("x509_pem_cert")
         if certs:
@@ -205,11 +332,13 @@ class Authorizer:
                 )
             return role
         security = (auth.get("transport_security_type") or [b""])[0]
-        if security == b"insecure":
+        if security == b"insecure" and listener == LISTENER_PLAINTEXT_TCP:
             host = _peer_host(peer)
             if host is not None and is_loopback_host(host):
                 return ROLE_ADMIN
             raise Unauthenticated("plaintext connections are only accepted from loopback")
+        if security == b"insecure":
+            raise Unauthenticated("this listener accepts no plaintext callers")
         raise Unauthenticated("a client certificate is required")
 
     def check(self, context, required: str, rpc: str) -> str:

@@ -74,6 +74,7 @@ def makeService(options, reactor=None):
     logs.configure(config.logging.log_level, config.logging.format)
     logs.bridge_stdlib_logging()
     ensure_descriptor_limit(config)
+    warn_exposed_settings(config)
     root = build_service(config, reactor, exit_on_start_failure=True)
     parts = root.components
 
@@ -92,6 +93,20 @@ def makeService(options, reactor=None):
     SighupService(reactor, reloader.reload).setServiceParent(root)
     root.started.addCallback(lambda _: logs.log_startup(config, _listeners(config, parts)))
     return root
+
+
+def warn_exposed_settings(config, log=None) -> list[str]:
+    """Log a warning for each accepted setting that exposes the service to other users
+    (security.config_warnings: socket modes open to others, monitoring off loopback).
+    Returns the messages.  Called by makeService."""
+    from joblet_persist.logs import Logger
+    from joblet_persist.security import config_warnings
+
+    log = log if log is not None else Logger(namespace="joblet_persist.tap")
+    messages = config_warnings(config)
+    for message in messages:
+        log.warn("{detail}", detail=message)
+    return messages
 
 
 #: Descriptors beyond data files and IPC connections: listeners, gRPC clients, logs.
@@ -147,6 +162,8 @@ def _listeners(config, parts):
     grpc = parts["grpc"]
     if grpc.unix_socket:
         found["grpc"] = f"unix:{grpc.unix_socket}"
+    if grpc.viewer_socket:
+        found["grpc-viewer"] = f"unix:{grpc.viewer_socket}"
     if grpc.tcp_port:
         scheme = "tls" if config.security.tls_enabled else "plaintext"
         found["grpc-tcp"] = f"{config.server.grpc_host}:{grpc.tcp_port} ({scheme})"
@@ -176,6 +193,7 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
     from twisted.application.internet import TimerService
     from twisted.web.server import Site
 
+    from joblet_persist.config import resolve_group
     from joblet_persist.grpc_server import GrpcServerService
     from joblet_persist.health import HealthMonitor
     from joblet_persist.ingest import IngestFactory
@@ -350,10 +368,15 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
         servicer,
         unix_socket=config.server.grpc_socket or None,
         unix_socket_mode=config.server.grpc_socket_mode,
+        viewer_socket=config.server.grpc_viewer_socket or None,
+        viewer_socket_mode=config.server.grpc_viewer_socket_mode,
+        viewer_socket_gid=resolve_group(config.server.grpc_viewer_socket_group),
         tcp_address=config.server.grpc_address or None,
         tls=_tls_settings(config),
+        allow_plaintext_tcp=config.server.allow_plaintext_tcp,
         max_workers=config.server.grpc_workers,
         max_message_bytes=config.server.max_message_bytes,
+        max_send_message_bytes=config.grpc_send_message_bytes,
         max_concurrent_rpcs=config.server.max_concurrent_rpcs,
         shutdown_grace=config.server.shutdown_grace,
         reactor=reactor,

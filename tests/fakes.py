@@ -391,7 +391,10 @@ class FakeContext:
     """Enough of grpc.ServicerContext for the servicer.
 
     ``active_for`` makes ``is_active()`` turn false after that many calls
-    (a client that cancels mid-stream).
+    (a client that cancels mid-stream).  ``joblet_listener`` names the listener
+    the call came in on (security.LISTENER_*); by default the one the peer and
+    auth suggest: the admin socket for ``unix:``, TLS TCP for an ``ssl``
+    transport, plaintext TCP otherwise.
     """
 
     def __init__(
@@ -399,9 +402,18 @@ class FakeContext:
         peer: str = "unix:",
         auth: Optional[dict] = None,
         active_for: Optional[int] = None,
+        listener: Optional[str] = None,
     ):
         self._peer = peer
         self._auth = auth if auth is not None else {"transport_security_type": [b"insecure"]}
+        if listener is None:
+            if peer.startswith("unix:"):
+                listener = "admin-socket"
+            elif (self._auth.get("transport_security_type") or [b""])[0] == b"ssl":
+                listener = "tls-tcp"
+            else:
+                listener = "plaintext-tcp"
+        self.joblet_listener = listener
         self._active_for = active_for
         self.is_active_calls = 0
         self.callbacks: list = []

@@ -303,6 +303,38 @@ class ConnectionTests(CliTestBase):
         self.serve(self.servicer(OldServicer))
         self.assertEqual(self.run_cli("logs", JOB), (0, b"old\nerr \xff\nnew\n", ""))
 
+    def test_viewer_socket(self):
+        """Against the viewer socket, reading works (0) and delete is refused (4), while the
+        admin socket of the same service deletes (0)."""
+        viewer = os.path.join(self.dir, "v.sock")
+        self.serve(viewer_socket=viewer)
+        as_viewer = ["--socket", viewer]
+        self.assertEqual(
+            self.run_cli(*as_viewer, "logs", JOB, socket=False), (0, b"old\nerr \xff\nnew\n", "")
+        )
+        self.assertEqual(self.run_cli(*as_viewer, "stats", socket=False)[0], 0)
+        code, _, err = self.run_cli(*as_viewer, "delete", JOB, socket=False)
+        self.assertEqual(code, 4)
+        self.assertIn("permission denied", err)
+        self.assertIn("DeleteJob requires the admin role", err)
+        self.assertIsNotNone(self.storage.job_info(JOB))
+        self.assertEqual(self.run_cli("delete", JOB)[0], 0)
+        self.assertIsNone(self.storage.job_info(JOB))
+
+    def test_plaintext_tcp(self):
+        """Plaintext --address reaches a service that opted in to plaintext loopback TCP."""
+        service = self.serve(unix_socket=None, tcp_address="127.0.0.1:0", allow_plaintext_tcp=True)
+        address = f"127.0.0.1:{service.tcp_port}"
+        self.assertEqual(self.run_cli("--address", address, "ping", socket=False)[0], 0)
+
+    def test_accepts_the_largest_line(self):
+        """The CLI accepts messages as large as any the service may send (the largest line
+        a maximal ipc.maxFrameBytes admits), not only the 128 MiB of the default."""
+        from joblet_persist.config import GRPC_MAX_MESSAGE_BYTES, default_config
+
+        self.assertEqual(cli.MAX_RECEIVE_MESSAGE_BYTES, GRPC_MAX_MESSAGE_BYTES)
+        self.assertGreater(cli.MAX_RECEIVE_MESSAGE_BYTES, default_config().grpc_send_message_bytes)
+
     def _write(self, name, data):
         path = os.path.join(self.dir, name)
         with open(path, "wb") as f:

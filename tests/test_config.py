@@ -11,6 +11,7 @@ from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 
 from joblet_persist.config import (
+    QUERY_MESSAGE_OVERHEAD,
     Config,
     ConfigError,
     IPCConfig,
@@ -30,6 +31,7 @@ from joblet_persist.config import (
     parse_host_port,
     parse_size,
     read_pem,
+    resolve_group,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,17 +85,22 @@ class DefaultsTests(SynchronousTestCase):
     """default_config() holds exactly the documented defaults."""
 
     def test_server_defaults(self):
-        """server: Unix and loopback TCP listeners, 16 MiB messages, 64 RPCs, 16 workers."""
+        """server: the admin Unix socket only (no viewer socket, no TCP, no plaintext opt-in),
+        16 MiB requests, 64 RPCs, 16 workers."""
         s = default_config().server
         self.assertEqual(s.node_id, "")
         self.assertEqual(s.grpc_socket, "/opt/joblet/run/persist-grpc.sock")
         self.assertEqual(s.grpc_socket_mode, 0o600)
-        self.assertEqual(s.grpc_address, "127.0.0.1:50052")
+        self.assertEqual(s.grpc_viewer_socket, "")
+        self.assertEqual(s.grpc_viewer_socket_mode, 0o660)
+        self.assertEqual(s.grpc_viewer_socket_group, "")
+        self.assertEqual(s.grpc_address, "")
+        self.assertFalse(s.allow_plaintext_tcp)
         self.assertEqual(s.max_message_bytes, 16 * MiB)
         self.assertEqual(s.max_concurrent_rpcs, 64)
         self.assertEqual(s.grpc_workers, 16)
         self.assertEqual(s.shutdown_grace, 5.0)
-        self.assertEqual((s.grpc_host, s.grpc_port), ("127.0.0.1", 50052))
+        self.assertEqual((s.grpc_host, s.grpc_port), (None, None))
 
     def test_ipc_defaults(self):
         """ipc: socket under /opt/joblet/run, mode 0600, 128 MiB frames, 1024 connections,
@@ -555,7 +562,8 @@ class ValueTypeTests(SynchronousTestCase, ConfigErrorMixin):
             ("[::1]:50052", "::1", 50052),
             ("127.0.0.2:0", "127.0.0.2", 0),
         ]:
-            c = config_from_string(_yaml({"server": {"grpcAddress": address}}))
+            server = {"grpcAddress": address, "allowPlaintextTcp": True}
+            c = config_from_string(_yaml({"server": server}))
             self.assertEqual((c.server.grpc_host, c.server.grpc_port), (host, port))
         c = config_from_string('server:\n  grpcAddress: ""\n')
         self.assertEqual(c.server.grpc_address, "")
@@ -747,7 +755,7 @@ class CrossFieldTests(SynchronousTestCase, ConfigErrorMixin):
         )
 
     def test_non_loopback_plaintext_refused(self):
-        """Plaintext gRPC TCP on a non-loopback address is refused."""
+        """Plaintext gRPC TCP on a non-loopback address is refused, even with the opt-in."""
         for address in [
             "0.0.0.0:50052",
             "10.0.0.1:50052",
@@ -755,14 +763,15 @@ class CrossFieldTests(SynchronousTestCase, ConfigErrorMixin):
             "[::]:1",
             "[::ffff:10.0.0.1]:1",
         ]:
-            self.assertConfigError(
-                _yaml({"server": {"grpcAddress": address}}),
-                "server.grpcAddress",
-                "plaintext TCP is only allowed on loopback (127.0.0.0/8, ::1, localhost)",
-            )
+            for allow in (False, True):
+                self.assertConfigError(
+                    _yaml({"server": {"grpcAddress": address, "allowPlaintextTcp": allow}}),
+                    "server.grpcAddress",
+                    "plaintext TCP is only allowed on loopback (127.0.0.0/8, ::1, localhost)",
+                )
 
     def test_loopback_plaintext_allowed(self):
-        """Plaintext gRPC TCP on loopback addresses is accepted."""
+        """Plaintext gRPC TCP on loopback addresses is accepted with allowPlaintextTcp."""
         for address in [
             "127.0.0.1:1",
             "127.9.9.9:1",
@@ -771,8 +780,35 @@ class CrossFieldTests(SynchronousTestCase, ConfigErrorMixin):
             "LOCALHOST:1",
             "[::ffff:127.0.0.1]:1",
         ]:
-            c = config_from_string(_yaml({"server": {"grpcAddress": address}}))
+            server = {"grpcAddress": address, "allowPlaintextTcp": True}
+            c = config_from_string(_yaml({"server": server}))
             self.assertEqual(c.server.grpc_address, address)
+            self.assertTrue(c.server.allow_plaintext_tcp)
+
+    def test_tcp_without_tls_or_opt_in_refused(self):
+        """A TCP address without TLS and without allowPlaintextTcp is an error naming the
+        file, the address key and both ways out (TLS keys, the opt-in)."""
+        for address in ["127.0.0.1:50052", "[::1]:1", "localhost:1"]:
+            e = self.assertConfigError(
+                _yaml({"server": {"grpcAddress": address}}),
+                "server.grpcAddress",
+                "the TCP listener needs TLS",
+            )
+            for key in ("security.serverCert", "security.serverKey", "server.allowPlaintextTcp"):
+                self.assertIn(key, str(e))
+        e = self.assertRaises(
+            ConfigError,
+            config_from_string,
+            'server:\n  grpcAddress: "127.0.0.1:50052"\n',
+            source="/etc/joblet/persist.yml",
+        )
+        self.assertTrue(str(e).startswith("/etc/joblet/persist.yml: server.grpcAddress: "))
+
+    def test_opt_in_alone_opens_nothing(self):
+        """allowPlaintextTcp without an address opens no TCP listener: the default address
+        is "" (off)."""
+        c = config_from_string("server:\n  allowPlaintextTcp: true\n")
+        self.assertEqual(c.server.grpc_address, "")
 
     def test_non_loopback_with_tls_allowed(self):
         """A non-loopback address is accepted when TLS is configured."""
@@ -828,7 +864,7 @@ class NestedModeTests(SynchronousTestCase, ConfigErrorMixin):
         self.assertTrue(c.security.tls_enabled)
         self.assertEqual(c.writer.threads, 2)
         # The root's server and logging sections are core's, not ours.
-        self.assertEqual(c.server.grpc_address, "127.0.0.1:50052")
+        self.assertEqual(c.server.grpc_address, "")
         self.assertEqual(c.logging.level, "info")
 
     def test_persist_section_overrides(self):
@@ -1046,3 +1082,88 @@ class ConfigErrorTests(SynchronousTestCase):
         self.assertEqual(str(ConfigError(None, "a.b", "bad")), "a.b: bad")
         e = ConfigError("c.yml", "a.b", "bad", line=4)
         self.assertEqual((e.source, e.key, e.message, e.line), ("c.yml", "a.b", "bad", 4))
+
+
+class AccessKeyTests(SynchronousTestCase, ConfigErrorMixin):
+    """server.grpcViewerSocket*, server.allowPlaintextTcp, and the query send limit."""
+
+    def test_viewer_socket_keys(self):
+        """The viewer socket takes a path, a mode and a group name or gid."""
+        c = config_from_string(
+            _yaml(
+                {
+                    "server": {
+                        "grpcViewerSocket": "/run/jp/viewer.sock",
+                        "grpcViewerSocketMode": "0640",
+                        "grpcViewerSocketGroup": "root",
+                    }
+                }
+            )
+        )
+        self.assertEqual(c.server.grpc_viewer_socket, "/run/jp/viewer.sock")
+        self.assertEqual(c.server.grpc_viewer_socket_mode, 0o640)
+        self.assertEqual(c.server.grpc_viewer_socket_group, "root")
+        self.assertEqual(c.describe()["server"]["grpcViewerSocketMode"], "0640")
+        c = config_from_string(
+            "server:\n  grpcViewerSocket: /run/v.sock\n  grpcViewerSocketGroup: 0\n"
+        )
+        self.assertEqual(c.server.grpc_viewer_socket_group, "0")
+        self.assertEqual(resolve_group("0"), 0)
+        self.assertEqual(resolve_group("root"), 0)
+        self.assertIsNone(resolve_group(""))
+
+    def test_viewer_socket_errors(self):
+        """An unknown group, a bad group value, a shared path or a long path is refused,
+        naming the key."""
+        self.assertConfigError(
+            "server:\n  grpcViewerSocket: /run/v.sock\n  grpcViewerSocketGroup: nosuchgroup-jp\n",
+            "server.grpcViewerSocketGroup",
+            "no group named 'nosuchgroup-jp'",
+        )
+        self.assertConfigError(
+            "server:\n  grpcViewerSocketGroup: 'a b'\n",
+            "server.grpcViewerSocketGroup",
+            "not a group name or a gid",
+        )
+        self.assertConfigError(
+            "server:\n  grpcViewerSocketGroup: -1\n",
+            "server.grpcViewerSocketGroup",
+            "expected a group name or a gid",
+        )
+        self.assertConfigError(
+            "server:\n  grpcSocket: /run/a.sock\n  grpcViewerSocket: /run/a.sock\n",
+            "server.grpcViewerSocket",
+            "must differ",
+        )
+        self.assertConfigError(
+            "server:\n  grpcViewerSocket: /" + "x" * 120 + ".sock\n",
+            "server.grpcViewerSocket",
+            "limited to 107 bytes",
+        )
+        self.assertConfigError(
+            "server:\n  allowPlaintextTcp: 1\n", "server.allowPlaintextTcp", "true or false"
+        )
+
+    def test_send_limit_covers_the_largest_frame(self):
+        """Queries may send a message as large as the largest accepted IPC frame plus the
+        response's overhead, and at least server.maxMessageBytes."""
+        c = default_config()
+        self.assertEqual(c.grpc_send_message_bytes, 128 * MiB + QUERY_MESSAGE_OVERHEAD)
+        c = config_from_string("ipc:\n  maxFrameBytes: 1MiB\n")
+        self.assertEqual(c.grpc_send_message_bytes, 16 * MiB)
+        c = config_from_string("ipc:\n  maxFrameBytes: 1GiB\n")
+        self.assertEqual(c.grpc_send_message_bytes, 1024 * MiB + QUERY_MESSAGE_OVERHEAD)
+
+    def test_frame_larger_than_a_query_can_send_refused(self):
+        """An ipc.maxFrameBytes whose lines could never be sent back (beyond gRPC's 2 GiB
+        message limit) is an error naming both keys."""
+        e = self.assertConfigError(
+            "ipc:\n  maxFrameBytes: 2GiB\n",
+            "ipc.maxFrameBytes",
+            "never read back",
+            "server.maxMessageBytes",
+        )
+        self.assertIn(str(2**31 - 1 - QUERY_MESSAGE_OVERHEAD), str(e))
+        largest = 2**31 - 1 - QUERY_MESSAGE_OVERHEAD
+        c = config_from_string(f"ipc:\n  maxFrameBytes: {largest}\n")
+        self.assertEqual(c.grpc_send_message_bytes, 2**31 - 1)

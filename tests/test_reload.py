@@ -129,11 +129,11 @@ class ReloaderTests(SynchronousTestCase):
             BASE.replace("retention:\n", "retention:\n    interval: 1m\n")
             + "writer:\n  flushInterval: 2s\n"
             + "ipc:\n  maxConnections: 10\n"
-            + "server:\n  grpcAddress: ''\n"
+            + "server:\n  grpcWorkers: 8\n"
         )
         result = h.reload()
         expected = (
-            "server.grpcAddress",
+            "server.grpcWorkers",
             "ipc.maxConnections",
             "storage.retention.interval",
             "writer.flushInterval",

@@ -11,26 +11,36 @@ import os
 import tempfile
 
 import grpc
+from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 
-from joblet_persist.config import ConfigError
+from joblet_persist.config import ConfigError, config_from_string, default_config
 from joblet_persist.grpc_server import GrpcServerService
+from joblet_persist.logs import Logger
 from joblet_persist.query import PersistServicer
 from joblet_persist.security import (
+    LISTENER_ADMIN_SOCKET,
+    LISTENER_TLS_TCP,
+    LISTENER_VIEWER_SOCKET,
     ROLE_ADMIN,
     ROLE_VIEWER,
     Authorizer,
+    ListenerContext,
+    ListenerServicer,
     PermissionDenied,
     Unauthenticated,
     certificate_ous,
     check_tcp_listener,
+    config_warnings,
     is_loopback_host,
+    plaintext_tcp_warning,
     read_pem,
     role_for_ous,
     server_credentials,
     split_host_port,
     tls_settings,
 )
+from joblet_persist.tap import warn_exposed_settings
 from tests.fakes import FakeContext, FakeStorage, ImmediateReactor, make_pki
 
 
@@ -110,14 +120,20 @@ class AddressTests(SynchronousTestCase):
             self.assertFalse(is_loopback_host(host), host)
 
     def test_plaintext_only_on_loopback(self):
-        """Plaintext TCP on a non-loopback address is refused with a clear error; TLS allows it."""
-        check_tcp_listener("127.0.0.1:50052", None)
-        check_tcp_listener("[::1]:50052", None)
-        for address in ("0.0.0.0:50052", ":50052", "10.0.0.1:1", "myhost:1"):
+        """Plaintext TCP needs the opt-in and a loopback address; TLS allows any address."""
+        check_tcp_listener("127.0.0.1:50052", None, True)
+        check_tcp_listener("[::1]:50052", None, True)
+        for address in ("127.0.0.1:50052", "[::1]:50052"):
             e = self.assertRaises(ValueError, check_tcp_listener, address, None)
             self.assertIn(address, str(e))
-            self.assertIn("TLS", str(e))
+            self.assertIn("server.allowPlaintextTcp", str(e))
+        for address in ("0.0.0.0:50052", ":50052", "10.0.0.1:1", "myhost:1"):
+            for allow in (False, True):
+                e = self.assertRaises(ValueError, check_tcp_listener, address, None, allow)
+                self.assertIn(address, str(e))
+                self.assertIn("TLS", str(e))
         check_tcp_listener("0.0.0.0:50052", {"server_cert": b"x", "server_key": b"y"})
+        check_tcp_listener("127.0.0.1:50052", {"server_cert": b"x", "server_key": b"y"})
 
     def test_server_service_refuses_plaintext_non_loopback(self):
         """GrpcServerService refuses to be built for plaintext on a non-loopback address."""
@@ -133,6 +149,12 @@ class AddressTests(SynchronousTestCase):
         )
         self.assertIn("0.0.0.0:50052", str(e))
         self.assertRaises(ValueError, GrpcServerService, servicer)
+        # Loopback plaintext without the opt-in is refused too.
+        e = self.assertRaises(
+            ValueError, GrpcServerService, servicer, tcp_address="127.0.0.1:0", tls=None
+        )
+        self.assertIn("server.allowPlaintextTcp", str(e))
+        GrpcServerService(servicer, tcp_address="127.0.0.1:0", allow_plaintext_tcp=True)
 
 
 class RoleTests(SynchronousTestCase):
@@ -151,7 +173,8 @@ class RoleTests(SynchronousTestCase):
         self.assertIsNone(role_for_ous((), "", ""))
 
     def test_transport_roles(self):
-        """Unix socket and loopback plaintext callers are admin; remote plaintext is refused."""
+        """Admin socket and opted-in loopback plaintext callers are admin; remote plaintext
+        is refused."""
         a = Authorizer()
         self.assertEqual(a.role(FakeContext(peer="unix:")), ROLE_ADMIN)
         self.assertEqual(a.role(FakeContext(peer="unix:/run/x.sock")), ROLE_ADMIN)
@@ -159,6 +182,44 @@ class RoleTests(SynchronousTestCase):
         self.assertEqual(a.role(FakeContext(peer="ipv6:[::1]:5555")), ROLE_ADMIN)
         self.assertRaises(Unauthenticated, a.role, FakeContext(peer="ipv4:10.0.0.2:5555"))
         self.assertRaises(Unauthenticated, a.role, FakeContext(peer="ipv4:127.0.0.1:1", auth={}))
+
+    def test_listener_decides(self):
+        """The listener a call came in on decides, not the peer: the viewer socket gives
+        viewer, and a Unix or loopback peer on no known listener (or on the TLS listener)
+        gets no role without a certificate."""
+        a = Authorizer()
+        self.assertEqual(a.role(FakeContext(listener=LISTENER_VIEWER_SOCKET)), ROLE_VIEWER)
+        self.assertEqual(a.role(FakeContext(listener=LISTENER_ADMIN_SOCKET)), ROLE_ADMIN)
+        for listener in (None, "", LISTENER_TLS_TCP, "something-else"):
+            for peer in ("unix:", "ipv4:127.0.0.1:5", "ipv6:[::1]:5"):
+                ctx = FakeContext(peer=peer, listener=listener)
+                if listener is None:
+                    del ctx.joblet_listener
+                self.assertRaises(Unauthenticated, a.role, ctx)
+        # A certificate still decides on the TLS listener.
+        ctx = _tls_context("viewer")
+        self.assertEqual(ctx.joblet_listener, LISTENER_TLS_TCP)
+        self.assertEqual(a.role(ctx), ROLE_VIEWER)
+
+    def test_listener_context_and_servicer(self):
+        """ListenerServicer hands each RPC method the call's context wrapped with the
+        listener's name; every other attribute of the context is the original's."""
+        seen = []
+
+        class Servicer:
+            value = 7
+
+            def Ping(self, request, context):
+                seen.append((request, context.joblet_listener, context.peer()))
+                return "pong"
+
+        wrapped = ListenerServicer(Servicer(), LISTENER_VIEWER_SOCKET)
+        self.assertEqual(wrapped.Ping("req", FakeContext(peer="unix:")), "pong")
+        self.assertEqual(seen, [("req", LISTENER_VIEWER_SOCKET, "unix:")])
+        self.assertEqual(wrapped.value, 7)
+        ctx = ListenerContext(FakeContext(peer="ipv4:1.2.3.4:5"), LISTENER_ADMIN_SOCKET)
+        self.assertEqual(ctx.peer(), "ipv4:1.2.3.4:5")
+        self.assertEqual(Authorizer().role(ctx), ROLE_ADMIN)
 
     def test_certificate_roles(self):
         """TLS callers get their role from the certificate OU; none or no cert is refused."""
@@ -186,3 +247,90 @@ class RoleTests(SynchronousTestCase):
             PermissionDenied, a.check, _tls_context("viewer"), ROLE_ADMIN, "DeleteJob"
         )
         self.assertIn("DeleteJob", str(e))
+
+
+class ExposedSettingsTests(SynchronousTestCase):
+    """Accepted settings that expose data warn at start, naming the key and the file."""
+
+    def warnings(self, text):
+        config = config_from_string(text, source="/etc/jp.yml")
+        events = []
+        messages = warn_exposed_settings(config, log=Logger(observer=events.append))
+        self.assertEqual([e["log_level"] for e in events], [LogLevel.warn] * len(messages))
+        self.assertEqual([e["detail"] for e in events], messages)
+        return messages
+
+    def test_defaults_warn_nothing(self):
+        """The default configuration has nothing to warn about."""
+        self.assertEqual(config_warnings(default_config()), [])
+        self.assertEqual(self.warnings(""), [])
+
+    def test_socket_modes_open_to_others(self):
+        """Any o+rw bit on a socket mode warns, naming the key; group access does not."""
+        for mode in ("0666", "0777", "0606", "0602", "0604"):
+            text = (
+                f'ipc:\n  socketMode: "{mode}"\n'
+                f'server:\n  grpcSocketMode: "{mode}"\n'
+                f'  grpcViewerSocket: /run/v.sock\n  grpcViewerSocketMode: "{mode}"\n'
+            )
+            messages = self.warnings(text)
+            self.assertEqual(len(messages), 3, messages)
+            for message, key in zip(
+                messages,
+                ["ipc.socketMode", "server.grpcSocketMode", "server.grpcViewerSocketMode"],
+                strict=True,
+            ):
+                self.assertTrue(message.startswith(f"/etc/jp.yml: {key}: {mode}"), message)
+                self.assertIn("every local user", message)
+        for mode in ("0600", "0660", "0670", "0601"):
+            self.assertEqual(self.warnings(f'server:\n  grpcSocketMode: "{mode}"\n'), [])
+        # A listener that is off does not warn about its mode.
+        self.assertEqual(self.warnings('server:\n  grpcViewerSocketMode: "0666"\n'), [])
+
+    def test_monitoring_bind_address(self):
+        """A non-loopback monitoring.bindAddress warns; loopback ones and a disabled
+        monitoring do not."""
+        for address in ("0.0.0.0", "::", "10.1.2.3", "example.com"):
+            [message] = self.warnings(f"monitoring:\n  bindAddress: '{address}'\n")
+            self.assertTrue(message.startswith("/etc/jp.yml: monitoring.bindAddress: "), message)
+            self.assertIn(address, message)
+        for address in ("127.0.0.1", "::1", "localhost"):
+            self.assertEqual(self.warnings(f"monitoring:\n  bindAddress: '{address}'\n"), [])
+        self.assertEqual(
+            self.warnings("monitoring:\n  enabled: false\n  bindAddress: 0.0.0.0\n"), []
+        )
+
+    def test_plaintext_warning_names_address_and_risk(self):
+        """The plaintext TCP warning names the address, the opt-in key and the risk."""
+        message = plaintext_tcp_warning("127.0.0.1:50052")
+        for fragment in (
+            "127.0.0.1:50052",
+            "server.allowPlaintextTcp",
+            "every local user",
+            "admin",
+            "delete jobs",
+        ):
+            self.assertIn(fragment, message)
+
+
+class AllStoppedTests(SynchronousTestCase):
+    """The combined stop event of several listeners' grpc servers."""
+
+    def test_waits_for_every_event_within_one_timeout(self):
+        """wait() is true only when every server stopped; one timeout bounds the whole wait;
+        is_set() follows all events."""
+        import threading
+
+        from joblet_persist.grpc_server import _AllStopped
+
+        a, b = threading.Event(), threading.Event()
+        both = _AllStopped([a, b])
+        self.assertFalse(both.is_set())
+        a.set()
+        self.assertFalse(both.wait(0))
+        self.assertFalse(both.is_set())
+        b.set()
+        self.assertTrue(both.wait(0))
+        self.assertTrue(both.wait())
+        self.assertTrue(both.is_set())
+        self.assertTrue(_AllStopped([]).wait(0))

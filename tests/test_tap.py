@@ -66,6 +66,7 @@ def _config(directory: str, extra: str = ""):
 server:
   grpcSocket: {directory}/run/grpc.sock
   grpcAddress: 127.0.0.1:0
+  allowPlaintextTcp: true
 ipc:
   socket: {directory}/run/ipc.sock
 storage:

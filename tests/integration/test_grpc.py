@@ -27,11 +27,13 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from twisted.internet import defer, reactor, task, threads
+from twisted.logger import LogLevel
 from twisted.trial.unittest import TestCase
 
 from joblet_persist._proto import persist_pb2 as pb
 from joblet_persist._proto import persist_pb2_grpc
 from joblet_persist.grpc_server import PERSIST_SERVICE_NAME, GrpcServerService
+from joblet_persist.logs import Logger
 from joblet_persist.query import PersistServicer
 from joblet_persist.storage.api import JobSnapshot, StorageBackend
 from tests.fakes import FakeStorage, log_batch, make_pki, metric_batch
@@ -344,9 +346,10 @@ class ServeTests(GrpcTestBase):
 
     @defer.inlineCallbacks
     def test_loopback_tcp(self):
-        """Plaintext TCP on 127.0.0.1 port 0 binds a real port; loopback callers are admin."""
+        """Plaintext TCP on 127.0.0.1 port 0 (opted in) binds a real port; loopback callers
+        are admin."""
         yield self.fill()
-        service = self.serve(unix_socket=None, tcp_address="127.0.0.1:0")
+        service = self.serve(unix_socket=None, tcp_address="127.0.0.1:0", allow_plaintext_tcp=True)
         self.assertGreater(service.tcp_port, 0)
         stub = self.stub(target=f"127.0.0.1:{service.tcp_port}")
         response = yield threads.deferToThread(
@@ -537,6 +540,144 @@ class ServeTests(GrpcTestBase):
         self.assertEqual(
             (yield self.code_of(stub.GetStats, pb.GetStatsRequest())), grpc.StatusCode.OK
         )
+
+
+class ListenerRoleTests(GrpcTestBase):
+    """Each listener decides its callers' role: admin socket, viewer socket, TCP."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield super().setUp()
+        yield self.fill()
+        self.viewer_path = os.path.join(self.dir, "viewer.sock")
+
+    @defer.inlineCallbacks
+    def test_viewer_socket_reads_but_cannot_delete(self):
+        """On the viewer socket every caller is viewer: Ping, queries, info, list and stats
+        work; DeleteJob and CleanupOldData are PERMISSION_DENIED and change nothing.  The
+        admin socket of the same service still deletes.  Both get their modes and the viewer
+        socket its group."""
+        gid = os.getgid() if os.getgid() != 0 else 65534
+        servicer = self.make_servicer()
+        self.serve(
+            servicer,
+            viewer_socket=self.viewer_path,
+            viewer_socket_mode=0o660,
+            viewer_socket_gid=gid,
+        )
+        info = os.stat(self.viewer_path)
+        self.assertEqual(stat.S_IMODE(info.st_mode), 0o660)
+        self.assertEqual(info.st_gid, gid)
+        self.assertEqual(stat.S_IMODE(os.stat(self.socket_path).st_mode), 0o600)
+        viewer = self.stub(target=f"unix:{self.viewer_path}")
+        lines = yield threads.deferToThread(
+            lambda: list(viewer.QueryLogs(pb.QueryLogsRequest(job_uuid=JOB), timeout=5))
+        )
+        self.assertEqual(len(lines), 4)
+        ok = grpc.StatusCode.OK
+        for call, request in [
+            (viewer.Ping, pb.PingRequest()),
+            (viewer.QueryMetrics, pb.QueryMetricsRequest(job_uuid=JOB)),
+            (viewer.GetJobInfo, pb.GetJobInfoRequest(job_uuid=JOB)),
+            (viewer.ListJobs, pb.ListJobsRequest()),
+            (viewer.GetStats, pb.GetStatsRequest()),
+        ]:
+            self.assertEqual((yield self.code_of(call, request, timeout=5)), ok, call)
+        for call, request in [
+            (viewer.DeleteJob, pb.DeleteJobRequest(job_uuid=JOB)),
+            (viewer.CleanupOldData, pb.CleanupRequest()),
+        ]:
+            code = yield self.code_of(call, request, timeout=5)
+            self.assertEqual(code, grpc.StatusCode.PERMISSION_DENIED)
+        self.assertIsNotNone(self.storage.job_info(JOB))
+        self.assertEqual(self.cleanups, [])
+        response = yield threads.deferToThread(
+            self.stub().DeleteJob, pb.DeleteJobRequest(job_uuid=JOB), timeout=5
+        )
+        self.assertTrue(response.success)
+        self.assertIsNone(self.storage.job_info(JOB))
+
+    @defer.inlineCallbacks
+    def test_viewer_socket_health_and_stop(self):
+        """The viewer socket serves gRPC health too; stopService removes both sockets."""
+        service = self.serve(viewer_socket=self.viewer_path)
+        channel = self.channel(target=f"unix:{self.viewer_path}")
+        health = health_pb2_grpc.HealthStub(channel)
+        response = yield threads.deferToThread(
+            health.Check, health_pb2.HealthCheckRequest(service=""), timeout=5
+        )
+        self.assertEqual(response.status, health_pb2.HealthCheckResponse.SERVING)
+        yield service.stopService()
+        self.assertFalse(os.path.exists(self.viewer_path))
+        self.assertFalse(os.path.exists(self.socket_path))
+
+    @defer.inlineCallbacks
+    def test_concurrency_limit_is_global(self):
+        """The concurrency limit counts RPCs on every listener together, and Ping stays
+        exempt on each: two reads held on the admin socket exhaust the viewer socket."""
+        self.storage.pause_after = 1
+        servicer = self.make_servicer()
+        self.serve(servicer, viewer_socket=self.viewer_path, max_concurrent_rpcs=2)
+        admin = self.stub()
+        viewer = self.stub(target=f"unix:{self.viewer_path}")
+        calls = [admin.QueryLogs(pb.QueryLogsRequest(job_uuid=JOB)) for _ in range(2)]
+        for call in calls:
+            yield threads.deferToThread(next, call)
+        for _ in calls:
+            yield threads.deferToThread(self.storage.paused.acquire)
+        self.assertEqual(servicer.active_rpcs, 2)
+        self.assertEqual(
+            (yield self.code_of(viewer.GetStats, pb.GetStatsRequest(), timeout=5)),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        )
+        ping = yield threads.deferToThread(viewer.Ping, pb.PingRequest(), timeout=2)
+        self.assertTrue(ping.healthy)
+        self.storage.gate.set()
+        rest = yield threads.deferToThread(lambda: [list(c) for c in calls])
+        self.assertEqual([len(r) for r in rest], [3, 3])
+        yield wait_for(lambda: servicer.active_rpcs == 0)
+
+    @defer.inlineCallbacks
+    def test_plaintext_tcp_warns_with_address(self):
+        """An opted-in plaintext TCP listener logs a warning at start naming the bound
+        address and the risk."""
+        events = []
+        service = GrpcServerService(
+            self.make_servicer(),
+            tcp_address="127.0.0.1:0",
+            allow_plaintext_tcp=True,
+            shutdown_grace=0.5,
+            reactor=reactor,
+        )
+        service.log = Logger(observer=events.append)
+        service.startService()
+        self.addCleanup(lambda: service.stopService() if service.running else None)
+        [warning] = [e for e in events if e["log_level"] == LogLevel.warn]
+        self.assertIn(f"127.0.0.1:{service.tcp_port}", warning["detail"])
+        self.assertIn("every local user", warning["detail"])
+        yield service.stopService()
+
+    def test_tls_listener_warns_nothing(self):
+        """A TLS TCP listener logs no plaintext warning."""
+        pki = make_pki()
+        tls = {
+            "server_cert": pki.server_cert,
+            "server_key": pki.server_key,
+            "ca_cert": pki.ca_cert,
+            "require_client_cert": True,
+        }
+        events = []
+        service = GrpcServerService(
+            self.make_servicer(),
+            tcp_address="127.0.0.1:0",
+            tls=tls,
+            reactor=reactor,
+            shutdown_grace=0.5,
+        )
+        service.log = Logger(observer=events.append)
+        service.startService()
+        self.addCleanup(lambda: service.stopService() if service.running else None)
+        self.assertEqual([e for e in events if e["log_level"] == LogLevel.warn], [])
 
 
 class TLSTests(GrpcTestBase):
