@@ -76,7 +76,7 @@ class HealthMonitor:
 
     def probe_now(self) -> defer.Deferred:
         if self._space is None:
-            self._disk = _NO_PROBE
+            self._disk = dict(_NO_PROBE)
             self.refresh()
             return defer.succeed(None)
         d = defer.maybeDeferred(self._space.probe_space)
