@@ -421,6 +421,15 @@ def _choice(choices: tuple[str, ...], aliases: dict[str, str] | None = None):
     return parse
 
 
+def _backend(value: Any) -> str:
+    """A name in the storage backend registry (storage.backends.BACKENDS)."""
+    from joblet_persist.storage.backends import BACKENDS, unknown_backend
+
+    if isinstance(value, str) and value.strip().lower() in BACKENDS:
+        return value.strip().lower()
+    raise _Invalid(unknown_backend(value if isinstance(value, str) else _show(value)))
+
+
 def _address(value: Any) -> str:
     """A gRPC TCP listen address "host:port"; "" disables the listener."""
     if value == "":
@@ -563,6 +572,7 @@ class StorageConfig:
     """``storage``: where and how data is written."""
 
     data_dir: str = _key(_path(), DEFAULT_DATA_DIR)
+    backend: str = _key(_backend, "local")
     compressor: str = _key(_choice(tuple(COMPRESSION_LEVELS)), "deflate")
     compression_level: int = _key(_integer(0, 12), 5)
     segment_max_bytes: int = _key(_size(1), 256 * MiB)

@@ -1,55 +1,31 @@
 """The service's health verdict, shared by /health, Ping and the gRPC health service.
 
-Reactor thread: HealthMonitor runs its disk probe on the pool on a timer and
-applies the result on the reactor.  ``healthy`` is a plain attribute replaced
-whole by the reactor, so gRPC threads may read it without a round trip.
+Reactor thread: HealthMonitor asks the storage backend's ``IFreeSpace`` probe
+(which runs off the reactor) on a timer and applies the result on the reactor.
+``healthy`` is a plain attribute replaced whole by the reactor, so gRPC threads
+may read it without a round trip.
 """
 
 from __future__ import annotations
 
-import errno
-import os
+import dataclasses
 from typing import Callable, Optional
 
 from twisted.internet import defer, task
 
 from joblet_persist.logs import Logger
+from joblet_persist.storage.api import IFreeSpace
 
-_PROBE_NAME = ".health-probe"
-
-
-def thd_probe_disk(data_dir: str) -> dict:
-    """Check that data_dir is writable and how much space is free.  Pool thread.
-
-    Writes, fsyncs and removes a small file; returns
-    ``{"writable": bool, "error": str | None, "free_bytes": int | None}``.
-    """
-    result: dict = {"writable": False, "error": None, "free_bytes": None}
-    try:
-        os.makedirs(data_dir, exist_ok=True)
-        path = os.path.join(data_dir, _PROBE_NAME)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, b"ok")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.unlink(path)
-        result["writable"] = True
-    except OSError as e:
-        result["error"] = f"{data_dir}: {os.strerror(e.errno) if e.errno else e}"
-        if e.errno == errno.ENOSPC:
-            result["error"] = f"{data_dir}: no space left on device"
-    try:
-        st = os.statvfs(data_dir)
-        result["free_bytes"] = st.f_bavail * st.f_frsize
-    except OSError:
-        pass
-    return result
+#: The storage detail when the backend cannot be probed (it provides no IFreeSpace).
+_NO_PROBE = {"writable": True, "error": None, "free_bytes": None,
+             "detail": "storage backend offers no writability probe"}
 
 
 class HealthMonitor:
-    """Combines the disk probe with live checks into one verdict.  Reactor thread.
+    """Combines the storage probe with live checks into one verdict.  Reactor thread.
+
+    ``space`` provides ``storage.api.IFreeSpace`` (the storage backend), or is
+    None for a backend that cannot be probed: its storage check then passes.
 
     ``checks`` maps a name to a callable returning ``(ok: bool, detail: str)``,
     evaluated whenever the verdict is refreshed (after each probe and on
@@ -61,19 +37,17 @@ class HealthMonitor:
     def __init__(
         self,
         clock,
-        run_in_thread: Callable[..., defer.Deferred],
-        data_dir: str,
+        space,
         *,
         min_free_bytes: int = 0,
         interval: float = 5.0,
-        probe: Callable[[str], dict] = thd_probe_disk,
     ):
+        if space is not None and not IFreeSpace.providedBy(space):
+            raise TypeError(f"{space!r} does not provide IFreeSpace")
         self._clock = clock
-        self._run = run_in_thread
-        self._data_dir = data_dir
+        self._space = space
         self._min_free = min_free_bytes
         self._interval = interval
-        self._probe = probe
         self._checks: dict[str, Callable[[], tuple[bool, str]]] = {}
         self._disk: Optional[dict] = None
         self._loop: Optional[task.LoopingCall] = None
@@ -101,10 +75,14 @@ class HealthMonitor:
         self.healthy = False
 
     def probe_now(self) -> defer.Deferred:
-        d = self._run(self._probe, self._data_dir)
+        if self._space is None:
+            self._disk = dict(_NO_PROBE)
+            self.refresh()
+            return defer.succeed(None)
+        d = defer.maybeDeferred(self._space.probe_space)
 
-        def applied(result):
-            self._disk = result
+        def applied(probe):
+            self._disk = dataclasses.asdict(probe)
             self.refresh()
 
         def failed(f):
@@ -126,7 +104,9 @@ class HealthMonitor:
             writable = disk["writable"]
             details["storage"] = {
                 "ok": writable,
-                "detail": "data directory writable" if writable else disk["error"],
+                "detail": disk.get("detail", "data directory writable")
+                if writable
+                else disk["error"],
             }
             ok_all &= writable
             free = disk["free_bytes"]

@@ -2,8 +2,8 @@
 
 gRPC handler threads (grpcio's ThreadPoolExecutor) run everything in this
 module.  The handlers only read immutable, published storage snapshots
-(``StorageBackend.snapshot``, ``job_info``, ``list_jobs``) and the file bytes
-within them.  The few operations that change state or load a job from disk
+(``IStorageBackend.snapshot``, ``job_info``, ``list_jobs_page``, ``totals``)
+and the data within them.  The few operations that change state or load a job from disk
 (``open_job``, DeleteJob, CleanupOldData) are marshalled onto the reactor with
 ``blockingCallFromThread``, with a timeout applied on the reactor side.
 
@@ -46,11 +46,14 @@ from joblet_persist.security import (
     Unauthenticated,
 )
 from joblet_persist.storage.api import (
+    DataVanished,
+    IBulkLogReads,
     InvalidJobId,
     JobInfo,
     LogRecord,
     MetricRecord,
     ReadStats,
+    StorageUnavailable,
     check_job_id,
 )
 
@@ -297,6 +300,11 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
             return exc.code, exc.details
         if isinstance(exc, (InvalidJobId, BadRequest)):
             return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        if isinstance(exc, DataVanished):
+            vanished = self._vanished(exc.job_id)
+            return vanished.code, vanished.details
+        if isinstance(exc, StorageUnavailable):
+            return grpc.StatusCode.UNAVAILABLE, f"{rpc}: storage unavailable: {exc.cause}"
         if isinstance(exc, Unauthenticated):
             return grpc.StatusCode.UNAUTHENTICATED, str(exc)
         if isinstance(exc, PermissionDenied):
@@ -405,8 +413,8 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
         """Validate a log query and yield its records in chunks.
 
         A chunk is ``(streams, timestamps, sequences, contents)``, four equally
-        long sequences: from the snapshot's ``iter_log_chunks`` when it has one
-        (LocalStorage: no per-message objects on the way), else one chunk per
+        long sequences: from the snapshot's ``iter_log_chunks`` when it provides
+        IBulkLogReads (no per-message objects on the way), else one chunk per
         LogRecord of ``iter_logs``.
         """
         job_id = check_job_id(request.job_uuid)
@@ -425,18 +433,15 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
         def cancelled() -> bool:
             return not context.is_active()
 
-        bulk = getattr(snap, "iter_log_chunks", None)
         try:
-            if bulk is not None:
-                yield from bulk(*args, stats=stats, cancelled=cancelled)
+            if IBulkLogReads.providedBy(snap):
+                yield from snap.iter_log_chunks(*args, stats=stats, cancelled=cancelled)
             else:
                 records: Iterator[LogRecord] = snap.iter_logs(
                     *args, stats=stats, cancelled=cancelled
                 )
                 for rec in records:
                     yield (rec.stream,), (rec.timestamp,), (rec.sequence,), (rec.content,)
-        except FileNotFoundError:
-            raise self._vanished(job_id) from None
         finally:
             self._report(stats)
 
@@ -513,8 +518,6 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
         try:
             for rec in records:
                 yield metric_message(job_id, rec)
-        except FileNotFoundError:
-            raise self._vanished(job_id) from None
         finally:
             self._report(stats)
 
@@ -575,19 +578,7 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
         since, until = request.since, request.until
         self._check_range(since, until, "since/until")
         self._check_page(request.limit, request.offset)
-        paged = getattr(self._storage, "list_jobs_page", None)
-        if paged is not None:  # LocalStorage keeps the order: no sort per call
-            total, page = paged(since, until, request.offset, request.limit)
-        else:
-            jobs = [
-                j
-                for j in self._storage.list_jobs()
-                if (since <= 0 or j.created_at >= since) and (until <= 0 or j.created_at <= until)
-            ]
-            jobs.sort(key=lambda j: (-j.created_at, j.job_id))
-            total = len(jobs)
-            start = request.offset
-            page = jobs[start : start + request.limit] if request.limit else jobs[start:]
+        total, page = self._storage.list_jobs_page(since, until, request.offset, request.limit)
         return persist_pb2.ListJobsResponse(
             jobs=[persist_pb2.JobInfo(**_job_info_fields(j)) for j in page],
             total_count=min(total, _INT32_MAX),
@@ -595,15 +586,7 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
 
     @_unary("GetStats", ROLE_VIEWER)
     def GetStats(self, request, context):
-        totals = getattr(self._storage, "totals", None)
-        if totals is not None:  # LocalStorage keeps running totals: O(1)
-            jobs, logs, metrics, size = totals()
-        else:
-            infos = self._storage.list_jobs()
-            jobs = len(infos)
-            logs = sum(j.log_count for j in infos)
-            metrics = sum(j.metric_count for j in infos)
-            size = sum(j.size_bytes for j in infos)
+        jobs, logs, metrics, size = self._storage.totals()
         ingest = self._ingest_stats() or {}
         return persist_pb2.GetStatsResponse(
             total_jobs=jobs,

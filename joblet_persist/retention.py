@@ -30,6 +30,7 @@ from twisted.application import service
 from twisted.internet import defer, task
 
 from joblet_persist.logs import Logger
+from joblet_persist.storage.api import IFreeSpace, IRetentionSegments, SegmentUsage
 
 KIND_LOGS = "logs"
 KIND_METRICS = "metrics"
@@ -54,16 +55,6 @@ class RetentionPolicy:
             min_free_bytes=retention.min_free_bytes,
             active_window=retention.active_window,
         )
-
-
-@dataclass(frozen=True)
-class SegmentUsage:
-    """One segment file: ``kind`` is "stdout", "stderr" or "metrics"."""
-
-    kind: str
-    index: int
-    size_bytes: int
-    last_segment: bool  # the one being written; never dropped
 
 
 @dataclass(frozen=True)
@@ -208,9 +199,11 @@ class CleanupResult:
 class RetentionRunner:
     """Runs the planner against live storage and applies the plan.  Reactor thread.
 
-    ``storage`` provides ``list_jobs()``, ``open_job(job_id)``, ``delete_job``,
-    ``delete_part(job_id, kind)`` and ``drop_segment(job_id, kind, index)``, plus
-    ``segment_usage(job_id)`` returning SegmentUsage for a loaded job.
+    ``storage`` provides ``storage.api.IStorageBackend`` (``list_jobs``,
+    ``part_sizes``, ``delete_job``, ``delete_part``).  The per-job cap needs
+    ``IRetentionSegments`` (``segment_usage``, ``drop_segment``): without it
+    jobs over the cap are left alone.  The free-space floor needs
+    ``IFreeSpace`` (``free_bytes``): without it only the quota applies.
     ``discard_job(job_id)`` (the writer's) runs before a whole job is deleted so
     that no buffered batch resurrects it.
 
@@ -233,7 +226,6 @@ class RetentionRunner:
         policy: RetentionPolicy,
         clock,
         *,
-        free_bytes: Callable[[], defer.Deferred],
         busy_jobs: Callable[[], set[str]],
         discard_job: Callable[[str], defer.Deferred],
         metrics=None,
@@ -241,7 +233,6 @@ class RetentionRunner:
         self._storage = storage
         self.policy = policy
         self._clock = clock
-        self._free_bytes = free_bytes
         self._busy = busy_jobs
         self._discard = discard_job
         self._metrics = metrics
@@ -258,16 +249,18 @@ class RetentionRunner:
     @defer.inlineCallbacks
     def _run(self, dry_run: bool):
         policy = self.policy
-        infos = list(self._storage.list_jobs())
+        storage = self._storage
+        infos = list(storage.list_jobs())
         free = None
-        if policy.min_free_bytes > 0:
-            free = yield self._free_bytes()
+        if policy.min_free_bytes > 0 and IFreeSpace.providedBy(storage):
+            free = yield storage.free_bytes()
         now = self._clock.seconds()
         busy = set(self._busy())
+        segmented = IRetentionSegments.providedBy(storage)
         jobs = []
         for info in infos:
             segments = None
-            if policy.job_max_bytes > 0 and info.size_bytes > policy.job_max_bytes:
+            if segmented and policy.job_max_bytes > 0 and info.size_bytes > policy.job_max_bytes:
                 yield self._storage.open_job(info.job_id)
                 segments = self._storage.segment_usage(info.job_id)
             log_bytes, metric_bytes = self._storage.part_sizes(info.job_id)
@@ -330,17 +323,6 @@ class RetentionRunner:
             return storage.delete_part(action.job_id, action.what)
         seg = action.segment
         return storage.drop_segment(action.job_id, seg.kind, seg.index)
-
-
-def thd_free_bytes(path: str) -> Optional[int]:
-    """Free bytes (for unprivileged users) on the filesystem holding ``path``.  Pool thread."""
-    import os
-
-    try:
-        st = os.statvfs(path)
-    except OSError:
-        return None
-    return st.f_bavail * st.f_frsize
 
 
 class RetentionTimerService(service.Service):

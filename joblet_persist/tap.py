@@ -204,7 +204,6 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
         RetentionPolicy,
         RetentionRunner,
         RetentionTimerService,
-        thd_free_bytes,
     )
     from joblet_persist.services import (
         CallbackService,
@@ -213,9 +212,9 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
         ThreadPoolService,
         UnixListenerService,
     )
-    from joblet_persist.storage.compress import make_compressor
+    from joblet_persist.storage.api import IFreeSpace, IIdleUnload
+    from joblet_persist.storage.backends import make_storage
     from joblet_persist.storage.files import FileBudget, query_share
-    from joblet_persist.storage.local import LocalStorage
     from joblet_persist.web import MonitoringApp
     from joblet_persist.writer import BatchingWriter
 
@@ -240,17 +239,9 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
     # Queries share what storage.maxOpenFiles leaves after the pool's own files.
     file_budget = FileBudget(query_share(sc.max_open_files, wc.thread_count))
     metrics.set_file_budget(file_budget)
-    storage = LocalStorage(
-        sc.data_dir,
-        pool.run,
-        compressor=make_compressor(sc.compressor, sc.compression_level),
-        segment_max_bytes=sc.segment_max_bytes,
-        fsync=sc.fsync,
-        clock=reactor,
-        index_interval=wc.index_interval,
-        sync_interval=wc.flush_interval,
-        metrics=metrics,
-        file_budget=file_budget,
+    # The backend storage.backend names (storage/backends.py); the rest sees IStorageBackend.
+    storage = make_storage(
+        config, run=pool.run, clock=reactor, metrics=metrics, file_budget=file_budget
     )
 
     def storage_totals():
@@ -280,7 +271,7 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
     )
     CallbackService("writer", writer.start, writer.stop).setServiceParent(root)
 
-    if sc.unload_idle_after > 0:
+    if sc.unload_idle_after > 0 and IIdleUnload.providedBy(storage):
         # Memory follows the jobs in use: storage first, so that the writer may then forget
         # the arrival counters of jobs storage no longer holds.
         def unload_idle():
@@ -297,7 +288,8 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
         unloader.clock = reactor
         unloader.setName("unload")
         unloader.setServiceParent(root)
-    metrics.set_loaded_source(lambda: (storage.loaded_jobs, storage.unloaded_jobs))
+    if IIdleUnload.providedBy(storage):
+        metrics.set_loaded_source(lambda: (storage.loaded_jobs, storage.unloaded_jobs))
 
     factory = IngestFactory(
         writer,
@@ -309,7 +301,9 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
     factory_box.append(factory)
 
     health = HealthMonitor(
-        reactor, pool.run, sc.data_dir, min_free_bytes=sc.retention.min_free_bytes
+        reactor,
+        storage if IFreeSpace.providedBy(storage) else None,
+        min_free_bytes=sc.retention.min_free_bytes,
     )
     metrics.set_health_source(health)
     CallbackService("health", health.start, health.stop).setServiceParent(root)
@@ -336,7 +330,6 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
         storage,
         RetentionPolicy.from_config(sc.retention),
         reactor,
-        free_bytes=lambda: pool.run(thd_free_bytes, sc.data_dir),
         busy_jobs=writer.busy_jobs,
         discard_job=writer.discard_job,
         metrics=metrics,

@@ -46,6 +46,7 @@ from twisted.python.failure import Failure
 
 from joblet_persist.logs import Logger
 from joblet_persist.storage.api import LogBatch, MetricBatch
+from joblet_persist.threads import reactor_only
 
 __all__ = [
     "MESSAGE_MEMORY",
@@ -179,7 +180,7 @@ class BatchingWriter:
     """Buffers messages per (job, stream) and appends them to storage in batches.
 
     Reactor thread only.  ``storage`` provides ``append_logs(LogBatch)`` and
-    ``append_metrics(MetricBatch)`` returning Deferreds (see ``storage.api.StorageBackend``);
+    ``append_metrics(MetricBatch)`` returning Deferreds (see ``storage.api.IStorageBackend``);
     ``clock`` provides ``callLater`` and ``seconds`` (the reactor, or ``task.Clock`` in tests).
 
     Plain int counters for GetStats: ``messages_received`` (accepted by ``add_*``),
@@ -256,6 +257,7 @@ class BatchingWriter:
 
     # -- state ------------------------------------------------------------
 
+    @reactor_only
     def busy_jobs(self) -> set[str]:
         """Job ids with data buffered, queued or in flight (retention spares them)."""
         jobs = {buf.job.job_id for buf in self._dirty}
@@ -284,6 +286,7 @@ class BatchingWriter:
 
     # -- lifecycle ----------------------------------------------------------
 
+    @reactor_only
     def start(self) -> None:
         """Start the flush timer.  Reactor thread."""
         if self._stopping:
@@ -291,6 +294,7 @@ class BatchingWriter:
         if self._timer is None:
             self._timer = self._clock.callLater(self._flush_interval, self._tick)
 
+    @reactor_only
     def stop(self) -> defer.Deferred:
         """Flush everything and wait for it to be appended.  Reactor thread; Deferred.
 
@@ -325,6 +329,7 @@ class BatchingWriter:
 
     # -- the hot path -----------------------------------------------------
 
+    @reactor_only
     def add_log(self, job_id: str, stream: int, timestamp: int, sequence: int, content: bytes):
         """Buffer one LOG message.  Reactor thread, once per received frame.
 
@@ -336,6 +341,7 @@ class BatchingWriter:
             raise ValueError(f"stream must be 1 or 2, not {stream!r}")
         self._add(job_id, stream, timestamp, sequence, content)
 
+    @reactor_only
     def add_logs(
         self,
         job_id: str,
@@ -414,6 +420,7 @@ class BatchingWriter:
                 self._seal(buf)
             i = j
 
+    @reactor_only
     def add_metric(self, job_id: str, timestamp: int, sequence: int, payload: bytes):
         """Buffer one metric sample (a serialized ``joblet.ipc.Metric``).  Reactor thread."""
         if self._stopping:
@@ -447,6 +454,7 @@ class BatchingWriter:
         if self._buffered > self._high_water and not self._paused:
             self._pause()
 
+    @reactor_only
     def unload_idle(self, idle: float, resident: Callable[[str], bool] = lambda job: True) -> int:
         """Forget jobs that received nothing for ``idle`` seconds.  Reactor thread.
 
@@ -494,6 +502,7 @@ class BatchingWriter:
 
     # -- flushing -----------------------------------------------------------
 
+    @reactor_only
     def flush_all(self) -> defer.Deferred:
         """Seal every buffer now; Deferred firing when all of it has been appended.
 
@@ -507,6 +516,7 @@ class BatchingWriter:
             return defer.succeed(None)
         return defer.gatherResults(waits).addCallback(lambda _: None)
 
+    @reactor_only
     def discard_job(self, job_id: str) -> defer.Deferred:
         """Drop a job's buffered data before it is deleted.  Reactor thread; Deferred.
 

@@ -1,10 +1,13 @@
 """Test doubles shared by the test suites.
 
-- FakeStorage: an in-memory StorageBackend that implements the contract of
-  ``joblet_persist.storage.api`` faithfully (arrival-order merging, inclusive
-  time range on bounds > 0, then offset, then limit, snapshots that never
-  change, jobs that must be opened before their snapshot is visible).  Each
-  appended batch is one "member", so ReadStats counts are meaningful.
+- FakeStorage: the one in-memory IStorageBackend, with every optional
+  capability of ``joblet_persist.storage.api``; tests/storage_contract.py
+  holds it to the same tests as LocalStorage (arrival-order merging,
+  inclusive time range on bounds > 0, then offset, then limit, snapshots that
+  never change, jobs that must be opened before their snapshot is visible,
+  segments, idle unloading).  Each appended batch is one "member", so
+  ReadStats counts are meaningful.  Appends complete at once or when the
+  test says (``auto=False``), to drive the writer.
 - log_batch / metric_batch / metric_payload: build storage batches.
 - FakeContext: a grpc.ServicerContext for calling servicer methods directly.
 - ImmediateReactor: a Clock whose callFromThread runs the call at once (under
@@ -26,19 +29,31 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence
 
 import grpc
+from google.protobuf.message import DecodeError
 from twisted.internet import defer, task
+from zope.interface import alsoProvides, implementer
 
 from joblet_persist._proto import ipc_pb2
 from joblet_persist.storage.api import (
     LOG_STREAMS,
+    STREAM_STDERR,
+    STREAM_STDOUT,
+    DataVanished,
+    IBulkLogReads,
+    IFreeSpace,
+    IIdleUnload,
+    IJobSnapshot,
+    IRetentionSegments,
+    IStorageBackend,
     JobInfo,
-    JobSnapshot,
     LogBatch,
     LogRecord,
     MetricBatch,
     MetricRecord,
     ReadStats,
-    StorageBackend,
+    SegmentUsage,
+    SpaceProbe,
+    StorageUnavailable,
     check_job_id,
 )
 
@@ -127,22 +142,42 @@ def metric_data(payload: bytes) -> dict:
 # -- storage ---------------------------------------------------------------------------
 
 _MEMBER_OVERHEAD = 64  # bytes a member costs beyond its content, like a gzip header
+_KIND_OF_STREAM = {STREAM_STDOUT: "stdout", STREAM_STDERR: "stderr"}
+_KINDS = ("stdout", "stderr", "metrics")
 
 
 @dataclass(frozen=True)
 class _Member:
-    """One appended batch: a stream (0 for metrics) and its records in arrival order."""
+    """One appended batch: a stream (0 for metrics) and its records in arrival order.
+
+    ``segment`` is the segment it was stored in: once that is removed (DeleteJob,
+    retention), reading the member raises DataVanished, as a deleted file would.
+    """
 
     stream: int
     arrivals: tuple
     records: tuple
     corrupt: bool = False
+    segment: Optional[_Segment] = field(default=None, compare=False, repr=False)
 
     @property
     def size(self) -> int:
         if self.stream:
             return _MEMBER_OVERHEAD + sum(len(r.content) for r in self.records)
         return _MEMBER_OVERHEAD + 100 * len(self.records)
+
+
+class _Segment:
+    """A run of members of one kind; dropped or deleted as a whole.  Reactor thread."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.members: list = []
+        self.removed = False
+
+    @property
+    def size(self) -> int:
+        return sum(m.size for m in self.members)
 
 
 def _in_range(ts: int, start: int, end: int) -> bool:
@@ -154,13 +189,14 @@ def _check_page(offset: int, limit: int) -> None:
         raise ValueError(f"offset and limit must be >= 0, got {offset}, {limit}")
 
 
-def _iter_members(members, start, end, offset, limit, stats, cancelled):
+def _iter_members(job_id, members, start, end, offset, limit, stats, cancelled):
     """Yield matching records of ``members`` merged in arrival order.
 
     Which records match is decided from per-record timestamps alone (what a
     member header holds), so members before the offset or outside the range
     are skipped without being "inflated"; each member that yields a record
-    counts as inflated once.
+    counts as inflated once.  A member whose segment was removed raises
+    DataVanished when it is first read.
     """
     stats = stats if stats is not None else ReadStats()
     usable = []
@@ -188,6 +224,9 @@ def _iter_members(members, start, end, offset, limit, stats, cancelled):
             if cancelled():
                 return
             if index not in inflated:
+                segment = usable[index].segment
+                if segment is not None and segment.removed:
+                    raise DataVanished(job_id, f"segment {segment.index} was removed")
                 inflated.add(index)
                 stats.members_inflated += 1
             yield record
@@ -195,7 +234,12 @@ def _iter_members(members, start, end, offset, limit, stats, cancelled):
         stats.members_skipped += len(usable) - len(inflated)
 
 
-class FakeSnapshot(JobSnapshot):
+def _never_cancelled() -> bool:
+    return False
+
+
+@implementer(IJobSnapshot)
+class FakeSnapshot:
     """An immutable view of a FakeStorage job.  Any thread."""
 
     def __init__(self, job_id: str, info: JobInfo, logs: tuple, metrics: tuple):
@@ -212,64 +256,181 @@ class FakeSnapshot(JobSnapshot):
         offset=0,
         limit=0,
         stats=None,
-        cancelled=lambda: False,
+        cancelled=_never_cancelled,
     ):
         if stream not in (0, 1, 2):
             raise ValueError(f"invalid stream {stream!r}")
         _check_page(offset, limit)
         members = [m for m in self._logs if stream == 0 or m.stream == stream]
-        return _iter_members(members, start_time, end_time, offset, limit, stats, cancelled)
+        return _iter_members(
+            self.job_id, members, start_time, end_time, offset, limit, stats, cancelled
+        )
 
     def iter_metrics(
-        self, start_time=0, end_time=0, offset=0, limit=0, stats=None, cancelled=lambda: False
+        self, start_time=0, end_time=0, offset=0, limit=0, stats=None, cancelled=_never_cancelled
     ):
         _check_page(offset, limit)
         return _iter_members(
-            list(self._metrics), start_time, end_time, offset, limit, stats, cancelled
+            self.job_id, list(self._metrics), start_time, end_time, offset, limit, stats, cancelled
         )
+
+
+@implementer(IBulkLogReads)
+class FakeBulkSnapshot(FakeSnapshot):
+    """A FakeSnapshot that also reads logs in columnar chunks (one chunk per 3 records)."""
+
+    def iter_log_chunks(
+        self,
+        stream,
+        start_time=0,
+        end_time=0,
+        offset=0,
+        limit=0,
+        stats=None,
+        cancelled=_never_cancelled,
+    ):
+        records = self.iter_logs(stream, start_time, end_time, offset, limit, stats, cancelled)
+        return self._chunks(records)
+
+    @staticmethod
+    def _chunks(records):
+        while chunk := list(itertools.islice(records, 3)):
+            yield (
+                tuple(r.stream for r in chunk),
+                tuple(r.timestamp for r in chunk),
+                tuple(r.sequence for r in chunk),
+                tuple(r.content for r in chunk),
+            )
 
 
 @dataclass
 class _Job:
     created_at: int
     last_updated: int
-    logs: list = field(default_factory=list)
-    metrics: list = field(default_factory=list)
+    segments: dict = field(default_factory=lambda: {kind: [] for kind in _KINDS})
+
+    def members(self, *kinds) -> list:
+        return [m for kind in kinds for seg in self.segments[kind] for m in seg.members]
+
+    def part_sizes(self) -> tuple[int, int]:
+        logs = sum(m.size for m in self.members("stdout", "stderr"))
+        return logs, sum(m.size for m in self.members("metrics"))
 
     def info(self, job_id: str) -> JobInfo:
-        timestamps = [r.timestamp for m in self.logs + self.metrics for r in m.records]
+        members = self.members(*_KINDS)
+        timestamps = [r.timestamp for m in members for r in m.records]
         return JobInfo(
             job_id=job_id,
             created_at=self.created_at,
             last_updated=self.last_updated,
-            log_count=sum(len(m.records) for m in self.logs),
-            metric_count=sum(len(m.records) for m in self.metrics),
-            size_bytes=sum(m.size for m in self.logs + self.metrics),
+            log_count=sum(len(m.records) for m in self.members("stdout", "stderr")),
+            metric_count=sum(len(m.records) for m in self.members("metrics")),
+            size_bytes=sum(m.size for m in members),
             first_timestamp=min(timestamps, default=0),
             last_timestamp=max(timestamps, default=0),
         )
 
 
-class FakeStorage(StorageBackend):
-    """In-memory StorageBackend.
+class Append:
+    """One append handed to FakeStorage; ``outcome`` is None until it completes."""
 
-    Reactor-side methods return already-fired Deferreds.  ``now`` gives Unix
-    seconds for created_at/last_updated.  Jobs are "loaded" (their snapshot
-    visible to ``snapshot()``) once appended to or opened; ``evict(job_id)``
-    unloads one, as after a restart, so that ``open_job`` is needed again.
+    def __init__(self, storage: FakeStorage, kind: str, batch):
+        self._storage = storage
+        self.kind = kind  # "logs" or "metrics"
+        self.batch = batch
+        self.deferred = defer.Deferred()
+        self.outcome: Optional[str] = None
+
+    @property
+    def key(self):
+        """(job id, stream number) of a log batch, (job id, "metrics") of a metric batch."""
+        b = self.batch
+        return (b.job_id, b.stream if self.kind == "logs" else "metrics")
+
+    @property
+    def items(self) -> list:
+        """The batch's contents (logs) or payloads (metrics)."""
+        b = self.batch
+        return list(b.contents if self.kind == "logs" else b.payloads)
+
+    def succeed(self) -> None:
+        """Store and publish the batch, then fire the Deferred with the bytes added."""
+        self.outcome = "ok"
+        size = self._storage._store(self)
+        self._storage._finished(self)
+        self.deferred.callback(size)
+
+    def fail(self, error: Optional[Exception] = None) -> None:
+        """Fail the append (nothing of it is stored); ENOSPC-like by default."""
+        self.outcome = "failed"
+        self._storage._finished(self)
+        self.deferred.errback(
+            error if error is not None else StorageUnavailable("no space left on device")
+        )
+
+
+#: The optional capabilities a FakeStorage provides unless told otherwise.
+ALL_CAPABILITIES = (IRetentionSegments, IIdleUnload, IFreeSpace)
+
+
+@implementer(IStorageBackend)
+class FakeStorage:
+    """The in-memory IStorageBackend, held to tests/storage_contract.py like LocalStorage.
+
+    Reactor-side methods return Deferreds.  ``now`` gives Unix seconds for
+    created_at/last_updated and idle unloading.  Jobs are "loaded" (their
+    snapshot visible to ``snapshot()``) once appended to or opened;
+    ``unload_idle`` or ``evict(job_id)`` unloads them, as after a restart.
+
+    Appends are recorded in ``calls`` (Append objects).  With ``auto`` (the
+    default) each completes at once; ``fail_next`` makes that many of them
+    fail.  Without ``auto`` the test completes them (``pending()``, then
+    ``succeed()`` / ``fail()``): the batch is published only then, as a real
+    backend publishes after the write.  Like LocalStorage, a second append of
+    one (job, stream) while one is in flight is refused, and deletions wait
+    for the job's appends in flight.
+
+    A stream's members go to segments of at most ``segment_max_bytes``
+    (IRetentionSegments); ``space`` is what IFreeSpace reports; ``fail_deletes``
+    names jobs whose deletion fails with StorageUnavailable; ``bulk_reads``
+    makes snapshots provide IBulkLogReads; ``corrupt_next`` stores the next
+    batch as an unreadable member.  ``capabilities`` are the optional
+    interfaces it declares (all by default; ``()`` makes a bare backend, to
+    test callers' paths for backends without them).
     """
 
-    def __init__(self, now: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        now: Callable[[], float] = time.time,
+        *,
+        auto: bool = True,
+        bulk_reads: bool = False,
+        segment_max_bytes: int = 1 << 20,
+        capabilities: Sequence = ALL_CAPABILITIES,
+    ):
+        alsoProvides(self, *capabilities)
         self._now = now
+        self.auto = auto
+        self.fail_next = 0
+        self._snapshot_class = FakeBulkSnapshot if bulk_reads else FakeSnapshot
+        self._segment_max_bytes = segment_max_bytes
         self._jobs: dict[str, _Job] = {}
         self._loaded: dict[str, FakeSnapshot] = {}
         self._index: dict[str, JobInfo] = {}
+        self._last_used: dict[str, float] = {}
+        self._in_flight: dict[str, set] = {}  # job -> keys of appends in flight
+        self._idle_waiters: dict[str, list] = {}
+        self.calls: list[Append] = []
         self.open_job_calls: list[str] = []
-        self.deleted: list[str] = []
+        self.deleted: list = []  # job ids, (job id, part), (job id, kind, index)
+        self.fail_deletes: set[str] = set()
         self.running = False
         self.corrupt_next = False
+        self.space = SpaceProbe(True, None, 10**12)
+        self.unloaded_jobs = 0
+        self.skipped_metric_payloads = 0
 
-    # reactor thread
+    # -- reactor thread: lifecycle and appends
 
     def start(self):
         self.running = True
@@ -279,8 +440,92 @@ class FakeStorage(StorageBackend):
         self.running = False
         return defer.succeed(None)
 
+    def append_logs(self, batch: LogBatch):
+        try:
+            check_job_id(batch.job_id)
+            if batch.stream not in LOG_STREAMS:
+                raise ValueError(f"invalid stream {batch.stream!r} for a log batch")
+            _same_length(batch.timestamps, batch.sequences, batch.arrivals, batch.contents)
+        except ValueError:
+            return defer.fail()
+        return self._append("logs", batch, len(batch.contents))
+
+    def append_metrics(self, batch: MetricBatch):
+        try:
+            check_job_id(batch.job_id)
+            _same_length(batch.timestamps, batch.sequences, batch.arrivals, batch.payloads)
+        except ValueError:
+            return defer.fail()
+        return self._append("metrics", batch, len(batch.payloads))
+
+    def _append(self, kind: str, batch, count: int):
+        if count == 0:
+            return defer.succeed(0)
+        call = Append(self, kind, batch)
+        in_flight = self._in_flight.setdefault(batch.job_id, set())
+        if call.key in in_flight:
+            return defer.fail(RuntimeError(f"an append to {call.key} is already in flight"))
+        in_flight.add(call.key)
+        self.calls.append(call)
+        if self.auto:
+            if self.fail_next:
+                self.fail_next -= 1
+                call.fail()
+            else:
+                call.succeed()
+        return call.deferred
+
+    def pending(self) -> list[Append]:
+        """Appends not completed yet, in the order they were made."""
+        return [c for c in self.calls if c.outcome is None]
+
+    def _finished(self, call: Append) -> None:
+        job_id = call.batch.job_id
+        in_flight = self._in_flight[job_id]
+        in_flight.discard(call.key)
+        if not in_flight:
+            del self._in_flight[job_id]
+            for d in self._idle_waiters.pop(job_id, ()):
+                d.callback(None)
+
+    def _store(self, call: Append) -> int:
+        """Add a completed append's member and publish the job; the bytes it added."""
+        batch = call.batch
+        job = self._job(batch.job_id)
+        if call.kind == "logs":
+            stream = batch.stream
+            records = [
+                LogRecord(stream, t, s, bytes(c))
+                for t, s, c in zip(batch.timestamps, batch.sequences, batch.contents, strict=True)
+            ]
+            arrivals = tuple(batch.arrivals)
+            kind = _KIND_OF_STREAM[stream]
+        else:
+            stream, kind, records, kept = 0, "metrics", [], []
+            for t, s, a, p in zip(
+                batch.timestamps, batch.sequences, batch.arrivals, batch.payloads, strict=True
+            ):
+                try:
+                    records.append(MetricRecord(t, s, metric_data(p)))
+                except DecodeError:  # undecodable: left out and counted, like LocalStorage
+                    self.skipped_metric_payloads += 1
+                    continue
+                kept.append(a)
+            arrivals = tuple(kept)
+            if not records:
+                return 0
+        segments = job.segments[kind]
+        if not segments or segments[-1].size >= self._segment_max_bytes:
+            segments.append(_Segment(segments[-1].index + 1 if segments else 0))
+        corrupt, self.corrupt_next = self.corrupt_next, False
+        member = _Member(stream, arrivals, tuple(records), corrupt, segments[-1])
+        segments[-1].members.append(member)
+        job.last_updated = max(job.last_updated, int(self._now()))
+        self._last_used[batch.job_id] = self._now()
+        self._publish(batch.job_id)
+        return member.size
+
     def _job(self, job_id: str) -> _Job:
-        check_job_id(job_id)
         job = self._jobs.get(job_id)
         if job is None:
             now = int(self._now())
@@ -291,88 +536,194 @@ class FakeStorage(StorageBackend):
         job = self._jobs[job_id]
         info = job.info(job_id)
         self._index[job_id] = info
-        self._loaded[job_id] = FakeSnapshot(job_id, info, tuple(job.logs), tuple(job.metrics))
+        self._loaded[job_id] = self._snapshot_class(
+            job_id, info, tuple(job.members("stdout", "stderr")), tuple(job.members("metrics"))
+        )
 
-    def _member(self, stream, batch, records) -> _Member:
-        if not (len(batch.timestamps) == len(batch.sequences) == len(batch.arrivals)):
-            raise ValueError("batch columns differ in length")
-        corrupt, self.corrupt_next = self.corrupt_next, False
-        return _Member(stream, tuple(batch.arrivals), tuple(records), corrupt)
-
-    def append_logs(self, batch: LogBatch):
-        if batch.stream not in LOG_STREAMS:
-            return defer.fail(ValueError(f"invalid stream {batch.stream!r}"))
-        try:
-            job = self._job(batch.job_id)
-            member = self._member(
-                batch.stream,
-                batch,
-                [
-                    LogRecord(batch.stream, t, s, bytes(c))
-                    for t, s, c in zip(
-                        batch.timestamps, batch.sequences, batch.contents, strict=True
-                    )
-                ],
-            )
-        except ValueError as e:
-            return defer.fail(e)
-        job.logs.append(member)
-        job.last_updated = int(self._now())
-        self._publish(batch.job_id)
-        return defer.succeed(member.size)
-
-    def append_metrics(self, batch: MetricBatch):
-        try:
-            job = self._job(batch.job_id)
-            member = self._member(
-                0,
-                batch,
-                [
-                    MetricRecord(t, s, metric_data(p))
-                    for t, s, p in zip(
-                        batch.timestamps, batch.sequences, batch.payloads, strict=True
-                    )
-                ],
-            )
-        except ValueError as e:
-            return defer.fail(e)
-        job.metrics.append(member)
-        job.last_updated = int(self._now())
-        self._publish(batch.job_id)
-        return defer.succeed(member.size)
+    # -- reactor thread: loading and deleting
 
     def open_job(self, job_id: str):
-        check_job_id(job_id)
+        try:
+            check_job_id(job_id)
+        except ValueError:
+            return defer.fail()
         self.open_job_calls.append(job_id)
         if job_id not in self._jobs:
             return defer.succeed(None)
         if job_id not in self._loaded:
             self._publish(job_id)
+        self._last_used[job_id] = self._now()
         return defer.succeed(self._loaded[job_id])
 
+    def _after_appends(self, job_id: str, operation):
+        """Run ``operation()`` once the job's appends in flight are done."""
+        try:
+            check_job_id(job_id)
+        except ValueError:
+            return defer.fail()
+        if job_id not in self._in_flight:
+            return defer.maybeDeferred(operation)
+        d = defer.Deferred()
+        self._idle_waiters.setdefault(job_id, []).append(d)
+        return d.addCallback(lambda _: operation())
+
+    def _check_deletable(self, job_id: str) -> None:
+        if job_id in self.fail_deletes:
+            raise StorageUnavailable(f"deleting data of job {job_id} failed: permission denied")
+
     def delete_job(self, job_id: str):
-        check_job_id(job_id)
-        self.deleted.append(job_id)
-        job = self._jobs.pop(job_id, None)
-        self._loaded.pop(job_id, None)
-        self._index.pop(job_id, None)
-        freed = 0 if job is None else sum(m.size for m in job.logs + job.metrics)
-        return defer.succeed(freed)
+        def delete():
+            self._check_deletable(job_id)
+            self.deleted.append(job_id)
+            job = self._jobs.pop(job_id, None)
+            self._loaded.pop(job_id, None)
+            self._index.pop(job_id, None)
+            if job is None:
+                return 0
+            for kind in _KINDS:
+                for seg in job.segments[kind]:
+                    seg.removed = True
+            return sum(m.size for m in job.members(*_KINDS))
+
+        return self._after_appends(job_id, delete)
+
+    def delete_part(self, job_id: str, part: str):
+        kinds = {"logs": ("stdout", "stderr"), "metrics": ("metrics",)}.get(part)
+        if kinds is None:
+            return defer.fail(ValueError(f"unknown part {part!r}: expected 'logs' or 'metrics'"))
+
+        def delete():
+            self._check_deletable(job_id)
+            self.deleted.append((job_id, part))
+            job = self._jobs.get(job_id)
+            if job is None:
+                return 0
+            freed = 0
+            for kind in kinds:
+                for seg in job.segments[kind]:
+                    seg.removed = True
+                    freed += seg.size
+                job.segments[kind] = []
+            if not job.members(*_KINDS):
+                del self._jobs[job_id]
+                self._loaded.pop(job_id, None)
+                self._index.pop(job_id, None)
+            else:
+                self._publish(job_id)
+            return freed
+
+        return self._after_appends(job_id, delete)
 
     def evict(self, job_id: str) -> None:
         """Forget the loaded snapshot (the index entry stays), as after a restart."""
         self._loaded.pop(job_id, None)
 
-    # any thread
+    # -- IRetentionSegments (reactor thread)
+
+    def segment_usage(self, job_id: str):
+        if job_id not in self._loaded:
+            return ()
+        job = self._jobs[job_id]
+        usage = []
+        for kind in _KINDS:
+            segments = job.segments[kind]
+            for i, seg in enumerate(segments):
+                usage.append(SegmentUsage(kind, seg.index, seg.size, i == len(segments) - 1))
+        return tuple(usage)
+
+    def drop_segment(self, job_id: str, kind: str, index: int):
+        try:
+            check_job_id(job_id)
+            if kind not in _KINDS:
+                raise ValueError(f"unknown segment kind {kind!r}")
+        except ValueError:
+            return defer.fail()
+        job = self._jobs.get(job_id)
+        if job is None:
+            return defer.succeed(0)
+        segments = job.segments[kind]
+        positions = [i for i, seg in enumerate(segments) if seg.index == index]
+        if not positions:
+            return defer.succeed(0)
+        if positions[0] == len(segments) - 1:
+            return defer.fail(ValueError(f"segment {kind} {index} of job {job_id} is being written"))
+        seg = segments.pop(positions[0])
+        seg.removed = True
+        self.deleted.append((job_id, kind, index))
+        self._publish(job_id)
+        return defer.succeed(seg.size)
+
+    # -- IIdleUnload
+
+    def unload_idle(self, idle: float) -> int:
+        cutoff = self._now() - idle
+        idle_jobs = [
+            job_id
+            for job_id in self._loaded
+            if self._last_used.get(job_id, 0) <= cutoff and job_id not in self._in_flight
+        ]
+        for job_id in idle_jobs:
+            del self._loaded[job_id]
+        self.unloaded_jobs += len(idle_jobs)
+        return len(idle_jobs)
+
+    def resident(self, job_id: str) -> bool:
+        return job_id in self._loaded or job_id in self._in_flight
+
+    @property
+    def loaded_jobs(self) -> int:
+        return len(self._loaded)
+
+    # -- IFreeSpace
+
+    def probe_space(self):
+        return defer.succeed(self.space)
+
+    def free_bytes(self):
+        return defer.succeed(self.space.free_bytes)
+
+    # -- any thread
 
     def snapshot(self, job_id: str):
+        check_job_id(job_id)
         return self._loaded.get(job_id)
 
     def job_info(self, job_id: str):
+        check_job_id(job_id)
         return self._index.get(job_id)
 
     def list_jobs(self):
-        return tuple(self._index.values())
+        return tuple(self._index.copy().values())
+
+    def list_jobs_page(self, since: int, until: int, offset: int, limit: int):
+        jobs = sorted(
+            (
+                info
+                for info in self.list_jobs()
+                if (since <= 0 or info.created_at >= since)
+                and (until <= 0 or info.created_at <= until)
+            ),
+            key=lambda info: (-info.created_at, info.job_id),
+        )
+        return len(jobs), jobs[offset : offset + limit] if limit else jobs[offset:]
+
+    def totals(self):
+        infos = self.list_jobs()
+        return (
+            len(infos),
+            sum(i.log_count for i in infos),
+            sum(i.metric_count for i in infos),
+            sum(i.size_bytes for i in infos),
+        )
+
+    def part_sizes(self, job_id: str):
+        job = self._jobs.get(job_id)
+        return (0, 0) if job is None else job.part_sizes()
+
+
+def _same_length(*columns) -> None:
+    if len({len(c) for c in columns}) > 1:
+        raise ValueError("batch columns differ in length")
 
 
 # -- gRPC context and reactor ---------------------------------------------------------------

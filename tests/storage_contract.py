@@ -1,10 +1,12 @@
-"""StorageBackend behaviour shared by every backend and by test fakes.
+"""The storage contract (storage/api.py) as tests, run against every backend and the fake.
 
 ``StorageBackendContractMixin`` is mixed into a ``SynchronousTestCase`` that
 provides ``make_storage()``: a started backend whose Deferreds fire
-synchronously (a fake, or LocalStorage with a synchronous thread runner).
-Running the same tests against the fakes and the real backend keeps the fakes
-honest.
+synchronously (tests.fakes.FakeStorage, or LocalStorage with a synchronous
+thread runner), and ``self.clock``, the task.Clock the backend reads time from.
+Running the same tests against the fake and every real backend keeps the fake
+honest.  The tests of an optional capability (IRetentionSegments,
+IIdleUnload, IFreeSpace, IBulkLogReads) run where the backend provides it.
 
 The contract, beyond storage/api.py's docstrings:
 
@@ -13,20 +15,32 @@ The contract, beyond storage/api.py's docstrings:
   raise it.
 - An empty batch fires with 0.
 - Snapshots are immutable: one taken before an append does not change.
+- Reading a snapshot whose data was deleted meanwhile raises DataVanished.
 """
 
 from __future__ import annotations
+
+from zope.interface.verify import verifyObject
 
 from joblet_persist._proto import ipc_pb2
 from joblet_persist.storage.api import (
     STREAM_STDERR,
     STREAM_STDOUT,
     STREAM_UNSPECIFIED,
+    DataVanished,
+    IBulkLogReads,
+    IFreeSpace,
+    IIdleUnload,
+    IJobSnapshot,
     InvalidJobId,
+    IRetentionSegments,
+    IStorageBackend,
     JobInfo,
     LogBatch,
     LogRecord,
     MetricBatch,
+    SegmentUsage,
+    SpaceProbe,
 )
 
 INVALID_JOB_IDS = ("", "../x", "a/b", "..", "x" * 200, ".hidden", "a\x00b", "job id")
@@ -88,7 +102,7 @@ def reference_logs(records, stream, start_time=0, end_time=0, offset=0, limit=0)
 
 
 class StorageBackendContractMixin:
-    """Tests of the StorageBackend contract; needs ``make_storage()`` on the test case."""
+    """Tests of the IStorageBackend contract; needs ``make_storage()`` and ``clock``."""
 
     JOB = "3f2a9c1e-0b7d-4e2a-9a51-1c0de0000001"
 
@@ -253,3 +267,177 @@ class StorageBackendContractMixin:
         self.assertIsInstance(jobs, tuple)
         self.assertEqual(sorted(info.job_id for info in jobs), ["job-a", "job-b"])
         self.assertEqual({info.job_id: info for info in jobs}["job-a"], storage.job_info("job-a"))
+
+    def test_provides_the_interfaces(self):
+        """The backend and its snapshots provide IStorageBackend / IJobSnapshot, and every
+        optional capability they declare, with the declared methods and attributes."""
+        storage = self.make_storage()
+        self.assertTrue(verifyObject(IStorageBackend, storage))
+        for capability in (IRetentionSegments, IIdleUnload, IFreeSpace):
+            if capability.providedBy(storage):
+                self.assertTrue(verifyObject(capability, storage))
+        self._sample_job(storage)
+        snap = self._open(storage, self.JOB)
+        self.assertTrue(verifyObject(IJobSnapshot, snap))
+        if IBulkLogReads.providedBy(snap):
+            self.assertTrue(verifyObject(IBulkLogReads, snap))
+
+    def test_bulk_reads_match_iter_logs(self):
+        """IBulkLogReads chunks hold exactly iter_logs' records, in order (where provided)."""
+        storage = self.make_storage()
+        records = self._sample_job(storage)
+        snap = self._open(storage, self.JOB)
+        if not IBulkLogReads.providedBy(snap):
+            return
+        for stream in (0, 1, 2):
+            for start, end, offset, limit in ((0, 0, 0, 0), (1500, 3000, 1, 2), (0, 0, 5, 0)):
+                flat = []
+                for streams, timestamps, sequences, contents in snap.iter_log_chunks(
+                    stream, start, end, offset, limit
+                ):
+                    self.assertEqual(
+                        len({len(streams), len(timestamps), len(sequences), len(contents)}), 1
+                    )
+                    flat.extend(map(LogRecord, streams, timestamps, sequences, contents))
+                self.assertEqual(
+                    flat, reference_logs(records, stream, start, end, offset, limit), stream
+                )
+
+    def test_list_jobs_page_and_totals(self):
+        """list_jobs_page pages the jobs newest first (ties by id) within an inclusive
+        created_at range, counting them all; totals sums every job's counts and bytes."""
+        storage = self.make_storage()
+        created = {}
+        for n, job in enumerate(("job-c", "job-a", "job-b", "job-d")):
+            if n in (1, 3):
+                self.clock.advance(10)
+            self._append_logs(storage, job, STREAM_STDOUT, [(n + 1, 1, 0, b"x" * (n + 1))])
+            created[job] = storage.job_info(job).created_at
+        infos = list(storage.list_jobs())
+        newest_first = sorted(infos, key=lambda i: (-i.created_at, i.job_id))
+        t0 = min(created.values())
+        for since, until, offset, limit in (
+            (0, 0, 0, 0), (0, 0, 1, 2), (t0 + 10, 0, 0, 0), (0, t0 + 10, 0, 1), (t0 + 11, 0, 0, 0),
+        ):
+            chosen = [
+                i for i in newest_first
+                if (since <= 0 or i.created_at >= since) and (until <= 0 or i.created_at <= until)
+            ]
+            page = chosen[offset : offset + limit] if limit else chosen[offset:]
+            total, got = storage.list_jobs_page(since, until, offset, limit)
+            self.assertEqual((total, list(got)), (len(chosen), page), (since, until, offset, limit))
+        self.assertEqual(
+            tuple(storage.totals()),
+            (
+                len(infos),
+                sum(i.log_count for i in infos),
+                sum(i.metric_count for i in infos),
+                sum(i.size_bytes for i in infos),
+            ),
+        )
+
+    def test_parts(self):
+        """part_sizes splits a job's bytes into logs and metrics; delete_part removes one
+        part and keeps the other (and created_at); deleting both leaves no job."""
+        storage = self.make_storage()
+        self.assertEqual(tuple(storage.part_sizes(self.JOB)), (0, 0))
+        self._sample_job(storage)
+        payloads = [(900, 1, 10, metric_payload(self.JOB, 900, 1))]
+        self.successResultOf(storage.append_metrics(metric_batch(self.JOB, payloads)))
+        info = storage.job_info(self.JOB)
+        logs, metrics = storage.part_sizes(self.JOB)
+        self.assertEqual(logs + metrics, info.size_bytes)
+        self.assertGreater(logs, 0)
+        self.assertGreater(metrics, 0)
+        self.failureResultOf(storage.delete_part(self.JOB, "segment"), ValueError)
+        self.assertEqual(self.successResultOf(storage.delete_part(self.JOB, "logs")), logs)
+        after = storage.job_info(self.JOB)
+        self.assertEqual((after.log_count, after.metric_count), (0, 1))
+        self.assertEqual((after.created_at, after.size_bytes), (info.created_at, metrics))
+        snap = self._open(storage, self.JOB)
+        self.assertEqual(list(snap.iter_logs(0)), [])
+        self.assertEqual([r.sequence for r in snap.iter_metrics()], [1])
+        self.assertEqual(self.successResultOf(storage.delete_part(self.JOB, "metrics")), metrics)
+        self.assertIsNone(storage.job_info(self.JOB))
+        self.assertIsNone(self._open(storage, self.JOB))
+
+    def test_deleted_under_a_read(self):
+        """Reading a snapshot whose job was deleted meanwhile raises DataVanished (the
+        seam's error, never an OSError) for logs and metrics alike."""
+        storage = self.make_storage()
+        self._sample_job(storage)
+        payloads = [(900, 1, 10, metric_payload(self.JOB, 900, 1))]
+        self.successResultOf(storage.append_metrics(metric_batch(self.JOB, payloads)))
+        snap = self._open(storage, self.JOB)
+        self.successResultOf(storage.delete_job(self.JOB))
+        with self.assertRaises(DataVanished) as caught:
+            list(snap.iter_logs(0))
+        self.assertEqual(caught.exception.job_id, self.JOB)
+        self.assertRaises(DataVanished, list, snap.iter_metrics())
+        if IBulkLogReads.providedBy(snap):
+            self.assertRaises(DataVanished, list, snap.iter_log_chunks(0))
+
+    def test_retention_segments(self):
+        """IRetentionSegments: segment_usage lists a loaded job's segments (one last segment
+        per kind, sizes adding up to the part sizes); the last one is refused, a closed one
+        drops with its bytes and records, and readers of older snapshots see DataVanished."""
+        storage = self.make_storage()
+        if not IRetentionSegments.providedBy(storage):
+            return
+        self.assertEqual(tuple(storage.segment_usage("never-written")), ())
+        for n in range(3):
+            self._append_logs(storage, self.JOB, STREAM_STDOUT, [(n + 1, n, n, b"z" * 50)])
+        old = self._open(storage, self.JOB)
+        usage = storage.segment_usage(self.JOB)
+        self.assertTrue(all(isinstance(u, SegmentUsage) for u in usage))
+        self.assertEqual({u.kind for u in usage}, {"stdout"})
+        self.assertEqual(sum(u.size_bytes for u in usage), storage.part_sizes(self.JOB)[0])
+        self.assertEqual([u.last_segment for u in usage], [False] * (len(usage) - 1) + [True])
+        last = usage[-1]
+        self.failureResultOf(storage.drop_segment(self.JOB, "stdout", last.index), ValueError)
+        self.failureResultOf(storage.drop_segment(self.JOB, "stdin", 0), ValueError)
+        self.assertEqual(self.successResultOf(storage.drop_segment(self.JOB, "stdout", 999)), 0)
+        if len(usage) == 1:
+            return  # one segment holds everything: nothing may be dropped
+        first = usage[0]
+        freed = self.successResultOf(storage.drop_segment(self.JOB, "stdout", first.index))
+        self.assertEqual(freed, first.size_bytes)
+        info = storage.job_info(self.JOB)
+        self.assertEqual(info.size_bytes, sum(u.size_bytes for u in usage[1:]))
+        self.assertNotIn(0, [r.sequence for r in self._open(storage, self.JOB).iter_logs(0)])
+        self.assertEqual(info.log_count, 3 - 1)
+        self.assertRaises(DataVanished, list, old.iter_logs(0))
+
+    def test_idle_unload(self):
+        """IIdleUnload: a job unused for ``idle`` seconds leaves memory (snapshot() None,
+        not resident) but not the index; open_job brings it back whole."""
+        storage = self.make_storage()
+        if not IIdleUnload.providedBy(storage):
+            return
+        self.assertFalse(storage.resident(self.JOB))
+        records = self._sample_job(storage)
+        self.assertTrue(storage.resident(self.JOB))
+        loaded, unloaded = storage.loaded_jobs, storage.unloaded_jobs
+        self.assertGreaterEqual(loaded, 1)
+        self.assertEqual(storage.unload_idle(60), 0)
+        self.clock.advance(61)
+        self.assertEqual(storage.unload_idle(60), 1)
+        self.assertEqual((storage.loaded_jobs, storage.unloaded_jobs), (loaded - 1, unloaded + 1))
+        self.assertFalse(storage.resident(self.JOB))
+        self.assertIsNone(storage.snapshot(self.JOB))
+        self.assertIsNotNone(storage.job_info(self.JOB))
+        snap = self._open(storage, self.JOB)
+        self.assertEqual(list(snap.iter_logs(0)), reference_logs(records, 0))
+        self.assertTrue(storage.resident(self.JOB))
+
+    def test_free_space(self):
+        """IFreeSpace: a healthy backend probes writable with its free space, and
+        free_bytes reports room (or None when it cannot tell); neither fails."""
+        storage = self.make_storage()
+        if not IFreeSpace.providedBy(storage):
+            return
+        probe = self.successResultOf(storage.probe_space())
+        self.assertIsInstance(probe, SpaceProbe)
+        self.assertEqual((probe.writable, probe.error), (True, None))
+        free = self.successResultOf(storage.free_bytes())
+        self.assertTrue(free is None or free > 0, free)

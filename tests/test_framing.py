@@ -28,6 +28,7 @@ from joblet_persist.writer import (
     WriterStopped,
 )
 from tests import test_ingest, test_writer
+from tests.fakes import FakeStorage
 
 try:
     from joblet_persist._speedups import decode_log_frames as decode_c
@@ -707,7 +708,7 @@ class RealWriterIngestTests(SynchronousTestCase):
         follow frame order per job across streams and metrics, in batches within the
         limits."""
         clock = task.Clock()
-        storage = test_writer.FakeStorage(auto=True)
+        storage = FakeStorage(now=lambda: 1_700_000_000.0)
         writer = BatchingWriter(storage, clock, batch_max_messages=7, batch_max_bytes=400)
         factory = IngestFactory(writer, None, clock)
         proto = factory.buildProtocol(None)

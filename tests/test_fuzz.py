@@ -304,28 +304,12 @@ def check_ingest_in_order(frame_bodies, data, splits, cut) -> None:
     assert rec.received == _received_count(frame_bodies, expected), rec.received
 
 
-class _RecordingStorage:
-    """Just enough of a StorageBackend for BatchingWriter: records every batch."""
-
-    def __init__(self):
-        self.logs: list = []
-        self.metrics: list = []
-
-    def append_logs(self, batch):
-        self.logs.append(batch)
-        return defer.succeed(0)
-
-    def append_metrics(self, batch):
-        self.metrics.append(batch)
-        return defer.succeed(0)
-
-
 def check_ingest_into_writer(frame_bodies, data, splits, cut) -> None:
     """Into the real BatchingWriter (its bulk path): per job, the stored messages ordered by
     their arrival ordinals are exactly the oracle's accepted messages of that job, logs and
     metrics interleaved in frame order; the rejections are the oracle's; accepted +
     rejected == frames."""
-    storage = _RecordingStorage()
+    storage = FakeStorage(now=lambda: 1_700_000_000.0)
     clock = task.Clock()
     writer = BatchingWriter(storage, clock, batch_max_messages=3, batch_max_bytes=64)
     writer.start()
@@ -337,12 +321,12 @@ def check_ingest_into_writer(frame_bodies, data, splits, cut) -> None:
     expected = _oracle(frame_bodies, data, cut)
 
     by_job: dict = {}
-    for batch in storage.logs:
+    for batch in (c.batch for c in storage.calls if c.kind == "logs"):
         for ts, seq, arrival, content in zip(batch.timestamps, batch.sequences, batch.arrivals,
                                              batch.contents, strict=True):
             by_job.setdefault(batch.job_id, []).append(
                 (arrival, ("log", batch.job_id, batch.stream, ts, seq, bytes(content))))
-    for batch in storage.metrics:
+    for batch in (c.batch for c in storage.calls if c.kind == "metrics"):
         for ts, seq, arrival, payload in zip(batch.timestamps, batch.sequences, batch.arrivals,
                                              batch.payloads, strict=True):
             by_job.setdefault(batch.job_id, []).append(

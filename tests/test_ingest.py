@@ -632,22 +632,12 @@ class FactoryTests(IngestTestMixin, SynchronousTestCase):
     def test_writer_backpressure_wiring(self):
         """A real BatchingWriter above its high-water mark pauses every connection through
         the factory, and resumes them once its appends complete."""
-        from twisted.internet import defer
-
         from joblet_persist.writer import BatchingWriter
+        from tests.fakes import FakeStorage
 
-        pending = []
-
-        class Storage:
-            def append_logs(self, batch):
-                d = defer.Deferred()
-                pending.append(d)
-                return d
-
-            append_metrics = append_logs
-
+        storage = FakeStorage(auto=False)
         box = []
-        writer = BatchingWriter(Storage(), self.clock, batch_max_messages=1,
+        writer = BatchingWriter(storage, self.clock, batch_max_messages=1,
                                 high_water_bytes=500, low_water_bytes=100,
                                 on_pause=lambda: box[0].pause_all(),
                                 on_resume=lambda: box[0].resume_all())
@@ -658,8 +648,8 @@ class FactoryTests(IngestTestMixin, SynchronousTestCase):
         self.assertEqual(transport.producerState, "producing")
         proto.dataReceived(frame(log_body(b"x" * 200)))
         self.assertEqual(transport.producerState, "paused")
-        for d in pending:
-            d.callback(None)
+        while storage.pending():
+            storage.pending()[0].succeed()
         self.assertEqual(transport.producerState, "producing")
 
     def test_protocol_pause_producing(self):

@@ -7,16 +7,22 @@ import json
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import StubTreq
-from twisted.internet import defer, task
+from twisted.internet import task
 from twisted.trial.unittest import SynchronousTestCase
 
-from joblet_persist.health import HealthMonitor, thd_probe_disk
+from joblet_persist.health import HealthMonitor
 from joblet_persist.metrics import PersistMetrics
+from joblet_persist.storage.api import SpaceProbe
+from joblet_persist.storage.space import thd_probe_disk
 from joblet_persist.web import MonitoringApp
+from tests.fakes import FakeStorage
 
 
-def _sync_run(f, *args, **kwargs):
-    return defer.maybeDeferred(f, *args, **kwargs)
+def _space(writable=True, error=None, free_bytes=1) -> FakeStorage:
+    """A storage backend whose IFreeSpace probe reports these values."""
+    storage = FakeStorage()
+    storage.space = SpaceProbe(writable, error, free_bytes)
+    return storage
 
 
 def _samples(registry):
@@ -40,8 +46,7 @@ class MetricsDocumentedTests(SynchronousTestCase):
         m = PersistMetrics(CollectorRegistry(), process=False)
         m.set_storage_source(lambda: (0, 0))
         m.set_file_budget(FileBudget(1))
-        h = HealthMonitor(task.Clock(), _sync_run, "/x",
-                          probe=lambda p: {"writable": True, "error": None, "free_bytes": 1})
+        h = HealthMonitor(task.Clock(), _space())
         h.probe_now()
         m.set_health_source(h)
         m.frame_rejected("bad_envelope")
@@ -103,8 +108,7 @@ class MetricsTests(SynchronousTestCase):
 
     def test_health_exported(self):
         """The health verdict and each check appear as gauges."""
-        h = HealthMonitor(task.Clock(), _sync_run, "/x",
-                          probe=lambda p: {"writable": True, "error": None, "free_bytes": 1})
+        h = HealthMonitor(task.Clock(), _space())
         h.add_check("ingest", lambda: (False, "not listening"))
         h.probe_now()
         m = PersistMetrics(CollectorRegistry(), process=False)
@@ -154,32 +158,29 @@ class HealthTests(SynchronousTestCase):
         """The disk probe reports a writable directory with its free space."""
         d = self.mktemp()
         result = thd_probe_disk(d)
-        self.assertTrue(result["writable"])
-        self.assertGreater(result["free_bytes"], 0)
+        self.assertTrue(result.writable)
+        self.assertGreater(result.free_bytes, 0)
 
     def test_verdict_combines_probe_floor_and_checks(self):
         """Healthy only when the probe says writable, free space is above the floor and every
         live check passes; the verdict is refreshed from the clock-driven loop."""
         clock = task.Clock()
-        disk = {"writable": True, "error": None, "free_bytes": 1000}
+        storage = _space(free_bytes=1000)
         listening = [True]
-        h = HealthMonitor(clock, _sync_run, "/nonexistent", min_free_bytes=500, interval=5,
-                          probe=lambda path: dict(disk))
+        h = HealthMonitor(clock, storage, min_free_bytes=500, interval=5)
         h.add_check("ingest", lambda: (listening[0], "x"))
         self.assertFalse(h.healthy)
         h.start()
         self.assertTrue(h.healthy)
-        disk["free_bytes"] = 100
+        storage.space = SpaceProbe(True, None, 100)
         clock.advance(5)
         self.assertFalse(h.healthy)
         self.assertFalse(h.details["disk_space"]["ok"])
-        disk["free_bytes"] = 1000
-        disk["writable"] = False
-        disk["error"] = "/nonexistent: read-only file system"
+        storage.space = SpaceProbe(False, "/nonexistent: read-only file system", 1000)
         clock.advance(5)
         self.assertFalse(h.healthy)
         self.assertIn("read-only", h.details["storage"]["detail"])
-        disk["writable"] = True
+        storage.space = SpaceProbe(True, None, 1000)
         clock.advance(5)
         self.assertTrue(h.healthy)
         listening[0] = False
@@ -187,10 +188,20 @@ class HealthTests(SynchronousTestCase):
         h.stop()
         self.assertFalse(h.healthy)
 
+    def test_backend_without_probe(self):
+        """A backend without IFreeSpace is not probed: its storage check passes and says so,
+        the free-space floor is not judged, and a non-IFreeSpace object is refused."""
+        h = HealthMonitor(task.Clock(), None, min_free_bytes=500)
+        self.successResultOf(h.probe_now())
+        self.assertTrue(h.healthy)
+        self.assertIn("no writability probe", h.details["storage"]["detail"])
+        self.assertNotIn("disk_space", h.details)
+        self.assertIsNone(h.free_bytes)
+        self.assertRaises(TypeError, HealthMonitor, task.Clock(), object())
+
     def test_broken_check_is_unhealthy_not_a_crash(self):
         """A check that raises makes the verdict unhealthy with the error as detail."""
-        h = HealthMonitor(task.Clock(), _sync_run, "/x",
-                          probe=lambda p: {"writable": True, "error": None, "free_bytes": 1})
+        h = HealthMonitor(task.Clock(), _space())
 
         def boom():
             raise ValueError("broken")
@@ -203,8 +214,7 @@ class HealthTests(SynchronousTestCase):
 
 class WebTests(SynchronousTestCase):
     def _app(self, writable=True):
-        disk = {"writable": writable, "error": None if writable else "ro", "free_bytes": 10}
-        h = HealthMonitor(task.Clock(), _sync_run, "/x", probe=lambda p: dict(disk))
+        h = HealthMonitor(task.Clock(), _space(writable, None if writable else "ro", 10))
         h.probe_now()
         m = PersistMetrics(CollectorRegistry(), process=False)
         m.frame_received(1, 10)

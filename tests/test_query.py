@@ -840,3 +840,88 @@ class PrometheusTests(ServicerMixin, SynchronousTestCase):
         )
         self.assertEqual(value("persist_query_members_total", result="inflated"), 1)
         self.assertEqual(value("persist_query_duration_seconds_count", rpc="QueryLogs"), 2)
+
+
+class _MidReadContext(FakeContext):
+    """A context that runs ``action`` the first time the read checks it: a deletion that
+    happens after the RPC took its snapshot and before it read the data."""
+
+    def __init__(self, action):
+        super().__init__()
+        self._action = action
+
+    def is_active(self) -> bool:
+        action, self._action = self._action, None
+        if action is not None:
+            action()
+        return super().is_active()
+
+
+class SeamErrorTests(ServicerMixin, SynchronousTestCase):
+    """The storage seam's errors map to status codes in the servicer's one mapping place."""
+
+    def setUp(self):
+        super().setUp()
+        self.storage = FakeStorage(now=lambda: self.now[0], segment_max_bytes=1)
+        self.add_logs(JOB, 1, [(100, 1, b"a")])
+        self.add_logs(JOB, 1, [(200, 2, b"b")])
+        self.add_metrics(JOB, [(300, 1, {"cpu_usage": 1.0})])
+        self.s = self.make()
+
+    def test_job_deleted_during_read_is_not_found(self):
+        """DataVanished for a job that is gone maps to NOT_FOUND, for logs and metrics."""
+        for rpc, request in (
+            ("QueryLogs", pb.QueryLogsRequest(job_uuid=JOB)),
+            ("QueryLogsBatched", pb.QueryLogsRequest(job_uuid=JOB)),
+            ("QueryMetrics", pb.QueryMetricsRequest(job_uuid=JOB)),
+        ):
+            self.setUp()
+            ctx = _MidReadContext(lambda: self.storage.delete_job(JOB))
+            details = self.assertCode(grpc.StatusCode.NOT_FOUND, self.stream, self.s, rpc,
+                                      request, ctx)
+            self.assertIn("deleted during the read", details)
+            self.assertEqual(self.metrics.queries[-1], (rpc, "NOT_FOUND"))
+
+    def test_segment_dropped_during_read_is_aborted(self):
+        """DataVanished while the job still exists (retention dropped a segment) maps to
+        ABORTED: a retry reads what is left."""
+        ctx = _MidReadContext(lambda: self.storage.drop_segment(JOB, "stdout", 0))
+        details = self.assertCode(grpc.StatusCode.ABORTED, self.stream, self.s, "QueryLogs",
+                                  pb.QueryLogsRequest(job_uuid=JOB), ctx)
+        self.assertIn("retry the query", details)
+        self.assertEqual(
+            [line.content for line in self.stream(self.s, "QueryLogs",
+                                                  pb.QueryLogsRequest(job_uuid=JOB))],
+            [b"b"],
+        )
+
+    def test_storage_unavailable_is_unavailable(self):
+        """StorageUnavailable (the backend cannot delete now) maps to UNAVAILABLE with its
+        cause, not INTERNAL, and nothing is logged as an internal error."""
+        self.storage.fail_deletes.add(JOB)
+        details = self.assertCode(grpc.StatusCode.UNAVAILABLE, self.unary, self.s, "DeleteJob",
+                                  pb.DeleteJobRequest(job_uuid=JOB))
+        self.assertIn("permission denied", details)
+        self.assertIn("DeleteJob", details)
+        self.assertEqual(self.metrics.queries[-1], ("DeleteJob", "UNAVAILABLE"))
+
+    def test_bulk_reads_used_when_provided(self):
+        """A snapshot providing IBulkLogReads is read through iter_log_chunks, with the same
+        lines as iter_logs gives; one without it through iter_logs."""
+        from tests.fakes import FakeBulkSnapshot
+
+        plain = self.stream(self.s, "QueryLogs", pb.QueryLogsRequest(job_uuid=JOB))
+        chunked = []
+        original = FakeBulkSnapshot.iter_log_chunks
+
+        def recording(snap, *args, **kwargs):
+            chunked.append(args)
+            return original(snap, *args, **kwargs)
+
+        self.patch(FakeBulkSnapshot, "iter_log_chunks", recording)
+        self.storage = FakeStorage(now=lambda: self.now[0], bulk_reads=True)
+        self.add_logs(JOB, 1, [(100, 1, b"a")])
+        self.add_logs(JOB, 1, [(200, 2, b"b")])
+        bulk = self.stream(self.make(), "QueryLogs", pb.QueryLogsRequest(job_uuid=JOB))
+        self.assertEqual(bulk, plain)
+        self.assertEqual(len(chunked), 1)

@@ -12,7 +12,8 @@ from joblet_persist.retention import (
     SegmentUsage,
     plan_retention,
 )
-from joblet_persist.storage.api import JobInfo
+from joblet_persist.storage.api import SpaceProbe, StorageUnavailable
+from tests.fakes import FakeStorage, log_batch, metric_batch
 
 DAY = 86400.0
 NOW = 1_800_000_000.0
@@ -102,49 +103,23 @@ class PlannerTests(SynchronousTestCase):
         self.assertEqual([(a.what, a.size_bytes) for a in plan.actions], [("job", 110)])
 
 
-class _FakeStorage:
-    def __init__(self, infos, parts):
-        self.infos = {i.job_id: i for i in infos}
-        self.parts = parts
-        self.deleted = []
-        self.fail = set()
-
-    def list_jobs(self):
-        return tuple(self.infos.values())
-
-    def open_job(self, job_id):
-        return defer.succeed(None)
-
-    def segment_usage(self, job_id):
-        return ()
-
-    def part_sizes(self, job_id):
-        return self.parts[job_id]
-
-    def delete_job(self, job_id):
-        if job_id in self.fail:
-            return defer.fail(OSError(13, "Permission denied"))
-        self.deleted.append(job_id)
-        info = self.infos.pop(job_id)
-        return defer.succeed(info.size_bytes)
-
-    def delete_part(self, job_id, kind):
-        self.deleted.append((job_id, kind))
-        return defer.succeed(self.parts[job_id][0 if kind == "logs" else 1])
-
-
-def _info(job_id, last_updated, size):
-    return JobInfo(job_id, int(last_updated), int(last_updated), 1, 1, size, 0, 0)
+def _storage(clock, jobs, **kwargs) -> FakeStorage:
+    """A FakeStorage holding ``jobs``: (job id, Unix seconds of its data), each with one log
+    and one metric batch, written with the clock at that time; the clock is left at NOW."""
+    storage = FakeStorage(now=clock.seconds, **kwargs)
+    for job_id, when in sorted(jobs, key=lambda j: j[1]):
+        clock.advance(when - clock.seconds())
+        storage.append_logs(log_batch(job_id, 1, [(1, 1, b"x" * 36)]))
+        storage.append_metrics(metric_batch(job_id, [(1, 1, {"cpu_usage": 1.0})]))
+    clock.advance(NOW - clock.seconds())
+    return storage
 
 
 class RunnerTests(SynchronousTestCase):
     def setUp(self):
         self.clock = task.Clock()
-        self.clock.advance(NOW)
-        self.storage = _FakeStorage(
-            [_info("old", NOW - 10 * DAY, 110), _info("new", NOW, 110)],
-            {"old": (100, 10), "new": (100, 10)},
-        )
+        self.storage = _storage(self.clock, [("old", NOW - 10 * DAY), ("new", NOW)])
+        self.old_size = self.storage.job_info("old").size_bytes
         self.discarded = []
 
         def discard(job_id):
@@ -155,7 +130,6 @@ class RunnerTests(SynchronousTestCase):
             self.storage,
             RetentionPolicy(log_max_age=DAY, metric_max_age=DAY),
             self.clock,
-            free_bytes=lambda: defer.succeed(10**12),
             busy_jobs=set,
             discard_job=discard,
         )
@@ -164,7 +138,7 @@ class RunnerTests(SynchronousTestCase):
         """A dry run reports what would go and deletes nothing."""
         result = self.successResultOf(self.runner.run(dry_run=True))
         self.assertEqual(result.deleted_job_ids, ["old"])
-        self.assertEqual(result.bytes_freed, 110)
+        self.assertEqual(result.bytes_freed, self.old_size)
         self.assertEqual(self.storage.deleted, [])
         self.assertEqual(self.discarded, [])
 
@@ -178,11 +152,11 @@ class RunnerTests(SynchronousTestCase):
 
     def test_failed_deletion_logged_and_run_continues(self):
         """A deletion that fails is logged and counted; the run still completes."""
-        self.storage.fail.add("old")
+        self.storage.fail_deletes.add("old")
         result = self.successResultOf(self.runner.run())
         self.assertEqual(result.errors, 1)
         self.assertEqual(result.deleted_job_ids, [])
-        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertEqual(len(self.flushLoggedErrors(StorageUnavailable)), 1)
 
 
 class _CountingRunner:
@@ -242,14 +216,12 @@ class TimerServiceTests(SynchronousTestCase):
     def test_overlapping_runs_serialised(self):
         """A run requested during another waits for it and both callers get their own
         result (not None)."""
-        storage = _FakeStorage([_info("old", NOW - 10 * DAY, 110)], {"old": (100, 10)})
         clock = task.Clock()
-        clock.advance(NOW)
+        storage = _storage(clock, [("old", NOW - 10 * DAY)])
         gate = defer.Deferred()
         runner = RetentionRunner(
             storage, RetentionPolicy(log_max_age=DAY, metric_max_age=DAY), clock,
-            free_bytes=lambda: defer.succeed(None), busy_jobs=set,
-            discard_job=lambda j: gate,
+            busy_jobs=set, discard_job=lambda j: gate,
         )
         first = runner.run()
         second = runner.run(dry_run=True)
@@ -257,3 +229,70 @@ class TimerServiceTests(SynchronousTestCase):
         gate.callback(None)
         self.assertEqual(self.successResultOf(first).deleted_job_ids, ["old"])
         self.assertEqual(self.successResultOf(second).deleted_job_ids, [])
+
+
+class RunnerCapabilityTests(SynchronousTestCase):
+    """The runner reaches what only some backends can do through their capability interfaces."""
+
+    def runner(self, storage, clock, **policy):
+        return RetentionRunner(
+            storage, RetentionPolicy(**policy), clock, busy_jobs=set,
+            discard_job=lambda j: defer.succeed(None),
+        )
+
+    def test_part_deleted_by_age(self):
+        """Logs older than their age limit go through delete_part; the metrics stay."""
+        clock = task.Clock()
+        storage = _storage(clock, [("old", NOW - 10 * DAY)])
+        logs, metrics = storage.part_sizes("old")
+        result = self.successResultOf(
+            self.runner(storage, clock, log_max_age=DAY, metric_max_age=30 * DAY).run()
+        )
+        self.assertEqual((result.jobs_deleted, result.bytes_freed), (0, logs))
+        self.assertEqual(storage.deleted, [("old", "logs")])
+        self.assertEqual(storage.part_sizes("old"), (0, metrics))
+
+    def test_job_cap_drops_oldest_segments(self):
+        """Over the per-job cap, the oldest closed segments are dropped (IRetentionSegments)."""
+        clock = task.Clock()
+        clock.advance(NOW - DAY)
+        storage = FakeStorage(now=clock.seconds, segment_max_bytes=1)
+        for n in range(3):
+            storage.append_logs(log_batch("big", 1, [(n + 1, n, b"y" * 100)]))
+        clock.advance(DAY)
+        segments = storage.segment_usage("big")
+        self.assertEqual(len(segments), 3)
+        cap = storage.job_info("big").size_bytes - 1
+        result = self.successResultOf(self.runner(storage, clock, job_max_bytes=cap).run())
+        self.assertEqual(storage.deleted, [("big", "stdout", 0)])
+        self.assertEqual(result.bytes_freed, segments[0].size_bytes)
+
+    def test_job_cap_needs_segments(self):
+        """A backend without IRetentionSegments is never asked for segments: the cap is
+        skipped, other rules still apply."""
+        clock = task.Clock()
+        clock.advance(NOW - DAY)
+        storage = FakeStorage(now=clock.seconds, segment_max_bytes=1, capabilities=())
+        for n in range(3):
+            storage.append_logs(log_batch("big", 1, [(n + 1, n, b"y" * 100)]))
+        clock.advance(DAY)
+        result = self.successResultOf(self.runner(storage, clock, job_max_bytes=1).run())
+        self.assertEqual((result.actions, storage.deleted), ((), []))
+
+    def test_free_space_floor_from_backend(self):
+        """The free-space floor reads the backend's IFreeSpace: short of it, the least
+        recently updated idle job goes; with room to spare, nothing does."""
+        clock = task.Clock()
+        storage = _storage(clock, [("old", NOW - 10 * DAY), ("older", NOW - 20 * DAY)])
+        runner = self.runner(storage, clock, min_free_bytes=1000)
+        storage.space = SpaceProbe(True, None, 10**6)
+        self.assertEqual(self.successResultOf(runner.run()).actions, ())
+        storage.space = SpaceProbe(True, None, 999)
+        self.assertEqual(self.successResultOf(runner.run()).deleted_job_ids, ["older"])
+
+    def test_free_space_floor_needs_probe(self):
+        """A backend without IFreeSpace: the floor cannot be judged and deletes nothing."""
+        clock = task.Clock()
+        storage = _storage(clock, [("old", NOW - 10 * DAY)], capabilities=())
+        result = self.successResultOf(self.runner(storage, clock, min_free_bytes=10**18).run())
+        self.assertEqual(result.actions, ())

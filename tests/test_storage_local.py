@@ -22,8 +22,10 @@ from joblet_persist.storage import jobindex, segment
 from joblet_persist.storage.api import (
     STREAM_STDERR,
     STREAM_STDOUT,
+    DataVanished,
     InvalidJobId,
     ReadStats,
+    StorageUnavailable,
 )
 from joblet_persist.storage.compress import make_compressor
 from joblet_persist.storage.local import LocalStorage
@@ -716,10 +718,15 @@ class FailureTests(StorageTestCase):
         self.successResultOf(d1)
         self.successResultOf(d3)
 
-    def test_probe_writable(self):
-        """The write probe is True on a writable directory and False when it is not one."""
+    def test_probe_space(self):
+        """The IFreeSpace probe is writable, with the free space, on a writable directory
+        and leaves nothing behind; on a path that is not a directory it reports the error
+        (it never fails), and free_bytes still answers."""
         storage = self.make()
-        self.assertTrue(self.successResultOf(storage.probe_writable()))
+        probe = self.successResultOf(storage.probe_space())
+        self.assertEqual((probe.writable, probe.error), (True, None))
+        self.assertGreater(probe.free_bytes, 0)
+        self.assertGreater(self.successResultOf(storage.free_bytes()), 0)
         self.assertEqual(sorted(os.listdir(self.data_dir)), ["job_index.json"])
         other = self.mktemp()
         with open(other, "w") as f:
@@ -732,7 +739,46 @@ class FailureTests(StorageTestCase):
             fsync="batch",
             clock=self.clock,
         )
-        self.assertFalse(self.successResultOf(broken.probe_writable()))
+        probe = self.successResultOf(broken.probe_space())
+        self.assertFalse(probe.writable)
+        self.assertIn(other, probe.error)
+
+    def test_failed_deletion_is_storage_unavailable(self):
+        """A deletion that fails with an OSError (EACCES, EROFS) leaves LocalStorage as
+        StorageUnavailable naming the job and the cause, for delete_job, delete_part and
+        drop_segment alike."""
+
+        def failing(f, *args, **kwargs):
+            if f.__name__ in ("thd_remove_job", "thd_remove_file"):
+                return defer.fail(OSError(errno.EROFS, "Read-only file system"))
+            return sync_runner(f, *args, **kwargs)
+
+        storage = self.make(failing, segment_max_bytes=1)
+        self.append(storage, STREAM_STDOUT, rows(0, b"a"))
+        self.append(storage, STREAM_STDOUT, rows(1, b"b"))
+        for d in (
+            storage.delete_job(JOB),
+            storage.delete_part(JOB, "logs"),
+            storage.drop_segment(JOB, "stdout", 0),
+        ):
+            f = self.failureResultOf(d, StorageUnavailable)
+            self.assertIn(JOB, f.value.cause)
+            self.assertIn("Read-only file system", f.value.cause)
+
+    def test_read_errors_are_seam_errors(self):
+        """A segment removed under a read is DataVanished; any other OSError of a read is
+        StorageUnavailable: no OSError leaves a snapshot."""
+        storage = self.make()
+        self.append(storage, STREAM_STDOUT, rows(0, b"a"))
+        snap = self.successResultOf(storage.open_job(JOB))
+        path = os.path.join(self.data_dir, "logs", JOB, self.segment_files()[0])
+        os.rename(path, path + ".moved")
+        self.assertRaises(DataVanished, list, snap.iter_logs(0))
+        self.assertRaises(DataVanished, list, snap.iter_log_chunks(0))
+        os.mkdir(path)  # opening a directory as the segment: IsADirectoryError
+        with self.assertRaises(StorageUnavailable) as caught:
+            list(snap.iter_logs(0))
+        self.assertIn(JOB, caught.exception.cause)
 
 
 class ConcurrencyTests(StorageTestCase):

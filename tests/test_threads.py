@@ -44,3 +44,71 @@ class ReactorOnlyTests(SynchronousTestCase):
         self.assertEqual(len(caught), 1)
         self.assertIn("mutate", caught[0])
         self.assertIn("grpc-handler-7", caught[0])
+
+
+def _from_other_thread(f, *args) -> list:
+    """Call ``f(*args)`` on a new thread; the WrongThread messages it raised."""
+    caught = []
+
+    def run():
+        try:
+            f(*args)
+        except threads.WrongThread as e:
+            caught.append(str(e))
+
+    t = threading.Thread(target=run, name="grpc-handler-3")
+    t.start()
+    t.join()
+    return caught
+
+
+class MarkedMethodsTests(SynchronousTestCase):
+    """LocalStorage's and the writer's state-changing methods carry the mark; the
+    any-thread reads that gRPC handlers make do not."""
+
+    def test_local_storage(self):
+        """Every reactor-thread method of LocalStorage refuses another thread; snapshot,
+        job_info, list_jobs, list_jobs_page, totals and part_sizes answer there."""
+        from twisted.internet import defer, task
+
+        from joblet_persist.storage.api import LogBatch, MetricBatch
+        from joblet_persist.storage.compress import make_compressor
+        from joblet_persist.storage.local import LocalStorage
+
+        storage = LocalStorage(
+            self.mktemp(), defer.maybeDeferred, compressor=make_compressor("zlib", 1),
+            segment_max_bytes=1 << 20, fsync="never", clock=task.Clock(),
+        )
+        job = "job-1"
+        marked = [
+            (storage.start,), (storage.stop,), (storage.open_job, job),
+            (storage.append_logs, LogBatch(job, 1, [1], [1], [0], [b"x"])),
+            (storage.append_metrics, MetricBatch(job, [1], [1], [0], [b""])),
+            (storage.delete_job, job), (storage.delete_part, job, "logs"),
+            (storage.drop_segment, job, "stdout", 0), (storage.segment_usage, job),
+            (storage.unload_idle, 60), (storage.resident, job), (storage.flush_index,),
+            (storage.sync_dirty,), (storage.probe_space,), (storage.free_bytes,),
+        ]
+        for f, *args in marked:
+            self.assertEqual(len(_from_other_thread(f, *args)), 1, f.__name__)
+        for f, *args in (
+            (storage.snapshot, job), (storage.job_info, job), (storage.list_jobs,),
+            (storage.list_jobs_page, 0, 0, 0, 0), (storage.totals,), (storage.part_sizes, job),
+        ):
+            self.assertEqual(_from_other_thread(f, *args), [], f.__name__)
+
+    def test_writer(self):
+        """The writer's methods that change its buffers refuse another thread."""
+        from twisted.internet import task
+
+        from joblet_persist.writer import BatchingWriter
+        from tests.fakes import FakeStorage
+
+        writer = BatchingWriter(FakeStorage(), task.Clock())
+        for f, *args in (
+            (writer.start,), (writer.stop,), (writer.add_log, "j", 1, 1, 1, b"x"),
+            (writer.add_logs, "j", 1, [1], [1], [b"x"]), (writer.add_metric, "j", 1, 1, b""),
+            (writer.unload_idle, 60), (writer.flush_all,), (writer.discard_job, "j"),
+            (writer.busy_jobs,),
+        ):
+            self.assertEqual(len(_from_other_thread(f, *args)), 1, f.__name__)

@@ -1,4 +1,8 @@
-"""Tests for joblet_persist.writer.BatchingWriter, with task.Clock and a controllable storage."""
+"""Tests for joblet_persist.writer.BatchingWriter, with task.Clock and tests.fakes.FakeStorage.
+
+The storage completes appends only when a test says so (``auto=False``), in any order, or
+fails them, to prove ordering, flush-on-stop, retries and backpressure.
+"""
 
 from __future__ import annotations
 
@@ -7,79 +11,14 @@ from hypothesis import strategies as st
 from twisted.internet import defer, task
 from twisted.trial.unittest import SynchronousTestCase
 
-from joblet_persist.storage.api import LogBatch, MetricBatch
+from joblet_persist.storage.api import StorageUnavailable
 from joblet_persist.writer import (
     MESSAGE_MEMORY,
     MESSAGE_OVERHEAD,
     BatchingWriter,
     WriterStopped,
 )
-
-
-class DiskFull(OSError):
-    """Stands in for ENOSPC from the storage backend."""
-
-
-class _Call:
-    """One append handed to FakeStorage; ``outcome`` is None until the test completes it."""
-
-    def __init__(self, kind, batch):
-        self.kind = kind
-        self.batch = batch
-        self.deferred = defer.Deferred()
-        self.outcome = None
-
-    @property
-    def key(self):
-        b = self.batch
-        return (b.job_id, b.stream if self.kind == "logs" else "metrics")
-
-    @property
-    def items(self):
-        b = self.batch
-        return list(b.contents if self.kind == "logs" else b.payloads)
-
-    def succeed(self):
-        self.outcome = "ok"
-        self.deferred.callback(len(self.items))
-
-    def fail(self):
-        self.outcome = "failed"
-        self.deferred.errback(DiskFull(28, "No space left on device"))
-
-
-class FakeStorage:
-    """Records every append; the test completes them (or ``auto`` completes them at once).
-
-    ``fail_next`` makes that many following auto-completed appends fail.
-    """
-
-    def __init__(self, auto=False):
-        self.auto = auto
-        self.fail_next = 0
-        self.calls: list[_Call] = []
-
-    def append_logs(self, batch):
-        assert isinstance(batch, LogBatch)
-        return self._record("logs", batch)
-
-    def append_metrics(self, batch):
-        assert isinstance(batch, MetricBatch)
-        return self._record("metrics", batch)
-
-    def _record(self, kind, batch):
-        call = _Call(kind, batch)
-        self.calls.append(call)
-        if self.auto:
-            if self.fail_next:
-                self.fail_next -= 1
-                call.fail()
-            else:
-                call.succeed()
-        return call.deferred
-
-    def pending(self):
-        return [c for c in self.calls if c.outcome is None]
+from tests.fakes import FakeStorage
 
 
 class RecordingMetrics:
@@ -108,7 +47,7 @@ class RecordingMetrics:
 class WriterTestMixin:
     def make(self, auto=False, **kwargs):
         self.clock = task.Clock()
-        self.storage = FakeStorage(auto=auto)
+        self.storage = FakeStorage(auto=auto, now=lambda: 1_700_000_000.0)
         self.pauses = []
         kwargs.setdefault("on_pause", lambda: self.pauses.append("pause"))
         kwargs.setdefault("on_resume", lambda: self.pauses.append("resume"))
@@ -299,7 +238,7 @@ class OrderingTests(WriterTestMixin, SynchronousTestCase):
         self.assertEqual(self.writer.messages_written, n)
         self.assertEqual(self.writer.buffered_bytes, 0)
         self.assertTrue(self.writer.healthy)
-        self.flushLoggedErrors(DiskFull)
+        self.flushLoggedErrors(StorageUnavailable)
 
 
 class ArrivalTests(WriterTestMixin, SynchronousTestCase):
@@ -386,7 +325,7 @@ class StopTests(WriterTestMixin, SynchronousTestCase):
         self.assertEqual(retry.items, [b"a"])
         retry.succeed()
         self.successResultOf(stopped)
-        self.flushLoggedErrors(DiskFull)
+        self.flushLoggedErrors(StorageUnavailable)
 
     def test_stop_gives_up_after_timeout(self):
         """If storage keeps failing during stop, attempts are spaced retry_initial apart and
@@ -418,7 +357,7 @@ class StopTests(WriterTestMixin, SynchronousTestCase):
         self.assertEqual(errors[0]["total"], 3)
         self.assertIn("job1/stdout: 2", errors[0]["lost"])
         self.assertIn("job2/metrics: 1", errors[0]["lost"])
-        self.flushLoggedErrors(DiskFull)
+        self.flushLoggedErrors(StorageUnavailable)
 
     def test_stop_gives_up_on_hung_append(self):
         """An append that never completes does not hold stop() beyond stop_timeout; its late
@@ -467,7 +406,7 @@ class FailureTests(WriterTestMixin, SynchronousTestCase):
         self.assertEqual(self.stored_contents(), {("job1", 1): [b"a", b"b"]})
         self.assertEqual(len(metrics.named("write_error")), 4)
         self.assertEqual([e[2] for e in metrics.named("write_done")], [1, 1])
-        self.assertEqual(len(self.flushLoggedErrors(DiskFull)), 4)
+        self.assertEqual(len(self.flushLoggedErrors(StorageUnavailable)), 4)
 
     def test_backoff_restarts_after_success(self):
         """After a success, the next failure of that key waits retry_initial again."""
@@ -482,7 +421,7 @@ class FailureTests(WriterTestMixin, SynchronousTestCase):
         self.storage.pending()[0].fail()
         self.clock.advance(0.5)
         self.assertEqual(self.storage.pending()[0].items, [b"b"])
-        self.flushLoggedErrors(DiskFull)
+        self.flushLoggedErrors(StorageUnavailable)
 
     def test_unhealthy_until_all_failing_keys_recover(self):
         """With two keys failing, one success is not enough to be healthy again."""
@@ -498,7 +437,7 @@ class FailureTests(WriterTestMixin, SynchronousTestCase):
         self.assertFalse(w.healthy)
         second.succeed()
         self.assertTrue(w.healthy)
-        self.flushLoggedErrors(DiskFull)
+        self.flushLoggedErrors(StorageUnavailable)
 
     def test_synchronous_storage_exception_is_a_failure(self):
         """A storage method raising instead of returning a failed Deferred is retried like
@@ -509,7 +448,7 @@ class FailureTests(WriterTestMixin, SynchronousTestCase):
         def broken(batch):
             calls.append(batch)
             if len(calls) == 1:
-                raise DiskFull(28, "No space left on device")
+                raise StorageUnavailable("no space left on device")
             return defer.succeed(0)
 
         self.storage.append_logs = broken
@@ -518,7 +457,7 @@ class FailureTests(WriterTestMixin, SynchronousTestCase):
         self.clock.advance(1.0)
         self.assertTrue(w.healthy)
         self.assertEqual(w.messages_written, 1)
-        self.assertEqual(len(self.flushLoggedErrors(DiskFull)), 1)
+        self.assertEqual(len(self.flushLoggedErrors(StorageUnavailable)), 1)
 
 
 class BackpressureTests(WriterTestMixin, SynchronousTestCase):
@@ -579,7 +518,7 @@ class BackpressureTests(WriterTestMixin, SynchronousTestCase):
         self.assertEqual(self.pauses, ["pause"])
         self.storage.pending()[0].succeed()
         self.assertEqual(self.pauses, ["pause", "resume"])
-        self.flushLoggedErrors(DiskFull)
+        self.flushLoggedErrors(StorageUnavailable)
 
 
 class FlushAllTests(WriterTestMixin, SynchronousTestCase):
@@ -646,7 +585,7 @@ class FlushAllTests(WriterTestMixin, SynchronousTestCase):
         self.clock.advance(1.0)
         self.storage.pending()[0].succeed()
         self.assertAlmostEqual(metrics.named("durable")[1][1], 1.0)
-        self.assertEqual(len(self.flushLoggedErrors(DiskFull)), 1)
+        self.assertEqual(len(self.flushLoggedErrors(StorageUnavailable)), 1)
 
 
 class DiscardTests(WriterTestMixin, SynchronousTestCase):
@@ -698,7 +637,7 @@ class DiscardTests(WriterTestMixin, SynchronousTestCase):
         self.assertEqual(w.buffered_bytes, 0)
         self.clock.advance(10)
         self.assertEqual(len(self.storage.calls), 1)
-        self.flushLoggedErrors(DiskFull)
+        self.flushLoggedErrors(StorageUnavailable)
 
     def test_discard_in_flight_failure_not_retried(self):
         """An in-flight append of a job being discarded that fails is dropped, not retried."""
@@ -711,7 +650,7 @@ class DiscardTests(WriterTestMixin, SynchronousTestCase):
         self.assertEqual(len(self.storage.calls), 1)
         self.assertTrue(w.healthy)
         self.assertEqual(w.buffered_bytes, 0)
-        self.flushLoggedErrors(DiskFull)
+        self.flushLoggedErrors(StorageUnavailable)
 
     def test_discard_unknown_job(self):
         """Discarding a job the writer does not know fires at once."""
@@ -751,7 +690,7 @@ class PersistMetricsTests(WriterTestMixin, SynchronousTestCase):
         self.assertEqual(metrics.registry.get_sample_value("persist_write_errors_total"), 1)
         self.assertEqual(metrics.backpressure_seconds(), 1.0)
         self.assertEqual(w.write_errors, 1)
-        self.flushLoggedErrors(DiskFull)
+        self.flushLoggedErrors(StorageUnavailable)
 
 
 class UnloadIdleTests(WriterTestMixin, SynchronousTestCase):
@@ -802,7 +741,7 @@ class UnloadIdleTests(WriterTestMixin, SynchronousTestCase):
         self.assertEqual(w.unload_idle(0, resident=lambda job: False), 1)
         self.assertEqual(w.arrivals, {})
         self.assertEqual(w.messages_written, 1)
-        self.flushLoggedErrors(DiskFull)
+        self.flushLoggedErrors(StorageUnavailable)
 
     def test_recently_opened_buffer_keeps_the_job(self):
         w = self.make(flush_interval=100.0)

@@ -1,26 +1,43 @@
-"""The storage contract shared by the writer, the query servicer and retention.
+"""The storage contract: everything the rest of the service needs from a backend.
 
 This module is a leaf: no reactor imports, no Deferreds are created here.  It
-defines the value types that cross thread boundaries (all immutable) and the
-abstract interface a storage backend implements.  ``LocalStorage`` in
-``joblet_persist.storage.local`` is the local-directory backend; a backend that
-is not a local directory (S3, CloudWatch) implements the same interface.
+declares, with ``zope.interface`` (as Twisted does):
+
+- ``IStorageBackend``: what the writer, the query servicer, retention and the
+  composition root need from any backend;
+- ``IJobSnapshot``: an immutable, published view of one job, read by queries;
+- small optional capabilities that only some backends have, which callers
+  test with ``ICapability.providedBy(backend)``, never with ``getattr``:
+  ``IRetentionSegments`` (segment-level retention), ``IIdleUnload`` (dropping
+  idle jobs from memory), ``IFreeSpace`` (writability and free-space probing)
+  and, on snapshots, ``IBulkLogReads`` (log reads in columnar chunks);
+- the errors that cross the seam (``StorageError`` and its subclasses): a
+  backend translates its own failures (OSError, an HTTP status) into these;
+- the immutable value types that cross thread boundaries (``JobInfo``,
+  ``LogBatch``, ...).
+
+``joblet_persist.storage.backends.make_storage`` builds the backend that
+``storage.backend`` names; ``LocalStorage`` (``joblet_persist.storage.local``)
+is the local-directory one, and a backend that is not a local directory (S3,
+CloudWatch) provides the same interfaces.  tests/storage_contract.py holds every
+implementation to them.
 
 Threading (see docs/architecture.md):
 
-- Methods documented "reactor thread" mutate backend state and must only be
-  called on the reactor thread.  They return Deferreds and hand blocking work
-  to the injected thread runner.
-- Methods documented "any thread" only read immutable, published snapshots and
-  file bytes within published bounds; gRPC handler threads call them.
+- Methods documented "reactor thread" change backend state and must only be
+  called on the reactor thread.  They return Deferreds and do their blocking
+  work elsewhere (a thread pool, a network client).
+- Methods documented "any thread" only read immutable, published state;
+  gRPC handler threads call them.
 """
 
 from __future__ import annotations
 
-import abc
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Optional, Sequence
+
+from zope.interface import Attribute, Interface
 
 #: Stream numbers, as on the wire (WIRE.md StreamType).
 STREAM_UNSPECIFIED = 0
@@ -60,14 +77,14 @@ def check_job_id(job_id: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class JobInfo:
-    """Per-job summary, as kept in job_index.json and returned by GetJobInfo."""
+    """Per-job summary, as the backend keeps it and GetJobInfo returns it."""
 
     job_id: str
     created_at: int  # Unix seconds: when the job's first data arrived
     last_updated: int  # Unix seconds: when data was last appended
     log_count: int  # stored LOG messages (both streams)
     metric_count: int  # stored metric samples
-    size_bytes: int  # bytes on disk for this job (all its files)
+    size_bytes: int  # bytes the job's stored data occupies in the backend
     first_timestamp: int  # Unix ns, smallest message timestamp (0 if none)
     last_timestamp: int  # Unix ns, largest message timestamp (0 if none)
 
@@ -121,7 +138,7 @@ class LogRecord:
 class MetricRecord:
     """One stored metric sample, as a query returns it.
 
-    ``data`` is the JSON object stored on disk with WIRE.md's snake_case keys:
+    ``data`` is the sample's stored JSON object, with WIRE.md's snake_case keys:
     ``{"cpu_usage": .., "memory_usage": .., "gpu_usage": .., "disk_io":
     {"read_bytes": .., ...}, "network_io": {"rx_bytes": .., ...}}``.
     """
@@ -145,110 +162,257 @@ class ReadStats:
         self.corrupt_members = 0
 
 
-class JobSnapshot(abc.ABC):
-    """An immutable view of one job's published data.  Any thread.
 
-    Holds only data that was completely appended (and fsync'd, under the
-    default policy) before it was published; a snapshot never changes, a newer
-    one replaces it.
+
+@dataclass(frozen=True, slots=True)
+class SegmentUsage:
+    """One segment of a job's stored data, as segment-level retention sees it.
+
+    A segment is a unit a backend can drop on its own: ``kind`` is "stdout",
+    "stderr" or "metrics"; ``index`` orders the segments of a kind, oldest
+    first.
     """
 
-    job_id: str
-    info: JobInfo
+    kind: str
+    index: int
+    size_bytes: int
+    last_segment: bool  # the one appends go to; never dropped
 
-    @abc.abstractmethod
+
+@dataclass(frozen=True, slots=True)
+class SpaceProbe:
+    """The outcome of a writability and free-space probe (``IFreeSpace.probe_space``)."""
+
+    writable: bool  # a change could be made durable just now
+    error: Optional[str]  # why not, for operators (None when writable)
+    free_bytes: Optional[int]  # room left for new data; None when unknown or unlimited
+
+
+# -- errors that cross the seam -------------------------------------------------------
+
+
+class StorageError(Exception):
+    """Base of the errors a backend reports through this contract."""
+
+
+class DataVanished(StorageError):
+    """Data a snapshot named was deleted while a read was going on.
+
+    Raised while iterating a snapshot's records, after DeleteJob or retention
+    removed (part of) the job: the job is gone, or a retry reads what is left.
+    """
+
+    def __init__(self, job_id: str, detail: str = ""):
+        super().__init__(
+            f"data of job {job_id} was deleted during the read" + (f": {detail}" if detail else "")
+        )
+        self.job_id = job_id
+        self.detail = detail
+
+
+class StorageUnavailable(StorageError):
+    """The backend cannot serve or change this data now (read-only, full, I/O error).
+
+    ``cause`` is the underlying reason in words, for the client and the log.
+    The same request may succeed later.
+    """
+
+    def __init__(self, cause: str):
+        super().__init__(cause)
+        self.cause = cause
+
+
+# -- interfaces -----------------------------------------------------------------------
+
+
+class IJobSnapshot(Interface):
+    """An immutable view of one job's published data.  Any thread.
+
+    Holds only data that was completely and durably stored (under the
+    backend's durability policy) before it was published; a snapshot never
+    changes, a newer one replaces it.  Iterating it may raise DataVanished
+    (the job was deleted meanwhile) or StorageUnavailable.
+    """
+
+    job_id = Attribute("The job's id (str).")
+    info = Attribute("The job's JobInfo as of this snapshot.")
+
     def iter_logs(
-        self,
-        stream: int,
-        start_time: int = 0,
-        end_time: int = 0,
-        offset: int = 0,
-        limit: int = 0,
-        stats: Optional[ReadStats] = None,
-        cancelled: Callable[[], bool] = lambda: False,
-    ) -> Iterator[LogRecord]:
-        """Yield the job's LOG messages.  Blocking; any thread.
+        stream, start_time=0, end_time=0, offset=0, limit=0, stats=None, cancelled=None
+    ):
+        """Yield the job's LOG messages as LogRecords.  Blocking; any thread.
 
         ``stream`` 0 merges both streams in arrival order.  The inclusive time
         range applies to each bound that is > 0, then ``offset`` matching
         messages are skipped, then at most ``limit`` are yielded (0 = all).
-        Cost is proportional to what is returned: members wholly outside the
-        range or before the offset are not inflated.  Stops early when
-        ``cancelled()`` turns true.  A corrupt member is skipped, counted in
-        ``stats.corrupt_members`` and logged; the rest is returned.
+        Cost is proportional to what is returned, not to the job's size.
+        Stops early when ``cancelled()`` turns true.  Stored data that cannot
+        be decoded is skipped, counted in ``stats.corrupt_members`` and
+        logged; the rest is returned.  ``stats`` (a ReadStats) counts the work.
         """
 
-    @abc.abstractmethod
-    def iter_metrics(
-        self,
-        start_time: int = 0,
-        end_time: int = 0,
-        offset: int = 0,
-        limit: int = 0,
-        stats: Optional[ReadStats] = None,
-        cancelled: Callable[[], bool] = lambda: False,
-    ) -> Iterator[MetricRecord]:
-        """Yield the job's metric samples; same semantics as iter_logs."""
+    def iter_metrics(start_time=0, end_time=0, offset=0, limit=0, stats=None, cancelled=None):
+        """Yield the job's metric samples as MetricRecords; same semantics as iter_logs."""
 
 
-class StorageBackend(abc.ABC):
-    """What the writer, the query servicer and retention need from storage."""
+class IBulkLogReads(Interface):
+    """Optional snapshot capability: log reads in columnar chunks.  Any thread."""
 
-    # -- reactor thread -------------------------------------------------
+    def iter_log_chunks(
+        stream, start_time=0, end_time=0, offset=0, limit=0, stats=None, cancelled=None
+    ):
+        """The messages of ``iter_logs``, as chunks of four equally long sequences.
 
-    @abc.abstractmethod
-    def start(self):
-        """Load (or rebuild) the job index.  Reactor thread; returns a Deferred."""
-
-    @abc.abstractmethod
-    def stop(self):
-        """Persist the job index and close files.  Reactor thread; Deferred.
-
-        Called after the writer has flushed everything.
+        Each chunk is ``(streams, timestamps, sequences, contents)``; together
+        the chunks hold exactly what ``iter_logs`` yields, in the same order,
+        without building a record object per message.
         """
 
-    @abc.abstractmethod
-    def append_logs(self, batch: LogBatch):
-        """Append one batch; Deferred firing with the bytes written.
+
+class IStorageBackend(Interface):
+    """What the writer, the query servicer, retention and the composition root need.
+
+    Job ids are validated at every entry point: reactor-thread methods fail
+    their Deferred with InvalidJobId, any-thread lookups raise it.
+    """
+
+    # -- reactor thread ---------------------------------------------------------
+
+    def start():
+        """Make the stored jobs known (list_jobs and job_info answer for them).
+
+        Reactor thread; Deferred.  Appends, loads and deletions fail before it.
+        """
+
+    def stop():
+        """Make everything appended durable and release resources.  Reactor thread; Deferred.
+
+        Called after the writer has handed over every batch; waits for work in
+        flight.  Appends, loads and deletions afterwards fail.
+        """
+
+    def append_logs(batch):
+        """Store one LogBatch; Deferred firing with the bytes it added.
 
         Reactor thread.  The caller keeps at most one append in flight per
-        (job, stream); appends of different files run in parallel on the pool.
-        The batch is compressed, appended whole, fsync'd per policy, and only
-        then published to readers (on the reactor thread).  On failure
-        (ENOSPC, EIO) the Deferred fails, nothing partial stays visible or on
-        disk, and the caller retries the same batch later.
+        (job, stream); appends of different streams or jobs may run at once.
+        When the Deferred fires the batch is durable (per the backend's
+        durability policy) and published: snapshots taken afterwards show it.
+        On failure nothing of the batch is visible and the caller may retry
+        the same batch later.
         """
 
-    @abc.abstractmethod
-    def append_metrics(self, batch: MetricBatch):
-        """Append one metric batch; like append_logs."""
+    def append_metrics(batch):
+        """Store one MetricBatch; like append_logs.
 
-    @abc.abstractmethod
-    def open_job(self, job_id: str):
-        """Deferred firing with the job's JobSnapshot, or None if unknown.
-
-        Reactor thread.  Loads the job's segment indexes from disk (headers
-        only, nothing inflated) the first time; later calls fire at once.
+        Samples whose payload cannot be decoded are left out and counted;
+        they never fail the batch.
         """
 
-    @abc.abstractmethod
-    def delete_job(self, job_id: str):
-        """Delete all of a job's data; Deferred firing with bytes freed.
+    def open_job(job_id):
+        """Deferred firing with the job's IJobSnapshot, or None if the job is unknown.
+
+        Reactor thread.  The first call may have to load the job (cost: its
+        metadata, not its data); later calls fire at once.
+        """
+
+    def delete_job(job_id):
+        """Delete all of a job's data; Deferred firing with the bytes freed (0 if unknown).
 
         Reactor thread.  Appends in flight for the job are waited for first;
-        data that arrives afterwards starts a fresh job.
+        data that arrives afterwards starts a fresh job.  Fails with
+        StorageUnavailable when the backend cannot delete now.
         """
 
-    # -- any thread ------------------------------------------------------
+    def delete_part(job_id, part):
+        """Delete a job's logs (``part`` "logs") or metrics ("metrics"); Deferred[bytes freed].
 
-    @abc.abstractmethod
-    def snapshot(self, job_id: str) -> Optional[JobSnapshot]:
-        """The job's latest published snapshot if it is loaded, else None."""
+        Reactor thread; used by retention.  The job keeps the other part (and
+        its created_at); when nothing remains it is gone.  An unknown part
+        fails with ValueError, a backend that cannot delete now with
+        StorageUnavailable.
+        """
 
-    @abc.abstractmethod
-    def job_info(self, job_id: str) -> Optional[JobInfo]:
-        """The job's summary from the job index, or None if unknown."""
+    # -- any thread ---------------------------------------------------------------
 
-    @abc.abstractmethod
-    def list_jobs(self) -> Sequence[JobInfo]:
-        """Every known job's summary (an immutable tuple)."""
+    def snapshot(job_id):
+        """The job's latest published IJobSnapshot if it is loaded, else None."""
+
+    def job_info(job_id):
+        """The job's JobInfo, or None if unknown."""
+
+    def list_jobs():
+        """Every known job's JobInfo, as an immutable tuple."""
+
+    def list_jobs_page(since, until, offset, limit):
+        """``(total, infos)`` for ListJobs: jobs with ``since <= created_at <= until``.
+
+        A bound <= 0 is open.  Newest first, ties by job id; ``total`` counts
+        every matching job, ``infos`` lists them from ``offset``, at most
+        ``limit`` (0 = all).
+        """
+
+    def totals():
+        """``(jobs, log messages, metric samples, bytes)`` over every known job."""
+
+    def part_sizes(job_id):
+        """``(bytes of logs, bytes of metrics)`` of a job, (0, 0) if unknown."""
+
+
+class IRetentionSegments(Interface):
+    """Optional: the backend stores a job as segments it can drop one by one.
+
+    Retention caps a job's size with it (oldest closed segments first).
+    """
+
+    def segment_usage(job_id):
+        """SegmentUsage of each segment of a loaded job (() when it is not loaded).
+
+        Reactor thread; ``open_job`` loads the job.
+        """
+
+    def drop_segment(job_id, kind, index):
+        """Remove one closed segment; Deferred firing with the bytes freed.
+
+        Reactor thread.  The segment appends go to is refused with ValueError;
+        an unknown segment frees 0.  Queries holding an older snapshot may
+        then see DataVanished.
+        """
+
+
+class IIdleUnload(Interface):
+    """Optional: the backend keeps per-job state in memory and can drop idle jobs."""
+
+    loaded_jobs = Attribute("Jobs whose state is in memory (int).  Any thread.")
+    unloaded_jobs = Attribute("Jobs unloaded by unload_idle so far (int).  Any thread.")
+
+    def unload_idle(idle):
+        """Forget the in-memory state of jobs unused for ``idle`` seconds; return how many.
+
+        Reactor thread.  Nothing stored is lost: the next append or query
+        loads the job again.
+        """
+
+    def resident(job_id):
+        """Whether the job's state is in memory or being loaded, written or deleted.
+
+        Reactor thread.  While it is, the writer must keep the job's arrival
+        counter (the backend derives ordinals from it).
+        """
+
+
+class IFreeSpace(Interface):
+    """Optional: the backend can tell whether it accepts writes and how much room is left."""
+
+    def probe_space():
+        """Deferred[SpaceProbe]: whether a change can be made durable now, and the room left.
+
+        Reactor thread; the probe itself runs off the reactor.  Never fails:
+        an error is reported in the SpaceProbe.
+        """
+
+    def free_bytes():
+        """Deferred[Optional[int]]: room left for new data (None when unknown).
+
+        Reactor thread; never fails.
+        """

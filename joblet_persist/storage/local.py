@@ -41,25 +41,35 @@ from typing import Callable, Optional, Sequence
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from joblet_persist.logs import Logger
 from joblet_persist.storage import format as fmt
-from joblet_persist.storage import jobindex, reader, segment
+from joblet_persist.storage import jobindex, reader, segment, space
 from joblet_persist.storage.api import (
     LOG_STREAMS,
     STREAM_STDERR,
     STREAM_STDOUT,
     STREAM_UNSPECIFIED,
+    DataVanished,
+    IBulkLogReads,
+    IFreeSpace,
+    IIdleUnload,
+    IJobSnapshot,
+    IRetentionSegments,
+    IStorageBackend,
     JobInfo,
-    JobSnapshot,
     LogBatch,
     MetricBatch,
     ReadStats,
-    StorageBackend,
+    SegmentUsage,
+    SpaceProbe,
+    StorageUnavailable,
     check_job_id,
 )
 from joblet_persist.storage.files import FileBudget
 from joblet_persist.storage.jobindex import ALL_KINDS, LOG_KINDS, METRICS_KIND
+from joblet_persist.threads import reactor_only
 
 FSYNC_POLICIES = ("batch", "interval", "never")
 
@@ -70,11 +80,33 @@ def _never_cancelled() -> bool:
     return False
 
 
+def _seam_errors(job_id: str, records):
+    """``records``, with the OSErrors of reading them raised as the seam's errors.  Any thread.
+
+    A file the snapshot names that is gone was deleted under the read
+    (DeleteJob, retention): DataVanished.  Any other OSError: StorageUnavailable.
+    """
+    try:
+        yield from records
+    except FileNotFoundError as e:
+        raise DataVanished(job_id, str(e)) from e
+    except OSError as e:
+        raise StorageUnavailable(f"reading job {job_id} failed: {e}") from e
+
+
+def _unavailable(failure: Failure, what: str) -> Failure:
+    """Errback: an OSError of ``what`` (a deletion) as StorageUnavailable.  Reactor thread."""
+    if failure.check(OSError):
+        raise StorageUnavailable(f"{what} failed: {failure.value}") from failure.value
+    return failure
+
+
 # -- the published, immutable view -----------------------------------------
 
 
+@implementer(IJobSnapshot, IBulkLogReads)
 @dataclass(frozen=True, eq=False)
-class LocalJobSnapshot(JobSnapshot):
+class LocalJobSnapshot:
     """One job's published data.  Immutable; any thread.
 
     Holds the SegmentViews of each stream and of the metrics, each listing only
@@ -101,7 +133,7 @@ class LocalJobSnapshot(JobSnapshot):
         stats: Optional[ReadStats] = None,
         cancelled: Callable[[], bool] = _never_cancelled,
     ):
-        """Yield LogRecords (see JobSnapshot.iter_logs).  Blocking; any thread."""
+        """Yield LogRecords (see IJobSnapshot.iter_logs).  Blocking; any thread."""
         return self._read_logs(
             reader.iter_logs, stream, start_time, end_time, offset, limit, stats, cancelled
         )
@@ -118,8 +150,8 @@ class LocalJobSnapshot(JobSnapshot):
     ):
         """The messages of iter_logs in chunks ``(streams, timestamps, sequences, contents)``.
 
-        Blocking; any thread.  An optional fast path beyond JobSnapshot (see
-        reader.iter_log_chunks); the log query RPCs use it when present.
+        Blocking; any thread.  IBulkLogReads (see reader.iter_log_chunks): the
+        log query RPCs use it.
         """
         return self._read_logs(
             reader.iter_log_chunks, stream, start_time, end_time, offset, limit, stats, cancelled
@@ -130,7 +162,7 @@ class LocalJobSnapshot(JobSnapshot):
         if stream != STREAM_UNSPECIFIED and stream not in LOG_STREAMS:
             raise ValueError(f"invalid stream {stream!r}: expected 0, 1 or 2")
         streams = {STREAM_STDOUT: self.stdout, STREAM_STDERR: self.stderr}
-        return read(streams, stream, *args, self.budget)
+        return _seam_errors(self.job_id, read(streams, stream, *args, self.budget))
 
     def iter_metrics(
         self,
@@ -141,9 +173,12 @@ class LocalJobSnapshot(JobSnapshot):
         stats: Optional[ReadStats] = None,
         cancelled: Callable[[], bool] = _never_cancelled,
     ):
-        """Yield MetricRecords (see JobSnapshot.iter_metrics).  Blocking; any thread."""
-        return reader.iter_metrics(
-            self.metrics, start_time, end_time, offset, limit, stats, cancelled, self.budget
+        """Yield MetricRecords (see IJobSnapshot.iter_metrics).  Blocking; any thread."""
+        return _seam_errors(
+            self.job_id,
+            reader.iter_metrics(
+                self.metrics, start_time, end_time, offset, limit, stats, cancelled, self.budget
+            ),
         )
 
 
@@ -309,20 +344,6 @@ def thd_fsync_paths(paths: Sequence[str]) -> None:
             pass
 
 
-def thd_probe_writable(data_dir: str, name: str) -> None:
-    """Create, fsync and remove a small file in ``data_dir``; OSError if not writable."""
-    path = os.path.join(data_dir, name)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        try:
-            os.write(fd, b"joblet-persist write probe\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    finally:
-        os.unlink(path)
-
-
 # -- reactor-side state ---------------------------------------------------------
 
 
@@ -337,16 +358,6 @@ class NullStorageMetrics:
 
     def segment_shrunk(self) -> None:
         """A segment was found shorter than what was written to it; appends moved on."""
-
-
-@dataclass(frozen=True, slots=True)
-class SegmentUsage:
-    """One segment file of a loaded job, as retention sees it."""
-
-    kind: str  # "stdout" | "stderr" | "metrics"
-    index: int
-    size_bytes: int
-    last_segment: bool  # the one appends go to; never dropped
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,8 +384,14 @@ class _JobState:
         self.last_used = now  # clock seconds of the last load, append or open_job
 
 
-class LocalStorage(StorageBackend):
-    """StorageBackend on a local directory of gzip segment files.
+@implementer(IStorageBackend, IRetentionSegments, IIdleUnload, IFreeSpace)
+class LocalStorage:
+    """IStorageBackend on a local directory of gzip segment files.
+
+    Provides every optional capability of storage.api: segment-level
+    retention, idle unloading and free-space probing; its snapshots provide
+    IBulkLogReads.  OSErrors of reads and deletions leave it as the seam's
+    errors (DataVanished, StorageUnavailable).
 
     ``run_in_thread(f, *args, **kwargs) -> Deferred`` runs blocking ``f`` on
     the CPU/IO pool.  ``clock`` provides ``seconds()`` and ``callLater``.
@@ -448,7 +465,6 @@ class LocalStorage(StorageBackend):
         self._index_write = None  # Deferred of the index write in flight
         self._index_waiters: list = []  # fire when the write in flight ends
         self._index_next: list = []  # need a write that starts after the one in flight
-        self._probe_count = 0
 
         #: Undecodable metric payloads left out of batches.
         self.skipped_metric_payloads = 0
@@ -505,6 +521,7 @@ class LocalStorage(StorageBackend):
 
     # -- reactor thread: lifecycle --------------------------------------------
 
+    @reactor_only
     def start(self):
         """Load, rebuild or refresh the job index.  Reactor thread; Deferred."""
         d = self._run(jobindex.thd_open_index, self._data_dir)
@@ -537,6 +554,7 @@ class LocalStorage(StorageBackend):
             return self.flush_index().addCallback(lambda _: None)
         return None
 
+    @reactor_only
     def stop(self):
         """Wait for work in flight, write the index, fsync dirty files.  Reactor thread; Deferred.
 
@@ -610,6 +628,7 @@ class LocalStorage(StorageBackend):
 
     # -- reactor thread: loading a job -------------------------------------------
 
+    @reactor_only
     def open_job(self, job_id: str):
         """Deferred firing with the job's snapshot, or None if the job is unknown.
 
@@ -726,6 +745,7 @@ class LocalStorage(StorageBackend):
 
         return self._load(job_id).addCallback(loaded)
 
+    @reactor_only
     def unload_idle(self, idle: float) -> int:
         """Forget the in-memory state of jobs not used for ``idle`` seconds.  Reactor thread.
 
@@ -748,6 +768,7 @@ class LocalStorage(StorageBackend):
         self.unloaded_jobs += unloaded
         return unloaded
 
+    @reactor_only
     def resident(self, job_id: str) -> bool:
         """Whether the job's state is in memory or being loaded, written or deleted."""
         return job_id in self._jobs or self._in_flight(job_id)
@@ -763,6 +784,7 @@ class LocalStorage(StorageBackend):
 
     # -- reactor thread: appends ---------------------------------------------------
 
+    @reactor_only
     def append_logs(self, batch: LogBatch):
         """Append one log batch; Deferred firing with the bytes written.  Reactor thread.
 
@@ -800,6 +822,7 @@ class LocalStorage(StorageBackend):
 
         return self._append(job_id, kind, start_write)
 
+    @reactor_only
     def append_metrics(self, batch: MetricBatch):
         """Append one metric batch; like append_logs.  Reactor thread.
 
@@ -981,6 +1004,7 @@ class LocalStorage(StorageBackend):
 
     # -- reactor thread: deletion ------------------------------------------------------
 
+    @reactor_only
     def delete_job(self, job_id: str):
         """Delete all of a job's files; Deferred firing with the bytes freed.  Reactor thread.
 
@@ -988,8 +1012,10 @@ class LocalStorage(StorageBackend):
         open_job calls made meanwhile wait for the deletion and then see a
         fresh (or unknown) job.  An unknown job frees 0 bytes.
         """
-        return self._exclusive(job_id, self.delete_job, self._remove, _ALL_TOPS, False)
+        d = self._exclusive(job_id, self.delete_job, self._remove, _ALL_TOPS, False)
+        return d.addErrback(_unavailable, f"deleting job {job_id}")
 
+    @reactor_only
     def delete_part(self, job_id: str, part: str):
         """Delete a job's logs ("logs") or metrics ("metrics"); Deferred[bytes freed].
 
@@ -1000,9 +1026,8 @@ class LocalStorage(StorageBackend):
         tops = _PART_TOPS.get(part)
         if tops is None:
             return defer.fail(ValueError(f"unknown part {part!r}: expected 'logs' or 'metrics'"))
-        return self._exclusive(
-            job_id, lambda j: self.delete_part(j, part), self._remove, tops, True
-        )
+        d = self._exclusive(job_id, lambda j: self.delete_part(j, part), self._remove, tops, True)
+        return d.addErrback(_unavailable, f"deleting the {part} of job {job_id}")
 
     def _exclusive(self, job_id: str, retry, operation, *args):
         """Run ``operation(job_id, *args)`` once nothing else touches the job.
@@ -1061,6 +1086,7 @@ class LocalStorage(StorageBackend):
         d.addCallback(lambda _: result)
         return d
 
+    @reactor_only
     def drop_segment(self, job_id: str, kind: str, index: int):
         """Remove one closed segment of a job; Deferred firing with the bytes freed.
 
@@ -1069,7 +1095,7 @@ class LocalStorage(StorageBackend):
         of its kind) is refused with ValueError; an unknown segment frees 0.
         The segment leaves the published snapshot at once and its file is
         removed on the pool: a query that already holds the older snapshot and
-        has not opened the file yet gets FileNotFoundError for it.
+        has not opened the file yet gets DataVanished for it.
         """
         try:
             check_job_id(job_id)
@@ -1102,7 +1128,7 @@ class LocalStorage(StorageBackend):
         self._begin(job_id)
         d = self._run(thd_remove_file, dropped.path)
         d.addBoth(self._pass_after, self._end, job_id)
-        return d
+        return d.addErrback(_unavailable, f"dropping segment {kind} {index} of job {job_id}")
 
     # -- any thread: sizes for retention -------------------------------------------------
 
@@ -1113,6 +1139,7 @@ class LocalStorage(StorageBackend):
         """
         return self._parts.get(job_id, (0, 0))
 
+    @reactor_only
     def segment_usage(self, job_id: str) -> tuple:
         """SegmentUsage of each segment of a loaded job (() when not loaded).
 
@@ -1242,6 +1269,7 @@ class LocalStorage(StorageBackend):
         for d in waiters:
             d.callback(ok)
 
+    @reactor_only
     def flush_index(self):
         """Write the job index now; Deferred firing with True, or False if it failed.
 
@@ -1268,6 +1296,7 @@ class LocalStorage(StorageBackend):
             lambda f: self._log.failure("fsync of dirty segment files failed", f)
         )
 
+    @reactor_only
     def sync_dirty(self):
         """fsync the files and directories appended to without fsync.  Reactor thread.
 
@@ -1288,26 +1317,25 @@ class LocalStorage(StorageBackend):
         d.addCallbacks(lambda _: len(paths), failed)
         return d
 
-    def probe_writable(self):
-        """Deferred[bool]: whether a small file can be created, fsync'd and removed.
+    @reactor_only
+    def probe_space(self):
+        """Deferred[SpaceProbe]: create, fsync and remove a small file; the free space.
 
-        Reactor thread; the probe runs on the pool.  Never fails.
+        Reactor thread (IFreeSpace); the probe runs on the pool.  Never fails.
         """
-        self._probe_count += 1
-        name = f".write-probe-{os.getpid()}-{self._probe_count}"
 
         def failed(f):
-            f.trap(OSError)
-            self._log.warn(
-                "data directory {path} is not writable: {error}",
-                path=self._data_dir,
-                error=f.value,
-            )
-            return False
+            return SpaceProbe(False, str(f.value), None)
 
-        d = self._run(thd_probe_writable, self._data_dir, name)
-        d.addCallbacks(lambda _: True, failed)
-        return d
+        return self._run(space.thd_probe_disk, self._data_dir).addErrback(failed)
+
+    @reactor_only
+    def free_bytes(self):
+        """Deferred[Optional[int]]: free bytes on the data directory's filesystem.
+
+        Reactor thread (IFreeSpace); statvfs runs on the pool.  Never fails.
+        """
+        return self._run(space.thd_free_bytes, self._data_dir).addErrback(lambda _: None)
 
 
 def _recount(state: _JobState) -> JobInfo:

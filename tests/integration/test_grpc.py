@@ -5,7 +5,7 @@ threads (deferToThread) so that the reactor stays free to serve the
 servicer's ``blockingCallFromThread`` (open_job, DeleteJob, CleanupOldData).
 
 Storage comes from ``make_storage()`` and is filled only through the
-StorageBackend API (start, append_logs, append_metrics), so the same tests
+IStorageBackend API (start, append_logs, append_metrics), so the same tests
 run against another backend by overriding ``make_storage``, e.g.::
 
     class LocalStorageServeTests(ServeTests):
@@ -29,13 +29,15 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from twisted.internet import defer, reactor, task, threads
 from twisted.logger import LogLevel
 from twisted.trial.unittest import TestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from joblet_persist._proto import persist_pb2 as pb
 from joblet_persist._proto import persist_pb2_grpc
 from joblet_persist.grpc_server import PERSIST_SERVICE_NAME, GrpcServerService
 from joblet_persist.logs import Logger
 from joblet_persist.query import PersistServicer
-from joblet_persist.storage.api import JobSnapshot, StorageBackend
+from joblet_persist.storage.api import IJobSnapshot, IStorageBackend
 from tests.fakes import FakeStorage, log_batch, make_pki, metric_batch
 
 JOB = "0b4c1f52-95a7-4bd3-8c5e-5d1e7f0a9c11"
@@ -59,7 +61,8 @@ def wait_for(predicate, timeout: float = 5.0, interval: float = 0.01):
         yield task.deferLater(reactor, interval, lambda: None)
 
 
-class _Snapshot(JobSnapshot):
+@implementer(IJobSnapshot)
+class _Snapshot:
     """Wraps a snapshot to observe reads: counts records, can hold a read open."""
 
     def __init__(self, inner, probe):
@@ -109,8 +112,10 @@ class _Snapshot(JobSnapshot):
         return self._watch(records, cancelled)
 
 
-class ProbedStorage(StorageBackend):
-    """Delegates to any StorageBackend; its snapshots report what reads do."""
+@implementer(IStorageBackend)
+class ProbedStorage:
+    """Delegates to any IStorageBackend (not a stand-in: a probe around the real thing);
+    its snapshots report what reads do."""
 
     def __init__(self, inner):
         self.inner = inner
@@ -150,6 +155,18 @@ class ProbedStorage(StorageBackend):
     def list_jobs(self):
         return self.inner.list_jobs()
 
+    def list_jobs_page(self, since, until, offset, limit):
+        return self.inner.list_jobs_page(since, until, offset, limit)
+
+    def totals(self):
+        return self.inner.totals()
+
+    def part_sizes(self, job_id):
+        return self.inner.part_sizes(job_id)
+
+    def delete_part(self, job_id, part):
+        return self.inner.delete_part(job_id, part)
+
 
 class _CleanupResult:
     def __init__(self, ids):
@@ -169,6 +186,7 @@ class GrpcTestBase(TestCase):
         self.dir = short_dir(self)
         self.socket_path = os.path.join(self.dir, "grpc.sock")
         self.storage = ProbedStorage(self.make_storage())
+        verifyObject(IStorageBackend, self.storage)
         yield self.storage.start()
         self.addCleanup(self.storage.stop)
         self.healthy = True

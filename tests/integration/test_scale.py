@@ -588,7 +588,6 @@ class RetentionKeepsUpTests(unittest.SynchronousTestCase):
             storage,
             RetentionPolicy(log_max_age=100, metric_max_age=100, active_window=50),
             clock,
-            free_bytes=lambda: defer_succeed(None),
             busy_jobs=set,
             discard_job=lambda job: defer_succeed(None),
         )
