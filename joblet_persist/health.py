@@ -51,9 +51,14 @@ def thd_probe_disk(data_dir: str) -> dict:
 class HealthMonitor:
     """Combines the disk probe with live checks into one verdict.  Reactor thread.
 
-    ``checks`` maps a name to a callable returning ``(ok: bool, detail: str)``,
-    evaluated whenever the verdict is refreshed (after each probe and on
+    ``checks`` maps a name to a callable returning ``(ok: bool, detail: str)``, or
+    ``(ok, detail, extra)`` whose ``extra`` dict adds fields to the check's entry in
+    ``details``; evaluated whenever the verdict is refreshed (after each probe and on
     ``refresh()``).
+
+    ``add_probe(make)`` adds blocking work to each probe round: ``make()`` (reactor)
+    returns ``(thd_fn, apply)``; ``thd_fn()`` runs on the pool and ``apply(result)`` on the
+    reactor, before the verdict is recomputed.  A failing probe is logged, never fatal.
     """
 
     log = Logger()
@@ -74,7 +79,8 @@ class HealthMonitor:
         self._min_free = min_free_bytes
         self._interval = interval
         self._probe = probe
-        self._checks: dict[str, Callable[[], tuple[bool, str]]] = {}
+        self._checks: dict[str, Callable[[], tuple]] = {}
+        self._probes: list[Callable[[], tuple]] = []
         self._disk: Optional[dict] = None
         self._loop: Optional[task.LoopingCall] = None
         self.healthy = False
@@ -84,8 +90,12 @@ class HealthMonitor:
         """Change the free-space floor (SIGHUP reload); applied at the next refresh."""
         self._min_free = nbytes
 
-    def add_check(self, name: str, check: Callable[[], tuple[bool, str]]) -> None:
+    def add_check(self, name: str, check: Callable[[], tuple]) -> None:
         self._checks[name] = check
+
+    def add_probe(self, make: Callable[[], tuple]) -> None:
+        """Run ``make()``'s ``(thd_fn, apply)`` in every probe round (see the class)."""
+        self._probes.append(make)
 
     def start(self) -> defer.Deferred:
         """Probe once now (the Deferred fires after it), then every interval."""
@@ -105,14 +115,24 @@ class HealthMonitor:
 
         def applied(result):
             self._disk = result
-            self.refresh()
 
         def failed(f):
             self._disk = {"writable": False, "error": str(f.value), "free_bytes": None}
-            self.refresh()
 
         d.addCallbacks(applied, failed)
-        return d
+        rounds = [d]
+        for make in self._probes:
+            try:
+                thd_fn, apply = make()
+                extra = self._run(thd_fn)
+                extra.addCallback(apply)
+            except Exception:
+                extra = defer.fail()
+            extra.addErrback(lambda f: self.log.failure("health probe failed", f))
+            rounds.append(extra)
+        done = defer.gatherResults(rounds, consumeErrors=True)
+        done.addCallback(lambda _: self.refresh())
+        return done
 
     def refresh(self) -> bool:
         """Recompute the verdict from the last probe and the live checks."""
@@ -138,11 +158,18 @@ class HealthMonitor:
                 }
                 ok_all &= enough
         for name, check in self._checks.items():
+            extra = None
             try:
-                ok, detail = check()
+                result = check()
+                ok, detail = result[0], result[1]
+                if len(result) > 2:
+                    extra = result[2]
             except Exception as e:  # a broken check is a failed check, never a crash
                 ok, detail = False, f"check failed: {e!r}"
-            details[name] = {"ok": bool(ok), "detail": detail}
+            entry = {"ok": bool(ok), "detail": detail}
+            if extra:
+                entry.update((k, v) for k, v in extra.items() if k not in entry)
+            details[name] = entry
             ok_all &= bool(ok)
         self.details = details
         self.healthy = ok_all
