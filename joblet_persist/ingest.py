@@ -864,7 +864,10 @@ class IngestFactory(protocol.Factory):
     def resume_all(self) -> None:
         """Read again on every connection."""
         self._paused = False
+        now = self._clock.seconds()
         for p in self._protocols:
+            # Time paused does not count against a frame in progress.
+            p._progress_at = now
             if not p._waiting:  # waiting for budget: resumed when it is granted
                 _resume(p.transport)
 
