@@ -61,7 +61,8 @@ factory): when a frame is incomplete at the end of a read, its whole announced s
 reserved before anything of it is kept.  A frame that can never fit (above the per-connection
 cap or the global limit) is refused (``over_budget``) and skipped; one that does not fit now
 pauses its connection (reads stop; at most that one read is held) until earlier reservations
-are released, first come first served.  A connection holding a reservation is never paused
+are released, first come first served.  Frames of at most one read (``SMALL_FRAME_BYTES``)
+never wait, so the bound is the budget plus one read per connection.  A connection holding a reservation is never paused
 for budget, so it can always finish its frame; one that stops sending is closed after
 ``partial_frame_timeout`` (``stalled_frame``).  Frames complete within one read reserve
 nothing and cost nothing extra.  The chunks of a frame are freed together when it completes
@@ -103,6 +104,11 @@ __all__ = [
 DEFAULT_MAX_FRAME_BYTES = 128 * 1024 * 1024
 DEFAULT_MAX_PARTIAL_BYTES = 256 * 1024 * 1024
 DEFAULT_PARTIAL_FRAME_TIMEOUT = 30.0
+#: Frames up to this size (one read of the transport) are reserved even beyond the budget:
+#: a connection waiting for budget holds that much anyway, and small frames split across
+#: reads must not queue behind large ones.  So the memory bound is ``ipc.maxPartialBytes``
+#: plus this much per connection.
+SMALL_FRAME_BYTES = 65536
 #: How long a refused connection keeps the connection check unhealthy.
 REFUSAL_WINDOW = 60.0
 
@@ -207,7 +213,8 @@ class PartialFrameBudget:
     """Bytes that frames still arriving may hold, shared by the connections of one factory.
     Reactor thread.
 
-    ``limit`` bounds the sum of reservations (None: unbounded, usage still counted);
+    ``limit`` bounds the sum of reservations (None: unbounded, usage still counted), except
+    that frames of at most ``SMALL_FRAME_BYTES`` are always reserved at once;
     ``per_connection`` bounds one connection's frame.  ``reserve(protocol, n)`` either
     reserves ``n`` bytes (True), or queues the protocol (False): ``protocol._budget_granted()``
     is called when its turn comes, in arrival order; ``release(n)`` returns a reservation.
@@ -256,7 +263,11 @@ class PartialFrameBudget:
 
     def reserve(self, proto, n: int) -> bool:
         limit = self.limit
-        if limit is None or (not self._waiters and self.used + n <= limit):
+        if (
+            limit is None
+            or n <= SMALL_FRAME_BYTES
+            or (not self._waiters and self.used + n <= limit)
+        ):
             self.used += n
             return True
         self._waiters[proto] = n

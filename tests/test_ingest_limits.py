@@ -79,9 +79,9 @@ class PartialBudgetTests(IngestTestMixin, SynchronousTestCase):
         """When the budget is taken, a second large frame pauses its connection (no
         reservation, reads stop, the check fails); when the first frame completes the
         waiting connection gets its reservation and is read again; both frames are stored."""
-        factory = self.make_factory(max_partial_bytes=1000)
-        a_data = frame(log_body(b"a" * 700, seq=1))
-        b_data = frame(log_body(b"b" * 700, seq=2))
+        factory = self.make_factory(max_partial_bytes=100_000)
+        a_data = frame(log_body(b"a" * 70_000, seq=1))
+        b_data = frame(log_body(b"b" * 70_000, seq=2))
         a, ta = self.connect(factory)
         b, tb = self.connect(factory)
         a.dataReceived(a_data[:100])
@@ -96,18 +96,32 @@ class PartialBudgetTests(IngestTestMixin, SynchronousTestCase):
         self.assertTrue(factory.budget.check()[0])
         b.dataReceived(b_data[100:])
         self.assertEqual(factory.budget.used, 0)
-        self.assertEqual([c[5] for c in self.writer.calls], [b"a" * 700, b"b" * 700])
+        self.assertEqual([c[5] for c in self.writer.calls], [b"a" * 70_000, b"b" * 70_000])
+
+    def test_small_frames_never_wait(self):
+        """Frames of at most one read (64 KiB) split across reads are reserved even when the
+        budget is taken, so small senders never queue behind large frames."""
+        factory = self.make_factory(max_partial_bytes=100_000)
+        a, _ = self.connect(factory)
+        a.dataReceived(frame(log_body(b"a" * 70_000))[:10])
+        b, tb = self.connect(factory)
+        small = frame(log_body(b"s" * 1000))
+        b.dataReceived(small[:10])
+        self.assertEqual(tb.producerState, "producing")
+        self.assertEqual(factory.budget.waiting, 0)
+        b.dataReceived(small[10:])
+        self.assertEqual([c[5] for c in self.writer.calls], [b"s" * 1000])
 
     def test_close_returns_reservation_and_wakes_waiter(self):
         """A connection closing in the middle of its frame returns its reservation, which
         goes to the first connection waiting."""
-        factory = self.make_factory(max_partial_bytes=1000)
+        factory = self.make_factory(max_partial_bytes=100_000)
         a, _ = self.connect(factory)
         b, tb = self.connect(factory)
         c, tc = self.connect(factory)
-        a.dataReceived(frame(log_body(b"a" * 700))[:10])
-        b.dataReceived(frame(log_body(b"b" * 700))[:10])
-        c.dataReceived(frame(log_body(b"c" * 700))[:10])
+        a.dataReceived(frame(log_body(b"a" * 70_000))[:10])
+        b.dataReceived(frame(log_body(b"b" * 70_000))[:10])
+        c.dataReceived(frame(log_body(b"c" * 70_000))[:10])
         self.assertEqual(factory.budget.waiting, 2)
         a.connectionLost(None)
         self.assertEqual((tb.producerState, tc.producerState), ("producing", "paused"))
@@ -118,12 +132,12 @@ class PartialBudgetTests(IngestTestMixin, SynchronousTestCase):
     def test_backpressure_and_budget_pauses_combine(self):
         """resume_all (end of backpressure) does not resume a connection waiting for budget;
         budget granted during backpressure leaves the connection paused until resume_all."""
-        factory = self.make_factory(max_partial_bytes=1000)
+        factory = self.make_factory(max_partial_bytes=100_000)
         a, _ = self.connect(factory)
         b, tb = self.connect(factory)
-        a_data = frame(log_body(b"a" * 700))
+        a_data = frame(log_body(b"a" * 70_000))
         a.dataReceived(a_data[:10])
-        b.dataReceived(frame(log_body(b"b" * 700))[:10])
+        b.dataReceived(frame(log_body(b"b" * 70_000))[:10])
         factory.pause_all()
         factory.resume_all()
         self.assertEqual(tb.producerState, "paused")
@@ -150,16 +164,16 @@ class PartialBudgetTests(IngestTestMixin, SynchronousTestCase):
     def test_budget_exported_as_metrics(self):
         """The budget's usage, limit, waiting connections and waits are exported."""
         metrics = PersistMetrics(process=False)
-        factory = self.make_factory(max_partial_bytes=1000)
+        factory = self.make_factory(max_partial_bytes=100_000)
         factory = type(factory)(self.writer, metrics, self.clock, max_frame_bytes=1 << 20,
-                                max_partial_bytes=1000)
+                                max_partial_bytes=100_000)
         a, _ = self.connect(factory)
         b, _ = self.connect(factory)
-        a.dataReceived(frame(log_body(b"a" * 700))[:10])
-        b.dataReceived(frame(log_body(b"b" * 700))[:10])
+        a.dataReceived(frame(log_body(b"a" * 70_000))[:10])
+        b.dataReceived(frame(log_body(b"b" * 70_000))[:10])
         reg = metrics.registry
         self.assertEqual(reg.get_sample_value("persist_ipc_partial_bytes"), factory.budget.used)
-        self.assertEqual(reg.get_sample_value("persist_ipc_partial_bytes_limit"), 1000)
+        self.assertEqual(reg.get_sample_value("persist_ipc_partial_bytes_limit"), 100_000)
         self.assertEqual(reg.get_sample_value("persist_ipc_partial_waiting_connections"), 1)
         self.assertEqual(reg.get_sample_value("persist_ipc_partial_budget_waits_total"), 1)
 
@@ -243,12 +257,12 @@ class StalledFrameTests(IngestTestMixin, SynchronousTestCase):
     def test_connection_waiting_for_budget_is_not_stalled(self):
         """A connection paused for budget is not closed while it waits; once granted it
         has the full timeout to send."""
-        factory = self.make_factory(partial_frame_timeout=30, max_partial_bytes=1000)
+        factory = self.make_factory(partial_frame_timeout=30, max_partial_bytes=100_000)
         a, ta = self.connect_socket(factory)
         b, tb = self.connect_socket(factory)
-        a.dataReceived(frame(log_body(b"a" * 700))[:10])
+        a.dataReceived(frame(log_body(b"a" * 70_000))[:10])
         self.clock.advance(10)
-        b_data = frame(log_body(b"b" * 700))
+        b_data = frame(log_body(b"b" * 70_000))
         b.dataReceived(b_data[:10])
         self.clock.advance(20)  # a stalls at t=30 and closes; b is granted then
         self.assertEqual(ta.closed_at, 30)
