@@ -61,6 +61,7 @@ def _send_all_then_hold(sock: socket.socket, data) -> None:
 
 
 def _close(sockets) -> None:
+    """Shut down and close ``sockets`` (again: a no-op)."""
     for sock in sockets:
         try:
             sock.shutdown(socket.SHUT_RDWR)
@@ -198,7 +199,8 @@ class HalfFrameAttackTests(HostileTwistdBase):
         huge_len = 128 * MiB - 16
         big_len = 16 * MiB - 16
         body = memoryview(bytes(32 * MiB))
-        attackers = []
+        attackers: list = []
+        self.addCleanup(_close, attackers)
         sends = []
         finished = []
         for _ in range(2):
