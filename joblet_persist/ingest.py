@@ -62,9 +62,9 @@ reserved before anything of it is kept.  A frame that can never fit (above the p
 cap or the global limit) is refused (``over_budget``) and skipped; one that does not fit now
 pauses its connection (reads stop; at most that one read is held) until earlier reservations
 are released, first come first served.  Frames of at most one read (``SMALL_FRAME_BYTES``)
-never wait, so the bound is the budget plus one read per connection.  A connection holding a reservation is never paused
-for budget, so it can always finish its frame; one that stops sending is closed after
-``partial_frame_timeout`` (``stalled_frame``).  Frames complete within one read reserve
+never wait, so the bound is the budget plus one read per connection.  A connection holding a
+reservation is never paused for budget, so it can always finish its frame; one that stops
+sending is closed after ``partial_frame_timeout`` (``stalled_frame``).  Frames complete within one read reserve
 nothing and cost nothing extra.  The chunks of a frame are freed together when it completes
 or the connection closes, and ``release_memory`` (glibc ``malloc_trim``) is asked to return
 freed heap pages to the system once many bytes were released.
