@@ -319,3 +319,38 @@ class RefusedConnectionHealthTests(IngestTestMixin, SynchronousTestCase):
         self.assertFalse(health.refresh())
         entry = health.details["ipc_connections"]
         self.assertEqual((entry["ok"], entry["refused_total"]), (False, 1))
+
+
+class LimitConfigTests(SynchronousTestCase):
+    def test_defaults(self):
+        """Omitted keys: a 256 MiB budget, the per-connection cap follows ipc.maxFrameBytes,
+        and a 30 s stall timeout."""
+        from joblet_persist.config import config_from_string
+
+        ipc = config_from_string("ipc:\n  maxFrameBytes: 8MiB\n").ipc
+        self.assertEqual(ipc.max_partial_bytes, 256 * 1024 * 1024)
+        self.assertEqual(ipc.partial_bytes_per_connection, 8 * 1024 * 1024)
+        self.assertEqual(ipc.partial_frame_timeout, 30.0)
+
+    def test_values_and_errors_name_the_key(self):
+        """Values parse as sizes and durations; a per-connection cap above ipc.maxFrameBytes,
+        or a wrong type, is an error naming the key and the source."""
+        from joblet_persist.config import ConfigError, config_from_string
+
+        ipc = config_from_string(
+            "ipc:\n  maxPartialBytes: 64MiB\n  maxPartialBytesPerConnection: 1MiB\n"
+            "  partialFrameTimeout: 5s\n"
+        ).ipc
+        self.assertEqual(
+            (ipc.max_partial_bytes, ipc.partial_bytes_per_connection, ipc.partial_frame_timeout),
+            (64 << 20, 1 << 20, 5.0),
+        )
+        for text, key in [
+            ("ipc:\n  maxFrameBytes: 1MiB\n  maxPartialBytesPerConnection: 2MiB\n",
+             "ipc.maxPartialBytesPerConnection"),
+            ("ipc:\n  maxPartialBytes: lots\n", "ipc.maxPartialBytes"),
+            ("ipc:\n  partialFrameTimeout: 0s\n", "ipc.partialFrameTimeout"),
+        ]:
+            e = self.assertRaises(ConfigError, config_from_string, text, source="p.yml")
+            self.assertIn(key, str(e))
+            self.assertIn("p.yml", str(e))
