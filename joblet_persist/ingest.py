@@ -218,7 +218,8 @@ class PartialFrameBudget:
     ``per_connection`` bounds one connection's frame.  ``reserve(protocol, n)`` either
     reserves ``n`` bytes (True), or queues the protocol (False): ``protocol._budget_granted()``
     is called when its turn comes, in arrival order; ``release(n)`` returns a reservation.
-    ``trim_after`` bytes released (summed) schedule one ``release_memory`` call.
+    ``trim_after`` bytes released by frames larger than ``SMALL_FRAME_BYTES`` (summed)
+    schedule one ``release_memory`` call, at most one per ``trim_interval`` seconds.
     """
 
     def __init__(
@@ -245,6 +246,9 @@ class PartialFrameBudget:
         self._trim = trim
         self._released = 0
         self._trim_call = None
+        self._last_trim = float("-inf")
+        #: Seconds between two trims at least.
+        self.trim_interval = 1.0
 
     @property
     def waiting(self) -> int:
@@ -281,15 +285,20 @@ class PartialFrameBudget:
     def release(self, n: int) -> None:
         self.used -= n
         self._grant()
+        if n <= SMALL_FRAME_BYTES:
+            return  # small frames' memory is reused at once: nothing to give back
         self._released += n
         if self._released >= self._trim_after and self._clock is not None:
             self._released = 0
             if self._trim_call is None:
-                # Once, after the closes of this reactor turn: one trim for a burst of them.
-                self._trim_call = self._clock.callLater(0, self._run_trim)
+                # After the closes of this reactor turn (one trim for a burst of them), and
+                # at most once per trim_interval.
+                delay = max(0.0, self._last_trim + self.trim_interval - self._clock.seconds())
+                self._trim_call = self._clock.callLater(delay, self._run_trim)
 
     def _run_trim(self) -> None:
         self._trim_call = None
+        self._last_trim = self._clock.seconds()
         self._trim()
 
     def stop(self) -> None:

@@ -179,25 +179,38 @@ class PartialBudgetTests(IngestTestMixin, SynchronousTestCase):
 
 
 class MemoryTrimTests(SynchronousTestCase):
-    def test_trim_once_after_large_release(self):
-        """Releasing ``trim_after`` bytes (summed) schedules one trim on the next reactor
-        turn, however many releases there were; small releases schedule none."""
+    def test_trim_after_large_releases_at_most_once_a_second(self):
+        """Releasing ``trim_after`` bytes of large frames (summed) schedules one trim on the
+        next reactor turn, however many releases there were, and at most one per second;
+        releases of small frames (one read or less) never trim."""
         from twisted.internet import task
 
         clock = task.Clock()
         trims = []
-        budget = PartialFrameBudget(1000, clock=clock, trim_after=500,
+        budget = PartialFrameBudget(None, clock=clock, trim_after=300_000,
                                     trim=lambda: trims.append(clock.seconds()))
-        for _ in range(4):
-            self.assertTrue(budget.reserve(object(), 200))
-        budget.release(200)
+        for _ in range(100):
+            budget.reserve(object(), 60_000)
+            budget.release(60_000)
         clock.advance(0)
         self.assertEqual(trims, [])
         for _ in range(3):
-            budget.release(200)
+            budget.reserve(object(), 100_000)
+        budget.release(100_000)
+        budget.release(100_000)
+        clock.advance(0)
+        self.assertEqual(trims, [])
+        budget.release(100_000)
         self.assertEqual(trims, [])
         clock.advance(0)
         self.assertEqual(trims, [0])
+        for _ in range(3):
+            budget.reserve(object(), 100_000)
+            budget.release(100_000)
+        clock.advance(0.5)
+        self.assertEqual(trims, [0])
+        clock.advance(0.5)
+        self.assertEqual(trims, [0, 1.0])
         self.assertEqual(budget.used, 0)
 
 
