@@ -552,6 +552,17 @@ class IPCConfig:
     max_connections: int = _key(_integer(1), 1024)
     # On shutdown, how long connections are read for what their peers already wrote.
     drain_timeout: float = _key(_duration(positive=True), 5.0)
+    # Bytes that frames still arriving may reserve, all connections together, and for one
+    # connection (0: ipc.maxFrameBytes).
+    max_partial_bytes: int = _key(_size(1), 256 * MiB)
+    max_partial_bytes_per_connection: int = _key(_size(0, 2**32 - 1), 0)
+    # A connection holding part of a frame with no progress for this long is closed.
+    partial_frame_timeout: float = _key(_duration(positive=True), 30.0)
+
+    @property
+    def partial_bytes_per_connection(self) -> int:
+        """``max_partial_bytes_per_connection`` with 0 resolved to ``max_frame_bytes``."""
+        return self.max_partial_bytes_per_connection or self.max_frame_bytes
 
 
 @dataclass(frozen=True)
@@ -956,6 +967,12 @@ def _validate(cfg: Config, ctx: _Context) -> None:
                 "server.grpcViewerSocketGroup",
                 f"no group named {cfg.server.grpc_viewer_socket_group!r} on this system",
             ) from None
+    if cfg.ipc.max_partial_bytes_per_connection > cfg.ipc.max_frame_bytes:
+        raise ctx.error(
+            "ipc.maxPartialBytesPerConnection",
+            f"must be at most {ctx.name('ipc.maxFrameBytes')} "
+            f"({cfg.ipc.max_partial_bytes_per_connection} > {cfg.ipc.max_frame_bytes} bytes)",
+        )
 
     security = cfg.security
     if bool(security.server_cert) != bool(security.server_key):

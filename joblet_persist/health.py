@@ -27,9 +27,15 @@ class HealthMonitor:
     ``space`` provides ``storage.api.IFreeSpace`` (the storage backend), or is
     None for a backend that cannot be probed: its storage check then passes.
 
-    ``checks`` maps a name to a callable returning ``(ok: bool, detail: str)``,
-    evaluated whenever the verdict is refreshed (after each probe and on
+    ``checks`` maps a name to a callable returning ``(ok: bool, detail: str)``, or
+    ``(ok, detail, extra)`` whose ``extra`` dict adds fields to the check's entry in
+    ``details``; evaluated whenever the verdict is refreshed (after each probe and on
     ``refresh()``).
+
+    ``add_probe(make)`` adds blocking work to each probe round: ``make()`` (reactor)
+    returns ``(thd_fn, apply)``; ``thd_fn()`` runs through ``run_in_thread`` (the
+    service's pool) and ``apply(result)`` on the reactor, before the verdict is
+    recomputed.  A failing probe is logged, never fatal.
     """
 
     log = Logger()
@@ -41,6 +47,7 @@ class HealthMonitor:
         *,
         min_free_bytes: int = 0,
         interval: float = 5.0,
+        run_in_thread: Optional[Callable[..., defer.Deferred]] = None,
     ):
         if space is not None and not IFreeSpace.providedBy(space):
             raise TypeError(f"{space!r} does not provide IFreeSpace")
@@ -48,7 +55,9 @@ class HealthMonitor:
         self._space = space
         self._min_free = min_free_bytes
         self._interval = interval
-        self._checks: dict[str, Callable[[], tuple[bool, str]]] = {}
+        self._run = run_in_thread
+        self._checks: dict[str, Callable[[], tuple]] = {}
+        self._probes: list[Callable[[], tuple]] = []
         self._disk: Optional[dict] = None
         self._loop: Optional[task.LoopingCall] = None
         self.healthy = False
@@ -58,8 +67,14 @@ class HealthMonitor:
         """Change the free-space floor (SIGHUP reload); applied at the next refresh."""
         self._min_free = nbytes
 
-    def add_check(self, name: str, check: Callable[[], tuple[bool, str]]) -> None:
+    def add_check(self, name: str, check: Callable[[], tuple]) -> None:
         self._checks[name] = check
+
+    def add_probe(self, make: Callable[[], tuple]) -> None:
+        """Run ``make()``'s ``(thd_fn, apply)`` in every probe round (see the class)."""
+        if self._run is None:
+            raise TypeError("add_probe needs a HealthMonitor built with run_in_thread")
+        self._probes.append(make)
 
     def start(self) -> defer.Deferred:
         """Probe once now (the Deferred fires after it), then every interval."""
@@ -76,21 +91,32 @@ class HealthMonitor:
 
     def probe_now(self) -> defer.Deferred:
         if self._space is None:
-            self._disk = dict(_NO_PROBE)
-            self.refresh()
-            return defer.succeed(None)
-        d = defer.maybeDeferred(self._space.probe_space)
+            d = defer.succeed(None)
+            d.addCallback(lambda _: self._set_disk(dict(_NO_PROBE)))
+        else:
+            d = defer.maybeDeferred(self._space.probe_space)
+            d.addCallbacks(
+                lambda probe: self._set_disk(dataclasses.asdict(probe)),
+                lambda f: self._set_disk(
+                    {"writable": False, "error": str(f.value), "free_bytes": None}
+                ),
+            )
+        rounds = [d]
+        for make in self._probes:
+            try:
+                thd_fn, apply = make()
+                extra = self._run(thd_fn)
+                extra.addCallback(apply)
+            except Exception:
+                extra = defer.fail()
+            extra.addErrback(lambda f: self.log.failure("health probe failed", f))
+            rounds.append(extra)
+        done = defer.gatherResults(rounds, consumeErrors=True)
+        done.addCallback(lambda _: self.refresh())
+        return done
 
-        def applied(probe):
-            self._disk = dataclasses.asdict(probe)
-            self.refresh()
-
-        def failed(f):
-            self._disk = {"writable": False, "error": str(f.value), "free_bytes": None}
-            self.refresh()
-
-        d.addCallbacks(applied, failed)
-        return d
+    def _set_disk(self, disk: dict) -> None:
+        self._disk = disk
 
     def refresh(self) -> bool:
         """Recompute the verdict from the last probe and the live checks."""
@@ -118,11 +144,18 @@ class HealthMonitor:
                 }
                 ok_all &= enough
         for name, check in self._checks.items():
+            extra = None
             try:
-                ok, detail = check()
+                result = check()
+                ok, detail = result[0], result[1]
+                if len(result) > 2:
+                    extra = result[2]
             except Exception as e:  # a broken check is a failed check, never a crash
                 ok, detail = False, f"check failed: {e!r}"
-            details[name] = {"ok": bool(ok), "detail": detail}
+            entry = {"ok": bool(ok), "detail": detail}
+            if extra:
+                entry.update((k, v) for k, v in extra.items() if k not in entry)
+            details[name] = entry
             ok_all &= bool(ok)
         self.details = details
         self.healthy = ok_all

@@ -22,6 +22,11 @@ keeps reading after any rejection:
 - ``stopping``: the writer is stopping and accepts nothing more.
 - ``truncated_frame``: the connection closed in the middle of a frame.
 - ``too_many_connections`` (not a frame): a connection beyond ``max_connections`` was refused.
+- ``over_budget``: a frame that spans reads announces more bytes than a connection may hold
+  in a partial frame (``PartialFrameBudget``: the per-connection cap, or the whole global
+  budget).  Refused before anything is buffered: its bytes are skipped as they arrive.
+- ``stalled_frame`` (then the connection closes): the connection held part of a frame and
+  sent nothing more for ``partial_frame_timeout`` seconds while it was free to send.
 
 Accepted LOG frames go to the writer with timestamp and sequence from the LogLine payload: in
 bulk, ``writer.add_logs(job, stream, timestamps, sequences, arrivals, contents)``, one call per
@@ -50,13 +55,29 @@ taken from ``writer.arrivals``; a job id is then validated once per group, and e
 decode frame by frame.  A frame incomplete at the end of a read is collected as a list of
 chunks (its length prefix included) and joined once, so a multi-MiB frame split over many reads
 costs linear time.
+
+Memory held by frames still arriving (``PartialFrameBudget``, shared by every connection of a
+factory): when a frame is incomplete at the end of a read, its whole announced size is
+reserved before anything of it is kept.  A frame that can never fit (above the per-connection
+cap or the global limit) is refused (``over_budget``) and skipped; one that does not fit now
+pauses its connection (reads stop; at most that one read is held) until earlier reservations
+are released, first come first served.  Frames of at most one read (``SMALL_FRAME_BYTES``)
+never wait, so the bound is the budget plus one read per connection.  A connection holding a
+reservation is never paused for budget, so it can always finish its frame; one that stops
+sending is closed after ``partial_frame_timeout`` (``stalled_frame``).  Frames complete within one read reserve
+nothing and cost nothing extra.  The chunks of a frame are freed together when it completes
+or the connection closes, and ``release_memory`` (glibc ``malloc_trim``) is asked to return
+freed heap pages to the system once many bytes were released.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import socket
 import struct
-from typing import Optional
+from collections import OrderedDict
+from typing import Callable, Optional
 
 from google.protobuf.message import DecodeError
 from twisted.internet import defer, protocol
@@ -71,6 +92,9 @@ from joblet_persist.writer import WriterStopped
 
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
+    "DEFAULT_MAX_PARTIAL_BYTES",
+    "DEFAULT_PARTIAL_FRAME_TIMEOUT",
+    "PartialFrameBudget",
     "IngestFactory",
     "IngestProtocol",
     "NullIngestMetrics",
@@ -78,6 +102,15 @@ __all__ = [
 ]
 
 DEFAULT_MAX_FRAME_BYTES = 128 * 1024 * 1024
+DEFAULT_MAX_PARTIAL_BYTES = 256 * 1024 * 1024
+DEFAULT_PARTIAL_FRAME_TIMEOUT = 30.0
+#: Frames up to this size (one read of the transport) are reserved even beyond the budget:
+#: a connection waiting for budget holds that much anyway, and small frames split across
+#: reads must not queue behind large ones.  So the memory bound is ``ipc.maxPartialBytes``
+#: plus this much per connection.
+SMALL_FRAME_BYTES = 65536
+#: How long a refused connection keeps the connection check unhealthy.
+REFUSAL_WINDOW = 60.0
 
 MSG_LOG = 1
 MSG_METRIC = 2
@@ -114,6 +147,9 @@ class NullIngestMetrics:
     def connection_closed(self) -> None:
         """An accepted IPC connection closed."""
 
+    def set_partial_budget(self, budget) -> None:
+        """``budget`` (PartialFrameBudget) is exported at scrape time."""
+
 
 class RejectionLog:
     """Counts rejections by reason and logs them at a bounded rate.  Reactor thread.
@@ -146,6 +182,166 @@ class RejectionLog:
             detail=detail,
             suppressed=suppressed,
         )
+
+
+def _load_malloc_trim() -> Optional[Callable[[int], int]]:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc: its allocator returns memory its own way
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+_malloc_trim = _load_malloc_trim()
+
+
+def release_memory() -> None:
+    """Ask the C allocator to give freed heap pages back to the system (glibc
+    ``malloc_trim``; nothing elsewhere).  Reactor thread; takes milliseconds at most.
+
+    The chunks of a partial frame are read-sized (64 KiB) allocations on the heap, below
+    glibc's mmap threshold: freed, they stay in the process until trimmed.
+    """
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+class PartialFrameBudget:
+    """Bytes that frames still arriving may hold, shared by the connections of one factory.
+    Reactor thread.
+
+    ``limit`` bounds the sum of reservations (None: unbounded, usage still counted), except
+    that frames of at most ``SMALL_FRAME_BYTES`` are always reserved at once;
+    ``per_connection`` bounds one connection's frame.  ``reserve(protocol, n)`` either
+    reserves ``n`` bytes (True), or queues the protocol (False): ``protocol._budget_granted()``
+    is called when its turn comes, in arrival order; ``release(n)`` returns a reservation.
+    ``trim_after`` bytes released by frames larger than ``SMALL_FRAME_BYTES`` (summed)
+    schedule one ``release_memory`` call, at most one per ``trim_interval`` seconds.
+    """
+
+    def __init__(
+        self,
+        limit: Optional[int] = None,
+        per_connection: Optional[int] = None,
+        *,
+        clock=None,
+        trim_after: int = 16 * 1024 * 1024,
+        trim: Callable[[], None] = release_memory,
+    ):
+        self.limit = limit
+        self.per_connection = per_connection
+        caps = [c for c in (limit, per_connection) if c is not None]
+        #: The largest frame that may ever be buffered.
+        self.frame_limit = min(caps) if caps else None
+        self.used = 0
+        self.refused = 0
+        self.waits = 0
+        self.last_refused: Optional[float] = None
+        self._clock = clock
+        self._waiters: OrderedDict = OrderedDict()
+        self._trim_after = trim_after
+        self._trim = trim
+        self._released = 0
+        self._trim_call = None
+        self._last_trim = float("-inf")
+        #: Seconds between two trims at least.
+        self.trim_interval = 1.0
+
+    @property
+    def waiting(self) -> int:
+        """Connections paused until budget frees."""
+        return len(self._waiters)
+
+    def fits(self, n: int) -> bool:
+        """Whether a frame needing ``n`` bytes may ever be buffered."""
+        return self.frame_limit is None or n <= self.frame_limit
+
+    def refuse(self) -> None:
+        """Count a frame refused because it can never fit."""
+        self.refused += 1
+        if self._clock is not None:
+            self.last_refused = self._clock.seconds()
+
+    def reserve(self, proto, n: int) -> bool:
+        limit = self.limit
+        if (
+            limit is None
+            or n <= SMALL_FRAME_BYTES
+            or (not self._waiters and self.used + n <= limit)
+        ):
+            self.used += n
+            return True
+        self._waiters[proto] = n
+        self.waits += 1
+        return False
+
+    def cancel(self, proto) -> None:
+        """Forget a queued protocol (it closed, or finished its frame anyway)."""
+        self._waiters.pop(proto, None)
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        self._grant()
+        if n <= SMALL_FRAME_BYTES:
+            return  # small frames' memory is reused at once: nothing to give back
+        self._released += n
+        if self._released >= self._trim_after and self._clock is not None:
+            self._released = 0
+            if self._trim_call is None:
+                # After the closes of this reactor turn (one trim for a burst of them), and
+                # at most once per trim_interval.
+                delay = max(0.0, self._last_trim + self.trim_interval - self._clock.seconds())
+                self._trim_call = self._clock.callLater(delay, self._run_trim)
+
+    def _run_trim(self) -> None:
+        self._trim_call = None
+        self._last_trim = self._clock.seconds()
+        self._trim()
+
+    def stop(self) -> None:
+        """Cancel a pending trim (the listener stopped)."""
+        if self._trim_call is not None and self._trim_call.active():
+            self._trim_call.cancel()
+        self._trim_call = None
+
+    def _grant(self) -> None:
+        waiters = self._waiters
+        limit = self.limit
+        while waiters:
+            proto, n = next(iter(waiters.items()))
+            if limit is not None and self.used + n > limit:
+                return
+            del waiters[proto]
+            self.used += n
+            proto._budget_granted(n)
+
+    def check(self, window: float = REFUSAL_WINDOW) -> tuple:
+        """Health check: not ok while connections wait for budget or a frame was refused
+        within ``window`` seconds; ``(ok, detail, extra)``."""
+        recent = (
+            self.last_refused is not None
+            and self._clock is not None
+            and self._clock.seconds() - self.last_refused < window
+        )
+        ok = not self._waiters and not recent
+        limit = "unbounded" if self.limit is None else str(self.limit)
+        detail = (
+            f"{self.used} of {limit} bytes reserved by partial frames; "
+            f"{len(self._waiters)} connections waiting; {self.refused} frames refused"
+        )
+        if not ok:
+            detail = "partial-frame budget exhausted (ipc.maxPartialBytes): " + detail
+        extra = {
+            "used_bytes": self.used,
+            "limit_bytes": self.limit,
+            "waiting_connections": len(self._waiters),
+            "refused_frames": self.refused,
+            "waits": self.waits,
+        }
+        return ok, detail, extra
 
 
 class _JobIdCache:
@@ -183,6 +379,10 @@ class IngestProtocol(Int32StringReceiver):
         metrics=None,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         job_ids: Optional[_JobIdCache] = None,
+        *,
+        budget: Optional[PartialFrameBudget] = None,
+        clock=None,
+        partial_frame_timeout: float = DEFAULT_PARTIAL_FRAME_TIMEOUT,
     ):
         self.MAX_LENGTH = max_frame_bytes
         self._add_log = writer.add_log
@@ -210,8 +410,18 @@ class IngestProtocol(Int32StringReceiver):
         self._head = b""  # 1-3 bytes of a length prefix
         self._chunks: list[bytes] = []  # parts of the current frame, length prefix included ...
         self._need = 0  # ... and how many of its bytes are still missing
-        self._skip = 0  # bytes of an oversized frame still to be skipped
+        self._skip = 0  # bytes of an oversized (or refused) frame still to be skipped
         self._lost_waiters: list[defer.Deferred] = []
+        # Memory of the frame being received: its reservation, or the wait for one.
+        self._budget = budget if budget is not None else PartialFrameBudget()
+        self._reserved = 0
+        self._waiting = False
+        # Stalled frames: time of the last bytes of an incomplete frame, and one timer
+        # that outlives frames (rescheduled lazily rather than per read).
+        self._clock = clock
+        self._stall_timeout = partial_frame_timeout if clock is not None else 0
+        self._progress_at = 0.0
+        self._stall_timer = None
 
     def _bulk_fallback(self, counts: dict[int, int], nbytes: int) -> None:
         # Metrics objects without the bulk method: spread the bytes over single calls.
@@ -230,12 +440,20 @@ class IngestProtocol(Int32StringReceiver):
             if n < need:
                 self._chunks.append(data)
                 self._need = need - n
+                if self._stall_timeout:
+                    self._progress_at = self._clock.seconds()
                 return
             chunks = self._chunks
             chunks.append(data[:need] if n > need else data)
             self._chunks = []
             self._need = 0
-            self._receive(b"".join(chunks), 0)
+            frame = b"".join(chunks)
+            del chunks[:]
+            try:
+                self._receive(frame, 0)
+            finally:
+                del frame
+                self._frame_done()
             if n == need:
                 return
             off = need
@@ -243,6 +461,8 @@ class IngestProtocol(Int32StringReceiver):
             n = len(data)
             if n <= self._skip:
                 self._skip -= n
+                if self._stall_timeout:
+                    self._progress_at = self._clock.seconds()
                 return
             off = self._skip
             self._skip = 0
@@ -256,10 +476,86 @@ class IngestProtocol(Int32StringReceiver):
             if end - off < 4:
                 self._head = data[off:]
             else:
-                # Incomplete: keep the part received so far, join it when complete.
+                # Incomplete: keep the part received so far (once its size is reserved),
+                # join it when complete.
                 (length,) = _HEADER.unpack_from(data, off)
-                self._chunks = [data[off:]]
-                self._need = off + 4 + length - end
+                if self._hold(4 + length, end - off):
+                    self._chunks = [data[off:]]
+                    self._need = off + 4 + length - end
+            if self._stall_timeout:
+                self._touch()
+        elif self._skip and self._stall_timeout:
+            self._touch()
+
+    def _hold(self, size: int, have: int) -> bool:
+        """Reserve ``size`` bytes for the frame just begun, or wait for them (reads pause);
+        False when it can never fit: refused, and its bytes skipped."""
+        budget = self._budget
+        if not budget.fits(size):
+            budget.refuse()
+            self._reject(
+                "over_budget",
+                f"frame of {size - 4} bytes exceeds what a partial frame may hold "
+                f"({budget.frame_limit} bytes: ipc.maxPartialBytes, "
+                "ipc.maxPartialBytesPerConnection)",
+            )
+            self._skip = size - have
+            return False
+        if budget.reserve(self, size):
+            self._reserved = size
+        else:
+            self._waiting = True
+            _pause(self.transport)
+        return True
+
+    def _frame_done(self) -> None:
+        """The frame in progress completed: return its reservation."""
+        if self._waiting:
+            # It arrived anyway (drain reads on regardless): no longer waiting.
+            self._waiting = False
+            self._budget.cancel(self)
+        reserved, self._reserved = self._reserved, 0
+        if reserved:
+            self._budget.release(reserved)
+
+    def _budget_granted(self, size: int) -> None:
+        """Called by the budget: ``size`` bytes are reserved for this connection's frame."""
+        self._waiting = False
+        self._reserved = size
+        if self._stall_timeout:
+            self._progress_at = self._clock.seconds()
+        factory = getattr(self, "factory", None)
+        if factory is None or not factory.paused:
+            _resume(self.transport)
+
+    def _touch(self) -> None:
+        """An incomplete frame made progress; make sure its stall timer runs."""
+        self._progress_at = self._clock.seconds()
+        if self._stall_timer is None:
+            self._stall_timer = self._clock.callLater(self._stall_timeout, self._check_stall)
+
+    def _check_stall(self) -> None:
+        """Close the connection if its incomplete frame made no progress for the timeout
+        while it could send; otherwise look again when it could have timed out."""
+        self._stall_timer = None
+        if not (self._need or self._head or self._skip) or self.transport is None:
+            return  # between frames: idle connections are normal
+        now = self._clock.seconds()
+        factory = getattr(self, "factory", None)
+        if self._waiting or (factory is not None and factory.paused):
+            # Paused by us (budget, backpressure): the peer cannot make progress.
+            self._progress_at = now
+        due = self._progress_at + self._stall_timeout
+        if now < due:
+            self._stall_timer = self._clock.callLater(due - now, self._check_stall)
+            return
+        have = len(self._head) or sum(map(len, self._chunks))
+        self._reject(
+            "stalled_frame",
+            f"no progress for {self._stall_timeout:g} s with {have} bytes of a frame "
+            "(ipc.partialFrameTimeout); closing the connection",
+        )
+        self.transport.loseConnection()
 
     def stringReceived(self, frame: bytes) -> None:
         """Handle one complete frame (without its length prefix).  Reactor thread."""
@@ -422,6 +718,11 @@ class IngestProtocol(Int32StringReceiver):
         self._chunks = []
         self._need = 0
         self._skip = 0
+        self._frame_done()
+        if self._stall_timer is not None:
+            if self._stall_timer.active():
+                self._stall_timer.cancel()
+            self._stall_timer = None
         factory = getattr(self, "factory", None)
         if factory is not None:
             factory._connection_lost(self)
@@ -444,9 +745,13 @@ class IngestFactory(protocol.Factory):
     """Builds IngestProtocols for the IPC listener and tracks the live ones.  Reactor thread.
 
     Refuses connections beyond ``max_connections`` (``buildProtocol`` returns None, so the
-    listening port closes the socket at once; counted as ``too_many_connections``).
+    listening port closes the socket at once; counted as ``too_many_connections``, and
+    reported by ``connections_check`` for ``REFUSAL_WINDOW`` seconds).
     ``pause_all``/``resume_all`` are the writer's backpressure hooks; while paused, new
-    connections start paused.
+    connections start paused.  ``budget`` (a PartialFrameBudget built from
+    ``max_partial_bytes`` and ``max_partial_bytes_per_connection``) bounds the memory of
+    frames still arriving; ``partial_frame_timeout`` (0: never) closes connections whose
+    frame stalls.
     """
 
     noisy = False
@@ -461,9 +766,22 @@ class IngestFactory(protocol.Factory):
         *,
         reject_log_interval: float = 60.0,
         job_id_cache_size: int = 4096,
+        max_partial_bytes: Optional[int] = DEFAULT_MAX_PARTIAL_BYTES,
+        max_partial_bytes_per_connection: Optional[int] = None,
+        partial_frame_timeout: float = DEFAULT_PARTIAL_FRAME_TIMEOUT,
+        trim: Callable[[], None] = release_memory,
     ):
         if clock is None:
             raise TypeError("IngestFactory needs a clock (the reactor or task.Clock)")
+        self.budget = PartialFrameBudget(
+            max_partial_bytes,
+            max_partial_bytes_per_connection or max_frame_bytes,
+            clock=clock,
+            trim=trim,
+        )
+        self.partial_frame_timeout = partial_frame_timeout
+        self.refused_connections = 0
+        self.last_refused: Optional[float] = None
         self._writer = writer
         self._metrics = metrics if metrics is not None else NullIngestMetrics()
         self._clock = clock
@@ -474,10 +792,41 @@ class IngestFactory(protocol.Factory):
         self._protocols: dict[IngestProtocol, None] = {}
         self._paused = False
         self._draining = False
+        set_budget = getattr(self._metrics, "set_partial_budget", None)
+        if set_budget is not None:
+            set_budget(self.budget)
 
     def startFactory(self) -> None:
         """The listener starts: log once which frame decoder this process uses."""
         log.info("IPC frame decoder: {implementation}", implementation=DECODER_IMPLEMENTATION)
+
+    def stopFactory(self) -> None:
+        """The last listener stopped: no trim may run after it."""
+        self.budget.stop()
+
+    def connections_check(self, window: float = REFUSAL_WINDOW) -> tuple:
+        """Health check: not ok while a connection was refused (``ipc.maxConnections``)
+        within ``window`` seconds; ``(ok, detail, extra)``."""
+        now = self._clock.seconds()
+        recent = self.last_refused is not None and now - self.last_refused < window
+        detail = (
+            f"{len(self._protocols)} of {self.max_connections} connections open; "
+            f"{self.refused_connections} refused"
+        )
+        if recent:
+            detail = (
+                f"refusing connections (ipc.maxConnections {self.max_connections} reached "
+                f"{now - self.last_refused:.0f} s ago): " + detail
+            )
+        extra = {
+            "open": len(self._protocols),
+            "max": self.max_connections,
+            "refused_total": self.refused_connections,
+            "last_refused_seconds_ago": (
+                None if self.last_refused is None else round(now - self.last_refused, 3)
+            ),
+        }
+        return not recent, detail, extra
 
     @property
     def paused(self) -> bool:
@@ -490,6 +839,8 @@ class IngestFactory(protocol.Factory):
 
     def buildProtocol(self, addr) -> Optional[IngestProtocol]:
         if len(self._protocols) >= self.max_connections:
+            self.refused_connections += 1
+            self.last_refused = self._clock.seconds()
             self.rejections.reject(
                 "too_many_connections",
                 f"refused a connection: {self.max_connections} are already open",
@@ -501,6 +852,9 @@ class IngestFactory(protocol.Factory):
             self._metrics,
             self.max_frame_bytes,
             self._job_ids,
+            budget=self.budget,
+            clock=self._clock,
+            partial_frame_timeout=self.partial_frame_timeout,
         )
         p.factory = self
         return p
@@ -530,8 +884,12 @@ class IngestFactory(protocol.Factory):
     def resume_all(self) -> None:
         """Read again on every connection."""
         self._paused = False
+        now = self._clock.seconds()
         for p in self._protocols:
-            _resume(p.transport)
+            # Time paused does not count against a frame in progress.
+            p._progress_at = now
+            if not p._waiting:  # waiting for budget: resumed when it is granted
+                _resume(p.transport)
 
     def disconnect_all(self, drain_timeout: float = 5.0) -> defer.Deferred:
         """Close every connection; Deferred firing when all of them have closed.

@@ -52,6 +52,8 @@ class PersistMetrics:
         self._storage_source: Optional[Callable[[], tuple[int, int]]] = None
         self._health_source = None
         self._file_budget = None
+        self._partial_budget = None
+        self._ipc_socket_recreated = 0
         self._loaded_source = None
         self._backpressure_since: Optional[float] = None
         self._backpressure_total = 0.0
@@ -161,6 +163,14 @@ class PersistMetrics:
     def set_file_budget(self, budget) -> None:
         """``budget`` (storage.files.FileBudget) is exported at scrape time."""
         self._file_budget = budget
+
+    def set_partial_budget(self, budget) -> None:
+        """``budget`` (ingest.PartialFrameBudget) is exported at scrape time."""
+        self._partial_budget = budget
+
+    def ipc_socket_recreated(self) -> None:
+        """The IPC socket file had vanished and the listener was recreated at its path."""
+        self._ipc_socket_recreated += 1
 
     def set_health_source(self, health) -> None:
         """``health.healthy`` and ``health.details`` are exported at scrape time."""
@@ -307,6 +317,34 @@ class _HotCollector:
         yield GaugeMetricFamily(
             "persist_ipc_connections", "Open IPC connections.", value=m._connections
         )
+        yield CounterMetricFamily(
+            "persist_ipc_socket_recreated",
+            "Times the IPC socket file was found deleted and the listener recreated at its path.",
+            value=m._ipc_socket_recreated,
+        )
+        partial = m._partial_budget
+        if partial is not None:
+            yield GaugeMetricFamily(
+                "persist_ipc_partial_bytes",
+                "Bytes reserved by IPC frames still arriving (announced sizes).",
+                value=partial.used,
+            )
+            if partial.limit is not None:
+                yield GaugeMetricFamily(
+                    "persist_ipc_partial_bytes_limit",
+                    "ipc.maxPartialBytes: what frames still arriving may reserve in total.",
+                    value=partial.limit,
+                )
+            yield GaugeMetricFamily(
+                "persist_ipc_partial_waiting_connections",
+                "IPC connections paused until the partial-frame budget frees.",
+                value=partial.waiting,
+            )
+            yield CounterMetricFamily(
+                "persist_ipc_partial_budget_waits",
+                "Times a connection was paused because the partial-frame budget was used up.",
+                value=partial.waits,
+            )
         yield CounterMetricFamily(
             "persist_backpressure_seconds",
             "Time ingest spent paused by backpressure.",

@@ -149,17 +149,75 @@ def replace_stale_unix_socket(path: str) -> None:
     raise OSError(errno.EADDRINUSE, f"{path}: another process is listening on this socket")
 
 
+def _path_identity(path: str):
+    """(st_dev, st_ino) of ``path`` itself (not followed), or None when nothing is there."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+try:
+    from twisted.internet import unix as _unix
+except ImportError:  # pragma: no cover - every platform we run on has AF_UNIX
+    _unix = None
+
+if _unix is not None:
+
+    class _OwnedUnixPort(_unix.Port):
+        """A Unix listening port that removes its socket file on close only if the path
+        still names the file it bound (``identity``).
+
+        The stock port unlinks whatever sits at the path: after the file was deleted that
+        fails, and after someone else put a file there it would delete theirs.
+        """
+
+        identity = None
+
+        def connectionLost(self, reason):
+            path = self._bindPath
+            if self.identity is not None and _path_identity(path) == self.identity:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+            # Skip unix.Port's unconditional unlink (no lock file: wantPID is never set).
+            _unix.tcp.Port.connectionLost(self, reason)
+
+
+def _listen_unix(reactor, path: str, factory, backlog: int, mode: int):
+    """Listen on ``path``; returns the listening port.  Reactor thread."""
+    from twisted.internet.posixbase import PosixReactorBase
+
+    if _unix is not None and isinstance(reactor, PosixReactorBase):
+        port = _OwnedUnixPort(path, factory, backlog, mode, reactor)
+        port.startListening()
+        return port
+    # Test reactors (MemoryReactor) record the call and create no file.
+    return reactor.listenUNIX(path, factory, backlog=backlog, mode=mode)
+
+
 class UnixListenerService(service.Service):
     """Listens on a Unix socket with a given file mode; removes the file on stop.
 
     ``on_stop`` runs after the listening port closed (used to drain ingest
     connections); it may return a Deferred.
+
+    The socket file's identity ((st_dev, st_ino), taken right after bind) is kept, so the
+    path can be checked later: ``thd_check_path`` (pool thread) looks at the path and
+    ``apply_path_check`` (reactor) acts on the answer.  A deleted file is recreated at the
+    same path with the same mode (``recreated`` counts it, ``on_recreated`` is called); a
+    path that now names another file is left alone and reported (``path_problem``), since
+    stealing it could break whoever put it there.  Connections already open are not
+    affected either way.  The file is removed on stop only if it is still ours.
     """
 
     log = Logger()
 
     def __init__(self, reactor, name: str, path: str, factory, mode: int = 0o600,
-                 backlog: int = 128, on_stop: Optional[Callable] = None):
+                 backlog: int = 128, on_stop: Optional[Callable] = None,
+                 on_recreated: Optional[Callable[[], None]] = None):
         self.setName(name)
         self._reactor = reactor
         self.path = path
@@ -167,20 +225,32 @@ class UnixListenerService(service.Service):
         self._mode = mode
         self._backlog = backlog
         self._on_stop = on_stop
+        self._on_recreated = on_recreated
         self.port = None
+        self.identity = None
+        self.recreated = 0
+        self.path_problem: Optional[str] = None
+        self._generation = 0
 
-    def startService(self):
-        super().startService()
+    def _listen(self):
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        replace_stale_unix_socket(self.path)
         # listenUNIX applies the mode with chmod right after bind.
         old = os.umask(0o177)
         try:
-            self.port = self._reactor.listenUNIX(
-                self.path, self._factory, backlog=self._backlog, mode=self._mode
-            )
+            port = _listen_unix(self._reactor, self.path, self._factory, self._backlog,
+                                self._mode)
         finally:
             os.umask(old)
+        identity = _path_identity(self.path)
+        if hasattr(port, "identity"):
+            port.identity = identity
+        self._generation += 1
+        return port, identity
+
+    def startService(self):
+        super().startService()
+        replace_stale_unix_socket(self.path)
+        self.port, self.identity = self._listen()
         self.log.info("{name} listening on unix:{path} mode {mode:04o}",
                       name=self.name, path=self.path, mode=self._mode)
 
@@ -191,17 +261,83 @@ class UnixListenerService(service.Service):
         if port is None:
             # We never listened (e.g. another process holds the socket): the file is not ours.
             return
+        self._generation += 1
         yield defer.maybeDeferred(port.stopListening)
         if self._on_stop is not None:
             yield defer.maybeDeferred(self._on_stop)
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        if self.identity is None or _path_identity(self.path) == self.identity:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
 
     @property
     def listening(self) -> bool:
         return self.port is not None
+
+    def check(self) -> tuple[bool, str]:
+        """Health check: listening, and the path is still our socket."""
+        if self.port is None:
+            return False, "not listening"
+        if self.path_problem is not None:
+            return False, self.path_problem
+        detail = f"unix:{self.path}"
+        if self.recreated:
+            detail += f" (socket file recreated {self.recreated} times after it was deleted)"
+        return True, detail
+
+    def path_probe(self):
+        """``(thd_check_path, apply_path_check)`` bound to the current listener, for the
+        health monitor's periodic probe.  Reactor thread."""
+        generation = self._generation
+        return (lambda: self.thd_check_path(generation)), self.apply_path_check
+
+    def thd_check_path(self, generation: int):
+        """Pool thread: ``(generation, identity of the path or None)``."""
+        return generation, _path_identity(self.path)
+
+    def apply_path_check(self, result) -> None:
+        """Reactor thread: act on ``thd_check_path``'s answer (ignored when the listener
+        changed since the check started)."""
+        generation, found = result
+        if generation != self._generation or self.port is None or self.identity is None:
+            return
+        if found == self.identity:
+            self.path_problem = None
+            return
+        if found is not None:
+            if self.path_problem is None:
+                self.log.error(
+                    "{path} is no longer this service's {name} socket (another file "
+                    "replaced it); new connections cannot reach the service; not replacing "
+                    "it: remove it and the socket is recreated", path=self.path,
+                    name=self.name)
+            self.path_problem = (
+                f"{self.path} is no longer this service's socket: another file replaced it; "
+                "new connections cannot reach the service"
+            )
+            return
+        self._recreate()
+
+    def _recreate(self) -> None:
+        old = self.port
+        try:
+            self.port, self.identity = self._listen()
+        except Exception as e:
+            self.path_problem = f"{self.path} was deleted and could not be recreated: {e}"
+            self.log.error("{name} socket {path} was deleted and could not be recreated: "
+                           "{error}", name=self.name, path=self.path, error=e)
+            return
+        self.path_problem = None
+        self.recreated += 1
+        if self._on_recreated is not None:
+            self._on_recreated()
+        self.log.warn("{name} socket {path} was deleted; listening again at the same path "
+                      "(mode {mode:04o})", name=self.name, path=self.path, mode=self._mode)
+        # The old port listens on a file nobody can reach; close it (it removes nothing).
+        d = defer.maybeDeferred(old.stopListening)
+        d.addErrback(lambda f: self.log.failure("closing the old {name} listener failed", f,
+                                                name=self.name))
 
 
 class TCPListenerService(service.Service):

@@ -297,6 +297,9 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
         reactor,
         max_frame_bytes=ic.max_frame_bytes,
         max_connections=ic.max_connections,
+        max_partial_bytes=ic.max_partial_bytes,
+        max_partial_bytes_per_connection=ic.partial_bytes_per_connection,
+        partial_frame_timeout=ic.partial_frame_timeout,
     )
     factory_box.append(factory)
 
@@ -304,6 +307,7 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
         reactor,
         storage if IFreeSpace.providedBy(storage) else None,
         min_free_bytes=sc.retention.min_free_bytes,
+        run_in_thread=pool.run,
     )
     metrics.set_health_source(health)
     CallbackService("health", health.start, health.stop).setServiceParent(root)
@@ -311,8 +315,11 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
     ingest = UnixListenerService(
         reactor, "ingest", ic.socket, factory, mode=ic.socket_mode,
         on_stop=lambda: factory.disconnect_all(ic.drain_timeout),
+        on_recreated=metrics.ipc_socket_recreated,
     )
     ingest.setServiceParent(root)
+    # Each health round checks on the pool that the socket path is still ours.
+    health.add_probe(ingest.path_probe)
 
     def delete_job(job_id):
         d = writer.discard_job(job_id)
@@ -383,10 +390,9 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
             "writes failing; retrying" if writer.failed_pending else "writes succeeding",
         ),
     )
-    health.add_check(
-        "ingest",
-        lambda: (ingest.listening, f"unix:{ic.socket}" if ingest.listening else "not listening"),
-    )
+    health.add_check("ingest", ingest.check)
+    health.add_check("ipc_connections", factory.connections_check)
+    health.add_check("ipc_partial_frames", factory.budget.check)
     health.add_check(
         "grpc", lambda: (grpc_service.running, "serving" if grpc_service.running else "stopped")
     )
