@@ -24,6 +24,7 @@ thread; the returned objects are immutable and safe to share between threads.
 from __future__ import annotations
 
 import dataclasses
+import grp
 import ipaddress
 import json
 import math
@@ -31,7 +32,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import yaml
 from twisted.logger import LogLevel
@@ -406,6 +407,39 @@ def _mode(value: Any) -> int:
     return mode
 
 
+def _data_mode(value: Any) -> int:
+    """A mode for files or directories under the data directory: never world-writable."""
+    mode = _mode(value)
+    if mode & 0o002:
+        raise _Invalid(
+            f"{mode:04o} lets every local user write the stored data; drop the world-write bit"
+        )
+    return mode
+
+
+def _group(value: Any) -> Optional[int]:
+    """A group name or numeric gid; "" (the default) keeps the process's group."""
+    if value == "" or value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise _Invalid(f"a gid must be >= 0, got {value}")
+        return int(value)
+    if isinstance(value, str):
+        name = value.strip()
+        if name.isdigit():
+            return int(name)
+        try:
+            return grp.getgrnam(name).gr_gid
+        except KeyError:
+            raise _Invalid(f"no group named {_show(value)} on this host") from None
+    raise _Invalid(f"expected a group name or gid, got {_show(value)}")
+
+
+def _describe_group(gid: Optional[int]) -> str:
+    return "<unset>" if gid is None else str(gid)
+
+
 def _choice(choices: tuple[str, ...], aliases: dict[str, str] | None = None):
     aliases = aliases or {}
 
@@ -438,7 +472,7 @@ def _address(value: Any) -> str:
     return value
 
 
-def _group(value: Any) -> str:
+def _group_name(value: Any) -> str:
     """A group name or a numeric gid (as a string or an int); "" keeps the service's group."""
     if isinstance(value, int) and not isinstance(value, bool):
         if value < 0:
@@ -521,7 +555,7 @@ class ServerConfig:
     # The read-only socket: every caller there is a viewer.  "" = off.
     grpc_viewer_socket: str = _key(_path(allow_empty=True), "")
     grpc_viewer_socket_mode: int = _key(_mode, 0o660, _describe_mode)
-    grpc_viewer_socket_group: str = _key(_group, "")
+    grpc_viewer_socket_group: str = _key(_group_name, "")
     # TCP is off by default; with an address it needs TLS or allowPlaintextTcp (loopback).
     grpc_address: str = _key(_address, "")
     allow_plaintext_tcp: bool = _key(_boolean, False)
@@ -590,6 +624,9 @@ class StorageConfig:
     fsync: str = _key(_choice(("batch", "interval", "never")), "batch")
     max_open_files: int = _key(_integer(1), 256)
     unload_idle_after: float = _key(_duration(), 600.0)
+    file_mode: int = _key(_data_mode, 0o640, _describe_mode)
+    dir_mode: int = _key(_data_mode, 0o750, _describe_mode)
+    group: Optional[int] = _key(_group, None, _describe_group)
     retention: RetentionConfig = _section(RetentionConfig)
 
     @property

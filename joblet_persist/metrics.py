@@ -128,7 +128,8 @@ class PersistMetrics:
         self.storage_errors = Counter(
             "persist_storage_errors",
             "Storage problems that lose nothing else: undecodable metric payloads skipped, "
-            "job index writes failed (retried), segments found cut outside the service.",
+            "job index writes failed (retried), segments found cut outside the service, "
+            "overlapping or out-of-order segments, symlinks refused under the data directory.",
             ["kind"],
             registry=r,
         )
@@ -242,6 +243,12 @@ class PersistMetrics:
 
     def segment_shrunk(self) -> None:
         self.storage_errors.labels(kind="segment_shrunk").inc()
+
+    def overlapping_segments(self) -> None:
+        self.storage_errors.labels(kind="overlapping_segments").inc()
+
+    def unsafe_entry(self) -> None:
+        self.storage_errors.labels(kind="unsafe_entry").inc()
 
     # -- queries (gRPC threads) ----------------------------------------
 

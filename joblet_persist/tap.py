@@ -243,6 +243,13 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
     storage = make_storage(
         config, run=pool.run, clock=reactor, metrics=metrics, file_budget=file_budget
     )
+    for key, mode in (("storage.fileMode", sc.file_mode), ("storage.dirMode", sc.dir_mode)):
+        if mode & 0o004:
+            Logger(namespace="joblet_persist.tap").warn(
+                "{key} is {mode}: every local user can read the stored job output",
+                key=key,
+                mode=f"{mode:04o}",
+            )
 
     def storage_totals():
         jobs = storage.list_jobs()

@@ -447,11 +447,11 @@ class JobIndexTests(StorageTestCase):
         calls = []
         real = jobindex.thd_write
 
-        def failing(path, jobs, parts):
+        def failing(path, jobs, parts, *rest):
             calls.append(path)
             if len(calls) == 1:
                 raise OSError(errno.ENOSPC, "No space left on device")
-            return real(path, jobs, parts)
+            return real(path, jobs, parts, *rest)
 
         self.patch(jobindex, "thd_write", failing)
         self.append(storage, STREAM_STDOUT, rows(0, b"x"))
@@ -604,7 +604,7 @@ class FailureTests(StorageTestCase):
         self.append(storage, STREAM_STDOUT, rows(0, b"before\n"))
         real_append = segment.thd_append
 
-        def torn_append(path, data, expected_size, fsync):
+        def torn_append(path, data, expected_size, fsync, **kwargs):
             # Worst case: half the data reached the file and nothing cleaned up.
             with open(path, "r+b") as f:
                 f.seek(expected_size)
@@ -673,7 +673,7 @@ class FailureTests(StorageTestCase):
         """A new job whose first append fails is not listed; the retry creates it."""
         storage = self.make()
 
-        def failing(path, data, expected_size, fsync):
+        def failing(path, data, expected_size, fsync, **kwargs):
             raise OSError(errno.EIO, "Input/output error")
 
         real = segment.thd_append
@@ -864,7 +864,7 @@ class ConcurrencyTests(StorageTestCase):
         self.assertNoResult(stopped)
         runner.run("thd_append_logs")
         self.successResultOf(d)
-        runner.run("thd_write")
+        runner.run("thd_write_reconciled")
         self.assertIsNone(self.successResultOf(stopped))
         self.assertEqual(self.read_index()["jobs"][JOB]["log_count"], 1)
 
@@ -908,17 +908,33 @@ class FsyncPolicyTests(StorageTestCase):
         synced = []
         real = segment.thd_fsync_path
 
+        inside = []
+
         def record(path):
             synced.append(path)
-            real(path)
+            inside.append(1)
+            try:
+                real(path)
+            finally:
+                inside.pop()
 
         self.patch(segment, "thd_fsync_path", record)
+        real_fsync = os.fsync
+
+        def record_fsync(fd):
+            # Directories created on the way are fsync'd through the walk's descriptors.
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            if not inside and os.path.isdir(path):
+                synced.append(path)
+            real_fsync(fd)
+
+        self.patch(os, "fsync", record_fsync)
         appends = []
         real_append = segment.thd_append
 
-        def record_append(path, data, expected_size, fsync):
+        def record_append(path, data, expected_size, fsync, **kwargs):
             appends.append(fsync)
-            return real_append(path, data, expected_size, fsync)
+            return real_append(path, data, expected_size, fsync, **kwargs)
 
         self.patch(segment, "thd_append", record_append)
         return synced, appends

@@ -19,6 +19,7 @@ def _make_local(config, *, run, clock, metrics=None, file_budget=None):
     """LocalStorage on ``storage.dataDir``, appending on the ``run`` pool."""
     from joblet_persist.storage.compress import make_compressor
     from joblet_persist.storage.local import LocalStorage
+    from joblet_persist.storage.safefs import FileModes
 
     sc, wc = config.storage, config.writer
     return LocalStorage(
@@ -32,6 +33,7 @@ def _make_local(config, *, run, clock, metrics=None, file_budget=None):
         sync_interval=wc.flush_interval,
         metrics=metrics,
         file_budget=file_budget,
+        modes=FileModes(sc.file_mode, sc.dir_mode, sc.group),
     )
 
 

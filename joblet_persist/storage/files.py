@@ -15,6 +15,11 @@ never holds descriptors while it is not reading), and it never waits for a
 slot while it holds one: when the budget is exhausted it first closes its
 own files.  Nobody waits while holding a slot, so the budget cannot
 deadlock; waiters are served in arrival order.
+
+A segment is opened by a walk from the data directory that never follows a
+symlink (storage.safefs); the walk holds up to two directory descriptors for
+the moment of the open, outside the budget (tap.py's descriptor reserve
+covers them).
 """
 
 from __future__ import annotations
@@ -22,13 +27,29 @@ from __future__ import annotations
 import threading
 from collections import deque
 
+from joblet_persist.storage import safefs
+
 #: Descriptors the storage pool may hold per thread (a file and its directory).
 POOL_FILES_PER_THREAD = 2
+
+#: Components of a segment path below the data directory: logs/<job>/<name>.
+SEGMENT_DEPTH = 3
 
 #: Files a single query keeps open at most (least recently used closed first).
 QUERY_FILES = 4
 
-_open_file = open  # tests observe the files queries open through this
+
+
+def _safe_open(path: str, mode: str = "rb"):
+    """Open segment ``path`` (``logs/<job>/<name>`` deep in the data directory) to read."""
+    if mode != "rb":
+        raise ValueError(f"queries open segments read-only, not {mode!r}")
+    return safefs.open_read(path, SEGMENT_DEPTH)
+
+
+#: Opens a segment for a query, never through a symlink (safefs); tests observe the
+#: files queries open through this.
+_open_file = _safe_open
 
 
 def query_share(max_open_files: int, pool_threads: int) -> int:

@@ -32,11 +32,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
-from joblet_persist.storage import segment
+from joblet_persist.storage import safefs, segment
 from joblet_persist.storage.api import JobInfo, is_valid_job_id
 from joblet_persist.storage.format import KIND_LEGACY
 
@@ -129,7 +130,11 @@ def thd_load(path: str) -> dict[str, JobInfo]:
 
 def thd_load_parts(path: str) -> tuple[dict[str, JobInfo], dict[str, tuple[int, int]]]:
     """Like thd_load, also returning job id -> (log_bytes, metric_bytes) where recorded."""
-    with open(path, "rb") as f:
+    try:
+        f = safefs.open_read(path, 1)
+    except safefs.UnsafeEntry as e:
+        raise IndexCorrupt(path, e.strerror) from None
+    with f:
         raw = f.read()
     try:
         doc = json.loads(raw)
@@ -158,12 +163,14 @@ def thd_write(
     path: str,
     jobs: Mapping[str, JobInfo],
     parts: Optional[Mapping[str, tuple[int, int]]] = None,
+    modes: safefs.FileModes = safefs.DEFAULT_MODES,
 ) -> None:
     """Atomically replace the job index with ``jobs``.  Pool thread.
 
     ``parts`` optionally gives job id -> (log_bytes, metric_bytes).  Writes a
-    temporary file in the same directory, fsyncs it, renames it over ``path``
-    and fsyncs the directory.  On error the temporary file is removed and the
+    temporary file in the same directory (created exclusively, so never
+    through a symlink, with ``modes``), fsyncs it, renames it over ``path``
+    (which replaces a symlink there, never its target) and fsyncs the directory.  On error the temporary file is removed and the
     previous index stays in place.
     """
     parts = parts or {}
@@ -184,6 +191,9 @@ def thd_write(
     fd, tmp = tempfile.mkstemp(prefix="." + INDEX_FILENAME + ".", suffix=".tmp", dir=directory)
     try:
         try:
+            os.fchmod(fd, modes.file_mode)
+            if modes.gid is not None:
+                os.fchown(fd, -1, modes.gid)
             view = memoryview(data)
             while view:
                 written = os.write(fd, view)
@@ -199,6 +209,78 @@ def thd_write(
             pass
         raise
     segment.thd_fsync_path(directory)
+
+
+def _disk_part_sizes(data_dir: str, job_id: str) -> Optional[tuple[int, int]]:
+    """(bytes of logs/<job> segments, bytes of metrics/<job> segments) by lstat, or None.
+
+    None when the job has neither directory.  Only regular files with a
+    segment's name count, as in a scan; nothing is followed through a symlink.
+    """
+    sizes = [0, 0]
+    found = False
+    for slot, top in enumerate((LOGS_DIRNAME, METRICS_DIRNAME)):
+        try:
+            dfd = safefs.open_dir(os.path.join(data_dir, top, job_id), 2)
+        except (FileNotFoundError, NotADirectoryError, safefs.UnsafeEntry):
+            continue
+        found = True
+        try:
+            with os.scandir(dfd) as it:
+                for entry in it:
+                    if segment.parse_segment_name(entry.name) is None:
+                        continue
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    if stat.S_ISREG(st.st_mode):
+                        sizes[slot] += st.st_size
+        finally:
+            os.close(dfd)
+    return (sizes[0], sizes[1]) if found else None
+
+
+def thd_reconcile(
+    data_dir: str, jobs: dict[str, JobInfo], parts: dict[str, tuple[int, int]]
+) -> list[str]:
+    """Bring entries whose files changed underneath back in line with the files.  Pool thread.
+
+    Mutates ``jobs`` and ``parts`` (private copies) and returns the ids it
+    changed.  Each job's segment sizes are compared with its recorded split
+    by lstat (no file is opened); a job whose directories are gone is
+    dropped, one whose sizes differ (a segment cut, removed or added outside
+    the service) is rescanned from its headers, nothing repaired.  The
+    service writes the index with this at stop, so that the index it leaves
+    agrees with the files even after outside damage.
+    """
+    changed = []
+    for job_id in sorted(jobs):
+        on_disk = _disk_part_sizes(data_dir, job_id)
+        if on_disk is not None and parts.get(job_id) == on_disk:
+            continue
+        scan = _scan_or_skip(data_dir, job_id) if on_disk is not None else None
+        if scan is None:
+            del jobs[job_id]
+            parts.pop(job_id, None)
+        else:
+            jobs[job_id] = scan.summary(jobs[job_id])
+            parts[job_id] = scan.part_sizes()
+        changed.append(job_id)
+    return changed
+
+
+def thd_write_reconciled(
+    path: str,
+    data_dir: str,
+    jobs: dict[str, JobInfo],
+    parts: dict[str, tuple[int, int]],
+    modes: safefs.FileModes = safefs.DEFAULT_MODES,
+) -> list[str]:
+    """thd_reconcile, then thd_write; returns the ids reconciled.  Pool thread."""
+    changed = thd_reconcile(data_dir, jobs, parts)
+    thd_write(path, jobs, parts, modes)
+    return changed
 
 
 # -- scanning the files ---------------------------------------------------
@@ -229,6 +311,8 @@ class JobScan:
     min_mtime: float = 0.0  # seconds; 0 when the job has no segment file
     max_mtime: float = 0.0
     truncated: tuple = ()  # paths whose torn tail was cut
+    #: Paths with a segment's name that are symlinks or not regular files: not read.
+    refused: tuple = ()
 
     def kind_segments(self, kind: str) -> tuple:
         return self.segments.get(kind, ())
@@ -317,26 +401,39 @@ def thd_scan_job(data_dir: str, job_id: str, repair: bool) -> Optional[JobScan]:
 
     ``job_id`` must already be validated.  With ``repair`` a torn tail of a
     segment is cut (see segment.thd_scan_segment).  Returns None when the job
-    has neither a logs nor a metrics directory.
+    has neither a logs nor a metrics directory.  Nothing is followed through
+    a symlink: a symlink at ``logs``, ``metrics`` or ``<top>/<job>`` raises
+    safefs.UnsafeEntry; one with a segment's name is left out of the scan
+    and listed in ``JobScan.refused``.
     """
     found_dir = False
     segments = {}
     mtimes = []
     truncated = []
+    refused: list = []
     for kind in ALL_KINDS:
         directory = job_dir(data_dir, kind, job_id)
-        if not os.path.isdir(directory):
+        try:
+            dfd = safefs.open_dir(directory, 2)
+        except (FileNotFoundError, NotADirectoryError):
             continue
-        found_dir = True
+        try:
+            found_dir = True
+            listed = segment.thd_list_segments_at(dfd, directory, kind, refused)
+        finally:
+            # Not held while the segments are scanned: at most two descriptors per pool
+            # thread (each segment is reopened by its own walk).
+            os.close(dfd)
         scans = []
-        for index, path in segment.thd_list_segments(directory, kind):
-            result = segment.thd_scan_segment(path, repair)
+        for index, path in listed:
+            result = segment.thd_scan_segment(path, repair, depth=3)
             if result.truncated:
                 truncated.append(path)
             try:
-                mtimes.append(os.stat(path).st_mtime)
+                st = os.lstat(path)
             except FileNotFoundError:
                 continue
+            mtimes.append(st.st_mtime)
             scans.append(SegmentScan(kind, index, path, result))
         if scans:
             segments[kind] = tuple(scans)
@@ -348,6 +445,7 @@ def thd_scan_job(data_dir: str, job_id: str, repair: bool) -> Optional[JobScan]:
         min_mtime=min(mtimes) if mtimes else 0.0,
         max_mtime=max(mtimes) if mtimes else 0.0,
         truncated=tuple(truncated),
+        refused=tuple(p for _i, p in refused),
     )
 
 
@@ -361,9 +459,17 @@ def thd_list_job_ids(data_dir: str) -> set[str]:
     ids = set()
     for top in (LOGS_DIRNAME, METRICS_DIRNAME):
         try:
-            entries = list(os.scandir(os.path.join(data_dir, top)))
+            fd = safefs.open_dir(os.path.join(data_dir, top), 1)
         except (FileNotFoundError, NotADirectoryError):
             continue
+        except safefs.UnsafeEntry as e:
+            _logger.error("%s: %s; no job under it is listed", e.filename, e.strerror)
+            continue
+        try:
+            with os.scandir(fd) as it:
+                entries = list(it)
+        finally:
+            os.close(fd)
         for entry in entries:
             if is_valid_job_id(entry.name) and entry.is_dir(follow_symlinks=False):
                 ids.add(entry.name)
@@ -384,6 +490,9 @@ def _scan_or_skip(data_dir: str, job_id: str) -> Optional[JobScan]:
     """
     try:
         return thd_scan_job(data_dir, job_id, repair=False)
+    except safefs.UnsafeEntry as e:
+        _logger.error("job %s: %s: %s; left out of the job index", job_id, e.filename, e.strerror)
+        return None
     except OSError as e:
         _logger.warning("job %s: cannot read its files (%s); left out of the job index", job_id, e)
         return None
@@ -406,7 +515,10 @@ def _newest_mtime_ns(data_dir: str, job_id: str) -> int:
     for top in (LOGS_DIRNAME, METRICS_DIRNAME):
         directory = os.path.join(data_dir, top, job_id)
         try:
-            newest = max(newest, os.stat(directory).st_mtime_ns)
+            st = os.lstat(directory)
+            newest = max(newest, st.st_mtime_ns)
+            if not stat.S_ISDIR(st.st_mode):
+                continue  # a symlink is not followed
             entries = list(os.scandir(directory))
         except OSError:
             # Missing, not a directory, or unreadable: its own mtime is all there is.
@@ -494,7 +606,30 @@ def _remove_stale_temporaries(data_dir: str) -> None:
                 pass
 
 
-def thd_open_index(data_dir: str) -> IndexLoad:
+def thd_make_data_dir(data_dir: str, modes: safefs.FileModes = safefs.DEFAULT_MODES) -> None:
+    """Create ``data_dir`` (and missing parents) with ``modes.dir_mode``.  Pool thread.
+
+    An existing directory is left as it is; only one this call creates gets
+    the mode and group.
+    """
+    if os.path.isdir(data_dir):
+        return
+    parent = os.path.dirname(os.path.abspath(data_dir))
+    os.makedirs(parent, exist_ok=True)
+    try:
+        os.mkdir(data_dir, modes.dir_mode)
+    except FileExistsError:
+        return
+    fd = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        os.fchmod(fd, modes.dir_mode)
+        if modes.gid is not None:
+            os.fchown(fd, -1, modes.gid)
+    finally:
+        os.close(fd)
+
+
+def thd_open_index(data_dir: str, modes: safefs.FileModes = safefs.DEFAULT_MODES) -> IndexLoad:
     """Load the job index, rebuilding or refreshing it from the files.  Pool thread.
 
     Creates ``data_dir`` if needed and removes temporary files of an
@@ -503,7 +638,7 @@ def thd_open_index(data_dir: str) -> IndexLoad:
     Does not write anything besides creating the directory: the caller writes
     the result when ``needs_write``.
     """
-    os.makedirs(data_dir, exist_ok=True)
+    thd_make_data_dir(data_dir, modes)
     path = index_path(data_dir)
     _remove_stale_temporaries(data_dir)
     try:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import stat
 from bisect import bisect_left, bisect_right, insort
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -45,7 +46,7 @@ from zope.interface import implementer
 
 from joblet_persist.logs import Logger
 from joblet_persist.storage import format as fmt
-from joblet_persist.storage import jobindex, reader, segment, space
+from joblet_persist.storage import jobindex, reader, safefs, segment, space
 from joblet_persist.storage.api import (
     LOG_STREAMS,
     STREAM_STDERR,
@@ -67,7 +68,7 @@ from joblet_persist.storage.api import (
     StorageUnavailable,
     check_job_id,
 )
-from joblet_persist.storage.files import FileBudget
+from joblet_persist.storage.files import SEGMENT_DEPTH, FileBudget
 from joblet_persist.storage.jobindex import ALL_KINDS, LOG_KINDS, METRICS_KIND
 from joblet_persist.threads import reactor_only
 
@@ -196,35 +197,15 @@ class AppendResult:
     dirty_dirs: tuple  # directories whose entries changed and were not fsync'd
 
 
-def _thd_make_dirs(directory: str, fsync: bool) -> list:
-    """Create ``directory`` and its missing parents.  Pool thread.
-
-    Returns the directories whose entries changed (the parents of the created
-    ones); with ``fsync`` they are fsync'd here and the list is empty.
-    """
-    if os.path.isdir(directory):
-        return []
-    created = []
-    path = directory
-    while not os.path.isdir(path):
-        created.append(path)
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    os.makedirs(directory, exist_ok=True)
-    parents = [os.path.dirname(p) for p in created]
-    if fsync:
-        for parent in parents:
-            segment.thd_fsync_path(parent)
-        return []
-    return parents
-
-
-def _thd_write_pieces(path, directory, expected_size, fsync, pieces, skipped) -> AppendResult:
-    dirty = _thd_make_dirs(directory, fsync)
+def _thd_write_pieces(
+    path, directory, expected_size, fsync, pieces, skipped, modes=safefs.DEFAULT_MODES
+) -> AppendResult:
     data = b"".join(blob for blob, _ in pieces)
-    new_size = segment.thd_append(path, data, expected_size, fsync)
+    created: list = []
+    # logs/<job>/<segment>: three components walked without following symlinks.
+    new_size = segment.thd_append(
+        path, data, expected_size, fsync, depth=SEGMENT_DEPTH, modes=modes, created_dirs=created
+    )
     members = []
     position = expected_size
     for blob, info in pieces:
@@ -232,9 +213,13 @@ def _thd_write_pieces(path, directory, expected_size, fsync, pieces, skipped) ->
         position += len(blob)
     if position != new_size:
         raise OSError(f"{path}: appended {len(data)} bytes at {expected_size} but size is {new_size}")
-    if not fsync and expected_size == 0:
-        # The segment file may have just been created: its directory entry is new.
-        dirty.append(directory)
+    dirty = []
+    if not fsync:
+        # The parents of created directories have new entries, and so may the job
+        # directory when the segment file was just created.
+        dirty = [os.path.dirname(d) for d in created]
+        if expected_size == 0:
+            dirty.append(directory)
     return AppendResult(new_size, tuple(members), new_size - expected_size, skipped, tuple(dirty))
 
 
@@ -249,6 +234,7 @@ def thd_append_logs(
     sequences: Sequence[int],
     arrivals: Sequence[int],
     contents: Sequence[bytes],
+    modes: safefs.FileModes = safefs.DEFAULT_MODES,
 ) -> AppendResult:
     """Encode a log batch as gzip members and append it at ``expected_size``.  Pool thread.
 
@@ -257,7 +243,7 @@ def thd_append_logs(
     """
     ordinals = arrivals if base == 0 else [base + a for a in arrivals]
     pieces = fmt.encode_log_members(timestamps, sequences, ordinals, contents, compressor)
-    return _thd_write_pieces(path, directory, expected_size, fsync, pieces, 0)
+    return _thd_write_pieces(path, directory, expected_size, fsync, pieces, 0, modes)
 
 
 def thd_append_metrics(
@@ -272,6 +258,7 @@ def thd_append_metrics(
     sequences: Sequence[int],
     arrivals: Sequence[int],
     payloads: Sequence[bytes],
+    modes: safefs.FileModes = safefs.DEFAULT_MODES,
 ) -> AppendResult:
     """Convert metric payloads to JSON lines, encode and append them.  Pool thread.
 
@@ -293,7 +280,7 @@ def thd_append_metrics(
     if not lines:
         return AppendResult(expected_size, (), 0, skipped, ())
     pieces = fmt.encode_metric_members(ts, seqs, ords, lines, compressor)
-    return _thd_write_pieces(path, directory, expected_size, fsync, pieces, skipped)
+    return _thd_write_pieces(path, directory, expected_size, fsync, pieces, skipped, modes)
 
 
 _ALL_TOPS = (jobindex.LOGS_DIRNAME, jobindex.METRICS_DIRNAME)
@@ -305,33 +292,67 @@ def thd_remove_job(data_dir: str, job_id: str, tops: Sequence[str] = _ALL_TOPS) 
 
     Pool thread.  Whatever else stands where a job directory should be (a
     file, a symlink) is removed too (the link, not its target), so that
-    deleting a damaged job always clears its place.
+    deleting a damaged job always clears its place.  Nothing is followed
+    through a symlink: the walk and the removal go from held directory
+    descriptors (shutil.rmtree with ``dir_fd``), and a symlink at ``logs`` or
+    ``metrics`` itself raises safefs.UnsafeEntry.
     """
     freed = 0
     for top in tops:
-        directory = os.path.join(data_dir, top, job_id)
-        if not os.path.lexists(directory):
+        try:
+            tfd = safefs.open_dir(os.path.join(data_dir, top), 1)
+        except (FileNotFoundError, NotADirectoryError):
             continue
-        if os.path.islink(directory) or not os.path.isdir(directory):
-            freed += thd_remove_file(directory)
-            continue
-        for root, _dirs, files in os.walk(directory):
-            for name in files:
-                try:
-                    freed += os.lstat(os.path.join(root, name)).st_size
-                except FileNotFoundError:
-                    pass
-        shutil.rmtree(directory)
+        try:
+            freed += _remove_entry(tfd, job_id)
+        finally:
+            os.close(tfd)
     return freed
 
 
-def thd_remove_file(path: str) -> int:
-    """Remove one file and return its size (0 if it was already gone).  Pool thread."""
+def _remove_entry(tfd: int, name: str) -> int:
+    """Remove ``name`` (a job directory, or whatever stands there) in directory ``tfd``."""
     try:
-        size = os.lstat(path).st_size
-        os.unlink(path)
+        st = os.stat(name, dir_fd=tfd, follow_symlinks=False)
     except FileNotFoundError:
         return 0
+    if not stat.S_ISDIR(st.st_mode):
+        try:
+            os.unlink(name, dir_fd=tfd)
+        except FileNotFoundError:
+            return 0
+        return st.st_size
+    freed = 0
+    for _root, _dirs, files, rootfd in os.fwalk(name, dir_fd=tfd, follow_symlinks=False):
+        for f in files:
+            try:
+                freed += os.stat(f, dir_fd=rootfd, follow_symlinks=False).st_size
+            except FileNotFoundError:
+                pass
+    shutil.rmtree(name, dir_fd=tfd)
+    return freed
+
+
+def thd_remove_file(path: str, depth: int = SEGMENT_DEPTH) -> int:
+    """Remove one file and return its size (0 if it was already gone).  Pool thread.
+
+    ``path`` is ``depth`` components below the data directory; its directories
+    are walked without following symlinks, and a symlink at ``path`` itself
+    is removed, not its target.
+    """
+    directory, name = os.path.split(path)
+    try:
+        dfd = safefs.open_dir(directory, depth - 1)
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+    try:
+        try:
+            size = os.stat(name, dir_fd=dfd, follow_symlinks=False).st_size
+            os.unlink(name, dir_fd=dfd)
+        except FileNotFoundError:
+            return 0
+    finally:
+        os.close(dfd)
     return size
 
 
@@ -358,6 +379,12 @@ class NullStorageMetrics:
 
     def segment_shrunk(self) -> None:
         """A segment was found shorter than what was written to it; appends moved on."""
+
+    def overlapping_segments(self) -> None:
+        """A loaded job's segments hold ordinals that overlap or go backwards."""
+
+    def unsafe_entry(self) -> None:
+        """A symlink or non-regular file was refused where storage expected its own entry."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,6 +429,10 @@ class LocalStorage:
     ``metrics`` is an object with the methods of NullStorageMetrics.
     ``file_budget`` caps the files queries hold open at once (see
     storage.files); the pool's own files are bounded by its thread count.
+    ``modes`` (safefs.FileModes) are the permissions and group of the files
+    and directories it creates.  Nothing under the data directory is followed
+    through a symlink (see safefs): such entries are refused, logged and
+    counted (``unsafe_entries``, metrics ``unsafe_entry()``).
     """
 
     def __init__(
@@ -418,6 +449,7 @@ class LocalStorage:
         log: Optional[Logger] = None,
         metrics=None,
         file_budget: Optional[FileBudget] = None,
+        modes: safefs.FileModes = safefs.DEFAULT_MODES,
     ) -> None:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"invalid fsync policy {fsync!r}: expected one of {FSYNC_POLICIES}")
@@ -434,6 +466,7 @@ class LocalStorage:
         self._sync_interval = sync_interval
         self._log = log if log is not None else Logger(namespace="joblet_persist.storage.local")
         self._metrics = metrics if metrics is not None else NullStorageMetrics()
+        self._modes = modes
         #: Shared by the snapshots' readers; None: only the per-query limit applies.
         self.file_budget = file_budget
 
@@ -476,6 +509,10 @@ class LocalStorage:
         self.damaged_regions = 0
         #: Segments found cut or removed behind the service's back while appending.
         self.shrunk_segments = 0
+        #: Symlinks (or non-regular files) refused where storage expected its own entry.
+        self.unsafe_entries = 0
+        #: Jobs found with overlapping or out-of-order segments when loaded.
+        self.disordered_jobs = 0
         #: Jobs whose in-memory state was dropped by unload_idle.
         self.unloaded_jobs = 0
 
@@ -524,7 +561,7 @@ class LocalStorage:
     @reactor_only
     def start(self):
         """Load, rebuild or refresh the job index.  Reactor thread; Deferred."""
-        d = self._run(jobindex.thd_open_index, self._data_dir)
+        d = self._run(jobindex.thd_open_index, self._data_dir, self._modes)
         d.addCallback(self._index_opened)
         return d
 
@@ -666,6 +703,8 @@ class LocalStorage:
 
     def _load_done(self, result, job_id: str) -> None:
         waiters = self._loading.pop(job_id)
+        if isinstance(result, Failure) and result.check(safefs.UnsafeEntry):
+            self._unsafe(job_id, result.value, "the job cannot be loaded")
         if not isinstance(result, Failure):
             try:
                 result = self._install(job_id, result)
@@ -699,10 +738,25 @@ class LocalStorage:
                 )
                 for s in scan.kind_segments(kind)
             )
+        for path in scan.refused:
+            # A placeholder, closed and empty, keeps appends off the refused name.
+            parsed = segment.parse_segment_name(os.path.basename(path))
+            if parsed is None:
+                continue
+            kind, index = parsed
+            kept = [s for s in segments[kind] if s.index != index]
+            kept.append(_Segment(index, path, 0, reader.SegmentView(path, ()), True))
+            segments[kind] = tuple(sorted(kept, key=lambda s: s.index))
         info = scan.summary(self._index.get(job_id))
         if info.created_at == 0:
             now = int(self._clock.seconds())
             info = dataclasses.replace(info, created_at=now, last_updated=now)
+        for path in scan.refused:
+            self._unsafe(
+                job_id,
+                safefs.UnsafeEntry(path, "a symlink or not a regular file"),
+                "not read; appends go on in a later segment",
+            )
         for path in scan.truncated:
             self.repaired_segments += 1
             self._log.warn("cut a torn tail off {path}", path=path)
@@ -719,10 +773,48 @@ class LocalStorage:
                         start=start,
                         end=end,
                     )
+        self._check_order(job_id, segments)
         state = _JobState(job_id, segments, scan.ordinal_base(), info, self._clock.seconds())
         self._jobs[job_id] = state
         self._publish(state)
         return state
+
+    def _unsafe(self, job_id: str, error: OSError, consequence: str) -> None:
+        """Log and count a refused symlink or non-regular file.  Reactor thread."""
+        self.unsafe_entries += 1
+        self._metrics.unsafe_entry()
+        self._log.error(
+            "job {job}: {path} is {what}, refused (never followed, written or removed "
+            "through); {consequence}",
+            job=job_id,
+            path=error.filename,
+            what=getattr(error, "what", "a symlink"),
+            consequence=consequence,
+        )
+
+    def _check_order(self, job_id: str, segments: dict) -> None:
+        """Log and count a job whose segments' ordinals overlap or go backwards.
+
+        This service never writes such segments; a segment copied under another
+        name, or a second writer of the directory, does.  Queries read them in
+        stored order (see reader._stored_order): nothing stored is hidden.
+        """
+        for kind in ALL_KINDS:
+            found = reader.find_disorder([s.view for s in segments[kind]])
+            if found is None:
+                continue
+            self.disordered_jobs += 1
+            self._metrics.overlapping_segments()
+            self._log.error(
+                "job {job}: the ordinals of {later} overlap or precede those of {earlier} "
+                "(a copied segment or a second writer?); its {kind} are read in segment "
+                "order, every stored message is returned",
+                job=job_id,
+                kind=kind,
+                earlier=found[0],
+                later=found[1],
+            )
+            return
 
     def _state_for_append(self, job_id: str):
         state = self._jobs.get(job_id)
@@ -818,6 +910,7 @@ class LocalStorage:
                 batch.sequences,
                 batch.arrivals,
                 batch.contents,
+                modes=self._modes,
             )
 
         return self._append(job_id, kind, start_write)
@@ -852,6 +945,7 @@ class LocalStorage:
                 batch.sequences,
                 batch.arrivals,
                 batch.payloads,
+                modes=self._modes,
             )
 
         return self._append(job_id, METRICS_KIND, start_write)
@@ -904,6 +998,13 @@ class LocalStorage:
         (none if it is gone) and the job's counts are recomputed.  Any other
         error is passed on (the writer retries the batch).
         """
+        if failure.check(safefs.UnsafeEntry):
+            self._unsafe(
+                state.job_id,
+                failure.value,
+                "the append fails and is retried by the writer (other jobs are not affected)",
+            )
+            return failure
         if not failure.check(segment.SegmentShorterThanExpected):
             return failure
         segments = state.segments[kind]
@@ -1242,15 +1343,42 @@ class LocalStorage:
 
     def _start_index_write(self) -> None:
         self._index_dirty = False
-        d = self._run(
-            jobindex.thd_write, self._index_path, self._index.copy(), self._parts.copy()
-        )
+        if self._stopped:
+            # The last write: recount jobs whose files changed underneath (a segment
+            # cut or removed outside the service) so the index left behind agrees.
+            d = self._run(
+                jobindex.thd_write_reconciled,
+                self._index_path,
+                self._data_dir,
+                self._index.copy(),
+                self._parts.copy(),
+                self._modes,
+            )
+            d.addCallback(self._reconciled)
+        else:
+            d = self._run(
+                jobindex.thd_write,
+                self._index_path,
+                self._index.copy(),
+                self._parts.copy(),
+                self._modes,
+            )
         self._index_write = d
         if self._fsync == "interval" and self._dirty:
             self.sync_dirty().addErrback(
                 lambda f: self._log.failure("fsync of dirty segment files failed", f)
             )
         d.addBoth(self._index_written)
+
+    def _reconciled(self, changed: list) -> None:
+        if changed:
+            self._log.warn(
+                "job index {path}: {count} jobs whose files changed outside the service were "
+                "recounted from the files before the final write: {jobs}",
+                path=self._index_path,
+                count=len(changed),
+                jobs=" ".join(changed[:20]) + (" ..." if len(changed) > 20 else ""),
+            )
 
     def _index_written(self, result) -> None:
         self._index_write = None

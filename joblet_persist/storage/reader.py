@@ -62,7 +62,7 @@ from joblet_persist.storage.format import (
 )
 from joblet_persist.storage.legacy import parse_legacy_log_member, parse_legacy_metric_member
 
-__all__ = ["SegmentView", "iter_log_chunks", "iter_logs", "iter_metrics"]
+__all__ = ["SegmentView", "find_disorder", "iter_log_chunks", "iter_logs", "iter_metrics"]
 
 _log = logging.getLogger("joblet_persist.storage")
 
@@ -389,6 +389,99 @@ def _select(q: _Query, entries: list, kind: int) -> list:
     return out
 
 
+def _in_order(entries: list, kind: int) -> bool:
+    """Whether the ordinals of ``kind``'s non-empty members in ``entries`` rise strictly.
+
+    They do in everything this service writes: a job's ordinals grow across
+    its segments.  A segment copied under another name, or two writers of one
+    directory, leave overlapping or out-of-order segments; those are read in
+    stored order (_stored_order) instead of merged by ordinal.
+    """
+    prev = None
+    for _path, m in entries:
+        if m.kind != kind or m.count <= 0:
+            continue
+        if m.last_ordinal < m.first_ordinal or (prev is not None and m.first_ordinal <= prev):
+            return False
+        prev = m.last_ordinal
+    return True
+
+
+def find_disorder(views) -> Optional[tuple[str, str]]:
+    """``(earlier path, later path)`` of the first members out of ordinal order, or None.
+
+    ``views`` are one stream's (or the metrics') SegmentViews in segment name
+    order; legacy and empty members are left out, as in _in_order.  Any thread.
+    """
+    prev = prev_path = None
+    for view in views:
+        for m in view.members:
+            if m.kind == KIND_LEGACY or m.count <= 0:
+                continue
+            if m.last_ordinal < m.first_ordinal or (prev is not None and m.first_ordinal <= prev):
+                return (prev_path or view.path), view.path
+            prev, prev_path = m.last_ordinal, view.path
+    return None
+
+
+def _stored_order(q: _Query, listed: list, kind: int, offset: int, limit: int, loader):
+    """Chunks like _merged's, for sources whose ordinals are not in order.
+
+    ``listed`` holds ``(source key, [(path, member)])`` with every member of
+    each source in stored order: segment name order, then file order.  Whole
+    members are ordered by ``(effective ordinal, source key, position)``,
+    where a member's effective ordinal is the largest first ordinal of it and
+    of the members stored before it in its source (so each source keeps its
+    stored order, and the order does not depend on the time range); records
+    come in stored order within a member.  Every stored record is returned:
+    overlapping members are not deduplicated.  Each member is visited once,
+    and ``q.cancelled()`` is checked before each, so the walk ends on any input.
+    """
+    order = []
+    for key, entries in listed:
+        top = None
+        for i, (path, m) in enumerate(entries):
+            if m.kind != kind:
+                if m.kind != KIND_LEGACY:
+                    q.skipped()
+                continue
+            top = m.first_ordinal if top is None else max(top, m.first_ordinal)
+            order.append((top, key, i, path, m))
+    order.sort(key=itemgetter(0, 1, 2))
+    emitted = 0
+    for _top, key, _i, path, m in order:
+        if q.cancelled():
+            return
+        if m.count <= 0 or not q.rng.overlaps(m):
+            q.skipped()
+            continue
+        if offset and offset >= q.matching_count(path, m):
+            offset -= q.matching_count(path, m)
+            q.skipped()
+            continue
+        loaded = q.load(path, m)
+        if loaded is None:
+            continue
+        table, data = loaded
+        try:
+            ords, ts, seqs, payloads, start = loader(path, m, table, data, None)
+        except CorruptMember as e:
+            q.corrupt(path, m, e)
+            continue
+        i = start + offset
+        offset = 0
+        j = len(ords)
+        if limit:
+            j = min(j, i + limit - emitted)
+        while i < j:
+            k = min(j, i + _LEGACY_CHUNK)
+            yield [key] * (k - i), ts[i:k], seqs[i:k], payloads(i, k)
+            emitted += k - i
+            i = k
+        if limit and emitted >= limit:
+            return
+
+
 def _pick(values: list, positions) -> tuple:
     """``values`` at ``positions``, as a tuple (one C call for two or more)."""
     if len(positions) > 1:
@@ -425,6 +518,8 @@ def _merged(q: _Query, sources: list, offset: int, limit: int, loader) -> Iterat
         cursors.append(_Cursor(q, s, start, x, loader))
     emitted = 0
     while True:
+        if q.cancelled():
+            return
         best = best_key = horizon = None
         best_exact = False
         for c in cursors:
@@ -437,8 +532,6 @@ def _merged(q: _Query, sources: list, offset: int, limit: int, loader) -> Iterat
         if best is None:
             return
         if not best_exact:
-            if q.cancelled():
-                return
             best.load()
             continue
         need = extra + limit - emitted if limit else None
@@ -450,6 +543,11 @@ def _merged(q: _Query, sources: list, offset: int, limit: int, loader) -> Iterat
                     n = need
                 if n:
                     parts.append((c, n))
+        if not parts:
+            # Only when ordinals are not in order inside a member or across members
+            # (sources are checked by _in_order, member tables are not): take the
+            # best record alone, so that every pass consumes a record or loads a member.
+            parts.append((best, 1))
         if len(parts) == 1:
             c, n = parts[0]
             skip = min(extra, n)
@@ -659,13 +757,18 @@ def iter_log_chunks(
         if limit and emitted >= limit:
             return
         wanted = (STREAM_STDOUT, STREAM_STDERR) if stream == STREAM_UNSPECIFIED else (stream,)
-        sources = []
+        listed = []
         for key in (STREAM_STDOUT, STREAM_STDERR):
-            entries = [(v.path, m) for v in streams.get(key, ()) for m in v.members]
             if key in wanted:
-                sources.append(_Source(q, key, _select(q, entries, KIND_LOG)))
+                entries = [(v.path, m) for v in streams.get(key, ()) for m in v.members]
+                listed.append((key, entries))
         remaining = limit - emitted if limit else 0
-        for chunk in _merged(q, sources, offset, remaining, _log_loader(q.rng)):
+        if all(_in_order(entries, KIND_LOG) for _key, entries in listed):
+            sources = [_Source(q, key, _select(q, entries, KIND_LOG)) for key, entries in listed]
+            chunks = _merged(q, sources, offset, remaining, _log_loader(q.rng))
+        else:
+            chunks = _stored_order(q, listed, KIND_LOG, offset, remaining, _log_loader(q.rng))
+        for chunk in chunks:
             q.close()  # the caller may take its time: hold no file meanwhile
             yield chunk
     finally:
@@ -758,9 +861,13 @@ def iter_metrics(
                 emitted += 1
                 if limit and emitted >= limit:
                     return
-        source = _Source(q, 0, _select(q, entries, KIND_METRIC))
         remaining = limit - emitted if limit else 0
-        merged = _merged(q, [source], offset, remaining, _metric_loader(q.rng))
+        if _in_order(entries, KIND_METRIC):
+            source = _Source(q, 0, _select(q, entries, KIND_METRIC))
+            merged = _merged(q, [source], offset, remaining, _metric_loader(q.rng))
+        else:
+            listed = [(0, entries)]
+            merged = _stored_order(q, listed, KIND_METRIC, offset, remaining, _metric_loader(q.rng))
         for _key, timestamps, sequences, payloads in merged:
             q.close()
             for ts, seq, data in zip(timestamps, sequences, payloads, strict=True):

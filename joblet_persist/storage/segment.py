@@ -20,6 +20,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Optional
 
+from joblet_persist.storage import safefs
 from joblet_persist.storage.format import (
     KIND_LEGACY,
     CorruptMember,
@@ -29,6 +30,7 @@ from joblet_persist.storage.format import (
     read_member_header,
 )
 from joblet_persist.storage.legacy import LEGACY_ORDINAL_BASE, legacy_member_summary
+from joblet_persist.storage.safefs import DEFAULT_MODES, FileModes
 
 __all__ = [
     "SEGMENT_KINDS",
@@ -105,29 +107,46 @@ def parse_segment_name(name: str) -> Optional[tuple[str, int]]:
     return kind, index
 
 
-def thd_list_segments(job_dir: str, kind: str) -> list[tuple[int, str]]:
+def thd_list_segments(job_dir: str, kind: str, refused: Optional[list] = None) -> list[tuple[int, str]]:
     """Sorted ``(index, path)`` of ``kind``'s segments in ``job_dir``.  Pool thread.
 
     A missing directory (or a file where it should be) has no segments.
     Foreign files are ignored, and so is anything with a segment's name that
-    is not a regular file (a directory, a dangling symlink): it cannot be read
-    as one, and must not keep the job's other segments from loading.
+    is not a regular file (a directory, a symlink, dangling or not): it is
+    never followed, and must not keep the job's other segments from loading.
+    ``(index, path)`` of the symlinks and other non-regular entries with a
+    segment's name are appended to ``refused``.  ``job_dir`` itself is opened
+    as it is given; callers walk to it safely (see jobindex.thd_scan_job).
     """
     if kind not in SEGMENT_KINDS:
         raise ValueError(f"unknown segment kind {kind!r}")
     try:
-        names = os.listdir(job_dir)
+        entries = list(os.scandir(job_dir))
     except (FileNotFoundError, NotADirectoryError):
         return []
+    return _segments_of(entries, job_dir, kind, refused)
+
+
+def _segments_of(entries, job_dir: str, kind: str, refused: Optional[list]) -> list:
     found = []
-    for name in names:
-        parsed = parse_segment_name(name)
+    for entry in entries:
+        parsed = parse_segment_name(entry.name)
         if parsed is not None and parsed[0] == kind:
-            path = os.path.join(job_dir, name)
-            if os.path.isfile(path):
+            path = os.path.join(job_dir, entry.name)
+            if entry.is_file(follow_symlinks=False):
                 found.append((parsed[1], path))
+            elif refused is not None and not entry.is_dir(follow_symlinks=False):
+                refused.append((parsed[1], path))
     found.sort()
     return found
+
+
+def thd_list_segments_at(dir_fd: int, job_dir: str, kind: str, refused: Optional[list] = None):
+    """thd_list_segments of the directory open at ``dir_fd`` (its path ``job_dir``)."""
+    if kind not in SEGMENT_KINDS:
+        raise ValueError(f"unknown segment kind {kind!r}")
+    with os.scandir(dir_fd) as it:
+        return _segments_of(list(it), job_dir, kind, refused)
 
 
 # -- scanning ----------------------------------------------------------------
@@ -216,7 +235,7 @@ def _verified(f, member: MemberInfo) -> bool:
     return True
 
 
-def thd_scan_segment(path: str, repair: bool) -> ScanResult:
+def thd_scan_segment(path: str, repair: bool, depth: int = 1) -> ScanResult:
     """Walk a segment's member headers and find where its valid data ends.  Pool thread.
 
     Our members are walked by their recorded sizes without inflating data;
@@ -226,16 +245,20 @@ def thd_scan_segment(path: str, repair: bool) -> ScanResult:
     tear the tail.  A torn or garbage tail (partial header, short member, bad
     last member, zero fill) ends the valid data; with ``repair=True`` the file
     is truncated to ``valid_size`` and fsync'd, with ``repair=False`` nothing
-    is modified.  A damaged region followed by complete members is stepped
+    is modified.  The file is opened, and cut, only as a regular file reached
+    without following a symlink in the last ``depth`` components of ``path``
+    (safefs.UnsafeEntry otherwise); a file replaced between the scan and the
+    cut is not cut.  A damaged region followed by complete members is stepped
     over and reported in ``holes`` (never cut).  A missing file gives
     ``ScanResult((), 0, 0, False)``.
     """
     try:
-        f = open(path, "rb")
+        f = os.fdopen(safefs.open_file(path, depth, os.O_RDONLY), "rb")
     except FileNotFoundError:
         return ScanResult((), 0, 0, False)
     with f:
-        file_size = os.fstat(f.fileno()).st_size
+        scanned = os.fstat(f.fileno())
+        file_size = scanned.st_size
         members: list[MemberInfo] = []
         holes: list[tuple[int, int]] = []
         pos = 0
@@ -262,11 +285,15 @@ def thd_scan_segment(path: str, repair: bool) -> ScanResult:
                 valid_size = holes.pop()[0]
     truncated = False
     if repair and valid_size < file_size:
-        with open(path, "r+b") as w:
-            w.truncate(valid_size)
-            w.flush()
-            os.fsync(w.fileno())
-        truncated = True
+        fd = safefs.open_file(path, depth, os.O_WRONLY)
+        try:
+            now = os.fstat(fd)
+            if (now.st_dev, now.st_ino) == (scanned.st_dev, scanned.st_ino):
+                os.ftruncate(fd, valid_size)
+                os.fsync(fd)
+                truncated = True
+        finally:
+            os.close(fd)
     return ScanResult(tuple(members), valid_size, file_size, truncated, tuple(holes))
 
 
@@ -274,8 +301,13 @@ def thd_scan_segment(path: str, repair: bool) -> ScanResult:
 
 
 def thd_fsync_path(path: str) -> None:
-    """fsync a file or directory by path.  Pool thread."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    """fsync a file or directory by path.  Pool thread.
+
+    Opened read-only and without waiting (O_NONBLOCK: a FIFO does not block);
+    fsync changes nothing, so a link is followed here (the data directory may
+    be one).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
         os.fsync(fd)
     finally:
@@ -296,11 +328,27 @@ def _missing_dirs(directory: str) -> list[str]:
     return missing
 
 
-def thd_append(path: str, data: bytes, expected_size: int, fsync: bool) -> int:
+def thd_append(
+    path: str,
+    data: bytes,
+    expected_size: int,
+    fsync: bool,
+    *,
+    depth: int = 1,
+    modes: FileModes = DEFAULT_MODES,
+    created_dirs: Optional[list] = None,
+) -> int:
     """Append ``data`` whole at ``expected_size`` and return the new size.  Pool thread.
 
-    Creates missing directories and the file.  When the file is longer than
-    ``expected_size`` (a previous failed partial write), it is first cut back.
+    Creates missing directories and the file.  The last ``depth`` components
+    of ``path`` (the file and ``depth - 1`` directories: 3 for
+    ``logs/<job>/stdout.log.gz`` under the data directory) are walked without
+    following symlinks (see safefs): a symlink or a non-regular file there
+    raises safefs.UnsafeEntry and nothing is written, created or truncated
+    through it.  New files and directories get ``modes``; the directories
+    this call created are appended to ``created_dirs``.
+    When the file is longer than ``expected_size`` (a previous failed partial
+    write), it is first cut back.
     On any error (ENOSPC, EIO, ...) the file is truncated back to
     ``expected_size`` (best effort), or removed when this call created it (an
     empty file is not valid gzip), and the error re-raised: nothing partial
@@ -309,17 +357,30 @@ def thd_append(path: str, data: bytes, expected_size: int, fsync: bool) -> int:
     SegmentShorterThanExpected, writing nothing, when the file is shorter
     than ``expected_size``.
     """
-    directory = os.path.dirname(path) or "."
-    created_dirs = _missing_dirs(directory)
-    if created_dirs:
-        os.makedirs(directory, exist_ok=True)
-    cloexec = getattr(os, "O_CLOEXEC", 0)
-    created = False
+    directory, name = os.path.split(path)
+    directory = directory or "."
+    root, _parts = safefs.split_under(directory, depth - 1)
+    made_dirs = _missing_dirs(root)
+    if made_dirs:
+        os.makedirs(root, exist_ok=True)
+    if fsync and made_dirs:
+        # Made above the walk (the root's own parents): their entries are synced here.
+        for d in sorted({os.path.dirname(os.path.abspath(d)) for d in made_dirs}):
+            thd_fsync_path(d)
+    walked: list = []
+    dfd = safefs.open_dir(
+        directory, depth - 1, create=True, modes=modes, created=walked, fsync_created=fsync
+    )
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | cloexec, 0o644)
-        created = True
-    except FileExistsError:
-        fd = os.open(path, os.O_WRONLY | cloexec)
+        if created_dirs is not None:
+            created_dirs.extend(made_dirs + walked)
+        return _append_in(dfd, name, path, data, expected_size, fsync, modes)
+    finally:
+        os.close(dfd)
+
+
+def _append_in(dfd, name, path, data, expected_size, fsync, modes) -> int:
+    fd, created = safefs.create_file_at(dfd, name, path, os.O_WRONLY, modes)
     try:
         size = os.fstat(fd).st_size
         if size < expected_size:
@@ -341,12 +402,11 @@ def thd_append(path: str, data: bytes, expected_size: int, fsync: bool) -> int:
                     raise OSError(errno.EIO, "write made no progress", path)
                 written += n
             if fsync:
+                # The parents of the directories the walk created were fsync'd by it;
+                # the job directory gains the file's entry.  Two descriptors at most.
                 os.fsync(fd)
-                to_sync = {os.path.dirname(d) for d in created_dirs}
                 if created:
-                    to_sync.add(os.path.abspath(directory))
-                for d in sorted(to_sync):
-                    thd_fsync_path(d)
+                    os.fsync(dfd)
         except BaseException:
             try:
                 os.ftruncate(fd, expected_size)
@@ -356,7 +416,7 @@ def thd_append(path: str, data: bytes, expected_size: int, fsync: bool) -> int:
     except BaseException:
         if created:
             try:
-                os.unlink(path)
+                os.unlink(name, dir_fd=dfd)
             except OSError:
                 pass
         raise

@@ -37,7 +37,14 @@ def thd_probe_disk(data_dir: str) -> SpaceProbe:
     try:
         os.makedirs(data_dir, exist_ok=True)
         path = os.path.join(data_dir, PROBE_NAME)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+        try:
+            fd = os.open(path, flags, 0o600)
+        except FileExistsError:
+            # Left by a crash, or planted (a symlink): remove the entry itself, never
+            # through a link, and create our own.
+            os.unlink(path)
+            fd = os.open(path, flags, 0o600)
         try:
             os.write(fd, b"ok")
             os.fsync(fd)

@@ -279,9 +279,9 @@ class ManyJobsManyConnectionsTests(unittest.TestCase):
         index_writes = []
         real_write = jobindex.thd_write
 
-        def counting_write(path, jobs, parts=None):
+        def counting_write(path, jobs, parts=None, *rest):
             index_writes.append((time.monotonic(), len(jobs)))
-            return real_write(path, jobs, parts)
+            return real_write(path, jobs, parts, *rest)
 
         self.patch(jobindex, "thd_write", counting_write)
 
