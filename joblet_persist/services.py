@@ -7,9 +7,11 @@ the thread pools these services own.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import socket
 import stat
+import time
 from typing import Callable, Optional
 
 from twisted.application import service
@@ -18,6 +20,14 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from joblet_persist.logs import Logger
+
+
+class StartRefused(Exception):
+    """A service refuses to start for a reason the operator must act on.
+
+    The message says it all; OrderedMultiService logs it as one error line,
+    without a traceback.
+    """
 
 
 class OrderedMultiService(service.MultiService):
@@ -55,7 +65,10 @@ class OrderedMultiService(service.MultiService):
                 yield defer.maybeDeferred(child.startService)
         except Exception:
             failure = Failure()
-            self.log.failure("startup failed; stopping", failure)
+            if failure.check(StartRefused):
+                self.log.error("startup refused: {reason}", reason=str(failure.value))
+            else:
+                self.log.failure("startup failed; stopping", failure)
             self.started.errback(failure)
             if self._on_start_failure is not None:
                 self._on_start_failure(failure)
@@ -233,3 +246,165 @@ class TCPListenerService(service.Service):
     @property
     def port_number(self) -> int:
         return self.port.getHost().port if self.port is not None else self._port_number
+
+
+#: The lock file in the data directory (see DataDirLockService).
+LOCK_FILE_NAME = "persist.lock"
+
+
+def _describe_holder(text: str, read_cmdline: Callable[[int], Optional[str]]) -> str:
+    """"pid 123 (cmd line), host h, since t" from a lock file's text, as far as known."""
+    fields = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            fields[key.strip()] = value.strip()
+    pid = fields.get("pid", "")
+    if not pid.isdigit():
+        return "another process (its PID is not recorded in the lock file yet)"
+    described = f"pid {pid}"
+    cmdline = read_cmdline(int(pid))
+    if cmdline:
+        described += f" ({cmdline})"
+    if fields.get("host"):
+        described += f" on host {fields['host']}"
+    if fields.get("started"):
+        described += f", started {fields['started']}"
+    return described
+
+
+def read_proc_cmdline(pid: int) -> Optional[str]:
+    """The command line of ``pid`` from /proc, or None when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read(4096)
+    except OSError:
+        return None
+    words = [w.decode("utf-8", "replace") for w in raw.split(b"\0") if w]
+    return " ".join(words) or None
+
+
+class DataDirLockService(service.Service):
+    """Holds an exclusive lock on the data directory while the service runs.
+
+    Reactor thread; started first and stopped last, so nothing reads or
+    writes the data, and no socket is replaced, before the lock is held.  The
+    lock is ``flock(LOCK_EX | LOCK_NB)`` on ``<data dir>/persist.lock``
+    (opened with O_NOFOLLOW and O_CLOEXEC, created mode 0640): the kernel
+    releases it when the process ends, however it ends (SIGKILL included),
+    and a child process never inherits it.  The file holds the holder's
+    ``pid=``, ``host=`` and ``started=`` lines, for the message another
+    instance prints; it is never removed, because removing a lock file
+    while another process opens it lets two processes lock two different
+    files.
+
+    When another process holds the lock, ``startService`` raises StartRefused
+    naming the data directory and that process (its PID from the file and
+    its command line from /proc when readable).  On a read-only filesystem
+    where the lock file cannot be created, nobody can write the data either:
+    the service starts without the lock and says so in a warning.
+    """
+
+    log = Logger()
+
+    def __init__(self, data_dir: str, *, pid: Callable[[], int] = os.getpid,
+                 hostname: Callable[[], str] = socket.gethostname,
+                 now: Callable[[], float] = time.time,
+                 read_cmdline: Callable[[int], Optional[str]] = read_proc_cmdline):
+        self.setName("lock")
+        self.data_dir = data_dir
+        self.path = os.path.join(data_dir, LOCK_FILE_NAME)
+        self._pid = pid
+        self._hostname = hostname
+        self._now = now
+        self._read_cmdline = read_cmdline
+        self._fd: Optional[int] = None
+
+    @property
+    def locked(self) -> bool:
+        return self._fd is not None
+
+    def startService(self):
+        fd = self._open()
+        if fd is None:
+            super().startService()
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._holder(fd)
+            os.close(fd)
+            raise StartRefused(
+                f"data directory {self.data_dir} is in use by {holder}; only one "
+                f"joblet-persist may use a data directory (lock file {self.path})"
+            ) from None
+        except OSError as e:
+            os.close(fd)
+            raise StartRefused(f"cannot lock the data directory: {self.path}: {e.strerror}") from None
+        self._fd = fd
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR:
+            self._record(fd)  # (opened read-only on a read-only filesystem: nothing to record)
+        super().startService()
+        self.log.info("data directory {dir} locked ({path})", dir=self.data_dir, path=self.path)
+
+    def _open(self) -> Optional[int]:
+        """The lock file's descriptor; None on a read-only filesystem without one."""
+        flags = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        try:
+            os.makedirs(self.data_dir, mode=0o750, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | flags, 0o640)
+        except OSError as e:
+            if e.errno == errno.EROFS:
+                try:
+                    fd = os.open(self.path, os.O_RDONLY | flags)
+                except FileNotFoundError:
+                    self.log.warn(
+                        "data directory {dir} is on a read-only filesystem and has no lock "
+                        "file; starting without the instance lock",
+                        dir=self.data_dir,
+                    )
+                    return None
+                except OSError as e2:
+                    raise StartRefused(self._cannot_open(e2)) from None
+            else:
+                raise StartRefused(self._cannot_open(e)) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise StartRefused(f"cannot lock the data directory: {self.path} is not a "
+                               "regular file; remove it")
+        return fd
+
+    def _cannot_open(self, e: OSError) -> str:
+        reason = e.strerror or str(e)
+        if e.errno == errno.ELOOP:
+            reason = "it is a symbolic link; remove it"
+        return f"cannot lock the data directory: cannot open {self.path}: {reason}"
+
+    def _holder(self, fd: int) -> str:
+        try:
+            text = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+        except OSError:
+            text = ""
+        return _describe_holder(text, self._read_cmdline)
+
+    def _record(self, fd: int) -> None:
+        started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._now()))
+        text = f"pid={self._pid()}\nhost={self._hostname()}\nstarted={started}\n".encode()
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, text, 0)
+        except OSError as e:
+            # The lock is what counts; the PID is only for the other instance's message.
+            self.log.warn("could not write the PID into {path}: {error}", path=self.path,
+                          error=e.strerror or e)
+
+    def stopService(self):
+        super().stopService()
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            os.ftruncate(fd, 0)  # still locked: nobody reads a stale PID from it
+        except OSError:
+            pass
+        os.close(fd)  # releases the lock
