@@ -11,7 +11,6 @@ import fcntl
 import os
 import socket
 import stat
-import time
 from typing import Callable, Optional
 
 from twisted.application import service
@@ -248,31 +247,6 @@ class TCPListenerService(service.Service):
         return self.port.getHost().port if self.port is not None else self._port_number
 
 
-#: The lock file in the data directory (see DataDirLockService).
-LOCK_FILE_NAME = "persist.lock"
-
-
-def _describe_holder(text: str, read_cmdline: Callable[[int], Optional[str]]) -> str:
-    """"pid 123 (cmd line), host h, since t" from a lock file's text, as far as known."""
-    fields = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition("=")
-        if sep:
-            fields[key.strip()] = value.strip()
-    pid = fields.get("pid", "")
-    if not pid.isdigit():
-        return "another process (its PID is not recorded in the lock file yet)"
-    described = f"pid {pid}"
-    cmdline = read_cmdline(int(pid))
-    if cmdline:
-        described += f" ({cmdline})"
-    if fields.get("host"):
-        described += f" on host {fields['host']}"
-    if fields.get("started"):
-        described += f", started {fields['started']}"
-    return described
-
-
 def read_proc_cmdline(pid: int) -> Optional[str]:
     """The command line of ``pid`` from /proc, or None when it cannot be read."""
     try:
@@ -284,39 +258,60 @@ def read_proc_cmdline(pid: int) -> Optional[str]:
     return " ".join(words) or None
 
 
+def read_proc_locks() -> str:
+    """The text of /proc/locks ("" when it cannot be read)."""
+    try:
+        with open("/proc/locks") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def flock_holders(locks_text: str, dev: int, ino: int) -> list[int]:
+    """PIDs holding a flock on the file ``(dev, ino)``, from the text of /proc/locks.
+
+    Lines look like ``1: FLOCK  ADVISORY  WRITE 4127 fe:00:2171873 0 EOF`` (major
+    and minor in hex, the inode in decimal); waiters (``1: -> FLOCK ...``) are
+    skipped.
+    """
+    wanted = f"{os.major(dev):02x}:{os.minor(dev):02x}:{ino}"
+    pids = []
+    for line in locks_text.splitlines():
+        fields = line.split()
+        if len(fields) < 6 or fields[1] != "FLOCK":
+            continue
+        pid, where = fields[4], fields[5]
+        if where == wanted and pid.isdigit():
+            pids.append(int(pid))
+    return pids
+
+
 class DataDirLockService(service.Service):
     """Holds an exclusive lock on the data directory while the service runs.
 
     Reactor thread; started first and stopped last, so nothing reads or
     writes the data, and no socket is replaced, before the lock is held.  The
-    lock is ``flock(LOCK_EX | LOCK_NB)`` on ``<data dir>/persist.lock``
-    (opened with O_NOFOLLOW and O_CLOEXEC, created mode 0640): the kernel
-    releases it when the process ends, however it ends (SIGKILL included),
-    and a child process never inherits it.  The file holds the holder's
-    ``pid=``, ``host=`` and ``started=`` lines, for the message another
-    instance prints; it is never removed, because removing a lock file
-    while another process opens it lets two processes lock two different
-    files.
+    lock is ``flock(LOCK_EX | LOCK_NB)`` on the data directory itself (opened
+    O_DIRECTORY | O_CLOEXEC): the kernel releases it when the process ends,
+    however it ends (SIGKILL included), a child process never inherits it,
+    and no file is added to the data directory (nothing to plant a symlink
+    at, nothing stale after a crash).  Two paths to the same directory (a
+    symlinked data directory) take the same lock.
 
     When another process holds the lock, ``startService`` raises StartRefused
-    naming the data directory and that process (its PID from the file and
-    its command line from /proc when readable).  On a read-only filesystem
-    where the lock file cannot be created, nobody can write the data either:
-    the service starts without the lock and says so in a warning.
+    naming the data directory and that process: its PID from /proc/locks (the
+    kernel's own record of the holder) and its command line from /proc when
+    readable.
     """
 
     log = Logger()
 
-    def __init__(self, data_dir: str, *, pid: Callable[[], int] = os.getpid,
-                 hostname: Callable[[], str] = socket.gethostname,
-                 now: Callable[[], float] = time.time,
+    def __init__(self, data_dir: str, *,
+                 read_locks: Callable[[], str] = read_proc_locks,
                  read_cmdline: Callable[[int], Optional[str]] = read_proc_cmdline):
         self.setName("lock")
         self.data_dir = data_dir
-        self.path = os.path.join(data_dir, LOCK_FILE_NAME)
-        self._pid = pid
-        self._hostname = hostname
-        self._now = now
+        self._read_locks = read_locks
         self._read_cmdline = read_cmdline
         self._fd: Optional[int] = None
 
@@ -325,86 +320,42 @@ class DataDirLockService(service.Service):
         return self._fd is not None
 
     def startService(self):
-        fd = self._open()
-        if fd is None:
-            super().startService()
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = self._holder(fd)
-            os.close(fd)
-            raise StartRefused(
-                f"data directory {self.data_dir} is in use by {holder}; only one "
-                f"joblet-persist may use a data directory (lock file {self.path})"
-            ) from None
-        except OSError as e:
-            os.close(fd)
-            raise StartRefused(f"cannot lock the data directory: {self.path}: {e.strerror}") from None
-        self._fd = fd
-        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR:
-            self._record(fd)  # (opened read-only on a read-only filesystem: nothing to record)
-        super().startService()
-        self.log.info("data directory {dir} locked ({path})", dir=self.data_dir, path=self.path)
-
-    def _open(self) -> Optional[int]:
-        """The lock file's descriptor; None on a read-only filesystem without one."""
-        flags = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
         try:
             os.makedirs(self.data_dir, mode=0o750, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | flags, 0o640)
+            fd = os.open(self.data_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
-            if e.errno == errno.EROFS:
-                try:
-                    fd = os.open(self.path, os.O_RDONLY | flags)
-                except FileNotFoundError:
-                    self.log.warn(
-                        "data directory {dir} is on a read-only filesystem and has no lock "
-                        "file; starting without the instance lock",
-                        dir=self.data_dir,
-                    )
-                    return None
-                except OSError as e2:
-                    raise StartRefused(self._cannot_open(e2)) from None
-            else:
-                raise StartRefused(self._cannot_open(e)) from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise StartRefused(
+                f"cannot lock the data directory {self.data_dir}: {e.strerror or e}"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            st = os.fstat(fd)
             os.close(fd)
-            raise StartRefused(f"cannot lock the data directory: {self.path} is not a "
-                               "regular file; remove it")
-        return fd
+            if isinstance(e, BlockingIOError):
+                raise StartRefused(
+                    f"data directory {self.data_dir} is in use by {self._holder(st)}; "
+                    "only one joblet-persist may use a data directory"
+                ) from None
+            raise StartRefused(
+                f"cannot lock the data directory {self.data_dir}: {e.strerror or e}"
+            ) from None
+        self._fd = fd
+        super().startService()
+        self.log.info("data directory {dir} locked", dir=self.data_dir)
 
-    def _cannot_open(self, e: OSError) -> str:
-        reason = e.strerror or str(e)
-        if e.errno == errno.ELOOP:
-            reason = "it is a symbolic link; remove it"
-        return f"cannot lock the data directory: cannot open {self.path}: {reason}"
-
-    def _holder(self, fd: int) -> str:
-        try:
-            text = os.pread(fd, 4096, 0).decode("utf-8", "replace")
-        except OSError:
-            text = ""
-        return _describe_holder(text, self._read_cmdline)
-
-    def _record(self, fd: int) -> None:
-        started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._now()))
-        text = f"pid={self._pid()}\nhost={self._hostname()}\nstarted={started}\n".encode()
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, text, 0)
-        except OSError as e:
-            # The lock is what counts; the PID is only for the other instance's message.
-            self.log.warn("could not write the PID into {path}: {error}", path=self.path,
-                          error=e.strerror or e)
+    def _holder(self, st: os.stat_result) -> str:
+        pids = flock_holders(self._read_locks(), st.st_dev, st.st_ino)
+        if not pids:
+            return "another process (/proc/locks does not say which)"
+        described = []
+        for pid in pids:
+            cmdline = self._read_cmdline(pid)
+            described.append(f"pid {pid}" + (f" ({cmdline})" if cmdline else ""))
+        return ", ".join(described)
 
     def stopService(self):
         super().stopService()
         fd, self._fd = self._fd, None
-        if fd is None:
-            return
-        try:
-            os.ftruncate(fd, 0)  # still locked: nobody reads a stale PID from it
-        except OSError:
-            pass
-        os.close(fd)  # releases the lock
+        if fd is not None:
+            os.close(fd)  # releases the lock

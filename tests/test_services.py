@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
-import stat
 import tempfile
 
 from twisted.application import service
@@ -14,12 +14,13 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from joblet_persist.services import (
-    LOCK_FILE_NAME,
     CallbackService,
     DataDirLockService,
     OrderedMultiService,
     StartRefused,
     UnixListenerService,
+    flock_holders,
+    read_proc_locks,
     replace_stale_unix_socket,
 )
 
@@ -113,112 +114,96 @@ class OrderedMultiServiceTests(SynchronousTestCase):
 
 
 class DataDirLockTests(SynchronousTestCase):
-    """DataDirLockService: flock on <data dir>/persist.lock.  flock locks belong to an open
-    file description, so two services in one process exclude each other like two processes."""
+    """DataDirLockService: flock on the data directory.  flock locks belong to an open file
+    description, so two services in one process exclude each other like two processes."""
 
     def setUp(self):
         self.dir = tempfile.mkdtemp(prefix="jp", dir="/tmp")
         self.addCleanup(lambda: __import__("shutil").rmtree(self.dir, True))
         self.data_dir = os.path.join(self.dir, "data")
-        self.path = os.path.join(self.data_dir, LOCK_FILE_NAME)
 
-    def service(self, pid=4242, cmdlines=None):
+    def service(self, cmdlines=None, data_dir=None):
         cmdlines = cmdlines if cmdlines is not None else {}
-        svc = DataDirLockService(
-            self.data_dir, pid=lambda: pid, hostname=lambda: "node-a", now=lambda: 0.0,
-            read_cmdline=cmdlines.get,
-        )
+        svc = DataDirLockService(data_dir or self.data_dir, read_cmdline=cmdlines.get)
         self.addCleanup(lambda: svc.running and svc.stopService())
         return svc
 
-    def read(self) -> str:
-        with open(self.path) as f:
-            return f.read()
-
-    def test_lock_taken_and_holder_recorded(self):
-        """Starting creates the data directory and a 0640 lock file holding our PID, host and
-        start time, and holds an exclusive flock on it that others cannot take."""
-        old = os.umask(0o022)
-        try:
-            svc = self.service()
-            svc.startService()
-        finally:
-            os.umask(old)
+    def test_lock_taken_without_adding_files(self):
+        """Starting creates the data directory, holds an exclusive flock on it that others
+        cannot take (the kernel lists this process as the holder), and adds no file."""
+        svc = self.service()
+        svc.startService()
         self.assertTrue(svc.running and svc.locked)
-        self.assertEqual(stat.S_IMODE(os.lstat(self.path).st_mode), 0o640)
-        self.assertEqual(self.read(), "pid=4242\nhost=node-a\nstarted=1970-01-01T00:00:00Z\n")
-        fd = os.open(self.path, os.O_RDONLY)
+        self.assertEqual(os.listdir(self.data_dir), [])
+        fd = os.open(self.data_dir, os.O_RDONLY | os.O_DIRECTORY)
         self.addCleanup(os.close, fd)
-        import fcntl
-
         self.assertRaises(BlockingIOError, fcntl.flock, fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        st = os.stat(self.data_dir)
+        self.assertIn(os.getpid(), flock_holders(read_proc_locks(), st.st_dev, st.st_ino))
 
     def test_second_instance_refused_naming_the_first(self):
         """While one service holds the lock, a second refuses to start with StartRefused naming
-        the data directory, the holder's PID and its command line; it changes nothing in the
-        lock file and is not running."""
-        first = self.service(pid=4242)
+        the data directory, the holder's PID and its command line, and is not running;
+        stopping it leaves the first one's lock in place."""
+        first = self.service()
         first.startService()
-        second = self.service(
-            pid=5353, cmdlines={4242: "python3 twistd -n joblet-persist --config /etc/a.yml"}
-        )
+        pid = os.getpid()
+        second = self.service(cmdlines={pid: "python3 twistd -n joblet-persist --config /a.yml"})
         e = self.assertRaises(StartRefused, second.startService)
-        message = str(e)
-        self.assertIn(f"data directory {self.data_dir} is in use by pid 4242", message)
-        self.assertIn("(python3 twistd -n joblet-persist --config /etc/a.yml)", message)
-        self.assertIn("on host node-a", message)
-        self.assertIn(self.path, message)
+        self.assertEqual(
+            str(e),
+            f"data directory {self.data_dir} is in use by pid {pid} (python3 twistd -n "
+            "joblet-persist --config /a.yml); only one joblet-persist may use a data directory",
+        )
         self.assertFalse(second.running or second.locked)
-        self.assertIn("pid=4242\n", self.read())
-        # Stopping the refused service does not release the first one's lock.
         second.stopService()
-        self.assertRaises(StartRefused, self.service(pid=6464).startService)
+        self.assertRaises(StartRefused, self.service().startService)
 
-    def test_holder_without_pid_yet(self):
-        """A lock held by a process that has not written its PID is still refused, with a
-        message that says the PID is unknown rather than a wrong one."""
-        import fcntl
+    def test_same_directory_through_a_symlink_is_the_same_lock(self):
+        """A second service given another path to the same directory (a symlink) is refused."""
+        self.service().startService()
+        link = os.path.join(self.dir, "link")
+        os.symlink(self.data_dir, link)
+        e = self.assertRaises(StartRefused, self.service(data_dir=link).startService)
+        self.assertIn(f"data directory {link} is in use by pid {os.getpid()}", str(e))
 
-        os.makedirs(self.data_dir)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)
-        self.addCleanup(os.close, fd)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        e = self.assertRaises(StartRefused, self.service().startService)
-        self.assertIn("another process (its PID is not recorded", str(e))
+    def test_holder_unknown(self):
+        """When /proc/locks does not name the holder, the refusal says so instead of naming
+        a wrong process."""
+        self.service().startService()
+        second = DataDirLockService(self.data_dir, read_locks=lambda: "")
+        e = self.assertRaises(StartRefused, second.startService)
+        self.assertIn("in use by another process (/proc/locks does not say which)", str(e))
 
     def test_stop_releases_the_lock(self):
-        """After stop the lock file is emptied (no stale PID) and another service can start."""
-        first = self.service(pid=1)
+        """After stop, another service can take the lock."""
+        first = self.service()
         first.startService()
         first.stopService()
         self.assertFalse(first.locked)
-        self.assertEqual(self.read(), "")
-        second = self.service(pid=2)
+        second = self.service()
         second.startService()
         self.assertTrue(second.locked)
-        self.assertTrue(self.read().startswith("pid=2\n"))
 
-    def test_symlinked_lock_file_refused(self):
-        """A symlink planted at the lock file's path is not followed: start is refused with
-        a message naming the path, and the link's target is neither created nor changed."""
-        os.makedirs(self.data_dir)
-        target = os.path.join(self.dir, "outside")
-        with open(target, "w") as f:
-            f.write("precious")
-        os.symlink(target, self.path)
+    def test_data_dir_that_is_a_file_refused(self):
+        """A data directory path that is a regular file is refused with a message naming it."""
+        with open(self.data_dir, "w") as f:
+            f.write("not a directory")
         e = self.assertRaises(StartRefused, self.service().startService)
-        self.assertIn(self.path, str(e))
-        self.assertIn("symbolic link", str(e))
-        with open(target) as f:
-            self.assertEqual(f.read(), "precious")
+        self.assertIn(f"cannot lock the data directory {self.data_dir}", str(e))
 
-    def test_fifo_at_lock_path_refused(self):
-        """Something other than a regular file at the lock path (a FIFO) is refused without
-        blocking."""
-        os.makedirs(self.data_dir)
-        os.mkfifo(self.path)
-        e = self.assertRaises(StartRefused, self.service().startService)
-        self.assertIn("not a regular file", str(e))
+    def test_flock_holders_parses_proc_locks(self):
+        """flock_holders matches device (hex major:minor) and inode, skips waiters, POSIX
+        locks and other files."""
+        dev = os.makedev(254, 0)
+        text = (
+            "1: POSIX  ADVISORY  WRITE 11 fe:00:77 0 EOF\n"
+            "2: FLOCK  ADVISORY  WRITE 22 fe:00:77 0 EOF\n"
+            "2: -> FLOCK  ADVISORY  WRITE 33 fe:00:77 0 EOF\n"
+            "3: FLOCK  ADVISORY  WRITE 44 fe:00:78 0 EOF\n"
+            "4: FLOCK  ADVISORY  WRITE 55 fe:01:77 0 EOF\n"
+        )
+        self.assertEqual(flock_holders(text, dev, 77), [22])
 
 
 class StaleSocketTests(SynchronousTestCase):

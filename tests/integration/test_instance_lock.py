@@ -15,7 +15,7 @@ import textwrap
 from twisted.trial import unittest
 
 from joblet_persist._proto import persist_pb2 as pb
-from joblet_persist.services import LOCK_FILE_NAME
+from joblet_persist.services import flock_holders, read_proc_locks
 from tests.integration.support import TwistdProcess, free_port, short_tempdir, wait_for
 from tests.integration.test_observability import IPCClient, get_health, in_thread, log_body
 
@@ -102,6 +102,8 @@ class InstanceLockTests(unittest.TestCase):
         a, b = _Instance(self, self.data_dir), _Instance(self, self.data_dir)
         first = await self.start(a)
         pid = first.transport.pid
+        st = os.stat(self.data_dir)
+        self.assertEqual(flock_holders(read_proc_locks(), st.st_dev, st.st_ino), [pid])
         await self.send_and_see(a, 1, [b"line 1\n"])
 
         second = TwistdProcess(self, b.dir, ["--config", b.config, "--data-dir", self.data_dir])
@@ -110,8 +112,7 @@ class InstanceLockTests(unittest.TestCase):
         refused = [line for line in second.output.splitlines() if "startup refused" in line]
         self.assertEqual(len(refused), 1, second.output)
         self.assertIn(f"data directory {self.data_dir} is in use by pid {pid} (", refused[0])
-        self.assertIn("joblet-persist", refused[0].split(f"pid {pid} (", 1)[1])
-        self.assertIn(os.path.join(self.data_dir, LOCK_FILE_NAME), refused[0])
+        self.assertIn(f"joblet-persist --config {a.config})", refused[0])
         self.assertNotIn("Traceback", second.output)
         self.assertFalse(os.path.exists(b.ipc_sock), "the refused instance created its socket")
         self.assertFalse(os.path.exists(b.grpc_sock), "the refused instance created its socket")
@@ -126,8 +127,9 @@ class InstanceLockTests(unittest.TestCase):
         third = await self.start(b)
         self.assertEqual(await self.lines(b), [b"line 1\n", b"line 2\n"])
         await self.send_and_see(b, 3, [b"line 1\n", b"line 2\n", b"line 3\n"])
-        with open(os.path.join(self.data_dir, LOCK_FILE_NAME)) as f:
-            self.assertEqual(f.readline(), f"pid={third.transport.pid}\n")
+        st = os.stat(self.data_dir)
+        self.assertEqual(flock_holders(read_proc_locks(), st.st_dev, st.st_ino),
+                         [third.transport.pid])
         third.signal("TERM")
         self.assertIn(await third.wait_exit(20), (0, -signal.SIGTERM), third.output)
         self.assertNotIn("Traceback", third.output)
