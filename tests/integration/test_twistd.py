@@ -197,7 +197,9 @@ class TwistdShutdownBoundTests(unittest.TestCase):
         code = await proc.wait_exit(grace + 30)
         elapsed = time.monotonic() - started
         self.assertIn(code, (0, -signal.SIGTERM), proc.output)
-        self.assertLess(elapsed, grace + 1.0 + 2.5, f"SIGTERM to exit took {elapsed:.2f}s")
+        # Typically grace + 1 s + 0.25 s.  The spinning thread holds the GIL for 5 ms slices,
+        # which slows the rest of the stop on a loaded machine; the old code never exited.
+        self.assertLess(elapsed, grace + 1.0 + 8.0, f"SIGTERM to exit took {elapsed:.2f}s")
         self.assertEqual(await querying, grpc.StatusCode.UNAVAILABLE)
         self.assertIn("handler threads still running", proc.output)
         self.assertIn("Server Shut Down.", proc.output)
