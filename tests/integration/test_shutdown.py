@@ -65,10 +65,11 @@ class ShutdownBoundTests(GrpcTestBase):
 
         started = time.monotonic()
         stopping = service.stopService()
-        stopping.addTimeout(grace + bound + 3, reactor)
+        stopping.addTimeout(grace + bound + 10, reactor)
         yield stopping
         elapsed = time.monotonic() - started
-        self.assertLess(elapsed, grace + bound + 1.5, f"stop took {elapsed:.2f}s")
+        # Typically grace + bound + 0.02 s; the spinning thread slows everything else down.
+        self.assertLess(elapsed, grace + bound + 5, f"stop took {elapsed:.2f}s")
         self.assertGreaterEqual(elapsed, grace)
         (thread,) = spinner.threads
         self.assertTrue(thread.is_alive(), "the handler was expected to still spin")
@@ -92,7 +93,7 @@ class ShutdownBoundTests(GrpcTestBase):
         self.assertTrue(spinner.started.is_set())
         yield wait_for(lambda: servicer.active_rpcs == 0, timeout=5, interval=0.001)
         released = time.monotonic() - ended
-        self.assertLess(released, 1.0, f"slot released {released:.3f}s after the deadline")
+        self.assertLess(released, 2.0, f"slot released {released:.3f}s after the deadline")
         self.assertTrue(spinner.threads[0].is_alive())
         code = yield self.code_of(stub.GetStats, pb.GetStatsRequest(), timeout=5)
         self.assertEqual(code, grpc.StatusCode.OK)
