@@ -108,7 +108,6 @@ class DaemonThreadExecutor(futures.Executor):
                     result = fn(*args, **kwargs)
                 except BaseException as e:
                     future.set_exception(e)
-                    del e
                 else:
                     future.set_result(result)
                     del result
@@ -375,13 +374,15 @@ class GrpcServerService(service.Service):
                 executor.shutdown(wait=False, cancel_futures=True)
                 stopped.wait(max(0.0, deadline - time.monotonic()))
                 stuck = executor.join(max(0.0, deadline - time.monotonic()))
-                if stuck or not stopped.is_set():
+                if stuck:
                     log.warn(
                         "gRPC stop: {count} handler threads still running {seconds:g}s after "
                         "the grace period ended; not waiting for them ({names})",
-                        count=len(stuck), seconds=bound,
-                        names=", ".join(t.name for t in stuck) or "gRPC calls still open",
+                        count=len(stuck), seconds=bound, names=", ".join(t.name for t in stuck),
                     )
+                elif not stopped.is_set():
+                    log.warn("gRPC stop: the server had not finished {seconds:g}s after the "
+                             "grace period ended; not waiting for it", seconds=bound)
             except BaseException:
                 reactor.callFromThread(done.errback, Failure())
             else:

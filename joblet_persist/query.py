@@ -94,8 +94,9 @@ def os_error_status(rpc: str, exc: OSError, job_id: str = "") -> tuple[grpc.Stat
     if exc.errno in _PRECONDITION_ERRNOS:
         return (
             grpc.StatusCode.FAILED_PRECONDITION,
-            f"{subject} failed: {cause} [{name}]{where}; the job's remaining data is kept; "
-            "the data directory must be writable by the service before a retry can succeed",
+            f"{subject} failed: {cause} [{name}]{where}; "
+            + ("the job's remaining data is kept; " if job_id else "")
+            + "the data directory must be writable by the service before a retry can succeed",
         )
     return (
         grpc.StatusCode.UNAVAILABLE,
