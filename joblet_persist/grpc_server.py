@@ -13,6 +13,13 @@ it came in on (security.py: gRPC reports the same peer for every Unix
 socket).  The servers share one handler thread pool and one servicer, so the
 concurrency limit and Ping's spare threads stay global.
 
+Stopping is bounded whatever the handlers do: RPCs in flight get the grace
+period, then their calls are cancelled and the servicer tells its readers to
+stop (``abandon_reads``); handler threads that still run ``stop_bound``
+seconds later are left behind.  They are daemon threads of our own executor
+(``DaemonThreadExecutor``), which nothing joins at interpreter exit, so they
+cannot hold the process open the way ``concurrent.futures`` worker threads do.
+
 Besides ``joblet.persist.PersistService`` each server carries
 ``grpc.health.v1.Health`` (SERVING / NOT_SERVING from the servicer's health
 verdict, for the overall service "" and for ``joblet.persist.PersistService``)
@@ -22,6 +29,7 @@ and server reflection.
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import time
 from concurrent import futures
@@ -54,8 +62,98 @@ PERSIST_SERVICE_NAME = persist_pb2.DESCRIPTOR.services_by_name["PersistService"]
 #: and reflection always find a free thread.
 SPARE_WORKERS = 4
 
+#: Seconds that handlers get, after the grace period, to notice that their
+#: call was cancelled; the stop then completes whatever they still do.
+STOP_BOUND = 1.0
+
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class DaemonThreadExecutor(futures.Executor):
+    """A thread pool for gRPC handlers whose threads never hold the process open.
+
+    Any thread.  Like ``futures.ThreadPoolExecutor`` (threads started on
+    demand up to ``max_workers``, idle ones reused), but its threads are
+    daemon threads that nothing joins at interpreter exit.
+    ``ThreadPoolExecutor`` joins its workers at exit (``threading._register_atexit``),
+    so one handler stuck in a read that ignores cancellation would keep the
+    process alive after SIGTERM, until SIGKILL.  Here the stop waits for
+    handlers up to a bound (``join(timeout)``) and then lets them be: the data
+    is flushed by the rest of the stop, and a handler left behind only reads.
+    """
+
+    def __init__(self, max_workers: int, thread_name_prefix: str = "grpc-query"):
+        if max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+        self._max_workers = max_workers
+        self._prefix = thread_name_prefix
+        self._work: queue.SimpleQueue = queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._shutdown = False
+
+    def submit(self, fn, /, *args, **kwargs):
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            future = futures.Future()
+            self._work.put((future, fn, args, kwargs))
+            if not self._idle.acquire(timeout=0) and len(self._threads) < self._max_workers:
+                thread = threading.Thread(
+                    target=self._worker,
+                    name=f"{self._prefix}_{len(self._threads)}",
+                    daemon=True,
+                )
+                thread.start()
+                self._threads.append(thread)
+            return future
+
+    def _worker(self) -> None:
+        while True:
+            item = self._work.get()
+            if item is None:
+                self._work.put(None)  # wake the next worker: we are shutting down
+                return
+            future, fn, args, kwargs = item
+            del item
+            if future.set_running_or_notify_cancel():
+                try:
+                    result = fn(*args, **kwargs)
+                except BaseException as e:
+                    future.set_exception(e)
+                else:
+                    future.set_result(result)
+                    del result
+            del future, fn, args, kwargs
+            self._idle.release()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Accept no more work; with ``wait``, wait for every worker (unbounded)."""
+        with self._lock:
+            self._shutdown = True
+            if cancel_futures:
+                while True:
+                    try:
+                        item = self._work.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is not None:
+                        item[0].cancel()
+            self._work.put(None)
+        if wait:
+            self.join(None)
+
+    def join(self, timeout: Optional[float]) -> list[threading.Thread]:
+        """Wait up to ``timeout`` seconds (None: forever) for the workers to end after
+        ``shutdown``; returns those still running."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return [t for t in threads if t.is_alive()]
 
 
 class _HealthServicer(health.HealthServicer):
@@ -172,6 +270,7 @@ class GrpcServerService(service.Service):
         max_send_message_bytes: Optional[int] = None,
         max_concurrent_rpcs: Optional[int] = None,
         shutdown_grace: float = 5.0,
+        stop_bound: float = STOP_BOUND,
         health_interval: float = 1.0,
         reactor=None,
     ):
@@ -196,11 +295,12 @@ class GrpcServerService(service.Service):
             max_message_bytes if max_send_message_bytes is None else max_send_message_bytes
         )
         self._grace = float(shutdown_grace)
+        self._stop_bound = float(stop_bound)
         self._health_interval = float(health_interval)
         self._reactor = reactor
         self.tcp_port: Optional[int] = None
         self._server: Optional[_Servers] = None
-        self._executor: Optional[futures.ThreadPoolExecutor] = None
+        self._executor: Optional[DaemonThreadExecutor] = None
         self._health: Optional[_HealthServicer] = None
         self._health_loop: Optional[task.LoopingCall] = None
 
@@ -222,9 +322,7 @@ class GrpcServerService(service.Service):
         if self.tcp_address:
             check_tcp_listener(self.tcp_address, self._tls, self._allow_plaintext_tcp)
         reactor = self._get_reactor()
-        executor = futures.ThreadPoolExecutor(
-            max_workers=self.workers, thread_name_prefix="grpc-query"
-        )
+        executor = DaemonThreadExecutor(self.workers, thread_name_prefix="grpc-query")
         health_servicer = _HealthServicer(self.servicer.healthy)
         server = _Servers([])
         try:
@@ -336,7 +434,15 @@ class GrpcServerService(service.Service):
     def stopService(self):
         """Refuse new RPCs, let in-flight ones finish within the grace period,
         then shut the handler pool down and remove the socket file.  Returns a
-        Deferred fired on the reactor."""
+        Deferred fired on the reactor within ``shutdown_grace + stop_bound``
+        seconds, whatever the handlers do.
+
+        At the end of the grace period gRPC cancels the calls still running and
+        the servicer's ``abandon_reads`` makes its readers' ``cancelled()`` true;
+        handlers get ``stop_bound`` seconds more to return.  Those still running
+        then (a read that ignores cancellation) are logged and left behind:
+        their threads are daemon threads and do not keep the process alive.
+        """
         service.Service.stopService(self)
         self.servicer.set_stopping()
         if self._health_loop is not None and self._health_loop.running:
@@ -348,14 +454,31 @@ class GrpcServerService(service.Service):
             return defer.succeed(None)
         reactor = self._get_reactor()
         done = defer.Deferred()
-        grace = self._grace
+        grace, bound = self._grace, self._stop_bound
+        servicer, log = self.servicer, self.log
 
         def thd_stop():
             try:
+                deadline = time.monotonic() + grace + bound
                 # Watchers are notified from here, never from the reactor.
                 health_servicer.enter_graceful_shutdown()
-                server.stop(grace).wait()
-                executor.shutdown(wait=True, cancel_futures=True)
+                stopped = server.stop(grace)
+                stopped.wait(grace)
+                abandon = getattr(servicer, "abandon_reads", None)
+                if abandon is not None:
+                    abandon()
+                executor.shutdown(wait=False, cancel_futures=True)
+                stopped.wait(max(0.0, deadline - time.monotonic()))
+                stuck = executor.join(max(0.0, deadline - time.monotonic()))
+                if stuck:
+                    log.warn(
+                        "gRPC stop: {count} handler threads still running {seconds:g}s after "
+                        "the grace period ended; not waiting for them ({names})",
+                        count=len(stuck), seconds=bound, names=", ".join(t.name for t in stuck),
+                    )
+                elif not stopped.is_set():
+                    log.warn("gRPC stop: the server had not finished {seconds:g}s after the "
+                             "grace period ended; not waiting for it", seconds=bound)
             except BaseException:
                 reactor.callFromThread(done.errback, Failure())
             else:

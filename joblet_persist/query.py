@@ -25,7 +25,9 @@ Metrics object (optional; a no-op by default), called on gRPC threads:
 
 from __future__ import annotations
 
+import errno
 import functools
+import os
 import threading
 import time
 from bisect import bisect_right
@@ -72,6 +74,37 @@ class RpcStatus(Exception):
         super().__init__(details)
         self.code = code
         self.details = details
+
+
+#: OSError numbers that the operator must fix before a retry can succeed (the data
+#: directory is read-only or not ours): FAILED_PRECONDITION.  Every other OSError
+#: with an errno (EIO, ENOSPC, EMFILE, ...) is UNAVAILABLE: the service cannot
+#: do it now, a retry later may succeed.  RESOURCE_EXHAUSTED is kept for the
+#: concurrency limit, which a client retries at once.
+_PRECONDITION_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def os_error_status(rpc: str, exc: OSError, job_id: str = "") -> tuple[grpc.StatusCode, str]:
+    """The status code and message of a filesystem error that ended ``rpc``.
+
+    The message names the RPC, the job (when the request has one), the cause
+    as the system words it ("Read-only file system") and the file.
+    """
+    cause = exc.strerror or (os.strerror(exc.errno) if exc.errno else str(exc))
+    name = errno.errorcode.get(exc.errno, str(exc.errno))
+    where = f" ({exc.filename})" if exc.filename else ""
+    subject = f"{rpc} of job {job_id}" if job_id else rpc
+    if exc.errno in _PRECONDITION_ERRNOS:
+        return (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"{subject} failed: {cause} [{name}]{where}; "
+            + ("the job's remaining data is kept; " if job_id else "")
+            + "the data directory must be writable by the service before a retry can succeed",
+        )
+    return (
+        grpc.StatusCode.UNAVAILABLE,
+        f"{subject} failed: {cause} [{name}]{where}; retry later",
+    )
 
 
 class _NoMetrics:
@@ -240,12 +273,34 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
         self._metrics = metrics if metrics is not None else _NoMetrics()
         self._authorizer = Authorizer(admin_ou, viewer_ou)
         self._stopping = False
+        self._abandoned = threading.Event()
 
     # -- lifecycle (any thread) -------------------------------------------------
 
     def set_stopping(self) -> None:
         """From now on every RPC is refused with UNAVAILABLE.  Any thread."""
         self._stopping = True
+
+    def abandon_reads(self) -> None:
+        """Make every read's ``cancelled()`` true from now on.  Any thread.
+
+        Called by the server's stop once the grace period is over, so that a
+        read still running stops at its next cancellation check even if its
+        call still looks active.
+        """
+        self._stopping = True
+        self._abandoned.set()
+
+    def _cancelled(self, context) -> Callable[[], bool]:
+        """The ``cancelled`` callable handed to storage readers for this RPC.
+
+        True once the client cancelled, the deadline passed or the call ended
+        (gRPC also ends every call at the end of a stop's grace period), and
+        once ``abandon_reads`` was called.
+        """
+        abandoned = self._abandoned.is_set
+        is_active = context.is_active
+        return lambda: abandoned() or not is_active()
 
     @property
     def stopping(self) -> bool:
@@ -290,12 +345,17 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"too many concurrent requests (limit {self._limiter.limit}); retry later",
             )
-        # Released when the RPC terminates, even if grpc never resumes a
-        # streaming handler whose client went away.
-        context.add_callback(slot.release)
+        # Released when the RPC terminates (cancel, deadline, stop), even while
+        # the handler still runs, and even if grpc never resumes a streaming
+        # handler whose client went away.
+        if not context.add_callback(slot.release):
+            # The RPC already ended (its deadline passed before we got here):
+            # the callback will never run, so give the slot back now.
+            slot.release()
+            raise RpcStatus(grpc.StatusCode.CANCELLED, f"{rpc}: the call ended before it started")
         return slot
 
-    def _map_error(self, rpc: str, exc: Exception) -> tuple[grpc.StatusCode, str]:
+    def _map_error(self, rpc: str, exc: Exception, request=None) -> tuple[grpc.StatusCode, str]:
         if isinstance(exc, RpcStatus):
             return exc.code, exc.details
         if isinstance(exc, (InvalidJobId, BadRequest)):
@@ -304,7 +364,13 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
             vanished = self._vanished(exc.job_id)
             return vanished.code, vanished.details
         if isinstance(exc, StorageUnavailable):
-            return grpc.StatusCode.UNAVAILABLE, f"{rpc}: storage unavailable: {exc.cause}"
+            cause = exc.__cause__
+            if isinstance(cause, OSError) and cause.errno:
+                # A local filesystem's refusal (read-only, permissions, full): its errno
+                # decides whether an operator must act first (FAILED_PRECONDITION).
+                exc = cause
+            else:
+                return grpc.StatusCode.UNAVAILABLE, f"{rpc}: storage unavailable: {exc.cause}"
         if isinstance(exc, Unauthenticated):
             return grpc.StatusCode.UNAUTHENTICATED, str(exc)
         if isinstance(exc, PermissionDenied):
@@ -315,6 +381,11 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
                 f"{rpc}: the service did not complete the operation within "
                 f"{self._timeout:g}s; retry later",
             )
+        if isinstance(exc, OSError) and exc.errno:
+            # The environment (a read-only or failing disk), not a bug: no traceback.
+            code, details = os_error_status(rpc, exc, getattr(request, "job_uuid", ""))
+            self.log.warn("{details}", details=details, rpc=rpc, code=code.name)
+            return code, details
         self.log.failure("{rpc} failed", failure=Failure(exc), rpc=rpc)
         return grpc.StatusCode.INTERNAL, f"{rpc}: internal error (see the service log)"
 
@@ -326,7 +397,7 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
             slot = self._admit(context, rpc, role, limited)
             return fn(self, request, context)
         except Exception as exc:
-            code, details = self._map_error(rpc, exc)
+            code, details = self._map_error(rpc, exc, request)
             context.abort(code, details)
         finally:
             if slot is not None:
@@ -346,7 +417,7 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:
-            code, details = self._map_error(rpc, exc)
+            code, details = self._map_error(rpc, exc, request)
             context.abort(code, details)
         finally:
             if slot is not None:
@@ -429,10 +500,7 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
         snap = self._snapshot(job_id)
         stats = ReadStats()
         args = (stream, request.start_time, request.end_time, request.offset, request.limit)
-
-        def cancelled() -> bool:
-            return not context.is_active()
-
+        cancelled = self._cancelled(context)
         try:
             if IBulkLogReads.providedBy(snap):
                 yield from snap.iter_log_chunks(*args, stats=stats, cancelled=cancelled)
@@ -513,7 +581,7 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
             request.offset,
             request.limit,
             stats=stats,
-            cancelled=lambda: not context.is_active(),
+            cancelled=self._cancelled(context),
         )
         try:
             for rec in records:

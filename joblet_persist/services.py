@@ -7,6 +7,7 @@ the thread pools these services own.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import socket
 import stat
@@ -18,6 +19,14 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from joblet_persist.logs import Logger
+
+
+class StartRefused(Exception):
+    """A service refuses to start for a reason the operator must act on.
+
+    The message says it all; OrderedMultiService logs it as one error line,
+    without a traceback.
+    """
 
 
 class OrderedMultiService(service.MultiService):
@@ -55,7 +64,10 @@ class OrderedMultiService(service.MultiService):
                 yield defer.maybeDeferred(child.startService)
         except Exception:
             failure = Failure()
-            self.log.failure("startup failed; stopping", failure)
+            if failure.check(StartRefused):
+                self.log.error("startup refused: {reason}", reason=str(failure.value))
+            else:
+                self.log.failure("startup failed; stopping", failure)
             self.started.errback(failure)
             if self._on_start_failure is not None:
                 self._on_start_failure(failure)
@@ -369,3 +381,117 @@ class TCPListenerService(service.Service):
     @property
     def port_number(self) -> int:
         return self.port.getHost().port if self.port is not None else self._port_number
+
+
+def read_proc_cmdline(pid: int) -> Optional[str]:
+    """The command line of ``pid`` from /proc, or None when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read(4096)
+    except OSError:
+        return None
+    words = [w.decode("utf-8", "replace") for w in raw.split(b"\0") if w]
+    return " ".join(words) or None
+
+
+def read_proc_locks() -> str:
+    """The text of /proc/locks ("" when it cannot be read)."""
+    try:
+        with open("/proc/locks") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def flock_holders(locks_text: str, dev: int, ino: int) -> list[int]:
+    """PIDs holding a flock on the file ``(dev, ino)``, from the text of /proc/locks.
+
+    Lines look like ``1: FLOCK  ADVISORY  WRITE 4127 fe:00:2171873 0 EOF`` (major
+    and minor in hex, the inode in decimal); waiters (``1: -> FLOCK ...``) are
+    skipped.
+    """
+    wanted = f"{os.major(dev):02x}:{os.minor(dev):02x}:{ino}"
+    pids = []
+    for line in locks_text.splitlines():
+        fields = line.split()
+        if len(fields) < 6 or fields[1] != "FLOCK":
+            continue
+        pid, where = fields[4], fields[5]
+        if where == wanted and pid.isdigit():
+            pids.append(int(pid))
+    return pids
+
+
+class DataDirLockService(service.Service):
+    """Holds an exclusive lock on the data directory while the service runs.
+
+    Reactor thread; started first and stopped last, so nothing reads or
+    writes the data, and no socket is replaced, before the lock is held.  The
+    lock is ``flock(LOCK_EX | LOCK_NB)`` on the data directory itself (opened
+    O_DIRECTORY | O_CLOEXEC): the kernel releases it when the process ends,
+    however it ends (SIGKILL included), a child process never inherits it,
+    and no file is added to the data directory (nothing to plant a symlink
+    at, nothing stale after a crash).  Two paths to the same directory (a
+    symlinked data directory) take the same lock.
+
+    When another process holds the lock, ``startService`` raises StartRefused
+    naming the data directory and that process: its PID from /proc/locks (the
+    kernel's own record of the holder) and its command line from /proc when
+    readable.
+    """
+
+    log = Logger()
+
+    def __init__(self, data_dir: str, *,
+                 read_locks: Callable[[], str] = read_proc_locks,
+                 read_cmdline: Callable[[int], Optional[str]] = read_proc_cmdline):
+        self.setName("lock")
+        self.data_dir = data_dir
+        self._read_locks = read_locks
+        self._read_cmdline = read_cmdline
+        self._fd: Optional[int] = None
+
+    @property
+    def locked(self) -> bool:
+        return self._fd is not None
+
+    def startService(self):
+        try:
+            os.makedirs(self.data_dir, mode=0o750, exist_ok=True)
+            fd = os.open(self.data_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise StartRefused(
+                f"cannot lock the data directory {self.data_dir}: {e.strerror or e}"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            st = os.fstat(fd)
+            os.close(fd)
+            if isinstance(e, BlockingIOError):
+                raise StartRefused(
+                    f"data directory {self.data_dir} is in use by {self._holder(st)}; "
+                    "only one joblet-persist may use a data directory"
+                ) from None
+            raise StartRefused(
+                f"cannot lock the data directory {self.data_dir}: {e.strerror or e}"
+            ) from None
+        self._fd = fd
+        super().startService()
+        self.log.info("data directory {dir} locked", dir=self.data_dir)
+
+    def _holder(self, st: os.stat_result) -> str:
+        pids = flock_holders(self._read_locks(), st.st_dev, st.st_ino)
+        if not pids:
+            return "another process (/proc/locks does not say which)"
+        described = []
+        for pid in pids:
+            cmdline = self._read_cmdline(pid)
+            described.append(f"pid {pid}" + (f" ({cmdline})" if cmdline else ""))
+        return ", ".join(described)
+
+    def stopService(self):
+        super().stopService()
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # releases the lock

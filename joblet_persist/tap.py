@@ -7,6 +7,7 @@ fork between the two).
 
 Start order (stop order is the reverse, each step waiting for the previous):
 
+0. lock          exclusive lock on the data directory (a second instance refuses to start)
 1. cpu-pool      compression/append/scan thread pool, sized to the cores
 2. storage       job index loaded (or rebuilt from the files)
 3. writer        batching writer and its flush timer
@@ -207,6 +208,7 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
     )
     from joblet_persist.services import (
         CallbackService,
+        DataDirLockService,
         OrderedMultiService,
         TCPListenerService,
         ThreadPoolService,
@@ -232,6 +234,11 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
             reactor.callWhenRunning(reactor.stop)
 
     root = OrderedMultiService(on_start_failure=start_failed)
+
+    # First to start, last to stop: nothing touches the data or replaces a socket unless this
+    # process is the only one using the data directory.
+    lock = DataDirLockService(sc.data_dir)
+    lock.setServiceParent(root)
 
     pool = ThreadPoolService(reactor, "cpu-pool", wc.thread_count)
     pool.setServiceParent(root)
@@ -428,6 +435,7 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
 
     root.components = {
         "config": config,
+        "lock": lock,
         "metrics": metrics,
         "pool": pool,
         "storage": storage,

@@ -6,6 +6,7 @@ so that ``blockingCallFromThread`` completes synchronously against FakeStorage.
 
 from __future__ import annotations
 
+import errno
 import functools
 import time
 
@@ -641,6 +642,47 @@ class DeleteAndCleanupTests(ServicerMixin, SynchronousTestCase):
         )
         self.assertEqual(self.cleanup_calls, [True])
 
+    def test_filesystem_errors_are_not_internal(self):
+        """A DeleteJob failing on the filesystem is mapped in the one error-mapping place:
+        read-only, permission errors are FAILED_PRECONDITION, other errors with an errno
+        (I/O error, disk full) UNAVAILABLE; the message names the job, the cause as the
+        system words it and the file; no traceback is logged (it is not a bug)."""
+        path = f"/data/logs/{JOB}/stdout.log.gz"
+        cases = [
+            (errno.EROFS, "Read-only file system", grpc.StatusCode.FAILED_PRECONDITION),
+            (errno.EACCES, "Permission denied", grpc.StatusCode.FAILED_PRECONDITION),
+            (errno.EPERM, "Operation not permitted", grpc.StatusCode.FAILED_PRECONDITION),
+            (errno.EIO, "Input/output error", grpc.StatusCode.UNAVAILABLE),
+            (errno.ENOSPC, "No space left on device", grpc.StatusCode.UNAVAILABLE),
+        ]
+        for number, cause, code in cases:
+            error = OSError(number, cause, path)
+            s = self.make(delete_job=lambda job_id, e=error: defer.fail(e))
+            details = self.assertCode(
+                code, self.unary, s, "DeleteJob", pb.DeleteJobRequest(job_uuid=JOB)
+            )
+            self.assertIn(f"DeleteJob of job {JOB} failed: {cause}", details)
+            self.assertIn(errno.errorcode[number], details)
+            self.assertIn(path, details)
+            self.assertEqual(self.metrics.queries[-1], ("DeleteJob", code.name))
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_cleanup_filesystem_error(self):
+        """CleanupOldData failing on a read-only filesystem is FAILED_PRECONDITION naming the
+        cause; an OSError without an errno (a bug of ours) stays INTERNAL and is logged."""
+        s = self.make(cleanup=lambda dry_run: defer.fail(
+            OSError(errno.EROFS, "Read-only file system", "/data/job_index.json")))
+        details = self.assertCode(
+            grpc.StatusCode.FAILED_PRECONDITION, self.unary, s, "CleanupOldData",
+            pb.CleanupRequest(),
+        )
+        self.assertIn("CleanupOldData failed: Read-only file system [EROFS]", details)
+        s = self.make(cleanup=lambda dry_run: defer.fail(OSError("size mismatch")))
+        self.assertCode(
+            grpc.StatusCode.INTERNAL, self.unary, s, "CleanupOldData", pb.CleanupRequest()
+        )
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
     def test_cleanup_unavailable(self):
         """Without a cleanup callable CleanupOldData is UNIMPLEMENTED with a message."""
         s = self.make(cleanup=None)
@@ -740,6 +782,59 @@ class ConcurrencyTests(ServicerMixin, SynchronousTestCase):
         self.assertEqual(self.s.active_rpcs, 1)
         ctx.terminate()
         self.assertEqual(self.s.active_rpcs, 0)
+        gen.close()
+        self.assertEqual(self.s.active_rpcs, 0)
+
+    def test_call_ended_before_admission_frees_its_slot(self):
+        """When the RPC already ended before the handler registered its slot's release
+        (add_callback returns False: the deadline passed while it queued), the slot is given
+        back at once and the handler does not run."""
+
+        class Ended(FakeContext):
+            def add_callback(self, callback):
+                return False
+
+            def is_active(self):
+                return False
+
+        self.assertCode(
+            grpc.StatusCode.CANCELLED, self.stream, self.s, "QueryLogs",
+            pb.QueryLogsRequest(job_uuid=JOB), Ended(),
+        )
+        self.assertCode(
+            grpc.StatusCode.CANCELLED, self.unary, self.s, "GetStats", pb.GetStatsRequest(),
+            Ended(),
+        )
+        self.assertEqual(self.s.active_rpcs, 0)
+
+    def test_abandon_reads_cancels_running_reads(self):
+        """Once the server's stop abandons reads, the ``cancelled`` callable that every read
+        got returns True even though the call still looks active, so a read that checks it
+        stops; before that it is False."""
+        seen = []
+        real = self.storage.snapshot
+
+        def snapshot(job_id):
+            snap = real(job_id)
+            inner = snap.iter_logs
+
+            def iter_logs(*args, cancelled, **kw):
+                seen.append(cancelled)
+                return inner(*args, cancelled=cancelled, **kw)
+
+            snap.iter_logs = iter_logs
+            snap.iter_log_chunks = None
+            return snap
+
+        self.storage.snapshot = snapshot
+        ctx = FakeContext()
+        gen = self.s.QueryLogs(pb.QueryLogsRequest(job_uuid=JOB), ctx)
+        next(gen)
+        self.assertEqual(len(seen), 1)
+        self.assertFalse(seen[0]())
+        self.s.abandon_reads()
+        self.assertTrue(seen[0]())
+        self.assertTrue(ctx.is_active())
         gen.close()
         self.assertEqual(self.s.active_rpcs, 0)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import tempfile
@@ -9,12 +10,17 @@ import tempfile
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from joblet_persist.services import (
     CallbackService,
+    DataDirLockService,
     OrderedMultiService,
+    StartRefused,
     UnixListenerService,
+    flock_holders,
+    read_proc_locks,
     replace_stale_unix_socket,
 )
 
@@ -84,6 +90,120 @@ class OrderedMultiServiceTests(SynchronousTestCase):
         self.assertEqual(len(failures), 1)
         self.assertEqual(events, [])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+    def test_start_refused_is_one_line_without_traceback(self):
+        """A child refusing to start with StartRefused is logged as one error line carrying
+        its message (no traceback, no logged failure), and on_start_failure still runs."""
+        failures = []
+        root = OrderedMultiService(on_start_failure=failures.append)
+
+        def refuse():
+            raise StartRefused("data directory /d is in use by pid 7")
+
+        CallbackService("lock", refuse, lambda: None).setServiceParent(root)
+        with capturedLogs() as events:
+            root.startService()
+        self.failureResultOf(root.started, StartRefused)
+        self.assertEqual(len(failures), 1)
+        mine = [e for e in events if "startup" in formatEvent(e)]
+        self.assertEqual([formatEvent(e) for e in mine],
+                         ["startup refused: data directory /d is in use by pid 7"])
+        self.assertNotIn("log_failure", mine[0])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class DataDirLockTests(SynchronousTestCase):
+    """DataDirLockService: flock on the data directory.  flock locks belong to an open file
+    description, so two services in one process exclude each other like two processes."""
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="jp", dir="/tmp")
+        self.addCleanup(lambda: __import__("shutil").rmtree(self.dir, True))
+        self.data_dir = os.path.join(self.dir, "data")
+
+    def service(self, cmdlines=None, data_dir=None):
+        cmdlines = cmdlines if cmdlines is not None else {}
+        svc = DataDirLockService(data_dir or self.data_dir, read_cmdline=cmdlines.get)
+        self.addCleanup(lambda: svc.running and svc.stopService())
+        return svc
+
+    def test_lock_taken_without_adding_files(self):
+        """Starting creates the data directory, holds an exclusive flock on it that others
+        cannot take (the kernel lists this process as the holder), and adds no file."""
+        svc = self.service()
+        svc.startService()
+        self.assertTrue(svc.running and svc.locked)
+        self.assertEqual(os.listdir(self.data_dir), [])
+        fd = os.open(self.data_dir, os.O_RDONLY | os.O_DIRECTORY)
+        self.addCleanup(os.close, fd)
+        self.assertRaises(BlockingIOError, fcntl.flock, fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        st = os.stat(self.data_dir)
+        self.assertIn(os.getpid(), flock_holders(read_proc_locks(), st.st_dev, st.st_ino))
+
+    def test_second_instance_refused_naming_the_first(self):
+        """While one service holds the lock, a second refuses to start with StartRefused naming
+        the data directory, the holder's PID and its command line, and is not running;
+        stopping it leaves the first one's lock in place."""
+        first = self.service()
+        first.startService()
+        pid = os.getpid()
+        second = self.service(cmdlines={pid: "python3 twistd -n joblet-persist --config /a.yml"})
+        e = self.assertRaises(StartRefused, second.startService)
+        self.assertEqual(
+            str(e),
+            f"data directory {self.data_dir} is in use by pid {pid} (python3 twistd -n "
+            "joblet-persist --config /a.yml); only one joblet-persist may use a data directory",
+        )
+        self.assertFalse(second.running or second.locked)
+        second.stopService()
+        self.assertRaises(StartRefused, self.service().startService)
+
+    def test_same_directory_through_a_symlink_is_the_same_lock(self):
+        """A second service given another path to the same directory (a symlink) is refused."""
+        self.service().startService()
+        link = os.path.join(self.dir, "link")
+        os.symlink(self.data_dir, link)
+        e = self.assertRaises(StartRefused, self.service(data_dir=link).startService)
+        self.assertIn(f"data directory {link} is in use by pid {os.getpid()}", str(e))
+
+    def test_holder_unknown(self):
+        """When /proc/locks does not name the holder, the refusal says so instead of naming
+        a wrong process."""
+        self.service().startService()
+        second = DataDirLockService(self.data_dir, read_locks=lambda: "")
+        e = self.assertRaises(StartRefused, second.startService)
+        self.assertIn("in use by another process (/proc/locks does not say which)", str(e))
+
+    def test_stop_releases_the_lock(self):
+        """After stop, another service can take the lock."""
+        first = self.service()
+        first.startService()
+        first.stopService()
+        self.assertFalse(first.locked)
+        second = self.service()
+        second.startService()
+        self.assertTrue(second.locked)
+
+    def test_data_dir_that_is_a_file_refused(self):
+        """A data directory path that is a regular file is refused with a message naming it."""
+        with open(self.data_dir, "w") as f:
+            f.write("not a directory")
+        e = self.assertRaises(StartRefused, self.service().startService)
+        self.assertIn(f"cannot lock the data directory {self.data_dir}", str(e))
+
+    def test_flock_holders_parses_proc_locks(self):
+        """flock_holders matches device (hex major:minor) and inode, skips waiters, POSIX
+        locks and other files."""
+        dev = os.makedev(254, 0)
+        text = (
+            "1: POSIX  ADVISORY  WRITE 11 fe:00:77 0 EOF\n"
+            "2: FLOCK  ADVISORY  WRITE 22 fe:00:77 0 EOF\n"
+            "2: -> FLOCK  ADVISORY  WRITE 33 fe:00:77 0 EOF\n"
+            "3: FLOCK  ADVISORY  WRITE 44 fe:00:78 0 EOF\n"
+            "4: FLOCK  ADVISORY  WRITE 55 fe:01:77 0 EOF\n"
+        )
+        self.assertEqual(flock_holders(text, dev, 77), [22])
 
 
 class StaleSocketTests(SynchronousTestCase):

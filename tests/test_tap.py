@@ -26,6 +26,7 @@ from tests.test_ingest import SocketTransport
 
 #: Children of the root service in start order (stop order is the reverse).
 EXPECTED_ORDER = [
+    "lock",
     "cpu-pool",
     "storage",
     "writer",
@@ -172,12 +173,15 @@ class BuildServiceTests(SynchronousTestCase):
         )
 
     def test_children_in_start_order(self):
-        """The root holds the components in dependency order: pool, storage, writer, health,
-        ingest, retention, gRPC, then the monitoring listeners (stopped in reverse).  The
-        order matches the one documented in tap.py."""
+        """The root holds the components in dependency order: the data directory lock first
+        (released last), pool, storage, writer, health, ingest, retention, gRPC, then the
+        monitoring listeners (stopped in reverse).  The order matches the one documented in
+        tap.py."""
         root = self.build()
         self.assertEqual([child.name for child in root], EXPECTED_ORDER)
         parts = root.components
+        self.assertIs(root.getServiceNamed("lock"), parts["lock"])
+        self.assertEqual(parts["lock"].data_dir, parts["storage"].data_dir)
         self.assertIs(root.getServiceNamed("grpc"), parts["grpc"])
         self.assertIs(root.getServiceNamed("ingest"), parts["ingest"])
         self.assertIs(root.getServiceNamed("cpu-pool"), parts["pool"])
@@ -190,7 +194,7 @@ class BuildServiceTests(SynchronousTestCase):
         parts = root.components
         self.assertEqual(
             set(parts),
-            {"config", "metrics", "pool", "storage", "writer", "factory", "health", "ingest",
+            {"config", "lock", "metrics", "pool", "storage", "writer", "factory", "health", "ingest",
              "servicer", "retention", "grpc", "web"},
         )
         self.assertEqual(parts["ingest"].path, os.path.join(self.dir, "run", "ipc.sock"))

@@ -6,6 +6,7 @@ threads and files); the last starts real ``twistd -n joblet-persist`` children.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
 import os
@@ -22,6 +23,7 @@ from joblet_persist.storage.local import thd_append_logs
 from tests.integration.support import TwistdProcess, free_port, short_tempdir, wait_for
 from tests.integration.test_observability import (
     IPCClient,
+    ReadOnlyDataDir,
     get_health,
     in_thread,
     log_body,
@@ -209,6 +211,77 @@ class DeletionRaceTests(unittest.TestCase):
         infos = await self._agree(root, grpc_sock)
         self.assertEqual(set(infos), {X, OTHER})
         self.assertEqual(infos[X].log_count, 2)
+
+
+class ReadOnlyDeleteTests(unittest.TestCase):
+    timeout = 60
+
+    async def test_delete_on_read_only_filesystem_is_failed_precondition(self):
+        """DeleteJob while the data directory is read-only (a real read-only bind mount as
+        root, mode 0555 otherwise) ends FAILED_PRECONDITION, not INTERNAL, with a message
+        naming the job and the cause; the job's files are untouched and the job is still
+        queryable.  Once the directory is writable again, the same DeleteJob succeeds."""
+        directory = short_tempdir(self)
+        data_dir = os.path.join(directory, "data")
+        os.makedirs(data_dir)
+        read_only = ReadOnlyDataDir(self, data_dir)
+        root = await start_service(self, service_config(directory))
+        parts = root.components
+        client = await IPCClient.connect(self, parts["ingest"].path)
+        client.send(*[log_body(X, i, b"keep-%d\n" % i) for i in range(3)])
+        await wait_for(lambda: parts["writer"].messages_written == 3, what="the job stored")
+        self.assertTrue(await parts["storage"].flush_index())
+        await client.close()
+
+        def files():
+            found = {}
+            for dirpath, _, names in os.walk(data_dir):
+                for name in names:
+                    path = os.path.join(dirpath, name)
+                    with open(path, "rb") as f:
+                        found[path] = f.read()
+            return found
+
+        before = files()
+        self.assertTrue(any(f"/{X}/" in path for path in before), before)
+        grpc_sock = os.path.join(directory, "g.sock")
+        read_only.make_read_only()
+
+        def delete(stub):
+            try:
+                stub.DeleteJob(pb.DeleteJobRequest(job_uuid=X), timeout=10)
+            except grpc.RpcError as e:
+                return e.code(), e.details()
+            return grpc.StatusCode.OK, ""
+
+        code, details = await in_thread(grpc_sock, delete)
+        self.assertEqual(code, grpc.StatusCode.FAILED_PRECONDITION, details)
+        self.assertIn(f"DeleteJob of job {X} failed: ", details)
+        cause = "Read-only file system" if read_only.mounted else "Permission denied"
+        self.assertIn(cause, details)
+        self.assertEqual(files(), before)
+
+        def read(stub):
+            return (stub.GetJobInfo(pb.GetJobInfoRequest(job_uuid=X), timeout=10),
+                    list(stub.QueryLogs(pb.QueryLogsRequest(job_uuid=X), timeout=10)))
+
+        info, lines = await in_thread(grpc_sock, read)
+        self.assertEqual(info.log_count, 3)
+        self.assertEqual([line.content for line in lines], [b"keep-%d\n" % i for i in range(3)])
+
+        read_only.make_writable()
+        response = await in_thread(
+            grpc_sock, lambda stub: stub.DeleteJob(pb.DeleteJobRequest(job_uuid=X), timeout=10))
+        self.assertTrue(response.success)
+        self.assertFalse(os.path.exists(os.path.join(data_dir, "logs", X)))
+        self.assertEqual(
+            await in_thread(grpc_sock, lambda stub: rpc_code(
+                stub.GetJobInfo, pb.GetJobInfoRequest(job_uuid=X))),
+            grpc.StatusCode.NOT_FOUND,
+        )
+        # Storage logs its failed job index writes while the directory was read-only.
+        for failure in self.flushLoggedErrors(OSError):
+            self.assertIn(failure.value.errno, (errno.EROFS, errno.EACCES))
 
 
 class RetentionTimerTests(unittest.TestCase):

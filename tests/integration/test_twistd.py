@@ -6,6 +6,9 @@ import json
 import os
 import signal
 import stat
+import sys
+import textwrap
+import time
 
 import grpc
 import treq
@@ -14,11 +17,18 @@ from twisted.trial import unittest
 
 from joblet_persist._proto import persist_pb2, persist_pb2_grpc
 from tests.integration.support import (
+    ROOT,
     TwistdProcess,
+    _ChildProtocol,
+    check_gzip_files,
     free_port,
+    in_thread,
+    log_frame,
+    send_in_pieces,
     short_tempdir,
     wait_for,
     write_config,
+    write_service_config,
 )
 
 
@@ -98,3 +108,102 @@ class TwistdSmokeTests(unittest.TestCase):
         self.assertNotEqual(code, 0)
         self.assertIn("storage.dataDirectory", proc.output)
         self.assertIn(path, proc.output)
+
+
+#: Runs twistd after replacing the servicer's log read with a loop that spins forever and
+#: never checks cancellation (what a reader that makes no progress does).  Test code only:
+#: the service itself has no such hook.
+_SPINNING_TWISTD = textwrap.dedent(
+    """\
+    import sys
+    from joblet_persist import query
+
+    def _spin(self, request, context):
+        print("test: query spinning, ignoring cancellation", file=sys.stderr, flush=True)
+        while True:
+            pass
+        yield
+
+    query.PersistServicer._log_chunks = _spin
+    from twisted.scripts.twistd import run
+    run()
+    """
+)
+
+
+class _SpinningTwistd(TwistdProcess):
+    """``twistd -n joblet-persist`` whose QueryLogs handlers spin forever."""
+
+    def __init__(self, testcase, workdir: str, args: list[str]):
+        from twisted.internet import reactor
+
+        self.testcase = testcase
+        self.workdir = workdir
+        self.proto = _ChildProtocol()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        argv = [sys.executable, "-c", _SPINNING_TWISTD, "-n", "--pidfile=", "--logfile=-",
+                "joblet-persist", *args]
+        self.transport = reactor.spawnProcess(self.proto, sys.executable, argv, env=env)
+        testcase.addCleanup(self._kill)
+
+
+class TwistdShutdownBoundTests(unittest.TestCase):
+    timeout = 90
+
+    async def test_sigterm_exits_within_grace_while_a_query_spins(self):
+        """With a QueryLogs handler spinning at 100% CPU and ignoring cancellation, SIGTERM
+        still ends the process within server.shutdownGrace plus the stop bound (1 s) and a
+        little scheduling: the rest of the stop runs (a frame received just before the signal
+        is flushed to disk, the sockets are removed) and the exit is clean, no traceback."""
+        directory = short_tempdir(self)
+        health_port = free_port()
+        grace = 1.0
+        config = write_service_config(directory, {
+            "server": {"shutdownGrace": f"{grace:g}s"},
+            "writer": {"flushInterval": "1h"},
+            "monitoring": {"enabled": True, "metricsPort": free_port(), "healthPort": health_port},
+        })
+        proc = _SpinningTwistd(self, directory, ["--config", config])
+        grpc_sock = os.path.join(directory, "grpc.sock")
+        ipc_sock = os.path.join(directory, "ipc.sock")
+
+        async def healthy():
+            try:
+                response = await treq.get(f"http://127.0.0.1:{health_port}/health",
+                                          persistent=False)
+            except Exception:
+                return False
+            return response.code == 200
+
+        await wait_for(healthy, timeout=30, what="/health 200")
+        job = "5e1f5e1f-0000-4111-8222-933333333333"
+        await in_thread(send_in_pieces, ipc_sock, log_frame(job, 1, 1, 1, b"kept\n"))
+
+        def query():
+            with grpc.insecure_channel(f"unix:{grpc_sock}") as channel:
+                stub = persist_pb2_grpc.PersistServiceStub(channel)
+                try:
+                    list(stub.QueryLogs(persist_pb2.QueryLogsRequest(job_uuid=job), timeout=60))
+                except grpc.RpcError as e:
+                    return e.code()
+                return grpc.StatusCode.OK
+
+        querying = in_thread(query)
+        await wait_for(lambda: "test: query spinning" in proc.output, timeout=20,
+                       what="the query in flight")
+        started = time.monotonic()
+        proc.signal("TERM")
+        code = await proc.wait_exit(grace + 30)
+        elapsed = time.monotonic() - started
+        self.assertIn(code, (0, -signal.SIGTERM), proc.output)
+        # Typically grace + 1 s + 0.25 s.  The spinning thread holds the GIL for 5 ms slices,
+        # which slows the rest of the stop on a loaded machine; the old code never exited.
+        self.assertLess(elapsed, grace + 1.0 + 8.0, f"SIGTERM to exit took {elapsed:.2f}s")
+        self.assertEqual(await querying, grpc.StatusCode.UNAVAILABLE)
+        self.assertIn("handler threads still running", proc.output)
+        self.assertIn("Server Shut Down.", proc.output)
+        self.assertNotIn("Traceback", proc.output)
+        self.assertFalse(os.path.exists(grpc_sock) or os.path.exists(ipc_sock))
+        decoded = check_gzip_files(self, os.path.join(directory, "data"))
+        self.assertEqual(list(decoded.values()), [b"kept\n"])
