@@ -643,3 +643,37 @@ class FuzzTests(EventCodecTestsMixin, SynchronousTestCase):
         payload = encode_event(msg_type, values) + f_len(15, junk)
         view = events.KINDS_BY_TYPE[msg_type].view_class.FromString(payload)
         self.assertIsInstance(view, getattr(ipc_views_pb2, view.DESCRIPTOR.name))
+
+
+class DocsTests(SynchronousTestCase):
+    """The storage format document shows what the codec writes."""
+
+    def test_storage_format_examples(self):
+        """The example event lines in docs/storage-format.md section 9 are exactly what
+        event_json_line produces for those events, and its base64 example decodes."""
+        import os
+
+        path = os.path.join(os.path.dirname(__file__), "..", "docs", "storage-format.md")
+        with open(path, encoding="utf-8") as f:
+            doc = f.read()
+        section = doc.split("## 9. Telemetry events", 1)[1]
+        block = section.split("```json\n", 1)[1].split("```", 1)[0]
+        produced = [
+            events.decode_event(3, encode_event(3, {
+                "pid": 4242, "ppid": 1, "filename": "/usr/bin/curl",
+                "args": ["curl", "-s", "https://example.com/"]}),
+                "<job>", 1700000000123456789, 42),
+            events.decode_event(6, encode_event(6, {
+                "pid": 4242, "comm": "curl", "direction": "send", "addr": "93.184.216.34",
+                "port": 443, "protocol": "tcp", "bytes": 517}),
+                "<job>", 1700000000223456789, 43),
+            events.decode_event(7, encode_event(7, {
+                "pid": 4242, "comm": "curl", "addr": U64_MAX, "length": 4096, "prot": 5,
+                "flags": 34, "filename": b"/lib/\xfe"}),
+                "<job>", 1700000000323456789, 44),
+        ]
+        self.assertEqual(block.encode(), b"".join(map(events.event_json_line, produced)))
+        for kind in events.KINDS:
+            self.assertIn(f"`{kind.stem}`", section)
+            for field in kind.fields:
+                self.assertIn(f"`{field.key}`", section)
