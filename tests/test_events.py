@@ -618,6 +618,38 @@ class FuzzTests(EventCodecTestsMixin, SynchronousTestCase):
         self.assertEqual(msg, events.record_message(record))
         self.assertEqual(events.event_record_from_json(record.kind, line, JOB), record)
 
+    @given(st.integers(0, 12), st.binary(max_size=200), i64, u64)
+    def test_check_event_agrees(self, msg_type, payload, ts, seq):
+        """check_event accepts and rejects exactly what decode_event does, with the same
+        reason, kind, timestamp and sequence; payload_json_line writes the same line."""
+        try:
+            record = events.decode_event(msg_type, payload, JOB, ts, seq)
+        except events.EventDecodeError as e:
+            with self.assertRaises(events.EventDecodeError) as cm:
+                events.check_event(msg_type, payload, JOB, ts, seq)
+            self.assertEqual((cm.exception.reason, str(cm.exception)), (e.reason, str(e)))
+            return
+        kind, ts2, seq2 = events.check_event(msg_type, payload, JOB, ts, seq)
+        self.assertEqual((kind, ts2, seq2), (record.kind, record.timestamp, record.sequence))
+        self.assertEqual(
+            events.payload_json_line(kind, payload, JOB, ts2, seq2),
+            events.event_json_line(record),
+        )
+
+    @given(valid_events(), st.booleans())
+    def test_check_event_valid(self, event, envelope_time):
+        """On valid events check_event gives the envelope's time, or the payload's when the
+        envelope's timestamp is 0, and payload_json_line the line decode_event's record has."""
+        msg_type, values, ts, seq = event
+        payload = encode_event(msg_type, values, ts=ts, seq=seq)
+        env_ts = (ts ^ 1) or 5 if envelope_time else 0
+        kind, ts2, seq2 = events.check_event(msg_type, payload, JOB, env_ts, 9)
+        self.assertEqual((ts2, seq2), (env_ts, 9) if envelope_time else (ts, seq))
+        self.assertEqual(
+            events.payload_json_line(kind, payload, JOB, ts2, seq2),
+            events.event_json_line(events.decode_event(msg_type, payload, JOB, env_ts, 9)),
+        )
+
     @given(st.sampled_from(sorted(IPC)), st.binary(max_size=200))
     def test_agrees_with_ipc_message(self, msg_type, payload):
         """Whenever the generated IPC message class accepts a payload, decode_event accepts
