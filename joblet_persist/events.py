@@ -99,6 +99,12 @@ class EventField:
     type: str
     query_name: str
 
+    @property
+    def camel(self) -> str | None:
+        """The key in protobuf's JSON mapping (``src_addr`` -> ``srcAddr``), if it differs."""
+        head, *rest = self.key.split("_")
+        return head + "".join(w.title() for w in rest) if rest else None
+
 
 @dataclass(frozen=True, eq=False)
 class EventKind:
@@ -340,7 +346,10 @@ def event_json_line(record: EventRecord) -> bytes:
 
 
 def _int_of(value, type_: str) -> int:
-    """A stored integer; anything else (or out of the field's range) reads as 0."""
+    """A stored integer (or one in a decimal string, as protobuf's JSON mapping writes 64-bit
+    integers); anything else, or a value out of the field's range, reads as 0."""
+    if type(value) is str and value.lstrip("-").isdigit() and value.isascii():
+        value = int(value)
     if type(value) is not int:
         return 0
     low, high = _RANGES[type_]
@@ -376,7 +385,10 @@ def event_record_from_json(kind: EventKind, line, job_id: str) -> EventRecord:
     """Read a stored line (bytes, str or an already parsed dict) back into a record.
 
     Tolerant like the metric reader: a missing key, a value of the wrong type or an integer
-    out of its field's range reads as 0 / ``""``; unknown keys are ignored.  ``job_id`` is
+    out of its field's range reads as 0 / ``""``; unknown keys are ignored.  Lines of other
+    writers read too: the older Go service's (Go ``encoding/json`` of the IPC message: the
+    same keys, zero values omitted) and protobuf's JSON mapping (camelCase keys, 64-bit
+    integers as decimal strings).  ``job_id`` is
     the job asked for (the stored ``job_uuid`` is not trusted).  Raises EventRecordError
     when the line is not a JSON object.
     """
@@ -384,6 +396,8 @@ def event_record_from_json(kind: EventKind, line, job_id: str) -> EventRecord:
     values = []
     for field in kind.fields:
         value = obj.get(field.key)
+        if value is None and field.camel is not None:
+            value = obj.get(field.camel)
         if field.type == STR:
             value = _text_of(value)
         elif field.type == STRS:

@@ -559,7 +559,7 @@ class StoredLineTests(SynchronousTestCase):
         unknown keys are ignored; the job id is the one asked for."""
         kind = events.KINDS_BY_NAME["socket_data"]
         line = json.dumps({
-            "job_uuid": "elsewhere", "timestamp": "12", "pid": -1, "port": 1 << 32,
+            "job_uuid": "elsewhere", "timestamp": "1e3", "pid": -1, "port": 1 << 32,
             "bytes": 1.5, "addr": ["x"], "comm": {"b64": "not base64!"}, "direction": "recv",
             "extra": 1, "sequence": True,
         })
@@ -567,6 +567,35 @@ class StoredLineTests(SynchronousTestCase):
         self.assertEqual(msg, persist_pb2.SocketDataEvent(job_uuid=JOB, direction="recv"))
         msg = events.event_message(kind, b"{}", JOB)
         self.assertEqual(msg, persist_pb2.SocketDataEvent(job_uuid=JOB))
+
+    def test_other_writers(self):
+        """Lines of the older Go service (encoding/json of the IPC message: zero values
+        omitted) and of protobuf's JSON mapping (camelCase, 64-bit integers as strings)
+        read back as the same events."""
+        kind = events.KINDS_BY_NAME["connect"]
+        go = (b'{"job_uuid":"j","timestamp":1700000000000000001,"sequence":3,"pid":7,'
+              b'"src_addr":"10.0.0.2","src_port":5123,"dst_addr":"1.1.1.1","dst_port":53,'
+              b'"protocol":"udp"}')
+        protojson = (b'{"jobUuid":"j","timestamp":"1700000000000000001","sequence":"3",'
+                     b'"pid":7,"srcAddr":"10.0.0.2","srcPort":5123,"dstAddr":"1.1.1.1",'
+                     b'"dstPort":53,"protocol":"udp"}')
+        want = persist_pb2.ConnectEvent(
+            job_uuid=JOB, timestamp=1700000000000000001, sequence=3, pid=7,
+            src_addr="10.0.0.2", src_port=5123, dst_addr="1.1.1.1", dst_port=53,
+            protocol="udp",
+        )
+        self.assertEqual(events.event_message(kind, go, JOB), want)
+        self.assertEqual(events.event_message(kind, protojson, JOB), want)
+        mmap = events.KINDS_BY_NAME["mmap"]
+        msg = events.event_message(
+            mmap, {"addr": "18446744073709551615", "length": "-1", "prot": "٣"}, JOB
+        )
+        self.assertEqual((msg.addr, msg.length, msg.prot), (U64_MAX, 0, 0))
+        exec_ = events.KINDS_BY_NAME["exec"]
+        self.assertEqual(
+            list(events.event_message(exec_, {"args": ["a", 1, None, "b"]}, JOB).args),
+            ["a", "", "", "b"],
+        )
 
     def test_b64_that_is_utf8(self):
         """A {"b64": ...} whose bytes are valid UTF-8 comes back as plain text."""
