@@ -738,3 +738,69 @@ class DocsTests(SynchronousTestCase):
             self.assertIn(f"`{kind.stem}`", section)
             for field in kind.fields:
                 self.assertIn(f"`{field.key}`", section)
+
+
+class EventMemberTests(SynchronousTestCase):
+    """Event lines in the seekable gzip format (storage/format.py)."""
+
+    def test_members_round_trip(self):
+        """A batch of event lines becomes members whose JP kind is the IPC type; a file of
+        them scans (thd_scan_segment), reads back member by member with timestamps and
+        sequences from the table, and plain gzip (zcat) yields exactly the lines."""
+        import gzip
+        import os
+
+        from joblet_persist.storage import format as fmt
+        from joblet_persist.storage.compress import make_compressor
+        from joblet_persist.storage.segment import thd_scan_segment
+
+        records = [
+            events.decode_event(
+                7, encode_event(7, dict(SAMPLES[7], addr=i, filename=b"/x/\xff" * (i % 3))),
+                JOB, TS + i * 1000, i,
+            )
+            for i in range(3000)
+        ]
+        lines = [events.event_json_line(r) for r in records]
+        pieces = fmt.encode_event_members(
+            7, [r.timestamp for r in records], [r.sequence for r in records],
+            list(range(100, 3100)), lines, make_compressor("zlib", 6), max_member_raw=64 * 1024,
+        )
+        self.assertGreater(len(pieces), 1)
+        blob = b"".join(data for data, _info in pieces)
+        for data, info in pieces:
+            self.assertEqual(info.kind, 7)
+            self.assertEqual(data[16:18], b"\x01\x07")  # JP version 1, kind 7
+        self.assertEqual(gzip.decompress(blob), b"".join(lines))
+        path = os.path.join(self.mktemp())
+        with open(path, "wb") as f:
+            f.write(blob)
+        scan = thd_scan_segment(path, repair=False)
+        self.assertEqual(scan.valid_size, len(blob))
+        got_lines, got_ts, got_seq = [], [], []
+        with open(path, "rb") as f:
+            for member in scan.members:
+                self.assertEqual(member.kind, 7)
+                table, data = fmt.read_member(f, member)
+                got_ts += list(table.timestamps)
+                got_seq += list(table.sequences)
+                got_lines += data.splitlines(keepends=True)
+        self.assertEqual(got_lines, lines)
+        self.assertEqual(got_ts, [r.timestamp for r in records])
+        self.assertEqual(got_seq, [r.sequence for r in records])
+        kind = events.KINDS_BY_TYPE[7]
+        self.assertEqual(
+            [events.event_message(kind, line, JOB) for line in got_lines[:5]],
+            [events.record_message(r) for r in records[:5]],
+        )
+
+    def test_bad_batches(self):
+        """Only kinds 3..9 and newline-terminated lines are accepted."""
+        from joblet_persist.storage import format as fmt
+        from joblet_persist.storage.compress import make_compressor
+
+        comp = make_compressor("zlib", 6)
+        for kind in (0, 1, 2, 10):
+            self.assertRaises(ValueError, fmt.encode_event_members, kind, [1], [1], [1],
+                              [b"{}\n"], comp)
+        self.assertRaises(ValueError, fmt.encode_event_members, 3, [1], [1], [1], [b"{}"], comp)
