@@ -357,8 +357,18 @@ def _int_of(value, type_: str) -> int:
 
 
 def _text_of(value) -> Text:
-    """A stored string: ``str``, or ``bytes`` from a ``{"b64": ...}`` object; else ``""``."""
+    """A stored string: ``str``, or ``bytes`` from a ``{"b64": ...}`` object; else ``""``.
+
+    JSON text may hold lone surrogates (``"\\ud800"``), which no UTF-8 string can carry:
+    such a value reads as the bytes Python's ``surrogatepass`` gives, i.e. not valid UTF-8.
+    """
     if isinstance(value, str):
+        if value.isascii():
+            return value
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "surrogatepass")
         return value
     if isinstance(value, dict) and isinstance(value.get("b64"), str):
         try:

@@ -597,6 +597,15 @@ class StoredLineTests(SynchronousTestCase):
             ["a", "", "", "b"],
         )
 
+    def test_lone_surrogates(self):
+        """JSON escapes of lone surrogates (which valid UTF-8 cannot hold) read as bytes that
+        are not UTF-8: U+FFFD in the string field, the surrogatepass bytes in non_utf8."""
+        kind = events.KINDS_BY_NAME["file"]
+        msg = events.event_message(kind, b'{"path":"a\\ud800b","comm":"\\udcff"}', JOB)
+        self.assertEqual(dict(msg.non_utf8), {"path": b"a\xed\xa0\x80b", "comm": b"\xed\xb3\xbf"})
+        self.assertEqual(msg.comm, "\ufffd\ufffd\ufffd")
+        msg.SerializeToString()
+
     def test_b64_that_is_utf8(self):
         """A {"b64": ...} whose bytes are valid UTF-8 comes back as plain text."""
         kind = events.KINDS_BY_NAME["file"]
@@ -630,8 +639,40 @@ def valid_events(draw):
     return msg_type, values, draw(i64), draw(u64)
 
 
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=10,
+)
+field_keys = st.sampled_from(sorted(
+    {name for _t, (_k, layout) in IPC.items() for _n, name, _ty in layout}
+    | {"job_uuid", "timestamp", "sequence", "srcAddr", "dstPort", "b64"}
+))
+
+
 class FuzzTests(EventCodecTestsMixin, SynchronousTestCase):
     """Property tests of the codec."""
+
+    @given(
+        st.sampled_from(sorted(IPC)),
+        st.dictionaries(field_keys | st.text(max_size=5), json_values, max_size=12),
+    )
+    def test_arbitrary_stored_objects(self, msg_type, obj):
+        """Any JSON object as a stored line gives a message that serializes; nothing
+        raises (foreign or damaged files must not break a query)."""
+        kind = events.KINDS_BY_TYPE[msg_type]
+        line = json.dumps(obj)
+        msg = events.event_message(kind, line, JOB)
+        msg.SerializeToString()
+        self.assertEqual(msg.job_uuid, JOB)
+
+    @given(st.binary(max_size=60))
+    def test_arbitrary_stored_bytes(self, line):
+        """Any bytes as a stored line: a message, or EventRecordError."""
+        try:
+            events.event_message(events.KINDS_BY_NAME["exec"], line, JOB).SerializeToString()
+        except events.EventRecordError:
+            pass
 
     @given(st.integers(0, 12), st.binary(max_size=200))
     def test_arbitrary_payload(self, msg_type, payload):
