@@ -847,3 +847,50 @@ class EventMemberTests(SynchronousTestCase):
             self.assertRaises(ValueError, fmt.encode_event_members, kind, [1], [1], [1],
                               [b"{}\n"], comp)
         self.assertRaises(ValueError, fmt.encode_event_members, 3, [1], [1], [1], [b"{}"], comp)
+
+
+class ZcatJqTests(SynchronousTestCase):
+    """What an operator sees with the standard tools."""
+
+    def test_zcat_and_jq(self):
+        """`zcat` of an event file prints exactly the JSON lines, and jq reads each one:
+        keys, the args array, the b64 form of a non-UTF-8 name (which base64 -d restores)."""
+        import os
+        import shutil
+        import subprocess
+
+        from twisted.trial.unittest import SkipTest
+
+        from joblet_persist.storage import format as fmt
+        from joblet_persist.storage.compress import make_compressor
+
+        if not (shutil.which("zcat") and shutil.which("jq")):
+            raise SkipTest("zcat and jq are needed")
+        args = [f"a{i}" for i in range(1000)] + [b"\xfe\xff"]
+        records = [
+            events.decode_event(3, encode_event(3, dict(SAMPLES[3], args=args, comm=b"\xc0")),
+                                JOB, TS, 1),
+            events.decode_event(3, encode_event(3, {"pid": 12, "comm": "cat"}), JOB, TS + 1, 2),
+        ]
+        lines = [events.event_json_line(r) for r in records]
+        pieces = fmt.encode_event_members(3, [TS, TS + 1], [1, 2], [1, 2], lines,
+                                          make_compressor("zlib", 6))
+        path = os.path.join(self.mktemp() + ".jsonl.gz")
+        with open(path, "wb") as f:
+            f.write(b"".join(data for data, _ in pieces))
+        out = subprocess.run(["zcat", path], capture_output=True, check=True).stdout
+        self.assertEqual(out, b"".join(lines))
+        program = (
+            '[(.args | length), (.comm | if type == "object" then .b64 else . end), '
+            "(.timestamp | type), .pid]"
+        )
+        jq = subprocess.run(
+            ["sh", "-c", 'zcat "$1" | jq -c "$2"', "sh", path, program],
+            capture_output=True, check=True,
+        ).stdout
+        self.assertEqual(jq.splitlines(), [b'[1001,"wA==","number",4242]',
+                                           b'[0,"cat","number",12]'])
+        b64 = json.loads(out.splitlines()[0])["args"][1000]["b64"]
+        raw = subprocess.run(["base64", "-d"], input=b64.encode(), capture_output=True,
+                             check=True).stdout
+        self.assertEqual(raw, b"\xfe\xff")
