@@ -1,7 +1,8 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -117,3 +118,163 @@ class Metric(_message.Message):
     sequence: int
     data: MetricData
     def __init__(self, job_uuid: _Optional[str] = ..., timestamp: _Optional[int] = ..., sequence: _Optional[int] = ..., data: _Optional[_Union[MetricData, _Mapping]] = ...) -> None: ...
+
+class ExecEvent(_message.Message):
+    __slots__ = ("job_uuid", "timestamp", "sequence", "pid", "ppid", "uid", "gid", "comm", "filename", "args")
+    JOB_UUID_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    PPID_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
+    GID_FIELD_NUMBER: _ClassVar[int]
+    COMM_FIELD_NUMBER: _ClassVar[int]
+    FILENAME_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    job_uuid: str
+    timestamp: int
+    sequence: int
+    pid: int
+    ppid: int
+    uid: int
+    gid: int
+    comm: str
+    filename: str
+    args: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, job_uuid: _Optional[str] = ..., timestamp: _Optional[int] = ..., sequence: _Optional[int] = ..., pid: _Optional[int] = ..., ppid: _Optional[int] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., comm: _Optional[str] = ..., filename: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ConnectEvent(_message.Message):
+    __slots__ = ("job_uuid", "timestamp", "sequence", "pid", "comm", "src_addr", "src_port", "dst_addr", "dst_port", "protocol")
+    JOB_UUID_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    COMM_FIELD_NUMBER: _ClassVar[int]
+    SRC_ADDR_FIELD_NUMBER: _ClassVar[int]
+    SRC_PORT_FIELD_NUMBER: _ClassVar[int]
+    DST_ADDR_FIELD_NUMBER: _ClassVar[int]
+    DST_PORT_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    job_uuid: str
+    timestamp: int
+    sequence: int
+    pid: int
+    comm: str
+    src_addr: str
+    src_port: int
+    dst_addr: str
+    dst_port: int
+    protocol: str
+    def __init__(self, job_uuid: _Optional[str] = ..., timestamp: _Optional[int] = ..., sequence: _Optional[int] = ..., pid: _Optional[int] = ..., comm: _Optional[str] = ..., src_addr: _Optional[str] = ..., src_port: _Optional[int] = ..., dst_addr: _Optional[str] = ..., dst_port: _Optional[int] = ..., protocol: _Optional[str] = ...) -> None: ...
+
+class AcceptEvent(_message.Message):
+    __slots__ = ("job_uuid", "timestamp", "sequence", "pid", "comm", "src_addr", "src_port", "dst_addr", "dst_port", "protocol")
+    JOB_UUID_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    COMM_FIELD_NUMBER: _ClassVar[int]
+    SRC_ADDR_FIELD_NUMBER: _ClassVar[int]
+    SRC_PORT_FIELD_NUMBER: _ClassVar[int]
+    DST_ADDR_FIELD_NUMBER: _ClassVar[int]
+    DST_PORT_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    job_uuid: str
+    timestamp: int
+    sequence: int
+    pid: int
+    comm: str
+    src_addr: str
+    src_port: int
+    dst_addr: str
+    dst_port: int
+    protocol: str
+    def __init__(self, job_uuid: _Optional[str] = ..., timestamp: _Optional[int] = ..., sequence: _Optional[int] = ..., pid: _Optional[int] = ..., comm: _Optional[str] = ..., src_addr: _Optional[str] = ..., src_port: _Optional[int] = ..., dst_addr: _Optional[str] = ..., dst_port: _Optional[int] = ..., protocol: _Optional[str] = ...) -> None: ...
+
+class SocketDataEvent(_message.Message):
+    __slots__ = ("job_uuid", "timestamp", "sequence", "pid", "comm", "direction", "addr", "port", "protocol", "bytes")
+    JOB_UUID_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    COMM_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    ADDR_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    job_uuid: str
+    timestamp: int
+    sequence: int
+    pid: int
+    comm: str
+    direction: str
+    addr: str
+    port: int
+    protocol: str
+    bytes: int
+    def __init__(self, job_uuid: _Optional[str] = ..., timestamp: _Optional[int] = ..., sequence: _Optional[int] = ..., pid: _Optional[int] = ..., comm: _Optional[str] = ..., direction: _Optional[str] = ..., addr: _Optional[str] = ..., port: _Optional[int] = ..., protocol: _Optional[str] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class MmapEvent(_message.Message):
+    __slots__ = ("job_uuid", "timestamp", "sequence", "pid", "comm", "addr", "length", "prot", "flags", "filename")
+    JOB_UUID_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    COMM_FIELD_NUMBER: _ClassVar[int]
+    ADDR_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    PROT_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    FILENAME_FIELD_NUMBER: _ClassVar[int]
+    job_uuid: str
+    timestamp: int
+    sequence: int
+    pid: int
+    comm: str
+    addr: int
+    length: int
+    prot: int
+    flags: int
+    filename: str
+    def __init__(self, job_uuid: _Optional[str] = ..., timestamp: _Optional[int] = ..., sequence: _Optional[int] = ..., pid: _Optional[int] = ..., comm: _Optional[str] = ..., addr: _Optional[int] = ..., length: _Optional[int] = ..., prot: _Optional[int] = ..., flags: _Optional[int] = ..., filename: _Optional[str] = ...) -> None: ...
+
+class MprotectEvent(_message.Message):
+    __slots__ = ("job_uuid", "timestamp", "sequence", "pid", "comm", "addr", "length", "prot")
+    JOB_UUID_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    COMM_FIELD_NUMBER: _ClassVar[int]
+    ADDR_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    PROT_FIELD_NUMBER: _ClassVar[int]
+    job_uuid: str
+    timestamp: int
+    sequence: int
+    pid: int
+    comm: str
+    addr: int
+    length: int
+    prot: int
+    def __init__(self, job_uuid: _Optional[str] = ..., timestamp: _Optional[int] = ..., sequence: _Optional[int] = ..., pid: _Optional[int] = ..., comm: _Optional[str] = ..., addr: _Optional[int] = ..., length: _Optional[int] = ..., prot: _Optional[int] = ...) -> None: ...
+
+class FileEvent(_message.Message):
+    __slots__ = ("job_uuid", "timestamp", "sequence", "pid", "comm", "path", "operation", "bytes")
+    JOB_UUID_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    COMM_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    OPERATION_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    job_uuid: str
+    timestamp: int
+    sequence: int
+    pid: int
+    comm: str
+    path: str
+    operation: str
+    bytes: int
+    def __init__(self, job_uuid: _Optional[str] = ..., timestamp: _Optional[int] = ..., sequence: _Optional[int] = ..., pid: _Optional[int] = ..., comm: _Optional[str] = ..., path: _Optional[str] = ..., operation: _Optional[str] = ..., bytes: _Optional[int] = ...) -> None: ...

@@ -12,9 +12,28 @@ class StreamType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STREAM_TYPE_UNSPECIFIED: _ClassVar[StreamType]
     STREAM_TYPE_STDOUT: _ClassVar[StreamType]
     STREAM_TYPE_STDERR: _ClassVar[StreamType]
+
+class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EVENT_KIND_UNSPECIFIED: _ClassVar[EventKind]
+    EVENT_KIND_EXEC: _ClassVar[EventKind]
+    EVENT_KIND_CONNECT: _ClassVar[EventKind]
+    EVENT_KIND_ACCEPT: _ClassVar[EventKind]
+    EVENT_KIND_SOCKET_DATA: _ClassVar[EventKind]
+    EVENT_KIND_MMAP: _ClassVar[EventKind]
+    EVENT_KIND_MPROTECT: _ClassVar[EventKind]
+    EVENT_KIND_FILE: _ClassVar[EventKind]
 STREAM_TYPE_UNSPECIFIED: StreamType
 STREAM_TYPE_STDOUT: StreamType
 STREAM_TYPE_STDERR: StreamType
+EVENT_KIND_UNSPECIFIED: EventKind
+EVENT_KIND_EXEC: EventKind
+EVENT_KIND_CONNECT: EventKind
+EVENT_KIND_ACCEPT: EventKind
+EVENT_KIND_SOCKET_DATA: EventKind
+EVENT_KIND_MMAP: EventKind
+EVENT_KIND_MPROTECT: EventKind
+EVENT_KIND_FILE: EventKind
 
 class LogLine(_message.Message):
     __slots__ = ("job_uuid", "stream", "timestamp", "sequence", "content")
@@ -133,36 +152,58 @@ class GetJobInfoRequest(_message.Message):
     def __init__(self, job_uuid: _Optional[str] = ...) -> None: ...
 
 class GetJobInfoResponse(_message.Message):
-    __slots__ = ("job_uuid", "created_at", "last_updated", "log_count", "metric_count", "size_bytes")
+    __slots__ = ("job_uuid", "created_at", "last_updated", "log_count", "metric_count", "size_bytes", "event_count", "event_counts")
+    class EventCountsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     JOB_UUID_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     LAST_UPDATED_FIELD_NUMBER: _ClassVar[int]
     LOG_COUNT_FIELD_NUMBER: _ClassVar[int]
     METRIC_COUNT_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EVENT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    EVENT_COUNTS_FIELD_NUMBER: _ClassVar[int]
     job_uuid: str
     created_at: int
     last_updated: int
     log_count: int
     metric_count: int
     size_bytes: int
-    def __init__(self, job_uuid: _Optional[str] = ..., created_at: _Optional[int] = ..., last_updated: _Optional[int] = ..., log_count: _Optional[int] = ..., metric_count: _Optional[int] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+    event_count: int
+    event_counts: _containers.ScalarMap[str, int]
+    def __init__(self, job_uuid: _Optional[str] = ..., created_at: _Optional[int] = ..., last_updated: _Optional[int] = ..., log_count: _Optional[int] = ..., metric_count: _Optional[int] = ..., size_bytes: _Optional[int] = ..., event_count: _Optional[int] = ..., event_counts: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("job_uuid", "created_at", "last_updated", "log_count", "metric_count", "size_bytes")
+    __slots__ = ("job_uuid", "created_at", "last_updated", "log_count", "metric_count", "size_bytes", "event_count", "event_counts")
+    class EventCountsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     JOB_UUID_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     LAST_UPDATED_FIELD_NUMBER: _ClassVar[int]
     LOG_COUNT_FIELD_NUMBER: _ClassVar[int]
     METRIC_COUNT_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EVENT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    EVENT_COUNTS_FIELD_NUMBER: _ClassVar[int]
     job_uuid: str
     created_at: int
     last_updated: int
     log_count: int
     metric_count: int
     size_bytes: int
-    def __init__(self, job_uuid: _Optional[str] = ..., created_at: _Optional[int] = ..., last_updated: _Optional[int] = ..., log_count: _Optional[int] = ..., metric_count: _Optional[int] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+    event_count: int
+    event_counts: _containers.ScalarMap[str, int]
+    def __init__(self, job_uuid: _Optional[str] = ..., created_at: _Optional[int] = ..., last_updated: _Optional[int] = ..., log_count: _Optional[int] = ..., metric_count: _Optional[int] = ..., size_bytes: _Optional[int] = ..., event_count: _Optional[int] = ..., event_counts: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
     __slots__ = ("since", "until", "limit", "offset")
@@ -205,7 +246,14 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("total_jobs", "total_logs", "total_metrics", "total_size_bytes", "messages_received", "messages_written", "write_errors")
+    __slots__ = ("total_jobs", "total_logs", "total_metrics", "total_size_bytes", "messages_received", "messages_written", "write_errors", "total_events", "total_events_by_kind")
+    class TotalEventsByKindEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     TOTAL_JOBS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_LOGS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_METRICS_FIELD_NUMBER: _ClassVar[int]
@@ -213,6 +261,8 @@ class GetStatsResponse(_message.Message):
     MESSAGES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
     WRITE_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_EVENTS_BY_KIND_FIELD_NUMBER: _ClassVar[int]
     total_jobs: int
     total_logs: int
     total_metrics: int
@@ -220,7 +270,9 @@ class GetStatsResponse(_message.Message):
     messages_received: int
     messages_written: int
     write_errors: int
-    def __init__(self, total_jobs: _Optional[int] = ..., total_logs: _Optional[int] = ..., total_metrics: _Optional[int] = ..., total_size_bytes: _Optional[int] = ..., messages_received: _Optional[int] = ..., messages_written: _Optional[int] = ..., write_errors: _Optional[int] = ...) -> None: ...
+    total_events: int
+    total_events_by_kind: _containers.ScalarMap[str, int]
+    def __init__(self, total_jobs: _Optional[int] = ..., total_logs: _Optional[int] = ..., total_metrics: _Optional[int] = ..., total_size_bytes: _Optional[int] = ..., messages_received: _Optional[int] = ..., messages_written: _Optional[int] = ..., write_errors: _Optional[int] = ..., total_events: _Optional[int] = ..., total_events_by_kind: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class CleanupRequest(_message.Message):
     __slots__ = ("dry_run",)
@@ -249,3 +301,280 @@ class MetricBatch(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     metrics: _containers.RepeatedCompositeFieldContainer[Metric]
     def __init__(self, metrics: _Optional[_Iterable[_Union[Metric, _Mapping]]] = ...) -> None: ...
+
+class ExecEvent(_message.Message):
+    __slots__ = ("job_uuid", "timestamp", "sequence", "pid", "ppid", "uid", "gid", "comm", "filename", "args", "non_utf8")
+    class NonUtf8Entry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    JOB_UUID_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    PPID_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
+    GID_FIELD_NUMBER: _ClassVar[int]
+    COMM_FIELD_NUMBER: _ClassVar[int]
+    FILENAME_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    NON_UTF8_FIELD_NUMBER: _ClassVar[int]
+    job_uuid: str
+    timestamp: int
+    sequence: int
+    pid: int
+    ppid: int
+    uid: int
+    gid: int
+    comm: str
+    filename: str
+    args: _containers.RepeatedScalarFieldContainer[str]
+    non_utf8: _containers.ScalarMap[str, bytes]
+    def __init__(self, job_uuid: _Optional[str] = ..., timestamp: _Optional[int] = ..., sequence: _Optional[int] = ..., pid: _Optional[int] = ..., ppid: _Optional[int] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., comm: _Optional[str] = ..., filename: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., non_utf8: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+
+class ConnectEvent(_message.Message):
+    __slots__ = ("job_uuid", "timestamp", "sequence", "pid", "comm", "src_addr", "src_port", "dst_addr", "dst_port", "protocol", "non_utf8")
+    class NonUtf8Entry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    JOB_UUID_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    COMM_FIELD_NUMBER: _ClassVar[int]
+    SRC_ADDR_FIELD_NUMBER: _ClassVar[int]
+    SRC_PORT_FIELD_NUMBER: _ClassVar[int]
+    DST_ADDR_FIELD_NUMBER: _ClassVar[int]
+    DST_PORT_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    NON_UTF8_FIELD_NUMBER: _ClassVar[int]
+    job_uuid: str
+    timestamp: int
+    sequence: int
+    pid: int
+    comm: str
+    src_addr: str
+    src_port: int
+    dst_addr: str
+    dst_port: int
+    protocol: str
+    non_utf8: _containers.ScalarMap[str, bytes]
+    def __init__(self, job_uuid: _Optional[str] = ..., timestamp: _Optional[int] = ..., sequence: _Optional[int] = ..., pid: _Optional[int] = ..., comm: _Optional[str] = ..., src_addr: _Optional[str] = ..., src_port: _Optional[int] = ..., dst_addr: _Optional[str] = ..., dst_port: _Optional[int] = ..., protocol: _Optional[str] = ..., non_utf8: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+
+class AcceptEvent(_message.Message):
+    __slots__ = ("job_uuid", "timestamp", "sequence", "pid", "comm", "src_addr", "src_port", "dst_addr", "dst_port", "protocol", "non_utf8")
+    class NonUtf8Entry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    JOB_UUID_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    COMM_FIELD_NUMBER: _ClassVar[int]
+    SRC_ADDR_FIELD_NUMBER: _ClassVar[int]
+    SRC_PORT_FIELD_NUMBER: _ClassVar[int]
+    DST_ADDR_FIELD_NUMBER: _ClassVar[int]
+    DST_PORT_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    NON_UTF8_FIELD_NUMBER: _ClassVar[int]
+    job_uuid: str
+    timestamp: int
+    sequence: int
+    pid: int
+    comm: str
+    src_addr: str
+    src_port: int
+    dst_addr: str
+    dst_port: int
+    protocol: str
+    non_utf8: _containers.ScalarMap[str, bytes]
+    def __init__(self, job_uuid: _Optional[str] = ..., timestamp: _Optional[int] = ..., sequence: _Optional[int] = ..., pid: _Optional[int] = ..., comm: _Optional[str] = ..., src_addr: _Optional[str] = ..., src_port: _Optional[int] = ..., dst_addr: _Optional[str] = ..., dst_port: _Optional[int] = ..., protocol: _Optional[str] = ..., non_utf8: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+
+class SocketDataEvent(_message.Message):
+    __slots__ = ("job_uuid", "timestamp", "sequence", "pid", "comm", "direction", "dst_addr", "dst_port", "bytes", "protocol", "non_utf8")
+    class NonUtf8Entry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    JOB_UUID_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    COMM_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    DST_ADDR_FIELD_NUMBER: _ClassVar[int]
+    DST_PORT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    NON_UTF8_FIELD_NUMBER: _ClassVar[int]
+    job_uuid: str
+    timestamp: int
+    sequence: int
+    pid: int
+    comm: str
+    direction: str
+    dst_addr: str
+    dst_port: int
+    bytes: int
+    protocol: str
+    non_utf8: _containers.ScalarMap[str, bytes]
+    def __init__(self, job_uuid: _Optional[str] = ..., timestamp: _Optional[int] = ..., sequence: _Optional[int] = ..., pid: _Optional[int] = ..., comm: _Optional[str] = ..., direction: _Optional[str] = ..., dst_addr: _Optional[str] = ..., dst_port: _Optional[int] = ..., bytes: _Optional[int] = ..., protocol: _Optional[str] = ..., non_utf8: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+
+class MmapEvent(_message.Message):
+    __slots__ = ("job_uuid", "timestamp", "sequence", "pid", "comm", "addr", "length", "prot", "flags", "filename", "non_utf8")
+    class NonUtf8Entry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    JOB_UUID_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    COMM_FIELD_NUMBER: _ClassVar[int]
+    ADDR_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    PROT_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    FILENAME_FIELD_NUMBER: _ClassVar[int]
+    NON_UTF8_FIELD_NUMBER: _ClassVar[int]
+    job_uuid: str
+    timestamp: int
+    sequence: int
+    pid: int
+    comm: str
+    addr: int
+    length: int
+    prot: int
+    flags: int
+    filename: str
+    non_utf8: _containers.ScalarMap[str, bytes]
+    def __init__(self, job_uuid: _Optional[str] = ..., timestamp: _Optional[int] = ..., sequence: _Optional[int] = ..., pid: _Optional[int] = ..., comm: _Optional[str] = ..., addr: _Optional[int] = ..., length: _Optional[int] = ..., prot: _Optional[int] = ..., flags: _Optional[int] = ..., filename: _Optional[str] = ..., non_utf8: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+
+class MprotectEvent(_message.Message):
+    __slots__ = ("job_uuid", "timestamp", "sequence", "pid", "comm", "addr", "length", "prot", "non_utf8")
+    class NonUtf8Entry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    JOB_UUID_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    COMM_FIELD_NUMBER: _ClassVar[int]
+    ADDR_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    PROT_FIELD_NUMBER: _ClassVar[int]
+    NON_UTF8_FIELD_NUMBER: _ClassVar[int]
+    job_uuid: str
+    timestamp: int
+    sequence: int
+    pid: int
+    comm: str
+    addr: int
+    length: int
+    prot: int
+    non_utf8: _containers.ScalarMap[str, bytes]
+    def __init__(self, job_uuid: _Optional[str] = ..., timestamp: _Optional[int] = ..., sequence: _Optional[int] = ..., pid: _Optional[int] = ..., comm: _Optional[str] = ..., addr: _Optional[int] = ..., length: _Optional[int] = ..., prot: _Optional[int] = ..., non_utf8: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+
+class FileEvent(_message.Message):
+    __slots__ = ("job_uuid", "timestamp", "sequence", "pid", "comm", "path", "operation", "bytes", "non_utf8")
+    class NonUtf8Entry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    JOB_UUID_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    COMM_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    OPERATION_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    NON_UTF8_FIELD_NUMBER: _ClassVar[int]
+    job_uuid: str
+    timestamp: int
+    sequence: int
+    pid: int
+    comm: str
+    path: str
+    operation: str
+    bytes: int
+    non_utf8: _containers.ScalarMap[str, bytes]
+    def __init__(self, job_uuid: _Optional[str] = ..., timestamp: _Optional[int] = ..., sequence: _Optional[int] = ..., pid: _Optional[int] = ..., comm: _Optional[str] = ..., path: _Optional[str] = ..., operation: _Optional[str] = ..., bytes: _Optional[int] = ..., non_utf8: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+
+class QueryTelemetryRequest(_message.Message):
+    __slots__ = ("job_uuid", "start_time", "end_time", "limit", "offset", "node_id")
+    JOB_UUID_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    job_uuid: str
+    start_time: int
+    end_time: int
+    limit: int
+    offset: int
+    node_id: str
+    def __init__(self, job_uuid: _Optional[str] = ..., start_time: _Optional[int] = ..., end_time: _Optional[int] = ..., limit: _Optional[int] = ..., offset: _Optional[int] = ..., node_id: _Optional[str] = ...) -> None: ...
+
+class QueryEventsBatchedRequest(_message.Message):
+    __slots__ = ("job_uuid", "start_time", "end_time", "limit", "offset", "node_id", "kind")
+    JOB_UUID_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    job_uuid: str
+    start_time: int
+    end_time: int
+    limit: int
+    offset: int
+    node_id: str
+    kind: EventKind
+    def __init__(self, job_uuid: _Optional[str] = ..., start_time: _Optional[int] = ..., end_time: _Optional[int] = ..., limit: _Optional[int] = ..., offset: _Optional[int] = ..., node_id: _Optional[str] = ..., kind: _Optional[_Union[EventKind, str]] = ...) -> None: ...
+
+class EventBatch(_message.Message):
+    __slots__ = ("kind", "exec_events", "connect_events", "accept_events", "socket_data_events", "mmap_events", "mprotect_events", "file_events")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    EXEC_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    CONNECT_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPT_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    SOCKET_DATA_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    MMAP_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    MPROTECT_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    FILE_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    kind: EventKind
+    exec_events: _containers.RepeatedCompositeFieldContainer[ExecEvent]
+    connect_events: _containers.RepeatedCompositeFieldContainer[ConnectEvent]
+    accept_events: _containers.RepeatedCompositeFieldContainer[AcceptEvent]
+    socket_data_events: _containers.RepeatedCompositeFieldContainer[SocketDataEvent]
+    mmap_events: _containers.RepeatedCompositeFieldContainer[MmapEvent]
+    mprotect_events: _containers.RepeatedCompositeFieldContainer[MprotectEvent]
+    file_events: _containers.RepeatedCompositeFieldContainer[FileEvent]
+    def __init__(self, kind: _Optional[_Union[EventKind, str]] = ..., exec_events: _Optional[_Iterable[_Union[ExecEvent, _Mapping]]] = ..., connect_events: _Optional[_Iterable[_Union[ConnectEvent, _Mapping]]] = ..., accept_events: _Optional[_Iterable[_Union[AcceptEvent, _Mapping]]] = ..., socket_data_events: _Optional[_Iterable[_Union[SocketDataEvent, _Mapping]]] = ..., mmap_events: _Optional[_Iterable[_Union[MmapEvent, _Mapping]]] = ..., mprotect_events: _Optional[_Iterable[_Union[MprotectEvent, _Mapping]]] = ..., file_events: _Optional[_Iterable[_Union[FileEvent, _Mapping]]] = ...) -> None: ...

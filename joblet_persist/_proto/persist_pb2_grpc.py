@@ -84,6 +84,46 @@ class PersistServiceStub:
                 request_serializer=persist__pb2.QueryMetricsRequest.SerializeToString,
                 response_deserializer=persist__pb2.MetricBatch.FromString,
                 _registered_method=True)
+        self.QueryExecEvents = channel.unary_stream(
+                '/joblet.persist.PersistService/QueryExecEvents',
+                request_serializer=persist__pb2.QueryTelemetryRequest.SerializeToString,
+                response_deserializer=persist__pb2.ExecEvent.FromString,
+                _registered_method=True)
+        self.QueryConnectEvents = channel.unary_stream(
+                '/joblet.persist.PersistService/QueryConnectEvents',
+                request_serializer=persist__pb2.QueryTelemetryRequest.SerializeToString,
+                response_deserializer=persist__pb2.ConnectEvent.FromString,
+                _registered_method=True)
+        self.QueryAcceptEvents = channel.unary_stream(
+                '/joblet.persist.PersistService/QueryAcceptEvents',
+                request_serializer=persist__pb2.QueryTelemetryRequest.SerializeToString,
+                response_deserializer=persist__pb2.AcceptEvent.FromString,
+                _registered_method=True)
+        self.QuerySocketDataEvents = channel.unary_stream(
+                '/joblet.persist.PersistService/QuerySocketDataEvents',
+                request_serializer=persist__pb2.QueryTelemetryRequest.SerializeToString,
+                response_deserializer=persist__pb2.SocketDataEvent.FromString,
+                _registered_method=True)
+        self.QueryMmapEvents = channel.unary_stream(
+                '/joblet.persist.PersistService/QueryMmapEvents',
+                request_serializer=persist__pb2.QueryTelemetryRequest.SerializeToString,
+                response_deserializer=persist__pb2.MmapEvent.FromString,
+                _registered_method=True)
+        self.QueryMprotectEvents = channel.unary_stream(
+                '/joblet.persist.PersistService/QueryMprotectEvents',
+                request_serializer=persist__pb2.QueryTelemetryRequest.SerializeToString,
+                response_deserializer=persist__pb2.MprotectEvent.FromString,
+                _registered_method=True)
+        self.QueryFileEvents = channel.unary_stream(
+                '/joblet.persist.PersistService/QueryFileEvents',
+                request_serializer=persist__pb2.QueryTelemetryRequest.SerializeToString,
+                response_deserializer=persist__pb2.FileEvent.FromString,
+                _registered_method=True)
+        self.QueryEventsBatched = channel.unary_stream(
+                '/joblet.persist.PersistService/QueryEventsBatched',
+                request_serializer=persist__pb2.QueryEventsBatchedRequest.SerializeToString,
+                response_deserializer=persist__pb2.EventBatch.FromString,
+                _registered_method=True)
 
 
 class PersistServiceServicer:
@@ -151,6 +191,56 @@ class PersistServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def QueryExecEvents(self, request, context):
+        """Telemetry events of one kind, in arrival order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def QueryConnectEvents(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def QueryAcceptEvents(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def QuerySocketDataEvents(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def QueryMmapEvents(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def QueryMprotectEvents(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def QueryFileEvents(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def QueryEventsBatched(self, request, context):
+        """Extension: the events of any one kind, answered as a stream of batches.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PersistServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -203,6 +293,46 @@ def add_PersistServiceServicer_to_server(servicer, server):
                     servicer.QueryMetricsBatched,
                     request_deserializer=persist__pb2.QueryMetricsRequest.FromString,
                     response_serializer=persist__pb2.MetricBatch.SerializeToString,
+            ),
+            'QueryExecEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.QueryExecEvents,
+                    request_deserializer=persist__pb2.QueryTelemetryRequest.FromString,
+                    response_serializer=persist__pb2.ExecEvent.SerializeToString,
+            ),
+            'QueryConnectEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.QueryConnectEvents,
+                    request_deserializer=persist__pb2.QueryTelemetryRequest.FromString,
+                    response_serializer=persist__pb2.ConnectEvent.SerializeToString,
+            ),
+            'QueryAcceptEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.QueryAcceptEvents,
+                    request_deserializer=persist__pb2.QueryTelemetryRequest.FromString,
+                    response_serializer=persist__pb2.AcceptEvent.SerializeToString,
+            ),
+            'QuerySocketDataEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.QuerySocketDataEvents,
+                    request_deserializer=persist__pb2.QueryTelemetryRequest.FromString,
+                    response_serializer=persist__pb2.SocketDataEvent.SerializeToString,
+            ),
+            'QueryMmapEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.QueryMmapEvents,
+                    request_deserializer=persist__pb2.QueryTelemetryRequest.FromString,
+                    response_serializer=persist__pb2.MmapEvent.SerializeToString,
+            ),
+            'QueryMprotectEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.QueryMprotectEvents,
+                    request_deserializer=persist__pb2.QueryTelemetryRequest.FromString,
+                    response_serializer=persist__pb2.MprotectEvent.SerializeToString,
+            ),
+            'QueryFileEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.QueryFileEvents,
+                    request_deserializer=persist__pb2.QueryTelemetryRequest.FromString,
+                    response_serializer=persist__pb2.FileEvent.SerializeToString,
+            ),
+            'QueryEventsBatched': grpc.unary_stream_rpc_method_handler(
+                    servicer.QueryEventsBatched,
+                    request_deserializer=persist__pb2.QueryEventsBatchedRequest.FromString,
+                    response_serializer=persist__pb2.EventBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -475,6 +605,222 @@ class PersistService:
             '/joblet.persist.PersistService/QueryMetricsBatched',
             persist__pb2.QueryMetricsRequest.SerializeToString,
             persist__pb2.MetricBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QueryExecEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/joblet.persist.PersistService/QueryExecEvents',
+            persist__pb2.QueryTelemetryRequest.SerializeToString,
+            persist__pb2.ExecEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QueryConnectEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/joblet.persist.PersistService/QueryConnectEvents',
+            persist__pb2.QueryTelemetryRequest.SerializeToString,
+            persist__pb2.ConnectEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QueryAcceptEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/joblet.persist.PersistService/QueryAcceptEvents',
+            persist__pb2.QueryTelemetryRequest.SerializeToString,
+            persist__pb2.AcceptEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QuerySocketDataEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/joblet.persist.PersistService/QuerySocketDataEvents',
+            persist__pb2.QueryTelemetryRequest.SerializeToString,
+            persist__pb2.SocketDataEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QueryMmapEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/joblet.persist.PersistService/QueryMmapEvents',
+            persist__pb2.QueryTelemetryRequest.SerializeToString,
+            persist__pb2.MmapEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QueryMprotectEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/joblet.persist.PersistService/QueryMprotectEvents',
+            persist__pb2.QueryTelemetryRequest.SerializeToString,
+            persist__pb2.MprotectEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QueryFileEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/joblet.persist.PersistService/QueryFileEvents',
+            persist__pb2.QueryTelemetryRequest.SerializeToString,
+            persist__pb2.FileEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QueryEventsBatched(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/joblet.persist.PersistService/QueryEventsBatched',
+            persist__pb2.QueryEventsBatchedRequest.SerializeToString,
+            persist__pb2.EventBatch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,6 +35,7 @@ __all__ = [
     "KIND_LEGACY",
     "KIND_LOG",
     "KIND_METRIC",
+    "KIND_EVENTS",
     "FORMAT_VERSION",
     "DEFAULT_MEMBER_RAW",
     "MAX_TABLE_BYTES",
@@ -43,6 +44,7 @@ __all__ = [
     "MemberTable",
     "encode_log_members",
     "encode_metric_members",
+    "encode_event_members",
     "metric_json_line",
     "metric_record_dict",
     "decode_member_table",
@@ -56,7 +58,9 @@ __all__ = [
 KIND_LEGACY = 0
 KIND_LOG = 1
 KIND_METRIC = 2
-_KINDS = (KIND_LOG, KIND_METRIC)
+# Telemetry event members: the kind is the event's IPC message type (joblet_persist/events.py).
+KIND_EVENTS = range(3, 10)
+_KINDS = (KIND_LOG, KIND_METRIC, *KIND_EVENTS)
 
 #: Version byte of the JP subfield written by this module.
 FORMAT_VERSION = 1
@@ -164,7 +168,7 @@ class MemberInfo:
 
     offset: int  # byte offset of the member in its file
     size: int  # total bytes of the member (header..trailer)
-    kind: int  # KIND_LOG, KIND_METRIC or KIND_LEGACY
+    kind: int  # KIND_LOG, KIND_METRIC, one of KIND_EVENTS, or KIND_LEGACY
     count: int  # messages in the member
     first_ordinal: int  # persistent arrival ordinal of the first message
     last_ordinal: int
@@ -393,6 +397,30 @@ def encode_metric_members(
             raise ValueError("metric JSON lines must end with a newline")
     return _encode_members(
         KIND_METRIC, timestamps, sequences, ordinals, json_lines, compressor, max_member_raw
+    )
+
+
+def encode_event_members(
+    kind: int,
+    timestamps: Sequence[int],
+    sequences: Sequence[int],
+    ordinals: Sequence[int],
+    json_lines: Sequence[bytes],
+    compressor,
+    max_member_raw: int = DEFAULT_MEMBER_RAW,
+) -> list:
+    """Encode a batch of telemetry event JSON lines (from events.event_json_line) of one
+    kind as gzip members whose JP ``kind`` is the event's IPC message type (3..9).
+
+    Same contract as encode_metric_members.
+    """
+    if kind not in KIND_EVENTS:
+        raise ValueError(f"event member kind must be an event message type 3..9, not {kind}")
+    for line in json_lines:
+        if not line.endswith(b"\n"):
+            raise ValueError("event JSON lines must end with a newline")
+    return _encode_members(
+        kind, timestamps, sequences, ordinals, json_lines, compressor, max_member_raw
     )
 
 
