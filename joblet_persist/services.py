@@ -137,11 +137,32 @@ class CallbackService(service.Service):
         return self._stop()
 
 
+def unix_socket_is_live(path: str) -> bool:
+    """Whether a process listens on the Unix socket at ``path``.  Never blocks.
+
+    A non-blocking connect answers at once: it succeeds, or fails with EAGAIN
+    when the listener's backlog is full (Linux) or EINPROGRESS (elsewhere), when
+    someone listens; it fails with ECONNREFUSED when the file is a socket nobody
+    listens on (left by a crash).  A blocking connect would wait on a live but
+    busy listener, and a timeout would then be taken for "stale".  Any other
+    error (the file vanished, no permission) counts as not live, as it always
+    has.
+    """
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.setblocking(False)
+        err = probe.connect_ex(path)
+    finally:
+        probe.close()
+    return err in (0, errno.EAGAIN, errno.EWOULDBLOCK, errno.EINPROGRESS)
+
+
 def replace_stale_unix_socket(path: str) -> None:
     """Remove a socket file left by a crash; refuse to steal a live one.
 
     Raises OSError naming the path when another process still listens there or
-    the path is not a socket.
+    the path is not a socket.  Never blocks on the listener (unix_socket_is_live),
+    so the reactor thread may call it.
     """
     try:
         st = os.lstat(path)
@@ -149,16 +170,12 @@ def replace_stale_unix_socket(path: str) -> None:
         return
     if not stat.S_ISSOCK(st.st_mode):
         raise OSError(errno.EEXIST, f"{path} exists and is not a socket; refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if unix_socket_is_live(path):
+        raise OSError(errno.EADDRINUSE, f"{path}: another process is listening on this socket")
     try:
-        probe.settimeout(1.0)
-        probe.connect(path)
-    except OSError:
         os.unlink(path)  # nobody listens: stale
-        return
-    finally:
-        probe.close()
-    raise OSError(errno.EADDRINUSE, f"{path}: another process is listening on this socket")
+    except FileNotFoundError:
+        pass
 
 
 def _path_identity(path: str):
