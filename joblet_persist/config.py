@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import grp
-import ipaddress
-import json
 import math
 import os
 import re
@@ -37,6 +35,17 @@ from typing import Any, Callable, Optional
 import yaml
 from twisted.logger import LogLevel
 
+from joblet_persist.rules import (
+    _NUMBER,
+    _valid_host,
+    is_loopback_host,
+    parse_duration,
+    parse_host_port,
+)
+from joblet_persist.rules import InvalidValue as _Invalid
+from joblet_persist.rules import parse_group as _group
+from joblet_persist.rules import parse_mode as _mode
+from joblet_persist.rules import show_value as _show
 from joblet_persist.storage.files import POOL_FILES_PER_THREAD
 
 #: Files the default storage.maxOpenFiles leaves to queries at least (more pool threads
@@ -124,80 +133,9 @@ class ConfigError(Exception):
         return ": ".join(parts)
 
 
-class _Invalid(ValueError):
-    """A value that does not parse; the caller adds the file and the key."""
-
-
 # ---------------------------------------------------------------------------------------
 # Value parsers.  Each takes the value as YAML produced it and returns the typed value or
 # raises _Invalid with a message that does not repeat the key.
-
-
-def _show(value: Any) -> str:
-    """Render a YAML value for an error message, the way it would be written in YAML."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        if len(value) > 60:
-            return json.dumps(value[:57]) + "..."
-        return json.dumps(value)
-    if isinstance(value, int):
-        return str(int(value))
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    return f"a {type(value).__name__}"
-
-
-_DURATION_UNITS = {
-    "ms": Fraction(1, 1000),
-    "s": Fraction(1),
-    "m": Fraction(60),
-    "h": Fraction(3600),
-    "d": Fraction(86400),
-}
-_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
-_DURATION_PART = re.compile(rf"({_NUMBER})(ms|s|m|h|d)")
-_DURATION_TEXT = re.compile(rf"(?:{_NUMBER}(?:ms|s|m|h|d))+")
-_DURATION_HELP = (
-    'a duration: a number of seconds or a string like "500ms", "30s", "15m", "12h", "7d"'
-)
-
-
-def parse_duration(value: Any) -> float:
-    """Return ``value`` as float seconds, or raise ValueError.
-
-    Accepts a number of seconds (int or float, not a bool) or a string: a bare number of
-    seconds or one or more ``<number><unit>`` parts with units ms, s, m, h, d
-    (``"500ms"``, ``"1.5h"``, ``"1h30m"``).  Negative, infinite and NaN values are refused.
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise _Invalid(f"expected {_DURATION_HELP}, got {_show(value)}")
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("-"):
-            raise _Invalid(f"must not be negative, got {_show(value)}")
-        if re.fullmatch(_NUMBER, text):
-            seconds = float(text)
-        elif _DURATION_TEXT.fullmatch(text):
-            total = Fraction(0)
-            for number, unit in _DURATION_PART.findall(text):
-                total += Fraction(number) * _DURATION_UNITS[unit]
-            seconds = float(total)
-        else:
-            raise _Invalid(f"expected {_DURATION_HELP}, got {_show(value)}")
-    else:
-        seconds = float(value)
-    if not math.isfinite(seconds):
-        raise _Invalid(f"expected a finite duration, got {_show(value)}")
-    if seconds < 0:
-        raise _Invalid(f"must not be negative, got {_show(value)}")
-    return seconds
 
 
 _SIZE_UNITS = {
@@ -251,69 +189,6 @@ def parse_size(value: Any) -> int:
     if amount.denominator != 1:
         raise _Invalid(f"{_show(value)} is not a whole number of bytes")
     return int(amount)
-
-
-_HOSTNAME = re.compile(
-    r"(?=.{1,253}\Z)(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
-    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?"
-)
-
-
-def _valid_host(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return _HOSTNAME.fullmatch(host) is not None
-    return True
-
-
-def parse_host_port(text: str) -> tuple[str, int]:
-    """Split ``"host:port"`` into ``(host, port)``, or raise ValueError.
-
-    ``host`` is an IPv4 address, a hostname, or an IPv6 address in brackets
-    (``"[::1]:50052"``, returned without the brackets).  ``port`` is 0..65535.
-    """
-    if not isinstance(text, str):
-        raise _Invalid(f"expected host:port, got {_show(text)}")
-    help_ = 'expected host:port, e.g. "127.0.0.1:50052" or "[::1]:50052"'
-    if text.startswith("["):
-        match = re.fullmatch(r"\[([^\]]+)\]:(\d+)", text)
-        if match is None:
-            raise _Invalid(f"{help_}, got {_show(text)}")
-        host, port_text = match.groups()
-        try:
-            if ipaddress.ip_address(host).version != 6:
-                raise ValueError(host)
-        except ValueError:
-            raise _Invalid(f"{host!r} in brackets is not an IPv6 address") from None
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep or not host:
-            raise _Invalid(f"{help_}, got {_show(text)}")
-        if ":" in host:
-            raise _Invalid(f'an IPv6 address needs brackets, e.g. "[::1]:50052"; got {_show(text)}')
-        if not _valid_host(host):
-            raise _Invalid(f"{host!r} is not an IP address or a host name")
-    if not port_text.isdigit() or not port_text.isascii():
-        raise _Invalid(f"port {port_text!r} is not a number")
-    port = int(port_text)
-    if port > 65535:
-        raise _Invalid(f"port {port} is out of range (0-65535)")
-    return host, port
-
-
-def is_loopback_host(host: str) -> bool:
-    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1, ::ffff:127.x.y.z)."""
-    if host.lower().rstrip(".") == "localhost":
-        return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    mapped = getattr(address, "ipv4_mapped", None)
-    if mapped is not None:
-        return mapped.is_loopback
-    return address.is_loopback
 
 
 def _string(*, allow_empty: bool = True) -> Callable[[Any], str]:
@@ -383,30 +258,6 @@ def _size(minimum: int = 0, maximum: int | None = None) -> Callable[[Any], int]:
     return parse
 
 
-def _mode(value: Any) -> int:
-    """A file mode: "0600" (octal string), YAML 0600 (octal int) or a decimal int (384)."""
-    if isinstance(value, str):
-        text = value.strip()
-        if not re.fullmatch(r"(?:0o)?[0-7]{1,4}", text):
-            raise _Invalid(f'expected an octal file mode like "0600", got {_show(value)}')
-        mode = int(text, 8)
-    elif isinstance(value, int) and not isinstance(value, bool):
-        literal = getattr(value, "literal", None)
-        # "600" without a leading zero is YAML decimal 600 (0o1130), almost certainly
-        # meant as octal 0600: refuse it rather than create a socket with the wrong mode.
-        if literal is not None and re.fullmatch(r"[1-7][0-7]{1,2}", literal):
-            raise _Invalid(
-                f"{literal} is read as a decimal number; write the octal mode with a "
-                f'leading zero or in quotes, e.g. "0{literal}"'
-            )
-        mode = int(value)
-    else:
-        raise _Invalid(f'expected an octal file mode like "0600", got {_show(value)}')
-    if not 0 <= mode <= 0o777:
-        raise _Invalid(f"file mode {mode:#o} is out of range (0000-0777)")
-    return mode
-
-
 def _data_mode(value: Any) -> int:
     """A mode for files or directories under the data directory: never world-writable."""
     mode = _mode(value)
@@ -415,25 +266,6 @@ def _data_mode(value: Any) -> int:
             f"{mode:04o} lets every local user write the stored data; drop the world-write bit"
         )
     return mode
-
-
-def _group(value: Any) -> Optional[int]:
-    """A group name or numeric gid; "" (the default) keeps the process's group."""
-    if value == "" or value is None:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value < 0:
-            raise _Invalid(f"a gid must be >= 0, got {value}")
-        return int(value)
-    if isinstance(value, str):
-        name = value.strip()
-        if name.isdigit():
-            return int(name)
-        try:
-            return grp.getgrnam(name).gr_gid
-        except KeyError:
-            raise _Invalid(f"no group named {_show(value)} on this host") from None
-    raise _Invalid(f"expected a group name or gid, got {_show(value)}")
 
 
 def _describe_group(gid: Optional[int]) -> str:
@@ -494,7 +326,6 @@ def resolve_group(name: str) -> int | None:
         return None
     if name.isdigit():
         return int(name)
-    import grp
 
     return grp.getgrnam(name).gr_gid
 
