@@ -21,7 +21,6 @@ import csv
 import datetime
 import json
 import os
-import re
 import sys
 import time
 from typing import Optional
@@ -29,6 +28,7 @@ from typing import Optional
 import grpc
 
 from joblet_persist._proto import persist_pb2, persist_pb2_grpc
+from joblet_persist.rules import duration_with_units
 
 DEFAULT_SOCKET = "/opt/joblet/run/persist-grpc.sock"
 SOCKET_ENV = "JOBLET_PERSIST_SOCKET"
@@ -45,9 +45,6 @@ EXIT_DENIED = 4
 EXIT_UNAVAILABLE = 5
 
 _STREAMS = {"both": 0, "stdout": 1, "stderr": 2}
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
-_DURATION = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h|d|w))+")
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 
 
@@ -59,10 +56,9 @@ class UsageError(Exception):
 
 
 def parse_duration(text: str) -> Optional[float]:
-    """Seconds of a duration like ``90s``, ``30m``, ``2h``, ``1d``, ``1h30m``; else None."""
-    if not _DURATION.fullmatch(text):
-        return None
-    return sum(float(n) * _UNITS[u] for n, u in _DURATION_PART.findall(text))
+    """Seconds of a duration like ``90s``, ``30m``, ``2h``, ``1d``, ``1h30m``; else None
+    (rules.duration_with_units: the configuration's units, written with units only)."""
+    return duration_with_units(text)
 
 
 def parse_time(text: str, now_ns: Optional[int] = None) -> int:

@@ -24,7 +24,6 @@ thread; the returned objects are immutable and safe to share between threads.
 from __future__ import annotations
 
 import dataclasses
-import grp
 import math
 import os
 import re
@@ -36,16 +35,17 @@ import yaml
 from twisted.logger import LogLevel
 
 from joblet_persist.rules import (
-    _NUMBER,
-    _valid_host,
+    NUMBER,
+    InvalidValue,
+    group_text,
     is_loopback_host,
     parse_duration,
+    parse_group,
     parse_host_port,
+    parse_mode,
+    show_value,
+    valid_host,
 )
-from joblet_persist.rules import InvalidValue as _Invalid
-from joblet_persist.rules import parse_group as _group
-from joblet_persist.rules import parse_mode as _mode
-from joblet_persist.rules import show_value as _show
 from joblet_persist.storage.files import POOL_FILES_PER_THREAD
 
 #: Files the default storage.maxOpenFiles leaves to queries at least (more pool threads
@@ -72,7 +72,6 @@ __all__ = [
     "parse_host_port",
     "parse_size",
     "read_pem",
-    "resolve_group",
 ]
 
 KiB = 1024
@@ -135,7 +134,7 @@ class ConfigError(Exception):
 
 # ---------------------------------------------------------------------------------------
 # Value parsers.  Each takes the value as YAML produced it and returns the typed value or
-# raises _Invalid with a message that does not repeat the key.
+# raises InvalidValue with a message that does not repeat the key.
 
 
 _SIZE_UNITS = {
@@ -149,7 +148,7 @@ _SIZE_UNITS = {
     "gib": 1024**3,
     "tib": 1024**4,
 }
-_SIZE_TEXT = re.compile(rf"({_NUMBER})\s*([A-Za-z]*)")
+_SIZE_TEXT = re.compile(rf"({NUMBER})\s*([A-Za-z]*)")
 _SIZE_HELP = 'a size: a number of bytes or a string like "64KiB", "16MiB", "1GiB", "10KB", "5MB"'
 
 
@@ -162,32 +161,32 @@ def parse_size(value: Any) -> int:
     whole number of bytes and negative values are refused.
     """
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise _Invalid(f"expected {_SIZE_HELP}, got {_show(value)}")
+        raise InvalidValue(f"expected {_SIZE_HELP}, got {show_value(value)}")
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("-"):
-            raise _Invalid(f"must not be negative, got {_show(value)}")
+            raise InvalidValue(f"must not be negative, got {show_value(value)}")
         match = _SIZE_TEXT.fullmatch(text)
         if match is None:
-            raise _Invalid(f"expected {_SIZE_HELP}, got {_show(value)}")
+            raise InvalidValue(f"expected {_SIZE_HELP}, got {show_value(value)}")
         number, unit = match.groups()
         multiplier = _SIZE_UNITS.get(unit.lower() if unit else "b")
         if multiplier is None:
-            raise _Invalid(
-                f"unknown size unit {unit!r} in {_show(value)}; "
+            raise InvalidValue(
+                f"unknown size unit {unit!r} in {show_value(value)}; "
                 "use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB"
             )
         amount = Fraction(number) * multiplier
     elif isinstance(value, float):
         if not math.isfinite(value):
-            raise _Invalid(f"expected {_SIZE_HELP}, got {_show(value)}")
+            raise InvalidValue(f"expected {_SIZE_HELP}, got {show_value(value)}")
         amount = Fraction(value)
     else:
         amount = Fraction(int(value))
     if amount < 0:
-        raise _Invalid(f"must not be negative, got {_show(value)}")
+        raise InvalidValue(f"must not be negative, got {show_value(value)}")
     if amount.denominator != 1:
-        raise _Invalid(f"{_show(value)} is not a whole number of bytes")
+        raise InvalidValue(f"{show_value(value)} is not a whole number of bytes")
     return int(amount)
 
 
@@ -195,9 +194,9 @@ def _string(*, allow_empty: bool = True) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         if not isinstance(value, str):
             hint = " (quote it to make it a string)" if isinstance(value, (int, float)) else ""
-            raise _Invalid(f"expected a string, got {_show(value)}{hint}")
+            raise InvalidValue(f"expected a string, got {show_value(value)}{hint}")
         if not allow_empty and not value.strip():
-            raise _Invalid("must not be empty")
+            raise InvalidValue("must not be empty")
         return value
 
     return parse
@@ -209,7 +208,7 @@ def _path(*, allow_empty: bool = False) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         text = as_string(value)
         if "\0" in text:
-            raise _Invalid("a path must not contain a NUL character")
+            raise InvalidValue("a path must not contain a NUL character")
         return os.path.abspath(text) if text else text
 
     return parse
@@ -219,12 +218,12 @@ def _integer(minimum: int | None = None, maximum: int | None = None) -> Callable
     def parse(value: Any) -> int:
         # bool is a subclass of int: "true" must not pass as 1.
         if isinstance(value, bool) or not isinstance(value, int):
-            raise _Invalid(f"expected an integer, got {_show(value)}")
+            raise InvalidValue(f"expected an integer, got {show_value(value)}")
         number = int(value)
         if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
             if maximum is None:
-                raise _Invalid(f"must be at least {minimum}, got {number}")
-            raise _Invalid(f"must be between {minimum} and {maximum}, got {number}")
+                raise InvalidValue(f"must be at least {minimum}, got {number}")
+            raise InvalidValue(f"must be between {minimum} and {maximum}, got {number}")
         return number
 
     return parse
@@ -232,7 +231,7 @@ def _integer(minimum: int | None = None, maximum: int | None = None) -> Callable
 
 def _boolean(value: Any) -> bool:
     if not isinstance(value, bool):
-        raise _Invalid(f"expected true or false, got {_show(value)}")
+        raise InvalidValue(f"expected true or false, got {show_value(value)}")
     return value
 
 
@@ -240,7 +239,7 @@ def _duration(*, positive: bool = False) -> Callable[[Any], float]:
     def parse(value: Any) -> float:
         seconds = parse_duration(value)
         if positive and seconds <= 0:
-            raise _Invalid(f"must be greater than 0, got {_show(value)}")
+            raise InvalidValue(f"must be greater than 0, got {show_value(value)}")
         return seconds
 
     return parse
@@ -250,9 +249,9 @@ def _size(minimum: int = 0, maximum: int | None = None) -> Callable[[Any], int]:
     def parse(value: Any) -> int:
         size = parse_size(value)
         if size < minimum:
-            raise _Invalid(f"must be at least {minimum} bytes, got {_show(value)}")
+            raise InvalidValue(f"must be at least {minimum} bytes, got {show_value(value)}")
         if maximum is not None and size > maximum:
-            raise _Invalid(f"must be at most {maximum} bytes, got {_show(value)}")
+            raise InvalidValue(f"must be at most {maximum} bytes, got {show_value(value)}")
         return size
 
     return parse
@@ -260,9 +259,9 @@ def _size(minimum: int = 0, maximum: int | None = None) -> Callable[[Any], int]:
 
 def _data_mode(value: Any) -> int:
     """A mode for files or directories under the data directory: never world-writable."""
-    mode = _mode(value)
+    mode = parse_mode(value)
     if mode & 0o002:
-        raise _Invalid(
+        raise InvalidValue(
             f"{mode:04o} lets every local user write the stored data; drop the world-write bit"
         )
     return mode
@@ -282,7 +281,7 @@ def _choice(choices: tuple[str, ...], aliases: dict[str, str] | None = None):
             if name in choices:
                 return name
         valid = ", ".join(choices + tuple(aliases))
-        raise _Invalid(f"expected one of {valid}; got {_show(value)}")
+        raise InvalidValue(f"expected one of {valid}; got {show_value(value)}")
 
     return parse
 
@@ -293,7 +292,7 @@ def _backend(value: Any) -> str:
 
     if isinstance(value, str) and value.strip().lower() in BACKENDS:
         return value.strip().lower()
-    raise _Invalid(unknown_backend(value if isinstance(value, str) else _show(value)))
+    raise InvalidValue(unknown_backend(value if isinstance(value, str) else show_value(value)))
 
 
 def _address(value: Any) -> str:
@@ -304,36 +303,10 @@ def _address(value: Any) -> str:
     return value
 
 
-def _group_name(value: Any) -> str:
-    """A group name or a numeric gid (as a string or an int); "" keeps the service's group."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value < 0:
-            raise _Invalid(f"expected a group name or a gid, got {_show(value)}")
-        return str(int(value))
-    text = _string()(value).strip()
-    if text and not re.fullmatch(r"[A-Za-z0-9_.][A-Za-z0-9_.-]*\$?", text):
-        raise _Invalid(f"{_show(value)} is not a group name or a gid")
-    return text
-
-
-def resolve_group(name: str) -> int | None:
-    """The gid of a ``server.grpcViewerSocketGroup`` value; None for "".
-
-    Raises KeyError when no such group exists.  Reads the group database (NSS): call
-    at startup.
-    """
-    if not name:
-        return None
-    if name.isdigit():
-        return int(name)
-
-    return grp.getgrnam(name).gr_gid
-
-
 def _bind_host(value: Any) -> str:
     host = _string(allow_empty=False)(value)
-    if not _valid_host(host):
-        raise _Invalid(f"{_show(value)} is not an IP address or a host name")
+    if not valid_host(host):
+        raise InvalidValue(f"{show_value(value)} is not an IP address or a host name")
     return host
 
 
@@ -382,11 +355,11 @@ class ServerConfig:
     grpc_socket: str = _key(
         _path(allow_empty=True), os.path.join(DEFAULT_DATA_DIR, "run", GRPC_SOCKET_NAME)
     )
-    grpc_socket_mode: int = _key(_mode, 0o600, _describe_mode)
+    grpc_socket_mode: int = _key(parse_mode, 0o600, _describe_mode)
     # The read-only socket: every caller there is a viewer.  "" = off.
     grpc_viewer_socket: str = _key(_path(allow_empty=True), "")
-    grpc_viewer_socket_mode: int = _key(_mode, 0o660, _describe_mode)
-    grpc_viewer_socket_group: str = _key(_group_name, "")
+    grpc_viewer_socket_mode: int = _key(parse_mode, 0o660, _describe_mode)
+    grpc_viewer_socket_group: str = _key(group_text, "")
     # TCP is off by default; with an address it needs TLS or allowPlaintextTcp (loopback).
     grpc_address: str = _key(_address, "")
     allow_plaintext_tcp: bool = _key(_boolean, False)
@@ -411,7 +384,7 @@ class IPCConfig:
     """``ipc``: the Unix socket on which joblet-core sends frames."""
 
     socket: str = _key(_path(), os.path.join(DEFAULT_DATA_DIR, "run", IPC_SOCKET_NAME))
-    socket_mode: int = _key(_mode, 0o600, _describe_mode)
+    socket_mode: int = _key(parse_mode, 0o600, _describe_mode)
     # The frame length prefix is an unsigned 32-bit integer.
     max_frame_bytes: int = _key(_size(1, 2**32 - 1), 128 * MiB)
     max_connections: int = _key(_integer(1), 1024)
@@ -457,7 +430,7 @@ class StorageConfig:
     unload_idle_after: float = _key(_duration(), 600.0)
     file_mode: int = _key(_data_mode, 0o640, _describe_mode)
     dir_mode: int = _key(_data_mode, 0o750, _describe_mode)
-    group: Optional[int] = _key(_group, None, _describe_group)
+    group: Optional[int] = _key(parse_group, None, _describe_group)
     retention: RetentionConfig = _section(RetentionConfig)
 
     @property
@@ -689,7 +662,7 @@ def _parse_section(cls: type, mapping: Any, path: str, ctx: _Context) -> Any:
         mapping = {}
     if not isinstance(mapping, dict):
         what = "sections" if not path else "keys"
-        raise ctx.error(path, f"expected a mapping of {what}, got {_show(mapping)}")
+        raise ctx.error(path, f"expected a mapping of {what}, got {show_value(mapping)}")
     for key in mapping:
         if key not in keys:
             if path or ctx.prefix:
@@ -721,7 +694,7 @@ def _parse_section(cls: type, mapping: Any, path: str, ctx: _Context) -> Any:
         ctx.explicit.add(dotted)
         try:
             values[item.name] = item.metadata["parse"](raw)
-        except _Invalid as e:
+        except InvalidValue as e:
             raise ctx.error(dotted, str(e)) from None
     return cls(**values)
 
@@ -734,7 +707,7 @@ def _root_inherited(root: dict, source: str) -> dict[str, Any]:
         if mapping is None:
             continue
         if not isinstance(mapping, dict):
-            raise ConfigError(source, section, f"expected a mapping of keys, got {_show(mapping)}")
+            raise ConfigError(source, section, f"expected a mapping of keys, got {show_value(mapping)}")
         for key in keys:
             if key in mapping:
                 found[f"{section}.{key}"] = mapping[key]
@@ -743,7 +716,7 @@ def _root_inherited(root: dict, source: str) -> dict[str, Any]:
 
 def _with_data_dir(cfg: Config, data_dir: str, ctx: _Context) -> Config:
     if not isinstance(data_dir, str) or not data_dir or "\0" in data_dir:
-        raise ConfigError(None, "--data-dir", f"expected a directory path, got {_show(data_dir)}")
+        raise ConfigError(None, "--data-dir", f"expected a directory path, got {show_value(data_dir)}")
     root = os.path.abspath(data_dir)
     run = os.path.join(root, "run")
     ipc, server = cfg.ipc, cfg.server
@@ -829,8 +802,8 @@ def _validate(cfg: Config, ctx: _Context) -> None:
         )
     if viewer and cfg.server.grpc_viewer_socket_group:
         try:
-            resolve_group(cfg.server.grpc_viewer_socket_group)
-        except KeyError:
+            parse_group(cfg.server.grpc_viewer_socket_group)
+        except InvalidValue:
             raise ctx.error(
                 "server.grpcViewerSocketGroup",
                 f"no group named {cfg.server.grpc_viewer_socket_group!r} on this system",
@@ -863,7 +836,7 @@ def _validate(cfg: Config, ctx: _Context) -> None:
     if address and not security.tls_enabled and not is_loopback_host(cfg.server.grpc_host):
         raise ctx.error(
             "server.grpcAddress",
-            f"{_show(address)}: plaintext TCP is only allowed on loopback "
+            f"{show_value(address)}: plaintext TCP is only allowed on loopback "
             f"(127.0.0.0/8, ::1, localhost); set {ctx.name('security.serverCert')} and "
             f"{ctx.name('security.serverKey')} to serve TLS on this address, use a loopback "
             'address, or "" to disable TCP',
@@ -871,7 +844,7 @@ def _validate(cfg: Config, ctx: _Context) -> None:
     if address and not security.tls_enabled and not cfg.server.allow_plaintext_tcp:
         raise ctx.error(
             "server.grpcAddress",
-            f"{_show(address)}: the TCP listener needs TLS ({ctx.name('security.serverCert')}"
+            f"{show_value(address)}: the TCP listener needs TLS ({ctx.name('security.serverCert')}"
             f" and {ctx.name('security.serverKey')}); plaintext TCP makes every local user "
             f"admin and needs {ctx.name('server.allowPlaintextTcp')}: true; "
             'or set it to "" and use the Unix sockets',
@@ -884,7 +857,7 @@ def _build(document: Any, source: str, data_dir: str | None) -> Config:
         document = {}
     if not isinstance(document, dict):
         raise ConfigError(
-            source, None, f"expected a mapping of sections at the top level, got {_show(document)}"
+            source, None, f"expected a mapping of sections at the top level, got {show_value(document)}"
         )
     if "persist" in document:
         ctx.prefix = "persist."

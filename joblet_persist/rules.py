@@ -21,7 +21,6 @@ class InvalidValue(ValueError):
     """A value that does not parse; the caller adds the file and the key."""
 
 
-
 def show_value(value: Any) -> str:
     """Render a YAML value for an error message, the way it would be written in YAML."""
     if value is None:
@@ -49,10 +48,11 @@ _DURATION_UNITS = {
     "m": Fraction(60),
     "h": Fraction(3600),
     "d": Fraction(86400),
+    "w": Fraction(604800),
 }
-_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
-_DURATION_PART = re.compile(rf"({_NUMBER})(ms|s|m|h|d)")
-_DURATION_TEXT = re.compile(rf"(?:{_NUMBER}(?:ms|s|m|h|d))+")
+NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
+_DURATION_PART = re.compile(rf"({NUMBER})(ms|s|m|h|d|w)")
+_DURATION_TEXT = re.compile(rf"(?:{NUMBER}(?:ms|s|m|h|d|w))+")
 _DURATION_HELP = (
     'a duration: a number of seconds or a string like "500ms", "30s", "15m", "12h", "7d"'
 )
@@ -62,8 +62,8 @@ def parse_duration(value: Any) -> float:
     """Return ``value`` as float seconds, or raise ValueError.
 
     Accepts a number of seconds (int or float, not a bool) or a string: a bare number of
-    seconds or one or more ``<number><unit>`` parts with units ms, s, m, h, d
-    (``"500ms"``, ``"1.5h"``, ``"1h30m"``).  Negative, infinite and NaN values are refused.
+    seconds or one or more ``<number><unit>`` parts with units ms, s, m, h, d, w
+    (``"500ms"``, ``"1.5h"``, ``"1h30m"``, ``"2w"``).  Negative, infinite and NaN values are refused.
     """
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise InvalidValue(f"expected {_DURATION_HELP}, got {show_value(value)}")
@@ -71,7 +71,7 @@ def parse_duration(value: Any) -> float:
         text = value.strip()
         if text.startswith("-"):
             raise InvalidValue(f"must not be negative, got {show_value(value)}")
-        if re.fullmatch(_NUMBER, text):
+        if re.fullmatch(NUMBER, text):
             seconds = float(text)
         elif _DURATION_TEXT.fullmatch(text):
             total = Fraction(0)
@@ -89,13 +89,22 @@ def parse_duration(value: Any) -> float:
     return seconds
 
 
+def duration_with_units(text: str) -> Optional[float]:
+    """Seconds of ``text`` when it is written with units only (``"90s"``, ``"1h30m"``,
+    ``"500ms"``), else None: the form the CLI's ``--since``/``--until`` take, where a
+    bare number means Unix nanoseconds instead."""
+    if not isinstance(text, str) or not _DURATION_TEXT.fullmatch(text):
+        return None
+    return parse_duration(text)
+
+
 _HOSTNAME = re.compile(
     r"(?=.{1,253}\Z)(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
     r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?"
 )
 
 
-def _valid_host(host: str) -> bool:
+def valid_host(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -128,7 +137,7 @@ def parse_host_port(text: str) -> tuple[str, int]:
             raise InvalidValue(f"{help_}, got {show_value(text)}")
         if ":" in host:
             raise InvalidValue(f'an IPv6 address needs brackets, e.g. "[::1]:50052"; got {show_value(text)}')
-        if not _valid_host(host):
+        if not valid_host(host):
             raise InvalidValue(f"{host!r} is not an IP address or a host name")
     if not port_text.isdigit() or not port_text.isascii():
         raise InvalidValue(f"port {port_text!r} is not a number")
@@ -136,6 +145,15 @@ def parse_host_port(text: str) -> tuple[str, int]:
     if port > 65535:
         raise InvalidValue(f"port {port} is out of range (0-65535)")
     return host, port
+
+
+def listen_host(address: str) -> str:
+    """The host a listen address binds: ``parse_host_port``'s host, or "" (every
+    interface) for the ``":port"`` form grpc accepts.  Raises ValueError when malformed."""
+    if address.startswith(":") and address[1:].isdigit():
+        parse_host_port("0.0.0.0" + address)  # the port's range
+        return ""
+    return parse_host_port(address)[0]
 
 
 def is_loopback_host(host: str) -> bool:
@@ -177,20 +195,37 @@ def parse_mode(value: Any) -> int:
 
 
 
-def parse_group(value: Any) -> Optional[int]:
-    """A group name or numeric gid; "" (the default) keeps the process's group."""
-    if value == "" or value is None:
-        return None
+_GROUP_NAME = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.-]*\$?")
+
+
+def group_text(value: Any) -> str:
+    """A group as configured, a name or a numeric gid (a string or an int), as text;
+    "" (or null) keeps the process's group.  Checks the form only."""
+    if value is None:
+        return ""
     if isinstance(value, int) and not isinstance(value, bool):
         if value < 0:
-            raise InvalidValue(f"a gid must be >= 0, got {value}")
-        return int(value)
-    if isinstance(value, str):
-        name = value.strip()
-        if name.isdigit():
-            return int(name)
-        try:
-            return grp.getgrnam(name).gr_gid
-        except KeyError:
-            raise InvalidValue(f"no group named {show_value(value)} on this host") from None
-    raise InvalidValue(f"expected a group name or gid, got {show_value(value)}")
+            raise InvalidValue(f"expected a group name or a gid, got {show_value(value)}")
+        return str(int(value))
+    if not isinstance(value, str):
+        raise InvalidValue(f"expected a group name or a gid, got {show_value(value)}")
+    text = value.strip()
+    if text and not _GROUP_NAME.fullmatch(text):
+        raise InvalidValue(f"{show_value(value)} is not a group name or a gid")
+    return text
+
+
+def parse_group(value: Any) -> Optional[int]:
+    """The gid of a group name or numeric gid (``group_text``); None for "" or null.
+
+    Reads the group database (NSS): call at startup.
+    """
+    text = group_text(value)
+    if not text:
+        return None
+    if text.isdigit():
+        return int(text)
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise InvalidValue(f"no group named {show_value(value)} on this host") from None

@@ -516,9 +516,9 @@ def build_lifecycle(config, reactor, st: StorageParts, wr: WriterParts, health,
 def build_queries(config, reactor, st: StorageParts, wr: WriterParts, lc: LifecycleParts,
                   metrics) -> QueryParts:
     """The gRPC servicer (queries, DeleteJob, CleanupOldData) and its server."""
-    from joblet_persist.config import resolve_group
     from joblet_persist.grpc_server import GrpcServerService
     from joblet_persist.query import PersistServicer
+    from joblet_persist.rules import parse_group
 
     storage, writer, health, qc = st.storage, wr.writer, lc.health, config.query
 
@@ -560,7 +560,7 @@ def build_queries(config, reactor, st: StorageParts, wr: WriterParts, lc: Lifecy
         unix_socket_mode=config.server.grpc_socket_mode,
         viewer_socket=config.server.grpc_viewer_socket or None,
         viewer_socket_mode=config.server.grpc_viewer_socket_mode,
-        viewer_socket_gid=resolve_group(config.server.grpc_viewer_socket_group),
+        viewer_socket_gid=parse_group(config.server.grpc_viewer_socket_group),
         tcp_address=config.server.grpc_address or None,
         tls=_tls_settings(config),
         allow_plaintext_tcp=config.server.allow_plaintext_tcp,

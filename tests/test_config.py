@@ -31,8 +31,8 @@ from joblet_persist.config import (
     parse_host_port,
     parse_size,
     read_pem,
-    resolve_group,
 )
+from joblet_persist.rules import parse_group
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "config.example.yml")
@@ -397,7 +397,8 @@ class ValueTypeTests(SynchronousTestCase, ConfigErrorMixin):
         )
 
     def test_duration_forms(self):
-        """Durations accept seconds as numbers or strings with ms/s/m/h/d units."""
+        """Durations accept seconds as numbers or strings with ms/s/m/h/d/w units (the
+        units the CLI's --since/--until take too)."""
         cases = {
             "2": 2.0,
             "0.25": 0.25,
@@ -409,6 +410,7 @@ class ValueTypeTests(SynchronousTestCase, ConfigErrorMixin):
             '"1h30m"': 5400.0,
             '"1.5h"': 5400.0,
             '"90"': 90.0,
+            '"2w"': 1209600.0,
         }
         for written, seconds in cases.items():
             c = config_from_string(f"server:\n  shutdownGrace: {written}\n")
@@ -423,7 +425,7 @@ class ValueTypeTests(SynchronousTestCase, ConfigErrorMixin):
             ('"-5s"', "must not be negative"),
             ("soon", "expected a duration"),
             ('"5 weeks"', "expected a duration"),
-            ('"5w"', "expected a duration"),
+            ('"5y"', "expected a duration"),
             ("true", "got true"),
             (".inf", "finite"),
             ("[1]", "got a list"),
@@ -1108,9 +1110,9 @@ class AccessKeyTests(SynchronousTestCase, ConfigErrorMixin):
             "server:\n  grpcViewerSocket: /run/v.sock\n  grpcViewerSocketGroup: 0\n"
         )
         self.assertEqual(c.server.grpc_viewer_socket_group, "0")
-        self.assertEqual(resolve_group("0"), 0)
-        self.assertEqual(resolve_group("root"), 0)
-        self.assertIsNone(resolve_group(""))
+        self.assertEqual(parse_group("0"), 0)
+        self.assertEqual(parse_group("root"), 0)
+        self.assertIsNone(parse_group(""))
 
     def test_viewer_socket_errors(self):
         """An unknown group, a bad group value, a shared path or a long path is refused,
