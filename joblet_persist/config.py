@@ -373,11 +373,6 @@ class ServerConfig:
         """Host part of ``grpc_address`` (IPv6 without brackets); None when TCP is off."""
         return parse_host_port(self.grpc_address)[0] if self.grpc_address else None
 
-    @property
-    def grpc_port(self) -> int | None:
-        """Port of ``grpc_address``; None when the TCP listener is disabled."""
-        return parse_host_port(self.grpc_address)[1] if self.grpc_address else None
-
 
 @dataclass(frozen=True)
 class IPCConfig:
@@ -432,16 +427,6 @@ class StorageConfig:
     dir_mode: int = _key(_data_mode, 0o750, _describe_mode)
     group: Optional[int] = _key(parse_group, None, _describe_group)
     retention: RetentionConfig = _section(RetentionConfig)
-
-    @property
-    def logs_dir(self) -> str:
-        """``<dataDir>/logs``: one directory of log segments per job."""
-        return os.path.join(self.data_dir, "logs")
-
-    @property
-    def metrics_dir(self) -> str:
-        """``<dataDir>/metrics``: one directory of metric segments per job."""
-        return os.path.join(self.data_dir, "metrics")
 
     @property
     def index_path(self) -> str:

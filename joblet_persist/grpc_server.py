@@ -459,9 +459,7 @@ class GrpcServerService(service.Service):
                 health_servicer.enter_graceful_shutdown()
                 stopped = server.stop(grace)
                 stopped.wait(grace)
-                abandon = getattr(servicer, "abandon_reads", None)
-                if abandon is not None:
-                    abandon()
+                servicer.abandon_reads()
                 executor.shutdown(wait=False, cancel_futures=True)
                 stopped.wait(max(0.0, deadline - time.monotonic()))
                 stuck = executor.join(max(0.0, deadline - time.monotonic()))

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 from twisted.application import service
 from twisted.internet import defer, threads
+from twisted.internet import unix as _unix
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
@@ -187,39 +188,32 @@ def _path_identity(path: str):
     return (st.st_dev, st.st_ino)
 
 
-try:
-    from twisted.internet import unix as _unix
-except ImportError:  # pragma: no cover - every platform we run on has AF_UNIX
-    _unix = None
+class _OwnedUnixPort(_unix.Port):
+    """A Unix listening port that removes its socket file on close only if the path
+    still names the file it bound (``identity``).
 
-if _unix is not None:
+    The stock port unlinks whatever sits at the path: after the file was deleted that
+    fails, and after someone else put a file there it would delete theirs.
+    """
 
-    class _OwnedUnixPort(_unix.Port):
-        """A Unix listening port that removes its socket file on close only if the path
-        still names the file it bound (``identity``).
+    identity = None
 
-        The stock port unlinks whatever sits at the path: after the file was deleted that
-        fails, and after someone else put a file there it would delete theirs.
-        """
-
-        identity = None
-
-        def connectionLost(self, reason):
-            path = self._bindPath
-            if self.identity is not None and _path_identity(path) == self.identity:
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-            # Skip unix.Port's unconditional unlink (no lock file: wantPID is never set).
-            _unix.tcp.Port.connectionLost(self, reason)
+    def connectionLost(self, reason):
+        path = self._bindPath
+        if self.identity is not None and _path_identity(path) == self.identity:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        # Skip unix.Port's unconditional unlink (no lock file: wantPID is never set).
+        _unix.tcp.Port.connectionLost(self, reason)
 
 
 def _listen_unix(reactor, path: str, factory, backlog: int, mode: int):
     """Listen on ``path``; returns the listening port.  Reactor thread."""
     from twisted.internet.posixbase import PosixReactorBase
 
-    if _unix is not None and isinstance(reactor, PosixReactorBase):
+    if isinstance(reactor, PosixReactorBase):
         port = _OwnedUnixPort(path, factory, backlog, mode, reactor)
         port.startListening()
         return port

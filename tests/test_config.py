@@ -100,7 +100,7 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(s.max_concurrent_rpcs, 64)
         self.assertEqual(s.grpc_workers, 16)
         self.assertEqual(s.shutdown_grace, 5.0)
-        self.assertEqual((s.grpc_host, s.grpc_port), (None, None))
+        self.assertIsNone(s.grpc_host)
 
     def test_ipc_defaults(self):
         """ipc: socket under /opt/joblet/run, mode 0600, 128 MiB frames, 1024 connections,
@@ -121,8 +121,6 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(st_.segment_max_bytes, 256 * MiB)
         self.assertEqual(st_.fsync, "batch")
         self.assertEqual(st_.max_open_files, 256)
-        self.assertEqual(st_.logs_dir, "/opt/joblet/logs")
-        self.assertEqual(st_.metrics_dir, "/opt/joblet/metrics")
         self.assertEqual(st_.index_path, "/opt/joblet/job_index.json")
         r = st_.retention
         self.assertEqual(r.log_max_age, 30 * 86400.0)
@@ -566,10 +564,10 @@ class ValueTypeTests(SynchronousTestCase, ConfigErrorMixin):
         ]:
             server = {"grpcAddress": address, "allowPlaintextTcp": True}
             c = config_from_string(_yaml({"server": server}))
-            self.assertEqual((c.server.grpc_host, c.server.grpc_port), (host, port))
+            self.assertEqual(c.server.grpc_host, host)
+            self.assertEqual(parse_host_port(c.server.grpc_address), (host, port))
         c = config_from_string('server:\n  grpcAddress: ""\n')
         self.assertEqual(c.server.grpc_address, "")
-        self.assertIsNone(c.server.grpc_port)
         self.assertIsNone(c.server.grpc_host)
 
     def test_host_port_errors(self):
