@@ -97,7 +97,7 @@ MAX_SOCKET_PATH_BYTES = 107
 COMPRESSION_LEVELS = {"zlib": (0, 9), "deflate": (0, 12), "isal": (0, 3)}
 
 #: Level used for ``isal`` when ``storage.compressionLevel`` is omitted: the documented
-#: default 6 is out of ISA-L's range, so ISA-L's own default applies instead.
+#: default 5 is out of ISA-L's range (0-3), so ISA-L's own default applies instead.
 ISAL_DEFAULT_LEVEL = 2
 
 
