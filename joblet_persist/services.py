@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from joblet_persist.logs import Logger
+from joblet_persist.threads import reactor_only
 
 
 class StartRefused(Exception):
@@ -53,6 +54,7 @@ class OrderedMultiService(service.MultiService):
         # Nothing here needs privileges; children are started in startService.
         pass
 
+    @reactor_only
     def startService(self):
         service.Service.startService(self)
         self._starting = self._start_children()
@@ -76,6 +78,7 @@ class OrderedMultiService(service.MultiService):
         self.started.callback(None)
 
     @defer.inlineCallbacks
+    @reactor_only
     def stopService(self):
         service.Service.stopService(self)
         if self._starting is not None and not self._starting.called:
@@ -103,11 +106,13 @@ class ThreadPoolService(service.Service):
         self.setName(name)
         self.pool: Optional[ThreadPool] = None
 
+    @reactor_only
     def startService(self):
         super().startService()
         self.pool = ThreadPool(minthreads=0, maxthreads=self._size, name=self.name)
         self.pool.start()
 
+    @reactor_only
     def stopService(self):
         super().stopService()
         pool, self.pool = self.pool, None
@@ -115,6 +120,7 @@ class ThreadPoolService(service.Service):
             # The pool is idle by now (its users stopped before us); joining is quick.
             pool.stop()
 
+    @reactor_only
     def run(self, f, *args, **kwargs) -> defer.Deferred:
         if self.pool is None:
             return defer.fail(RuntimeError(f"thread pool {self.name} is not running"))
@@ -129,10 +135,12 @@ class CallbackService(service.Service):
         self._start = start
         self._stop = stop
 
+    @reactor_only
     def startService(self):
         super().startService()
         return self._start()
 
+    @reactor_only
     def stopService(self):
         super().stopService()
         return self._stop()
@@ -270,6 +278,7 @@ class UnixListenerService(service.Service):
         self._generation += 1
         return port, identity
 
+    @reactor_only
     def startService(self):
         super().startService()
         replace_stale_unix_socket(self.path)
@@ -278,6 +287,7 @@ class UnixListenerService(service.Service):
                       name=self.name, path=self.path, mode=self._mode)
 
     @defer.inlineCallbacks
+    @reactor_only
     def stopService(self):
         super().stopService()
         port, self.port = self.port, None
@@ -309,6 +319,7 @@ class UnixListenerService(service.Service):
             detail += f" (socket file recreated {self.recreated} times after it was deleted)"
         return True, detail
 
+    @reactor_only
     def path_probe(self):
         """``(thd_check_path, apply_path_check)`` bound to the current listener, for the
         health monitor's periodic probe.  Reactor thread."""
@@ -319,6 +330,7 @@ class UnixListenerService(service.Service):
         """Pool thread: ``(generation, identity of the path or None)``."""
         return generation, _path_identity(self.path)
 
+    @reactor_only
     def apply_path_check(self, result) -> None:
         """Reactor thread: act on ``thd_check_path``'s answer (ignored when the listener
         changed since the check started)."""
@@ -342,6 +354,7 @@ class UnixListenerService(service.Service):
             return
         self._recreate()
 
+    @reactor_only
     def _recreate(self) -> None:
         old = self.port
         try:
@@ -376,6 +389,7 @@ class TCPListenerService(service.Service):
         self._factory = factory
         self.port = None
 
+    @reactor_only
     def startService(self):
         super().startService()
         self.port = self._reactor.listenTCP(self._port_number, self._factory,
@@ -383,6 +397,7 @@ class TCPListenerService(service.Service):
         self.log.info("{name} listening on http://{host}:{port}/", name=self.name,
                       host=self._host, port=self.port_number)
 
+    @reactor_only
     def stopService(self):
         super().stopService()
         port, self.port = self.port, None
@@ -466,6 +481,7 @@ class DataDirLockService(service.Service):
     def locked(self) -> bool:
         return self._fd is not None
 
+    @reactor_only
     def startService(self):
         try:
             os.makedirs(self.data_dir, mode=0o750, exist_ok=True)
@@ -501,6 +517,7 @@ class DataDirLockService(service.Service):
             described.append(f"pid {pid}" + (f" ({cmdline})" if cmdline else ""))
         return ", ".join(described)
 
+    @reactor_only
     def stopService(self):
         super().stopService()
         fd, self._fd = self._fd, None
