@@ -27,8 +27,8 @@ from typing import Optional
 
 import grpc
 
+from joblet_persist import rules
 from joblet_persist._proto import persist_pb2, persist_pb2_grpc
-from joblet_persist.rules import duration_with_units
 
 DEFAULT_SOCKET = "/opt/joblet/run/persist-grpc.sock"
 SOCKET_ENV = "JOBLET_PERSIST_SOCKET"
@@ -58,7 +58,7 @@ class UsageError(Exception):
 def parse_duration(text: str) -> Optional[float]:
     """Seconds of a duration like ``90s``, ``30m``, ``2h``, ``1d``, ``1h30m``; else None
     (rules.duration_with_units: the configuration's units, written with units only)."""
-    return duration_with_units(text)
+    return rules.duration_with_units(text)
 
 
 def parse_time(text: str, now_ns: Optional[int] = None) -> int:
@@ -95,6 +95,14 @@ def _time_arg(text: str) -> int:
         return parse_time(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _seconds_arg(text: str) -> float:
+    """A duration option: seconds (``10``, ``2.5``) or with units (``30s``, ``2m``)."""
+    try:
+        return rules.parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: {e}") from None
 
 
 def _count_arg(text: str) -> int:
@@ -141,8 +149,8 @@ def _connection_options(parser, suppress: bool) -> None:
     )
     group.add_argument(
         "--timeout",
-        metavar="SECONDS",
-        type=float,
+        metavar="DURATION",
+        type=_seconds_arg,
         default=default,
         help=f"deadline of each call (default: {DEFAULT_TIMEOUT:g}s; none for logs/metrics)",
     )
