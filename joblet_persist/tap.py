@@ -247,6 +247,8 @@ class WriterParts:
 
 @dataclasses.dataclass(frozen=True)
 class IngestParts:
+    """What build_ingest produces: the protocol factory and the IPC listener service."""
+
     factory: object
     listener: object
 
@@ -264,6 +266,8 @@ class LifecycleParts:
 
 @dataclasses.dataclass(frozen=True)
 class QueryParts:
+    """What build_queries produces: the gRPC servicer and the gRPC server service."""
+
     servicer: object
     grpc: object
 
