@@ -50,6 +50,7 @@ _DURATION_UNITS = {
     "d": Fraction(86400),
     "w": Fraction(604800),
 }
+#: A non-negative decimal number as durations and sizes write it ("5", "1.5", ".5", "5.").
 NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
 _DURATION_PART = re.compile(rf"({NUMBER})(ms|s|m|h|d|w)")
 _DURATION_TEXT = re.compile(rf"(?:{NUMBER}(?:ms|s|m|h|d|w))+")
@@ -105,6 +106,7 @@ _HOSTNAME = re.compile(
 
 
 def valid_host(host: str) -> bool:
+    """True for an IP address or a syntactically valid host name."""
     try:
         ipaddress.ip_address(host)
     except ValueError:
