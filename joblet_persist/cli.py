@@ -21,13 +21,13 @@ import csv
 import datetime
 import json
 import os
-import re
 import sys
 import time
 from typing import Optional
 
 import grpc
 
+from joblet_persist import rules
 from joblet_persist._proto import persist_pb2, persist_pb2_grpc
 
 DEFAULT_SOCKET = "/opt/joblet/run/persist-grpc.sock"
@@ -45,9 +45,6 @@ EXIT_DENIED = 4
 EXIT_UNAVAILABLE = 5
 
 _STREAMS = {"both": 0, "stdout": 1, "stderr": 2}
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
-_DURATION = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h|d|w))+")
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 
 
@@ -59,10 +56,9 @@ class UsageError(Exception):
 
 
 def parse_duration(text: str) -> Optional[float]:
-    """Seconds of a duration like ``90s``, ``30m``, ``2h``, ``1d``, ``1h30m``; else None."""
-    if not _DURATION.fullmatch(text):
-        return None
-    return sum(float(n) * _UNITS[u] for n, u in _DURATION_PART.findall(text))
+    """Seconds of a duration like ``90s``, ``30m``, ``2h``, ``1d``, ``1h30m``; else None
+    (rules.duration_with_units: the configuration's units, written with units only)."""
+    return rules.duration_with_units(text)
 
 
 def parse_time(text: str, now_ns: Optional[int] = None) -> int:
@@ -99,6 +95,14 @@ def _time_arg(text: str) -> int:
         return parse_time(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _seconds_arg(text: str) -> float:
+    """A duration option: seconds (``10``, ``2.5``) or with units (``30s``, ``2m``)."""
+    try:
+        return rules.parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: {e}") from None
 
 
 def _count_arg(text: str) -> int:
@@ -145,8 +149,8 @@ def _connection_options(parser, suppress: bool) -> None:
     )
     group.add_argument(
         "--timeout",
-        metavar="SECONDS",
-        type=float,
+        metavar="DURATION",
+        type=_seconds_arg,
         default=default,
         help=f"deadline of each call (default: {DEFAULT_TIMEOUT:g}s; none for logs/metrics)",
     )

@@ -24,9 +24,6 @@ thread; the returned objects are immutable and safe to share between threads.
 from __future__ import annotations
 
 import dataclasses
-import grp
-import ipaddress
-import json
 import math
 import os
 import re
@@ -37,6 +34,18 @@ from typing import Any, Callable, Optional
 import yaml
 from twisted.logger import LogLevel
 
+from joblet_persist.rules import (
+    NUMBER,
+    InvalidValue,
+    group_text,
+    is_loopback_host,
+    parse_duration,
+    parse_group,
+    parse_host_port,
+    parse_mode,
+    show_value,
+    valid_host,
+)
 from joblet_persist.storage.files import POOL_FILES_PER_THREAD
 
 #: Files the default storage.maxOpenFiles leaves to queries at least (more pool threads
@@ -63,7 +72,6 @@ __all__ = [
     "parse_host_port",
     "parse_size",
     "read_pem",
-    "resolve_group",
 ]
 
 KiB = 1024
@@ -89,7 +97,7 @@ MAX_SOCKET_PATH_BYTES = 107
 COMPRESSION_LEVELS = {"zlib": (0, 9), "deflate": (0, 12), "isal": (0, 3)}
 
 #: Level used for ``isal`` when ``storage.compressionLevel`` is omitted: the documented
-#: default 6 is out of ISA-L's range, so ISA-L's own default applies instead.
+#: default 5 is out of ISA-L's range (0-3), so ISA-L's own default applies instead.
 ISAL_DEFAULT_LEVEL = 2
 
 
@@ -124,80 +132,9 @@ class ConfigError(Exception):
         return ": ".join(parts)
 
 
-class _Invalid(ValueError):
-    """A value that does not parse; the caller adds the file and the key."""
-
-
 # ---------------------------------------------------------------------------------------
 # Value parsers.  Each takes the value as YAML produced it and returns the typed value or
-# raises _Invalid with a message that does not repeat the key.
-
-
-def _show(value: Any) -> str:
-    """Render a YAML value for an error message, the way it would be written in YAML."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        if len(value) > 60:
-            return json.dumps(value[:57]) + "..."
-        return json.dumps(value)
-    if isinstance(value, int):
-        return str(int(value))
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    return f"a {type(value).__name__}"
-
-
-_DURATION_UNITS = {
-    "ms": Fraction(1, 1000),
-    "s": Fraction(1),
-    "m": Fraction(60),
-    "h": Fraction(3600),
-    "d": Fraction(86400),
-}
-_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
-_DURATION_PART = re.compile(rf"({_NUMBER})(ms|s|m|h|d)")
-_DURATION_TEXT = re.compile(rf"(?:{_NUMBER}(?:ms|s|m|h|d))+")
-_DURATION_HELP = (
-    'a duration: a number of seconds or a string like "500ms", "30s", "15m", "12h", "7d"'
-)
-
-
-def parse_duration(value: Any) -> float:
-    """Return ``value`` as float seconds, or raise ValueError.
-
-    Accepts a number of seconds (int or float, not a bool) or a string: a bare number of
-    seconds or one or more ``<number><unit>`` parts with units ms, s, m, h, d
-    (``"500ms"``, ``"1.5h"``, ``"1h30m"``).  Negative, infinite and NaN values are refused.
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise _Invalid(f"expected {_DURATION_HELP}, got {_show(value)}")
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("-"):
-            raise _Invalid(f"must not be negative, got {_show(value)}")
-        if re.fullmatch(_NUMBER, text):
-            seconds = float(text)
-        elif _DURATION_TEXT.fullmatch(text):
-            total = Fraction(0)
-            for number, unit in _DURATION_PART.findall(text):
-                total += Fraction(number) * _DURATION_UNITS[unit]
-            seconds = float(total)
-        else:
-            raise _Invalid(f"expected {_DURATION_HELP}, got {_show(value)}")
-    else:
-        seconds = float(value)
-    if not math.isfinite(seconds):
-        raise _Invalid(f"expected a finite duration, got {_show(value)}")
-    if seconds < 0:
-        raise _Invalid(f"must not be negative, got {_show(value)}")
-    return seconds
+# raises InvalidValue with a message that does not repeat the key.
 
 
 _SIZE_UNITS = {
@@ -211,7 +148,7 @@ _SIZE_UNITS = {
     "gib": 1024**3,
     "tib": 1024**4,
 }
-_SIZE_TEXT = re.compile(rf"({_NUMBER})\s*([A-Za-z]*)")
+_SIZE_TEXT = re.compile(rf"({NUMBER})\s*([A-Za-z]*)")
 _SIZE_HELP = 'a size: a number of bytes or a string like "64KiB", "16MiB", "1GiB", "10KB", "5MB"'
 
 
@@ -224,105 +161,42 @@ def parse_size(value: Any) -> int:
     whole number of bytes and negative values are refused.
     """
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise _Invalid(f"expected {_SIZE_HELP}, got {_show(value)}")
+        raise InvalidValue(f"expected {_SIZE_HELP}, got {show_value(value)}")
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("-"):
-            raise _Invalid(f"must not be negative, got {_show(value)}")
+            raise InvalidValue(f"must not be negative, got {show_value(value)}")
         match = _SIZE_TEXT.fullmatch(text)
         if match is None:
-            raise _Invalid(f"expected {_SIZE_HELP}, got {_show(value)}")
+            raise InvalidValue(f"expected {_SIZE_HELP}, got {show_value(value)}")
         number, unit = match.groups()
         multiplier = _SIZE_UNITS.get(unit.lower() if unit else "b")
         if multiplier is None:
-            raise _Invalid(
-                f"unknown size unit {unit!r} in {_show(value)}; "
+            raise InvalidValue(
+                f"unknown size unit {unit!r} in {show_value(value)}; "
                 "use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB"
             )
         amount = Fraction(number) * multiplier
     elif isinstance(value, float):
         if not math.isfinite(value):
-            raise _Invalid(f"expected {_SIZE_HELP}, got {_show(value)}")
+            raise InvalidValue(f"expected {_SIZE_HELP}, got {show_value(value)}")
         amount = Fraction(value)
     else:
         amount = Fraction(int(value))
     if amount < 0:
-        raise _Invalid(f"must not be negative, got {_show(value)}")
+        raise InvalidValue(f"must not be negative, got {show_value(value)}")
     if amount.denominator != 1:
-        raise _Invalid(f"{_show(value)} is not a whole number of bytes")
+        raise InvalidValue(f"{show_value(value)} is not a whole number of bytes")
     return int(amount)
-
-
-_HOSTNAME = re.compile(
-    r"(?=.{1,253}\Z)(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
-    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?"
-)
-
-
-def _valid_host(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return _HOSTNAME.fullmatch(host) is not None
-    return True
-
-
-def parse_host_port(text: str) -> tuple[str, int]:
-    """Split ``"host:port"`` into ``(host, port)``, or raise ValueError.
-
-    ``host`` is an IPv4 address, a hostname, or an IPv6 address in brackets
-    (``"[::1]:50052"``, returned without the brackets).  ``port`` is 0..65535.
-    """
-    if not isinstance(text, str):
-        raise _Invalid(f"expected host:port, got {_show(text)}")
-    help_ = 'expected host:port, e.g. "127.0.0.1:50052" or "[::1]:50052"'
-    if text.startswith("["):
-        match = re.fullmatch(r"\[([^\]]+)\]:(\d+)", text)
-        if match is None:
-            raise _Invalid(f"{help_}, got {_show(text)}")
-        host, port_text = match.groups()
-        try:
-            if ipaddress.ip_address(host).version != 6:
-                raise ValueError(host)
-        except ValueError:
-            raise _Invalid(f"{host!r} in brackets is not an IPv6 address") from None
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep or not host:
-            raise _Invalid(f"{help_}, got {_show(text)}")
-        if ":" in host:
-            raise _Invalid(f'an IPv6 address needs brackets, e.g. "[::1]:50052"; got {_show(text)}')
-        if not _valid_host(host):
-            raise _Invalid(f"{host!r} is not an IP address or a host name")
-    if not port_text.isdigit() or not port_text.isascii():
-        raise _Invalid(f"port {port_text!r} is not a number")
-    port = int(port_text)
-    if port > 65535:
-        raise _Invalid(f"port {port} is out of range (0-65535)")
-    return host, port
-
-
-def is_loopback_host(host: str) -> bool:
-    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1, ::ffff:127.x.y.z)."""
-    if host.lower().rstrip(".") == "localhost":
-        return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    mapped = getattr(address, "ipv4_mapped", None)
-    if mapped is not None:
-        return mapped.is_loopback
-    return address.is_loopback
 
 
 def _string(*, allow_empty: bool = True) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         if not isinstance(value, str):
             hint = " (quote it to make it a string)" if isinstance(value, (int, float)) else ""
-            raise _Invalid(f"expected a string, got {_show(value)}{hint}")
+            raise InvalidValue(f"expected a string, got {show_value(value)}{hint}")
         if not allow_empty and not value.strip():
-            raise _Invalid("must not be empty")
+            raise InvalidValue("must not be empty")
         return value
 
     return parse
@@ -334,7 +208,7 @@ def _path(*, allow_empty: bool = False) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         text = as_string(value)
         if "\0" in text:
-            raise _Invalid("a path must not contain a NUL character")
+            raise InvalidValue("a path must not contain a NUL character")
         return os.path.abspath(text) if text else text
 
     return parse
@@ -344,12 +218,12 @@ def _integer(minimum: int | None = None, maximum: int | None = None) -> Callable
     def parse(value: Any) -> int:
         # bool is a subclass of int: "true" must not pass as 1.
         if isinstance(value, bool) or not isinstance(value, int):
-            raise _Invalid(f"expected an integer, got {_show(value)}")
+            raise InvalidValue(f"expected an integer, got {show_value(value)}")
         number = int(value)
         if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
             if maximum is None:
-                raise _Invalid(f"must be at least {minimum}, got {number}")
-            raise _Invalid(f"must be between {minimum} and {maximum}, got {number}")
+                raise InvalidValue(f"must be at least {minimum}, got {number}")
+            raise InvalidValue(f"must be between {minimum} and {maximum}, got {number}")
         return number
 
     return parse
@@ -357,7 +231,7 @@ def _integer(minimum: int | None = None, maximum: int | None = None) -> Callable
 
 def _boolean(value: Any) -> bool:
     if not isinstance(value, bool):
-        raise _Invalid(f"expected true or false, got {_show(value)}")
+        raise InvalidValue(f"expected true or false, got {show_value(value)}")
     return value
 
 
@@ -365,7 +239,7 @@ def _duration(*, positive: bool = False) -> Callable[[Any], float]:
     def parse(value: Any) -> float:
         seconds = parse_duration(value)
         if positive and seconds <= 0:
-            raise _Invalid(f"must be greater than 0, got {_show(value)}")
+            raise InvalidValue(f"must be greater than 0, got {show_value(value)}")
         return seconds
 
     return parse
@@ -375,65 +249,22 @@ def _size(minimum: int = 0, maximum: int | None = None) -> Callable[[Any], int]:
     def parse(value: Any) -> int:
         size = parse_size(value)
         if size < minimum:
-            raise _Invalid(f"must be at least {minimum} bytes, got {_show(value)}")
+            raise InvalidValue(f"must be at least {minimum} bytes, got {show_value(value)}")
         if maximum is not None and size > maximum:
-            raise _Invalid(f"must be at most {maximum} bytes, got {_show(value)}")
+            raise InvalidValue(f"must be at most {maximum} bytes, got {show_value(value)}")
         return size
 
     return parse
 
 
-def _mode(value: Any) -> int:
-    """A file mode: "0600" (octal string), YAML 0600 (octal int) or a decimal int (384)."""
-    if isinstance(value, str):
-        text = value.strip()
-        if not re.fullmatch(r"(?:0o)?[0-7]{1,4}", text):
-            raise _Invalid(f'expected an octal file mode like "0600", got {_show(value)}')
-        mode = int(text, 8)
-    elif isinstance(value, int) and not isinstance(value, bool):
-        literal = getattr(value, "literal", None)
-        # "600" without a leading zero is YAML decimal 600 (0o1130), almost certainly
-        # meant as octal 0600: refuse it rather than create a socket with the wrong mode.
-        if literal is not None and re.fullmatch(r"[1-7][0-7]{1,2}", literal):
-            raise _Invalid(
-                f"{literal} is read as a decimal number; write the octal mode with a "
-                f'leading zero or in quotes, e.g. "0{literal}"'
-            )
-        mode = int(value)
-    else:
-        raise _Invalid(f'expected an octal file mode like "0600", got {_show(value)}')
-    if not 0 <= mode <= 0o777:
-        raise _Invalid(f"file mode {mode:#o} is out of range (0000-0777)")
-    return mode
-
-
 def _data_mode(value: Any) -> int:
     """A mode for files or directories under the data directory: never world-writable."""
-    mode = _mode(value)
+    mode = parse_mode(value)
     if mode & 0o002:
-        raise _Invalid(
+        raise InvalidValue(
             f"{mode:04o} lets every local user write the stored data; drop the world-write bit"
         )
     return mode
-
-
-def _group(value: Any) -> Optional[int]:
-    """A group name or numeric gid; "" (the default) keeps the process's group."""
-    if value == "" or value is None:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value < 0:
-            raise _Invalid(f"a gid must be >= 0, got {value}")
-        return int(value)
-    if isinstance(value, str):
-        name = value.strip()
-        if name.isdigit():
-            return int(name)
-        try:
-            return grp.getgrnam(name).gr_gid
-        except KeyError:
-            raise _Invalid(f"no group named {_show(value)} on this host") from None
-    raise _Invalid(f"expected a group name or gid, got {_show(value)}")
 
 
 def _describe_group(gid: Optional[int]) -> str:
@@ -450,7 +281,7 @@ def _choice(choices: tuple[str, ...], aliases: dict[str, str] | None = None):
             if name in choices:
                 return name
         valid = ", ".join(choices + tuple(aliases))
-        raise _Invalid(f"expected one of {valid}; got {_show(value)}")
+        raise InvalidValue(f"expected one of {valid}; got {show_value(value)}")
 
     return parse
 
@@ -461,7 +292,7 @@ def _backend(value: Any) -> str:
 
     if isinstance(value, str) and value.strip().lower() in BACKENDS:
         return value.strip().lower()
-    raise _Invalid(unknown_backend(value if isinstance(value, str) else _show(value)))
+    raise InvalidValue(unknown_backend(value if isinstance(value, str) else show_value(value)))
 
 
 def _address(value: Any) -> str:
@@ -472,37 +303,10 @@ def _address(value: Any) -> str:
     return value
 
 
-def _group_name(value: Any) -> str:
-    """A group name or a numeric gid (as a string or an int); "" keeps the service's group."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value < 0:
-            raise _Invalid(f"expected a group name or a gid, got {_show(value)}")
-        return str(int(value))
-    text = _string()(value).strip()
-    if text and not re.fullmatch(r"[A-Za-z0-9_.][A-Za-z0-9_.-]*\$?", text):
-        raise _Invalid(f"{_show(value)} is not a group name or a gid")
-    return text
-
-
-def resolve_group(name: str) -> int | None:
-    """The gid of a ``server.grpcViewerSocketGroup`` value; None for "".
-
-    Raises KeyError when no such group exists.  Reads the group database (NSS): call
-    at startup.
-    """
-    if not name:
-        return None
-    if name.isdigit():
-        return int(name)
-    import grp
-
-    return grp.getgrnam(name).gr_gid
-
-
 def _bind_host(value: Any) -> str:
     host = _string(allow_empty=False)(value)
-    if not _valid_host(host):
-        raise _Invalid(f"{_show(value)} is not an IP address or a host name")
+    if not valid_host(host):
+        raise InvalidValue(f"{show_value(value)} is not an IP address or a host name")
     return host
 
 
@@ -551,11 +355,11 @@ class ServerConfig:
     grpc_socket: str = _key(
         _path(allow_empty=True), os.path.join(DEFAULT_DATA_DIR, "run", GRPC_SOCKET_NAME)
     )
-    grpc_socket_mode: int = _key(_mode, 0o600, _describe_mode)
+    grpc_socket_mode: int = _key(parse_mode, 0o600, _describe_mode)
     # The read-only socket: every caller there is a viewer.  "" = off.
     grpc_viewer_socket: str = _key(_path(allow_empty=True), "")
-    grpc_viewer_socket_mode: int = _key(_mode, 0o660, _describe_mode)
-    grpc_viewer_socket_group: str = _key(_group_name, "")
+    grpc_viewer_socket_mode: int = _key(parse_mode, 0o660, _describe_mode)
+    grpc_viewer_socket_group: str = _key(group_text, "")
     # TCP is off by default; with an address it needs TLS or allowPlaintextTcp (loopback).
     grpc_address: str = _key(_address, "")
     allow_plaintext_tcp: bool = _key(_boolean, False)
@@ -569,18 +373,13 @@ class ServerConfig:
         """Host part of ``grpc_address`` (IPv6 without brackets); None when TCP is off."""
         return parse_host_port(self.grpc_address)[0] if self.grpc_address else None
 
-    @property
-    def grpc_port(self) -> int | None:
-        """Port of ``grpc_address``; None when the TCP listener is disabled."""
-        return parse_host_port(self.grpc_address)[1] if self.grpc_address else None
-
 
 @dataclass(frozen=True)
 class IPCConfig:
     """``ipc``: the Unix socket on which joblet-core sends frames."""
 
     socket: str = _key(_path(), os.path.join(DEFAULT_DATA_DIR, "run", IPC_SOCKET_NAME))
-    socket_mode: int = _key(_mode, 0o600, _describe_mode)
+    socket_mode: int = _key(parse_mode, 0o600, _describe_mode)
     # The frame length prefix is an unsigned 32-bit integer.
     max_frame_bytes: int = _key(_size(1, 2**32 - 1), 128 * MiB)
     max_connections: int = _key(_integer(1), 1024)
@@ -626,18 +425,8 @@ class StorageConfig:
     unload_idle_after: float = _key(_duration(), 600.0)
     file_mode: int = _key(_data_mode, 0o640, _describe_mode)
     dir_mode: int = _key(_data_mode, 0o750, _describe_mode)
-    group: Optional[int] = _key(_group, None, _describe_group)
+    group: Optional[int] = _key(parse_group, None, _describe_group)
     retention: RetentionConfig = _section(RetentionConfig)
-
-    @property
-    def logs_dir(self) -> str:
-        """``<dataDir>/logs``: one directory of log segments per job."""
-        return os.path.join(self.data_dir, "logs")
-
-    @property
-    def metrics_dir(self) -> str:
-        """``<dataDir>/metrics``: one directory of metric segments per job."""
-        return os.path.join(self.data_dir, "metrics")
 
     @property
     def index_path(self) -> str:
@@ -858,7 +647,7 @@ def _parse_section(cls: type, mapping: Any, path: str, ctx: _Context) -> Any:
         mapping = {}
     if not isinstance(mapping, dict):
         what = "sections" if not path else "keys"
-        raise ctx.error(path, f"expected a mapping of {what}, got {_show(mapping)}")
+        raise ctx.error(path, f"expected a mapping of {what}, got {show_value(mapping)}")
     for key in mapping:
         if key not in keys:
             if path or ctx.prefix:
@@ -890,7 +679,7 @@ def _parse_section(cls: type, mapping: Any, path: str, ctx: _Context) -> Any:
         ctx.explicit.add(dotted)
         try:
             values[item.name] = item.metadata["parse"](raw)
-        except _Invalid as e:
+        except InvalidValue as e:
             raise ctx.error(dotted, str(e)) from None
     return cls(**values)
 
@@ -903,7 +692,7 @@ def _root_inherited(root: dict, source: str) -> dict[str, Any]:
         if mapping is None:
             continue
         if not isinstance(mapping, dict):
-            raise ConfigError(source, section, f"expected a mapping of keys, got {_show(mapping)}")
+            raise ConfigError(source, section, f"expected a mapping of keys, got {show_value(mapping)}")
         for key in keys:
             if key in mapping:
                 found[f"{section}.{key}"] = mapping[key]
@@ -912,7 +701,7 @@ def _root_inherited(root: dict, source: str) -> dict[str, Any]:
 
 def _with_data_dir(cfg: Config, data_dir: str, ctx: _Context) -> Config:
     if not isinstance(data_dir, str) or not data_dir or "\0" in data_dir:
-        raise ConfigError(None, "--data-dir", f"expected a directory path, got {_show(data_dir)}")
+        raise ConfigError(None, "--data-dir", f"expected a directory path, got {show_value(data_dir)}")
     root = os.path.abspath(data_dir)
     run = os.path.join(root, "run")
     ipc, server = cfg.ipc, cfg.server
@@ -998,8 +787,8 @@ def _validate(cfg: Config, ctx: _Context) -> None:
         )
     if viewer and cfg.server.grpc_viewer_socket_group:
         try:
-            resolve_group(cfg.server.grpc_viewer_socket_group)
-        except KeyError:
+            parse_group(cfg.server.grpc_viewer_socket_group)
+        except InvalidValue:
             raise ctx.error(
                 "server.grpcViewerSocketGroup",
                 f"no group named {cfg.server.grpc_viewer_socket_group!r} on this system",
@@ -1032,7 +821,7 @@ def _validate(cfg: Config, ctx: _Context) -> None:
     if address and not security.tls_enabled and not is_loopback_host(cfg.server.grpc_host):
         raise ctx.error(
             "server.grpcAddress",
-            f"{_show(address)}: plaintext TCP is only allowed on loopback "
+            f"{show_value(address)}: plaintext TCP is only allowed on loopback "
             f"(127.0.0.0/8, ::1, localhost); set {ctx.name('security.serverCert')} and "
             f"{ctx.name('security.serverKey')} to serve TLS on this address, use a loopback "
             'address, or "" to disable TCP',
@@ -1040,7 +829,7 @@ def _validate(cfg: Config, ctx: _Context) -> None:
     if address and not security.tls_enabled and not cfg.server.allow_plaintext_tcp:
         raise ctx.error(
             "server.grpcAddress",
-            f"{_show(address)}: the TCP listener needs TLS ({ctx.name('security.serverCert')}"
+            f"{show_value(address)}: the TCP listener needs TLS ({ctx.name('security.serverCert')}"
             f" and {ctx.name('security.serverKey')}); plaintext TCP makes every local user "
             f"admin and needs {ctx.name('server.allowPlaintextTcp')}: true; "
             'or set it to "" and use the Unix sockets',
@@ -1053,7 +842,7 @@ def _build(document: Any, source: str, data_dir: str | None) -> Config:
         document = {}
     if not isinstance(document, dict):
         raise ConfigError(
-            source, None, f"expected a mapping of sections at the top level, got {_show(document)}"
+            source, None, f"expected a mapping of sections at the top level, got {show_value(document)}"
         )
     if "persist" in document:
         ctx.prefix = "persist."

@@ -44,6 +44,7 @@ from twisted.python.failure import Failure
 
 from joblet_persist._proto import persist_pb2, persist_pb2_grpc
 from joblet_persist.logs import Logger
+from joblet_persist.rules import parse_mode
 from joblet_persist.security import (
     LISTENER_ADMIN_SOCKET,
     LISTENER_PLAINTEXT_TCP,
@@ -182,12 +183,6 @@ class _HealthServicer(health.HealthServicer):
         return super().Check(request, context)
 
 
-def _mode(value) -> int:
-    if isinstance(value, str):
-        return int(value, 8)
-    return int(value)
-
-
 class _AllStopped:
     """The events of several ``grpc.Server.stop`` calls, waited for as one
     (``wait(timeout)`` and ``is_set()`` like ``threading.Event``'s).  Any thread."""
@@ -282,9 +277,9 @@ class GrpcServerService(service.Service):
             servicer.set_max_concurrent_rpcs(max_concurrent_rpcs)
         self.servicer = servicer
         self.unix_socket = unix_socket or None
-        self._unix_mode = _mode(unix_socket_mode)
+        self._unix_mode = parse_mode(unix_socket_mode)
         self.viewer_socket = viewer_socket or None
-        self._viewer_mode = _mode(viewer_socket_mode)
+        self._viewer_mode = parse_mode(viewer_socket_mode)
         self._viewer_gid = viewer_socket_gid
         self.tcp_address = tcp_address or None
         self._tls = tls
@@ -464,9 +459,7 @@ class GrpcServerService(service.Service):
                 health_servicer.enter_graceful_shutdown()
                 stopped = server.stop(grace)
                 stopped.wait(grace)
-                abandon = getattr(servicer, "abandon_reads", None)
-                if abandon is not None:
-                    abandon()
+                servicer.abandon_reads()
                 executor.shutdown(wait=False, cancel_futures=True)
                 stopped.wait(max(0.0, deadline - time.monotonic()))
                 stuck = executor.join(max(0.0, deadline - time.monotonic()))

@@ -15,6 +15,7 @@ from twisted.internet import defer, task
 
 from joblet_persist.logs import Logger
 from joblet_persist.storage.api import IFreeSpace
+from joblet_persist.threads import reactor_only
 
 #: The storage detail when the backend cannot be probed (it provides no IFreeSpace).
 _NO_PROBE = {"writable": True, "error": None, "free_bytes": None,
@@ -63,19 +64,23 @@ class HealthMonitor:
         self.healthy = False
         self.details: dict = {}
 
+    @reactor_only
     def set_min_free_bytes(self, nbytes: int) -> None:
         """Change the free-space floor (SIGHUP reload); applied at the next refresh."""
         self._min_free = nbytes
 
+    @reactor_only
     def add_check(self, name: str, check: Callable[[], tuple]) -> None:
         self._checks[name] = check
 
+    @reactor_only
     def add_probe(self, make: Callable[[], tuple]) -> None:
         """Run ``make()``'s ``(thd_fn, apply)`` in every probe round (see the class)."""
         if self._run is None:
             raise TypeError("add_probe needs a HealthMonitor built with run_in_thread")
         self._probes.append(make)
 
+    @reactor_only
     def start(self) -> defer.Deferred:
         """Probe once now (the Deferred fires after it), then every interval."""
         self._loop = task.LoopingCall(self.probe_now)
@@ -84,11 +89,13 @@ class HealthMonitor:
         started.addErrback(lambda f: self.log.failure("health loop stopped", f))
         return self.probe_now()
 
+    @reactor_only
     def stop(self) -> None:
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self.healthy = False
 
+    @reactor_only
     def probe_now(self) -> defer.Deferred:
         if self._space is None:
             d = defer.succeed(None)
@@ -118,6 +125,7 @@ class HealthMonitor:
     def _set_disk(self, disk: dict) -> None:
         self._disk = disk
 
+    @reactor_only
     def refresh(self) -> bool:
         """Recompute the verdict from the last probe and the live checks."""
         details: dict = {}

@@ -88,6 +88,7 @@ from joblet_persist.framing import IMPLEMENTATION as DECODER_IMPLEMENTATION
 from joblet_persist.framing import decode_log_frames
 from joblet_persist.logs import Logger
 from joblet_persist.storage.api import is_valid_job_id
+from joblet_persist.threads import reactor_only
 from joblet_persist.writer import WriterStopped
 
 __all__ = [
@@ -259,12 +260,14 @@ class PartialFrameBudget:
         """Whether a frame needing ``n`` bytes may ever be buffered."""
         return self.frame_limit is None or n <= self.frame_limit
 
+    @reactor_only
     def refuse(self) -> None:
         """Count a frame refused because it can never fit."""
         self.refused += 1
         if self._clock is not None:
             self.last_refused = self._clock.seconds()
 
+    @reactor_only
     def reserve(self, proto, n: int) -> bool:
         limit = self.limit
         if (
@@ -278,10 +281,12 @@ class PartialFrameBudget:
         self.waits += 1
         return False
 
+    @reactor_only
     def cancel(self, proto) -> None:
         """Forget a queued protocol (it closed, or finished its frame anyway)."""
         self._waiters.pop(proto, None)
 
+    @reactor_only
     def release(self, n: int) -> None:
         self.used -= n
         self._grant()
@@ -301,6 +306,7 @@ class PartialFrameBudget:
         self._last_trim = self._clock.seconds()
         self._trim()
 
+    @reactor_only
     def stop(self) -> None:
         """Cancel a pending trim (the listener stopped)."""
         if self._trim_call is not None and self._trim_call.active():
@@ -431,6 +437,7 @@ class IngestProtocol(Int32StringReceiver):
 
     # -- receiving ---------------------------------------------------------
 
+    @reactor_only
     def dataReceived(self, data: bytes) -> None:
         """Split ``data`` into frames and handle each.  Reactor thread, once per read."""
         off = 0
@@ -557,6 +564,7 @@ class IngestProtocol(Int32StringReceiver):
         )
         self.transport.loseConnection()
 
+    @reactor_only
     def stringReceived(self, frame: bytes) -> None:
         """Handle one complete frame (without its length prefix).  Reactor thread."""
         self._receive(_HEADER.pack(len(frame)) + frame, 0)
@@ -640,6 +648,7 @@ class IngestProtocol(Int32StringReceiver):
         for timestamp, sequence, content in zip(timestamps, sequences, contents, strict=True):
             add_log(job_id, stream, timestamp, sequence, content)
 
+    @reactor_only
     def lengthLimitExceeded(self, length: int) -> None:
         """A length prefix above ``MAX_LENGTH``: count it; its bytes are skipped, not read."""
         self._reject("oversized", f"frame of {length} bytes exceeds the limit of {self.MAX_LENGTH}")
@@ -704,11 +713,13 @@ class IngestProtocol(Int32StringReceiver):
 
     # -- connection and producer --------------------------------------------
 
+    @reactor_only
     def connectionMade(self) -> None:
         factory = getattr(self, "factory", None)
         if factory is not None:
             factory._connection_made(self)
 
+    @reactor_only
     def connectionLost(self, reason=protocol.connectionDone) -> None:
         """Count a frame cut off by the close; complete frames were delivered on arrival."""
         if self._head or self._need:
@@ -730,11 +741,13 @@ class IngestProtocol(Int32StringReceiver):
         for d in waiters:
             d.callback(None)
 
+    @reactor_only
     def pauseProducing(self) -> None:
         """Stop reading from the transport.  Frames already received are still delivered."""
         self.paused = True
         self.transport.pauseProducing()
 
+    @reactor_only
     def resumeProducing(self) -> None:
         """Read from the transport again."""
         self.paused = False
@@ -796,10 +809,12 @@ class IngestFactory(protocol.Factory):
         if set_budget is not None:
             set_budget(self.budget)
 
+    @reactor_only
     def startFactory(self) -> None:
         """The listener starts: log once which frame decoder this process uses."""
         log.info("IPC frame decoder: {implementation}", implementation=DECODER_IMPLEMENTATION)
 
+    @reactor_only
     def stopFactory(self) -> None:
         """The last listener stopped: no trim may run after it."""
         self.budget.stop()
@@ -837,6 +852,7 @@ class IngestFactory(protocol.Factory):
         """Number of live connections."""
         return len(self._protocols)
 
+    @reactor_only
     def buildProtocol(self, addr) -> Optional[IngestProtocol]:
         if len(self._protocols) >= self.max_connections:
             self.refused_connections += 1
@@ -870,6 +886,7 @@ class IngestFactory(protocol.Factory):
             del self._protocols[p]
             self._metrics.connection_closed()
 
+    @reactor_only
     def pause_all(self) -> None:
         """Stop reading on every connection, and on new ones until ``resume_all``.
 
@@ -881,6 +898,7 @@ class IngestFactory(protocol.Factory):
         for p in self._protocols:
             _pause(p.transport)
 
+    @reactor_only
     def resume_all(self) -> None:
         """Read again on every connection."""
         self._paused = False
@@ -891,6 +909,7 @@ class IngestFactory(protocol.Factory):
             if not p._waiting:  # waiting for budget: resumed when it is granted
                 _resume(p.transport)
 
+    @reactor_only
     def disconnect_all(self, drain_timeout: float = 5.0) -> defer.Deferred:
         """Close every connection; Deferred firing when all of them have closed.
 

@@ -31,7 +31,7 @@ Two settings come from the configuration:
 
 Threading: ``Logger`` may be used from any thread (as ``twisted.logger.Logger``);
 ``set_level``/``set_format`` are single attribute stores, read by the observers on whatever
-thread emits.  ``RateLimitedLog`` is reactor-thread only.  Nothing here imports the reactor.
+thread emits.  Nothing here imports the reactor.
 """
 
 from __future__ import annotations
@@ -63,7 +63,6 @@ __all__ = [
     "LevelPredicate",
     "Logger",
     "OBSERVER_NAME",
-    "RateLimitedLog",
     "bridge_stdlib_logging",
     "configure",
     "event_as_json_line",
@@ -358,140 +357,6 @@ def log_startup(config: Any, listeners: Mapping[str, str], log: Optional[Logger]
 # ---------------------------------------------------------------------------------------
 # Rate limiting.
 
-
-class _KeyState:
-    __slots__ = ("window_start", "suppressed", "last", "timer")
-
-    def __init__(self, window_start: float) -> None:
-        self.window_start = window_start
-        self.suppressed = 0
-        self.last: Optional[tuple] = None
-        self.timer = None
-
-
-class RateLimitedLog:
-    """Logs at most one line per ``key`` per ``interval`` seconds.  Reactor thread.
-
-    The first event of a key is logged at once.  Events of that key in the following
-    ``interval`` seconds are counted, not logged; when the interval ends, the last of them
-    is logged with their count (``rate_limit_suppressed``, which includes it) appended to its
-    text, and a new interval starts.  So a burst costs two lines, and nothing goes unreported
-    for longer than ``interval``.  Keys are short, stable names (an error kind, a reason), not per-job values.
-
-    ``log`` is a ``twisted.logger.Logger`` (ours or Twisted's), ``clock`` an
-    ``IReactorTime`` (``task.Clock`` in tests).  ``stop()`` reports pending counts at once
-    and cancels the timers.
-    """
-
-    #: Text appended to a line that stands for suppressed ones.
-    SUFFIX = (
-        " (repeated {rate_limit_suppressed} times in {rate_limit_interval:g}s; this is the last)"
-    )
-
-    def __init__(self, log: _TwistedLogger, clock, interval: float = 60.0) -> None:
-        if interval <= 0:
-            raise ValueError(f"interval must be positive, got {interval!r}")
-        self._log = log
-        self._clock = clock
-        self._interval = interval
-        self._keys: dict[str, _KeyState] = {}
-
-    def emit(self, level: LogLevel, key: str, fmt: str, **kw: Any) -> bool:
-        """Log ``fmt`` at ``level`` unless ``key`` was logged within the interval.
-
-        Returns True when the event was logged now.
-        """
-        return self._event(key, (level, fmt, None, kw))
-
-    def debug(self, key: str, fmt: str, **kw: Any) -> bool:
-        return self.emit(LogLevel.debug, key, fmt, **kw)
-
-    def info(self, key: str, fmt: str, **kw: Any) -> bool:
-        return self.emit(LogLevel.info, key, fmt, **kw)
-
-    def warn(self, key: str, fmt: str, **kw: Any) -> bool:
-        return self.emit(LogLevel.warn, key, fmt, **kw)
-
-    def error(self, key: str, fmt: str, **kw: Any) -> bool:
-        return self.emit(LogLevel.error, key, fmt, **kw)
-
-    def failure(
-        self,
-        key: str,
-        fmt: str,
-        failure: Optional[Failure] = None,
-        level: LogLevel = LogLevel.critical,
-        **kw: Any,
-    ) -> bool:
-        """Like ``Logger.failure``; ``failure`` defaults to the exception being handled."""
-        if failure is None:
-            failure = Failure()
-        # A suppressed failure may be kept until the interval ends: drop its frames.
-        failure.cleanFailure()
-        return self._event(key, (level, fmt, failure, kw))
-
-    def suppressed(self, key: str) -> int:
-        """Events of ``key`` counted and not yet reported."""
-        state = self._keys.get(key)
-        return state.suppressed if state is not None else 0
-
-    def stop(self) -> None:
-        """Report every pending count now and cancel the timers."""
-        for key in list(self._keys):
-            state = self._keys.pop(key)
-            if state.timer is not None and state.timer.active():
-                state.timer.cancel()
-            if state.suppressed:
-                self._write(state.last, state.suppressed)
-
-    def _event(self, key: str, event: tuple) -> bool:
-        now = self._clock.seconds()
-        state = self._keys.get(key)
-        if state is None or (state.timer is None and now - state.window_start >= self._interval):
-            if state is None and len(self._keys) >= 1024:
-                self._prune(now)
-            self._keys[key] = _KeyState(now)
-            self._write(event, 0)
-            return True
-        state.suppressed += 1
-        state.last = event
-        if state.timer is None:
-            delay = max(0.0, state.window_start + self._interval - now)
-            state.timer = self._clock.callLater(delay, self._window_ended, key)
-        return False
-
-    def _window_ended(self, key: str) -> None:
-        state = self._keys.get(key)
-        if state is None:
-            return
-        state.timer = None
-        if not state.suppressed:
-            del self._keys[key]
-            return
-        count, event = state.suppressed, state.last
-        state.window_start = self._clock.seconds()
-        state.suppressed = 0
-        state.last = None
-        self._write(event, count)
-
-    def _prune(self, now: float) -> None:
-        for key, state in list(self._keys.items()):
-            if state.timer is None and now - state.window_start >= self._interval:
-                del self._keys[key]
-
-    def _write(self, event: tuple, suppressed: int) -> None:
-        level, fmt, failure, kw = event
-        if suppressed:
-            fmt = fmt + self.SUFFIX
-            kw = dict(kw, rate_limit_suppressed=suppressed, rate_limit_interval=self._interval)
-        if failure is not None:
-            self._log.failure(fmt, failure, level, **kw)
-        else:
-            self._log.emit(level, fmt, **kw)
-
-
-# ---------------------------------------------------------------------------------------
-# Standard library logging.
 
 _STDLIB_LEVELS = (
     (logging.CRITICAL, LogLevel.critical),

@@ -33,11 +33,12 @@ is a one-off blocking read at startup).  ``config_warnings`` is pure.
 from __future__ import annotations
 
 import functools
-import ipaddress
 import urllib.parse
 from typing import Optional
 
 import grpc
+
+from joblet_persist.rules import is_loopback_host, listen_host
 
 ROLE_ADMIN = "admin"
 ROLE_VIEWER = "viewer"
@@ -64,53 +65,9 @@ class PermissionDenied(Exception):
 # -- configuration values ------------------------------------------------------
 
 
-def read_pem(value: str, key: str, *, source: str | None = None) -> bytes:
-    """PEM bytes of a ``security.*`` value (PEM text or a file path); ``""`` gives ``b""``.
-
-    Reading is ``joblet_persist.config.read_pem``: an unreadable file or one
-    without PEM data raises ConfigError naming ``key`` (and ``source``).
-    """
-    if not value:
-        return b""
-    from joblet_persist.config import read_pem as config_read_pem
-
-    return config_read_pem(value, key, source=source)
-
-
-def tls_settings(
-    server_cert: str,
-    server_key: str,
-    ca_cert: str,
-    require_client_cert: bool = True,
-    *,
-    source: str | None = None,
-) -> Optional[dict]:
-    """The ``tls`` argument of GrpcServerService from the security.* config values.
-
-    Each value is PEM text or a file path.  Returns None when neither a server
-    certificate nor a key is configured (no TLS).  Raises ValueError when only
-    one of them is set, or when client certificates are required without a CA
-    to verify them; ConfigError (from read_pem) when a file cannot be read.
-    """
-    cert = read_pem(server_cert, "security.serverCert", source=source)
-    key = read_pem(server_key, "security.serverKey", source=source)
-    if not cert and not key:
-        return None
-    if not cert or not key:
-        raise ValueError("security.serverCert and security.serverKey must be set together")
-    ca = read_pem(ca_cert, "security.caCert", source=source)
-    if require_client_cert and not ca:
-        raise ValueError("security.caCert is required when security.requireClientCert is true")
-    return {
-        "server_cert": cert,
-        "server_key": key,
-        "ca_cert": ca or None,
-        "require_client_cert": bool(require_client_cert),
-    }
-
-
 def server_credentials(tls: dict) -> grpc.ServerCredentials:
-    """grpc server credentials from a ``tls_settings`` dict."""
+    """grpc server credentials from the ``tls`` dict of GrpcServerService
+    (``server_cert``, ``server_key``, ``ca_cert`` PEM bytes, ``require_client_cert``)."""
     require = bool(tls.get("require_client_cert", True))
     ca = tls.get("ca_cert") or None
     if require and not ca:
@@ -122,41 +79,12 @@ def server_credentials(tls: dict) -> grpc.ServerCredentials:
     )
 
 
-def split_host_port(address: str) -> tuple[str, int]:
-    """Split ``host:port`` (``[v6]:port`` for IPv6) into host and port.
-
-    Raises ValueError naming the address when it is malformed.
-    """
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"invalid address {address!r}: expected host:port")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
-
-
-def is_loopback_host(host: str) -> bool:
-    """True for ``localhost`` and loopback IP addresses (127.0.0.0/8, ::1).
-
-    Other host names are not loopback: they could resolve anywhere.
-    """
-    if host.lower() in ("localhost", "localhost."):
-        return True
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
-
-
 def check_tcp_listener(address: str, tls: Optional[dict], allow_plaintext: bool = False) -> None:
     """Refuse plaintext gRPC on TCP unless opted in, and always on a non-loopback address.
 
     Raises ValueError naming the address and the keys to change.
     """
-    host, _ = split_host_port(address)
+    host = listen_host(address)
     if tls is not None:
         return
     if not is_loopback_host(host):
@@ -190,8 +118,6 @@ def config_warnings(config) -> list[str]:
     ``joblet_persist.config.Config``.  The plaintext TCP listener's warning is
     logged by the gRPC service itself, with the port it bound.
     """
-    from joblet_persist.config import is_loopback_host as loopback
-
     source = config.source
     found = []
     modes = [
@@ -216,7 +142,7 @@ def config_warnings(config) -> list[str]:
                 f"{what}; use a mode without access for others (e.g. 0600 or 0660)"
             )
     monitoring = config.monitoring
-    if monitoring.enabled and not loopback(monitoring.bind_address):
+    if monitoring.enabled and not is_loopback_host(monitoring.bind_address):
         found.append(
             f"{source}: monitoring.bindAddress: {monitoring.bind_address} is not a loopback "
             "address: /metrics and /health (job counts, sizes, node id) are served to the "

@@ -15,10 +15,12 @@ from typing import Callable, Optional
 
 from twisted.application import service
 from twisted.internet import defer, threads
+from twisted.internet import unix as _unix
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from joblet_persist.logs import Logger
+from joblet_persist.threads import reactor_only
 
 
 class StartRefused(Exception):
@@ -52,6 +54,7 @@ class OrderedMultiService(service.MultiService):
         # Nothing here needs privileges; children are started in startService.
         pass
 
+    @reactor_only
     def startService(self):
         service.Service.startService(self)
         self._starting = self._start_children()
@@ -75,6 +78,7 @@ class OrderedMultiService(service.MultiService):
         self.started.callback(None)
 
     @defer.inlineCallbacks
+    @reactor_only
     def stopService(self):
         service.Service.stopService(self)
         if self._starting is not None and not self._starting.called:
@@ -102,11 +106,13 @@ class ThreadPoolService(service.Service):
         self.setName(name)
         self.pool: Optional[ThreadPool] = None
 
+    @reactor_only
     def startService(self):
         super().startService()
         self.pool = ThreadPool(minthreads=0, maxthreads=self._size, name=self.name)
         self.pool.start()
 
+    @reactor_only
     def stopService(self):
         super().stopService()
         pool, self.pool = self.pool, None
@@ -114,6 +120,7 @@ class ThreadPoolService(service.Service):
             # The pool is idle by now (its users stopped before us); joining is quick.
             pool.stop()
 
+    @reactor_only
     def run(self, f, *args, **kwargs) -> defer.Deferred:
         if self.pool is None:
             return defer.fail(RuntimeError(f"thread pool {self.name} is not running"))
@@ -128,20 +135,43 @@ class CallbackService(service.Service):
         self._start = start
         self._stop = stop
 
+    @reactor_only
     def startService(self):
         super().startService()
         return self._start()
 
+    @reactor_only
     def stopService(self):
         super().stopService()
         return self._stop()
+
+
+def unix_socket_is_live(path: str) -> bool:
+    """Whether a process listens on the Unix socket at ``path``.  Never blocks.
+
+    A non-blocking connect answers at once: it succeeds, or fails with EAGAIN
+    when the listener's backlog is full (Linux) or EINPROGRESS (elsewhere), when
+    someone listens; it fails with ECONNREFUSED when the file is a socket nobody
+    listens on (left by a crash).  A blocking connect would wait on a live but
+    busy listener, and a timeout would then be taken for "stale".  Any other
+    error (the file vanished, no permission) counts as not live, as it always
+    has.
+    """
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.setblocking(False)
+        err = probe.connect_ex(path)
+    finally:
+        probe.close()
+    return err in (0, errno.EAGAIN, errno.EWOULDBLOCK, errno.EINPROGRESS)
 
 
 def replace_stale_unix_socket(path: str) -> None:
     """Remove a socket file left by a crash; refuse to steal a live one.
 
     Raises OSError naming the path when another process still listens there or
-    the path is not a socket.
+    the path is not a socket.  Never blocks on the listener (unix_socket_is_live),
+    so the reactor thread may call it.
     """
     try:
         st = os.lstat(path)
@@ -149,16 +179,12 @@ def replace_stale_unix_socket(path: str) -> None:
         return
     if not stat.S_ISSOCK(st.st_mode):
         raise OSError(errno.EEXIST, f"{path} exists and is not a socket; refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if unix_socket_is_live(path):
+        raise OSError(errno.EADDRINUSE, f"{path}: another process is listening on this socket")
     try:
-        probe.settimeout(1.0)
-        probe.connect(path)
-    except OSError:
         os.unlink(path)  # nobody listens: stale
-        return
-    finally:
-        probe.close()
-    raise OSError(errno.EADDRINUSE, f"{path}: another process is listening on this socket")
+    except FileNotFoundError:
+        pass
 
 
 def _path_identity(path: str):
@@ -170,39 +196,32 @@ def _path_identity(path: str):
     return (st.st_dev, st.st_ino)
 
 
-try:
-    from twisted.internet import unix as _unix
-except ImportError:  # pragma: no cover - every platform we run on has AF_UNIX
-    _unix = None
+class _OwnedUnixPort(_unix.Port):
+    """A Unix listening port that removes its socket file on close only if the path
+    still names the file it bound (``identity``).
 
-if _unix is not None:
+    The stock port unlinks whatever sits at the path: after the file was deleted that
+    fails, and after someone else put a file there it would delete theirs.
+    """
 
-    class _OwnedUnixPort(_unix.Port):
-        """A Unix listening port that removes its socket file on close only if the path
-        still names the file it bound (``identity``).
+    identity = None
 
-        The stock port unlinks whatever sits at the path: after the file was deleted that
-        fails, and after someone else put a file there it would delete theirs.
-        """
-
-        identity = None
-
-        def connectionLost(self, reason):
-            path = self._bindPath
-            if self.identity is not None and _path_identity(path) == self.identity:
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-            # Skip unix.Port's unconditional unlink (no lock file: wantPID is never set).
-            _unix.tcp.Port.connectionLost(self, reason)
+    def connectionLost(self, reason):
+        path = self._bindPath
+        if self.identity is not None and _path_identity(path) == self.identity:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        # Skip unix.Port's unconditional unlink (no lock file: wantPID is never set).
+        _unix.tcp.Port.connectionLost(self, reason)
 
 
 def _listen_unix(reactor, path: str, factory, backlog: int, mode: int):
     """Listen on ``path``; returns the listening port.  Reactor thread."""
     from twisted.internet.posixbase import PosixReactorBase
 
-    if _unix is not None and isinstance(reactor, PosixReactorBase):
+    if isinstance(reactor, PosixReactorBase):
         port = _OwnedUnixPort(path, factory, backlog, mode, reactor)
         port.startListening()
         return port
@@ -259,6 +278,7 @@ class UnixListenerService(service.Service):
         self._generation += 1
         return port, identity
 
+    @reactor_only
     def startService(self):
         super().startService()
         replace_stale_unix_socket(self.path)
@@ -267,6 +287,7 @@ class UnixListenerService(service.Service):
                       name=self.name, path=self.path, mode=self._mode)
 
     @defer.inlineCallbacks
+    @reactor_only
     def stopService(self):
         super().stopService()
         port, self.port = self.port, None
@@ -298,6 +319,7 @@ class UnixListenerService(service.Service):
             detail += f" (socket file recreated {self.recreated} times after it was deleted)"
         return True, detail
 
+    @reactor_only
     def path_probe(self):
         """``(thd_check_path, apply_path_check)`` bound to the current listener, for the
         health monitor's periodic probe.  Reactor thread."""
@@ -308,6 +330,7 @@ class UnixListenerService(service.Service):
         """Pool thread: ``(generation, identity of the path or None)``."""
         return generation, _path_identity(self.path)
 
+    @reactor_only
     def apply_path_check(self, result) -> None:
         """Reactor thread: act on ``thd_check_path``'s answer (ignored when the listener
         changed since the check started)."""
@@ -331,6 +354,7 @@ class UnixListenerService(service.Service):
             return
         self._recreate()
 
+    @reactor_only
     def _recreate(self) -> None:
         old = self.port
         try:
@@ -365,6 +389,7 @@ class TCPListenerService(service.Service):
         self._factory = factory
         self.port = None
 
+    @reactor_only
     def startService(self):
         super().startService()
         self.port = self._reactor.listenTCP(self._port_number, self._factory,
@@ -372,6 +397,7 @@ class TCPListenerService(service.Service):
         self.log.info("{name} listening on http://{host}:{port}/", name=self.name,
                       host=self._host, port=self.port_number)
 
+    @reactor_only
     def stopService(self):
         super().stopService()
         port, self.port = self.port, None
@@ -455,6 +481,7 @@ class DataDirLockService(service.Service):
     def locked(self) -> bool:
         return self._fd is not None
 
+    @reactor_only
     def startService(self):
         try:
             os.makedirs(self.data_dir, mode=0o750, exist_ok=True)
@@ -490,6 +517,7 @@ class DataDirLockService(service.Service):
             described.append(f"pid {pid}" + (f" ({cmdline})" if cmdline else ""))
         return ", ".join(described)
 
+    @reactor_only
     def stopService(self):
         super().stopService()
         fd, self._fd = self._fd, None

@@ -5,24 +5,37 @@ creates threads or servers: ``makeService`` only builds Service objects, and
 each creates its pools, sockets and gRPC server in ``startService`` (twistd may
 fork between the two).
 
-Start order (stop order is the reverse, each step waiting for the previous):
+``build_service`` calls one builder per subsystem, each given the
+configuration and what the earlier ones built: ``build_storage`` (lock, pool,
+backend), ``build_health``, ``build_writer``, ``build_ingest``,
+``build_lifecycle`` (retention, idle unloading), ``build_queries`` (servicer,
+gRPC) and ``build_monitoring`` (Klein).  The one cycle (the writer pauses the
+ingest factory that feeds it) goes through a ``LateBound`` callable.  The
+root's children are then listed once, in start order (stop order is the
+reverse, each step waiting for the previous):
 
-0. lock          exclusive lock on the data directory (a second instance refuses to start)
-1. cpu-pool      compression/append/scan thread pool, sized to the cores
-2. storage       job index loaded (or rebuilt from the files)
-3. writer        batching writer and its flush timer
-4. health        disk probe loop feeding /health, Ping and gRPC health
-5. ingest        IPC Unix socket listener (stop: close listener, drain connections)
-6. retention     periodic retention run (stop: wait for a run in progress)
-7. grpc          gRPC server on the Unix socket and/or TCP (stop: refuse, then grace)
-8. monitoring    Klein /metrics and /health listeners
+ 0. lock          exclusive lock on the data directory (a second instance refuses to start)
+ 1. cpu-pool      compression/append/scan thread pool, sized to the cores
+ 2. storage       job index loaded (or rebuilt from the files)
+ 3. writer        batching writer and its flush timer
+ 4. unload        idle jobs' in-memory state dropped (absent when storage.unloadIdleAfter is 0)
+ 5. health        probe loop feeding /health, Ping and gRPC health
+ 6. ingest        IPC Unix socket listener (stop: close listener, drain connections)
+ 7. retention     periodic retention run (stop: wait for a run in progress)
+ 8. grpc          gRPC server on the Unix sockets and/or TCP (stop: refuse, then grace)
+ 9. metrics-http, health-http   Klein listeners (one when they share a port; none when off)
+10. sighup        configuration reload on SIGHUP (added by makeService, under twistd)
 
-So on SIGTERM: monitoring and gRPC stop accepting first, a retention run in
+So on SIGTERM: SIGHUP handling, monitoring and gRPC stop first, a retention run in
 progress finishes, ingest closes its connections, the writer flushes and fsyncs
-every received frame, storage writes the job index, and the pool is joined.
+every received frame, storage writes the job index, the pool is joined and the
+data directory lock is released.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Optional
 
 from twisted.python import usage
 
@@ -76,22 +89,24 @@ def makeService(options, reactor=None):
     logs.bridge_stdlib_logging()
     ensure_descriptor_limit(config)
     warn_exposed_settings(config)
-    root = build_service(config, reactor, exit_on_start_failure=True)
+
+    def sighup(parts):
+        def apply_retention(policy):
+            parts["retention"].policy = policy
+            parts["health"].set_min_free_bytes(policy.min_free_bytes)
+
+        reloader = Reloader(
+            options.get("config"),
+            options.get("data-dir"),
+            apply_retention,
+            logs.set_level,
+            current=config,
+            run_in_thread=parts["pool"].run,
+        )
+        return [SighupService(reactor, reloader.reload)]
+
+    root = build_service(config, reactor, exit_on_start_failure=True, extra_services=sighup)
     parts = root.components
-
-    def apply_retention(policy):
-        parts["retention"].policy = policy
-        parts["health"].set_min_free_bytes(policy.min_free_bytes)
-
-    reloader = Reloader(
-        options.get("config"),
-        options.get("data-dir"),
-        apply_retention,
-        logs.set_level,
-        current=config,
-        run_in_thread=parts["pool"].run,
-    )
-    SighupService(reactor, reloader.reload).setServiceParent(root)
     root.started.addCallback(lambda _: logs.log_startup(config, _listeners(config, parts)))
     return root
 
@@ -185,44 +200,135 @@ def _exit_nonzero_at_interpreter_exit():
     atexit.register(os._exit, 1)
 
 
-def build_service(config, reactor, *, registry=None, exit_on_start_failure=False):
+class LateBound:
+    """A callable whose target is set once, after construction.
+
+    Breaks the one cycle of the composition: the writer pauses the ingest
+    factory (backpressure), and the factory feeds the writer.  The writer is
+    built with a LateBound, the ingest builder binds it to the factory.
+    Calling it before ``bind`` raises, naming it.  Reactor thread.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        self._target = None
+
+    def bind(self, target) -> None:
+        if self._target is not None:
+            raise RuntimeError(f"{self.name} is already bound")
+        self._target = target
+
+    def __call__(self, *args):
+        if self._target is None:
+            raise RuntimeError(f"{self.name} was called before it was bound")
+        return self._target(*args)
+
+
+@dataclasses.dataclass(frozen=True)
+class StorageParts:
+    """What build_storage produces: the data directory lock, the CPU/IO pool, the backend
+    and the service that starts and stops it."""
+
+    lock: object
+    pool: object
+    storage: object
+    service: object
+
+
+@dataclasses.dataclass(frozen=True)
+class WriterParts:
+    """What build_writer produces.  ``pause``/``resume`` are bound by build_ingest."""
+
+    writer: object
+    service: object
+    pause: LateBound
+    resume: LateBound
+
+
+@dataclasses.dataclass(frozen=True)
+class IngestParts:
+    """What build_ingest produces: the protocol factory and the IPC listener service."""
+
+    factory: object
+    listener: object
+
+
+@dataclasses.dataclass(frozen=True)
+class LifecycleParts:
+    """Retention, the idle-unload timer (None when off) and the health monitor."""
+
+    health: object
+    health_service: object
+    unloader: Optional[object]
+    retention: object
+    retention_timer: object
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryParts:
+    """What build_queries produces: the gRPC servicer and the gRPC server service."""
+
+    servicer: object
+    grpc: object
+
+
+def build_service(config, reactor, *, registry=None, exit_on_start_failure=False,
+                  extra_services=None):
     """Wire every component for ``config``; returns the root service.
 
+    One builder per subsystem, each given what earlier ones built; then the
+    root's children in start order (stop order is the reverse), in one list.
+    ``extra_services(components)``, when given, returns services that start last
+    (makeService's SIGHUP service).
     ``root.components`` exposes the parts for tests and benchmarks.
     """
     from prometheus_client import CollectorRegistry
-    from twisted.application.internet import TimerService
-    from twisted.web.server import Site
 
-    from joblet_persist.config import resolve_group
-    from joblet_persist.grpc_server import GrpcServerService
-    from joblet_persist.health import HealthMonitor
-    from joblet_persist.ingest import IngestFactory
-    from joblet_persist.logs import Logger
     from joblet_persist.metrics import PersistMetrics
-    from joblet_persist.query import PersistServicer
-    from joblet_persist.retention import (
-        RetentionPolicy,
-        RetentionRunner,
-        RetentionTimerService,
-    )
-    from joblet_persist.services import (
-        CallbackService,
-        DataDirLockService,
-        OrderedMultiService,
-        TCPListenerService,
-        ThreadPoolService,
-        UnixListenerService,
-    )
-    from joblet_persist.storage.api import IFreeSpace, IIdleUnload
-    from joblet_persist.storage.backends import make_storage
-    from joblet_persist.storage.files import FileBudget, query_share
-    from joblet_persist.web import MonitoringApp
-    from joblet_persist.writer import BatchingWriter
+    from joblet_persist.services import OrderedMultiService
 
-    sc, wc, ic, qc, mc = config.storage, config.writer, config.ipc, config.query, config.monitoring
     metrics = PersistMetrics(registry if registry is not None else CollectorRegistry())
     metrics.set_clock(reactor.seconds)
+
+    st = build_storage(config, reactor, metrics)
+    health = build_health(config, reactor, st, metrics)
+    wr = build_writer(config, reactor, st, health, metrics)
+    ing = build_ingest(config, reactor, st, wr, health, metrics)
+    lc = build_lifecycle(config, reactor, st, wr, health, metrics)
+    q = build_queries(config, reactor, st, wr, lc, metrics)
+    web = build_monitoring(config, reactor, lc.health, metrics)
+
+    components = {
+        "config": config,
+        "lock": st.lock,
+        "metrics": metrics,
+        "pool": st.pool,
+        "storage": st.storage,
+        "writer": wr.writer,
+        "factory": ing.factory,
+        "health": lc.health,
+        "ingest": ing.listener,
+        "servicer": q.servicer,
+        "retention": lc.retention,
+        "grpc": q.grpc,
+        "web": web,
+    }
+    extra = extra_services(components) if extra_services is not None else []
+
+    # The start order; each child waits for the one before, and they stop in reverse.
+    children = [
+        st.lock,            # lock: nothing touches the data or a socket before it is held
+        st.pool,            # cpu-pool: compression, appends, probes
+        st.service,         # storage: job index loaded (or rebuilt); written last at stop
+        wr.service,         # writer: flush timer; stop flushes and fsyncs every frame
+        lc.unloader,        # unload: idle jobs' state dropped every minute (None when off)
+        lc.health_service,  # health: probe loop for /health, Ping and gRPC health
+        ing.listener,       # ingest: IPC socket; stop closes it and drains connections
+        lc.retention_timer,  # retention: stop waits for a run in progress
+        q.grpc,             # grpc: stop refuses new RPCs, then the grace period
+        *web,               # metrics-http, health-http
+        *extra,             # sighup (under twistd, from makeService)
+    ]
 
     def start_failed(failure):
         # A service that cannot start (socket in use, unreadable data dir) ends the process.
@@ -234,19 +340,33 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
             reactor.callWhenRunning(reactor.stop)
 
     root = OrderedMultiService(on_start_failure=start_failed)
+    for child in children:
+        if child is not None:
+            child.setServiceParent(root)
 
-    # First to start, last to stop: nothing touches the data or replaces a socket unless this
-    # process is the only one using the data directory.
+    # The verdict checks the listeners, which start after the health monitor's first probe:
+    # recompute it once everything runs, or Ping reports unhealthy until the next probe.
+    root.started.addCallback(_refresh_verdict, lc.health)
+    root.components = components
+
+    return root
+
+
+def build_storage(config, reactor, metrics) -> StorageParts:
+    """The data directory lock, the cpu-pool and the storage backend named by
+    ``storage.backend`` (storage/backends.py); the rest sees IStorageBackend."""
+    from joblet_persist.logs import Logger
+    from joblet_persist.services import CallbackService, DataDirLockService, ThreadPoolService
+    from joblet_persist.storage.api import IIdleUnload
+    from joblet_persist.storage.backends import make_storage
+    from joblet_persist.storage.files import FileBudget, query_share
+
+    sc, wc = config.storage, config.writer
     lock = DataDirLockService(sc.data_dir)
-    lock.setServiceParent(root)
-
     pool = ThreadPoolService(reactor, "cpu-pool", wc.thread_count)
-    pool.setServiceParent(root)
-
     # Queries share what storage.maxOpenFiles leaves after the pool's own files.
     file_budget = FileBudget(query_share(sc.max_open_files, wc.thread_count))
     metrics.set_file_budget(file_budget)
-    # The backend storage.backend names (storage/backends.py); the rest sees IStorageBackend.
     storage = make_storage(
         config, run=pool.run, clock=reactor, metrics=metrics, file_budget=file_budget
     )
@@ -263,11 +383,39 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
         return len(jobs), sum(j.size_bytes for j in jobs)
 
     metrics.set_storage_source(storage_totals)
-    CallbackService("storage", storage.start, storage.stop).setServiceParent(root)
+    if IIdleUnload.providedBy(storage):
+        metrics.set_loaded_source(lambda: (storage.loaded_jobs, storage.unloaded_jobs))
+    service = CallbackService("storage", storage.start, storage.stop)
+    return StorageParts(lock=lock, pool=pool, storage=storage, service=service)
 
-    factory_box: list = []
+
+def build_health(config, reactor, st: StorageParts, metrics):
+    """The health monitor, probing the backend's IFreeSpace on the pool.  The other
+    builders add their checks to it."""
+    from joblet_persist.health import HealthMonitor
+    from joblet_persist.storage.api import IFreeSpace
+
+    storage = st.storage
+    health = HealthMonitor(
+        reactor,
+        storage if IFreeSpace.providedBy(storage) else None,
+        min_free_bytes=config.storage.retention.min_free_bytes,
+        run_in_thread=st.pool.run,
+    )
+    metrics.set_health_source(health)
+    return health
+
+
+def build_writer(config, reactor, st: StorageParts, health, metrics) -> WriterParts:
+    """The batching writer over the backend; its pause/resume reach the ingest factory
+    once build_ingest binds them."""
+    from joblet_persist.services import CallbackService
+    from joblet_persist.writer import BatchingWriter
+
+    wc = config.writer
+    pause, resume = LateBound("writer pause"), LateBound("writer resume")
     writer = BatchingWriter(
-        storage,
+        st.storage,
         reactor,
         flush_interval=wc.flush_interval,
         batch_max_messages=wc.batch_max_messages,
@@ -276,16 +424,71 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
         low_water_bytes=wc.low_water_bytes,
         retry_initial=wc.retry_initial,
         retry_max=wc.retry_max,
-        on_pause=lambda: factory_box[0].pause_all(),
-        on_resume=lambda: factory_box[0].resume_all(),
+        on_pause=pause,
+        on_resume=resume,
         # Failing writes turn the verdict (Ping, gRPC health) unhealthy at once; on recovery
         # the disk is probed again first, since the last probe may have seen it full.
         on_health_change=lambda ok: health.probe_now() if ok else health.refresh(),
         metrics=metrics,
     )
-    CallbackService("writer", writer.start, writer.stop).setServiceParent(root)
+    health.add_check(
+        "writer",
+        lambda: (
+            not writer.failed_pending,
+            "writes failing; retrying" if writer.failed_pending else "writes succeeding",
+        ),
+    )
+    service = CallbackService("writer", writer.start, writer.stop)
+    return WriterParts(writer=writer, service=service, pause=pause, resume=resume)
 
+
+def build_ingest(config, reactor, st: StorageParts, wr: WriterParts, health,
+                 metrics) -> IngestParts:
+    """The IPC listener and its protocol factory; binds the writer's backpressure."""
+    from joblet_persist.ingest import IngestFactory
+    from joblet_persist.services import UnixListenerService
+
+    ic = config.ipc
+    factory = IngestFactory(
+        wr.writer,
+        metrics,
+        reactor,
+        max_frame_bytes=ic.max_frame_bytes,
+        max_connections=ic.max_connections,
+        max_partial_bytes=ic.max_partial_bytes,
+        max_partial_bytes_per_connection=ic.partial_bytes_per_connection,
+        partial_frame_timeout=ic.partial_frame_timeout,
+    )
+    wr.pause.bind(factory.pause_all)
+    wr.resume.bind(factory.resume_all)
+    listener = UnixListenerService(
+        reactor, "ingest", ic.socket, factory, mode=ic.socket_mode,
+        on_stop=lambda: factory.disconnect_all(ic.drain_timeout),
+        on_recreated=metrics.ipc_socket_recreated,
+    )
+    # Each health round checks on the pool that the socket path is still ours.
+    health.add_probe(listener.path_probe)
+    health.add_check("ingest", listener.check)
+    health.add_check("ipc_connections", factory.connections_check)
+    health.add_check("ipc_partial_frames", factory.budget.check)
+    return IngestParts(factory=factory, listener=listener)
+
+
+def build_lifecycle(config, reactor, st: StorageParts, wr: WriterParts, health,
+                    metrics) -> LifecycleParts:
+    """Retention (timer and runner), the idle-unload timer, the health monitor's service."""
+    from twisted.application.internet import TimerService
+
+    from joblet_persist.logs import Logger
+    from joblet_persist.retention import RetentionPolicy, RetentionRunner, RetentionTimerService
+    from joblet_persist.services import CallbackService
+    from joblet_persist.storage.api import IIdleUnload
+
+    sc, storage, writer = config.storage, st.storage, wr.writer
+    unloader = None
     if sc.unload_idle_after > 0 and IIdleUnload.providedBy(storage):
+        unload_log = Logger(namespace="joblet_persist.unload")
+
         # Memory follows the jobs in use: storage first, so that the writer may then forget
         # the arrival counters of jobs storage no longer holds.
         def unload_idle():
@@ -296,44 +499,32 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
                 # Logged and tried again next time: a failure must not stop the timer.
                 unload_log.failure("unloading idle jobs failed")
 
-        unload_log = Logger(namespace="joblet_persist.unload")
-
         unloader = TimerService(min(60.0, sc.unload_idle_after), unload_idle)
         unloader.clock = reactor
         unloader.setName("unload")
-        unloader.setServiceParent(root)
-    if IIdleUnload.providedBy(storage):
-        metrics.set_loaded_source(lambda: (storage.loaded_jobs, storage.unloaded_jobs))
 
-    factory = IngestFactory(
-        writer,
-        metrics,
+    health_service = CallbackService("health", health.start, health.stop)
+    retention = RetentionRunner(
+        storage,
+        RetentionPolicy.from_config(sc.retention),
         reactor,
-        max_frame_bytes=ic.max_frame_bytes,
-        max_connections=ic.max_connections,
-        max_partial_bytes=ic.max_partial_bytes,
-        max_partial_bytes_per_connection=ic.partial_bytes_per_connection,
-        partial_frame_timeout=ic.partial_frame_timeout,
+        busy_jobs=writer.busy_jobs,
+        discard_job=writer.discard_job,
+        metrics=metrics,
     )
-    factory_box.append(factory)
+    retention_timer = RetentionTimerService(reactor, retention, sc.retention.interval)
+    return LifecycleParts(health=health, health_service=health_service, unloader=unloader,
+                          retention=retention, retention_timer=retention_timer)
 
-    health = HealthMonitor(
-        reactor,
-        storage if IFreeSpace.providedBy(storage) else None,
-        min_free_bytes=sc.retention.min_free_bytes,
-        run_in_thread=pool.run,
-    )
-    metrics.set_health_source(health)
-    CallbackService("health", health.start, health.stop).setServiceParent(root)
 
-    ingest = UnixListenerService(
-        reactor, "ingest", ic.socket, factory, mode=ic.socket_mode,
-        on_stop=lambda: factory.disconnect_all(ic.drain_timeout),
-        on_recreated=metrics.ipc_socket_recreated,
-    )
-    ingest.setServiceParent(root)
-    # Each health round checks on the pool that the socket path is still ours.
-    health.add_probe(ingest.path_probe)
+def build_queries(config, reactor, st: StorageParts, wr: WriterParts, lc: LifecycleParts,
+                  metrics) -> QueryParts:
+    """The gRPC servicer (queries, DeleteJob, CleanupOldData) and its server."""
+    from joblet_persist.grpc_server import GrpcServerService
+    from joblet_persist.query import PersistServicer
+    from joblet_persist.rules import parse_group
+
+    storage, writer, health, qc = st.storage, wr.writer, lc.health, config.query
 
     def delete_job(job_id):
         d = writer.discard_job(job_id)
@@ -347,19 +538,8 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
             "write_errors": writer.write_errors,
         }
 
-    retention = RetentionRunner(
-        storage,
-        RetentionPolicy.from_config(sc.retention),
-        reactor,
-        busy_jobs=writer.busy_jobs,
-        discard_job=writer.discard_job,
-        metrics=metrics,
-    )
-    retention_timer = RetentionTimerService(reactor, retention, sc.retention.interval)
-    retention_timer.setServiceParent(root)
-
     def cleanup(dry_run):
-        d = retention.run(dry_run)
+        d = lc.retention.run(dry_run)
         if not dry_run:
             d.addCallback(_refresh_health_after, health)
         return d
@@ -384,7 +564,7 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
         unix_socket_mode=config.server.grpc_socket_mode,
         viewer_socket=config.server.grpc_viewer_socket or None,
         viewer_socket_mode=config.server.grpc_viewer_socket_mode,
-        viewer_socket_gid=resolve_group(config.server.grpc_viewer_socket_group),
+        viewer_socket_gid=parse_group(config.server.grpc_viewer_socket_group),
         tcp_address=config.server.grpc_address or None,
         tls=_tls_settings(config),
         allow_plaintext_tcp=config.server.allow_plaintext_tcp,
@@ -396,59 +576,35 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
         reactor=reactor,
     )
     grpc_service.setName("grpc")
-
-    health.add_check(
-        "writer",
-        lambda: (
-            not writer.failed_pending,
-            "writes failing; retrying" if writer.failed_pending else "writes succeeding",
-        ),
-    )
-    health.add_check("ingest", ingest.check)
-    health.add_check("ipc_connections", factory.connections_check)
-    health.add_check("ipc_partial_frames", factory.budget.check)
     health.add_check(
         "grpc", lambda: (grpc_service.running, "serving" if grpc_service.running else "stopped")
     )
-    grpc_service.setServiceParent(root)
+    return QueryParts(servicer=servicer, grpc=grpc_service)
 
-    web_services = []
-    if mc.enabled:
-        app = MonitoringApp(
-            health, metrics.registry, node_id=config.server.node_id, version=__version__
-        )
-        site = Site(app.resource())
-        site.noisy = False
+
+def build_monitoring(config, reactor, health, metrics) -> list:
+    """The Klein /metrics and /health listeners (one when they share a port; none when
+    monitoring is off)."""
+    from twisted.web.server import Site
+
+    from joblet_persist.services import TCPListenerService
+    from joblet_persist.web import MonitoringApp
+
+    mc = config.monitoring
+    if not mc.enabled:
+        return []
+    app = MonitoringApp(health, metrics.registry, node_id=config.server.node_id,
+                        version=__version__)
+    site = Site(app.resource())
+    site.noisy = False
+    web_services = [
+        TCPListenerService(reactor, "metrics-http", mc.bind_address, mc.metrics_port, site)
+    ]
+    if mc.health_port != mc.metrics_port or mc.health_port == 0:
         web_services.append(
-            TCPListenerService(reactor, "metrics-http", mc.bind_address, mc.metrics_port, site)
+            TCPListenerService(reactor, "health-http", mc.bind_address, mc.health_port, site)
         )
-        if mc.health_port != mc.metrics_port or mc.health_port == 0:
-            web_services.append(
-                TCPListenerService(reactor, "health-http", mc.bind_address, mc.health_port, site)
-            )
-        for web in web_services:
-            web.setServiceParent(root)
-
-    # The verdict checks the listeners, which start after the health monitor's first probe:
-    # recompute it once everything runs, or Ping reports unhealthy until the next probe.
-    root.started.addCallback(_refresh_verdict, health)
-
-    root.components = {
-        "config": config,
-        "lock": lock,
-        "metrics": metrics,
-        "pool": pool,
-        "storage": storage,
-        "writer": writer,
-        "factory": factory,
-        "health": health,
-        "ingest": ingest,
-        "servicer": servicer,
-        "retention": retention,
-        "grpc": grpc_service,
-        "web": web_services,
-    }
-    return root
+    return web_services
 
 
 def _tls_settings(config):

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -59,6 +60,18 @@ class ParseTests(SynchronousTestCase):
         self.assertEqual(cli.parse_duration("500ms"), 0.5)
         for text in ("", "h", "2", "2x", "-2h", "2h "):
             self.assertIsNone(cli.parse_duration(text), text)
+
+    def test_timeout_is_a_duration(self):
+        """--timeout takes seconds or a duration with units, like the configuration's
+        durations; a negative or malformed one is a usage error naming the value."""
+        parser = cli.build_parser()
+        for text, seconds in (("10", 10.0), ("2.5", 2.5), ("30s", 30.0), ("2m", 120.0)):
+            self.assertEqual(parser.parse_args(["--timeout", text, "ping"]).timeout, seconds)
+        for text in ("-1", "soon"):
+            err = io.StringIO()
+            self.patch(sys, "stderr", err)
+            self.assertRaises(SystemExit, parser.parse_args, ["--timeout", text, "ping"])
+            self.assertIn(text, err.getvalue())
 
     def test_times(self):
         """--since/--until take a duration before now, ISO 8601, 'now' or Unix ns."""

@@ -7,7 +7,6 @@ import json
 import logging
 import sys
 
-from twisted.internet import task
 from twisted.logger import (
     LogLevel,
     eventsFromJSONLogFile,
@@ -294,87 +293,6 @@ logging:
         logs._settings.observer_installed = True
         logs.log_startup(config, {"ipc": "unix:/x"}, log=log)
         self.assertEqual([e["log_level"] for e in events], [LogLevel.info])
-
-
-class RateLimitedLogTests(SynchronousTestCase):
-    def setUp(self):
-        self.clock = task.Clock()
-        self.events: list = []
-        self.limited = logs.RateLimitedLog(
-            logs.Logger(observer=self.events.append), self.clock, interval=60.0
-        )
-
-    def texts(self):
-        return [formatEvent(e) for e in self.events]
-
-    def test_first_is_logged_then_suppressed_then_summarized(self):
-        """The first event is logged at once; the rest of the interval is counted, and at its
-        end the last one is logged with the count."""
-        self.assertTrue(self.limited.warn("enospc", "append failed: {n}", n=1))
-        for n in range(2, 6):
-            self.clock.advance(1)
-            self.assertFalse(self.limited.warn("enospc", "append failed: {n}", n=n))
-        self.assertEqual(self.texts(), ["append failed: 1"])
-        self.assertEqual(self.limited.suppressed("enospc"), 4)
-        self.clock.advance(55)
-        self.assertEqual(self.texts(), ["append failed: 1"])
-        self.clock.advance(1)
-        self.assertEqual(
-            self.texts(), ["append failed: 1", "append failed: 5 (repeated 4 times in 60s; this is the last)"]
-        )
-        self.assertEqual(self.events[1]["rate_limit_suppressed"], 4)
-        self.assertEqual(self.events[1]["log_level"], LogLevel.warn)
-
-    def test_at_most_one_line_per_interval(self):
-        """A steady stream of one event per second gives one line per interval."""
-        for _ in range(600):
-            self.limited.warn("k", "again")
-            self.clock.advance(1)
-        self.assertLessEqual(len(self.events), 11)
-        self.assertGreaterEqual(len(self.events), 10)
-        total = sum(e.get("rate_limit_suppressed", 1) for e in self.events)
-        self.assertEqual(total + self.limited.suppressed("k"), 600)
-
-    def test_quiet_key_logs_again_at_once(self):
-        """After a quiet interval the next event of a key is logged immediately."""
-        self.limited.info("k", "one")
-        self.clock.advance(60)
-        self.assertTrue(self.limited.info("k", "two"))
-        self.assertEqual(self.texts(), ["one", "two"])
-        self.assertEqual(self.clock.getDelayedCalls(), [])
-
-    def test_keys_are_independent(self):
-        """Each key has its own interval."""
-        self.limited.error("a", "a1")
-        self.limited.error("b", "b1")
-        self.limited.error("a", "a2")
-        self.assertEqual(self.texts(), ["a1", "b1"])
-
-    def test_failure_is_logged_with_its_traceback(self):
-        """failure() logs the current exception; a suppressed one is summarized with it."""
-        for n in range(2):
-            try:
-                raise OSError(28, "No space left on device")
-            except OSError:
-                self.limited.failure("io", "append {n} failed", n=n)
-        self.clock.advance(60)
-        self.assertEqual(len(self.events), 2)
-        for event in self.events:
-            self.assertIsInstance(event["log_failure"].value, OSError)
-            self.assertEqual(event["log_level"], LogLevel.critical)
-        self.assertIn("append 1 failed (repeated 1 times", formatEvent(self.events[1]))
-
-    def test_stop_reports_pending_counts_and_cancels_timers(self):
-        """stop() logs what was suppressed so far and leaves no delayed call behind."""
-        self.limited.warn("k", "first")
-        self.limited.warn("k", "second")
-        self.limited.stop()
-        self.assertEqual(self.texts(), ["first", "second (repeated 1 times in 60s; this is the last)"])
-        self.assertEqual(self.clock.getDelayedCalls(), [])
-
-    def test_interval_must_be_positive(self):
-        """A zero interval is refused rather than logging everything."""
-        self.assertRaises(ValueError, logs.RateLimitedLog, logs.Logger(), self.clock, 0)
 
 
 class StdlibBridgeTests(SynchronousTestCase):

@@ -14,10 +14,11 @@ import grpc
 from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 
-from joblet_persist.config import ConfigError, config_from_string, default_config
+from joblet_persist.config import ConfigError, config_from_string, default_config, read_pem
 from joblet_persist.grpc_server import GrpcServerService
 from joblet_persist.logs import Logger
 from joblet_persist.query import PersistServicer
+from joblet_persist.rules import is_loopback_host, listen_host, parse_host_port
 from joblet_persist.security import (
     LISTENER_ADMIN_SOCKET,
     LISTENER_TLS_TCP,
@@ -32,13 +33,9 @@ from joblet_persist.security import (
     certificate_ous,
     check_tcp_listener,
     config_warnings,
-    is_loopback_host,
     plaintext_tcp_warning,
-    read_pem,
     role_for_ous,
     server_credentials,
-    split_host_port,
-    tls_settings,
 )
 from joblet_persist.tap import warn_exposed_settings
 from tests.fakes import FakeContext, FakeStorage, ImmediateReactor, make_pki
@@ -65,11 +62,10 @@ class PemTests(SynchronousTestCase):
         return path
 
     def test_text_and_path(self):
-        """A value is PEM text itself or the path of a PEM file; "" is empty."""
+        """A value is PEM text itself or the path of a PEM file."""
         pem = _pki().ca_cert
         self.assertEqual(read_pem(pem.decode(), "security.caCert"), pem)
         self.assertEqual(read_pem(self.write(pem), "security.caCert"), pem)
-        self.assertEqual(read_pem("", "security.caCert"), b"")
 
     def test_errors_name_the_key(self):
         """An unreadable path or a file without PEM data is a ConfigError naming the key."""
@@ -78,21 +74,6 @@ class PemTests(SynchronousTestCase):
         self.assertIn("/nonexistent/ca.pem", str(e))
         e = self.assertRaises(ConfigError, read_pem, self.write(b"junk"), "security.serverKey")
         self.assertIn("security.serverKey", str(e))
-
-    def test_tls_settings(self):
-        """tls_settings: None without cert and key; both needed together; CA needed for mTLS."""
-        p = _pki()
-        cert, key, ca = p.server_cert.decode(), p.server_key.decode(), p.ca_cert.decode()
-        self.assertIsNone(tls_settings("", "", "", True))
-        self.assertRaises(ValueError, tls_settings, cert, "", ca, True)
-        self.assertRaises(ValueError, tls_settings, "", key, ca, True)
-        e = self.assertRaises(ValueError, tls_settings, cert, key, "", True)
-        self.assertIn("caCert", str(e))
-        tls = tls_settings(cert, key, "", False)
-        self.assertEqual((tls["ca_cert"], tls["require_client_cert"]), (None, False))
-        tls = tls_settings(cert, key, ca, True)
-        self.assertEqual(tls["server_cert"].strip(), p.server_cert.strip())
-        self.assertIsInstance(server_credentials(tls), grpc.ServerCredentials)
 
     def test_credentials_need_ca_for_client_certs(self):
         """Requiring client certificates without a CA is refused."""
@@ -105,12 +86,15 @@ class PemTests(SynchronousTestCase):
 
 class AddressTests(SynchronousTestCase):
     def test_split(self):
-        """host:port and [v6]:port split; malformed addresses are ValueErrors."""
-        self.assertEqual(split_host_port("127.0.0.1:50052"), ("127.0.0.1", 50052))
-        self.assertEqual(split_host_port("[::1]:0"), ("::1", 0))
-        self.assertEqual(split_host_port(":50052"), ("", 50052))
-        for bad in ("127.0.0.1", "host:port", "h:70000", ""):
-            self.assertRaises(ValueError, split_host_port, bad)
+        """host:port and [v6]:port split; malformed addresses (an empty host included)
+        are ValueErrors."""
+        self.assertEqual(parse_host_port("127.0.0.1:50052"), ("127.0.0.1", 50052))
+        self.assertEqual(parse_host_port("[::1]:0"), ("::1", 0))
+        for bad in ("127.0.0.1", "host:port", "h:70000", "", ":50052"):
+            self.assertRaises(ValueError, parse_host_port, bad)
+        self.assertEqual(listen_host(":50052"), "")  # grpc's every-interface form
+        self.assertEqual(listen_host("[::1]:50052"), "::1")
+        self.assertRaises(ValueError, listen_host, ":70000")
 
     def test_loopback(self):
         """localhost, 127/8 and ::1 are loopback; other names and addresses are not."""

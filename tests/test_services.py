@@ -22,6 +22,7 @@ from joblet_persist.services import (
     flock_holders,
     read_proc_locks,
     replace_stale_unix_socket,
+    unix_socket_is_live,
 )
 
 
@@ -229,6 +230,37 @@ class StaleSocketTests(SynchronousTestCase):
         e = self.assertRaises(OSError, replace_stale_unix_socket, self.path)
         self.assertIn(self.path, str(e))
         self.assertTrue(os.path.exists(self.path))
+
+    def test_busy_live_socket_refused_without_waiting(self):
+        """A live listener whose backlog is full (every pending slot taken) is still seen
+        as live, at once: the probe is a non-blocking connect, so it neither waits on the
+        listener (which would block the reactor) nor takes a wait that ran out for a
+        stale socket and deletes the live one."""
+        import errno
+
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(self.path)
+        s.listen(0)
+        self.addCleanup(s.close)
+        while True:  # fill the backlog: the next connect would wait
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.setblocking(False)
+            self.addCleanup(c.close)
+            if c.connect_ex(self.path) == errno.EAGAIN:
+                break
+        self.assertTrue(unix_socket_is_live(self.path))
+        e = self.assertRaises(OSError, replace_stale_unix_socket, self.path)
+        self.assertEqual(e.errno, errno.EADDRINUSE)
+        self.assertTrue(os.path.exists(self.path))
+
+    def test_liveness_of_stale_and_missing(self):
+        """unix_socket_is_live: False for a socket nobody listens on and for no file."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(self.path)
+        s.close()
+        self.assertFalse(unix_socket_is_live(self.path))
+        os.unlink(self.path)
+        self.assertFalse(unix_socket_is_live(self.path))
 
     def test_regular_file_refused(self):
         """A regular file at the socket path is never deleted."""

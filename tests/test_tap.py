@@ -280,6 +280,64 @@ monitoring:
         self.assertIsNotNone(registry.get_sample_value("persist_backpressure_active"))
 
 
+class BuilderTests(SynchronousTestCase):
+    """The composition root in pieces: one builder per subsystem, no forward references."""
+
+    def setUp(self):
+        self.dir = _tempdir(self)
+        self.reactor = MemoryReactorClock()
+
+    def test_docstring_lists_the_real_start_order(self):
+        """tap.py's docstring lists the root's children in the order build_service and
+        makeService really give them (numbered list, one child per line)."""
+        import re
+
+        documented = []
+        for line in tap.__doc__.splitlines():
+            m = re.match(r"\s*\d+\. (.+?)\s{3,}", line)
+            if m:
+                documented += m.group(1).split(", ")
+        self.assertEqual(documented, EXPECTED_ORDER + ["sighup"])
+
+    def test_builders_take_only_what_earlier_ones_built(self):
+        """Each builder runs with the configuration and the parts of the builders before
+        it, in the order build_service calls them; the writer's backpressure reaches the
+        ingest factory only once build_ingest bound it."""
+        from joblet_persist.metrics import PersistMetrics
+
+        cfg = _config(self.dir)
+        metrics = PersistMetrics(CollectorRegistry())
+        st = tap.build_storage(cfg, self.reactor, metrics)
+        self.assertEqual([st.lock.name, st.pool.name, st.service.name],
+                         ["lock", "cpu-pool", "storage"])
+        health = tap.build_health(cfg, self.reactor, st, metrics)
+        wr = tap.build_writer(cfg, self.reactor, st, health, metrics)
+        self.assertRaises(RuntimeError, wr.pause)
+        ing = tap.build_ingest(cfg, self.reactor, st, wr, health, metrics)
+        wr.pause()
+        self.assertTrue(ing.factory.paused)
+        wr.resume()
+        self.assertFalse(ing.factory.paused)
+        lc = tap.build_lifecycle(cfg, self.reactor, st, wr, health, metrics)
+        q = tap.build_queries(cfg, self.reactor, st, wr, lc, metrics)
+        web = tap.build_monitoring(cfg, self.reactor, health, metrics)
+        self.assertEqual([lc.unloader.name, lc.health_service.name, lc.retention_timer.name,
+                          q.grpc.name] + [w.name for w in web], EXPECTED_ORDER[4:6] +
+                         EXPECTED_ORDER[7:])
+        self.assertEqual(list(health._checks),
+                         ["writer", "ingest", "ipc_connections", "ipc_partial_frames", "grpc"])
+
+    def test_late_bound_calls_its_target_once_bound(self):
+        """LateBound refuses a call before bind (naming itself) and a second bind, and
+        passes arguments and the result through once bound."""
+        late = tap.LateBound("writer pause")
+        e = self.assertRaises(RuntimeError, late, 1)
+        self.assertIn("writer pause", str(e))
+        late.bind(lambda *a: ("called", a))
+        self.assertEqual(late(1, 2), ("called", (1, 2)))
+        self.assertRaises(RuntimeError, late.bind, print)
+
+
 class MakeServiceTests(SynchronousTestCase):
     def setUp(self):
         self.dir = _tempdir(self)

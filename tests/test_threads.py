@@ -63,8 +63,8 @@ def _from_other_thread(f, *args) -> list:
 
 
 class MarkedMethodsTests(SynchronousTestCase):
-    """LocalStorage's and the writer's state-changing methods carry the mark; the
-    any-thread reads that gRPC handlers make do not."""
+    """LocalStorage's, the writer's, ingest's, health's and the services' reactor-thread
+    methods carry the mark; the any-thread reads that gRPC handlers make do not."""
 
     def test_local_storage(self):
         """Every reactor-thread method of LocalStorage refuses another thread; snapshot,
@@ -112,3 +112,70 @@ class MarkedMethodsTests(SynchronousTestCase):
             (writer.busy_jobs,),
         ):
             self.assertEqual(len(_from_other_thread(f, *args)), 1, f.__name__)
+
+    def test_ingest(self):
+        """The ingest protocol's and factory's callbacks and the partial-frame budget
+        refuse another thread (Twisted calls them on the reactor only)."""
+        from twisted.internet import task
+
+        from joblet_persist.ingest import IngestFactory
+        from joblet_persist.writer import BatchingWriter
+        from tests.fakes import FakeStorage
+
+        clock = task.Clock()
+        factory = IngestFactory(BatchingWriter(FakeStorage(), clock), None, clock)
+        proto = factory.buildProtocol(None)
+        budget = factory.budget
+        for f, *args in (
+            (factory.buildProtocol, None), (factory.startFactory,), (factory.stopFactory,),
+            (factory.pause_all,), (factory.resume_all,), (factory.disconnect_all, 1.0),
+            (proto.dataReceived, b"\0\0\0\0"), (proto.stringReceived, b""),
+            (proto.lengthLimitExceeded, 1 << 30), (proto.connectionMade,),
+            (proto.connectionLost,), (proto.pauseProducing,), (proto.resumeProducing,),
+            (budget.refuse,), (budget.reserve, proto, 1), (budget.cancel, proto),
+            (budget.release, 1), (budget.stop,),
+        ):
+            self.assertEqual(len(_from_other_thread(f, *args)), 1, f.__name__)
+
+    def test_health(self):
+        """The health monitor's verdict and probe loop refuse another thread; ``healthy``
+        stays a plain attribute that gRPC threads read."""
+        from twisted.internet import defer, task
+
+        from joblet_persist.health import HealthMonitor
+
+        health = HealthMonitor(task.Clock(), None, run_in_thread=defer.maybeDeferred)
+        for f, *args in (
+            (health.start,), (health.stop,), (health.probe_now,), (health.refresh,),
+            (health.set_min_free_bytes, 1), (health.add_check, "x", lambda: (True, "")),
+            (health.add_probe, lambda: (None, None)),
+        ):
+            self.assertEqual(len(_from_other_thread(f, *args)), 1, f.__name__)
+        self.assertEqual(_from_other_thread(lambda: health.healthy), [])
+
+    def test_services(self):
+        """The services' start and stop, the pool's ``run`` and the IPC listener's
+        path-check steps that act on the reactor refuse another thread; the path check's
+        pool-thread half (``thd_check_path``) does not."""
+        from twisted.internet.testing import MemoryReactorClock
+
+        from joblet_persist import services
+
+        reactor = MemoryReactorClock()
+        listener = services.UnixListenerService(reactor, "ingest", "/nonexistent/s", None)
+        pool = services.ThreadPoolService(reactor, "cpu-pool", 1)
+        for f, *args in (
+            (services.OrderedMultiService().startService,),
+            (services.OrderedMultiService().stopService,),
+            (pool.startService,), (pool.stopService,), (pool.run, len, ""),
+            (services.CallbackService("c", list, list).startService,),
+            (services.CallbackService("c", list, list).stopService,),
+            (listener.startService,), (listener.stopService,), (listener.path_probe,),
+            (listener.apply_path_check, (0, None)),
+            (services.TCPListenerService(reactor, "h", "127.0.0.1", 0, None).startService,),
+            (services.TCPListenerService(reactor, "h", "127.0.0.1", 0, None).stopService,),
+            (services.DataDirLockService("/nonexistent/d").startService,),
+            (services.DataDirLockService("/nonexistent/d").stopService,),
+        ):
+            self.assertEqual(len(_from_other_thread(f, *args)), 1, f)
+        self.assertEqual(_from_other_thread(listener.thd_check_path, 0), [])

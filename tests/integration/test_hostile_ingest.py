@@ -426,6 +426,34 @@ class ListenerPathCheckTests(unittest.TestCase):
         await self.svc.stopService()
         self.assertFalse(os.path.exists(self.path))
 
+    async def test_old_port_closing_leaves_the_recreated_socket(self):
+        """After a recreation the old port closes without removing the new socket file,
+        which keeps accepting connections."""
+        old = self.svc.port
+        os.unlink(self.path)
+        self.check_path()
+        self.assertIsNot(self.svc.port, old)
+        await old.deferred  # the old port's connectionLost has run
+        self.assertTrue(os.path.exists(self.path))
+        self.assertTrue(self.connects())
+
+    async def test_stock_port_removes_whatever_is_at_its_path(self):
+        """The reason the listener is not UNIXServerEndpoint: the port the endpoint builds
+        (twisted.internet.unix.Port) unlinks the file at its path when it closes, even a
+        socket another listener bound there after the first was deleted."""
+        from twisted.internet.endpoints import UNIXServerEndpoint
+
+        path = os.path.join(self.dir, "e.sock")
+        port = await UNIXServerEndpoint(reactor, path, mode=0o600).listen(
+            protocol.Factory.forProtocol(_Echo))
+        os.unlink(path)
+        other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(other.close)
+        other.bind(path)
+        other.listen(1)
+        await port.stopListening()
+        self.assertFalse(os.path.exists(path))
+
     async def test_foreign_file_reported_not_stolen(self):
         """Another file at the path is reported (check fails naming the path), never
         replaced, and not deleted at stop."""
