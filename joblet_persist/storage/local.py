@@ -33,43 +33,45 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
-import stat
 from bisect import bisect_left, bisect_right, insort
-from dataclasses import dataclass, field
 from operator import itemgetter
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from joblet_persist.logs import Logger
-from joblet_persist.storage import format as fmt
 from joblet_persist.storage import jobindex, reader, safefs, segment, space
 from joblet_persist.storage.api import (
-    LOG_STREAMS,
     STREAM_STDERR,
     STREAM_STDOUT,
-    STREAM_UNSPECIFIED,
-    DataVanished,
-    IBulkLogReads,
     IFreeSpace,
     IIdleUnload,
-    IJobSnapshot,
     IRetentionSegments,
     IStorageBackend,
     JobInfo,
     LogBatch,
     MetricBatch,
-    ReadStats,
     SegmentUsage,
     SpaceProbe,
     StorageUnavailable,
     check_job_id,
 )
-from joblet_persist.storage.files import SEGMENT_DEPTH, FileBudget
+from joblet_persist.storage.diskwork import (
+    _ALL_TOPS,
+    _PART_TOPS,
+    AppendResult,
+    thd_append_logs,
+    thd_append_metrics,
+    thd_fsync_paths,
+    thd_remove_file,
+    thd_remove_job,
+)
+from joblet_persist.storage.files import FileBudget
 from joblet_persist.storage.jobindex import ALL_KINDS, LOG_KINDS, METRICS_KIND
+from joblet_persist.storage.jobstate import _JobState, _recount, _Segment
+from joblet_persist.storage.snapshot import LocalJobSnapshot
 from joblet_persist.threads import reactor_only
 
 FSYNC_POLICIES = ("batch", "interval", "never")
@@ -77,292 +79,11 @@ FSYNC_POLICIES = ("batch", "interval", "never")
 _KIND_OF_STREAM = {STREAM_STDOUT: "stdout", STREAM_STDERR: "stderr"}
 
 
-def _never_cancelled() -> bool:
-    return False
-
-
-def _seam_errors(job_id: str, records):
-    """``records``, with the OSErrors of reading them raised as the seam's errors.  Any thread.
-
-    A file the snapshot names that is gone was deleted under the read
-    (DeleteJob, retention): DataVanished.  Any other OSError: StorageUnavailable.
-    """
-    try:
-        yield from records
-    except FileNotFoundError as e:
-        raise DataVanished(job_id, str(e)) from e
-    except OSError as e:
-        raise StorageUnavailable(f"reading job {job_id} failed: {e}") from e
-
-
 def _unavailable(failure: Failure, what: str) -> Failure:
     """Errback: an OSError of ``what`` (a deletion) as StorageUnavailable.  Reactor thread."""
     if failure.check(OSError):
         raise StorageUnavailable(f"{what} failed: {failure.value}") from failure.value
     return failure
-
-
-# -- the published, immutable view -----------------------------------------
-
-
-@implementer(IJobSnapshot, IBulkLogReads)
-@dataclass(frozen=True, eq=False)
-class LocalJobSnapshot:
-    """One job's published data.  Immutable; any thread.
-
-    Holds the SegmentViews of each stream and of the metrics, each listing only
-    members that were completely appended before the snapshot was published;
-    the reader never reads past them.
-    """
-
-    job_id: str
-    info: JobInfo
-    # tuple[reader.SegmentView, ...] in segment order; left out of repr (large).
-    stdout: tuple = field(repr=False)
-    stderr: tuple = field(repr=False)
-    metrics: tuple = field(repr=False)
-    # Shared cap on the files queries hold open (storage.files), or None.
-    budget: Optional[FileBudget] = field(default=None, repr=False)
-
-    def iter_logs(
-        self,
-        stream: int,
-        start_time: int = 0,
-        end_time: int = 0,
-        offset: int = 0,
-        limit: int = 0,
-        stats: Optional[ReadStats] = None,
-        cancelled: Callable[[], bool] = _never_cancelled,
-    ):
-        """Yield LogRecords (see IJobSnapshot.iter_logs).  Blocking; any thread."""
-        return self._read_logs(
-            reader.iter_logs, stream, start_time, end_time, offset, limit, stats, cancelled
-        )
-
-    def iter_log_chunks(
-        self,
-        stream: int,
-        start_time: int = 0,
-        end_time: int = 0,
-        offset: int = 0,
-        limit: int = 0,
-        stats: Optional[ReadStats] = None,
-        cancelled: Callable[[], bool] = _never_cancelled,
-    ):
-        """The messages of iter_logs in chunks ``(streams, timestamps, sequences, contents)``.
-
-        Blocking; any thread.  IBulkLogReads (see reader.iter_log_chunks): the
-        log query RPCs use it.
-        """
-        return self._read_logs(
-            reader.iter_log_chunks, stream, start_time, end_time, offset, limit, stats, cancelled
-        )
-
-    def _read_logs(self, read, stream: int, *args):
-        """``read`` (a reader function) over both streams' segments, within the budget."""
-        if stream != STREAM_UNSPECIFIED and stream not in LOG_STREAMS:
-            raise ValueError(f"invalid stream {stream!r}: expected 0, 1 or 2")
-        streams = {STREAM_STDOUT: self.stdout, STREAM_STDERR: self.stderr}
-        return _seam_errors(self.job_id, read(streams, stream, *args, self.budget))
-
-    def iter_metrics(
-        self,
-        start_time: int = 0,
-        end_time: int = 0,
-        offset: int = 0,
-        limit: int = 0,
-        stats: Optional[ReadStats] = None,
-        cancelled: Callable[[], bool] = _never_cancelled,
-    ):
-        """Yield MetricRecords (see IJobSnapshot.iter_metrics).  Blocking; any thread."""
-        return _seam_errors(
-            self.job_id,
-            reader.iter_metrics(
-                self.metrics, start_time, end_time, offset, limit, stats, cancelled, self.budget
-            ),
-        )
-
-
-# -- blocking work, run on pool threads -------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class AppendResult:
-    """What a pool-thread append hands back to the reactor."""
-
-    new_size: int  # size of the segment file after the append
-    members: tuple  # MemberInfo of the appended members, offsets = file positions
-    written: int  # bytes appended
-    skipped: int  # undecodable metric payloads left out of the batch
-    dirty_dirs: tuple  # directories whose entries changed and were not fsync'd
-
-
-def _thd_write_pieces(
-    path, directory, expected_size, fsync, pieces, skipped, modes=safefs.DEFAULT_MODES
-) -> AppendResult:
-    data = b"".join(blob for blob, _ in pieces)
-    created: list = []
-    # logs/<job>/<segment>: three components walked without following symlinks.
-    new_size = segment.thd_append(
-        path, data, expected_size, fsync, depth=SEGMENT_DEPTH, modes=modes, created_dirs=created
-    )
-    members = []
-    position = expected_size
-    for blob, info in pieces:
-        members.append(dataclasses.replace(info, offset=position))
-        position += len(blob)
-    if position != new_size:
-        raise OSError(f"{path}: appended {len(data)} bytes at {expected_size} but size is {new_size}")
-    dirty = []
-    if not fsync:
-        # The parents of created directories have new entries, and so may the job
-        # directory when the segment file was just created.
-        dirty = [os.path.dirname(d) for d in created]
-        if expected_size == 0:
-            dirty.append(directory)
-    return AppendResult(new_size, tuple(members), new_size - expected_size, skipped, tuple(dirty))
-
-
-def thd_append_logs(
-    path: str,
-    directory: str,
-    expected_size: int,
-    fsync: bool,
-    compressor,
-    base: int,
-    timestamps: Sequence[int],
-    sequences: Sequence[int],
-    arrivals: Sequence[int],
-    contents: Sequence[bytes],
-    modes: safefs.FileModes = safefs.DEFAULT_MODES,
-) -> AppendResult:
-    """Encode a log batch as gzip members and append it at ``expected_size``.  Pool thread.
-
-    Ordinals are ``base + arrival``.  On error nothing partial stays in the
-    file (segment.thd_append truncates back) and the error propagates.
-    """
-    ordinals = arrivals if base == 0 else [base + a for a in arrivals]
-    pieces = fmt.encode_log_members(timestamps, sequences, ordinals, contents, compressor)
-    return _thd_write_pieces(path, directory, expected_size, fsync, pieces, 0, modes)
-
-
-def thd_append_metrics(
-    path: str,
-    directory: str,
-    expected_size: int,
-    fsync: bool,
-    compressor,
-    base: int,
-    job_id: str,
-    timestamps: Sequence[int],
-    sequences: Sequence[int],
-    arrivals: Sequence[int],
-    payloads: Sequence[bytes],
-    modes: safefs.FileModes = safefs.DEFAULT_MODES,
-) -> AppendResult:
-    """Convert metric payloads to JSON lines, encode and append them.  Pool thread.
-
-    An undecodable payload is left out and counted in ``skipped``; it never
-    fails the batch.  A batch with nothing decodable appends nothing.
-    """
-    ts, seqs, ords, lines = [], [], [], []
-    skipped = 0
-    for i, payload in enumerate(payloads):
-        try:
-            line = fmt.metric_json_line(job_id, payload)
-        except ValueError:
-            skipped += 1
-            continue
-        ts.append(timestamps[i])
-        seqs.append(sequences[i])
-        ords.append(base + arrivals[i])
-        lines.append(line)
-    if not lines:
-        return AppendResult(expected_size, (), 0, skipped, ())
-    pieces = fmt.encode_metric_members(ts, seqs, ords, lines, compressor)
-    return _thd_write_pieces(path, directory, expected_size, fsync, pieces, skipped, modes)
-
-
-_ALL_TOPS = (jobindex.LOGS_DIRNAME, jobindex.METRICS_DIRNAME)
-_PART_TOPS = {"logs": (jobindex.LOGS_DIRNAME,), "metrics": (jobindex.METRICS_DIRNAME,)}
-
-
-def thd_remove_job(data_dir: str, job_id: str, tops: Sequence[str] = _ALL_TOPS) -> int:
-    """Remove a job's directories (logs and metrics by default); return the bytes freed.
-
-    Pool thread.  Whatever else stands where a job directory should be (a
-    file, a symlink) is removed too (the link, not its target), so that
-    deleting a damaged job always clears its place.  Nothing is followed
-    through a symlink: the walk and the removal go from held directory
-    descriptors (shutil.rmtree with ``dir_fd``), and a symlink at ``logs`` or
-    ``metrics`` itself raises safefs.UnsafeEntry.
-    """
-    freed = 0
-    for top in tops:
-        try:
-            tfd = safefs.open_dir(os.path.join(data_dir, top), 1)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        try:
-            freed += _remove_entry(tfd, job_id)
-        finally:
-            os.close(tfd)
-    return freed
-
-
-def _remove_entry(tfd: int, name: str) -> int:
-    """Remove ``name`` (a job directory, or whatever stands there) in directory ``tfd``."""
-    try:
-        st = os.stat(name, dir_fd=tfd, follow_symlinks=False)
-    except FileNotFoundError:
-        return 0
-    if not stat.S_ISDIR(st.st_mode):
-        try:
-            os.unlink(name, dir_fd=tfd)
-        except FileNotFoundError:
-            return 0
-        return st.st_size
-    freed = 0
-    for _root, _dirs, files, rootfd in os.fwalk(name, dir_fd=tfd, follow_symlinks=False):
-        for f in files:
-            try:
-                freed += os.stat(f, dir_fd=rootfd, follow_symlinks=False).st_size
-            except FileNotFoundError:
-                pass
-    shutil.rmtree(name, dir_fd=tfd)
-    return freed
-
-
-def thd_remove_file(path: str, depth: int = SEGMENT_DEPTH) -> int:
-    """Remove one file and return its size (0 if it was already gone).  Pool thread.
-
-    ``path`` is ``depth`` components below the data directory; its directories
-    are walked without following symlinks, and a symlink at ``path`` itself
-    is removed, not its target.
-    """
-    directory, name = os.path.split(path)
-    try:
-        dfd = safefs.open_dir(directory, depth - 1)
-    except (FileNotFoundError, NotADirectoryError):
-        return 0
-    try:
-        try:
-            size = os.stat(name, dir_fd=dfd, follow_symlinks=False).st_size
-            os.unlink(name, dir_fd=dfd)
-        except FileNotFoundError:
-            return 0
-    finally:
-        os.close(dfd)
-    return size
-
-
-def thd_fsync_paths(paths: Sequence[str]) -> None:
-    """fsync each file or directory; ones removed meanwhile are skipped.  Pool thread."""
-    for path in paths:
-        try:
-            segment.thd_fsync_path(path)
-        except FileNotFoundError:
-            pass
 
 
 # -- reactor-side state ---------------------------------------------------------
@@ -385,30 +106,6 @@ class NullStorageMetrics:
 
     def unsafe_entry(self) -> None:
         """A symlink or non-regular file was refused where storage expected its own entry."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Segment:
-    index: int
-    path: str
-    size: int  # bytes of published members: where the next append goes
-    view: reader.SegmentView
-    # Set when the file turned out shorter than ``size`` (cut outside the service):
-    # appends go to a new segment, what is left of this one stays readable.
-    closed: bool = False
-
-
-class _JobState:
-    """Mutable per-job state.  Reactor thread only."""
-
-    __slots__ = ("job_id", "segments", "base", "info", "last_used")
-
-    def __init__(self, job_id: str, segments: dict, base: int, info: JobInfo, now: float):
-        self.job_id = job_id
-        self.segments = segments  # kind -> tuple[_Segment, ...]
-        self.base = base  # ordinal base: persistent ordinal = base + arrival
-        self.info = info
-        self.last_used = now  # clock seconds of the last load, append or open_job
 
 
 @implementer(IStorageBackend, IRetentionSegments, IIdleUnload, IFreeSpace)
@@ -1464,34 +1161,6 @@ class LocalStorage:
         Reactor thread (IFreeSpace); statvfs runs on the pool.  Never fails.
         """
         return self._run(space.thd_free_bytes, self._data_dir).addErrback(lambda _: None)
-
-
-def _recount(state: _JobState) -> JobInfo:
-    """A job's JobInfo recomputed from its published segments (after dropping one)."""
-    log_count = metric_count = size = 0
-    first = last = 0
-    for kind in ALL_KINDS:
-        for seg in state.segments[kind]:
-            size += seg.size
-            for m in seg.view.members:
-                if not m.count:
-                    continue
-                if kind == METRICS_KIND:
-                    metric_count += m.count
-                else:
-                    log_count += m.count
-                if m.min_timestamp > 0 and (first == 0 or m.min_timestamp < first):
-                    first = m.min_timestamp
-                if m.max_timestamp > last:
-                    last = m.max_timestamp
-    return dataclasses.replace(
-        state.info,
-        log_count=log_count,
-        metric_count=metric_count,
-        size_bytes=size,
-        first_timestamp=first,
-        last_timestamp=last,
-    )
 
 
 def _column_length(*columns) -> int:
