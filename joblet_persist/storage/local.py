@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from bisect import bisect_left, bisect_right, insort
-from operator import itemgetter
 from typing import Callable, Optional
 
 from twisted.internet import defer
@@ -58,6 +56,7 @@ from joblet_persist.storage.api import (
     StorageUnavailable,
     check_job_id,
 )
+from joblet_persist.storage.catalog import JobCatalog
 from joblet_persist.storage.diskwork import (
     _ALL_TOPS,
     _PART_TOPS,
@@ -159,7 +158,6 @@ class LocalStorage:
         self._segment_max_bytes = segment_max_bytes
         self._fsync = fsync
         self._clock = clock
-        self._index_interval = index_interval
         self._sync_interval = sync_interval
         self._log = log if log is not None else Logger(namespace="joblet_persist.storage.local")
         self._metrics = metrics if metrics is not None else NullStorageMetrics()
@@ -171,15 +169,8 @@ class LocalStorage:
         self._stopped = False
         # Published state, read from any thread; mutated on the reactor only.
         self._snapshots: dict[str, LocalJobSnapshot] = {}
-        self._index: dict[str, JobInfo] = {}
-        self._index_version = 0
-        self._list_cache: tuple = (-1, ())
-        self._total_size = 0
-        self._total_logs = 0
-        self._total_metrics = 0
-        # (-created_at, job id) of every indexed job, sorted: ListJobs' order.
-        self._order: list = []
-        self._parts: dict[str, tuple[int, int]] = {}  # job -> (log bytes, metric bytes)
+        # The job index: published infos, totals, ListJobs' order, debounced writes.
+        self._catalog = JobCatalog(clock, index_interval, self._write_index)
         # Reactor-only state.
         self._jobs: dict[str, _JobState] = {}
         self._loading: dict[str, list] = {}  # job -> Deferreds waiting for its load
@@ -190,11 +181,6 @@ class LocalStorage:
         self._busy: set = set()  # (job, kind) with an append in flight
         self._dirty: set = set()  # paths to fsync under the "interval" policy
         self._sync_timer = None
-        self._index_dirty = False
-        self._index_timer = None
-        self._index_write = None  # Deferred of the index write in flight
-        self._index_waiters: list = []  # fire when the write in flight ends
-        self._index_next: list = []  # need a write that starts after the one in flight
 
         #: Undecodable metric payloads left out of batches.
         self.skipped_metric_payloads = 0
@@ -231,27 +217,33 @@ class LocalStorage:
     def job_info(self, job_id: str) -> Optional[JobInfo]:
         """The job's summary from the job index, or None.  Any thread."""
         check_job_id(job_id)
-        return self._index.get(job_id)
+        return self._catalog.get(job_id)
 
     def list_jobs(self) -> tuple:
-        """Every known job's JobInfo, sorted by job id.  Any thread.
+        """Every known job's JobInfo, sorted by job id.  Any thread (JobCatalog.list_jobs)."""
+        return self._catalog.list_jobs()
 
-        The tuple is rebuilt at most once per change of the index, not per call.
+    def totals(self) -> tuple[int, int, int, int]:
+        """(jobs, log messages, metric samples, bytes) over the job index.  Any thread; O(1)."""
+        return self._catalog.totals()
+
+    def list_jobs_page(self, since: int, until: int, offset: int, limit: int):
+        """ListJobs in O(log jobs + page): ``(total, infos)``.  Any thread.
+
+        See JobCatalog.list_jobs_page.
         """
-        version = self._index_version
-        cached_version, jobs = self._list_cache
-        if cached_version == version:
-            return jobs
-        # dict.copy() is atomic under the GIL; the reactor may mutate meanwhile.
-        jobs = tuple(sorted(self._index.copy().values(), key=lambda info: info.job_id))
-        # If the index changed after ``version`` was read, the cache is marked
-        # older than it is and the next call rebuilds it: never stale for long.
-        self._list_cache = (version, jobs)
-        return jobs
+        return self._catalog.list_jobs_page(since, until, offset, limit)
+
+    def part_sizes(self, job_id: str) -> tuple[int, int]:
+        """(bytes of logs, bytes of metrics) of a job in the index, (0, 0) if unknown.
+
+        Any thread.
+        """
+        return self._catalog.part_sizes(job_id)
 
     def total_size_bytes(self) -> int:
         """Bytes on disk of every job in the index.  Any thread."""
-        return self._total_size
+        return self._catalog.totals()[3]
 
     # -- reactor thread: lifecycle --------------------------------------------
 
@@ -263,20 +255,14 @@ class LocalStorage:
         return d
 
     def _index_opened(self, load: jobindex.IndexLoad):
-        self._index = dict(load.jobs)
-        self._parts = dict(load.parts)
-        self._total_size = self._total_logs = self._total_metrics = 0
-        for info in self._index.values():
-            self._count_totals(info, 1)
-        self._order = sorted((-info.created_at, job) for job, info in self._index.items())
-        self._index_version += 1
+        self._catalog.load(load.jobs, load.parts)
         self._started = True
         if load.rebuilt:
             self._log.info(
                 "job index {path} {reason}: rebuilt from the files ({count} jobs)",
                 path=self._index_path,
                 reason=load.reason,
-                count=len(self._index),
+                count=len(self._catalog),
             )
         elif load.changed:
             self._log.info(
@@ -300,10 +286,10 @@ class LocalStorage:
         if not self._started:
             # Never loaded: writing the (empty) in-memory index would clobber the file.
             return defer.succeed(None)
-        for timer in (self._index_timer, self._sync_timer):
-            if timer is not None:
-                timer.cancel()
-        self._index_timer = self._sync_timer = None
+        self._catalog.stop_writes()
+        if self._sync_timer is not None:
+            self._sync_timer.cancel()
+            self._sync_timer = None
         d = self._wait_quiescent()
         d.addCallback(lambda _: self.flush_index())
         d.addCallback(lambda _: self.sync_dirty())
@@ -420,9 +406,9 @@ class LocalStorage:
         if state is not None:
             return state
         if scan is None:
-            if job_id in self._index:
+            if job_id in self._catalog:
                 # The index knew a job whose files are gone.
-                self._drop_info(job_id)
+                self._catalog.drop_info(job_id)
             return None
         segments = {}
         for kind in ALL_KINDS:
@@ -444,7 +430,7 @@ class LocalStorage:
             kept = [s for s in segments[kind] if s.index != index]
             kept.append(_Segment(index, path, 0, reader.SegmentView(path, ()), True))
             segments[kind] = tuple(sorted(kept, key=lambda s: s.index))
-        info = scan.summary(self._index.get(job_id))
+        info = scan.summary(self._catalog.get(job_id))
         if info.created_at == 0:
             now = int(self._clock.seconds())
             info = dataclasses.replace(info, created_at=now, last_updated=now)
@@ -798,7 +784,7 @@ class LocalStorage:
             budget=self.file_budget,
         )
         log_bytes = sum(seg.size for kind in LOG_KINDS for seg in segments[kind])
-        self._set_info(state.job_id, state.info, (log_bytes, state.info.size_bytes - log_bytes))
+        self._catalog.set_info(state.job_id, state.info, (log_bytes, state.info.size_bytes - log_bytes))
 
     # -- reactor thread: deletion ------------------------------------------------------
 
@@ -871,14 +857,14 @@ class LocalStorage:
         self._snapshots.pop(job_id, None)
         prefixes = tuple(os.path.join(self._data_dir, top, job_id) + os.sep for top in tops)
         self._dirty = {p for p in self._dirty if not (p + os.sep).startswith(prefixes)}
-        if reload and job_id in self._index:
+        if reload and job_id in self._catalog:
             d = self._load(job_id)
             d.addErrback(
                 lambda f: self._log.failure("reloading job {job} failed", f, job=job_id)
             )
         else:
-            if job_id in self._index:
-                self._drop_info(job_id)
+            if job_id in self._catalog:
+                self._catalog.drop_info(job_id)
             d = defer.succeed(None)
         d.addCallback(lambda _: self.flush_index())
         d.addCallback(lambda _: result)
@@ -928,14 +914,7 @@ class LocalStorage:
         d.addBoth(self._pass_after, self._end, job_id)
         return d.addErrback(_unavailable, f"dropping segment {kind} {index} of job {job_id}")
 
-    # -- any thread: sizes for retention -------------------------------------------------
-
-    def part_sizes(self, job_id: str) -> tuple[int, int]:
-        """(bytes of logs, bytes of metrics) of a job in the index, (0, 0) if unknown.
-
-        Any thread.
-        """
-        return self._parts.get(job_id, (0, 0))
+    # -- reactor thread: segments for retention -------------------------------------------
 
     @reactor_only
     def segment_usage(self, job_id: str) -> tuple:
@@ -956,90 +935,13 @@ class LocalStorage:
 
     # -- reactor thread: the job index ---------------------------------------------------
 
-    def _set_info(self, job_id: str, info: JobInfo, parts: tuple[int, int]) -> None:
-        old = self._index.get(job_id)
-        if old is None:
-            self._count_totals(info, 1)
-            self._reorder(add=(-info.created_at, job_id))
-        else:
-            self._count_totals(old, -1)
-            self._count_totals(info, 1)
-            if old.created_at != info.created_at:
-                self._reorder((-old.created_at, job_id), (-info.created_at, job_id))
-        self._index[job_id] = info
-        self._parts[job_id] = parts
-        self._index_changed()
+    def _write_index(self, jobs: dict, parts: dict):
+        """Write the job index (JobCatalog's write); Deferred[True, or False if it failed].
 
-    def _drop_info(self, job_id: str) -> None:
-        old = self._index.pop(job_id)
-        self._parts.pop(job_id, None)
-        self._count_totals(old, -1)
-        self._reorder(remove=(-old.created_at, job_id))
-        self._index_changed()
-
-    def _count_totals(self, info: JobInfo, sign: int) -> None:
-        self._total_size += sign * info.size_bytes
-        self._total_logs += sign * info.log_count
-        self._total_metrics += sign * info.metric_count
-
-    def _reorder(self, remove=None, add=None) -> None:
-        """Replace ``_order`` by a copy with ``remove`` taken out and ``add`` put in.
-
-        Copy on write: readers on other threads take the list as it was, whole.
+        Reactor thread; the write runs on the pool.  After stop() it is the
+        final write, reconciled with the files.  A failure is logged, counted
+        and written again within the interval.
         """
-        order = list(self._order)
-        if remove is not None:
-            i = bisect_left(order, remove)
-            if i < len(order) and order[i] == remove:
-                del order[i]
-        if add is not None:
-            insort(order, add)
-        self._order = order
-
-    def totals(self) -> tuple[int, int, int, int]:
-        """(jobs, log messages, metric samples, bytes) over the job index.  Any thread; O(1)."""
-        return len(self._index), self._total_logs, self._total_metrics, self._total_size
-
-    def list_jobs_page(self, since: int, until: int, offset: int, limit: int):
-        """ListJobs in O(log jobs + page): ``(total, infos)``.  Any thread.
-
-        Jobs with ``since <= created_at <= until`` (a bound <= 0 is open),
-        newest first, ties by job id; ``total`` counts them all, ``infos`` are
-        the JobInfos from ``offset``, at most ``limit`` (0 = all).  The order
-        is kept up to date as jobs come and go, so no call sorts the index.
-        """
-        order = self._order
-        created = itemgetter(0)
-        hi = bisect_right(order, -since, key=created) if since > 0 else len(order)
-        lo = bisect_left(order, -until, key=created) if until > 0 else 0
-        total = max(0, hi - lo)
-        start = lo + offset
-        stop = hi if not limit else min(hi, start + limit)
-        index = self._index
-        infos = [info for _, job in order[start:stop] if (info := index.get(job)) is not None]
-        return total, infos
-
-    def _index_changed(self) -> None:
-        self._index_version += 1
-        self._index_dirty = True
-        self._schedule_index_write()
-
-    def _schedule_index_write(self) -> None:
-        if (
-            self._index_timer is None
-            and self._index_write is None
-            and self._started
-            and not self._stopped
-        ):
-            self._index_timer = self._clock.callLater(self._index_interval, self._index_timer_fired)
-
-    def _index_timer_fired(self) -> None:
-        self._index_timer = None
-        if self._index_write is None:
-            self._start_index_write()
-
-    def _start_index_write(self) -> None:
-        self._index_dirty = False
         if self._stopped:
             # The last write: recount jobs whose files changed underneath (a segment
             # cut or removed outside the service) so the index left behind agrees.
@@ -1047,25 +949,18 @@ class LocalStorage:
                 jobindex.thd_write_reconciled,
                 self._index_path,
                 self._data_dir,
-                self._index.copy(),
-                self._parts.copy(),
+                jobs,
+                parts,
                 self._modes,
             )
             d.addCallback(self._reconciled)
         else:
-            d = self._run(
-                jobindex.thd_write,
-                self._index_path,
-                self._index.copy(),
-                self._parts.copy(),
-                self._modes,
-            )
-        self._index_write = d
+            d = self._run(jobindex.thd_write, self._index_path, jobs, parts, self._modes)
         if self._fsync == "interval" and self._dirty:
             self.sync_dirty().addErrback(
                 lambda f: self._log.failure("fsync of dirty segment files failed", f)
             )
-        d.addBoth(self._index_written)
+        return d.addCallbacks(lambda _: True, self._index_write_failed)
 
     def _reconciled(self, changed: list) -> None:
         if changed:
@@ -1077,22 +972,12 @@ class LocalStorage:
                 jobs=" ".join(changed[:20]) + (" ..." if len(changed) > 20 else ""),
             )
 
-    def _index_written(self, result) -> None:
-        self._index_write = None
-        ok = not isinstance(result, Failure)
-        if not ok:
-            self.index_write_errors += 1
-            self._metrics.index_write_failed()
-            self._log.failure("writing the job index {path} failed", result, path=self._index_path)
-            self._index_dirty = True
-        waiters, self._index_waiters = self._index_waiters, []
-        if self._index_next:
-            self._index_waiters, self._index_next = self._index_next, []
-            self._start_index_write()
-        elif self._index_dirty:
-            self._schedule_index_write()
-        for d in waiters:
-            d.callback(ok)
+    def _index_write_failed(self, failure: Failure) -> bool:
+        self.index_write_errors += 1
+        self._metrics.index_write_failed()
+        self._log.failure("writing the job index {path} failed", failure, path=self._index_path)
+        self._catalog.write_again()
+        return False
 
     @reactor_only
     def flush_index(self):
@@ -1102,16 +987,7 @@ class LocalStorage:
         it cancels the pending debounced write.  A failure is logged, counted
         and retried later; the Deferred never fails.
         """
-        d = defer.Deferred()
-        if self._index_write is not None:
-            self._index_next.append(d)
-            return d
-        if self._index_timer is not None:
-            self._index_timer.cancel()
-            self._index_timer = None
-        self._index_waiters.append(d)
-        self._start_index_write()
-        return d
+        return self._catalog.flush()
 
     # -- reactor thread: durability and health --------------------------------------------
 
