@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Callable, Optional
+from typing import Optional
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
@@ -68,6 +68,7 @@ from joblet_persist.storage.diskwork import (
     thd_remove_job,
 )
 from joblet_persist.storage.files import FileBudget
+from joblet_persist.storage.gate import JobGate
 from joblet_persist.storage.jobindex import ALL_KINDS, LOG_KINDS, METRICS_KIND
 from joblet_persist.storage.jobstate import _JobState, _recount, _Segment
 from joblet_persist.storage.snapshot import LocalJobSnapshot
@@ -174,10 +175,8 @@ class LocalStorage:
         # Reactor-only state.
         self._jobs: dict[str, _JobState] = {}
         self._loading: dict[str, list] = {}  # job -> Deferreds waiting for its load
-        self._deleting: dict[str, list] = {}  # job -> Deferreds waiting for its deletion
-        self._pending: dict[str, int] = {}  # job -> loads/appends/removals in flight
-        self._idle_waiters: dict[str, list] = {}
-        self._quiescent_waiters: list = []
+        # Work in flight per job, and deletions that need the job to themselves.
+        self._gate = JobGate()
         self._busy: set = set()  # (job, kind) with an append in flight
         self._dirty: set = set()  # paths to fsync under the "interval" policy
         self._sync_timer = None
@@ -290,7 +289,7 @@ class LocalStorage:
         if self._sync_timer is not None:
             self._sync_timer.cancel()
             self._sync_timer = None
-        d = self._wait_quiescent()
+        d = self._gate.wait_quiescent()
         d.addCallback(lambda _: self.flush_index())
         d.addCallback(lambda _: self.sync_dirty())
         d.addErrback(lambda f: self._log.failure("storage stop: fsync of dirty files failed", f))
@@ -302,49 +301,6 @@ class LocalStorage:
             raise RuntimeError("LocalStorage is not started")
         if self._stopped:
             raise RuntimeError("LocalStorage is stopped")
-
-    # -- reactor thread: bookkeeping of work in flight -------------------------
-
-    def _begin(self, job_id: str) -> None:
-        self._pending[job_id] = self._pending.get(job_id, 0) + 1
-
-    def _end(self, job_id: str) -> None:
-        remaining = self._pending[job_id] - 1
-        if remaining:
-            self._pending[job_id] = remaining
-            return
-        del self._pending[job_id]
-        for d in self._idle_waiters.pop(job_id, ()):
-            d.callback(None)
-        self._check_quiescent()
-
-    def _wait_idle(self, job_id: str):
-        if job_id not in self._pending:
-            return defer.succeed(None)
-        d = defer.Deferred()
-        self._idle_waiters.setdefault(job_id, []).append(d)
-        return d
-
-    def _wait_quiescent(self):
-        if not self._pending and not self._deleting:
-            return defer.succeed(None)
-        d = defer.Deferred()
-        self._quiescent_waiters.append(d)
-        return d
-
-    def _check_quiescent(self) -> None:
-        if self._pending or self._deleting or not self._quiescent_waiters:
-            return
-        waiters, self._quiescent_waiters = self._quiescent_waiters, []
-        for d in waiters:
-            d.callback(None)
-
-    def _after_deletion(self, job_id: str, retry: Callable):
-        """Deferred running ``retry()`` once the deletion of ``job_id`` in progress ends."""
-        d = defer.Deferred()
-        self._deleting[job_id].append(d)
-        d.addCallback(lambda _: retry())
-        return d
 
     # -- reactor thread: loading a job -------------------------------------------
 
@@ -361,8 +317,8 @@ class LocalStorage:
             self._check_running()
         except (ValueError, RuntimeError):
             return defer.fail()
-        if job_id in self._deleting:
-            return self._after_deletion(job_id, lambda: self.open_job(job_id))
+        if self._gate.deleting(job_id):
+            return self._gate.after_deletion(job_id, lambda: self.open_job(job_id))
         state = self._jobs.get(job_id)
         if state is not None:
             state.last_used = self._clock.seconds()
@@ -379,7 +335,7 @@ class LocalStorage:
             waiters.append(d)
             return d
         self._loading[job_id] = [d]
-        self._begin(job_id)
+        self._gate.begin(job_id)
         scan = self._run(jobindex.thd_scan_job, self._data_dir, job_id, True)
         scan.addBoth(self._load_done, job_id)
         return d
@@ -393,7 +349,7 @@ class LocalStorage:
                 result = self._install(job_id, result)
             except Exception:
                 result = Failure()
-        self._end(job_id)
+        self._gate.end(job_id)
         for d in waiters:
             if isinstance(result, Failure):
                 d.errback(result)
@@ -550,7 +506,7 @@ class LocalStorage:
 
     def _in_flight(self, job_id: str) -> bool:
         """A load, append or deletion of the job is in progress.  Reactor thread."""
-        return job_id in self._pending or job_id in self._loading or job_id in self._deleting
+        return self._gate.busy(job_id) or job_id in self._loading
 
     @property
     def loaded_jobs(self) -> int:
@@ -638,15 +594,15 @@ class LocalStorage:
             self._check_running()
         except RuntimeError:
             return defer.fail()
-        if job_id in self._deleting:
-            return self._after_deletion(job_id, lambda: self._append(job_id, kind, start_write))
+        if self._gate.deleting(job_id):
+            return self._gate.after_deletion(job_id, lambda: self._append(job_id, kind, start_write))
         key = (job_id, kind)
         if key in self._busy:
             return defer.fail(
                 RuntimeError(f"an append to {kind} of job {job_id} is already in flight")
             )
         self._busy.add(key)
-        self._begin(job_id)
+        self._gate.begin(job_id)
         d = self._state_for_append(job_id)
         d.addCallback(self._write_batch, kind, start_write)
         d.addBoth(self._append_finished, job_id, key)
@@ -769,7 +725,7 @@ class LocalStorage:
 
     def _append_finished(self, result, job_id: str, key):
         self._busy.discard(key)
-        self._end(job_id)
+        self._gate.end(job_id)
         return result
 
     def _publish(self, state: _JobState) -> None:
@@ -814,7 +770,7 @@ class LocalStorage:
         return d.addErrback(_unavailable, f"deleting the {part} of job {job_id}")
 
     def _exclusive(self, job_id: str, retry, operation, *args):
-        """Run ``operation(job_id, *args)`` once nothing else touches the job.
+        """Run ``operation(job_id, *args)`` once nothing else touches the job (JobGate).
 
         New appends, loads and deletions of the job wait until it is done.
         """
@@ -823,32 +779,14 @@ class LocalStorage:
             self._check_running()
         except (ValueError, RuntimeError):
             return defer.fail()
-        if job_id in self._deleting:
-            return self._after_deletion(job_id, lambda: retry(job_id))
-        self._deleting[job_id] = []
-        d = self._wait_idle(job_id)
-        d.addCallback(lambda _: operation(job_id, *args))
-
-        def finished(result):
-            for waiter in self._deleting.pop(job_id):
-                waiter.callback(None)
-            self._check_quiescent()
-            return result
-
-        d.addBoth(finished)
-        return d
+        return self._gate.exclusive(job_id, lambda: retry(job_id), lambda: operation(job_id, *args))
 
     def _remove(self, job_id: str, tops: tuple, reload: bool):
-        self._begin(job_id)
+        self._gate.begin(job_id)
         d = self._run(thd_remove_job, self._data_dir, job_id, tops)
         d.addBoth(self._removed, job_id, tops, reload)
-        d.addBoth(self._pass_after, self._end, job_id)
+        d.addBoth(self._gate.end_after, job_id)
         return d
-
-    @staticmethod
-    def _pass_after(result, f, *args):
-        f(*args)
-        return result
 
     def _removed(self, result, job_id: str, tops: tuple, reload: bool):
         # Even when rmtree failed part way, forget the state: it is rebuilt
@@ -888,8 +826,8 @@ class LocalStorage:
                 raise ValueError(f"unknown segment kind {kind!r}")
         except (ValueError, RuntimeError):
             return defer.fail()
-        if job_id in self._deleting:
-            return self._after_deletion(job_id, lambda: self.drop_segment(job_id, kind, index))
+        if self._gate.deleting(job_id):
+            return self._gate.after_deletion(job_id, lambda: self.drop_segment(job_id, kind, index))
         if job_id not in self._jobs:
             d = self._load(job_id)
             d.addCallback(
@@ -909,9 +847,9 @@ class LocalStorage:
         state.segments[kind] = segments[: positions[0]] + segments[positions[0] + 1 :]
         state.info = _recount(state)
         self._publish(state)
-        self._begin(job_id)
+        self._gate.begin(job_id)
         d = self._run(thd_remove_file, dropped.path)
-        d.addBoth(self._pass_after, self._end, job_id)
+        d.addBoth(self._gate.end_after, job_id)
         return d.addErrback(_unavailable, f"dropping segment {kind} {index} of job {job_id}")
 
     # -- reactor thread: segments for retention -------------------------------------------
