@@ -39,6 +39,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from joblet_persist.debounce import Debouncer
 from joblet_persist.logs import Logger
 from joblet_persist.storage import jobindex, reader, safefs, segment, space
 from joblet_persist.storage.api import (
@@ -159,7 +160,6 @@ class LocalStorage:
         self._segment_max_bytes = segment_max_bytes
         self._fsync = fsync
         self._clock = clock
-        self._sync_interval = sync_interval
         self._log = log if log is not None else Logger(namespace="joblet_persist.storage.local")
         self._metrics = metrics if metrics is not None else NullStorageMetrics()
         self._modes = modes
@@ -179,7 +179,10 @@ class LocalStorage:
         self._gate = JobGate()
         self._busy: set = set()  # (job, kind) with an append in flight
         self._dirty: set = set()  # paths to fsync under the "interval" policy
-        self._sync_timer = None
+        # "interval" policy: sync_dirty() at most sync_interval seconds after an append.
+        # The run only starts the fsyncs (they may overlap), so the timer of the next
+        # append starts at once, as the durability window requires.
+        self._syncs = Debouncer(clock, sync_interval, self._sync_fired)
 
         #: Undecodable metric payloads left out of batches.
         self.skipped_metric_payloads = 0
@@ -286,9 +289,7 @@ class LocalStorage:
             # Never loaded: writing the (empty) in-memory index would clobber the file.
             return defer.succeed(None)
         self._catalog.stop_writes()
-        if self._sync_timer is not None:
-            self._sync_timer.cancel()
-            self._sync_timer = None
+        self._syncs.stop(flush=False)
         d = self._gate.wait_quiescent()
         d.addCallback(lambda _: self.flush_index())
         d.addCallback(lambda _: self.sync_dirty())
@@ -718,8 +719,7 @@ class LocalStorage:
         if self._fsync == "interval":
             self._dirty.add(path)
             self._dirty.update(result.dirty_dirs)
-            if self._sync_timer is None and not self._stopped:
-                self._sync_timer = self._clock.callLater(self._sync_interval, self._sync_fired)
+            self._syncs()
         self._publish(state)
         return result.written
 
@@ -930,7 +930,6 @@ class LocalStorage:
     # -- reactor thread: durability and health --------------------------------------------
 
     def _sync_fired(self) -> None:
-        self._sync_timer = None
         self.sync_dirty().addErrback(
             lambda f: self._log.failure("fsync of dirty segment files failed", f)
         )
