@@ -52,7 +52,6 @@ from joblet_persist.storage.api import (
     JobInfo,
     LogBatch,
     MetricBatch,
-    SegmentUsage,
     SpaceProbe,
     StorageUnavailable,
     check_job_id,
@@ -70,8 +69,8 @@ from joblet_persist.storage.diskwork import (
 )
 from joblet_persist.storage.files import FileBudget
 from joblet_persist.storage.gate import JobGate
-from joblet_persist.storage.jobindex import ALL_KINDS, LOG_KINDS, METRICS_KIND
-from joblet_persist.storage.jobstate import _JobState, _recount, _Segment
+from joblet_persist.storage.jobindex import ALL_KINDS, METRICS_KIND
+from joblet_persist.storage.jobstate import _JobState
 from joblet_persist.storage.snapshot import LocalJobSnapshot
 from joblet_persist.threads import reactor_only
 
@@ -367,26 +366,6 @@ class LocalStorage:
                 # The index knew a job whose files are gone.
                 self._catalog.drop_info(job_id)
             return None
-        segments = {}
-        for kind in ALL_KINDS:
-            segments[kind] = tuple(
-                _Segment(
-                    s.index,
-                    s.path,
-                    s.result.valid_size,
-                    reader.SegmentView(s.path, s.result.members),
-                )
-                for s in scan.kind_segments(kind)
-            )
-        for path in scan.refused:
-            # A placeholder, closed and empty, keeps appends off the refused name.
-            parsed = segment.parse_segment_name(os.path.basename(path))
-            if parsed is None:
-                continue
-            kind, index = parsed
-            kept = [s for s in segments[kind] if s.index != index]
-            kept.append(_Segment(index, path, 0, reader.SegmentView(path, ()), True))
-            segments[kind] = tuple(sorted(kept, key=lambda s: s.index))
         info = scan.summary(self._catalog.get(job_id))
         if info.created_at == 0:
             now = int(self._clock.seconds())
@@ -413,8 +392,8 @@ class LocalStorage:
                         start=start,
                         end=end,
                     )
-        self._check_order(job_id, segments)
-        state = _JobState(job_id, segments, scan.ordinal_base(), info, self._clock.seconds())
+        state = _JobState.from_scan(job_id, scan, info, self._clock.seconds())
+        self._check_order(job_id, state.segments)
         self._jobs[job_id] = state
         self._publish(state)
         return state
@@ -469,9 +448,7 @@ class LocalStorage:
             if state is None:
                 now = int(self._clock.seconds())
                 info = JobInfo(job_id, now, now, 0, 0, 0, 0, 0)
-                state = _JobState(
-                    job_id, {kind: () for kind in ALL_KINDS}, 0, info, self._clock.seconds()
-                )
+                state = _JobState.empty(job_id, info, self._clock.seconds())
                 self._jobs[job_id] = state
             return state
 
@@ -610,15 +587,8 @@ class LocalStorage:
         return d
 
     def _write_batch(self, state: _JobState, kind: str, start_write):
-        segments = state.segments[kind]
         directory = jobindex.job_dir(self._data_dir, kind, state.job_id)
-        if segments and segments[-1].size < self._segment_max_bytes and not segments[-1].closed:
-            current = segments[-1]
-            index, path, expected_size = current.index, current.path, current.size
-        else:
-            index = segments[-1].index + 1 if segments else 0
-            path = os.path.join(directory, segment.segment_name(kind, index))
-            expected_size = 0
+        index, path, expected_size = state.next_append(kind, directory, self._segment_max_bytes)
         d = start_write(state, path, directory, expected_size, self._fsync == "batch")
         d.addCallbacks(
             self._appended,
@@ -647,26 +617,19 @@ class LocalStorage:
             return failure
         if not failure.check(segment.SegmentShorterThanExpected):
             return failure
-        segments = state.segments[kind]
-        if not segments or segments[-1].index != index or segments[-1].closed:
+        old = state.close_shrunk(kind, index, failure.value.actual_size)
+        if old is None:
             return failure
         self._log.error(
             "job {job}: segment {path} is shorter than the {size} bytes written to it (cut or "
             "removed outside the service: {error}); appends go on in a new segment",
             job=state.job_id,
-            path=segments[-1].path,
-            size=segments[-1].size,
+            path=old.path,
+            size=old.size,
             error=failure.value,
         )
         self.shrunk_segments += 1
         self._metrics.segment_shrunk()
-        old = segments[-1]
-        actual = min(failure.value.actual_size, old.size)
-        kept = tuple(m for m in old.view.members if m.offset + m.size <= actual)
-        size = kept[-1].offset + kept[-1].size if kept else 0
-        shrunk = _Segment(old.index, old.path, size, reader.SegmentView(old.path, kept), True)
-        state.segments[kind] = segments[:-1] + (shrunk,)
-        state.info = _recount(state)
         self._publish(state)
         return self._write_batch(state, kind, start_write)
 
@@ -682,40 +645,7 @@ class LocalStorage:
             )
         if not result.members:
             return result.written
-        segments = list(state.segments[kind])
-        if segments and segments[-1].index == index:
-            members = segments[-1].view.members + result.members
-        else:
-            segments.append(None)
-            members = result.members
-        segments[-1] = _Segment(index, path, result.new_size, reader.SegmentView(path, members))
-        state.segments[kind] = tuple(segments)
-
-        count = 0
-        first = state.info.first_timestamp
-        last = state.info.last_timestamp
-        for m in result.members:
-            count += m.count
-            if m.count:
-                if m.min_timestamp > 0 and (first == 0 or m.min_timestamp < first):
-                    first = m.min_timestamp
-                if m.max_timestamp > last:
-                    last = m.max_timestamp
-        info = state.info
-        if kind == METRICS_KIND:
-            counts = {"metric_count": info.metric_count + count}
-        else:
-            counts = {"log_count": info.log_count + count}
-        now = self._clock.seconds()
-        state.last_used = now
-        state.info = dataclasses.replace(
-            info,
-            last_updated=max(info.last_updated, int(now)),
-            size_bytes=info.size_bytes + result.written,
-            first_timestamp=first,
-            last_timestamp=last,
-            **counts,
-        )
+        state.apply_append(kind, index, path, result, self._clock.seconds())
         if self._fsync == "interval":
             self._dirty.add(path)
             self._dirty.update(result.dirty_dirs)
@@ -730,16 +660,15 @@ class LocalStorage:
 
     def _publish(self, state: _JobState) -> None:
         """Replace the job's snapshot and index entry.  Reactor thread."""
-        segments = state.segments
         self._snapshots[state.job_id] = LocalJobSnapshot(
             job_id=state.job_id,
             info=state.info,
-            stdout=tuple(s.view for s in segments["stdout"]),
-            stderr=tuple(s.view for s in segments["stderr"]),
-            metrics=tuple(s.view for s in segments[METRICS_KIND]),
+            stdout=state.views("stdout"),
+            stderr=state.views("stderr"),
+            metrics=state.views(METRICS_KIND),
             budget=self.file_budget,
         )
-        log_bytes = sum(seg.size for kind in LOG_KINDS for seg in segments[kind])
+        log_bytes = state.log_bytes()
         self._catalog.set_info(state.job_id, state.info, (log_bytes, state.info.size_bytes - log_bytes))
 
     # -- reactor thread: deletion ------------------------------------------------------
@@ -835,17 +764,12 @@ class LocalStorage:
             )
             return d
         state = self._jobs[job_id]
-        segments = state.segments[kind]
-        positions = [i for i, seg in enumerate(segments) if seg.index == index]
-        if not positions:
+        try:
+            dropped = state.drop(kind, index)
+        except ValueError:
+            return defer.fail()
+        if dropped is None:
             return defer.succeed(0)
-        if positions[0] == len(segments) - 1:
-            return defer.fail(
-                ValueError(f"segment {kind} {index} of job {job_id} is being written")
-            )
-        dropped = segments[positions[0]]
-        state.segments[kind] = segments[: positions[0]] + segments[positions[0] + 1 :]
-        state.info = _recount(state)
         self._publish(state)
         self._gate.begin(job_id)
         d = self._run(thd_remove_file, dropped.path)
@@ -864,12 +788,7 @@ class LocalStorage:
         state = self._jobs.get(job_id)
         if state is None:
             return ()
-        usage = []
-        for kind in ALL_KINDS:
-            segments = state.segments[kind]
-            for i, seg in enumerate(segments):
-                usage.append(SegmentUsage(kind, seg.index, seg.size, i == len(segments) - 1))
-        return tuple(usage)
+        return state.usage()
 
     # -- reactor thread: the job index ---------------------------------------------------
 
