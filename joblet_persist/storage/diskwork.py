@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from joblet_persist.storage import format as fmt
-from joblet_persist.storage import jobindex, safefs, segment
+from joblet_persist.storage import safefs, segment
+from joblet_persist.storage.api import Part
 from joblet_persist.storage.files import SEGMENT_DEPTH
 
 
@@ -117,8 +118,9 @@ def thd_append_metrics(
     return _thd_write_pieces(path, directory, expected_size, fsync, pieces, skipped, modes)
 
 
-_ALL_TOPS = (jobindex.LOGS_DIRNAME, jobindex.METRICS_DIRNAME)
-_PART_TOPS = {"logs": (jobindex.LOGS_DIRNAME,), "metrics": (jobindex.METRICS_DIRNAME,)}
+#: The top-level directories of each Part (its value), and of a whole job.
+_PART_TOPS = {part: (part.value,) for part in Part}
+_ALL_TOPS = tuple(part.value for part in Part)
 
 
 def thd_remove_job(data_dir: str, job_id: str, tops: Sequence[str] = _ALL_TOPS) -> int:

@@ -38,18 +38,26 @@ from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
 from joblet_persist.storage import safefs, segment
-from joblet_persist.storage.api import JobInfo, is_valid_job_id
+from joblet_persist.storage.api import (
+    KINDS_OF_PART,
+    PART_OF_KIND,
+    JobInfo,
+    Part,
+    SegmentKind,
+    is_valid_job_id,
+)
 from joblet_persist.storage.format import KIND_LEGACY
 
 INDEX_FILENAME = "job_index.json"
 INDEX_VERSION = 1
 
-LOGS_DIRNAME = "logs"
-METRICS_DIRNAME = "metrics"
+#: Top-level directories: a Part's value names its directory (``logs/<job>/``, ...).
+LOGS_DIRNAME = Part.LOGS.value
+METRICS_DIRNAME = Part.METRICS.value
 #: Segment kinds stored under ``logs/<job>/`` and ``metrics/<job>/``.
-LOG_KINDS = ("stdout", "stderr")
-METRICS_KIND = "metrics"
-ALL_KINDS = LOG_KINDS + (METRICS_KIND,)
+LOG_KINDS = KINDS_OF_PART[Part.LOGS]
+METRICS_KIND = SegmentKind.METRICS
+ALL_KINDS = tuple(SegmentKind)
 
 _INFO_FIELDS = (
     "created_at",
@@ -80,8 +88,7 @@ def index_path(data_dir: str) -> str:
 
 def job_dir(data_dir: str, kind: str, job_id: str) -> str:
     """Directory holding segments of ``kind`` for a job whose id was validated."""
-    top = METRICS_DIRNAME if kind == METRICS_KIND else LOGS_DIRNAME
-    return os.path.join(data_dir, top, job_id)
+    return os.path.join(data_dir, PART_OF_KIND[kind].value, job_id)
 
 
 # -- reading and writing the file -----------------------------------------
@@ -290,7 +297,7 @@ def thd_write_reconciled(
 class SegmentScan:
     """One segment file as found by a scan."""
 
-    kind: str  # "stdout" | "stderr" | "metrics"
+    kind: SegmentKind
     index: int
     path: str
     result: segment.ScanResult

@@ -17,8 +17,14 @@ from dataclasses import dataclass
 from typing import Optional
 
 from joblet_persist.storage import reader, segment
-from joblet_persist.storage.api import JobInfo, SegmentUsage
-from joblet_persist.storage.jobindex import ALL_KINDS, LOG_KINDS, METRICS_KIND
+from joblet_persist.storage.api import (
+    KINDS_OF_PART,
+    PART_OF_KIND,
+    JobInfo,
+    Part,
+    SegmentKind,
+    SegmentUsage,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +54,7 @@ class _JobState:
     def from_scan(cls, job_id: str, scan, info: JobInfo, now: float) -> _JobState:
         """The state of a job scanned from its files (a jobindex.JobScan)."""
         segments = {}
-        for kind in ALL_KINDS:
+        for kind in SegmentKind:
             segments[kind] = tuple(
                 _Segment(
                     s.index,
@@ -72,7 +78,7 @@ class _JobState:
     @classmethod
     def empty(cls, job_id: str, info: JobInfo, now: float) -> _JobState:
         """The state of a job that has no files yet."""
-        return cls(job_id, {kind: () for kind in ALL_KINDS}, 0, info, now)
+        return cls(job_id, {kind: () for kind in SegmentKind}, 0, info, now)
 
     def views(self, kind: str) -> tuple:
         """The SegmentViews of ``kind``, in segment order (for a snapshot)."""
@@ -80,9 +86,11 @@ class _JobState:
 
     def log_bytes(self) -> int:
         """Bytes of both log streams' segments."""
-        return sum(seg.size for kind in LOG_KINDS for seg in self.segments[kind])
+        return sum(seg.size for kind in KINDS_OF_PART[Part.LOGS] for seg in self.segments[kind])
 
-    def next_append(self, kind: str, directory: str, max_bytes: int) -> tuple[int, str, int]:
+    def next_append(
+        self, kind: SegmentKind, directory: str, max_bytes: int
+    ) -> tuple[int, str, int]:
         """``(segment index, path, expected size)`` where the next append of ``kind`` goes.
 
         The last segment while it is under ``max_bytes`` and not closed, else a
@@ -95,7 +103,7 @@ class _JobState:
         index = segments[-1].index + 1 if segments else 0
         return index, os.path.join(directory, segment.segment_name(kind, index)), 0
 
-    def apply_append(self, kind: str, index: int, path: str, result, now: float) -> None:
+    def apply_append(self, kind: SegmentKind, index: int, path: str, result, now: float) -> None:
         """Take in a completed append (a diskwork.AppendResult with members) at ``now``."""
         segments = list(self.segments[kind])
         if segments and segments[-1].index == index:
@@ -117,7 +125,7 @@ class _JobState:
                 if m.max_timestamp > last:
                     last = m.max_timestamp
         info = self.info
-        if kind == METRICS_KIND:
+        if PART_OF_KIND[kind] is Part.METRICS:
             counts = {"metric_count": info.metric_count + count}
         else:
             counts = {"log_count": info.log_count + count}
@@ -131,7 +139,7 @@ class _JobState:
             **counts,
         )
 
-    def close_shrunk(self, kind: str, index: int, actual_size: int) -> Optional[_Segment]:
+    def close_shrunk(self, kind: SegmentKind, index: int, actual_size: int) -> Optional[_Segment]:
         """Close the last segment of ``kind``, found ``actual_size`` bytes long.
 
         Keeps the members that still lie within the file and recounts the job.
@@ -150,7 +158,7 @@ class _JobState:
         self.info = _recount(self)
         return old
 
-    def drop(self, kind: str, index: int) -> Optional[_Segment]:
+    def drop(self, kind: SegmentKind, index: int) -> Optional[_Segment]:
         """Remove segment ``index`` of ``kind`` and recount; the segment, or None if unknown.
 
         Raises ValueError for the last segment of its kind (appends go there).
@@ -169,7 +177,7 @@ class _JobState:
     def usage(self) -> tuple:
         """SegmentUsage of each segment; ``last_segment`` marks where appends go."""
         usage = []
-        for kind in ALL_KINDS:
+        for kind in SegmentKind:
             segments = self.segments[kind]
             for i, seg in enumerate(segments):
                 usage.append(SegmentUsage(kind, seg.index, seg.size, i == len(segments) - 1))
@@ -180,13 +188,13 @@ def _recount(state: _JobState) -> JobInfo:
     """A job's JobInfo recomputed from its published segments (after dropping one)."""
     log_count = metric_count = size = 0
     first = last = 0
-    for kind in ALL_KINDS:
+    for kind in SegmentKind:
         for seg in state.segments[kind]:
             size += seg.size
             for m in seg.view.members:
                 if not m.count:
                     continue
-                if kind == METRICS_KIND:
+                if PART_OF_KIND[kind] is Part.METRICS:
                     metric_count += m.count
                 else:
                     log_count += m.count

@@ -43,8 +43,7 @@ from joblet_persist.debounce import Debouncer
 from joblet_persist.logs import Logger
 from joblet_persist.storage import jobindex, reader, safefs, segment, space
 from joblet_persist.storage.api import (
-    STREAM_STDERR,
-    STREAM_STDOUT,
+    KIND_OF_STREAM,
     IFreeSpace,
     IIdleUnload,
     IRetentionSegments,
@@ -52,6 +51,8 @@ from joblet_persist.storage.api import (
     JobInfo,
     LogBatch,
     MetricBatch,
+    Part,
+    SegmentKind,
     SpaceProbe,
     StorageUnavailable,
     check_job_id,
@@ -69,14 +70,13 @@ from joblet_persist.storage.diskwork import (
 )
 from joblet_persist.storage.files import FileBudget
 from joblet_persist.storage.gate import JobGate
-from joblet_persist.storage.jobindex import ALL_KINDS, METRICS_KIND
 from joblet_persist.storage.jobstate import _JobState
+from joblet_persist.storage.segment import SEGMENT_KINDS
 from joblet_persist.storage.snapshot import LocalJobSnapshot
 from joblet_persist.threads import reactor_only
 
 FSYNC_POLICIES = ("batch", "interval", "never")
 
-_KIND_OF_STREAM = {STREAM_STDOUT: "stdout", STREAM_STDERR: "stderr"}
 
 
 def _unavailable(failure: Failure, what: str) -> Failure:
@@ -379,7 +379,7 @@ class LocalStorage:
         for path in scan.truncated:
             self.repaired_segments += 1
             self._log.warn("cut a torn tail off {path}", path=path)
-        for kind in ALL_KINDS:
+        for kind in SegmentKind:
             for s in scan.kind_segments(kind):
                 for start, end in s.result.holes:
                     # Complete members follow the damage, so it is not a torn tail: the
@@ -418,7 +418,7 @@ class LocalStorage:
         name, or a second writer of the directory, does.  Queries read them in
         stored order (see reader._stored_order): nothing stored is hidden.
         """
-        for kind in ALL_KINDS:
+        for kind in SegmentKind:
             found = reader.find_disorder([s.view for s in segments[kind]])
             if found is None:
                 continue
@@ -503,7 +503,7 @@ class LocalStorage:
         """
         try:
             job_id = check_job_id(batch.job_id)
-            kind = _KIND_OF_STREAM.get(batch.stream)
+            kind = KIND_OF_STREAM.get(batch.stream)
             if kind is None:
                 raise ValueError(f"invalid stream {batch.stream!r} for a log batch")
             count = _column_length(
@@ -565,7 +565,7 @@ class LocalStorage:
                 modes=self._modes,
             )
 
-        return self._append(job_id, METRICS_KIND, start_write)
+        return self._append(job_id, SegmentKind.METRICS, start_write)
 
     def _append(self, job_id: str, kind: str, start_write):
         try:
@@ -663,9 +663,9 @@ class LocalStorage:
         self._snapshots[state.job_id] = LocalJobSnapshot(
             job_id=state.job_id,
             info=state.info,
-            stdout=state.views("stdout"),
-            stderr=state.views("stderr"),
-            metrics=state.views(METRICS_KIND),
+            stdout=state.views(SegmentKind.STDOUT),
+            stderr=state.views(SegmentKind.STDERR),
+            metrics=state.views(SegmentKind.METRICS),
             budget=self.file_budget,
         )
         log_bytes = state.log_bytes()
@@ -685,14 +685,14 @@ class LocalStorage:
         return d.addErrback(_unavailable, f"deleting job {job_id}")
 
     @reactor_only
-    def delete_part(self, job_id: str, part: str):
-        """Delete a job's logs ("logs") or metrics ("metrics"); Deferred[bytes freed].
+    def delete_part(self, job_id: str, part: Part):
+        """Delete a job's logs (Part.LOGS) or metrics (Part.METRICS); Deferred[bytes freed].
 
         Reactor thread; used by retention.  Like delete_job for one of the
         job's two directories.  The job is then reloaded from what remains
         (keeping its created_at); when nothing remains it is gone.
         """
-        tops = _PART_TOPS.get(part)
+        tops = _PART_TOPS.get(part) if isinstance(part, str) else None
         if tops is None:
             return defer.fail(ValueError(f"unknown part {part!r}: expected 'logs' or 'metrics'"))
         d = self._exclusive(job_id, lambda j: self.delete_part(j, part), self._remove, tops, True)
@@ -738,11 +738,11 @@ class LocalStorage:
         return d
 
     @reactor_only
-    def drop_segment(self, job_id: str, kind: str, index: int):
+    def drop_segment(self, job_id: str, kind: SegmentKind, index: int):
         """Remove one closed segment of a job; Deferred firing with the bytes freed.
 
         Reactor thread; used by retention to cap a job's size.  ``kind`` is
-        "stdout", "stderr" or "metrics".  The segment being written (the last
+        a SegmentKind ("stdout", "stderr", "metrics").  The segment being written (the last
         of its kind) is refused with ValueError; an unknown segment frees 0.
         The segment leaves the published snapshot at once and its file is
         removed on the pool: a query that already holds the older snapshot and
@@ -751,7 +751,7 @@ class LocalStorage:
         try:
             check_job_id(job_id)
             self._check_running()
-            if kind not in ALL_KINDS:
+            if kind not in SEGMENT_KINDS:
                 raise ValueError(f"unknown segment kind {kind!r}")
         except (ValueError, RuntimeError):
             return defer.fail()
