@@ -68,6 +68,7 @@ from joblet_persist.storage.diskwork import (
     thd_remove_file,
     thd_remove_job,
 )
+from joblet_persist.storage.durability import FSYNC_POLICIES
 from joblet_persist.storage.files import FileBudget
 from joblet_persist.storage.gate import JobGate
 from joblet_persist.storage.jobstate import _JobState
