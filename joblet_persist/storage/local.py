@@ -76,9 +76,6 @@ from joblet_persist.storage.segment import SEGMENT_KINDS
 from joblet_persist.storage.snapshot import LocalJobSnapshot
 from joblet_persist.threads import reactor_only
 
-FSYNC_POLICIES = ("batch", "interval", "never")
-
-
 
 def _unavailable(failure: Failure, what: str) -> Failure:
     """Errback: an OSError of ``what`` (a deletion) as StorageUnavailable.  Reactor thread."""
@@ -242,10 +239,6 @@ class LocalStorage:
         Any thread.
         """
         return self._catalog.part_sizes(job_id)
-
-    def total_size_bytes(self) -> int:
-        """Bytes on disk of every job in the index.  Any thread."""
-        return self._catalog.totals()[3]
 
     # -- reactor thread: lifecycle --------------------------------------------
 
