@@ -41,7 +41,7 @@ from zope.interface import implementer
 
 from joblet_persist.debounce import Debouncer
 from joblet_persist.logs import Logger
-from joblet_persist.storage import jobindex, reader, safefs, segment, space
+from joblet_persist.storage import jobindex, safefs, segment, space
 from joblet_persist.storage.api import (
     KIND_OF_STREAM,
     IFreeSpace,
@@ -70,6 +70,7 @@ from joblet_persist.storage.diskwork import (
 )
 from joblet_persist.storage.durability import FSYNC_POLICIES
 from joblet_persist.storage.files import FileBudget
+from joblet_persist.storage.findings import Findings, NullStorageMetrics
 from joblet_persist.storage.gate import JobGate
 from joblet_persist.storage.jobstate import _JobState
 from joblet_persist.storage.segment import SEGMENT_KINDS
@@ -87,23 +88,8 @@ def _unavailable(failure: Failure, what: str) -> Failure:
 # -- reactor-side state ---------------------------------------------------------
 
 
-class NullStorageMetrics:
-    """The metrics calls LocalStorage makes; a no-op default."""
-
-    def metric_payloads_skipped(self, count: int) -> None:
-        """``count`` undecodable metric payloads were left out of a batch."""
-
-    def index_write_failed(self) -> None:
-        """Writing job_index.json failed (it is retried)."""
-
-    def segment_shrunk(self) -> None:
-        """A segment was found shorter than what was written to it; appends moved on."""
-
-    def overlapping_segments(self) -> None:
-        """A loaded job's segments hold ordinals that overlap or go backwards."""
-
-    def unsafe_entry(self) -> None:
-        """A symlink or non-regular file was refused where storage expected its own entry."""
+def _finding(name: str) -> property:
+    return property(lambda self: getattr(self.findings, name), doc=f"findings.{name}")
 
 
 @implementer(IStorageBackend, IRetentionSegments, IIdleUnload, IFreeSpace)
@@ -129,6 +115,15 @@ class LocalStorage:
     through a symlink (see safefs): such entries are refused, logged and
     counted (``unsafe_entries``, metrics ``unsafe_entry()``).
     """
+
+    # The counters of what was found wrong on disk (storage.findings), any thread.
+    skipped_metric_payloads = _finding("skipped_metric_payloads")
+    index_write_errors = _finding("index_write_errors")
+    repaired_segments = _finding("repaired_segments")
+    damaged_regions = _finding("damaged_regions")
+    shrunk_segments = _finding("shrunk_segments")
+    unsafe_entries = _finding("unsafe_entries")
+    disordered_jobs = _finding("disordered_jobs")
 
     def __init__(
         self,
@@ -181,20 +176,9 @@ class LocalStorage:
         # append starts at once, as the durability window requires.
         self._syncs = Debouncer(clock, sync_interval, self._sync_fired)
 
-        #: Undecodable metric payloads left out of batches.
-        self.skipped_metric_payloads = 0
-        #: Failed job index writes.
-        self.index_write_errors = 0
-        #: Segment files whose torn tail was cut when their job was loaded.
-        self.repaired_segments = 0
-        #: Damaged regions in the middle of segments, stepped over when their job was loaded.
-        self.damaged_regions = 0
-        #: Segments found cut or removed behind the service's back while appending.
-        self.shrunk_segments = 0
-        #: Symlinks (or non-regular files) refused where storage expected its own entry.
-        self.unsafe_entries = 0
-        #: Jobs found with overlapping or out-of-order segments when loaded.
-        self.disordered_jobs = 0
+        #: What was found wrong on disk: counted, logged, reported (its counters
+        #: are also LocalStorage attributes, below).
+        self.findings = Findings(self._log, self._metrics)
         #: Jobs whose in-memory state was dropped by unload_idle.
         self.unloaded_jobs = 0
 
@@ -337,7 +321,7 @@ class LocalStorage:
     def _load_done(self, result, job_id: str) -> None:
         waiters = self._loading.pop(job_id)
         if isinstance(result, Failure) and result.check(safefs.UnsafeEntry):
-            self._unsafe(job_id, result.value, "the job cannot be loaded")
+            self.findings.unsafe(job_id, result.value, "the job cannot be loaded")
         if not isinstance(result, Failure):
             try:
                 result = self._install(job_id, result)
@@ -364,70 +348,12 @@ class LocalStorage:
         if info.created_at == 0:
             now = int(self._clock.seconds())
             info = dataclasses.replace(info, created_at=now, last_updated=now)
-        for path in scan.refused:
-            self._unsafe(
-                job_id,
-                safefs.UnsafeEntry(path, "a symlink or not a regular file"),
-                "not read; appends go on in a later segment",
-            )
-        for path in scan.truncated:
-            self.repaired_segments += 1
-            self._log.warn("cut a torn tail off {path}", path=path)
-        for kind in SegmentKind:
-            for s in scan.kind_segments(kind):
-                for start, end in s.result.holes:
-                    # Complete members follow the damage, so it is not a torn tail: the
-                    # members in it are lost to queries, the ones around it are kept.
-                    self.damaged_regions += 1
-                    self._log.error(
-                        "{path}: bytes {start}-{end} are damaged and were skipped; the "
-                        "messages stored there cannot be read",
-                        path=s.path,
-                        start=start,
-                        end=end,
-                    )
+        self.findings.scanned(job_id, scan)
         state = _JobState.from_scan(job_id, scan, info, self._clock.seconds())
-        self._check_order(job_id, state.segments)
+        self.findings.check_order(job_id, state.segments)
         self._jobs[job_id] = state
         self._publish(state)
         return state
-
-    def _unsafe(self, job_id: str, error: OSError, consequence: str) -> None:
-        """Log and count a refused symlink or non-regular file.  Reactor thread."""
-        self.unsafe_entries += 1
-        self._metrics.unsafe_entry()
-        self._log.error(
-            "job {job}: {path} is {what}, refused (never followed, written or removed "
-            "through); {consequence}",
-            job=job_id,
-            path=error.filename,
-            what=getattr(error, "what", "a symlink"),
-            consequence=consequence,
-        )
-
-    def _check_order(self, job_id: str, segments: dict) -> None:
-        """Log and count a job whose segments' ordinals overlap or go backwards.
-
-        This service never writes such segments; a segment copied under another
-        name, or a second writer of the directory, does.  Queries read them in
-        stored order (see reader._stored_order): nothing stored is hidden.
-        """
-        for kind in SegmentKind:
-            found = reader.find_disorder([s.view for s in segments[kind]])
-            if found is None:
-                continue
-            self.disordered_jobs += 1
-            self._metrics.overlapping_segments()
-            self._log.error(
-                "job {job}: the ordinals of {later} overlap or precede those of {earlier} "
-                "(a copied segment or a second writer?); its {kind} are read in segment "
-                "order, every stored message is returned",
-                job=job_id,
-                kind=kind,
-                earlier=found[0],
-                later=found[1],
-            )
-            return
 
     def _state_for_append(self, job_id: str):
         state = self._jobs.get(job_id)
@@ -603,7 +529,7 @@ class LocalStorage:
         error is passed on (the writer retries the batch).
         """
         if failure.check(safefs.UnsafeEntry):
-            self._unsafe(
+            self.findings.unsafe(
                 state.job_id,
                 failure.value,
                 "the append fails and is retried by the writer (other jobs are not affected)",
@@ -614,29 +540,14 @@ class LocalStorage:
         old = state.close_shrunk(kind, index, failure.value.actual_size)
         if old is None:
             return failure
-        self._log.error(
-            "job {job}: segment {path} is shorter than the {size} bytes written to it (cut or "
-            "removed outside the service: {error}); appends go on in a new segment",
-            job=state.job_id,
-            path=old.path,
-            size=old.size,
-            error=failure.value,
-        )
-        self.shrunk_segments += 1
-        self._metrics.segment_shrunk()
+        self.findings.shrunk(state.job_id, old, failure.value)
         self._publish(state)
         return self._write_batch(state, kind, start_write)
 
     def _appended(self, result: AppendResult, state: _JobState, kind: str, index: int, path: str):
         """Publish a completed append.  Reactor thread."""
         if result.skipped:
-            self.skipped_metric_payloads += result.skipped
-            self._metrics.metric_payloads_skipped(result.skipped)
-            self._log.warn(
-                "job {job}: {count} undecodable metric payloads skipped",
-                job=state.job_id,
-                count=result.skipped,
-            )
+            self.findings.skipped_payloads(state.job_id, result.skipped)
         if not result.members:
             return result.written
         state.apply_append(kind, index, path, result, self._clock.seconds())
@@ -824,9 +735,7 @@ class LocalStorage:
             )
 
     def _index_write_failed(self, failure: Failure) -> bool:
-        self.index_write_errors += 1
-        self._metrics.index_write_failed()
-        self._log.failure("writing the job index {path} failed", failure, path=self._index_path)
+        self.findings.index_write_failed(self._index_path, failure)
         self._catalog.write_again()
         return False
 
