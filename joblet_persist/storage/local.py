@@ -24,6 +24,14 @@ loaded its ordinal base is the largest ordinal in its files + 1; a batch's
 ordinals are ``base + arrival`` (arrivals come from the writer, strictly
 increasing per job within one process run).
 
+LocalStorage decides when things happen and composes the pieces that hold
+each concern: ``catalog.JobCatalog`` (the job index in memory and its
+debounced write), ``gate.JobGate`` (per-job work in flight, exclusive
+deletions), ``loaded.LoadedJobs`` (jobs in memory, their loading and
+snapshots), ``jobstate._JobState`` (a job's segments and counts),
+``findings.Findings`` (what was found wrong on disk), ``snapshot`` (the
+published view) and ``diskwork`` (the ``thd_*`` pool work).
+
 This module may create Deferreds because it is the reactor-side half of the
 storage package; it never imports the reactor: the clock and the thread runner
 are injected.
@@ -31,7 +39,6 @@ are injected.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Optional
 
@@ -73,6 +80,7 @@ from joblet_persist.storage.files import FileBudget
 from joblet_persist.storage.findings import Findings, NullStorageMetrics
 from joblet_persist.storage.gate import JobGate
 from joblet_persist.storage.jobstate import _JobState
+from joblet_persist.storage.loaded import LoadedJobs
 from joblet_persist.storage.segment import SEGMENT_KINDS
 from joblet_persist.storage.snapshot import LocalJobSnapshot
 from joblet_persist.threads import reactor_only
@@ -160,25 +168,24 @@ class LocalStorage:
 
         self._started = False
         self._stopped = False
-        # Published state, read from any thread; mutated on the reactor only.
-        self._snapshots: dict[str, LocalJobSnapshot] = {}
         # The job index: published infos, totals, ListJobs' order, debounced writes.
         self._catalog = JobCatalog(clock, index_interval, self._write_index)
-        # Reactor-only state.
-        self._jobs: dict[str, _JobState] = {}
-        self._loading: dict[str, list] = {}  # job -> Deferreds waiting for its load
         # Work in flight per job, and deletions that need the job to themselves.
         self._gate = JobGate()
+        #: What was found wrong on disk: counted, logged, reported (its counters
+        #: are also LocalStorage attributes, above).
+        self.findings = Findings(self._log, self._metrics)
+        # Jobs in memory: their state, loading and published snapshots.
+        self._jobs = LoadedJobs(
+            data_dir, run_in_thread, clock, self._gate, self._catalog, self.findings, file_budget
+        )
+        # Reactor-only state.
         self._busy: set = set()  # (job, kind) with an append in flight
         self._dirty: set = set()  # paths to fsync under the "interval" policy
         # "interval" policy: sync_dirty() at most sync_interval seconds after an append.
         # The run only starts the fsyncs (they may overlap), so the timer of the next
         # append starts at once, as the durability window requires.
         self._syncs = Debouncer(clock, sync_interval, self._sync_fired)
-
-        #: What was found wrong on disk: counted, logged, reported (its counters
-        #: are also LocalStorage attributes, below).
-        self.findings = Findings(self._log, self._metrics)
         #: Jobs whose in-memory state was dropped by unload_idle.
         self.unloaded_jobs = 0
 
@@ -195,7 +202,7 @@ class LocalStorage:
         Raises InvalidJobId for an invalid id.
         """
         check_job_id(job_id)
-        return self._snapshots.get(job_id)
+        return self._jobs.snapshot(job_id)
 
     def job_info(self, job_id: str) -> Optional[JobInfo]:
         """The job's summary from the job index, or None.  Any thread."""
@@ -300,79 +307,10 @@ class LocalStorage:
         state = self._jobs.get(job_id)
         if state is not None:
             state.last_used = self._clock.seconds()
-            return defer.succeed(self._snapshots.get(job_id))
-        d = self._load(job_id)
-        d.addCallback(lambda state: None if state is None else self._snapshots.get(job_id))
+            return defer.succeed(self._jobs.snapshot(job_id))
+        d = self._jobs.load(job_id)
+        d.addCallback(lambda state: None if state is None else self._jobs.snapshot(job_id))
         return d
-
-    def _load(self, job_id: str):
-        """Deferred firing with the job's _JobState after a scan, or None if unknown."""
-        d = defer.Deferred()
-        waiters = self._loading.get(job_id)
-        if waiters is not None:
-            waiters.append(d)
-            return d
-        self._loading[job_id] = [d]
-        self._gate.begin(job_id)
-        scan = self._run(jobindex.thd_scan_job, self._data_dir, job_id, True)
-        scan.addBoth(self._load_done, job_id)
-        return d
-
-    def _load_done(self, result, job_id: str) -> None:
-        waiters = self._loading.pop(job_id)
-        if isinstance(result, Failure) and result.check(safefs.UnsafeEntry):
-            self.findings.unsafe(job_id, result.value, "the job cannot be loaded")
-        if not isinstance(result, Failure):
-            try:
-                result = self._install(job_id, result)
-            except Exception:
-                result = Failure()
-        self._gate.end(job_id)
-        for d in waiters:
-            if isinstance(result, Failure):
-                d.errback(result)
-            else:
-                d.callback(result)
-
-    def _install(self, job_id: str, scan: Optional[jobindex.JobScan]) -> Optional[_JobState]:
-        """Build and publish the state of a scanned job (None: the job has no files)."""
-        state = self._jobs.get(job_id)
-        if state is not None:
-            return state
-        if scan is None:
-            if job_id in self._catalog:
-                # The index knew a job whose files are gone.
-                self._catalog.drop_info(job_id)
-            return None
-        info = scan.summary(self._catalog.get(job_id))
-        if info.created_at == 0:
-            now = int(self._clock.seconds())
-            info = dataclasses.replace(info, created_at=now, last_updated=now)
-        self.findings.scanned(job_id, scan)
-        state = _JobState.from_scan(job_id, scan, info, self._clock.seconds())
-        self.findings.check_order(job_id, state.segments)
-        self._jobs[job_id] = state
-        self._publish(state)
-        return state
-
-    def _state_for_append(self, job_id: str):
-        state = self._jobs.get(job_id)
-        if state is not None:
-            return defer.succeed(state)
-
-        def loaded(state):
-            if state is None:
-                # Unknown job: it starts now.  A concurrent append of another
-                # stream may have created it in its own callback already.
-                state = self._jobs.get(job_id)
-            if state is None:
-                now = int(self._clock.seconds())
-                info = JobInfo(job_id, now, now, 0, 0, 0, 0, 0)
-                state = _JobState.empty(job_id, info, self._clock.seconds())
-                self._jobs[job_id] = state
-            return state
-
-        return self._load(job_id).addCallback(loaded)
 
     @reactor_only
     def unload_idle(self, idle: float) -> int:
@@ -387,13 +325,7 @@ class LocalStorage:
         undisturbed.  Returns the number of jobs unloaded.
         """
         cutoff = self._clock.seconds() - idle
-        unloaded = 0
-        for job_id, state in list(self._jobs.items()):
-            if state.last_used > cutoff or self._in_flight(job_id):
-                continue
-            del self._jobs[job_id]
-            self._snapshots.pop(job_id, None)
-            unloaded += 1
+        unloaded = self._jobs.unload(cutoff, self._in_flight)
         self.unloaded_jobs += unloaded
         return unloaded
 
@@ -404,7 +336,7 @@ class LocalStorage:
 
     def _in_flight(self, job_id: str) -> bool:
         """A load, append or deletion of the job is in progress.  Reactor thread."""
-        return self._gate.busy(job_id) or job_id in self._loading
+        return self._gate.busy(job_id) or self._jobs.loading(job_id)
 
     @property
     def loaded_jobs(self) -> int:
@@ -501,7 +433,7 @@ class LocalStorage:
             )
         self._busy.add(key)
         self._gate.begin(job_id)
-        d = self._state_for_append(job_id)
+        d = self._jobs.for_append(job_id)
         d.addCallback(self._write_batch, kind, start_write)
         d.addBoth(self._append_finished, job_id, key)
         return d
@@ -541,7 +473,7 @@ class LocalStorage:
         if old is None:
             return failure
         self.findings.shrunk(state.job_id, old, failure.value)
-        self._publish(state)
+        self._jobs.publish(state)
         return self._write_batch(state, kind, start_write)
 
     def _appended(self, result: AppendResult, state: _JobState, kind: str, index: int, path: str):
@@ -555,26 +487,13 @@ class LocalStorage:
             self._dirty.add(path)
             self._dirty.update(result.dirty_dirs)
             self._syncs()
-        self._publish(state)
+        self._jobs.publish(state)
         return result.written
 
     def _append_finished(self, result, job_id: str, key):
         self._busy.discard(key)
         self._gate.end(job_id)
         return result
-
-    def _publish(self, state: _JobState) -> None:
-        """Replace the job's snapshot and index entry.  Reactor thread."""
-        self._snapshots[state.job_id] = LocalJobSnapshot(
-            job_id=state.job_id,
-            info=state.info,
-            stdout=state.views(SegmentKind.STDOUT),
-            stderr=state.views(SegmentKind.STDERR),
-            metrics=state.views(SegmentKind.METRICS),
-            budget=self.file_budget,
-        )
-        log_bytes = state.log_bytes()
-        self._catalog.set_info(state.job_id, state.info, (log_bytes, state.info.size_bytes - log_bytes))
 
     # -- reactor thread: deletion ------------------------------------------------------
 
@@ -625,12 +544,11 @@ class LocalStorage:
     def _removed(self, result, job_id: str, tops: tuple, reload: bool):
         # Even when rmtree failed part way, forget the state: it is rebuilt
         # from whatever is left in the files.
-        self._jobs.pop(job_id, None)
-        self._snapshots.pop(job_id, None)
+        self._jobs.forget(job_id)
         prefixes = tuple(os.path.join(self._data_dir, top, job_id) + os.sep for top in tops)
         self._dirty = {p for p in self._dirty if not (p + os.sep).startswith(prefixes)}
         if reload and job_id in self._catalog:
-            d = self._load(job_id)
+            d = self._jobs.load(job_id)
             d.addErrback(
                 lambda f: self._log.failure("reloading job {job} failed", f, job=job_id)
             )
@@ -663,19 +581,19 @@ class LocalStorage:
         if self._gate.deleting(job_id):
             return self._gate.after_deletion(job_id, lambda: self.drop_segment(job_id, kind, index))
         if job_id not in self._jobs:
-            d = self._load(job_id)
+            d = self._jobs.load(job_id)
             d.addCallback(
                 lambda state: 0 if state is None else self.drop_segment(job_id, kind, index)
             )
             return d
-        state = self._jobs[job_id]
+        state = self._jobs.get(job_id)
         try:
             dropped = state.drop(kind, index)
         except ValueError:
             return defer.fail()
         if dropped is None:
             return defer.succeed(0)
-        self._publish(state)
+        self._jobs.publish(state)
         self._gate.begin(job_id)
         d = self._run(thd_remove_file, dropped.path)
         d.addBoth(self._gate.end_after, job_id)
