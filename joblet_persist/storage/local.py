@@ -366,23 +366,8 @@ class LocalStorage:
         if count == 0:
             return defer.succeed(0)
 
-        def start_write(state, path, directory, expected_size, fsync):
-            return self._run(
-                thd_append_logs,
-                path,
-                directory,
-                expected_size,
-                fsync,
-                self._compressor,
-                state.base,
-                batch.timestamps,
-                batch.sequences,
-                batch.arrivals,
-                batch.contents,
-                modes=self._modes,
-            )
-
-        return self._append(job_id, kind, start_write)
+        columns = (batch.timestamps, batch.sequences, batch.arrivals, batch.contents)
+        return self._append(job_id, kind, (thd_append_logs, columns))
 
     @reactor_only
     def append_metrics(self, batch: MetricBatch):
@@ -400,32 +385,17 @@ class LocalStorage:
         if count == 0:
             return defer.succeed(0)
 
-        def start_write(state, path, directory, expected_size, fsync):
-            return self._run(
-                thd_append_metrics,
-                path,
-                directory,
-                expected_size,
-                fsync,
-                self._compressor,
-                state.base,
-                job_id,
-                batch.timestamps,
-                batch.sequences,
-                batch.arrivals,
-                batch.payloads,
-                modes=self._modes,
-            )
+        columns = (job_id, batch.timestamps, batch.sequences, batch.arrivals, batch.payloads)
+        return self._append(job_id, SegmentKind.METRICS, (thd_append_metrics, columns))
 
-        return self._append(job_id, SegmentKind.METRICS, start_write)
-
-    def _append(self, job_id: str, kind: str, start_write):
+    def _append(self, job_id: str, kind: SegmentKind, work: tuple):
+        """Append a batch: ``work`` is ``(thd_append_*, its batch columns)``.  Reactor thread."""
         try:
             self._check_running()
         except RuntimeError:
             return defer.fail()
         if self._gate.deleting(job_id):
-            return self._gate.after_deletion(job_id, lambda: self._append(job_id, kind, start_write))
+            return self._gate.after_deletion(job_id, lambda: self._append(job_id, kind, work))
         key = (job_id, kind)
         if key in self._busy:
             return defer.fail(
@@ -434,23 +404,34 @@ class LocalStorage:
         self._busy.add(key)
         self._gate.begin(job_id)
         d = self._jobs.for_append(job_id)
-        d.addCallback(self._write_batch, kind, start_write)
+        d.addCallback(self._write_batch, kind, work)
         d.addBoth(self._append_finished, job_id, key)
         return d
 
-    def _write_batch(self, state: _JobState, kind: str, start_write):
+    def _write_batch(self, state: _JobState, kind: str, work):
         directory = jobindex.job_dir(self._data_dir, kind, state.job_id)
         index, path, expected_size = state.next_append(kind, directory, self._segment_max_bytes)
-        d = start_write(state, path, directory, expected_size, self._fsync == "batch")
+        thd, columns = work
+        d = self._run(
+            thd,
+            path,
+            directory,
+            expected_size,
+            self._fsync == "batch",
+            self._compressor,
+            state.base,
+            *columns,
+            modes=self._modes,
+        )
         d.addCallbacks(
             self._appended,
             self._write_failed,
             callbackArgs=(state, kind, index, path),
-            errbackArgs=(state, kind, index, start_write),
+            errbackArgs=(state, kind, index, work),
         )
         return d
 
-    def _write_failed(self, failure: Failure, state: _JobState, kind: str, index: int, start_write):
+    def _write_failed(self, failure: Failure, state: _JobState, kind: str, index: int, work):
         """A segment cut or removed behind the service's back: close it, write a new one.
 
         Reactor thread.  Appending where the file now ends would put members at
@@ -474,7 +455,7 @@ class LocalStorage:
             return failure
         self.findings.shrunk(state.job_id, old, failure.value)
         self._jobs.publish(state)
-        return self._write_batch(state, kind, start_write)
+        return self._write_batch(state, kind, work)
 
     def _appended(self, result: AppendResult, state: _JobState, kind: str, index: int, path: str):
         """Publish a completed append.  Reactor thread."""
