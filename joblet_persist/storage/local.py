@@ -29,7 +29,8 @@ each concern: ``catalog.JobCatalog`` (the job index in memory and its
 debounced write), ``gate.JobGate`` (per-job work in flight, exclusive
 deletions), ``loaded.LoadedJobs`` (jobs in memory, their loading and
 snapshots), ``jobstate._JobState`` (a job's segments and counts),
-``findings.Findings`` (what was found wrong on disk), ``snapshot`` (the
+``findings.Findings`` (what was found wrong on disk), ``syncer.DirtyPaths``
+(the "interval" fsync policy), ``snapshot`` (the
 published view) and ``diskwork`` (the ``thd_*`` pool work).
 
 This module may create Deferreds because it is the reactor-side half of the
@@ -46,7 +47,6 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from joblet_persist.debounce import Debouncer
 from joblet_persist.logs import Logger
 from joblet_persist.storage import jobindex, safefs, segment, space
 from joblet_persist.storage.api import (
@@ -71,7 +71,6 @@ from joblet_persist.storage.diskwork import (
     AppendResult,
     thd_append_logs,
     thd_append_metrics,
-    thd_fsync_paths,
     thd_remove_file,
     thd_remove_job,
 )
@@ -83,6 +82,7 @@ from joblet_persist.storage.jobstate import _JobState
 from joblet_persist.storage.loaded import LoadedJobs
 from joblet_persist.storage.segment import SEGMENT_KINDS
 from joblet_persist.storage.snapshot import LocalJobSnapshot
+from joblet_persist.storage.syncer import DirtyPaths
 from joblet_persist.threads import reactor_only
 
 
@@ -181,11 +181,8 @@ class LocalStorage:
         )
         # Reactor-only state.
         self._busy: set = set()  # (job, kind) with an append in flight
-        self._dirty: set = set()  # paths to fsync under the "interval" policy
-        # "interval" policy: sync_dirty() at most sync_interval seconds after an append.
-        # The run only starts the fsyncs (they may overlap), so the timer of the next
-        # append starts at once, as the durability window requires.
-        self._syncs = Debouncer(clock, sync_interval, self._sync_fired)
+        # Paths to fsync under the "interval" policy, fsync'd within sync_interval.
+        self._dirty = DirtyPaths(run_in_thread, clock, sync_interval, self._log)
         #: Jobs whose in-memory state was dropped by unload_idle.
         self.unloaded_jobs = 0
 
@@ -273,7 +270,7 @@ class LocalStorage:
             # Never loaded: writing the (empty) in-memory index would clobber the file.
             return defer.succeed(None)
         self._catalog.stop_writes()
-        self._syncs.stop(flush=False)
+        self._dirty.stop_timer()
         d = self._gate.wait_quiescent()
         d.addCallback(lambda _: self.flush_index())
         d.addCallback(lambda _: self.sync_dirty())
@@ -465,9 +462,7 @@ class LocalStorage:
             return result.written
         state.apply_append(kind, index, path, result, self._clock.seconds())
         if self._fsync == "interval":
-            self._dirty.add(path)
-            self._dirty.update(result.dirty_dirs)
-            self._syncs()
+            self._dirty.add((path, *result.dirty_dirs))
         self._jobs.publish(state)
         return result.written
 
@@ -527,7 +522,7 @@ class LocalStorage:
         # from whatever is left in the files.
         self._jobs.forget(job_id)
         prefixes = tuple(os.path.join(self._data_dir, top, job_id) + os.sep for top in tops)
-        self._dirty = {p for p in self._dirty if not (p + os.sep).startswith(prefixes)}
+        self._dirty.discard_under(prefixes)
         if reload and job_id in self._catalog:
             d = self._jobs.load(job_id)
             d.addErrback(
@@ -650,11 +645,6 @@ class LocalStorage:
 
     # -- reactor thread: durability and health --------------------------------------------
 
-    def _sync_fired(self) -> None:
-        self.sync_dirty().addErrback(
-            lambda f: self._log.failure("fsync of dirty segment files failed", f)
-        )
-
     @reactor_only
     def sync_dirty(self):
         """fsync the files and directories appended to without fsync.  Reactor thread.
@@ -663,18 +653,7 @@ class LocalStorage:
         dirty).  Deferred firing with the number of paths synced; on failure
         the paths stay dirty and the Deferred fails.
         """
-        if not self._dirty:
-            return defer.succeed(0)
-        paths = sorted(self._dirty)
-        self._dirty = set()
-
-        def failed(f):
-            self._dirty.update(paths)
-            return f
-
-        d = self._run(thd_fsync_paths, paths)
-        d.addCallbacks(lambda _: len(paths), failed)
-        return d
+        return self._dirty.sync()
 
     @reactor_only
     def probe_space(self):
