@@ -119,11 +119,11 @@ def thd_append_metrics(
 
 
 #: The top-level directories of each Part (its value), and of a whole job.
-_PART_TOPS = {part: (part.value,) for part in Part}
-_ALL_TOPS = tuple(part.value for part in Part)
+PART_TOPS = {part: (part.value,) for part in Part}
+ALL_TOPS = tuple(part.value for part in Part)
 
 
-def thd_remove_job(data_dir: str, job_id: str, tops: Sequence[str] = _ALL_TOPS) -> int:
+def thd_remove_job(data_dir: str, job_id: str, tops: Sequence[str] = ALL_TOPS) -> int:
     """Remove a job's directories (logs and metrics by default); return the bytes freed.
 
     Pool thread.  Whatever else stands where a job directory should be (a

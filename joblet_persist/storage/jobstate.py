@@ -1,7 +1,7 @@
 """A loaded job's segments and counts, as LocalStorage keeps them in memory.
 
-Reactor thread: ``_JobState`` is mutable and only the reactor thread touches
-it; ``_Segment`` is immutable.  Leaf module: no reactor imports, no Deferreds.
+Reactor thread: ``JobState`` is mutable and only the reactor thread touches
+it; ``Segment`` is immutable.  Leaf module: no reactor imports, no Deferreds.
 
 The segment bookkeeping lives here: building a job's segments from a scan,
 choosing where the next append goes, applying a completed append to the
@@ -28,7 +28,9 @@ from joblet_persist.storage.api import (
 
 
 @dataclass(frozen=True, slots=True)
-class _Segment:
+class Segment:
+    """One segment file of a job as published: where it is and how much of it is valid."""
+
     index: int
     path: str
     size: int  # bytes of published members: where the next append goes
@@ -38,25 +40,25 @@ class _Segment:
     closed: bool = False
 
 
-class _JobState:
+class JobState:
     """Mutable per-job state.  Reactor thread only."""
 
     __slots__ = ("job_id", "segments", "base", "info", "last_used")
 
     def __init__(self, job_id: str, segments: dict, base: int, info: JobInfo, now: float):
         self.job_id = job_id
-        self.segments = segments  # kind -> tuple[_Segment, ...]
+        self.segments = segments  # kind -> tuple[Segment, ...]
         self.base = base  # ordinal base: persistent ordinal = base + arrival
         self.info = info
         self.last_used = now  # clock seconds of the last load, append or open_job
 
     @classmethod
-    def from_scan(cls, job_id: str, scan, info: JobInfo, now: float) -> _JobState:
+    def from_scan(cls, job_id: str, scan, info: JobInfo, now: float) -> JobState:
         """The state of a job scanned from its files (a jobindex.JobScan)."""
         segments = {}
         for kind in SegmentKind:
             segments[kind] = tuple(
-                _Segment(
+                Segment(
                     s.index,
                     s.path,
                     s.result.valid_size,
@@ -71,12 +73,12 @@ class _JobState:
                 continue
             kind, index = parsed
             kept = [s for s in segments[kind] if s.index != index]
-            kept.append(_Segment(index, path, 0, reader.SegmentView(path, ()), True))
+            kept.append(Segment(index, path, 0, reader.SegmentView(path, ()), True))
             segments[kind] = tuple(sorted(kept, key=lambda s: s.index))
         return cls(job_id, segments, scan.ordinal_base(), info, now)
 
     @classmethod
-    def empty(cls, job_id: str, info: JobInfo, now: float) -> _JobState:
+    def empty(cls, job_id: str, info: JobInfo, now: float) -> JobState:
         """The state of a job that has no files yet."""
         return cls(job_id, {kind: () for kind in SegmentKind}, 0, info, now)
 
@@ -111,7 +113,7 @@ class _JobState:
         else:
             segments.append(None)
             members = result.members
-        segments[-1] = _Segment(index, path, result.new_size, reader.SegmentView(path, members))
+        segments[-1] = Segment(index, path, result.new_size, reader.SegmentView(path, members))
         self.segments[kind] = tuple(segments)
 
         count = 0
@@ -139,7 +141,7 @@ class _JobState:
             **counts,
         )
 
-    def close_shrunk(self, kind: SegmentKind, index: int, actual_size: int) -> Optional[_Segment]:
+    def close_shrunk(self, kind: SegmentKind, index: int, actual_size: int) -> Optional[Segment]:
         """Close the last segment of ``kind``, found ``actual_size`` bytes long.
 
         Keeps the members that still lie within the file and recounts the job.
@@ -153,12 +155,12 @@ class _JobState:
         actual = min(actual_size, old.size)
         kept = tuple(m for m in old.view.members if m.offset + m.size <= actual)
         size = kept[-1].offset + kept[-1].size if kept else 0
-        shrunk = _Segment(old.index, old.path, size, reader.SegmentView(old.path, kept), True)
+        shrunk = Segment(old.index, old.path, size, reader.SegmentView(old.path, kept), True)
         self.segments[kind] = segments[:-1] + (shrunk,)
         self.info = _recount(self)
         return old
 
-    def drop(self, kind: SegmentKind, index: int) -> Optional[_Segment]:
+    def drop(self, kind: SegmentKind, index: int) -> Optional[Segment]:
         """Remove segment ``index`` of ``kind`` and recount; the segment, or None if unknown.
 
         Raises ValueError for the last segment of its kind (appends go there).
@@ -184,7 +186,7 @@ class _JobState:
         return tuple(usage)
 
 
-def _recount(state: _JobState) -> JobInfo:
+def _recount(state: JobState) -> JobInfo:
     """A job's JobInfo recomputed from its published segments (after dropping one)."""
     log_count = metric_count = size = 0
     first = last = 0

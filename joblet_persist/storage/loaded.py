@@ -7,7 +7,7 @@ thread sees either the old or the new immutable LocalJobSnapshot.
 
 Loading a job scans its segments' headers on the pool (``jobindex.thd_scan_job``,
 run by the injected runner); concurrent loads of a job share one scan.  The
-scan is applied on the reactor: a ``_JobState`` built from it, its findings
+scan is applied on the reactor: a ``JobState`` built from it, its findings
 reported, and its snapshot and job index entry published.
 """
 
@@ -25,7 +25,7 @@ from joblet_persist.storage.catalog import JobCatalog
 from joblet_persist.storage.files import FileBudget
 from joblet_persist.storage.findings import Findings
 from joblet_persist.storage.gate import JobGate
-from joblet_persist.storage.jobstate import _JobState
+from joblet_persist.storage.jobstate import JobState
 from joblet_persist.storage.snapshot import LocalJobSnapshot
 from joblet_persist.threads import reactor_only
 
@@ -53,7 +53,7 @@ class LoadedJobs:
         # Published state, read from any thread; mutated on the reactor only.
         self._snapshots: dict[str, LocalJobSnapshot] = {}
         # Reactor-only state.
-        self._jobs: dict[str, _JobState] = {}
+        self._jobs: dict[str, JobState] = {}
         self._loading: dict[str, list] = {}  # job -> Deferreds waiting for its load
 
     # -- any thread -----------------------------------------------------------
@@ -69,7 +69,7 @@ class LoadedJobs:
     # -- reactor thread ---------------------------------------------------------
 
     @reactor_only
-    def get(self, job_id: str) -> Optional[_JobState]:
+    def get(self, job_id: str) -> Optional[JobState]:
         """The job's state if it is in memory, else None."""
         return self._jobs.get(job_id)
 
@@ -80,7 +80,7 @@ class LoadedJobs:
 
     @reactor_only
     def load(self, job_id: str):
-        """Deferred firing with the job's _JobState after a scan, or None if unknown."""
+        """Deferred firing with the job's JobState after a scan, or None if unknown."""
         d = defer.Deferred()
         waiters = self._loading.get(job_id)
         if waiters is not None:
@@ -108,7 +108,7 @@ class LoadedJobs:
             else:
                 d.callback(result)
 
-    def _install(self, job_id: str, scan: Optional[jobindex.JobScan]) -> Optional[_JobState]:
+    def _install(self, job_id: str, scan: Optional[jobindex.JobScan]) -> Optional[JobState]:
         """Build and publish the state of a scanned job (None: the job has no files)."""
         state = self._jobs.get(job_id)
         if state is not None:
@@ -123,7 +123,7 @@ class LoadedJobs:
             now = int(self._clock.seconds())
             info = dataclasses.replace(info, created_at=now, last_updated=now)
         self._findings.scanned(job_id, scan)
-        state = _JobState.from_scan(job_id, scan, info, self._clock.seconds())
+        state = JobState.from_scan(job_id, scan, info, self._clock.seconds())
         self._findings.check_order(job_id, state.segments)
         self._jobs[job_id] = state
         self.publish(state)
@@ -144,14 +144,14 @@ class LoadedJobs:
             if state is None:
                 now = int(self._clock.seconds())
                 info = JobInfo(job_id, now, now, 0, 0, 0, 0, 0)
-                state = _JobState.empty(job_id, info, self._clock.seconds())
+                state = JobState.empty(job_id, info, self._clock.seconds())
                 self._jobs[job_id] = state
             return state
 
         return self.load(job_id).addCallback(loaded)
 
     @reactor_only
-    def publish(self, state: _JobState) -> None:
+    def publish(self, state: JobState) -> None:
         """Replace the job's snapshot and index entry."""
         self._snapshots[state.job_id] = LocalJobSnapshot(
             job_id=state.job_id,

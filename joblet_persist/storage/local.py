@@ -28,10 +28,10 @@ LocalStorage decides when things happen and composes the pieces that hold
 each concern: ``catalog.JobCatalog`` (the job index in memory and its
 debounced write), ``gate.JobGate`` (per-job work in flight, exclusive
 deletions), ``loaded.LoadedJobs`` (jobs in memory, their loading and
-snapshots), ``jobstate._JobState`` (a job's segments and counts),
+snapshots), ``jobstate.JobState`` (a job's segments and counts),
 ``findings.Findings`` (what was found wrong on disk), ``syncer.DirtyPaths``
-(the "interval" fsync policy), ``snapshot`` (the
-published view) and ``diskwork`` (the ``thd_*`` pool work).
+(the "interval" fsync policy), ``snapshot`` (the published view) and
+``diskwork`` (the ``thd_*`` pool work).
 
 This module may create Deferreds because it is the reactor-side half of the
 storage package; it never imports the reactor: the clock and the thread runner
@@ -66,8 +66,8 @@ from joblet_persist.storage.api import (
 )
 from joblet_persist.storage.catalog import JobCatalog
 from joblet_persist.storage.diskwork import (
-    _ALL_TOPS,
-    _PART_TOPS,
+    ALL_TOPS,
+    PART_TOPS,
     AppendResult,
     thd_append_logs,
     thd_append_metrics,
@@ -78,7 +78,7 @@ from joblet_persist.storage.durability import FSYNC_POLICIES
 from joblet_persist.storage.files import FileBudget
 from joblet_persist.storage.findings import Findings, NullStorageMetrics
 from joblet_persist.storage.gate import JobGate
-from joblet_persist.storage.jobstate import _JobState
+from joblet_persist.storage.jobstate import JobState
 from joblet_persist.storage.loaded import LoadedJobs
 from joblet_persist.storage.segment import SEGMENT_KINDS
 from joblet_persist.storage.snapshot import LocalJobSnapshot
@@ -405,7 +405,7 @@ class LocalStorage:
         d.addBoth(self._append_finished, job_id, key)
         return d
 
-    def _write_batch(self, state: _JobState, kind: str, work):
+    def _write_batch(self, state: JobState, kind: str, work):
         directory = jobindex.job_dir(self._data_dir, kind, state.job_id)
         index, path, expected_size = state.next_append(kind, directory, self._segment_max_bytes)
         thd, columns = work
@@ -428,7 +428,7 @@ class LocalStorage:
         )
         return d
 
-    def _write_failed(self, failure: Failure, state: _JobState, kind: str, index: int, work):
+    def _write_failed(self, failure: Failure, state: JobState, kind: str, index: int, work):
         """A segment cut or removed behind the service's back: close it, write a new one.
 
         Reactor thread.  Appending where the file now ends would put members at
@@ -454,7 +454,7 @@ class LocalStorage:
         self._jobs.publish(state)
         return self._write_batch(state, kind, work)
 
-    def _appended(self, result: AppendResult, state: _JobState, kind: str, index: int, path: str):
+    def _appended(self, result: AppendResult, state: JobState, kind: str, index: int, path: str):
         """Publish a completed append.  Reactor thread."""
         if result.skipped:
             self.findings.skipped_payloads(state.job_id, result.skipped)
@@ -481,7 +481,7 @@ class LocalStorage:
         open_job calls made meanwhile wait for the deletion and then see a
         fresh (or unknown) job.  An unknown job frees 0 bytes.
         """
-        d = self._exclusive(job_id, self.delete_job, self._remove, _ALL_TOPS, False)
+        d = self._exclusive(job_id, self.delete_job, self._remove, ALL_TOPS, False)
         return d.addErrback(_unavailable, f"deleting job {job_id}")
 
     @reactor_only
@@ -492,7 +492,7 @@ class LocalStorage:
         job's two directories.  The job is then reloaded from what remains
         (keeping its created_at); when nothing remains it is gone.
         """
-        tops = _PART_TOPS.get(part) if isinstance(part, str) else None
+        tops = PART_TOPS.get(part) if isinstance(part, str) else None
         if tops is None:
             return defer.fail(ValueError(f"unknown part {part!r}: expected 'logs' or 'metrics'"))
         d = self._exclusive(job_id, lambda j: self.delete_part(j, part), self._remove, tops, True)
