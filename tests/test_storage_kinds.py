@@ -33,6 +33,9 @@ class KindTests(SynchronousTestCase):
             sorted(api.SegmentKind),
         )
         self.assertEqual(set(retention.PART_OF_TARGET.values()), set(api.Part))
+        self.assertEqual(set(api.COUNT_FIELD_OF_PART), set(api.Part))
+        fields = set(api.JobInfo.__dataclass_fields__)
+        self.assertLessEqual(set(api.COUNT_FIELD_OF_PART.values()), fields)
 
     def test_parsed_names_are_kinds(self):
         """parse_segment_name returns a SegmentKind, for every kind's names and no others."""

@@ -83,6 +83,8 @@ PART_OF_KIND = {
 KINDS_OF_PART = {
     part: tuple(kind for kind in SegmentKind if PART_OF_KIND[kind] is part) for part in Part
 }
+#: The JobInfo field that counts the messages of each part.
+COUNT_FIELD_OF_PART = {Part.LOGS: "log_count", Part.METRICS: "metric_count"}
 #: The segment kind of each log stream number (STREAM_UNSPECIFIED has none: it means both).
 KIND_OF_STREAM = {STREAM_STDOUT: SegmentKind.STDOUT, STREAM_STDERR: SegmentKind.STDERR}
 

@@ -39,7 +39,7 @@ from typing import Mapping, Optional
 
 from joblet_persist.storage import safefs, segment
 from joblet_persist.storage.api import (
-    KINDS_OF_PART,
+    COUNT_FIELD_OF_PART,
     PART_OF_KIND,
     JobInfo,
     Part,
@@ -54,10 +54,6 @@ INDEX_VERSION = 1
 #: Top-level directories: a Part's value names its directory (``logs/<job>/``, ...).
 LOGS_DIRNAME = Part.LOGS.value
 METRICS_DIRNAME = Part.METRICS.value
-#: Segment kinds stored under ``logs/<job>/`` and ``metrics/<job>/``.
-LOG_KINDS = KINDS_OF_PART[Part.LOGS]
-METRICS_KIND = SegmentKind.METRICS
-ALL_KINDS = tuple(SegmentKind)
 
 _INFO_FIELDS = (
     "created_at",
@@ -326,14 +322,10 @@ class JobScan:
 
     def part_sizes(self) -> tuple[int, int]:
         """(bytes under logs/<job>, bytes under metrics/<job>)."""
-        log_bytes = metric_bytes = 0
+        sizes = dict.fromkeys(Part, 0)
         for kind, segs in self.segments.items():
-            size = sum(seg.size for seg in segs)
-            if kind == METRICS_KIND:
-                metric_bytes += size
-            else:
-                log_bytes += size
-        return log_bytes, metric_bytes
+            sizes[PART_OF_KIND[kind]] += sum(seg.size for seg in segs)
+        return sizes[Part.LOGS], sizes[Part.METRICS]
 
     def ordinal_base(self) -> int:
         """Max stored persistent ordinal + 1 across the job's files (0 if none).
@@ -357,22 +349,22 @@ class JobScan:
         it, created_at is the earlier of the first message timestamp and the
         earliest file mtime, last_updated the latest mtime.
         """
-        log_count = metric_count = size = 0
+        counts = dict.fromkeys(COUNT_FIELD_OF_PART.values(), 0)
+        size = 0
         first = last = 0
         for kind, segs in self.segments.items():
+            field = COUNT_FIELD_OF_PART[PART_OF_KIND[kind]]
             for seg in segs:
                 size += seg.size
                 for m in seg.result.members:
                     if not m.count:
                         continue
-                    if kind == METRICS_KIND:
-                        metric_count += m.count
-                    else:
-                        log_count += m.count
+                    counts[field] += m.count
                     if m.min_timestamp > 0 and (first == 0 or m.min_timestamp < first):
                         first = m.min_timestamp
                     if m.max_timestamp > last:
                         last = m.max_timestamp
+        log_count, metric_count = counts["log_count"], counts["metric_count"]
         if previous is not None:
             created = previous.created_at
             same = (
@@ -418,7 +410,7 @@ def thd_scan_job(data_dir: str, job_id: str, repair: bool) -> Optional[JobScan]:
     mtimes = []
     truncated = []
     refused: list = []
-    for kind in ALL_KINDS:
+    for kind in SegmentKind:
         directory = job_dir(data_dir, kind, job_id)
         try:
             dfd = safefs.open_dir(directory, 2)

@@ -18,6 +18,7 @@ from typing import Optional
 
 from joblet_persist.storage import reader, segment
 from joblet_persist.storage.api import (
+    COUNT_FIELD_OF_PART,
     KINDS_OF_PART,
     PART_OF_KIND,
     JobInfo,
@@ -127,10 +128,8 @@ class JobState:
                 if m.max_timestamp > last:
                     last = m.max_timestamp
         info = self.info
-        if PART_OF_KIND[kind] is Part.METRICS:
-            counts = {"metric_count": info.metric_count + count}
-        else:
-            counts = {"log_count": info.log_count + count}
+        field = COUNT_FIELD_OF_PART[PART_OF_KIND[kind]]
+        counts = {field: getattr(info, field) + count}
         self.last_used = now
         self.info = dataclasses.replace(
             info,
@@ -188,26 +187,24 @@ class JobState:
 
 def _recount(state: JobState) -> JobInfo:
     """A job's JobInfo recomputed from its published segments (after dropping one)."""
-    log_count = metric_count = size = 0
+    counts = dict.fromkeys(COUNT_FIELD_OF_PART.values(), 0)
+    size = 0
     first = last = 0
     for kind in SegmentKind:
+        field = COUNT_FIELD_OF_PART[PART_OF_KIND[kind]]
         for seg in state.segments[kind]:
             size += seg.size
             for m in seg.view.members:
                 if not m.count:
                     continue
-                if PART_OF_KIND[kind] is Part.METRICS:
-                    metric_count += m.count
-                else:
-                    log_count += m.count
+                counts[field] += m.count
                 if m.min_timestamp > 0 and (first == 0 or m.min_timestamp < first):
                     first = m.min_timestamp
                 if m.max_timestamp > last:
                     last = m.max_timestamp
     return dataclasses.replace(
         state.info,
-        log_count=log_count,
-        metric_count=metric_count,
+        **counts,
         size_bytes=size,
         first_timestamp=first,
         last_timestamp=last,
