@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from joblet_persist.storage import reader, safefs
 from joblet_persist.storage.api import SegmentKind
+from joblet_persist.threads import reactor_only
 
 
 class NullStorageMetrics:
@@ -19,6 +20,7 @@ class NullStorageMetrics:
     def metric_payloads_skipped(self, count: int) -> None:
         """``count`` undecodable metric payloads were left out of a batch."""
 
+    @reactor_only
     def index_write_failed(self) -> None:
         """Writing job_index.json failed (it is retried)."""
 
@@ -53,6 +55,7 @@ class Findings:
         #: Jobs found with overlapping or out-of-order segments when loaded.
         self.disordered_jobs = 0
 
+    @reactor_only
     def scanned(self, job_id: str, scan) -> None:
         """What the scan of a job being loaded (a jobindex.JobScan) refused, cut or skipped."""
         for path in scan.refused:
@@ -78,6 +81,7 @@ class Findings:
                         end=end,
                     )
 
+    @reactor_only
     def unsafe(self, job_id: str, error: OSError, consequence: str) -> None:
         """A refused symlink or non-regular file (safefs.UnsafeEntry)."""
         self.unsafe_entries += 1
@@ -91,6 +95,7 @@ class Findings:
             consequence=consequence,
         )
 
+    @reactor_only
     def check_order(self, job_id: str, segments: dict) -> None:
         """Log and count a job whose segments' ordinals overlap or go backwards.
 
@@ -115,6 +120,7 @@ class Findings:
             )
             return
 
+    @reactor_only
     def shrunk(self, job_id: str, old, error) -> None:
         """Segment ``old`` was found shorter than written (``error``); appends moved on."""
         self._log.error(
@@ -128,6 +134,7 @@ class Findings:
         self.shrunk_segments += 1
         self._metrics.segment_shrunk()
 
+    @reactor_only
     def skipped_payloads(self, job_id: str, count: int) -> None:
         """``count`` undecodable metric payloads were left out of a batch."""
         self.skipped_metric_payloads += count

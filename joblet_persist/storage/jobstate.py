@@ -26,6 +26,7 @@ from joblet_persist.storage.api import (
     SegmentKind,
     SegmentUsage,
 )
+from joblet_persist.threads import reactor_only
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +92,7 @@ class JobState:
         """Bytes of both log streams' segments."""
         return sum(seg.size for kind in KINDS_OF_PART[Part.LOGS] for seg in self.segments[kind])
 
+    @reactor_only
     def next_append(
         self, kind: SegmentKind, directory: str, max_bytes: int
     ) -> tuple[int, str, int]:
@@ -106,6 +108,7 @@ class JobState:
         index = segments[-1].index + 1 if segments else 0
         return index, os.path.join(directory, segment.segment_name(kind, index)), 0
 
+    @reactor_only
     def apply_append(self, kind: SegmentKind, index: int, path: str, result, now: float) -> None:
         """Take in a completed append (a diskwork.AppendResult with members) at ``now``."""
         segments = list(self.segments[kind])
@@ -140,6 +143,7 @@ class JobState:
             **counts,
         )
 
+    @reactor_only
     def close_shrunk(self, kind: SegmentKind, index: int, actual_size: int) -> Optional[Segment]:
         """Close the last segment of ``kind``, found ``actual_size`` bytes long.
 
@@ -159,6 +163,7 @@ class JobState:
         self.info = _recount(self)
         return old
 
+    @reactor_only
     def drop(self, kind: SegmentKind, index: int) -> Optional[Segment]:
         """Remove segment ``index`` of ``kind`` and recount; the segment, or None if unknown.
 
@@ -175,6 +180,7 @@ class JobState:
         self.info = _recount(self)
         return dropped
 
+    @reactor_only
     def usage(self) -> tuple:
         """SegmentUsage of each segment; ``last_segment`` marks where appends go."""
         usage = []
