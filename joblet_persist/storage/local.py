@@ -80,10 +80,12 @@ from joblet_persist.storage.findings import Findings, NullStorageMetrics
 from joblet_persist.storage.gate import JobGate
 from joblet_persist.storage.jobstate import JobState
 from joblet_persist.storage.loaded import LoadedJobs
-from joblet_persist.storage.segment import SEGMENT_KINDS
 from joblet_persist.storage.snapshot import LocalJobSnapshot
 from joblet_persist.storage.syncer import DirtyPaths
 from joblet_persist.threads import reactor_only
+
+#: Every segment kind, for membership tests that any value may take (a tuple: no hashing).
+_SEGMENT_KINDS = tuple(SegmentKind)
 
 
 def _unavailable(failure: Failure, what: str) -> Failure:
@@ -540,9 +542,9 @@ class LocalStorage:
     def drop_segment(self, job_id: str, kind: SegmentKind, index: int):
         """Remove one closed segment of a job; Deferred firing with the bytes freed.
 
-        Reactor thread; used by retention to cap a job's size.  ``kind`` is
-        a SegmentKind ("stdout", "stderr", "metrics").  The segment being written (the last
-        of its kind) is refused with ValueError; an unknown segment frees 0.
+        Reactor thread; used by retention to cap a job's size.  ``kind`` is a
+        SegmentKind ("stdout", "stderr", "metrics").  The segment being written
+        (the last of its kind) is refused with ValueError; an unknown segment frees 0.
         The segment leaves the published snapshot at once and its file is
         removed on the pool: a query that already holds the older snapshot and
         has not opened the file yet gets DataVanished for it.
@@ -550,7 +552,7 @@ class LocalStorage:
         try:
             check_job_id(job_id)
             self._check_running()
-            if kind not in SEGMENT_KINDS:
+            if kind not in _SEGMENT_KINDS:
                 raise ValueError(f"unknown segment kind {kind!r}")
         except (ValueError, RuntimeError):
             return defer.fail()
