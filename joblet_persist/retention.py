@@ -23,6 +23,7 @@ Rules, in order (docs/operations.md explains them to operators):
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -30,10 +31,27 @@ from twisted.application import service
 from twisted.internet import defer, task
 
 from joblet_persist.logs import Logger
-from joblet_persist.storage.api import IFreeSpace, IRetentionSegments, SegmentUsage
+from joblet_persist.storage.api import (
+    PART_OF_KIND,
+    IFreeSpace,
+    IRetentionSegments,
+    Part,
+    SegmentUsage,
+)
 
-KIND_LOGS = "logs"
-KIND_METRICS = "metrics"
+
+class Target(enum.StrEnum):
+    """What one retention action deletes: a whole job, one Part of it, or one segment."""
+
+    JOB = "job"
+    LOGS = Part.LOGS.value
+    METRICS = Part.METRICS.value
+    SEGMENT = "segment"
+
+
+#: The Part a part-deleting Target deletes (storage.delete_part), and back.
+PART_OF_TARGET = {Target.LOGS: Part.LOGS, Target.METRICS: Part.METRICS}
+TARGET_OF_PART = {part: target for target, part in PART_OF_TARGET.items()}
 
 
 @dataclass(frozen=True)
@@ -73,9 +91,9 @@ class JobUsage:
 
 @dataclass(frozen=True)
 class Action:
-    """One deletion: ``what`` is "job", "logs", "metrics" or "segment"."""
+    """One deletion: ``what`` it deletes (a Target: ``segment`` names the segment)."""
 
-    what: str
+    what: Target
     job_id: str
     size_bytes: int
     reason: str
@@ -90,7 +108,7 @@ class Plan:
 
     @property
     def deleted_job_ids(self) -> list[str]:
-        return [a.job_id for a in self.actions if a.what == "job"]
+        return [a.job_id for a in self.actions if a.what == Target.JOB]
 
     @property
     def bytes_freed(self) -> int:
@@ -127,20 +145,20 @@ def plan_retention(
             if (logs_old or job.log_bytes == 0) and (metrics_old or job.metric_bytes == 0) and (
                 logs_old or metrics_old
             ):
-                actions.append(Action("job", job.job_id, size, "age"))
+                actions.append(Action(Target.JOB, job.job_id, size, "age"))
                 deleted.add(job.job_id)
                 continue
             if logs_old and job.log_bytes:
-                actions.append(Action(KIND_LOGS, job.job_id, job.log_bytes, "log age"))
+                actions.append(Action(Target.LOGS, job.job_id, job.log_bytes, "log age"))
                 size -= job.log_bytes
             if metrics_old and job.metric_bytes:
-                actions.append(Action(KIND_METRICS, job.job_id, job.metric_bytes, "metric age"))
+                actions.append(Action(Target.METRICS, job.job_id, job.metric_bytes, "metric age"))
                 size -= job.metric_bytes
         remaining[job.job_id] = size
 
     # 2. Per-job cap: oldest closed segments first.
     if policy.job_max_bytes > 0:
-        dropped_parts = {(a.job_id, a.what) for a in actions if a.what in (KIND_LOGS, KIND_METRICS)}
+        dropped_parts = {(a.job_id, a.what) for a in actions if a.what in PART_OF_TARGET}
         for job in jobs:
             if job.job_id in deleted or remaining[job.job_id] <= policy.job_max_bytes:
                 continue
@@ -150,14 +168,13 @@ def plan_retention(
                 s
                 for s in job.segments
                 if not s.last_segment
-                and (job.job_id, KIND_METRICS if s.kind == "metrics" else KIND_LOGS)
-                not in dropped_parts
+                and (job.job_id, TARGET_OF_PART[PART_OF_KIND[s.kind]]) not in dropped_parts
             ]
             candidates.sort(key=lambda s: (s.index, s.kind))
             for seg in candidates:
                 if remaining[job.job_id] <= policy.job_max_bytes:
                     break
-                actions.append(Action("segment", job.job_id, seg.size_bytes, "job cap", seg))
+                actions.append(Action(Target.SEGMENT, job.job_id, seg.size_bytes, "job cap", seg))
                 remaining[job.job_id] -= seg.size_bytes
 
     # 3. Quota and free-space floor: whole jobs, least recently updated first.
@@ -178,7 +195,7 @@ def plan_retention(
             size = remaining[job.job_id]
             # Earlier partial actions on this job are folded into one whole-job deletion.
             actions = [a for a in actions if a.job_id != job.job_id]
-            actions.append(Action("job", job.job_id, job.size_bytes, "quota"))
+            actions.append(Action(Target.JOB, job.job_id, job.size_bytes, "quota"))
             deleted.add(job.job_id)
             need -= size
     return Plan(tuple(actions), max(need, 0))
@@ -299,7 +316,7 @@ class RetentionRunner:
                 )
                 continue
             result.bytes_freed += freed or 0
-            if action.what == "job":
+            if action.what == Target.JOB:
                 result.deleted_job_ids.append(action.job_id)
         result.jobs_deleted = len(result.deleted_job_ids)
         if self._metrics is not None:
@@ -315,12 +332,12 @@ class RetentionRunner:
 
     def _apply(self, action: Action) -> defer.Deferred:
         storage = self._storage
-        if action.what == "job":
+        if action.what == Target.JOB:
             d = self._discard(action.job_id)
             d.addCallback(lambda _: storage.delete_job(action.job_id))
             return d
-        if action.what in (KIND_LOGS, KIND_METRICS):
-            return storage.delete_part(action.job_id, action.what)
+        if action.what in PART_OF_TARGET:
+            return storage.delete_part(action.job_id, PART_OF_TARGET[action.what])
         seg = action.segment
         return storage.drop_segment(action.job_id, seg.kind, seg.index)
 

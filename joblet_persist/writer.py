@@ -38,6 +38,7 @@ A counter lives as long as the job is known to the writer (for the process run),
 
 from __future__ import annotations
 
+import enum
 from collections import deque
 from typing import Callable, Optional
 
@@ -45,13 +46,21 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from joblet_persist.logs import Logger
-from joblet_persist.storage.api import LogBatch, MetricBatch
+from joblet_persist.storage.api import (
+    KIND_OF_STREAM,
+    STREAM_STDERR,
+    STREAM_STDOUT,
+    LogBatch,
+    MetricBatch,
+    SegmentKind,
+)
 from joblet_persist.threads import reactor_only
 
 __all__ = [
     "MESSAGE_MEMORY",
     "MESSAGE_OVERHEAD",
     "BatchingWriter",
+    "BufferKey",
     "NullWriterMetrics",
     "WriterStopped",
 ]
@@ -66,8 +75,28 @@ MESSAGE_MEMORY = 170
 
 _MEMORY_EXTRA = MESSAGE_MEMORY - MESSAGE_OVERHEAD
 
-#: Index of a job's metrics buffer in ``_Job.buffers`` (log buffers use their stream number).
-_METRICS = 0
+
+
+class BufferKey(enum.IntEnum):
+    """Which of a job's buffers: its index in ``_Job.buffers``.
+
+    The log buffers' values are their stream numbers, so a LOG frame's stream
+    indexes its buffer directly on the hot path.  METRICS is not a stream:
+    stream 0 on the wire (STREAM_UNSPECIFIED) means "both log streams" in a
+    query, which has nothing to do with this buffer.
+    """
+
+    METRICS = 0
+    STDOUT = STREAM_STDOUT
+    STDERR = STREAM_STDERR
+
+
+#: The stored kind of each buffer's data (for messages naming the buffer).
+_KIND_OF_BUFFER = {
+    BufferKey.METRICS: SegmentKind.METRICS,
+    BufferKey.STDOUT: KIND_OF_STREAM[STREAM_STDOUT],
+    BufferKey.STDERR: KIND_OF_STREAM[STREAM_STDERR],
+}
 
 log = Logger()
 
@@ -125,7 +154,7 @@ class _Job:
 
     def __init__(self, job_id: str, held: bool):
         self.job_id = job_id
-        # Index 0: metrics, 1: stdout, 2: stderr.
+        # Indexed by BufferKey.
         self.buffers: list[Optional[_Buffer]] = [None, None, None]
         # True while a discard_job of an earlier incarnation of this job id is pending: batches
         # are queued but not sent, so that they reach storage after its delete_job started.
@@ -138,7 +167,7 @@ class _Buffer:
 
     __slots__ = (
         "job",
-        "stream",
+        "key",
         "timestamps",
         "sequences",
         "arrivals",
@@ -154,9 +183,9 @@ class _Buffer:
         "opened_at",
     )
 
-    def __init__(self, job: _Job, stream: int, retry_delay: float):
+    def __init__(self, job: _Job, key: BufferKey, retry_delay: float):
         self.job = job
-        self.stream = stream
+        self.key = key
         self.timestamps: list[int] = []
         self.sequences: list[int] = []
         self.arrivals: list[int] = []
@@ -172,8 +201,7 @@ class _Buffer:
         self.opened_at = 0.0  # when the open columns got their first message
 
     def describe(self) -> str:
-        kind = {0: "metrics", 1: "stdout", 2: "stderr"}[self.stream]
-        return f"{self.job.job_id}/{kind}"
+        return f"{self.job.job_id}/{_KIND_OF_BUFFER[self.key]}"
 
 
 class BatchingWriter:
@@ -371,7 +399,7 @@ class BatchingWriter:
             job = self._new_job(job_id)
         buf = job.buffers[stream]
         if buf is None:
-            buf = job.buffers[stream] = _Buffer(job, stream, self._retry_initial)
+            buf = job.buffers[stream] = _Buffer(job, BufferKey(stream), self._retry_initial)
         nbytes = sum(map(len, contents)) + MESSAGE_OVERHEAD * n
         self.messages_received += n
         self._buffered += nbytes + _MEMORY_EXTRA * n
@@ -425,16 +453,16 @@ class BatchingWriter:
         """Buffer one metric sample (a serialized ``joblet.ipc.Metric``).  Reactor thread."""
         if self._stopping:
             raise WriterStopped("writer is stopping")
-        self._add(job_id, _METRICS, timestamp, sequence, payload)
+        self._add(job_id, BufferKey.METRICS, timestamp, sequence, payload)
 
     def _add(self, job_id: str, index: int, timestamp: int, sequence: int, item: bytes):
-        """Append one message to buffer ``index`` (0 metrics, 1 stdout, 2 stderr) of the job."""
+        """Append one message to the job's buffer ``index`` (a BufferKey or a stream number)."""
         job = self._jobs.get(job_id)
         if job is None:
             job = self._new_job(job_id)
         buf = job.buffers[index]
         if buf is None:
-            buf = job.buffers[index] = _Buffer(job, index, self._retry_initial)
+            buf = job.buffers[index] = _Buffer(job, BufferKey(index), self._retry_initial)
         timestamps = buf.timestamps
         if not timestamps:
             self._opened(buf)
@@ -598,9 +626,9 @@ class BatchingWriter:
         if not count:
             return
         job = buf.job
-        if buf.stream:
+        if buf.key is not BufferKey.METRICS:
             batch = LogBatch(
-                job.job_id, buf.stream, buf.timestamps, buf.sequences, buf.arrivals, buf.contents
+                job.job_id, buf.key.value, buf.timestamps, buf.sequences, buf.arrivals, buf.contents
             )
         else:
             batch = MetricBatch(
@@ -628,7 +656,11 @@ class BatchingWriter:
 
     def _send(self, buf: _Buffer, sealed: _Sealed) -> None:
         started = self._clock.seconds()
-        append = self._storage.append_logs if buf.stream else self._storage.append_metrics
+        append = (
+            self._storage.append_metrics
+            if buf.key is BufferKey.METRICS
+            else self._storage.append_logs
+        )
         try:
             d = append(sealed.batch)
         except Exception:

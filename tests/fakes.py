@@ -158,7 +158,7 @@ class _Member:
     arrivals: tuple
     records: tuple
     corrupt: bool = False
-    segment: Optional[_Segment] = field(default=None, compare=False, repr=False)
+    segment: Optional[Segment] = field(default=None, compare=False, repr=False)
 
     @property
     def size(self) -> int:
@@ -167,7 +167,7 @@ class _Member:
         return _MEMBER_OVERHEAD + 100 * len(self.records)
 
 
-class _Segment:
+class Segment:
     """A run of members of one kind; dropped or deleted as a whole.  Reactor thread."""
 
     def __init__(self, index: int):
@@ -516,7 +516,7 @@ class FakeStorage:
                 return 0
         segments = job.segments[kind]
         if not segments or segments[-1].size >= self._segment_max_bytes:
-            segments.append(_Segment(segments[-1].index + 1 if segments else 0))
+            segments.append(Segment(segments[-1].index + 1 if segments else 0))
         corrupt, self.corrupt_next = self.corrupt_next, False
         member = _Member(stream, arrivals, tuple(records), corrupt, segments[-1])
         segments[-1].members.append(member)

@@ -225,7 +225,7 @@ class AppendAndReadTests(StorageTestCase):
         )
         self.assertEqual(written, on_disk)
         self.assertEqual(storage.job_info(JOB).size_bytes, on_disk)
-        self.assertEqual(storage.total_size_bytes(), on_disk)
+        self.assertEqual(storage.totals()[3], on_disk)
 
     def test_rotation(self):
         """Past segment_max_bytes a new segment starts; reads continue across segments."""
@@ -882,7 +882,7 @@ class DeleteTests(StorageTestCase):
         self.assertFalse(os.path.exists(os.path.join(self.data_dir, "logs", JOB)))
         self.assertFalse(os.path.exists(os.path.join(self.data_dir, "metrics", JOB)))
         self.assertNotIn(JOB, self.read_index()["jobs"])
-        self.assertEqual(storage.total_size_bytes(), 0)
+        self.assertEqual(storage.totals()[3], 0)
         self.clock.advance(100)
         self.append(storage, STREAM_STDERR, rows(0, b"new-e"))
         self.append(storage, STREAM_STDOUT, rows(1, b"new-o"))
@@ -1068,7 +1068,7 @@ class RetentionSupportTests(StorageTestCase):
         info = storage.job_info(JOB)
         self.assertEqual((info.log_count, info.size_bytes), (3, before.size_bytes - size))
         self.assertEqual(info.first_timestamp, 500)
-        self.assertEqual(storage.total_size_bytes(), info.size_bytes)
+        self.assertEqual(storage.totals()[3], info.size_bytes)
         self.assertEqual(storage.part_sizes(JOB)[0] + storage.part_sizes(JOB)[1], info.size_bytes)
         self.assertEqual(
             [c[:5] for _, c in self.logs(storage)], [b"out-1", b"out-2", b"err"]

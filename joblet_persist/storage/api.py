@@ -33,6 +33,7 @@ Threading (see docs/architecture.md):
 
 from __future__ import annotations
 
+import enum
 import re
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -44,6 +45,48 @@ STREAM_UNSPECIFIED = 0
 STREAM_STDOUT = 1
 STREAM_STDERR = 2
 LOG_STREAMS = (STREAM_STDOUT, STREAM_STDERR)
+
+
+class Part(enum.StrEnum):
+    """A part of a job's data that is aged and deleted on its own (``delete_part``).
+
+    The value is the name backends use for it (the local backend's top-level
+    directory), so ``Part.LOGS == "logs"``.
+    """
+
+    LOGS = "logs"
+    METRICS = "metrics"
+
+
+class SegmentKind(enum.StrEnum):
+    """What one stored sequence of a job holds: a log stream or the metrics.
+
+    The value is the name backends use for it (the local backend's segment
+    file stem, S3's key component), so ``SegmentKind.STDOUT == "stdout"``.
+    A new kind of data (a telemetry event kind) is a new member here plus its
+    rows in the tables below (and in segment.SEGMENT_SUFFIXES); no caller
+    tests kinds one by one.
+    """
+
+    STDOUT = "stdout"
+    STDERR = "stderr"
+    METRICS = "metrics"
+
+
+#: The part each segment kind belongs to (deleted and aged with it).
+PART_OF_KIND = {
+    SegmentKind.STDOUT: Part.LOGS,
+    SegmentKind.STDERR: Part.LOGS,
+    SegmentKind.METRICS: Part.METRICS,
+}
+#: The segment kinds of each part, in SegmentKind order.
+KINDS_OF_PART = {
+    part: tuple(kind for kind in SegmentKind if PART_OF_KIND[kind] is part) for part in Part
+}
+#: The JobInfo field that counts the messages of each part.
+COUNT_FIELD_OF_PART = {Part.LOGS: "log_count", Part.METRICS: "metric_count"}
+#: The segment kind of each log stream number (STREAM_UNSPECIFIED has none: it means both).
+KIND_OF_STREAM = {STREAM_STDOUT: SegmentKind.STDOUT, STREAM_STDERR: SegmentKind.STDERR}
 
 _JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 
@@ -168,12 +211,11 @@ class ReadStats:
 class SegmentUsage:
     """One segment of a job's stored data, as segment-level retention sees it.
 
-    A segment is a unit a backend can drop on its own: ``kind`` is "stdout",
-    "stderr" or "metrics"; ``index`` orders the segments of a kind, oldest
-    first.
+    A segment is a unit a backend can drop on its own: ``kind`` is a
+    SegmentKind; ``index`` orders the segments of a kind, oldest first.
     """
 
-    kind: str
+    kind: SegmentKind
     index: int
     size_bytes: int
     last_segment: bool  # the one appends go to; never dropped
@@ -325,7 +367,7 @@ class IStorageBackend(Interface):
         """
 
     def delete_part(job_id, part):
-        """Delete a job's logs (``part`` "logs") or metrics ("metrics"); Deferred[bytes freed].
+        """Delete one Part of a job (its logs or its metrics); Deferred[bytes freed].
 
         Reactor thread; used by retention.  The job keeps the other part (and
         its created_at); when nothing remains it is gone.  An unknown part
@@ -372,7 +414,7 @@ class IRetentionSegments(Interface):
         """
 
     def drop_segment(job_id, kind, index):
-        """Remove one closed segment; Deferred firing with the bytes freed.
+        """Remove one closed segment (``kind`` a SegmentKind); Deferred[bytes freed].
 
         Reactor thread.  The segment appends go to is refused with ValueError;
         an unknown segment frees 0.  Queries holding an older snapshot may

@@ -16,7 +16,7 @@ from __future__ import annotations
 import zlib
 from typing import Callable
 
-__all__ = ["COMPRESSOR_LEVELS", "Compressor", "make_compressor"]
+__all__ = ["COMPRESSOR_LEVELS", "ISAL_DEFAULT_LEVEL", "Compressor", "make_compressor"]
 
 #: Accepted levels per compressor name (inclusive ranges).
 COMPRESSOR_LEVELS: dict[str, tuple[int, int]] = {
@@ -24,6 +24,10 @@ COMPRESSOR_LEVELS: dict[str, tuple[int, int]] = {
     "deflate": (0, 12),  # libdeflate: 0 stores, 12 is slowest/smallest
     "isal": (0, 3),  # ISA-L igzip
 }
+
+#: The level used for ``isal`` when configuration names none: ISA-L's own default
+#: (the service's default level, 5, is outside isal's range).
+ISAL_DEFAULT_LEVEL = 2
 
 
 class Compressor:

@@ -38,18 +38,22 @@ from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
 from joblet_persist.storage import safefs, segment
-from joblet_persist.storage.api import JobInfo, is_valid_job_id
+from joblet_persist.storage.api import (
+    COUNT_FIELD_OF_PART,
+    PART_OF_KIND,
+    JobInfo,
+    Part,
+    SegmentKind,
+    is_valid_job_id,
+)
 from joblet_persist.storage.format import KIND_LEGACY
 
 INDEX_FILENAME = "job_index.json"
 INDEX_VERSION = 1
 
-LOGS_DIRNAME = "logs"
-METRICS_DIRNAME = "metrics"
-#: Segment kinds stored under ``logs/<job>/`` and ``metrics/<job>/``.
-LOG_KINDS = ("stdout", "stderr")
-METRICS_KIND = "metrics"
-ALL_KINDS = LOG_KINDS + (METRICS_KIND,)
+#: Top-level directories: a Part's value names its directory (``logs/<job>/``, ...).
+LOGS_DIRNAME = Part.LOGS.value
+METRICS_DIRNAME = Part.METRICS.value
 
 _INFO_FIELDS = (
     "created_at",
@@ -80,8 +84,7 @@ def index_path(data_dir: str) -> str:
 
 def job_dir(data_dir: str, kind: str, job_id: str) -> str:
     """Directory holding segments of ``kind`` for a job whose id was validated."""
-    top = METRICS_DIRNAME if kind == METRICS_KIND else LOGS_DIRNAME
-    return os.path.join(data_dir, top, job_id)
+    return os.path.join(data_dir, PART_OF_KIND[kind].value, job_id)
 
 
 # -- reading and writing the file -----------------------------------------
@@ -290,7 +293,7 @@ def thd_write_reconciled(
 class SegmentScan:
     """One segment file as found by a scan."""
 
-    kind: str  # "stdout" | "stderr" | "metrics"
+    kind: SegmentKind
     index: int
     path: str
     result: segment.ScanResult
@@ -319,14 +322,10 @@ class JobScan:
 
     def part_sizes(self) -> tuple[int, int]:
         """(bytes under logs/<job>, bytes under metrics/<job>)."""
-        log_bytes = metric_bytes = 0
+        sizes = dict.fromkeys(Part, 0)
         for kind, segs in self.segments.items():
-            size = sum(seg.size for seg in segs)
-            if kind == METRICS_KIND:
-                metric_bytes += size
-            else:
-                log_bytes += size
-        return log_bytes, metric_bytes
+            sizes[PART_OF_KIND[kind]] += sum(seg.size for seg in segs)
+        return sizes[Part.LOGS], sizes[Part.METRICS]
 
     def ordinal_base(self) -> int:
         """Max stored persistent ordinal + 1 across the job's files (0 if none).
@@ -350,22 +349,22 @@ class JobScan:
         it, created_at is the earlier of the first message timestamp and the
         earliest file mtime, last_updated the latest mtime.
         """
-        log_count = metric_count = size = 0
+        counts = dict.fromkeys(COUNT_FIELD_OF_PART.values(), 0)
+        size = 0
         first = last = 0
         for kind, segs in self.segments.items():
+            field = COUNT_FIELD_OF_PART[PART_OF_KIND[kind]]
             for seg in segs:
                 size += seg.size
                 for m in seg.result.members:
                     if not m.count:
                         continue
-                    if kind == METRICS_KIND:
-                        metric_count += m.count
-                    else:
-                        log_count += m.count
+                    counts[field] += m.count
                     if m.min_timestamp > 0 and (first == 0 or m.min_timestamp < first):
                         first = m.min_timestamp
                     if m.max_timestamp > last:
                         last = m.max_timestamp
+        log_count, metric_count = counts["log_count"], counts["metric_count"]
         if previous is not None:
             created = previous.created_at
             same = (
@@ -411,7 +410,7 @@ def thd_scan_job(data_dir: str, job_id: str, repair: bool) -> Optional[JobScan]:
     mtimes = []
     truncated = []
     refused: list = []
-    for kind in ALL_KINDS:
+    for kind in SegmentKind:
         directory = job_dir(data_dir, kind, job_id)
         try:
             dfd = safefs.open_dir(directory, 2)

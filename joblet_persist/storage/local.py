@@ -24,6 +24,15 @@ loaded its ordinal base is the largest ordinal in its files + 1; a batch's
 ordinals are ``base + arrival`` (arrivals come from the writer, strictly
 increasing per job within one process run).
 
+LocalStorage decides when things happen and composes the pieces that hold
+each concern: ``catalog.JobCatalog`` (the job index in memory and its
+debounced write), ``gate.JobGate`` (per-job work in flight, exclusive
+deletions), ``loaded.LoadedJobs`` (jobs in memory, their loading and
+snapshots), ``jobstate.JobState`` (a job's segments and counts),
+``findings.Findings`` (what was found wrong on disk), ``syncer.DirtyPaths``
+(the "interval" fsync policy), ``snapshot`` (the published view) and
+``diskwork`` (the ``thd_*`` pool work).
+
 This module may create Deferreds because it is the reactor-side half of the
 storage package; it never imports the reactor: the clock and the thread runner
 are injected.
@@ -31,68 +40,52 @@ are injected.
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import shutil
-import stat
-from bisect import bisect_left, bisect_right, insort
-from dataclasses import dataclass, field
-from operator import itemgetter
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from joblet_persist.logs import Logger
-from joblet_persist.storage import format as fmt
-from joblet_persist.storage import jobindex, reader, safefs, segment, space
+from joblet_persist.storage import jobindex, safefs, segment, space
 from joblet_persist.storage.api import (
-    LOG_STREAMS,
-    STREAM_STDERR,
-    STREAM_STDOUT,
-    STREAM_UNSPECIFIED,
-    DataVanished,
-    IBulkLogReads,
+    KIND_OF_STREAM,
     IFreeSpace,
     IIdleUnload,
-    IJobSnapshot,
     IRetentionSegments,
     IStorageBackend,
     JobInfo,
     LogBatch,
     MetricBatch,
-    ReadStats,
-    SegmentUsage,
+    Part,
+    SegmentKind,
     SpaceProbe,
     StorageUnavailable,
     check_job_id,
 )
-from joblet_persist.storage.files import SEGMENT_DEPTH, FileBudget
-from joblet_persist.storage.jobindex import ALL_KINDS, LOG_KINDS, METRICS_KIND
+from joblet_persist.storage.catalog import JobCatalog
+from joblet_persist.storage.diskwork import (
+    ALL_TOPS,
+    PART_TOPS,
+    AppendResult,
+    thd_append_logs,
+    thd_append_metrics,
+    thd_remove_file,
+    thd_remove_job,
+)
+from joblet_persist.storage.durability import FSYNC_POLICIES
+from joblet_persist.storage.files import FileBudget
+from joblet_persist.storage.findings import Findings, NullStorageMetrics
+from joblet_persist.storage.gate import JobGate
+from joblet_persist.storage.jobstate import JobState
+from joblet_persist.storage.loaded import LoadedJobs
+from joblet_persist.storage.snapshot import LocalJobSnapshot
+from joblet_persist.storage.syncer import DirtyPaths
 from joblet_persist.threads import reactor_only
 
-FSYNC_POLICIES = ("batch", "interval", "never")
-
-_KIND_OF_STREAM = {STREAM_STDOUT: "stdout", STREAM_STDERR: "stderr"}
-
-
-def _never_cancelled() -> bool:
-    return False
-
-
-def _seam_errors(job_id: str, records):
-    """``records``, with the OSErrors of reading them raised as the seam's errors.  Any thread.
-
-    A file the snapshot names that is gone was deleted under the read
-    (DeleteJob, retention): DataVanished.  Any other OSError: StorageUnavailable.
-    """
-    try:
-        yield from records
-    except FileNotFoundError as e:
-        raise DataVanished(job_id, str(e)) from e
-    except OSError as e:
-        raise StorageUnavailable(f"reading job {job_id} failed: {e}") from e
+#: Every segment kind, for membership tests that any value may take (a tuple: no hashing).
+_SEGMENT_KINDS = tuple(SegmentKind)
 
 
 def _unavailable(failure: Failure, what: str) -> Failure:
@@ -102,313 +95,11 @@ def _unavailable(failure: Failure, what: str) -> Failure:
     return failure
 
 
-# -- the published, immutable view -----------------------------------------
-
-
-@implementer(IJobSnapshot, IBulkLogReads)
-@dataclass(frozen=True, eq=False)
-class LocalJobSnapshot:
-    """One job's published data.  Immutable; any thread.
-
-    Holds the SegmentViews of each stream and of the metrics, each listing only
-    members that were completely appended before the snapshot was published;
-    the reader never reads past them.
-    """
-
-    job_id: str
-    info: JobInfo
-    # tuple[reader.SegmentView, ...] in segment order; left out of repr (large).
-    stdout: tuple = field(repr=False)
-    stderr: tuple = field(repr=False)
-    metrics: tuple = field(repr=False)
-    # Shared cap on the files queries hold open (storage.files), or None.
-    budget: Optional[FileBudget] = field(default=None, repr=False)
-
-    def iter_logs(
-        self,
-        stream: int,
-        start_time: int = 0,
-        end_time: int = 0,
-        offset: int = 0,
-        limit: int = 0,
-        stats: Optional[ReadStats] = None,
-        cancelled: Callable[[], bool] = _never_cancelled,
-    ):
-        """Yield LogRecords (see IJobSnapshot.iter_logs).  Blocking; any thread."""
-        return self._read_logs(
-            reader.iter_logs, stream, start_time, end_time, offset, limit, stats, cancelled
-        )
-
-    def iter_log_chunks(
-        self,
-        stream: int,
-        start_time: int = 0,
-        end_time: int = 0,
-        offset: int = 0,
-        limit: int = 0,
-        stats: Optional[ReadStats] = None,
-        cancelled: Callable[[], bool] = _never_cancelled,
-    ):
-        """The messages of iter_logs in chunks ``(streams, timestamps, sequences, contents)``.
-
-        Blocking; any thread.  IBulkLogReads (see reader.iter_log_chunks): the
-        log query RPCs use it.
-        """
-        return self._read_logs(
-            reader.iter_log_chunks, stream, start_time, end_time, offset, limit, stats, cancelled
-        )
-
-    def _read_logs(self, read, stream: int, *args):
-        """``read`` (a reader function) over both streams' segments, within the budget."""
-        if stream != STREAM_UNSPECIFIED and stream not in LOG_STREAMS:
-            raise ValueError(f"invalid stream {stream!r}: expected 0, 1 or 2")
-        streams = {STREAM_STDOUT: self.stdout, STREAM_STDERR: self.stderr}
-        return _seam_errors(self.job_id, read(streams, stream, *args, self.budget))
-
-    def iter_metrics(
-        self,
-        start_time: int = 0,
-        end_time: int = 0,
-        offset: int = 0,
-        limit: int = 0,
-        stats: Optional[ReadStats] = None,
-        cancelled: Callable[[], bool] = _never_cancelled,
-    ):
-        """Yield MetricRecords (see IJobSnapshot.iter_metrics).  Blocking; any thread."""
-        return _seam_errors(
-            self.job_id,
-            reader.iter_metrics(
-                self.metrics, start_time, end_time, offset, limit, stats, cancelled, self.budget
-            ),
-        )
-
-
-# -- blocking work, run on pool threads -------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class AppendResult:
-    """What a pool-thread append hands back to the reactor."""
-
-    new_size: int  # size of the segment file after the append
-    members: tuple  # MemberInfo of the appended members, offsets = file positions
-    written: int  # bytes appended
-    skipped: int  # undecodable metric payloads left out of the batch
-    dirty_dirs: tuple  # directories whose entries changed and were not fsync'd
-
-
-def _thd_write_pieces(
-    path, directory, expected_size, fsync, pieces, skipped, modes=safefs.DEFAULT_MODES
-) -> AppendResult:
-    data = b"".join(blob for blob, _ in pieces)
-    created: list = []
-    # logs/<job>/<segment>: three components walked without following symlinks.
-    new_size = segment.thd_append(
-        path, data, expected_size, fsync, depth=SEGMENT_DEPTH, modes=modes, created_dirs=created
-    )
-    members = []
-    position = expected_size
-    for blob, info in pieces:
-        members.append(dataclasses.replace(info, offset=position))
-        position += len(blob)
-    if position != new_size:
-        raise OSError(f"{path}: appended {len(data)} bytes at {expected_size} but size is {new_size}")
-    dirty = []
-    if not fsync:
-        # The parents of created directories have new entries, and so may the job
-        # directory when the segment file was just created.
-        dirty = [os.path.dirname(d) for d in created]
-        if expected_size == 0:
-            dirty.append(directory)
-    return AppendResult(new_size, tuple(members), new_size - expected_size, skipped, tuple(dirty))
-
-
-def thd_append_logs(
-    path: str,
-    directory: str,
-    expected_size: int,
-    fsync: bool,
-    compressor,
-    base: int,
-    timestamps: Sequence[int],
-    sequences: Sequence[int],
-    arrivals: Sequence[int],
-    contents: Sequence[bytes],
-    modes: safefs.FileModes = safefs.DEFAULT_MODES,
-) -> AppendResult:
-    """Encode a log batch as gzip members and append it at ``expected_size``.  Pool thread.
-
-    Ordinals are ``base + arrival``.  On error nothing partial stays in the
-    file (segment.thd_append truncates back) and the error propagates.
-    """
-    ordinals = arrivals if base == 0 else [base + a for a in arrivals]
-    pieces = fmt.encode_log_members(timestamps, sequences, ordinals, contents, compressor)
-    return _thd_write_pieces(path, directory, expected_size, fsync, pieces, 0, modes)
-
-
-def thd_append_metrics(
-    path: str,
-    directory: str,
-    expected_size: int,
-    fsync: bool,
-    compressor,
-    base: int,
-    job_id: str,
-    timestamps: Sequence[int],
-    sequences: Sequence[int],
-    arrivals: Sequence[int],
-    payloads: Sequence[bytes],
-    modes: safefs.FileModes = safefs.DEFAULT_MODES,
-) -> AppendResult:
-    """Convert metric payloads to JSON lines, encode and append them.  Pool thread.
-
-    An undecodable payload is left out and counted in ``skipped``; it never
-    fails the batch.  A batch with nothing decodable appends nothing.
-    """
-    ts, seqs, ords, lines = [], [], [], []
-    skipped = 0
-    for i, payload in enumerate(payloads):
-        try:
-            line = fmt.metric_json_line(job_id, payload)
-        except ValueError:
-            skipped += 1
-            continue
-        ts.append(timestamps[i])
-        seqs.append(sequences[i])
-        ords.append(base + arrivals[i])
-        lines.append(line)
-    if not lines:
-        return AppendResult(expected_size, (), 0, skipped, ())
-    pieces = fmt.encode_metric_members(ts, seqs, ords, lines, compressor)
-    return _thd_write_pieces(path, directory, expected_size, fsync, pieces, skipped, modes)
-
-
-_ALL_TOPS = (jobindex.LOGS_DIRNAME, jobindex.METRICS_DIRNAME)
-_PART_TOPS = {"logs": (jobindex.LOGS_DIRNAME,), "metrics": (jobindex.METRICS_DIRNAME,)}
-
-
-def thd_remove_job(data_dir: str, job_id: str, tops: Sequence[str] = _ALL_TOPS) -> int:
-    """Remove a job's directories (logs and metrics by default); return the bytes freed.
-
-    Pool thread.  Whatever else stands where a job directory should be (a
-    file, a symlink) is removed too (the link, not its target), so that
-    deleting a damaged job always clears its place.  Nothing is followed
-    through a symlink: the walk and the removal go from held directory
-    descriptors (shutil.rmtree with ``dir_fd``), and a symlink at ``logs`` or
-    ``metrics`` itself raises safefs.UnsafeEntry.
-    """
-    freed = 0
-    for top in tops:
-        try:
-            tfd = safefs.open_dir(os.path.join(data_dir, top), 1)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        try:
-            freed += _remove_entry(tfd, job_id)
-        finally:
-            os.close(tfd)
-    return freed
-
-
-def _remove_entry(tfd: int, name: str) -> int:
-    """Remove ``name`` (a job directory, or whatever stands there) in directory ``tfd``."""
-    try:
-        st = os.stat(name, dir_fd=tfd, follow_symlinks=False)
-    except FileNotFoundError:
-        return 0
-    if not stat.S_ISDIR(st.st_mode):
-        try:
-            os.unlink(name, dir_fd=tfd)
-        except FileNotFoundError:
-            return 0
-        return st.st_size
-    freed = 0
-    for _root, _dirs, files, rootfd in os.fwalk(name, dir_fd=tfd, follow_symlinks=False):
-        for f in files:
-            try:
-                freed += os.stat(f, dir_fd=rootfd, follow_symlinks=False).st_size
-            except FileNotFoundError:
-                pass
-    shutil.rmtree(name, dir_fd=tfd)
-    return freed
-
-
-def thd_remove_file(path: str, depth: int = SEGMENT_DEPTH) -> int:
-    """Remove one file and return its size (0 if it was already gone).  Pool thread.
-
-    ``path`` is ``depth`` components below the data directory; its directories
-    are walked without following symlinks, and a symlink at ``path`` itself
-    is removed, not its target.
-    """
-    directory, name = os.path.split(path)
-    try:
-        dfd = safefs.open_dir(directory, depth - 1)
-    except (FileNotFoundError, NotADirectoryError):
-        return 0
-    try:
-        try:
-            size = os.stat(name, dir_fd=dfd, follow_symlinks=False).st_size
-            os.unlink(name, dir_fd=dfd)
-        except FileNotFoundError:
-            return 0
-    finally:
-        os.close(dfd)
-    return size
-
-
-def thd_fsync_paths(paths: Sequence[str]) -> None:
-    """fsync each file or directory; ones removed meanwhile are skipped.  Pool thread."""
-    for path in paths:
-        try:
-            segment.thd_fsync_path(path)
-        except FileNotFoundError:
-            pass
-
-
 # -- reactor-side state ---------------------------------------------------------
 
 
-class NullStorageMetrics:
-    """The metrics calls LocalStorage makes; a no-op default."""
-
-    def metric_payloads_skipped(self, count: int) -> None:
-        """``count`` undecodable metric payloads were left out of a batch."""
-
-    def index_write_failed(self) -> None:
-        """Writing job_index.json failed (it is retried)."""
-
-    def segment_shrunk(self) -> None:
-        """A segment was found shorter than what was written to it; appends moved on."""
-
-    def overlapping_segments(self) -> None:
-        """A loaded job's segments hold ordinals that overlap or go backwards."""
-
-    def unsafe_entry(self) -> None:
-        """A symlink or non-regular file was refused where storage expected its own entry."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Segment:
-    index: int
-    path: str
-    size: int  # bytes of published members: where the next append goes
-    view: reader.SegmentView
-    # Set when the file turned out shorter than ``size`` (cut outside the service):
-    # appends go to a new segment, what is left of this one stays readable.
-    closed: bool = False
-
-
-class _JobState:
-    """Mutable per-job state.  Reactor thread only."""
-
-    __slots__ = ("job_id", "segments", "base", "info", "last_used")
-
-    def __init__(self, job_id: str, segments: dict, base: int, info: JobInfo, now: float):
-        self.job_id = job_id
-        self.segments = segments  # kind -> tuple[_Segment, ...]
-        self.base = base  # ordinal base: persistent ordinal = base + arrival
-        self.info = info
-        self.last_used = now  # clock seconds of the last load, append or open_job
+def _finding(name: str) -> property:
+    return property(lambda self: getattr(self.findings, name), doc=f"findings.{name}")
 
 
 @implementer(IStorageBackend, IRetentionSegments, IIdleUnload, IFreeSpace)
@@ -434,6 +125,15 @@ class LocalStorage:
     through a symlink (see safefs): such entries are refused, logged and
     counted (``unsafe_entries``, metrics ``unsafe_entry()``).
     """
+
+    # The counters of what was found wrong on disk (storage.findings), any thread.
+    skipped_metric_payloads = _finding("skipped_metric_payloads")
+    index_write_errors = _finding("index_write_errors")
+    repaired_segments = _finding("repaired_segments")
+    damaged_regions = _finding("damaged_regions")
+    shrunk_segments = _finding("shrunk_segments")
+    unsafe_entries = _finding("unsafe_entries")
+    disordered_jobs = _finding("disordered_jobs")
 
     def __init__(
         self,
@@ -462,8 +162,6 @@ class LocalStorage:
         self._segment_max_bytes = segment_max_bytes
         self._fsync = fsync
         self._clock = clock
-        self._index_interval = index_interval
-        self._sync_interval = sync_interval
         self._log = log if log is not None else Logger(namespace="joblet_persist.storage.local")
         self._metrics = metrics if metrics is not None else NullStorageMetrics()
         self._modes = modes
@@ -472,47 +170,21 @@ class LocalStorage:
 
         self._started = False
         self._stopped = False
-        # Published state, read from any thread; mutated on the reactor only.
-        self._snapshots: dict[str, LocalJobSnapshot] = {}
-        self._index: dict[str, JobInfo] = {}
-        self._index_version = 0
-        self._list_cache: tuple = (-1, ())
-        self._total_size = 0
-        self._total_logs = 0
-        self._total_metrics = 0
-        # (-created_at, job id) of every indexed job, sorted: ListJobs' order.
-        self._order: list = []
-        self._parts: dict[str, tuple[int, int]] = {}  # job -> (log bytes, metric bytes)
+        # The job index: published infos, totals, ListJobs' order, debounced writes.
+        self._catalog = JobCatalog(clock, index_interval, self._write_index)
+        # Work in flight per job, and deletions that need the job to themselves.
+        self._gate = JobGate()
+        #: What was found wrong on disk: counted, logged, reported (its counters
+        #: are also LocalStorage attributes, above).
+        self.findings = Findings(self._log, self._metrics)
+        # Jobs in memory: their state, loading and published snapshots.
+        self._jobs = LoadedJobs(
+            data_dir, run_in_thread, clock, self._gate, self._catalog, self.findings, file_budget
+        )
         # Reactor-only state.
-        self._jobs: dict[str, _JobState] = {}
-        self._loading: dict[str, list] = {}  # job -> Deferreds waiting for its load
-        self._deleting: dict[str, list] = {}  # job -> Deferreds waiting for its deletion
-        self._pending: dict[str, int] = {}  # job -> loads/appends/removals in flight
-        self._idle_waiters: dict[str, list] = {}
-        self._quiescent_waiters: list = []
         self._busy: set = set()  # (job, kind) with an append in flight
-        self._dirty: set = set()  # paths to fsync under the "interval" policy
-        self._sync_timer = None
-        self._index_dirty = False
-        self._index_timer = None
-        self._index_write = None  # Deferred of the index write in flight
-        self._index_waiters: list = []  # fire when the write in flight ends
-        self._index_next: list = []  # need a write that starts after the one in flight
-
-        #: Undecodable metric payloads left out of batches.
-        self.skipped_metric_payloads = 0
-        #: Failed job index writes.
-        self.index_write_errors = 0
-        #: Segment files whose torn tail was cut when their job was loaded.
-        self.repaired_segments = 0
-        #: Damaged regions in the middle of segments, stepped over when their job was loaded.
-        self.damaged_regions = 0
-        #: Segments found cut or removed behind the service's back while appending.
-        self.shrunk_segments = 0
-        #: Symlinks (or non-regular files) refused where storage expected its own entry.
-        self.unsafe_entries = 0
-        #: Jobs found with overlapping or out-of-order segments when loaded.
-        self.disordered_jobs = 0
+        # Paths to fsync under the "interval" policy, fsync'd within sync_interval.
+        self._dirty = DirtyPaths(run_in_thread, clock, sync_interval, self._log)
         #: Jobs whose in-memory state was dropped by unload_idle.
         self.unloaded_jobs = 0
 
@@ -529,32 +201,34 @@ class LocalStorage:
         Raises InvalidJobId for an invalid id.
         """
         check_job_id(job_id)
-        return self._snapshots.get(job_id)
+        return self._jobs.snapshot(job_id)
 
     def job_info(self, job_id: str) -> Optional[JobInfo]:
         """The job's summary from the job index, or None.  Any thread."""
         check_job_id(job_id)
-        return self._index.get(job_id)
+        return self._catalog.get(job_id)
 
     def list_jobs(self) -> tuple:
-        """Every known job's JobInfo, sorted by job id.  Any thread.
+        """Every known job's JobInfo, sorted by job id.  Any thread (JobCatalog.list_jobs)."""
+        return self._catalog.list_jobs()
 
-        The tuple is rebuilt at most once per change of the index, not per call.
+    def totals(self) -> tuple[int, int, int, int]:
+        """(jobs, log messages, metric samples, bytes) over the job index.  Any thread; O(1)."""
+        return self._catalog.totals()
+
+    def list_jobs_page(self, since: int, until: int, offset: int, limit: int):
+        """ListJobs in O(log jobs + page): ``(total, infos)``.  Any thread.
+
+        See JobCatalog.list_jobs_page.
         """
-        version = self._index_version
-        cached_version, jobs = self._list_cache
-        if cached_version == version:
-            return jobs
-        # dict.copy() is atomic under the GIL; the reactor may mutate meanwhile.
-        jobs = tuple(sorted(self._index.copy().values(), key=lambda info: info.job_id))
-        # If the index changed after ``version`` was read, the cache is marked
-        # older than it is and the next call rebuilds it: never stale for long.
-        self._list_cache = (version, jobs)
-        return jobs
+        return self._catalog.list_jobs_page(since, until, offset, limit)
 
-    def total_size_bytes(self) -> int:
-        """Bytes on disk of every job in the index.  Any thread."""
-        return self._total_size
+    def part_sizes(self, job_id: str) -> tuple[int, int]:
+        """(bytes of logs, bytes of metrics) of a job in the index, (0, 0) if unknown.
+
+        Any thread.
+        """
+        return self._catalog.part_sizes(job_id)
 
     # -- reactor thread: lifecycle --------------------------------------------
 
@@ -566,20 +240,14 @@ class LocalStorage:
         return d
 
     def _index_opened(self, load: jobindex.IndexLoad):
-        self._index = dict(load.jobs)
-        self._parts = dict(load.parts)
-        self._total_size = self._total_logs = self._total_metrics = 0
-        for info in self._index.values():
-            self._count_totals(info, 1)
-        self._order = sorted((-info.created_at, job) for job, info in self._index.items())
-        self._index_version += 1
+        self._catalog.load(load.jobs, load.parts)
         self._started = True
         if load.rebuilt:
             self._log.info(
                 "job index {path} {reason}: rebuilt from the files ({count} jobs)",
                 path=self._index_path,
                 reason=load.reason,
-                count=len(self._index),
+                count=len(self._catalog),
             )
         elif load.changed:
             self._log.info(
@@ -603,11 +271,9 @@ class LocalStorage:
         if not self._started:
             # Never loaded: writing the (empty) in-memory index would clobber the file.
             return defer.succeed(None)
-        for timer in (self._index_timer, self._sync_timer):
-            if timer is not None:
-                timer.cancel()
-        self._index_timer = self._sync_timer = None
-        d = self._wait_quiescent()
+        self._catalog.stop_writes()
+        self._dirty.stop_timer()
+        d = self._gate.wait_quiescent()
         d.addCallback(lambda _: self.flush_index())
         d.addCallback(lambda _: self.sync_dirty())
         d.addErrback(lambda f: self._log.failure("storage stop: fsync of dirty files failed", f))
@@ -619,49 +285,6 @@ class LocalStorage:
             raise RuntimeError("LocalStorage is not started")
         if self._stopped:
             raise RuntimeError("LocalStorage is stopped")
-
-    # -- reactor thread: bookkeeping of work in flight -------------------------
-
-    def _begin(self, job_id: str) -> None:
-        self._pending[job_id] = self._pending.get(job_id, 0) + 1
-
-    def _end(self, job_id: str) -> None:
-        remaining = self._pending[job_id] - 1
-        if remaining:
-            self._pending[job_id] = remaining
-            return
-        del self._pending[job_id]
-        for d in self._idle_waiters.pop(job_id, ()):
-            d.callback(None)
-        self._check_quiescent()
-
-    def _wait_idle(self, job_id: str):
-        if job_id not in self._pending:
-            return defer.succeed(None)
-        d = defer.Deferred()
-        self._idle_waiters.setdefault(job_id, []).append(d)
-        return d
-
-    def _wait_quiescent(self):
-        if not self._pending and not self._deleting:
-            return defer.succeed(None)
-        d = defer.Deferred()
-        self._quiescent_waiters.append(d)
-        return d
-
-    def _check_quiescent(self) -> None:
-        if self._pending or self._deleting or not self._quiescent_waiters:
-            return
-        waiters, self._quiescent_waiters = self._quiescent_waiters, []
-        for d in waiters:
-            d.callback(None)
-
-    def _after_deletion(self, job_id: str, retry: Callable):
-        """Deferred running ``retry()`` once the deletion of ``job_id`` in progress ends."""
-        d = defer.Deferred()
-        self._deleting[job_id].append(d)
-        d.addCallback(lambda _: retry())
-        return d
 
     # -- reactor thread: loading a job -------------------------------------------
 
@@ -678,164 +301,15 @@ class LocalStorage:
             self._check_running()
         except (ValueError, RuntimeError):
             return defer.fail()
-        if job_id in self._deleting:
-            return self._after_deletion(job_id, lambda: self.open_job(job_id))
+        if self._gate.deleting(job_id):
+            return self._gate.after_deletion(job_id, lambda: self.open_job(job_id))
         state = self._jobs.get(job_id)
         if state is not None:
             state.last_used = self._clock.seconds()
-            return defer.succeed(self._snapshots.get(job_id))
-        d = self._load(job_id)
-        d.addCallback(lambda state: None if state is None else self._snapshots.get(job_id))
+            return defer.succeed(self._jobs.snapshot(job_id))
+        d = self._jobs.load(job_id)
+        d.addCallback(lambda state: None if state is None else self._jobs.snapshot(job_id))
         return d
-
-    def _load(self, job_id: str):
-        """Deferred firing with the job's _JobState after a scan, or None if unknown."""
-        d = defer.Deferred()
-        waiters = self._loading.get(job_id)
-        if waiters is not None:
-            waiters.append(d)
-            return d
-        self._loading[job_id] = [d]
-        self._begin(job_id)
-        scan = self._run(jobindex.thd_scan_job, self._data_dir, job_id, True)
-        scan.addBoth(self._load_done, job_id)
-        return d
-
-    def _load_done(self, result, job_id: str) -> None:
-        waiters = self._loading.pop(job_id)
-        if isinstance(result, Failure) and result.check(safefs.UnsafeEntry):
-            self._unsafe(job_id, result.value, "the job cannot be loaded")
-        if not isinstance(result, Failure):
-            try:
-                result = self._install(job_id, result)
-            except Exception:
-                result = Failure()
-        self._end(job_id)
-        for d in waiters:
-            if isinstance(result, Failure):
-                d.errback(result)
-            else:
-                d.callback(result)
-
-    def _install(self, job_id: str, scan: Optional[jobindex.JobScan]) -> Optional[_JobState]:
-        """Build and publish the state of a scanned job (None: the job has no files)."""
-        state = self._jobs.get(job_id)
-        if state is not None:
-            return state
-        if scan is None:
-            if job_id in self._index:
-                # The index knew a job whose files are gone.
-                self._drop_info(job_id)
-            return None
-        segments = {}
-        for kind in ALL_KINDS:
-            segments[kind] = tuple(
-                _Segment(
-                    s.index,
-                    s.path,
-                    s.result.valid_size,
-                    reader.SegmentView(s.path, s.result.members),
-                )
-                for s in scan.kind_segments(kind)
-            )
-        for path in scan.refused:
-            # A placeholder, closed and empty, keeps appends off the refused name.
-            parsed = segment.parse_segment_name(os.path.basename(path))
-            if parsed is None:
-                continue
-            kind, index = parsed
-            kept = [s for s in segments[kind] if s.index != index]
-            kept.append(_Segment(index, path, 0, reader.SegmentView(path, ()), True))
-            segments[kind] = tuple(sorted(kept, key=lambda s: s.index))
-        info = scan.summary(self._index.get(job_id))
-        if info.created_at == 0:
-            now = int(self._clock.seconds())
-            info = dataclasses.replace(info, created_at=now, last_updated=now)
-        for path in scan.refused:
-            self._unsafe(
-                job_id,
-                safefs.UnsafeEntry(path, "a symlink or not a regular file"),
-                "not read; appends go on in a later segment",
-            )
-        for path in scan.truncated:
-            self.repaired_segments += 1
-            self._log.warn("cut a torn tail off {path}", path=path)
-        for kind in ALL_KINDS:
-            for s in scan.kind_segments(kind):
-                for start, end in s.result.holes:
-                    # Complete members follow the damage, so it is not a torn tail: the
-                    # members in it are lost to queries, the ones around it are kept.
-                    self.damaged_regions += 1
-                    self._log.error(
-                        "{path}: bytes {start}-{end} are damaged and were skipped; the "
-                        "messages stored there cannot be read",
-                        path=s.path,
-                        start=start,
-                        end=end,
-                    )
-        self._check_order(job_id, segments)
-        state = _JobState(job_id, segments, scan.ordinal_base(), info, self._clock.seconds())
-        self._jobs[job_id] = state
-        self._publish(state)
-        return state
-
-    def _unsafe(self, job_id: str, error: OSError, consequence: str) -> None:
-        """Log and count a refused symlink or non-regular file.  Reactor thread."""
-        self.unsafe_entries += 1
-        self._metrics.unsafe_entry()
-        self._log.error(
-            "job {job}: {path} is {what}, refused (never followed, written or removed "
-            "through); {consequence}",
-            job=job_id,
-            path=error.filename,
-            what=getattr(error, "what", "a symlink"),
-            consequence=consequence,
-        )
-
-    def _check_order(self, job_id: str, segments: dict) -> None:
-        """Log and count a job whose segments' ordinals overlap or go backwards.
-
-        This service never writes such segments; a segment copied under another
-        name, or a second writer of the directory, does.  Queries read them in
-        stored order (see reader._stored_order): nothing stored is hidden.
-        """
-        for kind in ALL_KINDS:
-            found = reader.find_disorder([s.view for s in segments[kind]])
-            if found is None:
-                continue
-            self.disordered_jobs += 1
-            self._metrics.overlapping_segments()
-            self._log.error(
-                "job {job}: the ordinals of {later} overlap or precede those of {earlier} "
-                "(a copied segment or a second writer?); its {kind} are read in segment "
-                "order, every stored message is returned",
-                job=job_id,
-                kind=kind,
-                earlier=found[0],
-                later=found[1],
-            )
-            return
-
-    def _state_for_append(self, job_id: str):
-        state = self._jobs.get(job_id)
-        if state is not None:
-            return defer.succeed(state)
-
-        def loaded(state):
-            if state is None:
-                # Unknown job: it starts now.  A concurrent append of another
-                # stream may have created it in its own callback already.
-                state = self._jobs.get(job_id)
-            if state is None:
-                now = int(self._clock.seconds())
-                info = JobInfo(job_id, now, now, 0, 0, 0, 0, 0)
-                state = _JobState(
-                    job_id, {kind: () for kind in ALL_KINDS}, 0, info, self._clock.seconds()
-                )
-                self._jobs[job_id] = state
-            return state
-
-        return self._load(job_id).addCallback(loaded)
 
     @reactor_only
     def unload_idle(self, idle: float) -> int:
@@ -850,13 +324,7 @@ class LocalStorage:
         undisturbed.  Returns the number of jobs unloaded.
         """
         cutoff = self._clock.seconds() - idle
-        unloaded = 0
-        for job_id, state in list(self._jobs.items()):
-            if state.last_used > cutoff or self._in_flight(job_id):
-                continue
-            del self._jobs[job_id]
-            self._snapshots.pop(job_id, None)
-            unloaded += 1
+        unloaded = self._jobs.unload(cutoff, self._in_flight)
         self.unloaded_jobs += unloaded
         return unloaded
 
@@ -867,7 +335,7 @@ class LocalStorage:
 
     def _in_flight(self, job_id: str) -> bool:
         """A load, append or deletion of the job is in progress.  Reactor thread."""
-        return job_id in self._pending or job_id in self._loading or job_id in self._deleting
+        return self._gate.busy(job_id) or self._jobs.loading(job_id)
 
     @property
     def loaded_jobs(self) -> int:
@@ -886,7 +354,7 @@ class LocalStorage:
         """
         try:
             job_id = check_job_id(batch.job_id)
-            kind = _KIND_OF_STREAM.get(batch.stream)
+            kind = KIND_OF_STREAM.get(batch.stream)
             if kind is None:
                 raise ValueError(f"invalid stream {batch.stream!r} for a log batch")
             count = _column_length(
@@ -897,23 +365,8 @@ class LocalStorage:
         if count == 0:
             return defer.succeed(0)
 
-        def start_write(state, path, directory, expected_size, fsync):
-            return self._run(
-                thd_append_logs,
-                path,
-                directory,
-                expected_size,
-                fsync,
-                self._compressor,
-                state.base,
-                batch.timestamps,
-                batch.sequences,
-                batch.arrivals,
-                batch.contents,
-                modes=self._modes,
-            )
-
-        return self._append(job_id, kind, start_write)
+        columns = (batch.timestamps, batch.sequences, batch.arrivals, batch.contents)
+        return self._append(job_id, kind, (thd_append_logs, columns))
 
     @reactor_only
     def append_metrics(self, batch: MetricBatch):
@@ -931,64 +384,53 @@ class LocalStorage:
         if count == 0:
             return defer.succeed(0)
 
-        def start_write(state, path, directory, expected_size, fsync):
-            return self._run(
-                thd_append_metrics,
-                path,
-                directory,
-                expected_size,
-                fsync,
-                self._compressor,
-                state.base,
-                job_id,
-                batch.timestamps,
-                batch.sequences,
-                batch.arrivals,
-                batch.payloads,
-                modes=self._modes,
-            )
+        columns = (job_id, batch.timestamps, batch.sequences, batch.arrivals, batch.payloads)
+        return self._append(job_id, SegmentKind.METRICS, (thd_append_metrics, columns))
 
-        return self._append(job_id, METRICS_KIND, start_write)
-
-    def _append(self, job_id: str, kind: str, start_write):
+    def _append(self, job_id: str, kind: SegmentKind, work: tuple):
+        """Append a batch: ``work`` is ``(thd_append_*, its batch columns)``.  Reactor thread."""
         try:
             self._check_running()
         except RuntimeError:
             return defer.fail()
-        if job_id in self._deleting:
-            return self._after_deletion(job_id, lambda: self._append(job_id, kind, start_write))
+        if self._gate.deleting(job_id):
+            return self._gate.after_deletion(job_id, lambda: self._append(job_id, kind, work))
         key = (job_id, kind)
         if key in self._busy:
             return defer.fail(
                 RuntimeError(f"an append to {kind} of job {job_id} is already in flight")
             )
         self._busy.add(key)
-        self._begin(job_id)
-        d = self._state_for_append(job_id)
-        d.addCallback(self._write_batch, kind, start_write)
+        self._gate.begin(job_id)
+        d = self._jobs.for_append(job_id)
+        d.addCallback(self._write_batch, kind, work)
         d.addBoth(self._append_finished, job_id, key)
         return d
 
-    def _write_batch(self, state: _JobState, kind: str, start_write):
-        segments = state.segments[kind]
+    def _write_batch(self, state: JobState, kind: str, work):
         directory = jobindex.job_dir(self._data_dir, kind, state.job_id)
-        if segments and segments[-1].size < self._segment_max_bytes and not segments[-1].closed:
-            current = segments[-1]
-            index, path, expected_size = current.index, current.path, current.size
-        else:
-            index = segments[-1].index + 1 if segments else 0
-            path = os.path.join(directory, segment.segment_name(kind, index))
-            expected_size = 0
-        d = start_write(state, path, directory, expected_size, self._fsync == "batch")
+        index, path, expected_size = state.next_append(kind, directory, self._segment_max_bytes)
+        thd, columns = work
+        d = self._run(
+            thd,
+            path,
+            directory,
+            expected_size,
+            self._fsync == "batch",
+            self._compressor,
+            state.base,
+            *columns,
+            modes=self._modes,
+        )
         d.addCallbacks(
             self._appended,
             self._write_failed,
             callbackArgs=(state, kind, index, path),
-            errbackArgs=(state, kind, index, start_write),
+            errbackArgs=(state, kind, index, work),
         )
         return d
 
-    def _write_failed(self, failure: Failure, state: _JobState, kind: str, index: int, start_write):
+    def _write_failed(self, failure: Failure, state: JobState, kind: str, index: int, work):
         """A segment cut or removed behind the service's back: close it, write a new one.
 
         Reactor thread.  Appending where the file now ends would put members at
@@ -999,7 +441,7 @@ class LocalStorage:
         error is passed on (the writer retries the batch).
         """
         if failure.check(safefs.UnsafeEntry):
-            self._unsafe(
+            self.findings.unsafe(
                 state.job_id,
                 failure.value,
                 "the append fails and is retried by the writer (other jobs are not affected)",
@@ -1007,101 +449,29 @@ class LocalStorage:
             return failure
         if not failure.check(segment.SegmentShorterThanExpected):
             return failure
-        segments = state.segments[kind]
-        if not segments or segments[-1].index != index or segments[-1].closed:
+        old = state.close_shrunk(kind, index, failure.value.actual_size)
+        if old is None:
             return failure
-        self._log.error(
-            "job {job}: segment {path} is shorter than the {size} bytes written to it (cut or "
-            "removed outside the service: {error}); appends go on in a new segment",
-            job=state.job_id,
-            path=segments[-1].path,
-            size=segments[-1].size,
-            error=failure.value,
-        )
-        self.shrunk_segments += 1
-        self._metrics.segment_shrunk()
-        old = segments[-1]
-        actual = min(failure.value.actual_size, old.size)
-        kept = tuple(m for m in old.view.members if m.offset + m.size <= actual)
-        size = kept[-1].offset + kept[-1].size if kept else 0
-        shrunk = _Segment(old.index, old.path, size, reader.SegmentView(old.path, kept), True)
-        state.segments[kind] = segments[:-1] + (shrunk,)
-        state.info = _recount(state)
-        self._publish(state)
-        return self._write_batch(state, kind, start_write)
+        self.findings.shrunk(state.job_id, old, failure.value)
+        self._jobs.publish(state)
+        return self._write_batch(state, kind, work)
 
-    def _appended(self, result: AppendResult, state: _JobState, kind: str, index: int, path: str):
+    def _appended(self, result: AppendResult, state: JobState, kind: str, index: int, path: str):
         """Publish a completed append.  Reactor thread."""
         if result.skipped:
-            self.skipped_metric_payloads += result.skipped
-            self._metrics.metric_payloads_skipped(result.skipped)
-            self._log.warn(
-                "job {job}: {count} undecodable metric payloads skipped",
-                job=state.job_id,
-                count=result.skipped,
-            )
+            self.findings.skipped_payloads(state.job_id, result.skipped)
         if not result.members:
             return result.written
-        segments = list(state.segments[kind])
-        if segments and segments[-1].index == index:
-            members = segments[-1].view.members + result.members
-        else:
-            segments.append(None)
-            members = result.members
-        segments[-1] = _Segment(index, path, result.new_size, reader.SegmentView(path, members))
-        state.segments[kind] = tuple(segments)
-
-        count = 0
-        first = state.info.first_timestamp
-        last = state.info.last_timestamp
-        for m in result.members:
-            count += m.count
-            if m.count:
-                if m.min_timestamp > 0 and (first == 0 or m.min_timestamp < first):
-                    first = m.min_timestamp
-                if m.max_timestamp > last:
-                    last = m.max_timestamp
-        info = state.info
-        if kind == METRICS_KIND:
-            counts = {"metric_count": info.metric_count + count}
-        else:
-            counts = {"log_count": info.log_count + count}
-        now = self._clock.seconds()
-        state.last_used = now
-        state.info = dataclasses.replace(
-            info,
-            last_updated=max(info.last_updated, int(now)),
-            size_bytes=info.size_bytes + result.written,
-            first_timestamp=first,
-            last_timestamp=last,
-            **counts,
-        )
+        state.apply_append(kind, index, path, result, self._clock.seconds())
         if self._fsync == "interval":
-            self._dirty.add(path)
-            self._dirty.update(result.dirty_dirs)
-            if self._sync_timer is None and not self._stopped:
-                self._sync_timer = self._clock.callLater(self._sync_interval, self._sync_fired)
-        self._publish(state)
+            self._dirty.add((path, *result.dirty_dirs))
+        self._jobs.publish(state)
         return result.written
 
     def _append_finished(self, result, job_id: str, key):
         self._busy.discard(key)
-        self._end(job_id)
+        self._gate.end(job_id)
         return result
-
-    def _publish(self, state: _JobState) -> None:
-        """Replace the job's snapshot and index entry.  Reactor thread."""
-        segments = state.segments
-        self._snapshots[state.job_id] = LocalJobSnapshot(
-            job_id=state.job_id,
-            info=state.info,
-            stdout=tuple(s.view for s in segments["stdout"]),
-            stderr=tuple(s.view for s in segments["stderr"]),
-            metrics=tuple(s.view for s in segments[METRICS_KIND]),
-            budget=self.file_budget,
-        )
-        log_bytes = sum(seg.size for kind in LOG_KINDS for seg in segments[kind])
-        self._set_info(state.job_id, state.info, (log_bytes, state.info.size_bytes - log_bytes))
 
     # -- reactor thread: deletion ------------------------------------------------------
 
@@ -1113,25 +483,25 @@ class LocalStorage:
         open_job calls made meanwhile wait for the deletion and then see a
         fresh (or unknown) job.  An unknown job frees 0 bytes.
         """
-        d = self._exclusive(job_id, self.delete_job, self._remove, _ALL_TOPS, False)
+        d = self._exclusive(job_id, self.delete_job, self._remove, ALL_TOPS, False)
         return d.addErrback(_unavailable, f"deleting job {job_id}")
 
     @reactor_only
-    def delete_part(self, job_id: str, part: str):
-        """Delete a job's logs ("logs") or metrics ("metrics"); Deferred[bytes freed].
+    def delete_part(self, job_id: str, part: Part):
+        """Delete a job's logs (Part.LOGS) or metrics (Part.METRICS); Deferred[bytes freed].
 
         Reactor thread; used by retention.  Like delete_job for one of the
         job's two directories.  The job is then reloaded from what remains
         (keeping its created_at); when nothing remains it is gone.
         """
-        tops = _PART_TOPS.get(part)
+        tops = PART_TOPS.get(part) if isinstance(part, str) else None
         if tops is None:
             return defer.fail(ValueError(f"unknown part {part!r}: expected 'logs' or 'metrics'"))
         d = self._exclusive(job_id, lambda j: self.delete_part(j, part), self._remove, tops, True)
         return d.addErrback(_unavailable, f"deleting the {part} of job {job_id}")
 
     def _exclusive(self, job_id: str, retry, operation, *args):
-        """Run ``operation(job_id, *args)`` once nothing else touches the job.
+        """Run ``operation(job_id, *args)`` once nothing else touches the job (JobGate).
 
         New appends, loads and deletions of the job wait until it is done.
         """
@@ -1140,60 +510,41 @@ class LocalStorage:
             self._check_running()
         except (ValueError, RuntimeError):
             return defer.fail()
-        if job_id in self._deleting:
-            return self._after_deletion(job_id, lambda: retry(job_id))
-        self._deleting[job_id] = []
-        d = self._wait_idle(job_id)
-        d.addCallback(lambda _: operation(job_id, *args))
-
-        def finished(result):
-            for waiter in self._deleting.pop(job_id):
-                waiter.callback(None)
-            self._check_quiescent()
-            return result
-
-        d.addBoth(finished)
-        return d
+        return self._gate.exclusive(job_id, lambda: retry(job_id), lambda: operation(job_id, *args))
 
     def _remove(self, job_id: str, tops: tuple, reload: bool):
-        self._begin(job_id)
+        self._gate.begin(job_id)
         d = self._run(thd_remove_job, self._data_dir, job_id, tops)
         d.addBoth(self._removed, job_id, tops, reload)
-        d.addBoth(self._pass_after, self._end, job_id)
+        d.addBoth(self._gate.end_after, job_id)
         return d
-
-    @staticmethod
-    def _pass_after(result, f, *args):
-        f(*args)
-        return result
 
     def _removed(self, result, job_id: str, tops: tuple, reload: bool):
         # Even when rmtree failed part way, forget the state: it is rebuilt
         # from whatever is left in the files.
-        self._jobs.pop(job_id, None)
-        self._snapshots.pop(job_id, None)
+        self._jobs.forget(job_id)
         prefixes = tuple(os.path.join(self._data_dir, top, job_id) + os.sep for top in tops)
-        self._dirty = {p for p in self._dirty if not (p + os.sep).startswith(prefixes)}
-        if reload and job_id in self._index:
-            d = self._load(job_id)
+        self._dirty.discard_under(prefixes)
+        if reload and job_id in self._catalog:
+            d = self._jobs.load(job_id)
             d.addErrback(
                 lambda f: self._log.failure("reloading job {job} failed", f, job=job_id)
             )
         else:
-            if job_id in self._index:
-                self._drop_info(job_id)
+            if job_id in self._catalog:
+                self._catalog.drop_info(job_id)
             d = defer.succeed(None)
         d.addCallback(lambda _: self.flush_index())
         d.addCallback(lambda _: result)
         return d
 
     @reactor_only
-    def drop_segment(self, job_id: str, kind: str, index: int):
+    def drop_segment(self, job_id: str, kind: SegmentKind, index: int):
         """Remove one closed segment of a job; Deferred firing with the bytes freed.
 
-        Reactor thread; used by retention to cap a job's size.  ``kind`` is
-        "stdout", "stderr" or "metrics".  The segment being written (the last
-        of its kind) is refused with ValueError; an unknown segment frees 0.
+        Reactor thread; used by retention to cap a job's size.  ``kind`` is a
+        SegmentKind ("stdout", "stderr", "metrics").  The segment being written
+        (the last of its kind) is refused with ValueError; an unknown segment frees 0.
         The segment leaves the published snapshot at once and its file is
         removed on the pool: a query that already holds the older snapshot and
         has not opened the file yet gets DataVanished for it.
@@ -1201,44 +552,32 @@ class LocalStorage:
         try:
             check_job_id(job_id)
             self._check_running()
-            if kind not in ALL_KINDS:
+            if kind not in _SEGMENT_KINDS:
                 raise ValueError(f"unknown segment kind {kind!r}")
         except (ValueError, RuntimeError):
             return defer.fail()
-        if job_id in self._deleting:
-            return self._after_deletion(job_id, lambda: self.drop_segment(job_id, kind, index))
+        if self._gate.deleting(job_id):
+            return self._gate.after_deletion(job_id, lambda: self.drop_segment(job_id, kind, index))
         if job_id not in self._jobs:
-            d = self._load(job_id)
+            d = self._jobs.load(job_id)
             d.addCallback(
                 lambda state: 0 if state is None else self.drop_segment(job_id, kind, index)
             )
             return d
-        state = self._jobs[job_id]
-        segments = state.segments[kind]
-        positions = [i for i, seg in enumerate(segments) if seg.index == index]
-        if not positions:
+        state = self._jobs.get(job_id)
+        try:
+            dropped = state.drop(kind, index)
+        except ValueError:
+            return defer.fail()
+        if dropped is None:
             return defer.succeed(0)
-        if positions[0] == len(segments) - 1:
-            return defer.fail(
-                ValueError(f"segment {kind} {index} of job {job_id} is being written")
-            )
-        dropped = segments[positions[0]]
-        state.segments[kind] = segments[: positions[0]] + segments[positions[0] + 1 :]
-        state.info = _recount(state)
-        self._publish(state)
-        self._begin(job_id)
+        self._jobs.publish(state)
+        self._gate.begin(job_id)
         d = self._run(thd_remove_file, dropped.path)
-        d.addBoth(self._pass_after, self._end, job_id)
+        d.addBoth(self._gate.end_after, job_id)
         return d.addErrback(_unavailable, f"dropping segment {kind} {index} of job {job_id}")
 
-    # -- any thread: sizes for retention -------------------------------------------------
-
-    def part_sizes(self, job_id: str) -> tuple[int, int]:
-        """(bytes of logs, bytes of metrics) of a job in the index, (0, 0) if unknown.
-
-        Any thread.
-        """
-        return self._parts.get(job_id, (0, 0))
+    # -- reactor thread: segments for retention -------------------------------------------
 
     @reactor_only
     def segment_usage(self, job_id: str) -> tuple:
@@ -1250,99 +589,17 @@ class LocalStorage:
         state = self._jobs.get(job_id)
         if state is None:
             return ()
-        usage = []
-        for kind in ALL_KINDS:
-            segments = state.segments[kind]
-            for i, seg in enumerate(segments):
-                usage.append(SegmentUsage(kind, seg.index, seg.size, i == len(segments) - 1))
-        return tuple(usage)
+        return state.usage()
 
     # -- reactor thread: the job index ---------------------------------------------------
 
-    def _set_info(self, job_id: str, info: JobInfo, parts: tuple[int, int]) -> None:
-        old = self._index.get(job_id)
-        if old is None:
-            self._count_totals(info, 1)
-            self._reorder(add=(-info.created_at, job_id))
-        else:
-            self._count_totals(old, -1)
-            self._count_totals(info, 1)
-            if old.created_at != info.created_at:
-                self._reorder((-old.created_at, job_id), (-info.created_at, job_id))
-        self._index[job_id] = info
-        self._parts[job_id] = parts
-        self._index_changed()
+    def _write_index(self, jobs: dict, parts: dict):
+        """Write the job index (JobCatalog's write); Deferred[True, or False if it failed].
 
-    def _drop_info(self, job_id: str) -> None:
-        old = self._index.pop(job_id)
-        self._parts.pop(job_id, None)
-        self._count_totals(old, -1)
-        self._reorder(remove=(-old.created_at, job_id))
-        self._index_changed()
-
-    def _count_totals(self, info: JobInfo, sign: int) -> None:
-        self._total_size += sign * info.size_bytes
-        self._total_logs += sign * info.log_count
-        self._total_metrics += sign * info.metric_count
-
-    def _reorder(self, remove=None, add=None) -> None:
-        """Replace ``_order`` by a copy with ``remove`` taken out and ``add`` put in.
-
-        Copy on write: readers on other threads take the list as it was, whole.
+        Reactor thread; the write runs on the pool.  After stop() it is the
+        final write, reconciled with the files.  A failure is logged, counted
+        and written again within the interval.
         """
-        order = list(self._order)
-        if remove is not None:
-            i = bisect_left(order, remove)
-            if i < len(order) and order[i] == remove:
-                del order[i]
-        if add is not None:
-            insort(order, add)
-        self._order = order
-
-    def totals(self) -> tuple[int, int, int, int]:
-        """(jobs, log messages, metric samples, bytes) over the job index.  Any thread; O(1)."""
-        return len(self._index), self._total_logs, self._total_metrics, self._total_size
-
-    def list_jobs_page(self, since: int, until: int, offset: int, limit: int):
-        """ListJobs in O(log jobs + page): ``(total, infos)``.  Any thread.
-
-        Jobs with ``since <= created_at <= until`` (a bound <= 0 is open),
-        newest first, ties by job id; ``total`` counts them all, ``infos`` are
-        the JobInfos from ``offset``, at most ``limit`` (0 = all).  The order
-        is kept up to date as jobs come and go, so no call sorts the index.
-        """
-        order = self._order
-        created = itemgetter(0)
-        hi = bisect_right(order, -since, key=created) if since > 0 else len(order)
-        lo = bisect_left(order, -until, key=created) if until > 0 else 0
-        total = max(0, hi - lo)
-        start = lo + offset
-        stop = hi if not limit else min(hi, start + limit)
-        index = self._index
-        infos = [info for _, job in order[start:stop] if (info := index.get(job)) is not None]
-        return total, infos
-
-    def _index_changed(self) -> None:
-        self._index_version += 1
-        self._index_dirty = True
-        self._schedule_index_write()
-
-    def _schedule_index_write(self) -> None:
-        if (
-            self._index_timer is None
-            and self._index_write is None
-            and self._started
-            and not self._stopped
-        ):
-            self._index_timer = self._clock.callLater(self._index_interval, self._index_timer_fired)
-
-    def _index_timer_fired(self) -> None:
-        self._index_timer = None
-        if self._index_write is None:
-            self._start_index_write()
-
-    def _start_index_write(self) -> None:
-        self._index_dirty = False
         if self._stopped:
             # The last write: recount jobs whose files changed underneath (a segment
             # cut or removed outside the service) so the index left behind agrees.
@@ -1350,25 +607,18 @@ class LocalStorage:
                 jobindex.thd_write_reconciled,
                 self._index_path,
                 self._data_dir,
-                self._index.copy(),
-                self._parts.copy(),
+                jobs,
+                parts,
                 self._modes,
             )
             d.addCallback(self._reconciled)
         else:
-            d = self._run(
-                jobindex.thd_write,
-                self._index_path,
-                self._index.copy(),
-                self._parts.copy(),
-                self._modes,
-            )
-        self._index_write = d
+            d = self._run(jobindex.thd_write, self._index_path, jobs, parts, self._modes)
         if self._fsync == "interval" and self._dirty:
             self.sync_dirty().addErrback(
                 lambda f: self._log.failure("fsync of dirty segment files failed", f)
             )
-        d.addBoth(self._index_written)
+        return d.addCallbacks(lambda _: True, self._index_write_failed)
 
     def _reconciled(self, changed: list) -> None:
         if changed:
@@ -1380,22 +630,10 @@ class LocalStorage:
                 jobs=" ".join(changed[:20]) + (" ..." if len(changed) > 20 else ""),
             )
 
-    def _index_written(self, result) -> None:
-        self._index_write = None
-        ok = not isinstance(result, Failure)
-        if not ok:
-            self.index_write_errors += 1
-            self._metrics.index_write_failed()
-            self._log.failure("writing the job index {path} failed", result, path=self._index_path)
-            self._index_dirty = True
-        waiters, self._index_waiters = self._index_waiters, []
-        if self._index_next:
-            self._index_waiters, self._index_next = self._index_next, []
-            self._start_index_write()
-        elif self._index_dirty:
-            self._schedule_index_write()
-        for d in waiters:
-            d.callback(ok)
+    def _index_write_failed(self, failure: Failure) -> bool:
+        self.findings.index_write_failed(self._index_path, failure)
+        self._catalog.write_again()
+        return False
 
     @reactor_only
     def flush_index(self):
@@ -1405,24 +643,9 @@ class LocalStorage:
         it cancels the pending debounced write.  A failure is logged, counted
         and retried later; the Deferred never fails.
         """
-        d = defer.Deferred()
-        if self._index_write is not None:
-            self._index_next.append(d)
-            return d
-        if self._index_timer is not None:
-            self._index_timer.cancel()
-            self._index_timer = None
-        self._index_waiters.append(d)
-        self._start_index_write()
-        return d
+        return self._catalog.flush()
 
     # -- reactor thread: durability and health --------------------------------------------
-
-    def _sync_fired(self) -> None:
-        self._sync_timer = None
-        self.sync_dirty().addErrback(
-            lambda f: self._log.failure("fsync of dirty segment files failed", f)
-        )
 
     @reactor_only
     def sync_dirty(self):
@@ -1432,18 +655,7 @@ class LocalStorage:
         dirty).  Deferred firing with the number of paths synced; on failure
         the paths stay dirty and the Deferred fails.
         """
-        if not self._dirty:
-            return defer.succeed(0)
-        paths = sorted(self._dirty)
-        self._dirty = set()
-
-        def failed(f):
-            self._dirty.update(paths)
-            return f
-
-        d = self._run(thd_fsync_paths, paths)
-        d.addCallbacks(lambda _: len(paths), failed)
-        return d
+        return self._dirty.sync()
 
     @reactor_only
     def probe_space(self):
@@ -1464,34 +676,6 @@ class LocalStorage:
         Reactor thread (IFreeSpace); statvfs runs on the pool.  Never fails.
         """
         return self._run(space.thd_free_bytes, self._data_dir).addErrback(lambda _: None)
-
-
-def _recount(state: _JobState) -> JobInfo:
-    """A job's JobInfo recomputed from its published segments (after dropping one)."""
-    log_count = metric_count = size = 0
-    first = last = 0
-    for kind in ALL_KINDS:
-        for seg in state.segments[kind]:
-            size += seg.size
-            for m in seg.view.members:
-                if not m.count:
-                    continue
-                if kind == METRICS_KIND:
-                    metric_count += m.count
-                else:
-                    log_count += m.count
-                if m.min_timestamp > 0 and (first == 0 or m.min_timestamp < first):
-                    first = m.min_timestamp
-                if m.max_timestamp > last:
-                    last = m.max_timestamp
-    return dataclasses.replace(
-        state.info,
-        log_count=log_count,
-        metric_count=metric_count,
-        size_bytes=size,
-        first_timestamp=first,
-        last_timestamp=last,
-    )
 
 
 def _column_length(*columns) -> int:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from joblet_persist.storage import safefs
+from joblet_persist.storage.api import SegmentKind
 from joblet_persist.storage.format import (
     KIND_LEGACY,
     CorruptMember,
@@ -44,10 +45,19 @@ __all__ = [
     "thd_scan_segment",
 ]
 
-#: Segment kinds and their file name suffixes.
-SEGMENT_KINDS = {"stdout": ".log.gz", "stderr": ".log.gz", "metrics": ".jsonl.gz"}
+#: Segment kinds and their file name suffixes: a file is ``<kind>[_<index>]<suffix>``.
+SEGMENT_KINDS = {
+    SegmentKind.STDOUT: ".log.gz",
+    SegmentKind.STDERR: ".log.gz",
+    SegmentKind.METRICS: ".jsonl.gz",
+}
 
-_NAME_RE = re.compile(r"(stdout|stderr|metrics)(?:_([0-9]{6,}))?(\.log\.gz|\.jsonl\.gz)\Z")
+_NAME_RE = re.compile(
+    "({})(?:_([0-9]{{6,}}))?({})\\Z".format(
+        "|".join(re.escape(kind.value) for kind in SEGMENT_KINDS),
+        "|".join(re.escape(suffix) for suffix in sorted(set(SEGMENT_KINDS.values()))),
+    )
+)
 _READ_CHUNK = 1 << 18
 _GZIP_START = b"\x1f\x8b\x08"
 
@@ -93,12 +103,13 @@ def segment_name(kind: str, index: int) -> str:
     return f"{kind}_{index:06d}{suffix}"
 
 
-def parse_segment_name(name: str) -> Optional[tuple[str, int]]:
+def parse_segment_name(name: str) -> Optional[tuple[SegmentKind, int]]:
     """``(kind, index)`` for a name segment_name produces; None for anything else."""
     m = _NAME_RE.match(name)
     if m is None:
         return None
-    kind, digits, suffix = m.groups()
+    stem, digits, suffix = m.groups()
+    kind = SegmentKind(stem)
     index = int(digits) if digits is not None else 0
     if SEGMENT_KINDS[kind] != suffix or (digits is not None and index == 0):
         return None

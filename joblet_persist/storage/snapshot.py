@@ -1,0 +1,127 @@
+"""LocalJobSnapshot: one job's published, immutable data in a local directory.
+
+Any thread: built on the reactor thread when an append, load or drop is
+published, then only read (by gRPC handler threads through storage.reader).
+Leaf module: no reactor imports, no Deferreds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from zope.interface import implementer
+
+from joblet_persist.storage import reader
+from joblet_persist.storage.api import (
+    LOG_STREAMS,
+    STREAM_STDERR,
+    STREAM_STDOUT,
+    STREAM_UNSPECIFIED,
+    DataVanished,
+    IBulkLogReads,
+    IJobSnapshot,
+    JobInfo,
+    ReadStats,
+    StorageUnavailable,
+)
+from joblet_persist.storage.files import FileBudget
+
+
+def _never_cancelled() -> bool:
+    return False
+
+
+def _seam_errors(job_id: str, records):
+    """``records``, with the OSErrors of reading them raised as the seam's errors.  Any thread.
+
+    A file the snapshot names that is gone was deleted under the read
+    (DeleteJob, retention): DataVanished.  Any other OSError: StorageUnavailable.
+    """
+    try:
+        yield from records
+    except FileNotFoundError as e:
+        raise DataVanished(job_id, str(e)) from e
+    except OSError as e:
+        raise StorageUnavailable(f"reading job {job_id} failed: {e}") from e
+
+
+# -- the published, immutable view -----------------------------------------
+
+
+@implementer(IJobSnapshot, IBulkLogReads)
+@dataclass(frozen=True, eq=False)
+class LocalJobSnapshot:
+    """One job's published data.  Immutable; any thread.
+
+    Holds the SegmentViews of each stream and of the metrics, each listing only
+    members that were completely appended before the snapshot was published;
+    the reader never reads past them.
+    """
+
+    job_id: str
+    info: JobInfo
+    # tuple[reader.SegmentView, ...] in segment order; left out of repr (large).
+    stdout: tuple = field(repr=False)
+    stderr: tuple = field(repr=False)
+    metrics: tuple = field(repr=False)
+    # Shared cap on the files queries hold open (storage.files), or None.
+    budget: Optional[FileBudget] = field(default=None, repr=False)
+
+    def iter_logs(
+        self,
+        stream: int,
+        start_time: int = 0,
+        end_time: int = 0,
+        offset: int = 0,
+        limit: int = 0,
+        stats: Optional[ReadStats] = None,
+        cancelled: Callable[[], bool] = _never_cancelled,
+    ):
+        """Yield LogRecords (see IJobSnapshot.iter_logs).  Blocking; any thread."""
+        return self._read_logs(
+            reader.iter_logs, stream, start_time, end_time, offset, limit, stats, cancelled
+        )
+
+    def iter_log_chunks(
+        self,
+        stream: int,
+        start_time: int = 0,
+        end_time: int = 0,
+        offset: int = 0,
+        limit: int = 0,
+        stats: Optional[ReadStats] = None,
+        cancelled: Callable[[], bool] = _never_cancelled,
+    ):
+        """The messages of iter_logs in chunks ``(streams, timestamps, sequences, contents)``.
+
+        Blocking; any thread.  IBulkLogReads (see reader.iter_log_chunks): the
+        log query RPCs use it.
+        """
+        return self._read_logs(
+            reader.iter_log_chunks, stream, start_time, end_time, offset, limit, stats, cancelled
+        )
+
+    def _read_logs(self, read, stream: int, *args):
+        """``read`` (a reader function) over both streams' segments, within the budget."""
+        if stream != STREAM_UNSPECIFIED and stream not in LOG_STREAMS:
+            raise ValueError(f"invalid stream {stream!r}: expected 0, 1 or 2")
+        streams = {STREAM_STDOUT: self.stdout, STREAM_STDERR: self.stderr}
+        return _seam_errors(self.job_id, read(streams, stream, *args, self.budget))
+
+    def iter_metrics(
+        self,
+        start_time: int = 0,
+        end_time: int = 0,
+        offset: int = 0,
+        limit: int = 0,
+        stats: Optional[ReadStats] = None,
+        cancelled: Callable[[], bool] = _never_cancelled,
+    ):
+        """Yield MetricRecords (see IJobSnapshot.iter_metrics).  Blocking; any thread."""
+        return _seam_errors(
+            self.job_id,
+            reader.iter_metrics(
+                self.metrics, start_time, end_time, offset, limit, stats, cancelled, self.budget
+            ),
+        )
