@@ -46,6 +46,8 @@ from joblet_persist.rules import (
     show_value,
     valid_host,
 )
+from joblet_persist.storage.compress import COMPRESSOR_LEVELS, ISAL_DEFAULT_LEVEL
+from joblet_persist.storage.durability import FSYNC_POLICIES
 from joblet_persist.storage.files import POOL_FILES_PER_THREAD
 
 #: Files the default storage.maxOpenFiles leaves to queries at least (more pool threads
@@ -93,12 +95,10 @@ GRPC_MAX_MESSAGE_BYTES = 2**31 - 1
 #: Longest AF_UNIX socket path in bytes (Linux: 108 bytes of sun_path, one for the NUL).
 MAX_SOCKET_PATH_BYTES = 107
 
-#: Accepted compression levels per compressor, inclusive.
-COMPRESSION_LEVELS = {"zlib": (0, 9), "deflate": (0, 12), "isal": (0, 3)}
-
-#: Level used for ``isal`` when ``storage.compressionLevel`` is omitted: the documented
-#: default 5 is out of ISA-L's range (0-3), so ISA-L's own default applies instead.
-ISAL_DEFAULT_LEVEL = 2
+#: Accepted compression levels per compressor (inclusive), and the level used for ``isal``
+#: when ``storage.compressionLevel`` is omitted (the documented default 5 is out of
+#: ISA-L's range 0-3): defined once, with the compressors.
+COMPRESSION_LEVELS = COMPRESSOR_LEVELS
 
 
 class ConfigError(Exception):
@@ -418,9 +418,9 @@ class StorageConfig:
     data_dir: str = _key(_path(), DEFAULT_DATA_DIR)
     backend: str = _key(_backend, "local")
     compressor: str = _key(_choice(tuple(COMPRESSION_LEVELS)), "deflate")
-    compression_level: int = _key(_integer(0, 12), 5)
+    compression_level: int = _key(_integer(0, max(high for _, high in COMPRESSOR_LEVELS.values())), 5)
     segment_max_bytes: int = _key(_size(1), 256 * MiB)
-    fsync: str = _key(_choice(("batch", "interval", "never")), "batch")
+    fsync: str = _key(_choice(FSYNC_POLICIES), "batch")
     max_open_files: int = _key(_integer(1), 256)
     unload_idle_after: float = _key(_duration(), 600.0)
     file_mode: int = _key(_data_mode, 0o640, _describe_mode)

@@ -379,8 +379,9 @@ def build_storage(config, reactor, metrics) -> StorageParts:
             )
 
     def storage_totals():
-        jobs = storage.list_jobs()
-        return len(jobs), sum(j.size_bytes for j in jobs)
+        # Running totals (constant time), not a walk of every job at each scrape.
+        jobs, _logs, _metrics, size_bytes = storage.totals()
+        return jobs, size_bytes
 
     metrics.set_storage_source(storage_totals)
     if IIdleUnload.providedBy(storage):
