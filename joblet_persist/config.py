@@ -507,6 +507,63 @@ class SecurityConfig:
         return bool(self.server_cert and self.server_key)
 
 
+def _archive_kinds(value: Any) -> tuple[str, ...]:
+    """``archive.s3.kinds``: a list of Part names (logs, metrics, ...); empty means all."""
+    from joblet_persist.storage.api import Part
+
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidValue(f"expected a list of data kinds, got {show_value(value)}")
+    known = tuple(part.value for part in Part)
+    for item in value:
+        if item not in known:
+            raise InvalidValue(f"unknown data kind {item!r}; known kinds: {', '.join(known)}")
+    return tuple(dict.fromkeys(value))
+
+
+def _sse(value: Any) -> str:
+    """``archive.s3.sse``: none, sse-s3 (AES256) or sse-kms (aws:kms)."""
+    return _choice(("none", "sse-s3", "sse-kms"), {"aes256": "sse-s3", "aws:kms": "sse-kms"})(value)
+
+
+@dataclass(frozen=True)
+class S3ArchiveConfig:
+    """``archive.s3``: closed segments copied to an S3 bucket (docs/operations.md)."""
+
+    enabled: bool = _key(_boolean, False)
+    bucket: str = _key(_string(), "")
+    # Keys are ``{prefix}{server.nodeId}/{job}/{kind}/{segment}``.
+    prefix: str = _key(_string(), "")
+    region: str = _key(_string(), "")
+    # S3-compatible stores (MinIO, Ceph RGW): their URL, and path-style addressing.
+    endpoint_url: str = _key(_string(), "")
+    force_path_style: bool = _key(_boolean, False)
+    storage_class: str = _key(_string(), "")
+    sse: str = _key(_sse, "none")
+    sse_kms_key_id: str = _key(_string(), "")
+    # Segments at least this large are uploaded in parts of this size (S3's minimum: 5 MiB).
+    multipart_threshold: int = _key(_size(5 * MiB, 5 * 1024 * MiB), 64 * MiB)
+    # The open segment of a job idle this long is uploaded too (re-uploaded when it grows).
+    upload_idle_after: float = _key(_duration(positive=True), 300.0)
+    # How often the data directory is scanned for segments to upload.
+    interval: float = _key(_duration(positive=True), 30.0)
+    # Health turns unhealthy past this backlog (0: never), or this age of the oldest
+    # unarchived segment (0: never).
+    backlog_unhealthy_bytes: int = _key(_size(), 10 * 1024 * MiB)
+    backlog_unhealthy_age: float = _key(_duration(), 3600.0)
+    # Which data kinds are archived (Part names: logs, metrics, ...); [] = all.
+    kinds: tuple = _key(_archive_kinds, (), lambda kinds: list(kinds))
+    # Retries of a failed upload: first delay, doubling (with jitter) up to the maximum.
+    retry_initial: float = _key(_duration(positive=True), 1.0)
+    retry_max: float = _key(_duration(positive=True), 300.0)
+
+
+@dataclass(frozen=True)
+class ArchiveConfig:
+    """``archive``: remote copies of the stored data, fed from the local segments."""
+
+    s3: S3ArchiveConfig = _section(S3ArchiveConfig)
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole configuration.  ``source`` is the file read, or ``"<defaults>"``.
@@ -523,6 +580,7 @@ class Config:
     monitoring: MonitoringConfig = _section(MonitoringConfig)
     logging: LoggingConfig = _section(LoggingConfig)
     security: SecurityConfig = _section(SecurityConfig)
+    archive: ArchiveConfig = _section(ArchiveConfig)
     source: str = field(default="<defaults>", compare=False)
 
     @property
@@ -723,6 +781,22 @@ def _validate(cfg: Config, ctx: _Context) -> None:
             f"{storage.compression_level} is out of range for compressor "
             f"{storage.compressor} ({low}-{high})",
         )
+
+    s3 = cfg.archive.s3
+    if s3.enabled:
+        if not s3.bucket:
+            raise ctx.error("archive.s3.bucket", "must be set when archive.s3.enabled is true")
+        if not cfg.server.node_id:
+            raise ctx.error(
+                "server.nodeId",
+                "must be set when archive.s3.enabled is true (it is part of every object key)",
+            )
+        if "/" in cfg.server.node_id:
+            raise ctx.error("server.nodeId", "must not contain '/' (it is an S3 key component)")
+        if s3.sse_kms_key_id and s3.sse != "sse-kms":
+            raise ctx.error("archive.s3.sse", "must be sse-kms when archive.s3.sseKmsKeyId is set")
+        if s3.retry_initial > s3.retry_max:
+            raise ctx.error("archive.s3.retryMax", f"must be at least {ctx.name('archive.s3.retryInitial')}")
 
     writer = cfg.writer
     if writer.low_water_bytes >= writer.high_water_bytes:

@@ -177,6 +177,10 @@ class PersistMetrics:
         """``health.healthy`` and ``health.details`` are exported at scrape time."""
         self._health_source = health
 
+    def archive(self, backend: str, source) -> ArchiveMetrics:
+        """The metrics of an archive backend, on this registry (once per backend)."""
+        return ArchiveMetrics(self.registry, backend, source)
+
     # -- ingest (reactor thread, per frame) -----------------------------
 
     def frame_received(self, msg_type: int, nbytes: int) -> None:
@@ -281,6 +285,64 @@ class PersistMetrics:
 
     def rejected_total(self) -> int:
         return sum(self._rejected.values())
+
+
+class ArchiveMetrics:
+    """The metrics of one archive backend (``backend`` label: "s3"); reactor thread.
+
+    Created by ``PersistMetrics.archive`` only when an archive is configured.
+    ``source`` (the shipper) is read at scrape time for the backlog gauges.
+    """
+
+    def __init__(self, registry: CollectorRegistry, backend: str, source):
+        def gauge(name, doc, read):
+            g = Gauge(name, doc, ["backend"], registry=registry)
+            g.labels(backend).set_function(read)
+            return g
+
+        self.backlog_bytes = gauge(
+            "persist_archive_backlog_bytes",
+            "Bytes of segments due for upload (closed, or open and idle) not yet archived.",
+            lambda: source.backlog_bytes,
+        )
+        self.backlog_segments = gauge(
+            "persist_archive_backlog_segments",
+            "Segments due for upload not yet archived.",
+            lambda: source.backlog_segments,
+        )
+        self.oldest = gauge(
+            "persist_archive_oldest_unarchived_seconds",
+            "Seconds since the last write of the oldest segment due for upload (0: none).",
+            source.oldest_unarchived_seconds,
+        )
+        self._uploaded_bytes = Counter(
+            "persist_archive_uploaded_bytes", "Segment bytes uploaded to the archive.",
+            ["backend"], registry=registry,
+        ).labels(backend)
+        self._uploaded_segments = Counter(
+            "persist_archive_uploaded_segments", "Segments uploaded to the archive.",
+            ["backend"], registry=registry,
+        ).labels(backend)
+        self._errors = Counter(
+            "persist_archive_upload_errors",
+            "Failed archive calls (uploads and deletions); each is retried with backoff.",
+            ["backend"], registry=registry,
+        ).labels(backend)
+        self._deleted = Counter(
+            "persist_archive_deleted_objects",
+            "Archived objects deleted (DeleteJob).",
+            ["backend"], registry=registry,
+        ).labels(backend)
+
+    def uploaded(self, nbytes: int) -> None:
+        self._uploaded_bytes.inc(nbytes)
+        self._uploaded_segments.inc()
+
+    def upload_error(self) -> None:
+        self._errors.inc()
+
+    def deleted(self, count: int) -> None:
+        self._deleted.inc(count)
 
 
 def _monotonic() -> float:

@@ -29,6 +29,7 @@ from typing import Callable, Optional, Sequence
 
 from twisted.application import service
 from twisted.internet import defer, task
+from zope.interface import Interface
 
 from joblet_persist.logs import Logger
 from joblet_persist.storage.api import (
@@ -52,6 +53,21 @@ class Target(enum.StrEnum):
 #: The Part a part-deleting Target deletes (storage.delete_part), and back.
 PART_OF_TARGET = {Target.LOGS: Part.LOGS, Target.METRICS: Part.METRICS}
 TARGET_OF_PART = {part: target for target, part in PART_OF_TARGET.items()}
+
+
+class IArchivedCheck(Interface):
+    """What an archive (S3) has taken; retention never deletes what it has not.
+
+    Reactor thread, answered from the archive's last scan and its manifest;
+    "don't know" is False.  Kinds and parts the archive does not take count
+    as taken.
+    """
+
+    def segment_archived(job_id, kind, index):
+        """True when segment ``index`` of ``kind`` of the job is archived as it is on disk."""
+
+    def part_archived(job_id, part):
+        """True when every segment of the job's ``part`` (a Part) is archived as it is on disk."""
 
 
 @dataclass(frozen=True)
@@ -122,12 +138,22 @@ def plan_retention(
     *,
     free_bytes: Optional[int] = None,
     busy: frozenset[str] | set[str] = frozenset(),
+    archive=None,
 ) -> Plan:
     """Decide what retention deletes.  Pure; any thread.
 
     ``busy`` names jobs with data buffered or in flight: active whatever their
-    last_updated says.
+    last_updated says.  ``archive`` (an IArchivedCheck, or None without an
+    archive) keeps every rule from deleting what the archive has not taken:
+    a job only when all its parts are archived, a part or a segment only when
+    it is.
     """
+
+    def part_taken(job: JobUsage, part: Part) -> bool:
+        return archive is None or archive.part_archived(job.job_id, part)
+
+    def job_taken(job: JobUsage) -> bool:
+        return all(part_taken(job, part) for part in Part)
     actions: list[Action] = []
     remaining: dict[str, int] = {}  # job -> bytes left after earlier rules
     deleted: set[str] = set()
@@ -142,9 +168,11 @@ def plan_retention(
             idle = now - job.last_updated
             logs_old = policy.log_max_age > 0 and idle > policy.log_max_age
             metrics_old = policy.metric_max_age > 0 and idle > policy.metric_max_age
+            logs_old = logs_old and part_taken(job, Part.LOGS)
+            metrics_old = metrics_old and part_taken(job, Part.METRICS)
             if (logs_old or job.log_bytes == 0) and (metrics_old or job.metric_bytes == 0) and (
                 logs_old or metrics_old
-            ):
+            ) and job_taken(job):
                 actions.append(Action(Target.JOB, job.job_id, size, "age"))
                 deleted.add(job.job_id)
                 continue
@@ -169,6 +197,7 @@ def plan_retention(
                 for s in job.segments
                 if not s.last_segment
                 and (job.job_id, TARGET_OF_PART[PART_OF_KIND[s.kind]]) not in dropped_parts
+                and (archive is None or archive.segment_archived(job.job_id, s.kind, s.index))
             ]
             candidates.sort(key=lambda s: (s.index, s.kind))
             for seg in candidates:
@@ -186,7 +215,7 @@ def plan_retention(
         need = max(need, policy.min_free_bytes - free_bytes)
     if need > 0:
         order = sorted(
-            (j for j in jobs if j.job_id not in deleted and not active(j)),
+            (j for j in jobs if j.job_id not in deleted and not active(j) and job_taken(j)),
             key=lambda j: (j.last_updated, j.job_id),
         )
         for job in order:
@@ -222,7 +251,8 @@ class RetentionRunner:
     jobs over the cap are left alone.  The free-space floor needs
     ``IFreeSpace`` (``free_bytes``): without it only the quota applies.
     ``discard_job(job_id)`` (the writer's) runs before a whole job is deleted so
-    that no buffered batch resurrects it.
+    that no buffered batch resurrects it.  ``archive`` (an IArchivedCheck)
+    keeps what an archive has not taken yet.
 
     The plan's deletions are applied up to ``concurrency`` at a time.  Each one
     waits for its files to be removed on the pool and for the job index to be
@@ -246,8 +276,10 @@ class RetentionRunner:
         busy_jobs: Callable[[], set[str]],
         discard_job: Callable[[str], defer.Deferred],
         metrics=None,
+        archive=None,
     ):
         self._storage = storage
+        self._archive = archive
         self.policy = policy
         self._clock = clock
         self._busy = busy_jobs
@@ -283,7 +315,8 @@ class RetentionRunner:
             log_bytes, metric_bytes = self._storage.part_sizes(info.job_id)
             jobs.append(JobUsage(info.job_id, float(info.last_updated), log_bytes, metric_bytes,
                                  segments))
-        plan = plan_retention(jobs, policy, now, free_bytes=free, busy=busy)
+        plan = plan_retention(jobs, policy, now, free_bytes=free, busy=busy,
+                              archive=self._archive)
         result = CleanupResult(actions=plan.actions, dry_run=dry_run)
         if plan.shortfall_bytes:
             self.log.warn(

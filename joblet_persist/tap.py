@@ -22,6 +22,7 @@ reverse, each step waiting for the previous):
  5. health        probe loop feeding /health, Ping and gRPC health
  6. ingest        IPC Unix socket listener (stop: close listener, drain connections)
  7. retention     periodic retention run (stop: wait for a run in progress)
+ 7a. archive-pool, archive   S3 archive shipper and its pool (only when archive.s3.enabled)
  8. grpc          gRPC server on the Unix sockets and/or TCP (stop: refuse, then grace)
  9. metrics-http, health-http   Klein listeners (one when they share a port; none when off)
 10. sighup        configuration reload on SIGHUP (added by makeService, under twistd)
@@ -265,6 +266,16 @@ class LifecycleParts:
 
 
 @dataclasses.dataclass(frozen=True)
+class ArchiveParts:
+    """What build_archive produces when ``archive.s3.enabled``: the shipper, its own pool
+    (S3 calls never take the cpu-pool's threads) and its service."""
+
+    shipper: object
+    pool: object
+    service: object
+
+
+@dataclasses.dataclass(frozen=True)
 class QueryParts:
     """What build_queries produces: the gRPC servicer and the gRPC server service."""
 
@@ -294,8 +305,9 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
     health = build_health(config, reactor, st, metrics)
     wr = build_writer(config, reactor, st, health, metrics)
     ing = build_ingest(config, reactor, st, wr, health, metrics)
-    lc = build_lifecycle(config, reactor, st, wr, health, metrics)
-    q = build_queries(config, reactor, st, wr, lc, metrics)
+    arc = build_archive(config, reactor, st, health, metrics)
+    lc = build_lifecycle(config, reactor, st, wr, health, metrics, archive=arc)
+    q = build_queries(config, reactor, st, wr, lc, metrics, archive=arc)
     web = build_monitoring(config, reactor, lc.health, metrics)
 
     components = {
@@ -312,6 +324,7 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
         "retention": lc.retention,
         "grpc": q.grpc,
         "web": web,
+        "archive": arc.shipper if arc is not None else None,
     }
     extra = extra_services(components) if extra_services is not None else []
 
@@ -325,6 +338,8 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
         lc.health_service,  # health: probe loop for /health, Ping and gRPC health
         ing.listener,       # ingest: IPC socket; stop closes it and drains connections
         lc.retention_timer,  # retention: stop waits for a run in progress
+        arc and arc.pool,     # archive-pool: the archive's S3 calls (absent when off)
+        arc and arc.service,  # archive: upload rounds; stop waits for a round in progress
         q.grpc,             # grpc: stop refuses new RPCs, then the grace period
         *web,               # metrics-http, health-http
         *extra,             # sighup (under twistd, from makeService)
@@ -475,8 +490,32 @@ def build_ingest(config, reactor, st: StorageParts, wr: WriterParts, health,
     return IngestParts(factory=factory, listener=listener)
 
 
+def build_archive(config, reactor, st: StorageParts, health, metrics) -> Optional[ArchiveParts]:
+    """The S3 archive shipper (None unless ``archive.s3.enabled``: then boto3 is imported
+    here, never otherwise).  It reads the local segments, so it needs the local backend."""
+    s3c = config.archive.s3
+    if not s3c.enabled:
+        return None
+    from joblet_persist.archive import s3
+    from joblet_persist.archive.shipper import S3Shipper
+    from joblet_persist.services import CallbackService, ThreadPoolService
+    from joblet_persist.storage.safefs import FileModes
+
+    sc = config.storage
+    pool = ThreadPoolService(reactor, "archive-pool", 2)
+    shipper = S3Shipper(
+        s3c, config.server.node_id, sc.data_dir, st.storage, reactor, pool.run,
+        s3=s3, make_client=s3.make_client,
+        modes=FileModes(sc.file_mode, sc.dir_mode, sc.group),
+    )
+    shipper.set_metrics(metrics.archive("s3", shipper))
+    health.add_check("archive", shipper.health_check)
+    service = CallbackService("archive", shipper.start, shipper.stop)
+    return ArchiveParts(shipper=shipper, pool=pool, service=service)
+
+
 def build_lifecycle(config, reactor, st: StorageParts, wr: WriterParts, health,
-                    metrics) -> LifecycleParts:
+                    metrics, archive: Optional[ArchiveParts] = None) -> LifecycleParts:
     """Retention (timer and runner), the idle-unload timer, the health monitor's service."""
     from twisted.application.internet import TimerService
 
@@ -512,6 +551,7 @@ def build_lifecycle(config, reactor, st: StorageParts, wr: WriterParts, health,
         busy_jobs=writer.busy_jobs,
         discard_job=writer.discard_job,
         metrics=metrics,
+        archive=archive.shipper if archive is not None else None,
     )
     retention_timer = RetentionTimerService(reactor, retention, sc.retention.interval)
     return LifecycleParts(health=health, health_service=health_service, unloader=unloader,
@@ -519,7 +559,7 @@ def build_lifecycle(config, reactor, st: StorageParts, wr: WriterParts, health,
 
 
 def build_queries(config, reactor, st: StorageParts, wr: WriterParts, lc: LifecycleParts,
-                  metrics) -> QueryParts:
+                  metrics, archive: Optional[ArchiveParts] = None) -> QueryParts:
     """The gRPC servicer (queries, DeleteJob, CleanupOldData) and its server."""
     from joblet_persist.grpc_server import GrpcServerService
     from joblet_persist.query import PersistServicer
@@ -530,6 +570,10 @@ def build_queries(config, reactor, st: StorageParts, wr: WriterParts, lc: Lifecy
     def delete_job(job_id):
         d = writer.discard_job(job_id)
         d.addCallback(lambda _: storage.delete_job(job_id))
+        if archive is not None:
+            # The archived objects go too: recorded durably here, deleted by the shipper.
+            d.addCallback(lambda freed: archive.shipper.delete_job(job_id).addCallback(
+                lambda _: freed))
         return d
 
     def ingest_stats():

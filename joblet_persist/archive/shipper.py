@@ -1,0 +1,337 @@
+"""The S3 archive shipper: copies durable segments to a bucket.  Reactor thread.
+
+Local storage stays the write path: the shipper only reads files that are
+already on disk, so nothing ingest or queries do ever waits for S3.  Every
+``interval`` a round runs:
+
+1. DeleteJob's pending deletions of archived objects (recorded durably in the
+   manifest before DeleteJob answered) are carried out: paginated listing of
+   the job's prefix, batched DeleteObjects.
+2. The segment files of every job storage lists are stat'ed on the archive
+   pool (``layout.thd_scan_jobs``).  A file is *due* when the manifest has no
+   entry matching its (size, inode, mtime) and it is closed (not the highest
+   index of its kind) or it is the open segment of a job idle for
+   ``uploadIdleAfter`` (no write for that long).  The backlog (bytes and age of
+   the due files) is what the metrics and the health check report.
+3. Due files are uploaded oldest first (``s3.thd_upload_segment``); after each
+   one the manifest is rewritten atomically.  A file that grows after its
+   upload (the open segment of a job that became active again) no longer
+   matches and is uploaded again, whole, once it is due again.
+
+A failing S3 call ends the round's uploads and deletions; they are retried
+after a delay that doubles from ``retryInitial`` up to ``retryMax``, with
+jitter (x0.5 to x1.5).  The scan goes on every round, so the backlog stays
+current during an outage.  A crash between an upload and the manifest write
+uploads that segment again after the restart (identical bytes, same key):
+delivery is at least once.
+
+The shipper is also retention's ``IArchivedCheck``: a segment, part or job
+that the archive has not taken is never deleted by local retention.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from typing import Callable, Optional
+
+from twisted.internet import defer, task
+from zope.interface import implementer
+
+from joblet_persist.archive import layout
+from joblet_persist.logs import Logger
+from joblet_persist.retention import IArchivedCheck
+from joblet_persist.storage.api import PART_OF_KIND
+from joblet_persist.storage.segment import segment_name
+from joblet_persist.threads import reactor_only
+
+
+@implementer(IArchivedCheck)
+class S3Shipper:
+    """Uploads closed (and idle open) segments, deletes a deleted job's objects.
+
+    ``run`` runs blocking work on the archive's own pool; ``s3`` is the module
+    of blocking S3 calls (``joblet_persist.archive.s3``), ``make_client`` builds
+    the boto3 client on that pool.  ``wall`` is the wall clock (file mtimes are
+    wall time), ``jitter`` returns a float in [0, 1).
+    """
+
+    log = Logger()
+
+    def __init__(self, cfg, node_id: str, data_dir: str, storage, clock, run, *,
+                 s3, make_client: Callable, metrics=None, wall: Callable[[], float] = time.time,
+                 jitter: Callable[[], float] = random.random, modes=None):
+        self._cfg = cfg
+        self._node_id = node_id
+        self._data_dir = data_dir
+        self._storage = storage
+        self._clock = clock
+        self._run = run
+        self._s3 = s3
+        self._make_client = make_client
+        self._metrics = metrics
+        self._wall = wall
+        self._jitter = jitter
+        self._modes = modes
+        self._kinds = layout.archived_kinds(cfg.kinds)
+        self._target = (cfg.bucket, cfg.prefix, node_id)
+        self._client = None
+        self._manifest = layout.Manifest.empty(self._target)
+        self._write_lock = defer.DeferredLock()
+        self._stopping = threading.Event()
+        self._loop: Optional[task.LoopingCall] = None
+        self._round: Optional[defer.Deferred] = None
+        self._scan: dict = {}
+        self._scan_wall = 0.0
+        self._failures = 0
+        self._retry_at = 0.0
+        self.last_error: Optional[str] = None
+        self.backlog_bytes = 0
+        self.backlog_segments = 0
+        self._oldest_mtime: Optional[float] = None
+        self.uploaded_bytes = 0
+        self.uploaded_segments = 0
+        self.upload_errors = 0
+        self.deleted_objects = 0
+        self.rounds = 0
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    @reactor_only
+    @defer.inlineCallbacks
+    def start(self):
+        """Read the manifest, build the client (on the pool), start the rounds."""
+        data = yield self._run(layout.thd_read_manifest, self._data_dir)
+        if data is not None:
+            try:
+                self._manifest = layout.Manifest.from_bytes(data, self._target)
+            except ValueError as e:
+                self.log.error(
+                    "archive: {path} is unreadable ({error}); every segment is uploaded again",
+                    path=layout.manifest_path(self._data_dir), error=str(e),
+                )
+        self._client = yield self._run(self._make_client, self._cfg)
+        self._loop = task.LoopingCall(self._start_round)
+        self._loop.clock = self._clock
+        self._loop.start(self._cfg.interval, now=True)
+
+    @reactor_only
+    def stop(self):
+        """Stop the rounds; waits for a round in progress (an upload ends between parts)."""
+        self._stopping.set()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        current = self._round
+        if current is None or current.called:
+            return defer.succeed(None)
+        waiter = defer.Deferred()
+        current.addBoth(lambda r: (waiter.callback(None), r)[1])
+        return waiter
+
+    # -- what monitoring reads ----------------------------------------------------
+
+    def set_metrics(self, metrics) -> None:
+        """Report uploads, errors and deletions to ``metrics`` (metrics.ArchiveMetrics)."""
+        self._metrics = metrics
+
+    def oldest_unarchived_seconds(self) -> float:
+        """Age of the oldest due segment (since its last write); 0 when none."""
+        if self._oldest_mtime is None:
+            return 0.0
+        return max(0.0, self._wall() - self._oldest_mtime)
+
+    def health_check(self) -> tuple:
+        """``(ok, detail, extra)`` for the health monitor."""
+        cfg = self._cfg
+        age = self.oldest_unarchived_seconds()
+        problems = []
+        if cfg.backlog_unhealthy_bytes and self.backlog_bytes > cfg.backlog_unhealthy_bytes:
+            problems.append(
+                f"backlog {self.backlog_bytes} bytes over archive.s3.backlogUnhealthyBytes "
+                f"({cfg.backlog_unhealthy_bytes})"
+            )
+        if cfg.backlog_unhealthy_age and age > cfg.backlog_unhealthy_age:
+            problems.append(
+                f"oldest unarchived segment {age:.0f}s old, over "
+                f"archive.s3.backlogUnhealthyAge ({cfg.backlog_unhealthy_age:.0f}s)"
+            )
+        if problems:
+            detail = "; ".join(problems)
+        elif self.last_error:
+            detail = f"uploads failing, retrying: {self.last_error}"
+        else:
+            detail = "archiving"
+        extra = {
+            "backlog_bytes": self.backlog_bytes,
+            "backlog_segments": self.backlog_segments,
+            "oldest_unarchived_seconds": round(age, 1),
+            "consecutive_failures": self._failures,
+        }
+        return (not problems, detail, extra)
+
+    # -- IArchivedCheck (retention) -------------------------------------------------
+
+    def segment_archived(self, job_id: str, kind, index: int) -> bool:
+        if kind not in self._kinds:
+            return True
+        name = segment_name(kind, index)
+        for f in self._scan.get(job_id, ()):
+            if f.kind == kind and f.name == name:
+                return self._manifest.matches(f)
+        return False
+
+    def part_archived(self, job_id: str, part) -> bool:
+        kinds = [k for k in self._kinds if PART_OF_KIND[k] == part]
+        if not kinds:
+            return True
+        files = self._scan.get(job_id)
+        if files is None or job_id in self._manifest.deletes:
+            return False
+        info = self._storage.job_info(job_id)
+        if info is not None and info.last_updated >= int(self._scan_wall) - 1:
+            return False  # written since (or just before) the scan: not known to be taken
+        return all(self._manifest.matches(f) for f in files if f.kind in kinds)
+
+    # -- DeleteJob --------------------------------------------------------------------
+
+    @reactor_only
+    def delete_job(self, job_id: str) -> defer.Deferred:
+        """Record that the job's archived objects must go; fires once that is durable.
+
+        The deletion itself runs in the next round (after any upload of the
+        job in flight, so nothing is resurrected), and is retried until S3
+        confirms it.
+        """
+        self._manifest.deletes[job_id] = int(self._wall())
+        self._manifest.forget_job(job_id)
+        self._scan.pop(job_id, None)
+        return self._write_manifest()
+
+    # -- rounds ---------------------------------------------------------------------
+
+    def _start_round(self):
+        if self._round is not None and not self._round.called:
+            return None  # a slow round still runs: the next tick starts the next one
+        d = self._round = self._one_round()
+        d.addErrback(lambda f: self.log.failure("archive: round failed", f))
+        return None
+
+    @reactor_only
+    @defer.inlineCallbacks
+    def _one_round(self):
+        self.rounds += 1
+        remote_ok = self._clock.seconds() >= self._retry_at
+        try:
+            if remote_ok:
+                yield self._carry_out_deletes()
+            due = yield self._rescan()
+            if remote_ok:
+                yield self._upload(due)
+        except _RemoteFailed as e:
+            self._remote_failed(e.args[0], e.args[1])
+
+    @defer.inlineCallbacks
+    def _carry_out_deletes(self):
+        cfg = self._cfg
+        for job_id in sorted(self._manifest.deletes):
+            if self._stopping.is_set():
+                return
+            prefix = layout.job_prefix(cfg.prefix, self._node_id, job_id)
+            try:
+                n = yield self._run(self._s3.thd_delete_prefix, self._client, cfg.bucket, prefix)
+            except Exception as e:
+                raise _RemoteFailed(f"deleting the archive of job {job_id}", e) from None
+            self.deleted_objects += n
+            if self._metrics is not None:
+                self._metrics.deleted(n)
+            self._manifest.deletes.pop(job_id, None)
+            yield self._write_manifest()
+            self.log.info("archive: deleted {n} objects of job {job}", n=n, job=job_id)
+
+    @defer.inlineCallbacks
+    def _rescan(self):
+        jobs = [info.job_id for info in self._storage.list_jobs()
+                if info.job_id not in self._manifest.deletes]
+        wall = self._wall()
+        scanned = yield self._run(layout.thd_scan_jobs, self._data_dir, jobs, self._kinds)
+        self._scan, self._scan_wall = scanned, wall
+        for job_id in [j for j in self._manifest.segments if j not in scanned]:
+            self._manifest.forget_job(job_id)  # deleted locally (retention): nothing to match
+        self._manifest.prune(scanned)
+        idle_ns = int((wall - self._cfg.upload_idle_after) * 1e9)
+        due = [
+            f for files in scanned.values() for f in files
+            if not self._manifest.matches(f) and (not f.last or f.mtime_ns <= idle_ns)
+        ]
+        due.sort(key=lambda f: (f.mtime_ns, f.job_id, f.kind, f.index))
+        self._set_backlog(due)
+        return due
+
+    def _set_backlog(self, due) -> None:
+        self.backlog_bytes = sum(f.size for f in due)
+        self.backlog_segments = len(due)
+        self._oldest_mtime = due[0].mtime_ns / 1e9 if due else None
+
+    @defer.inlineCallbacks
+    def _upload(self, due):
+        remaining = list(due)
+        while remaining:
+            f = remaining[0]
+            if self._stopping.is_set():
+                return
+            if f.job_id in self._manifest.deletes:
+                remaining.pop(0)
+                continue
+            try:
+                up = yield self._run(self._s3.thd_upload_segment, self._client, self._cfg,
+                                     self._node_id, f, self._stopping)
+            except self._s3.LocalUnreadable as e:
+                # The local file is gone or unreadable (deleted meanwhile): not S3's fault.
+                remaining.pop(0)
+                self.log.info("archive: skipped {path}: {error}", path=f.path, error=str(e))
+                self._set_backlog(remaining)
+                continue
+            except self._s3.UploadCancelled:
+                return
+            except Exception as e:
+                raise _RemoteFailed(f"uploading {f.path}", e) from None
+            remaining.pop(0)
+            if f.job_id not in self._manifest.deletes:
+                self._manifest.record(f.job_id, f.kind, f.name, up.stamp)
+            self.uploaded_bytes += up.size
+            self.uploaded_segments += 1
+            if self._metrics is not None:
+                self._metrics.uploaded(up.size)
+            self._failures, self.last_error = 0, None
+            self._set_backlog(remaining)
+            yield self._write_manifest()
+
+    def _remote_failed(self, what: str, error: Exception) -> None:
+        self._failures += 1
+        self.upload_errors += 1
+        if self._metrics is not None:
+            self._metrics.upload_error()
+        cfg = self._cfg
+        delay = min(cfg.retry_max, cfg.retry_initial * 2 ** min(self._failures - 1, 30))
+        delay *= 0.5 + self._jitter()
+        self._retry_at = self._clock.seconds() + delay
+        self.last_error = f"{what}: {error}"
+        self.log.warn(
+            "archive: {what} failed ({error}); retrying in {delay:.1f}s "
+            "(backlog {backlog} bytes)",
+            what=what, error=str(error), delay=delay, backlog=self.backlog_bytes,
+        )
+
+    def _write_manifest(self) -> defer.Deferred:
+        def write():
+            data = self._manifest.to_bytes()
+            if self._modes is None:
+                return self._run(layout.thd_write_manifest, self._data_dir, data)
+            return self._run(layout.thd_write_manifest, self._data_dir, data, self._modes)
+
+        return self._write_lock.run(write)
+
+
+class _RemoteFailed(Exception):
+    """An S3 call failed: ``(what, error)``; ends the round's remote work."""

@@ -1,0 +1,173 @@
+"""A real S3 API for the tests: ``moto_server`` in a child process, and a gate in front of it.
+
+``S3Server`` starts moto's HTTP server (``python -m moto.server``) on a free
+loopback port, waits until it answers, and stops it at the end of the test;
+``restart()`` stops it and starts it again on the same port (moto keeps its
+data in memory: a restarted server is empty).  ``S3Gate`` is a TCP forwarder
+of the test's own between the service and the server: ``close()`` refuses
+new connections and drops open ones (S3 unreachable, while the server keeps
+its objects), ``open()`` lets them through again on the same port.
+
+No boto3 client is mocked or patched: the service talks HTTP to a real
+S3-compatible server.  The service finds credentials in the standard AWS
+environment variables that ``aws_environment`` returns.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+from twisted.internet import defer, protocol, reactor
+from twisted.protocols import portforward
+
+from tests.integration.support import free_port, wait_for
+
+ACCESS_KEY = "testing-access-key"
+SECRET_KEY = "testing-secret-key"
+REGION = "us-east-1"
+
+
+def aws_environment() -> dict:
+    """Environment for a process that talks to the test server: static credentials, no
+    shared config files, no instance metadata lookups."""
+    return {
+        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+
+
+def use_aws_environment(testcase) -> None:
+    """Set ``aws_environment()`` in os.environ for the test (children inherit it)."""
+    for key, value in aws_environment().items():
+        old = os.environ.get(key)
+        os.environ[key] = value
+        if old is None:
+            testcase.addCleanup(os.environ.pop, key, None)
+        else:
+            testcase.addCleanup(os.environ.__setitem__, key, old)
+
+
+def _answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            s.sendall(b"GET /moto-api/ HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            return s.recv(12).startswith(b"HTTP/1.")
+    except OSError:
+        return False
+
+
+class _Child(protocol.ProcessProtocol):
+    def __init__(self):
+        self.output = bytearray()
+        self.ended = defer.Deferred()
+
+    def outReceived(self, data):
+        self.output += data[-65536:]
+
+    errReceived = outReceived
+
+    def processEnded(self, reason):
+        self.ended.callback(None)
+
+
+class S3Server:
+    """moto's S3 server as a child process on ``127.0.0.1:port``."""
+
+    def __init__(self, testcase, port: int | None = None):
+        self.testcase = testcase
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._child: _Child | None = None
+        self._transport = None
+        testcase.addCleanup(self.stop)
+
+    @defer.inlineCallbacks
+    def start(self):
+        """Start the server and wait until it answers HTTP."""
+        self._child = _Child()
+        argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+        env = dict(os.environ)
+        # No path= argument: Twisted then uses posix_spawn, no fork (see SpawnedTwistd).
+        self._transport = reactor.spawnProcess(self._child, sys.executable, argv, env=env)
+        child = self._child
+
+        def up():
+            if child.ended.called:
+                raise AssertionError(f"moto_server exited: {child.output.decode(errors='replace')}")
+            from twisted.internet import threads
+
+            return threads.deferToThread(_answers, self.port)
+
+        yield wait_for(up, timeout=30, interval=0.1, what=f"moto_server on port {self.port}")
+
+    def stop(self) -> defer.Deferred:
+        """Stop the server (SIGKILL) and wait for it to exit; a no-op when not running."""
+        child, self._child = self._child, None
+        if child is None or child.ended.called:
+            return defer.succeed(None)
+        try:
+            self._transport.signalProcess("KILL")
+        except Exception:
+            pass
+        return child.ended
+
+    @defer.inlineCallbacks
+    def restart(self):
+        """Stop the server and start it again on the same port (empty: moto keeps no data)."""
+        yield self.stop()
+        yield self.start()
+
+    def client(self):
+        """A boto3 client of the test's own, for setting up and checking the bucket."""
+        import boto3
+        from botocore.config import Config
+
+        return boto3.session.Session(
+            aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY, region_name=REGION
+        ).client("s3", endpoint_url=self.url, config=Config(s3={"addressing_style": "path"}))
+
+
+class _GateFactory(portforward.ProxyFactory):
+    def __init__(self, host, port, gate):
+        super().__init__(host, port)
+        self.gate = gate
+
+    def buildProtocol(self, addr):
+        p = super().buildProtocol(addr)
+        self.gate.connections.add(p)
+        return p
+
+
+class S3Gate:
+    """A TCP forwarder on its own loopback port to ``target_port``; can refuse and drop."""
+
+    def __init__(self, testcase, target_port: int):
+        self.target_port = target_port
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.connections: set = set()
+        self._listening = None
+        testcase.addCleanup(self.close)
+
+    def open(self) -> None:
+        """Accept and forward connections (on the same port each time)."""
+        if self._listening is None:
+            factory = _GateFactory("127.0.0.1", self.target_port, self)
+            self._listening = reactor.listenTCP(self.port, factory, interface="127.0.0.1")
+
+    def close(self) -> defer.Deferred:
+        """Refuse new connections and drop the open ones (S3 unreachable)."""
+        listening, self._listening = self._listening, None
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abortConnection()
+        self.connections.clear()
+        if listening is None:
+            return defer.succeed(None)
+        return defer.maybeDeferred(listening.stopListening)
