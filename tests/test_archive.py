@@ -1,0 +1,393 @@
+"""Unit tests of the S3 archive: keys, sidecar, manifest, retention's guard, the shipper's rounds.
+
+The shipper runs on a task.Clock with a synchronous thread runner and an injected
+module of S3 calls that records what it is asked (no network; the real S3 API is
+exercised by tests/integration/test_archive.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+
+from twisted.internet import defer, task
+from twisted.trial.unittest import SynchronousTestCase
+
+from joblet_persist.archive import layout
+from joblet_persist.archive.shipper import S3Shipper
+from joblet_persist.config import config_from_string
+from joblet_persist.retention import IArchivedCheck, JobUsage, RetentionPolicy, plan_retention
+from joblet_persist.storage.api import JobInfo, Part, SegmentKind, SegmentUsage
+from joblet_persist.storage.compress import make_compressor
+from joblet_persist.storage.format import encode_log_members
+from joblet_persist.storage.segment import segment_name
+
+
+def _members(n: int, start: int = 0) -> bytes:
+    """``n`` single-message log members (each a complete gzip member)."""
+    out = b""
+    compressor = make_compressor("zlib", 6)
+    for i in range(start, start + n):
+        encoded = encode_log_members([i], [i], [i], [b"line %d\n" % i], compressor)
+        out += b"".join(data for data, _info in encoded)
+    return out
+
+
+def _tempdir(testcase) -> str:
+    path = tempfile.mkdtemp(prefix="jparc")
+    testcase.addCleanup(shutil.rmtree, path, True)
+    return path
+
+
+class KeyTests(SynchronousTestCase):
+    def test_keys(self):
+        """Objects live at ``{prefix}{node}/{job}/{kind}/{segment}``; the sidecar adds
+        ``.members.json``; a job's prefix ends in ``/`` so it never matches a longer id."""
+        key = layout.object_key("arch/", "n1", "job-1", SegmentKind.STDOUT, "stdout_000002.log.gz")
+        self.assertEqual(key, "arch/n1/job-1/stdout/stdout_000002.log.gz")
+        self.assertEqual(layout.sidecar_key(key), key + ".members.json")
+        self.assertEqual(layout.job_prefix("arch/", "n1", "job-1"), "arch/n1/job-1/")
+
+    def test_kinds_follow_the_enums(self):
+        """No kind list is hard-coded: [] means every SegmentKind, a Part name its kinds."""
+        self.assertEqual(layout.archived_kinds(()), tuple(SegmentKind))
+        self.assertEqual(layout.archived_kinds(["logs"]),
+                         (SegmentKind.STDOUT, SegmentKind.STDERR))
+        self.assertEqual(layout.archived_kinds(["metrics"]), (SegmentKind.METRICS,))
+
+
+class SidecarTests(SynchronousTestCase):
+    def test_walk_stops_before_a_member_being_written(self):
+        """The members of a segment are found by their headers; a torn last member (an
+        append in progress) is left out, so the uploaded extent ends at a member boundary;
+        the sidecar lists exactly those members and parses back."""
+        whole = _members(3)
+        extra = _members(1, 3)
+        path = os.path.join(_tempdir(self), "stdout.log.gz")
+        with open(path, "wb") as f:
+            f.write(whole + extra[: len(extra) // 2])
+        with open(path, "rb") as f:
+            members, end = layout.walk_members(f, os.path.getsize(path))
+        self.assertEqual(end, len(whole))
+        self.assertEqual([m.count for m in members], [1, 1, 1])
+        doc = layout.parse_sidecar(layout.sidecar_bytes("j", "n", "stdout", "stdout.log.gz",
+                                                        end, members))
+        self.assertEqual(doc["size"], len(whole))
+        self.assertEqual([m["offset"] for m in doc["members"]],
+                         [m.offset for m in members])
+        self.assertEqual(doc["members"][2]["first_ordinal"], 2)
+        self.assertEqual(doc["members"][0]["min_timestamp"], 0)
+
+    def test_parse_sidecar_rejects_other_documents(self):
+        """A JSON document that is not a sidecar of a known version is refused."""
+        with self.assertRaises(ValueError):
+            layout.parse_sidecar(b'{"format": "x", "version": 1}')
+
+
+TARGET = ("bucket", "p/", "n1")
+
+
+def _file(job="j", kind=SegmentKind.STDOUT, index=0, size=10, ino=1, mtime_ns=5, last=False):
+    name = segment_name(kind, index)
+    return layout.SegmentFile(job, kind, index, name, f"/x/{name}", size, ino, mtime_ns, last)
+
+
+class ManifestTests(SynchronousTestCase):
+    def test_match_needs_size_inode_and_mtime(self):
+        """A recorded segment matches only the same size, inode and mtime: a file that
+        grew, or was replaced, is due again."""
+        m = layout.Manifest.empty(TARGET)
+        f = _file()
+        m.record(f.job_id, f.kind, f.name, f.stamp)
+        self.assertTrue(m.matches(f))
+        for changed in (_file(size=11), _file(ino=2), _file(mtime_ns=6)):
+            self.assertFalse(m.matches(changed))
+
+    def test_round_trip_and_other_target(self):
+        """The manifest parses back to the same entries; one written for another bucket,
+        prefix or node is ignored (everything is uploaded to the new target)."""
+        m = layout.Manifest.empty(TARGET)
+        m.record("j", "stdout", "stdout.log.gz", (1, 2, 3))
+        m.deletes["gone"] = 7
+        again = layout.Manifest.from_bytes(m.to_bytes(), TARGET)
+        self.assertEqual((again.segments, again.deletes), (m.segments, m.deletes))
+        other = layout.Manifest.from_bytes(m.to_bytes(), ("bucket", "p/", "n2"))
+        self.assertEqual((other.segments, other.deletes), ({}, {}))
+        with self.assertRaises(ValueError):
+            layout.Manifest.from_bytes(b'{"version": 99}', TARGET)
+
+    def test_prune_drops_files_no_longer_on_disk(self):
+        """Entries of a scanned job's files that are gone are dropped; other jobs kept."""
+        m = layout.Manifest.empty(TARGET)
+        m.record("j", "stdout", "stdout.log.gz", (1, 1, 1))
+        m.record("j", "stdout", "stdout_000001.log.gz", (1, 1, 1))
+        m.record("k", "stdout", "stdout.log.gz", (1, 1, 1))
+        self.assertTrue(m.prune({"j": [_file(index=1)]}))
+        self.assertEqual(m.segments, {"j": {"stdout/stdout_000001.log.gz": [1, 1, 1]},
+                                      "k": {"stdout/stdout.log.gz": [1, 1, 1]}})
+
+    def test_write_is_atomic_and_replaces_a_symlink_not_its_target(self):
+        """thd_write_manifest leaves no temporary file, and a symlink planted at the
+        manifest's name is replaced, its target untouched."""
+        d = _tempdir(self)
+        target = os.path.join(d, "victim")
+        with open(target, "w") as f:
+            f.write("keep")
+        os.symlink(target, layout.manifest_path(d))
+        layout.thd_write_manifest(d, b'{"a": 1}\n')
+        self.assertFalse(os.path.islink(layout.manifest_path(d)))
+        self.assertEqual(layout.thd_read_manifest(d), b'{"a": 1}\n')
+        with open(target) as f:
+            self.assertEqual(f.read(), "keep")
+        self.assertEqual(sorted(os.listdir(d)), sorted(["victim", layout.MANIFEST_FILENAME]))
+
+
+class _Guard:
+    """An IArchivedCheck answering from sets."""
+
+    def __init__(self, parts=(), segments=()):
+        self.parts = set(parts)
+        self.segments = set(segments)
+
+    def part_archived(self, job_id, part):
+        return (job_id, part) in self.parts
+
+    def segment_archived(self, job_id, kind, index):
+        return (job_id, kind, index) in self.segments
+
+
+class RetentionGuardTests(SynchronousTestCase):
+    NOW = 1_800_000_000.0
+
+    def job(self, job_id, idle, logs=100, metrics=10, segments=None):
+        return JobUsage(job_id, self.NOW - idle, logs, metrics, segments)
+
+    def test_guard_is_an_interface(self):
+        """The guard is a zope Interface the shipper declares."""
+        self.assertTrue(IArchivedCheck.implementedBy(S3Shipper))
+
+    def test_age_spares_unarchived_jobs_and_parts(self):
+        """Age deletes a job whole only when all its parts are archived, and a part only
+        when that part is."""
+        policy = RetentionPolicy(log_max_age=10, metric_max_age=10, active_window=1)
+        guard = _Guard(parts={("all", Part.LOGS), ("all", Part.METRICS), ("logs", Part.LOGS)})
+        jobs = [self.job("all", 100), self.job("logs", 100), self.job("none", 100)]
+        plan = plan_retention(jobs, policy, self.NOW, archive=guard)
+        self.assertEqual([(a.what, a.job_id) for a in plan.actions],
+                         [("job", "all"), ("logs", "logs")])
+        # Without an archive every one of them goes.
+        self.assertEqual(plan_retention(jobs, policy, self.NOW).deleted_job_ids,
+                         ["all", "logs", "none"])
+
+    def test_cap_drops_only_archived_segments(self):
+        """The per-job cap skips closed segments the archive has not taken."""
+        segs = tuple(SegmentUsage(SegmentKind.STDOUT, i, 40, i == 3) for i in range(4))
+        policy = RetentionPolicy(job_max_bytes=50)
+        guard = _Guard(segments={("j", SegmentKind.STDOUT, 1)})
+        plan = plan_retention([self.job("j", 0, logs=160, metrics=0, segments=segs)], policy,
+                              self.NOW, archive=guard)
+        self.assertEqual([a.segment.index for a in plan.actions], [1])
+
+    def test_quota_and_free_floor_skip_unarchived_jobs(self):
+        """Quota and the free-space floor delete only archived jobs; the rest is reported
+        as shortfall."""
+        policy = RetentionPolicy(total_max_bytes=100, min_free_bytes=1000, active_window=1)
+        guard = _Guard(parts={("b", Part.LOGS), ("b", Part.METRICS)})
+        jobs = [self.job("a", 100), self.job("b", 50)]
+        plan = plan_retention(jobs, policy, self.NOW, free_bytes=0, archive=guard)
+        self.assertEqual(plan.deleted_job_ids, ["b"])
+        self.assertGreater(plan.shortfall_bytes, 0)
+
+
+# -- the shipper, on a clock with injected S3 calls ---------------------------------
+
+
+class _S3Calls:
+    """The module interface the shipper uses (archive/s3.py), recording calls."""
+
+    LocalUnreadable = type("LocalUnreadable", (Exception,), {})
+    UploadCancelled = type("UploadCancelled", (Exception,), {})
+
+    def __init__(self):
+        self.objects: dict = {}
+        self.fail: Exception | None = None
+        self.uploads = []
+        self.deleted_prefixes = []
+
+    def thd_upload_segment(self, client, cfg, node_id, f, stopping):
+        if self.fail is not None:
+            raise self.fail
+        with open(f.path, "rb") as fh:
+            data = fh.read()
+        key = layout.object_key(cfg.prefix, node_id, f.job_id, f.kind, f.name)
+        self.objects[key] = data
+        self.uploads.append(key)
+        st = os.stat(f.path)
+        return type("Up", (), {"size": len(data),
+                               "stamp": (st.st_size, st.st_ino, st.st_mtime_ns)})()
+
+    def thd_delete_prefix(self, client, bucket, prefix):
+        if self.fail is not None:
+            raise self.fail
+        keys = [k for k in self.objects if k.startswith(prefix)]
+        for k in keys:
+            del self.objects[k]
+        self.deleted_prefixes.append(prefix)
+        return len(keys)
+
+
+class _Storage:
+    def __init__(self):
+        self.infos = {}
+
+    def list_jobs(self):
+        return tuple(self.infos[j] for j in sorted(self.infos))
+
+    def job_info(self, job_id):
+        return self.infos.get(job_id)
+
+
+def _sync_run(f, *args, **kwargs):
+    return defer.maybeDeferred(f, *args, **kwargs)
+
+
+class ShipperTests(SynchronousTestCase):
+    def setUp(self):
+        self.dir = _tempdir(self)
+        self.clock = task.Clock()
+        self.wall = [1_800_000_000.0]
+        cfg = config_from_string(
+            "server: {nodeId: n1}\n"
+            "archive: {s3: {enabled: true, bucket: b, prefix: 'p/', interval: 10s,"
+            " uploadIdleAfter: 60s, retryInitial: 1s, retryMax: 8s,"
+            " backlogUnhealthyBytes: 100}}\n"
+        ).archive.s3
+        self.s3 = _S3Calls()
+        self.storage = _Storage()
+        self.shipper = S3Shipper(cfg, "n1", self.dir, self.storage, self.clock, _sync_run,
+                                 s3=self.s3, make_client=lambda cfg: object(),
+                                 wall=lambda: self.wall[0], jitter=lambda: 0.5)
+
+    def write(self, job, name, data, age):
+        """A segment file of ``job`` last written ``age`` seconds ago (wall clock)."""
+        d = os.path.join(self.dir, "logs", job)
+        os.makedirs(d, exist_ok=True)
+        path = os.path.join(d, name)
+        with open(path, "ab") as f:
+            f.write(data)
+        t = self.wall[0] - age
+        os.utime(path, (t, t))
+        self.storage.infos[job] = JobInfo(job, 0, int(t), 1, 0, 0, 0, 0)
+        return path
+
+    def test_closed_now_open_when_idle_regrown_again(self):
+        """A round uploads closed segments at once and the open one only once the job is
+        idle for uploadIdleAfter; an open segment that grows after its upload is uploaded
+        again; the manifest on disk records what was taken."""
+        self.write("j", "stdout.log.gz", b"a" * 10, age=5)
+        self.write("j", "stdout_000001.log.gz", b"b" * 10, age=5)
+        self.shipper.start()
+        self.assertEqual(self.s3.uploads, ["p/n1/j/stdout/stdout.log.gz"])
+        self.assertEqual(self.shipper.backlog_bytes, 0)
+        self.wall[0] += 60
+        self.clock.advance(10)
+        self.assertEqual(self.s3.uploads[-1], "p/n1/j/stdout/stdout_000001.log.gz")
+        on_disk = json.loads(layout.thd_read_manifest(self.dir))
+        self.assertEqual(sorted(on_disk["segments"]["j"]),
+                         ["stdout/stdout.log.gz", "stdout/stdout_000001.log.gz"])
+        self.write("j", "stdout_000001.log.gz", b"c" * 5, age=0)  # active again
+        self.clock.advance(10)
+        self.assertEqual(len(self.s3.uploads), 2)
+        self.assertEqual(self.shipper.backlog_bytes, 0, "an active open segment is not due")
+        self.wall[0] += 61
+        self.clock.advance(10)
+        self.assertEqual(len(self.s3.uploads), 3)
+        self.assertEqual(self.s3.objects["p/n1/j/stdout/stdout_000001.log.gz"], b"b" * 10 + b"c" * 5)
+
+    def test_failures_back_off_with_jitter_and_degrade_health(self):
+        """While S3 fails, retries wait retryInitial doubling to retryMax (x jitter, here
+        x1.0); the backlog stays measured every round and health turns unhealthy past
+        backlogUnhealthyBytes; once S3 answers again everything is uploaded."""
+        self.write("j", "stdout.log.gz", b"a" * 200, age=5)
+        self.write("j", "stdout_000001.log.gz", b"b", age=5)
+        self.s3.fail = ConnectionError("refused")
+        self.shipper.start()
+        self.assertEqual(self.shipper.upload_errors, 1)
+        self.assertEqual(self.shipper._retry_at, 1.0)
+        ok, detail, extra = self.shipper.health_check()
+        self.assertFalse(ok)
+        self.assertIn("backlogUnhealthyBytes", detail)
+        self.assertEqual(extra["backlog_bytes"], 200)
+        delays = []
+        for _ in range(5):
+            before = self.shipper.upload_errors
+            while self.shipper.upload_errors == before:
+                self.clock.advance(1)
+            delays.append(self.shipper._retry_at - self.clock.seconds())
+        self.assertEqual(delays, [2.0, 4.0, 8.0, 8.0, 8.0])
+        self.s3.fail = None
+        self.clock.advance(10)
+        self.assertEqual(self.s3.uploads, ["p/n1/j/stdout/stdout.log.gz"])
+        self.assertTrue(self.shipper.health_check()[0])
+
+    def test_guard_answers_from_scan_and_manifest(self):
+        """segment_archived and part_archived are True only for what is uploaded as it is
+        on disk; a job written since the scan is not known to be archived."""
+        self.write("j", "stdout.log.gz", b"a", age=100)
+        self.write("j", "stdout_000001.log.gz", b"b", age=100)
+        self.shipper.start()
+        self.assertTrue(self.shipper.segment_archived("j", SegmentKind.STDOUT, 0))
+        self.assertTrue(self.shipper.segment_archived("j", SegmentKind.STDOUT, 1))
+        self.assertFalse(self.shipper.segment_archived("j", SegmentKind.STDOUT, 2))
+        self.assertTrue(self.shipper.part_archived("j", Part.LOGS))
+        self.assertTrue(self.shipper.part_archived("j", Part.METRICS))  # nothing to take
+        self.assertFalse(self.shipper.part_archived("unknown", Part.LOGS))
+        self.write("j", "stdout_000001.log.gz", b"c", age=0)
+        self.assertFalse(self.shipper.part_archived("j", Part.LOGS))
+
+    def test_delete_is_durable_first_then_carried_out_and_retried(self):
+        """DeleteJob's deletion is in the manifest on disk before it is acknowledged, the
+        job is not uploaded again meanwhile, and the deletion is retried until S3 takes it."""
+        self.write("j", "stdout.log.gz", b"a", age=5)
+        self.write("j", "stdout_000001.log.gz", b"b", age=5)
+        self.shipper.start()
+        self.s3.fail = ConnectionError("refused")
+        # DeleteJob removes the job locally first (tap.build_queries), then here.
+        shutil.rmtree(os.path.join(self.dir, "logs", "j"))
+        del self.storage.infos["j"]
+        done = self.shipper.delete_job("j")
+        self.assertTrue(done.called)
+        self.assertIn("j", json.loads(layout.thd_read_manifest(self.dir))["deletes"])
+        self.clock.advance(10)
+        self.assertEqual(self.s3.deleted_prefixes, [])
+        self.s3.fail = None
+        self.clock.advance(10)
+        self.assertEqual(self.s3.deleted_prefixes, ["p/n1/j/"])
+        self.assertEqual(self.s3.objects, {})
+        self.assertEqual(json.loads(layout.thd_read_manifest(self.dir))["deletes"], {})
+
+    def test_stop_waits_for_the_round_and_sets_the_cancel_flag(self):
+        """stop() stops the rounds, sets the flag multipart uploads check between parts,
+        and waits for an upload in flight."""
+        self.write("j", "stdout.log.gz", b"a", age=5)
+        self.write("j", "stdout_000001.log.gz", b"b", age=5)
+        pending = defer.Deferred()
+        seen = []
+
+        def run(f, *args, **kwargs):
+            if f == self.s3.thd_upload_segment:
+                seen.append(args[-1])
+                return pending
+            return defer.maybeDeferred(f, *args, **kwargs)
+
+        self.shipper._run = run
+        self.shipper.start()
+        stopped = self.shipper.stop()
+        self.assertIsInstance(seen[0], threading.Event)
+        self.assertTrue(seen[0].is_set())
+        self.assertFalse(stopped.called)
+        pending.errback(self.s3.UploadCancelled())
+        self.assertTrue(stopped.called)
