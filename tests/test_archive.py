@@ -391,3 +391,96 @@ class ShipperTests(SynchronousTestCase):
         self.assertFalse(stopped.called)
         pending.errback(self.s3.UploadCancelled())
         self.assertTrue(stopped.called)
+
+
+# -- configuration and wiring ----------------------------------------------------------
+
+from tests.test_config import ConfigErrorMixin  # noqa: E402
+
+_ON = "server: {nodeId: n1}\narchive:\n  s3:\n    enabled: true\n    bucket: b\n"
+
+
+class ArchiveConfigTests(SynchronousTestCase, ConfigErrorMixin):
+    def test_defaults_off(self):
+        """Archiving is off by default, every data kind when on, 5-minute idle upload."""
+        s3 = config_from_string("").archive.s3
+        self.assertFalse(s3.enabled)
+        self.assertEqual((s3.kinds, s3.upload_idle_after, s3.sse), ((), 300.0, "none"))
+
+    def test_errors_name_the_key(self):
+        """Each invalid archive setting is an error naming its key (and the file)."""
+        self.assertConfigError("archive: {s3: {enabled: true}}", "archive.s3.bucket",
+                               "must be set")
+        self.assertConfigError("archive: {s3: {enabled: true, bucket: b}}", "server.nodeId",
+                               "object key")
+        self.assertConfigError("server: {nodeId: a/b}\narchive: {s3: {enabled: true, bucket: b}}",
+                               "server.nodeId", "'/'")
+        self.assertConfigError("archive: {s3: {kinds: [logs, traces]}}", "archive.s3.kinds",
+                               "traces", "logs, metrics")
+        self.assertConfigError("archive: {s3: {kinds: logs}}", "archive.s3.kinds", "list")
+        self.assertConfigError("archive: {s3: {multipartThreshold: 1MiB}}",
+                               "archive.s3.multipartThreshold", "at least")
+        self.assertConfigError("archive: {s3: {sse: rot13}}", "archive.s3.sse", "sse-kms")
+        self.assertConfigError(_ON + "    sseKmsKeyId: k\n", "archive.s3.sse", "sse-kms")
+        self.assertConfigError("archive: {s3: {bucket: 5}}", "archive.s3.bucket", "string")
+        self.assertConfigError("archive: {s3: {region2: x}}", "archive.s3.region2", "unknown key")
+
+    def test_aliases(self):
+        """sse accepts the S3 header values too."""
+        cfg = config_from_string(_ON + "    sse: aws:kms\n    sseKmsKeyId: k\n").archive.s3
+        self.assertEqual(cfg.sse, "sse-kms")
+
+
+class WiringTests(SynchronousTestCase):
+    def setUp(self):
+        self.dir = _tempdir(self)
+
+    def build(self, extra: str):
+        from prometheus_client import CollectorRegistry
+        from twisted.internet.testing import MemoryReactorClock
+
+        from joblet_persist import tap
+
+        text = (f"server: {{grpcSocket: {self.dir}/g.sock, nodeId: n1}}\n"
+                f"ipc: {{socket: {self.dir}/i.sock}}\n"
+                f"storage: {{dataDir: {self.dir}/data}}\n"
+                "monitoring: {enabled: false}\n" + extra)
+        return tap.build_service(config_from_string(text), MemoryReactorClock(),
+                                 registry=CollectorRegistry())
+
+    def test_archive_services_start_after_retention_and_stop_before_the_pool(self):
+        """With archive.s3 on, its pool and shipper start after retention (storage and the
+        writer run) and stop before them; health has an 'archive' check; retention is
+        guarded by the shipper."""
+        root = self.build("archive: {s3: {enabled: true, bucket: b}}\n")
+        names = [child.name for child in root]
+        self.assertEqual(names[names.index("retention") + 1:names.index("grpc")],
+                         ["archive-pool", "archive"])
+        shipper = root.components["archive"]
+        self.assertIsInstance(shipper, S3Shipper)
+        self.assertIs(root.components["retention"]._archive, shipper)
+        self.assertIn("archive", root.components["health"]._checks)
+
+    def test_off_builds_nothing_and_imports_no_boto3(self):
+        """With archiving off (the default) no archive service exists and building the whole
+        service does not import boto3 (checked in a fresh interpreter)."""
+        root = self.build("")
+        self.assertNotIn("archive", [child.name for child in root])
+        self.assertIsNone(root.components["archive"])
+        import subprocess
+        import sys
+
+        code = (
+            "import sys\n"
+            "from prometheus_client import CollectorRegistry\n"
+            "from twisted.internet.testing import MemoryReactorClock\n"
+            "from joblet_persist import tap\n"
+            "from joblet_persist.config import config_from_string\n"
+            f"c = config_from_string('storage: {{dataDir: {self.dir}/d2}}\\n"
+            f"ipc: {{socket: {self.dir}/i2.sock}}\\nserver: {{grpcSocket: {self.dir}/g2.sock}}')\n"
+            "tap.build_service(c, MemoryReactorClock(), registry=CollectorRegistry())\n"
+            "print('boto3' in sys.modules, 'botocore' in sys.modules)\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=60)
+        self.assertEqual(out.stdout.strip(), "False False", out.stderr)
