@@ -369,6 +369,30 @@ class ShipperTests(SynchronousTestCase):
         self.assertEqual(self.s3.objects, {})
         self.assertEqual(json.loads(layout.thd_read_manifest(self.dir))["deletes"], {})
 
+    def test_archived_jobs_are_not_listed_again_until_written(self):
+        """A job found fully archived (and not written since) is not rescanned each round;
+        a write (a new last_updated) makes the next round list it again."""
+        scanned = []
+        real = layout.thd_scan_jobs
+
+        def run(f, *args, **kwargs):
+            if f is real:
+                scanned.append(sorted(args[1]))
+            return defer.maybeDeferred(f, *args, **kwargs)
+
+        self.shipper._run = run
+        self.write("j", "stdout.log.gz", b"a", age=500)
+        self.write("k", "stdout.log.gz", b"a", age=0)
+        self.shipper.start()
+        self.clock.advance(10)
+        self.clock.advance(10)
+        self.assertEqual(scanned, [["j", "k"], ["k"], ["k"]])
+        self.write("j", "stdout_000001.log.gz", b"b", age=0)
+        self.clock.advance(10)
+        self.assertEqual(scanned[-1], ["j", "k"])
+        # j's first segment, now closed, did not change: it is not uploaded twice.
+        self.assertEqual(self.s3.uploads, ["p/n1/j/stdout/stdout.log.gz"])
+
     def test_stop_waits_for_the_round_and_sets_the_cancel_flag(self):
         """stop() stops the rounds, sets the flag multipart uploads check between parts,
         and waits for an upload in flight."""
@@ -429,6 +453,26 @@ class ArchiveConfigTests(SynchronousTestCase, ConfigErrorMixin):
         """sse accepts the S3 header values too."""
         cfg = config_from_string(_ON + "    sse: aws:kms\n    sseKmsKeyId: k\n").archive.s3
         self.assertEqual(cfg.sse, "sse-kms")
+
+
+class ArchiveMetricsDocumentedTests(SynchronousTestCase):
+    def test_every_archive_metric_documented(self):
+        """docs/operations.md lists every metric an archive exports."""
+        from prometheus_client import CollectorRegistry
+
+        from joblet_persist.metrics import PersistMetrics
+
+        m = PersistMetrics(CollectorRegistry(), process=False)
+        source = type("S", (), {"backlog_bytes": 0, "backlog_segments": 0,
+                                "oldest_unarchived_seconds": lambda self: 0.0})()
+        m.archive("s3", source)
+        names = {f.name + ("_total" if f.type == "counter" else "")
+                 for f in m.registry.collect() if f.name.startswith("persist_archive")}
+        self.assertEqual(len(names), 7)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        with open(os.path.join(root, "docs", "operations.md")) as f:
+            doc = f.read()
+        self.assertEqual(sorted(n for n in names if f"`{n}`" not in doc), [])
 
 
 class WiringTests(SynchronousTestCase):

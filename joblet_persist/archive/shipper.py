@@ -83,6 +83,7 @@ class S3Shipper:
         self._loop: Optional[task.LoopingCall] = None
         self._round: Optional[defer.Deferred] = None
         self._scan: dict = {}
+        self._settled: dict = {}  # job -> (last_updated,) when found fully archived
         self._scan_wall = 0.0
         self._failures = 0
         self._retry_at = 0.0
@@ -206,6 +207,7 @@ class S3Shipper:
         self._manifest.deletes[job_id] = int(self._wall())
         self._manifest.forget_job(job_id)
         self._scan.pop(job_id, None)
+        self._settled.pop(job_id, None)
         return self._write_manifest()
 
     # -- rounds ---------------------------------------------------------------------
@@ -251,14 +253,24 @@ class S3Shipper:
 
     @defer.inlineCallbacks
     def _rescan(self):
-        jobs = [info.job_id for info in self._storage.list_jobs()
-                if info.job_id not in self._manifest.deletes]
+        infos = [info for info in self._storage.list_jobs()
+                 if info.job_id not in self._manifest.deletes]
+        # A job found fully archived by an earlier scan and not written since is not listed
+        # again: a round costs directory listings for the jobs that changed, not for all.
+        settled = {
+            info.job_id for info in infos
+            if self._settled.get(info.job_id, (None,))[0] == info.last_updated
+        }
+        jobs = [info.job_id for info in infos if info.job_id not in settled]
         wall = self._wall()
-        scanned = yield self._run(layout.thd_scan_jobs, self._data_dir, jobs, self._kinds)
+        fresh = yield self._run(layout.thd_scan_jobs, self._data_dir, jobs, self._kinds)
+        scanned = {job_id: self._scan[job_id] for job_id in settled if job_id in self._scan}
+        scanned.update(fresh)
         self._scan, self._scan_wall = scanned, wall
+        self._settled = {job_id: v for job_id, v in self._settled.items() if job_id in settled}
         for job_id in [j for j in self._manifest.segments if j not in scanned]:
             self._manifest.forget_job(job_id)  # deleted locally (retention): nothing to match
-        self._manifest.prune(scanned)
+        self._manifest.prune(fresh)
         idle_ns = int((wall - self._cfg.upload_idle_after) * 1e9)
         due = [
             f for files in scanned.values() for f in files
@@ -266,7 +278,16 @@ class S3Shipper:
         ]
         due.sort(key=lambda f: (f.mtime_ns, f.job_id, f.kind, f.index))
         self._set_backlog(due)
+        self._settle(infos, fresh, wall)
         return due
+
+    def _settle(self, infos, fresh: dict, wall: float) -> None:
+        """Remember the jobs of ``fresh`` found fully archived and not written since."""
+        for info in infos:
+            files = fresh.get(info.job_id)
+            if (files is not None and info.last_updated < int(wall) - 1
+                    and all(self._manifest.matches(f) for f in files)):
+                self._settled[info.job_id] = (info.last_updated,)
 
     def _set_backlog(self, due) -> None:
         self.backlog_bytes = sum(f.size for f in due)
@@ -306,6 +327,10 @@ class S3Shipper:
             self._failures, self.last_error = 0, None
             self._set_backlog(remaining)
             yield self._write_manifest()
+        if due and not self._stopping.is_set():
+            self._settle(self._storage.list_jobs(), {j: self._scan[j] for j in
+                                                     {f.job_id for f in due} if j in self._scan},
+                         self._scan_wall)
 
     def _remote_failed(self, what: str, error: Exception) -> None:
         self._failures += 1

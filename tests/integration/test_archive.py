@@ -211,21 +211,23 @@ class ArchiveTests(_Base):
         proc = await self.start_twistd(self.config())
         jobs = ("job-a", "job-b")
         sent = {(job, s): bytearray() for job in jobs for s in (STDOUT, STDERR)}
-        frames = bytearray()
-        for seq in range(120):
-            for job in jobs:
-                stream = STDOUT if seq % 3 else STDERR
-                content = _content(job, stream, seq)
-                sent[(job, stream)] += content
-                frames += log_frame(job, stream, 1_700_000_000_000_000_000 + seq, seq, content)
-                frames += metric_frame(job, 1_700_000_000_000_000_000 + seq, seq,
-                                       metric_values(seq))
-        await self.send(bytes(frames))
-        await wait_for(
-            lambda: threads.deferToThread(_log_count, self.grpc_sock, "job-b").addCallback(
-                lambda n: n == 120),
-            what="frames stored",
-        )
+        for chunk in range(4):  # several appends, so that segments rotate
+            frames = bytearray()
+            for seq in range(chunk * 30, chunk * 30 + 30):
+                for job in jobs:
+                    stream = STDOUT if seq % 3 else STDERR
+                    content = _content(job, stream, seq)
+                    sent[(job, stream)] += content
+                    frames += log_frame(job, stream, 1_700_000_000_000_000_000 + seq, seq,
+                                        content)
+                    frames += metric_frame(job, 1_700_000_000_000_000_000 + seq, seq,
+                                           metric_values(seq))
+            await self.send(bytes(frames))
+            await wait_for(
+                lambda n=chunk * 30 + 30: threads.deferToThread(
+                    _log_count, self.grpc_sock, "job-b").addCallback(lambda c: c == n),
+                what="frames stored",
+            )
         await self.wait_archived()
         remote = await threads.deferToThread(self.objects)
         for job in jobs:
