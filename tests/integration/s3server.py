@@ -6,7 +6,8 @@ loopback port, waits until it answers, and stops it at the end of the test;
 data in memory: a restarted server is empty).  ``S3Gate`` is a TCP forwarder
 of the test's own between the service and the server: ``close()`` refuses
 new connections and drops open ones (S3 unreachable, while the server keeps
-its objects), ``open()`` lets them through again on the same port.
+its objects), ``open()`` lets them through again on the same port, and with
+``slowdown = True`` every new connection is answered with S3's 503 SlowDown.
 
 No boto3 client is mocked or patched: the service talks HTTP to a real
 S3-compatible server.  The service finds credentials in the standard AWS
@@ -133,13 +134,40 @@ class S3Server:
         ).client("s3", endpoint_url=self.url, config=Config(s3={"addressing_style": "path"}))
 
 
+_SLOWDOWN_BODY = (
+    b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
+_SLOWDOWN = (
+    b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nConnection: close\r\n"
+    b"Content-Length: %d\r\n\r\n" % len(_SLOWDOWN_BODY)
+) + _SLOWDOWN_BODY
+
+
+class _SlowDown(protocol.Protocol):
+    """Answers the first request of a connection with S3's 503 SlowDown, then closes."""
+
+    def __init__(self):
+        self.seen = b""
+
+    def dataReceived(self, data):
+        self.seen += data
+        if b"\r\n\r\n" in self.seen and self.transport is not None:
+            self.transport.write(_SLOWDOWN)
+            self.transport.loseConnection()
+
+
 class _GateFactory(portforward.ProxyFactory):
     def __init__(self, host, port, gate):
         super().__init__(host, port)
         self.gate = gate
 
     def buildProtocol(self, addr):
-        p = super().buildProtocol(addr)
+        if self.gate.slowdown:
+            p = _SlowDown()
+            self.gate.slowdowns += 1
+        else:
+            p = super().buildProtocol(addr)
         self.gate.connections.add(p)
         return p
 
@@ -152,6 +180,9 @@ class S3Gate:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.connections: set = set()
+        #: While True, every connection gets a 503 SlowDown instead of reaching the server.
+        self.slowdown = False
+        self.slowdowns = 0
         self._listening = None
         testcase.addCleanup(self.close)
 

@@ -426,3 +426,44 @@ class CrashTests(_Base):
                      if k.endswith(".log.gz")])
         self.assertTrue(any("-" in etag for etag in heads), f"no multipart upload: {heads}")
         await self.stop(proc)
+
+
+class SlowDownTests(_Base):
+    async def test_503_slowdown_is_retried_until_everything_is_archived(self):
+        """While every S3 request is answered with 503 SlowDown, ingest goes on, the upload
+        errors are counted, the health detail says uploads are failing (without turning
+        unhealthy below the backlog threshold); once S3 accepts requests again every segment
+        is archived byte for byte."""
+        self.gate.slowdown = True
+        proc = await self.start_twistd(self.config())
+        job = "job-slow"
+        sent = bytearray()
+        for chunk in range(3):
+            frames = bytearray()
+            for seq in range(chunk * 30, chunk * 30 + 30):
+                content = _content(job, STDOUT, seq)
+                sent += content
+                frames += log_frame(job, STDOUT, 1_700_000_000_000_000_000 + seq, seq, content)
+            await self.send(bytes(frames))
+            await wait_for(
+                lambda n=chunk * 30 + 30: threads.deferToThread(
+                    _log_count, self.grpc_sock, job).addCallback(lambda c: c == n),
+                what="frames stored",
+            )
+
+        def failing_but_healthy():
+            scraped = self.scrape()
+            status, doc = self.health()
+            check = doc["checks"]["archive"]
+            return (scraped['persist_archive_upload_errors_total{backend="s3"}'] >= 2
+                    and status == 200 and check["ok"] and "SlowDown" in check["detail"])
+
+        await wait_for(lambda: threads.deferToThread(failing_but_healthy), timeout=20,
+                       what="503s counted and reported")
+        self.assertGreater(self.gate.slowdowns, 0)
+        self.assertEqual(await threads.deferToThread(self.keys), [])
+        self.gate.slowdown = False
+        await self.wait_archived()
+        remote = await threads.deferToThread(self.objects)
+        self.check_stream(remote, job, "stdout", bytes(sent))
+        await self.stop(proc)
