@@ -393,6 +393,30 @@ class ShipperTests(SynchronousTestCase):
         # j's first segment, now closed, did not change: it is not uploaded twice.
         self.assertEqual(self.s3.uploads, ["p/n1/j/stdout/stdout.log.gz"])
 
+    def test_damaged_or_planted_manifest_means_uploading_again(self):
+        """A manifest that is not JSON, or a symlink planted at its name, is logged and
+        replaced: the shipper starts and uploads every segment again."""
+        self.write("j", "stdout.log.gz", b"a", age=5)
+        self.write("j", "stdout_000001.log.gz", b"b", age=5)
+        for plant in ("garbage", "symlink"):
+            path = layout.manifest_path(self.dir)
+            if os.path.lexists(path):
+                os.unlink(path)
+            if plant == "garbage":
+                with open(path, "wb") as f:
+                    f.write(b"\xff not json")
+            else:
+                os.symlink(os.path.join(self.dir, "elsewhere"), path)
+            self.s3.uploads.clear()
+            shipper = S3Shipper(self.shipper._cfg, "n1", self.dir, self.storage, self.clock,
+                                _sync_run, s3=self.s3, make_client=lambda cfg: object(),
+                                wall=lambda: self.wall[0], jitter=lambda: 0.5)
+            shipper.start()
+            shipper.stop()
+            self.assertEqual(self.s3.uploads, ["p/n1/j/stdout/stdout.log.gz"], plant)
+            self.assertFalse(os.path.islink(path))
+            self.assertEqual(len(self.flushLoggedErrors()), 0)
+
     def test_stop_waits_for_the_round_and_sets_the_cancel_flag(self):
         """stop() stops the rounds, sets the flag multipart uploads check between parts,
         and waits for an upload in flight."""

@@ -103,15 +103,16 @@ class S3Shipper:
     @defer.inlineCallbacks
     def start(self):
         """Read the manifest, build the client (on the pool), start the rounds."""
-        data = yield self._run(layout.thd_read_manifest, self._data_dir)
-        if data is not None:
-            try:
+        try:
+            data = yield self._run(layout.thd_read_manifest, self._data_dir)
+            if data is not None:
                 self._manifest = layout.Manifest.from_bytes(data, self._target)
-            except ValueError as e:
-                self.log.error(
-                    "archive: {path} is unreadable ({error}); every segment is uploaded again",
-                    path=layout.manifest_path(self._data_dir), error=str(e),
-                )
+        except (OSError, ValueError) as e:
+            # A damaged or refused (symlink) manifest costs uploads again, never the service.
+            self.log.error(
+                "archive: {path} is unreadable ({error}); every segment is uploaded again",
+                path=layout.manifest_path(self._data_dir), error=str(e),
+            )
         self._client = yield self._run(self._make_client, self._cfg)
         self._loop = task.LoopingCall(self._start_round)
         self._loop.clock = self._clock
