@@ -393,6 +393,26 @@ class ShipperTests(SynchronousTestCase):
         # j's first segment, now closed, did not change: it is not uploaded twice.
         self.assertEqual(self.s3.uploads, ["p/n1/j/stdout/stdout.log.gz"])
 
+    def test_manifest_written_when_uploads_end_by_failure(self):
+        """The manifest is rewritten at most once per manifest_interval during uploads, and
+        always when they end, also by an S3 failure: what was taken is on disk."""
+        for i in range(4):
+            self.write("j", segment_name(SegmentKind.STDOUT, i), b"x", age=100 - i)
+        self.shipper.manifest_interval = 1000
+        calls = []
+        real = self.s3.thd_upload_segment
+
+        def upload(client, cfg, node_id, f, stopping):
+            calls.append(f.name)
+            if len(calls) == 3:
+                raise ConnectionError("reset")
+            return real(client, cfg, node_id, f, stopping)
+
+        self.s3.thd_upload_segment = upload
+        self.shipper.start()
+        on_disk = json.loads(layout.thd_read_manifest(self.dir))["segments"]["j"]
+        self.assertEqual(sorted(on_disk), ["stdout/stdout.log.gz", "stdout/stdout_000001.log.gz"])
+
     def test_damaged_or_planted_manifest_means_uploading_again(self):
         """A manifest that is not JSON, or a symlink planted at its name, is logged and
         replaced: the shipper starts and uploads every segment again."""

@@ -13,8 +13,10 @@ already on disk, so nothing ingest or queries do ever waits for S3.  Every
    index of its kind) or it is the open segment of a job idle for
    ``uploadIdleAfter`` (no write for that long).  The backlog (bytes and age of
    the due files) is what the metrics and the health check report.
-3. Due files are uploaded oldest first (``s3.thd_upload_segment``); after each
-   one the manifest is rewritten atomically.  A file that grows after its
+3. Due files are uploaded oldest first (``s3.thd_upload_segment``); the
+   manifest is rewritten atomically at most once a second while they go on,
+   and at the end of the round (it is rewritten whole: at most once a second
+   keeps that cost off the reactor's hot path with many jobs).  A file that grows after its
    upload (the open segment of a job that became active again) no longer
    matches and is uploaded again, whole, once it is due again.
 
@@ -59,6 +61,10 @@ class S3Shipper:
 
     log = Logger()
 
+    #: The manifest is rewritten at most this often while uploads go on (and at the end of
+    #: every round): a crash uploads again what the last second took.
+    manifest_interval = 1.0
+
     def __init__(self, cfg, node_id: str, data_dir: str, storage, clock, run, *,
                  s3, make_client: Callable, metrics=None, wall: Callable[[], float] = time.time,
                  jitter: Callable[[], float] = random.random, modes=None):
@@ -87,6 +93,8 @@ class S3Shipper:
         self._scan_wall = 0.0
         self._failures = 0
         self._retry_at = 0.0
+        self._unwritten = 0  # uploads recorded in memory, not yet in the manifest file
+        self._written_at = 0.0
         self.last_error: Optional[str] = None
         self.backlog_bytes = 0
         self.backlog_segments = 0
@@ -297,6 +305,20 @@ class S3Shipper:
 
     @defer.inlineCallbacks
     def _upload(self, due):
+        try:
+            yield self._upload_due(due)
+        finally:
+            # Whatever ended the uploads (done, S3 failing, stopping), what they took is
+            # written down before the round ends.
+            if self._unwritten:
+                yield self._flush_manifest()
+        if due and not self._stopping.is_set():
+            self._settle(self._storage.list_jobs(), {j: self._scan[j] for j in
+                                                     {f.job_id for f in due} if j in self._scan},
+                         self._scan_wall)
+
+    @defer.inlineCallbacks
+    def _upload_due(self, due):
         remaining = list(due)
         while remaining:
             f = remaining[0]
@@ -327,11 +349,14 @@ class S3Shipper:
                 self._metrics.uploaded(up.size)
             self._failures, self.last_error = 0, None
             self._set_backlog(remaining)
-            yield self._write_manifest()
-        if due and not self._stopping.is_set():
-            self._settle(self._storage.list_jobs(), {j: self._scan[j] for j in
-                                                     {f.job_id for f in due} if j in self._scan},
-                         self._scan_wall)
+            self._unwritten += 1
+            if self._clock.seconds() - self._written_at >= self.manifest_interval:
+                yield self._flush_manifest()
+
+    def _flush_manifest(self):
+        self._unwritten = 0
+        self._written_at = self._clock.seconds()
+        return self._write_manifest()
 
     def _remote_failed(self, what: str, error: Exception) -> None:
         self._failures += 1
