@@ -467,3 +467,38 @@ class SlowDownTests(_Base):
         remote = await threads.deferToThread(self.objects)
         self.check_stream(remote, job, "stdout", bytes(sent))
         await self.stop(proc)
+
+
+class ServerRestartTests(_Base):
+    async def test_s3_server_process_killed_and_restarted_on_the_same_port(self):
+        """The S3 server process itself dies (SIGKILL) while segments are waiting to be
+        uploaded and is started again on the same port (empty, like a store that lost
+        nothing we had sent yet): the errors are counted meanwhile, and once the bucket is
+        back every segment is archived byte for byte."""
+        proc = await self.start_twistd(self.config())
+        await self.server.stop()
+        job = "job-restart"
+        sent = bytearray()
+        for chunk in range(3):
+            frames = bytearray()
+            for seq in range(chunk * 30, chunk * 30 + 30):
+                content = _content(job, STDERR, seq)
+                sent += content
+                frames += log_frame(job, STDERR, 1_700_000_000_000_000_000 + seq, seq, content)
+            await self.send(bytes(frames))
+            await wait_for(
+                lambda n=chunk * 30 + 30: threads.deferToThread(
+                    _log_count, self.grpc_sock, job).addCallback(lambda c: c == n),
+                what="frames stored",
+            )
+        await wait_for(
+            lambda: threads.deferToThread(self.scrape).addCallback(
+                lambda m: m['persist_archive_upload_errors_total{backend="s3"}'] >= 1),
+            what="upload errors while the server is down",
+        )
+        await self.server.start()
+        await threads.deferToThread(self.s3.create_bucket, Bucket=BUCKET)
+        await self.wait_archived()
+        remote = await threads.deferToThread(self.objects)
+        self.check_stream(remote, job, "stderr", bytes(sent))
+        await self.stop(proc)
