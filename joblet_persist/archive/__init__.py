@@ -1,0 +1,1 @@
+"""Remote copies of the stored data, fed from the local segments (docs/operations.md, "S3 archive")."""
