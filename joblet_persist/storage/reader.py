@@ -62,6 +62,10 @@ from joblet_persist.storage.format import (
 )
 from joblet_persist.storage.legacy import parse_legacy_log_member, parse_legacy_metric_member
 
+#: How many merge passes may run between two checks of cancelled() (besides the check
+#: before every member load).
+_CANCEL_CHECK_PASSES = 64
+
 __all__ = ["SegmentView", "find_disorder", "iter_log_chunks", "iter_logs", "iter_metrics"]
 
 _log = logging.getLogger("joblet_persist.storage")
@@ -517,8 +521,13 @@ def _merged(q: _Query, sources: list, offset: int, limit: int, loader) -> Iterat
         q.skipped(start)
         cursors.append(_Cursor(q, s, start, x, loader))
     emitted = 0
+    passes = 0
     while True:
-        if q.cancelled():
+        # Every pass consumes a record or loads a member, so the walk ends on any input;
+        # cancellation is checked before each load and every _CANCEL_CHECK_PASSES passes
+        # (a check per pass costs streams that alternate often a call per short run).
+        passes += 1
+        if not passes % _CANCEL_CHECK_PASSES and q.cancelled():
             return
         best = best_key = horizon = None
         best_exact = False
@@ -532,6 +541,8 @@ def _merged(q: _Query, sources: list, offset: int, limit: int, loader) -> Iterat
         if best is None:
             return
         if not best_exact:
+            if q.cancelled():
+                return
             best.load()
             continue
         need = extra + limit - emitted if limit else None
