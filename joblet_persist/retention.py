@@ -46,11 +46,12 @@ class Target(enum.StrEnum):
     JOB = "job"
     LOGS = Part.LOGS.value
     METRICS = Part.METRICS.value
+    EVENTS = Part.EVENTS.value
     SEGMENT = "segment"
 
 
 #: The Part a part-deleting Target deletes (storage.delete_part), and back.
-PART_OF_TARGET = {Target.LOGS: Part.LOGS, Target.METRICS: Part.METRICS}
+PART_OF_TARGET = {Target.LOGS: Part.LOGS, Target.METRICS: Part.METRICS, Target.EVENTS: Part.EVENTS}
 TARGET_OF_PART = {part: target for target, part in PART_OF_TARGET.items()}
 
 
@@ -58,6 +59,7 @@ TARGET_OF_PART = {part: target for target, part in PART_OF_TARGET.items()}
 class RetentionPolicy:
     log_max_age: float = 0.0  # seconds; 0 disables
     metric_max_age: float = 0.0
+    event_max_age: float = 0.0
     job_max_bytes: int = 0
     total_max_bytes: int = 0
     min_free_bytes: int = 0
@@ -68,6 +70,7 @@ class RetentionPolicy:
         return cls(
             log_max_age=retention.log_max_age,
             metric_max_age=retention.metric_max_age,
+            event_max_age=retention.event_max_age,
             job_max_bytes=retention.job_max_bytes,
             total_max_bytes=retention.total_max_bytes,
             min_free_bytes=retention.min_free_bytes,
@@ -83,10 +86,11 @@ class JobUsage:
     metric_bytes: int
     # Segment detail; only needed (and only gathered) for jobs over the per-job cap.
     segments: Optional[tuple[SegmentUsage, ...]] = None
+    event_bytes: int = 0  # telemetry events (all kinds)
 
     @property
     def size_bytes(self) -> int:
-        return self.log_bytes + self.metric_bytes
+        return self.log_bytes + self.metric_bytes + self.event_bytes
 
 
 @dataclass(frozen=True)
@@ -140,20 +144,20 @@ def plan_retention(
         size = job.size_bytes
         if not active(job):
             idle = now - job.last_updated
-            logs_old = policy.log_max_age > 0 and idle > policy.log_max_age
-            metrics_old = policy.metric_max_age > 0 and idle > policy.metric_max_age
-            if (logs_old or job.log_bytes == 0) and (metrics_old or job.metric_bytes == 0) and (
-                logs_old or metrics_old
-            ):
+            parts = (
+                (Target.LOGS, job.log_bytes, policy.log_max_age, "log age"),
+                (Target.METRICS, job.metric_bytes, policy.metric_max_age, "metric age"),
+                (Target.EVENTS, job.event_bytes, policy.event_max_age, "event age"),
+            )
+            old = [max_age > 0 and idle > max_age for _t, _b, max_age, _r in parts]
+            if any(old) and all(o or nbytes == 0 for o, (_t, nbytes, _a, _r) in zip(old, parts)):
                 actions.append(Action(Target.JOB, job.job_id, size, "age"))
                 deleted.add(job.job_id)
                 continue
-            if logs_old and job.log_bytes:
-                actions.append(Action(Target.LOGS, job.job_id, job.log_bytes, "log age"))
-                size -= job.log_bytes
-            if metrics_old and job.metric_bytes:
-                actions.append(Action(Target.METRICS, job.job_id, job.metric_bytes, "metric age"))
-                size -= job.metric_bytes
+            for o, (target, nbytes, _a, reason) in zip(old, parts):
+                if o and nbytes:
+                    actions.append(Action(target, job.job_id, nbytes, reason))
+                    size -= nbytes
         remaining[job.job_id] = size
 
     # 2. Per-job cap: oldest closed segments first.
@@ -280,9 +284,9 @@ class RetentionRunner:
             if segmented and policy.job_max_bytes > 0 and info.size_bytes > policy.job_max_bytes:
                 yield self._storage.open_job(info.job_id)
                 segments = self._storage.segment_usage(info.job_id)
-            log_bytes, metric_bytes = self._storage.part_sizes(info.job_id)
+            log_bytes, metric_bytes, event_bytes = self._storage.part_sizes(info.job_id)
             jobs.append(JobUsage(info.job_id, float(info.last_updated), log_bytes, metric_bytes,
-                                 segments))
+                                 segments, event_bytes))
         plan = plan_retention(jobs, policy, now, free_bytes=free, busy=busy)
         result = CleanupResult(actions=plan.actions, dry_run=dry_run)
         if plan.shortfall_bytes:

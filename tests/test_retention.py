@@ -244,13 +244,13 @@ class RunnerCapabilityTests(SynchronousTestCase):
         """Logs older than their age limit go through delete_part; the metrics stay."""
         clock = task.Clock()
         storage = _storage(clock, [("old", NOW - 10 * DAY)])
-        logs, metrics = storage.part_sizes("old")
+        logs, metrics, _events = storage.part_sizes("old")
         result = self.successResultOf(
             self.runner(storage, clock, log_max_age=DAY, metric_max_age=30 * DAY).run()
         )
         self.assertEqual((result.jobs_deleted, result.bytes_freed), (0, logs))
         self.assertEqual(storage.deleted, [("old", "logs")])
-        self.assertEqual(storage.part_sizes("old"), (0, metrics))
+        self.assertEqual(storage.part_sizes("old"), (0, metrics, 0))
 
     def test_job_cap_drops_oldest_segments(self):
         """Over the per-job cap, the oldest closed segments are dropped (IRetentionSegments)."""
