@@ -150,11 +150,13 @@ def plan_retention(
                 (Target.EVENTS, job.event_bytes, policy.event_max_age, "event age"),
             )
             old = [max_age > 0 and idle > max_age for _t, _b, max_age, _r in parts]
-            if any(old) and all(o or nbytes == 0 for o, (_t, nbytes, _a, _r) in zip(old, parts)):
+            if any(old) and all(
+                o or nbytes == 0 for o, (_t, nbytes, _a, _r) in zip(old, parts, strict=True)
+            ):
                 actions.append(Action(Target.JOB, job.job_id, size, "age"))
                 deleted.add(job.job_id)
                 continue
-            for o, (target, nbytes, _a, reason) in zip(old, parts):
+            for o, (target, nbytes, _a, reason) in zip(old, parts, strict=True):
                 if o and nbytes:
                     actions.append(Action(target, job.job_id, nbytes, reason))
                     size -= nbytes

@@ -45,6 +45,7 @@ from joblet_persist.storage.api import (
     SpaceProbe,
 )
 
+
 def event_payload(kind: str, timestamp: int, sequence: int, **fields) -> bytes:
     """A serialized joblet.ipc event message of ``kind`` ("exec", ...)."""
     cls = events.KINDS_BY_NAME[kind].ipc_class

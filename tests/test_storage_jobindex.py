@@ -10,12 +10,12 @@ import shutil
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from joblet_persist import events
 from joblet_persist.storage import jobindex
 from joblet_persist.storage.api import JobInfo
 from joblet_persist.storage.compress import make_compressor
-from joblet_persist.storage.jobindex import IndexCorrupt
-from joblet_persist import events
 from joblet_persist.storage.diskwork import thd_append_events
+from joblet_persist.storage.jobindex import IndexCorrupt
 from joblet_persist.storage.local import thd_append_logs, thd_append_metrics
 from tests.storage_contract import event_payload, metric_payload
 

@@ -210,7 +210,7 @@ def thd_write(
         split = parts.get(job_id)
         if split is not None:
             # A split without events (callers predating them) has two values.
-            for key, value in zip(_PART_KEYS, split):
+            for key, value in zip(_PART_KEYS, split, strict=False):
                 if value or key != "event_bytes":
                     entry[key] = value
     doc = {"version": INDEX_VERSION, "jobs": entries}
