@@ -148,6 +148,10 @@ class NullIngestMetrics:
     def frame_rejected(self, reason: str) -> None:
         """A frame (or a connection, ``too_many_connections``) was rejected."""
 
+    def event_rejected(self, kind: str, reason: str) -> None:
+        """A telemetry event frame of ``kind`` (``"exec"``, ...) was rejected for ``reason``
+        (also reported through ``frame_rejected``)."""
+
     def connection_opened(self) -> None:
         """An IPC connection was accepted."""
 
@@ -418,6 +422,9 @@ class IngestProtocol(Int32StringReceiver):
         metrics = metrics if metrics is not None else NullIngestMetrics()
         self._frame_received = metrics.frame_received
         self._frames_received = getattr(metrics, "frames_received", None) or self._bulk_fallback
+        self._event_rejected = (
+            getattr(metrics, "event_rejected", None) or NullIngestMetrics().event_rejected
+        )
         self._job_ids = job_ids if job_ids is not None else _JobIdCache()
         self._valid_ids = self._job_ids.ids
         # Receive state between reads; at most one of these is set.
@@ -709,8 +716,10 @@ class IngestProtocol(Int32StringReceiver):
         if add_event is None:
             self._reject("unsupported_type", f"message type {msg_type}: events are not stored")
             return
+        name = events.KINDS_BY_TYPE[msg_type].name
         job_id = env.job_uuid
         if job_id not in self._valid_ids and not self._admit(job_id):
+            self._event_rejected(name, "invalid_job_id")
             return
         payload = env.data
         try:
@@ -719,11 +728,13 @@ class IngestProtocol(Int32StringReceiver):
             )
         except events.EventDecodeError as e:
             self._reject(e.reason, str(e))
+            self._event_rejected(name, e.reason)
             return
         try:
-            add_event(job_id, kind.name, timestamp, sequence, payload)
+            add_event(job_id, name, timestamp, sequence, payload)
         except WriterStopped:
-            self._reject("stopping", f"{kind.name} event for job {job_id} after the writer stopped")
+            self._reject("stopping", f"{name} event for job {job_id} after the writer stopped")
+            self._event_rejected(name, "stopping")
 
     def _accept_log(self, job_id: str, line) -> None:
         stream = line.stream

@@ -102,6 +102,7 @@ class IngestEventUnitTests(SynchronousTestCase):
             self.feed(envelope(3, JOB, bad), good)
             self.assertEqual(self.metrics.rejected, ["bad_payload"])
             self.assertEqual([c[2] for c in self.writer.calls], ["file"])
+        self.assertEqual(self.metrics.events_rejected, [("exec", "bad_payload")] * 3)
 
     def test_invalid_job_and_stopping(self):
         """An invalid envelope job id is rejected as invalid_job_id; after the writer stops,
@@ -112,6 +113,8 @@ class IngestEventUnitTests(SynchronousTestCase):
         self.writer.stopped = True
         self.feed(envelope(4, JOB, payload, timestamp=1))
         self.assertEqual(self.metrics.rejected, ["invalid_job_id", "stopping"])
+        self.assertEqual(self.metrics.events_rejected,
+                         [("connect", "invalid_job_id"), ("connect", "stopping")])
         self.assertEqual(self.writer.calls, [])
 
     def test_edge_cases_accepted(self):
