@@ -61,7 +61,11 @@ from joblet_persist.storage.format import (
     gzip_header_length,
     read_member,
 )
-from joblet_persist.storage.legacy import parse_legacy_log_member, parse_legacy_metric_member
+from joblet_persist.storage.legacy import (
+    parse_legacy_event_member,
+    parse_legacy_log_member,
+    parse_legacy_metric_member,
+)
 
 __all__ = [
     "SegmentView",
@@ -903,27 +907,6 @@ def iter_metrics(
         q.close()
 
 
-def _legacy_event_lines(data: bytes) -> list:
-    """The JSON objects of an inflated legacy (older Go service) event member."""
-    out = []
-    for line in data.split(b"\n"):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(obj, dict):
-            out.append(obj)
-    return out
-
-
-def _legacy_int(value) -> int:
-    if type(value) is str and value.isdigit():
-        value = int(value)
-    return value if type(value) is int else 0
-
-
 def iter_events(
     segments: tuple,
     member_kind: int,
@@ -960,15 +943,14 @@ def iter_events(
             loaded = q.load(path, m)
             if loaded is None:
                 continue
-            for obj in _legacy_event_lines(loaded[1]):
-                ts = _legacy_int(obj.get("timestamp"))
+            for ts, seq, obj in parse_legacy_event_member(loaded[1]):
                 if not q.rng.contains(ts):
                     continue
                 if offset:
                     offset -= 1
                     continue
                 q.close()
-                yield StoredEvent(ts, _legacy_int(obj.get("sequence")), obj)
+                yield StoredEvent(ts, seq, obj)
                 emitted += 1
                 if limit and emitted >= limit:
                     return
