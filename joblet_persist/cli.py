@@ -16,6 +16,7 @@ writes the raw output bytes to stdout, so it can be piped; a closed pipe
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import csv
 import datetime
@@ -27,7 +28,7 @@ from typing import Optional
 
 import grpc
 
-from joblet_persist import rules
+from joblet_persist import events, rules
 from joblet_persist._proto import persist_pb2, persist_pb2_grpc
 
 DEFAULT_SOCKET = "/opt/joblet/run/persist-grpc.sock"
@@ -198,6 +199,20 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--json", action="store_true", help="one JSON object per line")
     fmt.add_argument("--csv", action="store_true", help="CSV with a header row")
 
+    p = command("events", "print a job's telemetry events (all kinds, or one)")
+    p.add_argument("job")
+    p.add_argument(
+        "--kind",
+        choices=[k.name for k in events.KINDS],
+        help="only this kind (default: every kind, one after another)",
+    )
+    _range_options(p)
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="the stored JSON lines (with a leading \"kind\" key when --kind is not given)",
+    )
+
     p = command("jobs", "list stored jobs, newest first")
     _range_options(p)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -325,6 +340,8 @@ def _job_dict(info) -> dict:
         "log_count": info.log_count,
         "metric_count": info.metric_count,
         "size_bytes": info.size_bytes,
+        "event_count": info.event_count,
+        "event_counts": dict(sorted(info.event_counts.items())),
     }
 
 
@@ -446,6 +463,93 @@ def cmd_metrics(stub, args, out) -> int:
     return EXIT_OK
 
 
+def stored_event_dict(kind: events.EventKind, msg) -> dict:
+    """The stored JSON object (docs/storage-format.md) of a Query*Events message.
+
+    Keys in stored order under their IPC names (socket data's ``dst_addr``/``dst_port``
+    back to ``addr``/``port``); a string whose original bytes are in ``non_utf8`` is
+    ``{"b64": ...}`` as on disk.
+    """
+    non_utf8 = msg.non_utf8
+    out = {"job_uuid": msg.job_uuid, "timestamp": msg.timestamp, "sequence": msg.sequence}
+
+    def text(value, name):
+        raw = non_utf8.get(name)
+        if raw is None:
+            return value
+        return {"b64": base64.b64encode(raw).decode("ascii")}
+
+    for field in kind.fields:
+        value = getattr(msg, field.query_name)
+        if field.type == events.STR:
+            value = text(value, field.query_name)
+        elif field.type == events.STRS:
+            value = [text(v, f"{field.query_name}.{i}") for i, v in enumerate(value)]
+        out[field.key] = value
+    return out
+
+
+_EVENT_TABLE = "{:<32} {:>10} {:<11} {:>8} {:<16} {}"
+
+
+def _event_detail(kind: events.EventKind, stored: dict) -> str:
+    parts = []
+    for field in kind.fields:
+        if field.key in ("pid", "comm"):
+            continue
+        value = stored[field.key]
+        if isinstance(value, dict):
+            value = "b64:" + value["b64"]
+        elif isinstance(value, list):
+            value = json.dumps(value, ensure_ascii=False)
+        elif field.key in ("addr", "length") and field.type == events.U64:
+            value = hex(value) if field.key == "addr" else value
+        parts.append(f"{field.key}={value}")
+    return " ".join(parts)
+
+
+def cmd_events(stub, args, out) -> int:
+    kinds = [events.KINDS_BY_NAME[args.kind]] if args.kind else list(events.KINDS)
+    if not args.json:
+        out.write(_EVENT_TABLE.format("TIME", "SEQ", "KIND", "PID", "COMM", "DETAIL").rstrip()
+                  + "\n")
+    for kind in kinds:
+        request = persist_pb2.QueryEventsBatchedRequest(
+            job_uuid=args.job,
+            kind=kind.msg_type,
+            start_time=args.since,
+            end_time=args.until,
+            limit=args.limit,
+            offset=args.offset,
+        )
+        call = stub.QueryEventsBatched(request, timeout=_stream_timeout(args))
+        try:
+            for batch in call:
+                for msg in getattr(batch, kind.batch_field):
+                    stored = stored_event_dict(kind, msg)
+                    if args.json:
+                        if not args.kind:
+                            stored = {"kind": kind.name, **stored}
+                        line = json.dumps(stored, separators=(",", ":"), ensure_ascii=False)
+                        out.write(line + "\n")
+                    else:
+                        comm = stored.get("comm", "")
+                        if isinstance(comm, dict):
+                            comm = "b64:" + comm["b64"]
+                        out.write(
+                            _EVENT_TABLE.format(
+                                _iso(msg.timestamp), msg.sequence, kind.name, msg.pid, comm,
+                                _event_detail(kind, stored),
+                            ).rstrip()
+                            + "\n"
+                        )
+                out.flush()
+        except BrokenPipeError:
+            call.cancel()
+            raise
+    return EXIT_OK
+
+
 def cmd_jobs(stub, args, out, err) -> int:
     request = persist_pb2.ListJobsRequest(
         since=args.since // 10**9,
@@ -490,8 +594,11 @@ def cmd_info(stub, args, out) -> int:
         ("last updated", f"{_iso_seconds(info.last_updated)} ({info.last_updated})"),
         ("log messages", info.log_count),
         ("metric samples", info.metric_count),
+        ("events", info.event_count),
         ("size", f"{info.size_bytes} bytes ({_human(info.size_bytes)})"),
     ]
+    for name, count in sorted(info.event_counts.items()):
+        rows.insert(-1, (f"  {name}", count))
     for name, value in rows:
         out.write(f"{name + ':':<16}{value}\n")
     return EXIT_OK
@@ -587,6 +694,8 @@ def main(argv=None, stdout=None, stderr=None) -> int:
                 return cmd_logs(stub, args, stdout)
             if args.command == "metrics":
                 return cmd_metrics(stub, args, stdout)
+            if args.command == "events":
+                return cmd_events(stub, args, stdout)
             if args.command == "jobs":
                 return cmd_jobs(stub, args, stdout, stderr)
             if args.command == "info":

@@ -404,6 +404,7 @@ class RetentionConfig:
 
     log_max_age: float = _key(_duration(), 30 * 86400.0)
     metric_max_age: float = _key(_duration(), 30 * 86400.0)
+    event_max_age: float = _key(_duration(), 30 * 86400.0)
     job_max_bytes: int = _key(_size(), 0)
     total_max_bytes: int = _key(_size(), 0)
     min_free_bytes: int = _key(_size(), 100 * MiB)

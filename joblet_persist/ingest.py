@@ -13,11 +13,13 @@ keeps reading after any rejection:
 - ``oversized``: the length prefix exceeds ``max_frame_bytes``.  The frame's bytes are skipped
   as they arrive (nothing is buffered), so the stream stays in sync and nothing else is lost.
 - ``bad_envelope``: the bytes do not parse as an IPCMessage.
-- ``unsupported_type``: types 3..9 (eBPF telemetry), received but not stored yet.
+- ``unsupported_type``: a telemetry event frame (types 3..9) for a writer that cannot store
+  events (one without ``add_event``).
 - ``unknown_type``: type 0 or a number this version does not know (an empty frame is type 0).
 - ``invalid_job_id``: the envelope's ``job_uuid`` (the routing key; the payload's copy is
   ignored) is not a safe job id (``storage.api.is_valid_job_id``).
-- ``bad_payload``: ``data`` does not parse as a LogLine (LOG) or a Metric (METRIC).
+- ``bad_payload``: ``data`` does not parse as a LogLine (LOG), a Metric (METRIC) or its
+  telemetry event message (types 3..9, ``events.check_event``).
 - ``invalid_stream``: a LogLine whose stream is not 1 (stdout) or 2 (stderr).
 - ``stopping``: the writer is stopping and accepts nothing more.
 - ``truncated_frame``: the connection closed in the middle of a frame.
@@ -37,7 +39,10 @@ reactor thread, so that a payload storage could not convert never reaches (and b
 storage batch; samples are rare (about one per second per job), so this costs little.  They go
 to ``writer.add_metric(job, timestamp, sequence, payload)`` with the payload bytes as received
 and timestamp/sequence from the Metric payload, or from the envelope when the payload's
-timestamp is 0 (unset).
+timestamp is 0 (unset).  Telemetry event frames (types 3..9) are validated the same way with
+``events.check_event`` (a cheap parse; the stored JSON line is built later on a pool thread)
+and go to ``writer.add_event(job, kind name, timestamp, sequence, payload)``, timestamp and
+sequence from the envelope, or from the payload when the envelope's timestamp is 0.
 
 Counting received frames (``persist_ipc_messages_received_total``): LOG frames of the bulk path
 are counted in local integers and reported once per read through
@@ -83,6 +88,7 @@ from google.protobuf.message import DecodeError
 from twisted.internet import defer, protocol
 from twisted.protocols.basic import Int32StringReceiver
 
+from joblet_persist import events
 from joblet_persist._proto import ipc_pb2
 from joblet_persist.framing import IMPLEMENTATION as DECODER_IMPLEMENTATION
 from joblet_persist.framing import decode_log_frames
@@ -115,7 +121,7 @@ REFUSAL_WINDOW = 60.0
 
 MSG_LOG = 1
 MSG_METRIC = 2
-_UNSUPPORTED_TYPES = range(3, 10)
+_EVENT_TYPES = range(3, 10)
 
 _HEADER = struct.Struct(">I")
 
@@ -141,6 +147,10 @@ class NullIngestMetrics:
 
     def frame_rejected(self, reason: str) -> None:
         """A frame (or a connection, ``too_many_connections``) was rejected."""
+
+    def event_rejected(self, kind: str, reason: str) -> None:
+        """A telemetry event frame of ``kind`` (``"exec"``, ...) was rejected for ``reason``
+        (also reported through ``frame_rejected``)."""
 
     def connection_opened(self) -> None:
         """An IPC connection was accepted."""
@@ -393,6 +403,8 @@ class IngestProtocol(Int32StringReceiver):
         self.MAX_LENGTH = max_frame_bytes
         self._add_log = writer.add_log
         self._add_metric = writer.add_metric
+        # Writers that predate telemetry events (test doubles) reject them as unsupported.
+        self._add_event = getattr(writer, "add_event", None)
         self._decode_frames = decode_log_frames
         add_logs = getattr(writer, "add_logs", None)
         arrivals = getattr(writer, "arrivals", None)
@@ -410,6 +422,9 @@ class IngestProtocol(Int32StringReceiver):
         metrics = metrics if metrics is not None else NullIngestMetrics()
         self._frame_received = metrics.frame_received
         self._frames_received = getattr(metrics, "frames_received", None) or self._bulk_fallback
+        self._event_rejected = (
+            getattr(metrics, "event_rejected", None) or NullIngestMetrics().event_rejected
+        )
         self._job_ids = job_ids if job_ids is not None else _JobIdCache()
         self._valid_ids = self._job_ids.ids
         # Receive state between reads; at most one of these is set.
@@ -690,10 +705,36 @@ class IngestProtocol(Int32StringReceiver):
                 self._add_metric(job_id, timestamp, sequence, payload)
             except WriterStopped:
                 self._reject("stopping", f"METRIC for job {job_id} after the writer stopped")
-        elif msg_type in _UNSUPPORTED_TYPES:
-            self._reject("unsupported_type", f"message type {msg_type} is not stored yet")
+        elif msg_type in _EVENT_TYPES:
+            self._accept_event(env, msg_type)
         else:
             self._reject("unknown_type", f"message type {msg_type}")
+
+    def _accept_event(self, env, msg_type: int) -> None:
+        """A telemetry event frame: validate its payload, hand it to the writer."""
+        add_event = self._add_event
+        if add_event is None:
+            self._reject("unsupported_type", f"message type {msg_type}: events are not stored")
+            return
+        name = events.KINDS_BY_TYPE[msg_type].name
+        job_id = env.job_uuid
+        if job_id not in self._valid_ids and not self._admit(job_id):
+            self._event_rejected(name, "invalid_job_id")
+            return
+        payload = env.data
+        try:
+            kind, timestamp, sequence = events.check_event(
+                msg_type, payload, job_id, env.timestamp, env.sequence
+            )
+        except events.EventDecodeError as e:
+            self._reject(e.reason, str(e))
+            self._event_rejected(name, e.reason)
+            return
+        try:
+            add_event(job_id, name, timestamp, sequence, payload)
+        except WriterStopped:
+            self._reject("stopping", f"{name} event for job {job_id} after the writer stopped")
+            self._event_rejected(name, "stopping")
 
     def _accept_log(self, job_id: str, line) -> None:
         stream = line.stream

@@ -48,6 +48,8 @@ class PersistMetrics:
         self._received: dict[str, int] = {}
         self._received_bytes = 0
         self._rejected: dict[str, int] = {}
+        self._events_rejected: dict[tuple[str, str], int] = {}  # (kind, reason) -> frames
+        self._event_source: Optional[Callable[[], dict]] = None
         self._connections = 0
         self._storage_source: Optional[Callable[[], tuple[int, int]]] = None
         self._health_source = None
@@ -157,6 +159,10 @@ class PersistMetrics:
         """``source()`` returns (jobs, bytes on disk); read at scrape time."""
         self._storage_source = source
 
+    def set_event_source(self, source: Callable[[], dict]) -> None:
+        """``source()`` returns event kind name -> stored events; read at scrape time."""
+        self._event_source = source
+
     def set_loaded_source(self, source: Callable[[], tuple[int, int]]) -> None:
         """``source()`` returns (jobs loaded in memory, jobs unloaded so far)."""
         self._loaded_source = source
@@ -198,6 +204,10 @@ class PersistMetrics:
 
     def frame_rejected(self, reason: str) -> None:
         self._rejected[reason] = self._rejected.get(reason, 0) + 1
+
+    def event_rejected(self, kind: str, reason: str) -> None:
+        key = (kind, reason)
+        self._events_rejected[key] = self._events_rejected.get(key, 0) + 1
 
     def connection_opened(self) -> None:
         self._connections += 1
@@ -383,6 +393,24 @@ class _HotCollector:
         for reason, value in sorted(m._rejected.items()):
             rejected.add_metric([reason], value)
         yield rejected
+        events_rejected = CounterMetricFamily(
+            "persist_ipc_events_rejected",
+            "Telemetry event frames rejected, by event kind and reason (also counted in "
+            "persist_ipc_frames_rejected).",
+            labels=["kind", "reason"],
+        )
+        for (kind, reason), value in sorted(m._events_rejected.items()):
+            events_rejected.add_metric([kind, reason], value)
+        yield events_rejected
+        if m._event_source is not None:
+            stored = GaugeMetricFamily(
+                "persist_events_stored",
+                "Telemetry events stored, by event kind, over every job in the job index.",
+                labels=["kind"],
+            )
+            for kind, value in sorted(m._event_source().items()):
+                stored.add_metric([kind], value)
+            yield stored
         yield GaugeMetricFamily(
             "persist_ipc_connections", "Open IPC connections.", value=m._connections
         )

@@ -38,6 +38,7 @@ import grpc
 from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 
+from joblet_persist import events
 from joblet_persist._proto import persist_pb2, persist_pb2_grpc
 from joblet_persist.logs import Logger
 from joblet_persist.security import (
@@ -225,7 +226,20 @@ def _job_info_fields(info: JobInfo) -> dict:
         "log_count": info.log_count,
         "metric_count": info.metric_count,
         "size_bytes": info.size_bytes,
+        "event_count": min(info.event_count, _INT64_MAX),
+        "event_counts": info.event_counts,
     }
+
+
+def _event_rpc(kind: events.EventKind):
+    """The handler of ``kind``'s Query*Events RPC (QueryTelemetryRequest -> stream)."""
+
+    def handler(self, request, context):
+        yield from self._events_of(kind, request, context)
+
+    handler.__name__ = handler.__qualname__ = kind.rpc
+    handler.__doc__ = f"The job's {kind.name} events in arrival order (QueryTelemetryRequest)."
+    return _streaming(kind.rpc, ROLE_VIEWER)(handler)
 
 
 class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
@@ -589,6 +603,34 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
         finally:
             self._report(stats)
 
+    def _events_of(self, kind: events.EventKind, request, context):
+        """Validate a telemetry query and yield the kind's messages (``kind.persist_class``).
+
+        The rules of QueryMetrics: inclusive range on bounds > 0, then offset,
+        then limit; an unknown job is NOT_FOUND, a known job without events of
+        the kind an empty stream.  node_id is ignored (this node's data only).
+        """
+        job_id = check_job_id(request.job_uuid)
+        self._check_page(request.limit, request.offset)
+        self._check_range(request.start_time, request.end_time)
+        snap = self._snapshot(job_id)
+        stats = ReadStats()
+        records = snap.iter_events(
+            kind.name,
+            request.start_time,
+            request.end_time,
+            request.offset,
+            request.limit,
+            stats=stats,
+            cancelled=self._cancelled(context),
+        )
+        message = events.event_message
+        try:
+            for rec in records:
+                yield message(kind, rec.data, job_id)
+        finally:
+            self._report(stats)
+
     def _batches(self, items, size_of, make):
         """Group items into messages of at most batch_max_items / batch_max_bytes.
 
@@ -633,6 +675,29 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
             lambda metrics: persist_pb2.MetricBatch(metrics=metrics),
         )
 
+    QueryExecEvents = _event_rpc(events.KINDS_BY_NAME["exec"])
+    QueryConnectEvents = _event_rpc(events.KINDS_BY_NAME["connect"])
+    QueryAcceptEvents = _event_rpc(events.KINDS_BY_NAME["accept"])
+    QuerySocketDataEvents = _event_rpc(events.KINDS_BY_NAME["socket_data"])
+    QueryMmapEvents = _event_rpc(events.KINDS_BY_NAME["mmap"])
+    QueryMprotectEvents = _event_rpc(events.KINDS_BY_NAME["mprotect"])
+    QueryFileEvents = _event_rpc(events.KINDS_BY_NAME["file"])
+
+    @_streaming("QueryEventsBatched", ROLE_VIEWER)
+    def QueryEventsBatched(self, request, context):
+        kind = events.KINDS_BY_TYPE.get(int(request.kind))
+        if kind is None:
+            raise BadRequest(
+                f"invalid event kind {int(request.kind)}: expected one of "
+                + ", ".join(f"{k.msg_type} ({k.name})" for k in events.KINDS)
+            )
+        field = kind.batch_field
+        yield from self._batches(
+            self._events_of(kind, request, context),
+            lambda event: event.ByteSize(),
+            lambda items: persist_pb2.EventBatch(kind=kind.msg_type, **{field: items}),
+        )
+
     @_unary("GetJobInfo", ROLE_VIEWER)
     def GetJobInfo(self, request, context):
         job_id = check_job_id(request.job_uuid)
@@ -655,6 +720,7 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
     @_unary("GetStats", ROLE_VIEWER)
     def GetStats(self, request, context):
         jobs, logs, metrics, size = self._storage.totals()
+        by_kind = {name: n for name, n in self._storage.event_totals().items() if n}
         ingest = self._ingest_stats() or {}
         return persist_pb2.GetStatsResponse(
             total_jobs=jobs,
@@ -664,6 +730,8 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
             messages_received=int(ingest.get("messages_received", 0)),
             messages_written=int(ingest.get("messages_written", 0)),
             write_errors=int(ingest.get("write_errors", 0)),
+            total_events=min(sum(by_kind.values()), _INT64_MAX),
+            total_events_by_kind=by_kind,
         )
 
     @_unary("DeleteJob", ROLE_ADMIN)

@@ -47,6 +47,7 @@ RETENTION_POLICY_KEYS = tuple(
     for _name in (
         "logMaxAge",
         "metricMaxAge",
+        "eventMaxAge",
         "jobMaxBytes",
         "totalMaxBytes",
         "minFreeBytes",

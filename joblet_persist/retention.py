@@ -47,11 +47,12 @@ class Target(enum.StrEnum):
     JOB = "job"
     LOGS = Part.LOGS.value
     METRICS = Part.METRICS.value
+    EVENTS = Part.EVENTS.value
     SEGMENT = "segment"
 
 
 #: The Part a part-deleting Target deletes (storage.delete_part), and back.
-PART_OF_TARGET = {Target.LOGS: Part.LOGS, Target.METRICS: Part.METRICS}
+PART_OF_TARGET = {Target.LOGS: Part.LOGS, Target.METRICS: Part.METRICS, Target.EVENTS: Part.EVENTS}
 TARGET_OF_PART = {part: target for target, part in PART_OF_TARGET.items()}
 
 
@@ -74,6 +75,7 @@ class IArchivedCheck(Interface):
 class RetentionPolicy:
     log_max_age: float = 0.0  # seconds; 0 disables
     metric_max_age: float = 0.0
+    event_max_age: float = 0.0
     job_max_bytes: int = 0
     total_max_bytes: int = 0
     min_free_bytes: int = 0
@@ -84,6 +86,7 @@ class RetentionPolicy:
         return cls(
             log_max_age=retention.log_max_age,
             metric_max_age=retention.metric_max_age,
+            event_max_age=retention.event_max_age,
             job_max_bytes=retention.job_max_bytes,
             total_max_bytes=retention.total_max_bytes,
             min_free_bytes=retention.min_free_bytes,
@@ -99,10 +102,11 @@ class JobUsage:
     metric_bytes: int
     # Segment detail; only needed (and only gathered) for jobs over the per-job cap.
     segments: Optional[tuple[SegmentUsage, ...]] = None
+    event_bytes: int = 0  # telemetry events (all kinds)
 
     @property
     def size_bytes(self) -> int:
-        return self.log_bytes + self.metric_bytes
+        return self.log_bytes + self.metric_bytes + self.event_bytes
 
 
 @dataclass(frozen=True)
@@ -152,8 +156,18 @@ def plan_retention(
     def part_taken(job: JobUsage, part: Part) -> bool:
         return archive is None or archive.part_archived(job.job_id, part)
 
+    bytes_of_part = {
+        Part.LOGS: lambda job: job.log_bytes,
+        Part.METRICS: lambda job: job.metric_bytes,
+        Part.EVENTS: lambda job: job.event_bytes,
+    }
+
     def job_taken(job: JobUsage) -> bool:
-        return all(part_taken(job, part) for part in Part)
+        # A part without data has nothing the archive could lack.
+        return all(
+            bytes_of_part[part](job) == 0 or part_taken(job, part) for part in Part
+        )
+
     actions: list[Action] = []
     remaining: dict[str, int] = {}  # job -> bytes left after earlier rules
     deleted: set[str] = set()
@@ -166,22 +180,26 @@ def plan_retention(
         size = job.size_bytes
         if not active(job):
             idle = now - job.last_updated
-            logs_old = policy.log_max_age > 0 and idle > policy.log_max_age
-            metrics_old = policy.metric_max_age > 0 and idle > policy.metric_max_age
-            logs_old = logs_old and part_taken(job, Part.LOGS)
-            metrics_old = metrics_old and part_taken(job, Part.METRICS)
-            if (logs_old or job.log_bytes == 0) and (metrics_old or job.metric_bytes == 0) and (
-                logs_old or metrics_old
-            ) and job_taken(job):
+            parts = (
+                (Target.LOGS, job.log_bytes, policy.log_max_age, "log age"),
+                (Target.METRICS, job.metric_bytes, policy.metric_max_age, "metric age"),
+                (Target.EVENTS, job.event_bytes, policy.event_max_age, "event age"),
+            )
+            # A part is old once past its age, and deletable only once the archive took it.
+            old = [
+                max_age > 0 and idle > max_age and part_taken(job, PART_OF_TARGET[target])
+                for target, _b, max_age, _r in parts
+            ]
+            if any(old) and job_taken(job) and all(
+                o or nbytes == 0 for o, (_t, nbytes, _a, _r) in zip(old, parts, strict=True)
+            ):
                 actions.append(Action(Target.JOB, job.job_id, size, "age"))
                 deleted.add(job.job_id)
                 continue
-            if logs_old and job.log_bytes:
-                actions.append(Action(Target.LOGS, job.job_id, job.log_bytes, "log age"))
-                size -= job.log_bytes
-            if metrics_old and job.metric_bytes:
-                actions.append(Action(Target.METRICS, job.job_id, job.metric_bytes, "metric age"))
-                size -= job.metric_bytes
+            for o, (target, nbytes, _a, reason) in zip(old, parts, strict=True):
+                if o and nbytes:
+                    actions.append(Action(target, job.job_id, nbytes, reason))
+                    size -= nbytes
         remaining[job.job_id] = size
 
     # 2. Per-job cap: oldest closed segments first.
@@ -312,9 +330,9 @@ class RetentionRunner:
             if segmented and policy.job_max_bytes > 0 and info.size_bytes > policy.job_max_bytes:
                 yield self._storage.open_job(info.job_id)
                 segments = self._storage.segment_usage(info.job_id)
-            log_bytes, metric_bytes = self._storage.part_sizes(info.job_id)
+            log_bytes, metric_bytes, event_bytes = self._storage.part_sizes(info.job_id)
             jobs.append(JobUsage(info.job_id, float(info.last_updated), log_bytes, metric_bytes,
-                                 segments))
+                                 segments, event_bytes))
         plan = plan_retention(jobs, policy, now, free_bytes=free, busy=busy,
                               archive=self._archive)
         result = CleanupResult(actions=plan.actions, dry_run=dry_run)

@@ -399,6 +399,7 @@ def build_storage(config, reactor, metrics) -> StorageParts:
         return jobs, size_bytes
 
     metrics.set_storage_source(storage_totals)
+    metrics.set_event_source(storage.event_totals)
     if IIdleUnload.providedBy(storage):
         metrics.set_loaded_source(lambda: (storage.loaded_jobs, storage.unloaded_jobs))
     service = CallbackService("storage", storage.start, storage.stop)

@@ -5,9 +5,10 @@ fsync) happens inside the storage backend, which hands it to its pool and return
 
 Shape (after twisted's ``_AggregateSmallWrites``, with Buildbot ``Debouncer``'s stop contract):
 
-- One buffer per (job, stream) for LOG messages and one per job for metric samples, held as
+- One buffer per (job, stream) for LOG messages, one per job for metric samples and one per
+  (job, event kind) for telemetry events, held as
   columns (timestamps, sequences, arrivals, contents/payloads) so that a flushed buffer becomes a
-  ``LogBatch``/``MetricBatch`` without per-message work.
+  ``LogBatch``/``MetricBatch``/``EventBatch`` without per-message work.
 - A buffer is sealed into a batch when it reaches ``batch_max_messages`` or
   ``batch_max_bytes``, and every ``flush_interval`` seconds when it is not empty.  Sealed
   batches of one buffer form a queue: at most one append is in flight per buffer, the next is
@@ -47,9 +48,11 @@ from twisted.python.failure import Failure
 
 from joblet_persist.logs import Logger
 from joblet_persist.storage.api import (
+    KIND_OF_EVENT,
     KIND_OF_STREAM,
     STREAM_STDERR,
     STREAM_STDOUT,
+    EventBatch,
     LogBatch,
     MetricBatch,
     SegmentKind,
@@ -89,14 +92,38 @@ class BufferKey(enum.IntEnum):
     METRICS = 0
     STDOUT = STREAM_STDOUT
     STDERR = STREAM_STDERR
+    # Telemetry events: one buffer per kind, valued by the kind's IPC message type
+    # (events.EventKind.msg_type), so an event frame's type indexes its buffer.
+    EXEC_EVENTS = 3
+    CONNECT_EVENTS = 4
+    ACCEPT_EVENTS = 5
+    SOCKET_DATA_EVENTS = 6
+    MMAP_EVENTS = 7
+    MPROTECT_EVENTS = 8
+    FILE_EVENTS = 9
 
+
+#: The event kind name of each event buffer (EventBatch.kind).
+_EVENT_OF_BUFFER = {
+    BufferKey.EXEC_EVENTS: "exec",
+    BufferKey.CONNECT_EVENTS: "connect",
+    BufferKey.ACCEPT_EVENTS: "accept",
+    BufferKey.SOCKET_DATA_EVENTS: "socket_data",
+    BufferKey.MMAP_EVENTS: "mmap",
+    BufferKey.MPROTECT_EVENTS: "mprotect",
+    BufferKey.FILE_EVENTS: "file",
+}
+#: The buffer of each event kind name.
+BUFFER_OF_EVENT = {name: key for key, name in _EVENT_OF_BUFFER.items()}
 
 #: The stored kind of each buffer's data (for messages naming the buffer).
 _KIND_OF_BUFFER = {
     BufferKey.METRICS: SegmentKind.METRICS,
     BufferKey.STDOUT: KIND_OF_STREAM[STREAM_STDOUT],
     BufferKey.STDERR: KIND_OF_STREAM[STREAM_STDERR],
+    **{key: KIND_OF_EVENT[name] for key, name in _EVENT_OF_BUFFER.items()},
 }
+_LOG_BUFFERS = (BufferKey.STDOUT, BufferKey.STDERR)
 
 log = Logger()
 
@@ -155,7 +182,7 @@ class _Job:
     def __init__(self, job_id: str, held: bool):
         self.job_id = job_id
         # Indexed by BufferKey.
-        self.buffers: list[Optional[_Buffer]] = [None, None, None]
+        self.buffers: list[Optional[_Buffer]] = [None] * len(BufferKey)
         # True while a discard_job of an earlier incarnation of this job id is pending: batches
         # are queued but not sent, so that they reach storage after its delete_job started.
         self.held = held
@@ -455,6 +482,17 @@ class BatchingWriter:
             raise WriterStopped("writer is stopping")
         self._add(job_id, BufferKey.METRICS, timestamp, sequence, payload)
 
+    @reactor_only
+    def add_event(self, job_id: str, kind: str, timestamp: int, sequence: int, payload: bytes):
+        """Buffer one telemetry event of ``kind`` (an event kind name: ``"exec"``, ...).
+
+        Reactor thread.  ``payload`` is the IPC payload, already accepted by
+        ``events.check_event``; ``timestamp`` and ``sequence`` the ones it returned.
+        """
+        if self._stopping:
+            raise WriterStopped("writer is stopping")
+        self._add(job_id, BUFFER_OF_EVENT[kind], timestamp, sequence, payload)
+
     def _add(self, job_id: str, index: int, timestamp: int, sequence: int, item: bytes):
         """Append one message to the job's buffer ``index`` (a BufferKey or a stream number)."""
         job = self._jobs.get(job_id)
@@ -626,13 +664,22 @@ class BatchingWriter:
         if not count:
             return
         job = buf.job
-        if buf.key is not BufferKey.METRICS:
+        if buf.key in _LOG_BUFFERS:
             batch = LogBatch(
                 job.job_id, buf.key.value, buf.timestamps, buf.sequences, buf.arrivals, buf.contents
             )
-        else:
+        elif buf.key is BufferKey.METRICS:
             batch = MetricBatch(
                 job.job_id, buf.timestamps, buf.sequences, buf.arrivals, buf.contents
+            )
+        else:
+            batch = EventBatch(
+                job.job_id,
+                _EVENT_OF_BUFFER[buf.key],
+                buf.timestamps,
+                buf.sequences,
+                buf.arrivals,
+                buf.contents,
             )
         buf.serial += 1
         sealed = _Sealed(batch, count, buf.nbytes, buf.serial, buf.opened_at)
@@ -656,11 +703,13 @@ class BatchingWriter:
 
     def _send(self, buf: _Buffer, sealed: _Sealed) -> None:
         started = self._clock.seconds()
-        append = (
-            self._storage.append_metrics
-            if buf.key is BufferKey.METRICS
-            else self._storage.append_logs
-        )
+        key = buf.key
+        if key in _LOG_BUFFERS:
+            append = self._storage.append_logs
+        elif key is BufferKey.METRICS:
+            append = self._storage.append_metrics
+        else:
+            append = self._storage.append_events
         try:
             d = append(sealed.batch)
         except Exception:

@@ -23,6 +23,7 @@ import datetime
 import heapq
 import ipaddress
 import itertools
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,12 +34,17 @@ from google.protobuf.message import DecodeError
 from twisted.internet import defer, task
 from zope.interface import alsoProvides, implementer
 
+from joblet_persist import events
 from joblet_persist._proto import ipc_pb2
 from joblet_persist.storage.api import (
+    COUNT_FIELD_OF_KIND,
+    EVENT_OF_KIND,
+    KIND_OF_EVENT,
     LOG_STREAMS,
     STREAM_STDERR,
     STREAM_STDOUT,
     DataVanished,
+    EventBatch,
     IBulkLogReads,
     IFreeSpace,
     IIdleUnload,
@@ -50,10 +56,13 @@ from joblet_persist.storage.api import (
     LogRecord,
     MetricBatch,
     MetricRecord,
+    Part,
     ReadStats,
+    SegmentKind,
     SegmentUsage,
     SpaceProbe,
     StorageUnavailable,
+    StoredEvent,
     check_job_id,
 )
 
@@ -143,7 +152,8 @@ def metric_data(payload: bytes) -> dict:
 
 _MEMBER_OVERHEAD = 64  # bytes a member costs beyond its content, like a gzip header
 _KIND_OF_STREAM = {STREAM_STDOUT: "stdout", STREAM_STDERR: "stderr"}
-_KINDS = ("stdout", "stderr", "metrics")
+_EVENT_KINDS = tuple(kind.value for kind in EVENT_OF_KIND)
+_KINDS = ("stdout", "stderr", "metrics", *_EVENT_KINDS)
 
 
 @dataclass(frozen=True)
@@ -242,11 +252,12 @@ def _never_cancelled() -> bool:
 class FakeSnapshot:
     """An immutable view of a FakeStorage job.  Any thread."""
 
-    def __init__(self, job_id: str, info: JobInfo, logs: tuple, metrics: tuple):
+    def __init__(self, job_id: str, info: JobInfo, logs: tuple, metrics: tuple, events=None):
         self.job_id = job_id
         self.info = info
         self._logs = logs
         self._metrics = metrics
+        self._events = events or {}  # event kind name -> members
 
     def iter_logs(
         self,
@@ -272,6 +283,24 @@ class FakeSnapshot:
         _check_page(offset, limit)
         return _iter_members(
             self.job_id, list(self._metrics), start_time, end_time, offset, limit, stats, cancelled
+        )
+
+    def iter_events(
+        self,
+        kind,
+        start_time=0,
+        end_time=0,
+        offset=0,
+        limit=0,
+        stats=None,
+        cancelled=_never_cancelled,
+    ):
+        if kind not in KIND_OF_EVENT:
+            raise ValueError(f"unknown event kind {kind!r}")
+        _check_page(offset, limit)
+        members = list(self._events.get(kind, ()))
+        return _iter_members(
+            self.job_id, members, start_time, end_time, offset, limit, stats, cancelled
         )
 
 
@@ -312,9 +341,10 @@ class _Job:
     def members(self, *kinds) -> list:
         return [m for kind in kinds for seg in self.segments[kind] for m in seg.members]
 
-    def part_sizes(self) -> tuple[int, int]:
+    def part_sizes(self) -> tuple:
         logs = sum(m.size for m in self.members("stdout", "stderr"))
-        return logs, sum(m.size for m in self.members("metrics"))
+        events = sum(m.size for m in self.members(*_EVENT_KINDS))
+        return logs, sum(m.size for m in self.members("metrics")), events
 
     def info(self, job_id: str) -> JobInfo:
         members = self.members(*_KINDS)
@@ -328,6 +358,12 @@ class _Job:
             size_bytes=sum(m.size for m in members),
             first_timestamp=min(timestamps, default=0),
             last_timestamp=max(timestamps, default=0),
+            **{
+                COUNT_FIELD_OF_KIND[SegmentKind(kind)]: sum(
+                    len(m.records) for m in self.members(kind)
+                )
+                for kind in _EVENT_KINDS
+            },
         )
 
 
@@ -336,15 +372,18 @@ class Append:
 
     def __init__(self, storage: FakeStorage, kind: str, batch):
         self._storage = storage
-        self.kind = kind  # "logs" or "metrics"
+        self.kind = kind  # "logs", "metrics" or "events"
         self.batch = batch
         self.deferred = defer.Deferred()
         self.outcome: Optional[str] = None
 
     @property
     def key(self):
-        """(job id, stream number) of a log batch, (job id, "metrics") of a metric batch."""
+        """(job id, stream number) of a log batch, (job id, "metrics") of a metric batch,
+        (job id, event kind name) of an event batch."""
         b = self.batch
+        if self.kind == "events":
+            return (b.job_id, b.kind)
         return (b.job_id, b.stream if self.kind == "logs" else "metrics")
 
     @property
@@ -458,6 +497,16 @@ class FakeStorage:
             return defer.fail()
         return self._append("metrics", batch, len(batch.payloads))
 
+    def append_events(self, batch: EventBatch):
+        try:
+            check_job_id(batch.job_id)
+            if batch.kind not in KIND_OF_EVENT:
+                raise ValueError(f"unknown event kind {batch.kind!r} for an event batch")
+            _same_length(batch.timestamps, batch.sequences, batch.arrivals, batch.payloads)
+        except ValueError:
+            return defer.fail()
+        return self._append("events", batch, len(batch.payloads))
+
     def _append(self, kind: str, batch, count: int):
         if count == 0:
             return defer.succeed(0)
@@ -500,6 +549,22 @@ class FakeStorage:
             ]
             arrivals = tuple(batch.arrivals)
             kind = _KIND_OF_STREAM[stream]
+        elif call.kind == "events":
+            event_kind = events.KINDS_BY_NAME[batch.kind]
+            stream, kind, records, kept = 0, KIND_OF_EVENT[batch.kind].value, [], []
+            for t, s, a, p in zip(
+                batch.timestamps, batch.sequences, batch.arrivals, batch.payloads, strict=True
+            ):
+                try:
+                    line = events.payload_json_line(event_kind, p, batch.job_id, t, s)
+                except events.EventDecodeError:  # left out and counted, like LocalStorage
+                    self.skipped_metric_payloads += 1
+                    continue
+                records.append(StoredEvent(t, s, json.loads(line)))
+                kept.append(a)
+            arrivals = tuple(kept)
+            if not records:
+                return 0
         else:
             stream, kind, records, kept = 0, "metrics", [], []
             for t, s, a, p in zip(
@@ -537,7 +602,15 @@ class FakeStorage:
         info = job.info(job_id)
         self._index[job_id] = info
         self._loaded[job_id] = self._snapshot_class(
-            job_id, info, tuple(job.members("stdout", "stderr")), tuple(job.members("metrics"))
+            job_id,
+            info,
+            tuple(job.members("stdout", "stderr")),
+            tuple(job.members("metrics")),
+            {
+                name: tuple(job.members(kind.value))
+                for name, kind in KIND_OF_EVENT.items()
+                if job.segments[kind.value]
+            },
         )
 
     # -- reactor thread: loading and deleting
@@ -588,9 +661,11 @@ class FakeStorage:
         return self._after_appends(job_id, delete)
 
     def delete_part(self, job_id: str, part: str):
-        kinds = {"logs": ("stdout", "stderr"), "metrics": ("metrics",)}.get(part)
+        kinds = {"logs": ("stdout", "stderr"), "metrics": ("metrics",), "events": _EVENT_KINDS}.get(
+            part
+        )
         if kinds is None:
-            return defer.fail(ValueError(f"unknown part {part!r}: expected 'logs' or 'metrics'"))
+            return defer.fail(ValueError(f"unknown part {part!r}: expected one of {', '.join(Part)}"))
 
         def delete():
             self._check_deletable(job_id)
@@ -716,9 +791,16 @@ class FakeStorage:
             sum(i.size_bytes for i in infos),
         )
 
+    def event_totals(self):
+        totals: dict = {}
+        for info in self.list_jobs():
+            for name, count in info.event_counts.items():
+                totals[name] = totals.get(name, 0) + count
+        return totals
+
     def part_sizes(self, job_id: str):
         job = self._jobs.get(job_id)
-        return (0, 0) if job is None else job.part_sizes()
+        return (0,) * len(Part) if job is None else job.part_sizes()
 
 
 def _same_length(*columns) -> None:

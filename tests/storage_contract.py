@@ -22,12 +22,14 @@ from __future__ import annotations
 
 from zope.interface.verify import verifyObject
 
+from joblet_persist import events
 from joblet_persist._proto import ipc_pb2
 from joblet_persist.storage.api import (
     STREAM_STDERR,
     STREAM_STDOUT,
     STREAM_UNSPECIFIED,
     DataVanished,
+    EventBatch,
     IBulkLogReads,
     IFreeSpace,
     IIdleUnload,
@@ -42,6 +44,26 @@ from joblet_persist.storage.api import (
     SegmentUsage,
     SpaceProbe,
 )
+
+
+def event_payload(kind: str, timestamp: int, sequence: int, **fields) -> bytes:
+    """A serialized joblet.ipc event message of ``kind`` ("exec", ...)."""
+    cls = events.KINDS_BY_NAME[kind].ipc_class
+    return cls(job_uuid="ignored", timestamp=timestamp, sequence=sequence, **fields).SerializeToString()
+
+
+def event_batch(job_id: str, kind: str, rows) -> EventBatch:
+    """EventBatch from rows of (timestamp, sequence, arrival, payload)."""
+    rows = list(rows)
+    return EventBatch(
+        job_id=job_id,
+        kind=kind,
+        timestamps=[r[0] for r in rows],
+        sequences=[r[1] for r in rows],
+        arrivals=[r[2] for r in rows],
+        payloads=[r[3] for r in rows],
+    )
+
 
 INVALID_JOB_IDS = ("", "../x", "a/b", "..", "x" * 200, ".hidden", "a\x00b", "job id")
 
@@ -340,12 +362,13 @@ class StorageBackendContractMixin:
         """part_sizes splits a job's bytes into logs and metrics; delete_part removes one
         part and keeps the other (and created_at); deleting both leaves no job."""
         storage = self.make_storage()
-        self.assertEqual(tuple(storage.part_sizes(self.JOB)), (0, 0))
+        self.assertEqual(tuple(storage.part_sizes(self.JOB)), (0, 0, 0))
         self._sample_job(storage)
         payloads = [(900, 1, 10, metric_payload(self.JOB, 900, 1))]
         self.successResultOf(storage.append_metrics(metric_batch(self.JOB, payloads)))
         info = storage.job_info(self.JOB)
-        logs, metrics = storage.part_sizes(self.JOB)
+        logs, metrics, events_bytes = storage.part_sizes(self.JOB)
+        self.assertEqual(events_bytes, 0)
         self.assertEqual(logs + metrics, info.size_bytes)
         self.assertGreater(logs, 0)
         self.assertGreater(metrics, 0)
@@ -360,6 +383,107 @@ class StorageBackendContractMixin:
         self.assertEqual(self.successResultOf(storage.delete_part(self.JOB, "metrics")), metrics)
         self.assertIsNone(storage.job_info(self.JOB))
         self.assertIsNone(self._open(storage, self.JOB))
+
+    def _event_rows(self, kind, n, first_arrival=0, t0=1000):
+        payload = {
+            "exec": dict(pid=1, comm="sh", filename="/bin/sh", args=["sh", "-c", "true"]),
+            "mmap": dict(pid=2, addr=(1 << 64) - 1, length=(1 << 64) - 1, filename="/lib.so"),
+            "file": dict(pid=3, path="/etc/passwd", operation="open", bytes=-1),
+        }.get(kind, dict(pid=4, comm="x"))
+        return [
+            (t0 + 10 * i, i + 1, first_arrival + i, event_payload(kind, t0 + 10 * i, i + 1, **payload))
+            for i in range(n)
+        ]
+
+    def test_events_round_trip(self):
+        """Events of every kind read back per kind, in arrival order, with exact integers,
+        and a kind without events reads as empty; JobInfo counts them per kind."""
+        storage = self.make_storage()
+        arrival = 0
+        for kind in events.KINDS:
+            rows = self._event_rows(kind.name, 3, arrival)
+            arrival += 3
+            written = self.successResultOf(storage.append_events(event_batch(self.JOB, kind.name, rows)))
+            self.assertGreater(written, 0)
+        snap = self._open(storage, self.JOB)
+        for kind in events.KINDS:
+            got = list(snap.iter_events(kind.name))
+            self.assertEqual([(r.timestamp, r.sequence) for r in got], [(1000, 1), (1010, 2), (1020, 3)])
+            message = events.event_message(kind, got[0].data, self.JOB)
+            self.assertEqual(message.job_uuid, self.JOB)
+            self.assertEqual(message.timestamp, 1000)
+        mmap = list(snap.iter_events("mmap"))[0].data
+        self.assertEqual((mmap["addr"], mmap["length"]), ((1 << 64) - 1, (1 << 64) - 1))
+        self.assertEqual(list(snap.iter_events("exec"))[0].data["args"], ["sh", "-c", "true"])
+        self.assertEqual(list(snap.iter_events("file"))[0].data["bytes"], -1)
+        info = storage.job_info(self.JOB)
+        self.assertEqual(info.event_counts, {k.name: 3 for k in events.KINDS})
+        self.assertEqual(info.event_count, 21)
+        self.assertEqual((info.log_count, info.metric_count), (0, 0))
+        self.assertEqual(storage.event_totals().get("exec"), 3)
+        self.assertEqual(sum(storage.part_sizes(self.JOB)), info.size_bytes)
+        self.assertEqual(storage.part_sizes(self.JOB)[2], info.size_bytes)
+        self.assertRaises(ValueError, snap.iter_events, "nonsense")
+
+    def test_events_range_offset_limit(self):
+        """iter_events applies the inclusive range, then offset, then limit."""
+        storage = self.make_storage()
+        rows = self._event_rows("connect", 10)
+        self.successResultOf(storage.append_events(event_batch(self.JOB, "connect", rows[:4])))
+        self.successResultOf(storage.append_events(event_batch(self.JOB, "connect", rows[4:])))
+        snap = self._open(storage, self.JOB)
+        everything = [(ts, seq) for ts, seq, _a, _p in rows]
+        for start, end in ((0, 0), (1010, 0), (0, 1050), (1030, 1060), (5000, 0)):
+            for offset, limit in ((0, 0), (1, 0), (0, 2), (3, 4), (20, 0)):
+                expected = [
+                    r for r in everything
+                    if (start <= 0 or r[0] >= start) and (end <= 0 or r[0] <= end)
+                ][offset:]
+                expected = expected[:limit] if limit else expected
+                got = [(r.timestamp, r.sequence) for r in snap.iter_events("connect", start, end, offset, limit)]
+                self.assertEqual(got, expected, (start, end, offset, limit))
+
+    def test_events_undecodable_payload_left_out(self):
+        """A payload that does not decode as its kind is left out; the rest is stored."""
+        storage = self.make_storage()
+        rows = self._event_rows("exec", 2)
+        rows.insert(1, (1005, 9, 5, b"\xff\xff\xff"))
+        self.successResultOf(storage.append_events(event_batch(self.JOB, "exec", rows)))
+        snap = self._open(storage, self.JOB)
+        self.assertEqual([r.sequence for r in snap.iter_events("exec")], [1, 2])
+        self.assertEqual(storage.job_info(self.JOB).exec_events, 2)
+
+    def test_events_bad_batches(self):
+        """An unknown kind, an invalid job id or ragged columns fail the append; an empty
+        batch fires with 0."""
+        storage = self.make_storage()
+        rows = self._event_rows("exec", 1)
+        self.failureResultOf(storage.append_events(event_batch(self.JOB, "nonsense", rows)), ValueError)
+        self.failureResultOf(storage.append_events(event_batch("../x", "exec", rows)), InvalidJobId)
+        ragged = EventBatch(self.JOB, "exec", [1], [1, 2], [0], [rows[0][3]])
+        self.failureResultOf(storage.append_events(ragged), ValueError)
+        self.assertEqual(self.successResultOf(storage.append_events(event_batch(self.JOB, "exec", []))), 0)
+        self.assertIsNone(storage.job_info(self.JOB))
+
+    def test_events_part_and_delete(self):
+        """Events are their own part: delete_part("events") removes them and keeps the
+        logs; delete_job removes everything, and a snapshot read afterwards vanishes."""
+        storage = self.make_storage()
+        self._append_logs(storage, self.JOB, STREAM_STDOUT, [(1, 1, 100, b"x")])
+        rows = self._event_rows("file", 2)
+        self.successResultOf(storage.append_events(event_batch(self.JOB, "file", rows)))
+        logs, metrics, events_bytes = storage.part_sizes(self.JOB)
+        self.assertGreater(events_bytes, 0)
+        self.assertEqual(self.successResultOf(storage.delete_part(self.JOB, "events")), events_bytes)
+        info = storage.job_info(self.JOB)
+        self.assertEqual((info.log_count, info.event_count, info.size_bytes), (1, 0, logs))
+        self.assertEqual(list(self._open(storage, self.JOB).iter_events("file")), [])
+        self.successResultOf(storage.append_events(event_batch(self.JOB, "file", self._event_rows("file", 1, 200))))
+        snap = self._open(storage, self.JOB)
+        self.assertEqual(len(list(snap.iter_events("file"))), 1)
+        self.successResultOf(storage.delete_job(self.JOB))
+        self.assertIsNone(storage.job_info(self.JOB))
+        self.assertRaises(DataVanished, list, snap.iter_events("file"))
 
     def test_deleted_under_a_read(self):
         """Reading a snapshot whose job was deleted meanwhile raises DataVanished (the

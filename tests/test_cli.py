@@ -21,11 +21,12 @@ import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from joblet_persist import cli
+from joblet_persist import cli, events
 from joblet_persist._proto import persist_pb2_grpc
 from joblet_persist.grpc_server import GrpcServerService
 from joblet_persist.query import PersistServicer
 from tests.fakes import FakeStorage, ImmediateReactor, log_batch, make_pki, metric_batch
+from tests.storage_contract import event_batch
 
 JOB = "7e0d3d8a-5c1b-4b8e-9d2f-0a1b2c3d4e5f"
 NOW_NS = time.time_ns()
@@ -391,3 +392,75 @@ class ConnectionTests(CliTestBase):
         )
         self.assertEqual(code, 2)
         self.assertIn("/nonexistent", err)
+
+
+class EventCommandTests(CliTestBase):
+    """``joblet-persist-ctl events`` over a real gRPC server."""
+
+    def setUp(self):
+        super().setUp()
+        from tests.test_events import SAMPLES, encode_event
+
+        self.payloads = {}
+        arrival = 100
+        for t in range(3, 10):
+            kind = events.KINDS_BY_TYPE[t]
+            values = dict(SAMPLES[t])
+            if t == 9:
+                values["path"] = b"/tmp/\xff\xfe"  # not UTF-8: kept as b64 in the stored line
+            rows = []
+            for i in range(3):
+                ts = NOW_NS - (3 - i) * 3600 * 10**9
+                rows.append((ts, i + 1, arrival, encode_event(t, values, ts=ts, seq=i + 1)))
+                arrival += 1
+            self.payloads[kind.name] = rows
+            self.successResultOf(
+                self.storage.append_events(event_batch(JOB, kind.name, rows))
+            )
+        self.serve()
+
+    def stored_lines(self, kind, rows):
+        k = events.KINDS_BY_NAME[kind]
+        return [
+            events.payload_json_line(k, p, JOB, ts, seq).decode().rstrip("\n")
+            for ts, seq, _a, p in rows
+        ]
+
+    def test_json_prints_the_stored_lines(self):
+        """--kind K --json prints exactly the stored JSON lines (zcat's), for every kind:
+        socket data under addr/port, invalid UTF-8 as {"b64": ...}."""
+        for kind, rows in self.payloads.items():
+            code, out, err = self.run_cli("events", JOB, "--kind", kind, "--json")
+            self.assertEqual((code, err), (0, ""))
+            self.assertEqual(out.decode().splitlines(), self.stored_lines(kind, rows), kind)
+        line = json.loads(self.run_cli("events", JOB, "--kind", "file", "--json")[1].splitlines()[0])
+        self.assertEqual(line["path"], {"b64": "L3RtcC///g=="})
+
+    def test_all_kinds_table_and_filters(self):
+        """Without --kind every kind is printed (JSON lines carry "kind"); --since/--until,
+        --limit and --offset select; the table has one row per event."""
+        code, out, _ = self.run_cli("events", JOB, "--json")
+        records = [json.loads(x) for x in out.decode().splitlines()]
+        self.assertEqual(len(records), 21)
+        self.assertEqual([r["kind"] for r in records[::3]], [k.name for k in events.KINDS])
+        out = self.run_cli("events", JOB, "--kind", "exec", "--json", "--since", "150m")[1]
+        self.assertEqual([json.loads(x)["sequence"] for x in out.decode().splitlines()], [2, 3])
+        out = self.run_cli("events", JOB, "--kind", "exec", "--json", "--until", "150m")[1]
+        self.assertEqual([json.loads(x)["sequence"] for x in out.decode().splitlines()], [1])
+        out = self.run_cli("events", JOB, "--kind", "mmap", "--json", "--offset", "1",
+                           "--limit", "1")[1]
+        self.assertEqual([json.loads(x)["sequence"] for x in out.decode().splitlines()], [2])
+        code, out, _ = self.run_cli("events", JOB, "--kind", "connect")
+        lines = out.decode().splitlines()
+        self.assertEqual(code, 0)
+        self.assertEqual(lines[0].split()[:4], ["TIME", "SEQ", "KIND", "PID"])
+        self.assertEqual(len(lines), 4)
+        self.assertIn("dst_addr=93.184.216.34", lines[1])
+
+    def test_errors_and_info(self):
+        """An unknown job exits 3, an unknown kind 2; info shows the event counts."""
+        self.assertEqual(self.run_cli("events", "nosuchjob")[0], 3)
+        self.assertEqual(self.run_cli("events", JOB, "--kind", "nonsense")[0], 2)
+        code, out, _ = self.run_cli("info", JOB)
+        self.assertIn("events:         21", out.decode())
+        self.assertEqual(json.loads(self.run_cli("info", JOB, "--json")[1])["event_counts"]["exec"], 3)

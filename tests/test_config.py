@@ -125,11 +125,20 @@ class DefaultsTests(SynchronousTestCase):
         r = st_.retention
         self.assertEqual(r.log_max_age, 30 * 86400.0)
         self.assertEqual(r.metric_max_age, 30 * 86400.0)
+        self.assertEqual(r.event_max_age, 30 * 86400.0)
         self.assertEqual(r.job_max_bytes, 0)
         self.assertEqual(r.total_max_bytes, 0)
         self.assertEqual(r.min_free_bytes, 100 * MiB)
         self.assertEqual(r.active_window, 600.0)
         self.assertEqual(r.interval, 300.0)
+
+    def test_event_max_age(self):
+        """storage.retention.eventMaxAge is a duration; a wrong type names the key."""
+        cfg = config_from_string("storage:\n  retention:\n    eventMaxAge: 2d\n")
+        self.assertEqual(cfg.storage.retention.event_max_age, 2 * 86400.0)
+        with self.assertRaises(ConfigError) as caught:
+            config_from_string("storage:\n  retention:\n    eventMaxAge: [1]\n")
+        self.assertIn("storage.retention.eventMaxAge", str(caught.exception))
 
     def test_writer_defaults(self):
         """writer: 1 s flush, 20000 messages / 2 MiB batches, 64/32 MiB water marks."""

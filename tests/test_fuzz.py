@@ -193,9 +193,10 @@ def ipc_streams(draw):
     return frame_bodies, data, splits, cut
 
 
-def expected_outcome(body: bytes, max_frame: int = MAX_FRAME):
+def expected_outcome(body: bytes, max_frame: int = MAX_FRAME, events_stored: bool = False):
     """What ingest must do with one complete frame: ("log", job, stream, ts, seq, content),
-    ("metric", job, ts, seq, payload) or ("reject", reason)."""
+    ("metric", job, ts, seq, payload), ("event", job, kind, ts, seq, payload) when the writer
+    stores telemetry events, or ("reject", reason)."""
     if len(body) > max_frame:
         return ("reject", "oversized")
     try:
@@ -219,7 +220,19 @@ def expected_outcome(body: bytes, max_frame: int = MAX_FRAME):
             ts, seq = env.timestamp, env.sequence
         return ("metric", env.job_uuid, ts, seq, env.data)
     if 3 <= env.type <= 9:
-        return ("reject", "unsupported_type")
+        if not events_stored:
+            return ("reject", "unsupported_type")
+        if not is_valid_job_id(env.job_uuid):
+            return ("reject", "invalid_job_id")
+        from joblet_persist import events
+
+        try:
+            kind, ts, seq = events.check_event(
+                env.type, env.data, env.job_uuid, env.timestamp, env.sequence
+            )
+        except events.EventDecodeError as e:
+            return ("reject", e.reason)
+        return ("event", env.job_uuid, kind.name, ts, seq, env.data)
     return ("reject", "unknown_type")
 
 
@@ -274,8 +287,8 @@ def _feed(factory, data: bytes, splits) -> None:
     proto.connectionLost(None)
 
 
-def _oracle(frame_bodies, data, cut) -> list:
-    events = [expected_outcome(b) for b in frame_bodies]
+def _oracle(frame_bodies, data, cut, events_stored: bool = False) -> list:
+    events = [expected_outcome(b, events_stored=events_stored) for b in frame_bodies]
     if cut:
         events[-1] = _cut_outcome(frame_bodies, data)
     return events
@@ -318,7 +331,7 @@ def check_ingest_into_writer(frame_bodies, data, splits, cut) -> None:
                             reject_log_interval=1e9)
     _feed(factory, data, splits)
     writer.flush_all()
-    expected = _oracle(frame_bodies, data, cut)
+    expected = _oracle(frame_bodies, data, cut, events_stored=True)
 
     by_job: dict = {}
     for batch in (c.batch for c in storage.calls if c.kind == "logs"):
@@ -331,6 +344,11 @@ def check_ingest_into_writer(frame_bodies, data, splits, cut) -> None:
                                              batch.payloads, strict=True):
             by_job.setdefault(batch.job_id, []).append(
                 (arrival, ("metric", batch.job_id, ts, seq, bytes(payload))))
+    for batch in (c.batch for c in storage.calls if c.kind == "events"):
+        for ts, seq, arrival, payload in zip(batch.timestamps, batch.sequences, batch.arrivals,
+                                             batch.payloads, strict=True):
+            by_job.setdefault(batch.job_id, []).append(
+                (arrival, ("event", batch.job_id, batch.kind, ts, seq, bytes(payload))))
     got = {}
     for job, items in by_job.items():
         arrivals = [a for a, _ in items]

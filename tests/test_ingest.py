@@ -121,6 +121,7 @@ class RecordingMetrics:
         self.received: dict[int, int] = {}
         self.received_bytes = 0
         self.rejected: list[str] = []
+        self.events_rejected: list[tuple[str, str]] = []
         self.connections = 0
 
     def frame_received(self, msg_type, nbytes):
@@ -134,6 +135,9 @@ class RecordingMetrics:
 
     def frame_rejected(self, reason):
         self.rejected.append(reason)
+
+    def event_rejected(self, kind, reason):
+        self.events_rejected.append((kind, reason))
 
     def connection_opened(self):
         self.connections += 1

@@ -35,6 +35,25 @@ def _samples(registry):
     return out
 
 
+class EventMetricsTests(SynchronousTestCase):
+    def test_events_rejected_and_stored_by_kind(self):
+        """Event rejections are exported by kind and reason, stored events by kind (read
+        from the storage source at scrape time)."""
+        m = PersistMetrics(CollectorRegistry(), process=False)
+        totals = {"exec": 3, "file": 2}
+        m.set_event_source(lambda: totals)
+        m.event_rejected("mmap", "bad_payload")
+        m.event_rejected("mmap", "bad_payload")
+        m.event_rejected("exec", "invalid_job_id")
+        samples = _samples(m.registry)
+        rejected = "persist_ipc_events_rejected_total"
+        self.assertEqual(samples[(rejected, (("kind", "mmap"), ("reason", "bad_payload")))], 2)
+        self.assertEqual(samples[(rejected, (("kind", "exec"), ("reason", "invalid_job_id")))], 1)
+        self.assertEqual(samples[("persist_events_stored", (("kind", "exec"),))], 3)
+        totals["exec"] = 7
+        self.assertEqual(_samples(m.registry)[("persist_events_stored", (("kind", "exec"),))], 7)
+
+
 class MetricsDocumentedTests(SynchronousTestCase):
     """docs/operations.md lists every exported metric; the alert rules use only those."""
 
@@ -45,6 +64,7 @@ class MetricsDocumentedTests(SynchronousTestCase):
 
         m = PersistMetrics(CollectorRegistry(), process=False)
         m.set_storage_source(lambda: (0, 0))
+        m.set_event_source(lambda: {"exec": 1})
         m.set_file_budget(FileBudget(1))
         h = HealthMonitor(task.Clock(), _space())
         h.probe_now()

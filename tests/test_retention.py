@@ -10,10 +10,12 @@ from joblet_persist.retention import (
     RetentionPolicy,
     RetentionRunner,
     SegmentUsage,
+    Target,
     plan_retention,
 )
 from joblet_persist.storage.api import SpaceProbe, StorageUnavailable
 from tests.fakes import FakeStorage, log_batch, metric_batch
+from tests.storage_contract import event_batch, event_payload
 
 DAY = 86400.0
 NOW = 1_800_000_000.0
@@ -48,6 +50,23 @@ class PlannerTests(SynchronousTestCase):
             [(a.what, a.job_id, a.size_bytes) for a in plan.actions],
             [("logs", "a", 100), ("job", "b", 110)],
         )
+
+    def test_events_have_their_own_age(self):
+        """Events expire after event_max_age on their own; a job whose every part with
+        data expired is deleted whole, events included; quota counts event bytes."""
+        policy = RetentionPolicy(log_max_age=30 * DAY, metric_max_age=30 * DAY,
+                                 event_max_age=2 * DAY)
+        jobs = [JobUsage("a", NOW - 5 * DAY, 100, 10, None, 50),
+                JobUsage("b", NOW - 40 * DAY, 100, 10, None, 50),
+                JobUsage("events-only", NOW - 5 * DAY, 0, 0, None, 70)]
+        plan = plan_retention(jobs, policy, NOW)
+        self.assertEqual(
+            [(a.what, a.job_id, a.size_bytes) for a in plan.actions],
+            [("events", "a", 50), ("job", "b", 160), ("job", "events-only", 70)],
+        )
+        self.assertIs(plan.actions[0].what, Target.EVENTS)
+        quota = plan_retention(jobs[:1], RetentionPolicy(total_max_bytes=120), NOW)
+        self.assertEqual([(a.what, a.size_bytes) for a in quota.actions], [("job", 160)])
 
     def test_disabled_metric_age_keeps_metrics(self):
         """metric_max_age 0 never deletes metrics, even when logs expire."""
@@ -244,13 +263,32 @@ class RunnerCapabilityTests(SynchronousTestCase):
         """Logs older than their age limit go through delete_part; the metrics stay."""
         clock = task.Clock()
         storage = _storage(clock, [("old", NOW - 10 * DAY)])
-        logs, metrics = storage.part_sizes("old")
+        logs, metrics, _events = storage.part_sizes("old")
         result = self.successResultOf(
             self.runner(storage, clock, log_max_age=DAY, metric_max_age=30 * DAY).run()
         )
         self.assertEqual((result.jobs_deleted, result.bytes_freed), (0, logs))
         self.assertEqual(storage.deleted, [("old", "logs")])
-        self.assertEqual(storage.part_sizes("old"), (0, metrics))
+        self.assertEqual(storage.part_sizes("old"), (0, metrics, 0))
+
+    def test_events_deleted_by_age_through_delete_part(self):
+        """Events older than eventMaxAge go through delete_part("events"); logs and
+        metrics stay, and the job keeps its other counts."""
+        clock = task.Clock()
+        clock.advance(NOW - 10 * DAY - clock.seconds())
+        storage = FakeStorage(now=clock.seconds)
+        storage.append_logs(log_batch("old", 1, [(1, 1, b"x" * 36)]))
+        storage.append_events(event_batch("old", "exec", [(1, 1, 5, event_payload("exec", 1, 1))]))
+        clock.advance(NOW - clock.seconds())
+        logs, metrics, events_bytes = storage.part_sizes("old")
+        self.assertGreater(events_bytes, 0)
+        result = self.successResultOf(
+            self.runner(storage, clock, log_max_age=30 * DAY, event_max_age=DAY).run()
+        )
+        self.assertEqual((result.jobs_deleted, result.bytes_freed), (0, events_bytes))
+        self.assertEqual(storage.deleted, [("old", "events")])
+        self.assertEqual(storage.part_sizes("old"), (logs, 0, 0))
+        self.assertEqual(storage.job_info("old").event_count, 0)
 
     def test_job_cap_drops_oldest_segments(self):
         """Over the per-job cap, the oldest closed segments are dropped (IRetentionSegments)."""

@@ -48,7 +48,7 @@ class JobCatalogTests(SynchronousTestCase):
         self.assertEqual(c.part_sizes("a"), (30, 10))
         c.drop_info("b")
         self.assertEqual(c.totals(), (1, 2, 2, 40))
-        self.assertEqual(c.part_sizes("b"), (0, 0))
+        self.assertEqual(c.part_sizes("b"), (0, 0, 0))
         self.assertNotIn("b", c)
 
     def test_pages_newest_first_with_bounds(self):

@@ -10,12 +10,14 @@ import shutil
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from joblet_persist import events
 from joblet_persist.storage import jobindex
 from joblet_persist.storage.api import JobInfo
 from joblet_persist.storage.compress import make_compressor
+from joblet_persist.storage.diskwork import thd_append_events
 from joblet_persist.storage.jobindex import IndexCorrupt
 from joblet_persist.storage.local import thd_append_logs, thd_append_metrics
-from tests.storage_contract import metric_payload
+from tests.storage_contract import event_payload, metric_payload
 
 JOB = "0d6c2b7e-1a4f-4d55-b1e0-00000000abcd"
 NS = 1_000_000_000
@@ -60,7 +62,7 @@ class IndexFileTests(SynchronousTestCase):
         """The logs/metrics byte split is stored; an inconsistent one is ignored."""
         jobs = {JOB: info(), "other": info("other")}
         jobindex.thd_write(self.path, jobs, {JOB: (4000, 1000), "other": (1, 1)})
-        self.assertEqual(jobindex.thd_load_parts(self.path), (jobs, {JOB: (4000, 1000)}))
+        self.assertEqual(jobindex.thd_load_parts(self.path), (jobs, {JOB: (4000, 1000, 0)}))
         self.assertEqual(jobindex.thd_load(self.path), jobs)
 
     def test_empty_index(self):
@@ -122,6 +124,60 @@ class IndexFileTests(SynchronousTestCase):
         self.assertEqual(list(jobindex.thd_load(self.path)), [JOB])
 
 
+class EventCountsInIndexTests(SynchronousTestCase):
+    def setUp(self):
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+        self.path = jobindex.index_path(self.dir)
+
+    def test_event_counts_round_trip(self):
+        """Per-kind event counts and the events byte split are stored and read back; a job
+        without events stores neither key."""
+        jobs = {JOB: info(exec_events=5, mmap_events=2**40), "other": info("other")}
+        jobindex.thd_write(self.path, jobs, {JOB: (4000, 0, 1000), "other": (3000, 2000, 0)})
+        self.assertEqual(
+            jobindex.thd_load_parts(self.path),
+            (jobs, {JOB: (4000, 0, 1000), "other": (3000, 2000, 0)}),
+        )
+        with open(self.path, "rb") as f:
+            doc = json.load(f)["jobs"]
+        self.assertEqual(doc[JOB]["event_counts"], {"exec": 5, "mmap": 2**40})
+        self.assertEqual(doc[JOB]["event_bytes"], 1000)
+        self.assertNotIn("event_counts", doc["other"])
+        self.assertNotIn("event_bytes", doc["other"])
+
+    def test_old_index_without_events_loads(self):
+        """An index written before events were stored (no event_counts, no event_bytes)
+        loads with zero events and its byte split intact."""
+        entry = {
+            "created_at": 1, "last_updated": 2, "log_count": 3, "metric_count": 4,
+            "size_bytes": 10, "first_timestamp": 5, "last_timestamp": 6,
+            "log_bytes": 7, "metric_bytes": 3,
+        }
+        with open(self.path, "w") as f:
+            json.dump({"version": 1, "jobs": {JOB: entry}}, f)
+        jobs, parts = jobindex.thd_load_parts(self.path)
+        self.assertEqual(jobs[JOB].event_count, 0)
+        self.assertEqual(parts, {JOB: (7, 3, 0)})
+
+    def test_bad_event_counts_are_corrupt(self):
+        """event_counts that is not an object, names an unknown kind or holds a bad value
+        makes the index corrupt, naming the job."""
+        for bad in ([], {"nonsense": 1}, {"exec": -1}, {"exec": True}, {"exec": "3"}):
+            entry = info_to_json_with(event_counts=bad)
+            with open(self.path, "w") as f:
+                json.dump({"version": 1, "jobs": {JOB: entry}}, f)
+            with self.assertRaises(IndexCorrupt) as caught:
+                jobindex.thd_load(self.path)
+            self.assertIn(JOB, str(caught.exception))
+
+
+def info_to_json_with(**extra):
+    obj = jobindex.info_to_json(info())
+    obj.update(extra)
+    return obj
+
+
 class FilesTestCase(SynchronousTestCase):
     """Builds segment files under a temporary data directory."""
 
@@ -152,9 +208,21 @@ class FilesTestCase(SynchronousTestCase):
         )
         return path
 
+    def add_events(self, job_id, kind, rows):
+        event_kind = events.KINDS_BY_NAME[kind]
+        directory = os.path.join(self.data_dir, "events", job_id)
+        path = os.path.join(directory, event_kind.segment_name(0))
+        size = os.path.getsize(path) if os.path.exists(path) else 0
+        thd_append_events(
+            path, directory, size, False, self.compressor, 0, job_id, event_kind,
+            [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
+            [event_payload(kind, r[0], r[1], pid=7) for r in rows],
+        )
+        return path
+
     def file_sizes(self, job_id):
         total = 0
-        for top in ("logs", "metrics"):
+        for top in ("logs", "metrics", "events"):
             directory = os.path.join(self.data_dir, top, job_id)
             if os.path.isdir(directory):
                 total += sum(os.path.getsize(os.path.join(directory, n)) for n in os.listdir(directory))
@@ -177,6 +245,19 @@ class RebuildTests(FilesTestCase):
         self.assertEqual(got.created_at, 4)
         self.assertGreaterEqual(got.last_updated, int(os.path.getmtime(
             os.path.join(self.data_dir, "logs", JOB, "stdout.log.gz"))))
+
+    def test_rebuild_counts_events(self):
+        """Rebuild finds an events-only job under events/ and counts its events per kind,
+        in the sizes, the timestamp span and the events byte split."""
+        self.add_events("ev-job", "exec", [(3 * NS, 1, 0), (5 * NS, 2, 1)])
+        self.add_events("ev-job", "file", [(4 * NS, 1, 2)])
+        load = jobindex.thd_open_index(self.data_dir)
+        got = load.jobs["ev-job"]
+        self.assertEqual((got.log_count, got.metric_count, got.event_count), (0, 0, 3))
+        self.assertEqual(got.event_counts, {"exec": 2, "file": 1})
+        self.assertEqual((got.first_timestamp, got.last_timestamp), (3 * NS, 5 * NS))
+        self.assertEqual(got.size_bytes, self.file_sizes("ev-job"))
+        self.assertEqual(load.parts["ev-job"], (0, 0, got.size_bytes))
 
     def test_rebuild_ignores_foreign_entries(self):
         """Directories that are not valid job ids and foreign files are ignored."""
@@ -305,7 +386,7 @@ class OpenIndexTests(FilesTestCase):
         os.utime(jobindex.index_path(self.data_dir), ns=(future, future))
         load = jobindex.thd_open_index(self.data_dir)
         self.assertEqual(load.changed, (JOB,))
-        self.assertEqual(load.parts, {JOB: (size, 0)})
+        self.assertEqual(load.parts, {JOB: (size, 0, 0)})
         self.assertEqual(load.jobs[JOB].created_at, 100)
 
     def test_stale_entries_refreshed(self):
@@ -347,7 +428,7 @@ class IndexFileLayoutTests(SynchronousTestCase):
         with open(path) as f:
             lines = f.read().splitlines()
         self.assertEqual([ln[1:37] for ln in lines[1:6]], ids)
-        self.assertEqual(jobindex.thd_load_parts(path), (jobs, {j: (3, 2) for j in ids}))
+        self.assertEqual(jobindex.thd_load_parts(path), (jobs, {j: (3, 2, 0) for j in ids}))
         tricky = {'a},"b': JobInfo('a},"b', 1, 2, 3, 4, 5, 6, 7)}
         jobindex.thd_write(path, tricky)
         with open(path) as f:

@@ -7,6 +7,7 @@ import json
 from twisted.trial.unittest import SynchronousTestCase
 
 from joblet_persist import retention
+from joblet_persist.events import KINDS, KINDS_BY_NAME
 from joblet_persist.storage import api, jobindex, segment
 from joblet_persist.writer import BufferKey
 
@@ -14,8 +15,16 @@ from joblet_persist.writer import BufferKey
 class KindTests(SynchronousTestCase):
     def test_values_are_the_on_disk_names(self):
         """Each kind's value is the name in paths and files, so the layout is unchanged."""
-        self.assertEqual([k.value for k in api.SegmentKind], ["stdout", "stderr", "metrics"])
-        self.assertEqual([p.value for p in api.Part], ["logs", "metrics"])
+        events = [f"{k.name}_events" for k in KINDS]
+        self.assertEqual(
+            [k.value for k in api.SegmentKind], ["stdout", "stderr", "metrics", *events]
+        )
+        self.assertEqual([p.value for p in api.Part], ["logs", "metrics", "events"])
+        self.assertEqual(
+            segment.segment_name(api.SegmentKind.SOCKET_DATA_EVENTS, 2),
+            KINDS_BY_NAME["socket_data"].segment_name(2),
+        )
+        self.assertEqual(jobindex.job_dir("/d", api.SegmentKind.EXEC_EVENTS, "j"), "/d/events/j")
         self.assertEqual(segment.segment_name(api.SegmentKind.STDERR, 3), "stderr_000003.log.gz")
         self.assertEqual(segment.segment_name(api.SegmentKind.METRICS, 0), "metrics.jsonl.gz")
         self.assertEqual(jobindex.job_dir("/d", api.SegmentKind.STDOUT, "j"), "/d/logs/j")
@@ -34,8 +43,16 @@ class KindTests(SynchronousTestCase):
         )
         self.assertEqual(set(retention.PART_OF_TARGET.values()), set(api.Part))
         self.assertEqual(set(api.COUNT_FIELD_OF_PART), set(api.Part))
+        self.assertEqual(set(api.COUNT_FIELD_OF_KIND), set(api.SegmentKind))
         fields = set(api.JobInfo.__dataclass_fields__)
-        self.assertLessEqual(set(api.COUNT_FIELD_OF_PART.values()), fields)
+        self.assertLessEqual(set(api.COUNT_FIELD_OF_KIND.values()), fields)
+        for name in api.COUNT_FIELD_OF_PART.values():
+            self.assertTrue(hasattr(api.JobInfo, name), name)
+        # Every event kind of the codec has its segment kind, buffer and count field.
+        self.assertEqual(set(api.KIND_OF_EVENT), set(KINDS_BY_NAME))
+        for kind in KINDS:
+            self.assertEqual(api.KIND_OF_EVENT[kind.name].value, kind.stem)
+            self.assertEqual(BufferKey(kind.msg_type).name, api.KIND_OF_EVENT[kind.name].name)
 
     def test_parsed_names_are_kinds(self):
         """parse_segment_name returns a SegmentKind, for every kind's names and no others."""

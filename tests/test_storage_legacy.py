@@ -274,3 +274,46 @@ class LegacyMetricTests(SynchronousTestCase):
         self.assertEqual(
             list(iter_metrics(segments, start_time=1_700_000_000_000_000_002)), got[1:]
         )
+
+
+class LegacyEventTests(SynchronousTestCase):
+    def test_go_events_then_new_events(self):
+        """Event files of the older Go service (plain gzip JSON lines, Go's keys, zero values
+        omitted) read first, then events this service appended, with range/offset/limit;
+        the query message reads Go's lines."""
+        from joblet_persist import events
+        from joblet_persist.storage.reader import iter_events
+
+        kind = events.KINDS_BY_NAME["connect"]
+        path = os.path.join(self.mktemp(), "events", "job-1", kind.segment_name(0))
+        go = [
+            {"job_uuid": "job-1", "timestamp": 1_700_000_000_000_000_001, "sequence": 1,
+             "pid": 7, "comm": "curl", "dst_addr": "10.0.0.1", "dst_port": 443},
+            {"job_uuid": "job-1", "timestamp": 1_700_000_000_000_000_002, "sequence": 2,
+             "srcAddr": "10.0.0.9"},
+        ]  # fmt: skip
+        write(path, go_member(go[:1]) + go_member(go[1:]))
+        scan = thd_scan_segment(path, True)
+        payload = ipc_pb2.ConnectEvent(pid=9, comm="wget").SerializeToString()
+        line = events.payload_json_line(kind, payload, "job-1", 1_700_000_000_000_000_003, 3)
+        pieces = fmt.encode_event_members(
+            kind.msg_type, [1_700_000_000_000_000_003], [3], [0], [line],
+            make_compressor("zlib", 6),
+        )
+        thd_append(path, pieces[0][0], scan.valid_size, False)
+        segments = (SegmentView(path, thd_scan_segment(path, False).members),)
+        got = list(iter_events(segments, kind.msg_type))
+        self.assertEqual([(r.timestamp, r.sequence) for r in got],
+                         [(1_700_000_000_000_000_001, 1), (1_700_000_000_000_000_002, 2),
+                          (1_700_000_000_000_000_003, 3)])  # fmt: skip
+        messages = [events.event_message(kind, r.data, "job-1") for r in got]
+        self.assertEqual([(m.pid, m.comm, m.dst_port) for m in messages],
+                         [(7, "curl", 443), (0, "", 0), (9, "wget", 0)])
+        self.assertEqual(messages[1].src_addr, "10.0.0.9")
+        self.assertEqual(
+            [r.sequence for r in iter_events(segments, kind.msg_type, offset=1, limit=1)], [2]
+        )
+        self.assertEqual(
+            [r.sequence for r in iter_events(segments, kind.msg_type,
+                                             start_time=1_700_000_000_000_000_002)], [2, 3]
+        )

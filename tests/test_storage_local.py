@@ -1048,13 +1048,13 @@ class RetentionSupportTests(StorageTestCase):
             name = segment.segment_name(u.kind, u.index)
             top = "metrics" if u.kind == "metrics" else "logs"
             self.assertEqual(u.size_bytes, os.path.getsize(os.path.join(self.data_dir, top, JOB, name)))
-        log_bytes, metric_bytes = storage.part_sizes(JOB)
+        log_bytes, metric_bytes, _events = storage.part_sizes(JOB)
         self.assertEqual(log_bytes, sum(u.size_bytes for u in usage if u.kind != "metrics"))
         self.assertEqual(log_bytes + metric_bytes, storage.job_info(JOB).size_bytes)
         storage = self.restart(storage, segment_max_bytes=100)
-        self.assertEqual(storage.part_sizes(JOB), (log_bytes, metric_bytes))
+        self.assertEqual(storage.part_sizes(JOB), (log_bytes, metric_bytes, 0))
         self.assertEqual(storage.segment_usage(JOB), ())
-        self.assertEqual(storage.part_sizes("unknown"), (0, 0))
+        self.assertEqual(storage.part_sizes("unknown"), (0, 0, 0))
 
     def test_drop_segment(self):
         """Dropping the oldest closed segment removes its file, messages and bytes."""
@@ -1097,7 +1097,7 @@ class RetentionSupportTests(StorageTestCase):
         storage = self.make()
         self._job_with_segments(storage)
         created = storage.job_info(JOB).created_at
-        log_bytes, metric_bytes = storage.part_sizes(JOB)
+        log_bytes, metric_bytes, _events = storage.part_sizes(JOB)
         self.clock.advance(10)
         self.assertEqual(self.successResultOf(storage.delete_part(JOB, "logs")), log_bytes)
         self.assertFalse(os.path.exists(os.path.join(self.data_dir, "logs", JOB)))
@@ -1106,7 +1106,7 @@ class RetentionSupportTests(StorageTestCase):
             (info.created_at, info.log_count, info.metric_count, info.size_bytes),
             (created, 0, 1, metric_bytes),
         )
-        self.assertEqual(storage.part_sizes(JOB), (0, metric_bytes))
+        self.assertEqual(storage.part_sizes(JOB), (0, metric_bytes, 0))
         self.assertEqual(self.logs(storage), [])
         self.assertEqual(len(list(storage.snapshot(JOB).iter_metrics())), 1)
         self.assertEqual(self.read_index()["jobs"][JOB]["log_count"], 0)

@@ -74,12 +74,13 @@ class NameTests(SynchronousTestCase):
 
     def test_parse_is_the_inverse(self):
         """parse_segment_name inverts segment_name and rejects foreign names."""
-        for kind in ("stdout", "stderr", "metrics"):
+        for kind in ("stdout", "stderr", "metrics", "exec_events", "socket_data_events"):
             for index in (0, 1, 9, 10, 999999, 1000000):
                 self.assertEqual(parse_segment_name(segment_name(kind, index)), (kind, index))
         for foreign in (
             "stdout.log", "stdout.jsonl.gz", "metrics.log.gz", "stdout_1.log.gz",
-            "stdout_000000.log.gz", "stdout_0000001.log.gz", "exec_events.jsonl.gz",
+            "stdout_000000.log.gz", "stdout_0000001.log.gz", "exec_events.log.gz",
+            "exec.jsonl.gz", "events.jsonl.gz",
             "stdout.log.gz.tmp", "xstdout.log.gz", "job_index.json",
         ):  # fmt: skip
             self.assertIsNone(parse_segment_name(foreign), foreign)

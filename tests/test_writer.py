@@ -750,3 +750,67 @@ class UnloadIdleTests(WriterTestMixin, SynchronousTestCase):
         self.add("job1", 1, b"a")  # open buffer, not flushed
         self.assertEqual(w.unload_idle(0, resident=lambda job: False), 0)  # data buffered
         self.assertEqual(w.unload_idle(30, resident=lambda job: False), 0)
+
+
+class EventBufferTests(WriterTestMixin, SynchronousTestCase):
+    """Telemetry events get a buffer per (job, event kind) under the same rules."""
+
+    def test_event_batch_columns(self):
+        """Events of one kind become an EventBatch naming the kind, with the payloads,
+        timestamps and sequences as given and arrivals from the job's one counter."""
+        self.make(batch_max_messages=2)
+        self.add("job1", 1, b"log")
+        self.writer.add_event("job1", "exec", 100, 7, b"e1")
+        self.writer.add_event("job1", "exec", 200, 8, b"e2")
+        (call,) = self.storage.calls
+        self.assertEqual((call.kind, call.key), ("events", ("job1", "exec")))
+        b = call.batch
+        self.assertEqual(
+            (b.kind, list(b.timestamps), list(b.sequences), list(b.arrivals), list(b.payloads)),
+            ("exec", [100, 200], [7, 8], [1, 2], [b"e1", b"e2"]),
+        )
+
+    def test_kinds_are_separate_keys_in_order(self):
+        """Each event kind of a job is its own key: kinds append in parallel, one batch in
+        flight per kind, each kind's batches in arrival order."""
+        self.make(batch_max_messages=1)
+        for kind in ("exec", "connect", "file"):
+            self.writer.add_event("job1", kind, 1, 1, kind.encode() + b"1")
+            self.writer.add_event("job1", kind, 2, 2, kind.encode() + b"2")
+        pending = self.storage.pending()
+        self.assertEqual(sorted(c.key for c in pending),
+                         [("job1", "connect"), ("job1", "exec"), ("job1", "file")])
+        while self.storage.pending():
+            self.storage.pending()[-1].succeed()
+        self.assertEqual(self.stored_contents(), {
+            ("job1", k): [k.encode() + b"1", k.encode() + b"2"] for k in ("exec", "connect", "file")
+        })
+
+    def test_events_flush_on_stop_and_retry(self):
+        """A failing event append is retried and kept in order; stop() flushes buffered
+        events at once and waits for them."""
+        self.make(batch_max_messages=1, retry_initial=0.5)
+        self.writer.add_event("job1", "mmap", 1, 1, b"a")
+        self.storage.pending()[0].fail()
+        self.writer.add_event("job1", "mmap", 2, 2, b"b")
+        self.assertEqual(self.storage.pending(), [])
+        self.clock.advance(0.5)
+        self.storage.pending()[0].succeed()
+        self.storage.pending()[0].succeed()
+        self.make(flush_interval=60)
+        self.writer.start()
+        self.writer.add_event("job2", "socket_data", 1, 1, b"c")
+        stopped = self.writer.stop()
+        self.assertNoResult(stopped)
+        self.storage.pending()[0].succeed()
+        self.successResultOf(stopped)
+        self.assertEqual(self.stored_contents(), {("job2", "socket_data"): [b"c"]})
+        self.assertRaises(WriterStopped, self.writer.add_event, "job2", "exec", 1, 1, b"x")
+        self.assertEqual(len(self.flushLoggedErrors(StorageUnavailable)), 1)
+
+    def test_events_count_for_backpressure(self):
+        """Buffered events count towards the high-water mark: ingest is paused."""
+        self.make(high_water_bytes=1000, low_water_bytes=10, batch_max_bytes=1 << 20)
+        for i in range(10):
+            self.writer.add_event("job1", "file", i, i, b"x" * 100)
+        self.assertEqual(self.pauses, ["pause"])

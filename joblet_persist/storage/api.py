@@ -56,6 +56,7 @@ class Part(enum.StrEnum):
 
     LOGS = "logs"
     METRICS = "metrics"
+    EVENTS = "events"
 
 
 class SegmentKind(enum.StrEnum):
@@ -71,20 +72,54 @@ class SegmentKind(enum.StrEnum):
     STDOUT = "stdout"
     STDERR = "stderr"
     METRICS = "metrics"
+    # Telemetry events, one kind per IPC event type (joblet_persist/events.py: the value
+    # is the EventKind's file stem).
+    EXEC_EVENTS = "exec_events"
+    CONNECT_EVENTS = "connect_events"
+    ACCEPT_EVENTS = "accept_events"
+    SOCKET_DATA_EVENTS = "socket_data_events"
+    MMAP_EVENTS = "mmap_events"
+    MPROTECT_EVENTS = "mprotect_events"
+    FILE_EVENTS = "file_events"
 
+
+#: The segment kind of each telemetry event kind, by the event kind's name
+#: (``events.EventKind.name``, the key of JobInfo.event_counts).
+KIND_OF_EVENT = {
+    "exec": SegmentKind.EXEC_EVENTS,
+    "connect": SegmentKind.CONNECT_EVENTS,
+    "accept": SegmentKind.ACCEPT_EVENTS,
+    "socket_data": SegmentKind.SOCKET_DATA_EVENTS,
+    "mmap": SegmentKind.MMAP_EVENTS,
+    "mprotect": SegmentKind.MPROTECT_EVENTS,
+    "file": SegmentKind.FILE_EVENTS,
+}
+#: The event kind name of each event segment kind.
+EVENT_OF_KIND = {kind: name for name, kind in KIND_OF_EVENT.items()}
 
 #: The part each segment kind belongs to (deleted and aged with it).
 PART_OF_KIND = {
     SegmentKind.STDOUT: Part.LOGS,
     SegmentKind.STDERR: Part.LOGS,
     SegmentKind.METRICS: Part.METRICS,
+    **{kind: Part.EVENTS for kind in EVENT_OF_KIND},
 }
 #: The segment kinds of each part, in SegmentKind order.
 KINDS_OF_PART = {
     part: tuple(kind for kind in SegmentKind if PART_OF_KIND[kind] is part) for part in Part
 }
-#: The JobInfo field that counts the messages of each part.
-COUNT_FIELD_OF_PART = {Part.LOGS: "log_count", Part.METRICS: "metric_count"}
+#: The JobInfo field that counts the messages of each part (events: ``event_count``,
+#: the sum of the per-kind fields).
+COUNT_FIELD_OF_PART = {Part.LOGS: "log_count", Part.METRICS: "metric_count", Part.EVENTS: "event_count"}
+#: The JobInfo field that counts the messages of each segment kind.
+COUNT_FIELD_OF_KIND = {
+    SegmentKind.STDOUT: "log_count",
+    SegmentKind.STDERR: "log_count",
+    SegmentKind.METRICS: "metric_count",
+    **{kind: f"{name}_events" for name, kind in KIND_OF_EVENT.items()},
+}
+#: The JobInfo fields that count events, by event kind name.
+EVENT_COUNT_FIELDS = {name: f"{name}_events" for name in KIND_OF_EVENT}
 #: The segment kind of each log stream number (STREAM_UNSPECIFIED has none: it means both).
 KIND_OF_STREAM = {STREAM_STDOUT: SegmentKind.STDOUT, STREAM_STDERR: SegmentKind.STDERR}
 
@@ -130,6 +165,29 @@ class JobInfo:
     size_bytes: int  # bytes the job's stored data occupies in the backend
     first_timestamp: int  # Unix ns, smallest message timestamp (0 if none)
     last_timestamp: int  # Unix ns, largest message timestamp (0 if none)
+    # Stored telemetry events per kind (COUNT_FIELD_OF_KIND); 0 when none.
+    exec_events: int = 0
+    connect_events: int = 0
+    accept_events: int = 0
+    socket_data_events: int = 0
+    mmap_events: int = 0
+    mprotect_events: int = 0
+    file_events: int = 0
+
+    @property
+    def event_counts(self) -> dict:
+        """Event kind name -> stored events, for the kinds that have any."""
+        counts = {}
+        for name, field_name in EVENT_COUNT_FIELDS.items():
+            value = getattr(self, field_name)
+            if value:
+                counts[name] = value
+        return counts
+
+    @property
+    def event_count(self) -> int:
+        """Stored telemetry events of every kind."""
+        return sum(getattr(self, f) for f in EVENT_COUNT_FIELDS.values())
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +223,38 @@ class MetricBatch:
     sequences: Sequence[int]
     arrivals: Sequence[int]
     payloads: Sequence[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class EventBatch:
+    """A batch of telemetry events of one job and one kind, in arrival order.
+
+    ``kind`` is the event kind's name (``"exec"``, a key of KIND_OF_EVENT);
+    ``payloads`` are the IPC payloads as received, already accepted by
+    ``events.check_event``; storage builds their JSON lines on a pool thread.
+    ``timestamps`` and ``sequences`` are those ``check_event`` returned;
+    ``arrivals`` as in LogBatch (one counter per job across all its data).
+    """
+
+    job_id: str
+    kind: str
+    timestamps: Sequence[int]
+    sequences: Sequence[int]
+    arrivals: Sequence[int]
+    payloads: Sequence[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """One stored telemetry event, as a query returns it.
+
+    ``data`` is the stored JSON object (docs/storage-format.md, "Telemetry
+    events"); ``events.event_message(kind, data, job_id)`` makes the reply.
+    """
+
+    timestamp: int
+    sequence: int
+    data: dict
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,6 +386,15 @@ class IJobSnapshot(Interface):
     def iter_metrics(start_time=0, end_time=0, offset=0, limit=0, stats=None, cancelled=None):
         """Yield the job's metric samples as MetricRecords; same semantics as iter_logs."""
 
+    def iter_events(
+        kind, start_time=0, end_time=0, offset=0, limit=0, stats=None, cancelled=None
+    ):
+        """Yield the job's telemetry events of ``kind`` (an event kind name, a key of
+        KIND_OF_EVENT) as StoredEvents, in arrival order; same semantics and cost
+        rules as iter_metrics.  An unknown kind raises ValueError; a kind the job
+        has no events of yields nothing.
+        """
+
 
 class IBulkLogReads(Interface):
     """Optional snapshot capability: log reads in columnar chunks.  Any thread."""
@@ -351,6 +450,13 @@ class IStorageBackend(Interface):
         they never fail the batch.
         """
 
+    def append_events(batch):
+        """Store one EventBatch; like append_metrics.
+
+        Payloads that do not decode as their kind are left out and counted;
+        they never fail the batch.  An unknown kind fails with ValueError.
+        """
+
     def open_job(job_id):
         """Deferred firing with the job's IJobSnapshot, or None if the job is unknown.
 
@@ -397,8 +503,13 @@ class IStorageBackend(Interface):
     def totals():
         """``(jobs, log messages, metric samples, bytes)`` over every known job."""
 
+    def event_totals():
+        """Event kind name -> stored events over every known job (kinds with none
+        may be absent)."""
+
     def part_sizes(job_id):
-        """``(bytes of logs, bytes of metrics)`` of a job, (0, 0) if unknown."""
+        """``(bytes of logs, bytes of metrics, bytes of events)`` of a job (a value per
+        Part, in Part order), all 0 if unknown."""
 
 
 class IRetentionSegments(Interface):

@@ -21,8 +21,10 @@ from operator import itemgetter
 from typing import Callable, Optional
 
 from joblet_persist.debounce import Debouncer
-from joblet_persist.storage.api import JobInfo
+from joblet_persist.storage.api import EVENT_COUNT_FIELDS, JobInfo, Part
 from joblet_persist.threads import reactor_only
+
+_NO_PARTS = (0,) * len(Part)
 
 _created = itemgetter(0)
 
@@ -39,12 +41,13 @@ class JobCatalog:
         self._write = write
         self._writes = Debouncer(clock, interval, self._write_now)
         self._index: dict[str, JobInfo] = {}
-        self._parts: dict[str, tuple[int, int]] = {}  # job -> (log bytes, metric bytes)
+        self._parts: dict[str, tuple] = {}  # job -> bytes of each Part (logs, metrics, events)
         self._version = 0
         self._list_cache: tuple = (-1, ())
         self._total_size = 0
         self._total_logs = 0
         self._total_metrics = 0
+        self._total_events = dict.fromkeys(EVENT_COUNT_FIELDS, 0)
         # (-created_at, job id) of every indexed job, sorted: ListJobs' order.
         self._order: list = []
 
@@ -80,6 +83,10 @@ class JobCatalog:
         """(jobs, log messages, metric samples, bytes) over the job index.  Any thread; O(1)."""
         return len(self._index), self._total_logs, self._total_metrics, self._total_size
 
+    def event_totals(self) -> dict:
+        """Event kind name -> stored events over the job index.  Any thread; O(kinds)."""
+        return dict(self._total_events)
+
     def list_jobs_page(self, since: int, until: int, offset: int, limit: int):
         """ListJobs in O(log jobs + page): ``(total, infos)``.  Any thread.
 
@@ -98,9 +105,9 @@ class JobCatalog:
         infos = [info for _, job in order[start:stop] if (info := index.get(job)) is not None]
         return total, infos
 
-    def part_sizes(self, job_id: str) -> tuple[int, int]:
-        """(bytes of logs, bytes of metrics) of a job, (0, 0) if unknown.  Any thread."""
-        return self._parts.get(job_id, (0, 0))
+    def part_sizes(self, job_id: str) -> tuple:
+        """Bytes of each Part of a job (logs, metrics, events), zeros if unknown.  Any thread."""
+        return self._parts.get(job_id, _NO_PARTS)
 
     # -- reactor thread -------------------------------------------------------
 
@@ -110,13 +117,14 @@ class JobCatalog:
         self._index = dict(jobs)
         self._parts = dict(parts)
         self._total_size = self._total_logs = self._total_metrics = 0
+        self._total_events = dict.fromkeys(EVENT_COUNT_FIELDS, 0)
         for info in self._index.values():
             self._count_totals(info, 1)
         self._order = sorted((-info.created_at, job) for job, info in self._index.items())
         self._version += 1
 
     @reactor_only
-    def set_info(self, job_id: str, info: JobInfo, parts: tuple[int, int]) -> None:
+    def set_info(self, job_id: str, info: JobInfo, parts: tuple) -> None:
         """Add or replace a job's entry; the index is written within the interval."""
         old = self._index.get(job_id)
         if old is None:
@@ -170,6 +178,11 @@ class JobCatalog:
         self._total_size += sign * info.size_bytes
         self._total_logs += sign * info.log_count
         self._total_metrics += sign * info.metric_count
+        if info.event_count:
+            totals = dict(self._total_events)  # copy on write: read on any thread
+            for name, field_name in EVENT_COUNT_FIELDS.items():
+                totals[name] += sign * getattr(info, field_name)
+            self._total_events = totals
 
     def _reorder(self, remove=None, add=None) -> None:
         """Replace ``_order`` by a copy with ``remove`` taken out and ``add`` put in.

@@ -15,6 +15,7 @@ import stat
 from dataclasses import dataclass
 from typing import Sequence
 
+from joblet_persist import events
 from joblet_persist.storage import format as fmt
 from joblet_persist.storage import safefs, segment
 from joblet_persist.storage.api import Part
@@ -118,13 +119,52 @@ def thd_append_metrics(
     return _thd_write_pieces(path, directory, expected_size, fsync, pieces, skipped, modes)
 
 
+def thd_append_events(
+    path: str,
+    directory: str,
+    expected_size: int,
+    fsync: bool,
+    compressor,
+    base: int,
+    job_id: str,
+    kind,
+    timestamps: Sequence[int],
+    sequences: Sequence[int],
+    arrivals: Sequence[int],
+    payloads: Sequence[bytes],
+    modes: safefs.FileModes = safefs.DEFAULT_MODES,
+) -> AppendResult:
+    """Build the JSON lines of event payloads (``kind`` an events.EventKind), encode and
+    append them.  Pool thread.
+
+    Like thd_append_metrics: a payload that does not decode as ``kind`` is left
+    out and counted in ``skipped``; it never fails the batch.
+    """
+    ts, seqs, ords, lines = [], [], [], []
+    skipped = 0
+    for i, payload in enumerate(payloads):
+        try:
+            line = events.payload_json_line(kind, payload, job_id, timestamps[i], sequences[i])
+        except events.EventDecodeError:
+            skipped += 1
+            continue
+        ts.append(timestamps[i])
+        seqs.append(sequences[i])
+        ords.append(base + arrivals[i])
+        lines.append(line)
+    if not lines:
+        return AppendResult(expected_size, (), 0, skipped, ())
+    pieces = fmt.encode_event_members(kind.msg_type, ts, seqs, ords, lines, compressor)
+    return _thd_write_pieces(path, directory, expected_size, fsync, pieces, skipped, modes)
+
+
 #: The top-level directories of each Part (its value), and of a whole job.
 PART_TOPS = {part: (part.value,) for part in Part}
 ALL_TOPS = tuple(part.value for part in Part)
 
 
 def thd_remove_job(data_dir: str, job_id: str, tops: Sequence[str] = ALL_TOPS) -> int:
-    """Remove a job's directories (logs and metrics by default); return the bytes freed.
+    """Remove a job's directories (logs, metrics and events by default); return the bytes freed.
 
     Pool thread.  Whatever else stands where a job directory should be (a
     file, a symlink) is removed too (the link, not its target), so that

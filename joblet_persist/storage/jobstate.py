@@ -18,9 +18,8 @@ from typing import Optional
 
 from joblet_persist.storage import reader, segment
 from joblet_persist.storage.api import (
-    COUNT_FIELD_OF_PART,
+    COUNT_FIELD_OF_KIND,
     KINDS_OF_PART,
-    PART_OF_KIND,
     JobInfo,
     Part,
     SegmentKind,
@@ -92,6 +91,13 @@ class JobState:
         """Bytes of both log streams' segments."""
         return sum(seg.size for kind in KINDS_OF_PART[Part.LOGS] for seg in self.segments[kind])
 
+    def part_sizes(self) -> tuple:
+        """Bytes of each Part's segments, in Part order."""
+        return tuple(
+            sum(seg.size for kind in KINDS_OF_PART[part] for seg in self.segments[kind])
+            for part in Part
+        )
+
     @reactor_only
     def next_append(
         self, kind: SegmentKind, directory: str, max_bytes: int
@@ -131,7 +137,7 @@ class JobState:
                 if m.max_timestamp > last:
                     last = m.max_timestamp
         info = self.info
-        field = COUNT_FIELD_OF_PART[PART_OF_KIND[kind]]
+        field = COUNT_FIELD_OF_KIND[kind]
         counts = {field: getattr(info, field) + count}
         self.last_used = now
         self.info = dataclasses.replace(
@@ -193,11 +199,11 @@ class JobState:
 
 def _recount(state: JobState) -> JobInfo:
     """A job's JobInfo recomputed from its published segments (after dropping one)."""
-    counts = dict.fromkeys(COUNT_FIELD_OF_PART.values(), 0)
+    counts = dict.fromkeys(COUNT_FIELD_OF_KIND.values(), 0)
     size = 0
     first = last = 0
     for kind in SegmentKind:
-        field = COUNT_FIELD_OF_PART[PART_OF_KIND[kind]]
+        field = COUNT_FIELD_OF_KIND[kind]
         for seg in state.segments[kind]:
             size += seg.size
             for m in seg.view.members:

@@ -37,6 +37,7 @@ __all__ = [
     "LEGACY_ORDINAL_BASE",
     "legacy_member_summary",
     "parse_legacy_log_member",
+    "parse_legacy_event_member",
     "parse_legacy_metric_member",
 ]
 
@@ -197,6 +198,28 @@ def parse_legacy_log_member(data: bytes) -> list[tuple[int, int, int, bytes]]:
         )
         for norm in _iter_objects(data)
     ]
+
+
+def parse_legacy_event_member(data: bytes) -> list[tuple[int, int, dict]]:
+    """Decode one inflated legacy telemetry event member: ``(timestamp, sequence, object)``.
+
+    Pure; any thread.  The same lines count as in legacy_member_summary; the
+    object is the line as written (events.event_record_from_json reads Go's
+    keys), timestamp and sequence read as for logs.
+    """
+    out = []
+    for line in data.split(b"\n"):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(obj, dict):
+            norm = _normalized(obj)
+            out.append((_timestamp(norm.get("timestamp")), _int(norm.get("sequence")), obj))
+    return out
 
 
 _DISK_KEYS = ("read_bytes", "write_bytes", "read_ops", "write_ops")

@@ -20,7 +20,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from joblet_persist.storage import jobindex, safefs
-from joblet_persist.storage.api import JobInfo, SegmentKind
+from joblet_persist.storage.api import KIND_OF_EVENT, JobInfo, SegmentKind
 from joblet_persist.storage.catalog import JobCatalog
 from joblet_persist.storage.files import FileBudget
 from joblet_persist.storage.findings import Findings
@@ -159,12 +159,14 @@ class LoadedJobs:
             stdout=state.views(SegmentKind.STDOUT),
             stderr=state.views(SegmentKind.STDERR),
             metrics=state.views(SegmentKind.METRICS),
+            events={
+                name: state.views(kind)
+                for name, kind in KIND_OF_EVENT.items()
+                if state.segments[kind]
+            },
             budget=self._budget,
         )
-        log_bytes = state.log_bytes()
-        self._catalog.set_info(
-            state.job_id, state.info, (log_bytes, state.info.size_bytes - log_bytes)
-        )
+        self._catalog.set_info(state.job_id, state.info, state.part_sizes())
 
     @reactor_only
     def forget(self, job_id: str) -> None:

@@ -5,6 +5,7 @@ Layout under ``data_dir``::
     logs/<job>/stdout.log.gz  stdout_000001.log.gz ...   (segments of stdout)
     logs/<job>/stderr.log.gz  stderr_000001.log.gz ...
     metrics/<job>/metrics.jsonl.gz  metrics_000001.jsonl.gz ...
+    events/<job>/exec_events.jsonl.gz  exec_events_000001.jsonl.gz ...  (one set per event kind)
     job_index.json
 
 Threading: ``LocalStorage`` is a reactor-side object.  Every method documented
@@ -47,10 +48,13 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from joblet_persist import events
 from joblet_persist.logs import Logger
 from joblet_persist.storage import jobindex, safefs, segment, space
 from joblet_persist.storage.api import (
+    KIND_OF_EVENT,
     KIND_OF_STREAM,
+    EventBatch,
     IFreeSpace,
     IIdleUnload,
     IRetentionSegments,
@@ -69,6 +73,7 @@ from joblet_persist.storage.diskwork import (
     ALL_TOPS,
     PART_TOPS,
     AppendResult,
+    thd_append_events,
     thd_append_logs,
     thd_append_metrics,
     thd_remove_file,
@@ -223,8 +228,12 @@ class LocalStorage:
         """
         return self._catalog.list_jobs_page(since, until, offset, limit)
 
-    def part_sizes(self, job_id: str) -> tuple[int, int]:
-        """(bytes of logs, bytes of metrics) of a job in the index, (0, 0) if unknown.
+    def event_totals(self) -> dict:
+        """Event kind name -> stored events over the job index.  Any thread."""
+        return self._catalog.event_totals()
+
+    def part_sizes(self, job_id: str) -> tuple:
+        """Bytes of each Part (logs, metrics, events) of a job in the index, zeros if unknown.
 
         Any thread.
         """
@@ -387,6 +396,35 @@ class LocalStorage:
         columns = (job_id, batch.timestamps, batch.sequences, batch.arrivals, batch.payloads)
         return self._append(job_id, SegmentKind.METRICS, (thd_append_metrics, columns))
 
+    @reactor_only
+    def append_events(self, batch: EventBatch):
+        """Append one event batch of one kind; like append_metrics.  Reactor thread.
+
+        The JSON lines are built on the pool; payloads that do not decode are
+        left out and counted (``skipped_metric_payloads`` counts them too).
+        """
+        try:
+            job_id = check_job_id(batch.job_id)
+            kind = KIND_OF_EVENT.get(batch.kind)
+            if kind is None:
+                raise ValueError(f"unknown event kind {batch.kind!r} for an event batch")
+            count = _column_length(
+                batch.timestamps, batch.sequences, batch.arrivals, batch.payloads
+            )
+        except ValueError:
+            return defer.fail()
+        if count == 0:
+            return defer.succeed(0)
+        columns = (
+            job_id,
+            events.KINDS_BY_NAME[batch.kind],
+            batch.timestamps,
+            batch.sequences,
+            batch.arrivals,
+            batch.payloads,
+        )
+        return self._append(job_id, kind, (thd_append_events, columns))
+
     def _append(self, job_id: str, kind: SegmentKind, work: tuple):
         """Append a batch: ``work`` is ``(thd_append_*, its batch columns)``.  Reactor thread."""
         try:
@@ -488,7 +526,7 @@ class LocalStorage:
 
     @reactor_only
     def delete_part(self, job_id: str, part: Part):
-        """Delete a job's logs (Part.LOGS) or metrics (Part.METRICS); Deferred[bytes freed].
+        """Delete a job's logs, metrics or events (a Part); Deferred[bytes freed].
 
         Reactor thread; used by retention.  Like delete_job for one of the
         job's two directories.  The job is then reloaded from what remains
@@ -496,7 +534,7 @@ class LocalStorage:
         """
         tops = PART_TOPS.get(part) if isinstance(part, str) else None
         if tops is None:
-            return defer.fail(ValueError(f"unknown part {part!r}: expected 'logs' or 'metrics'"))
+            return defer.fail(ValueError(f"unknown part {part!r}: expected one of {', '.join(Part)}"))
         d = self._exclusive(job_id, lambda j: self.delete_part(j, part), self._remove, tops, True)
         return d.addErrback(_unavailable, f"deleting the {part} of job {job_id}")
 

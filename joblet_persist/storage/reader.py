@@ -48,6 +48,7 @@ from joblet_persist.storage.api import (
     LogRecord,
     MetricRecord,
     ReadStats,
+    StoredEvent,
 )
 from joblet_persist.storage.files import FileBudget, OpenFiles
 from joblet_persist.storage.format import (
@@ -60,13 +61,24 @@ from joblet_persist.storage.format import (
     gzip_header_length,
     read_member,
 )
-from joblet_persist.storage.legacy import parse_legacy_log_member, parse_legacy_metric_member
+from joblet_persist.storage.legacy import (
+    parse_legacy_event_member,
+    parse_legacy_log_member,
+    parse_legacy_metric_member,
+)
 
 #: How many merge passes may run between two checks of cancelled() (besides the check
 #: before every member load).
 _CANCEL_CHECK_PASSES = 64
 
-__all__ = ["SegmentView", "find_disorder", "iter_log_chunks", "iter_logs", "iter_metrics"]
+__all__ = [
+    "SegmentView",
+    "find_disorder",
+    "iter_events",
+    "iter_log_chunks",
+    "iter_logs",
+    "iter_metrics",
+]
 
 _log = logging.getLogger("joblet_persist.storage")
 
@@ -671,6 +683,25 @@ def _metric_loader(rng: _Range):
     return load
 
 
+def _event_loader(rng: _Range):
+    def load(path, m, table, data, min_ord):
+        ords, ts, seqs, begins, ends, start = _columns(rng, m, table, min_ord)
+        # Parsed at once, like metrics: a member with a line that is not a JSON object is
+        # skipped whole (counted as corrupt).
+        parsed = [None] * start
+        for a, b in zip(begins[start:], ends[start:], strict=True):
+            try:
+                obj = json.loads(data[a:b])
+            except ValueError as e:
+                raise CorruptMember(f"event line does not parse: {e}", path, m.offset) from None
+            if not isinstance(obj, dict):
+                raise CorruptMember("event line is not a JSON object", path, m.offset)
+            parsed.append(obj)
+        return ords, ts, seqs, lambda i, j: parsed[i:j], start
+
+    return load
+
+
 def _check_args(offset: int, limit: int) -> None:
     if offset < 0 or limit < 0:
         raise ValueError(f"offset and limit must be >= 0, got offset={offset} limit={limit}")
@@ -883,5 +914,67 @@ def iter_metrics(
             q.close()
             for ts, seq, data in zip(timestamps, sequences, payloads, strict=True):
                 yield MetricRecord(ts, seq, data)
+    finally:
+        q.close()
+
+
+def iter_events(
+    segments: tuple,
+    member_kind: int,
+    start_time: int = 0,
+    end_time: int = 0,
+    offset: int = 0,
+    limit: int = 0,
+    stats: Optional[ReadStats] = None,
+    cancelled: Callable[[], bool] = lambda: False,
+    budget: Optional[FileBudget] = None,
+) -> Iterator[StoredEvent]:
+    """Yield a job's telemetry events of one kind from published segments.  Blocking; any
+    thread.
+
+    Same semantics and cost rules as iter_metrics, over one event kind's
+    SegmentViews; ``member_kind`` is the kind's IPC message type (the JP member
+    kind).  ``StoredEvent.data`` is the stored JSON object.  Members of the
+    older Go service (JSON lines without a member table) come first, as for
+    metrics.
+    """
+    _check_args(offset, limit)
+    q = _Query(_Range(start_time, end_time), stats, cancelled, budget)
+    try:
+        emitted = 0
+        entries = [(v.path, m) for v in segments for m in v.members]
+        for path, m in entries:
+            if m.kind != KIND_LEGACY:
+                continue
+            if m.count == 0 or not q.rng.overlaps(m):
+                q.skipped()
+                continue
+            if q.cancelled():
+                return
+            loaded = q.load(path, m)
+            if loaded is None:
+                continue
+            for ts, seq, obj in parse_legacy_event_member(loaded[1]):
+                if not q.rng.contains(ts):
+                    continue
+                if offset:
+                    offset -= 1
+                    continue
+                q.close()
+                yield StoredEvent(ts, seq, obj)
+                emitted += 1
+                if limit and emitted >= limit:
+                    return
+        remaining = limit - emitted if limit else 0
+        loader = _event_loader(q.rng)
+        if _in_order(entries, member_kind):
+            source = _Source(q, 0, _select(q, entries, member_kind))
+            merged = _merged(q, [source], offset, remaining, loader)
+        else:
+            merged = _stored_order(q, [(0, entries)], member_kind, offset, remaining, loader)
+        for _key, timestamps, sequences, payloads in merged:
+            q.close()
+            for ts, seq, data in zip(timestamps, sequences, payloads, strict=True):
+                yield StoredEvent(ts, seq, data)
     finally:
         q.close()

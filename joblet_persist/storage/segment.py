@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from joblet_persist.storage import safefs
-from joblet_persist.storage.api import SegmentKind
+from joblet_persist.storage.api import EVENT_OF_KIND, SegmentKind
 from joblet_persist.storage.format import (
     KIND_LEGACY,
     CorruptMember,
@@ -50,6 +50,8 @@ SEGMENT_KINDS = {
     SegmentKind.STDOUT: ".log.gz",
     SegmentKind.STDERR: ".log.gz",
     SegmentKind.METRICS: ".jsonl.gz",
+    # Telemetry events: ``events/<job>/exec_events.jsonl.gz`` (events.EventKind.segment_name).
+    **{kind: ".jsonl.gz" for kind in EVENT_OF_KIND},
 }
 
 _NAME_RE = re.compile(

@@ -12,6 +12,7 @@ from typing import Callable, Optional
 
 from zope.interface import implementer
 
+from joblet_persist import events
 from joblet_persist.storage import reader
 from joblet_persist.storage.api import (
     LOG_STREAMS,
@@ -67,6 +68,8 @@ class LocalJobSnapshot:
     metrics: tuple = field(repr=False)
     # Shared cap on the files queries hold open (storage.files), or None.
     budget: Optional[FileBudget] = field(default=None, repr=False)
+    # Event kind name -> tuple[reader.SegmentView, ...]; kinds without segments are absent.
+    events: dict = field(default_factory=dict, repr=False)
 
     def iter_logs(
         self,
@@ -123,5 +126,34 @@ class LocalJobSnapshot:
             self.job_id,
             reader.iter_metrics(
                 self.metrics, start_time, end_time, offset, limit, stats, cancelled, self.budget
+            ),
+        )
+
+    def iter_events(
+        self,
+        kind: str,
+        start_time: int = 0,
+        end_time: int = 0,
+        offset: int = 0,
+        limit: int = 0,
+        stats: Optional[ReadStats] = None,
+        cancelled: Callable[[], bool] = _never_cancelled,
+    ):
+        """Yield StoredEvents of ``kind`` (see IJobSnapshot.iter_events).  Blocking; any thread."""
+        event_kind = events.KINDS_BY_NAME.get(kind)
+        if event_kind is None:
+            raise ValueError(f"unknown event kind {kind!r}")
+        return _seam_errors(
+            self.job_id,
+            reader.iter_events(
+                self.events.get(kind, ()),
+                event_kind.msg_type,
+                start_time,
+                end_time,
+                offset,
+                limit,
+                stats,
+                cancelled,
+                self.budget,
             ),
         )

@@ -138,6 +138,9 @@ class ProbedStorage:
     def append_metrics(self, batch):
         return self.inner.append_metrics(batch)
 
+    def append_events(self, batch):
+        return self.inner.append_events(batch)
+
     def open_job(self, job_id):
         d = self.inner.open_job(job_id)
         return d.addCallback(lambda snap: None if snap is None else _Snapshot(snap, self))
@@ -160,6 +163,9 @@ class ProbedStorage:
 
     def totals(self):
         return self.inner.totals()
+
+    def event_totals(self):
+        return self.inner.event_totals()
 
     def part_sizes(self, job_id):
         return self.inner.part_sizes(job_id)

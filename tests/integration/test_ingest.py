@@ -81,7 +81,7 @@ def _rejects(job: str, ts: int, seq: int) -> list[tuple[str, bytes, str | None]]
         ("bad_envelope", frame(b"\xff\xff\xff\xff"), None),
         ("unknown_type", frame(envelope(42, job, b"?")), "other"),
         ("unknown_type", frame(envelope(0, job)), "unspecified"),
-        ("unsupported_type", frame(envelope(5, job, b"\x08\x01")), "accept_event"),
+        ("bad_payload", frame(envelope(5, job, b"\xff\xff\xff")), "accept_event"),
         ("invalid_job_id", log_frame("../etc", 1, ts, seq, b"never stored"), "log"),
         ("invalid_job_id", metric_frame("../etc", ts, seq, metric_values(1)), "metric"),
         ("oversized", log_frame(job, 1, ts, seq, b"o" * (MAX_FRAME + 1)), None),
@@ -217,7 +217,7 @@ class ManyConnectionsTests(unittest.TestCase):
         rejected = sum((s.rejected for s in streams), collections.Counter())
         received = sum((s.received for s in streams), collections.Counter())
         self.assertEqual(set(rejected), {
-            "bad_envelope", "unknown_type", "unsupported_type", "invalid_job_id", "oversized",
+            "bad_envelope", "unknown_type", "invalid_job_id", "oversized",
             "bad_payload", "invalid_stream",
         })
 

@@ -289,7 +289,9 @@ class MetricsEndToEndTests(unittest.TestCase):
         sent = client.send(*logs, *metrics)
         rejected = [
             log_body("../escape", 1, b"x"),  # invalid_job_id (counted as a received LOG)
-            ipc_pb2.IPCMessage(version=1, type=3, job_uuid=JOB).SerializeToString(),
+            # bad_payload: an exec event whose payload does not decode
+            ipc_pb2.IPCMessage(version=1, type=3, job_uuid=JOB, data=b"\xff\xff\xff")
+            .SerializeToString(),
         ]
         sent += client.send(*rejected)
         client.send_raw(framed(b"\xff\xff\xff"))  # bad_envelope: not counted as received
@@ -382,7 +384,8 @@ class MetricsEndToEndTests(unittest.TestCase):
         check("persist_ipc_messages_received_total", 1, type="exec_event")
         check("persist_ipc_bytes_received_total", sent)
         check("persist_ipc_frames_rejected_total", 1, reason="invalid_job_id")
-        check("persist_ipc_frames_rejected_total", 1, reason="unsupported_type")
+        check("persist_ipc_frames_rejected_total", 1, reason="bad_payload")
+        check("persist_ipc_events_rejected_total", 1, kind="exec", reason="bad_payload")
         check("persist_ipc_frames_rejected_total", 1, reason="bad_envelope")
         check("persist_ipc_connections", 0)
         self.assertGreaterEqual(value(m, "persist_write_latency_seconds_count"), 3)
