@@ -335,6 +335,30 @@ class SegmentScan:
         return r.valid_size if r.truncated else r.file_size
 
 
+def tally_members(segments) -> tuple[dict, int, int, int]:
+    """Counts per JobInfo count field, bytes, first and last timestamp.  Any thread.
+
+    ``segments`` yields ``(kind, size_bytes, members)``; members with no
+    messages count only their bytes.  The one place a job's summary is summed
+    from its members (a scan of the files, or a recount after dropping a segment).
+    """
+    counts = dict.fromkeys(COUNT_FIELD_OF_KIND.values(), 0)
+    size = 0
+    first = last = 0
+    for kind, seg_size, members in segments:
+        field = COUNT_FIELD_OF_KIND[kind]
+        size += seg_size
+        for m in members:
+            if not m.count:
+                continue
+            counts[field] += m.count
+            if m.min_timestamp > 0 and (first == 0 or m.min_timestamp < first):
+                first = m.min_timestamp
+            if m.max_timestamp > last:
+                last = m.max_timestamp
+    return counts, size, first, last
+
+
 @dataclass(frozen=True, slots=True)
 class JobScan:
     """Everything a header scan found about one job's files."""
@@ -379,21 +403,11 @@ class JobScan:
         it, created_at is the earlier of the first message timestamp and the
         earliest file mtime, last_updated the latest mtime.
         """
-        counts = dict.fromkeys(COUNT_FIELD_OF_KIND.values(), 0)
-        size = 0
-        first = last = 0
-        for kind, segs in self.segments.items():
-            field = COUNT_FIELD_OF_KIND[kind]
-            for seg in segs:
-                size += seg.size
-                for m in seg.result.members:
-                    if not m.count:
-                        continue
-                    counts[field] += m.count
-                    if m.min_timestamp > 0 and (first == 0 or m.min_timestamp < first):
-                        first = m.min_timestamp
-                    if m.max_timestamp > last:
-                        last = m.max_timestamp
+        counts, size, first, last = tally_members(
+            (kind, seg.size, seg.result.members)
+            for kind, segs in self.segments.items()
+            for seg in segs
+        )
         log_count, metric_count = counts["log_count"], counts["metric_count"]
         if previous is not None:
             created = previous.created_at

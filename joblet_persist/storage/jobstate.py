@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from joblet_persist.storage import reader, segment
+from joblet_persist.storage import jobindex, reader, segment
 from joblet_persist.storage.api import (
     COUNT_FIELD_OF_KIND,
     KINDS_OF_PART,
@@ -199,21 +199,9 @@ class JobState:
 
 def _recount(state: JobState) -> JobInfo:
     """A job's JobInfo recomputed from its published segments (after dropping one)."""
-    counts = dict.fromkeys(COUNT_FIELD_OF_KIND.values(), 0)
-    size = 0
-    first = last = 0
-    for kind in SegmentKind:
-        field = COUNT_FIELD_OF_KIND[kind]
-        for seg in state.segments[kind]:
-            size += seg.size
-            for m in seg.view.members:
-                if not m.count:
-                    continue
-                counts[field] += m.count
-                if m.min_timestamp > 0 and (first == 0 or m.min_timestamp < first):
-                    first = m.min_timestamp
-                if m.max_timestamp > last:
-                    last = m.max_timestamp
+    counts, size, first, last = jobindex.tally_members(
+        (kind, seg.size, seg.view.members) for kind in SegmentKind for seg in state.segments[kind]
+    )
     return dataclasses.replace(
         state.info,
         **counts,
