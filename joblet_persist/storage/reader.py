@@ -876,46 +876,15 @@ def iter_metrics(
     Same semantics and cost rules as iter_logs, over one sequence of
     SegmentViews.  ``MetricRecord.data`` is the stored ``data`` object.
     """
-    _check_args(offset, limit)
-    q = _Query(_Range(start_time, end_time), stats, cancelled, budget)
-    try:
-        emitted = 0
-        entries = [(v.path, m) for v in segments for m in v.members]
-        for path, m in entries:
-            if m.kind != KIND_LEGACY:
-                continue
-            if m.count == 0 or not q.rng.overlaps(m):
-                q.skipped()
-                continue
-            if q.cancelled():
-                return
-            loaded = q.load(path, m)
-            if loaded is None:
-                continue
-            for rec in parse_legacy_metric_member(loaded[1]):
-                if not q.rng.contains(rec["timestamp"]):
-                    continue
-                if offset:
-                    offset -= 1
-                    continue
-                q.close()
-                yield MetricRecord(rec["timestamp"], rec["sequence"], rec["data"])
-                emitted += 1
-                if limit and emitted >= limit:
-                    return
-        remaining = limit - emitted if limit else 0
-        if _in_order(entries, KIND_METRIC):
-            source = _Source(q, 0, _select(q, entries, KIND_METRIC))
-            merged = _merged(q, [source], offset, remaining, _metric_loader(q.rng))
-        else:
-            listed = [(0, entries)]
-            merged = _stored_order(q, listed, KIND_METRIC, offset, remaining, _metric_loader(q.rng))
-        for _key, timestamps, sequences, payloads in merged:
-            q.close()
-            for ts, seq, data in zip(timestamps, sequences, payloads, strict=True):
-                yield MetricRecord(ts, seq, data)
-    finally:
-        q.close()
+    return _iter_records(
+        segments, KIND_METRIC, _legacy_metrics, _metric_loader, MetricRecord,
+        start_time, end_time, offset, limit, stats, cancelled, budget,
+    )
+
+
+def _legacy_metrics(data: bytes) -> Iterator[tuple]:
+    for rec in parse_legacy_metric_member(data):
+        yield rec["timestamp"], rec["sequence"], rec["data"]
 
 
 def iter_events(
@@ -938,6 +907,22 @@ def iter_events(
     older Go service (JSON lines without a member table) come first, as for
     metrics.
     """
+    return _iter_records(
+        segments, member_kind, parse_legacy_event_member, _event_loader, StoredEvent,
+        start_time, end_time, offset, limit, stats, cancelled, budget,
+    )
+
+
+def _iter_records(
+    segments, member_kind, legacy_records, make_loader, make,
+    start_time, end_time, offset, limit, stats, cancelled, budget,
+) -> Iterator:
+    """The one-sequence read behind iter_metrics and iter_events.  Any thread.
+
+    Legacy members (``legacy_records(bytes)`` yields ``(ts, seq, obj)``) come
+    first, then the JP members of ``member_kind`` merged by ordinal; every
+    record is ``make(ts, seq, obj)``.
+    """
     _check_args(offset, limit)
     q = _Query(_Range(start_time, end_time), stats, cancelled, budget)
     try:
@@ -954,19 +939,19 @@ def iter_events(
             loaded = q.load(path, m)
             if loaded is None:
                 continue
-            for ts, seq, obj in parse_legacy_event_member(loaded[1]):
+            for ts, seq, obj in legacy_records(loaded[1]):
                 if not q.rng.contains(ts):
                     continue
                 if offset:
                     offset -= 1
                     continue
                 q.close()
-                yield StoredEvent(ts, seq, obj)
+                yield make(ts, seq, obj)
                 emitted += 1
                 if limit and emitted >= limit:
                     return
         remaining = limit - emitted if limit else 0
-        loader = _event_loader(q.rng)
+        loader = make_loader(q.rng)
         if _in_order(entries, member_kind):
             source = _Source(q, 0, _select(q, entries, member_kind))
             merged = _merged(q, [source], offset, remaining, loader)
@@ -975,6 +960,6 @@ def iter_events(
         for _key, timestamps, sequences, payloads in merged:
             q.close()
             for ts, seq, data in zip(timestamps, sequences, payloads, strict=True):
-                yield StoredEvent(ts, seq, data)
+                yield make(ts, seq, data)
     finally:
         q.close()
