@@ -13,8 +13,6 @@ keeps reading after any rejection:
 - ``oversized``: the length prefix exceeds ``max_frame_bytes``.  The frame's bytes are skipped
   as they arrive (nothing is buffered), so the stream stays in sync and nothing else is lost.
 - ``bad_envelope``: the bytes do not parse as an IPCMessage.
-- ``unsupported_type``: a telemetry event frame (types 3..9) for a writer that cannot store
-  events (one without ``add_event``).
 - ``unknown_type``: type 0 or a number this version does not know (an empty frame is type 0).
 - ``invalid_job_id``: the envelope's ``job_uuid`` (the routing key; the payload's copy is
   ignored) is not a safe job id (``storage.api.is_valid_job_id``).
@@ -380,7 +378,8 @@ class _JobIdCache:
 
 
 class IngestProtocol(Int32StringReceiver):
-    """One joblet-core connection: frames in, ``writer.add_logs``/``add_log``/``add_metric`` out.
+    """One joblet-core connection: frames in, ``writer.add_logs``/``add_log``/``add_metric``/
+    ``add_event`` out; ``writer`` provides ``writer.IIngestWriter``.
 
     Reactor thread.  Keeps Int32StringReceiver's interface (``MAX_LENGTH``,
     ``stringReceived`` for one frame, ``lengthLimitExceeded``) with a faster ``dataReceived``.
@@ -401,10 +400,10 @@ class IngestProtocol(Int32StringReceiver):
         partial_frame_timeout: float = DEFAULT_PARTIAL_FRAME_TIMEOUT,
     ):
         self.MAX_LENGTH = max_frame_bytes
+        # writer provides writer.IIngestWriter.
         self._add_log = writer.add_log
         self._add_metric = writer.add_metric
-        # Writers that predate telemetry events (test doubles) reject them as unsupported.
-        self._add_event = getattr(writer, "add_event", None)
+        self._add_event = writer.add_event
         self._decode_frames = decode_log_frames
         add_logs = getattr(writer, "add_logs", None)
         arrivals = getattr(writer, "arrivals", None)
@@ -712,10 +711,6 @@ class IngestProtocol(Int32StringReceiver):
 
     def _accept_event(self, env, msg_type: int) -> None:
         """A telemetry event frame: validate its payload, hand it to the writer."""
-        add_event = self._add_event
-        if add_event is None:
-            self._reject("unsupported_type", f"message type {msg_type}: events are not stored")
-            return
         name = events.KINDS_BY_TYPE[msg_type].name
         job_id = env.job_uuid
         if job_id not in self._valid_ids and not self._admit(job_id):
@@ -731,7 +726,7 @@ class IngestProtocol(Int32StringReceiver):
             self._event_rejected(name, e.reason)
             return
         try:
-            add_event(job_id, name, timestamp, sequence, payload)
+            self._add_event(job_id, name, timestamp, sequence, payload)
         except WriterStopped:
             self._reject("stopping", f"{name} event for job {job_id} after the writer stopped")
             self._event_rejected(name, "stopping")

@@ -29,17 +29,6 @@ from tests.test_storage_local import sync_runner
 U64_MAX = (1 << 64) - 1
 
 
-class EventWriter(RecordingWriter):
-    """A RecordingWriter that also takes telemetry events."""
-
-    def add_event(self, job_id, kind, timestamp, sequence, payload):
-        if self.stopped:
-            from joblet_persist.writer import WriterStopped
-
-            raise WriterStopped("stopping")
-        self.calls.append(("event", job_id, kind, timestamp, sequence, payload))
-
-
 def expected_data(msg_type, values, job, ts, seq):
     """The stored JSON object of an event, built from the protocol tables."""
     obj = {"job_uuid": job, "timestamp": ts, "sequence": seq}
@@ -58,7 +47,7 @@ class IngestEventUnitTests(SynchronousTestCase):
 
     def setUp(self):
         self.clock = task.Clock()
-        self.writer = EventWriter()
+        self.writer = RecordingWriter()
         self.metrics = RecordingMetrics()
 
     def feed(self, *bodies):
