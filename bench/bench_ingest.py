@@ -7,6 +7,12 @@ reports every frame appended (durable under the default fsync policy).  Then
 it reports frames/s, MB/s, the service's peak RSS, the bytes on disk, and the
 size of ``gzip -6`` of the same raw content, computed in the same run.
 
+Two traffic modes (``--modes``; both by default, alternated run by run so that both see
+the same machine load): ``logs``, every frame a LOG line; ``mixed``, the same number of
+frames of which 70% are LOG lines, 10% METRIC samples and 20% telemetry events spread evenly
+over the seven kinds (exec, connect, accept, socket data, mmap, mprotect, file) with payloads
+like a current joblet-core's.  Every setting prints the mixed/logs ratio of the medians.
+
     .venv/bin/python bench/bench_ingest.py --frames 2000000 --connections 1 4 \
         --compressors deflate:5 isal:1
 
@@ -87,6 +93,121 @@ def encode_frames(lines: list[bytes], jobs: int, conn: int, conns: int) -> tuple
     return b"".join(chunks), raw
 
 
+def _metric_payload(rng: random.Random, job: str, ts: int, seq: int) -> bytes:
+    """A resource sample as joblet-core sends one (about 70 bytes)."""
+    return ipc_pb2.Metric(
+        job_uuid=job, timestamp=ts, sequence=seq,
+        data=ipc_pb2.MetricData(
+            cpu_usage=rng.uniform(0, 400), memory_usage=rng.randrange(1 << 20, 8 << 30),
+            gpu_usage=0.0,
+            disk_io=ipc_pb2.DiskIO(read_bytes=rng.randrange(1 << 32),
+                                   write_bytes=rng.randrange(1 << 32),
+                                   read_ops=rng.randrange(1 << 20),
+                                   write_ops=rng.randrange(1 << 20)),
+            network_io=ipc_pb2.NetworkIO(rx_bytes=rng.randrange(1 << 32),
+                                         tx_bytes=rng.randrange(1 << 32),
+                                         rx_packets=rng.randrange(1 << 24),
+                                         tx_packets=rng.randrange(1 << 24)),
+        ),
+    ).SerializeToString()
+
+
+_COMMS = ("python3", "java", "node", "postgres", "nginx", "curl", "sh", "worker")
+_FILES = (
+    "/usr/lib/x86_64-linux-gnu/libc.so.6", "/usr/lib/x86_64-linux-gnu/libssl.so.3",
+    "/opt/app/data/input-0007.parquet", "/tmp/cache/7f3a9c.bin", "/etc/resolv.conf",
+    "/proc/self/status", "/var/lib/app/db/000123.sst", "",
+)
+
+
+def _event_payload(rng: random.Random, kind: int, job: str, ts: int, seq: int) -> bytes:
+    """An event payload of IPC type ``kind`` (3..9) like a current joblet-core's."""
+    pid = rng.randrange(2, 1 << 22)
+    comm = rng.choice(_COMMS)
+    ip = f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}"
+    common = dict(job_uuid=job, timestamp=ts, sequence=seq, pid=pid)
+    if kind == 3:
+        args = [comm, "-m", "app.worker", "--shard", str(rng.randrange(64)),
+                "--input", rng.choice(_FILES[2:4])][: rng.randrange(1, 8)]
+        msg = ipc_pb2.ExecEvent(ppid=rng.randrange(1, pid), comm=comm,
+                                filename=f"/usr/bin/{comm}", args=args, **common)
+    elif kind in (4, 5):
+        cls = ipc_pb2.ConnectEvent if kind == 4 else ipc_pb2.AcceptEvent
+        msg = cls(comm=comm, src_addr=ip, src_port=rng.randrange(32768, 61000),
+                  dst_addr="" if kind == 5 else rng.choice(("10.0.0.10", "172.17.0.2", ip)),
+                  dst_port=rng.choice((443, 5432, 6379, 8080)),
+                  protocol=rng.choice(("tcp", "tcp", "udp")), **common)
+    elif kind == 6:
+        msg = ipc_pb2.SocketDataEvent(comm=comm, direction=rng.choice(("send", "recv")),
+                                      addr=ip, port=rng.choice((443, 5432, 8080)),
+                                      protocol="tcp", bytes=rng.randrange(1, 1 << 17), **common)
+    elif kind == 7:
+        msg = ipc_pb2.MmapEvent(comm=comm, addr=rng.randrange(1 << 47) & ~0xFFF,
+                                length=rng.randrange(1, 1 << 12) << 12, prot=rng.choice((1, 3, 5)),
+                                flags=rng.choice((0x02, 0x22, 0x812)),
+                                filename=rng.choice(_FILES), **common)
+    elif kind == 8:
+        msg = ipc_pb2.MprotectEvent(comm=comm, addr=rng.randrange(1 << 47) & ~0xFFF,
+                                    length=rng.randrange(1, 1 << 8) << 12,
+                                    prot=rng.choice((1, 3, 5)), **common)
+    else:
+        msg = ipc_pb2.FileEvent(comm=comm, path=rng.choice(_FILES[:-1]),
+                                operation=rng.choice(("open", "read", "write", "close")),
+                                bytes=rng.randrange(0, 1 << 20), **common)
+    return msg.SerializeToString()
+
+
+#: Payload variants per (kind, job) in mixed mode; built once, reused in frame order.
+VARIANTS = 32
+
+
+def encode_mixed_frames(lines: list[bytes], jobs: int, conn: int, conns: int) -> bytes:
+    """The frames one connection sends in mixed mode: of every 10 frames (by global index),
+    7 LOG lines, 1 METRIC sample, 2 telemetry events; event kinds rotate over 3..9.
+
+    Every frame has its own envelope (job, timestamp, sequence); payloads of metrics and
+    events come from a pool built once per (kind, job), as joblet-core's payloads repeat
+    their shapes.  Frame count and job spread equal ``encode_frames``'s.
+    """
+    rng = random.Random(2)
+    base_ns = 1_764_000_000 * 10**9
+    pool: dict = {}
+
+    def payload(kind: int, job: str, v: int) -> bytes:
+        key = (kind, job)
+        variants = pool.get(key)
+        if variants is None:
+            ts = base_ns
+            variants = pool[key] = [
+                _metric_payload(rng, job, ts, k) if kind == 2
+                else _event_payload(rng, kind, job, ts, k)
+                for k in range(VARIANTS)
+            ]
+        return variants[v % VARIANTS]
+
+    chunks = []
+    for i in range(conn, len(lines), conns):
+        job = f"bench-job-{i % jobs:04d}"
+        ts = base_ns + (i // 50) * 10**9
+        slot = i % 10
+        if slot < 7:
+            stream = 1 if (i // jobs) % 8 else 2
+            data = ipc_pb2.LogLine(job_uuid=job, stream=stream, timestamp=ts, sequence=i,
+                                   content=lines[i]).SerializeToString()
+            msg_type = ipc_pb2.MESSAGE_TYPE_LOG
+        elif slot == 7:
+            msg_type = ipc_pb2.MESSAGE_TYPE_METRIC
+            data = payload(2, job, i // 10)
+        else:
+            msg_type = 3 + (i // 10 * 2 + slot - 8) % 7
+            data = payload(msg_type, job, i // 70)
+        body = ipc_pb2.IPCMessage(version=1, type=msg_type, job_uuid=job, timestamp=ts,
+                                  sequence=i, data=data).SerializeToString()
+        chunks.append(struct.pack(">I", len(body)))
+        chunks.append(body)
+    return b"".join(chunks)
+
+
 def _send(path: str, payload: bytes, ready, go) -> None:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(path)
@@ -120,8 +241,9 @@ def _tree_bytes(path: str) -> int:
     return total
 
 
-def run_one(args, payloads, raw_total: int, gzip6_bytes: int, compressor: str, level: int,
-            conns: int) -> dict:
+def run_one(args, payloads: list[bytes], raw_total: int, gzip6_bytes: int, compressor: str,
+            level: int, conns: int, mode: str = "logs") -> dict:
+    """One service run: start, push ``payloads`` (one per connection), wait, stop."""
     work = tempfile.mkdtemp(prefix="jpb", dir="/tmp")
     try:
         cfg = os.path.join(work, "persist.yml")
@@ -135,10 +257,16 @@ def run_one(args, payloads, raw_total: int, gzip6_bytes: int, compressor: str, l
                 f"logging:\n  level: warn\n"
             )
         env = dict(os.environ, PYTHONPATH=ROOT)
+        cprofile = []
+        if args.cprofile:
+            # twistd's own profiler: cProfile of the reactor thread (ingest, the writer).
+            base, ext = os.path.splitext(args.cprofile)
+            cprofile = ["--profile", f"{base}-{mode}-{conns}{ext}", "--profiler", "cprofile",
+                        "--savestats"]
         proc = subprocess.Popen(
             [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
-             "--pidfile=", "--logfile", os.path.join(work, "twistd.log"), "joblet-persist",
-             "--config", cfg],
+             *cprofile, "--pidfile=", "--logfile", os.path.join(work, "twistd.log"),
+             "joblet-persist", "--config", cfg],
             env=env, cwd=work,
         )
         channel = grpc.insecure_channel(f"unix:{work}/grpc.sock")
@@ -155,12 +283,13 @@ def run_one(args, payloads, raw_total: int, gzip6_bytes: int, compressor: str, l
             time.sleep(0.05)
         profiler = None
         if args.profile:
+            base, ext = os.path.splitext(args.profile)
             profiler = subprocess.Popen(
                 ["py-spy", "record", "--pid", str(proc.pid), "--rate", "250", "--nonblocking",
                  *(["--gil"] if os.environ.get("BENCH_PROFILE_GIL") else []),
                  "--threads", "--format", {".json": "speedscope", ".txt": "raw"}.get(
                     os.path.splitext(args.profile)[1], "flamegraph"),
-                 "-o", args.profile],
+                 "-o", f"{base}-{mode}-{conns}{ext}"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )
             time.sleep(1.0)
@@ -170,7 +299,7 @@ def run_one(args, payloads, raw_total: int, gzip6_bytes: int, compressor: str, l
         senders = []
         for c in range(conns):
             ready = ctx.Event()
-            p = ctx.Process(target=_send, args=(f"{work}/ipc.sock", payloads[conns][c], ready, go))
+            p = ctx.Process(target=_send, args=(f"{work}/ipc.sock", payloads[c], ready, go))
             p.start()
             readies.append(ready)
             senders.append(p)
@@ -200,8 +329,13 @@ def run_one(args, payloads, raw_total: int, gzip6_bytes: int, compressor: str, l
         proc.wait(60)
         for p in senders:
             p.join(10)
-        disk = _tree_bytes(os.path.join(work, "data", "logs"))
+        if mode == "logs":
+            disk = _tree_bytes(os.path.join(work, "data", "logs"))
+        else:
+            disk = sum(_tree_bytes(os.path.join(work, "data", top))
+                       for top in ("logs", "metrics", "events"))
         return {
+            "mode": mode,
             "compressor": f"{compressor}:{level}",
             "connections": conns,
             "frames": total,
@@ -209,12 +343,16 @@ def run_one(args, payloads, raw_total: int, gzip6_bytes: int, compressor: str, l
             "frames_per_s": round(total / elapsed),
             # All frames decoded and buffered (the rest is the last flush and fsync).
             "received_s": round(received_at or elapsed, 3),
-            "mb_per_s": round(raw_total / elapsed / 1e6, 1),
+            # Log content per second (logs mode only), and frame bytes per second.
+            "mb_per_s": round(raw_total / elapsed / 1e6, 1) if mode == "logs" else None,
+            "wire_mb_per_s": round(sum(map(len, payloads)) / elapsed / 1e6, 1),
             "peak_rss_mb": round(rss / 2**20, 1),
             "disk_bytes": disk,
-            "gzip6_bytes": gzip6_bytes,
-            "vs_gzip6": round(disk / gzip6_bytes, 3),
+            "gzip6_bytes": gzip6_bytes if mode == "logs" else None,
+            "vs_gzip6": round(disk / gzip6_bytes, 3) if mode == "logs" else None,
             "stored": st.total_logs,
+            "stored_metrics": st.total_metrics,
+            "stored_events": st.total_events,
             "exit_code": proc.returncode,
         }
     finally:
@@ -229,48 +367,77 @@ def main() -> None:
     ap.add_argument("--connections", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--compressors", nargs="+", default=["deflate:5", "isal:1"],
                     help="name:level pairs")
+    ap.add_argument("--modes", nargs="+", choices=("logs", "mixed"), default=["logs", "mixed"],
+                    help="traffic: LOG frames only, and/or 70%% logs, 10%% metrics, "
+                    "20%% events; modes alternate run by run")
     ap.add_argument("--repeat", type=int, default=1, help="runs per setting; the median is kept")
     ap.add_argument("--json", help="also write results to this file")
     ap.add_argument("--profile", help="record the service with py-spy into this file "
-                    "(.svg flamegraph, or .json speedscope)")
+                    "(.svg flamegraph, or .json speedscope); -MODE-CONNECTIONS is added to "
+                    "the name")
+    ap.add_argument("--cprofile", help="profile the service's reactor thread with cProfile "
+                    "(twistd --profiler cprofile) into this pstats file; -MODE-CONNECTIONS is "
+                    "added to the name")
     args = ap.parse_args()
 
     lines = make_lines(args.frames, 1, args.line_bytes)
-    payloads = {}
+    payloads: dict = {}  # (mode, connections) -> one payload per connection
     raw_by_key: dict = {}
     for conns in args.connections:
-        payloads[conns] = []
         for c in range(conns):
-            data, raw = encode_frames(lines, args.jobs, c, conns)
-            payloads[conns].append(data)
-            if conns == args.connections[0]:
-                for k, v in raw.items():
-                    raw_by_key.setdefault(k, []).extend(v)
+            if "logs" in args.modes:
+                data, raw = encode_frames(lines, args.jobs, c, conns)
+                payloads.setdefault(("logs", conns), []).append(data)
+                if conns == args.connections[0]:
+                    for k, v in raw.items():
+                        raw_by_key.setdefault(k, []).extend(v)
+            if "mixed" in args.modes:
+                data = encode_mixed_frames(lines, args.jobs, c, conns)
+                payloads.setdefault(("mixed", conns), []).append(data)
     raw_total = sum(len(x) for x in lines)
     # gzip -6 of the same raw content, one file per (job, stream) as stored.
-    gzip6 = 0
-    for key in sorted(raw_by_key):
-        c = zlib.compressobj(6, zlib.DEFLATED, 31)
-        gzip6 += len(c.compress(b"".join(raw_by_key[key])) + c.flush())
+    gzip6 = 1
+    if raw_by_key:
+        gzip6 = 0
+        for key in sorted(raw_by_key):
+            c = zlib.compressobj(6, zlib.DEFLATED, 31)
+            gzip6 += len(c.compress(b"".join(raw_by_key[key])) + c.flush())
     results = []
+    ratios = []
     for spec in args.compressors:
         name, level = spec.split(":")
         for conns in args.connections:
-            runs = [
-                run_one(args, payloads, raw_total, gzip6, name, int(level), conns)
-                for _ in range(args.repeat)
-            ]
-            runs.sort(key=lambda r: r["frames_per_s"])
-            r = runs[len(runs) // 2]
-            r["runs_frames_per_s"] = [x["frames_per_s"] for x in runs]
-            results.append(r)
-            print(json.dumps(r), flush=True)
+            runs: dict = {mode: [] for mode in args.modes}
+            for _ in range(args.repeat):
+                # Alternate the modes, so that both see the same share of the machine's load.
+                for mode in args.modes:
+                    runs[mode].append(run_one(args, payloads[mode, conns], raw_total, gzip6,
+                                              name, int(level), conns, mode))
+            medians = {}
+            for mode, mode_runs in runs.items():
+                mode_runs.sort(key=lambda r: r["frames_per_s"])
+                r = mode_runs[len(mode_runs) // 2]
+                r["runs_frames_per_s"] = [x["frames_per_s"] for x in mode_runs]
+                medians[mode] = r["frames_per_s"]
+                results.append(r)
+                print(json.dumps(r), flush=True)
+            if len(medians) == 2:
+                ratio = {
+                    "compressor": f"{name}:{level}",
+                    "connections": conns,
+                    "logs_frames_per_s": medians["logs"],
+                    "mixed_frames_per_s": medians["mixed"],
+                    "mixed_vs_logs": round(medians["mixed"] / medians["logs"], 3),
+                }
+                ratios.append(ratio)
+                print(json.dumps(ratio), flush=True)
     info = {
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
         "python": platform.python_version(),
         "raw_bytes": raw_total,
         "results": results,
+        "mixed_vs_logs": ratios,
     }
     if args.json:
         with open(args.json, "w") as f:

@@ -60,6 +60,9 @@ class NullWriter:
     def add_metric(self, job_id, timestamp, sequence, payload):
         return None
 
+    def add_event(self, job_id, kind, timestamp, sequence, payload):
+        return None
+
 
 class NullBulkWriter(NullWriter):
     """Also accepts groups (``add_logs``) and owns the arrival counters, as BatchingWriter."""

@@ -13,8 +13,6 @@ keeps reading after any rejection:
 - ``oversized``: the length prefix exceeds ``max_frame_bytes``.  The frame's bytes are skipped
   as they arrive (nothing is buffered), so the stream stays in sync and nothing else is lost.
 - ``bad_envelope``: the bytes do not parse as an IPCMessage.
-- ``unsupported_type``: a telemetry event frame (types 3..9) for a writer that cannot store
-  events (one without ``add_event``).
 - ``unknown_type``: type 0 or a number this version does not know (an empty frame is type 0).
 - ``invalid_job_id``: the envelope's ``job_uuid`` (the routing key; the payload's copy is
   ignored) is not a safe job id (``storage.api.is_valid_job_id``).
@@ -98,6 +96,7 @@ from joblet_persist.threads import reactor_only
 from joblet_persist.writer import WriterStopped
 
 __all__ = [
+    "EventTally",
     "DEFAULT_MAX_FRAME_BYTES",
     "DEFAULT_MAX_PARTIAL_BYTES",
     "DEFAULT_PARTIAL_FRAME_TIMEOUT",
@@ -193,6 +192,67 @@ class RejectionLog:
             detail=detail,
             suppressed=suppressed,
         )
+
+
+class EventTally:
+    """Telemetry event frames accepted and rejected, for the ``ipc_events`` health check.
+
+    Reactor thread; plain counters, shared by every connection of a factory.  ``clock``
+    (``seconds()``) dates the last rejection; it may be None (no dates).
+    """
+
+    def __init__(self, clock=None):
+        self._clock = clock
+        self.accepted: dict[str, int] = {}  # kind -> frames handed to the writer
+        self.rejected: dict[tuple[str, str], int] = {}  # (kind, reason) -> frames
+        self.last_rejected: Optional[tuple] = None  # (time or None, kind, reason)
+
+    def accept(self, kind: str) -> None:
+        """One event frame of ``kind`` went to the writer."""
+        self.accepted[kind] = self.accepted.get(kind, 0) + 1
+
+    def reject(self, kind: str, reason: str) -> None:
+        """One event frame of ``kind`` was rejected for ``reason``."""
+        key = (kind, reason)
+        self.rejected[key] = self.rejected.get(key, 0) + 1
+        now = self._clock.seconds() if self._clock is not None else None
+        self.last_rejected = (now, kind, reason)
+
+    def check(self, window: float = REFUSAL_WINDOW) -> tuple:
+        """Health check ``(ok, detail, extra)``: what happened to telemetry event frames.
+
+        Always ok: a rejected frame is the sender's problem and loses nothing else (and the
+        verdict answers joblet-core's Ping).  The detail says when events were rejected
+        within ``window`` seconds, and the fields give the totals by kind and by reason.
+        """
+        accepted = sum(self.accepted.values())
+        rejected = sum(self.rejected.values())
+        detail = f"{accepted} telemetry events accepted, {rejected} rejected"
+        ago = None
+        last = self.last_rejected
+        if last is not None:
+            if last[0] is not None and self._clock is not None:
+                ago = round(self._clock.seconds() - last[0], 3)
+            if ago is not None and ago < window:
+                detail = (
+                    f"rejecting telemetry events (last: {last[1]} {last[2]}, {ago:.0f} s ago): "
+                    + detail
+                )
+        by_reason: dict[str, int] = {}
+        by_kind: dict[str, dict[str, int]] = {}
+        for (kind, reason), n in sorted(self.rejected.items()):
+            by_reason[reason] = by_reason.get(reason, 0) + n
+            by_kind.setdefault(kind, {})[reason] = n
+        extra = {
+            "accepted_total": accepted,
+            "accepted_by_kind": dict(sorted(self.accepted.items())),
+            "rejected_total": rejected,
+            "rejected_by_reason": by_reason,
+            "rejected_by_kind": by_kind,
+            "last_rejected": None if last is None else {"kind": last[1], "reason": last[2]},
+            "last_rejected_seconds_ago": ago,
+        }
+        return True, detail, extra
 
 
 def _load_malloc_trim() -> Optional[Callable[[int], int]]:
@@ -380,7 +440,8 @@ class _JobIdCache:
 
 
 class IngestProtocol(Int32StringReceiver):
-    """One joblet-core connection: frames in, ``writer.add_logs``/``add_log``/``add_metric`` out.
+    """One joblet-core connection: frames in, ``writer.add_logs``/``add_log``/``add_metric``/
+    ``add_event`` out; ``writer`` provides ``writer.IIngestWriter``.
 
     Reactor thread.  Keeps Int32StringReceiver's interface (``MAX_LENGTH``,
     ``stringReceived`` for one frame, ``lengthLimitExceeded``) with a faster ``dataReceived``.
@@ -399,12 +460,13 @@ class IngestProtocol(Int32StringReceiver):
         budget: Optional[PartialFrameBudget] = None,
         clock=None,
         partial_frame_timeout: float = DEFAULT_PARTIAL_FRAME_TIMEOUT,
+        event_tally: Optional[EventTally] = None,
     ):
         self.MAX_LENGTH = max_frame_bytes
+        # writer provides writer.IIngestWriter.
         self._add_log = writer.add_log
         self._add_metric = writer.add_metric
-        # Writers that predate telemetry events (test doubles) reject them as unsupported.
-        self._add_event = getattr(writer, "add_event", None)
+        self._add_event = writer.add_event
         self._decode_frames = decode_log_frames
         add_logs = getattr(writer, "add_logs", None)
         arrivals = getattr(writer, "arrivals", None)
@@ -422,9 +484,18 @@ class IngestProtocol(Int32StringReceiver):
         metrics = metrics if metrics is not None else NullIngestMetrics()
         self._frame_received = metrics.frame_received
         self._frames_received = getattr(metrics, "frames_received", None) or self._bulk_fallback
-        self._event_rejected = (
+        count_rejected = (
             getattr(metrics, "event_rejected", None) or NullIngestMetrics().event_rejected
         )
+        tally = event_tally if event_tally is not None else EventTally(clock)
+        tally_rejected = tally.reject
+
+        def event_rejected(kind: str, reason: str) -> None:
+            count_rejected(kind, reason)
+            tally_rejected(kind, reason)
+
+        self._event_rejected = event_rejected
+        self._event_accepted = tally.accept
         self._job_ids = job_ids if job_ids is not None else _JobIdCache()
         self._valid_ids = self._job_ids.ids
         # Receive state between reads; at most one of these is set.
@@ -712,10 +783,6 @@ class IngestProtocol(Int32StringReceiver):
 
     def _accept_event(self, env, msg_type: int) -> None:
         """A telemetry event frame: validate its payload, hand it to the writer."""
-        add_event = self._add_event
-        if add_event is None:
-            self._reject("unsupported_type", f"message type {msg_type}: events are not stored")
-            return
         name = events.KINDS_BY_TYPE[msg_type].name
         job_id = env.job_uuid
         if job_id not in self._valid_ids and not self._admit(job_id):
@@ -731,10 +798,12 @@ class IngestProtocol(Int32StringReceiver):
             self._event_rejected(name, e.reason)
             return
         try:
-            add_event(job_id, name, timestamp, sequence, payload)
+            self._add_event(job_id, name, timestamp, sequence, payload)
         except WriterStopped:
             self._reject("stopping", f"{name} event for job {job_id} after the writer stopped")
             self._event_rejected(name, "stopping")
+            return
+        self._event_accepted(name)
 
     def _accept_log(self, job_id: str, line) -> None:
         stream = line.stream
@@ -842,6 +911,8 @@ class IngestFactory(protocol.Factory):
         self.max_frame_bytes = max_frame_bytes
         self.max_connections = max_connections
         self.rejections = RejectionLog(clock, self._metrics, reject_log_interval)
+        #: Telemetry event frames accepted and rejected (the ``ipc_events`` health check).
+        self.events = EventTally(clock)
         self._job_ids = _JobIdCache(job_id_cache_size)
         self._protocols: dict[IngestProtocol, None] = {}
         self._paused = False
@@ -912,6 +983,7 @@ class IngestFactory(protocol.Factory):
             budget=self.budget,
             clock=self._clock,
             partial_frame_timeout=self.partial_frame_timeout,
+            event_tally=self.events,
         )
         p.factory = self
         return p

@@ -488,6 +488,7 @@ def build_ingest(config, reactor, st: StorageParts, wr: WriterParts, health,
     health.add_check("ingest", listener.check)
     health.add_check("ipc_connections", factory.connections_check)
     health.add_check("ipc_partial_frames", factory.budget.check)
+    health.add_check("ipc_events", factory.events.check)
     return IngestParts(factory=factory, listener=listener)
 
 

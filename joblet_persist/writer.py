@@ -45,6 +45,7 @@ from typing import Callable, Optional
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
 
 from joblet_persist.logs import Logger
 from joblet_persist.storage.api import (
@@ -64,6 +65,7 @@ __all__ = [
     "MESSAGE_OVERHEAD",
     "BatchingWriter",
     "BufferKey",
+    "IIngestWriter",
     "NullWriterMetrics",
     "WriterStopped",
 ]
@@ -129,7 +131,28 @@ log = Logger()
 
 
 class WriterStopped(RuntimeError):
-    """Raised by ``add_log``/``add_metric`` once ``stop()`` has been called."""
+    """Raised by ``add_log``/``add_metric``/``add_event`` once ``stop()`` has been called."""
+
+
+class IIngestWriter(Interface):
+    """What the IPC ingest protocol hands accepted messages to.  Reactor thread.
+
+    Each method buffers one message whose job id is already validated; it raises
+    WriterStopped when the writer accepts nothing more.  BatchingWriter provides it; a
+    writer that also takes LOG frames in bulk has ``add_logs`` and the ``arrivals`` dict
+    (see the ingest module).
+    """
+
+    def add_log(job_id, stream, timestamp, sequence, content):
+        """One LOG message: ``stream`` 1 (stdout) or 2 (stderr), ``content`` bytes."""
+
+    def add_metric(job_id, timestamp, sequence, payload):
+        """One metric sample: ``payload`` a serialized ``joblet.ipc.Metric``."""
+
+    def add_event(job_id, kind, timestamp, sequence, payload):
+        """One telemetry event of ``kind`` (an event kind name: ``"exec"``, ...):
+        ``payload`` the IPC payload ``events.check_event`` accepted, ``timestamp`` and
+        ``sequence`` the ones it returned."""
 
 
 class NullWriterMetrics:
@@ -231,6 +254,7 @@ class _Buffer:
         return f"{self.job.job_id}/{_KIND_OF_BUFFER[self.key]}"
 
 
+@implementer(IIngestWriter)
 class BatchingWriter:
     """Buffers messages per (job, stream) and appends them to storage in batches.
 

@@ -668,6 +668,31 @@ class FuzzTests(EventCodecTestsMixin, SynchronousTestCase):
         msg.SerializeToString()
         self.assertEqual(msg.job_uuid, JOB)
 
+    @given(valid_events(), json_values, st.booleans())
+    def test_event_message_shortcut_agrees(self, event, value, as_bytes):
+        """event_message (with its shortcut for lines this service writes) gives exactly
+        the message of the tolerant route, record_message(event_record_from_json(...)), for
+        a stored line as written and for its variants: each key's value replaced by each
+        value at or past a type's edge and by any JSON value, each key removed, a key
+        added."""
+        msg_type, values, ts, seq = event
+        kind = events.KINDS_BY_TYPE[msg_type]
+        payload = encode_event(msg_type, values, ts=ts, seq=seq)
+        written = json.loads(events.payload_json_line(kind, payload, JOB, ts, seq))
+        edges = [
+            -1, 0, U32_MAX, U32_MAX + 1, I64_MIN, I64_MIN - 1, I64_MAX, I64_MAX + 1,
+            U64_MAX, U64_MAX + 1, True, 1.0, "7", "\ud800", "\u00e9", {"b64": "/w=="}, [],
+            ["a", "\ud800"], ["a", {"b64": "/w=="}], ["\u00e9"], None, value,
+        ]
+        variants = [written, {**written, "extra": value}]
+        for key in written:
+            variants.append({k: v for k, v in written.items() if k != key})
+            variants.extend({**written, key: edge} for edge in edges)
+        for obj in variants:
+            line = json.dumps(obj, ensure_ascii=False).encode("utf-8", "surrogatepass")
+            slow = events.record_message(events.event_record_from_json(kind, obj, JOB))
+            self.assertEqual(events.event_message(kind, line if as_bytes else obj, JOB), slow)
+
     @given(st.binary(max_size=60))
     def test_arbitrary_stored_bytes(self, line):
         """Any bytes as a stored line: a message, or EventRecordError."""
@@ -894,3 +919,40 @@ class ZcatJqTests(SynchronousTestCase):
         raw = subprocess.run(["base64", "-d"], input=b64.encode(), capture_output=True,
                              check=True).stdout
         self.assertEqual(raw, b"\xfe\xff")
+
+
+class EventMemberSizeTests(SynchronousTestCase):
+    """Event batches are stored in members of at most events.MEMBER_RAW raw bytes."""
+
+    def test_append_splits_members_at_member_raw(self):
+        """thd_append_events cuts a batch of 3,000 events (~600 KB of JSON lines) into
+        members of at most MEMBER_RAW raw bytes each (not the logs' 1 MiB), so that a first
+        page or a narrow time range parses a few hundred lines, not a whole batch; the
+        members hold every event, in order."""
+        import os
+
+        from joblet_persist.storage.compress import make_compressor
+        from joblet_persist.storage.diskwork import thd_append_events
+
+        kind = events.KINDS_BY_NAME["exec"]
+        payloads = [
+            encode_event(3, {"pid": i, "filename": "/usr/bin/python3",
+                             "args": ["python3", "-m", "app.worker", "--shard", str(i)] * 3})
+            for i in range(3000)
+        ]
+        directory = self.mktemp()
+        os.makedirs(directory)
+        path = os.path.join(directory, kind.segment_name(0))
+        n = len(payloads)
+        result = thd_append_events(
+            path, directory, 0, False, make_compressor("deflate", 5), 0, JOB, kind,
+            [TS + i for i in range(n)], list(range(n)), list(range(n)), payloads,
+        )
+        raw = sum(m.raw_size for m in result.members)
+        self.assertGreater(raw, 4 * events.MEMBER_RAW)
+        self.assertGreater(len(result.members), 4)
+        for m in result.members:
+            self.assertLessEqual(m.raw_size, events.MEMBER_RAW)
+        self.assertEqual(sum(m.count for m in result.members), n)
+        self.assertEqual(result.members[0].first_sequence, 0)
+        self.assertEqual(result.members[-1].last_sequence, n - 1)

@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 from twisted.internet import task
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from joblet_persist import framing, ingest
 from joblet_persist._proto import ipc_pb2
@@ -25,6 +27,7 @@ from joblet_persist.writer import (
     MESSAGE_MEMORY,
     MESSAGE_OVERHEAD,
     BatchingWriter,
+    IIngestWriter,
     WriterStopped,
 )
 from tests import test_ingest, test_writer
@@ -505,6 +508,7 @@ class SelectionTests(SynchronousTestCase):
 # -- the ingest protocol's bulk path ---------------------------------------------------------
 
 
+@implementer(IIngestWriter)
 class BulkWriter:
     """A writer with ``add_logs`` and the shared ``arrivals`` counters, recording every
     message with its arrival number."""
@@ -539,6 +543,13 @@ class BulkWriter:
             raise WriterStopped("stopping")
         self.messages.append(("metric", job_id, timestamp, sequence, payload, self._next(job_id)))
 
+    def add_event(self, job_id, kind, timestamp, sequence, payload):
+        if self.stopped:
+            raise WriterStopped("stopping")
+        self.messages.append(
+            ("event", job_id, kind, timestamp, sequence, payload, self._next(job_id))
+        )
+
 
 class BulkIngestTests(test_ingest.IngestTestMixin, SynchronousTestCase):
     """IngestProtocol with a writer that takes groups (``add_logs`` and ``arrivals``)."""
@@ -546,6 +557,10 @@ class BulkIngestTests(test_ingest.IngestTestMixin, SynchronousTestCase):
     def setUp(self):
         super().setUp()
         self.writer = BulkWriter()
+
+    def test_bulk_writer_provides_interface(self):
+        """The bulk test double provides IIngestWriter, as BatchingWriter does."""
+        self.assertTrue(verifyObject(IIngestWriter, self.writer))
 
     def in_arrival_order(self):
         """The writer's messages per job, sorted by arrival number, as test_ingest's

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from twisted.internet import defer, task
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from joblet_persist import ingest
 from joblet_persist._proto import ipc_pb2
@@ -34,7 +35,7 @@ from joblet_persist._proto import persist_pb2 as pb
 from joblet_persist.ingest import IngestFactory
 from joblet_persist.query import PersistServicer
 from joblet_persist.storage.api import is_valid_job_id
-from joblet_persist.writer import BatchingWriter
+from joblet_persist.writer import BatchingWriter, IIngestWriter
 from tests.fakes import Aborted, FakeContext, FakeStorage, ImmediateReactor, log_batch
 
 MAX_FRAME = 300
@@ -193,10 +194,10 @@ def ipc_streams(draw):
     return frame_bodies, data, splits, cut
 
 
-def expected_outcome(body: bytes, max_frame: int = MAX_FRAME, events_stored: bool = False):
+def expected_outcome(body: bytes, max_frame: int = MAX_FRAME):
     """What ingest must do with one complete frame: ("log", job, stream, ts, seq, content),
-    ("metric", job, ts, seq, payload), ("event", job, kind, ts, seq, payload) when the writer
-    stores telemetry events, or ("reject", reason)."""
+    ("metric", job, ts, seq, payload), ("event", job, kind, ts, seq, payload), or
+    ("reject", reason)."""
     if len(body) > max_frame:
         return ("reject", "oversized")
     try:
@@ -220,8 +221,6 @@ def expected_outcome(body: bytes, max_frame: int = MAX_FRAME, events_stored: boo
             ts, seq = env.timestamp, env.sequence
         return ("metric", env.job_uuid, ts, seq, env.data)
     if 3 <= env.type <= 9:
-        if not events_stored:
-            return ("reject", "unsupported_type")
         if not is_valid_job_id(env.job_uuid):
             return ("reject", "invalid_job_id")
         from joblet_persist import events
@@ -245,6 +244,7 @@ def _cut_outcome(frame_bodies, data) -> tuple:
     return ("reject", "truncated_frame")
 
 
+@implementer(IIngestWriter)
 class _Events:
     """One ordered record of what the protocol did: writer calls and rejections."""
 
@@ -252,12 +252,15 @@ class _Events:
         self.events: list = []
         self.received = 0
 
-    # writer (one message at a time)
+    # writer (IIngestWriter, one message at a time)
     def add_log(self, job_id, stream, timestamp, sequence, content):
         self.events.append(("log", job_id, stream, timestamp, sequence, bytes(content)))
 
     def add_metric(self, job_id, timestamp, sequence, payload):
         self.events.append(("metric", job_id, timestamp, sequence, bytes(payload)))
+
+    def add_event(self, job_id, kind, timestamp, sequence, payload):
+        self.events.append(("event", job_id, kind, timestamp, sequence, bytes(payload)))
 
     # metrics
     def frame_received(self, msg_type, nbytes):
@@ -287,8 +290,8 @@ def _feed(factory, data: bytes, splits) -> None:
     proto.connectionLost(None)
 
 
-def _oracle(frame_bodies, data, cut, events_stored: bool = False) -> list:
-    events = [expected_outcome(b, events_stored=events_stored) for b in frame_bodies]
+def _oracle(frame_bodies, data, cut) -> list:
+    events = [expected_outcome(b) for b in frame_bodies]
     if cut:
         events[-1] = _cut_outcome(frame_bodies, data)
     return events
@@ -331,7 +334,7 @@ def check_ingest_into_writer(frame_bodies, data, splits, cut) -> None:
                             reject_log_interval=1e9)
     _feed(factory, data, splits)
     writer.flush_all()
-    expected = _oracle(frame_bodies, data, cut, events_stored=True)
+    expected = _oracle(frame_bodies, data, cut)
 
     by_job: dict = {}
     for batch in (c.batch for c in storage.calls if c.kind == "logs"):

@@ -13,11 +13,14 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
+from joblet_persist import events
 from joblet_persist._proto import ipc_pb2
 from joblet_persist.ingest import IngestFactory, IngestProtocol, RejectionLog
 from joblet_persist.storage.api import is_valid_job_id
-from joblet_persist.writer import WriterStopped
+from joblet_persist.writer import IIngestWriter, WriterStopped
 
 JOB = "0b7c6a1e-3f7e-4d2a-9c1b-123456789abc"
 JOB2 = "job-2"
@@ -57,6 +60,7 @@ def metric_body(job=JOB, ts=1_700_000_000_000_000_000, seq=3, env_ts=11, env_seq
     return envelope(2, job, payload, env_ts, env_seq), payload
 
 
+@implementer(IIngestWriter)
 class RecordingWriter:
     """Records what the protocol hands over; ``stopped`` makes add_* raise WriterStopped."""
 
@@ -73,6 +77,11 @@ class RecordingWriter:
         if self.stopped:
             raise WriterStopped("stopping")
         self.calls.append(("metric", job_id, timestamp, sequence, payload))
+
+    def add_event(self, job_id, kind, timestamp, sequence, payload):
+        if self.stopped:
+            raise WriterStopped("stopping")
+        self.calls.append(("event", job_id, kind, timestamp, sequence, payload))
 
 
 class FakeSocket:
@@ -215,7 +224,17 @@ def reference(bodies: list[bytes]):
                     ts, seq = env.timestamp, env.sequence
                 calls.append(("metric", env.job_uuid, ts, seq, env.data))
         elif 3 <= env.type <= 9:
-            rejected.append("unsupported_type")
+            if not is_valid_job_id(env.job_uuid):
+                rejected.append("invalid_job_id")
+                continue
+            try:
+                kind, ts, seq = events.check_event(
+                    env.type, env.data, env.job_uuid, env.timestamp, env.sequence
+                )
+            except events.EventDecodeError as e:
+                rejected.append(e.reason)
+                continue
+            calls.append(("event", env.job_uuid, kind.name, ts, seq, env.data))
         else:
             rejected.append("unknown_type")
     return calls, rejected
@@ -358,13 +377,37 @@ class RejectionTests(IngestTestMixin, SynchronousTestCase):
         self.assertRejectedThenContinues(b"\xff\xff\xff\xff", "bad_envelope")
         self.assertEqual(self.metrics.received, {1: 1})
 
-    def test_unsupported_types(self):
-        """Types 3..9 are counted as received and rejected as unsupported_type."""
+    def test_event_types_go_to_add_event(self):
+        """Types 3..9 are counted as received and handed to the writer's add_event (part
+        of IIngestWriter; there is no writer without it and no unsupported_type)."""
         for t in range(3, 10):
             self.writer.calls, self.metrics.rejected = [], []
-            self.assertRejectedThenContinues(envelope(t, data=b"\x08\x01"), "unsupported_type")
+            self.feed(frame(envelope(t, data=b"", timestamp=7, sequence=8)))
+            kind = events.KINDS_BY_TYPE[t].name
+            self.assertEqual(self.writer.calls, [("event", JOB, kind, 7, 8, b"")])
+            self.assertEqual(self.metrics.rejected, [])
         self.assertEqual({t: self.metrics.received[t] for t in range(3, 10)},
                          dict.fromkeys(range(3, 10), 1))
+
+    def test_recording_writer_provides_interface(self):
+        """The test double provides IIngestWriter, as BatchingWriter does."""
+        self.assertTrue(verifyObject(IIngestWriter, self.writer))
+
+    def test_writer_without_add_event_refused(self):
+        """add_event is part of the writer interface, not an optional extra: a writer
+        without it is refused when the protocol is built, instead of its event frames
+        being dropped as unsupported at run time."""
+
+        class LogsOnlyWriter:
+            def add_log(self, job_id, stream, timestamp, sequence, content):
+                pass
+
+            def add_metric(self, job_id, timestamp, sequence, payload):
+                pass
+
+        with self.assertRaises(AttributeError) as cm:
+            IngestProtocol(LogsOnlyWriter(), RejectionLog(self.clock))
+        self.assertIn("add_event", str(cm.exception))
 
     def test_unknown_types(self):
         """Type 0 and numbers beyond 9 are unknown_type."""
@@ -456,27 +499,27 @@ class RejectionTests(IngestTestMixin, SynchronousTestCase):
     def test_rejections_logged_at_bounded_rate(self):
         """Rejections of one reason produce at most one log line per interval, and the next
         line reports how many were not logged; other reasons are logged independently."""
-        events = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        logged = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
 
         def lines():
-            return [(e["reason"], e["suppressed"]) for e in events if "reason" in e
+            return [(e["reason"], e["suppressed"]) for e in logged if "reason" in e
                     and e.get("log_namespace") == "joblet_persist.ingest"]
 
         factory = self.make_factory(reject_log_interval=10.0)
         proto, _ = self.connect(factory)
-        bad = frame(envelope(4))
+        bad = frame(envelope(12))
         proto.dataReceived(bad * 5)
         proto.dataReceived(frame(b"\xff"))
-        self.assertEqual(lines(), [("unsupported_type", 0), ("bad_envelope", 0)])
+        self.assertEqual(lines(), [("unknown_type", 0), ("bad_envelope", 0)])
         self.clock.advance(9.9)
         proto.dataReceived(bad)
         self.assertEqual(len(lines()), 2)
         self.clock.advance(0.1)
         proto.dataReceived(bad)
-        self.assertEqual(lines()[2:], [("unsupported_type", 5)])
-        self.assertEqual(self.metrics.rejected.count("unsupported_type"), 7)
+        self.assertEqual(lines()[2:], [("unknown_type", 5)])
+        self.assertEqual(self.metrics.rejected.count("unknown_type"), 7)
 
 
 class FactoryTests(IngestTestMixin, SynchronousTestCase):
@@ -708,10 +751,10 @@ class PersistMetricsTests(IngestTestMixin, SynchronousTestCase):
 
         metrics = PersistMetrics(CollectorRegistry(), process=False)
         factory = IngestFactory(self.writer, metrics, self.clock, max_connections=1)
-        bodies = [log_body(), metric_body()[0], envelope(3), b"\xff", log_body(job="../x")]
+        bodies = [log_body(), metric_body()[0], envelope(12), b"\xff", log_body(job="../x")]
         proto, _ = self.feed(b"".join(map(frame, bodies)) + b"\x00", factory=factory)
         self.assertIsNone(factory.buildProtocol(None))
         proto.connectionLost(None)
         self.assertEqual(metrics.received_total(), 4)
-        # unsupported_type, bad_envelope, invalid_job_id, too_many_connections, truncated_frame
+        # unknown_type, bad_envelope, invalid_job_id, too_many_connections, truncated_frame
         self.assertEqual(metrics.rejected_total(), 5)

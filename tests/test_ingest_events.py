@@ -29,17 +29,6 @@ from tests.test_storage_local import sync_runner
 U64_MAX = (1 << 64) - 1
 
 
-class EventWriter(RecordingWriter):
-    """A RecordingWriter that also takes telemetry events."""
-
-    def add_event(self, job_id, kind, timestamp, sequence, payload):
-        if self.stopped:
-            from joblet_persist.writer import WriterStopped
-
-            raise WriterStopped("stopping")
-        self.calls.append(("event", job_id, kind, timestamp, sequence, payload))
-
-
 def expected_data(msg_type, values, job, ts, seq):
     """The stored JSON object of an event, built from the protocol tables."""
     obj = {"job_uuid": job, "timestamp": ts, "sequence": seq}
@@ -58,7 +47,7 @@ class IngestEventUnitTests(SynchronousTestCase):
 
     def setUp(self):
         self.clock = task.Clock()
-        self.writer = EventWriter()
+        self.writer = RecordingWriter()
         self.metrics = RecordingMetrics()
 
     def feed(self, *bodies):
@@ -128,6 +117,64 @@ class IngestEventUnitTests(SynchronousTestCase):
                     ((8, big), (3, many), (9, raw), (5, unknown))))
         self.assertEqual(self.metrics.rejected, [])
         self.assertEqual([c[2] for c in self.writer.calls], ["mprotect", "exec", "file", "accept"])
+
+
+class EventHealthTests(SynchronousTestCase):
+    """The ``ipc_events`` health check reports what happened to event frames."""
+
+    def test_health_reports_accepted_and_rejected_events(self):
+        """Across connections of one factory, /health's ipc_events entry counts accepted
+        events by kind and rejected ones by reason and kind, names the last rejection and
+        says "rejecting" for a minute after it; it never fails the verdict."""
+        from joblet_persist.health import HealthMonitor
+
+        clock = task.Clock()
+        clock.advance(1_700_000_000)
+        writer = RecordingWriter()
+        factory = IngestFactory(writer, RecordingMetrics(), clock, max_frame_bytes=1 << 20)
+        health = HealthMonitor(clock, None)
+        health.add_check("ipc_events", factory.events.check)
+        health._disk = {"writable": True, "error": None, "free_bytes": None}
+
+        self.assertTrue(health.refresh())
+        entry = health.details["ipc_events"]
+        self.assertEqual((entry["ok"], entry["detail"], entry["rejected_total"]),
+                         (True, "0 telemetry events accepted, 0 rejected", 0))
+        self.assertIsNone(entry["last_rejected"])
+
+        first, second = factory.buildProtocol(None), factory.buildProtocol(None)
+        for proto in (first, second):
+            proto.makeConnection(StringTransport())
+        exec_frame = frame(envelope(3, JOB, encode_event(3, SAMPLES[3]), timestamp=1))
+        file_frame = frame(envelope(9, JOB, encode_event(9, SAMPLES[9]), timestamp=2))
+        first.dataReceived(exec_frame + frame(envelope(3, JOB, b"\xff\xff")) + file_frame)
+        clock.advance(10)
+        second.dataReceived(exec_frame + frame(envelope(4, "../x", encode_event(4, SAMPLES[4]))))
+        self.assertEqual([c[2] for c in writer.calls], ["exec", "file", "exec"])
+
+        clock.advance(5)
+        self.assertTrue(health.refresh())
+        entry = health.details["ipc_events"]
+        self.assertTrue(entry["ok"])
+        self.assertEqual(entry["accepted_total"], 3)
+        self.assertEqual(entry["accepted_by_kind"], {"exec": 2, "file": 1})
+        self.assertEqual(entry["rejected_total"], 2)
+        self.assertEqual(entry["rejected_by_reason"], {"bad_payload": 1, "invalid_job_id": 1})
+        self.assertEqual(entry["rejected_by_kind"],
+                         {"connect": {"invalid_job_id": 1}, "exec": {"bad_payload": 1}})
+        self.assertEqual(entry["last_rejected"], {"kind": "connect", "reason": "invalid_job_id"})
+        self.assertEqual(entry["last_rejected_seconds_ago"], 5)
+        self.assertEqual(
+            entry["detail"],
+            "rejecting telemetry events (last: connect invalid_job_id, 5 s ago): "
+            "3 telemetry events accepted, 2 rejected",
+        )
+
+        clock.advance(60)
+        self.assertTrue(health.refresh())
+        entry = health.details["ipc_events"]
+        self.assertEqual(entry["detail"], "3 telemetry events accepted, 2 rejected")
+        self.assertEqual(entry["last_rejected_seconds_ago"], 65)
 
 
 class IngestEventStorageTests(SynchronousTestCase):

@@ -325,7 +325,8 @@ class BuilderTests(SynchronousTestCase):
                           q.grpc.name] + [w.name for w in web], EXPECTED_ORDER[4:6] +
                          EXPECTED_ORDER[7:])
         self.assertEqual(list(health._checks),
-                         ["writer", "ingest", "ipc_connections", "ipc_partial_frames", "grpc"])
+                         ["writer", "ingest", "ipc_connections", "ipc_partial_frames",
+                          "ipc_events", "grpc"])
 
     def test_late_bound_calls_its_target_once_bound(self):
         """LateBound refuses a call before bind (naming itself) and a second bind, and

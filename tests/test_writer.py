@@ -10,12 +10,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import defer, task
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
 
 from joblet_persist.storage.api import StorageUnavailable
 from joblet_persist.writer import (
     MESSAGE_MEMORY,
     MESSAGE_OVERHEAD,
     BatchingWriter,
+    IIngestWriter,
     WriterStopped,
 )
 from tests.fakes import FakeStorage
@@ -754,6 +756,11 @@ class UnloadIdleTests(WriterTestMixin, SynchronousTestCase):
 
 class EventBufferTests(WriterTestMixin, SynchronousTestCase):
     """Telemetry events get a buffer per (job, event kind) under the same rules."""
+
+    def test_provides_ingest_writer(self):
+        """BatchingWriter provides IIngestWriter (add_log, add_metric, add_event): the
+        interface the ingest protocol relies on."""
+        self.assertTrue(verifyObject(IIngestWriter, self.make()))
 
     def test_event_batch_columns(self):
         """Events of one kind become an EventBatch naming the kind, with the payloads,

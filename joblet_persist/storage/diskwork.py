@@ -154,7 +154,9 @@ def thd_append_events(
         lines.append(line)
     if not lines:
         return AppendResult(expected_size, (), 0, skipped, ())
-    pieces = fmt.encode_event_members(kind.msg_type, ts, seqs, ords, lines, compressor)
+    pieces = fmt.encode_event_members(
+        kind.msg_type, ts, seqs, ords, lines, compressor, events.MEMBER_RAW
+    )
     return _thd_write_pieces(path, directory, expected_size, fsync, pieces, skipped, modes)
 
 

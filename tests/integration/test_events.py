@@ -185,6 +185,51 @@ class MixedIngestTests(_Base):
         self.assertEqual(on_disk, mixed.events)
 
 
+class EventHealthTests(_Base):
+    timeout = 60
+
+    async def test_health_reports_event_rejections(self):
+        """A real service's /health has an ipc_events entry: accepted events by kind,
+        rejected ones by reason and kind, the last rejection named in the detail, and the
+        verdict still healthy (200)."""
+        import treq
+
+        from tests.integration.support import free_port
+
+        port = free_port()
+        config = write_service_config(self.dir, {
+            "writer": {"flushInterval": 0.2},
+            "monitoring": {"enabled": True, "metricsPort": free_port(), "healthPort": port},
+        })
+        proc = await self.start_twistd(config)
+        job = JOBS[0]
+        data = b"".join([
+            frame(envelope(3, job, encode_event(3, SAMPLES[3]), 1, 1)),
+            frame(envelope(7, job, b"\xff\xff\xff", 2, 2)),
+            frame(envelope(9, job, encode_event(9, SAMPLES[9]), 3, 3)),
+        ])
+        await in_thread(send_in_pieces, self.ipc_sock, data)
+
+        async def reported():
+            response = await treq.get(f"http://127.0.0.1:{port}/health", persistent=False)
+            body = json.loads(await response.content())
+            entry = body["checks"].get("ipc_events", {})
+            if entry.get("accepted_total") == 2 and entry.get("rejected_total") == 1:
+                return response.code, body
+            return None
+
+        code, body = await wait_for(reported, timeout=30, interval=0.1, what="/health events")
+        self.assertEqual((code, body["status"]), (200, "healthy"))
+        entry = body["checks"]["ipc_events"]
+        self.assertTrue(entry["ok"])
+        self.assertEqual(entry["accepted_by_kind"], {"exec": 1, "file": 1})
+        self.assertEqual(entry["rejected_by_kind"], {"mmap": {"bad_payload": 1}})
+        self.assertEqual(entry["last_rejected"], {"kind": "mmap", "reason": "bad_payload"})
+        self.assertIn("rejecting telemetry events (last: mmap bad_payload", entry["detail"])
+        proc.signal("TERM")
+        self.assertIn(await self.wait_exit(proc, 30), (0, -signal.SIGTERM), proc.output)
+
+
 class EventSender:
     """Sends event frames of every kind for each job at a steady pace, one connection and
     one thread per job.  ``sent[(job, kind)]`` lists ``(seq, monotonic time of sendall)``;
