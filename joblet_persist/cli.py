@@ -28,11 +28,11 @@ from typing import Optional
 
 import grpc
 
-from joblet_persist import events, rules
+from joblet_persist import events, locate, rules
 from joblet_persist._proto import persist_pb2, persist_pb2_grpc
 
 DEFAULT_SOCKET = "/opt/joblet/run/persist-grpc.sock"
-SOCKET_ENV = "JOBLET_PERSIST_SOCKET"
+SOCKET_ENV = locate.SOCKET_ENV
 DEFAULT_TIMEOUT = 10.0
 #: Largest message accepted from the service: gRPC's own limit.  A LogLine may be as large
 #: as the service's ipc.maxFrameBytes (128 MiB by default, up to 2 GiB).
@@ -124,9 +124,25 @@ def _connection_options(parser, suppress: bool) -> None:
         metavar="PATH",
         default=default,
         help=(
-            f"Unix socket of the service (default: ${SOCKET_ENV} or {DEFAULT_SOCKET}, the "
-            "admin socket); the viewer socket (server.grpcViewerSocket) allows everything "
-            "but delete"
+            f"Unix socket of the service (default: ${SOCKET_ENV}, else found from --config "
+            "or --data-dir, else the first socket of ./data/run/persist-grpc.sock, "
+            f"{locate.SYSTEM_CONFIG}'s server.grpcSocket, {DEFAULT_SOCKET}); the viewer "
+            "socket (server.grpcViewerSocket) allows everything but delete"
+        ),
+    )
+    group.add_argument(
+        "--config",
+        metavar="FILE",
+        default=default,
+        help=f"the service's configuration: dial its server.grpcSocket (or ${locate.CONFIG_ENV})",
+    )
+    group.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        default=default,
+        help=(
+            "the service's --data-dir: dial DIR/run/persist-grpc.sock "
+            f"(or ${locate.DATA_DIR_ENV})"
         ),
     )
     group.add_argument(
@@ -260,9 +276,12 @@ def _connect(args) -> tuple[grpc.Channel, str]:
                 options.append(("grpc.ssl_target_name_override", args.server_name))
             return grpc.secure_channel(target, creds, options), target
         return grpc.insecure_channel(target, options), target
-    path = args.socket or os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
-    target = f"unix:{path}"
-    return grpc.insecure_channel(target, options), target
+    try:
+        found = locate.locate(socket=args.socket, config=args.config, data_dir=args.data_dir)
+    except locate.LocateError as e:
+        raise UsageError(str(e)) from None
+    target = f"unix:{found.path}"
+    return grpc.insecure_channel(target, options), f"{target} (from {found.source})"
 
 
 # -- output helpers --------------------------------------------------------------------
@@ -708,6 +727,9 @@ def main(argv=None, stdout=None, stderr=None) -> int:
     except UsageError as e:
         stderr.write(f"joblet-persist-ctl: {e}\n")
         return EXIT_USAGE
+    except locate.NotFound as e:
+        stderr.write(f"joblet-persist-ctl: {e}\n")
+        return EXIT_UNAVAILABLE
     except grpc.RpcError as e:
         return _rpc_failure(e, target, stderr)
     except BrokenPipeError:

@@ -631,18 +631,15 @@ def build_queries(config, reactor, st: StorageParts, wr: WriterParts, lc: Lifecy
 def build_monitoring(config, reactor, health, metrics) -> list:
     """The Klein /metrics and /health listeners (one when they share a port; none when
     monitoring is off)."""
-    from twisted.web.server import Site
-
     from joblet_persist.services import TCPListenerService
-    from joblet_persist.web import MonitoringApp
+    from joblet_persist.web import MonitoringApp, MonitoringSite
 
     mc = config.monitoring
     if not mc.enabled:
         return []
     app = MonitoringApp(health, metrics.registry, node_id=config.server.node_id,
                         version=__version__)
-    site = Site(app.resource())
-    site.noisy = False
+    site = MonitoringSite(app.resource())
     web_services = [
         TCPListenerService(reactor, "metrics-http", mc.bind_address, mc.metrics_port, site)
     ]
