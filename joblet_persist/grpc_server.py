@@ -405,6 +405,9 @@ class GrpcServerService(service.Service):
 
     @staticmethod
     def _add_port(add, address: str) -> int:
+        if not address.startswith("unix:"):
+            # gRPC core would print its own line (outside the log format) for a port in use.
+            _check_tcp_free(address)
         try:
             port = add(address)
         except RuntimeError as e:
@@ -488,3 +491,27 @@ class GrpcServerService(service.Service):
                     os.unlink(path)
                 except FileNotFoundError:
                     pass
+
+
+def _check_tcp_free(address: str) -> None:
+    """Raise OSError naming ``address`` when it cannot be bound now (in use, not local).
+
+    Bound and released at once with SO_REUSEADDR, as gRPC binds; a port taken in between
+    still fails in gRPC itself.
+    """
+    import socket
+
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]") or "::"
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except (OSError, ValueError):
+        return  # gRPC reports what it makes of the address
+    family, kind, proto, _, sockaddr = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(sockaddr)
+        except OSError as e:
+            raise OSError(f"cannot listen on {address}: {e.strerror or e}") from None

@@ -31,6 +31,25 @@ class StartRefused(Exception):
     """
 
 
+def start_failure_reason(failure: Failure) -> Optional[str]:
+    """One line for a start failure the operator fixes (refused, address in use, a path
+    that cannot be created); None for a bug, which is logged with its traceback."""
+    from twisted.internet.error import CannotListenError
+
+    value = failure.value
+    if failure.check(StartRefused):
+        return str(value)
+    if failure.check(CannotListenError):
+        cause = value.socketError
+        detail = getattr(cause, "strerror", None) or str(cause)
+        return f"cannot listen on {value.interface or '*'}:{value.port}: {detail}"
+    if failure.check(OSError):
+        if value.strerror and value.filename:
+            return f"{value.strerror}: {value.filename}"
+        return " ".join(str(value).split())
+    return None
+
+
 class OrderedMultiService(service.MultiService):
     """Starts children in order and stops them in reverse, one after another.
 
@@ -62,13 +81,18 @@ class OrderedMultiService(service.MultiService):
 
     @defer.inlineCallbacks
     def _start_children(self):
+        name = None
         try:
             for child in list(self):
+                name = child.name
                 yield defer.maybeDeferred(child.startService)
         except Exception:
             failure = Failure()
+            reason = start_failure_reason(failure)
             if failure.check(StartRefused):
-                self.log.error("startup refused: {reason}", reason=str(failure.value))
+                self.log.error("startup refused: {reason}", reason=reason)
+            elif reason is not None:
+                self.log.error("startup failed: {name}: {reason}", name=name, reason=reason)
             else:
                 self.log.failure("startup failed; stopping", failure)
             self.started.errback(failure)
@@ -191,7 +215,7 @@ def _path_identity(path: str):
     """(st_dev, st_ino) of ``path`` itself (not followed), or None when nothing is there."""
     try:
         st = os.lstat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     return (st.st_dev, st.st_ino)
 

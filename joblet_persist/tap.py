@@ -44,7 +44,7 @@ from joblet_persist import __version__
 
 
 class Options(usage.Options):
-    synopsis = "[--config FILE] [--data-dir DIR]"
+    synopsis = "[--config FILE] [--data-dir DIR] [--check-config]"
     longdesc = (
         "Receive joblet job output and metrics over a Unix socket, store them as gzip "
         "files, and answer historical queries over gRPC."
@@ -58,14 +58,28 @@ class Options(usage.Options):
             "Data directory (overrides storage.dataDir); default socket paths go under DIR/run/.",
         ],
     ]
+    optFlags = [
+        [
+            "check-config",
+            None,
+            "Check the configuration and exit: print the effective configuration (status 0) "
+            "or one line naming the file, line and key (status 1).",
+        ],
+    ]
 
     def postOptions(self):
+        from joblet_persist.checkconfig import check, with_line
         from joblet_persist.config import ConfigError, load_config
 
+        if self["check-config"]:
+            import sys
+
+            # Before twistd sets up logging: plain stdout/stderr, then exit.
+            raise SystemExit(check(self["config"], self["data-dir"], sys.stdout, sys.stderr))
         try:
             self.config = load_config(self["config"], data_dir=self["data-dir"])
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            raise usage.UsageError(str(with_line(e))) from None
         from joblet_persist import logs
 
         # Runs before twistd picks its log observer: lets logging.format apply.

@@ -185,3 +185,105 @@ class OperatorTests(unittest.TestCase):
         self.assertEqual(code, 0, output.decode("utf-8", "replace"))
 
 
+
+
+class CheckConfigTests(unittest.TestCase):
+    """`twistd joblet-persist --check-config` and start-up failures, with a real twistd."""
+
+    timeout = 60
+
+    def setUp(self):
+        self.dir = short_tempdir(self)
+
+    def write(self, name, text):
+        path = os.path.join(self.dir, name)
+        with open(path, "w") as f:
+            f.write(textwrap.dedent(text))
+        return path
+
+    async def run_twistd(self, *args):
+        proc = TwistdProcess(self, self.dir, list(args))
+        code = await proc.wait_exit(45)
+        return code, proc.output
+
+    async def test_check_config_prints_the_effective_configuration(self):
+        """A valid file: exit 0 and the effective configuration as YAML, defaults filled
+        in, nothing started (no socket, no data directory)."""
+        import yaml
+
+        path = self.write("ok.yml", "storage:\n  retention:\n    interval: 2m\n")
+        data = os.path.join(self.dir, "data")
+        code, out = await self.run_twistd("--check-config", "--config", path, "--data-dir", data)
+        self.assertEqual(code, 0, out)
+        document = yaml.safe_load(out)
+        self.assertEqual(document["storage"]["retention"]["interval"], 120.0)
+        self.assertEqual(document["storage"]["dataDir"], data)
+        self.assertEqual(document["server"]["grpcSocket"],
+                         os.path.join(data, "run", "persist-grpc.sock"))
+        self.assertFalse(os.path.exists(data))
+
+    async def test_check_config_error_names_file_line_and_key(self):
+        """An invalid value: exit 1 and one line naming the file, the key's line and the
+        key, no traceback."""
+        path = self.write(
+            "bad.yml",
+            """\
+            storage:
+              retention:
+                interval: 5m
+                minFreeBytes: lots
+            """,
+        )
+        code, out = await self.run_twistd("--check-config", "--config", path)
+        self.assertEqual(code, 1, out)
+        self.assertEqual(out.strip().count("\n"), 0, out)
+        self.assertIn(f"{path}, line 4: storage.retention.minFreeBytes:", out)
+        self.assertNotIn("Traceback", out)
+
+    async def assert_one_line_failure(self, config_text, expected):
+        path = self.write("c.yml", config_text)
+        code, out = await self.run_twistd("--config", path, "--data-dir",
+                                          os.path.join(self.dir, "data"))
+        self.assertNotEqual(code, 0, out)
+        self.assertNotIn("Traceback", out)
+        failures = [line for line in out.splitlines() if "startup failed" in line]
+        self.assertEqual(len(failures), 1, out)
+        self.assertIn(expected, failures[0])
+        # Every line is in the log format (a timestamp first): nothing from gRPC core.
+        for line in out.splitlines():
+            self.assertRegex(line, r"^\d{4}-\d\d-\d\dT", out)
+
+    async def test_port_in_use_is_one_line(self):
+        """A monitoring port in use ends start-up with one line naming the address."""
+        import socket
+
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            await self.assert_one_line_failure(
+                f"monitoring:\n  metricsPort: {port}\n  healthPort: 0\n",
+                f"metrics-http: cannot listen on 127.0.0.1:{port}: Address already in use",
+            )
+
+    async def test_grpc_port_in_use_is_one_line(self):
+        """A gRPC TCP port in use: one line, and no line of gRPC core's own."""
+        import socket
+
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            await self.assert_one_line_failure(
+                f"monitoring:\n  enabled: false\nserver:\n  grpcAddress: 127.0.0.1:{port}\n"
+                "  allowPlaintextTcp: true\n",
+                f"grpc: cannot listen on 127.0.0.1:{port}",
+            )
+
+    async def test_socket_path_not_creatable_is_one_line(self):
+        """An IPC socket path whose directory cannot be made: one line naming the path."""
+        blocker = self.write("file", "not a directory\n")
+        await self.assert_one_line_failure(
+            f"monitoring:\n  enabled: false\nipc:\n  socket: {blocker}/ipc.sock\n",
+            blocker,
+        )
