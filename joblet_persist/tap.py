@@ -26,6 +26,8 @@ reverse, each step waiting for the previous):
  8. grpc          gRPC server on the Unix sockets and/or TCP (stop: refuse, then grace)
  9. metrics-http, health-http   Klein listeners (one when they share a port; none when off)
 10. sighup        configuration reload on SIGHUP (added by makeService, under twistd)
+11. sdnotify      systemd READY=1 / STOPPING=1 and the watchdog (makeService; a no-op
+                  without $NOTIFY_SOCKET)
 
 So on SIGTERM: SIGHUP handling, monitoring and gRPC stop first, a retention run in
 progress finishes, ingest closes its connections, the writer flushes and fsyncs
@@ -120,7 +122,18 @@ def makeService(options, reactor=None):
         )
         return [SighupService(reactor, reloader.reload)]
 
-    root = build_service(config, reactor, exit_on_start_failure=True, extra_services=sighup)
+    def last_services(parts):
+        from joblet_persist.sdnotify import NotifyService
+
+        def status():
+            listening = _listeners(config, parts)
+            return "serving; " + ", ".join(f"{k} {v}" for k, v in listening.items())
+
+        # Last to start (every listener is up: READY=1), first to stop (STOPPING=1).
+        return [*sighup(parts), NotifyService(reactor, status=status)]
+
+    root = build_service(config, reactor, exit_on_start_failure=True,
+                         extra_services=last_services)
     parts = root.components
     root.started.addCallback(lambda _: logs.log_startup(config, _listeners(config, parts)))
     return root
@@ -356,7 +369,7 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
         arc and arc.service,  # archive: upload rounds; stop waits for a round in progress
         q.grpc,             # grpc: stop refuses new RPCs, then the grace period
         *web,               # metrics-http, health-http
-        *extra,             # sighup (under twistd, from makeService)
+        *extra,             # sighup, sdnotify (under twistd, from makeService)
     ]
 
     def start_failed(failure):

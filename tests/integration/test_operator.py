@@ -287,3 +287,70 @@ class CheckConfigTests(unittest.TestCase):
             f"monitoring:\n  enabled: false\nipc:\n  socket: {blocker}/ipc.sock\n",
             blocker,
         )
+
+
+class SystemdNotifyTests(unittest.TestCase):
+    """A real twistd with a NOTIFY_SOCKET of the test's own: the sd_notify protocol."""
+
+    timeout = 60
+
+    async def test_ready_watchdog_stopping(self):
+        """READY=1 arrives once the IPC and gRPC sockets and the monitoring port accept;
+        WATCHDOG=1 follows every half WATCHDOG_USEC; SIGTERM sends STOPPING=1 before the
+        process ends."""
+        import socket
+
+        from twisted.internet.protocol import DatagramProtocol
+
+        d = short_tempdir(self)
+        data = os.path.join(d, "data")
+        health_port, metrics_port = free_port(), free_port()
+        config = os.path.join(d, "c.yml")
+        with open(config, "w") as f:
+            f.write(f"monitoring:\n  metricsPort: {metrics_port}\n  healthPort: {health_port}\n")
+        received = []
+
+        def listening():
+            """At the moment a message arrives: do the listeners accept connections?"""
+            ok = []
+            for family, address in ((socket.AF_UNIX, os.path.join(data, "run", "persist-ipc.sock")),
+                                    (socket.AF_UNIX, os.path.join(data, "run", "persist-grpc.sock")),
+                                    (socket.AF_INET, ("127.0.0.1", health_port))):
+                with socket.socket(family) as s:
+                    ok.append(s.connect_ex(address) == 0)
+            return all(ok)
+
+        class Collect(DatagramProtocol):
+            def datagramReceived(self, datagram, addr):
+                text = datagram.decode()
+                received.append((text, listening() if text.startswith("READY=1") else None))
+
+        port = reactor.listenUNIXDatagram(os.path.join(d, "notify"), Collect())
+        self.addCleanup(port.stopListening)
+        saved = {k: os.environ.get(k) for k in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+        os.environ["NOTIFY_SOCKET"] = os.path.join(d, "notify")
+        os.environ["WATCHDOG_USEC"] = "400000"
+        try:
+            proc = TwistdProcess(self, d, ["--config", config, "--data-dir", data])
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+        def count(prefix):
+            return sum(1 for text, _ in received if text.startswith(prefix))
+
+        try:
+            await wait_for(lambda: count("READY=1") and count("WATCHDOG=1") >= 3, timeout=30,
+                           what="READY=1 and three WATCHDOG=1")
+        except AssertionError:
+            self.fail(f"no READY=1/WATCHDOG=1: {received}\n{proc.output}")
+        (ready,) = [r for r in received if r[0].startswith("READY=1")]
+        self.assertTrue(ready[1], "READY=1 before every listener accepted")
+        self.assertIn("STATUS=serving", ready[0])
+        proc.signal("TERM")
+        await proc.wait_exit(20)
+        await wait_for(lambda: count("STOPPING=1"), timeout=5, what="STOPPING=1")
+        self.assertEqual(count("READY=1"), 1)
