@@ -37,11 +37,11 @@ from typing import Optional
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from twisted.application import service
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
+from joblet_persist import reflection_v1
 from joblet_persist._proto import persist_pb2, persist_pb2_grpc
 from joblet_persist.logs import Logger
 from joblet_persist.rules import parse_mode
@@ -369,9 +369,8 @@ class GrpcServerService(service.Service):
             ListenerServicer(self.servicer, listener), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (PERSIST_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        # Reflection v1alpha and v1 (grpcio-reflection serves only v1alpha).
+        reflection_v1.enable((PERSIST_SERVICE_NAME, health.SERVICE_NAME), server)
         return server
 
     def _listeners(self) -> list[str]:
