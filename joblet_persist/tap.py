@@ -70,7 +70,7 @@ class Options(usage.Options):
     ]
 
     def postOptions(self):
-        from joblet_persist.checkconfig import check, with_line
+        from joblet_persist.checkconfig import check
         from joblet_persist.config import ConfigError, load_config
 
         if self["check-config"]:
@@ -81,7 +81,7 @@ class Options(usage.Options):
         try:
             self.config = load_config(self["config"], data_dir=self["data-dir"])
         except ConfigError as e:
-            raise usage.UsageError(str(with_line(e))) from None
+            raise usage.UsageError(str(e)) from None
         from joblet_persist import logs
 
         # Runs before twistd picks its log observer: lets logging.format apply.
