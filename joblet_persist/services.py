@@ -11,6 +11,7 @@ import fcntl
 import os
 import socket
 import stat
+import time
 from typing import Callable, Optional
 
 from twisted.application import service
@@ -111,10 +112,18 @@ class OrderedMultiService(service.MultiService):
         for child in reversed(list(self)):
             if not child.running:
                 continue
+            # Each step is logged, so the stop order (docs/operations.md) can be read from
+            # the log, and a step that hangs is named by its "stopping" line (debug).
+            name = child.name or repr(child)
+            self.log.debug("stopping {name}", name=name)
+            began = time.monotonic()
             try:
                 yield defer.maybeDeferred(child.stopService)
             except Exception:
-                self.log.failure("error stopping {name}", name=child.name or repr(child))
+                self.log.failure("error stopping {name}", name=name)
+            else:
+                self.log.info("stopped {name} in {seconds:.3f} s", name=name,
+                              seconds=time.monotonic() - began)
 
 
 class ThreadPoolService(service.Service):

@@ -30,7 +30,9 @@ def run_ctl(cwd: str, *args: str) -> defer.Deferred:
     return utils.getProcessOutputAndValue(sys.executable, ["-c", _CTL, cwd, *args], env=env)
 
 
-class OperatorTests(unittest.TestCase):
+class _ServiceCase(unittest.TestCase):
+    """A real twistd started as the README does (with free monitoring ports)."""
+
     timeout = 90
 
     def setUp(self):
@@ -101,6 +103,7 @@ class OperatorTests(unittest.TestCase):
         r.deliverBody(Body())
         return r, await done
 
+class OperatorTests(_ServiceCase):
     async def test_cli_finds_the_service_without_flags(self):
         """From the directory where the service runs with --data-dir ./data (the README's
         setup), `joblet-persist-ctl ping` with no flag finds its socket; from elsewhere it
@@ -354,3 +357,25 @@ class SystemdNotifyTests(unittest.TestCase):
         await proc.wait_exit(20)
         await wait_for(lambda: count("STOPPING=1"), timeout=5, what="STOPPING=1")
         self.assertEqual(count("READY=1"), 1)
+
+
+class StopOrderTests(_ServiceCase):
+    """docs/operations.md's stop order is what the log of a real stop shows."""
+
+    async def test_each_stop_step_is_logged_in_the_documented_order(self):
+        """SIGTERM: one `stopped NAME` line per component, in the order docs/operations.md
+        lists (leaving out the optional components this configuration does not have)."""
+        import re
+
+        proc = await self.start()
+        proc.signal("TERM")
+        await proc.wait_exit(20)
+        logged = re.findall(r"\] stopped (\S+) in \d+\.\d+ s$", proc.output, re.M)
+        with open(os.path.join(ROOT, "docs", "operations.md")) as f:
+            doc = f.read()
+        listed = doc[doc.index("in this order:\n`sdnotify`"):]
+        listed = re.findall(r"`([a-z-]+)`", listed[: listed.index(".\n")])
+        self.assertGreaterEqual(len(logged), 12, proc.output)
+        self.assertEqual(logged, [name for name in listed if name in logged], proc.output)
+        self.assertEqual(set(logged) - set(listed), set())
+        self.assertIn("Server Shut Down.", proc.output[proc.output.rindex("stopped lock"):])
