@@ -43,7 +43,11 @@ def start_failure_reason(failure: Failure) -> Optional[str]:
     if failure.check(CannotListenError):
         cause = value.socketError
         detail = getattr(cause, "strerror", None) or str(cause)
-        return f"cannot listen on {value.interface or '*'}:{value.port}: {detail}"
+        if value.interface is None and isinstance(value.port, (str, bytes)):
+            where = os.fsdecode(value.port)  # a Unix socket path
+        else:
+            where = f"{value.interface or '*'}:{value.port}"
+        return f"cannot listen on {where}: {detail}"
     if failure.check(OSError):
         if value.strerror and value.filename:
             return f"{value.strerror}: {value.filename}"

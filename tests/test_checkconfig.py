@@ -67,6 +67,8 @@ class StartFailureReasonTests(SynchronousTestCase):
         self.assertEqual(reason(StartRefused("locked")), "locked")
         in_use = CannotListenError("127.0.0.1", 9092, OSError(98, "Address already in use"))
         self.assertEqual(reason(in_use), "cannot listen on 127.0.0.1:9092: Address already in use")
+        denied = CannotListenError(None, "/run/p/ipc.sock", OSError(13, "Permission denied"))
+        self.assertEqual(reason(denied), "cannot listen on /run/p/ipc.sock: Permission denied")
         self.assertEqual(reason(NotADirectoryError(20, "Not a directory", "/x/f/s.sock")),
                          "Not a directory: /x/f/s.sock")
         self.assertEqual(reason(OSError("cannot listen on 127.0.0.1:1:\n in use")),

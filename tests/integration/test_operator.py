@@ -379,3 +379,44 @@ class StopOrderTests(_ServiceCase):
         self.assertEqual(logged, [name for name in listed if name in logged], proc.output)
         self.assertEqual(set(logged) - set(listed), set())
         self.assertIn("Server Shut Down.", proc.output[proc.output.rindex("stopped lock"):])
+
+
+class UnwritableSocketTests(unittest.TestCase):
+    """A socket directory the service's user cannot write, with a real twistd run as an
+    unprivileged user (root would be allowed to write anywhere)."""
+
+    timeout = 60
+
+    async def test_socket_directory_not_writable_is_one_line(self):
+        """The IPC socket's directory is read-only to the service's user: start-up ends in
+        one line naming the path and the reason, no traceback, non-zero exit."""
+        from tests.integration.support import _ChildProtocol
+
+        setpriv = shutil.which("setpriv")
+        if os.geteuid() != 0 or setpriv is None:
+            raise unittest.SkipTest("needs root and setpriv to run twistd as another user")
+        d = short_tempdir(self)
+        os.chmod(d, 0o777)
+        readonly = os.path.join(d, "ro")
+        os.mkdir(readonly, 0o555)
+        config = os.path.join(d, "c.yml")
+        with open(config, "w") as f:
+            f.write(f"monitoring:\n  enabled: false\nipc:\n  socket: {readonly}/ipc.sock\n")
+        os.chmod(config, 0o644)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        proto = _ChildProtocol()
+        argv = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+                "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
+                "--logfile=-", "joblet-persist", "--config", config,
+                "--data-dir", os.path.join(d, "data")]
+        transport = reactor.spawnProcess(proto, setpriv, argv, env=env)
+        self.addCleanup(lambda: proto.ended.called or transport.signalProcess("KILL"))
+        ended = await proto.ended
+        out = proto.output.decode("utf-8", "replace")
+        self.assertNotEqual(getattr(ended, "exitCode", None), 0, out)
+        self.assertNotIn("Traceback", out)
+        failures = [line for line in out.splitlines() if "startup failed" in line]
+        self.assertEqual(len(failures), 1, out)
+        self.assertIn(f"ingest: cannot listen on {readonly}/ipc.sock: Permission denied",
+                      failures[0])
