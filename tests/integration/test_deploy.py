@@ -58,3 +58,15 @@ class UnitTests(SynchronousTestCase):
         match = re.search(r"Overall exposure level for \S+: (\d+\.\d)", result.stdout)
         self.assertIsNotNone(match, result.stdout + result.stderr)
         self.assertLessEqual(float(match.group(1)), 3.0, result.stdout)
+
+
+class AlertRulesTests(SynchronousTestCase):
+    def test_promtool_check_rules(self):
+        """`promtool check rules` accepts deploy/prometheus-alerts.yml."""
+        promtool = shutil.which("promtool")
+        if promtool is None:
+            raise SkipTest("promtool is not installed (Debian: apt-get install prometheus)")
+        rules = os.path.join(ROOT, "deploy", "prometheus-alerts.yml")
+        result = subprocess.run([promtool, "check", "rules", rules], capture_output=True,
+                                text=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
