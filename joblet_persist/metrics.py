@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 
-from joblet_persist import __version__
+from joblet_persist import __version__, events
 from joblet_persist._proto import ipc_pb2, persist_pb2
 
 _TYPE_NAMES = {
@@ -42,6 +42,7 @@ STORAGE_ERROR_KINDS = (
     "unsafe_entry",
 )
 QUERY_MEMBER_RESULTS = ("inflated", "skipped", "corrupt")
+EVENT_REJECT_REASONS = ("bad_payload", "invalid_job_id", "stopping")
 #: Status codes a query RPC is counted under from the start: success and the server-side
 #: failures JobletPersistQueryErrors alerts on.
 QUERY_CODES = ("OK", "INTERNAL", "UNKNOWN", "DATA_LOSS")
@@ -69,7 +70,10 @@ class PersistMetrics:
         self._received: dict[str, int] = dict.fromkeys(_TYPE_NAMES.values(), 0)
         self._received_bytes = 0
         self._rejected: dict[str, int] = dict.fromkeys(FRAME_REJECT_REASONS, 0)
-        self._events_rejected: dict[tuple[str, str], int] = {}  # (kind, reason) -> frames
+        # (kind, reason) -> frames
+        self._events_rejected: dict[tuple[str, str], int] = {
+            (kind.name, reason): 0 for kind in events.KINDS for reason in EVENT_REJECT_REASONS
+        }
         self._event_source: Optional[Callable[[], dict]] = None
         self._connections = 0
         self._storage_source: Optional[Callable[[], tuple[int, int]]] = None

@@ -76,6 +76,7 @@ class SeriesExistAtZeroTests(SynchronousTestCase):
             'persist_query_members_total{result="corrupt"} 0.0',
             'persist_query_requests_total{code="INTERNAL",rpc="QueryLogs"} 0.0',
             'persist_ipc_messages_received_total{type="log"} 0.0',
+            'persist_ipc_events_rejected_total{kind="mmap",reason="bad_payload"} 0.0',
         ):
             self.assertIn(line, text)
 
