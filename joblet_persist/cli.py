@@ -11,6 +11,11 @@ returns the exit status, so tests can run it in-process and capture output:
 ``ping`` exits 0 only when the service reports itself healthy.  ``logs``
 writes the raw output bytes to stdout, so it can be piped; a closed pipe
 (``logs JOB | head``) ends it quietly with status 0.
+
+Times in and out go through ``timefmt``: JSON carries each time as an RFC 3339
+string plus integer nanoseconds (``created_at`` / ``created_at_ns``).  A failing
+call prints nothing on stdout: streamed commands fetch their first batch before
+writing a table header.
 """
 
 from __future__ import annotations
@@ -19,20 +24,19 @@ import argparse
 import base64
 import contextlib
 import csv
-import datetime
+import itertools
 import json
 import os
 import sys
-import time
 from typing import Optional
 
 import grpc
 
-from joblet_persist import events, rules
+from joblet_persist import __version__, events, locate, rules, timefmt
 from joblet_persist._proto import persist_pb2, persist_pb2_grpc
 
 DEFAULT_SOCKET = "/opt/joblet/run/persist-grpc.sock"
-SOCKET_ENV = "JOBLET_PERSIST_SOCKET"
+SOCKET_ENV = locate.SOCKET_ENV
 DEFAULT_TIMEOUT = 10.0
 #: Largest message accepted from the service: gRPC's own limit.  A LogLine may be as large
 #: as the service's ipc.maxFrameBytes (128 MiB by default, up to 2 GiB).
@@ -46,7 +50,6 @@ EXIT_DENIED = 4
 EXIT_UNAVAILABLE = 5
 
 _STREAMS = {"both": 0, "stdout": 1, "stderr": 2}
-_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 
 
 class UsageError(Exception):
@@ -63,32 +66,8 @@ def parse_duration(text: str) -> Optional[float]:
 
 
 def parse_time(text: str, now_ns: Optional[int] = None) -> int:
-    """Unix nanoseconds of a ``--since``/``--until`` value.
-
-    Accepts a duration before now (``2h``, ``30m``, ``1d``), ``now``, an ISO
-    8601 time (``2024-05-01T12:00:00Z``; without an offset it is local time),
-    or an integer, taken as Unix nanoseconds.
-    """
-    value = text.strip()
-    if now_ns is None:
-        now_ns = time.time_ns()
-    if value.isdigit():
-        return int(value)
-    if value == "now":
-        return now_ns
-    seconds = parse_duration(value)
-    if seconds is not None:
-        return max(0, now_ns - round(seconds * 1e9))
-    try:
-        moment = datetime.datetime.fromisoformat(value)
-    except ValueError:
-        raise ValueError(
-            f"invalid time {text!r}: expected a duration before now (2h, 30m, 1d), "
-            "an ISO 8601 time or Unix nanoseconds"
-        ) from None
-    if moment.tzinfo is None:
-        moment = moment.astimezone()
-    return ((moment - _EPOCH) // datetime.timedelta(microseconds=1)) * 1000
+    """Unix nanoseconds of a ``--since``/``--until`` value (timefmt.parse_time)."""
+    return timefmt.parse_time(text, now_ns)
 
 
 def _time_arg(text: str) -> int:
@@ -124,9 +103,25 @@ def _connection_options(parser, suppress: bool) -> None:
         metavar="PATH",
         default=default,
         help=(
-            f"Unix socket of the service (default: ${SOCKET_ENV} or {DEFAULT_SOCKET}, the "
-            "admin socket); the viewer socket (server.grpcViewerSocket) allows everything "
-            "but delete"
+            f"Unix socket of the service (default: ${SOCKET_ENV}, else found from --config "
+            "or --data-dir, else the first socket of ./data/run/persist-grpc.sock, "
+            f"{locate.SYSTEM_CONFIG}'s server.grpcSocket, {DEFAULT_SOCKET}); the viewer "
+            "socket (server.grpcViewerSocket) allows everything but delete"
+        ),
+    )
+    group.add_argument(
+        "--config",
+        metavar="FILE",
+        default=default,
+        help=f"the service's configuration: dial its server.grpcSocket (or ${locate.CONFIG_ENV})",
+    )
+    group.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        default=default,
+        help=(
+            "the service's --data-dir: dial DIR/run/persist-grpc.sock "
+            f"(or ${locate.DATA_DIR_ENV})"
         ),
     )
     group.add_argument(
@@ -163,7 +158,8 @@ def _range_options(parser) -> None:
         type=_time_arg,
         default=0,
         metavar="TIME",
-        help="from this time: 2h, 30m, 1d (before now), ISO 8601, or Unix ns",
+        help="from this time: 2h, 30m, 1d (before now), RFC 3339, or a Unix time with "
+        "its unit (1700000000s, ...ms, ...ns)",
     )
     parser.add_argument(
         "--until", type=_time_arg, default=0, metavar="TIME", help="up to this time (inclusive)"
@@ -178,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Query and manage the data stored by joblet-persist.",
         epilog="Exit status: 0 ok, 1 error, 2 usage, 3 not found, "
         "4 permission denied, 5 service unavailable.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"joblet-persist-ctl {__version__}"
     )
     _connection_options(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -207,15 +206,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="only this kind (default: every kind, one after another)",
     )
     _range_options(p)
-    p.add_argument(
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument(
         "--json",
         action="store_true",
-        help="the stored JSON lines (with a leading \"kind\" key when --kind is not given)",
+        help="the stored JSON lines (with a leading \"kind\" key when --kind is not given), "
+        "the time as timestamp (RFC 3339) and timestamp_ns",
     )
+    fmt.add_argument("--csv", action="store_true", help="the table as CSV with a header row")
 
     p = command("jobs", "list stored jobs, newest first")
     _range_options(p)
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="one JSON object per line")
+    fmt.add_argument("--csv", action="store_true", help="CSV with a header row")
 
     p = command("info", "show one job's summary")
     p.add_argument("job")
@@ -224,8 +228,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("stats", "show service totals")
     p.add_argument("--json", action="store_true")
 
-    p = command("delete", "delete all data of a job")
+    p = command("delete", "delete all data of a job (asks first on a terminal)")
     p.add_argument("job")
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--dry-run", action="store_true",
+                   help="show what would be deleted; delete nothing")
+
+    p = command("cleanup", "apply the retention rules now (CleanupOldData)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list what retention would delete; delete nothing")
+    p.add_argument("--json", action="store_true", help="the result as one JSON object")
 
     command("ping", "check that the service is up and healthy")
     return parser
@@ -260,19 +272,19 @@ def _connect(args) -> tuple[grpc.Channel, str]:
                 options.append(("grpc.ssl_target_name_override", args.server_name))
             return grpc.secure_channel(target, creds, options), target
         return grpc.insecure_channel(target, options), target
-    path = args.socket or os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
-    target = f"unix:{path}"
-    return grpc.insecure_channel(target, options), target
+    try:
+        found = locate.locate(socket=args.socket, config=args.config, data_dir=args.data_dir)
+    except locate.LocateError as e:
+        raise UsageError(str(e)) from None
+    target = f"unix:{found.path}"
+    return grpc.insecure_channel(target, options), f"{target} (from {found.source})"
 
 
 # -- output helpers --------------------------------------------------------------------
 
 
 def _iso(ns: int) -> str:
-    if ns <= 0:
-        return "-"
-    moment = _EPOCH + datetime.timedelta(microseconds=ns // 1000)
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return timefmt.rfc3339_seconds(ns)
 
 
 def _iso_seconds(seconds: int) -> str:
@@ -292,7 +304,7 @@ def _metric_dict(m: persist_pb2.Metric) -> dict:
     d = m.data
     return {
         "job_uuid": m.job_uuid,
-        "timestamp": m.timestamp,
+        **timefmt.time_fields("timestamp", m.timestamp),
         "sequence": m.sequence,
         "data": {
             "cpu_usage": d.cpu_usage,
@@ -316,6 +328,7 @@ def _metric_dict(m: persist_pb2.Metric) -> dict:
 
 _CSV_HEADER = [
     "timestamp",
+    "timestamp_ns",
     "sequence",
     "cpu_usage",
     "memory_usage",
@@ -333,10 +346,11 @@ _TABLE = "{:<20}  {:>8}  {:>7}  {:>10}  {:>6}  {:>10}  {:>10}  {:>10}  {:>10}"
 
 
 def _job_dict(info) -> dict:
+    # The service keeps these two in whole seconds.
     return {
         "job_uuid": info.job_uuid,
-        "created_at": info.created_at,
-        "last_updated": info.last_updated,
+        **timefmt.time_fields("created_at", info.created_at * 10**9),
+        **timefmt.time_fields("last_updated", info.last_updated * 10**9),
         "log_count": info.log_count,
         "metric_count": info.metric_count,
         "size_bytes": info.size_bytes,
@@ -354,6 +368,17 @@ def _stream_timeout(args) -> Optional[float]:
 
 def _unary_timeout(args) -> float:
     return args.timeout if args.timeout else DEFAULT_TIMEOUT
+
+
+def _first_then_rest(call):
+    """The stream's items, its first one already received: an error (unknown job, denied)
+    surfaces here, before the caller writes a header."""
+    items = iter(call)
+    try:
+        first = next(items)
+    except StopIteration:
+        return iter(())
+    return itertools.chain([first], items)
 
 
 def cmd_logs(stub, args, out) -> int:
@@ -398,6 +423,7 @@ def cmd_metrics(stub, args, out) -> int:
         offset=args.offset,
     )
     call = stub.QueryMetricsBatched(request, timeout=_stream_timeout(args))
+    batches = _first_then_rest(call)
     writer = None
     if args.csv:
         writer = csv.writer(out, lineterminator="\n")
@@ -418,7 +444,7 @@ def cmd_metrics(stub, args, out) -> int:
             + "\n"
         )
     try:
-        for batch in call:
+        for batch in batches:
             for m in batch.metrics:
                 d = m.data
                 if args.json:
@@ -426,6 +452,7 @@ def cmd_metrics(stub, args, out) -> int:
                 elif writer is not None:
                     writer.writerow(
                         [
+                            timefmt.rfc3339(m.timestamp),
                             m.timestamp,
                             m.sequence,
                             repr(d.cpu_usage),
@@ -508,11 +535,25 @@ def _event_detail(kind: events.EventKind, stored: dict) -> str:
     return " ".join(parts)
 
 
+def _event_json(kind: events.EventKind, msg, with_kind: bool) -> dict:
+    """The stored JSON object with its time as the CLI's pair (timestamp, timestamp_ns)."""
+    stored = stored_event_dict(kind, msg)
+    out = {"kind": kind.name} if with_kind else {}
+    for key, value in stored.items():
+        if key == "timestamp":
+            out.update(timefmt.time_fields("timestamp", value))
+        else:
+            out[key] = value
+    return out
+
+
+_EVENT_CSV_HEADER = ["timestamp", "timestamp_ns", "sequence", "kind", "pid", "comm", "detail"]
+
+
 def cmd_events(stub, args, out) -> int:
     kinds = [events.KINDS_BY_NAME[args.kind]] if args.kind else list(events.KINDS)
-    if not args.json:
-        out.write(_EVENT_TABLE.format("TIME", "SEQ", "KIND", "PID", "COMM", "DETAIL").rstrip()
-                  + "\n")
+    writer = csv.writer(out, lineterminator="\n") if args.csv else None
+    header_written = args.json
     for kind in kinds:
         request = persist_pb2.QueryEventsBatchedRequest(
             job_uuid=args.job,
@@ -524,22 +565,35 @@ def cmd_events(stub, args, out) -> int:
         )
         call = stub.QueryEventsBatched(request, timeout=_stream_timeout(args))
         try:
-            for batch in call:
+            batches = _first_then_rest(call)
+            if not header_written:
+                # After the first kind's first answer: an unknown job prints no header.
+                if writer is not None:
+                    writer.writerow(_EVENT_CSV_HEADER)
+                else:
+                    out.write(_EVENT_TABLE.format("TIME", "SEQ", "KIND", "PID", "COMM",
+                                                  "DETAIL").rstrip() + "\n")
+                header_written = True
+            for batch in batches:
                 for msg in getattr(batch, kind.batch_field):
-                    stored = stored_event_dict(kind, msg)
                     if args.json:
-                        if not args.kind:
-                            stored = {"kind": kind.name, **stored}
-                        line = json.dumps(stored, separators=(",", ":"), ensure_ascii=False)
+                        line = json.dumps(_event_json(kind, msg, not args.kind),
+                                          separators=(",", ":"), ensure_ascii=False)
                         out.write(line + "\n")
+                        continue
+                    stored = stored_event_dict(kind, msg)
+                    comm = stored.get("comm", "")
+                    if isinstance(comm, dict):
+                        comm = "b64:" + comm["b64"]
+                    detail = _event_detail(kind, stored)
+                    if writer is not None:
+                        writer.writerow([timefmt.rfc3339(msg.timestamp), msg.timestamp,
+                                         msg.sequence, kind.name, msg.pid, comm, detail])
                     else:
-                        comm = stored.get("comm", "")
-                        if isinstance(comm, dict):
-                            comm = "b64:" + comm["b64"]
                         out.write(
                             _EVENT_TABLE.format(
                                 _iso(msg.timestamp), msg.sequence, kind.name, msg.pid, comm,
-                                _event_detail(kind, stored),
+                                detail,
                             ).rstrip()
                             + "\n"
                         )
@@ -548,6 +602,12 @@ def cmd_events(stub, args, out) -> int:
             call.cancel()
             raise
     return EXIT_OK
+
+
+_JOB_CSV_HEADER = [
+    "job_uuid", "created_at", "created_at_ns", "last_updated", "last_updated_ns",
+    "log_count", "metric_count", "event_count", "size_bytes",
+]
 
 
 def cmd_jobs(stub, args, out, err) -> int:
@@ -561,6 +621,12 @@ def cmd_jobs(stub, args, out, err) -> int:
     if args.json:
         for job in response.jobs:
             out.write(json.dumps(_job_dict(job)) + "\n")
+    elif args.csv:
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(_JOB_CSV_HEADER)
+        for job in response.jobs:
+            d = _job_dict(job)
+            writer.writerow([d[k] for k in _JOB_CSV_HEADER])
     else:
         row = "{:<40}  {:<20}  {:<20}  {:>10}  {:>10}  {:>10}"
         out.write(row.format("JOB", "CREATED", "UPDATED", "LOGS", "METRICS", "SIZE") + "\n")
@@ -623,12 +689,62 @@ def cmd_stats(stub, args, out) -> int:
     return EXIT_OK
 
 
-def cmd_delete(stub, args, out) -> int:
+def _describe_job(info) -> str:
+    return (f"job {info.job_uuid}: {info.log_count} log messages, {info.metric_count} metric "
+            f"samples, {info.event_count} events, {_human(info.size_bytes)}, last updated "
+            f"{_iso_seconds(info.last_updated)}")
+
+
+def cmd_delete(stub, args, out, err, stdin) -> int:
+    # Ask only when someone can see the question and answer it: stdin and stderr both a
+    # terminal (a script, a pipe or a test running the CLI in-process is never asked).
+    if args.dry_run or not args.yes and _is_terminal(stdin) and _is_terminal(err):
+        # Ask the service what is there first (an unknown job fails here: NOT_FOUND).
+        info = stub.GetJobInfo(
+            persist_pb2.GetJobInfoRequest(job_uuid=args.job), timeout=_unary_timeout(args)
+        )
+        if args.dry_run:
+            out.write(f"would delete {_describe_job(info)}\n")
+            return EXIT_OK
+        err.write(f"delete {_describe_job(info)}? [y/N] ")
+        err.flush()
+        answer = stdin.readline().strip().lower()
+        if answer not in ("y", "yes"):
+            err.write("not deleted\n")
+            return EXIT_ERROR
     response = stub.DeleteJob(
         persist_pb2.DeleteJobRequest(job_uuid=args.job), timeout=_unary_timeout(args)
     )
     out.write((response.message or ("deleted" if response.success else "not deleted")) + "\n")
     return EXIT_OK if response.success else EXIT_ERROR
+
+
+def _is_terminal(stream) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except (ValueError, OSError):
+        return False
+
+
+def cmd_cleanup(stub, args, out) -> int:
+    response = stub.CleanupOldData(
+        persist_pb2.CleanupRequest(dry_run=args.dry_run), timeout=_unary_timeout(args)
+    )
+    if args.json:
+        out.write(json.dumps({
+            "dry_run": args.dry_run,
+            "jobs_deleted": response.jobs_deleted,
+            "bytes_freed": response.bytes_freed,
+            "deleted_job_ids": list(response.deleted_job_ids),
+        }) + "\n")
+        return EXIT_OK
+    verb = "would delete" if args.dry_run else "deleted"
+    out.write(f"{verb} {response.jobs_deleted} jobs, {response.bytes_freed} bytes "
+              f"({_human(response.bytes_freed)})\n")
+    for job in response.deleted_job_ids:
+        out.write(f"  {job}\n")
+    return EXIT_OK
 
 
 def cmd_ping(stub, args, out) -> int:
@@ -674,10 +790,11 @@ def _silence_closed_stdout(stdout) -> None:
             os.close(devnull)
 
 
-def main(argv=None, stdout=None, stderr=None) -> int:
+def main(argv=None, stdout=None, stderr=None, stdin=None) -> int:
     """Run the command line; returns the exit status."""
     stdout = stdout if stdout is not None else sys.stdout
     stderr = stderr if stderr is not None else sys.stderr
+    stdin = stdin if stdin is not None else sys.stdin
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
@@ -703,11 +820,16 @@ def main(argv=None, stdout=None, stderr=None) -> int:
             if args.command == "stats":
                 return cmd_stats(stub, args, stdout)
             if args.command == "delete":
-                return cmd_delete(stub, args, stdout)
+                return cmd_delete(stub, args, stdout, stderr, stdin)
+            if args.command == "cleanup":
+                return cmd_cleanup(stub, args, stdout)
             return cmd_ping(stub, args, stdout)
     except UsageError as e:
         stderr.write(f"joblet-persist-ctl: {e}\n")
         return EXIT_USAGE
+    except locate.NotFound as e:
+        stderr.write(f"joblet-persist-ctl: {e}\n")
+        return EXIT_UNAVAILABLE
     except grpc.RpcError as e:
         return _rpc_failure(e, target, stderr)
     except BrokenPipeError:

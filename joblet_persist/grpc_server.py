@@ -37,11 +37,11 @@ from typing import Optional
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from twisted.application import service
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
+from joblet_persist import reflection_v1
 from joblet_persist._proto import persist_pb2, persist_pb2_grpc
 from joblet_persist.logs import Logger
 from joblet_persist.rules import parse_mode
@@ -369,9 +369,8 @@ class GrpcServerService(service.Service):
             ListenerServicer(self.servicer, listener), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (PERSIST_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        # Reflection v1alpha and v1 (grpcio-reflection serves only v1alpha).
+        reflection_v1.enable((PERSIST_SERVICE_NAME, health.SERVICE_NAME), server)
         return server
 
     def _listeners(self) -> list[str]:
@@ -405,6 +404,9 @@ class GrpcServerService(service.Service):
 
     @staticmethod
     def _add_port(add, address: str) -> int:
+        if not address.startswith("unix:"):
+            # gRPC core would print its own line (outside the log format) for a port in use.
+            _check_tcp_free(address)
         try:
             port = add(address)
         except RuntimeError as e:
@@ -488,3 +490,27 @@ class GrpcServerService(service.Service):
                     os.unlink(path)
                 except FileNotFoundError:
                     pass
+
+
+def _check_tcp_free(address: str) -> None:
+    """Raise OSError naming ``address`` when it cannot be bound now (in use, not local).
+
+    Bound and released at once with SO_REUSEADDR, as gRPC binds; a port taken in between
+    still fails in gRPC itself.
+    """
+    import socket
+
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]") or "::"
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except (OSError, ValueError):
+        return  # gRPC reports what it makes of the address
+    family, kind, proto, _, sockaddr = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(sockaddr)
+        except OSError as e:
+            raise OSError(f"cannot listen on {address}: {e.strerror or e}") from None

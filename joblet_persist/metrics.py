@@ -15,18 +15,40 @@ docs/operations.md lists every metric with its meaning.
 
 from __future__ import annotations
 
+import platform
 from typing import Callable, Iterable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 
-from joblet_persist._proto import ipc_pb2
+from joblet_persist import __version__, events
+from joblet_persist._proto import ipc_pb2, persist_pb2
 
 _TYPE_NAMES = {
     value.number: value.name.removeprefix("MESSAGE_TYPE_").lower()
     for value in ipc_pb2.DESCRIPTOR.enum_types_by_name["MessageType"].values
 }
+
+# Known label values of the labelled counters the shipped alerts and dashboard use: their
+# series exist at 0 from the first scrape, so increase()/rate() see the first event.
+FRAME_REJECT_REASONS = (
+    "oversized", "bad_envelope", "bad_payload", "invalid_job_id", "invalid_stream",
+    "unsupported_type", "unknown_type", "truncated_frame", "stopping", "too_many_connections",
+    "over_budget", "stalled_frame",
+)
+STORAGE_ERROR_KINDS = (
+    "index_write_failed", "metric_payload_skipped", "segment_shrunk", "overlapping_segments",
+    "unsafe_entry",
+)
+QUERY_MEMBER_RESULTS = ("inflated", "skipped", "corrupt")
+EVENT_REJECT_REASONS = ("bad_payload", "invalid_job_id", "stopping")
+#: Status codes a query RPC is counted under from the start: success and the server-side
+#: failures JobletPersistQueryErrors alerts on.
+QUERY_CODES = ("OK", "INTERNAL", "UNKNOWN", "DATA_LOSS")
+QUERY_RPCS = tuple(
+    m.name for m in persist_pb2.DESCRIPTOR.services_by_name["PersistService"].methods
+)
 
 
 def message_type_name(msg_type: int) -> str:
@@ -45,10 +67,13 @@ class PersistMetrics:
     def __init__(self, registry: Optional[CollectorRegistry] = None, *, process: bool = True):
         self.registry = registry if registry is not None else CollectorRegistry()
         # Hot-path counters: plain ints read by _HotCollector at scrape time.
-        self._received: dict[str, int] = {}
+        self._received: dict[str, int] = dict.fromkeys(_TYPE_NAMES.values(), 0)
         self._received_bytes = 0
-        self._rejected: dict[str, int] = {}
-        self._events_rejected: dict[tuple[str, str], int] = {}  # (kind, reason) -> frames
+        self._rejected: dict[str, int] = dict.fromkeys(FRAME_REJECT_REASONS, 0)
+        # (kind, reason) -> frames
+        self._events_rejected: dict[tuple[str, str], int] = {
+            (kind.name, reason): 0 for kind in events.KINDS for reason in EVENT_REJECT_REASONS
+        }
         self._event_source: Optional[Callable[[], dict]] = None
         self._connections = 0
         self._storage_source: Optional[Callable[[], tuple[int, int]]] = None
@@ -145,6 +170,20 @@ class PersistMetrics:
             "Bytes freed by retention.",
             registry=r,
         )
+        for rpc in QUERY_RPCS:
+            for code in QUERY_CODES:
+                self.query_requests.labels(rpc=rpc, code=code)
+        for result in QUERY_MEMBER_RESULTS:
+            self.query_members.labels(result=result)
+        for kind in STORAGE_ERROR_KINDS:
+            self.storage_errors.labels(kind=kind)
+        self.build_info = Gauge(
+            "persist_build_info",
+            "Always 1; the labels give the running version of joblet-persist and Python.",
+            ["version", "python"],
+            registry=r,
+        )
+        self.build_info.labels(version=__version__, python=platform.python_version()).set(1)
         r.register(_HotCollector(self))
         if process:
             ProcessCollector(registry=r)
@@ -492,8 +531,10 @@ class _HotCollector:
         if m._storage_source is not None:
             jobs, nbytes = m._storage_source()
             yield GaugeMetricFamily("persist_jobs", "Jobs with stored data.", value=jobs)
+            # Was persist_storage_bytes_total (a gauge with a counter's suffix): renamed, see
+            # docs/operations.md "Renamed metrics".
             yield GaugeMetricFamily(
-                "persist_storage_bytes_total",
+                "persist_storage_bytes",
                 "Bytes on disk under the data directory for job data.",
                 value=nbytes,
             )

@@ -11,6 +11,7 @@ import fcntl
 import os
 import socket
 import stat
+import time
 from typing import Callable, Optional
 
 from twisted.application import service
@@ -29,6 +30,29 @@ class StartRefused(Exception):
     The message says it all; OrderedMultiService logs it as one error line,
     without a traceback.
     """
+
+
+def start_failure_reason(failure: Failure) -> Optional[str]:
+    """One line for a start failure the operator fixes (refused, address in use, a path
+    that cannot be created); None for a bug, which is logged with its traceback."""
+    from twisted.internet.error import CannotListenError
+
+    value = failure.value
+    if failure.check(StartRefused):
+        return str(value)
+    if failure.check(CannotListenError):
+        cause = value.socketError
+        detail = getattr(cause, "strerror", None) or str(cause)
+        if value.interface is None and isinstance(value.port, (str, bytes)):
+            where = os.fsdecode(value.port)  # a Unix socket path
+        else:
+            where = f"{value.interface or '*'}:{value.port}"
+        return f"cannot listen on {where}: {detail}"
+    if failure.check(OSError):
+        if value.strerror and value.filename:
+            return f"{value.strerror}: {value.filename}"
+        return " ".join(str(value).split())
+    return None
 
 
 class OrderedMultiService(service.MultiService):
@@ -62,13 +86,18 @@ class OrderedMultiService(service.MultiService):
 
     @defer.inlineCallbacks
     def _start_children(self):
+        name = None
         try:
             for child in list(self):
+                name = child.name
                 yield defer.maybeDeferred(child.startService)
         except Exception:
             failure = Failure()
+            reason = start_failure_reason(failure)
             if failure.check(StartRefused):
-                self.log.error("startup refused: {reason}", reason=str(failure.value))
+                self.log.error("startup refused: {reason}", reason=reason)
+            elif reason is not None:
+                self.log.error("startup failed: {name}: {reason}", name=name, reason=reason)
             else:
                 self.log.failure("startup failed; stopping", failure)
             self.started.errback(failure)
@@ -87,10 +116,18 @@ class OrderedMultiService(service.MultiService):
         for child in reversed(list(self)):
             if not child.running:
                 continue
+            # Each step is logged, so the stop order (docs/operations.md) can be read from
+            # the log, and a step that hangs is named by its "stopping" line (debug).
+            name = child.name or repr(child)
+            self.log.debug("stopping {name}", name=name)
+            began = time.monotonic()
             try:
                 yield defer.maybeDeferred(child.stopService)
             except Exception:
-                self.log.failure("error stopping {name}", name=child.name or repr(child))
+                self.log.failure("error stopping {name}", name=name)
+            else:
+                self.log.info("stopped {name} in {seconds:.3f} s", name=name,
+                              seconds=time.monotonic() - began)
 
 
 class ThreadPoolService(service.Service):
@@ -191,7 +228,7 @@ def _path_identity(path: str):
     """(st_dev, st_ino) of ``path`` itself (not followed), or None when nothing is there."""
     try:
         st = os.lstat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     return (st.st_dev, st.st_ino)
 

@@ -26,6 +26,8 @@ reverse, each step waiting for the previous):
  8. grpc          gRPC server on the Unix sockets and/or TCP (stop: refuse, then grace)
  9. metrics-http, health-http   Klein listeners (one when they share a port; none when off)
 10. sighup        configuration reload on SIGHUP (added by makeService, under twistd)
+11. sdnotify      systemd READY=1 / STOPPING=1 and the watchdog (makeService; a no-op
+                  without $NOTIFY_SOCKET)
 
 So on SIGTERM: SIGHUP handling, monitoring and gRPC stop first, a retention run in
 progress finishes, ingest closes its connections, the writer flushes and fsyncs
@@ -44,7 +46,7 @@ from joblet_persist import __version__
 
 
 class Options(usage.Options):
-    synopsis = "[--config FILE] [--data-dir DIR]"
+    synopsis = "[--config FILE] [--data-dir DIR] [--check-config]"
     longdesc = (
         "Receive joblet job output and metrics over a Unix socket, store them as gzip "
         "files, and answer historical queries over gRPC."
@@ -58,10 +60,24 @@ class Options(usage.Options):
             "Data directory (overrides storage.dataDir); default socket paths go under DIR/run/.",
         ],
     ]
+    optFlags = [
+        [
+            "check-config",
+            None,
+            "Check the configuration and exit: print the effective configuration (status 0) "
+            "or one line naming the file, line and key (status 1).",
+        ],
+    ]
 
     def postOptions(self):
+        from joblet_persist.checkconfig import check
         from joblet_persist.config import ConfigError, load_config
 
+        if self["check-config"]:
+            import sys
+
+            # Before twistd sets up logging: plain stdout/stderr, then exit.
+            raise SystemExit(check(self["config"], self["data-dir"], sys.stdout, sys.stderr))
         try:
             self.config = load_config(self["config"], data_dir=self["data-dir"])
         except ConfigError as e:
@@ -106,7 +122,18 @@ def makeService(options, reactor=None):
         )
         return [SighupService(reactor, reloader.reload)]
 
-    root = build_service(config, reactor, exit_on_start_failure=True, extra_services=sighup)
+    def last_services(parts):
+        from joblet_persist.sdnotify import NotifyService
+
+        def status():
+            listening = _listeners(config, parts)
+            return "serving; " + ", ".join(f"{k} {v}" for k, v in listening.items())
+
+        # Last to start (every listener is up: READY=1), first to stop (STOPPING=1).
+        return [*sighup(parts), NotifyService(reactor, status=status)]
+
+    root = build_service(config, reactor, exit_on_start_failure=True,
+                         extra_services=last_services)
     parts = root.components
     root.started.addCallback(lambda _: logs.log_startup(config, _listeners(config, parts)))
     return root
@@ -342,7 +369,7 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
         arc and arc.service,  # archive: upload rounds; stop waits for a round in progress
         q.grpc,             # grpc: stop refuses new RPCs, then the grace period
         *web,               # metrics-http, health-http
-        *extra,             # sighup (under twistd, from makeService)
+        *extra,             # sighup, sdnotify (under twistd, from makeService)
     ]
 
     def start_failed(failure):
@@ -632,18 +659,15 @@ def build_queries(config, reactor, st: StorageParts, wr: WriterParts, lc: Lifecy
 def build_monitoring(config, reactor, health, metrics) -> list:
     """The Klein /metrics and /health listeners (one when they share a port; none when
     monitoring is off)."""
-    from twisted.web.server import Site
-
     from joblet_persist.services import TCPListenerService
-    from joblet_persist.web import MonitoringApp
+    from joblet_persist.web import MonitoringApp, MonitoringSite
 
     mc = config.monitoring
     if not mc.enabled:
         return []
     app = MonitoringApp(health, metrics.registry, node_id=config.server.node_id,
                         version=__version__)
-    site = Site(app.resource())
-    site.noisy = False
+    site = MonitoringSite(app.resource())
     web_services = [
         TCPListenerService(reactor, "metrics-http", mc.bind_address, mc.metrics_port, site)
     ]

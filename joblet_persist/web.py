@@ -1,15 +1,39 @@
-"""Klein app for monitoring: /health (JSON) and /metrics (Prometheus text).
+"""Klein app for monitoring: /health (JSON) and /metrics (Prometheus exposition).
 
 Reactor thread: Klein serves requests on the reactor; both handlers only read
 state the reactor owns.
+
+/metrics negotiates like prometheus-client's own exporters: the ``Accept`` header picks
+the classic text format or OpenMetrics (``choose_encoder``), and ``Accept-Encoding:
+gzip`` compresses the body.  ``MonitoringSite`` logs each request at debug level
+(a scrape every 15 s must not fill the info log).
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 
 from klein import Klein
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder
+from twisted.web.server import Site
+
+from joblet_persist.logs import Logger
+
+
+def _accepts_gzip(header: str) -> bool:
+    """True when an Accept-Encoding header allows gzip (``gzip;q=0`` refuses it)."""
+    for part in header.split(","):
+        name, _, params = part.strip().partition(";")
+        if name.strip().lower() in ("gzip", "*"):
+            q = params.strip().replace(" ", "")
+            if not q.startswith("q="):
+                return True
+            try:
+                return float(q[2:]) > 0
+            except ValueError:
+                return False
+    return False
 
 
 class MonitoringApp:
@@ -39,8 +63,15 @@ class MonitoringApp:
 
     @app.route("/metrics", methods=["GET", "HEAD"])
     def metrics(self, request):
-        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode())
-        return generate_latest(self._registry)
+        accept = (request.getHeader(b"accept") or b"").decode("latin-1")
+        encoder, content_type = choose_encoder(accept)
+        body = encoder(self._registry)
+        request.setHeader(b"Content-Type", content_type.encode())
+        request.setHeader(b"Vary", b"Accept, Accept-Encoding")
+        if _accepts_gzip((request.getHeader(b"accept-encoding") or b"").decode("latin-1")):
+            request.setHeader(b"Content-Encoding", b"gzip")
+            body = gzip.compress(body, compresslevel=6, mtime=0)
+        return body
 
     @app.handle_errors(Exception)
     def _error(self, request, failure):
@@ -57,3 +88,21 @@ class MonitoringApp:
 
     def resource(self):
         return self.app.resource()
+
+
+class MonitoringSite(Site):
+    """A Site whose access log goes to the service log at debug level (twisted.web's own
+    goes to the log at info level, a line per scrape); reactor thread."""
+
+    noisy = False
+    _log = Logger(namespace="joblet_persist.web")
+
+    def log(self, request):
+        self._log.debug(
+            "{method} {path} {code} {length} bytes from {client}",
+            method=request.method.decode("ascii", "replace"),
+            path=request.uri.decode("ascii", "replace"),
+            code=request.code,
+            length=request.sentLength,
+            client=getattr(request.getClientAddress(), "host", "-"),
+        )

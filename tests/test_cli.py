@@ -75,11 +75,13 @@ class ParseTests(SynchronousTestCase):
             self.assertIn(text, err.getvalue())
 
     def test_times(self):
-        """--since/--until take a duration before now, ISO 8601, 'now' or Unix ns."""
+        """--since/--until take a duration before now, ISO 8601, 'now' or a Unix time with
+        its unit; a bare integer is refused."""
         now = 10**18
         self.assertEqual(cli.parse_time("30m", now), now - 1800 * 10**9)
         self.assertEqual(cli.parse_time("now", now), now)
-        self.assertEqual(cli.parse_time("1700000000123456789", now), 1700000000123456789)
+        self.assertEqual(cli.parse_time("1700000000123456789ns", now), 1700000000123456789)
+        self.assertRaises(ValueError, cli.parse_time, "1700000000123456789", now)
         self.assertEqual(cli.parse_time("2024-05-01T12:00:00Z"), 1714564800 * 10**9)
         self.assertEqual(cli.parse_time("2024-05-01T14:00:00.5+02:00"), 1714564800_500_000_000)
         naive = datetime.datetime(2024, 5, 1, 12, 0, 0).astimezone()
@@ -177,7 +179,7 @@ class CommandTests(CliTestBase):
         self.assertEqual(self.run_cli("logs", JOB, "--since", "2h")[1], b"err \xff\nnew\n")
         self.assertEqual(self.run_cli("logs", JOB, "--until", "2h")[1], b"old\n")
         self.assertEqual(
-            self.run_cli("logs", JOB, "--since", str(NOW_NS - 60 * 10**9))[1], b"new\n"
+            self.run_cli("logs", JOB, "--since", f"{NOW_NS - 60 * 10**9}ns")[1], b"new\n"
         )
 
     def test_logs_errors(self):
@@ -214,7 +216,8 @@ class CommandTests(CliTestBase):
         self.assertEqual(len(lines), 3)
         code, out, _ = self.run_cli("metrics", JOB, "--json")
         records = [json.loads(line) for line in out.decode().splitlines()]
-        self.assertEqual(records[0]["timestamp"], 1714564800 * 10**9)
+        self.assertEqual(records[0]["timestamp"], "2024-05-01T12:00:00Z")
+        self.assertEqual(records[0]["timestamp_ns"], 1714564800 * 10**9)
         self.assertEqual(records[0]["data"]["disk_io"]["read_bytes"], 2048)
         self.assertEqual(records[0]["data"]["network_io"]["tx_packets"], 9)
         self.assertEqual(records[1]["data"]["gpu_usage"], 1.25)
@@ -420,15 +423,23 @@ class EventCommandTests(CliTestBase):
         self.serve()
 
     def stored_lines(self, kind, rows):
+        """The stored lines, with the time as the CLI writes every time (RFC 3339 + ns)."""
+        from joblet_persist.timefmt import time_fields
+
         k = events.KINDS_BY_NAME[kind]
-        return [
-            events.payload_json_line(k, p, JOB, ts, seq).decode().rstrip("\n")
-            for ts, seq, _a, p in rows
-        ]
+        lines = []
+        for ts, seq, _a, p in rows:
+            stored = json.loads(events.payload_json_line(k, p, JOB, ts, seq))
+            cli_form = {}
+            for key, value in stored.items():
+                cli_form.update(time_fields(key, value) if key == "timestamp" else {key: value})
+            lines.append(json.dumps(cli_form, separators=(",", ":"), ensure_ascii=False))
+        return lines
 
     def test_json_prints_the_stored_lines(self):
-        """--kind K --json prints exactly the stored JSON lines (zcat's), for every kind:
-        socket data under addr/port, invalid UTF-8 as {"b64": ...}."""
+        """--kind K --json prints the stored JSON lines (zcat's), the time as an RFC 3339
+        timestamp plus timestamp_ns, for every kind: socket data under addr/port, invalid
+        UTF-8 as {"b64": ...}."""
         for kind, rows in self.payloads.items():
             code, out, err = self.run_cli("events", JOB, "--kind", kind, "--json")
             self.assertEqual((code, err), (0, ""))

@@ -124,7 +124,7 @@ class MetricsTests(SynchronousTestCase):
         )
         self.assertEqual(s[("persist_ipc_connections", ())], 1)
         self.assertEqual(s[("persist_jobs", ())], 4)
-        self.assertEqual(s[("persist_storage_bytes_total", ())], 1234)
+        self.assertEqual(s[("persist_storage_bytes", ())], 1234)
 
     def test_health_exported(self):
         """The health verdict and each check appear as gauges."""

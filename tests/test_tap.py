@@ -297,7 +297,7 @@ class BuilderTests(SynchronousTestCase):
             m = re.match(r"\s*\d+\. (.+?)\s{3,}", line)
             if m:
                 documented += m.group(1).split(", ")
-        self.assertEqual(documented, EXPECTED_ORDER + ["sighup"])
+        self.assertEqual(documented, EXPECTED_ORDER + ["sighup", "sdnotify"])
 
     def test_builders_take_only_what_earlier_ones_built(self):
         """Each builder runs with the configuration and the parts of the builders before
@@ -350,8 +350,9 @@ class MakeServiceTests(SynchronousTestCase):
         self.addCleanup(logs.configure, level, fmt)
 
     def test_make_service_adds_sighup_last_and_installs_nothing(self):
-        """makeService is build_service plus a SIGHUP service, last; building it installs
-        no signal handler (that happens in startService) and creates nothing."""
+        """makeService is build_service plus a SIGHUP service and the systemd notifier,
+        last; building it installs no signal handler (that happens in startService) and
+        creates nothing."""
         path = os.path.join(self.dir, "persist.yml")
         with open(path, "w") as f:
             f.write(
@@ -363,7 +364,8 @@ class MakeServiceTests(SynchronousTestCase):
         before = signal.getsignal(signal.SIGHUP)
         reactor = MemoryReactorClock()
         root = tap.makeService(options, reactor=reactor)
-        self.assertEqual([child.name for child in root], EXPECTED_ORDER + ["sighup"])
+        self.assertEqual([child.name for child in root],
+                         EXPECTED_ORDER + ["sighup", "sdnotify"])
         self.assertEqual(signal.getsignal(signal.SIGHUP), before)
         self.assertEqual((reactor.tcpServers, reactor.unixServers), ([], []))
         self.assertEqual(reactor.getDelayedCalls(), [])

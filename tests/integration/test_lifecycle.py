@@ -168,7 +168,7 @@ class DeletionRaceTests(unittest.TestCase):
         metrics_port = root.components["web"][0].port_number
         m = await scrape(metrics_port)
         self.assertEqual(value(m, "persist_jobs"), stats.total_jobs)
-        self.assertEqual(value(m, "persist_storage_bytes_total"), stats.total_size_bytes)
+        self.assertEqual(value(m, "persist_storage_bytes"), stats.total_size_bytes)
         return infos
 
     async def test_delete_racing_a_flush_leaves_nothing_behind(self):
@@ -364,7 +364,7 @@ class RetentionTimerTests(unittest.TestCase):
         self.assertEqual(value(m, "persist_retention_deleted_jobs_total"), 1)
         self.assertEqual(value(m, "persist_retention_bytes_freed_total"), idle_size)
         self.assertEqual(value(m, "persist_jobs"), 1)
-        self.assertEqual(value(m, "persist_storage_bytes_total"), stats.total_size_bytes)
+        self.assertEqual(value(m, "persist_storage_bytes"), stats.total_size_bytes)
 
 
 def _grpc(sock: str, fn):

@@ -272,7 +272,7 @@ class MetricsEndToEndTests(unittest.TestCase):
                      "persist_backpressure_active", "persist_writer_buffered_bytes"):
             self.assertEqual(value(before, name), 0, name)
         self.assertEqual(value(before, "persist_jobs"), 1)  # the seeded OLD job
-        self.assertEqual(value(before, "persist_storage_bytes_total"), old_size)
+        self.assertEqual(value(before, "persist_storage_bytes"), old_size)
 
         client = await IPCClient.connect(self, parts["ingest"].path)
         await wait_for(lambda: parts["factory"].connection_count() == 1, what="connection")
@@ -404,7 +404,7 @@ class MetricsEndToEndTests(unittest.TestCase):
         self.assertGreater(value(m, "persist_backpressure_seconds_total"), 0)
         self.assertGreaterEqual(value(m, "persist_write_errors_total"), 1)
         check("persist_jobs", after.total_jobs)
-        check("persist_storage_bytes_total", after.total_size_bytes)
+        check("persist_storage_bytes", after.total_size_bytes)
         self.assertGreater(after.total_size_bytes, 0)
         self.assertEqual(after.total_logs, 21)
         self.assertEqual(after.total_metrics, 3)

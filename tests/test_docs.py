@@ -1,0 +1,93 @@
+"""The documentation stands alone: no reference to files outside the repository, every
+docs/ file it names exists, and docs/wire.md's field tables match the .proto files."""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from joblet_persist._proto import ipc_pb2, persist_pb2
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = sorted(glob.glob(os.path.join(ROOT, "docs", "*.md"))) + [os.path.join(ROOT, "README.md")]
+
+
+def _read(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+class StandAloneTests(SynchronousTestCase):
+    def test_no_reference_outside_the_repository(self):
+        """No doc names WIRE.md, DESIGN.md, STYLE.md, ../shared or /work paths."""
+        bad = re.compile(r"WIRE\.md|DESIGN\.md|STYLE\.md|\.\./shared|/work/")
+        found = [(os.path.basename(p), m.group()) for p in DOCS for m in bad.finditer(_read(p))]
+        self.assertEqual(found, [])
+
+    def test_named_docs_exist(self):
+        """Every docs/NAME.md a doc mentions is in the repository."""
+        missing = set()
+        for path in DOCS:
+            for name in re.findall(r"docs/([\w-]+\.md)", _read(path)):
+                if not os.path.exists(os.path.join(ROOT, "docs", name)):
+                    missing.add((os.path.basename(path), name))
+        self.assertEqual(missing, set())
+
+
+def _wire_rows():
+    """(module, message, number, field) for each single field row of docs/wire.md."""
+    text = _read(os.path.join(ROOT, "docs", "wire.md"))
+    persist_from = text.index("## 2. gRPC")
+    message = None
+    cell = r"\|[ \t]*([^|\n]*?)[ \t]*"
+    for match in re.finditer("^" + cell * 4 + r"\|", text, re.M):
+        name, number, field, _type = (g.strip() for g in match.groups())
+        if name == "message" or set(name) <= set("-") and name:
+            continue
+        if name:
+            message = re.findall(r"\b([A-Z]\w+)(?: \(\d+\))?", name)
+        module = persist_pb2 if match.start() > persist_from else ipc_pb2
+        if not number or not message:
+            continue
+        fields = [f.strip() for f in field.split(",")]
+        if ".." in number:
+            first, last = map(int, number.split(".."))
+            numbers = range(first, last + 1)
+            if len(fields) != len(numbers):
+                continue  # "same fields as ..."
+        else:
+            numbers = [int(number)]
+        for m in message:
+            for n, f in zip(numbers, fields[: len(numbers)], strict=True):
+                yield module, m, n, f
+
+
+class WireDocTests(SynchronousTestCase):
+    def test_wire_tables_match_the_protos(self):
+        """Every field row of docs/wire.md (message, number, name) is in the generated
+        descriptors, for the IPC and the query packages."""
+        rows = list(_wire_rows())
+        self.assertGreater(len(rows), 100)
+        wrong = []
+        for module, message, number, field in rows:
+            descriptor = module.DESCRIPTOR.message_types_by_name.get(message)
+            if descriptor is None:
+                wrong.append((module.__name__, message, "no such message"))
+                continue
+            by_number = descriptor.fields_by_number.get(number)
+            if by_number is None or by_number.name != field:
+                wrong.append((module.__name__, message, number, field))
+        self.assertEqual(wrong, [])
+
+
+class HealthExampleTests(SynchronousTestCase):
+    def test_health_example_shows_the_version(self):
+        """docs/operations.md's /health example carries the running version, as /health
+        does (not an empty string)."""
+        from joblet_persist import __version__
+
+        doc = _read(os.path.join(ROOT, "docs", "operations.md"))
+        self.assertIn(f'"version": "{__version__}"}}', doc)
