@@ -55,7 +55,7 @@ __all__ = [
     "FollowHub",
     "Follower",
     "batches",
-    "follow_chunks",
+    "follow_batches",
     "tail_chunks",
 ]
 
@@ -291,7 +291,7 @@ class FollowHub:
             followers = self._followers.get(job_id)
             if not followers:
                 continue
-            chunk = merge_groups(groups)
+            chunk = LiveChunk(merge_groups(groups))
             nbytes = sum(map(len, chunk[4])) + LINE_OVERHEAD * len(chunk[4])
             for follower in list(followers):
                 if not follower.offer(chunk, nbytes):
@@ -320,6 +320,43 @@ def merge_groups(groups: list) -> tuple:
     rows.sort(key=lambda row: row[0])
     arrivals, streams, timestamps, sequences, contents = zip(*rows, strict=True)
     return streams, arrivals, timestamps, sequences, contents
+
+
+class LiveChunk(tuple):
+    """A delivered chunk ``(streams, arrivals, timestamps, sequences, contents)``, shared by
+    every follower of the job, with the LogLineBatch messages built from it cached per
+    stream filter: a hundred followers of a job build its messages once, not a hundred
+    times (grpc then only serializes them per call).  Any thread.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, columns: tuple):
+        return super().__new__(cls, (*columns, threading.Lock(), {}))
+
+    def lines(self, stream: int) -> tuple:
+        """``(streams, timestamps, sequences, contents)`` of ``stream`` (0: both)."""
+        streams, _arrivals, ts, seqs, contents = self[:5]
+        if stream:
+            keep = [i for i, st in enumerate(streams) if st == stream]
+            if len(keep) < len(streams):
+                return (
+                    [streams[i] for i in keep], [ts[i] for i in keep],
+                    [seqs[i] for i in keep], [contents[i] for i in keep],
+                )
+        return streams, ts, seqs, contents
+
+    def batches(self, job_id: str, stream: int, max_items: int, max_bytes: int) -> list:
+        """The chunk's LogLineBatch messages for ``stream`` (built once, then shared)."""
+        lock, cache = self[5], self[6]
+        with lock:
+            found = cache.get(stream)
+            if found is None:
+                lines = self.lines(stream)
+                found = cache[stream] = (
+                    list(batches(job_id, [lines], max_items, max_bytes)) if lines[0] else []
+                )
+            return found
 
 
 # -- gRPC thread ------------------------------------------------------------------
@@ -460,7 +497,7 @@ def stored_part(start: FollowStart, stream: int, start_from: int, tail_lines: in
 def live_chunks(follower: Follower, stream: int, idle_timeout: float, is_active: Callable[[], bool],
                 clock: Callable[[], float] = time.monotonic,
                 wake: float = _WAKE_SECONDS) -> Iterator[tuple]:
-    """New lines for ``follower`` as ``(streams, timestamps, sequences, contents)`` chunks.
+    """New lines for ``follower``: the LiveChunks holding lines of ``stream`` (0: any).
 
     Blocking; gRPC thread.  Returns (normally) when ``idle_timeout`` > 0
     seconds pass without a line or when ``is_active()`` turns false; raises
@@ -476,18 +513,11 @@ def live_chunks(follower: Follower, stream: int, idle_timeout: float, is_active:
         if ended is not None:
             raise ended
         got = False
-        for streams, _arrivals, ts, seqs, contents in chunks:
-            if stream:
-                keep = [i for i, st in enumerate(streams) if st == stream]
-                if not keep:
-                    continue
-                if len(keep) < len(streams):
-                    streams = [streams[i] for i in keep]
-                    ts = [ts[i] for i in keep]
-                    seqs = [seqs[i] for i in keep]
-                    contents = [contents[i] for i in keep]
+        for chunk in chunks:
+            if stream and stream not in chunk[0]:
+                continue
             got = True
-            yield streams, ts, seqs, contents
+            yield chunk
         if got:
             last = clock()
         if not is_active():
@@ -496,14 +526,22 @@ def live_chunks(follower: Follower, stream: int, idle_timeout: float, is_active:
             return
 
 
-def follow_chunks(start: FollowStart, stream: int, start_from: int, tail_lines: int,
-                  start_time: int, idle_timeout: float, stats, cancelled,
-                  is_active: Callable[[], bool]) -> Iterator[tuple]:
-    """Stored lines from the requested point, then live lines.  Blocking; gRPC thread."""
-    yield from stored_part(start, stream, start_from, tail_lines, start_time, stats, cancelled)
+def follow_batches(start: FollowStart, job_id: str, stream: int, start_from: int,
+                   tail_lines: int, start_time: int, idle_timeout: float, stats, cancelled,
+                   max_items: int, max_bytes: int) -> Iterator[persist_pb2.LogLineBatch]:
+    """FollowLogs' messages: stored lines from the requested point, then live lines, until
+    the call ends.  Blocking; gRPC thread.  Raises FollowEnded when the service ends the
+    follower."""
+    yield from batches(
+        job_id,
+        stored_part(start, stream, start_from, tail_lines, start_time, stats, cancelled),
+        max_items,
+        max_bytes,
+    )
     if cancelled():
         return
-    yield from live_chunks(start.follower, stream, idle_timeout, is_active)
+    for chunk in live_chunks(start.follower, stream, idle_timeout, lambda: not cancelled()):
+        yield from chunk.batches(job_id, stream, max_items, max_bytes)
 
 
 def batches(job_id: str, chunks: Iterator[tuple], max_items: int,

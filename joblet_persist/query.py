@@ -774,13 +774,10 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
         stats = ReadStats()
         cancelled = self._cancelled(context)
         try:
-            chunks = follow.follow_chunks(
-                start, stream, start_from, tail_lines, request.start_time,
+            yield from follow.follow_batches(
+                start, job_id, stream, start_from, tail_lines, request.start_time,
                 request.idle_timeout_ms / 1000.0, stats, cancelled,
-                lambda: not cancelled(),
-            )
-            yield from follow.batches(
-                job_id, chunks, self._batch_max_items, self._batch_max_bytes
+                self._batch_max_items, self._batch_max_bytes,
             )
         except follow.FollowEnded as e:
             raise RpcStatus(e.code, e.details) from None

@@ -96,7 +96,7 @@ class Harness:
         self.clock.advance(0)  # the hub's delivery call
         chunks = follow.live_chunks(start.follower, stream, 0, lambda: False,
                                     wake=0)
-        return flatten(chunks)
+        return flatten(chunk.lines(stream) for chunk in chunks)
 
 
 def flatten(chunks) -> list[tuple]:
@@ -276,8 +276,8 @@ class BoundTests(SynchronousTestCase):
             now[0] += 0.4
             return now[0]
 
-        self.assertEqual(flatten(follow.live_chunks(start.follower, 0, 1.0, lambda: True,
-                                                    clock=clock, wake=0)), [])
+        self.assertEqual(list(follow.live_chunks(start.follower, 0, 1.0, lambda: True,
+                                                 clock=clock, wake=0)), [])
 
 
 class TailTests(SynchronousTestCase):
@@ -400,6 +400,25 @@ class ServicerTests(SynchronousTestCase):
         self.servicer.set_stopping()
         e = self.assertRaises(Aborted, next, gen)
         self.assertEqual(e.code, grpc.StatusCode.UNAVAILABLE)
+
+    def test_followers_share_the_live_messages(self):
+        """Two followers of a job get the very same LogLineBatch objects for live lines
+        (built once per delivery, not per follower); a one-stream follower its own."""
+        gens = []
+        for stream in (0, 0, 1):
+            gen = self.servicer.FollowLogs(
+                persist_pb2.FollowLogsRequest(job_uuid=JOB, stream=stream, tail_lines=1,
+                                              start_from=follow.FOLLOW_FROM_TAIL),
+                FakeContext())
+            self.assertEqual(len(next(gen).lines), 1)  # the stored line; now registered
+            gens.append(gen)
+        self.h.send(1, 1)
+        self.h.send(2, 1)
+        self.h.clock.advance(0)
+        first, second, stdout = (next(gen) for gen in gens)
+        self.assertIs(first, second)
+        self.assertEqual([m.stream for m in first.lines], [1, 2])
+        self.assertEqual([m.stream for m in stdout.lines], [1])
 
     def test_follow_without_hub_is_unimplemented(self):
         """A servicer built without a hub answers FollowLogs with UNIMPLEMENTED."""
