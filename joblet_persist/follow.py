@@ -66,6 +66,12 @@ FOLLOW_FROM_NOW = persist_pb2.FOLLOW_FROM_NOW
 #: Bytes a buffered line counts for besides its content (its tuple slots and ints).
 LINE_OVERHEAD = 64
 
+#: Seconds the hub gathers a followed job's new lines before it hands them to the
+#: followers: one wake-up of each follower's thread per interval at most, whatever the
+#: ingest rate (a thread woken per reactor turn would contend for the GIL with the
+#: reactor), at the price of this much latency.
+DELIVERY_INTERVAL = 0.01
+
 #: How often a waiting follower wakes up to check that its call is still active,
 #: besides being woken by new lines, its end, or the call's termination callback.
 _WAKE_SECONDS = 1.0
@@ -178,11 +184,13 @@ class FollowHub:
     cut off by its bound.
     """
 
-    def __init__(self, writer, storage, clock, *, buffer_bytes: int = 8 << 20, metrics=None):
+    def __init__(self, writer, storage, clock, *, buffer_bytes: int = 8 << 20,
+                 delivery_interval: float = DELIVERY_INTERVAL, metrics=None):
         self._writer = writer
         self._storage = storage
         self._clock = clock
         self.buffer_bytes = int(buffer_bytes)
+        self._interval = max(0.0, float(delivery_interval))
         self._metrics = metrics
         self._followers: dict[str, set[Follower]] = {}
         self._collected: dict[str, list] = {}
@@ -277,7 +285,7 @@ class FollowHub:
             (stream, tuple(arrivals), tuple(timestamps), tuple(sequences), tuple(contents))
         )
         if self._delivery is None:
-            self._delivery = self._clock.callLater(0, self._deliver)
+            self._delivery = self._clock.callLater(self._interval, self._deliver)
 
     def _deliver(self) -> None:
         """Merge each job's collected groups by arrival and offer them to its followers."""

@@ -54,7 +54,8 @@ class Harness:
             runner.run_all()
         case.successResultOf(d)
         self.writer = BatchingWriter(self.storage, self.clock, batch_max_messages=4)
-        self.hub = FollowHub(self.writer, self.storage, self.clock, buffer_bytes=buffer_bytes)
+        self.hub = FollowHub(self.writer, self.storage, self.clock, buffer_bytes=buffer_bytes,
+                             delivery_interval=0)
         self.sent: list[tuple] = []  # (stream, timestamp, sequence, content) in arrival order
         self.n = 0
 
