@@ -14,10 +14,12 @@ full-speed ingest, and ingest speed with 100 followers against none, in one run.
    time minus send time.  Percentiles over every probe line.
 3. Ingest rate with 100 followers against none: the same frames sent at full speed, the
    time until GetStats shows them all written; phases alternate (0, 100, 0, 100, ...,
-   ``--repeat`` pairs) in the same run.  The 100 followers run in a separate process,
-   each on its own thread, following one of the 10 jobs and counting the bytes of the
-   messages without parsing them.  Reports the ratio of the medians and how many followers
-   were cut off (RESOURCE_EXHAUSTED).
+   ``--repeat`` pairs) in the same run.  The 100 followers run in a separate process on
+   one asyncio loop (grpc.aio), following one of the 10 jobs and counting the bytes of
+   the messages without parsing them.  Reports the ratio of the medians and how many followers
+   were cut off (RESOURCE_EXHAUSTED).  Then the same with the 100 followers on a job of
+   its own fed at a steady pace (``--busy-interval``: one line per millisecond, about, by
+   default) while the 10 other jobs ingest at full speed.
 
     .venv/bin/python bench/bench_follow.py                  # the full run, about 2-3 minutes
     .venv/bin/python bench/bench_follow.py --lines 500000   # a quick look
@@ -141,8 +143,8 @@ def _sender(path: str, frames: int, ready, go, done) -> None:
     s.close()
 
 
-def _prober(path: str, interval: float, stop) -> None:
-    """A separate process sending one line to the followed job every ``interval`` seconds,
+def _prober(path: str, interval: float, stop, job: str = FOLLOWED) -> None:
+    """A separate process sending one line to ``job`` every ``interval`` seconds (about),
     whose content is its send time (CLOCK_REALTIME ns)."""
     import socket
     import struct
@@ -155,9 +157,9 @@ def _prober(path: str, interval: float, stop) -> None:
     while not stop.is_set():
         seq += 1
         now = time.time_ns()
-        line = ipc_pb2.LogLine(job_uuid=FOLLOWED, stream=1, timestamp=now, sequence=seq,
+        line = ipc_pb2.LogLine(job_uuid=job, stream=1, timestamp=now, sequence=seq,
                                content=b"probe %d\n" % now)
-        env = ipc_pb2.IPCMessage(version=1, type=ipc_pb2.MESSAGE_TYPE_LOG, job_uuid=FOLLOWED,
+        env = ipc_pb2.IPCMessage(version=1, type=ipc_pb2.MESSAGE_TYPE_LOG, job_uuid=job,
                                  timestamp=now, sequence=seq, data=line.SerializeToString())
         body = env.SerializeToString()
         s.sendall(struct.pack(">I", len(body)) + body)
@@ -240,51 +242,79 @@ def follow_latency(stub, work: str, frames: int) -> dict:
 
 
 def _followers(sock: str, n: int, jobs: list, ready, stop, result) -> None:
-    """A separate process: ``n`` FollowLogs calls on threads, counting message bytes."""
-    channel = grpc.insecure_channel(f"unix:{sock}")
-    follow = channel.unary_stream(FOLLOW_METHOD,
-                                  request_serializer=pb.FollowLogsRequest.SerializeToString,
-                                  response_deserializer=None)
-    counts = [0] * n
-    codes: dict = {}
-    started = threading.Semaphore(0)
-    calls = []
+    """A separate process: ``n`` FollowLogs calls on one asyncio loop (grpc.aio), counting
+    message bytes without parsing them.  One Python thread, so that the followers' client
+    side takes no more of the machine's two cores than it must."""
+    import asyncio
 
-    def run(i):
-        call = follow(pb.FollowLogsRequest(job_uuid=jobs[i % len(jobs)],
-                                           start_from=pb.FOLLOW_FROM_TAIL, tail_lines=1))
-        calls.append(call)
-        first = True
-        try:
-            for raw in call:
-                counts[i] += len(raw)
-                if first:
-                    started.release()
-                    first = False
-        except grpc.RpcError as e:
-            if first:
-                started.release()
-            codes[e.code().name] = codes.get(e.code().name, 0) + 1
+    async def run() -> dict:
+        counts = [0] * n
+        codes: dict = {}
+        started = [0]
+        async with grpc.aio.insecure_channel(f"unix:{sock}") as channel:
+            follow = channel.unary_stream(
+                FOLLOW_METHOD, request_serializer=pb.FollowLogsRequest.SerializeToString,
+                response_deserializer=None)
 
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(n)]
-    for t in threads:
-        t.start()
-    for _ in range(n):
-        started.acquire()
-    ready.set()
-    stop.wait()
-    for call in list(calls):
-        call.cancel()
-    for t in threads:
-        t.join(5)
-    codes.pop("CANCELLED", None)
-    result.put({"bytes": sum(counts), "ended": codes})
+            async def one(i):
+                call = follow(pb.FollowLogsRequest(job_uuid=jobs[i % len(jobs)],
+                                                   start_from=pb.FOLLOW_FROM_TAIL,
+                                                   tail_lines=1))
+                first = True
+                try:
+                    async for raw in call:
+                        counts[i] += len(raw)
+                        if first:
+                            started[0] += 1
+                            first = False
+                except grpc.aio.AioRpcError as e:
+                    codes[e.code().name] = codes.get(e.code().name, 0) + 1
+                    if first:
+                        started[0] += 1
+
+            tasks = [asyncio.create_task(one(i)) for i in range(n)]
+            while started[0] < n:
+                await asyncio.sleep(0.01)
+            ready.set()
+            await asyncio.get_running_loop().run_in_executor(None, stop.wait)
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        codes.pop("CANCELLED", None)
+        return {"bytes": sum(counts), "ended": codes}
+
+    result.put(asyncio.run(run()))
 
 
-def ingest_with_followers(stub, work: str, frames: int, followers: int, repeat: int) -> dict:
+BUSY_JOB = "bench-busy-job"
+
+
+def ingest_with_followers(stub, work: str, frames: int, followers: int, repeat: int,
+                          busy_interval: float = 0.0) -> dict:
+    """Ingest rates with 0 and ``followers`` followers.  With ``busy_interval`` 0 the
+    followers follow one of the 10 full-speed jobs (a tenth of the frames); otherwise a
+    separate job fed one line per ``busy_interval`` seconds by a paced sender, which runs
+    in both kinds of phase."""
     ctx = multiprocessing.get_context("spawn")
     phases = {0: [], followers: []}
     extra = []
+    target = FOLLOWED
+    paced = None
+    if busy_interval:
+        target = BUSY_JOB
+        paced_stop = ctx.Event()
+        paced = ctx.Process(target=_prober,
+                            args=(f"{work}/ipc.sock", busy_interval, paced_stop, BUSY_JOB))
+        paced.start()
+        deadline = time.monotonic() + 60
+        while True:  # until the job exists
+            try:
+                stub.GetJobInfo(pb.GetJobInfoRequest(job_uuid=BUSY_JOB), timeout=5)
+                break
+            except grpc.RpcError:
+                if time.monotonic() > deadline:
+                    raise SystemExit("the paced job did not appear") from None
+                time.sleep(0.1)
     for r in range(repeat):
         order = (0, followers) if r % 2 == 0 else (followers, 0)
         for n in order:
@@ -293,7 +323,7 @@ def ingest_with_followers(stub, work: str, frames: int, followers: int, repeat: 
                 continue
             ready, stop, result = ctx.Event(), ctx.Event(), ctx.Queue()
             p = ctx.Process(target=_followers,
-                            args=(f"{work}/grpc.sock", n, [FOLLOWED], ready, stop, result))
+                            args=(f"{work}/grpc.sock", n, [target], ready, stop, result))
             p.start()
             if not ready.wait(60):
                 raise SystemExit("followers did not start")
@@ -301,9 +331,14 @@ def ingest_with_followers(stub, work: str, frames: int, followers: int, repeat: 
             stop.set()
             extra.append(result.get(timeout=60))
             p.join(30)
+    if paced is not None:
+        paced_stop.set()
+        paced.join(10)
     base = statistics.median(phases[0])
     loaded = statistics.median(phases[followers])
     return {
+        "followed_job": target,
+        "busy_interval_s": busy_interval,
         "frames_per_phase": frames,
         "rates_0_followers": [round(x) for x in phases[0]],
         f"rates_{followers}_followers": [round(x) for x in phases[followers]],
@@ -321,6 +356,9 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=400_000, help="frames per ingest phase")
     ap.add_argument("--followers", type=int, default=100)
     ap.add_argument("--repeat", type=int, default=3, help="pairs of ingest phases (0 / N)")
+    ap.add_argument("--busy-interval", type=float, default=0.001,
+                    help="also measure followers of a job fed one line per this many "
+                         "seconds while the other jobs ingest at full speed (0: skip)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     ap.add_argument("--json", help="also write results to this file")
     args = ap.parse_args()
@@ -361,6 +399,12 @@ def main() -> None:
             stub, work, args.frames, args.followers, args.repeat
         )
         print(json.dumps({"ingest_followers": results["ingest_followers"]}), flush=True)
+        if args.busy_interval:
+            results["ingest_followers_paced_job"] = ingest_with_followers(
+                stub, work, args.frames, args.followers, args.repeat, args.busy_interval
+            )
+            print(json.dumps({"ingest_followers_paced_job":
+                              results["ingest_followers_paced_job"]}), flush=True)
         results["loadavg_at_end"] = os.getloadavg()
     finally:
         if proc is not None and proc.poll() is None:
