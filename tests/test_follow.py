@@ -266,6 +266,15 @@ class BoundTests(SynchronousTestCase):
         f = self.failureResultOf(h.hub.start(JOB, 0), FollowEnded)
         self.assertEqual(f.value.code, grpc.StatusCode.UNAVAILABLE)
 
+    def test_deleted_job_ends_its_followers(self):
+        """end_job (DeleteJob) ends the job's followers with NOT_FOUND and forgets them."""
+        h = Harness(self, sync_runner)
+        h.send(1, 1)
+        start = h.start()
+        h.hub.end_job(JOB, grpc.StatusCode.NOT_FOUND, f"job {JOB} was deleted")
+        self.assertEqual(start.follower.ended.code, grpc.StatusCode.NOT_FOUND)
+        self.assertEqual((h.hub.follower_count, h.writer.log_taps), (0, {}))
+
     def test_idle_timeout_ends_normally(self):
         """With an idle timeout, live_chunks returns once no line came for that long."""
         h = Harness(self, sync_runner)
