@@ -491,6 +491,8 @@ def stored_part(start: FollowStart, stream: int, start_from: int, tail_lines: in
     offset = 0
     skip = 0
     if start_from == FOLLOW_FROM_TAIL:
+        if tail_lines <= 0:
+            return iter(())
         # The last N of (stored + pending) lie within the last N of each.
         stored_total = 0
         snap = start.snapshot
@@ -505,8 +507,6 @@ def stored_part(start: FollowStart, stream: int, start_from: int, tail_lines: in
         rows = rows[max(0, len(rows) - tail_lines):]
         produced = (stored_total - offset) + len(rows)
         skip = max(0, produced - tail_lines)
-        if tail_lines == 0:
-            return iter(())
     merged = _merge_stored(_stored_chunks(start, stream, start_time, offset, stats, cancelled),
                            rows)
     return _skip(merged, skip) if skip else merged
