@@ -190,6 +190,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job")
     p.add_argument("--stream", choices=sorted(_STREAMS), default="both")
     _range_options(p)
+    p.add_argument(
+        "-f", "--follow", action="store_true",
+        help="keep writing new output as it arrives, until interrupted",
+    )
+    p.add_argument(
+        "--tail", type=_count_arg, default=None, metavar="N",
+        help="only the last N lines (with -f: then new ones; 0: only new ones)",
+    )
+    p.add_argument(
+        "--idle-timeout", type=_seconds_arg, default=0.0, metavar="DURATION",
+        help="with -f: stop after this long without new output (default: never)",
+    )
+    lfmt = p.add_mutually_exclusive_group()
+    lfmt.add_argument(
+        "-t", "--timestamps", action="store_true",
+        help="start each message with its time (RFC 3339, UTC, nanoseconds)",
+    )
+    lfmt.add_argument(
+        "--json", action="store_true",
+        help="one JSON object per message: stream, timestamp, timestamp_ns, sequence, content",
+    )
 
     p = command("metrics", "print a job's metric samples")
     p.add_argument("job")
@@ -381,7 +402,107 @@ def _first_then_rest(call):
     return itertools.chain([first], items)
 
 
+_STREAM_NAMES = {1: "stdout", 2: "stderr"}
+
+
+def _log_writer(args, binary):
+    """``write(lines)`` for the logs output format chosen by ``args``.
+
+    Raw (default): the content bytes as stored, nothing added.  ``--timestamps``:
+    each message prefixed by its time and a space, ending in a newline (added
+    only when the content does not end in one).  ``--json``: one object per
+    message and line; content that is not UTF-8 is given as ``content_b64``
+    (standard base64) instead of ``content``.
+    """
+    if args.json:
+        def write(lines):
+            parts = []
+            for m in lines:
+                record = {
+                    "stream": _STREAM_NAMES.get(m.stream, str(m.stream)),
+                    **timefmt.time_fields("timestamp", m.timestamp),
+                    "sequence": m.sequence,
+                }
+                try:
+                    record["content"] = m.content.decode("utf-8")
+                except UnicodeDecodeError:
+                    record["content_b64"] = base64.b64encode(m.content).decode("ascii")
+                parts.append(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
+            binary.write(b"".join(parts))
+    elif args.timestamps:
+        def write(lines):
+            parts = []
+            for m in lines:
+                parts.append(timefmt.rfc3339_fixed(m.timestamp).encode("ascii") + b" " + m.content)
+                if not m.content.endswith(b"\n"):
+                    parts.append(b"\n")
+            binary.write(b"".join(parts))
+    else:
+        def write(lines):
+            binary.write(b"".join(m.content for m in lines))
+    return write
+
+
+def _tail_or_follow(stub, args, write, binary) -> int:
+    """``logs`` with ``--tail`` and/or ``-f``: TailLogs or FollowLogs."""
+    if args.limit or args.offset:
+        raise UsageError("logs: --limit and --offset do not combine with --tail or -f")
+    if args.follow:
+        if args.until:
+            raise UsageError("logs: --until does not combine with -f")
+        if args.tail is None:
+            start_from, tail = persist_pb2.FOLLOW_FROM_START, 0
+        else:
+            start_from, tail = persist_pb2.FOLLOW_FROM_TAIL, args.tail
+        request = persist_pb2.FollowLogsRequest(
+            job_uuid=args.job,
+            stream=_STREAMS[args.stream],
+            start_time=args.since,
+            start_from=start_from,
+            tail_lines=tail,
+            idle_timeout_ms=int(args.idle_timeout * 1000),
+        )
+        call = stub.FollowLogs(request, timeout=_stream_timeout(args))
+        rpc = "FollowLogs (-f)"
+    else:
+        request = persist_pb2.TailLogsRequest(
+            job_uuid=args.job,
+            stream=_STREAMS[args.stream],
+            start_time=args.since,
+            end_time=args.until,
+            lines=args.tail,
+        )
+        call = stub.TailLogs(request, timeout=_stream_timeout(args))
+        rpc = "TailLogs (--tail)"
+    try:
+        for batch in call:
+            write(batch.lines)
+            binary.flush()
+    except grpc.RpcError as e:
+        if e.code() is grpc.StatusCode.UNIMPLEMENTED:
+            raise UnsupportedByService(
+                f"this joblet-persist does not support {rpc}; upgrade it, or leave the "
+                "option out"
+            ) from None
+        raise
+    except (BrokenPipeError, KeyboardInterrupt):
+        call.cancel()
+        raise
+    return EXIT_OK
+
+
+class UnsupportedByService(Exception):
+    """The service lacks an extension RPC the command needs (exit status 1)."""
+
+
 def cmd_logs(stub, args, out) -> int:
+    if args.idle_timeout and not args.follow:
+        raise UsageError("logs: --idle-timeout needs -f")
+    binary = getattr(out, "buffer", out)
+    out.flush()
+    write = _log_writer(args, binary)
+    if args.follow or args.tail is not None:
+        return _tail_or_follow(stub, args, write, binary)
     request = persist_pb2.QueryLogsRequest(
         job_uuid=args.job,
         stream=_STREAMS[args.stream],
@@ -390,14 +511,12 @@ def cmd_logs(stub, args, out) -> int:
         limit=args.limit,
         offset=args.offset,
     )
-    binary = getattr(out, "buffer", out)
-    out.flush()
     call = stub.QueryLogsBatched(request, timeout=_stream_timeout(args))
     wrote = False
     try:
         try:
             for batch in call:
-                binary.write(b"".join(line.content for line in batch.lines))
+                write(batch.lines)
                 binary.flush()
                 wrote = True
         except grpc.RpcError as e:
@@ -406,7 +525,7 @@ def cmd_logs(stub, args, out) -> int:
                 raise
             call = stub.QueryLogs(request, timeout=_stream_timeout(args))
             for line in call:
-                binary.write(line.content)
+                write((line,))
             binary.flush()
     except BrokenPipeError:
         call.cancel()
@@ -830,6 +949,9 @@ def main(argv=None, stdout=None, stderr=None, stdin=None) -> int:
     except locate.NotFound as e:
         stderr.write(f"joblet-persist-ctl: {e}\n")
         return EXIT_UNAVAILABLE
+    except UnsupportedByService as e:
+        stderr.write(f"joblet-persist-ctl: {e}\n")
+        return EXIT_ERROR
     except grpc.RpcError as e:
         return _rpc_failure(e, target, stderr)
     except BrokenPipeError:

@@ -462,6 +462,7 @@ class QueryConfig:
     batch_max_items: int = _key(_integer(1), 4096)
     batch_max_bytes: int = _key(_size(1), 1 * MiB)
     max_limit: int = _key(_integer(1), 100_000_000)
+    follow_buffer_bytes: int = _key(_size(1), 8 * MiB)
 
 
 @dataclass(frozen=True)

@@ -152,6 +152,17 @@ class PersistMetrics:
             ["result"],
             registry=r,
         )
+        self.followers_active = Gauge(
+            "persist_followers",
+            "FollowLogs calls following a job right now.",
+            registry=r,
+        )
+        self.follow_cutoffs = Counter(
+            "persist_follow_cutoffs",
+            "FollowLogs callers cut off because they fell behind by more than "
+            "query.followBufferBytes.",
+            registry=r,
+        )
         self.storage_errors = Counter(
             "persist_storage_errors",
             "Storage problems that lose nothing else: undecodable metric payloads skipped, "
@@ -320,6 +331,14 @@ class PersistMetrics:
     def corrupt_members(self, n: int) -> None:
         if n:
             self.query_members.labels(result="corrupt").inc(n)
+
+    # -- followers (reactor thread) ------------------------------------
+
+    def followers(self, n: int) -> None:
+        self.followers_active.set(n)
+
+    def follower_cut_off(self) -> None:
+        self.follow_cutoffs.inc()
 
     # -- retention (reactor thread) ------------------------------------
 

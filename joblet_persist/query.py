@@ -38,7 +38,7 @@ import grpc
 from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 
-from joblet_persist import events
+from joblet_persist import events, follow
 from joblet_persist._proto import persist_pb2, persist_pb2_grpc
 from joblet_persist.logs import Logger
 from joblet_persist.security import (
@@ -272,6 +272,7 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
         metrics=None,
         admin_ou: str = "admin",
         viewer_ou: str = "viewer",
+        follow_hub=None,
     ):
         self._storage = storage
         self._reactor = reactor
@@ -288,12 +289,20 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
         self._authorizer = Authorizer(admin_ou, viewer_ou)
         self._stopping = False
         self._abandoned = threading.Event()
+        # follow.FollowHub (reactor side of FollowLogs), or None: FollowLogs is UNIMPLEMENTED.
+        self._follow = follow_hub
 
     # -- lifecycle (any thread) -------------------------------------------------
 
     def set_stopping(self) -> None:
-        """From now on every RPC is refused with UNAVAILABLE.  Any thread."""
+        """From now on every RPC is refused with UNAVAILABLE.  Any thread.
+
+        Followers (FollowLogs) end at once with UNAVAILABLE: the hub is
+        stopped on the reactor thread.
+        """
         self._stopping = True
+        if self._follow is not None:
+            self._reactor.callFromThread(self._follow.stop)
 
     def abandon_reads(self) -> None:
         """Make every read's ``cancelled()`` true from now on.  Any thread.
@@ -697,6 +706,84 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
             lambda event: event.ByteSize(),
             lambda items: persist_pb2.EventBatch(kind=kind.msg_type, **{field: items}),
         )
+
+    @staticmethod
+    def _check_stream(value) -> int:
+        stream = int(value)
+        if stream not in (0, 1, 2):
+            raise BadRequest(
+                f"invalid stream {stream}: expected 0 (both), 1 (stdout) or 2 (stderr)"
+            )
+        return stream
+
+    @_streaming("TailLogs", ROLE_VIEWER)
+    def TailLogs(self, request, context):
+        """The last ``lines`` lines (of the range), in arrival order, as LogLineBatches."""
+        job_id = check_job_id(request.job_uuid)
+        stream = self._check_stream(request.stream)
+        self._check_range(request.start_time, request.end_time)
+        lines = int(request.lines)
+        if lines < 0 or lines > self._max_limit:
+            raise BadRequest(f"lines {lines} is out of range: expected 0..{self._max_limit}")
+        snap = self._snapshot(job_id)
+        stats = ReadStats()
+        try:
+            chunks = follow.tail_chunks(
+                snap, stream, lines, request.start_time, request.end_time, stats,
+                self._cancelled(context),
+            )
+            yield from follow.batches(
+                job_id, chunks, self._batch_max_items, self._batch_max_bytes
+            )
+        finally:
+            self._report(stats)
+
+    @_streaming("FollowLogs", ROLE_VIEWER)
+    def FollowLogs(self, request, context):
+        """Stored lines from the requested point, then new lines until the call ends."""
+        hub = self._follow
+        if hub is None:
+            raise RpcStatus(
+                grpc.StatusCode.UNIMPLEMENTED,
+                "FollowLogs is not available: this service has no writer to follow",
+            )
+        job_id = check_job_id(request.job_uuid)
+        stream = self._check_stream(request.stream)
+        start_from = int(request.start_from)
+        if start_from not in (follow.FOLLOW_FROM_START, follow.FOLLOW_FROM_TAIL,
+                              follow.FOLLOW_FROM_NOW):
+            raise BadRequest(
+                f"invalid start_from {start_from}: expected 0 (start), 1 (tail) or 2 (now)"
+            )
+        tail_lines = int(request.tail_lines)
+        if tail_lines < 0 or tail_lines > self._max_limit:
+            raise BadRequest(
+                f"tail_lines {tail_lines} is out of range: expected 0..{self._max_limit}"
+            )
+        if request.idle_timeout_ms < 0:
+            raise BadRequest(f"idle_timeout_ms {request.idle_timeout_ms} must be >= 0")
+        try:
+            start = self._call_on_reactor(hub.start, job_id, stream)
+        except follow.FollowEnded as e:
+            raise RpcStatus(e.code, e.details) from None
+        follower = start.follower
+        # Wake the thread at once when the call ends (client cancel, deadline, stop).
+        context.add_callback(
+            lambda: follower.end(grpc.StatusCode.CANCELLED, "the call ended")
+        )
+        stats = ReadStats()
+        cancelled = self._cancelled(context)
+        try:
+            yield from follow.follow_batches(
+                start, job_id, stream, start_from, tail_lines, request.start_time,
+                request.idle_timeout_ms / 1000.0, stats, cancelled,
+                self._batch_max_items, self._batch_max_bytes,
+            )
+        except follow.FollowEnded as e:
+            raise RpcStatus(e.code, e.details) from None
+        finally:
+            self._report(stats)
+            self._reactor.callFromThread(hub.remove, follower)
 
     @_unary("GetJobInfo", ROLE_VIEWER)
     def GetJobInfo(self, request, context):

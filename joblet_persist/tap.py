@@ -618,12 +618,24 @@ def build_queries(config, reactor, st: StorageParts, wr: WriterParts, lc: Lifecy
             d.addCallback(_refresh_health_after, health)
         return d
 
+    import grpc
+
+    from joblet_persist.follow import FollowHub
+
+    follow_hub = FollowHub(
+        writer, storage, reactor, buffer_bytes=qc.follow_buffer_bytes, metrics=metrics
+    )
+
+    def delete_job_ending_followers(job_id):
+        follow_hub.end_job(job_id, grpc.StatusCode.NOT_FOUND, f"job {job_id} was deleted")
+        return delete_job(job_id)
+
     servicer = PersistServicer(
         storage,
         reactor,
         is_healthy=lambda: health.healthy,
         ingest_stats=ingest_stats,
-        delete_job=delete_job,
+        delete_job=delete_job_ending_followers,
         cleanup=cleanup,
         batch_max_items=qc.batch_max_items,
         batch_max_bytes=qc.batch_max_bytes,
@@ -631,6 +643,7 @@ def build_queries(config, reactor, st: StorageParts, wr: WriterParts, lc: Lifecy
         metrics=metrics,
         admin_ou=config.security.admin_ou,
         viewer_ou=config.security.viewer_ou,
+        follow_hub=follow_hub,
     )
     grpc_service = GrpcServerService(
         servicer,

@@ -81,6 +81,14 @@ def rfc3339(ns: int) -> Optional[str]:
     return text + "Z"
 
 
+def rfc3339_fixed(ns: int) -> str:
+    """``2024-05-01T12:00:00.123456789Z`` with all nine fraction digits, so that
+    prefixes line up (``logs --timestamps``); the epoch for 0."""
+    seconds, frac = divmod(int(ns), 10**9)
+    moment = EPOCH + datetime.timedelta(seconds=seconds)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S") + f".{frac:09d}Z"
+
+
 def rfc3339_seconds(ns: int) -> str:
     """Whole-second UTC time for tables (``2024-05-01T12:00:00Z``); ``-`` for 0."""
     if ns <= 0:

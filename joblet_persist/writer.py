@@ -329,6 +329,10 @@ class BatchingWriter:
         self._stop_deferreds: list[defer.Deferred] = []
         self._stop_done = False
         self._stop_deadline = None
+        #: Job id -> ``tap(stream, arrivals, timestamps, sequences, contents)``, called with
+        #: every LOG message accepted for the job, in arrival order per call (FollowLogs:
+        #: follow.FollowHub).  Empty unless someone follows: one dict lookup per call then.
+        self.log_taps: dict[str, Callable] = {}
 
         self.messages_received = 0
         self.messages_written = 0
@@ -342,6 +346,41 @@ class BatchingWriter:
         jobs = {buf.job.job_id for buf in self._dirty}
         jobs.update(buf.job.job_id for buf in self._busy)
         return jobs
+
+    @reactor_only
+    def pending_logs(self, job_id: str) -> list[tuple]:
+        """The job's LOG messages accepted and not yet appended.  Reactor thread.
+
+        ``[(stream, arrivals, timestamps, sequences, contents)]``: per log stream,
+        the batch in flight (or failing and awaiting its retry), the queued
+        batches and the open columns, in arrival order within each stream.  A
+        batch leaves this list in the same reactor turn in which storage
+        publishes it (its append's callback chain), so together with the
+        job's published snapshot taken in the same turn it holds every
+        accepted message exactly once (FollowLogs' hand-off).
+        """
+        job = self._jobs.get(job_id)
+        if job is None:
+            return []
+        out = []
+        for stream in _LOG_BUFFERS:
+            buf = job.buffers[stream]
+            if buf is None:
+                continue
+            sealed = [buf.inflight] if buf.inflight is not None else []
+            for item in (*sealed, *buf.queue):
+                if not item.abandoned:
+                    b = item.batch
+                    out.append((int(stream), b.arrivals, b.timestamps, b.sequences, b.contents))
+            if buf.timestamps:
+                out.append((
+                    int(stream),
+                    tuple(buf.arrivals),
+                    tuple(buf.timestamps),
+                    tuple(buf.sequences),
+                    tuple(buf.contents),
+                ))
+        return out
 
     @property
     def buffered_bytes(self) -> int:
@@ -419,6 +458,9 @@ class BatchingWriter:
         if stream != 1 and stream != 2:
             raise ValueError(f"stream must be 1 or 2, not {stream!r}")
         self._add(job_id, stream, timestamp, sequence, content)
+        tap = self.log_taps.get(job_id)
+        if tap is not None:
+            tap(stream, (self.arrivals[job_id] - 1,), (timestamp,), (sequence,), (content,))
 
     @reactor_only
     def add_logs(
@@ -467,6 +509,9 @@ class BatchingWriter:
             buf.nbytes += nbytes
         else:
             self._add_logs_sealing(buf, timestamps, sequences, arrivals, contents)
+        tap = self.log_taps.get(job_id)
+        if tap is not None:
+            tap(stream, arrivals, timestamps, sequences, contents)
         if self._buffered > self._high_water and not self._paused:
             self._pause()
 

@@ -21,7 +21,7 @@ import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from joblet_persist import cli, events
+from joblet_persist import cli, events, timefmt
 from joblet_persist._proto import persist_pb2_grpc
 from joblet_persist.grpc_server import GrpcServerService
 from joblet_persist.query import PersistServicer
@@ -475,3 +475,162 @@ class EventCommandTests(CliTestBase):
         code, out, _ = self.run_cli("info", JOB)
         self.assertIn("events:         21", out.decode())
         self.assertEqual(json.loads(self.run_cli("info", JOB, "--json")[1])["event_counts"]["exec"], 3)
+
+
+class PumpedReactor(ImmediateReactor):
+    """A Clock whose callFromThread queues the call for the thread that pumps it."""
+
+    def __init__(self):
+        super().__init__()
+        import queue
+
+        self.queued = queue.Queue()
+
+    def callFromThread(self, f, *args, **kwargs):
+        self.queued.put((f, args, kwargs))
+
+    def pump_until(self, done, timeout=20.0):
+        import queue
+
+        deadline = time.monotonic() + timeout
+        while not done():
+            if time.monotonic() > deadline:
+                raise AssertionError("the command did not finish")
+            try:
+                f, args, kwargs = self.queued.get(timeout=0.01)
+            except queue.Empty:
+                continue
+            f(*args, **kwargs)
+            self.advance(0)
+        while not self.queued.empty():
+            f, args, kwargs = self.queued.get()
+            f(*args, **kwargs)
+
+
+class TailFollowCommandTests(CliTestBase):
+    """logs --tail, -f, --timestamps and --json (TailLogs / FollowLogs)."""
+
+    def setUp(self):
+        super().setUp()
+        from joblet_persist.follow import FollowHub
+        from joblet_persist.writer import BatchingWriter
+
+        # The servicer's reactor calls run on this (the main) thread, as the reactor-only
+        # methods of the writer and the hub require, while the command runs in a thread.
+        self.pumped = PumpedReactor()
+        self.writer = BatchingWriter(self.storage, self.pumped)
+        self.hub = FollowHub(self.writer, self.storage, self.pumped)
+        servicer = PersistServicer(
+            self.storage, self.pumped, is_healthy=lambda: True, ingest_stats=dict,
+            delete_job=self.storage.delete_job, follow_hub=self.hub,
+        )
+        self.serve(servicer)
+
+    def run_cli(self, *argv, socket=True):
+        result = []
+        worker = threading.Thread(
+            target=lambda: result.append(CliTestBase.run_cli(self, *argv, socket=socket))
+        )
+        worker.start()
+        self.pumped.pump_until(lambda: not worker.is_alive())
+        worker.join()
+        return result[0]
+
+    def test_tail(self):
+        """--tail N writes the last N messages of the chosen streams; 0 writes nothing."""
+        self.assertEqual(self.run_cli("logs", JOB, "--tail", "2"), (0, b"err \xff\nnew\n", ""))
+        self.assertEqual(self.run_cli("logs", JOB, "--tail", "1", "--stream", "stderr")[1],
+                         b"err \xff\n")
+        self.assertEqual(self.run_cli("logs", JOB, "--tail", "0")[:2], (0, b""))
+        self.assertEqual(self.run_cli("logs", JOB, "--tail", "9", "--until", "2h")[1], b"old\n")
+
+    def test_timestamps(self):
+        """-t prefixes each message with its RFC 3339 UTC time and a space, and ends a
+        message without a newline with one (and only then)."""
+        self.successResultOf(self.storage.append_logs(
+            log_batch(JOB, 1, [(NOW_NS, 4, b"no newline")])))
+        code, out, _ = self.run_cli("logs", JOB, "--tail", "2", "--timestamps")
+        self.assertEqual(code, 0)
+        self.assertEqual(
+            out,
+            timefmt.rfc3339_fixed(NOW_NS - 60 * 10**9).encode() + b" new\n"
+            + timefmt.rfc3339_fixed(NOW_NS).encode() + b" no newline\n",
+        )
+
+    def test_json(self):
+        """--json writes one object per message with stream, timestamp (RFC 3339 and ns),
+        sequence and content; content that is not UTF-8 comes as content_b64."""
+        code, out, _ = self.run_cli("logs", JOB, "--json")
+        self.assertEqual(code, 0)
+        records = [json.loads(line) for line in out.decode().splitlines()]
+        self.assertEqual(len(records), 3)
+        self.assertEqual(records[0], {
+            "stream": "stdout",
+            "timestamp": timefmt.rfc3339(NOW_NS - 3 * 3600 * 10**9),
+            "timestamp_ns": NOW_NS - 3 * 3600 * 10**9,
+            "sequence": 1,
+            "content": "old\n",
+        })
+        self.assertEqual(records[1]["stream"], "stderr")
+        self.assertNotIn("content", records[1])
+        self.assertEqual(records[1]["content_b64"], "ZXJyIP8K")
+
+    def test_rfc3339_fixed(self):
+        """Times are UTC with all nine fraction digits."""
+        self.assertEqual(timefmt.rfc3339_fixed(1796523000_123456789), "2026-12-06T02:10:00.123456789Z")
+        self.assertEqual(timefmt.rfc3339_fixed(0), "1970-01-01T00:00:00.000000000Z")
+
+    def test_follow_until_idle(self):
+        """-f writes what is stored, then ends with status 0 after --idle-timeout without
+        new output; with --tail only the last lines come first."""
+        self.assertEqual(self.run_cli("logs", JOB, "-f", "--idle-timeout", "0.2"),
+                         (0, b"old\nerr \xff\nnew\n", ""))
+        code, out, _ = self.run_cli("logs", JOB, "-f", "--tail", "1", "--idle-timeout", "0.2",
+                                    "--json")
+        self.assertEqual((code, json.loads(out)["content"]), (0, "new\n"))
+        self.assertEqual(self.hub.follower_count, 0)
+
+    def test_usage_errors(self):
+        """Options that do not combine are usage errors (2), each named."""
+        for argv, word in (
+            (["--tail", "1", "--limit", "1"], "--limit"),
+            (["-f", "--until", "1h"], "--until"),
+            (["--idle-timeout", "1s"], "-f"),
+            (["--tail", "-3"], "count"),
+        ):
+            code, _, err = self.run_cli("logs", JOB, *argv)
+            self.assertEqual(code, 2, argv)
+            self.assertIn(word, err)
+
+    def test_closed_pipe(self):
+        """--tail and --json into a closed pipe end quietly with status 0."""
+        for argv in (["--tail", "2"], ["--json"], ["-f", "--idle-timeout", "5"]):
+            pipe = _ClosedPipe()
+            err = io.StringIO()
+            result = []
+            worker = threading.Thread(
+                target=lambda argv=argv, pipe=pipe, err=err, result=result: result.append(
+                    cli.main(["--socket", self.socket, "logs", JOB, *argv], stdout=pipe,
+                             stderr=err)
+                )
+            )
+            worker.start()
+            self.pumped.pump_until(lambda worker=worker: not worker.is_alive())
+            self.assertEqual((result[0], err.getvalue()), (0, ""), argv)
+
+
+class OldServiceTests(CliTestBase):
+    def test_tail_against_a_service_without_it(self):
+        """Against a service without TailLogs/FollowLogs, --tail and -f fail (1) with a
+        message that says what is missing."""
+
+        class OldServicer(PersistServicer):
+            TailLogs = persist_pb2_grpc.PersistServiceServicer.TailLogs
+            FollowLogs = persist_pb2_grpc.PersistServiceServicer.FollowLogs
+
+        self.serve(self.servicer(OldServicer))
+        for argv, rpc in ((["--tail", "1"], "TailLogs"), (["-f"], "FollowLogs")):
+            code, out, err = self.run_cli("logs", JOB, *argv)
+            self.assertEqual((code, out), (1, b""))
+            self.assertIn(rpc, err)
+            self.assertIn("does not support", err)

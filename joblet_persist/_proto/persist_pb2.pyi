@@ -23,6 +23,12 @@ class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EVENT_KIND_MMAP: _ClassVar[EventKind]
     EVENT_KIND_MPROTECT: _ClassVar[EventKind]
     EVENT_KIND_FILE: _ClassVar[EventKind]
+
+class FollowFrom(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FOLLOW_FROM_START: _ClassVar[FollowFrom]
+    FOLLOW_FROM_TAIL: _ClassVar[FollowFrom]
+    FOLLOW_FROM_NOW: _ClassVar[FollowFrom]
 STREAM_TYPE_UNSPECIFIED: StreamType
 STREAM_TYPE_STDOUT: StreamType
 STREAM_TYPE_STDERR: StreamType
@@ -34,6 +40,9 @@ EVENT_KIND_SOCKET_DATA: EventKind
 EVENT_KIND_MMAP: EventKind
 EVENT_KIND_MPROTECT: EventKind
 EVENT_KIND_FILE: EventKind
+FOLLOW_FROM_START: FollowFrom
+FOLLOW_FROM_TAIL: FollowFrom
+FOLLOW_FROM_NOW: FollowFrom
 
 class LogLine(_message.Message):
     __slots__ = ("job_uuid", "stream", "timestamp", "sequence", "content")
@@ -578,3 +587,37 @@ class EventBatch(_message.Message):
     mprotect_events: _containers.RepeatedCompositeFieldContainer[MprotectEvent]
     file_events: _containers.RepeatedCompositeFieldContainer[FileEvent]
     def __init__(self, kind: _Optional[_Union[EventKind, str]] = ..., exec_events: _Optional[_Iterable[_Union[ExecEvent, _Mapping]]] = ..., connect_events: _Optional[_Iterable[_Union[ConnectEvent, _Mapping]]] = ..., accept_events: _Optional[_Iterable[_Union[AcceptEvent, _Mapping]]] = ..., socket_data_events: _Optional[_Iterable[_Union[SocketDataEvent, _Mapping]]] = ..., mmap_events: _Optional[_Iterable[_Union[MmapEvent, _Mapping]]] = ..., mprotect_events: _Optional[_Iterable[_Union[MprotectEvent, _Mapping]]] = ..., file_events: _Optional[_Iterable[_Union[FileEvent, _Mapping]]] = ...) -> None: ...
+
+class TailLogsRequest(_message.Message):
+    __slots__ = ("job_uuid", "stream", "start_time", "end_time", "lines", "node_id")
+    JOB_UUID_FIELD_NUMBER: _ClassVar[int]
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    LINES_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    job_uuid: str
+    stream: StreamType
+    start_time: int
+    end_time: int
+    lines: int
+    node_id: str
+    def __init__(self, job_uuid: _Optional[str] = ..., stream: _Optional[_Union[StreamType, str]] = ..., start_time: _Optional[int] = ..., end_time: _Optional[int] = ..., lines: _Optional[int] = ..., node_id: _Optional[str] = ...) -> None: ...
+
+class FollowLogsRequest(_message.Message):
+    __slots__ = ("job_uuid", "stream", "start_time", "start_from", "tail_lines", "idle_timeout_ms", "node_id")
+    JOB_UUID_FIELD_NUMBER: _ClassVar[int]
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    START_FROM_FIELD_NUMBER: _ClassVar[int]
+    TAIL_LINES_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    job_uuid: str
+    stream: StreamType
+    start_time: int
+    start_from: FollowFrom
+    tail_lines: int
+    idle_timeout_ms: int
+    node_id: str
+    def __init__(self, job_uuid: _Optional[str] = ..., stream: _Optional[_Union[StreamType, str]] = ..., start_time: _Optional[int] = ..., start_from: _Optional[_Union[FollowFrom, str]] = ..., tail_lines: _Optional[int] = ..., idle_timeout_ms: _Optional[int] = ..., node_id: _Optional[str] = ...) -> None: ...

@@ -124,6 +124,16 @@ class PersistServiceStub:
                 request_serializer=persist__pb2.QueryEventsBatchedRequest.SerializeToString,
                 response_deserializer=persist__pb2.EventBatch.FromString,
                 _registered_method=True)
+        self.TailLogs = channel.unary_stream(
+                '/joblet.persist.PersistService/TailLogs',
+                request_serializer=persist__pb2.TailLogsRequest.SerializeToString,
+                response_deserializer=persist__pb2.LogLineBatch.FromString,
+                _registered_method=True)
+        self.FollowLogs = channel.unary_stream(
+                '/joblet.persist.PersistService/FollowLogs',
+                request_serializer=persist__pb2.FollowLogsRequest.SerializeToString,
+                response_deserializer=persist__pb2.LogLineBatch.FromString,
+                _registered_method=True)
 
 
 class PersistServiceServicer:
@@ -241,6 +251,21 @@ class PersistServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TailLogs(self, request, context):
+        """Extension: the last N lines, read from the end of the job.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FollowLogs(self, request, context):
+        """Extension: stored lines from a point, then new lines as they arrive,
+        until the client cancels (or the idle timeout passes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PersistServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -333,6 +358,16 @@ def add_PersistServiceServicer_to_server(servicer, server):
                     servicer.QueryEventsBatched,
                     request_deserializer=persist__pb2.QueryEventsBatchedRequest.FromString,
                     response_serializer=persist__pb2.EventBatch.SerializeToString,
+            ),
+            'TailLogs': grpc.unary_stream_rpc_method_handler(
+                    servicer.TailLogs,
+                    request_deserializer=persist__pb2.TailLogsRequest.FromString,
+                    response_serializer=persist__pb2.LogLineBatch.SerializeToString,
+            ),
+            'FollowLogs': grpc.unary_stream_rpc_method_handler(
+                    servicer.FollowLogs,
+                    request_deserializer=persist__pb2.FollowLogsRequest.FromString,
+                    response_serializer=persist__pb2.LogLineBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -821,6 +856,60 @@ class PersistService:
             '/joblet.persist.PersistService/QueryEventsBatched',
             persist__pb2.QueryEventsBatchedRequest.SerializeToString,
             persist__pb2.EventBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TailLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/joblet.persist.PersistService/TailLogs',
+            persist__pb2.TailLogsRequest.SerializeToString,
+            persist__pb2.LogLineBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FollowLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/joblet.persist.PersistService/FollowLogs',
+            persist__pb2.FollowLogsRequest.SerializeToString,
+            persist__pb2.LogLineBatch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -410,6 +410,34 @@ class IBulkLogReads(Interface):
         """
 
 
+class ILogTail(Interface):
+    """Optional snapshot capability: reading logs from the end, and with ordinals.  Any thread.
+
+    TailLogs and FollowLogs use it (joblet_persist/follow.py); snapshots without
+    it are tailed by counting through ``iter_logs``.
+    """
+
+    def count_logs(stream, start_time=0, end_time=0, stats=None, cancelled=None):
+        """How many messages ``iter_logs(stream, start_time, end_time)`` would yield,
+        from member headers (nothing of the current format is inflated)."""
+
+    def iter_log_chunks_ordinals(
+        stream, start_time=0, end_time=0, offset=0, limit=0, stats=None, cancelled=None
+    ):
+        """The chunks of ``iter_log_chunks`` with a fifth sequence: each message's
+        persistent ordinal (messages of legacy members: a negative number below
+        every other ordinal)."""
+
+
+class IOrdinalBase(Interface):
+    """Optional storage capability: how arrival numbers map to persistent ordinals."""
+
+    def ordinal_base(job_id):
+        """Reactor thread.  The number that, added to the writer's arrival number of
+        a message appended from now on, gives its persistent ordinal; None when
+        the job is not loaded (it then has no published snapshot either)."""
+
+
 class IStorageBackend(Interface):
     """What the writer, the query servicer, retention and the composition root need.
 

@@ -57,6 +57,7 @@ from joblet_persist.storage.api import (
     EventBatch,
     IFreeSpace,
     IIdleUnload,
+    IOrdinalBase,
     IRetentionSegments,
     IStorageBackend,
     JobInfo,
@@ -107,7 +108,7 @@ def _finding(name: str) -> property:
     return property(lambda self: getattr(self.findings, name), doc=f"findings.{name}")
 
 
-@implementer(IStorageBackend, IRetentionSegments, IIdleUnload, IFreeSpace)
+@implementer(IStorageBackend, IRetentionSegments, IIdleUnload, IFreeSpace, IOrdinalBase)
 class LocalStorage:
     """IStorageBackend on a local directory of gzip segment files.
 
@@ -207,6 +208,12 @@ class LocalStorage:
         """
         check_job_id(job_id)
         return self._jobs.snapshot(job_id)
+
+    @reactor_only
+    def ordinal_base(self, job_id: str) -> Optional[int]:
+        """IOrdinalBase: the loaded job's ordinal base, or None.  Reactor thread."""
+        state = self._jobs.get(check_job_id(job_id))
+        return None if state is None else state.base
 
     def job_info(self, job_id: str) -> Optional[JobInfo]:
         """The job's summary from the job index, or None.  Any thread."""

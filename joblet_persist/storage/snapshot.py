@@ -13,7 +13,7 @@ from typing import Callable, Optional
 from zope.interface import implementer
 
 from joblet_persist import events
-from joblet_persist.storage import reader
+from joblet_persist.storage import reader, tail
 from joblet_persist.storage.api import (
     LOG_STREAMS,
     STREAM_STDERR,
@@ -22,6 +22,7 @@ from joblet_persist.storage.api import (
     DataVanished,
     IBulkLogReads,
     IJobSnapshot,
+    ILogTail,
     JobInfo,
     ReadStats,
     StorageUnavailable,
@@ -50,7 +51,7 @@ def _seam_errors(job_id: str, records):
 # -- the published, immutable view -----------------------------------------
 
 
-@implementer(IJobSnapshot, IBulkLogReads)
+@implementer(IJobSnapshot, IBulkLogReads, ILogTail)
 @dataclass(frozen=True, eq=False)
 class LocalJobSnapshot:
     """One job's published data.  Immutable; any thread.
@@ -103,6 +104,37 @@ class LocalJobSnapshot:
         """
         return self._read_logs(
             reader.iter_log_chunks, stream, start_time, end_time, offset, limit, stats, cancelled
+        )
+
+    def count_logs(
+        self,
+        stream: int,
+        start_time: int = 0,
+        end_time: int = 0,
+        stats: Optional[ReadStats] = None,
+        cancelled: Callable[[], bool] = _never_cancelled,
+    ) -> int:
+        """ILogTail: messages iter_logs would yield, counted from headers.  Blocking; any
+        thread."""
+        def count(*args):  # a generator, so that _seam_errors maps the read's OSErrors
+            yield tail.count_logs(*args)
+
+        return next(self._read_logs(count, stream, start_time, end_time, stats, cancelled))
+
+    def iter_log_chunks_ordinals(
+        self,
+        stream: int,
+        start_time: int = 0,
+        end_time: int = 0,
+        offset: int = 0,
+        limit: int = 0,
+        stats: Optional[ReadStats] = None,
+        cancelled: Callable[[], bool] = _never_cancelled,
+    ):
+        """ILogTail: iter_log_chunks with each message's ordinal.  Blocking; any thread."""
+        return self._read_logs(
+            tail.iter_log_chunks_ordinals,
+            stream, start_time, end_time, offset, limit, stats, cancelled,
         )
 
     def _read_logs(self, read, stream: int, *args):
