@@ -510,6 +510,11 @@ def build_archive(config, reactor, st: StorageParts, health, metrics) -> Optiona
         modes=FileModes(sc.file_mode, sc.dir_mode, sc.group),
     )
     shipper.set_metrics(metrics.archive("s3", shipper))
+    from joblet_persist.storage.api import ILocalTier
+
+    if ILocalTier.providedBy(st.storage):
+        # Tiering releases only the local segments the shipper has archived as they are.
+        st.storage.set_archive_check(shipper)
     health.add_check("archive", shipper.health_check)
     service = CallbackService("archive", shipper.start, shipper.stop)
     return ArchiveParts(shipper=shipper, pool=pool, service=service)
