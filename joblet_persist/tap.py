@@ -393,9 +393,14 @@ def build_storage(config, reactor, metrics) -> StorageParts:
                 mode=f"{mode:04o}",
             )
 
+    from joblet_persist.storage.api import ILocalTier
+
+    # The metric counts what is on disk: with tiering, the local tier's jobs and bytes.
+    on_disk = storage.local if ILocalTier.providedBy(storage) else storage
+
     def storage_totals():
         # Running totals (constant time), not a walk of every job at each scrape.
-        jobs, _logs, _metrics, size_bytes = storage.totals()
+        jobs, _logs, _metrics, size_bytes = on_disk.totals()
         return jobs, size_bytes
 
     metrics.set_storage_source(storage_totals)

@@ -581,6 +581,8 @@ class ILocalTier(Interface):
     (IRetentionSegments) of such a backend releases the segment likewise.
     """
 
+    local = Attribute("The IStorageBackend holding the local copies (what is on disk).")
+
     def release_job(job_id):
         """Drop the job's local copy; Deferred[local bytes freed].  Reactor thread.
 
