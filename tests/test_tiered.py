@@ -32,6 +32,7 @@ from joblet_persist.storage.api import (
     ILocalTier,
     IRemoteNodes,
     Part,
+    SegmentKind,
     StorageUnavailable,
 )
 from joblet_persist.storage.compress import make_compressor
@@ -384,6 +385,25 @@ class TieringTests(TieredCase):
         s3mod.thd_delete_prefix(self.client, self.bucket, f"{PREFIX}n1/{JOB}/")
         with self.assertRaises(DataVanished):
             list(snap.iter_logs(0))
+
+
+class SidecarKindTests(SynchronousTestCase):
+    def test_member_kind_travels_in_the_sidecar(self):
+        """A sidecar lists each member's kind, so that members of the older service
+        (legacy JSON lines) read back as legacy; sidecars without the column get the
+        segment kind's member kind."""
+        from joblet_persist.archive.tier import members_of_sidecar
+        from joblet_persist.storage.format import KIND_LEGACY, KIND_LOG, MemberInfo
+
+        members = [MemberInfo(0, 10, KIND_LEGACY, 2, -2, -1, 5, 6, 1, 2, 0),
+                   MemberInfo(10, 20, KIND_LOG, 3, 0, 2, 7, 9, 3, 5, 40)]
+        doc = layout.parse_sidecar(layout.sidecar_bytes("j", "n", "stdout", "stdout.log.gz",
+                                                        30, members))
+        self.assertEqual(members_of_sidecar(doc, SegmentKind.STDOUT), tuple(members))
+        for m in doc["members"]:
+            del m["kind"]
+        self.assertEqual([m.kind for m in members_of_sidecar(doc, SegmentKind.STDOUT)],
+                         [KIND_LOG, KIND_LOG])
 
 
 class FactoryTests(SynchronousTestCase):

@@ -88,6 +88,8 @@ class TieringTests(_Base):
         self.assertEqual((stats.total_jobs, stats.total_logs), (1, 300))
         scraped = await threads.deferToThread(self.scrape)
         self.assertGreater(scraped['persist_archive_read_bytes_total{backend="s3"}'], 0)
+        # The storage metric counts what is on disk: nothing of the released job.
+        self.assertEqual(scraped["persist_storage_bytes_total"], 0)
 
         await self.gate.close()
         started = time.monotonic()
