@@ -435,3 +435,26 @@ def _metric_batch(job, n, first_arrival):
                        sequences=list(range(n)),
                        arrivals=[first_arrival + i for i in range(n)], payloads=payloads)
 
+
+
+class RebuildRetryTests(TieredCase):
+    def test_listing_retried_with_backoff_while_s3_is_unreachable(self):
+        """At start with S3 unreachable the catalog listing fails, is retried after
+        retryInitial, doubling, and local data is served meanwhile; stopping ends the
+        waiting rebuild."""
+        local_only = self.make()
+        self.write_job(local_only, 100)
+        self.successResultOf(local_only.stop())
+        dead = self.moto.client(f"http://127.0.0.1:{_free_port()}", timeout=1.0)
+        storage = self.make(client=dead)
+        self.assertNoResult(storage.rebuilt)
+        self.assertEqual(storage.rebuild_errors, 1)
+        self.assertEqual(len(self.logs(storage)), 101)
+        self.clock.advance(1.0)
+        self.assertEqual(storage.rebuild_errors, 2)
+        self.clock.advance(1.0)
+        self.assertEqual(storage.rebuild_errors, 2)  # the next try waits 2 s
+        self.successResultOf(storage.stop())
+        self.clock.advance(0)
+        self.assertEqual(self.successResultOf(storage.rebuilt), 0)
+        self.assertEqual(storage.rebuild_errors, 2)

@@ -168,7 +168,8 @@ class TieredStorage:
     def stop(self):
         self._stopping = True
         if self._retry_call is not None and self._retry_call.active():
-            self._retry_call.cancel()
+            # The rebuild waiting to retry the listing ends now (it sees _stopping).
+            self._retry_call.reset(0)
         d = self.local.stop()
 
         def stopped(result):
