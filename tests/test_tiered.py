@@ -265,6 +265,31 @@ class TieringTests(TieredCase):
         again = self.successResultOf(runner.run())
         self.assertEqual(again.actions, ())
 
+    def test_released_job_written_again_never_reuses_an_archived_name(self):
+        """A released job that gets data again continues after its archived segments (no
+        segment name, so no S3 key, is reused) with ordinals above the archived ones: the
+        archived objects stay byte-identical after the new segment is uploaded, and the
+        job reads back old then new lines, counted together."""
+        storage = self.make()
+        self.write_job(storage, 5000)
+        before = self.logs(storage)
+        self.ship(storage)
+        keys = [o["Key"] for o in self.client.list_objects_v2(Bucket=self.bucket)["Contents"]]
+        archived = {k: self.client.get_object(Bucket=self.bucket, Key=k)["Body"].read()
+                    for k in keys}
+        last_stdout = max(k for k in keys if "/stdout/" in k and k.endswith(".gz"))
+        self.successResultOf(storage.release_job(JOB))
+        again = [(T0 + (9000 + i) * 1_000_000, 9000 + i, i, b"again %d\n" % i) for i in range(100)]
+        self.successResultOf(storage.append_logs(log_batch(JOB, STREAM_STDOUT, again)))
+        [name] = self.local_files()
+        self.assertGreater(name, last_stdout.rsplit("/", 1)[1])
+        self.ship(storage)
+        for key, data in archived.items():
+            got = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            self.assertTrue(got == data, f"{key} was overwritten")
+        self.assertEqual(self.logs(storage), before + [(STREAM_STDOUT, r[0], r[3]) for r in again])
+        self.assertEqual(storage.job_info(JOB).log_count, 5101)
+
     def test_unarchived_data_is_never_released(self):
         """release_job of a job whose segments are not archived fails and keeps every file."""
         storage = self.make()

@@ -65,6 +65,7 @@ from joblet_persist.storage.api import (
     check_job_id,
     is_valid_job_id,
 )
+from joblet_persist.storage.format import KIND_LEGACY
 from joblet_persist.storage.segment import parse_segment_name
 from joblet_persist.storage.snapshot import LocalJobSnapshot
 from joblet_persist.threads import reactor_only
@@ -132,6 +133,8 @@ class TieredStorage:
         self._archived: dict[str, ArchivedJob] = {}
         self._merged_cache: dict = {}
         self._remote_cache: dict = {}
+        # A released job that gets data again continues after its archived segments.
+        local.set_new_job_floor(self._floor)
         # Reactor only: jobs deleted since start, which the rebuild must not bring back.
         self._deleted: set = set()
         #: Fires when the catalog rebuilt from the bucket listing is in place.
@@ -247,6 +250,20 @@ class TieredStorage:
         except (OSError, ValueError):
             return frozenset()
 
+    def _floor(self, job_id: str):
+        """``({kind: last archived index}, ordinal base)`` of a job with archive-only
+        segments, for a local job that starts again (LocalStorage.set_new_job_floor)."""
+        arch = self._archived.get(job_id)
+        if arch is None:
+            return None
+        top = -1
+        for segs in arch.segments.values():
+            for seg in segs:
+                for m in seg.members:
+                    if m.count and m.kind != KIND_LEGACY and m.last_ordinal > top:
+                        top = m.last_ordinal
+        return {kind: segs[-1].index for kind, segs in arch.segments.items() if segs}, top + 1
+
     # -- writes and loads: the local backend -------------------------------------
 
     def append_logs(self, batch):
@@ -322,14 +339,15 @@ class TieredStorage:
             if kind not in self._kinds:
                 continue
             for view in _views(snap, kind):
+                if not view.members:
+                    continue  # nothing to keep (a placeholder of JobState.empty's floor)
                 seg = self._archived_copy(job_id, kind, view)
                 if seg is None:
                     raise StorageUnavailable(
                         f"job {job_id}: segment {os.path.basename(view.path)} is not archived "
                         "yet; its local copy is kept"
                     )
-                if seg.members:
-                    released.append(seg)
+                released.append(seg)
         self._add(job_id, released, info)
 
     def _archived_copy(self, job_id: str, kind: SegmentKind, view) -> Optional[ArchivedSegment]:
@@ -416,7 +434,8 @@ class TieredStorage:
         views, used = {}, {}
         for kind in SegmentKind:
             here = _views(local, kind) if local is not None else ()
-            have = {_index_of(v.path) for v in here}
+            # An empty local segment (a placeholder) never hides the archived one.
+            have = {_index_of(v.path) for v in here if v.members}
             remote = [s for s in arch.segments.get(kind, ()) if s.index not in have]
             used[kind] = tuple(remote)
             if not remote:
