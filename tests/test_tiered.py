@@ -358,6 +358,30 @@ class TieringTests(TieredCase):
                              (info.log_count, info.first_timestamp, info.last_timestamp))
         self.assertEqual(reborn.totals()[:2], (3, 3 * 5001))
 
+    def test_listed_names_stay_reserved_without_their_sidecars(self):
+        """After a restart on an empty disk, a job whose sidecars cannot be read is not in
+        the catalog, but its listed segment names are still reserved: new data for it
+        goes to a later segment and the archived object is not overwritten."""
+        storage = self.make()
+        self.write_job(storage, 500)
+        self.ship(storage)
+        self.successResultOf(storage.stop())
+        listed = self.client.list_objects_v2(Bucket=self.bucket)["Contents"]
+        for o in listed:
+            if o["Key"].endswith(layout.SIDECAR_SUFFIX):
+                self.client.delete_object(Bucket=self.bucket, Key=o["Key"])
+        key = next(o["Key"] for o in listed if o["Key"].endswith("/stdout/stdout.log.gz"))
+        old = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        fresh_dir = os.path.abspath(self.mktemp())
+        reborn = self.make(data_dir=fresh_dir)
+        self.assertEqual(self.successResultOf(reborn.rebuilt), 0)
+        self.successResultOf(reborn.append_logs(log_batch(JOB, STREAM_STDOUT, [
+            (T0, 0, 0, b"after the restart\n")])))
+        self.assertEqual(os.listdir(os.path.join(fresh_dir, "logs", JOB)),
+                         ["stdout_000001.log.gz"])
+        self.ship(reborn, data_dir=fresh_dir)
+        self.assertEqual(self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read(), old)
+
     def test_rebuild_skips_segments_still_on_disk(self):
         """At start, archived segments that are still on local disk are read locally: the
         rebuild adds nothing for a job whose files are all here."""

@@ -137,6 +137,9 @@ class TieredStorage:
         local.set_new_job_floor(self._floor)
         # Reactor only: jobs deleted since start, which the rebuild must not bring back.
         self._deleted: set = set()
+        # Reactor only: the highest segment index of each kind the start listing found per
+        # job (names a restarted job must not reuse, whatever its sidecars say).
+        self._listed_top: dict = {}
         #: Fires when the catalog rebuilt from the bucket listing is in place.
         self.rebuilt: defer.Deferred = defer.Deferred()
         self.rebuild_errors = 0
@@ -214,6 +217,9 @@ class TieredStorage:
         for obj in listed:
             if obj.job_id not in pending and SegmentKind(obj.kind) in self._kinds:
                 by_job.setdefault(obj.job_id, []).append(obj)
+                # Every listed name stays reserved, even before (or without) its sidecar.
+                top = self._listed_top.setdefault(obj.job_id, {})
+                top[obj.kind] = max(top.get(obj.kind, -1), obj.index)
         for job_id in sorted(by_job):
             if self._stopping:
                 return
@@ -254,15 +260,21 @@ class TieredStorage:
         """``({kind: last archived index}, ordinal base)`` of a job with archive-only
         segments, for a local job that starts again (LocalStorage.set_new_job_floor)."""
         arch = self._archived.get(job_id)
-        if arch is None:
-            return None
+        indexes = dict(self._listed_top.get(job_id, {}))
         top = -1
-        for segs in arch.segments.values():
-            for seg in segs:
-                for m in seg.members:
-                    if m.count and m.kind != KIND_LEGACY and m.last_ordinal > top:
-                        top = m.last_ordinal
-        return {kind: segs[-1].index for kind, segs in arch.segments.items() if segs}, top + 1
+        if arch is not None:
+            for kind, segs in arch.segments.items():
+                if segs:
+                    indexes[kind] = max(indexes.get(kind, -1), segs[-1].index)
+                for seg in segs:
+                    for m in seg.members:
+                        if m.count and m.kind != KIND_LEGACY and m.last_ordinal > top:
+                            top = m.last_ordinal
+        if not indexes:
+            return None
+        # Without the member tables (sidecars not read yet) the ordinals start at 0: the
+        # names stay unique, and reads fall back to stored order (storage/reader.py).
+        return indexes, top + 1
 
     # -- writes and loads: the local backend -------------------------------------
 
@@ -288,6 +300,7 @@ class TieredStorage:
         if is_valid_job_id(job_id):
             self._deleted.add(job_id)
             self._archived.pop(job_id, None)
+            self._listed_top.pop(job_id, None)
         return self.local.delete_job(job_id)
 
     @reactor_only
