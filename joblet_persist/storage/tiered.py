@@ -188,9 +188,11 @@ class TieredStorage:
         return d.addCallback(stopped)
 
     def _run_stop(self, pool):
+        """Join ``pool`` off the reactor (on the reactor's own pool)."""
         from twisted.internet import threads
 
-        return threads.deferToThread(pool.stop)
+        reactor = self._reactor
+        return threads.deferToThreadPool(reactor, reactor.getThreadPool(), pool.stop)
 
     @defer.inlineCallbacks
     def _rebuild(self):
