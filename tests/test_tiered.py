@@ -420,6 +420,28 @@ class TieringTests(TieredCase):
         self.ship(reborn, data_dir=fresh_dir)
         self.assertEqual(self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read(), old)
 
+    def test_floors_hold_across_a_restart_while_s3_is_unreachable(self):
+        """A released job's floors are written to <dataDir>/archive_tier.json: restarted
+        with S3 unreachable (no listing yet), the job written again still continues after
+        its archived segments, and the archived objects are not overwritten."""
+        storage = self.make()
+        self.write_job(storage, 500)
+        self.ship(storage)
+        self.successResultOf(storage.release_job(JOB))
+        self.successResultOf(storage.stop())
+        self.assertTrue(os.path.exists(os.path.join(self.data_dir, "archive_tier.json")))
+        key = f"{PREFIX}n1/{JOB}/stdout/stdout.log.gz"
+        old = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        dead = self.moto.client(f"http://127.0.0.1:{_free_port()}", timeout=1.0)
+        again = self.make(client=dead)
+        self.assertNoResult(again.rebuilt)
+        self.successResultOf(again.append_logs(log_batch(JOB, STREAM_STDOUT, [
+            (T0, 0, 0, b"after the restart\n")])))
+        self.assertEqual(self.local_files(), ["stdout_000001.log.gz"])
+        self.ship(again)
+        self.assertEqual(self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read(), old)
+        self.successResultOf(again.stop())
+
     def test_rebuild_skips_segments_still_on_disk(self):
         """At start, archived segments that are still on local disk are read locally: the
         rebuild adds nothing for a job whose files are all here."""

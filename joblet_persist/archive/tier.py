@@ -20,12 +20,15 @@ when ``make_read_client`` is called (archiving on).
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import tempfile
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 from joblet_persist import events
 from joblet_persist.archive import layout
-from joblet_persist.storage import jobindex
+from joblet_persist.storage import jobindex, safefs, segment
 from joblet_persist.storage.api import (
     COUNT_FIELD_OF_KIND,
     EVENT_OF_KIND,
@@ -315,10 +318,83 @@ def _read_error(job_id: str, key: str, e: Exception) -> Exception:
 
 def local_segment_exists(data_dir: str, obj: ListedObject) -> bool:
     """Whether the local disk still holds the listed segment.  Pool thread."""
-    import os
-
     path = os.path.join(jobindex.job_dir(data_dir, obj.kind, obj.job_id), obj.name)
     try:
         return os.path.exists(path)
     except OSError:
         return False
+
+
+# -- the floors file ----------------------------------------------------------------
+
+FLOORS_FILENAME = "archive_tier.json"
+FLOORS_VERSION = 1
+
+
+def floors_path(data_dir: str) -> str:
+    return os.path.join(data_dir, FLOORS_FILENAME)
+
+
+def floors_to_bytes(target: tuple, floors: dict) -> bytes:
+    """``floors``: job -> ``({kind: last archived index}, ordinal base)``."""
+    bucket, prefix, node_id = target
+    doc = {
+        "version": FLOORS_VERSION,
+        "bucket": bucket,
+        "prefix": prefix,
+        "node_id": node_id,
+        "jobs": {job: {"top": {str(k): i for k, i in indexes.items()}, "base": base}
+                 for job, (indexes, base) in floors.items()},
+    }
+    return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode() + b"\n"
+
+
+def floors_from_bytes(data: bytes, target: tuple) -> dict:
+    """The floors a file holds (empty for another target); ValueError when damaged."""
+    doc = json.loads(data)
+    if not isinstance(doc, dict) or doc.get("version") != FLOORS_VERSION:
+        raise ValueError("unknown archive tier file version")
+    if (doc.get("bucket"), doc.get("prefix"), doc.get("node_id")) != tuple(target):
+        return {}
+    floors = {}
+    for job, entry in doc["jobs"].items():
+        if not is_valid_job_id(job):
+            raise ValueError(f"bad job id {job!r}")
+        indexes = {SegmentKind(k): int(i) for k, i in entry["top"].items()}
+        floors[job] = (indexes, int(entry["base"]))
+    return floors
+
+
+def thd_read_floors(data_dir: str) -> Optional[bytes]:
+    """The floors file's bytes, None when there is none.  Pool thread."""
+    try:
+        with safefs.open_read(floors_path(data_dir), 1) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def thd_write_floors(data_dir: str, data: bytes,
+                     modes: safefs.FileModes = safefs.DEFAULT_MODES) -> None:
+    """Replace the floors file atomically: temp file, fsync, rename, fsync dir.  Pool thread."""
+    path = floors_path(data_dir)
+    fd, tmp = tempfile.mkstemp(prefix="." + FLOORS_FILENAME + ".", suffix=".tmp", dir=data_dir)
+    try:
+        try:
+            os.fchmod(fd, modes.file_mode)
+            if modes.gid is not None:
+                os.fchown(fd, -1, modes.gid)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    segment.thd_fsync_path(data_dir)

@@ -39,9 +39,10 @@ from operator import itemgetter
 from typing import Callable, Optional
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from joblet_persist.archive import layout
+from joblet_persist.archive import layout, tier
 from joblet_persist.archive.tier import (
     ArchivedJob,
     ArchivedSegment,
@@ -110,7 +111,7 @@ class TieredStorage:
     def __init__(self, local, *, node_id: str, data_dir: str, kinds, make_source: Callable,
                  clock, target: tuple, run_remote: Optional[Callable] = None, reactor=None,
                  budget=None, list_page: int = 1000, retry_initial: float = 1.0,
-                 retry_max: float = 300.0):
+                 retry_max: float = 300.0, modes=None):
         self.local = local
         self.node_id = node_id
         self._data_dir = data_dir
@@ -140,6 +141,12 @@ class TieredStorage:
         # Reactor only: the highest segment index of each kind the start listing found per
         # job (names a restarted job must not reuse, whatever its sidecars say).
         self._listed_top: dict = {}
+        # Reactor only: the floors file's jobs (tier.thd_write_floors), read at start, and
+        # its writes (one in flight, another queued when the floors change meanwhile).
+        self._saved: dict = {}
+        self._modes = modes
+        self._saving: Optional[defer.Deferred] = None
+        self._save_again = False
         #: Fires when the catalog rebuilt from the bucket listing is in place.
         self.rebuilt: defer.Deferred = defer.Deferred()
         self.rebuild_errors = 0
@@ -165,6 +172,13 @@ class TieredStorage:
             self._pool.start()
             pool, reactor = self._pool, self._reactor
             self._run_remote = lambda f, *a: threads.deferToThreadPool(reactor, pool, f, *a)
+        try:
+            data = yield self._run_remote(tier.thd_read_floors, self._data_dir)
+            if data is not None:
+                self._saved = tier.floors_from_bytes(data, self._target)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            self.log.error("archive: {path} is unreadable ({error}); it is rewritten",
+                           path=tier.floors_path(self._data_dir), error=str(e))
         self._source = yield self._run_remote(self._make_source)
         d = self._rebuild()
         d.addErrback(lambda f: self.log.failure("archive: rebuilding the catalog failed", f))
@@ -177,6 +191,11 @@ class TieredStorage:
             # The rebuild waiting to retry the listing ends now (it sees _stopping).
             self._retry_call.reset(0)
         d = self.local.stop()
+        saving = self._saving
+        if saving is not None and not saving.called:
+            waiter = defer.Deferred()
+            saving.addBoth(lambda r: (waiter.callback(None), r)[1])
+            d.addCallback(lambda result: waiter.addCallback(lambda _: result))
 
         def stopped(result):
             if self._pool is not None:
@@ -242,6 +261,7 @@ class TieredStorage:
                 )
             self._archived[job_id] = found
         self.log.info("archive: {jobs} jobs have archive-only segments", jobs=len(self._archived))
+        self._save_floors()
 
     def _thd_job(self, job_id: str, objects: list) -> Optional[ArchivedJob]:
         data_dir = self._data_dir
@@ -262,8 +282,11 @@ class TieredStorage:
         """``({kind: last archived index}, ordinal base)`` of a job with archive-only
         segments, for a local job that starts again (LocalStorage.set_new_job_floor)."""
         arch = self._archived.get(job_id)
-        indexes = dict(self._listed_top.get(job_id, {}))
-        top = -1
+        saved_indexes, saved_base = self._saved.get(job_id, ({}, 0))
+        indexes = dict(saved_indexes)
+        for kind, index in self._listed_top.get(job_id, {}).items():
+            indexes[kind] = max(indexes.get(kind, -1), index)
+        top = saved_base - 1
         if arch is not None:
             for kind, segs in arch.segments.items():
                 if segs:
@@ -277,6 +300,31 @@ class TieredStorage:
         # Without the member tables (sidecars not read yet) the ordinals start at 0: the
         # names stay unique, and reads fall back to stored order (storage/reader.py).
         return indexes, top + 1
+
+    def _save_floors(self) -> None:
+        """Write the floors of the jobs with archive-only segments (the floors file), so
+        that they hold after a restart before S3 answers.  Reactor thread; one write in
+        flight, the latest state written last."""
+        if self._saving is not None:
+            self._save_again = True
+            return
+        jobs = (set(self._archived) | set(self._saved)) - self._deleted
+        floors = {job: f for job in sorted(jobs) if (f := self._floor(job)) is not None}
+        data = tier.floors_to_bytes(self._target, floors)
+        args = (self._data_dir, data) + ((self._modes,) if self._modes is not None else ())
+        d = self._saving = defer.Deferred()
+
+        def done(result):
+            self._saving = None
+            d.callback(None)
+            if isinstance(result, Failure):
+                self.log.failure("archive: writing {path} failed; retried at the next change",
+                                 result, path=tier.floors_path(self._data_dir))
+            if self._save_again:
+                self._save_again = False
+                self._save_floors()
+
+        self._run_remote(tier.thd_write_floors, *args).addBoth(done)
 
     # -- writes and loads: the local backend -------------------------------------
 
@@ -301,8 +349,10 @@ class TieredStorage:
         the catalog (the shipper deletes the objects); Deferred[local bytes freed]."""
         if is_valid_job_id(job_id):
             self._deleted.add(job_id)
-            self._archived.pop(job_id, None)
             self._listed_top.pop(job_id, None)
+            had = self._archived.pop(job_id, None) is not None
+            if self._saved.pop(job_id, None) is not None or had:
+                self._save_floors()
         return self.local.delete_job(job_id)
 
     @reactor_only
@@ -384,6 +434,8 @@ class TieredStorage:
         updated = info.last_updated if info is not None else 0
         current = self._archived.get(job_id) or ArchivedJob(job_id, 0, 0, {})
         self._archived[job_id] = current.with_segments(segments, created, updated)
+        self._deleted.discard(job_id)
+        self._save_floors()
 
     @reactor_only
     def drop_segment(self, job_id: str, kind: SegmentKind, index: int):
@@ -563,6 +615,7 @@ def make_tiered(config, local, *, clock, metrics=None, file_budget=None, run_rem
                 make_client=None) -> TieredStorage:
     """TieredStorage over ``local`` for ``archive.s3`` (storage/backends.py calls it)."""
     from joblet_persist.archive.tier import ArchiveSource, make_read_client
+    from joblet_persist.storage.safefs import FileModes
 
     s3c = config.archive.s3
     on_read = metrics.archive_reads() if metrics is not None else (lambda n: None)
@@ -579,6 +632,7 @@ def make_tiered(config, local, *, clock, metrics=None, file_budget=None, run_rem
         make_source=make_source,
         clock=clock,
         target=(s3c.bucket, s3c.prefix, config.server.node_id),
+        modes=FileModes(config.storage.file_mode, config.storage.dir_mode, config.storage.group),
         run_remote=run_remote,
         reactor=clock,
         budget=file_budget,
