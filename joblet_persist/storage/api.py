@@ -583,6 +583,10 @@ class ILocalTier(Interface):
 
     local = Attribute("The IStorageBackend holding the local copies (what is on disk).")
 
+    def set_archive_check(check):
+        """Release only what ``check`` (retention.IArchivedCheck: the archive's shipper)
+        says the remote tier holds as it is on disk.  Called once at wiring time."""
+
     def release_job(job_id):
         """Drop the job's local copy; Deferred[local bytes freed].  Reactor thread.
 
