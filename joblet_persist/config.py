@@ -557,6 +557,9 @@ class S3ArchiveConfig:
     # Retries of a failed upload: first delay, doubling (with jitter) up to the maximum.
     retry_initial: float = _key(_duration(positive=True), 1.0)
     retry_max: float = _key(_duration(positive=True), 300.0)
+    # Reads of archived data (queries of segments only the archive holds): connect and read
+    # timeout of each S3 request; a query fails with UNAVAILABLE after two such attempts.
+    read_timeout: float = _key(_duration(positive=True), 10.0)
 
 
 @dataclass(frozen=True)

@@ -237,6 +237,26 @@ class PersistMetrics:
         """The metrics of an archive backend, on this registry (once per backend)."""
         return ArchiveMetrics(self.registry, backend, source)
 
+    def archive_reads(self, backend: str = "s3") -> Callable[[int], None]:
+        """``read(nbytes)``: counts a read of archived data by a query (a ranged GET of an
+        archive-only segment or a sidecar).  Any thread; call once per backend."""
+        read_bytes = Counter(
+            "persist_archive_read_bytes",
+            "Bytes fetched from the archive to answer queries (ranged GETs and sidecars).",
+            ["backend"], registry=self.registry,
+        ).labels(backend)
+        requests = Counter(
+            "persist_archive_read_requests",
+            "Requests made to the archive to answer queries (ranged GETs and sidecars).",
+            ["backend"], registry=self.registry,
+        ).labels(backend)
+
+        def read(nbytes: int) -> None:
+            read_bytes.inc(nbytes)
+            requests.inc()
+
+        return read
+
     # -- ingest (reactor thread, per frame) -----------------------------
 
     def frame_received(self, msg_type: int, nbytes: int) -> None:

@@ -52,6 +52,7 @@ from joblet_persist.storage.api import (
     DataVanished,
     IBulkLogReads,
     InvalidJobId,
+    IRemoteNodes,
     JobInfo,
     LogRecord,
     MetricRecord,
@@ -463,7 +464,17 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
 
         return threads.blockingCallFromThread(self._reactor, call)
 
-    def _snapshot(self, job_id: str):
+    def _snapshot(self, job_id: str, node_id: str = ""):
+        """The job's snapshot; NOT_FOUND when unknown.  ``node_id`` (a request's) naming
+        another node reads that node's archive where the backend can (IRemoteNodes);
+        otherwise it is ignored (this node's data only)."""
+        storage = self._storage
+        if node_id and IRemoteNodes.providedBy(storage) and node_id != storage.node_id:
+            snap = storage.node_snapshot(node_id, job_id)
+            if snap is None:
+                raise RpcStatus(grpc.StatusCode.NOT_FOUND,
+                                f"job {job_id} not found in the archive of node {node_id}")
+            return snap
         snap = self._storage.snapshot(job_id)
         if snap is None:
             snap = self._call_on_reactor(self._storage.open_job, job_id)
@@ -519,8 +530,7 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
             )
         self._check_page(request.limit, request.offset)
         self._check_range(request.start_time, request.end_time)
-        # node_id (field 7) is ignored: local storage holds this node's data only.
-        snap = self._snapshot(job_id)
+        snap = self._snapshot(job_id, request.node_id)
         stats = ReadStats()
         args = (stream, request.start_time, request.end_time, request.offset, request.limit)
         cancelled = self._cancelled(context)
@@ -596,7 +606,7 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
         job_id = check_job_id(request.job_uuid)
         self._check_page(request.limit, request.offset)
         self._check_range(request.start_time, request.end_time)
-        snap = self._snapshot(job_id)
+        snap = self._snapshot(job_id, request.node_id)
         stats = ReadStats()
         records: Iterator[MetricRecord] = snap.iter_metrics(
             request.start_time,
@@ -617,12 +627,12 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
 
         The rules of QueryMetrics: inclusive range on bounds > 0, then offset,
         then limit; an unknown job is NOT_FOUND, a known job without events of
-        the kind an empty stream.  node_id is ignored (this node's data only).
+        the kind an empty stream.  node_id naming another node reads its archive.
         """
         job_id = check_job_id(request.job_uuid)
         self._check_page(request.limit, request.offset)
         self._check_range(request.start_time, request.end_time)
-        snap = self._snapshot(job_id)
+        snap = self._snapshot(job_id, request.node_id)
         stats = ReadStats()
         records = snap.iter_events(
             kind.name,

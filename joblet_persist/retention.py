@@ -19,6 +19,13 @@ Rules, in order (docs/operations.md explains them to operators):
    the filesystem has less than ``min_free_bytes`` free, whole jobs are deleted,
    least recently updated first.  Active jobs are spared; if only active jobs
    remain, the shortfall is reported and backpressure protects the disk.
+
+With an archive (tiering: the backend provides ``ILocalTier``), every rule
+frees local copies only: a job or part is *released* (``release_job``,
+``release_part``: the archived segments stay readable from the archive) and
+a dropped segment stays readable there too; sizes are local bytes, and jobs
+the archive alone holds are not retention's.  ``IArchivedCheck`` keeps what
+the archive has not taken on disk either way.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from joblet_persist.logs import Logger
 from joblet_persist.storage.api import (
     PART_OF_KIND,
     IFreeSpace,
+    ILocalTier,
     IRetentionSegments,
     Part,
     SegmentUsage,
@@ -324,8 +332,15 @@ class RetentionRunner:
         now = self._clock.seconds()
         busy = set(self._busy())
         segmented = IRetentionSegments.providedBy(storage)
+        tiered = ILocalTier.providedBy(storage)
         jobs = []
         for info in infos:
+            if tiered:
+                # Only local copies are retention's to drop: a job the archive alone holds
+                # (its local copy released) has nothing here.
+                log_bytes, metric_bytes, event_bytes = self._storage.part_sizes(info.job_id)
+                if log_bytes + metric_bytes + event_bytes == 0:
+                    continue
             segments = None
             if segmented and policy.job_max_bytes > 0 and info.size_bytes > policy.job_max_bytes:
                 yield self._storage.open_job(info.job_id)
@@ -383,11 +398,19 @@ class RetentionRunner:
 
     def _apply(self, action: Action) -> defer.Deferred:
         storage = self._storage
+        # With a remote tier (ILocalTier), retention frees the local copies: what the
+        # archive holds stays readable through the backend.
+        tiered = ILocalTier.providedBy(storage)
         if action.what == Target.JOB:
             d = self._discard(action.job_id)
-            d.addCallback(lambda _: storage.delete_job(action.job_id))
+            if tiered:
+                d.addCallback(lambda _: storage.release_job(action.job_id))
+            else:
+                d.addCallback(lambda _: storage.delete_job(action.job_id))
             return d
         if action.what in PART_OF_TARGET:
+            if tiered:
+                return storage.release_part(action.job_id, PART_OF_TARGET[action.what])
             return storage.delete_part(action.job_id, PART_OF_TARGET[action.what])
         seg = action.segment
         return storage.drop_segment(action.job_id, seg.kind, seg.index)

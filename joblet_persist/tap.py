@@ -420,9 +420,14 @@ def build_storage(config, reactor, metrics) -> StorageParts:
                 mode=f"{mode:04o}",
             )
 
+    from joblet_persist.storage.api import ILocalTier
+
+    # The metric counts what is on disk: with tiering, the local tier's jobs and bytes.
+    on_disk = storage.local if ILocalTier.providedBy(storage) else storage
+
     def storage_totals():
         # Running totals (constant time), not a walk of every job at each scrape.
-        jobs, _logs, _metrics, size_bytes = storage.totals()
+        jobs, _logs, _metrics, size_bytes = on_disk.totals()
         return jobs, size_bytes
 
     metrics.set_storage_source(storage_totals)
@@ -538,6 +543,11 @@ def build_archive(config, reactor, st: StorageParts, health, metrics) -> Optiona
         modes=FileModes(sc.file_mode, sc.dir_mode, sc.group),
     )
     shipper.set_metrics(metrics.archive("s3", shipper))
+    from joblet_persist.storage.api import ILocalTier
+
+    if ILocalTier.providedBy(st.storage):
+        # Tiering releases only the local segments the shipper has archived as they are.
+        st.storage.set_archive_check(shipper)
     health.add_check("archive", shipper.health_check)
     service = CallbackService("archive", shipper.start, shipper.stop)
     return ArchiveParts(shipper=shipper, pool=pool, service=service)

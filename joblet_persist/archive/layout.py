@@ -39,6 +39,7 @@ SIDECAR_VERSION = 1
 SIDECAR_COLUMNS = (
     "offset", "size", "count", "raw_size", "first_ordinal", "last_ordinal",
     "min_timestamp", "max_timestamp", "first_sequence", "last_sequence",
+    "kind",  # the member kind (format.KIND_*): tells members of the older service apart
 )  # fmt: skip
 MANIFEST_FILENAME = "archive_s3.json"
 MANIFEST_VERSION = 1

@@ -597,3 +597,44 @@ class IFreeSpace(Interface):
 
         Reactor thread; never fails.
         """
+
+
+class ILocalTier(Interface):
+    """Optional: the backend keeps local copies of data that a remote tier holds too.
+
+    Retention frees local space with it: ``release_job`` and ``release_part``
+    drop the local copy of what the remote tier has taken, which stays
+    readable through the backend's snapshots (``delete_job`` and
+    ``delete_part`` delete the data wherever it is).  ``drop_segment``
+    (IRetentionSegments) of such a backend releases the segment likewise.
+    """
+
+    local = Attribute("The IStorageBackend holding the local copies (what is on disk).")
+
+    def set_archive_check(check):
+        """Release only what ``check`` (retention.IArchivedCheck: the archive's shipper)
+        says the remote tier holds as it is on disk.  Called once at wiring time."""
+
+    def release_job(job_id):
+        """Drop the job's local copy; Deferred[local bytes freed].  Reactor thread.
+
+        Fails with StorageUnavailable (nothing dropped) when part of the local
+        data is not held by the remote tier.
+        """
+
+    def release_part(job_id, part):
+        """Drop the local copy of one Part of the job; like release_job."""
+
+
+class IRemoteNodes(Interface):
+    """Optional: the backend can read the data other nodes stored in a shared remote tier."""
+
+    node_id = Attribute("This node's id (str): requests naming it read the local data.")
+
+    def node_snapshot(node_id, job_id):
+        """IJobSnapshot of job ``job_id`` as node ``node_id`` archived it, or None.
+
+        Blocking (it may list and read the remote tier); any thread but the
+        reactor.  Raises StorageUnavailable when the remote tier cannot be
+        reached, InvalidJobId for an invalid job or node id.
+        """

@@ -6,6 +6,9 @@ file_budget)`` returning an object that provides
 ``storage.api.IStorageBackend``; a new backend (S3, CloudWatch) adds itself
 here and then passes tests/storage_contract.py.  Builders import their
 backend's module when called, so that naming a backend costs nothing.
+With ``archive.s3.enabled`` the backend built is wrapped in a TieredStorage
+(storage/tiered.py): the same interfaces, reading archive-only segments
+from S3.
 """
 
 from __future__ import annotations
@@ -60,6 +63,13 @@ def make_storage(config, *, run, clock, metrics=None, file_budget=None):
     storage = make(config, run=run, clock=clock, metrics=metrics, file_budget=file_budget)
     if not IStorageBackend.providedBy(storage):
         raise TypeError(f"storage backend {name!r} built {storage!r}, not an IStorageBackend")
+    if config.archive.s3.enabled:
+        # Tiering: the backend stays the hot tier, the S3 archive is read where local
+        # retention dropped the local copy (storage/tiered.py).
+        from joblet_persist.storage.tiered import make_tiered
+
+        storage = make_tiered(config, storage, clock=clock, metrics=metrics,
+                              file_budget=file_budget)
     return storage
 
 

@@ -28,6 +28,7 @@ import threading
 from collections import deque
 
 from joblet_persist.storage import safefs
+from joblet_persist.storage.remote import RemotePath
 
 #: Descriptors the storage pool may hold per thread (a file and its directory).
 POOL_FILES_PER_THREAD = 2
@@ -147,6 +148,12 @@ class OpenFiles:
             return f
         if len(self._files) >= self._limit:
             self._close(next(iter(self._files)))
+        if isinstance(path, RemotePath):
+            # A remote segment (storage.remote) holds no descriptor: no budget slot.
+            f = path.open()
+            self.opened += 1
+            self._files[path] = f
+            return f
         budget = self._budget
         if budget is not None and not budget.try_acquire():
             # Never wait while holding a slot: give ours back first.
@@ -167,7 +174,7 @@ class OpenFiles:
         try:
             f.close()
         finally:
-            if self._budget is not None:
+            if self._budget is not None and not isinstance(path, RemotePath):
                 self._budget.release()
 
     def release_all(self) -> None:

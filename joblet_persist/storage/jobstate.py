@@ -79,9 +79,23 @@ class JobState:
         return cls(job_id, segments, scan.ordinal_base(), info, now)
 
     @classmethod
-    def empty(cls, job_id: str, info: JobInfo, now: float) -> JobState:
-        """The state of a job that has no files yet."""
-        return cls(job_id, {kind: () for kind in SegmentKind}, 0, info, now)
+    def empty(cls, job_id: str, info: JobInfo, now: float, floor=None) -> JobState:
+        """The state of a job that has no files yet.
+
+        ``floor`` (``({kind: (index, path)}, ordinal base)``, or None) is what another
+        tier still holds of the job (an archive that took its released segments): a
+        closed, empty placeholder at each ``index`` (``path``: where that segment's file
+        was) sends the kind's appends to the next index, and ordinals start at the base,
+        so new segments never reuse a name (an archive key) and the job's ordinals keep
+        rising across the tiers.
+        """
+        segments = {kind: () for kind in SegmentKind}
+        base = 0
+        if floor is not None:
+            placeholders, base = floor
+            for kind, (index, path) in placeholders.items():
+                segments[kind] = (Segment(index, path, 0, reader.SegmentView(path, ()), True),)
+        return cls(job_id, segments, base, info, now)
 
     def views(self, kind: str) -> tuple:
         """The SegmentViews of ``kind``, in segment order (for a snapshot)."""

@@ -14,6 +14,7 @@ reported, and its snapshot and job index entry published.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Callable, Optional
 
 from twisted.internet import defer
@@ -26,6 +27,7 @@ from joblet_persist.storage.files import FileBudget
 from joblet_persist.storage.findings import Findings
 from joblet_persist.storage.gate import JobGate
 from joblet_persist.storage.jobstate import JobState
+from joblet_persist.storage.segment import segment_name
 from joblet_persist.storage.snapshot import LocalJobSnapshot
 from joblet_persist.threads import reactor_only
 
@@ -50,6 +52,9 @@ class LoadedJobs:
         self._catalog = catalog
         self._findings = findings
         self._budget = budget
+        #: ``floor(job_id)`` -> ``({kind: last index}, ordinal base)`` that another tier
+        #: holds of a job with no files here, or None; LocalStorage.set_new_job_floor.
+        self.floor: Optional[Callable] = None
         # Published state, read from any thread; mutated on the reactor only.
         self._snapshots: dict[str, LocalJobSnapshot] = {}
         # Reactor-only state.
@@ -144,11 +149,27 @@ class LoadedJobs:
             if state is None:
                 now = int(self._clock.seconds())
                 info = JobInfo(job_id, now, now, 0, 0, 0, 0, 0)
-                state = JobState.empty(job_id, info, self._clock.seconds())
+                floor = self._floor_of(job_id)
+                state = JobState.empty(job_id, info, self._clock.seconds(), floor)
                 self._jobs[job_id] = state
             return state
 
         return self.load(job_id).addCallback(loaded)
+
+    def _floor_of(self, job_id: str):
+        """JobState.empty's ``floor`` for a new job, from ``self.floor``; None without one."""
+        found = self.floor(job_id) if self.floor is not None else None
+        if not found:
+            return None
+        indexes, base = found
+        return (
+            {
+                kind: (index, os.path.join(jobindex.job_dir(self._data_dir, kind, job_id),
+                                           segment_name(kind, index)))
+                for kind, index in indexes.items()
+            },
+            base,
+        )
 
     @reactor_only
     def publish(self, state: JobState) -> None:

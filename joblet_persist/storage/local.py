@@ -327,6 +327,14 @@ class LocalStorage:
         d.addCallback(lambda state: None if state is None else self._jobs.snapshot(job_id))
         return d
 
+    def set_new_job_floor(self, floor) -> None:
+        """``floor(job_id)`` -> ``({SegmentKind: index}, ordinal base)`` or None: what a
+        remote tier (storage/tiered.py) still holds of a job this backend has no files
+        of.  When such a job gets data again, its segments continue after those indexes
+        and its ordinals from that base, so no segment name (an archive key) is reused.
+        Reactor thread (called at wiring time)."""
+        self._jobs.floor = floor
+
     @reactor_only
     def unload_idle(self, idle: float) -> int:
         """Forget the in-memory state of jobs not used for ``idle`` seconds.  Reactor thread.
