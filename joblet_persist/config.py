@@ -595,6 +595,8 @@ class S3ArchiveConfig:
     # Retries of a failed upload: first delay, doubling (with jitter) up to the maximum.
     retry_initial: float = _key(_duration(positive=True), 1.0)
     retry_max: float = _key(_duration(positive=True), 300.0)
+    # One S3 request gets this long to connect, and this long for each read of its answer.
+    request_timeout: float = _key(_duration(positive=True), 60.0)
 
 
 @dataclass(frozen=True)

@@ -43,8 +43,8 @@ def make_client(cfg):
     from botocore.config import Config
 
     config = Config(
-        connect_timeout=5,
-        read_timeout=60,
+        connect_timeout=min(5.0, cfg.request_timeout),
+        read_timeout=cfg.request_timeout,
         retries={"max_attempts": 2, "mode": "standard"},
         s3={"addressing_style": "path" if cfg.force_path_style else "auto"},
     )
