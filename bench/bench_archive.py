@@ -9,10 +9,11 @@ on a loopback port is the S3 store; the service is a real ``twistd joblet-persis
    close every ``--segment`` bytes, i.e. uploads run during the ingest), alternating
    ``--repeat`` times.  Each run is timed from the first byte sent until GetStats reports
    every frame appended.  Printed: frames/s per run, medians, and on/off.
-2. Upload throughput: the service ingests ``--drain-frames`` frames with the archive
-   pointed at a closed port (everything stays in the backlog), stops, and is started again
-   with the archive pointed at moto; timed from the moment it answers Ping until the
-   backlog is 0 (read from /metrics every 0.1 s), over the segment bytes uploaded.
+2. Upload throughput: the service ingests ``--drain-frames`` frames while its archive
+   endpoint (a TCP forwarder of this script's own in front of moto) refuses connections,
+   so that everything stays in the backlog; once every segment is due, the forwarder
+   accepts again, and the drain is timed from then until the backlog is 0 (read from
+   /metrics every 0.05 s; the first retry comes within 0.3 s), over the bytes uploaded.
 
     .venv/bin/python bench/bench_archive.py --frames 1000000 --repeat 3
 
@@ -33,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -92,6 +94,98 @@ class Moto:
         return boto3.session.Session(
             aws_access_key_id="bench", aws_secret_access_key="bench", region_name="us-east-1",
         ).client("s3", endpoint_url=self.url, config=Config(s3={"addressing_style": "path"}))
+
+
+class Forwarder:
+    """A TCP forwarder on a loopback port to ``target``: ``cut()`` refuses and drops,
+    ``restore()`` accepts again on the same port."""
+
+    def __init__(self, target: int):
+        self.target = target
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._listener = None
+        self._conns: set = set()
+        self._lock = threading.Lock()
+        self._up = threading.Event()
+        self._running = True
+        self._thread = threading.Thread(target=self._accept_loop, daemon=True)
+
+    def start(self) -> None:
+        self.restore()
+        self._thread.start()
+
+    def restore(self) -> None:
+        self._up.set()
+
+    def cut(self) -> None:
+        self._up.clear()
+        with self._lock:
+            listener, self._listener = self._listener, None
+            conns, self._conns = self._conns, set()
+        if listener is not None:
+            listener.close()
+        for s in conns:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self) -> None:
+        self._running = False
+        self.cut()
+
+    def _accept_loop(self) -> None:
+        while self._running:
+            if not self._up.wait(0.2):
+                continue
+            with self._lock:
+                if self._listener is None and self._up.is_set():
+                    listener = socket.socket()
+                    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    listener.bind(("127.0.0.1", self.port))
+                    listener.listen(64)
+                    listener.settimeout(0.2)
+                    self._listener = listener
+                listener = self._listener
+            if listener is None:
+                continue
+            try:
+                client, _addr = listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            server.settimeout(None)
+            client.settimeout(None)
+            with self._lock:
+                if not self._up.is_set():
+                    client.close()
+                    server.close()
+                    continue
+                self._conns.update((client, server))
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src, dst) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
 
 def scrape(port: int) -> dict:
@@ -213,22 +307,24 @@ def run_ingest(args, moto: Moto, payload: bytes, archive_on: bool) -> dict:
 
 
 def run_drain(args, moto: Moto) -> dict:
-    """Backlog built with S3 unreachable, then drained: the upload throughput."""
+    """Backlog built while S3 is unreachable, then drained: the upload throughput."""
     work = tempfile.mkdtemp(prefix="jpd", dir="/tmp")
+    fwd = Forwarder(moto.port)
+    fwd.start()
+    fwd.cut()
     try:
         lines = make_lines(args.drain_frames, 2, args.line_bytes)
         payload, _raw = encode_frames(lines, args.jobs, 0, 1)
-        closed = f"http://127.0.0.1:{free_port()}"
-        service = Service(work, archive_section(closed, retryInitial="30s", retryMax="30s"),
+        service = Service(work, archive_section(fwd.url, prefix="drain/", interval="200ms",
+                                                retryInitial="200ms", retryMax="300ms"),
                           args.segment)
         service.start()
         ingest(service, payload, args.drain_frames)
-        service.stop()
         service._sender.join(10)
-        service = Service(work, archive_section(moto.url, prefix="drain/", interval="200ms"),
-                          args.segment)
-        service.start()
-        t0 = time.perf_counter()  # the service answers: its first round starts now
+        time.sleep(2.5)  # every open segment idle (uploadIdleAfter 1s): all of it is due
+        backlog = archive_metric(service.metrics(), "persist_archive_backlog_bytes")
+        fwd.restore()
+        t0 = time.perf_counter()
         while True:
             m = service.metrics()
             uploaded = archive_metric(m, "persist_archive_uploaded_bytes_total")
@@ -236,14 +332,16 @@ def run_drain(args, moto: Moto) -> dict:
                 break
             if time.perf_counter() - t0 > 170:
                 raise SystemExit("drain did not finish within 170 s")
-            time.sleep(0.1)
+            time.sleep(0.05)
         elapsed = time.perf_counter() - t0
         segments = archive_metric(m, "persist_archive_uploaded_segments_total")
         service.stop()
-        return {"uploaded_bytes": int(uploaded), "segments": int(segments),
-                "seconds": round(elapsed, 3), "mb_per_s": round(uploaded / elapsed / 1e6, 2),
+        return {"backlog_bytes": int(backlog), "uploaded_bytes": int(uploaded),
+                "segments": int(segments), "seconds": round(elapsed, 3),
+                "mb_per_s": round(uploaded / elapsed / 1e6, 2),
                 "segments_per_s": round(segments / elapsed, 1)}
     finally:
+        fwd.close()
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -50,11 +50,11 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 from bench_archive import (  # noqa: E402
     BUCKET,
     NODE,
+    Forwarder,
     Moto,
     Service,
     archive_metric,
     archive_section,
-    free_port,
 )
 
 from joblet_persist._proto import persist_pb2  # noqa: E402
@@ -66,98 +66,6 @@ PREFIX = "soak/"
 
 def log(msg: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
-
-
-class Forwarder:
-    """A TCP forwarder on a loopback port to ``target``: ``cut()`` refuses and drops,
-    ``restore()`` accepts again on the same port."""
-
-    def __init__(self, target: int):
-        self.target = target
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._listener = None
-        self._conns: set = set()
-        self._lock = threading.Lock()
-        self._up = threading.Event()
-        self._running = True
-        self._thread = threading.Thread(target=self._accept_loop, daemon=True)
-
-    def start(self) -> None:
-        self.restore()
-        self._thread.start()
-
-    def restore(self) -> None:
-        self._up.set()
-
-    def cut(self) -> None:
-        self._up.clear()
-        with self._lock:
-            listener, self._listener = self._listener, None
-            conns, self._conns = self._conns, set()
-        if listener is not None:
-            listener.close()
-        for s in conns:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
-
-    def close(self) -> None:
-        self._running = False
-        self.cut()
-
-    def _accept_loop(self) -> None:
-        while self._running:
-            if not self._up.wait(0.2):
-                continue
-            with self._lock:
-                if self._listener is None and self._up.is_set():
-                    listener = socket.socket()
-                    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    listener.bind(("127.0.0.1", self.port))
-                    listener.listen(64)
-                    listener.settimeout(0.2)
-                    self._listener = listener
-                listener = self._listener
-            if listener is None:
-                continue
-            try:
-                client, _addr = listener.accept()
-            except (TimeoutError, OSError):
-                continue
-            try:
-                server = socket.create_connection(("127.0.0.1", self.target), timeout=5)
-            except OSError:
-                client.close()
-                continue
-            server.settimeout(None)
-            client.settimeout(None)
-            with self._lock:
-                if not self._up.is_set():
-                    client.close()
-                    server.close()
-                    continue
-                self._conns.update((client, server))
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, src, dst) -> None:
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
 
 class Load:
