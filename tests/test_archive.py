@@ -386,7 +386,35 @@ class ShipperTests(SynchronousTestCase):
         self.clock.advance(10)
         self.assertEqual(self.s3.deleted_prefixes, ["p/n1/j/"])
         self.assertEqual(self.s3.objects, {})
+        # The tombstone stays until a second listing, 2 x requestTimeout + interval later,
+        # finds nothing.
+        self.assertIn("j", json.loads(layout.thd_read_manifest(self.dir))["deletes"])
+        self.clock.advance(130)
+        self.assertEqual(self.s3.deleted_prefixes, ["p/n1/j/", "p/n1/j/"])
         self.assertEqual(json.loads(layout.thd_read_manifest(self.dir))["deletes"], {})
+
+    def test_an_object_landing_after_the_deletion_is_deleted_by_the_second_pass(self):
+        """An upload request that failed on our side may still be carried out by the store
+        after the deletion's listing: the tombstone keeps the job's uploads off and a second
+        listing, 2 x requestTimeout + interval later, deletes what landed; only a listing
+        that finds nothing ends the tombstone."""
+        self.write("j", "stdout.log.gz", b"a", age=5)
+        self.write("j", "stdout_000001.log.gz", b"b", age=5)
+        self.shipper.start()
+        shutil.rmtree(os.path.join(self.dir, "logs", "j"))
+        del self.storage.infos["j"]
+        self.shipper.delete_job("j")
+        self.clock.advance(10)
+        self.assertEqual(self.s3.objects, {})
+        self.s3.objects["p/n1/j/stdout/stdout_000001.log.gz"] = b"late"  # a late request
+        self.clock.advance(100)
+        self.assertIn("p/n1/j/stdout/stdout_000001.log.gz", self.s3.objects)
+        self.clock.advance(30)
+        self.assertEqual(self.s3.objects, {})
+        self.assertIn("j", json.loads(layout.thd_read_manifest(self.dir))["deletes"])
+        self.clock.advance(130)
+        self.assertEqual(json.loads(layout.thd_read_manifest(self.dir))["deletes"], {})
+        self.assertEqual(self.s3.deleted_prefixes, ["p/n1/j/"] * 3)
 
     def test_delete_racing_an_upload_resurrects_nothing(self):
         """DeleteJob arrives while one of the job's segments is being uploaded and its
@@ -428,7 +456,7 @@ class ShipperTests(SynchronousTestCase):
         self.clock.advance(10)
         self.assertEqual(self.s3.deleted_prefixes, ["p/n1/j/"])
         self.assertEqual(sorted(self.s3.objects), ["p/n1/k/stdout/stdout.log.gz"])
-        self.clock.advance(10)
+        self.clock.advance(130)
         self.assertEqual(sorted(self.s3.objects), ["p/n1/k/stdout/stdout.log.gz"])
         self.assertEqual(json.loads(layout.thd_read_manifest(self.dir))["deletes"], {})
 
@@ -451,6 +479,8 @@ class ShipperTests(SynchronousTestCase):
         self.s3.thd_delete_prefix = real
         self.shipper.release_delete("j")
         self.clock.advance(10)
+        self.assertIn("j", json.loads(layout.thd_read_manifest(self.dir))["deletes"])
+        self.clock.advance(130)
         self.assertEqual(json.loads(layout.thd_read_manifest(self.dir))["deletes"], {})
 
     def test_max_age_deletes_old_archived_jobs_no_longer_on_disk(self):

@@ -98,6 +98,7 @@ class S3Shipper:
         self._scan_wall = 0.0
         self._failures = 0
         self._held: dict = {}  # job -> DeleteJobs whose local deletion is still running
+        self._verify_at: dict = {}  # job -> clock time of its deletion's checking pass
         self._expire_at = 0.0  # clock time of the next archive.s3.maxAge sweep
         self._retry_at = 0.0
         self._unwritten = 0  # uploads recorded in memory, not yet in the manifest file
@@ -230,6 +231,7 @@ class S3Shipper:
         self._manifest.forget_job(job_id)
         self._scan.pop(job_id, None)
         self._settled.pop(job_id, None)
+        self._verify_at.pop(job_id, None)
         if hold:
             self._held[job_id] = self._held.get(job_id, 0) + 1
         return self._write_manifest()
@@ -267,14 +269,26 @@ class S3Shipper:
         except _RemoteFailed as e:
             self._remote_failed(e.args[0], e.args[1])
 
+    def _verify_grace(self) -> float:
+        """How long after a deletion a request of ours may still land in S3: a request
+        that failed on our side (a timeout, a cut connection) may still be carried out
+        by the store; two attempts of ``requestTimeout`` each, plus a round."""
+        return 2 * self._cfg.request_timeout + self._cfg.interval
+
     @defer.inlineCallbacks
     def _carry_out_deletes(self):
+        """Delete the tombstoned jobs' objects; each tombstone stays until a second listing,
+        ``_verify_grace`` later, finds the prefix empty (an upload request that failed on
+        our side but was still carried out by the store is deleted by that pass)."""
         cfg = self._cfg
         for job_id in sorted(self._manifest.deletes):
             if self._stopping.is_set():
                 return
             if job_id in self._held:
                 continue  # its local files are still being deleted
+            verify_at = self._verify_at.get(job_id)
+            if verify_at is not None and self._clock.seconds() < verify_at:
+                continue
             prefix = layout.job_prefix(cfg.prefix, self._node_id, job_id)
             try:
                 n = yield self._run(self._s3.thd_delete_prefix, self._client, cfg.bucket, prefix)
@@ -283,11 +297,19 @@ class S3Shipper:
             self.deleted_objects += n
             if self._metrics is not None:
                 self._metrics.deleted(n)
-            if job_id not in self._held:
-                # A DeleteJob that came meanwhile and still holds keeps its tombstone.
-                self._manifest.deletes.pop(job_id, None)
+            if job_id in self._held or job_id not in self._manifest.deletes:
+                continue  # a DeleteJob came meanwhile and holds: it starts over
+            if verify_at is None or n:
+                if verify_at is not None:
+                    self.log.warn("archive: {n} objects of deleted job {job} appeared after "
+                                  "its deletion (a late request); deleted", n=n, job=job_id)
+                else:
+                    self.log.info("archive: deleted {n} objects of job {job}", n=n, job=job_id)
+                self._verify_at[job_id] = self._clock.seconds() + self._verify_grace()
+                continue
+            self._verify_at.pop(job_id, None)
+            self._manifest.deletes.pop(job_id, None)
             yield self._write_manifest()
-            self.log.info("archive: deleted {n} objects of job {job}", n=n, job=job_id)
 
     @defer.inlineCallbacks
     def _expire_old_jobs(self):

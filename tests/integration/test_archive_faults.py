@@ -39,6 +39,18 @@ from tests.integration.test_archive import (
 )
 
 
+def _counts(sock: str, job: str) -> tuple:
+    """Blocking: the job's stored (log, metric) counts; (-1, -1) while it is unknown."""
+    import grpc
+
+    try:
+        info = grpc_call(sock, lambda stub, t: stub.GetJobInfo(
+            persist_pb2.GetJobInfoRequest(job_uuid=job), timeout=t))
+    except grpc.RpcError:
+        return (-1, -1)
+    return (info.log_count, info.metric_count)
+
+
 def _sleep(seconds: float) -> defer.Deferred:
     return task.deferLater(reactor, seconds, lambda: None)
 
@@ -67,11 +79,12 @@ class _Job:
 
 class _FaultBase(_Base):
     async def feed(self, job: _Job, n: int = 40) -> None:
-        """Send ``n`` more frames of ``job`` and wait until they are stored."""
+        """Send ``n`` more frames of ``job`` and wait until they are all stored (logs and
+        metrics: a frame still on its way after a DeleteJob would start the job afresh)."""
         await self.send(job.frames(n))
         await wait_for(
-            lambda: threads.deferToThread(_log_count, self.grpc_sock, job.name).addCallback(
-                lambda c: c == job.seq),
+            lambda: threads.deferToThread(_counts, self.grpc_sock, job.name).addCallback(
+                lambda c: c == (job.seq, job.seq)),
             timeout=15, what=f"{job.name} stored",
         )
 
@@ -138,8 +151,8 @@ class GateFaultTests(_FaultBase):
         await self.feed(job, 40)
         await self.wait_archived(timeout=60)
         self.assertGreater(self.gate.faulted, 0)
-        status, _doc = await threads.deferToThread(self.health)
-        self.assertEqual(status, 200)
+        await wait_for(lambda: threads.deferToThread(self.health).addCallback(
+            lambda r: r[0] == 200), timeout=10, what="health good with slow answers")
         self.gate.set_fault(None)
         remote = await threads.deferToThread(self.objects)
         self.check_job(remote, job)
@@ -276,8 +289,9 @@ class DeleteTests(_FaultBase):
         """DeleteJob arrives while an upload of the job is in flight (the gate holds S3's
         answer for 1 s): the job's objects are all deleted, the one of the racing upload
         too, and none comes back over the following rounds; the other job's objects
-        stay, and no deletion is left pending in the manifest."""
-        proc = await self.start_twistd(self.config())
+        stay, and the deletion's record leaves the manifest once a second listing
+        (2 x requestTimeout + interval later) found nothing."""
+        proc = await self.start_twistd(self.config({"requestTimeout": "2s"}))
         keep, doomed = _Job("job-keep"), _Job("job-doomed")
         await self.feed(keep)
         await self.wait_archived()
@@ -295,12 +309,18 @@ class DeleteTests(_FaultBase):
                        .addCallback(lambda keys: keys == []),
                        timeout=20, what="the doomed job's objects deleted")
         await _sleep(1.5)  # five more rounds
-        self.assertEqual(await threads.deferToThread(self.job_keys, doomed.name), [])
+        self.assertEqual(await threads.deferToThread(self.job_keys, doomed.name), [],
+                         proc.output[-6000:])
         self.check_job(await threads.deferToThread(self.objects), keep)
-        with open(layout.manifest_path(self.data_dir), "rb") as f:
-            manifest = layout.Manifest.from_bytes(f.read(), (BUCKET, PREFIX, NODE))
-        self.assertEqual(manifest.deletes, {})
-        self.assertNotIn(doomed.name, manifest.segments)
+
+        def manifest():
+            with open(layout.manifest_path(self.data_dir), "rb") as f:
+                return layout.Manifest.from_bytes(f.read(), (BUCKET, PREFIX, NODE))
+
+        await wait_for(lambda: manifest().deletes == {}, timeout=20,
+                       what="the deletion's record gone after the checking pass")
+        self.assertNotIn(doomed.name, manifest().segments)
+        self.assertEqual(await threads.deferToThread(self.job_keys, doomed.name), [])
         await self.stop(proc)
 
     async def test_max_age_expires_archived_jobs_gone_locally(self):
