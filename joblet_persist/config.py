@@ -527,6 +527,37 @@ def _sse(value: Any) -> str:
     return _choice(("none", "sse-s3", "sse-kms"), {"aes256": "sse-s3", "aws:kms": "sse-kms"})(value)
 
 
+#: When a remote backend copies a kind of data (``archive.<backend>.routes.<kind>``):
+#: ``durable`` as soon as it is on disk (an open segment is copied again while it grows),
+#: ``close`` when its segment closes (and the open segment of a job idle
+#: ``uploadIdleAfter``), ``idle`` only once the job is idle ``uploadIdleAfter``, ``never``.
+ROUTE_MODES = ("durable", "close", "idle", "never")
+
+
+@dataclass(frozen=True)
+class RoutesConfig:
+    """``archive.<backend>.routes``: when each kind of data (a Part) goes to that backend.
+
+    One key per Part (``logs``, ``metrics``, ``events``), each one of ROUTE_MODES;
+    ``mode(part)`` reads it.  Shared by every remote backend's section.
+    """
+
+    logs: str = _key(_choice(ROUTE_MODES), "close")
+    metrics: str = _key(_choice(ROUTE_MODES), "close")
+    events: str = _key(_choice(ROUTE_MODES), "close")
+
+    def mode(self, part: str) -> str:
+        """The route of ``part`` (a Part or its name)."""
+        return getattr(self, str(part))
+
+    @classmethod
+    def from_kinds(cls, kinds: tuple) -> RoutesConfig:
+        """The routes of the older ``kinds`` list: listed kinds ``close``, the rest ``never``
+        (an empty list: every kind ``close``)."""
+        return cls(**{f.name: ("close" if not kinds or f.name in kinds else "never")
+                      for f in dataclasses.fields(cls)})
+
+
 @dataclass(frozen=True)
 class S3ArchiveConfig:
     """``archive.s3``: closed segments copied to an S3 bucket (docs/operations.md)."""
@@ -552,14 +583,24 @@ class S3ArchiveConfig:
     # unarchived segment (0: never).
     backlog_unhealthy_bytes: int = _key(_size(), 10 * 1024 * MiB)
     backlog_unhealthy_age: float = _key(_duration(), 3600.0)
-    # Which data kinds are archived (Part names: logs, metrics, ...); [] = all.
-    kinds: tuple = _key(_archive_kinds, (), lambda kinds: list(kinds))
+    # Which data kinds are archived (Part names: logs, metrics, ...); [] = all.  The older
+    # form of ``routes`` (read into it; not shown in describe() or the example file).
+    kinds: tuple = field(default=(), metadata={"parse": _archive_kinds, "describe": None,
+                                                 "legacy": True})
+    # When each data kind is uploaded (durable, close, idle, never); replaces ``kinds``.
+    routes: RoutesConfig = _section(RoutesConfig)
+    # An archived job whose newest object is older than this, and that is no longer on
+    # the local disk, is deleted from the bucket (0: kept forever); checked this often.
+    max_age: float = _key(_duration(), 0.0)
+    retention_interval: float = _key(_duration(positive=True), 3600.0)
     # Retries of a failed upload: first delay, doubling (with jitter) up to the maximum.
     retry_initial: float = _key(_duration(positive=True), 1.0)
     retry_max: float = _key(_duration(positive=True), 300.0)
     # Reads of archived data (queries of segments only the archive holds): connect and read
     # timeout of each S3 request; a query fails with UNAVAILABLE after two such attempts.
     read_timeout: float = _key(_duration(positive=True), 10.0)
+    # One S3 request gets this long to connect, and this long for each read of its answer.
+    request_timeout: float = _key(_duration(positive=True), 60.0)
 
 
 @dataclass(frozen=True)
@@ -611,7 +652,7 @@ def _describe(section: Any) -> dict[str, Any]:
         value = getattr(section, item.name)
         if "section" in item.metadata:
             out[_camel(item.name)] = _describe(value)
-        elif "parse" in item.metadata:
+        elif "parse" in item.metadata and not item.metadata.get("legacy"):
             show = item.metadata["describe"]
             out[_camel(item.name)] = show(value) if show else value
     return out
@@ -728,6 +769,8 @@ def _parse_section(cls: type, mapping: Any, path: str, ctx: _Context) -> Any:
     for key, item in keys.items():
         dotted = _join(path, key)
         if "section" in item.metadata:
+            if key in mapping:
+                ctx.explicit.add(dotted)
             values[item.name] = _parse_section(
                 item.metadata["section"], mapping.get(key), dotted, ctx
             )
@@ -939,8 +982,25 @@ def _build(document: Any, source: str, data_dir: str | None) -> Config:
         # Many pool threads: the default leaves queries as many files as on a small node.
         storage = dataclasses.replace(cfg.storage, max_open_files=pool_files + QUERY_FILES_DEFAULT)
         cfg = dataclasses.replace(cfg, storage=storage)
+    cfg = _archive_routes(cfg, ctx)
     _validate(cfg, ctx)
     return cfg
+
+
+def _archive_routes(cfg: Config, ctx: _Context) -> Config:
+    """``archive.s3.kinds`` (the older key) becomes the equivalent ``archive.s3.routes``;
+    setting both is an error naming both."""
+    if "archive.s3.kinds" not in ctx.explicit:
+        return cfg
+    if "archive.s3.routes" in ctx.explicit:
+        raise ctx.error(
+            "archive.s3.kinds",
+            f"set either this or {ctx.name('archive.s3.routes')}, not both "
+            f"({ctx.name('archive.s3.routes')} replaces it: a listed kind is 'close', "
+            "one not listed 'never')",
+        )
+    s3 = dataclasses.replace(cfg.archive.s3, routes=RoutesConfig.from_kinds(cfg.archive.s3.kinds))
+    return dataclasses.replace(cfg, archive=dataclasses.replace(cfg.archive, s3=s3))
 
 
 def config_from_string(

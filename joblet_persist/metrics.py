@@ -418,7 +418,12 @@ class ArchiveMetrics:
         ).labels(backend)
         self._deleted = Counter(
             "persist_archive_deleted_objects",
-            "Archived objects deleted (DeleteJob).",
+            "Archived objects deleted (DeleteJob, archive maxAge).",
+            ["backend"], registry=registry,
+        ).labels(backend)
+        self._expired = Counter(
+            "persist_archive_expired_jobs",
+            "Archived jobs deleted from the archive for being older than its maxAge.",
             ["backend"], registry=registry,
         ).labels(backend)
 
@@ -431,6 +436,9 @@ class ArchiveMetrics:
 
     def deleted(self, count: int) -> None:
         self._deleted.inc(count)
+
+    def expired(self, count: int) -> None:
+        self._expired.inc(count)
 
 
 def _monotonic() -> float:

@@ -607,12 +607,17 @@ def build_queries(config, reactor, st: StorageParts, wr: WriterParts, lc: Lifecy
     storage, writer, health, qc = st.storage, wr.writer, lc.health, config.query
 
     def delete_job(job_id):
-        d = writer.discard_job(job_id)
+        if archive is None:
+            d = writer.discard_job(job_id)
+            return d.addCallback(lambda _: storage.delete_job(job_id))
+        # The archived objects go too: the deletion is recorded durably first (a crash
+        # after the local deletion must not leave the job archived-only), and the shipper
+        # deletes the objects once the local files are gone (none is uploaded again).
+        shipper = archive.shipper
+        d = shipper.delete_job(job_id, hold=True)
+        d.addCallback(lambda _: writer.discard_job(job_id))
         d.addCallback(lambda _: storage.delete_job(job_id))
-        if archive is not None:
-            # The archived objects go too: recorded durably here, deleted by the shipper.
-            d.addCallback(lambda freed: archive.shipper.delete_job(job_id).addCallback(
-                lambda _: freed))
+        d.addBoth(lambda result: (shipper.release_delete(job_id), result)[1])
         return d
 
     def ingest_stats():

@@ -7,6 +7,7 @@ exercised by tests/integration/test_archive.py).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from joblet_persist.archive import layout
 from joblet_persist.archive.shipper import S3Shipper
-from joblet_persist.config import config_from_string
+from joblet_persist.config import RoutesConfig, config_from_string
 from joblet_persist.retention import IArchivedCheck, JobUsage, RetentionPolicy, plan_retention
 from joblet_persist.storage.api import JobInfo, Part, SegmentKind, SegmentUsage
 from joblet_persist.storage.compress import make_compressor
@@ -216,6 +217,8 @@ class _S3Calls:
         self.fail: Exception | None = None
         self.uploads = []
         self.deleted_prefixes = []
+        self.modified: dict = {}  # key -> wall time of its last write
+        self.now = lambda: 0.0
 
     def thd_upload_segment(self, client, cfg, node_id, f, stopping):
         if self.fail is not None:
@@ -224,10 +227,21 @@ class _S3Calls:
             data = fh.read()
         key = layout.object_key(cfg.prefix, node_id, f.job_id, f.kind, f.name)
         self.objects[key] = data
+        self.modified[key] = self.now()
         self.uploads.append(key)
         st = os.stat(f.path)
         return type("Up", (), {"size": len(data),
                                "stamp": (st.st_size, st.st_ino, st.st_mtime_ns)})()
+
+    def thd_job_ages(self, client, bucket, node_prefix):
+        if self.fail is not None:
+            raise self.fail
+        ages = {}
+        for key in self.objects:
+            job = layout.job_of_key(node_prefix, key)
+            if job is not None:
+                ages[job] = max(ages.get(job, 0.0), self.modified.get(key, 0.0))
+        return ages
 
     def thd_delete_prefix(self, client, bucket, prefix):
         if self.fail is not None:
@@ -259,21 +273,26 @@ class ShipperTests(SynchronousTestCase):
         self.dir = _tempdir(self)
         self.clock = task.Clock()
         self.wall = [1_800_000_000.0]
+        self.s3 = _S3Calls()
+        self.s3.now = lambda: self.wall[0]
+        self.storage = _Storage()
+        self.shipper = self.make_shipper()
+
+    def make_shipper(self, extra: str = "") -> S3Shipper:
+        """A shipper for ``archive.s3`` with the test's settings plus ``extra`` keys."""
         cfg = config_from_string(
             "server: {nodeId: n1}\n"
             "archive: {s3: {enabled: true, bucket: b, prefix: 'p/', interval: 10s,"
             " uploadIdleAfter: 60s, retryInitial: 1s, retryMax: 8s,"
-            " backlogUnhealthyBytes: 100}}\n"
+            " backlogUnhealthyBytes: 100" + extra + "}}\n"
         ).archive.s3
-        self.s3 = _S3Calls()
-        self.storage = _Storage()
-        self.shipper = S3Shipper(cfg, "n1", self.dir, self.storage, self.clock, _sync_run,
-                                 s3=self.s3, make_client=lambda cfg: object(),
-                                 wall=lambda: self.wall[0], jitter=lambda: 0.5)
+        return S3Shipper(cfg, "n1", self.dir, self.storage, self.clock, _sync_run,
+                         s3=self.s3, make_client=lambda cfg: object(),
+                         wall=lambda: self.wall[0], jitter=lambda: 0.5)
 
-    def write(self, job, name, data, age):
+    def write(self, job, name, data, age, top="logs"):
         """A segment file of ``job`` last written ``age`` seconds ago (wall clock)."""
-        d = os.path.join(self.dir, "logs", job)
+        d = os.path.join(self.dir, top, job)
         os.makedirs(d, exist_ok=True)
         path = os.path.join(d, name)
         with open(path, "ab") as f:
@@ -367,7 +386,196 @@ class ShipperTests(SynchronousTestCase):
         self.clock.advance(10)
         self.assertEqual(self.s3.deleted_prefixes, ["p/n1/j/"])
         self.assertEqual(self.s3.objects, {})
+        # The tombstone stays until a second listing, 2 x requestTimeout + interval later,
+        # finds nothing.
+        self.assertIn("j", json.loads(layout.thd_read_manifest(self.dir))["deletes"])
+        self.clock.advance(130)
+        self.assertEqual(self.s3.deleted_prefixes, ["p/n1/j/", "p/n1/j/"])
         self.assertEqual(json.loads(layout.thd_read_manifest(self.dir))["deletes"], {})
+
+    def test_an_object_landing_after_the_deletion_is_deleted_by_the_second_pass(self):
+        """An upload request that failed on our side may still be carried out by the store
+        after the deletion's listing: the tombstone keeps the job's uploads off and a second
+        listing, 2 x requestTimeout + interval later, deletes what landed; only a listing
+        that finds nothing ends the tombstone."""
+        self.write("j", "stdout.log.gz", b"a", age=5)
+        self.write("j", "stdout_000001.log.gz", b"b", age=5)
+        self.shipper.start()
+        shutil.rmtree(os.path.join(self.dir, "logs", "j"))
+        del self.storage.infos["j"]
+        self.shipper.delete_job("j")
+        self.clock.advance(10)
+        self.assertEqual(self.s3.objects, {})
+        self.s3.objects["p/n1/j/stdout/stdout_000001.log.gz"] = b"late"  # a late request
+        self.clock.advance(100)
+        self.assertIn("p/n1/j/stdout/stdout_000001.log.gz", self.s3.objects)
+        self.clock.advance(30)
+        self.assertEqual(self.s3.objects, {})
+        self.assertIn("j", json.loads(layout.thd_read_manifest(self.dir))["deletes"])
+        self.clock.advance(130)
+        self.assertEqual(json.loads(layout.thd_read_manifest(self.dir))["deletes"], {})
+        self.assertEqual(self.s3.deleted_prefixes, ["p/n1/j/"] * 3)
+
+    def test_delete_racing_an_upload_resurrects_nothing(self):
+        """DeleteJob arrives while one of the job's segments is being uploaded and its
+        local files are still being deleted: the upload in flight ends but is not
+        recorded, no other segment of the job is uploaded, the objects are not deleted
+        while DeleteJob holds the deletion, and once it releases them the listing (made
+        after the upload ended) removes every object, the one of the racing upload too;
+        nothing of the job is uploaded afterwards."""
+        for i in range(3):
+            self.write("j", segment_name(SegmentKind.STDOUT, i), b"x%d" % i, age=100 - i)
+        self.write("k", "stdout.log.gz", b"k", age=100)
+        pending = []
+        real_upload = self.s3.thd_upload_segment
+
+        def run(f, *args, **kwargs):
+            if f == self.s3.thd_upload_segment and args[3].job_id == "j" and not pending:
+                d = defer.Deferred()
+                pending.append((d, args))
+                return d
+            return defer.maybeDeferred(f, *args, **kwargs)
+
+        self.shipper._run = run
+        self.shipper.start()
+        self.assertEqual(len(pending), 1)  # j's first segment is on its way
+        durable = self.shipper.delete_job("j", hold=True)
+        self.assertTrue(durable.called)
+        self.assertIn("j", json.loads(layout.thd_read_manifest(self.dir))["deletes"])
+        d, args = pending[0]
+        d.callback(real_upload(*args))  # the racing upload lands in the bucket
+        self.assertIn("p/n1/j/stdout/stdout.log.gz", self.s3.objects)
+        self.assertEqual([u for u in self.s3.uploads if "/j/" in u],
+                         ["p/n1/j/stdout/stdout.log.gz"])
+        self.assertNotIn("j", json.loads(layout.thd_read_manifest(self.dir))["segments"])
+        self.clock.advance(10)  # local deletion still running: objects stay for now
+        self.assertEqual(self.s3.deleted_prefixes, [])
+        shutil.rmtree(os.path.join(self.dir, "logs", "j"))
+        del self.storage.infos["j"]
+        self.shipper.release_delete("j")
+        self.clock.advance(10)
+        self.assertEqual(self.s3.deleted_prefixes, ["p/n1/j/"])
+        self.assertEqual(sorted(self.s3.objects), ["p/n1/k/stdout/stdout.log.gz"])
+        self.clock.advance(130)
+        self.assertEqual(sorted(self.s3.objects), ["p/n1/k/stdout/stdout.log.gz"])
+        self.assertEqual(json.loads(layout.thd_read_manifest(self.dir))["deletes"], {})
+
+    def test_a_second_delete_during_the_deletion_keeps_the_tombstone(self):
+        """A DeleteJob that comes (and holds) while the job's objects are being deleted
+        keeps the tombstone: it is not dropped by the deletion that started before."""
+        self.write("j", "stdout.log.gz", b"a", age=100)
+        self.write("j", "stdout_000001.log.gz", b"b", age=100)
+        self.shipper.start()
+        self.shipper.delete_job("j")
+        real = self.s3.thd_delete_prefix
+
+        def delete_prefix(client, bucket, prefix):
+            self.shipper.delete_job("j", hold=True)  # arrives while S3 deletes
+            return real(client, bucket, prefix)
+
+        self.s3.thd_delete_prefix = delete_prefix
+        self.clock.advance(10)
+        self.assertIn("j", json.loads(layout.thd_read_manifest(self.dir))["deletes"])
+        self.s3.thd_delete_prefix = real
+        self.shipper.release_delete("j")
+        self.clock.advance(10)
+        self.assertIn("j", json.loads(layout.thd_read_manifest(self.dir))["deletes"])
+        self.clock.advance(130)
+        self.assertEqual(json.loads(layout.thd_read_manifest(self.dir))["deletes"], {})
+
+    def test_max_age_deletes_old_archived_jobs_no_longer_on_disk(self):
+        """archive.s3.maxAge: a job whose newest object is older and that has no local
+        files is deleted from the archive (counted); a job still on disk, a job written
+        within maxAge, and every job when maxAge is 0 are kept; the bucket is listed at
+        most once per retentionInterval."""
+        self.shipper = self.make_shipper(", maxAge: 1h, retentionInterval: 100s")
+        self.s3.objects.update({"p/n1/gone/stdout/stdout.log.gz": b"a",
+                                "p/n1/gone/stdout/stdout.log.gz.members.json": b"{}",
+                                "p/n1/young/stdout/stdout.log.gz": b"y",
+                                "p/n2/gone/stdout/stdout.log.gz": b"other node"})
+        old = self.wall[0] - 7200
+        self.s3.modified.update({k: old for k in self.s3.objects})
+        self.s3.modified["p/n1/young/stdout/stdout.log.gz"] = self.wall[0] - 60
+        self.write("local", "stdout.log.gz", b"l", age=7200)
+        self.write("local", "stdout_000001.log.gz", b"l", age=7200)
+        listed = []
+        real = self.s3.thd_job_ages
+
+        def ages(*args):
+            listed.append(self.clock.seconds())
+            return real(*args)
+
+        self.s3.thd_job_ages = ages
+        self.shipper.start()
+        for key in self.s3.objects:
+            if "/local/" in key:
+                self.s3.modified[key] = old  # as if archived long ago
+        self.assertEqual(sorted(self.s3.objects), [
+            "p/n1/local/stdout/stdout.log.gz", "p/n1/local/stdout/stdout_000001.log.gz",
+            "p/n1/young/stdout/stdout.log.gz", "p/n2/gone/stdout/stdout.log.gz"])
+        self.assertEqual(self.shipper.expired_jobs, 1)
+        self.clock.advance(10)
+        self.clock.advance(90)
+        self.assertEqual(listed, [0, 100])
+        self.assertIn("p/n1/local/stdout/stdout.log.gz", self.s3.objects)
+        self.wall[0] += 3600
+        self.clock.advance(100)
+        self.assertNotIn("p/n1/young/stdout/stdout.log.gz", self.s3.objects)
+        self.assertIn("p/n1/local/stdout/stdout.log.gz", self.s3.objects)
+        self.assertEqual(self.shipper.expired_jobs, 2)
+
+        forever = self.make_shipper()
+        forever.start()
+        forever.stop()
+        self.assertEqual(listed, [0, 100, 200])  # maxAge 0: never listed
+
+    def route_shipper(self, routes: str) -> S3Shipper:
+        return self.make_shipper(", routes: {" + routes + "}")
+
+    def test_route_durable_uploads_the_open_segment_as_it_grows(self):
+        """routes.logs: durable uploads a job's open segment in the first round and
+        again every round in which it grew, while metrics (close) wait for idle."""
+        self.shipper = self.route_shipper("logs: durable")
+        self.write("j", "stdout.log.gz", b"a", age=0)
+        self.write("j", "metrics.jsonl.gz", b"m", age=0, top="metrics")
+        self.shipper.start()
+        self.assertEqual(self.s3.uploads, ["p/n1/j/stdout/stdout.log.gz"])
+        self.clock.advance(10)
+        self.assertEqual(len(self.s3.uploads), 1, "unchanged: not uploaded again")
+        self.write("j", "stdout.log.gz", b"b", age=0)
+        self.clock.advance(10)
+        self.assertEqual(self.s3.objects["p/n1/j/stdout/stdout.log.gz"], b"ab")
+        self.assertNotIn("p/n1/j/metrics/metrics.jsonl.gz", self.s3.objects)
+
+    def test_route_idle_waits_for_the_whole_job_to_be_idle(self):
+        """routes.logs: idle uploads even closed segments only once the job had no write
+        for uploadIdleAfter (a write to another kind of the job counts too); close (the
+        default) uploads closed segments at once."""
+        self.shipper = self.route_shipper("logs: idle")
+        self.write("j", "stdout.log.gz", b"a", age=100)
+        self.write("j", "stdout_000001.log.gz", b"b", age=100)
+        self.write("j", "metrics.jsonl.gz", b"m", age=100, top="metrics")
+        self.write("j", "metrics_000001.jsonl.gz", b"m", age=0, top="metrics")
+        self.shipper.start()
+        self.assertEqual(self.s3.uploads, ["p/n1/j/metrics/metrics.jsonl.gz"])
+        self.assertFalse(self.shipper.segment_archived("j", SegmentKind.STDOUT, 0))
+        self.wall[0] += 61
+        self.clock.advance(10)
+        self.assertEqual(sorted(self.s3.uploads), [
+            "p/n1/j/metrics/metrics.jsonl.gz", "p/n1/j/metrics/metrics_000001.jsonl.gz",
+            "p/n1/j/stdout/stdout.log.gz", "p/n1/j/stdout/stdout_000001.log.gz"])
+
+    def test_route_never_skips_the_kind_and_retention_does_not_wait(self):
+        """routes.metrics: never: metrics are neither scanned nor uploaded, and retention
+        is free to delete them (the archive does not wait for what it never takes)."""
+        self.shipper = self.route_shipper("metrics: never")
+        self.write("j", "metrics.jsonl.gz", b"m", age=100, top="metrics")
+        self.write("j", "metrics_000001.jsonl.gz", b"m", age=100, top="metrics")
+        self.write("j", "stdout.log.gz", b"a", age=100)
+        self.shipper.start()
+        self.assertEqual(self.s3.uploads, ["p/n1/j/stdout/stdout.log.gz"])
+        self.assertTrue(self.shipper.segment_archived("j", SegmentKind.METRICS, 0))
+        self.assertTrue(self.shipper.part_archived("j", Part.METRICS))
 
     def test_archived_jobs_are_not_listed_again_until_written(self):
         """A job found fully archived (and not written since) is not rescanned each round;
@@ -493,6 +701,43 @@ class ArchiveConfigTests(SynchronousTestCase, ConfigErrorMixin):
         self.assertConfigError("archive: {s3: {bucket: 5}}", "archive.s3.bucket", "string")
         self.assertConfigError("archive: {s3: {region2: x}}", "archive.s3.region2", "unknown key")
 
+    def test_routes_default_and_from_kinds(self):
+        """Every kind is routed 'close' by default; the older kinds list becomes the
+        same routes (listed: close, not listed: never); routes are read as written."""
+        self.assertEqual(config_from_string("").archive.s3.routes,
+                         RoutesConfig("close", "close", "close"))
+        self.assertEqual(
+            [f.name for f in dataclasses.fields(RoutesConfig)], [p.value for p in Part])
+        kinds = config_from_string("archive: {s3: {kinds: [logs]}}").archive.s3.routes
+        self.assertEqual(kinds, RoutesConfig("close", "never", "never"))
+        routes = config_from_string(
+            "archive: {s3: {routes: {logs: durable, metrics: idle, events: never}}}"
+        ).archive.s3.routes
+        self.assertEqual((routes.mode(Part.LOGS), routes.mode("metrics"), routes.events),
+                         ("durable", "idle", "never"))
+        wrapped = config_from_string(
+            "persist:\n  archive: {s3: {routes: {events: never}}}\n").archive.s3.routes
+        self.assertEqual(wrapped.events, "never")
+
+    def test_route_errors_name_the_key(self):
+        """A bad route, an unknown kind, and kinds together with routes are errors naming
+        the key (both keys for the last), in the file and under persist: too."""
+        self.assertConfigError("archive: {s3: {routes: {logs: sometimes}}}",
+                               "archive.s3.routes.logs", "durable, close, idle, never")
+        self.assertConfigError("archive: {s3: {routes: {traces: close}}}",
+                               "archive.s3.routes.traces", "unknown key", "logs, metrics, events")
+        self.assertConfigError("archive: {s3: {routes: [logs]}}", "archive.s3.routes", "mapping")
+        self.assertConfigError("archive: {s3: {kinds: [logs], routes: {logs: close}}}",
+                               "archive.s3.kinds", "archive.s3.routes", "not both")
+        self.assertConfigError("archive: {s3: {kinds: [], routes: {}}}",
+                               "archive.s3.kinds", "archive.s3.routes")
+        self.assertConfigError(
+            "persist:\n  archive: {s3: {kinds: [logs], routes: {logs: idle}}}\n",
+            "persist.archive.s3.kinds", "persist.archive.s3.routes")
+        self.assertConfigError("archive: {s3: {maxAge: soon}}", "archive.s3.maxAge", "duration")
+        self.assertConfigError("archive: {s3: {retentionInterval: 0}}",
+                               "archive.s3.retentionInterval", "greater than 0")
+
     def test_aliases(self):
         """sse accepts the S3 header values too."""
         cfg = config_from_string(_ON + "    sse: aws:kms\n    sseKmsKeyId: k\n").archive.s3
@@ -512,7 +757,7 @@ class ArchiveMetricsDocumentedTests(SynchronousTestCase):
         m.archive("s3", source)
         names = {f.name + ("_total" if f.type == "counter" else "")
                  for f in m.registry.collect() if f.name.startswith("persist_archive")}
-        self.assertEqual(len(names), 7)
+        self.assertEqual(len(names), 8)
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         with open(os.path.join(root, "docs", "operations.md")) as f:
             doc = f.read()
@@ -548,6 +793,39 @@ class WiringTests(SynchronousTestCase):
         self.assertIsInstance(shipper, S3Shipper)
         self.assertIs(root.components["retention"]._archive, shipper)
         self.assertIn("archive", root.components["health"]._checks)
+
+    def test_delete_job_records_the_tombstone_before_deleting_locally(self):
+        """DeleteJob with an archive: the archive's deletion is in the manifest on disk
+        before the writer discards and storage deletes anything (a crash in between
+        cannot leave the job archived-only), and the objects are held back until the
+        local deletion has ended, then released."""
+        root = self.build("archive: {s3: {enabled: true, bucket: b}}\n")
+        shipper = root.components["archive"]
+        shipper._run = _sync_run
+        os.makedirs(f"{self.dir}/data")
+        seen = []
+        local = defer.Deferred()
+
+        def deletes_on_disk():
+            data = layout.thd_read_manifest(f"{self.dir}/data")
+            return sorted(json.loads(data)["deletes"]) if data else []
+
+        def discard(job_id):
+            seen.append(("discard", deletes_on_disk()))
+            return defer.succeed(None)
+
+        def delete(job_id):
+            seen.append(("delete", deletes_on_disk(), dict(shipper._held)))
+            return local
+
+        root.components["writer"].discard_job = discard
+        root.components["storage"].delete_job = delete
+        done = root.components["servicer"]._delete_job("j")
+        self.assertEqual(seen, [("discard", ["j"]), ("delete", ["j"], {"j": 1})])
+        self.assertNoResult(done)
+        local.callback(123)
+        self.assertEqual(self.successResultOf(done), 123)
+        self.assertEqual(shipper._held, {})
 
     def test_off_builds_nothing_and_imports_no_boto3(self):
         """With archiving off (the default) no archive service exists and building the whole

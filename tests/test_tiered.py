@@ -359,6 +359,27 @@ class TieringTests(TieredCase):
         self.assertIsNone(self.successResultOf(storage.open_job(JOB)))
         self.assertEqual(storage.list_jobs(), ())
 
+    def test_archive_max_age_forgets_expired_archived_only_jobs(self):
+        """archive.s3.maxAge deleting a released job's objects also drops the job from the
+        catalog: it is unknown at once instead of listed with objects that are gone."""
+        storage = self.make()
+        self.write_job(storage, 1000)
+        self.ship(storage)
+        self.successResultOf(storage.release_job(JOB))
+        self.assertIsNotNone(storage.job_info(JOB))
+        later = time.time() + 30 * 86400
+        shipper = S3Shipper(
+            self.s3cfg(max_age=86400.0), "n1", self.data_dir, storage, self.clock,
+            sync_runner, s3=s3mod, make_client=lambda cfg: self.moto.client(),
+            wall=lambda: later,
+        )
+        self.successResultOf(shipper.start())
+        self.successResultOf(shipper.stop())
+        self.assertEqual(shipper.expired_jobs, 1)
+        self.assertIsNone(storage.job_info(JOB))
+        self.assertEqual(storage.list_jobs(), ())
+        self.assertEqual(self.object_bytes(), 0)
+
     def test_delete_part_forgets_its_archived_segments(self):
         """delete_part of the logs removes the archive-only log segments from the job."""
         storage = self.make()

@@ -50,6 +50,11 @@ def job_prefix(prefix: str, node_id: str, job_id: str) -> str:
     return f"{prefix}{node_id}/{job_id}/"
 
 
+def node_prefix(prefix: str, node_id: str) -> str:
+    """The key prefix of every object of one node (ends in ``/``)."""
+    return f"{prefix}{node_id}/"
+
+
 def object_key(prefix: str, node_id: str, job_id: str, kind: str, name: str) -> str:
     """``{prefix}{node_id}/{job}/{kind}/{segment name}``."""
     return f"{job_prefix(prefix, node_id, job_id)}{kind}/{name}"
@@ -64,6 +69,21 @@ def archived_kinds(parts: Iterable[str]) -> tuple[SegmentKind, ...]:
     """The segment kinds of the named parts (all kinds when ``parts`` is empty)."""
     wanted = set(parts)
     return tuple(k for k in SegmentKind if not wanted or PART_OF_KIND[k].value in wanted)
+
+
+def routed_kinds(routes) -> dict:
+    """``{SegmentKind: mode}`` of the kinds ``routes`` (config.RoutesConfig) sends, by
+    their part's route; kinds routed ``never`` are left out."""
+    modes = {kind: routes.mode(PART_OF_KIND[kind]) for kind in SegmentKind}
+    return {kind: mode for kind, mode in modes.items() if mode != "never"}
+
+
+def job_of_key(node_prefix: str, key: str) -> Optional[str]:
+    """The job of an object key under ``node_prefix`` (``{prefix}{node_id}/``), or None."""
+    if not key.startswith(node_prefix):
+        return None
+    job, sep, _rest = key[len(node_prefix):].partition("/")
+    return job if sep and job else None
 
 
 # -- segment files on disk ----------------------------------------------------

@@ -43,8 +43,8 @@ def make_client(cfg):
     from botocore.config import Config
 
     config = Config(
-        connect_timeout=5,
-        read_timeout=60,
+        connect_timeout=min(5.0, cfg.request_timeout),
+        read_timeout=cfg.request_timeout,
         retries={"max_attempts": 2, "mode": "standard"},
         s3={"addressing_style": "path" if cfg.force_path_style else "auto"},
     )
@@ -157,3 +157,22 @@ def thd_delete_prefix(client, bucket: str, prefix: str) -> int:
                 )
             deleted += len(batch)
     return deleted
+
+
+def thd_job_ages(client, bucket: str, node_prefix: str) -> dict:
+    """``{job: newest LastModified (Unix seconds)}`` of every job under ``node_prefix``.
+
+    Archive pool thread: a paginated listing of the node's prefix (1,000 keys
+    a page), one entry per job kept in memory, not one per object.
+    """
+    newest: dict = {}
+    paginator = client.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=node_prefix):
+        for item in page.get("Contents", ()):
+            job = layout.job_of_key(node_prefix, item["Key"])
+            if job is None:
+                continue
+            when = item["LastModified"].timestamp()
+            if when > newest.get(job, float("-inf")):
+                newest[job] = when
+    return newest

@@ -4,14 +4,18 @@ Local storage stays the write path: the shipper only reads files that are
 already on disk, so nothing ingest or queries do ever waits for S3.  Every
 ``interval`` a round runs:
 
-1. DeleteJob's pending deletions of archived objects (recorded durably in the
-   manifest before DeleteJob answered) are carried out: paginated listing of
-   the job's prefix, batched DeleteObjects.
+1. With ``maxAge``, at most once per ``retentionInterval``, the node's prefix is
+   listed and jobs whose newest object is older (and that are gone locally)
+   get a deletion record (a tombstone) in the manifest.  Then the pending
+   deletions (DeleteJob's, recorded durably before it answered, and those) are
+   carried out: paginated listing of the job's prefix, batched DeleteObjects.
 2. The segment files of every job storage lists are stat'ed on the archive
    pool (``layout.thd_scan_jobs``).  A file is *due* when the manifest has no
-   entry matching its (size, inode, mtime) and it is closed (not the highest
+   entry matching its (size, inode, mtime) and its kind's route
+   (``archive.s3.routes``) says so: ``close``: it is closed (not the highest
    index of its kind) or it is the open segment of a job idle for
-   ``uploadIdleAfter`` (no write for that long).  The backlog (bytes and age of
+   ``uploadIdleAfter`` (no write for that long); ``durable``: always;
+   ``idle``: once the whole job is idle.  The backlog (bytes and age of
    the due files) is what the metrics and the health check report.
 3. Due files are uploaded oldest first (``s3.thd_upload_segment``); the
    manifest is rewritten atomically at most once a second while they go on,
@@ -44,7 +48,7 @@ from zope.interface import implementer
 from joblet_persist.archive import layout
 from joblet_persist.logs import Logger
 from joblet_persist.retention import IArchivedCheck
-from joblet_persist.storage.api import PART_OF_KIND
+from joblet_persist.storage.api import PART_OF_KIND, ILocalTier, SegmentKind
 from joblet_persist.storage.segment import segment_name
 from joblet_persist.threads import reactor_only
 
@@ -80,7 +84,8 @@ class S3Shipper:
         self._wall = wall
         self._jitter = jitter
         self._modes = modes
-        self._kinds = layout.archived_kinds(cfg.kinds)
+        self._route = layout.routed_kinds(cfg.routes)  # {SegmentKind: mode}, never left out
+        self._kinds = tuple(self._route)
         self._target = (cfg.bucket, cfg.prefix, node_id)
         self._client = None
         self._manifest = layout.Manifest.empty(self._target)
@@ -92,6 +97,9 @@ class S3Shipper:
         self._settled: dict = {}  # job -> (last_updated,) when found fully archived
         self._scan_wall = 0.0
         self._failures = 0
+        self._held: dict = {}  # job -> DeleteJobs whose local deletion is still running
+        self._verify_at: dict = {}  # job -> clock time of its deletion's checking pass
+        self._expire_at = 0.0  # clock time of the next archive.s3.maxAge sweep
         self._retry_at = 0.0
         self._unwritten = 0  # uploads recorded in memory, not yet in the manifest file
         self._written_at = 0.0
@@ -103,6 +111,7 @@ class S3Shipper:
         self.uploaded_segments = 0
         self.upload_errors = 0
         self.deleted_objects = 0
+        self.expired_jobs = 0
         self.rounds = 0
 
     # -- lifecycle ----------------------------------------------------------------
@@ -206,18 +215,35 @@ class S3Shipper:
     # -- DeleteJob --------------------------------------------------------------------
 
     @reactor_only
-    def delete_job(self, job_id: str) -> defer.Deferred:
+    def delete_job(self, job_id: str, hold: bool = False) -> defer.Deferred:
         """Record that the job's archived objects must go; fires once that is durable.
 
-        The deletion itself runs in the next round (after any upload of the
-        job in flight, so nothing is resurrected), and is retried until S3
-        confirms it.
+        From then on no segment of the job is uploaded.  The deletion itself
+        runs in a later round, after any upload of the job in flight (rounds
+        upload one segment at a time and delete between uploads, so the
+        listing sees every object an upload made: nothing is resurrected), and
+        is retried until S3 confirms every key.  With ``hold`` it also waits
+        for ``release_delete(job_id)``: DeleteJob holds it while the local
+        files go, so that no file still on disk is uploaded after the objects
+        were deleted.
         """
         self._manifest.deletes[job_id] = int(self._wall())
         self._manifest.forget_job(job_id)
         self._scan.pop(job_id, None)
         self._settled.pop(job_id, None)
+        self._verify_at.pop(job_id, None)
+        if hold:
+            self._held[job_id] = self._held.get(job_id, 0) + 1
         return self._write_manifest()
+
+    @reactor_only
+    def release_delete(self, job_id: str) -> None:
+        """The local deletion that ``delete_job(job_id, hold=True)`` waited for has ended."""
+        left = self._held.get(job_id, 0) - 1
+        if left > 0:
+            self._held[job_id] = left
+        else:
+            self._held.pop(job_id, None)
 
     # -- rounds ---------------------------------------------------------------------
 
@@ -235,6 +261,7 @@ class S3Shipper:
         remote_ok = self._clock.seconds() >= self._retry_at
         try:
             if remote_ok:
+                yield self._expire_old_jobs()
                 yield self._carry_out_deletes()
             due = yield self._rescan()
             if remote_ok:
@@ -242,12 +269,26 @@ class S3Shipper:
         except _RemoteFailed as e:
             self._remote_failed(e.args[0], e.args[1])
 
+    def _verify_grace(self) -> float:
+        """How long after a deletion a request of ours may still land in S3: a request
+        that failed on our side (a timeout, a cut connection) may still be carried out
+        by the store; two attempts of ``requestTimeout`` each, plus a round."""
+        return 2 * self._cfg.request_timeout + self._cfg.interval
+
     @defer.inlineCallbacks
     def _carry_out_deletes(self):
+        """Delete the tombstoned jobs' objects; each tombstone stays until a second listing,
+        ``_verify_grace`` later, finds the prefix empty (an upload request that failed on
+        our side but was still carried out by the store is deleted by that pass)."""
         cfg = self._cfg
         for job_id in sorted(self._manifest.deletes):
             if self._stopping.is_set():
                 return
+            if job_id in self._held:
+                continue  # its local files are still being deleted
+            verify_at = self._verify_at.get(job_id)
+            if verify_at is not None and self._clock.seconds() < verify_at:
+                continue
             prefix = layout.job_prefix(cfg.prefix, self._node_id, job_id)
             try:
                 n = yield self._run(self._s3.thd_delete_prefix, self._client, cfg.bucket, prefix)
@@ -256,9 +297,68 @@ class S3Shipper:
             self.deleted_objects += n
             if self._metrics is not None:
                 self._metrics.deleted(n)
+            if job_id in self._held or job_id not in self._manifest.deletes:
+                continue  # a DeleteJob came meanwhile and holds: it starts over
+            if verify_at is None or n:
+                if verify_at is not None:
+                    self.log.warn("archive: {n} objects of deleted job {job} appeared after "
+                                  "its deletion (a late request); deleted", n=n, job=job_id)
+                else:
+                    self.log.info("archive: deleted {n} objects of job {job}", n=n, job=job_id)
+                self._verify_at[job_id] = self._clock.seconds() + self._verify_grace()
+                continue
+            self._verify_at.pop(job_id, None)
             self._manifest.deletes.pop(job_id, None)
             yield self._write_manifest()
-            self.log.info("archive: deleted {n} objects of job {job}", n=n, job=job_id)
+
+    @defer.inlineCallbacks
+    def _expire_old_jobs(self):
+        """``archive.s3.maxAge``: tombstone the archived jobs whose newest object is older.
+
+        At most once per ``retentionInterval``: a paginated listing of the node's
+        prefix.  A job that still has segment files on the local disk, or that
+        storage saw written within maxAge, is kept (it would be uploaded again);
+        the tombstoned jobs are deleted like DeleteJob's, right after.
+        """
+        cfg = self._cfg
+        if not cfg.max_age or self._clock.seconds() < self._expire_at:
+            return
+        node_prefix = layout.node_prefix(cfg.prefix, self._node_id)
+        try:
+            ages = yield self._run(self._s3.thd_job_ages, self._client, cfg.bucket, node_prefix)
+        except Exception as e:
+            raise _RemoteFailed("listing the archive for archive.s3.maxAge", e) from None
+        wall = self._wall()
+        old = []
+        for job_id, newest in sorted(ages.items()):
+            info = self._storage.job_info(job_id)
+            if (wall - newest > cfg.max_age and job_id not in self._manifest.deletes
+                    and (info is None or info.last_updated < wall - cfg.max_age)):
+                old.append(job_id)
+        local = yield self._run(layout.thd_scan_jobs, self._data_dir, old, tuple(SegmentKind))
+        expired = [job_id for job_id in old if not local.get(job_id)]
+        self._expire_at = self._clock.seconds() + cfg.retention_interval
+        if not expired:
+            return
+        for job_id in expired:
+            self._manifest.deletes[job_id] = int(wall)
+            self._manifest.forget_job(job_id)
+            self._scan.pop(job_id, None)
+            self._settled.pop(job_id, None)
+        yield self._write_manifest()
+        if ILocalTier.providedBy(self._storage):
+            # A tiered backend lists archive-only jobs: forget them with their objects
+            # (they have no local files, so this deletes nothing on disk).
+            for job_id in expired:
+                yield self._storage.delete_job(job_id)
+        self.expired_jobs += len(expired)
+        if self._metrics is not None:
+            self._metrics.expired(len(expired))
+        self.log.info(
+            "archive: {n} archived jobs older than archive.s3.maxAge ({age:.0f}s) "
+            "are being deleted: {jobs}",
+            n=len(expired), age=cfg.max_age, jobs=", ".join(expired[:10]),
+        )
 
     @defer.inlineCallbacks
     def _rescan(self):
@@ -280,11 +380,26 @@ class S3Shipper:
         for job_id in [j for j in self._manifest.segments if j not in scanned]:
             self._manifest.forget_job(job_id)  # deleted locally (retention): nothing to match
         self._manifest.prune(fresh)
-        idle_ns = int((wall - self._cfg.upload_idle_after) * 1e9)
-        due = [
-            f for files in scanned.values() for f in files
-            if not self._manifest.matches(f) and (not f.last or f.mtime_ns <= idle_ns)
-        ]
+        idle_after = self._cfg.upload_idle_after
+        idle_ns = int((wall - idle_after) * 1e9)
+        # A job is idle when storage saw no write for uploadIdleAfter and no file changed.
+        idle_jobs = {
+            info.job_id for info in infos
+            if info.last_updated <= wall - idle_after
+            and all(f.mtime_ns <= idle_ns for f in scanned.get(info.job_id, ()))
+        }
+
+        def is_due(f) -> bool:
+            if self._manifest.matches(f):
+                return False
+            route = self._route[f.kind]
+            if route == "durable":
+                return True  # whatever is on disk, the open segment again as it grows
+            if route == "close":
+                return not f.last or f.mtime_ns <= idle_ns
+            return f.job_id in idle_jobs  # "idle"
+
+        due = [f for files in scanned.values() for f in files if is_due(f)]
         due.sort(key=lambda f: (f.mtime_ns, f.job_id, f.kind, f.index))
         self._set_backlog(due)
         self._settle(infos, fresh, wall)

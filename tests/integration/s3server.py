@@ -6,8 +6,9 @@ loopback port, waits until it answers, and stops it at the end of the test;
 data in memory: a restarted server is empty).  ``S3Gate`` is a TCP forwarder
 of the test's own between the service and the server: ``close()`` refuses
 new connections and drops open ones (S3 unreachable, while the server keeps
-its objects), ``open()`` lets them through again on the same port, and with
-``slowdown = True`` every new connection is answered with S3's 503 SlowDown.
+its objects), ``open()`` lets them through again on the same port, with
+``slowdown = True`` every new connection is answered with S3's 503 SlowDown, and
+``set_fault`` drops requests or answers midway or slows the answers down.
 
 No boto3 client is mocked or patched: the service talks HTTP to a real
 S3-compatible server.  The service finds credentials in the standard AWS
@@ -17,8 +18,10 @@ environment variables that ``aws_environment`` returns.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
+import time
 
 from twisted.internet import defer, protocol, reactor
 from twisted.protocols import portforward
@@ -118,6 +121,15 @@ class S3Server:
             pass
         return child.ended
 
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): connections stay open and nothing is answered."""
+        self._transport.signalProcess(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Let a frozen server go on (SIGCONT); a no-op when it is not running."""
+        if self._child is not None and not self._child.ended.called:
+            self._transport.signalProcess(signal.SIGCONT)
+
     @defer.inlineCallbacks
     def restart(self):
         """Stop the server and start it again on the same port (empty: moto keeps no data)."""
@@ -157,7 +169,91 @@ class _SlowDown(protocol.Protocol):
             self.transport.loseConnection()
 
 
+_METHODS = (b"GET ", b"PUT ", b"POST ", b"DELETE ", b"HEAD ")
+
+
+class _GateClient(portforward.ProxyClient):
+    """The server side of a forwarded connection: responses, possibly dropped or slowed."""
+
+    def connectionMade(self):
+        super().connectionMade()
+        # When the server closes its side, Twisted would stop this connection's producer
+        # (the client's connection) at once, before a held answer is delivered.
+        self.transport.unregisterProducer()
+        self._held = bytearray()
+        self._flush_call = None
+
+    def dataReceived(self, data):
+        gate = self.peer.factory.gate
+        if data.startswith(b"HTTP/1.") and gate.take("drop-response"):
+            # The server has done the request; the client never learns it did.
+            self.peer.transport.write(data[: len(data) // 2])
+            self.peer.transport.abortConnection()
+            self.transport.abortConnection()
+            return
+        if gate.fault == "slow" or self._held:
+            if data.startswith(b"HTTP/1."):
+                gate.take("slow")
+            self._held += data
+            if self._flush_call is None:
+                self._flush_call = reactor.callLater(gate.slow_seconds, self._flush)
+            return
+        super().dataReceived(data)
+
+    def _flush(self):
+        self._flush_call = None
+        data, self._held = bytes(self._held), bytearray()
+        if self.peer is not None and data:
+            self.peer.transport.write(data)
+
+    def connectionLost(self, reason):
+        peer = self.peer
+        if self._flush_call is not None and self._flush_call.active() and peer is not None:
+            # The server closed after its answer: deliver the answer (late), then close.
+            self._flush_call.cancel()
+            self._flush_call = None
+            self.peer = None
+            gate = peer.factory.gate
+            gate.pending_calls.add(
+                reactor.callLater(gate.slow_seconds, self._flush_and_close, peer))
+            return
+        super().connectionLost(reason)
+
+    def _flush_and_close(self, peer):
+        data, self._held = bytes(self._held), bytearray()
+        if peer is not None and peer.transport is not None:
+            if data:
+                peer.transport.write(data)
+            peer.transport.loseConnection()
+
+
+class _GateClientFactory(portforward.ProxyClientFactory):
+    protocol = _GateClient
+
+
+class _GateServer(portforward.ProxyServer):
+    """The client side of a forwarded connection: requests noted, possibly dropped."""
+
+    clientProtocolFactory = _GateClientFactory
+
+    def dataReceived(self, data):
+        gate = self.factory.gate
+        if data.startswith(_METHODS):
+            method, _, rest = data.partition(b" ")
+            gate.requests.append((time.monotonic(), method.decode(),
+                                  rest.partition(b" ")[0].decode(errors="replace")))
+            if gate.take("drop-request"):
+                # Half a request reaches the server, then both connections are cut.
+                self.peer.transport.write(data[: len(data) // 2])
+                self.peer.transport.abortConnection()
+                self.transport.abortConnection()
+                return
+        super().dataReceived(data)
+
+
 class _GateFactory(portforward.ProxyFactory):
+    protocol = _GateServer
+
     def __init__(self, host, port, gate):
         super().__init__(host, port)
         self.gate = gate
@@ -166,6 +262,7 @@ class _GateFactory(portforward.ProxyFactory):
         if self.gate.slowdown:
             p = _SlowDown()
             self.gate.slowdowns += 1
+            self.gate.requests.append((time.monotonic(), "503", ""))
         else:
             p = super().buildProtocol(addr)
         self.gate.connections.add(p)
@@ -183,8 +280,33 @@ class S3Gate:
         #: While True, every connection gets a 503 SlowDown instead of reaching the server.
         self.slowdown = False
         self.slowdowns = 0
+        #: A fault applied to requests passing through: "drop-request" (half the request
+        #: is forwarded, then both connections are cut), "drop-response" (the server
+        #: answers, half the answer is forwarded, then both are cut), "slow" (every answer
+        #: is held ``slow_seconds``), or None.  ``fault_times`` limits how many requests
+        #: it hits (None: all); ``faulted`` counts those it hit.
+        self.fault: str | None = None
+        self.fault_times: int | None = None
+        self.faulted = 0
+        self.slow_seconds = 1.0
+        #: (monotonic time, method, path) of every request seen ("503" for a SlowDown).
+        self.requests: list = []
+        self.pending_calls: set = set()
         self._listening = None
         testcase.addCleanup(self.close)
+
+    def set_fault(self, fault: str | None, times: int | None = None) -> None:
+        """Apply ``fault`` (see ``fault``) to the next ``times`` requests (None: all)."""
+        self.fault, self.fault_times = fault, times
+
+    def take(self, fault: str) -> bool:
+        """True when ``fault`` applies to this request (and count it)."""
+        if self.fault != fault or self.fault_times == 0:
+            return False
+        if self.fault_times is not None:
+            self.fault_times -= 1
+        self.faulted += 1
+        return True
 
     def open(self) -> None:
         """Accept and forward connections (on the same port each time)."""
@@ -195,6 +317,10 @@ class S3Gate:
     def close(self) -> defer.Deferred:
         """Refuse new connections and drop the open ones (S3 unreachable)."""
         listening, self._listening = self._listening, None
+        for call in list(self.pending_calls):
+            if call.active():
+                call.cancel()
+        self.pending_calls.clear()
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abortConnection()
