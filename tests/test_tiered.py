@@ -554,6 +554,21 @@ class FactoryTests(SynchronousTestCase):
         off = make_storage(config_from_string(base), run=sync_runner, clock=task.Clock())
         self.assertIsInstance(off, Local)
 
+    def test_kinds_routed_never_are_not_kept_for_the_archive(self):
+        """The tiered backend treats as archived exactly the kinds archive.s3.routes sends
+        (or the older archive.s3.kinds lists): a kind routed never is deleted by
+        retention as without an archive, not kept waiting for an upload that never comes."""
+        from joblet_persist.config import config_from_string
+        from joblet_persist.storage.api import PART_OF_KIND
+        from joblet_persist.storage.backends import make_storage
+
+        d = os.path.abspath(self.mktemp())
+        base = f"storage: {{dataDir: {d}}}\nserver: {{nodeId: n1}}\n"
+        for s3 in ("routes: {events: never, metrics: idle}", "kinds: [logs, metrics]"):
+            cfg = config_from_string(base + f"archive: {{s3: {{enabled: true, bucket: b, {s3}}}}}\n")
+            built = make_storage(cfg, run=sync_runner, clock=task.Clock())
+            self.assertEqual({PART_OF_KIND[k].value for k in built._kinds}, {"logs", "metrics"}, s3)
+
 
 def _metric_batch(job, n, first_arrival):
     from joblet_persist._proto import ipc_pb2

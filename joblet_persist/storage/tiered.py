@@ -628,7 +628,7 @@ def make_tiered(config, local, *, clock, metrics=None, file_budget=None, run_rem
         local,
         node_id=config.server.node_id,
         data_dir=config.storage.data_dir,
-        kinds=layout.archived_kinds(s3c.kinds),
+        kinds=tuple(layout.routed_kinds(s3c.routes)),
         make_source=make_source,
         clock=clock,
         target=(s3c.bucket, s3c.prefix, config.server.node_id),
