@@ -272,8 +272,11 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
         metrics=None,
         admin_ou: str = "admin",
         viewer_ou: str = "viewer",
+        delete_note: str = "",
     ):
         self._storage = storage
+        # Appended to DeleteJob's message (what a remote backend could or could not delete).
+        self._delete_note = delete_note
         self._reactor = reactor
         self._is_healthy = is_healthy
         self._ingest_stats = ingest_stats
@@ -747,6 +750,8 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
             message = f"deleted job {job_id}: {freed} bytes freed"
         else:
             message = f"job {job_id} not found; nothing to delete"
+        if self._delete_note:
+            message += f"; {self._delete_note}"
         return persist_pb2.DeleteJobResponse(success=True, message=message)
 
     @_unary("CleanupOldData", ROLE_ADMIN)
