@@ -319,7 +319,7 @@ class CloudWatchShipper:
         self._settled: dict = {}  # job -> last_updated when found fully shipped
         self._pending_since: dict = {}  # (job, kind) -> wall time backlog was first seen
         self._backlog: dict = {}  # (job, kind) -> unshipped messages the route lets go
-        self._blocked: dict = {}  # (job, kind) -> (failures, retry at) after a refused call
+        self._blocked: dict = {}  # (job, kind) -> (failures, retry at, error) after a refusal
         self._failures = 0
         self._retry_at = 0.0
         self._unwritten = 0
@@ -410,6 +410,10 @@ class CloudWatchShipper:
             detail = "; ".join(problems)
         elif self.last_error:
             detail = f"CloudWatch calls failing, retrying: {self.last_error}"
+        elif self._blocked:
+            (job_id, kind), (_n, _at, error) = min(self._blocked.items())
+            detail = (f"{len(self._blocked)} streams refused, retrying: "
+                      f"{api.stream_name(job_id, kind)}: {error}")
         else:
             detail = "shipping"
         extra = {
@@ -702,13 +706,12 @@ class CloudWatchShipper:
         return result
 
     def _stream_refused(self, key, what: str, error: Exception) -> None:
-        failures = self._blocked.get(key, (0, 0.0))[0] + 1
+        failures = self._blocked.get(key, (0, 0.0, ""))[0] + 1
         delay = self._delay(failures)
-        self._blocked[key] = (failures, self._clock.seconds() + delay)
+        self._blocked[key] = (failures, self._clock.seconds() + delay, f"{what}: {error}")
         self.errors += 1
         if self._metrics is not None:
             self._metrics.error("refused")
-        self.last_error = f"{what}: {error}"
         self.log.error("cloudwatch: {what} failed ({error}); this stream is retried in "
                        "{delay:.1f}s, its data stays in local storage",
                        what=what, error=str(error), delay=delay)
