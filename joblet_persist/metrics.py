@@ -392,6 +392,8 @@ class CloudWatchMetrics:
             "persist_cloudwatch_errors",
             "Failed CloudWatch calls: retryable (throttling, 5xx, connection) or refused "
             "(any other error); both are retried with backoff.", ["kind"], registry=registry)
+        for kind in ("retryable", "refused"):
+            self._errors.labels(kind)  # exported at 0 from the start, for alert rules
         self._deleted = Counter("persist_cloudwatch_deleted_streams",
                                 "Log streams deleted (DeleteJob).", registry=registry)
 
