@@ -903,6 +903,10 @@ def _validate(cfg: Config, ctx: _Context) -> None:
             raise ctx.error("archive.s3.retryMax", f"must be at least {ctx.name('archive.s3.retryInitial')}")
 
     cw = cfg.archive.cloudwatch
+    if cfg.storage.backend == "cloudwatch" and not cw.enabled:
+        raise ctx.error("storage.backend",
+                        "cloudwatch needs archive.cloudwatch.enabled: true (CloudWatch is "
+                        "where data whose local copy is gone is read from)")
     if cw.enabled:
         if not cfg.server.node_id:
             raise ctx.error(

@@ -544,11 +544,15 @@ def build_cloudwatch(config, reactor, st: StorageParts, health,
 
     sc = config.storage
     pool = ThreadPoolService(reactor, "cloudwatch-pool", 2)
+    tiered = sc.backend == "cloudwatch"
     shipper = CloudWatchShipper(
-        cwc, config.server.node_id, sc.data_dir, st.storage, reactor, pool.run,
+        cwc, config.server.node_id, sc.data_dir, st.storage.local if tiered else st.storage,
+        reactor, pool.run,
         modes=FileModes(sc.file_mode, sc.dir_mode, sc.group),
     )
     shipper.set_metrics(metrics.cloudwatch(shipper))
+    if tiered:
+        st.storage.attach(shipper)  # the tier reads what is gone locally from CloudWatch
     health.add_check("cloudwatch", shipper.health_check)
     service = CallbackService("cloudwatch", shipper.start, shipper.stop)
     return CloudWatchParts(shipper=shipper, pool=pool, service=service)

@@ -9,6 +9,7 @@ tests/integration/test_cloudwatch.py).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -684,3 +685,86 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual([api.stream_name("j", k) for k in SegmentKind][:4],
                          ["j-stdout", "j-stderr", "j-metrics", "j-exec-events"])
         self.assertTrue(os.path.basename(cursor_path("/d")).endswith(".json"))
+
+
+# -- the long-term store tier -------------------------------------------------------------
+
+
+class TierTests(SynchronousTestCase):
+    def _tier(self, local_parts: dict):
+        """A tier over a fake local backend whose job "j" has ``local_parts`` data, and a
+        shipper that shipped j's logs, metrics and one exec event (summary kept)."""
+        from zope.interface import implementer
+
+        from joblet_persist.archive.cloudwatch_tier import CloudWatchTier, TieredSnapshot
+        from joblet_persist.storage.api import IFreeSpace, IStorageBackend
+
+        h = Harness(self)
+        h.storage.put("j", {SegmentKind.STDOUT: [(0, _logs(1, 2))],
+                            SegmentKind.METRICS: [(0, [_sample(0)])],
+                            SegmentKind.EXEC_EVENTS: [(0, [StoredEvent(NOW_NS, 1, {})])]})
+        full = dataclasses.replace(h.storage.jobs["j"].info, log_count=2, metric_count=1,
+                                   exec_events=1)
+        h.storage.jobs["j"].info = full
+        h.start(self)
+        now = dataclasses.replace(full, **local_parts)
+
+        @implementer(IStorageBackend, IFreeSpace)
+        class Local:
+            def snapshot(self, job_id):
+                return FakeSnapshot("j", now, {}) if job_id == "j" else None
+
+            def job_info(self, job_id):
+                return now if job_id == "j" else None
+
+            def open_job(self, job_id):
+                return defer.succeed(self.snapshot(job_id))
+
+        tier = CloudWatchTier(Local())
+        tier.attach(h.shipper)
+        return tier, TieredSnapshot
+
+    def test_parts_gone_locally_are_read_from_cloudwatch(self):
+        """The tier provides what the local backend provides; with the logs part gone
+        locally, snapshot() defers to open_job, which hands out a snapshot reading the
+        logs from CloudWatch and the metrics locally; job_info keeps the logs' count."""
+        from joblet_persist.storage.api import IFreeSpace, IStorageBackend
+
+        tier, tiered = self._tier({"log_count": 0})
+        self.assertTrue(IStorageBackend.providedBy(tier) and IFreeSpace.providedBy(tier))
+        self.assertIsNone(tier.snapshot("j"))
+        snap = self.successResultOf(tier.open_job("j"))
+        self.assertIsInstance(snap, tiered)
+        self.assertEqual([r.content for r in snap.iter_logs(1)], [b"line 0\n", b"line 1\n"])
+        self.assertEqual(list(snap.iter_metrics()), [])  # the (empty) local copy
+        self.assertEqual((snap.info.log_count, snap.info.metric_count), (2, 1))
+        self.assertEqual(tier.job_info("j").log_count, 2)
+
+    def test_whole_job_gone_and_all_local(self):
+        """A job held only in CloudWatch is opened from there with its kept summary; a job
+        whose every part is local is the local backend's exactly."""
+        from joblet_persist.archive.cloudwatch_read import CloudWatchJobSnapshot
+
+        tier, _ = self._tier({})
+        self.assertIsNotNone(tier.snapshot("j"))
+        self.assertNotIsInstance(self.successResultOf(tier.open_job("j")), CloudWatchJobSnapshot)
+        tier._local.snapshot = lambda job_id: None
+        tier._local.open_job = lambda job_id: defer.succeed(None)
+        tier._local.job_info = lambda job_id: None
+        snap = self.successResultOf(tier.open_job("j"))
+        self.assertIsInstance(snap, CloudWatchJobSnapshot)
+        self.assertEqual(snap.info.log_count, 2)
+        self.assertEqual([e.sequence for e in snap.iter_events("exec")], [1])
+        self.assertEqual(tier.job_info("j").metric_count, 1)
+        self.assertIsNone(tier.job_info("other"))
+
+    def test_kept_summary_survives_a_dropped_part(self):
+        """The shipper's kept summary keeps a part's counts when local retention drops it."""
+        from joblet_persist.archive.cloudwatch_tier import merge_job_info
+
+        old = dataclasses.asdict(JobInfo("j", 10, 20, 5, 3, 100, 1000, 2000, exec_events=2))
+        new = JobInfo("j", 10, 30, 0, 4, 50, 1500, 3000)
+        merged = merge_job_info(old, new)
+        self.assertEqual((merged["log_count"], merged["metric_count"], merged["exec_events"]),
+                         (5, 4, 2))
+        self.assertEqual((merged["first_timestamp"], merged["last_timestamp"]), (1000, 3000))

@@ -54,6 +54,7 @@ from zope.interface import implementer
 
 from joblet_persist.archive import cloudwatch_api as api
 from joblet_persist.archive import cloudwatch_codec as codec
+from joblet_persist.archive.cloudwatch_tier import merge_job_info, remote_job_info
 from joblet_persist.logs import Logger
 from joblet_persist.retention import IArchivedCheck
 from joblet_persist.storage import safefs
@@ -89,6 +90,8 @@ class Cursors:
     ``streams[job][kind] = [segment index, messages of it shipped]``;
     ``kept[job][kind] = [segment indexes]`` of segments holding messages not
     sent for their timestamp; ``deletes[job] = when DeleteJob asked``.
+    ``jobs[job]`` is the job's summary (JobInfo fields) as last seen locally: what
+    GetJobInfo answers once the local copy is gone (cloudwatch_tier).
     ``target`` is (log group, node id): a file written for another target is
     ignored (everything is shipped to the new one).  Reactor thread.
     """
@@ -97,6 +100,7 @@ class Cursors:
     streams: dict = field(default_factory=dict)
     kept: dict = field(default_factory=dict)
     deletes: dict = field(default_factory=dict)
+    jobs: dict = field(default_factory=dict)
 
     def get(self, job_id: str, kind: str) -> tuple[int, int]:
         seg, n = self.streams.get(job_id, {}).get(str(kind), (0, 0))
@@ -113,11 +117,13 @@ class Cursors:
     def forget_job(self, job_id: str) -> None:
         self.streams.pop(job_id, None)
         self.kept.pop(job_id, None)
+        self.jobs.pop(job_id, None)
 
     def to_bytes(self) -> bytes:
         group, node_id = self.target
         doc = {"version": CURSOR_VERSION, "log_group": group, "node_id": node_id,
-               "streams": self.streams, "kept": self.kept, "deletes": self.deletes}
+               "streams": self.streams, "kept": self.kept, "deletes": self.deletes,
+               "jobs": self.jobs}
         return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode() + b"\n"
 
     @classmethod
@@ -128,14 +134,15 @@ class Cursors:
         if (doc.get("log_group"), doc.get("node_id")) != tuple(target):
             return cls(tuple(target))
         streams, kept, deletes = doc.get("streams"), doc.get("kept"), doc.get("deletes")
-        if not all(isinstance(v, dict) for v in (streams, kept, deletes)):
-            raise ValueError("cursor streams/kept/deletes are not objects")
+        jobs = doc.get("jobs", {})
+        if not all(isinstance(v, dict) for v in (streams, kept, deletes, jobs)):
+            raise ValueError("cursor streams/kept/deletes/jobs are not objects")
         for kinds in streams.values():
             for pos in kinds.values():
                 if not (isinstance(pos, list) and len(pos) == 2
                         and all(isinstance(v, int) and v >= 0 for v in pos)):
                     raise ValueError(f"bad cursor {pos!r}")
-        return cls(tuple(target), streams, kept, deletes)
+        return cls(tuple(target), streams, kept, deletes, jobs)
 
 
 def thd_read_cursors(data_dir: str) -> Optional[bytes]:
@@ -425,6 +432,35 @@ class CloudWatchShipper:
         }
         return (not problems, detail, extra)
 
+    # -- what the CloudWatch tier reads (cloudwatch_tier) ---------------------------------
+
+    @property
+    def logs_client(self):
+        """The boto3 "logs" client (thread-safe), None before start."""
+        return self._clients.logs if self._clients is not None else None
+
+    def remote_info(self, job_id: str):
+        """The job's summary as last seen locally, if CloudWatch holds some of its data;
+        else None.  Reactor thread."""
+        if not self.holds(job_id):
+            return None
+        return remote_job_info(self._cursors.jobs.get(job_id))
+
+    def holds(self, job_id: str) -> bool:
+        """Whether CloudWatch holds some of the job's data (not being deleted).  Any thread
+        (membership tests and reads of entries replaced whole)."""
+        if job_id in self._cursors.deletes:
+            return False
+        kinds = self._cursors.streams.get(job_id)
+        return bool(kinds) and any(pos != [0, 0] for pos in list(kinds.values()))
+
+    def remote_summary(self, job_id: str):
+        """The job's kept summary (a dict of JobInfo fields, never mutated) or None.
+
+        Any thread: each entry is replaced whole on the reactor, never changed in place.
+        """
+        return self._cursors.jobs.get(job_id)
+
     # -- IArchivedCheck (retention) ------------------------------------------------------
 
     def segment_archived(self, job_id: str, kind, index: int) -> bool:
@@ -546,6 +582,10 @@ class CloudWatchShipper:
             if snapshot is None:
                 continue
             self._looked_at[job_id] = wall
+            fields = merge_job_info(self._cursors.jobs.get(job_id), snapshot.info)
+            if self._cursors.jobs.get(job_id) != fields:
+                self._cursors.jobs[job_id] = fields
+                self._unwritten += 1
             idle = snapshot.info.last_updated <= idle_before
             pending = False
             for kind in self._kinds:

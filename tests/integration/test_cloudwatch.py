@@ -416,3 +416,91 @@ class DeleteAndCrashTests(_Base):
         await wait_for(lambda: threads.deferToThread(complete), timeout=90, interval=0.5,
                        what="every stored message in CloudWatch after the restart")
         await self.stop(proc)
+
+
+class LongTermStoreTests(_Base):
+    """``storage.backend: cloudwatch``: queries answered from CloudWatch once local
+    retention removed the local copy."""
+
+    def tier_config(self, retention: dict) -> str:
+        return self.config(
+            storage={"backend": "cloudwatch",
+                     "retention": {"activeWindow": "1s", "interval": "500ms", **retention}})
+
+    async def send_job(self, job: str, base: int) -> list:
+        sent = [_line(job, STDOUT if i % 3 else STDERR, i) for i in range(12)]
+        sent[4] = b"\xff\xfe not utf-8 \x00"
+        sent[7] = b"b" * 300_000
+        frames = bytearray()
+        for i, content in enumerate(sent):
+            frames += log_frame(job, STDOUT if i % 3 else STDERR, base + i * 10**6, i, content)
+        for i in range(3):
+            frames += metric_frame(job, base + i * 10**9, 100 + i, metric_values(i))
+        payload = encode_event(3, dict(SAMPLES[3]), job=job, ts=base, seq=200)
+        frames += frame(envelope(3, job, payload, base, 200))
+        await self.send(bytes(frames))
+        await self.stored(job, len(sent))
+        await self.wait_shipped(job, 0, sent)
+        return sent
+
+    async def gone_locally(self, top: str, job: str) -> None:
+        path = os.path.join(self.data_dir, top, job)
+        await wait_for(lambda: not os.path.exists(path), timeout=30,
+                       what=f"{top} of {job} removed by local retention")
+
+    def query(self, job: str):
+        """Blocking: QueryLogs, QueryLogsBatched (offset 2, limit 5), QueryMetrics,
+        QueryExecEvents and GetJobInfo of ``job``."""
+        def call(stub, t):
+            logs = list(stub.QueryLogs(persist_pb2.QueryLogsRequest(job_uuid=job), timeout=t))
+            batched = [line for b in stub.QueryLogsBatched(persist_pb2.QueryLogsRequest(
+                job_uuid=job, offset=2, limit=5), timeout=t) for line in b.lines]
+            metrics = list(stub.QueryMetrics(persist_pb2.QueryMetricsRequest(job_uuid=job),
+                                             timeout=t))
+            events = list(stub.QueryExecEvents(persist_pb2.QueryTelemetryRequest(job_uuid=job),
+                                               timeout=t))
+            info = stub.GetJobInfo(persist_pb2.GetJobInfoRequest(job_uuid=job), timeout=t)
+            return logs, batched, metrics, events, info
+
+        return grpc_call(self.grpc_sock, call)
+
+    async def test_whole_job_read_from_cloudwatch_after_local_retention(self):
+        """Every part of a job ages out locally once CloudWatch has it; QueryLogs,
+        QueryLogsBatched (exact offset/limit), QueryMetrics, QueryExecEvents and GetJobInfo
+        then answer from CloudWatch: every chunk byte for byte (the 300 KB one joined
+        back, the binary one decoded), samples and events exactly."""
+        proc = await self.start_twistd(self.tier_config(
+            {"logMaxAge": "1s", "metricMaxAge": "1s", "eventMaxAge": "1s"}))
+        job = "lts-0001"
+        base = time.time_ns() - HOUR_NS
+        sent = await self.send_job(job, base)
+        await self.gone_locally("logs", job)
+        await self.gone_locally("metrics", job)
+        logs, batched, metrics, events, info = await threads.deferToThread(self.query, job)
+        self.assertEqual([line.content for line in logs], sent)
+        self.assertEqual([(line.timestamp, line.stream) for line in logs],
+                         [((base + i * 10**6) // 10**6 * 10**6, STDOUT if i % 3 else STDERR)
+                          for i in range(12)])
+        self.assertEqual([line.content for line in batched], sent[2:7])
+        self.assertEqual([(m.timestamp, m.sequence) for m in metrics],
+                         [(base + i * 10**9, 100 + i) for i in range(3)])
+        self.assertEqual([m.data.cpu_usage for m in metrics],
+                         [metric_values(i)["cpu_usage"] for i in range(3)])
+        self.assertEqual([(e.timestamp, e.sequence) for e in events], [(base, 200)])
+        self.assertEqual((info.log_count, info.metric_count), (12, 3))
+        await self.stop(proc)
+
+    async def test_logs_from_cloudwatch_metrics_still_local(self):
+        """Only the logs age out locally: QueryLogs reads them from CloudWatch while
+        QueryMetrics still reads the local copy; GetJobInfo counts both."""
+        proc = await self.start_twistd(self.tier_config({"logMaxAge": "1s"}))
+        job = "lts-0002"
+        base = time.time_ns() - HOUR_NS
+        sent = await self.send_job(job, base)
+        await self.gone_locally("logs", job)
+        self.assertTrue(os.path.exists(os.path.join(self.data_dir, "metrics", job)))
+        logs, _batched, metrics, _events, info = await threads.deferToThread(self.query, job)
+        self.assertEqual([line.content for line in logs], sent)
+        self.assertEqual(len(metrics), 3)
+        self.assertEqual((info.log_count, info.metric_count), (12, 3))
+        await self.stop(proc)
