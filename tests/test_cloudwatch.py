@@ -588,6 +588,20 @@ class ShipperTests(SynchronousTestCase):
         self.assertEqual(h.cursor_file()["deletes"], {})
         self.assertIn("PutMetricData cannot be deleted", h.shipper.delete_note)
 
+    def test_a_job_started_afresh_after_local_removal_is_shipped(self):
+        """When local retention removed a whole job and new data starts it again (a later
+        created_at, segment 0 again), the new messages are shipped after the old ones."""
+        h = Harness(self)
+        h.storage.put("j", {SegmentKind.STDOUT: [(0, _logs(1, 3))]})
+        h.start(self)
+        h.storage.put("j", {SegmentKind.STDOUT: [(0, _logs(1, 2, 10))]},
+                      last_updated=int(WALL0) + 10)
+        h.storage.jobs["j"].info = dataclasses.replace(h.storage.jobs["j"].info,
+                                                       created_at=int(WALL0))
+        h.clock.advance(5)
+        self.assertEqual(h.logs.messages("j-stdout"),
+                         ["line 0\n", "line 1\n", "line 2\n", "line 10\n", "line 11\n"])
+
     def test_is_an_archived_check(self):
         """The shipper is retention's IArchivedCheck: a part is taken once every message
         of it is shipped and the job was not written since."""

@@ -582,7 +582,13 @@ class CloudWatchShipper:
             if snapshot is None:
                 continue
             self._looked_at[job_id] = wall
-            fields = merge_job_info(self._cursors.jobs.get(job_id), snapshot.info)
+            old = self._cursors.jobs.get(job_id)
+            if old is not None and old.get("created_at", 0) < snapshot.info.created_at:
+                # Local retention removed the whole job and new data started it afresh
+                # (segment 0 again): its streams go on from there.
+                self._cursors.streams.pop(job_id, None)
+                self._cursors.kept.pop(job_id, None)
+            fields = merge_job_info(old, snapshot.info)
             if self._cursors.jobs.get(job_id) != fields:
                 self._cursors.jobs[job_id] = fields
                 self._unwritten += 1
