@@ -225,8 +225,13 @@ class RoundTripTests(_Base):
 
         await self.wait_shipped(job, STDOUT, [c for _t, c in expected(STDOUT)])
         await self.wait_shipped(job, STDERR, [c for _t, c in expected(STDERR)])
-        scraped = await threads.deferToThread(self.scrape)
-        self.assertEqual(scraped["persist_cloudwatch_out_of_range_messages_total"], 3.0)
+        # Two log chunks and one sample (the metrics stream may ship after the logs).
+        await wait_for(lambda: threads.deferToThread(self.scrape).addCallback(
+            lambda m: m["persist_cloudwatch_out_of_range_messages_total"] == 3.0),
+            timeout=20, what="three out-of-range messages counted")
+        await wait_for(lambda: threads.deferToThread(
+            lambda: len(list(self.reader.iter_events(job, "exec"))) == 2),
+            timeout=20, what="the exec events in CloudWatch")
         await self.stop(proc)
         shutil.rmtree(self.data_dir)  # CloudWatch is the only copy now
 
