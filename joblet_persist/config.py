@@ -604,10 +604,94 @@ class S3ArchiveConfig:
 
 
 @dataclass(frozen=True)
+class CloudWatchRoutesConfig(RoutesConfig):
+    """``archive.cloudwatch.routes``: as every backend's routes, each kind ``durable`` by
+    default (CloudWatch takes data as soon as it is on disk)."""
+
+    logs: str = _key(_choice(ROUTE_MODES), "durable")
+    metrics: str = _key(_choice(ROUTE_MODES), "durable")
+    events: str = _key(_choice(ROUTE_MODES), "durable")
+
+
+#: The retention periods CloudWatch Logs accepts (days).
+CLOUDWATCH_RETENTION_DAYS = (1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731,
+                             1096, 1827, 2192, 2557, 2922, 3288, 3653)
+
+
+def _retention_days(value: Any) -> int:
+    """``archive.cloudwatch.retentionDays``: 0 (never expire) or a value CloudWatch accepts."""
+    days = _integer(0)(value)
+    if days and days not in CLOUDWATCH_RETENTION_DAYS:
+        raise InvalidValue(f"{days} is not a retention CloudWatch Logs accepts; one of 0 (never), "
+                           + ", ".join(map(str, CLOUDWATCH_RETENTION_DAYS)))
+    return days
+
+
+#: CloudWatch allows at most 30 dimensions per metric; JobUUID and NodeID take two.
+_CLOUDWATCH_EXTRA_DIMENSIONS = 28
+
+
+def _metric_dimensions(value: Any) -> tuple:
+    """``archive.cloudwatch.metricDimensions``: extra dimension name -> value (strings)."""
+    if not isinstance(value, dict):
+        raise InvalidValue(f"expected a mapping of dimension name to value, got {show_value(value)}")
+    if len(value) > _CLOUDWATCH_EXTRA_DIMENSIONS:
+        raise InvalidValue(f"at most {_CLOUDWATCH_EXTRA_DIMENSIONS} dimensions (CloudWatch "
+                           "allows 30 per metric; JobUUID and NodeID are two of them)")
+    pairs = []
+    for name, dim in value.items():
+        if not isinstance(name, str) or not 1 <= len(name) <= 255:
+            raise InvalidValue(f"dimension name {show_value(name)}: expected 1-255 characters")
+        if name in ("JobUUID", "NodeID"):
+            raise InvalidValue(f"dimension {name} is always set by the service")
+        if not isinstance(dim, str) or not 1 <= len(dim) <= 1024:
+            raise InvalidValue(f"dimension {name}: expected a string of 1-1024 characters, "
+                               f"got {show_value(dim)}")
+        pairs.append((name, dim))
+    return tuple(pairs)
+
+
+@dataclass(frozen=True)
+class CloudWatchArchiveConfig:
+    """``archive.cloudwatch``: logs, metrics and events replayed to CloudWatch Logs and
+    metrics through PutMetricData (docs/operations.md, "CloudWatch")."""
+
+    enabled: bool = _key(_boolean, False)
+    region: str = _key(_string(), "")
+    # A CloudWatch-compatible endpoint (a VPC endpoint, a local test server).
+    endpoint_url: str = _key(_string(), "")
+    # Log group ``{logGroupPrefix}/{server.nodeId}/jobs``.
+    log_group_prefix: str = _key(_string(allow_empty=False), "/joblet")
+    # The group's retention in days (0: never expire); set when the service creates it.
+    retention_days: int = _key(_retention_days, 0)
+    # KMS key ARN the group is encrypted with when the service creates it ("" = none).
+    kms_key_id: str = _key(_string(), "")
+    metric_namespace: str = _key(_string(allow_empty=False), "Joblet/Jobs")
+    metric_dimensions: tuple = _key(_metric_dimensions, (), lambda pairs: dict(pairs))
+    # How often the stored jobs are checked for data to ship.
+    interval: float = _key(_duration(positive=True), 5.0)
+    # A job with no write for this long counts as idle (routes ``close`` and ``idle``).
+    idle_after: float = _key(_duration(positive=True), 300.0)
+    # Health turns unhealthy past this many unshipped messages (0: never), or when data
+    # has waited this long (0: never).
+    backlog_unhealthy_messages: int = _key(_integer(0), 1_000_000)
+    backlog_unhealthy_age: float = _key(_duration(), 3600.0)
+    # Retries of failing calls: first delay, doubling (with jitter) up to the maximum.
+    retry_initial: float = _key(_duration(positive=True), 1.0)
+    retry_max: float = _key(_duration(positive=True), 300.0)
+    routes: CloudWatchRoutesConfig = _section(CloudWatchRoutesConfig)
+
+    def route(self, part: str) -> str:
+        """When data of ``part`` (logs, metrics, events) is shipped."""
+        return self.routes.mode(part)
+
+
+@dataclass(frozen=True)
 class ArchiveConfig:
     """``archive``: remote copies of the stored data, fed from the local segments."""
 
     s3: S3ArchiveConfig = _section(S3ArchiveConfig)
+    cloudwatch: CloudWatchArchiveConfig = _section(CloudWatchArchiveConfig)
 
 
 @dataclass(frozen=True)
@@ -845,6 +929,34 @@ def _validate(cfg: Config, ctx: _Context) -> None:
             raise ctx.error("archive.s3.sse", "must be sse-kms when archive.s3.sseKmsKeyId is set")
         if s3.retry_initial > s3.retry_max:
             raise ctx.error("archive.s3.retryMax", f"must be at least {ctx.name('archive.s3.retryInitial')}")
+
+    cw = cfg.archive.cloudwatch
+    if cfg.storage.backend == "cloudwatch" and not cw.enabled:
+        raise ctx.error("storage.backend",
+                        "cloudwatch needs archive.cloudwatch.enabled: true (CloudWatch is "
+                        "where data whose local copy is gone is read from)")
+    if cfg.storage.backend == "cloudwatch" and s3.enabled:
+        raise ctx.error("storage.backend",
+                        "cloudwatch reads from CloudWatch what is gone locally, and with "
+                        f"{ctx.name('archive.s3.enabled')} the S3 archive does: choose one "
+                        "(storage.backend: local reads archived data from S3 and can still "
+                        "ship to CloudWatch)")
+    if cw.enabled:
+        if not cfg.server.node_id:
+            raise ctx.error(
+                "server.nodeId",
+                "must be set when archive.cloudwatch.enabled is true (it is part of the log "
+                "group name)",
+            )
+        if not re.fullmatch(r"[A-Za-z0-9_\-./#]+", cw.log_group_prefix + "/" + cfg.server.node_id):
+            raise ctx.error(
+                "archive.cloudwatch.logGroupPrefix",
+                "with server.nodeId it must form a valid log group name "
+                "(letters, digits, '_', '-', '.', '/', '#')",
+            )
+        if cw.retry_initial > cw.retry_max:
+            raise ctx.error("archive.cloudwatch.retryMax",
+                            f"must be at least {ctx.name('archive.cloudwatch.retryInitial')}")
 
     writer = cfg.writer
     if writer.low_water_bytes >= writer.high_water_bytes:

@@ -257,6 +257,10 @@ class PersistMetrics:
 
         return read
 
+    def cloudwatch(self, source) -> CloudWatchMetrics:
+        """The metrics of the CloudWatch backend, on this registry (once)."""
+        return CloudWatchMetrics(self.registry, source)
+
     # -- ingest (reactor thread, per frame) -----------------------------
 
     def frame_received(self, msg_type: int, nbytes: int) -> None:
@@ -439,6 +443,64 @@ class ArchiveMetrics:
 
     def expired(self, count: int) -> None:
         self._expired.inc(count)
+
+
+class CloudWatchMetrics:
+    """The metrics of the CloudWatch backend (archive.cloudwatch); reactor thread.
+
+    ``source`` (the CloudWatchShipper) is read at scrape time for the backlog gauges.
+    """
+
+    def __init__(self, registry: CollectorRegistry, source):
+        Gauge("persist_cloudwatch_backlog_messages",
+              "Stored messages the routes let go to CloudWatch and not yet shipped.",
+              registry=registry).set_function(lambda: source.backlog_messages)
+        Gauge("persist_cloudwatch_oldest_unshipped_seconds",
+              "How long the stream waiting longest has had unshipped data (0: none).",
+              registry=registry).set_function(source.oldest_unshipped_seconds)
+        self._events = Counter("persist_cloudwatch_events_shipped",
+                               "Log events accepted by PutLogEvents.", registry=registry)
+        self._bytes = Counter("persist_cloudwatch_event_bytes_shipped",
+                              "Bytes of accepted log events, as PutLogEvents counts them.",
+                              registry=registry)
+        self._datums = Counter("persist_cloudwatch_metric_datums_shipped",
+                               "Metric data points sent through PutMetricData.",
+                               registry=registry)
+        self._out_of_range = Counter(
+            "persist_cloudwatch_out_of_range_messages",
+            "Messages not sent because CloudWatch refuses their timestamp (older than 14 days "
+            "or over 2 hours ahead); they stay in local storage.", registry=registry)
+        self._rejected = Counter(
+            "persist_cloudwatch_rejected_events",
+            "Events CloudWatch accepted the request of but refused (rejectedLogEventsInfo).",
+            registry=registry)
+        self._errors = Counter(
+            "persist_cloudwatch_errors",
+            "Failed CloudWatch calls: retryable (throttling, 5xx, connection) or refused "
+            "(any other error); both are retried with backoff.", ["kind"], registry=registry)
+        for kind in ("retryable", "refused"):
+            self._errors.labels(kind)  # exported at 0 from the start, for alert rules
+        self._deleted = Counter("persist_cloudwatch_deleted_streams",
+                                "Log streams deleted (DeleteJob).", registry=registry)
+
+    def shipped(self, events: int, nbytes: int) -> None:
+        self._events.inc(events)
+        self._bytes.inc(nbytes)
+
+    def datums(self, n: int) -> None:
+        self._datums.inc(n)
+
+    def out_of_range(self, n: int) -> None:
+        self._out_of_range.inc(n)
+
+    def rejected(self, n: int) -> None:
+        self._rejected.inc(n)
+
+    def error(self, kind: str) -> None:
+        self._errors.labels(kind).inc()
+
+    def deleted(self, n: int) -> None:
+        self._deleted.inc(n)
 
 
 def _monotonic() -> float:

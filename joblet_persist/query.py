@@ -274,8 +274,11 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
         admin_ou: str = "admin",
         viewer_ou: str = "viewer",
         follow_hub=None,
+        delete_note: str = "",
     ):
         self._storage = storage
+        # Appended to DeleteJob's message (what a remote backend could or could not delete).
+        self._delete_note = delete_note
         self._reactor = reactor
         self._is_healthy = is_healthy
         self._ingest_stats = ingest_stats
@@ -844,6 +847,8 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
             message = f"deleted job {job_id}: {freed} bytes freed"
         else:
             message = f"job {job_id} not found; nothing to delete"
+        if self._delete_note:
+            message += f"; {self._delete_note}"
         return persist_pb2.DeleteJobResponse(success=True, message=message)
 
     @_unary("CleanupOldData", ROLE_ADMIN)

@@ -23,6 +23,8 @@ reverse, each step waiting for the previous):
  6. ingest        IPC Unix socket listener (stop: close listener, drain connections)
  7. retention     periodic retention run (stop: wait for a run in progress)
  7a. archive-pool, archive   S3 archive shipper and its pool (only when archive.s3.enabled)
+ 7b. cloudwatch-pool, cloudwatch   CloudWatch shipper and its pool (only when
+     archive.cloudwatch.enabled)
  8. grpc          gRPC server on the Unix sockets and/or TCP (stop: refuse, then grace)
  9. metrics-http, health-http   Klein listeners (one when they share a port; none when off)
 10. sighup        configuration reload on SIGHUP (added by makeService, under twistd)
@@ -303,6 +305,16 @@ class ArchiveParts:
 
 
 @dataclasses.dataclass(frozen=True)
+class CloudWatchParts:
+    """What build_cloudwatch produces when ``archive.cloudwatch.enabled``: the shipper, its
+    own pool (CloudWatch calls never take the cpu-pool's threads) and its service."""
+
+    shipper: object
+    pool: object
+    service: object
+
+
+@dataclasses.dataclass(frozen=True)
 class QueryParts:
     """What build_queries produces: the gRPC servicer and the gRPC server service."""
 
@@ -333,8 +345,9 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
     wr = build_writer(config, reactor, st, health, metrics)
     ing = build_ingest(config, reactor, st, wr, health, metrics)
     arc = build_archive(config, reactor, st, health, metrics)
-    lc = build_lifecycle(config, reactor, st, wr, health, metrics, archive=arc)
-    q = build_queries(config, reactor, st, wr, lc, metrics, archive=arc)
+    cw = build_cloudwatch(config, reactor, st, health, metrics)
+    lc = build_lifecycle(config, reactor, st, wr, health, metrics, archive=arc, cloudwatch=cw)
+    q = build_queries(config, reactor, st, wr, lc, metrics, archive=arc, cloudwatch=cw)
     web = build_monitoring(config, reactor, lc.health, metrics)
 
     components = {
@@ -352,6 +365,7 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
         "grpc": q.grpc,
         "web": web,
         "archive": arc.shipper if arc is not None else None,
+        "cloudwatch": cw.shipper if cw is not None else None,
     }
     extra = extra_services(components) if extra_services is not None else []
 
@@ -367,6 +381,8 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
         lc.retention_timer,  # retention: stop waits for a run in progress
         arc and arc.pool,     # archive-pool: the archive's S3 calls (absent when off)
         arc and arc.service,  # archive: upload rounds; stop waits for a round in progress
+        cw and cw.pool,       # cloudwatch-pool: CloudWatch calls (absent when off)
+        cw and cw.service,    # cloudwatch: shipping rounds; stop waits for a round in progress
         q.grpc,             # grpc: stop refuses new RPCs, then the grace period
         *web,               # metrics-http, health-http
         *extra,             # sighup, sdnotify (under twistd, from makeService)
@@ -553,8 +569,47 @@ def build_archive(config, reactor, st: StorageParts, health, metrics) -> Optiona
     return ArchiveParts(shipper=shipper, pool=pool, service=service)
 
 
+def build_cloudwatch(config, reactor, st: StorageParts, health,
+                     metrics) -> Optional[CloudWatchParts]:
+    """The CloudWatch shipper (None unless ``archive.cloudwatch.enabled``: then boto3 is
+    imported when its pool starts, never otherwise).  It reads the local backend's snapshots."""
+    cwc = config.archive.cloudwatch
+    if not cwc.enabled:
+        return None
+    from joblet_persist.archive.cloudwatch import CloudWatchShipper
+    from joblet_persist.services import CallbackService, ThreadPoolService
+    from joblet_persist.storage.safefs import FileModes
+
+    sc = config.storage
+    pool = ThreadPoolService(reactor, "cloudwatch-pool", 2)
+    tiered = sc.backend == "cloudwatch"
+    shipper = CloudWatchShipper(
+        cwc, config.server.node_id, sc.data_dir, st.storage.local if tiered else st.storage,
+        reactor, pool.run,
+        modes=FileModes(sc.file_mode, sc.dir_mode, sc.group),
+    )
+    shipper.set_metrics(metrics.cloudwatch(shipper))
+    if tiered:
+        st.storage.attach(shipper)  # the tier reads what is gone locally from CloudWatch
+    health.add_check("cloudwatch", shipper.health_check)
+    service = CallbackService("cloudwatch", shipper.start, shipper.stop)
+    return CloudWatchParts(shipper=shipper, pool=pool, service=service)
+
+
+def _archived_check(archive: Optional[ArchiveParts], cloudwatch: Optional[CloudWatchParts]):
+    """Retention's IArchivedCheck: every configured remote must have taken the data."""
+    if cloudwatch is None:
+        return archive.shipper if archive is not None else None
+    if archive is None:
+        return cloudwatch.shipper
+    from joblet_persist.archive.cloudwatch import AllArchived
+
+    return AllArchived(archive.shipper, cloudwatch.shipper)
+
+
 def build_lifecycle(config, reactor, st: StorageParts, wr: WriterParts, health,
-                    metrics, archive: Optional[ArchiveParts] = None) -> LifecycleParts:
+                    metrics, archive: Optional[ArchiveParts] = None,
+                    cloudwatch: Optional[CloudWatchParts] = None) -> LifecycleParts:
     """Retention (timer and runner), the idle-unload timer, the health monitor's service."""
     from twisted.application.internet import TimerService
 
@@ -590,7 +645,7 @@ def build_lifecycle(config, reactor, st: StorageParts, wr: WriterParts, health,
         busy_jobs=writer.busy_jobs,
         discard_job=writer.discard_job,
         metrics=metrics,
-        archive=archive.shipper if archive is not None else None,
+        archive=_archived_check(archive, cloudwatch),
     )
     retention_timer = RetentionTimerService(reactor, retention, sc.retention.interval)
     return LifecycleParts(health=health, health_service=health_service, unloader=unloader,
@@ -598,7 +653,8 @@ def build_lifecycle(config, reactor, st: StorageParts, wr: WriterParts, health,
 
 
 def build_queries(config, reactor, st: StorageParts, wr: WriterParts, lc: LifecycleParts,
-                  metrics, archive: Optional[ArchiveParts] = None) -> QueryParts:
+                  metrics, archive: Optional[ArchiveParts] = None,
+                  cloudwatch: Optional[CloudWatchParts] = None) -> QueryParts:
     """The gRPC servicer (queries, DeleteJob, CleanupOldData) and its server."""
     from joblet_persist.grpc_server import GrpcServerService
     from joblet_persist.query import PersistServicer
@@ -609,15 +665,22 @@ def build_queries(config, reactor, st: StorageParts, wr: WriterParts, lc: Lifecy
     def delete_job(job_id):
         if archive is None:
             d = writer.discard_job(job_id)
-            return d.addCallback(lambda _: storage.delete_job(job_id))
-        # The archived objects go too: the deletion is recorded durably first (a crash
-        # after the local deletion must not leave the job archived-only), and the shipper
-        # deletes the objects once the local files are gone (none is uploaded again).
-        shipper = archive.shipper
-        d = shipper.delete_job(job_id, hold=True)
-        d.addCallback(lambda _: writer.discard_job(job_id))
-        d.addCallback(lambda _: storage.delete_job(job_id))
-        d.addBoth(lambda result: (shipper.release_delete(job_id), result)[1])
+            d.addCallback(lambda _: storage.delete_job(job_id))
+        else:
+            # The archived objects go too: the deletion is recorded durably first (a crash
+            # after the local deletion must not leave the job archived-only), and the
+            # shipper deletes the objects once the local files are gone (none is uploaded
+            # again).
+            shipper = archive.shipper
+            d = shipper.delete_job(job_id, hold=True)
+            d.addCallback(lambda _: writer.discard_job(job_id))
+            d.addCallback(lambda _: storage.delete_job(job_id))
+            d.addBoth(lambda result: (shipper.release_delete(job_id), result)[1])
+        if cloudwatch is not None:
+            # The job's log streams go too: recorded durably once the local files are gone
+            # (so no round ships them again), deleted by the shipper.
+            d.addCallback(lambda freed: cloudwatch.shipper.delete_job(job_id).addCallback(
+                lambda _: freed))
         return d
 
     def ingest_stats():
@@ -659,6 +722,7 @@ def build_queries(config, reactor, st: StorageParts, wr: WriterParts, lc: Lifecy
         admin_ou=config.security.admin_ou,
         viewer_ou=config.security.viewer_ou,
         follow_hub=follow_hub,
+        delete_note=cloudwatch.shipper.delete_note if cloudwatch is not None else "",
     )
     grpc_service = GrpcServerService(
         servicer,

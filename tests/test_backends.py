@@ -40,7 +40,7 @@ class BackendKeyTests(SynchronousTestCase):
             error = caught.exception
             self.assertEqual((error.source, error.key), ("persist.yml", "storage.backend"))
             self.assertTrue(str(error).startswith("persist.yml: storage.backend: "), str(error))
-            self.assertIn("expected one of local", str(error))
+            self.assertIn("expected one of cloudwatch, local", str(error))
 
     def test_registered_backend_selected(self):
         """A backend added to the registry is accepted by the configuration and built by the

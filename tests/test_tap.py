@@ -195,7 +195,7 @@ class BuildServiceTests(SynchronousTestCase):
         self.assertEqual(
             set(parts),
             {"config", "lock", "metrics", "pool", "storage", "writer", "factory", "health", "ingest",
-             "servicer", "retention", "grpc", "web", "archive"},
+             "servicer", "retention", "grpc", "web", "archive", "cloudwatch"},
         )
         self.assertEqual(parts["ingest"].path, os.path.join(self.dir, "run", "ipc.sock"))
         self.assertEqual(parts["grpc"].unix_socket, os.path.join(self.dir, "run", "grpc.sock"))

@@ -40,8 +40,18 @@ def _make_local(config, *, run, clock, metrics=None, file_budget=None):
     )
 
 
+def _make_cloudwatch(config, *, run, clock, metrics=None, file_budget=None):
+    """LocalStorage in front of CloudWatch as the long-term store (archive.cloudwatch):
+    data whose local copy is gone is read from CloudWatch (archive/cloudwatch_tier.py)."""
+    from joblet_persist.archive.cloudwatch_tier import make_tier
+
+    return make_tier(_make_local(config, run=run, clock=clock, metrics=metrics,
+                                 file_budget=file_budget))
+
+
 #: Backend name (the value of ``storage.backend``) -> builder.
 BACKENDS: dict[str, Callable[..., object]] = {"local": _make_local}
+BACKENDS["cloudwatch"] = _make_cloudwatch
 
 
 def make_storage(config, *, run, clock, metrics=None, file_budget=None):
