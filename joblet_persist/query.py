@@ -38,7 +38,7 @@ import grpc
 from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 
-from joblet_persist import events
+from joblet_persist import aggregate, events
 from joblet_persist._proto import persist_pb2, persist_pb2_grpc
 from joblet_persist.logs import Logger
 from joblet_persist.security import (
@@ -187,19 +187,7 @@ def _streaming(rpc: str, role: str):
     return decorate
 
 
-def _num(data: dict, key: str, kind):
-    """A numeric field of a stored metric object; missing or unreadable -> 0."""
-    value = data.get(key)
-    if value is None:
-        # Records written by other tools may use protobuf JSON's camelCase.
-        head, *rest = key.split("_")
-        value = data.get(head + "".join(w.title() for w in rest))
-    if value is None:
-        return kind(0)
-    try:
-        return kind(value)
-    except (TypeError, ValueError, OverflowError):
-        return kind(0)
+_num = aggregate.number  # one reading of stored metric fields, shared with AggregateMetrics
 
 
 def metric_message(job_id: str, record: MetricRecord) -> persist_pb2.Metric:
@@ -932,3 +920,71 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
     @_streaming("SearchLogs", ROLE_VIEWER)
     def SearchLogs(self, request, context):
         yield from self._search(request, context)
+
+    @_unary("AggregateMetrics", ROLE_VIEWER)
+    def AggregateMetrics(self, request, context):
+        job_id = check_job_id(request.job_uuid)
+        self._check_range(request.start_time, request.end_time)
+        try:
+            fields = aggregate.parse_fields(list(request.fields))
+            functions = aggregate.parse_functions(list(request.functions))
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+        if request.step_ns < 0:
+            raise BadRequest(f"step_ns {request.step_ns} is negative (0 = auto)")
+        if request.max_points < 0 or request.max_points > self._aggregate_max_points:
+            raise BadRequest(
+                f"max_points {request.max_points} is out of range: expected "
+                f"0..{self._aggregate_max_points} (query.aggregateMaxPoints; 0 = 100)"
+            )
+        snap = self._snapshot(job_id)
+        info = snap.info
+        start = request.start_time if request.start_time > 0 else info.first_timestamp
+        end = request.end_time if request.end_time > 0 else info.last_timestamp
+        span = max(0, end - start)
+        # Auto keeps two buckets in hand: a range cut on epoch-aligned steps touches up
+        # to span // step + 2 of them.
+        step = request.step_ns or aggregate.auto_step(
+            span, max(1, min(request.max_points or 100, self._aggregate_max_points - 2))
+        )
+        most = span // step + 2
+        if request.step_ns and most > self._aggregate_max_points:
+            raise BadRequest(
+                f"step {step} ns over {span} ns gives up to {most} points, more than "
+                f"{self._aggregate_max_points} (query.aggregateMaxPoints): use a larger step "
+                "or a narrower time range"
+            )
+        agg = aggregate.Aggregator(step, fields, functions)
+        stats = ReadStats()
+        cancelled = self._cancelled(context)
+        try:
+            for rec in snap.iter_metrics(
+                request.start_time, request.end_time, stats=stats, cancelled=cancelled
+            ):
+                agg.add(rec.timestamp, rec.data)
+                if agg.bucket_count() > self._aggregate_max_points:
+                    raise BadRequest(
+                        f"more than {self._aggregate_max_points} points "
+                        "(query.aggregateMaxPoints): use a larger step or a narrower time range"
+                    )
+        finally:
+            self._report(stats)
+        if cancelled():
+            raise RpcStatus(grpc.StatusCode.CANCELLED, "AggregateMetrics: the call ended")
+        response = persist_pb2.AggregateMetricsResponse(
+            step_ns=step, fields=list(fields), functions=list(functions), samples=agg.samples
+        )
+        wanted = [f for f in functions if f != "rate"]
+        rate = "rate" in functions
+        for key, count, field_stats in agg.points():
+            point = response.points.add(timestamp=key, count=count)
+            for name, fs in zip(fields, field_stats, strict=True):
+                value = point.values.add(field=name)
+                for function in wanted:
+                    setattr(value, function, fs.result(function))
+                if rate and name in aggregate.COUNTERS:
+                    r = fs.result("rate")
+                    if r is not None:
+                        value.rate = r
+                        value.has_rate = True
+        return response

@@ -23,7 +23,8 @@ reverse, each step waiting for the previous):
  6. ingest        IPC Unix socket listener (stop: close listener, drain connections)
  7. retention     periodic retention run (stop: wait for a run in progress)
  7a. archive-pool, archive   S3 archive shipper and its pool (only when archive.s3.enabled)
- 8. grpc          gRPC server on the Unix sockets and/or TCP (stop: refuse, then grace)
+ 8. query-pool, grpc   SearchLogs' scan threads; gRPC server on the Unix sockets and/or TCP
+                  (stop: refuse, then grace; then the scan threads)
  9. metrics-http, health-http   Klein listeners (one when they share a port; none when off)
 10. sighup        configuration reload on SIGHUP (added by makeService, under twistd)
 
@@ -281,6 +282,7 @@ class QueryParts:
 
     servicer: object
     grpc: object
+    pool: object = None  # query-pool: SearchLogs' member scans
 
 
 def build_service(config, reactor, *, registry=None, exit_on_start_failure=False,
@@ -340,6 +342,7 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
         lc.retention_timer,  # retention: stop waits for a run in progress
         arc and arc.pool,     # archive-pool: the archive's S3 calls (absent when off)
         arc and arc.service,  # archive: upload rounds; stop waits for a round in progress
+        q.pool,             # query-pool: search scans (stops after grpc ended its calls)
         q.grpc,             # grpc: stop refuses new RPCs, then the grace period
         *web,               # metrics-http, health-http
         *extra,             # sighup (under twistd, from makeService)
@@ -565,6 +568,7 @@ def build_queries(config, reactor, st: StorageParts, wr: WriterParts, lc: Lifecy
     from joblet_persist.grpc_server import GrpcServerService
     from joblet_persist.query import PersistServicer
     from joblet_persist.rules import parse_group
+    from joblet_persist.services import ExecutorService
 
     storage, writer, health, qc = st.storage, wr.writer, lc.health, config.query
 
@@ -590,6 +594,8 @@ def build_queries(config, reactor, st: StorageParts, wr: WriterParts, lc: Lifecy
             d.addCallback(_refresh_health_after, health)
         return d
 
+    # Search's member scans (inflate + match) on threads of their own, never the cpu-pool's.
+    query_pool = ExecutorService("query-pool", qc.search_thread_count)
     servicer = PersistServicer(
         storage,
         reactor,
@@ -603,6 +609,11 @@ def build_queries(config, reactor, st: StorageParts, wr: WriterParts, lc: Lifecy
         metrics=metrics,
         admin_ou=config.security.admin_ou,
         viewer_ou=config.security.viewer_ou,
+        search_submit=query_pool.submit,
+        search_window=2 * query_pool.size,
+        search_max_bytes=qc.search_max_bytes,
+        search_max_seconds=qc.search_max_time,
+        aggregate_max_points=qc.aggregate_max_points,
     )
     grpc_service = GrpcServerService(
         servicer,
@@ -625,7 +636,7 @@ def build_queries(config, reactor, st: StorageParts, wr: WriterParts, lc: Lifecy
     health.add_check(
         "grpc", lambda: (grpc_service.running, "serving" if grpc_service.running else "stopped")
     )
-    return QueryParts(servicer=servicer, grpc=grpc_service)
+    return QueryParts(servicer=servicer, grpc=grpc_service, pool=query_pool)
 
 
 def build_monitoring(config, reactor, health, metrics) -> list:

@@ -34,6 +34,7 @@ EXPECTED_ORDER = [
     "health",
     "ingest",
     "retention",
+    "query-pool",
     "grpc",
     "metrics-http",
     "health-http",
@@ -322,7 +323,8 @@ class BuilderTests(SynchronousTestCase):
         q = tap.build_queries(cfg, self.reactor, st, wr, lc, metrics)
         web = tap.build_monitoring(cfg, self.reactor, health, metrics)
         self.assertEqual([lc.unloader.name, lc.health_service.name, lc.retention_timer.name,
-                          q.grpc.name] + [w.name for w in web], EXPECTED_ORDER[4:6] +
+                          q.pool.name, q.grpc.name] + [w.name for w in web],
+                         EXPECTED_ORDER[4:6] +
                          EXPECTED_ORDER[7:])
         self.assertEqual(list(health._checks),
                          ["writer", "ingest", "ipc_connections", "ipc_partial_frames", "grpc"])
