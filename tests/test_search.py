@@ -11,6 +11,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from joblet_persist.storage import format as fmt
 from joblet_persist.storage.api import ReadStats
 from joblet_persist.storage.reader import iter_logs
 from joblet_persist.storage.search import (
@@ -21,7 +22,7 @@ from joblet_persist.storage.search import (
     required_literals,
     search_views,
 )
-from tests.test_storage_reader import JobWriter
+from tests.test_storage_reader import COMP, JobWriter
 
 #: Text that exercises case folding (KELVIN SIGN, LONG S, non-ASCII letters), newlines and
 #: the regex metacharacters as literal content.
@@ -263,6 +264,39 @@ class SearchViewsTests(SynchronousTestCase):
         self.assertEqual(e.bytes_scanned, bound)
         self.assertEqual(e.resume_time, members[2].min_timestamp)
         self.assertIn(str(bound), e.reason)
+
+    def test_bound_on_merged_streams_sends_a_prefix(self):
+        """With both streams merged and their members overlapping in arrival order (each
+        member spans ordinals the other stream's members hold too), a search stopped by its
+        bound has sent a prefix of the whole answer (no match of a later ordinal before one
+        of a member not scanned), and its resume time is no later than the first match it
+        left out."""
+        d = self.mktemp()
+        os.makedirs(d)
+        w = JobWriter(d)
+        for b in range(10):
+            for stream in (1, 2):
+                ords = [b * 40 + 2 * i + stream - 1 for i in range(20)]
+                rows = [(1_000 + o, o, b"s%d %d e\n" % (stream, o)) for o in ords]
+                pieces = fmt.encode_log_members([r[0] for r in rows], [r[1] for r in rows],
+                                                ords, [r[2] for r in rows], COMP)
+                w._append(stream, "stdout" if stream == 1 else "stderr", pieces)
+        streams = w.streams()
+        m = compile_matcher("e")
+        want = [(r.stream, r.timestamp, r.sequence, r.content)
+                for r in iter_logs(streams, 0) if m.matches(r.content)]
+        self.assertEqual(len(want), 400)
+        members = sorted((mb for k in (1, 2) for v in streams[k] for mb in v.members),
+                         key=lambda mb: mb.first_ordinal)
+        for n in range(1, 12):
+            limits = ScanLimits(max_bytes=sum(mb.raw_size for mb in members[:n]))
+            got = []
+            gen = search_views(streams, 0, m, limits=limits, window=3)
+            e = self.assertRaises(SearchLimitExceeded,
+                                  lambda gen=gen, got=got: [got.extend(zip(*c, strict=True))
+                                                            for c in gen])
+            self.assertEqual(got, want[:len(got)], n)
+            self.assertLessEqual(e.resume_time, want[len(got)][1], n)
 
     def test_deadline_stops_the_scan(self):
         """Past the deadline no further member is started (the first one always is)."""

@@ -603,13 +603,18 @@ def search_views(
             if out[0]:
                 q.close()
                 yield out
+        if stopped:
+            # Matches held back for a member not scanned are left out, so that what was
+            # sent is a prefix of the whole answer; the resume time covers them.
+            exc = stopped[0]
+            if heap:
+                exc.resume_time = min(exc.resume_time, min(item[2] for item in heap))
+            raise exc
         if heap:
             heap.sort()
             q.close()
             yield ([k for _o, k, _t, _s, _c in heap], [t for _o, _k, t, _s, _c in heap],
                    [s for _o, _k, _t, s, _c in heap], [c for _o, _k, _t, _s, c in heap])
-        if stopped:
-            raise stopped[0]
     finally:
         for _index, future in pending:
             future.cancel()
