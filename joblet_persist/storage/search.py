@@ -306,12 +306,14 @@ class Matcher:
         """Whether one message matches: RE2 over the content alone (the reference)."""
         return self._rx.search(content) is not None
 
-    def scan(self, data: bytes, bounds: list, positions) -> list:
+    def scan(self, data: bytes, bounds: list, positions, hay=None) -> list:
         """Positions (message indices) among ``positions`` whose message matches.
 
         ``data`` is a member's inflated data, message i being
         ``data[bounds[i]:bounds[i + 1]]``; ``positions`` a ``range`` (the usual
-        case) or an ascending list of indices.  Result ascending.
+        case) or an ascending list of indices; ``hay`` the data as the needle is
+        compared with (lower-cased when ``folded``), when the caller has it.
+        Result ascending.
         """
         if not positions:
             return []
@@ -321,7 +323,8 @@ class Matcher:
         elif not needle:
             candidates = positions
         else:
-            hay = data.lower() if self.folded else data
+            if hay is None:
+                hay = data.lower() if self.folded else data
             if isinstance(positions, range):
                 lo, hi = bounds[positions.start], bounds[positions.stop]
                 wanted = None
@@ -344,7 +347,9 @@ class Matcher:
         if self.exact:
             return list(candidates)
         search = self._rx.search
-        return [i for i in candidates if search(data[bounds[i] : bounds[i + 1]]) is not None]
+        return [
+            i for i in candidates if search(bytes(data[bounds[i] : bounds[i + 1]])) is not None
+        ]
 
 
 def compile_matcher(pattern: str, regex: bool = False, ignore_case: bool = False) -> Matcher:
@@ -407,7 +412,7 @@ def _inflate(buf: bytes, m: MemberInfo, path: str) -> bytes:
         raise CorruptMember("CRC32 mismatch", path, m.offset)
     if isize != m.raw_size & 0xFFFFFFFF:
         raise CorruptMember("ISIZE mismatch", path, m.offset)
-    return bytes(data)
+    return data  # a bytearray: only the matching messages are copied out of it
 
 
 def thd_scan_member(buf: bytes, m: MemberInfo, path: str, matcher: Matcher,
@@ -418,11 +423,15 @@ def thd_scan_member(buf: bytes, m: MemberInfo, path: str, matcher: Matcher,
     messages inside the inclusive time range, in stored order.  Raises
     CorruptMember.
     """
+    data = _inflate(buf, m, path) if m.raw_size else b""
+    hay = None
+    if matcher.needle:
+        # The literal prefilter, on the whole member before it is split into messages:
+        # most members of a selective search end here, without their table.
+        hay = data.lower() if matcher.folded else data
+        if matcher.needle not in hay:
+            return [], [], [], []
     table = decode_member_table(buf, m)
-    if m.raw_size == 0:
-        data = b""
-    else:
-        data = _inflate(buf, m, path)
     if sum(table.lengths) != len(data):
         raise CorruptMember("message lengths do not add up to the data", path, m.offset)
     rng = reader._Range(start_time, end_time)
@@ -431,13 +440,13 @@ def thd_scan_member(buf: bytes, m: MemberInfo, path: str, matcher: Matcher,
     else:
         positions = range(len(table.lengths))
     bounds = list(accumulate(table.lengths, initial=0))
-    hits = matcher.scan(data, bounds, positions)
+    hits = matcher.scan(data, bounds, positions, hay)
     ords, ts, seqs = table.ordinals, table.timestamps, table.sequences
     return (
         [ords[i] for i in hits],
         [ts[i] for i in hits],
         [seqs[i] for i in hits],
-        [data[bounds[i] : bounds[i + 1]] for i in hits],
+        [bytes(data[bounds[i] : bounds[i + 1]]) for i in hits],
     )
 
 
