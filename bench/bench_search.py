@@ -54,9 +54,8 @@ from bench.bench_query import (  # noqa: E402
     start_service,
     wait_healthy,
 )
-from joblet_persist._proto import ipc_pb2  # noqa: E402
+from joblet_persist._proto import ipc_pb2, persist_pb2_grpc  # noqa: E402
 from joblet_persist._proto import persist_pb2 as pb  # noqa: E402
-from joblet_persist._proto import persist_pb2_grpc  # noqa: E402
 from joblet_persist.storage import segment  # noqa: E402
 from joblet_persist.storage.compress import make_compressor  # noqa: E402
 from joblet_persist.storage.diskwork import thd_append_metrics  # noqa: E402

@@ -23,6 +23,7 @@ Definitions (docs/query-api.md, "Aggregation"):
 
 from __future__ import annotations
 
+import operator
 from typing import Callable, Optional
 
 #: Fields that can be aggregated, in the order answers list them.
@@ -75,15 +76,51 @@ def _getter(field: str) -> Callable[[dict], object]:
     """The function reading ``field`` from a sample's ``data`` object as QueryMetrics does."""
     if "." not in field:
         kind = float if field in ("cpu_usage", "gpu_usage") else int
-        return lambda data: number(data, field, kind)
+
+        def get_top(data: dict):
+            value = data.get(field)
+            if type(value) is kind:  # the stored format: no conversion needed
+                return value
+            return number(data, field, kind)
+
+        return get_top
     group, name = field.split(".")
     camel = {"disk_io": "diskIo", "network_io": "networkIo"}[group]
 
     def get(data: dict):
-        sub = data.get(group, data.get(camel))
-        return number(sub, name, int) if isinstance(sub, dict) else 0
+        sub = data.get(group)
+        if sub is None:
+            sub = data.get(camel)
+        if not isinstance(sub, dict):
+            return 0
+        value = sub.get(name)
+        if type(value) is int:
+            return value
+        return number(sub, name, int)
 
     return get
+
+
+def _extractor(fields: tuple) -> Callable[[dict], tuple]:
+    """A function reading ``fields`` of a sample's ``data`` in one call, as stored (plain
+    dict lookups: a missing key is None, fixed up by the Aggregator with the getters)."""
+    plan = tuple((None, f) if "." not in f else tuple(f.split(".")) for f in fields)
+
+    def extract(data: dict) -> tuple:
+        disk = data.get("disk_io")
+        net = data.get("network_io")
+        where = {
+            None: data,
+            "disk_io": disk if type(disk) is dict else _NO_GROUP,
+            "network_io": net if type(net) is dict else _NO_GROUP,
+        }
+        return tuple([where[g].get(k) for g, k in plan])
+
+    return extract
+
+
+#: Stands in for a missing disk_io/network_io object (its values read as None, then 0).
+_NO_GROUP: dict = {}
 
 
 def parse_fields(names) -> tuple:
@@ -137,7 +174,7 @@ def percentile(sorted_values: list, p: int):
 
 
 class FieldStats:
-    """One field's running values in one bucket."""
+    """One field's values in one bucket, merged run by run."""
 
     __slots__ = ("count", "sum", "min", "max", "last", "values", "increase", "seconds")
 
@@ -150,6 +187,19 @@ class FieldStats:
         self.values: Optional[list] = [] if keep_values else None
         self.increase = 0
         self.seconds = 0.0
+
+    def merge(self, column) -> None:
+        """Add a run of the bucket's values (in arrival order)."""
+        self.count += len(column)
+        self.sum += sum(column)
+        low, high = min(column), max(column)
+        if self.min is None or low < self.min:
+            self.min = low
+        if self.max is None or high > self.max:
+            self.max = high
+        self.last = column[-1]
+        if self.values is not None:
+            self.values.extend(column)
 
     def result(self, function: str):
         """The value of ``function`` (one of FUNCTIONS) over this bucket."""
@@ -169,6 +219,11 @@ class Aggregator:
 
     ``add(timestamp, data)`` takes the samples in arrival order; ``points()``
     returns ``[(bucket start, samples, [FieldStats per field])]`` oldest first.
+    Samples are held as rows while they fall into one bucket (a run) and merged
+    into the bucket column by column when the run ends, so the per-sample work
+    is one read of the fields; a bucket that samples come back to later (times
+    out of order) gets several runs.  A float field's sum is then the sum of
+    its runs' sums.
     """
 
     def __init__(self, step: int, fields: tuple, functions: tuple) -> None:
@@ -178,47 +233,92 @@ class Aggregator:
         self.fields = fields
         self.functions = functions
         self._getters = [_getter(f) for f in fields]
+        self._kinds = [float if f in ("cpu_usage", "gpu_usage") else int for f in fields]
+        self._extract = _extractor(fields)
+        self._datas: list = []
         self._keep = any(f in PERCENTILES for f in functions)
         rate = "rate" in functions
-        self._rated = [rate and f in COUNTERS for f in fields]
+        self._rated = [i for i, f in enumerate(fields) if rate and f in COUNTERS]
         self._buckets: dict = {}
-        self._prev_ts: Optional[int] = None
-        self._prev: list = [None] * len(fields)
+        self._key: Optional[int] = None
+        self._rows: list = []
+        self._times: list = []
+        self._prev_ts: Optional[int] = None  # the sample before the current run
+        self._prev_row: Optional[tuple] = None
         self.samples = 0
 
     def add(self, timestamp: int, data: dict) -> None:
         if not isinstance(data, dict):
             data = {}
         key = timestamp - timestamp % self.step
-        bucket = self._buckets.get(key)
+        if key != self._key:
+            self._flush()
+            self._key = key
+        self._rows.append(self._extract(data))
+        self._datas.append(data)
+        self._times.append(timestamp)
+        self.samples += 1
+
+    def _columns(self) -> list:
+        """The run's values per field; a column holding anything but the stored format's
+        numbers (a missing key, camelCase, a string) is read again value by value."""
+        columns = list(zip(*self._rows, strict=True)) if self._rows else []
+        for i, column in enumerate(columns):
+            if set(map(type, column)) != {self._kinds[i]}:
+                get = self._getters[i]
+                columns[i] = tuple([get(d) for d in self._datas])
+        return columns
+
+    def _flush(self) -> None:
+        rows, times = self._rows, self._times
+        if not rows:
+            return
+        bucket = self._buckets.get(self._key)
         if bucket is None:
             keep = self._keep
-            bucket = self._buckets[key] = [0, [FieldStats(keep) for _ in self.fields]]
-        bucket[0] += 1
-        self.samples += 1
-        prev_ts = self._prev_ts
-        rising = prev_ts is not None and timestamp > prev_ts
-        for i, stats in enumerate(bucket[1]):
-            value = self._getters[i](data)
-            stats.count += 1
-            stats.sum += value
-            if stats.min is None or value < stats.min:
-                stats.min = value
-            if stats.max is None or value > stats.max:
-                stats.max = value
-            stats.last = value
-            if stats.values is not None:
-                stats.values.append(value)
-            if self._rated[i]:
-                before = self._prev[i]
-                if rising:
-                    stats.increase += value - before if value >= before else value
-                    stats.seconds += (timestamp - prev_ts) / 1e9
-                self._prev[i] = value
-        self._prev_ts = timestamp
+            bucket = self._buckets[self._key] = [0, [FieldStats(keep) for _ in self.fields]]
+        bucket[0] += len(rows)
+        columns = self._columns()
+        stats = bucket[1]
+        for i, column in enumerate(columns):
+            stats[i].merge(column)
+        if self._rated:
+            self._rates(columns, stats, times)
+        self._prev_ts = times[-1]
+        self._prev_row = [column[-1] for column in columns]
+        self._rows = []
+        self._datas = []
+        self._times = []
+
+    def _rates(self, columns: list, stats: list, times: list) -> None:
+        """Add the run's counter increases and their seconds (intervals ending in it)."""
+        first = 0 if self._prev_ts is not None else 1  # the very first sample starts nothing
+        before_ts = [self._prev_ts, *times[:-1]]
+        if all(map(operator.lt, before_ts[first:], times[first:])):
+            if first >= len(times):
+                return
+            rising = None  # every interval: the sums telescope where values never drop
+            seconds = (times[-1] - before_ts[first]) / 1e9
+        else:
+            rising = [j for j in range(first, len(times)) if times[j] > before_ts[j]]
+            if not rising:
+                return
+            seconds = sum((times[j] - before_ts[j]) / 1e9 for j in rising)
+        for i in self._rated:
+            column = columns[i]
+            prev = [None if self._prev_row is None else self._prev_row[i], *column[:-1]]
+            fs = stats[i]
+            if rising is None and all(map(operator.le, prev[first:], column[first:])):
+                fs.increase += column[-1] - prev[first]
+            else:
+                for j in (range(first, len(times)) if rising is None else rising):
+                    value, before = column[j], prev[j]
+                    fs.increase += value - before if value >= before else value
+            fs.seconds += seconds
 
     def bucket_count(self) -> int:
-        return len(self._buckets)
+        return len(self._buckets) + (1 if self._rows and self._key not in self._buckets else 0)
 
     def points(self) -> list:
+        self._flush()
         return [(key, b[0], b[1]) for key, b in sorted(self._buckets.items())]
