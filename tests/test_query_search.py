@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 import math
 import os
 import statistics
@@ -348,3 +350,63 @@ class AggregateTests(ServicerMixin, SynchronousTestCase):
             self.assertIn(text, details)
         self.assertCode(grpc.StatusCode.NOT_FOUND, self.unary, s, "AggregateMetrics",
                         pb.AggregateMetricsRequest(job_uuid="nosuchjob"))
+
+
+class MetricLinesParseTests(SynchronousTestCase):
+    """reader._parse_lines (one json.loads per member) agrees with parsing line by line."""
+
+    @given(st.lists(st.one_of(
+        st.dictionaries(st.sampled_from(["cpu_usage", "memory_usage", "x"]),
+                        st.one_of(st.integers(), st.floats(allow_nan=False), st.text(max_size=3)),
+                        max_size=3).map(lambda d: json.dumps({"timestamp": 1, "data": d})),
+        st.sampled_from(['{"data": 5}', "[1]", "{bad", '{"data": {}} {"data": {}}', "",
+                         '{"data": {"a": "x\\ny"}}']),
+    ), max_size=6))
+    def test_bulk_equals_line_by_line(self, lines):
+        """For any lines, the bulk parse gives each line's ``data`` object exactly when every
+        line is a JSON object with a data object, and None (line-by-line parsing) otherwise."""
+        from joblet_persist.storage.reader import _parse_lines
+
+        raw = [line.encode() + b"\n" for line in lines]
+        data = b"".join(raw)
+        bounds = list(itertools.accumulate(map(len, raw), initial=0))
+        expected = []
+        for line in lines:
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                expected = None
+                break
+            if not isinstance(obj, dict) or not isinstance(obj.get("data"), dict):
+                expected = None
+                break
+            expected.append(obj["data"])
+        self.assertEqual(_parse_lines(data, bounds[:-1], bounds[1:], 0), expected)
+
+    def test_member_with_a_bad_line_is_skipped_whole(self):
+        """A metric member holding a line that does not parse is counted corrupt and
+        skipped; the members around it are read."""
+        from joblet_persist.storage import format as fmt
+        from joblet_persist.storage.api import ReadStats
+        from joblet_persist.storage.reader import SegmentView, iter_metrics
+        from joblet_persist.storage.segment import thd_append
+        from tests.test_storage_reader import COMP
+
+        d = self.mktemp()
+        os.makedirs(d)
+        path = os.path.join(d, "metrics.jsonl.gz")
+        members, size = [], 0
+        for b, bad in enumerate((False, True, False)):
+            lines = [b'{"timestamp":%d,"data":{"cpu_usage":%d.5}}\n' % (b * 3 + i, i)
+                     for i in range(3)]
+            if bad:
+                lines[1] = b'{"timestamp":4,"data":{"cpu_usage":\n'
+            ords = [b * 3 + i for i in range(3)]
+            pieces = fmt.encode_metric_members(ords, ords, ords, lines, COMP)
+            for blob, info in pieces:
+                members.append(dataclasses.replace(info, offset=size))
+                size = thd_append(path, blob, size, False)
+        stats = ReadStats()
+        got = list(iter_metrics((SegmentView(path, tuple(members)),), stats=stats))
+        self.assertEqual([r.timestamp for r in got], [0, 1, 2, 6, 7, 8])
+        self.assertEqual(stats.corrupt_members, 1)
