@@ -129,8 +129,16 @@ def main() -> int:
     parser.add_argument("--lines", type=int, default=5_000_000)
     parser.add_argument("--samples", type=int, default=1_000_000)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--only", choices=["search", "aggregate"],
+                        help="run one half (each stays under about 3 minutes here)")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args()
+    do_search = args.only in (None, "search")
+    do_aggregate = args.only in (None, "aggregate")
+    if not do_search:
+        args.lines = 1_000
+    if not do_aggregate:
+        args.samples = 0
 
     results = []
 
@@ -143,7 +151,8 @@ def main() -> int:
     proc = None
     try:
         built = build_job(data_dir, args.lines, 20_000, 100, "deflate", 6, 1 << 30)
-        built.update(build_metrics(data_dir, args.samples))
+        if args.samples:
+            built.update(build_metrics(data_dir, args.samples))
         paths = job_files(data_dir)
         raw = built["raw_bytes"]
         report(step="build", lines=args.lines, files=len(paths), **built,
@@ -154,67 +163,10 @@ def main() -> int:
                                    [("grpc.max_receive_message_length", -1)]) as ch:
             stub = persist_pb2_grpc.PersistServiceStub(ch)
             wait_healthy(stub, proc, work)
-            search(stub, pattern="warm up", count_only=True)
-
-            cases = [
-                ("literal", dict(pattern=literal), "", literal),
-                ("literal -i", dict(pattern=literal.upper(), ignore_case=True), "i",
-                 literal.upper()),
-                ("regex", dict(pattern=r"ERROR \[w1[0-5]\] \w+=9\d\d\d\b", regex=True), "E",
-                 r"ERROR \[w1[0-5]\] [a-z_]+=9[0-9][0-9][0-9]\b"),
-            ]
-            for name, kw, flags, grep_pattern in cases:
-                ours, grep = [], []
-                counts = set()
-                for _ in range(args.runs):  # alternate A/B in the same loop
-                    t = time.perf_counter()
-                    counts.add(("search", search(stub, count_only=True, **kw)[0]))
-                    ours.append(time.perf_counter() - t)
-                    t = time.perf_counter()
-                    counts.add(("grep", grep_count(paths, flags, grep_pattern)))
-                    grep.append(time.perf_counter() - t)
-                a, b = statistics.median(ours), statistics.median(grep)
-                report(step="search_count", case=name, pattern=kw["pattern"], counts=sorted(counts),
-                       search_s=round(a, 3), grep_s=round(b, 3),
-                       search_mb_s=round(raw / a / 1e6, 1), grep_mb_s=round(raw / b / 1e6, 1),
-                       ratio=round(b / a, 2), load=round(os.getloadavg()[0], 1))
-
-            t, (matches, lines) = median_of(lambda: search(stub, pattern=literal), args.runs)
-            report(step="search_lines", pattern=literal, matches=matches, lines=lines,
-                   seconds=round(t, 3), mb_s=round(raw / t / 1e6, 1))
-
-            span = args.lines // 100 * SEC  # 100 lines per second
-            full, _ = median_of(lambda: search(stub, pattern=literal, count_only=True),
-                                args.runs)
-            for share in (0.1, 0.5):
-                start = T0 + int(span * 0.25)
-                end = start + int(span * share)
-                t, _ = median_of(lambda s=start, e=end: search(
-                    stub, pattern=literal, count_only=True, start_time=s, end_time=e), args.runs)
-                report(step="search_range", share=share, seconds=round(t, 3),
-                       whole_job_s=round(full, 3), time_share=round(t / full, 3))
-
-            def agg(functions):
-                r = stub.AggregateMetrics(pb.AggregateMetricsRequest(
-                    job_uuid=METRICS_JOB, functions=functions), timeout=600)
-                return r.samples, len(r.points)
-
-            def stream_all():
-                n = 0
-                for batch in stub.QueryMetricsBatched(
-                        pb.QueryMetricsRequest(job_uuid=METRICS_JOB), timeout=600):
-                    n += len(batch.metrics)
-                return n
-
-            for name, functions in (("default (avg,min,max)", []),
-                                    ("all functions", ["avg", "min", "max", "sum", "last",
-                                                       "count", "p50", "p95", "p99", "rate"])):
-                t, (samples, points) = median_of(lambda f=functions: agg(f), args.runs)
-                report(step="aggregate", functions=name, fields=11, samples=samples,
-                       points=points, seconds=round(t, 3), samples_per_s=round(samples / t))
-            t, n = median_of(stream_all, args.runs)
-            report(step="stream_metrics", samples=n, seconds=round(t, 3),
-                   samples_per_s=round(n / t))
+            if do_search:
+                search_figures(stub, args, paths, literal, raw, report)
+            if do_aggregate:
+                aggregate_figures(stub, args, report)
     finally:
         if proc is not None:
             proc.terminate()
@@ -224,6 +176,72 @@ def main() -> int:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
     return 0
+
+
+def search_figures(stub, args, paths, literal, raw, report) -> None:
+    search(stub, pattern="warm up", count_only=True)
+    cases = [
+        ("literal", dict(pattern=literal), "", literal),
+        ("literal -i", dict(pattern=literal.upper(), ignore_case=True), "i",
+         literal.upper()),
+        ("regex", dict(pattern=r"ERROR \[w1[0-5]\] \w+=9\d\d\d\b", regex=True), "E",
+         r"ERROR \[w1[0-5]\] [a-z_]+=9[0-9][0-9][0-9]\b"),
+    ]
+    for name, kw, flags, grep_pattern in cases:
+        ours, grep = [], []
+        counts = set()
+        for _ in range(args.runs):  # alternate A/B in the same loop
+            t = time.perf_counter()
+            counts.add(("search", search(stub, count_only=True, **kw)[0]))
+            ours.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            counts.add(("grep", grep_count(paths, flags, grep_pattern)))
+            grep.append(time.perf_counter() - t)
+        a, b = statistics.median(ours), statistics.median(grep)
+        report(step="search_count", case=name, pattern=kw["pattern"], counts=sorted(counts),
+               search_s=round(a, 3), grep_s=round(b, 3),
+               search_mb_s=round(raw / a / 1e6, 1), grep_mb_s=round(raw / b / 1e6, 1),
+               ratio=round(b / a, 2), load=round(os.getloadavg()[0], 1))
+
+    t, (matches, lines) = median_of(lambda: search(stub, pattern=literal), args.runs)
+    report(step="search_lines", pattern=literal, matches=matches, lines=lines,
+           seconds=round(t, 3), mb_s=round(raw / t / 1e6, 1))
+
+    span = args.lines // 100 * SEC  # 100 lines per second
+    full, _ = median_of(lambda: search(stub, pattern=literal, count_only=True),
+                        args.runs)
+    for share in (0.1, 0.5):
+        start = T0 + int(span * 0.25)
+        end = start + int(span * share)
+        t, _ = median_of(lambda s=start, e=end: search(
+            stub, pattern=literal, count_only=True, start_time=s, end_time=e), args.runs)
+        report(step="search_range", share=share, seconds=round(t, 3),
+               whole_job_s=round(full, 3), time_share=round(t / full, 3))
+
+
+def aggregate_figures(stub, args, report) -> None:
+    def agg(functions):
+        r = stub.AggregateMetrics(pb.AggregateMetricsRequest(
+            job_uuid=METRICS_JOB, functions=functions), timeout=600)
+        return r.samples, len(r.points)
+
+    def stream_all():  # the client-side alternative, over the first 100,000
+        n = 0
+        for batch in stub.QueryMetricsBatched(
+                pb.QueryMetricsRequest(job_uuid=METRICS_JOB, limit=100_000),
+                timeout=600):
+            n += len(batch.metrics)
+        return n
+
+    for name, functions in (("default (avg,min,max)", []),
+                            ("all functions", ["avg", "min", "max", "sum", "last",
+                                               "count", "p50", "p95", "p99", "rate"])):
+        t, (samples, points) = median_of(lambda f=functions: agg(f), args.runs)
+        report(step="aggregate", functions=name, fields=11, samples=samples,
+               points=points, seconds=round(t, 3), samples_per_s=round(samples / t))
+    t, n = median_of(stream_all, args.runs)
+    report(step="stream_metrics", samples=n, seconds=round(t, 3),
+           samples_per_s=round(n / t))
 
 
 if __name__ == "__main__":
