@@ -31,15 +31,21 @@ LITERALS = st.text(alphabet="abkKsSE \n\u212a\u017f\u00e9\u00c9.*(1", max_size=4
 REGEXES = st.text(alphabet="abkKsE \\.*+?()[]|^$1{},dwS", max_size=8)
 
 
+def _strip(content: bytes) -> bytes:
+    """A message without its final newline: what a pattern is matched against."""
+    return content[:-1] if content.endswith(b"\n") else content
+
+
 def _reference(pattern: str, regex: bool, ignore_case: bool):
-    """RE2 alone, over one message at a time: what a match means."""
+    """RE2 alone, over one message at a time, without its final newline: what a match
+    means."""
     options = re2.Options()
     options.log_errors = False
     options.case_sensitive = not ignore_case
     options.literal = not regex
     raw = pattern.encode("utf-8")
     rx = re2.compile(b"(?m)" + raw if regex else raw, options)
-    return lambda content: rx.search(content) is not None
+    return lambda content: rx.search(_strip(content)) is not None
 
 
 def _layout(messages: list):
@@ -61,7 +67,7 @@ class MatcherTests(SynchronousTestCase):
         messages = [t.encode("utf-8") for t in texts]
         data, bounds = _layout(messages)
         m = compile_matcher(pattern)
-        want = [i for i, msg in enumerate(messages) if pattern.encode("utf-8") in msg]
+        want = [i for i, msg in enumerate(messages) if pattern.encode("utf-8") in _strip(msg)]
         self.assertEqual(m.scan(data, bounds, range(len(messages))), want)
 
     @given(st.lists(TEXT, max_size=8), LITERALS, st.booleans())
@@ -75,15 +81,17 @@ class MatcherTests(SynchronousTestCase):
         want = [i for i, msg in enumerate(messages) if ref(msg)]
         self.assertEqual(m.scan(data, bounds, range(len(messages))), want)
 
-    @given(st.lists(TEXT, max_size=8), REGEXES, st.booleans(), st.data())
-    def test_regex_is_re2_per_message(self, texts, pattern, ignore_case, data_):
+    @given(st.lists(TEXT, max_size=8), REGEXES, st.booleans(), st.booleans(), st.data())
+    def test_regex_is_re2_per_message(self, texts, pattern, ignore_case, lines, data_):
         """A regular expression (multi-line) matches as RE2 does on each message alone,
-        whatever literal the prefilter took from it, within any subset of positions."""
+        without its final newline, whatever literal the prefilter took from it, within any
+        subset of positions; also when every message ends in a newline and the whole data
+        is searched at once (the context search)."""
         try:
             m = compile_matcher(pattern, regex=True, ignore_case=ignore_case)
         except BadPattern:
             assume(False)
-        messages = [t.encode("utf-8") for t in texts]
+        messages = [t.encode("utf-8") + (b"\n" if lines else b"") for t in texts]
         data, bounds = _layout(messages)
         ref = _reference(pattern, True, ignore_case)
         positions = data_.draw(st.sampled_from(["all", "range", "list"]))
@@ -98,6 +106,45 @@ class MatcherTests(SynchronousTestCase):
             where = [i for i in where if i < n]
         want = [i for i in where if ref(messages[i])]
         self.assertEqual(m.scan(data, bounds, where), want)
+        self.assertEqual(m.scan(bytearray(data), bounds, where), want)
+
+    @given(st.lists(st.text(alphabet="ab \u212aE\n", max_size=6).map(lambda t: t + "\n"),
+                    min_size=1, max_size=8),
+           st.sampled_from([r"^a", r"a$", r"\ba", r"a\B", r"^$", r"a\s*$", r"\n$", r"^\n",
+                            r"(?s)a.b", r"(?i)k\b", r"\Bb", r"^a b$", r"a\z", r"\Aa",
+                            r"(?-m)^a"]))
+    def test_context_search_finds_every_match(self, texts, pattern):
+        """Assertions at message boundaries (^, $, \\b, \\B, \\A, \\z, multi-line off) give
+        the same matches through the whole-data search as one message at a time."""
+        m = compile_matcher(pattern, regex=True)
+        messages = [t.encode("utf-8") for t in texts]
+        data, bounds = _layout(messages)
+        ref = _reference(pattern, True, False)
+        self.assertEqual(m.scan(data, bounds, range(len(messages))),
+                         [i for i, msg in enumerate(messages) if ref(msg)])
+
+    def test_context_search_is_used_where_it_is_safe(self):
+        """The whole-data search is on for plain regular expressions, off for \\A, \\z and
+        multi-line mode turned off, and only for members whose messages all end in a
+        newline."""
+        from joblet_persist.storage.search import _lines_only
+
+        self.assertTrue(compile_matcher(r"err\w+$", regex=True).context_ok)
+        for pattern in (r"\Aerr", r"err\z", r"(?-m)^err", r"(?i-m)err$"):
+            self.assertFalse(compile_matcher(pattern, regex=True).context_ok, pattern)
+        self.assertFalse(compile_matcher("err").context_ok)
+        self.assertTrue(_lines_only(*_layout([b"a\n", b"\n"])))
+        self.assertTrue(_lines_only(*_layout([b"a\n"])))
+        for messages in ([b"a", b"b\n"], [b"a\n", b""], [b""], [b"a\nb"], []):
+            self.assertFalse(_lines_only(*_layout(messages)), messages)
+
+    def test_final_newline_is_not_matched(self):
+        """A message's final newline is not part of what is matched, as grep's lines have
+        none; a newline inside a message is."""
+        data, bounds = _layout([b"a\n", b"a\nb\n", b"a"])
+        self.assertEqual(compile_matcher("a\n").scan(data, bounds, range(3)), [1])
+        self.assertEqual(compile_matcher(r"a\n", regex=True).scan(data, bounds, range(3)), [1])
+        self.assertEqual(compile_matcher(r"b$", regex=True).scan(data, bounds, range(3)), [1])
 
     def test_required_literals(self):
         """Only unquantified top-level literal runs are required; anything unsure is None."""

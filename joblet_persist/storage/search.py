@@ -25,12 +25,15 @@ work per call is bounded (``ScanLimits``: raw bytes scanned, a deadline).
 from __future__ import annotations
 
 import heapq
+import operator
+import re
 import struct
 import time
 from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass
-from itertools import accumulate
+from itertools import accumulate, repeat
+from operator import itemgetter
 from typing import Callable, Iterator, Optional
 
 import re2
@@ -301,9 +304,15 @@ class Matcher:
     folded: bool
     exact: bool
     _rx: object
+    #: Whether a search of a member's whole data finds every message that matches alone
+    #: (when every message ends in a newline): no \A, \z or multi-line mode turned off.
+    context_ok: bool = False
 
     def matches(self, content: bytes) -> bool:
-        """Whether one message matches: RE2 over the content alone (the reference)."""
+        """Whether one message matches: RE2 over the content alone, without its final
+        newline (the reference)."""
+        if content.endswith(b"\n"):
+            content = content[:-1]
         return self._rx.search(content) is not None
 
     def scan(self, data: bytes, bounds: list, positions, hay=None) -> list:
@@ -318,7 +327,9 @@ class Matcher:
         if not positions:
             return []
         needle = self.needle
-        if needle is None:
+        if not self.exact and self.context_ok and _lines_only(data, bounds):
+            candidates = self._context_candidates(data, bounds, positions)
+        elif needle is None:
             candidates = positions
         elif not needle:
             candidates = positions
@@ -338,7 +349,8 @@ class Matcher:
             while p >= 0:
                 i = bisect_right(bounds, p) - 1
                 end = bounds[i + 1]
-                if p + size <= end:
+                # A message's final newline is not matched (as grep's lines have none).
+                if p + size <= end - (data[end - 1] == 10):
                     if wanted is None or i in wanted:
                         candidates.append(i)
                     p = find(needle, end, hi)
@@ -346,10 +358,51 @@ class Matcher:
                     p = find(needle, p + 1, hi)  # ran across a message boundary
         if self.exact:
             return list(candidates)
-        search = self._rx.search
-        return [
-            i for i in candidates if search(bytes(data[bounds[i] : bounds[i + 1]])) is not None
-        ]
+        matches = self.matches
+        return [i for i in candidates if matches(bytes(data[bounds[i] : bounds[i + 1]]))]
+
+    def _context_candidates(self, data, bounds: list, positions) -> list:
+        """Messages in which a search of the whole data finds a match starting: a
+        superset of the matching messages when every message ends in a newline (a match
+        of a message alone, without its newline, is a match in the data too: its
+        neighbours are newlines, which ^, $, \\b and \\B see as they see the ends of a
+        text), found by RE2's DFA at memory speed instead of a call per message."""
+        if isinstance(positions, range):
+            lo, hi, wanted = bounds[positions.start], bounds[positions.stop], None
+        else:
+            lo, hi = bounds[positions[0]], bounds[positions[-1] + 1]
+            wanted = set(positions)
+        match = self._rx._regexp.Match
+        out = []
+        pos = lo
+        while pos < hi:
+            start = match(_UNANCHORED, data, pos, hi)[0][0]
+            if start < 0 or start >= hi:
+                break
+            i = bisect_right(bounds, start) - 1
+            if wanted is None or i in wanted:
+                out.append(i)
+            pos = bounds[i + 1]
+        return out
+
+
+_UNANCHORED = re2._Anchor.UNANCHORED
+
+#: Inline flags that turn multi-line mode off, in a regular expression.
+_NO_MULTILINE = re.compile(r"\(\?[A-Za-z]*-[A-Za-z]*m")
+
+
+def _lines_only(data, bounds: list) -> bool:
+    """Whether every message of a member (``bounds`` into ``data``) ends in a newline."""
+    n = len(bounds) - 1
+    if n <= 0:
+        return False
+    if n == 1:
+        return bounds[1] > 0 and data[bounds[1] - 1] == 10
+    if bounds[1] == 0:
+        return False
+    lasts = itemgetter(*map(operator.sub, bounds[1:], repeat(1)))(data)
+    return lasts.count(10) == n and all(map(operator.lt, bounds, bounds[1:]))
 
 
 def compile_matcher(pattern: str, regex: bool = False, ignore_case: bool = False) -> Matcher:
@@ -372,20 +425,22 @@ def compile_matcher(pattern: str, regex: bool = False, ignore_case: bool = False
         rx = _compile(raw, _options(ignore_case, True))
         runs = [pattern]
     exact = not regex
+    context = bool(regex and "\\A" not in pattern and "\\z" not in pattern
+                   and not _NO_MULTILINE.search(pattern))
     if runs is None or not runs and regex:
-        return Matcher(pattern, regex, ignore_case, None, False, False, rx)
+        return Matcher(pattern, regex, ignore_case, None, False, False, rx, context)
     if ignore_case:
         foldable = _foldable_runs(runs)
         if exact and (len(foldable) != 1 or foldable[0] != pattern):
             exact = False
         if not foldable:
             if pattern:
-                return Matcher(pattern, regex, ignore_case, None, False, False, rx)
+                return Matcher(pattern, regex, ignore_case, None, False, False, rx, context)
             foldable = [""]
         needle = max(foldable, key=len).lower().encode("ascii")
-        return Matcher(pattern, regex, ignore_case, needle, True, exact, rx)
+        return Matcher(pattern, regex, ignore_case, needle, True, exact, rx, context)
     needle = max(runs, key=lambda r: len(r.encode("utf-8"))).encode("utf-8")
-    return Matcher(pattern, regex, ignore_case, needle, False, exact, rx)
+    return Matcher(pattern, regex, ignore_case, needle, False, exact, rx, context)
 
 
 # -- the scan of one member (pool thread) ------------------------------------------------
