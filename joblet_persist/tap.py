@@ -21,10 +21,10 @@ reverse, each step waiting for the previous):
  4. unload        idle jobs' in-memory state dropped (absent when storage.unloadIdleAfter is 0)
  5. health        probe loop feeding /health, Ping and gRPC health
  6. ingest        IPC Unix socket listener (stop: close listener, drain connections)
- 7. retention     periodic retention run (stop: wait for a run in progress)
+ 7. query-pool, retention   SearchLogs' scan threads (stop after grpc's calls ended);
+                  periodic retention run (stop: wait for a run in progress)
  7a. archive-pool, archive   S3 archive shipper and its pool (only when archive.s3.enabled)
- 8. query-pool, grpc   SearchLogs' scan threads; gRPC server on the Unix sockets and/or TCP
-                  (stop: refuse, then grace; then the scan threads)
+ 8. grpc          gRPC server on the Unix sockets and/or TCP (stop: refuse, then grace)
  9. metrics-http, health-http   Klein listeners (one when they share a port; none when off)
 10. sighup        configuration reload on SIGHUP (added by makeService, under twistd)
 
@@ -339,10 +339,10 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
         lc.unloader,        # unload: idle jobs' state dropped every minute (None when off)
         lc.health_service,  # health: probe loop for /health, Ping and gRPC health
         ing.listener,       # ingest: IPC socket; stop closes it and drains connections
+        q.pool,             # query-pool: search scans (stops after grpc ended its calls)
         lc.retention_timer,  # retention: stop waits for a run in progress
         arc and arc.pool,     # archive-pool: the archive's S3 calls (absent when off)
         arc and arc.service,  # archive: upload rounds; stop waits for a round in progress
-        q.pool,             # query-pool: search scans (stops after grpc ended its calls)
         q.grpc,             # grpc: stop refuses new RPCs, then the grace period
         *web,               # metrics-http, health-http
         *extra,             # sighup (under twistd, from makeService)
