@@ -126,13 +126,20 @@ class MatcherTests(SynchronousTestCase):
     def test_context_search_is_used_where_it_is_safe(self):
         """The whole-data search is on for plain regular expressions, off for \\A, \\z and
         multi-line mode turned off, and only for members whose messages all end in a
-        newline."""
+        newline, unless the pattern has no assertion at all."""
         from joblet_persist.storage.search import _lines_only
 
         self.assertTrue(compile_matcher(r"err\w+$", regex=True).context_ok)
         for pattern in (r"\Aerr", r"err\z", r"(?-m)^err", r"(?i-m)err$"):
             self.assertFalse(compile_matcher(pattern, regex=True).context_ok, pattern)
         self.assertFalse(compile_matcher("err").context_ok)
+        # Without any assertion the whole-data search needs no newline at the ends.
+        self.assertTrue(compile_matcher(r"err\w+=\d", regex=True).assertion_free)
+        for pattern in (r"^err", r"err$", r"\berr", r"[^e]rr", r"err\B"):
+            self.assertFalse(compile_matcher(pattern, regex=True).assertion_free, pattern)
+        m = compile_matcher(r"a.b", regex=True)
+        data, bounds = _layout([b"xa", b"yb\n", b"a b", b"ab"])
+        self.assertEqual(m.scan(data, bounds, range(4)), [2])
         self.assertTrue(_lines_only(*_layout([b"a\n", b"\n"])))
         self.assertTrue(_lines_only(*_layout([b"a\n"])))
         for messages in ([b"a", b"b\n"], [b"a\n", b""], [b""], [b"a\nb"], []):

@@ -307,6 +307,9 @@ class Matcher:
     #: Whether a search of a member's whole data finds every message that matches alone
     #: (when every message ends in a newline): no \A, \z or multi-line mode turned off.
     context_ok: bool = False
+    #: Whether the regular expression has no assertion at all (^ $ \\b \\B \\A \\z): then a
+    #: search of the whole data finds every matching message whatever the messages' ends.
+    assertion_free: bool = False
 
     def matches(self, content: bytes) -> bool:
         """Whether one message matches: RE2 over the content alone, without its final
@@ -327,7 +330,10 @@ class Matcher:
         if not positions:
             return []
         needle = self.needle
-        if not self.exact and self.context_ok and _lines_only(data, bounds):
+        if not self.exact and (
+            self.assertion_free and all(map(operator.lt, bounds, bounds[1:]))  # none empty
+            or self.context_ok and _lines_only(data, bounds)
+        ):
             candidates = self._context_candidates(data, bounds, positions)
         elif needle is None:
             candidates = positions
@@ -392,6 +398,10 @@ _UNANCHORED = re2._Anchor.UNANCHORED
 _NO_MULTILINE = re.compile(r"\(\?[A-Za-z]*-[A-Za-z]*m")
 
 
+#: What an assertion may be written as (conservatively: a '^' or '$' in a class counts too).
+_ASSERTIONS = ("^", "$", "\\b", "\\B", "\\A", "\\z")
+
+
 def _lines_only(data, bounds: list) -> bool:
     """Whether every message of a member (``bounds`` into ``data``) ends in a newline."""
     n = len(bounds) - 1
@@ -427,20 +437,21 @@ def compile_matcher(pattern: str, regex: bool = False, ignore_case: bool = False
     exact = not regex
     context = bool(regex and "\\A" not in pattern and "\\z" not in pattern
                    and not _NO_MULTILINE.search(pattern))
+    free = bool(regex and not any(a in pattern for a in _ASSERTIONS))
     if runs is None or not runs and regex:
-        return Matcher(pattern, regex, ignore_case, None, False, False, rx, context)
+        return Matcher(pattern, regex, ignore_case, None, False, False, rx, context, free)
     if ignore_case:
         foldable = _foldable_runs(runs)
         if exact and (len(foldable) != 1 or foldable[0] != pattern):
             exact = False
         if not foldable:
             if pattern:
-                return Matcher(pattern, regex, ignore_case, None, False, False, rx, context)
+                return Matcher(pattern, regex, ignore_case, None, False, False, rx, context, free)
             foldable = [""]
         needle = max(foldable, key=len).lower().encode("ascii")
-        return Matcher(pattern, regex, ignore_case, needle, True, exact, rx, context)
+        return Matcher(pattern, regex, ignore_case, needle, True, exact, rx, context, free)
     needle = max(runs, key=lambda r: len(r.encode("utf-8"))).encode("utf-8")
-    return Matcher(pattern, regex, ignore_case, needle, False, exact, rx, context)
+    return Matcher(pattern, regex, ignore_case, needle, False, exact, rx, context, free)
 
 
 # -- the scan of one member (pool thread) ------------------------------------------------
@@ -486,6 +497,9 @@ def thd_scan_member(buf: bytes, m: MemberInfo, path: str, matcher: Matcher,
         hay = data.lower() if matcher.folded else data
         if matcher.needle not in hay:
             return [], [], [], []
+    if matcher.assertion_free and matcher._rx._regexp.Match(
+            _UNANCHORED, data, 0, len(data))[0][0] < 0:
+        return [], [], [], []  # no match anywhere in the data: none in any message
     table = decode_member_table(buf, m)
     if sum(table.lengths) != len(data):
         raise CorruptMember("message lengths do not add up to the data", path, m.offset)
