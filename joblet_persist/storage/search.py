@@ -434,6 +434,11 @@ def compile_matcher(pattern: str, regex: bool = False, ignore_case: bool = False
     else:
         rx = _compile(raw, _options(ignore_case, True))
         runs = [pattern]
+    if ignore_case and not regex:
+        # A substring ignoring case is found by RE2 itself in the member's data (its DFA,
+        # no lower-cased copy of the data; RE2's folding is the reference anyway); each
+        # message where it is found is then checked alone.
+        return Matcher(pattern, regex, ignore_case, None, False, False, rx, True, True)
     exact = not regex
     context = bool(regex and "\\A" not in pattern and "\\z" not in pattern
                    and not _NO_MULTILINE.search(pattern))
