@@ -9,15 +9,18 @@ that work.
 Patterns come from users, so matching uses RE2 (google-re2), whose time is linear
 in the text: no pattern can stall a thread.  A match is decided per stored message
 (the one-LogLine-per-message contract): a message matches when the pattern matches
-somewhere in its content.  Regular expressions run in RE2's multi-line mode, so
-``^`` and ``$`` match at the start and end of each line of a message, as grep's do.
+somewhere in its content without its final newline.  Regular expressions run in
+RE2's multi-line mode, so ``^`` and ``$`` match at the start and end of each line
+of a message, as grep's do.
 
 The scan of a member never splits its data into messages first.  A *needle*, a
 literal run of text that every match must contain, is searched in the member's
-whole inflated data (``bytes.find``), and only the messages that contain it are
-looked at: for a substring pattern the needle is the pattern itself and decides
-alone; for a regular expression the regex then runs on those messages only.  A
-regular expression without a literal run (``^\\d+$``) runs on every message in
+whole inflated data (``bytes.find``); a member without it ends there.  For a
+substring the needle is the pattern itself and decides alone.  A substring
+ignoring case, and a regular expression where it is safe (``Matcher.context_ok``,
+``assertion_free``), are searched by RE2 once over the whole data, and only the
+messages where a match starts are checked alone; otherwise the regex runs on the
+messages that contain the needle, or without one (``^\\d+$``) on every message in
 range.  Members outside the time range are skipped by their index entry, and the
 work per call is bounded (``ScanLimits``: raw bytes scanned, a deadline).
 """
