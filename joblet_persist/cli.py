@@ -32,7 +32,7 @@ from typing import Optional
 
 import grpc
 
-from joblet_persist import __version__, events, locate, rules, timefmt
+from joblet_persist import __version__, aggregate, events, locate, rules, timefmt
 from joblet_persist._proto import persist_pb2, persist_pb2_grpc
 
 DEFAULT_SOCKET = "/opt/joblet/run/persist-grpc.sock"
@@ -93,6 +93,32 @@ def _count_arg(text: str) -> int:
     if value < 0 or value > 2**31 - 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a count (0..2147483647)")
     return value
+
+
+def _step_arg(text: str) -> int:
+    """--step: ``auto`` (0) or a duration (``10s``, ``1m``, seconds) in ns."""
+    if text == "auto":
+        return 0
+    try:
+        seconds = rules.parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"invalid step {text!r}: {e}") from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"invalid step {text!r}: must be > 0 (or auto)")
+    return round(seconds * 1e9)
+
+
+def _list_arg(choices, what: str):
+    def parse(text: str) -> list:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        for name in names:
+            if name not in choices:
+                raise argparse.ArgumentTypeError(
+                    f"unknown {what} {name!r}: expected one of {', '.join(choices)}"
+                )
+        return names
+
+    return parse
 
 
 def _connection_options(parser, suppress: bool) -> None:
@@ -212,12 +238,62 @@ def build_parser() -> argparse.ArgumentParser:
         help="one JSON object per message: stream, timestamp, timestamp_ns, sequence, content",
     )
 
-    p = command("metrics", "print a job's metric samples")
+    p = command("metrics", "print a job's metric samples, or aggregates of them in steps")
     p.add_argument("job")
     _range_options(p)
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="one JSON object per line")
     fmt.add_argument("--csv", action="store_true", help="CSV with a header row")
+    p.add_argument(
+        "--step",
+        type=_step_arg,
+        default=None,
+        metavar="DURATION",
+        help="aggregate in buckets of this width (10s, 1m, ...) or 'auto' (about --points "
+        "buckets); with --agg alone: auto",
+    )
+    p.add_argument(
+        "--agg",
+        type=_list_arg(aggregate.FUNCTIONS, "function"),
+        default=None,
+        metavar="F,...",
+        help="aggregate functions: " + ",".join(aggregate.FUNCTIONS) + " (default avg,min,max)",
+    )
+    p.add_argument(
+        "--fields",
+        type=_list_arg(aggregate.FIELDS, "field"),
+        default=None,
+        metavar="F,...",
+        help="fields to aggregate (default all): " + ",".join(aggregate.FIELDS),
+    )
+    p.add_argument(
+        "--points", type=_count_arg, default=0, metavar="N",
+        help="target number of buckets for --step auto (default 100)",
+    )
+
+    p = command("grep", "print the stored messages that match a pattern (one job or all)")
+    p.add_argument("pattern")
+    p.add_argument("job", nargs="?", help="the job to search (or --all-jobs)")
+    p.add_argument("--all-jobs", action="store_true",
+                   help="search every job (newest created first); each line is prefixed "
+                   "with its job id unless --no-job-id")
+    p.add_argument("--jobs-since", type=_time_arg, default=0, metavar="TIME",
+                   help="with --all-jobs: jobs created at or after this time")
+    p.add_argument("--jobs-until", type=_time_arg, default=0, metavar="TIME",
+                   help="with --all-jobs: jobs created at or before this time")
+    p.add_argument("-i", "--ignore-case", action="store_true", help="ignore case")
+    p.add_argument("-E", "--regex", action="store_true",
+                   help="PATTERN is an RE2 regular expression (default: a plain substring)")
+    p.add_argument("--stream", choices=sorted(_STREAMS), default="both")
+    _range_options(p)
+    p.add_argument("-c", "--count", action="store_true", help="print only the number of matches")
+    p.add_argument("--no-job-id", action="store_true",
+                   help="with --all-jobs: do not prefix lines with the job id")
+    p.add_argument("--max-scan", type=_count_arg, default=0, metavar="BYTES",
+                   help="scan at most this many raw bytes (the service's bound applies too)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per match: job_uuid, stream, timestamp, timestamp_ns, "
+                   "sequence, content")
 
     p = command("events", "print a job's telemetry events (all kinds, or one)")
     p.add_argument("job")
@@ -533,7 +609,155 @@ def cmd_logs(stub, args, out) -> int:
     return EXIT_OK
 
 
+_STREAM_NAMES = {1: "stdout", 2: "stderr"}
+
+
+def _content_json(content: bytes):
+    """Message content in JSON: the text when it is UTF-8, else ``{"b64": ...}``."""
+    try:
+        return content.decode("utf-8")
+    except UnicodeDecodeError:
+        return {"b64": base64.b64encode(content).decode("ascii")}
+
+
+def _prefixed(job: str, content: bytes) -> bytes:
+    """``content`` with ``JOB:`` before each of its lines, as grep names files."""
+    prefix = job.encode() + b":"
+    return b"".join(prefix + line for line in content.splitlines(keepends=True))
+
+
+def cmd_grep(stub, args, out) -> int:
+    if bool(args.job) == bool(args.all_jobs):
+        raise UsageError("grep needs a JOB or --all-jobs (not both)")
+    if (args.jobs_since or args.jobs_until) and not args.all_jobs:
+        raise UsageError("--jobs-since/--jobs-until apply only with --all-jobs")
+    request = persist_pb2.SearchLogsRequest(
+        job_uuid=args.job or "",
+        all_jobs=args.all_jobs,
+        jobs_since=args.jobs_since // 10**9,
+        jobs_until=args.jobs_until // 10**9,
+        pattern=args.pattern,
+        regex=args.regex,
+        ignore_case=args.ignore_case,
+        stream=_STREAMS[args.stream],
+        start_time=args.since,
+        end_time=args.until,
+        limit=args.limit,
+        offset=args.offset,
+        count_only=args.count,
+        max_scan_bytes=args.max_scan,
+    )
+    binary = getattr(out, "buffer", out)
+    out.flush()
+    prefix = args.all_jobs and not args.no_job_id
+    call = stub.SearchLogs(request, timeout=_stream_timeout(args))
+    found = 0
+    try:
+        for response in call:
+            found += len(response.lines)
+            if args.json:
+                for line in response.lines:
+                    record = {
+                        "job_uuid": line.job_uuid,
+                        "stream": _STREAM_NAMES.get(line.stream, str(line.stream)),
+                        **timefmt.time_fields("timestamp", line.timestamp),
+                        "sequence": line.sequence,
+                        "content": _content_json(line.content),
+                    }
+                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                out.flush()
+            elif response.lines:
+                if prefix:
+                    data = b"".join(_prefixed(x.job_uuid, x.content) for x in response.lines)
+                else:
+                    data = b"".join(x.content for x in response.lines)
+                binary.write(data)
+                binary.flush()
+            if response.HasField("summary") and args.count:
+                found = response.summary.matches
+                out.write(f"{found}\n")
+                out.flush()
+    except BrokenPipeError:
+        call.cancel()
+        raise
+    # grep's convention: 0 when something matched, 1 when nothing did.
+    return EXIT_OK if found else EXIT_ERROR
+
+
+_AGG_TABLE_TIME = "{:<30}  {:<20}  {:>7}"
+
+
+def _format_value(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and not value.is_integer():
+        return f"{value:.6g}"
+    return str(int(value)) if isinstance(value, float) else str(value)
+
+
+def _point_values(response, point) -> dict:
+    """field -> {function: value} of one AggregatePoint (rate None when it has none)."""
+    values = {}
+    for v in point.values:
+        row = {}
+        for function in response.functions:
+            if function == "rate":
+                row["rate"] = v.rate if v.has_rate else None
+            elif function == "count":
+                row["count"] = v.count
+            else:
+                row[function] = getattr(v, function)
+        values[v.field] = row
+    return values
+
+
+def cmd_aggregate(stub, args, out) -> int:
+    if args.limit or args.offset:
+        raise UsageError("--limit/--offset do not apply with --step/--agg")
+    request = persist_pb2.AggregateMetricsRequest(
+        job_uuid=args.job,
+        start_time=args.since,
+        end_time=args.until,
+        step_ns=args.step or 0,
+        max_points=args.points,
+        fields=args.fields or [],
+        functions=args.agg or [],
+    )
+    response = stub.AggregateMetrics(request, timeout=_unary_timeout(args))
+    functions = list(response.functions)
+    writer = None
+    if args.csv:
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["timestamp_ns", "timestamp", "count"]
+                        + [f"{f}.{fn}" for f in response.fields for fn in functions])
+    elif not args.json:
+        out.write((_AGG_TABLE_TIME.format("TIME", "FIELD", "SAMPLES") + "".join(
+            f"  {fn.upper():>12}" for fn in functions)).rstrip() + "\n")
+    for point in response.points:
+        values = _point_values(response, point)
+        if args.json:
+            record = {**timefmt.time_fields("timestamp", point.timestamp), "step_ns": response.step_ns,
+                      "count": point.count, "values": values}
+            out.write(json.dumps(record) + "\n")
+        elif writer is not None:
+            row = [point.timestamp, timefmt.rfc3339(point.timestamp), point.count]
+            for field in response.fields:
+                row += ["" if values[field][fn] is None else values[field][fn]
+                        for fn in functions]
+            writer.writerow(row)
+        else:
+            when = timefmt.rfc3339_fixed(point.timestamp)
+            for field in response.fields:
+                out.write((_AGG_TABLE_TIME.format(when, field, point.count) + "".join(
+                    f"  {_format_value(values[field][fn]):>12}" for fn in functions)).rstrip()
+                    + "\n")
+    out.flush()
+    return EXIT_OK
+
+
 def cmd_metrics(stub, args, out) -> int:
+    if args.step is not None or args.agg is not None or args.fields is not None:
+        return cmd_aggregate(stub, args, out)
     request = persist_pb2.QueryMetricsRequest(
         job_uuid=args.job,
         start_time=args.since,
@@ -930,6 +1154,8 @@ def main(argv=None, stdout=None, stderr=None, stdin=None) -> int:
                 return cmd_logs(stub, args, stdout)
             if args.command == "metrics":
                 return cmd_metrics(stub, args, stdout)
+            if args.command == "grep":
+                return cmd_grep(stub, args, stdout)
             if args.command == "events":
                 return cmd_events(stub, args, stdout)
             if args.command == "jobs":

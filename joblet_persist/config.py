@@ -463,6 +463,15 @@ class QueryConfig:
     batch_max_bytes: int = _key(_size(1), 1 * MiB)
     max_limit: int = _key(_integer(1), 100_000_000)
     follow_buffer_bytes: int = _key(_size(1), 8 * MiB)
+    search_max_bytes: int = _key(_size(), 8 * GiB)
+    search_max_time: float = _key(_duration(), 60.0)
+    search_threads: int = _key(_integer(0, 1024), 0)
+    aggregate_max_points: int = _key(_integer(1, 1_000_000), 10_000)
+
+    @property
+    def search_thread_count(self) -> int:
+        """Threads that scan members for SearchLogs: ``searchThreads``, or one per CPU."""
+        return self.search_threads or os.cpu_count() or 1
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ import grpc
 from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 
-from joblet_persist import events, follow
+from joblet_persist import aggregate, events, follow
 from joblet_persist._proto import persist_pb2, persist_pb2_grpc
 from joblet_persist.logs import Logger
 from joblet_persist.security import (
@@ -51,6 +51,7 @@ from joblet_persist.security import (
 from joblet_persist.storage.api import (
     DataVanished,
     IBulkLogReads,
+    ILogSearch,
     InvalidJobId,
     IRemoteNodes,
     JobInfo,
@@ -59,6 +60,12 @@ from joblet_persist.storage.api import (
     ReadStats,
     StorageUnavailable,
     check_job_id,
+)
+from joblet_persist.storage.search import (
+    BadPattern,
+    ScanLimits,
+    SearchLimitExceeded,
+    compile_matcher,
 )
 
 _INT32_MAX = 2**31 - 1
@@ -181,19 +188,7 @@ def _streaming(rpc: str, role: str):
     return decorate
 
 
-def _num(data: dict, key: str, kind):
-    """A numeric field of a stored metric object; missing or unreadable -> 0."""
-    value = data.get(key)
-    if value is None:
-        # Records written by other tools may use protobuf JSON's camelCase.
-        head, *rest = key.split("_")
-        value = data.get(head + "".join(w.title() for w in rest))
-    if value is None:
-        return kind(0)
-    try:
-        return kind(value)
-    except (TypeError, ValueError, OverflowError):
-        return kind(0)
+_num = aggregate.number  # one reading of stored metric fields, shared with AggregateMetrics
 
 
 def metric_message(job_id: str, record: MetricRecord) -> persist_pb2.Metric:
@@ -275,6 +270,12 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
         viewer_ou: str = "viewer",
         follow_hub=None,
         delete_note: str = "",
+        search_submit: Optional[Callable] = None,
+        search_window: int = 4,
+        search_max_bytes: int = 0,
+        search_max_seconds: float = 0.0,
+        aggregate_max_points: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self._storage = storage
         # Appended to DeleteJob's message (what a remote backend could or could not delete).
@@ -295,6 +296,14 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
         self._abandoned = threading.Event()
         # follow.FollowHub (reactor side of FollowLogs), or None: FollowLogs is UNIMPLEMENTED.
         self._follow = follow_hub
+        # Search: where members are scanned (a Future-returning submit; None: inline),
+        # how many at once, and the work bound of each call.
+        self._search_submit = search_submit
+        self._search_window = max(1, int(search_window))
+        self._search_max_bytes = max(0, int(search_max_bytes))
+        self._search_max_seconds = max(0.0, float(search_max_seconds))
+        self._aggregate_max_points = max(1, int(aggregate_max_points))
+        self._clock = clock
 
     # -- lifecycle (any thread) -------------------------------------------------
 
@@ -385,6 +394,18 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
     def _map_error(self, rpc: str, exc: Exception, request=None) -> tuple[grpc.StatusCode, str]:
         if isinstance(exc, RpcStatus):
             return exc.code, exc.details
+        if isinstance(exc, BadPattern):
+            return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        if isinstance(exc, SearchLimitExceeded):
+            where = f" in job {exc.job_id}" if exc.job_id else ""
+            resume = (
+                f"; continue{where} with start_time={exc.resume_time}" if exc.resume_time else ""
+            )
+            return (
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{rpc} stopped: {exc.reason}{where} (the matches before that point were "
+                f"sent){resume}, or narrow the time range or the jobs searched",
+            )
         if isinstance(exc, (InvalidJobId, BadRequest)):
             return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
         if isinstance(exc, DataVanished):
@@ -671,6 +692,139 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
         if batch:
             yield make(batch)
 
+    # -- search ---------------------------------------------------------------------------
+
+    def _search_jobs(self, request) -> list:
+        """The job ids a SearchLogs request names, validated; in ListJobs order for all_jobs."""
+        if not request.all_jobs:
+            return [check_job_id(request.job_uuid)]
+        if request.job_uuid:
+            raise BadRequest("give job_uuid or all_jobs, not both")
+        self._check_range(request.jobs_since, request.jobs_until, "jobs_since/jobs_until")
+        _total, page = self._storage.list_jobs_page(request.jobs_since, request.jobs_until, 0, 0)
+        return [info.job_id for info in page]
+
+    def _search_limits(self, request) -> ScanLimits:
+        if request.max_scan_bytes < 0:
+            raise BadRequest(f"max_scan_bytes {request.max_scan_bytes} is negative")
+        max_bytes = self._search_max_bytes
+        if request.max_scan_bytes and (not max_bytes or request.max_scan_bytes < max_bytes):
+            max_bytes = request.max_scan_bytes
+        deadline = None
+        if self._search_max_seconds:
+            deadline = self._clock() + self._search_max_seconds
+        return ScanLimits(max_bytes, deadline, self._clock)
+
+    def _search_chunks(self, snap, matcher, request, limits, stats, cancelled):
+        """Matching messages of one job in chunks: the snapshot's own scan (ILogSearch),
+        else its log read searched message by message."""
+        stream, start, end = int(request.stream), request.start_time, request.end_time
+        if ILogSearch.providedBy(snap):
+            extra = {} if self._search_submit is None else {"submit": self._search_submit}
+            yield from snap.search_log_chunks(
+                matcher, stream, start, end, limits=limits, window=self._search_window,
+                stats=stats, cancelled=cancelled, **extra,
+            )
+            return
+        if IBulkLogReads.providedBy(snap):
+            chunks = snap.iter_log_chunks(stream, start, end, stats=stats, cancelled=cancelled)
+        else:
+            chunks = (
+                ((r.stream,), (r.timestamp,), (r.sequence,), (r.content,))
+                for r in snap.iter_logs(stream, start, end, stats=stats, cancelled=cancelled)
+            )
+        for streams, timestamps, sequences, contents in chunks:
+            keep = []
+            for i, content in enumerate(contents):
+                limits.check(len(content), timestamps[i])
+                limits.charge(len(content))
+                if matcher.matches(content):
+                    keep.append(i)
+            if keep:
+                yield (
+                    [streams[i] for i in keep], [timestamps[i] for i in keep],
+                    [sequences[i] for i in keep], [contents[i] for i in keep],
+                )
+
+    def _search(self, request, context) -> Iterator[persist_pb2.SearchLogsResponse]:
+        """SearchLogs: matches in batches (batch_max_items / batch_max_bytes), then a
+        last message with the summary."""
+        stream = int(request.stream)
+        if stream not in (0, 1, 2):
+            raise BadRequest(
+                f"invalid stream {stream}: expected 0 (both), 1 (stdout) or 2 (stderr)"
+            )
+        self._check_page(request.limit, request.offset)
+        self._check_range(request.start_time, request.end_time)
+        try:
+            matcher = compile_matcher(request.pattern, request.regex, request.ignore_case)
+        except BadPattern as e:
+            raise BadRequest(f"pattern: {e}") from None
+        job_ids = self._search_jobs(request)
+        limits = self._search_limits(request)
+        cancelled = self._cancelled(context)
+        count_only = request.count_only
+        offset, limit = request.offset, request.limit
+        max_items, max_bytes = self._batch_max_items, self._batch_max_bytes
+        summary = persist_pb2.SearchSummary()
+        batch = persist_pb2.SearchLogsResponse()
+        size = 0
+        done = False
+        for job_id in job_ids:
+            if done or cancelled():
+                break
+            try:
+                snap = self._snapshot(job_id)
+            except RpcStatus as e:
+                if request.all_jobs and e.code is grpc.StatusCode.NOT_FOUND:
+                    continue  # deleted since it was listed
+                raise
+            summary.jobs_searched += 1
+            stats = ReadStats()
+            chunks = self._search_chunks(snap, matcher, request, limits, stats, cancelled)
+            try:
+                for streams, timestamps, sequences, contents in chunks:
+                    n = len(contents)
+                    summary.matches += n
+                    if count_only:
+                        continue
+                    i = min(offset, n)
+                    offset -= i
+                    j = n if not limit else min(n, i + limit)
+                    if limit:
+                        limit -= j - i
+                    for k in range(i, j):
+                        line = batch.lines.add()
+                        line.job_uuid = job_id
+                        line.stream = streams[k]
+                        line.timestamp = timestamps[k]
+                        line.sequence = sequences[k]
+                        line.content = contents[k]
+                        size += len(contents[k])
+                        if len(batch.lines) >= max_items or size >= max_bytes:
+                            yield batch
+                            batch = persist_pb2.SearchLogsResponse()
+                            size = 0
+                    if request.limit and not limit:
+                        done = True
+                        break
+            except SearchLimitExceeded as e:
+                e.job_id = job_id
+                if len(batch.lines):
+                    yield batch
+                raise
+            except DataVanished:
+                if not request.all_jobs:
+                    raise
+                # Deleted while it was read: its matches so far stand, the search goes on.
+            finally:
+                chunks.close()
+                self._report(stats)
+        summary.bytes_scanned = limits.bytes_scanned
+        summary.members_scanned = limits.members_scanned
+        batch.summary.CopyFrom(summary)
+        yield batch
+
     # -- RPCs -------------------------------------------------------------------------------
 
     @_unary("Ping", ROLE_VIEWER, limited=False)
@@ -864,3 +1018,75 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
             bytes_freed=int(result.bytes_freed),
             deleted_job_ids=list(result.deleted_job_ids),
         )
+
+    @_streaming("SearchLogs", ROLE_VIEWER)
+    def SearchLogs(self, request, context):
+        yield from self._search(request, context)
+
+    @_unary("AggregateMetrics", ROLE_VIEWER)
+    def AggregateMetrics(self, request, context):
+        job_id = check_job_id(request.job_uuid)
+        self._check_range(request.start_time, request.end_time)
+        try:
+            fields = aggregate.parse_fields(list(request.fields))
+            functions = aggregate.parse_functions(list(request.functions))
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+        if request.step_ns < 0:
+            raise BadRequest(f"step_ns {request.step_ns} is negative (0 = auto)")
+        if request.max_points < 0 or request.max_points > self._aggregate_max_points:
+            raise BadRequest(
+                f"max_points {request.max_points} is out of range: expected "
+                f"0..{self._aggregate_max_points} (query.aggregateMaxPoints; 0 = 100)"
+            )
+        snap = self._snapshot(job_id)
+        info = snap.info
+        start = request.start_time if request.start_time > 0 else info.first_timestamp
+        end = request.end_time if request.end_time > 0 else info.last_timestamp
+        span = max(0, end - start)
+        # Auto keeps two buckets in hand: a range cut on epoch-aligned steps touches up
+        # to span // step + 2 of them.
+        step = request.step_ns or aggregate.auto_step(
+            span, max(1, min(request.max_points or 100, self._aggregate_max_points - 2))
+        )
+        most = span // step + 2
+        if request.step_ns and most > self._aggregate_max_points:
+            raise BadRequest(
+                f"step {step} ns over {span} ns gives up to {most} points, more than "
+                f"{self._aggregate_max_points} (query.aggregateMaxPoints): use a larger step "
+                "or a narrower time range"
+            )
+        agg = aggregate.Aggregator(step, fields, functions)
+        stats = ReadStats()
+        cancelled = self._cancelled(context)
+        try:
+            for rec in snap.iter_metrics(
+                request.start_time, request.end_time, stats=stats, cancelled=cancelled
+            ):
+                agg.add(rec.timestamp, rec.data)
+                if agg.bucket_count() > self._aggregate_max_points:
+                    raise BadRequest(
+                        f"more than {self._aggregate_max_points} points "
+                        "(query.aggregateMaxPoints): use a larger step or a narrower time range"
+                    )
+        finally:
+            self._report(stats)
+        if cancelled():
+            raise RpcStatus(grpc.StatusCode.CANCELLED, "AggregateMetrics: the call ended")
+        response = persist_pb2.AggregateMetricsResponse(
+            step_ns=step, fields=list(fields), functions=list(functions), samples=agg.samples
+        )
+        wanted = [f for f in functions if f != "rate"]
+        rate = "rate" in functions
+        for key, count, field_stats in agg.points():
+            point = response.points.add(timestamp=key, count=count)
+            for name, fs in zip(fields, field_stats, strict=True):
+                value = point.values.add(field=name)
+                for function in wanted:
+                    setattr(value, function, fs.result(function))
+                if rate and name in aggregate.COUNTERS:
+                    r = fs.result("rate")
+                    if r is not None:
+                        value.rate = r
+                        value.has_rate = True
+        return response

@@ -164,6 +164,57 @@ class ThreadPoolService(service.Service):
         return threads.deferToThreadPool(self._reactor, self.pool, f, *args, **kwargs)
 
 
+class ExecutorService(service.Service):
+    """Owns a ``concurrent.futures.ThreadPoolExecutor`` created in startService.
+
+    For work that gRPC handler threads hand out and wait for themselves (the
+    search's member scans): ``submit(fn, *args)`` returns a Future and may be
+    called from any thread; without a running executor (before start, after
+    stop) the work runs at once on the caller's thread.  Stop cancels the work
+    not started and does not wait for the rest (the gRPC service, stopped
+    before, has ended its calls).
+    """
+
+    def __init__(self, name: str, size: int):
+        self._size = max(1, size)
+        self.setName(name)
+        self.executor = None
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @reactor_only
+    def startService(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        super().startService()
+        self.executor = ThreadPoolExecutor(self._size, thread_name_prefix=self.name)
+
+    @reactor_only
+    def stopService(self):
+        super().stopService()
+        executor, self.executor = self.executor, None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
+
+    def submit(self, fn, *args):
+        executor = self.executor
+        if executor is not None:
+            try:
+                return executor.submit(fn, *args)
+            except RuntimeError:
+                pass  # shut down meanwhile: run it here
+        from concurrent.futures import Future
+
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as e:
+            future.set_exception(e)
+        return future
+
+
 class CallbackService(service.Service):
     """A service whose start and stop are given callables (each may return a Deferred)."""
 

@@ -21,7 +21,8 @@ reverse, each step waiting for the previous):
  4. unload        idle jobs' in-memory state dropped (absent when storage.unloadIdleAfter is 0)
  5. health        probe loop feeding /health, Ping and gRPC health
  6. ingest        IPC Unix socket listener (stop: close listener, drain connections)
- 7. retention     periodic retention run (stop: wait for a run in progress)
+ 7. query-pool, retention   SearchLogs' scan threads (stop after grpc's calls ended);
+                  periodic retention run (stop: wait for a run in progress)
  7a. archive-pool, archive   S3 archive shipper and its pool (only when archive.s3.enabled)
  7b. cloudwatch-pool, cloudwatch   CloudWatch shipper and its pool (only when
      archive.cloudwatch.enabled)
@@ -320,6 +321,7 @@ class QueryParts:
 
     servicer: object
     grpc: object
+    pool: object = None  # query-pool: SearchLogs' member scans
 
 
 def build_service(config, reactor, *, registry=None, exit_on_start_failure=False,
@@ -378,6 +380,7 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
         lc.unloader,        # unload: idle jobs' state dropped every minute (None when off)
         lc.health_service,  # health: probe loop for /health, Ping and gRPC health
         ing.listener,       # ingest: IPC socket; stop closes it and drains connections
+        q.pool,             # query-pool: search scans (stops after grpc ended its calls)
         lc.retention_timer,  # retention: stop waits for a run in progress
         arc and arc.pool,     # archive-pool: the archive's S3 calls (absent when off)
         arc and arc.service,  # archive: upload rounds; stop waits for a round in progress
@@ -659,6 +662,7 @@ def build_queries(config, reactor, st: StorageParts, wr: WriterParts, lc: Lifecy
     from joblet_persist.grpc_server import GrpcServerService
     from joblet_persist.query import PersistServicer
     from joblet_persist.rules import parse_group
+    from joblet_persist.services import ExecutorService
 
     storage, writer, health, qc = st.storage, wr.writer, lc.health, config.query
 
@@ -708,6 +712,9 @@ def build_queries(config, reactor, st: StorageParts, wr: WriterParts, lc: Lifecy
         follow_hub.end_job(job_id, grpc.StatusCode.NOT_FOUND, f"job {job_id} was deleted")
         return delete_job(job_id)
 
+
+    # Search's member scans (inflate + match) on threads of their own, never the cpu-pool's.
+    query_pool = ExecutorService("query-pool", qc.search_thread_count)
     servicer = PersistServicer(
         storage,
         reactor,
@@ -723,6 +730,11 @@ def build_queries(config, reactor, st: StorageParts, wr: WriterParts, lc: Lifecy
         viewer_ou=config.security.viewer_ou,
         follow_hub=follow_hub,
         delete_note=cloudwatch.shipper.delete_note if cloudwatch is not None else "",
+        search_submit=query_pool.submit,
+        search_window=2 * query_pool.size,
+        search_max_bytes=qc.search_max_bytes,
+        search_max_seconds=qc.search_max_time,
+        aggregate_max_points=qc.aggregate_max_points,
     )
     grpc_service = GrpcServerService(
         servicer,
@@ -745,7 +757,7 @@ def build_queries(config, reactor, st: StorageParts, wr: WriterParts, lc: Lifecy
     health.add_check(
         "grpc", lambda: (grpc_service.running, "serving" if grpc_service.running else "stopped")
     )
-    return QueryParts(servicer=servicer, grpc=grpc_service)
+    return QueryParts(servicer=servicer, grpc=grpc_service, pool=query_pool)
 
 
 def build_monitoring(config, reactor, health, metrics) -> list:

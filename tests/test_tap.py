@@ -33,6 +33,7 @@ EXPECTED_ORDER = [
     "unload",
     "health",
     "ingest",
+    "query-pool",
     "retention",
     "grpc",
     "metrics-http",
@@ -321,8 +322,9 @@ class BuilderTests(SynchronousTestCase):
         lc = tap.build_lifecycle(cfg, self.reactor, st, wr, health, metrics)
         q = tap.build_queries(cfg, self.reactor, st, wr, lc, metrics)
         web = tap.build_monitoring(cfg, self.reactor, health, metrics)
-        self.assertEqual([lc.unloader.name, lc.health_service.name, lc.retention_timer.name,
-                          q.grpc.name] + [w.name for w in web], EXPECTED_ORDER[4:6] +
+        self.assertEqual([lc.unloader.name, lc.health_service.name, q.pool.name,
+                          lc.retention_timer.name, q.grpc.name] + [w.name for w in web],
+                         EXPECTED_ORDER[4:6] +
                          EXPECTED_ORDER[7:])
         self.assertEqual(list(health._checks),
                          ["writer", "ingest", "ipc_connections", "ipc_partial_frames",

@@ -621,3 +621,129 @@ class FollowLogsRequest(_message.Message):
     idle_timeout_ms: int
     node_id: str
     def __init__(self, job_uuid: _Optional[str] = ..., stream: _Optional[_Union[StreamType, str]] = ..., start_time: _Optional[int] = ..., start_from: _Optional[_Union[FollowFrom, str]] = ..., tail_lines: _Optional[int] = ..., idle_timeout_ms: _Optional[int] = ..., node_id: _Optional[str] = ...) -> None: ...
+
+class SearchLogsRequest(_message.Message):
+    __slots__ = ("job_uuid", "stream", "start_time", "end_time", "limit", "offset", "node_id", "pattern", "regex", "ignore_case", "all_jobs", "jobs_since", "jobs_until", "count_only", "max_scan_bytes")
+    JOB_UUID_FIELD_NUMBER: _ClassVar[int]
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    PATTERN_FIELD_NUMBER: _ClassVar[int]
+    REGEX_FIELD_NUMBER: _ClassVar[int]
+    IGNORE_CASE_FIELD_NUMBER: _ClassVar[int]
+    ALL_JOBS_FIELD_NUMBER: _ClassVar[int]
+    JOBS_SINCE_FIELD_NUMBER: _ClassVar[int]
+    JOBS_UNTIL_FIELD_NUMBER: _ClassVar[int]
+    COUNT_ONLY_FIELD_NUMBER: _ClassVar[int]
+    MAX_SCAN_BYTES_FIELD_NUMBER: _ClassVar[int]
+    job_uuid: str
+    stream: StreamType
+    start_time: int
+    end_time: int
+    limit: int
+    offset: int
+    node_id: str
+    pattern: str
+    regex: bool
+    ignore_case: bool
+    all_jobs: bool
+    jobs_since: int
+    jobs_until: int
+    count_only: bool
+    max_scan_bytes: int
+    def __init__(self, job_uuid: _Optional[str] = ..., stream: _Optional[_Union[StreamType, str]] = ..., start_time: _Optional[int] = ..., end_time: _Optional[int] = ..., limit: _Optional[int] = ..., offset: _Optional[int] = ..., node_id: _Optional[str] = ..., pattern: _Optional[str] = ..., regex: _Optional[bool] = ..., ignore_case: _Optional[bool] = ..., all_jobs: _Optional[bool] = ..., jobs_since: _Optional[int] = ..., jobs_until: _Optional[int] = ..., count_only: _Optional[bool] = ..., max_scan_bytes: _Optional[int] = ...) -> None: ...
+
+class SearchLogsResponse(_message.Message):
+    __slots__ = ("lines", "summary")
+    LINES_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    lines: _containers.RepeatedCompositeFieldContainer[LogLine]
+    summary: SearchSummary
+    def __init__(self, lines: _Optional[_Iterable[_Union[LogLine, _Mapping]]] = ..., summary: _Optional[_Union[SearchSummary, _Mapping]] = ...) -> None: ...
+
+class SearchSummary(_message.Message):
+    __slots__ = ("matches", "bytes_scanned", "jobs_searched", "members_scanned")
+    MATCHES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SCANNED_FIELD_NUMBER: _ClassVar[int]
+    JOBS_SEARCHED_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_SCANNED_FIELD_NUMBER: _ClassVar[int]
+    matches: int
+    bytes_scanned: int
+    jobs_searched: int
+    members_scanned: int
+    def __init__(self, matches: _Optional[int] = ..., bytes_scanned: _Optional[int] = ..., jobs_searched: _Optional[int] = ..., members_scanned: _Optional[int] = ...) -> None: ...
+
+class AggregateMetricsRequest(_message.Message):
+    __slots__ = ("job_uuid", "start_time", "end_time", "step_ns", "max_points", "fields", "functions", "node_id")
+    JOB_UUID_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    STEP_NS_FIELD_NUMBER: _ClassVar[int]
+    MAX_POINTS_FIELD_NUMBER: _ClassVar[int]
+    FIELDS_FIELD_NUMBER: _ClassVar[int]
+    FUNCTIONS_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    job_uuid: str
+    start_time: int
+    end_time: int
+    step_ns: int
+    max_points: int
+    fields: _containers.RepeatedScalarFieldContainer[str]
+    functions: _containers.RepeatedScalarFieldContainer[str]
+    node_id: str
+    def __init__(self, job_uuid: _Optional[str] = ..., start_time: _Optional[int] = ..., end_time: _Optional[int] = ..., step_ns: _Optional[int] = ..., max_points: _Optional[int] = ..., fields: _Optional[_Iterable[str]] = ..., functions: _Optional[_Iterable[str]] = ..., node_id: _Optional[str] = ...) -> None: ...
+
+class AggregateMetricsResponse(_message.Message):
+    __slots__ = ("step_ns", "fields", "functions", "points", "samples")
+    STEP_NS_FIELD_NUMBER: _ClassVar[int]
+    FIELDS_FIELD_NUMBER: _ClassVar[int]
+    FUNCTIONS_FIELD_NUMBER: _ClassVar[int]
+    POINTS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    step_ns: int
+    fields: _containers.RepeatedScalarFieldContainer[str]
+    functions: _containers.RepeatedScalarFieldContainer[str]
+    points: _containers.RepeatedCompositeFieldContainer[AggregatePoint]
+    samples: int
+    def __init__(self, step_ns: _Optional[int] = ..., fields: _Optional[_Iterable[str]] = ..., functions: _Optional[_Iterable[str]] = ..., points: _Optional[_Iterable[_Union[AggregatePoint, _Mapping]]] = ..., samples: _Optional[int] = ...) -> None: ...
+
+class AggregatePoint(_message.Message):
+    __slots__ = ("timestamp", "count", "values")
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    timestamp: int
+    count: int
+    values: _containers.RepeatedCompositeFieldContainer[FieldAggregate]
+    def __init__(self, timestamp: _Optional[int] = ..., count: _Optional[int] = ..., values: _Optional[_Iterable[_Union[FieldAggregate, _Mapping]]] = ...) -> None: ...
+
+class FieldAggregate(_message.Message):
+    __slots__ = ("field", "avg", "min", "max", "sum", "last", "count", "p50", "p95", "p99", "rate", "has_rate")
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    AVG_FIELD_NUMBER: _ClassVar[int]
+    MIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    SUM_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    P50_FIELD_NUMBER: _ClassVar[int]
+    P95_FIELD_NUMBER: _ClassVar[int]
+    P99_FIELD_NUMBER: _ClassVar[int]
+    RATE_FIELD_NUMBER: _ClassVar[int]
+    HAS_RATE_FIELD_NUMBER: _ClassVar[int]
+    field: str
+    avg: float
+    min: float
+    max: float
+    sum: float
+    last: float
+    count: int
+    p50: float
+    p95: float
+    p99: float
+    rate: float
+    has_rate: bool
+    def __init__(self, field: _Optional[str] = ..., avg: _Optional[float] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., sum: _Optional[float] = ..., last: _Optional[float] = ..., count: _Optional[int] = ..., p50: _Optional[float] = ..., p95: _Optional[float] = ..., p99: _Optional[float] = ..., rate: _Optional[float] = ..., has_rate: _Optional[bool] = ...) -> None: ...

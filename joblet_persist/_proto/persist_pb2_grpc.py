@@ -134,6 +134,16 @@ class PersistServiceStub:
                 request_serializer=persist__pb2.FollowLogsRequest.SerializeToString,
                 response_deserializer=persist__pb2.LogLineBatch.FromString,
                 _registered_method=True)
+        self.SearchLogs = channel.unary_stream(
+                '/joblet.persist.PersistService/SearchLogs',
+                request_serializer=persist__pb2.SearchLogsRequest.SerializeToString,
+                response_deserializer=persist__pb2.SearchLogsResponse.FromString,
+                _registered_method=True)
+        self.AggregateMetrics = channel.unary_unary(
+                '/joblet.persist.PersistService/AggregateMetrics',
+                request_serializer=persist__pb2.AggregateMetricsRequest.SerializeToString,
+                response_deserializer=persist__pb2.AggregateMetricsResponse.FromString,
+                _registered_method=True)
 
 
 class PersistServiceServicer:
@@ -266,6 +276,20 @@ class PersistServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SearchLogs(self, request, context):
+        """Extension: substring or regular-expression search over one job's logs or across jobs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AggregateMetrics(self, request, context):
+        """Extension: metric samples aggregated over a time range in steps.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PersistServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -368,6 +392,16 @@ def add_PersistServiceServicer_to_server(servicer, server):
                     servicer.FollowLogs,
                     request_deserializer=persist__pb2.FollowLogsRequest.FromString,
                     response_serializer=persist__pb2.LogLineBatch.SerializeToString,
+            ),
+            'SearchLogs': grpc.unary_stream_rpc_method_handler(
+                    servicer.SearchLogs,
+                    request_deserializer=persist__pb2.SearchLogsRequest.FromString,
+                    response_serializer=persist__pb2.SearchLogsResponse.SerializeToString,
+            ),
+            'AggregateMetrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.AggregateMetrics,
+                    request_deserializer=persist__pb2.AggregateMetricsRequest.FromString,
+                    response_serializer=persist__pb2.AggregateMetricsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -910,6 +944,60 @@ class PersistService:
             '/joblet.persist.PersistService/FollowLogs',
             persist__pb2.FollowLogsRequest.SerializeToString,
             persist__pb2.LogLineBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/joblet.persist.PersistService/SearchLogs',
+            persist__pb2.SearchLogsRequest.SerializeToString,
+            persist__pb2.SearchLogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AggregateMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joblet.persist.PersistService/AggregateMetrics',
+            persist__pb2.AggregateMetricsRequest.SerializeToString,
+            persist__pb2.AggregateMetricsResponse.FromString,
             options,
             channel_credentials,
             insecure,

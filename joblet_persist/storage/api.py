@@ -437,6 +437,25 @@ class IOrdinalBase(Interface):
         a message appended from now on, gives its persistent ordinal; None when
         the job is not loaded (it then has no published snapshot either)."""
 
+class ILogSearch(Interface):
+    """Optional snapshot capability: full-text search inside the member scan.  gRPC thread.
+
+    Without it, the servicer searches what ``iter_log_chunks`` / ``iter_logs``
+    return, message by message.
+    """
+
+    def search_log_chunks(
+        matcher, stream, start_time=0, end_time=0, limits=None, submit=None, window=4,
+        stats=None, cancelled=None,
+    ):
+        """The messages of ``iter_logs(stream, start_time, end_time)`` that ``matcher``
+        (a ``storage.search.Matcher``) matches, as chunks like iter_log_chunks'.
+
+        ``limits`` (a ``search.ScanLimits``) bounds the work: it raises
+        ``search.SearchLimitExceeded`` after yielding the matches scanned before.
+        ``submit(fn, *args)`` returns a Future: the per-member work runs through it.
+        """
+
 
 class IStorageBackend(Interface):
     """What the writer, the query servicer, retention and the composition root need.

@@ -669,6 +669,10 @@ def _metric_loader(rng: _Range):
         ords, ts, seqs, begins, ends, start = _columns(rng, m, table, min_ord)
         # Parsed at once: a member with a line that does not parse is skipped whole.
         parsed = [None] * start
+        bulk = _parse_lines(data, begins, ends, start)
+        if bulk is not None:
+            parsed += bulk
+            return ords, ts, seqs, lambda i, j: parsed[i:j], start
         for a, b in zip(begins[start:], ends[start:], strict=True):
             try:
                 obj = json.loads(data[a:b])
@@ -681,6 +685,36 @@ def _metric_loader(rng: _Range):
         return ords, ts, seqs, lambda i, j: parsed[i:j], start
 
     return load
+
+
+def _parse_lines(data: bytes, begins: list, ends: list, start: int) -> Optional[list]:
+    """The ``data`` objects of the metric lines ``begins[start:]``..``ends[start:]``, parsed
+    with one ``json.loads`` when they are back to back, each a JSON object ending in a
+    newline (JSON text holds no raw newline, so the lines joined by commas make an array);
+    None when they are not, or anything does not parse: the caller then parses line by
+    line and reports the line."""
+    n = len(begins) - start
+    if n <= 0:
+        return []
+    lo, hi = begins[start], ends[-1]
+    if hi - lo != sum(e - b for b, e in zip(begins[start:], ends[start:], strict=True)):
+        return None  # not contiguous (positions picked out of order)
+    block = data[lo:hi]
+    if not block.endswith(b"\n") or block.count(b"\n") != n:
+        return None
+    try:
+        objs = json.loads(b"[" + block[:-1].replace(b"\n", b",") + b"]")
+    except ValueError:
+        return None
+    if len(objs) != n:
+        return None
+    out = []
+    for obj in objs:
+        payload = obj.get("data") if isinstance(obj, dict) else None
+        if not isinstance(payload, dict):
+            return None
+        out.append(payload)
+    return out
 
 
 def _event_loader(rng: _Range):

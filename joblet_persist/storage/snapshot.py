@@ -13,7 +13,7 @@ from typing import Callable, Optional
 from zope.interface import implementer
 
 from joblet_persist import events
-from joblet_persist.storage import reader, tail
+from joblet_persist.storage import reader, search, tail
 from joblet_persist.storage.api import (
     LOG_STREAMS,
     STREAM_STDERR,
@@ -22,6 +22,7 @@ from joblet_persist.storage.api import (
     DataVanished,
     IBulkLogReads,
     IJobSnapshot,
+    ILogSearch,
     ILogTail,
     JobInfo,
     ReadStats,
@@ -51,7 +52,7 @@ def _seam_errors(job_id: str, records):
 # -- the published, immutable view -----------------------------------------
 
 
-@implementer(IJobSnapshot, IBulkLogReads, ILogTail)
+@implementer(IJobSnapshot, IBulkLogReads, ILogTail, ILogSearch)
 @dataclass(frozen=True, eq=False)
 class LocalJobSnapshot:
     """One job's published data.  Immutable; any thread.
@@ -136,6 +137,28 @@ class LocalJobSnapshot:
             tail.iter_log_chunks_ordinals,
             stream, start_time, end_time, offset, limit, stats, cancelled,
         )
+
+    def search_log_chunks(
+        self,
+        matcher,
+        stream: int,
+        start_time: int = 0,
+        end_time: int = 0,
+        limits=None,
+        submit=None,
+        window: int = 4,
+        stats: Optional[ReadStats] = None,
+        cancelled: Callable[[], bool] = _never_cancelled,
+    ):
+        """Matching messages in chunks (ILogSearch; see search.search_views).  gRPC thread."""
+        if stream != STREAM_UNSPECIFIED and stream not in LOG_STREAMS:
+            raise ValueError(f"invalid stream {stream!r}: expected 0, 1 or 2")
+        streams = {STREAM_STDOUT: self.stdout, STREAM_STDERR: self.stderr}
+        extra = {} if submit is None else {"submit": submit}
+        return _seam_errors(self.job_id, search.search_views(
+            streams, stream, matcher, start_time, end_time, limits=limits, window=window,
+            stats=stats, cancelled=cancelled, budget=self.budget, **extra,
+        ))
 
     def _read_logs(self, read, stream: int, *args):
         """``read`` (a reader function) over both streams' segments, within the budget."""
