@@ -120,7 +120,7 @@ class SearchTwistdTests(unittest.TestCase):
                         f"partial results are a prefix: {out[:200]!r} {len(out)} {err}")
 
         # A time range small enough for the bound: exactly the matching messages.
-        since, until = str(T0 + 100 * SEC), str(T0 + 400 * SEC)
+        since, until = f"{T0 + 100 * SEC}ns", f"{T0 + 400 * SEC}ns"
         code, out, err = await threads.deferToThread(
             _run_cli, sock, "grep", "-E", r"code=\d+$", JOBS[1], "--since", since,
             "--until", until)

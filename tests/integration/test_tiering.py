@@ -89,7 +89,7 @@ class TieringTests(_Base):
         scraped = await threads.deferToThread(self.scrape)
         self.assertGreater(scraped['persist_archive_read_bytes_total{backend="s3"}'], 0)
         # The storage metric counts what is on disk: nothing of the released job.
-        self.assertEqual(scraped["persist_storage_bytes_total"], 0)
+        self.assertEqual(scraped["persist_storage_bytes"], 0)
 
         await self.gate.close()
         started = time.monotonic()
