@@ -43,7 +43,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -66,7 +65,7 @@ from joblet_persist.storage.api import (
     STREAM_STDOUT,
     SegmentKind,
 )
-from joblet_persist.storage.segment import parse_segment_name, thd_fsync_path
+from joblet_persist.storage.segment import parse_segment_name
 from joblet_persist.threads import reactor_only
 
 CURSOR_FILENAME = "archive_cloudwatch.json"
@@ -147,37 +146,13 @@ class Cursors:
 
 def thd_read_cursors(data_dir: str) -> Optional[bytes]:
     """The cursor file's bytes, None when there is none.  Pool thread."""
-    try:
-        with safefs.open_read(cursor_path(data_dir), 1) as f:
-            return f.read()
-    except FileNotFoundError:
-        return None
+    return safefs.thd_read_state_file(cursor_path(data_dir))
 
 
 def thd_write_cursors(data_dir: str, data: bytes,
                       modes: safefs.FileModes = safefs.DEFAULT_MODES) -> None:
-    """Replace the cursor file atomically: temp file, fsync, rename, fsync dir.  Pool thread."""
-    path = cursor_path(data_dir)
-    fd, tmp = tempfile.mkstemp(prefix="." + CURSOR_FILENAME + ".", suffix=".tmp", dir=data_dir)
-    try:
-        try:
-            os.fchmod(fd, modes.file_mode)
-            if modes.gid is not None:
-                os.fchown(fd, -1, modes.gid)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    thd_fsync_path(data_dir)
+    """Replace the cursor file atomically (safefs.thd_replace_file).  Pool thread."""
+    safefs.thd_replace_file(cursor_path(data_dir), data, modes)
 
 
 # -- reading a stream's backlog (pool thread) ----------------------------------------------

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -314,37 +313,9 @@ class Manifest:
 
 def thd_read_manifest(data_dir: str) -> Optional[bytes]:
     """The manifest file's bytes, None when there is none.  Pool thread."""
-    try:
-        with safefs.open_read(manifest_path(data_dir), 1) as f:
-            return f.read()
-    except FileNotFoundError:
-        return None
+    return safefs.thd_read_state_file(manifest_path(data_dir))
 
 
 def thd_write_manifest(data_dir: str, data: bytes, modes: safefs.FileModes = safefs.DEFAULT_MODES):
-    """Replace the manifest atomically: temp file, fsync, rename, fsync dir.  Pool thread.
-
-    The temporary file is created exclusively (never through a symlink) and
-    the rename replaces a symlink at the name, never its target.
-    """
-    path = manifest_path(data_dir)
-    fd, tmp = tempfile.mkstemp(prefix="." + MANIFEST_FILENAME + ".", suffix=".tmp", dir=data_dir)
-    try:
-        try:
-            os.fchmod(fd, modes.file_mode)
-            if modes.gid is not None:
-                os.fchown(fd, -1, modes.gid)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    segment.thd_fsync_path(data_dir)
+    """Replace the manifest atomically (safefs.thd_replace_file).  Pool thread."""
+    safefs.thd_replace_file(manifest_path(data_dir), data, modes)

@@ -22,13 +22,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 from joblet_persist import events
 from joblet_persist.archive import layout
-from joblet_persist.storage import jobindex, safefs, segment
+from joblet_persist.storage import jobindex, safefs
 from joblet_persist.storage.api import (
     COUNT_FIELD_OF_KIND,
     EVENT_OF_KIND,
@@ -367,34 +366,10 @@ def floors_from_bytes(data: bytes, target: tuple) -> dict:
 
 def thd_read_floors(data_dir: str) -> Optional[bytes]:
     """The floors file's bytes, None when there is none.  Pool thread."""
-    try:
-        with safefs.open_read(floors_path(data_dir), 1) as f:
-            return f.read()
-    except FileNotFoundError:
-        return None
+    return safefs.thd_read_state_file(floors_path(data_dir))
 
 
 def thd_write_floors(data_dir: str, data: bytes,
                      modes: safefs.FileModes = safefs.DEFAULT_MODES) -> None:
-    """Replace the floors file atomically: temp file, fsync, rename, fsync dir.  Pool thread."""
-    path = floors_path(data_dir)
-    fd, tmp = tempfile.mkstemp(prefix="." + FLOORS_FILENAME + ".", suffix=".tmp", dir=data_dir)
-    try:
-        try:
-            os.fchmod(fd, modes.file_mode)
-            if modes.gid is not None:
-                os.fchown(fd, -1, modes.gid)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    segment.thd_fsync_path(data_dir)
+    """Replace the floors file atomically (safefs.thd_replace_file).  Pool thread."""
+    safefs.thd_replace_file(floors_path(data_dir), data, modes)

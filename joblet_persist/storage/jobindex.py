@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import stat
-import tempfile
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
@@ -220,28 +219,7 @@ def thd_write(
     # '"' is always escaped, so '},"' occurs only between entries, never in a value.
     text = json.dumps(doc, separators=(",", ":"), sort_keys=True)
     data = text.replace('},"', '},\n"').replace('"jobs":{"', '"jobs":{\n"', 1).encode() + b"\n"
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix="." + INDEX_FILENAME + ".", suffix=".tmp", dir=directory)
-    try:
-        try:
-            os.fchmod(fd, modes.file_mode)
-            if modes.gid is not None:
-                os.fchown(fd, -1, modes.gid)
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    segment.thd_fsync_path(directory)
+    safefs.thd_replace_file(path, data, modes)
 
 
 def _disk_part_sizes(data_dir: str, job_id: str) -> Optional[tuple[int, int]]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import tempfile
 from dataclasses import dataclass
 from typing import Optional
 
@@ -272,3 +273,60 @@ def open_read(path: str, depth: int = 3):
                 raise
             os.close(fd)
     return os.fdopen(open_file(path, depth, os.O_RDONLY), "rb")
+
+
+def thd_fsync_path(path: str) -> None:
+    """fsync a file or directory by path.  Pool thread.
+
+    Opened read-only and without waiting (O_NONBLOCK: a FIFO does not block);
+    fsync changes nothing, so a link is followed here (the data directory may
+    be one).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def thd_replace_file(path: str, data: bytes, modes: FileModes = DEFAULT_MODES) -> None:
+    """Replace the small state file ``path`` with ``data`` atomically.  Pool thread.
+
+    A temporary file beside it (created exclusively, so never through a
+    symlink) gets the data, the file mode and group of ``modes`` and an fsync;
+    it is renamed over ``path`` (replacing a symlink at the name, never its
+    target) and the directory is fsync'd.  On any error the temporary file is
+    removed and the old file stays whole.
+    """
+    directory, name = os.path.split(path)
+    directory = directory or "."
+    fd, tmp = tempfile.mkstemp(prefix="." + name + ".", suffix=".tmp", dir=directory)
+    try:
+        try:
+            os.fchmod(fd, modes.file_mode)
+            if modes.gid is not None:
+                os.fchown(fd, -1, modes.gid)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    thd_fsync_path(directory)
+
+
+def thd_read_state_file(path: str) -> Optional[bytes]:
+    """The bytes of the state file ``path`` (directly in the data directory; never read
+    through a symlink), or None when there is none.  Pool thread."""
+    try:
+        with open_read(path, 1) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None

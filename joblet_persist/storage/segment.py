@@ -31,7 +31,7 @@ from joblet_persist.storage.format import (
     read_member_header,
 )
 from joblet_persist.storage.legacy import LEGACY_ORDINAL_BASE, legacy_member_summary
-from joblet_persist.storage.safefs import DEFAULT_MODES, FileModes
+from joblet_persist.storage.safefs import DEFAULT_MODES, FileModes, thd_fsync_path
 
 __all__ = [
     "SEGMENT_KINDS",
@@ -311,20 +311,6 @@ def thd_scan_segment(path: str, repair: bool, depth: int = 1) -> ScanResult:
 
 
 # -- appending ---------------------------------------------------------------
-
-
-def thd_fsync_path(path: str) -> None:
-    """fsync a file or directory by path.  Pool thread.
-
-    Opened read-only and without waiting (O_NONBLOCK: a FIFO does not block);
-    fsync changes nothing, so a link is followed here (the data directory may
-    be one).
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _missing_dirs(directory: str) -> list[str]:
