@@ -243,10 +243,19 @@ parse_log_line(const unsigned char *p, const unsigned char *end, LogFrame *f)
     return 1;
 }
 
+/* The envelope's fields, as parse_envelope reads them. */
+typedef struct {
+    uint32_t type; /* the enum's low 32 bits */
+    int64_t timestamp;
+    uint64_t sequence;
+    const unsigned char *data, *data_end;
+} Envelope;
+
 /* IPCMessage: 1 version uint32, 2 type enum, 3 job_uuid string, 4 timestamp int64,
- * 5 sequence uint64, 6 data bytes (parsed as a LogLine; a second occurrence is refused). */
+ * 5 sequence uint64, 6 data bytes (a second occurrence is refused).  Fills f->job/job_len
+ * and `env`; 0 when the envelope is not canonical. */
 static int
-parse_frame(const unsigned char *p, const unsigned char *end, LogFrame *f)
+parse_envelope(const unsigned char *p, const unsigned char *end, LogFrame *f, Envelope *env)
 {
     uint32_t type = 0;
     const unsigned char *data = p, *data_end = p;
@@ -255,6 +264,8 @@ parse_frame(const unsigned char *p, const unsigned char *end, LogFrame *f)
     Py_ssize_t size;
     f->job = p;
     f->job_len = 0;
+    env->timestamp = 0;
+    env->sequence = 0;
     while (p < end) {
         uint32_t field, wire;
         if (!read_tag(&p, end, &field, &wire)) {
@@ -262,9 +273,18 @@ parse_frame(const unsigned char *p, const unsigned char *end, LogFrame *f)
         }
         switch (field) {
         case 1:
-        case 4:
-        case 5:
             if (wire != 0 || !read_varint(&p, end, 10, &value)) {
+                return 0;
+            }
+            break;
+        case 4:
+            if (wire != 0 || !read_varint(&p, end, 10, &value)) {
+                return 0;
+            }
+            env->timestamp = (int64_t)value;
+            break;
+        case 5:
+            if (wire != 0 || !read_varint(&p, end, 10, &env->sequence)) {
                 return 0;
             }
             break;
@@ -297,11 +317,26 @@ parse_frame(const unsigned char *p, const unsigned char *end, LogFrame *f)
             }
         }
     }
-    if (type != 1) {
+    env->type = type;
+    env->data = data;
+    env->data_end = data_end;
+    return 1;
+}
+
+/* 1: a canonical LOG frame, `f` filled.  2: a canonical envelope of another type than LOG,
+ * `env` (and f->job) filled.  0: anything else. */
+static int
+parse_frame(const unsigned char *p, const unsigned char *end, LogFrame *f, Envelope *env)
+{
+    if (!parse_envelope(p, end, f, env)) {
         return 0;
     }
-    return parse_log_line(data, data_end, f);
+    if (env->type != 1) {
+        return 2;
+    }
+    return parse_log_line(env->data, env->data_end, f);
 }
+
 
 /* -- per-call job table ------------------------------------------------------------------ */
 
@@ -518,18 +553,35 @@ append_new(PyObject *list, PyObject *item)
     return rc;
 }
 
+/* Append (type, job_uuid, timestamp, sequence, data, length, arrival) of a frame of another
+ * type than LOG to `others`; `job` is the interned id (new reference stolen), `arrival` None
+ * or an int (stolen). */
+static int
+append_other(PyObject *others, PyObject *job, const Envelope *env, uint32_t length,
+             PyObject *arrival)
+{
+    PyObject *item = Py_BuildValue(
+        "(iNLKy#IN)", (int)(int32_t)env->type, job,
+        (long long)env->timestamp, (unsigned long long)env->sequence,
+        (const char *)env->data, (Py_ssize_t)(env->data_end - env->data), (unsigned int)length,
+        arrival);
+    return append_new(others, item);
+}
+
 /* -- decode_log_frames ----------------------------------------------------------------------- */
 
 PyDoc_STRVAR(decode_log_frames_doc,
-"decode_log_frames(data, offset, max_length, arrivals) -> (new_offset, groups, stop_reason)\n\
+"decode_log_frames(data, offset, max_length, arrivals, others=None)\n\
+    -> (new_offset, groups, stop_reason)\n\
 \n\
 Collect the canonical LOG frames of data[offset:] into groups keyed by (job_uuid, stream);\n\
+with a list `others`, append the other frames whose envelope is canonical to it and go on;\n\
 see joblet_persist.framing for the exact contract.");
 
 static PyObject *
 decode_log_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *data, *arrivals, *groups, *reason, *result;
+    PyObject *data, *arrivals, *others = NULL, *groups, *reason, *result;
     Py_ssize_t offset, end, pos;
     long long max_length;
     int overflow;
@@ -537,13 +589,21 @@ decode_log_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     JobTable table;
 
     (void)module;
-    if (nargs != 4) {
+    if (nargs != 4 && nargs != 5) {
         PyErr_Format(PyExc_TypeError,
-                     "decode_log_frames() takes exactly 4 arguments (%zd given)", nargs);
+                     "decode_log_frames() takes 4 or 5 arguments (%zd given)", nargs);
         return NULL;
     }
     data = args[0];
     arrivals = args[3];
+    if (nargs == 5 && args[4] != Py_None) {
+        others = args[4];
+        if (!PyList_Check(others)) {
+            PyErr_Format(PyExc_TypeError, "others must be a list or None, not %.100s",
+                         Py_TYPE(others)->tp_name);
+            return NULL;
+        }
+    }
     if (!PyBytes_Check(data)) {
         PyErr_Format(PyExc_TypeError, "data must be bytes, not %.100s", Py_TYPE(data)->tp_name);
         return NULL;
@@ -581,6 +641,8 @@ decode_log_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         const unsigned char *frame;
         uint32_t length;
         LogFrame f;
+        Envelope env;
+        int kind;
         Entry *e;
         PyObject **columns, *last;
 
@@ -599,9 +661,40 @@ decode_log_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             reason = str_partial;
             break;
         }
-        if (!parse_frame(frame + 4, frame + 4 + length, &f)) {
-            reason = str_slow;
-            break;
+        kind = parse_frame(frame + 4, frame + 4 + length, &f, &env);
+        if (kind != 1) {
+            if (kind == 0 || others == NULL) {
+                reason = str_slow;
+                break;
+            }
+            if (env.type >= 2 && env.type <= 9) {
+                /* A metric or event frame: its arrival number from the job's counter. */
+                e = table_get(&table, f.job, f.job_len, arrivals);
+                if (e == NULL) {
+                    goto error;
+                }
+                if (e->next_arrival == LLONG_MAX) {
+                    PyErr_Format(PyExc_OverflowError, "arrival number of job %R out of range",
+                                 e->job);
+                    goto error;
+                }
+                Py_INCREF(e->job);
+                if (append_other(others, e->job, &env, length,
+                                 PyLong_FromLongLong(e->next_arrival)) < 0) {
+                    goto error;
+                }
+                e->next_arrival++;
+            }
+            else {
+                Py_INCREF(Py_None);
+                if (append_other(others,
+                                 PyUnicode_DecodeUTF8((const char *)f.job, f.job_len, "strict"),
+                                 &env, length, Py_None) < 0) {
+                    goto error;
+                }
+            }
+            pos += 4 + (Py_ssize_t)length;
+            continue;
         }
         e = table_get(&table, f.job, f.job_len, arrivals);
         if (e == NULL) {

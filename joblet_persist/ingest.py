@@ -79,6 +79,7 @@ import ctypes
 import ctypes.util
 import socket
 import struct
+from bisect import bisect_right
 from collections import OrderedDict
 from typing import Callable, Optional
 
@@ -473,7 +474,7 @@ class IngestProtocol(Int32StringReceiver):
         if add_logs is not None and isinstance(arrivals, dict):
             self._add_logs = add_logs
             self._arrivals = arrivals
-            self._decode = self._decode_frames
+            self._decode = self._decode_bulk
         else:
             # A writer taking one message at a time: one frame per decoder call keeps its
             # calls in frame order (across jobs too), at the price of speed.
@@ -665,14 +666,22 @@ class IngestProtocol(Int32StringReceiver):
         arrivals = self._arrivals
         nlog = 0
         nlog_bytes = 0
+        others: list = []
         try:
             while off < end:
                 start = off
-                off, groups, reason = decode(data, off, max_length, arrivals)
+                off, groups, reason = decode(data, off, max_length, arrivals, others)
+                if others:
+                    # Frames of other types met between the LOG frames: first, so that the
+                    # groups' arrival numbers can be renumbered if one of them is rejected.
+                    other_bytes = self._handle_others(others, groups)
+                    others = []
+                else:
+                    other_bytes = 0
                 if groups:
                     n = self._deliver(groups)
                     nlog += n
-                    nlog_bytes += off - start - 4 * n
+                    nlog_bytes += off - start - 4 * n - other_bytes
                 if reason == "slow":
                     # Not a canonical LOG frame (complete unless oversized): the plain decode.
                     (length,) = _HEADER.unpack_from(data, off)
@@ -692,9 +701,59 @@ class IngestProtocol(Int32StringReceiver):
                 self._frames_received({MSG_LOG: nlog}, nlog_bytes)
         return off
 
-    def _decode_one(self, data: bytes, off: int, max_length: int, arrivals: dict):
+    def _handle_others(self, others: list, groups: dict) -> int:
+        """Handle the decoder's ``others`` (frames of other types than LOG, in frame order)
+        with the arrival numbers it gave them; return their bytes, length prefixes included.
+
+        Each frame of a job that the writer takes gets the number the decoder gave it, by
+        setting the job's counter to that number just before the writer's call (the writer
+        numbers metric and event frames from the same ``arrivals`` counters).  A frame the
+        writer does not take (rejected) frees its number: the job's later frames, its groups'
+        LOG frames included, move down by one, so that a job's numbers stay 0, 1, 2, ... in
+        frame order across all kinds, exactly as with the plain decode frame by frame."""
+        arrivals = self._arrivals
+        handle = self._handle_other
+        ends: dict = {}  # job -> the decoder's next number for it
+        freed: Optional[dict] = None  # job -> the numbers of its rejected frames, ascending
+        nbytes = 0
+        for msg_type, job_id, timestamp, sequence, payload, length, arrival in others:
+            nbytes += 4 + length
+            if arrival is None:
+                handle(msg_type, job_id, timestamp, sequence, payload, length)
+                continue
+            if job_id not in ends:
+                ends[job_id] = arrivals.get(job_id, arrival + 1)
+            number = arrival
+            if freed is not None and job_id in freed:
+                number -= len(freed[job_id])
+            arrivals[job_id] = number
+            if not handle(msg_type, job_id, timestamp, sequence, payload, length):
+                if freed is None:
+                    freed = {}
+                freed.setdefault(job_id, []).append(arrival)
+        for job_id, end in ends.items():
+            if not is_valid_job_id(job_id):
+                arrivals.pop(job_id, None)  # never stored: as _deliver does
+            elif freed is not None and job_id in freed:
+                arrivals[job_id] = end - len(freed[job_id])
+            else:
+                arrivals[job_id] = end
+        if freed is not None:
+            for (job_id, _stream), columns in groups.items():
+                gaps = freed.get(job_id)
+                if gaps:
+                    columns[2] = [a - bisect_right(gaps, a) for a in columns[2]]
+        return nbytes
+
+    def _decode_bulk(self, data: bytes, off: int, max_length: int, arrivals: dict, others):
+        """``decode_log_frames`` going on past the other frames of canonical envelope (they
+        land in ``others``)."""
+        return self._decode_frames(data, off, max_length, arrivals, others)
+
+    def _decode_one(self, data: bytes, off: int, max_length: int, arrivals: dict, others=None):
         """``decode_log_frames`` limited to the frame at ``off`` (writers without
-        ``add_logs``, whose arrival numbers are their own: ``arrivals`` is not used)."""
+        ``add_logs``, whose arrival numbers are their own: ``arrivals`` and ``others`` are
+        not used, every frame is handled in frame order)."""
         end = len(data)
         if end - off >= 4:
             (length,) = _HEADER.unpack_from(data, off)
@@ -747,8 +806,8 @@ class IngestProtocol(Int32StringReceiver):
             self._reject("bad_envelope", f"{len(frame)}-byte frame is not an IPCMessage")
             return
         msg_type = env.type
-        self._frame_received(msg_type, len(frame))
         if msg_type == MSG_LOG:
+            self._frame_received(msg_type, len(frame))
             job_id = env.job_uuid
             if job_id not in self._valid_ids and not self._admit(job_id):
                 return
@@ -758,52 +817,66 @@ class IngestProtocol(Int32StringReceiver):
                 self._reject("bad_payload", f"LOG payload for job {job_id} is not a LogLine")
                 return
             self._accept_log(job_id, line)
-        elif msg_type == MSG_METRIC:
-            job_id = env.job_uuid
+        else:
+            self._handle_other(
+                msg_type, env.job_uuid, env.timestamp, env.sequence, env.data, len(frame)
+            )
+
+    def _handle_other(
+        self, msg_type: int, job_id: str, env_timestamp: int, env_sequence: int,
+        payload: bytes, nbytes: int,
+    ) -> None:
+        """A frame of another type than LOG whose envelope decoded (``nbytes`` long); True
+        when the writer took it."""
+        self._frame_received(msg_type, nbytes)
+        if msg_type == MSG_METRIC:
             if job_id not in self._valid_ids and not self._admit(job_id):
-                return
-            payload = env.data
+                return False
             try:
                 metric = _parse_metric(payload)
             except DecodeError:
                 self._reject("bad_payload", f"METRIC payload for job {job_id} is not a Metric")
-                return
+                return False
             if metric.timestamp:
                 timestamp, sequence = metric.timestamp, metric.sequence
             else:
-                timestamp, sequence = env.timestamp, env.sequence
+                timestamp, sequence = env_timestamp, env_sequence
             try:
                 self._add_metric(job_id, timestamp, sequence, payload)
             except WriterStopped:
                 self._reject("stopping", f"METRIC for job {job_id} after the writer stopped")
-        elif msg_type in _EVENT_TYPES:
-            self._accept_event(env, msg_type)
-        else:
-            self._reject("unknown_type", f"message type {msg_type}")
+                return False
+            return True
+        if msg_type in _EVENT_TYPES:
+            return self._accept_event(msg_type, job_id, env_timestamp, env_sequence, payload)
+        self._reject("unknown_type", f"message type {msg_type}")
+        return False
 
-    def _accept_event(self, env, msg_type: int) -> None:
-        """A telemetry event frame: validate its payload, hand it to the writer."""
+    def _accept_event(
+        self, msg_type: int, job_id: str, env_timestamp: int, env_sequence: int, payload: bytes
+    ) -> None:
+        """A telemetry event frame: validate its payload, hand it to the writer (True when it
+        took it)."""
         name = events.KINDS_BY_TYPE[msg_type].name
-        job_id = env.job_uuid
         if job_id not in self._valid_ids and not self._admit(job_id):
             self._event_rejected(name, "invalid_job_id")
-            return
-        payload = env.data
+            return False
         try:
             kind, timestamp, sequence = events.check_event(
-                msg_type, payload, job_id, env.timestamp, env.sequence
+                msg_type, payload, job_id, env_timestamp, env_sequence
             )
         except events.EventDecodeError as e:
             self._reject(e.reason, str(e))
             self._event_rejected(name, e.reason)
-            return
+            return False
         try:
             self._add_event(job_id, name, timestamp, sequence, payload)
         except WriterStopped:
             self._reject("stopping", f"{name} event for job {job_id} after the writer stopped")
             self._event_rejected(name, "stopping")
-            return
+            return False
         self._event_accepted(name)
+        return True
 
     def _accept_log(self, job_id: str, line) -> None:
         stream = line.stream
