@@ -336,11 +336,13 @@ def decode_log_frames_py(
         else:
             try:
                 job, stream, timestamp, sequence, content = _parse_frame(data, pos + 4, stop)
+                other = None
             except (_NotCanonical, UnicodeDecodeError):
                 other = None if others is None else _other_frame(data, pos + 4, stop)
                 if other is None:
                     reason = "slow"
                     break
+            if other is not None:
                 if 2 <= other[0] <= 9:
                     job = other[1]
                     entry = entries.get(job)

@@ -396,8 +396,51 @@ def metric_payload(**kw):
     return m.SerializeToString()
 
 
+_i64 = st.integers(-(1 << 63), (1 << 63) - 1)
+_any_float = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([0.0, -0.0, 1.0, 1e16, 1e-7, 5e-324, 1.7976931348623157e308, math.nan,
+                     -math.inf]),
+)
+
+
+@st.composite
+def _metric_payloads(draw) -> bytes:
+    """A Metric with any subset of its fields set (unset ones are 0 or absent messages)."""
+    m = ipc_pb2.Metric()
+    if draw(st.booleans()):
+        m.timestamp = draw(_i64)
+    if draw(st.booleans()):
+        m.sequence = draw(st.integers(0, (1 << 64) - 1))
+    if draw(st.booleans()):
+        m.job_uuid = draw(st.text(max_size=5))
+    if draw(st.booleans()):
+        d = m.data
+        d.cpu_usage = draw(_any_float)
+        d.gpu_usage = draw(_any_float)
+        d.memory_usage = draw(_i64)
+        for name in ("read_bytes", "write_bytes", "read_ops", "write_ops"):
+            if draw(st.booleans()):
+                setattr(d.disk_io, name, draw(_i64))
+        for name in ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets"):
+            if draw(st.booleans()):
+                setattr(d.network_io, name, draw(_i64))
+    return m.SerializeToString()
+
+
 class MetricLineTests(SynchronousTestCase):
     """metric_json_line and metric members: jq-friendly JSON lines."""
+
+    @given(_metric_payloads(), st.text(max_size=40))
+    def test_same_bytes_as_json_dumps(self, payload, job_id):
+        """The line is byte for byte json.dumps of metric_record_dict (compact separators,
+        ASCII escapes), whatever is set: non-finite floats null, unset fields 0, exact
+        64-bit integers, any job id text."""
+        metric = ipc_pb2.Metric.FromString(payload)
+        want = json.dumps(
+            fmt.metric_record_dict(job_id, metric), separators=(",", ":"), allow_nan=False
+        ).encode() + b"\n"
+        self.assertEqual(fmt.metric_json_line(job_id, payload), want)
 
     def test_full_sample(self):
         """All fields appear with WIRE.md snake_case keys and exact integers."""
