@@ -131,6 +131,8 @@ log = Logger()
 _parse_envelope = ipc_pb2.IPCMessage.FromString
 _parse_log_line = ipc_pb2.LogLine.FromString
 _parse_metric = ipc_pb2.Metric.FromString
+# Event type -> (kind name, the parse events.check_event does).
+_EVENT_VIEWS = {t: (k.name, k.view_class.FromString) for t, k in events.KINDS_BY_TYPE.items()}
 
 
 class NullIngestMetrics:
@@ -713,9 +715,15 @@ class IngestProtocol(Int32StringReceiver):
         frame order across all kinds, exactly as with the plain decode frame by frame."""
         arrivals = self._arrivals
         handle = self._handle_other
+        valid_ids = self._valid_ids
+        add_metric = self._add_metric
+        add_event = self._add_event
+        event_accepted = self._event_accepted
         ends: dict = {}  # job -> the decoder's next number for it
         freed: Optional[dict] = None  # job -> the numbers of its rejected frames, ascending
         nbytes = 0
+        counts: dict = {}  # frames taken by the inline path, per type ...
+        counted = 0  # ... and their bytes
         for msg_type, job_id, timestamp, sequence, payload, length, arrival in others:
             nbytes += 4 + length
             if arrival is None:
@@ -727,10 +735,36 @@ class IngestProtocol(Int32StringReceiver):
             if freed is not None and job_id in freed:
                 number -= len(freed[job_id])
             arrivals[job_id] = number
+            if job_id in valid_ids:
+                # Inline, for frames that are accepted: what _handle_other does, without its
+                # calls.  Anything else goes to _handle_other before any side effect.
+                try:
+                    if msg_type == MSG_METRIC:
+                        metric = _parse_metric(payload)
+                        if metric.timestamp:
+                            add_metric(job_id, metric.timestamp, metric.sequence, payload)
+                        else:
+                            add_metric(job_id, timestamp, sequence, payload)
+                    else:
+                        name, parse_view = _EVENT_VIEWS[msg_type]
+                        view = parse_view(payload)
+                        if timestamp:
+                            add_event(job_id, name, timestamp, sequence, payload)
+                        else:
+                            add_event(job_id, name, view.timestamp, view.sequence, payload)
+                        event_accepted(name)
+                except (DecodeError, WriterStopped):
+                    pass
+                else:
+                    counts[msg_type] = counts.get(msg_type, 0) + 1
+                    counted += length
+                    continue
             if not handle(msg_type, job_id, timestamp, sequence, payload, length):
                 if freed is None:
                     freed = {}
                 freed.setdefault(job_id, []).append(arrival)
+        if counts:
+            self._frames_received(counts, counted)
         for job_id, end in ends.items():
             if not is_valid_job_id(job_id):
                 arrivals.pop(job_id, None)  # never stored: as _deliver does
