@@ -22,7 +22,9 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <math.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 
 static PyObject *str_slow;
@@ -1137,11 +1139,245 @@ done:
     return result;
 }
 
+/* ---- metric_json_line: the stored JSON line of a metric sample (storage/format.py) --------- */
+
+/* DiskIO and NetworkIO: four int64 fields 1..4.  0 when not canonical (see metric_fields). */
+static int
+parse_io(const unsigned char *p, const unsigned char *end, int64_t out[4])
+{
+    uint64_t value;
+    while (p < end) {
+        uint32_t field, wire;
+        if (!read_tag(&p, end, &field, &wire)) {
+            return 0;
+        }
+        if (field >= 1 && field <= 4) {
+            if (wire != 0 || !read_varint(&p, end, 10, &value)) {
+                return 0;
+            }
+            out[field - 1] = (int64_t)value;
+        }
+        else if (wire == 3 || wire == 4 || !skip_field(&p, end, wire)) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+typedef struct {
+    int64_t timestamp;
+    uint64_t sequence;
+    double cpu, gpu;
+    int64_t memory;
+    int64_t io[8]; /* disk read/write bytes, read/write ops; network rx/tx bytes, packets */
+} MetricValues;
+
+static inline double
+read_double(const unsigned char *p)
+{
+    uint64_t bits = 0;
+    double d;
+    int i;
+    for (i = 7; i >= 0; i--) {
+        bits = (bits << 8) | p[i];
+    }
+    memcpy(&d, &bits, 8);
+    return d;
+}
+
+/* MetricData: 1 cpu_usage double, 2 memory_usage int64, 3 gpu_usage double, 4 disk_io,
+ * 5 network_io. */
+static int
+parse_metric_data(const unsigned char *p, const unsigned char *end, MetricValues *m)
+{
+    uint64_t value;
+    Py_ssize_t size;
+    int seen_disk = 0, seen_net = 0;
+    while (p < end) {
+        uint32_t field, wire;
+        if (!read_tag(&p, end, &field, &wire)) {
+            return 0;
+        }
+        switch (field) {
+        case 1:
+        case 3:
+            if (wire != 1 || end - p < 8) {
+                return 0;
+            }
+            if (field == 1) {
+                m->cpu = read_double(p);
+            }
+            else {
+                m->gpu = read_double(p);
+            }
+            p += 8;
+            break;
+        case 2:
+            if (wire != 0 || !read_varint(&p, end, 10, &value)) {
+                return 0;
+            }
+            m->memory = (int64_t)value;
+            break;
+        case 4:
+        case 5:
+            if (wire != 2 || !read_size(&p, end, &size)) {
+                return 0;
+            }
+            if (field == 4 ? seen_disk++ : seen_net++) {
+                return 0; /* repeated: upb merges them */
+            }
+            if (!parse_io(p, p + size, m->io + (field == 4 ? 0 : 4))) {
+                return 0;
+            }
+            p += size;
+            break;
+        default:
+            if (wire == 3 || wire == 4 || !skip_field(&p, end, wire)) {
+                return 0;
+            }
+        }
+    }
+    return 1;
+}
+
+/* Metric: 1 job_uuid string (checked, ignored), 2 timestamp int64, 3 sequence uint64,
+ * 4 data MetricData.  Canonical payloads only: every known field with its own wire type,
+ * embedded messages at most once, no groups; scalars: the last occurrence wins.  0 for
+ * anything else (the caller then takes the protobuf route, which decides). */
+static int
+parse_metric(const unsigned char *p, const unsigned char *end, MetricValues *m)
+{
+    uint64_t value;
+    Py_ssize_t size;
+    int seen_data = 0;
+    memset(m, 0, sizeof(*m));
+    while (p < end) {
+        uint32_t field, wire;
+        if (!read_tag(&p, end, &field, &wire)) {
+            return 0;
+        }
+        switch (field) {
+        case 1:
+            if (wire != 2 || !read_size(&p, end, &size) || !utf8_valid(p, size)) {
+                return 0;
+            }
+            p += size;
+            break;
+        case 2:
+            if (wire != 0 || !read_varint(&p, end, 10, &value)) {
+                return 0;
+            }
+            m->timestamp = (int64_t)value;
+            break;
+        case 3:
+            if (wire != 0 || !read_varint(&p, end, 10, &m->sequence)) {
+                return 0;
+            }
+            break;
+        case 4:
+            if (wire != 2 || seen_data++ || !read_size(&p, end, &size)
+                || !parse_metric_data(p, p + size, m)) {
+                return 0;
+            }
+            p += size;
+            break;
+        default:
+            if (wire == 3 || wire == 4 || !skip_field(&p, end, wire)) {
+                return 0;
+            }
+        }
+    }
+    return 1;
+}
+
+/* A double as json.dumps writes it (float.__repr__), or null when not finite. */
+static int
+put_double(char *buf, size_t room, double v)
+{
+    char *text;
+    int n;
+    if (!isfinite(v)) {
+        return snprintf(buf, room, "null");
+    }
+    text = PyOS_double_to_string(v, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
+    if (text == NULL) {
+        return -1;
+    }
+    n = snprintf(buf, room, "%s", text);
+    PyMem_Free(text);
+    return n;
+}
+
+PyDoc_STRVAR(metric_json_line_doc,
+"metric_json_line(job_json, payload) -> bytes or None\n\n"
+"The stored JSON line of a serialized joblet.ipc.Metric (storage/format.py's\n"
+"metric_json_line) with `job_json` (an ASCII str: the job id as a JSON string) in place;\n"
+"None when the payload is not canonical (the caller takes the protobuf route).  Pool thread.");
+
+static PyObject *
+metric_json_line(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    MetricValues m;
+    const char *job;
+    Py_ssize_t job_len;
+    char cpu[40], gpu[40], *buf;
+    PyObject *result;
+    int n;
+    size_t room;
+    const unsigned char *p;
+
+    (void)self;
+    if (nargs != 2 || !PyUnicode_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "metric_json_line(job_json: str, payload)");
+        return NULL;
+    }
+    if (!PyBytes_Check(args[1]) || !PyUnicode_IS_ASCII(args[0])) {
+        Py_RETURN_NONE;
+    }
+    p = (const unsigned char *)PyBytes_AS_STRING(args[1]);
+    if (!parse_metric(p, p + PyBytes_GET_SIZE(args[1]), &m)) {
+        Py_RETURN_NONE;
+    }
+    job = PyUnicode_AsUTF8AndSize(args[0], &job_len);
+    if (job == NULL) {
+        return NULL;
+    }
+    if (put_double(cpu, sizeof(cpu), m.cpu) < 0 || put_double(gpu, sizeof(gpu), m.gpu) < 0) {
+        return NULL;
+    }
+    room = (size_t)job_len + 640;
+    buf = PyMem_Malloc(room);
+    if (buf == NULL) {
+        return PyErr_NoMemory();
+    }
+    n = snprintf(buf, room,
+                 "{\"job_uuid\":%s,\"timestamp\":%lld,\"sequence\":%llu,\"data\":{"
+                 "\"cpu_usage\":%s,\"memory_usage\":%lld,\"gpu_usage\":%s,"
+                 "\"disk_io\":{\"read_bytes\":%lld,\"write_bytes\":%lld,\"read_ops\":%lld,"
+                 "\"write_ops\":%lld},"
+                 "\"network_io\":{\"rx_bytes\":%lld,\"tx_bytes\":%lld,\"rx_packets\":%lld,"
+                 "\"tx_packets\":%lld}}}\n",
+                 job, (long long)m.timestamp, (unsigned long long)m.sequence, cpu,
+                 (long long)m.memory, gpu, (long long)m.io[0], (long long)m.io[1],
+                 (long long)m.io[2], (long long)m.io[3], (long long)m.io[4],
+                 (long long)m.io[5], (long long)m.io[6], (long long)m.io[7]);
+    if (n < 0 || (size_t)n >= room) {
+        PyMem_Free(buf);
+        PyErr_SetString(PyExc_SystemError, "metric_json_line: line buffer too small");
+        return NULL;
+    }
+    result = PyBytes_FromStringAndSize(buf, n);
+    PyMem_Free(buf);
+    return result;
+}
+
 static PyMethodDef speedups_methods[] = {
     {"decode_log_frames", (PyCFunction)(void (*)(void))decode_log_frames, METH_FASTCALL,
      decode_log_frames_doc},
     {"member_table", (PyCFunction)(void (*)(void))member_table, METH_FASTCALL, member_table_doc},
     {"decode_table", (PyCFunction)(void (*)(void))decode_table, METH_FASTCALL, decode_table_doc},
+    {"metric_json_line", (PyCFunction)(void (*)(void))metric_json_line, METH_FASTCALL,
+     metric_json_line_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -53,9 +53,14 @@ Speed: each read goes to ``framing.decode_log_frames`` (a C extension, or its pu
 when it is not built), which walks the frames at an offset, never re-slicing the buffer, and
 collects the canonical LOG frames into per-(job, stream) columns with their arrival numbers
 taken from ``writer.arrivals``; a job id is then validated once per group, and each group is one
-``add_logs`` call.  The decoder stops at any other frame, which gets the plain two-step decode
+``add_logs`` call.  Metric and event frames (any frame of canonical envelope and another type)
+do not stop the walk: the decoder hands them back in its ``others`` list with the arrival number
+each would have in frame order, and ``_handle_others`` validates and hands them over first (the
+writer numbers them from the same counters, set to the decoder's number before each call), then
+the groups; a rejected one frees its number and the job's later numbers move down, groups
+included.  The decoder stops at any other frame, which gets the plain two-step decode
 (envelope, then payload) before the walk resumes after it; the results are those of the plain
-decode frame by frame.  A frame incomplete at the end of a read is collected as a list of
+decode frame by frame (the order of writer calls across files aside).  A frame incomplete at the end of a read is collected as a list of
 chunks (its length prefix included) and joined once, so a multi-MiB frame split over many reads
 costs linear time.
 

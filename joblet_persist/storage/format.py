@@ -466,6 +466,16 @@ def metric_json_line(job_id: str, payload: bytes) -> bytes:
     cpu/gpu usage is written as ``null`` so the line stays valid JSON.
     Raises ValueError when ``payload`` does not decode.
     """
+    if _metric_line_c is not None:
+        # The C twin: canonical payloads (what encoders write) in one call; None otherwise.
+        line = _metric_line_c(_json_string(job_id), payload)
+        if line is not None:
+            return line
+    return _metric_json_line_py(job_id, payload)
+
+
+def _metric_json_line_py(job_id: str, payload: bytes) -> bytes:
+    """``metric_json_line`` through the protobuf classes (the reference of the C twin)."""
     metric = _new_metric()
     try:
         metric.ParseFromString(bytes(payload))
@@ -496,6 +506,11 @@ _new_metric = ipc_pb2.Metric
 _json_string = json.encoder.encode_basestring_ascii  # json.dumps' own (C) string encoder
 _float_repr = float.__repr__
 _isfinite = math.isfinite
+
+try:
+    from joblet_persist._speedups import metric_json_line as _metric_line_c
+except ImportError:  # not built: the protobuf route does it all
+    _metric_line_c = None
 
 
 # -- decoding ---------------------------------------------------------------
