@@ -504,6 +504,10 @@ class IngestProtocol(Int32StringReceiver):
 
         self._event_rejected = event_rejected
         self._event_accepted = tally.accept
+        self._events_accepted = tally.accepted
+        # Optional bulk forms of add_metric and add_event (BatchingWriter has them).
+        self._add_metrics = getattr(writer, "add_metrics", None)
+        self._add_events = getattr(writer, "add_events", None)
         self._job_ids = job_ids if job_ids is not None else _JobIdCache()
         self._valid_ids = self._job_ids.ids
         # Receive state between reads; at most one of these is set.
@@ -729,6 +733,8 @@ class IngestProtocol(Int32StringReceiver):
         nbytes = 0
         counts: dict = {}  # frames taken by the inline path, per type ...
         counted = 0  # ... and their bytes
+        bulk = self._add_metrics is not None and self._add_events is not None
+        pending: dict = {}  # (job, type) -> columns for the bulk writer calls
         for msg_type, job_id, timestamp, sequence, payload, length, arrival in others:
             nbytes += 4 + length
             if arrival is None:
@@ -747,27 +753,47 @@ class IngestProtocol(Int32StringReceiver):
                     if msg_type == MSG_METRIC:
                         metric = _parse_metric(payload)
                         if metric.timestamp:
-                            add_metric(job_id, metric.timestamp, metric.sequence, payload)
-                        else:
-                            add_metric(job_id, timestamp, sequence, payload)
+                            timestamp, sequence = metric.timestamp, metric.sequence
                     else:
-                        name, parse_view = _EVENT_VIEWS[msg_type]
-                        view = parse_view(payload)
-                        if timestamp:
-                            add_event(job_id, name, timestamp, sequence, payload)
-                        else:
-                            add_event(job_id, name, view.timestamp, view.sequence, payload)
-                        event_accepted(name)
-                except (DecodeError, WriterStopped):
+                        view = _EVENT_VIEWS[msg_type][1](payload)
+                        if not timestamp:
+                            timestamp, sequence = view.timestamp, view.sequence
+                except DecodeError:
                     pass
                 else:
                     counts[msg_type] = counts.get(msg_type, 0) + 1
                     counted += length
-                    continue
+                    if bulk:
+                        # One writer call per (job, type) of the read, after the loop.
+                        group = pending.get((job_id, msg_type))
+                        if group is None:
+                            group = pending[(job_id, msg_type)] = ([], [], [], [])
+                        group[0].append(timestamp)
+                        group[1].append(sequence)
+                        group[2].append(number)
+                        group[3].append(payload)
+                        continue
+                    try:
+                        if msg_type == MSG_METRIC:
+                            add_metric(job_id, timestamp, sequence, payload)
+                        else:
+                            name = _EVENT_VIEWS[msg_type][0]
+                            add_event(job_id, name, timestamp, sequence, payload)
+                            event_accepted(name)
+                        continue
+                    except WriterStopped:
+                        counts[msg_type] -= 1
+                        counted -= length
+            if pending:
+                # Earlier frames of the same (job, type) must reach the writer first.
+                self._add_pending(pending)
+                pending = {}
             if not handle(msg_type, job_id, timestamp, sequence, payload, length):
                 if freed is None:
                     freed = {}
                 freed.setdefault(job_id, []).append(arrival)
+        if pending:
+            self._add_pending(pending)
         if counts:
             self._frames_received(counts, counted)
         for job_id, end in ends.items():
@@ -783,6 +809,26 @@ class IngestProtocol(Int32StringReceiver):
                 if gaps:
                     columns[2] = [a - bisect_right(gaps, a) for a in columns[2]]
         return nbytes
+
+    def _add_pending(self, pending: dict) -> None:
+        """Hand the inline path's (job, type) columns to the writer's bulk calls."""
+        for (job_id, msg_type), (timestamps, sequences, arrivals, payloads) in pending.items():
+            n = len(timestamps)
+            try:
+                if msg_type == MSG_METRIC:
+                    self._add_metrics(job_id, timestamps, sequences, arrivals, payloads)
+                    continue
+                name = _EVENT_VIEWS[msg_type][0]
+                self._add_events(job_id, name, timestamps, sequences, arrivals, payloads)
+            except WriterStopped:
+                what = "METRIC" if msg_type == MSG_METRIC else f"{_EVENT_VIEWS[msg_type][0]} event"
+                for _ in range(n):
+                    self._reject("stopping", f"{what} for job {job_id} after the writer stopped")
+                    if msg_type != MSG_METRIC:
+                        self._event_rejected(what[:-6], "stopping")
+                continue
+            accepted = self._events_accepted
+            accepted[name] = accepted.get(name, 0) + n
 
     def _decode_bulk(self, data: bytes, off: int, max_length: int, arrivals: dict, others):
         """``decode_log_frames`` going on past the other frames of canonical envelope (they

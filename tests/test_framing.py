@@ -824,6 +824,57 @@ class BulkIngestTests(test_ingest.IngestTestMixin, SynchronousTestCase):
         self.assertEqual(self.metrics.rejected, ["bad_envelope"])
 
 
+class BulkOthersWriter(BulkWriter):
+    """BulkWriter with the bulk forms of add_metric and add_event (as BatchingWriter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.other_calls = 0
+
+    def add_metrics(self, job_id, timestamps, sequences, arrivals, payloads):
+        if self.stopped:
+            raise WriterStopped("stopping")
+        self.other_calls += 1
+        for row in zip(timestamps, sequences, payloads, arrivals, strict=True):
+            self.messages.append(("metric", job_id, *row))
+
+    def add_events(self, job_id, kind, timestamps, sequences, arrivals, payloads):
+        if self.stopped:
+            raise WriterStopped("stopping")
+        self.other_calls += 1
+        for row in zip(timestamps, sequences, payloads, arrivals, strict=True):
+            self.messages.append(("event", job_id, kind, *row))
+
+
+class BulkOthersIngestTests(BulkIngestTests):
+    """The bulk path's tests with a writer that also takes metrics and events in bulk."""
+
+    def setUp(self):
+        super().setUp()
+        self.writer = BulkOthersWriter()
+
+    def test_one_call_per_job_and_type(self):
+        """Metric and event frames of one read reach the writer as one add_metrics or
+        add_events call per (job, type), after the first frame of a job (which admits its id
+        through the general handler)."""
+        job = test_ingest.JOB
+        bodies = [test_ingest.log_body(b"x", seq=0)]
+        for i in range(12):
+            bodies.append(test_ingest.metric_body(seq=i)[0])
+            bodies.append(test_ingest.envelope(3, job, encode_event(3, SAMPLES[3]), 5, i))
+        factory = self.make_factory()
+        self.feed(b"".join(map(frame, bodies)), factory=factory)
+        # The first metric went through add_metric (it admitted the job id); the other 11
+        # metrics are one add_metrics call, the 12 exec events one add_events call.
+        self.assertEqual(self.writer.other_calls, 2)
+        self.assertEqual(len(self.writer.messages), 25)
+        self.feed(b"".join(map(frame, bodies)), factory=factory)
+        self.assertEqual(self.writer.other_calls, 4)
+        self.assertEqual(self.writer.arrivals, {job: 50})
+        self.assertEqual(factory.events.accepted, {"exec": 24})
+        self.in_arrival_order()
+
+
 class PythonTwinIngestFramingTests(test_ingest.FramingTests):
     """test_ingest's framing tests with the pure-Python decoder in the protocol."""
 
@@ -962,6 +1013,50 @@ class AddLogsTests(test_writer.WriterTestMixin, SynchronousTestCase):
             self.successResultOf(self.writer.flush_all())
             results.append((state, self.batches()))
         self.assertEqual(results[0], results[1])
+
+    @given(
+        st.lists(st.tuples(st.sampled_from(["a", "b"]), st.sampled_from(["metric", "exec", "file"]),
+                           st.lists(st.binary(max_size=30), max_size=12)), max_size=12),
+        st.integers(1, 9),
+        st.integers(1, 200),
+    )
+    def test_bulk_metrics_and_events_as_single_calls(self, groups, max_messages, max_bytes):
+        """add_metrics and add_events seal exactly the batches that add_metric and add_event
+        produce with the same messages one by one, with the same accounting, and refuse
+        everything once the writer is stopping."""
+        results = []
+        for bulk in (False, True):
+            self.make(auto=True, batch_max_messages=max_messages, batch_max_bytes=max_bytes,
+                      high_water_bytes=1 << 30, low_water_bytes=0)
+            ts = 0
+            for job, kind, payloads in groups:
+                n = len(payloads)
+                if bulk:
+                    start = self.writer.arrivals.get(job, 0)
+                    if n:
+                        self.writer.arrivals[job] = start + n
+                    columns = (list(range(ts, ts + n)), [7] * n, list(range(start, start + n)),
+                               list(payloads))
+                    if kind == "metric":
+                        self.writer.add_metrics(job, *columns)
+                    else:
+                        self.writer.add_events(job, kind, *columns)
+                else:
+                    for i, payload in enumerate(payloads):
+                        if kind == "metric":
+                            self.writer.add_metric(job, ts + i, 7, payload)
+                        else:
+                            self.writer.add_event(job, kind, ts + i, 7, payload)
+                ts += n
+            state = (self.batches(), self.writer.buffered_bytes, self.writer.messages_received,
+                     dict(self.writer.arrivals))
+            self.successResultOf(self.writer.flush_all())
+            results.append((state, self.batches()))
+        self.assertEqual(results[0], results[1])
+        self.writer.stop()
+        self.assertRaises(WriterStopped, self.writer.add_metrics, "a", [1], [1], [0], [b"x"])
+        self.assertRaises(WriterStopped, self.writer.add_events, "a", "exec", [1], [1], [0],
+                          [b"x"])
 
     def test_group_larger_than_a_batch_is_split(self):
         """One group of many messages becomes several batches, each within the limits."""
