@@ -58,7 +58,8 @@ do not stop the walk: the decoder hands them back in its ``others`` list with th
 each would have in frame order, and ``_handle_others`` validates and hands them over first (the
 writer numbers them from the same counters, set to the decoder's number before each call), then
 the groups; a rejected one frees its number and the job's later numbers move down, groups
-included.  The decoder stops at any other frame, which gets the plain two-step decode
+included.  With a writer that has ``add_metrics`` and ``add_events`` (BatchingWriter), the
+accepted ones go over in one call per (job, type) per read.  The decoder stops at any other frame, which gets the plain two-step decode
 (envelope, then payload) before the walk resumes after it; the results are those of the plain
 decode frame by frame (the order of writer calls across files aside).  A frame incomplete at the end of a read is collected as a list of
 chunks (its length prefix included) and joined once, so a multi-MiB frame split over many reads

@@ -140,7 +140,8 @@ class IIngestWriter(Interface):
     Each method buffers one message whose job id is already validated; it raises
     WriterStopped when the writer accepts nothing more.  BatchingWriter provides it; a
     writer that also takes LOG frames in bulk has ``add_logs`` and the ``arrivals`` dict
-    (see the ingest module).
+    (see the ingest module), and may have ``add_metrics`` and ``add_events`` for metric and
+    event frames in bulk.
     """
 
     def add_log(job_id, stream, timestamp, sequence, content):
