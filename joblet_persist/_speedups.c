@@ -22,7 +22,9 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <math.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 
 static PyObject *str_slow;
@@ -243,10 +245,19 @@ parse_log_line(const unsigned char *p, const unsigned char *end, LogFrame *f)
     return 1;
 }
 
+/* The envelope's fields, as parse_envelope reads them. */
+typedef struct {
+    uint32_t type; /* the enum's low 32 bits */
+    int64_t timestamp;
+    uint64_t sequence;
+    const unsigned char *data, *data_end;
+} Envelope;
+
 /* IPCMessage: 1 version uint32, 2 type enum, 3 job_uuid string, 4 timestamp int64,
- * 5 sequence uint64, 6 data bytes (parsed as a LogLine; a second occurrence is refused). */
+ * 5 sequence uint64, 6 data bytes (a second occurrence is refused).  Fills f->job/job_len
+ * and `env`; 0 when the envelope is not canonical. */
 static int
-parse_frame(const unsigned char *p, const unsigned char *end, LogFrame *f)
+parse_envelope(const unsigned char *p, const unsigned char *end, LogFrame *f, Envelope *env)
 {
     uint32_t type = 0;
     const unsigned char *data = p, *data_end = p;
@@ -255,6 +266,8 @@ parse_frame(const unsigned char *p, const unsigned char *end, LogFrame *f)
     Py_ssize_t size;
     f->job = p;
     f->job_len = 0;
+    env->timestamp = 0;
+    env->sequence = 0;
     while (p < end) {
         uint32_t field, wire;
         if (!read_tag(&p, end, &field, &wire)) {
@@ -262,9 +275,18 @@ parse_frame(const unsigned char *p, const unsigned char *end, LogFrame *f)
         }
         switch (field) {
         case 1:
-        case 4:
-        case 5:
             if (wire != 0 || !read_varint(&p, end, 10, &value)) {
+                return 0;
+            }
+            break;
+        case 4:
+            if (wire != 0 || !read_varint(&p, end, 10, &value)) {
+                return 0;
+            }
+            env->timestamp = (int64_t)value;
+            break;
+        case 5:
+            if (wire != 0 || !read_varint(&p, end, 10, &env->sequence)) {
                 return 0;
             }
             break;
@@ -297,11 +319,26 @@ parse_frame(const unsigned char *p, const unsigned char *end, LogFrame *f)
             }
         }
     }
-    if (type != 1) {
+    env->type = type;
+    env->data = data;
+    env->data_end = data_end;
+    return 1;
+}
+
+/* 1: a canonical LOG frame, `f` filled.  2: a canonical envelope of another type than LOG,
+ * `env` (and f->job) filled.  0: anything else. */
+static int
+parse_frame(const unsigned char *p, const unsigned char *end, LogFrame *f, Envelope *env)
+{
+    if (!parse_envelope(p, end, f, env)) {
         return 0;
     }
-    return parse_log_line(data, data_end, f);
+    if (env->type != 1) {
+        return 2;
+    }
+    return parse_log_line(env->data, env->data_end, f);
 }
+
 
 /* -- per-call job table ------------------------------------------------------------------ */
 
@@ -518,18 +555,35 @@ append_new(PyObject *list, PyObject *item)
     return rc;
 }
 
+/* Append (type, job_uuid, timestamp, sequence, data, length, arrival) of a frame of another
+ * type than LOG to `others`; `job` is the interned id (new reference stolen), `arrival` None
+ * or an int (stolen). */
+static int
+append_other(PyObject *others, PyObject *job, const Envelope *env, uint32_t length,
+             PyObject *arrival)
+{
+    PyObject *item = Py_BuildValue(
+        "(iNLKy#IN)", (int)(int32_t)env->type, job,
+        (long long)env->timestamp, (unsigned long long)env->sequence,
+        (const char *)env->data, (Py_ssize_t)(env->data_end - env->data), (unsigned int)length,
+        arrival);
+    return append_new(others, item);
+}
+
 /* -- decode_log_frames ----------------------------------------------------------------------- */
 
 PyDoc_STRVAR(decode_log_frames_doc,
-"decode_log_frames(data, offset, max_length, arrivals) -> (new_offset, groups, stop_reason)\n\
+"decode_log_frames(data, offset, max_length, arrivals, others=None)\n\
+    -> (new_offset, groups, stop_reason)\n\
 \n\
 Collect the canonical LOG frames of data[offset:] into groups keyed by (job_uuid, stream);\n\
+with a list `others`, append the other frames whose envelope is canonical to it and go on;\n\
 see joblet_persist.framing for the exact contract.");
 
 static PyObject *
 decode_log_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *data, *arrivals, *groups, *reason, *result;
+    PyObject *data, *arrivals, *others = NULL, *groups, *reason, *result;
     Py_ssize_t offset, end, pos;
     long long max_length;
     int overflow;
@@ -537,13 +591,21 @@ decode_log_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     JobTable table;
 
     (void)module;
-    if (nargs != 4) {
+    if (nargs != 4 && nargs != 5) {
         PyErr_Format(PyExc_TypeError,
-                     "decode_log_frames() takes exactly 4 arguments (%zd given)", nargs);
+                     "decode_log_frames() takes 4 or 5 arguments (%zd given)", nargs);
         return NULL;
     }
     data = args[0];
     arrivals = args[3];
+    if (nargs == 5 && args[4] != Py_None) {
+        others = args[4];
+        if (!PyList_Check(others)) {
+            PyErr_Format(PyExc_TypeError, "others must be a list or None, not %.100s",
+                         Py_TYPE(others)->tp_name);
+            return NULL;
+        }
+    }
     if (!PyBytes_Check(data)) {
         PyErr_Format(PyExc_TypeError, "data must be bytes, not %.100s", Py_TYPE(data)->tp_name);
         return NULL;
@@ -581,6 +643,8 @@ decode_log_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         const unsigned char *frame;
         uint32_t length;
         LogFrame f;
+        Envelope env;
+        int kind;
         Entry *e;
         PyObject **columns, *last;
 
@@ -599,9 +663,40 @@ decode_log_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             reason = str_partial;
             break;
         }
-        if (!parse_frame(frame + 4, frame + 4 + length, &f)) {
-            reason = str_slow;
-            break;
+        kind = parse_frame(frame + 4, frame + 4 + length, &f, &env);
+        if (kind != 1) {
+            if (kind == 0 || others == NULL) {
+                reason = str_slow;
+                break;
+            }
+            if (env.type >= 2 && env.type <= 9) {
+                /* A metric or event frame: its arrival number from the job's counter. */
+                e = table_get(&table, f.job, f.job_len, arrivals);
+                if (e == NULL) {
+                    goto error;
+                }
+                if (e->next_arrival == LLONG_MAX) {
+                    PyErr_Format(PyExc_OverflowError, "arrival number of job %R out of range",
+                                 e->job);
+                    goto error;
+                }
+                Py_INCREF(e->job);
+                if (append_other(others, e->job, &env, length,
+                                 PyLong_FromLongLong(e->next_arrival)) < 0) {
+                    goto error;
+                }
+                e->next_arrival++;
+            }
+            else {
+                Py_INCREF(Py_None);
+                if (append_other(others,
+                                 PyUnicode_DecodeUTF8((const char *)f.job, f.job_len, "strict"),
+                                 &env, length, Py_None) < 0) {
+                    goto error;
+                }
+            }
+            pos += 4 + (Py_ssize_t)length;
+            continue;
         }
         e = table_get(&table, f.job, f.job_len, arrivals);
         if (e == NULL) {
@@ -1044,11 +1139,245 @@ done:
     return result;
 }
 
+/* ---- metric_json_line: the stored JSON line of a metric sample (storage/format.py) --------- */
+
+/* DiskIO and NetworkIO: four int64 fields 1..4.  0 when not canonical (see metric_fields). */
+static int
+parse_io(const unsigned char *p, const unsigned char *end, int64_t out[4])
+{
+    uint64_t value;
+    while (p < end) {
+        uint32_t field, wire;
+        if (!read_tag(&p, end, &field, &wire)) {
+            return 0;
+        }
+        if (field >= 1 && field <= 4) {
+            if (wire != 0 || !read_varint(&p, end, 10, &value)) {
+                return 0;
+            }
+            out[field - 1] = (int64_t)value;
+        }
+        else if (wire == 3 || wire == 4 || !skip_field(&p, end, wire)) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+typedef struct {
+    int64_t timestamp;
+    uint64_t sequence;
+    double cpu, gpu;
+    int64_t memory;
+    int64_t io[8]; /* disk read/write bytes, read/write ops; network rx/tx bytes, packets */
+} MetricValues;
+
+static inline double
+read_double(const unsigned char *p)
+{
+    uint64_t bits = 0;
+    double d;
+    int i;
+    for (i = 7; i >= 0; i--) {
+        bits = (bits << 8) | p[i];
+    }
+    memcpy(&d, &bits, 8);
+    return d;
+}
+
+/* MetricData: 1 cpu_usage double, 2 memory_usage int64, 3 gpu_usage double, 4 disk_io,
+ * 5 network_io. */
+static int
+parse_metric_data(const unsigned char *p, const unsigned char *end, MetricValues *m)
+{
+    uint64_t value;
+    Py_ssize_t size;
+    int seen_disk = 0, seen_net = 0;
+    while (p < end) {
+        uint32_t field, wire;
+        if (!read_tag(&p, end, &field, &wire)) {
+            return 0;
+        }
+        switch (field) {
+        case 1:
+        case 3:
+            if (wire != 1 || end - p < 8) {
+                return 0;
+            }
+            if (field == 1) {
+                m->cpu = read_double(p);
+            }
+            else {
+                m->gpu = read_double(p);
+            }
+            p += 8;
+            break;
+        case 2:
+            if (wire != 0 || !read_varint(&p, end, 10, &value)) {
+                return 0;
+            }
+            m->memory = (int64_t)value;
+            break;
+        case 4:
+        case 5:
+            if (wire != 2 || !read_size(&p, end, &size)) {
+                return 0;
+            }
+            if (field == 4 ? seen_disk++ : seen_net++) {
+                return 0; /* repeated: upb merges them */
+            }
+            if (!parse_io(p, p + size, m->io + (field == 4 ? 0 : 4))) {
+                return 0;
+            }
+            p += size;
+            break;
+        default:
+            if (wire == 3 || wire == 4 || !skip_field(&p, end, wire)) {
+                return 0;
+            }
+        }
+    }
+    return 1;
+}
+
+/* Metric: 1 job_uuid string (checked, ignored), 2 timestamp int64, 3 sequence uint64,
+ * 4 data MetricData.  Canonical payloads only: every known field with its own wire type,
+ * embedded messages at most once, no groups; scalars: the last occurrence wins.  0 for
+ * anything else (the caller then takes the protobuf route, which decides). */
+static int
+parse_metric(const unsigned char *p, const unsigned char *end, MetricValues *m)
+{
+    uint64_t value;
+    Py_ssize_t size;
+    int seen_data = 0;
+    memset(m, 0, sizeof(*m));
+    while (p < end) {
+        uint32_t field, wire;
+        if (!read_tag(&p, end, &field, &wire)) {
+            return 0;
+        }
+        switch (field) {
+        case 1:
+            if (wire != 2 || !read_size(&p, end, &size) || !utf8_valid(p, size)) {
+                return 0;
+            }
+            p += size;
+            break;
+        case 2:
+            if (wire != 0 || !read_varint(&p, end, 10, &value)) {
+                return 0;
+            }
+            m->timestamp = (int64_t)value;
+            break;
+        case 3:
+            if (wire != 0 || !read_varint(&p, end, 10, &m->sequence)) {
+                return 0;
+            }
+            break;
+        case 4:
+            if (wire != 2 || seen_data++ || !read_size(&p, end, &size)
+                || !parse_metric_data(p, p + size, m)) {
+                return 0;
+            }
+            p += size;
+            break;
+        default:
+            if (wire == 3 || wire == 4 || !skip_field(&p, end, wire)) {
+                return 0;
+            }
+        }
+    }
+    return 1;
+}
+
+/* A double as json.dumps writes it (float.__repr__), or null when not finite. */
+static int
+put_double(char *buf, size_t room, double v)
+{
+    char *text;
+    int n;
+    if (!isfinite(v)) {
+        return snprintf(buf, room, "null");
+    }
+    text = PyOS_double_to_string(v, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
+    if (text == NULL) {
+        return -1;
+    }
+    n = snprintf(buf, room, "%s", text);
+    PyMem_Free(text);
+    return n;
+}
+
+PyDoc_STRVAR(metric_json_line_doc,
+"metric_json_line(job_json, payload) -> bytes or None\n\n"
+"The stored JSON line of a serialized joblet.ipc.Metric (storage/format.py's\n"
+"metric_json_line) with `job_json` (an ASCII str: the job id as a JSON string) in place;\n"
+"None when the payload is not canonical (the caller takes the protobuf route).  Pool thread.");
+
+static PyObject *
+metric_json_line(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    MetricValues m;
+    const char *job;
+    Py_ssize_t job_len;
+    char cpu[40], gpu[40], *buf;
+    PyObject *result;
+    int n;
+    size_t room;
+    const unsigned char *p;
+
+    (void)self;
+    if (nargs != 2 || !PyUnicode_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "metric_json_line(job_json: str, payload)");
+        return NULL;
+    }
+    if (!PyBytes_Check(args[1]) || !PyUnicode_IS_ASCII(args[0])) {
+        Py_RETURN_NONE;
+    }
+    p = (const unsigned char *)PyBytes_AS_STRING(args[1]);
+    if (!parse_metric(p, p + PyBytes_GET_SIZE(args[1]), &m)) {
+        Py_RETURN_NONE;
+    }
+    job = PyUnicode_AsUTF8AndSize(args[0], &job_len);
+    if (job == NULL) {
+        return NULL;
+    }
+    if (put_double(cpu, sizeof(cpu), m.cpu) < 0 || put_double(gpu, sizeof(gpu), m.gpu) < 0) {
+        return NULL;
+    }
+    room = (size_t)job_len + 640;
+    buf = PyMem_Malloc(room);
+    if (buf == NULL) {
+        return PyErr_NoMemory();
+    }
+    n = snprintf(buf, room,
+                 "{\"job_uuid\":%s,\"timestamp\":%lld,\"sequence\":%llu,\"data\":{"
+                 "\"cpu_usage\":%s,\"memory_usage\":%lld,\"gpu_usage\":%s,"
+                 "\"disk_io\":{\"read_bytes\":%lld,\"write_bytes\":%lld,\"read_ops\":%lld,"
+                 "\"write_ops\":%lld},"
+                 "\"network_io\":{\"rx_bytes\":%lld,\"tx_bytes\":%lld,\"rx_packets\":%lld,"
+                 "\"tx_packets\":%lld}}}\n",
+                 job, (long long)m.timestamp, (unsigned long long)m.sequence, cpu,
+                 (long long)m.memory, gpu, (long long)m.io[0], (long long)m.io[1],
+                 (long long)m.io[2], (long long)m.io[3], (long long)m.io[4],
+                 (long long)m.io[5], (long long)m.io[6], (long long)m.io[7]);
+    if (n < 0 || (size_t)n >= room) {
+        PyMem_Free(buf);
+        PyErr_SetString(PyExc_SystemError, "metric_json_line: line buffer too small");
+        return NULL;
+    }
+    result = PyBytes_FromStringAndSize(buf, n);
+    PyMem_Free(buf);
+    return result;
+}
+
 static PyMethodDef speedups_methods[] = {
     {"decode_log_frames", (PyCFunction)(void (*)(void))decode_log_frames, METH_FASTCALL,
      decode_log_frames_doc},
     {"member_table", (PyCFunction)(void (*)(void))member_table, METH_FASTCALL, member_table_doc},
     {"decode_table", (PyCFunction)(void (*)(void))decode_table, METH_FASTCALL, decode_table_doc},
+    {"metric_json_line", (PyCFunction)(void (*)(void))metric_json_line, METH_FASTCALL,
+     metric_json_line_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -27,6 +27,21 @@ LogLine's stream is 1 or 2.  The call stops at the first frame that is not, and 
 - ``"partial"``: the frame at ``new_offset`` is incomplete, or fewer than 4 bytes are left.
 - ``"end"``: every byte was consumed (``new_offset == len(data)``).
 
+``decode_log_frames(data, offset, max_length, arrivals, others)`` with a list ``others`` (None
+is the 4-argument call) does not stop at a frame whose *envelope* is canonical (the rules below
+applied to the IPCMessage alone, ``data`` taken as bytes) and whose type is not 1 (LOG): it
+appends ``(type, job_uuid, timestamp, sequence, data, length, arrival)`` to ``others`` and
+goes on, so that LOG frames keep arriving in large groups between metric and event frames.  ``type`` is the
+enum's low 32 bits as a signed int32, as upb keeps it (so 0 and numbers this version does not
+know are there too), ``job_uuid`` a ``str``, ``timestamp`` (int64) and ``sequence`` (uint64) the envelope's,
+``data`` the payload's bytes (``b""`` when absent, not parsed or checked), ``length`` the
+frame's length without its prefix: what upb's IPCMessage parse gives.  ``arrival``: a frame
+of type 2..9 (METRIC and the telemetry events) takes the job's next arrival number, in frame
+order with the LOG frames (one str object per job id, as in ``groups``); other types get None
+and no number.  The caller decides which of them it accepts, and renumbers when it rejects one
+(``ingest.IngestProtocol._handle_others``).  A frame whose envelope is not canonical, and a LOG
+frame that is not, still stop the call (``"slow"``).
+
 Protobuf wire format, as upb (the protobuf runtime) applies it to these messages:
 
 - Varints have at most 10 bytes; the value is taken modulo 2**64 (int64 fields are the two's
@@ -136,12 +151,13 @@ def _skip(data: bytes, pos: int, end: int, field: int, wire: int) -> int:
     return pos
 
 
-def _parse_frame(data: bytes, pos: int, end: int):
-    """Walk one frame body: (envelope job id, stream, timestamp, sequence, content).
+def _parse_envelope(data: bytes, pos: int, end: int):
+    """Walk one frame's envelope: (type's low 32 bits, job id bytes, timestamp, sequence,
+    payload start, payload end); a missing payload is empty.
 
-    Raises _NotCanonical or UnicodeDecodeError for a frame that is not a canonical LOG frame.
+    Raises _NotCanonical or UnicodeDecodeError for an envelope that is not canonical.
     """
-    msg_type = 0
+    msg_type = env_timestamp = env_sequence = 0
     job_raw = b""
     payload = payload_end = -1
     while pos < end:
@@ -172,13 +188,34 @@ def _parse_frame(data: bytes, pos: int, end: int):
             if wire != 0:
                 raise _NotCanonical
             msg_type, pos = _value(data, pos, end)
-        elif field == 1 or field == 4 or field == 5:
+        elif field == 4:
+            if wire != 0:
+                raise _NotCanonical
+            env_timestamp, pos = _value(data, pos, end)
+        elif field == 5:
+            if wire != 0:
+                raise _NotCanonical
+            env_sequence, pos = _value(data, pos, end)
+        elif field == 1:
             if wire != 0:
                 raise _NotCanonical
             pos = _value(data, pos, end)[1]
         else:
             pos = _skip(data, pos, end, field, wire)
-    if msg_type & _MASK32 != 1:
+    if payload < 0:
+        payload = payload_end = end
+    if env_timestamp > _INT64_MAX:
+        env_timestamp -= 1 << 64
+    return msg_type & _MASK32, job_raw, env_timestamp, env_sequence, payload, payload_end
+
+
+def _parse_frame(data: bytes, pos: int, end: int):
+    """Walk one frame body: (envelope job id, stream, timestamp, sequence, content).
+
+    Raises _NotCanonical or UnicodeDecodeError for a frame that is not a canonical LOG frame.
+    """
+    msg_type, job_raw, _, _, payload, payload_end = _parse_envelope(data, pos, end)
+    if msg_type != 1:
         raise _NotCanonical
 
     stream = timestamp = sequence = 0
@@ -229,12 +266,33 @@ def _parse_frame(data: bytes, pos: int, end: int):
     return job_raw.decode(), stream, timestamp, sequence, content
 
 
-def decode_log_frames_py(data: bytes, offset: int, max_length: int, arrivals: dict):
+def _other_frame(data: bytes, pos: int, end: int):
+    """The ``others`` item of a frame body whose envelope is canonical and whose type is not
+    LOG; None for any other frame."""
+    try:
+        msg_type, job_raw, timestamp, sequence, payload, payload_end = _parse_envelope(
+            data, pos, end
+        )
+        job = job_raw.decode()
+    except (_NotCanonical, UnicodeDecodeError):
+        return None
+    if msg_type == 1:
+        return None
+    if msg_type > 0x7FFFFFFF:
+        msg_type -= 1 << 32
+    return msg_type, job, timestamp, sequence, data[payload:payload_end], end - pos
+
+
+def decode_log_frames_py(
+    data: bytes, offset: int, max_length: int, arrivals: dict, others: list | None = None
+):
     """Pure-Python ``decode_log_frames`` (see the module docstring).  Reactor thread."""
     if not isinstance(data, bytes):
         raise TypeError(f"data must be bytes, not {type(data).__name__}")
     if not isinstance(arrivals, dict):
         raise TypeError(f"arrivals must be a dict, not {type(arrivals).__name__}")
+    if others is not None and not isinstance(others, list):
+        raise TypeError(f"others must be a list or None, not {type(others).__name__}")
     offset = index(offset)
     max_length = index(max_length)
     end = len(data)
@@ -262,13 +320,13 @@ def decode_log_frames_py(data: bytes, offset: int, max_length: int, arrivals: di
             frame = parse(body)
         except DecodeError:
             # Not even upb decodes it (with the payload as a LogLine).
-            reason = "slow"
-            break
-        frame.DiscardUnknownFields()
-        if frame.SerializeToString() == body:
+            frame = None
+        if frame is not None:
+            frame.DiscardUnknownFields()
+        if frame is not None and frame.SerializeToString() == body and frame.type == 1:
             line = frame.data
             stream = line.stream
-            if frame.type != 1 or (stream != 1 and stream != 2):
+            if stream != 1 and stream != 2:
                 reason = "slow"
                 break
             job = frame.job_uuid
@@ -278,9 +336,30 @@ def decode_log_frames_py(data: bytes, offset: int, max_length: int, arrivals: di
         else:
             try:
                 job, stream, timestamp, sequence, content = _parse_frame(data, pos + 4, stop)
+                other = None
             except (_NotCanonical, UnicodeDecodeError):
-                reason = "slow"
-                break
+                other = None if others is None else _other_frame(data, pos + 4, stop)
+                if other is None:
+                    reason = "slow"
+                    break
+            if other is not None:
+                if 2 <= other[0] <= 9:
+                    job = other[1]
+                    entry = entries.get(job)
+                    if entry is None:
+                        arrival = index(dict.get(arrivals, job, 0))
+                        if not -_INT64_MAX - 1 <= arrival <= _INT64_MAX:
+                            raise OverflowError(f"arrival number of job {job!r} out of range")
+                        entry = entries[job] = [job, None, None, arrival]
+                    arrival = entry[3]
+                    if arrival == _INT64_MAX:
+                        raise OverflowError(f"arrival number of job {entry[0]!r} out of range")
+                    entry[3] = arrival + 1
+                    others.append((other[0], entry[0], *other[2:], arrival))
+                else:
+                    others.append((*other, None))
+                pos = stop
+                continue
         entry = entries.get(job)
         if entry is None:
             arrival = index(dict.get(arrivals, job, 0))

@@ -53,9 +53,15 @@ Speed: each read goes to ``framing.decode_log_frames`` (a C extension, or its pu
 when it is not built), which walks the frames at an offset, never re-slicing the buffer, and
 collects the canonical LOG frames into per-(job, stream) columns with their arrival numbers
 taken from ``writer.arrivals``; a job id is then validated once per group, and each group is one
-``add_logs`` call.  The decoder stops at any other frame, which gets the plain two-step decode
+``add_logs`` call.  Metric and event frames (any frame of canonical envelope and another type)
+do not stop the walk: the decoder hands them back in its ``others`` list with the arrival number
+each would have in frame order, and ``_handle_others`` validates and hands them over first (the
+writer numbers them from the same counters, set to the decoder's number before each call), then
+the groups; a rejected one frees its number and the job's later numbers move down, groups
+included.  With a writer that has ``add_metrics`` and ``add_events`` (BatchingWriter), the
+accepted ones go over in one call per (job, type) per read.  The decoder stops at any other frame, which gets the plain two-step decode
 (envelope, then payload) before the walk resumes after it; the results are those of the plain
-decode frame by frame.  A frame incomplete at the end of a read is collected as a list of
+decode frame by frame (the order of writer calls across files aside).  A frame incomplete at the end of a read is collected as a list of
 chunks (its length prefix included) and joined once, so a multi-MiB frame split over many reads
 costs linear time.
 
@@ -79,6 +85,7 @@ import ctypes
 import ctypes.util
 import socket
 import struct
+from bisect import bisect_right
 from collections import OrderedDict
 from typing import Callable, Optional
 
@@ -130,6 +137,8 @@ log = Logger()
 _parse_envelope = ipc_pb2.IPCMessage.FromString
 _parse_log_line = ipc_pb2.LogLine.FromString
 _parse_metric = ipc_pb2.Metric.FromString
+# Event type -> (kind name, the parse events.check_event does).
+_EVENT_VIEWS = {t: (k.name, k.view_class.FromString) for t, k in events.KINDS_BY_TYPE.items()}
 
 
 class NullIngestMetrics:
@@ -473,7 +482,7 @@ class IngestProtocol(Int32StringReceiver):
         if add_logs is not None and isinstance(arrivals, dict):
             self._add_logs = add_logs
             self._arrivals = arrivals
-            self._decode = self._decode_frames
+            self._decode = self._decode_bulk
         else:
             # A writer taking one message at a time: one frame per decoder call keeps its
             # calls in frame order (across jobs too), at the price of speed.
@@ -496,6 +505,10 @@ class IngestProtocol(Int32StringReceiver):
 
         self._event_rejected = event_rejected
         self._event_accepted = tally.accept
+        self._events_accepted = tally.accepted
+        # Optional bulk forms of add_metric and add_event (BatchingWriter has them).
+        self._add_metrics = getattr(writer, "add_metrics", None)
+        self._add_events = getattr(writer, "add_events", None)
         self._job_ids = job_ids if job_ids is not None else _JobIdCache()
         self._valid_ids = self._job_ids.ids
         # Receive state between reads; at most one of these is set.
@@ -665,14 +678,22 @@ class IngestProtocol(Int32StringReceiver):
         arrivals = self._arrivals
         nlog = 0
         nlog_bytes = 0
+        others: list = []
         try:
             while off < end:
                 start = off
-                off, groups, reason = decode(data, off, max_length, arrivals)
+                off, groups, reason = decode(data, off, max_length, arrivals, others)
+                if others:
+                    # Frames of other types met between the LOG frames: first, so that the
+                    # groups' arrival numbers can be renumbered if one of them is rejected.
+                    other_bytes = self._handle_others(others, groups)
+                    others = []
+                else:
+                    other_bytes = 0
                 if groups:
                     n = self._deliver(groups)
                     nlog += n
-                    nlog_bytes += off - start - 4 * n
+                    nlog_bytes += off - start - 4 * n - other_bytes
                 if reason == "slow":
                     # Not a canonical LOG frame (complete unless oversized): the plain decode.
                     (length,) = _HEADER.unpack_from(data, off)
@@ -692,9 +713,133 @@ class IngestProtocol(Int32StringReceiver):
                 self._frames_received({MSG_LOG: nlog}, nlog_bytes)
         return off
 
-    def _decode_one(self, data: bytes, off: int, max_length: int, arrivals: dict):
+    def _handle_others(self, others: list, groups: dict) -> int:
+        """Handle the decoder's ``others`` (frames of other types than LOG, in frame order)
+        with the arrival numbers it gave them; return their bytes, length prefixes included.
+
+        Each frame of a job that the writer takes gets the number the decoder gave it, by
+        setting the job's counter to that number just before the writer's call (the writer
+        numbers metric and event frames from the same ``arrivals`` counters).  A frame the
+        writer does not take (rejected) frees its number: the job's later frames, its groups'
+        LOG frames included, move down by one, so that a job's numbers stay 0, 1, 2, ... in
+        frame order across all kinds, exactly as with the plain decode frame by frame."""
+        arrivals = self._arrivals
+        handle = self._handle_other
+        valid_ids = self._valid_ids
+        add_metric = self._add_metric
+        add_event = self._add_event
+        event_accepted = self._event_accepted
+        ends: dict = {}  # job -> the decoder's next number for it
+        freed: Optional[dict] = None  # job -> the numbers of its rejected frames, ascending
+        nbytes = 0
+        counts: dict = {}  # frames taken by the inline path, per type ...
+        counted = 0  # ... and their bytes
+        bulk = self._add_metrics is not None and self._add_events is not None
+        pending: dict = {}  # (job, type) -> columns for the bulk writer calls
+        for msg_type, job_id, timestamp, sequence, payload, length, arrival in others:
+            nbytes += 4 + length
+            if arrival is None:
+                handle(msg_type, job_id, timestamp, sequence, payload, length)
+                continue
+            if job_id not in ends:
+                ends[job_id] = arrivals.get(job_id, arrival + 1)
+            number = arrival
+            if freed is not None and job_id in freed:
+                number -= len(freed[job_id])
+            arrivals[job_id] = number
+            if job_id in valid_ids:
+                # Inline, for frames that are accepted: what _handle_other does, without its
+                # calls.  Anything else goes to _handle_other before any side effect.
+                try:
+                    if msg_type == MSG_METRIC:
+                        metric = _parse_metric(payload)
+                        if metric.timestamp:
+                            timestamp, sequence = metric.timestamp, metric.sequence
+                    else:
+                        view = _EVENT_VIEWS[msg_type][1](payload)
+                        if not timestamp:
+                            timestamp, sequence = view.timestamp, view.sequence
+                except DecodeError:
+                    pass
+                else:
+                    counts[msg_type] = counts.get(msg_type, 0) + 1
+                    counted += length
+                    if bulk:
+                        # One writer call per (job, type) of the read, after the loop.
+                        group = pending.get((job_id, msg_type))
+                        if group is None:
+                            group = pending[(job_id, msg_type)] = ([], [], [], [])
+                        group[0].append(timestamp)
+                        group[1].append(sequence)
+                        group[2].append(number)
+                        group[3].append(payload)
+                        continue
+                    try:
+                        if msg_type == MSG_METRIC:
+                            add_metric(job_id, timestamp, sequence, payload)
+                        else:
+                            name = _EVENT_VIEWS[msg_type][0]
+                            add_event(job_id, name, timestamp, sequence, payload)
+                            event_accepted(name)
+                        continue
+                    except WriterStopped:
+                        counts[msg_type] -= 1
+                        counted -= length
+            if pending:
+                # Earlier frames of the same (job, type) must reach the writer first.
+                self._add_pending(pending)
+                pending = {}
+            if not handle(msg_type, job_id, timestamp, sequence, payload, length):
+                if freed is None:
+                    freed = {}
+                freed.setdefault(job_id, []).append(arrival)
+        if pending:
+            self._add_pending(pending)
+        if counts:
+            self._frames_received(counts, counted)
+        for job_id, end in ends.items():
+            if not is_valid_job_id(job_id):
+                arrivals.pop(job_id, None)  # never stored: as _deliver does
+            elif freed is not None and job_id in freed:
+                arrivals[job_id] = end - len(freed[job_id])
+            else:
+                arrivals[job_id] = end
+        if freed is not None:
+            for (job_id, _stream), columns in groups.items():
+                gaps = freed.get(job_id)
+                if gaps:
+                    columns[2] = [a - bisect_right(gaps, a) for a in columns[2]]
+        return nbytes
+
+    def _add_pending(self, pending: dict) -> None:
+        """Hand the inline path's (job, type) columns to the writer's bulk calls."""
+        for (job_id, msg_type), (timestamps, sequences, arrivals, payloads) in pending.items():
+            n = len(timestamps)
+            try:
+                if msg_type == MSG_METRIC:
+                    self._add_metrics(job_id, timestamps, sequences, arrivals, payloads)
+                    continue
+                name = _EVENT_VIEWS[msg_type][0]
+                self._add_events(job_id, name, timestamps, sequences, arrivals, payloads)
+            except WriterStopped:
+                what = "METRIC" if msg_type == MSG_METRIC else f"{_EVENT_VIEWS[msg_type][0]} event"
+                for _ in range(n):
+                    self._reject("stopping", f"{what} for job {job_id} after the writer stopped")
+                    if msg_type != MSG_METRIC:
+                        self._event_rejected(what[:-6], "stopping")
+                continue
+            accepted = self._events_accepted
+            accepted[name] = accepted.get(name, 0) + n
+
+    def _decode_bulk(self, data: bytes, off: int, max_length: int, arrivals: dict, others):
+        """``decode_log_frames`` going on past the other frames of canonical envelope (they
+        land in ``others``)."""
+        return self._decode_frames(data, off, max_length, arrivals, others)
+
+    def _decode_one(self, data: bytes, off: int, max_length: int, arrivals: dict, others=None):
         """``decode_log_frames`` limited to the frame at ``off`` (writers without
-        ``add_logs``, whose arrival numbers are their own: ``arrivals`` is not used)."""
+        ``add_logs``, whose arrival numbers are their own: ``arrivals`` and ``others`` are
+        not used, every frame is handled in frame order)."""
         end = len(data)
         if end - off >= 4:
             (length,) = _HEADER.unpack_from(data, off)
@@ -747,8 +892,8 @@ class IngestProtocol(Int32StringReceiver):
             self._reject("bad_envelope", f"{len(frame)}-byte frame is not an IPCMessage")
             return
         msg_type = env.type
-        self._frame_received(msg_type, len(frame))
         if msg_type == MSG_LOG:
+            self._frame_received(msg_type, len(frame))
             job_id = env.job_uuid
             if job_id not in self._valid_ids and not self._admit(job_id):
                 return
@@ -758,52 +903,66 @@ class IngestProtocol(Int32StringReceiver):
                 self._reject("bad_payload", f"LOG payload for job {job_id} is not a LogLine")
                 return
             self._accept_log(job_id, line)
-        elif msg_type == MSG_METRIC:
-            job_id = env.job_uuid
+        else:
+            self._handle_other(
+                msg_type, env.job_uuid, env.timestamp, env.sequence, env.data, len(frame)
+            )
+
+    def _handle_other(
+        self, msg_type: int, job_id: str, env_timestamp: int, env_sequence: int,
+        payload: bytes, nbytes: int,
+    ) -> None:
+        """A frame of another type than LOG whose envelope decoded (``nbytes`` long); True
+        when the writer took it."""
+        self._frame_received(msg_type, nbytes)
+        if msg_type == MSG_METRIC:
             if job_id not in self._valid_ids and not self._admit(job_id):
-                return
-            payload = env.data
+                return False
             try:
                 metric = _parse_metric(payload)
             except DecodeError:
                 self._reject("bad_payload", f"METRIC payload for job {job_id} is not a Metric")
-                return
+                return False
             if metric.timestamp:
                 timestamp, sequence = metric.timestamp, metric.sequence
             else:
-                timestamp, sequence = env.timestamp, env.sequence
+                timestamp, sequence = env_timestamp, env_sequence
             try:
                 self._add_metric(job_id, timestamp, sequence, payload)
             except WriterStopped:
                 self._reject("stopping", f"METRIC for job {job_id} after the writer stopped")
-        elif msg_type in _EVENT_TYPES:
-            self._accept_event(env, msg_type)
-        else:
-            self._reject("unknown_type", f"message type {msg_type}")
+                return False
+            return True
+        if msg_type in _EVENT_TYPES:
+            return self._accept_event(msg_type, job_id, env_timestamp, env_sequence, payload)
+        self._reject("unknown_type", f"message type {msg_type}")
+        return False
 
-    def _accept_event(self, env, msg_type: int) -> None:
-        """A telemetry event frame: validate its payload, hand it to the writer."""
+    def _accept_event(
+        self, msg_type: int, job_id: str, env_timestamp: int, env_sequence: int, payload: bytes
+    ) -> None:
+        """A telemetry event frame: validate its payload, hand it to the writer (True when it
+        took it)."""
         name = events.KINDS_BY_TYPE[msg_type].name
-        job_id = env.job_uuid
         if job_id not in self._valid_ids and not self._admit(job_id):
             self._event_rejected(name, "invalid_job_id")
-            return
-        payload = env.data
+            return False
         try:
             kind, timestamp, sequence = events.check_event(
-                msg_type, payload, job_id, env.timestamp, env.sequence
+                msg_type, payload, job_id, env_timestamp, env_sequence
             )
         except events.EventDecodeError as e:
             self._reject(e.reason, str(e))
             self._event_rejected(name, e.reason)
-            return
+            return False
         try:
             self._add_event(job_id, name, timestamp, sequence, payload)
         except WriterStopped:
             self._reject("stopping", f"{name} event for job {job_id} after the writer stopped")
             self._event_rejected(name, "stopping")
-            return
+            return False
         self._event_accepted(name)
+        return True
 
     def _accept_log(self, job_id: str, line) -> None:
         stream = line.stream

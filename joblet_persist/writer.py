@@ -140,7 +140,8 @@ class IIngestWriter(Interface):
     Each method buffers one message whose job id is already validated; it raises
     WriterStopped when the writer accepts nothing more.  BatchingWriter provides it; a
     writer that also takes LOG frames in bulk has ``add_logs`` and the ``arrivals`` dict
-    (see the ingest module).
+    (see the ingest module), and may have ``add_metrics`` and ``add_events`` for metric and
+    event frames in bulk.
     """
 
     def add_log(job_id, stream, timestamp, sequence, content):
@@ -561,6 +562,51 @@ class BatchingWriter:
         if self._stopping:
             raise WriterStopped("writer is stopping")
         self._add(job_id, BUFFER_OF_EVENT[kind], timestamp, sequence, payload)
+
+    @reactor_only
+    def add_metrics(self, job_id: str, timestamps, sequences, arrivals, payloads):
+        """Buffer several metric samples of one job, in order: the bulk form of
+        ``add_metric``, with arrival ordinals assigned by the caller as for ``add_logs``."""
+        if self._stopping:
+            raise WriterStopped("writer is stopping")
+        self._add_many(job_id, BufferKey.METRICS, timestamps, sequences, arrivals, payloads)
+
+    @reactor_only
+    def add_events(self, job_id: str, kind: str, timestamps, sequences, arrivals, payloads):
+        """Buffer several telemetry events of one job and ``kind``, in order: the bulk form
+        of ``add_event``, with arrival ordinals assigned by the caller as for ``add_logs``."""
+        if self._stopping:
+            raise WriterStopped("writer is stopping")
+        self._add_many(job_id, BUFFER_OF_EVENT[kind], timestamps, sequences, arrivals, payloads)
+
+    def _add_many(self, job_id: str, index: int, timestamps, sequences, arrivals, items):
+        """``add_logs``' buffering for the buffer ``index`` of the job (sealed exactly where
+        successive single calls would seal it)."""
+        n = len(timestamps)
+        if not n:
+            return
+        job = self._jobs.get(job_id)
+        if job is None:
+            job = self._new_job(job_id)
+        buf = job.buffers[index]
+        if buf is None:
+            buf = job.buffers[index] = _Buffer(job, BufferKey(index), self._retry_initial)
+        nbytes = sum(map(len, items)) + MESSAGE_OVERHEAD * n
+        self.messages_received += n
+        self._buffered += nbytes + _MEMORY_EXTRA * n
+        if (buf.nbytes + nbytes < self._batch_max_bytes
+                and len(buf.timestamps) + n < self._batch_max_messages):
+            if not buf.timestamps:
+                self._opened(buf)
+            buf.timestamps.extend(timestamps)
+            buf.sequences.extend(sequences)
+            buf.arrivals.extend(arrivals)
+            buf.contents.extend(items)
+            buf.nbytes += nbytes
+        else:
+            self._add_logs_sealing(buf, timestamps, sequences, arrivals, items)
+        if self._buffered > self._high_water and not self._paused:
+            self._pause()
 
     def _add(self, job_id: str, index: int, timestamp: int, sequence: int, item: bytes):
         """Append one message to the job's buffer ``index`` (a BufferKey or a stream number)."""

@@ -32,6 +32,7 @@ from joblet_persist.writer import (
 )
 from tests import test_ingest, test_writer
 from tests.fakes import FakeStorage
+from tests.test_events import SAMPLES, encode_event
 
 try:
     from joblet_persist._speedups import decode_log_frames as decode_c
@@ -82,7 +83,19 @@ def reference_frame(body: bytes):
     return env.job_uuid, line.stream, line.timestamp, line.sequence, line.content
 
 
-def reference_decode(data: bytes, offset: int, max_length: int, arrivals: dict):
+def reference_other(body: bytes):
+    """(type, job, timestamp, sequence, data, length) of a frame whose envelope is canonical
+    and whose type is not LOG, else None."""
+    try:
+        env = ipc_pb2.IPCMessage.FromString(body)
+    except DecodeError:
+        return None
+    if env.type == 1 or not _plain_structure(body, _ENVELOPE_WIRE, (6,)):
+        return None
+    return env.type, env.job_uuid, env.timestamp, env.sequence, env.data, len(body)
+
+
+def reference_decode(data: bytes, offset: int, max_length: int, arrivals: dict, others=None):
     """decode_log_frames written the straightforward way, on the generated classes."""
     groups: dict = {}
     nxt: dict = {}
@@ -100,8 +113,18 @@ def reference_decode(data: bytes, offset: int, max_length: int, arrivals: dict):
             break
         got = reference_frame(data[pos + 4 : pos + 4 + length])
         if got is None:
-            reason = "slow"
-            break
+            other = None if others is None else reference_other(data[pos + 4 : pos + 4 + length])
+            if other is None:
+                reason = "slow"
+                break
+            arrival = None
+            if 2 <= other[0] <= 9:
+                job = other[1]
+                arrival = nxt.get(job, arrivals.get(job, 0))
+                nxt[job] = arrival + 1
+            others.append((*other, arrival))
+            pos += 4 + length
+            continue
         job, stream, timestamp, sequence, content = got
         arrival = nxt.get(job, arrivals.get(job, 0))
         nxt[job] = arrival + 1
@@ -268,6 +291,19 @@ _any_bodies = st.one_of(
 )
 
 
+_mixed_bodies = st.one_of(
+    _canonical_bodies, _canonical_bodies, _canonical_bodies,
+    st.builds(
+        lambda t, job, ts, seq, payload, version: ipc_pb2.IPCMessage(
+            version=version, type=t, job_uuid=job, timestamp=ts, sequence=seq, data=payload
+        ).SerializeToString(),
+        st.sampled_from([2, 3, 4, 5, 6, 7, 8, 9, 0, 10, 12, -1]), st.sampled_from(JOBS),
+        _i64, _u64, st.binary(max_size=30), st.integers(0, 0xFFFFFFFF),
+    ),
+    envelope(), st.binary(max_size=20),
+)
+
+
 # -- the decoders ----------------------------------------------------------------------------
 
 # The property tests below run from several test classes (one per implementation): each run is
@@ -285,16 +321,26 @@ class DecoderTestsMixin:
 
     decode = None
 
-    def check(self, data: bytes, offset: int = 0, max_length: int = 1 << 30, arrivals=None):
+    def check(self, data: bytes, offset: int = 0, max_length: int = 1 << 30, arrivals=None,
+              others: bool = False):
         """Run the decoder and the reference on the same input; they must agree exactly, also
-        on the arrivals dict afterwards.  Returns the result."""
+        on the arrivals dict afterwards (and on the ``others`` list when ``others``).  Returns
+        the result."""
         arrivals = arrivals or {}
         want_arrivals = dict(arrivals)
-        want = reference_decode(data, offset, max_length, want_arrivals)
+        want_others = [] if others else None
+        want = reference_decode(data, offset, max_length, want_arrivals, want_others)
         got_arrivals = dict(arrivals)
-        got = type(self).decode(data, offset, max_length, got_arrivals)
+        got_others = [] if others else None
+        if others:
+            got = type(self).decode(data, offset, max_length, got_arrivals, got_others)
+        else:
+            got = type(self).decode(data, offset, max_length, got_arrivals)
         self.assertEqual(got, want)
         self.assertEqual(got_arrivals, want_arrivals)
+        self.assertEqual(got_others, want_others)
+        for item in got_others or ():
+            self.assertEqual([type(v) for v in item[:6]], [int, str, int, int, bytes, int])
         self.assertIsInstance(got, tuple)
         pos, groups, reason = got
         seen: dict = {}
@@ -369,6 +415,53 @@ class DecoderTestsMixin:
         """Arrival numbers continue each job's counter (0 when missing) across both
         streams, in frame order; the dict holds the next numbers afterwards."""
         self.check(b"".join(map(frame, bodies)), arrivals=arrivals)
+
+    @shared
+    @given(st.lists(_mixed_bodies, max_size=20), st.data())
+    def test_others_mixed_stream(self, bodies, data):
+        """With an ``others`` list, frames of canonical envelope and another type than LOG
+        (metrics, events, unknown types, any payload) are collected in frame order and the
+        walk goes on; types 2..9 take arrival numbers in frame order with the LOG frames;
+        anything else stops it as before.  Also cut anywhere and from any offset."""
+        stream = b"".join(map(frame, bodies))
+        self.check(stream, others=True)
+        cut = data.draw(st.integers(0, len(stream)))
+        offset = data.draw(st.integers(0, cut))
+        self.check(stream[:cut], offset, others=True, arrivals={"j": 5, JOBS[0]: 1 << 40})
+
+    @shared_fewer
+    @given(st.lists(envelope(), max_size=6))
+    def test_others_wire_liberties(self, bodies):
+        """test_wire_liberties' frames (every type, every liberty) with an ``others`` list."""
+        for body in bodies:
+            self.check(frame(body), others=True)
+        self.check(b"".join(map(frame, bodies)), others=True)
+
+    def test_others_keep_the_group(self):
+        """LOG frames between metric and event frames make one group; the other frames come
+        back as (type, job, envelope timestamp, sequence, payload, length, arrival)."""
+        log = canonical_body("j", 1, 1, 1, b"x")
+        metric = ipc_pb2.IPCMessage(type=2, job_uuid="j", timestamp=-5, sequence=MASK64,
+                                    data=b"m").SerializeToString()
+        exec_event = ipc_pb2.IPCMessage(type=3, job_uuid="k", data=b"e").SerializeToString()
+        unknown = ipc_pb2.IPCMessage(type=-3, job_uuid="u").SerializeToString()
+        stream = b"".join(map(frame, [log, metric, log, exec_event, unknown, log, b"", log]))
+        others: list = []
+        arrivals = {"k": 7}
+        pos, groups, reason = type(self).decode(stream, 0, 1 << 20, arrivals, others)
+        self.assertEqual((pos, reason), (len(stream), "end"))
+        self.assertEqual(groups, {("j", 1): [[1] * 4, [1] * 4, [0, 2, 3, 4], [b"x"] * 4]})
+        self.assertEqual(others, [
+            (2, "j", -5, MASK64, b"m", len(metric), 1),
+            (3, "k", 0, 0, b"e", len(exec_event), 7),
+            (-3, "u", 0, 0, b"", len(unknown), None),
+            (0, "", 0, 0, b"", 0, None),
+        ])
+        self.assertEqual(arrivals, {"j": 5, "k": 8})
+        self.assertIs(others[0][1], next(iter(groups))[0])
+        # Without the list, the first metric frame stops the walk.
+        self.assertEqual(type(self).decode(stream, 0, 1 << 20, {})[::2], (len(log) + 4, "slow"))
+        self.assertRaises(TypeError, type(self).decode, stream, 0, 100, {}, ())
 
     def test_exact_rules(self):
         """Hand-written cases of the wire-format rules, with their expected stop reason."""
@@ -491,6 +584,12 @@ class CDecoderTests(DecoderTestsMixin, SynchronousTestCase):
             framing.decode_log_frames_py(data, offset, max_length, a2),
         )
         self.assertEqual(a1, a2)
+        o1, o2 = [], []
+        self.assertEqual(
+            decode_c(data, offset, max_length, a1, o1),
+            framing.decode_log_frames_py(data, offset, max_length, a2, o2),
+        )
+        self.assertEqual((a1, o1), (a2, o2))
 
 
 class SelectionTests(SynchronousTestCase):
@@ -654,6 +753,68 @@ class BulkIngestTests(test_ingest.IngestTestMixin, SynchronousTestCase):
         self.assertEqual([m[5] for m in self.writer.messages if m[0] == "log"],
                          [b"a", b"slow", b"b"])
 
+    def test_mixed_read_keeps_the_groups(self):
+        """LOG frames of one read between metric and event frames still reach the writer as
+        one add_logs call per (job, stream); every message's arrival number is its place in
+        its job's frames; frames and bytes are counted exactly."""
+        bodies, kinds = [], []
+        for i in range(40):
+            job = (test_ingest.JOB, test_ingest.JOB2)[i % 2]
+            if i % 5 == 1:
+                bodies.append(test_ingest.metric_body(job=job, seq=i)[0])
+                kinds.append("metric")
+            elif i % 5 == 3:
+                t = 3 + i % 7
+                bodies.append(test_ingest.envelope(
+                    t, job, encode_event(t, SAMPLES[t]), timestamp=5, sequence=i))
+                kinds.append("event")
+            else:
+                bodies.append(test_ingest.log_body(b"%d" % i, stream=1 + i // 20, seq=i, job=job))
+                kinds.append("log")
+        self.feed(b"".join(map(frame, bodies)))
+        self.assertEqual(self.writer.group_calls, 4)
+        self.assertEqual(self.metrics.rejected, [])
+        per_job = self.in_arrival_order()
+        for job in (test_ingest.JOB, test_ingest.JOB2):
+            self.assertEqual([m[0] for m in per_job[job]],
+                             [k for i, k in enumerate(kinds) if i % 2 == (job == test_ingest.JOB2)])
+        self.assertEqual(self.writer.arrivals, {test_ingest.JOB: 20, test_ingest.JOB2: 20})
+        self.assertEqual(self.metrics.received_bytes, sum(map(len, bodies)))
+        self.assertEqual(sum(self.metrics.received.values()), 40)
+        self.assertEqual(self.metrics.received[1], kinds.count("log"))
+
+    def test_rejected_other_frames_renumber(self):
+        """A metric or event frame rejected in the middle of a read (bad payload, invalid job,
+        unknown type, a stopped writer's refusal) takes no arrival number: the job's later
+        frames, LOG groups included, are numbered as if it had not been sent."""
+        bad_metric = test_ingest.envelope(2, test_ingest.JOB, b"\xff")
+        bad_event = test_ingest.envelope(4, test_ingest.JOB, b"\x20\xff")
+        bad_job = test_ingest.metric_body(job="../x")[0]
+        unknown = test_ingest.envelope(12, test_ingest.JOB)
+        bodies = [test_ingest.log_body(b"a", seq=1), bad_metric, test_ingest.log_body(b"b", seq=2),
+                  test_ingest.metric_body(seq=3)[0], bad_event, bad_job, unknown,
+                  test_ingest.log_body(b"c", stream=2, seq=4), test_ingest.log_body(b"d", seq=5),
+                  test_ingest.metric_body(seq=6)[0], test_ingest.log_body(b"../x", job="../x")]
+        self.feed(b"".join(map(frame, bodies)))
+        self.assertEqual(sorted(self.metrics.rejected),
+                         ["bad_payload", "bad_payload", "invalid_job_id", "invalid_job_id",
+                          "unknown_type"])
+        messages = self.in_arrival_order()[test_ingest.JOB]
+        self.assertEqual([m[0] for m in messages],
+                         ["log", "log", "metric", "log", "log", "metric"])
+        self.assertEqual([m[5] for m in messages if m[0] == "log"], [b"a", b"b", b"c", b"d"])
+        self.assertEqual(self.writer.arrivals, {test_ingest.JOB: 6})
+
+    def test_stopped_writer_other_frames(self):
+        """A stopping writer refuses metric frames between LOG frames: each counts as
+        stopping once, and no arrival number is used by them."""
+        self.writer.stopped = True
+        bodies = [test_ingest.log_body(seq=1), test_ingest.metric_body()[0],
+                  test_ingest.log_body(seq=2)]
+        self.feed(b"".join(map(frame, bodies)))
+        self.assertEqual(self.metrics.rejected, ["stopping"] * 3)
+        self.assertEqual(self.writer.messages, [])
+
     def test_stringReceived_one_frame(self):
         """stringReceived (one frame without its prefix) takes the same path."""
         proto, _ = self.connect()
@@ -661,6 +822,57 @@ class BulkIngestTests(test_ingest.IngestTestMixin, SynchronousTestCase):
         proto.stringReceived(b"\xff")
         self.assertEqual([m[5] for m in self.writer.messages], [b"direct"])
         self.assertEqual(self.metrics.rejected, ["bad_envelope"])
+
+
+class BulkOthersWriter(BulkWriter):
+    """BulkWriter with the bulk forms of add_metric and add_event (as BatchingWriter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.other_calls = 0
+
+    def add_metrics(self, job_id, timestamps, sequences, arrivals, payloads):
+        if self.stopped:
+            raise WriterStopped("stopping")
+        self.other_calls += 1
+        for row in zip(timestamps, sequences, payloads, arrivals, strict=True):
+            self.messages.append(("metric", job_id, *row))
+
+    def add_events(self, job_id, kind, timestamps, sequences, arrivals, payloads):
+        if self.stopped:
+            raise WriterStopped("stopping")
+        self.other_calls += 1
+        for row in zip(timestamps, sequences, payloads, arrivals, strict=True):
+            self.messages.append(("event", job_id, kind, *row))
+
+
+class BulkOthersIngestTests(BulkIngestTests):
+    """The bulk path's tests with a writer that also takes metrics and events in bulk."""
+
+    def setUp(self):
+        super().setUp()
+        self.writer = BulkOthersWriter()
+
+    def test_one_call_per_job_and_type(self):
+        """Metric and event frames of one read reach the writer as one add_metrics or
+        add_events call per (job, type), after the first frame of a job (which admits its id
+        through the general handler)."""
+        job = test_ingest.JOB
+        bodies = [test_ingest.log_body(b"x", seq=0)]
+        for i in range(12):
+            bodies.append(test_ingest.metric_body(seq=i)[0])
+            bodies.append(test_ingest.envelope(3, job, encode_event(3, SAMPLES[3]), 5, i))
+        factory = self.make_factory()
+        self.feed(b"".join(map(frame, bodies)), factory=factory)
+        # The first metric went through add_metric (it admitted the job id); the other 11
+        # metrics are one add_metrics call, the 12 exec events one add_events call.
+        self.assertEqual(self.writer.other_calls, 2)
+        self.assertEqual(len(self.writer.messages), 25)
+        self.feed(b"".join(map(frame, bodies)), factory=factory)
+        self.assertEqual(self.writer.other_calls, 4)
+        self.assertEqual(self.writer.arrivals, {job: 50})
+        self.assertEqual(factory.events.accepted, {"exec": 24})
+        self.in_arrival_order()
 
 
 class PythonTwinIngestFramingTests(test_ingest.FramingTests):
@@ -801,6 +1013,50 @@ class AddLogsTests(test_writer.WriterTestMixin, SynchronousTestCase):
             self.successResultOf(self.writer.flush_all())
             results.append((state, self.batches()))
         self.assertEqual(results[0], results[1])
+
+    @given(
+        st.lists(st.tuples(st.sampled_from(["a", "b"]), st.sampled_from(["metric", "exec", "file"]),
+                           st.lists(st.binary(max_size=30), max_size=12)), max_size=12),
+        st.integers(1, 9),
+        st.integers(1, 200),
+    )
+    def test_bulk_metrics_and_events_as_single_calls(self, groups, max_messages, max_bytes):
+        """add_metrics and add_events seal exactly the batches that add_metric and add_event
+        produce with the same messages one by one, with the same accounting, and refuse
+        everything once the writer is stopping."""
+        results = []
+        for bulk in (False, True):
+            self.make(auto=True, batch_max_messages=max_messages, batch_max_bytes=max_bytes,
+                      high_water_bytes=1 << 30, low_water_bytes=0)
+            ts = 0
+            for job, kind, payloads in groups:
+                n = len(payloads)
+                if bulk:
+                    start = self.writer.arrivals.get(job, 0)
+                    if n:
+                        self.writer.arrivals[job] = start + n
+                    columns = (list(range(ts, ts + n)), [7] * n, list(range(start, start + n)),
+                               list(payloads))
+                    if kind == "metric":
+                        self.writer.add_metrics(job, *columns)
+                    else:
+                        self.writer.add_events(job, kind, *columns)
+                else:
+                    for i, payload in enumerate(payloads):
+                        if kind == "metric":
+                            self.writer.add_metric(job, ts + i, 7, payload)
+                        else:
+                            self.writer.add_event(job, kind, ts + i, 7, payload)
+                ts += n
+            state = (self.batches(), self.writer.buffered_bytes, self.writer.messages_received,
+                     dict(self.writer.arrivals))
+            self.successResultOf(self.writer.flush_all())
+            results.append((state, self.batches()))
+        self.assertEqual(results[0], results[1])
+        self.writer.stop()
+        self.assertRaises(WriterStopped, self.writer.add_metrics, "a", [1], [1], [0], [b"x"])
+        self.assertRaises(WriterStopped, self.writer.add_events, "a", "exec", [1], [1], [0],
+                          [b"x"])
 
     def test_group_larger_than_a_batch_is_split(self):
         """One group of many messages becomes several batches, each within the limits."""

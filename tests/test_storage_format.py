@@ -14,7 +14,7 @@ import zlib
 
 from hypothesis import given
 from hypothesis import strategies as st
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from joblet_persist._proto import ipc_pb2
 from joblet_persist.storage import format as fmt
@@ -396,8 +396,107 @@ def metric_payload(**kw):
     return m.SerializeToString()
 
 
+_i64 = st.integers(-(1 << 63), (1 << 63) - 1)
+_any_float = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([0.0, -0.0, 1.0, 1e16, 1e-7, 5e-324, 1.7976931348623157e308, math.nan,
+                     -math.inf]),
+)
+
+
+@st.composite
+def _metric_payloads(draw) -> bytes:
+    """A Metric with any subset of its fields set (unset ones are 0 or absent messages)."""
+    m = ipc_pb2.Metric()
+    if draw(st.booleans()):
+        m.timestamp = draw(_i64)
+    if draw(st.booleans()):
+        m.sequence = draw(st.integers(0, (1 << 64) - 1))
+    if draw(st.booleans()):
+        m.job_uuid = draw(st.text(max_size=5))
+    if draw(st.booleans()):
+        d = m.data
+        d.cpu_usage = draw(_any_float)
+        d.gpu_usage = draw(_any_float)
+        d.memory_usage = draw(_i64)
+        for name in ("read_bytes", "write_bytes", "read_ops", "write_ops"):
+            if draw(st.booleans()):
+                setattr(d.disk_io, name, draw(_i64))
+        for name in ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets"):
+            if draw(st.booleans()):
+                setattr(d.network_io, name, draw(_i64))
+    return m.SerializeToString()
+
+
+def _varint(value: int) -> bytes:
+    value &= (1 << 64) - 1
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+@st.composite
+def _wire_field(draw, numbers, depth=0) -> bytes:
+    """A field of a Metric-like message: any number in ``numbers`` (or unknown), any wire
+    type, embedded messages (also repeated, also wrongly typed), groups, bad UTF-8."""
+    number = draw(st.one_of(st.sampled_from(numbers), st.integers(1, 40)))
+    wire = draw(st.sampled_from([0, 0, 1, 2, 2, 5, 3]))
+    tag = _varint(number << 3 | wire)
+    if wire == 0:
+        return tag + _varint(draw(st.integers(-(1 << 63), (1 << 64) - 1)))
+    if wire == 1:
+        return tag + struct.pack("<d", draw(_any_float))
+    if wire == 5:
+        return tag + b"\x00\x00\x80\x3f"
+    if wire == 3:
+        return tag + _varint(1 << 3) + b"\x01" + _varint(number << 3 | 4)
+    if depth < 2 and draw(st.booleans()):
+        body = b"".join(draw(st.lists(_wire_field(range(1, 6), depth + 1), max_size=5)))
+    else:
+        body = draw(st.sampled_from([b"", b"job", b"\xff\xfe", "é".encode()]))
+    return tag + _varint(len(body)) + body
+
+
 class MetricLineTests(SynchronousTestCase):
     """metric_json_line and metric members: jq-friendly JSON lines."""
+
+    @given(st.lists(_wire_field(range(1, 5)), max_size=8), st.text(max_size=10))
+    def test_c_twin_on_any_payload(self, fields, job_id):
+        """On any payload (unknown fields, wrong wire types, repeated embedded messages,
+        groups, invalid UTF-8, truncation), metric_json_line (the C twin when built) gives the
+        protobuf route's line, or both raise ValueError."""
+        for payload in (b"".join(fields), b"".join(fields)[:-1]):
+            try:
+                want = fmt._metric_json_line_py(job_id, payload)
+            except ValueError:
+                self.assertRaises(ValueError, fmt.metric_json_line, job_id, payload)
+                continue
+            self.assertEqual(fmt.metric_json_line(job_id, payload), want)
+
+    def test_c_twin_in_use(self):
+        """When the extension is built, canonical payloads take the C route."""
+        if fmt._metric_line_c is None:
+            raise SkipTest("joblet_persist._speedups is not built")
+        payload = ipc_pb2.Metric(timestamp=-1, sequence=(1 << 64) - 1, data=ipc_pb2.MetricData(
+            cpu_usage=math.inf, gpu_usage=0.1, memory_usage=-(1 << 63))).SerializeToString()
+        line = fmt._metric_line_c('"j"', payload)
+        self.assertEqual(line, fmt._metric_json_line_py("j", payload))
+        self.assertIn(b'"cpu_usage":null', line)
+        self.assertIsNone(fmt._metric_line_c('"j"', payload + b"\x22\x00"))  # data twice
+
+    @given(_metric_payloads(), st.text(max_size=40))
+    def test_same_bytes_as_json_dumps(self, payload, job_id):
+        """The line is byte for byte json.dumps of metric_record_dict (compact separators,
+        ASCII escapes), whatever is set: non-finite floats null, unset fields 0, exact
+        64-bit integers, any job id text."""
+        metric = ipc_pb2.Metric.FromString(payload)
+        want = json.dumps(
+            fmt.metric_record_dict(job_id, metric), separators=(",", ":"), allow_nan=False
+        ).encode() + b"\n"
+        self.assertEqual(fmt.metric_json_line(job_id, payload), want)
 
     def test_full_sample(self):
         """All fields appear with WIRE.md snake_case keys and exact integers."""
