@@ -37,9 +37,7 @@ assert len(_VOCAB) == 25
 def _iso(t: float) -> str:
     whole = int(t)
     s = whole % 86400
-    return "2025-11-24T%02d:%02d:%02d.%06dZ" % (
-        s // 3600, s % 3600 // 60, s % 60, int((t - whole) * 1e6)
-    )
+    return f"2025-11-24T{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}.{int((t - whole) * 1e6):06d}Z"
 
 
 def _words(rng: random.Random) -> Iterator[bytes]:
@@ -72,7 +70,7 @@ def _json(rng: random.Random) -> Iterator[bytes]:
             "level": rng.choice(("info", "info", "info", "debug", "warn", "error")),
             "logger": rng.choice(_LOGGERS),
             "msg": rng.choice(_MESSAGES),
-            "request_id": "%016x" % rng.getrandbits(64),
+            "request_id": f"{rng.getrandbits(64):016x}",
             "seq": i,
         }
         r = rng.random()
@@ -99,14 +97,15 @@ def _numeric(rng: random.Random) -> Iterator[bytes]:
         t += rng.expovariate(500.0)
         if rng.random() < 0.5:
             # A CSV-like metrics row.
-            line = "%.6f,%d,%d,%.4f,%.4f,%.2f,%d\n" % (
-                t, i, rng.choice(ids), rng.gauss(50.0, 15.0), rng.random(),
-                rng.uniform(0, 1e6), rng.randrange(1 << 31),
+            line = (
+                f"{t:.6f},{i},{rng.choice(ids)},{rng.gauss(50.0, 15.0):.4f},{rng.random():.4f},"
+                f"{rng.uniform(0, 1e6):.2f},{rng.randrange(1 << 31)}\n"
             )
         else:
-            line = "%s id=%012x step=%d loss=%.6f lr=%.3e grad_norm=%.5f tok/s=%.1f\n" % (
-                _iso(t), rng.choice(ids), i, 2.5 * rng.random() + 0.1, 1e-4 * rng.random(),
-                rng.expovariate(1.0), rng.uniform(1e4, 5e4),
+            line = (
+                f"{_iso(t)} id={rng.choice(ids):012x} step={i} loss={2.5 * rng.random() + 0.1:.6f} "
+                f"lr={1e-4 * rng.random():.3e} grad_norm={rng.expovariate(1.0):.5f} "
+                f"tok/s={rng.uniform(1e4, 5e4):.1f}\n"
             )
         yield line.encode()
         i += 1
@@ -142,22 +141,21 @@ def _traceback(rng: random.Random) -> Iterator[bytes]:
         if rng.random() < 0.5:
             yield b"Traceback (most recent call last):\n"
             for _ in range(2 + rng.randrange(7)):
-                yield ('  File "%s", line %d, in %s\n' % (
-                    rng.choice(_MODULES), rng.randrange(1, 900), rng.choice(_FUNCS))).encode()
-                yield ("    %s\n" % rng.choice(_CODE)).encode()
+                yield (f'  File "{rng.choice(_MODULES)}", line {rng.randrange(1, 900)}, '
+                       f"in {rng.choice(_FUNCS)}\n").encode()
+                yield (f"    {rng.choice(_CODE)}\n").encode()
             yield (rng.choice(_ERRORS).format(n=rng.randrange(10000), m=rng.randrange(99999))
                    + "\n").encode()
         else:
             for _ in range(1 + rng.randrange(6)):
                 f = rng.choice(_CFILES)
                 if rng.random() < 0.3:
-                    yield ("[%3d%%] Building C object CMakeFiles/app.dir/%s.o\n" % (
-                        rng.randrange(101), f)).encode()
-                yield ("%s:%d:%d: %s\n" % (
-                    f, rng.randrange(1, 3000), rng.randrange(1, 80),
-                    rng.choice(_DIAGS).format(n=rng.randrange(100)))).encode()
-                yield ("  %4d |     %s\n" % (rng.randrange(1, 3000), rng.choice(_CODE))).encode()
-                yield ("       |     %s^~~~\n" % (" " * rng.randrange(30))).encode()
+                    yield (f"[{rng.randrange(101):3d}%] Building C object "
+                           f"CMakeFiles/app.dir/{f}.o\n").encode()
+                yield (f"{f}:{rng.randrange(1, 3000)}:{rng.randrange(1, 80)}: "
+                       f"{rng.choice(_DIAGS).format(n=rng.randrange(100))}\n").encode()
+                yield f"  {rng.randrange(1, 3000):4d} |     {rng.choice(_CODE)}\n".encode()
+                yield f"       |     {' ' * rng.randrange(30)}^~~~\n".encode()
 
 
 def _progress(rng: random.Random) -> Iterator[bytes]:
@@ -174,10 +172,10 @@ def _progress(rng: random.Random) -> Iterator[bytes]:
             done = int(total * frac)
             filled = int(width * frac)
             eta = int((total - done) / (speed * 1e6))
-            yield ("\r%s: %3d%%|%s%s| %.2f/%.2fGB [%.1fMB/s eta %02d:%02d]" % (
-                name, int(frac * 100), "\u2588" * filled, " " * (width - filled),
-                done / 1e9, total / 1e9, speed * rng.uniform(0.9, 1.1), eta // 60, eta % 60,
-            )).encode()
+            bar = "\u2588" * filled + " " * (width - filled)
+            rate = speed * rng.uniform(0.9, 1.1)
+            yield (f"\r{name}: {int(frac * 100):3d}%|{bar}| {done / 1e9:.2f}/{total / 1e9:.2f}GB "
+                   f"[{rate:.1f}MB/s eta {eta // 60:02d}:{eta % 60:02d}]").encode()
         yield b"\n"
 
 
