@@ -120,7 +120,7 @@ def _tree_bytes(path: str) -> int:
     return total
 
 
-def run_one(args, payloads, raw_total: int, gzip6_bytes: int, compressor: str, level: int,
+def run_one(args, payloads, raw_total: int, gzip6_bytes: int, compressor: str, level: str,
             conns: int) -> dict:
     work = tempfile.mkdtemp(prefix="jpb", dir="/tmp")
     try:
@@ -228,7 +228,7 @@ def main() -> None:
     ap.add_argument("--line-bytes", type=int, default=100)
     ap.add_argument("--connections", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--compressors", nargs="+", default=["deflate:5", "isal:1"],
-                    help="name:level pairs")
+                    help="name:level pairs (level an int or 'adaptive')")
     ap.add_argument("--repeat", type=int, default=1, help="runs per setting; the median is kept")
     ap.add_argument("--json", help="also write results to this file")
     ap.add_argument("--profile", help="record the service with py-spy into this file "
@@ -257,7 +257,7 @@ def main() -> None:
         name, level = spec.split(":")
         for conns in args.connections:
             runs = [
-                run_one(args, payloads, raw_total, gzip6, name, int(level), conns)
+                run_one(args, payloads, raw_total, gzip6, name, level, conns)
                 for _ in range(args.repeat)
             ]
             runs.sort(key=lambda r: r["frames_per_s"])

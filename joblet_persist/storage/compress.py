@@ -207,7 +207,7 @@ class AdaptiveLevel:
         clock: Callable[[], float],
         cpu: Callable[[], float] = time.process_time,
         cores: Optional[int] = None,
-        interval: float = 1.0,
+        interval: float = 0.25,
         raise_below: float = 0.5,
         jump_below: float = 0.25,
         lower_above: float = 0.7,
