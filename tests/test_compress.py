@@ -68,7 +68,7 @@ class AdaptiveLevelTests(SynchronousTestCase):
 
     def test_idle_cpu_climbs_to_the_strongest_level(self):
         """With the process using little CPU, each interval buys a stronger level (two steps
-        below 25% of the cores, one below 50%) until the highest, where it stays."""
+        below 30% of the cores, one below 60%) until the highest, where it stays."""
         load = FakeLoad()
         policy = adaptive(load)
         levels = []
@@ -79,8 +79,8 @@ class AdaptiveLevelTests(SynchronousTestCase):
         self.assertAlmostEqual(policy.busy, 0.1)
 
     def test_busy_cpu_steps_down_and_saturation_drops_to_fastest(self):
-        """Above 70% of the cores the level steps down one per interval; above 90% it falls
-        straight to the fastest; between 50% and 70% it holds."""
+        """Above 75% of the cores the level steps down one per interval; above 90% it falls
+        straight to the fastest; between 60% and 75% it holds."""
         load = FakeLoad()
         policy = adaptive(load)
         for _ in range(4):

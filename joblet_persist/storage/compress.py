@@ -191,9 +191,12 @@ class AdaptiveLevel:
     - ``busy < jump_below``: two levels up; ``busy < raise_below``: one level up;
     - otherwise the level stays.
 
-    It starts at the lowest level, so a burst at full speed never meets a slow level;
-    a steady moderate rate climbs to the strongest level its spare CPU pays for in a
-    few seconds.  ``counts`` holds the batches chosen per level.
+    It starts at the lowest level, so a service that starts under full load never
+    meets a slow level; a steady moderate rate climbs to the strongest level its spare
+    CPU pays for within a few decisions.  A burst after a quiet spell meets the level
+    the quiet spell bought for at most one interval: the next decision sees the CPU
+    busy (or the writer's backlog growing) and falls back.  ``counts`` holds the
+    batches chosen per level.
     """
 
     adaptive = True
@@ -208,9 +211,9 @@ class AdaptiveLevel:
         cpu: Callable[[], float] = time.process_time,
         cores: Optional[int] = None,
         interval: float = 0.25,
-        raise_below: float = 0.5,
-        jump_below: float = 0.25,
-        lower_above: float = 0.7,
+        raise_below: float = 0.6,
+        jump_below: float = 0.3,
+        lower_above: float = 0.75,
         drop_above: float = 0.9,
         backlog_limit: float = 0.25,
     ) -> None:
