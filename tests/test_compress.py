@@ -265,3 +265,33 @@ class MemberLevelTests(SynchronousTestCase):
                 )
                 blob = b"".join(m for m, _ in members)
                 self.assertEqual(gzip.decompress(blob), b"".join(lines), (name, level))
+
+
+class WiringTests(SynchronousTestCase):
+    def test_writer_backlog_reaches_the_policy(self):
+        """The composition root lets the storage's adaptive policy follow the writer's
+        buffered bytes: once they reach a quarter of writer.highWaterBytes, the next batch
+        gets the fastest level even though the policy stood at the strongest."""
+        from prometheus_client import CollectorRegistry
+        from twisted.internet.testing import MemoryReactorClock
+
+        from joblet_persist import tap
+        from joblet_persist.config import config_from_string
+
+        directory = os.path.abspath(self.mktemp())
+        cfg = config_from_string(
+            f"storage:\n  dataDir: {directory}/data\n"
+            "writer:\n  highWaterBytes: 1MiB\n  lowWaterBytes: 0\n  batchMaxBytes: 64MiB\n",
+            source=os.path.join(directory, "persist.yml"),
+        )
+        reactor = MemoryReactorClock()
+        metrics = PersistMetrics(CollectorRegistry())
+        st = tap.build_storage(cfg, reactor, metrics)
+        health = tap.build_health(cfg, reactor, st, metrics)
+        wr = tap.build_writer(cfg, reactor, st, health, metrics)
+        policy = st.storage.compression
+        self.assertIsInstance(policy, AdaptiveLevel)
+        policy.level = policy.high
+        self.assertEqual(policy.choose().level, policy.high)
+        wr.writer.add_log(JOB, STREAM_STDOUT, 1, 1, b"x" * (300 * 1024))
+        self.assertEqual(policy.choose().level, policy.low)
