@@ -8,10 +8,13 @@ a batch of frames every 10 ms on an absolute schedule) or as fast as the service
 (``full``).  It reports per kind and rate: frames/s (first byte sent until GetStats reports
 every frame appended), the bytes on disk, ``gzip -6`` of the same raw content per
 (job, stream) computed in the same run, their ratio, and the batches per compression level
-(scraped from /metrics on a loopback port).
+(scraped from /metrics on a loopback port).  With ``--offline-levels`` it encodes
+in-process instead, at fixed levels, batched as the service batches at each rate, and
+reports size against ``gzip -6`` and encoding MB/s per core (CPU time) per level.
 
     .venv/bin/python bench/bench_compress.py --kinds words json --mb 100 \\
         --rates 50000 full --compressors deflate:adaptive deflate:5
+    .venv/bin/python bench/bench_compress.py --mb 100 --offline-levels 5 6 7 8 9 10 11 12
 
 Traffic goes only to Unix sockets in a temporary directory and to 127.0.0.1.
 """
@@ -199,6 +202,54 @@ def run_one(payload, offsets, frames: int, raw_total: int, gzip6: int, compresso
         shutil.rmtree(work, ignore_errors=True)
 
 
+def offline(items: list[bytes], jobs: int, rate, levels: list[int], compressor: str) -> list:
+    """Member bytes per fixed level, encoded in-process the way the service batches them.
+
+    Paced at ``rate`` frames/s, each (job, stream) gets one batch per flush interval
+    (1 s); at full speed (``rate`` None) batches of up to 20,000 messages or 2 MiB.
+    Returns ``[(level, member_bytes, cpu_seconds), ...]``: deterministic sizes, and CPU
+    time (not wall time) so that other load on the machine does not skew the speed.
+    """
+    from joblet_persist.storage import format as fmt
+    from joblet_persist.storage.compress import make_compressor
+
+    per: dict = {}
+    for i, content in enumerate(items):
+        key = (i % jobs, 1 if (i // jobs) % 8 else 2)
+        per.setdefault(key, []).append((i, content))
+    batches = []
+    for key in sorted(per):
+        rows = per[key]
+        if rate is None:
+            start = 0
+            while start < len(rows):
+                end, size = start, 0
+                while end < len(rows) and end - start < 20000 and size < 2 << 20:
+                    size += len(rows[end][1]) + 32
+                    end += 1
+                batches.append(rows[start:end])
+                start = end
+        else:
+            # Frame i arrives at i / rate seconds; a batch holds one flush interval.
+            by_tick: dict = {}
+            for row in rows:
+                by_tick.setdefault(int(row[0] / rate), []).append(row)
+            batches.extend(by_tick[t] for t in sorted(by_tick))
+    out = []
+    base_ns = 1_764_000_000 * 10**9
+    for level in levels:
+        comp = make_compressor(compressor, level)
+        total = 0
+        t0 = time.process_time()
+        for batch in batches:
+            idx = [i for i, _ in batch]
+            ts = [base_ns + i * 20_000 for i in idx]
+            members = fmt.encode_log_members(ts, idx, idx, [c for _, c in batch], comp)
+            total += sum(len(m) for m, _ in members)
+        out.append((level, total, time.process_time() - t0))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kinds", nargs="+", default=list(contentgen.KINDS),
@@ -210,6 +261,10 @@ def main() -> None:
     ap.add_argument("--compressors", nargs="+", default=["deflate:adaptive"],
                     help="name:level pairs (level an int or 'adaptive')")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--offline-levels", type=int, nargs="+", metavar="LEVEL",
+                    help="instead of running the service, encode in-process at these fixed "
+                    "levels of the first --compressors entry, batched as the service "
+                    "batches at each rate; reports size against gzip -6 and MB/s per core")
     ap.add_argument("--json", help="also write results to this file")
     args = ap.parse_args()
 
@@ -224,6 +279,19 @@ def main() -> None:
             c = zlib.compressobj(6, zlib.DEFLATED, 31)
             gzip6 += len(c.compress(b"".join(raw[key])) + c.flush())
         del raw
+        if args.offline_levels:
+            name = args.compressors[0].split(":")[0]
+            for rate in args.rates:
+                r_ = None if rate == "full" else float(rate)
+                for level, size, cpu in offline(items, args.jobs, r_, args.offline_levels,
+                                                name):
+                    r = {"kind": kind, "rate": rate, "compressor": f"{name}:{level}",
+                         "offline": True, "disk_bytes": size, "gzip6_bytes": gzip6,
+                         "vs_gzip6": round(size / gzip6, 4),
+                         "mb_per_s_per_core": round(raw_total / cpu / 1e6, 1)}
+                    results.append(r)
+                    print(json.dumps(r), flush=True)
+            continue
         for rate in args.rates:
             for spec in args.compressors:
                 name, level = spec.split(":")
