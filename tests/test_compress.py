@@ -20,6 +20,7 @@ from joblet_persist.storage.compress import (
     FixedLevel,
     make_compressor,
     make_level_policy,
+    proc_stat_cpu,
 )
 from joblet_persist.storage.local import LocalStorage
 from tests.storage_contract import log_batch
@@ -111,6 +112,29 @@ class AdaptiveLevelTests(SynchronousTestCase):
         load.run(1.0, 0.1)
         self.assertEqual(policy.choose().level, 7)
 
+    def test_other_processes_cpu_is_not_spare(self):
+        """When the machine's CPUs are busy with other processes (the jobs), the level
+        follows the machine's busy fraction even though this process uses little."""
+        load = FakeLoad()
+        machine = {"busy": 0.0, "total": 0.0}
+        policy = adaptive(load, machine=lambda: (machine["busy"], machine["total"]))
+        levels = []
+        for process_busy, machine_busy in ((0.1, 0.2), (0.1, 0.2), (0.1, 0.8), (0.1, 0.95)):
+            load.run(1.0, process_busy)
+            machine["busy"] += 200 * machine_busy
+            machine["total"] += 200
+            levels.append(policy.choose().level)
+        self.assertEqual(levels, [7, 9, 8, 5])
+        self.assertAlmostEqual(policy.busy, 0.95)
+
+    def test_missing_machine_sample_falls_back_to_the_process(self):
+        """A machine signal that cannot be read (None) leaves the process's own CPU use."""
+        load = FakeLoad()
+        policy = adaptive(load, machine=lambda: None)
+        load.run(1.0, 0.1)
+        self.assertEqual(policy.choose().level, 7)
+        self.assertAlmostEqual(policy.busy, 0.1)
+
     def test_decides_at_most_once_per_interval(self):
         """Batches inside one interval share the level; the CPU use is measured over the
         whole time since the previous decision."""
@@ -151,6 +175,20 @@ class AdaptiveLevelTests(SynchronousTestCase):
         self.assertRaises(ValueError, adaptive, load, jump_below=0.0)
         self.assertRaises(ValueError, adaptive, load, interval=0)
         self.assertRaises(ValueError, AdaptiveLevel, "deflate", 9, 5, clock=load.clock)
+
+
+class ProcStatTests(SynchronousTestCase):
+    def test_reads_busy_and_total(self):
+        """The first line of /proc/stat gives (busy, total) jiffies: idle and iowait are not
+        busy; an unreadable or malformed file gives None."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("cpu  100 5 50 800 20 3 2 10 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n")
+        self.assertEqual(proc_stat_cpu(path), (170.0, 990.0))
+        with open(path, "w") as f:
+            f.write("cpu  x y\n")
+        self.assertIsNone(proc_stat_cpu(path))
+        self.assertIsNone(proc_stat_cpu(path + ".missing"))
 
 
 class FactoryTests(SynchronousTestCase):

@@ -33,6 +33,7 @@ __all__ = [
     "FixedLevel",
     "make_compressor",
     "make_level_policy",
+    "proc_stat_cpu",
 ]
 
 #: Accepted levels per compressor name (inclusive ranges).
@@ -177,12 +178,16 @@ class AdaptiveLevel:
     - ``clock()``: seconds (the reactor's ``seconds``);
     - ``cpu()``: CPU seconds used by this process so far (``time.process_time``): the
       reactor decoding frames plus the pool compressing and appending;
+    - ``machine()``: ``(busy, total)`` CPU seconds of the whole machine so far
+      (``proc_stat_cpu``, from ``/proc/stat``; None where there is none): CPU that other
+      processes (the jobs themselves) use is not spare;
     - ``backlog()``: the writer's buffered bytes as a fraction of its high-water mark
       (set with ``set_backlog``; 0 until then).
 
     ``choose()`` is called once per batch and returns the compressor for it.  At most
     once per ``interval`` seconds it takes the process's CPU use since the previous
-    decision, as a fraction of ``cores`` (``busy``), and moves the level:
+    decision, as a fraction of ``cores``, and the machine's busy fraction over the same
+    time; the larger of the two is ``busy``, and it moves the level:
 
     - ``backlog() >= backlog_limit`` (ingest is waiting on appends): straight down to
       the lowest level, the speed full-speed ingest always had;
@@ -209,6 +214,7 @@ class AdaptiveLevel:
         *,
         clock: Callable[[], float],
         cpu: Callable[[], float] = time.process_time,
+        machine: Optional[Callable[[], tuple[float, float]]] = None,
         cores: Optional[int] = None,
         interval: float = 0.25,
         raise_below: float = 0.6,
@@ -234,6 +240,7 @@ class AdaptiveLevel:
         self.level = low
         self._clock = clock
         self._cpu = cpu
+        self._machine = machine
         self._cores = max(1, cores if cores is not None else (os.cpu_count() or 1))
         self._interval = interval
         self._raise_below = raise_below
@@ -244,6 +251,7 @@ class AdaptiveLevel:
         self._backlog: Callable[[], float] = lambda: 0.0
         self._since = clock()
         self._cpu_since = cpu()
+        self._machine_since = machine() if machine is not None else None
         #: The CPU fraction measured at the last decision (None before the first).
         self.busy: Optional[float] = None
         #: Batches given each level so far.
@@ -264,6 +272,14 @@ class AdaptiveLevel:
                 cpu = self._cpu()
                 busy = (cpu - self._cpu_since) / (elapsed * self._cores)
                 self._since, self._cpu_since = now, cpu
+                if self._machine is not None:
+                    sample = self._machine()
+                    if sample is not None and self._machine_since is not None:
+                        used = sample[0] - self._machine_since[0]
+                        total = sample[1] - self._machine_since[1]
+                        if total > 0:
+                            busy = max(busy, used / total)
+                    self._machine_since = sample
                 self.busy = busy
                 self.level = self.next_level(self.level, busy)
         self.counts[self.level] = self.counts.get(self.level, 0) + 1
@@ -285,6 +301,22 @@ class AdaptiveLevel:
         return f"AdaptiveLevel({self.name!r}, {self.low}..{self.high}, at {self.level})"
 
 
+def proc_stat_cpu(path: str = "/proc/stat") -> Optional[tuple[float, float]]:
+    """``(busy, total)`` jiffies of all CPUs since boot, from the first line of Linux's
+    ``/proc/stat``; None when it cannot be read.  Idle and iowait count as not busy;
+    guest time is already inside user and nice.  Any thread (a short procfs read)."""
+    try:
+        with open(path, "rb") as f:
+            fields = f.readline().split()
+        values = [int(v) for v in fields[1:9]]
+    except (OSError, ValueError):
+        return None
+    if len(values) < 5:
+        return None
+    total = sum(values)
+    return float(total - values[3] - values[4]), float(total)
+
+
 def make_level_policy(name: str, level, *, clock: Callable[[], float], **kwargs):
     """The level policy of ``storage.compressor``/``storage.compressionLevel``.
 
@@ -296,5 +328,7 @@ def make_level_policy(name: str, level, *, clock: Callable[[], float], **kwargs)
         if name not in ADAPTIVE_LEVELS:
             make_compressor(name, 0)  # raises the unknown-compressor error
         low, high = ADAPTIVE_LEVELS[name]
+        if "machine" not in kwargs and proc_stat_cpu() is not None:
+            kwargs["machine"] = proc_stat_cpu
         return AdaptiveLevel(name, low, high, clock=clock, **kwargs)
     return FixedLevel(make_compressor(name, level))
