@@ -207,8 +207,10 @@ def offline(items: list[bytes], jobs: int, rate, levels: list[int], compressor: 
 
     Paced at ``rate`` frames/s, each (job, stream) gets one batch per flush interval
     (1 s); at full speed (``rate`` None) batches of up to 20,000 messages or 2 MiB.
-    Returns ``[(level, member_bytes, cpu_seconds), ...]``: deterministic sizes, and CPU
-    time (not wall time) so that other load on the machine does not skew the speed.
+    Returns ``[(level, member_bytes, cpu_seconds, overhead_bytes), ...]``: deterministic
+    sizes, CPU time (not wall time) so that other load on the machine does not skew the
+    speed, and the bytes of the members that are not compressed data (headers, tables,
+    trailers; the same at every level).
     """
     from joblet_persist.storage import format as fmt
     from joblet_persist.storage.compress import make_compressor
@@ -241,12 +243,25 @@ def offline(items: list[bytes], jobs: int, rate, levels: list[int], compressor: 
         comp = make_compressor(compressor, level)
         total = 0
         t0 = time.process_time()
+        encoded = []
         for batch in batches:
             idx = [i for i, _ in batch]
             ts = [base_ns + i * 20_000 for i in idx]
-            members = fmt.encode_log_members(ts, idx, idx, [c for _, c in batch], comp)
+            contents = [c for _, c in batch]
+            members = fmt.encode_log_members(ts, idx, idx, contents, comp)
             total += sum(len(m) for m, _ in members)
-        out.append((level, total, time.process_time() - t0))
+            encoded.append((contents, members))
+        cpu = time.process_time() - t0
+        # Headers, tables and trailers: each member less its raw deflate body.
+        overhead = 0
+        for contents, members in encoded:
+            data = b"".join(contents)
+            start = 0
+            for member, info in members:
+                body = comp.compress_raw(data[start : start + info.raw_size])
+                overhead += len(member) - len(body)
+                start += info.raw_size
+        out.append((level, total, cpu, overhead))
     return out
 
 
@@ -283,11 +298,12 @@ def main() -> None:
             name = args.compressors[0].split(":")[0]
             for rate in args.rates:
                 r_ = None if rate == "full" else float(rate)
-                for level, size, cpu in offline(items, args.jobs, r_, args.offline_levels,
-                                                name):
+                for level, size, cpu, overhead in offline(items, args.jobs, r_,
+                                                          args.offline_levels, name):
                     r = {"kind": kind, "rate": rate, "compressor": f"{name}:{level}",
                          "offline": True, "disk_bytes": size, "gzip6_bytes": gzip6,
                          "vs_gzip6": round(size / gzip6, 4),
+                         "overhead_vs_gzip6": round(overhead / gzip6, 4),
                          "mb_per_s_per_core": round(raw_total / cpu / 1e6, 1)}
                     results.append(r)
                     print(json.dumps(r), flush=True)
