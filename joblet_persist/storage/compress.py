@@ -148,11 +148,9 @@ def make_compressor(name: str, level: int) -> Compressor:
 class FixedLevel:
     """The level policy of a configured fixed level: every batch gets ``compressor``.
 
-    Same interface as AdaptiveLevel (reactor thread; ``observe`` and
-    ``set_backlog`` are accepted and ignored).
+    Same interface as AdaptiveLevel (reactor thread; ``set_backlog`` is accepted and
+    ignored).
     """
-
-    adaptive = False
 
     def __init__(self, compressor: Compressor) -> None:
         self.compressor = compressor
@@ -170,7 +168,7 @@ class FixedLevel:
 
 
 class AdaptiveLevel:
-    """Spare CPU buys a stronger level: the level follows the process's CPU use and the
+    """Spare CPU buys a stronger level: the level follows the CPU left idle and the
     writer's backlog, per batch.  Reactor thread; deterministic given its signals.
 
     Signals, all injected (tests pass fakes; the service passes the real ones):
@@ -203,8 +201,6 @@ class AdaptiveLevel:
     busy (or the writer's backlog growing) and falls back.  ``counts`` holds the
     batches chosen per level.
     """
-
-    adaptive = True
 
     def __init__(
         self,
