@@ -34,6 +34,7 @@ class FakeLoad:
         self.now = 100.0
         self.cpu_seconds = 0.0
         self.backlog_fraction = 0.0
+        self.reactor_seconds = 0.0
         self.cores = cores
 
     def clock(self):
@@ -45,6 +46,9 @@ class FakeLoad:
     def backlog(self):
         return self.backlog_fraction
 
+    def reactor(self):
+        return self.reactor_seconds
+
     def run(self, seconds, busy):
         """``seconds`` pass during which the process used ``busy`` of its cores."""
         self.now += seconds
@@ -54,7 +58,7 @@ class FakeLoad:
 def adaptive(load, name="deflate", **kwargs):
     low, high = ADAPTIVE_LEVELS[name]
     policy = AdaptiveLevel(name, low, high, clock=load.clock, cpu=load.cpu, cores=load.cores,
-                           **kwargs)
+                           reactor_cpu=load.reactor, **kwargs)
     policy.set_backlog(load.backlog)
     return policy
 
@@ -111,6 +115,24 @@ class AdaptiveLevelTests(SynchronousTestCase):
         self.assertEqual(policy.choose().level, 5)  # no interval elapsed yet
         load.run(1.0, 0.1)
         self.assertEqual(policy.choose().level, 7)
+
+    def test_a_saturated_reactor_means_full_speed(self):
+        """When the reactor thread itself was busy more than 70% of the time (ingest at full
+        speed), the level falls to the fastest even though the cores look half idle, and
+        climbs again once the reactor has slack."""
+        load = FakeLoad()
+        policy = adaptive(load)
+        for _ in range(2):
+            load.run(1.0, 0.1)
+            policy.choose()
+        self.assertEqual(policy.level, 9)
+        load.run(1.0, 0.5)
+        load.reactor_seconds += 0.8
+        self.assertEqual(policy.choose().level, 5)
+        self.assertAlmostEqual(policy.reactor_busy, 0.8)
+        load.run(1.0, 0.5)
+        load.reactor_seconds += 0.6
+        self.assertEqual(policy.choose().level, 6)
 
     def test_other_processes_cpu_is_not_spare(self):
         """When the machine's CPUs are busy with other processes (the jobs), the level

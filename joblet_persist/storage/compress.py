@@ -179,6 +179,10 @@ class AdaptiveLevel:
     - ``machine()``: ``(busy, total)`` CPU seconds of the whole machine so far
       (``proc_stat_cpu``, from ``/proc/stat``; None where there is none): CPU that other
       processes (the jobs themselves) use is not spare;
+    - ``reactor_cpu()``: CPU seconds of the calling (reactor) thread so far
+      (``time.thread_time``; ``choose`` runs on the reactor): when the reactor itself is
+      busy more than ``reactor_limit`` of the time, ingest runs at full speed and every
+      cycle the pool takes from it is ingest lost;
     - ``backlog()``: the writer's buffered bytes as a fraction of its high-water mark
       (set with ``set_backlog``; 0 until then).
 
@@ -189,7 +193,8 @@ class AdaptiveLevel:
 
     - ``backlog() >= backlog_limit`` (ingest is waiting on appends): straight down to
       the lowest level, the speed full-speed ingest always had;
-    - ``busy > drop_above``: straight down to the lowest level;
+    - ``busy > drop_above``, or the reactor thread busy more than ``reactor_limit``:
+      straight down to the lowest level;
     - ``busy > lower_above``: one level down;
     - ``busy < jump_below``: two levels up; ``busy < raise_below``: one level up;
     - otherwise the level stays.
@@ -211,6 +216,8 @@ class AdaptiveLevel:
         clock: Callable[[], float],
         cpu: Callable[[], float] = time.process_time,
         machine: Optional[Callable[[], tuple[float, float]]] = None,
+        reactor_cpu: Optional[Callable[[], float]] = time.thread_time,
+        reactor_limit: float = 0.7,
         cores: Optional[int] = None,
         interval: float = 0.25,
         raise_below: float = 0.6,
@@ -237,6 +244,9 @@ class AdaptiveLevel:
         self._clock = clock
         self._cpu = cpu
         self._machine = machine
+        self._reactor_cpu = reactor_cpu
+        self._reactor_limit = reactor_limit
+        self._reactor_since = reactor_cpu() if reactor_cpu is not None else 0.0
         self._cores = max(1, cores if cores is not None else (os.cpu_count() or 1))
         self._interval = interval
         self._raise_below = raise_below
@@ -250,6 +260,8 @@ class AdaptiveLevel:
         self._machine_since = machine() if machine is not None else None
         #: The CPU fraction measured at the last decision (None before the first).
         self.busy: Optional[float] = None
+        #: The reactor thread's busy fraction at the last decision.
+        self.reactor_busy = 0.0
         #: Batches given each level so far.
         self.counts: dict[int, int] = {}
 
@@ -277,7 +289,14 @@ class AdaptiveLevel:
                             busy = max(busy, used / total)
                     self._machine_since = sample
                 self.busy = busy
-                self.level = self.next_level(self.level, busy)
+                if self._reactor_cpu is not None:
+                    reactor = self._reactor_cpu()
+                    self.reactor_busy = (reactor - self._reactor_since) / elapsed
+                    self._reactor_since = reactor
+                if self.reactor_busy > self._reactor_limit:
+                    self.level = self.low
+                else:
+                    self.level = self.next_level(self.level, busy)
         self.counts[self.level] = self.counts.get(self.level, 0) + 1
         return self._compressors[self.level]
 
