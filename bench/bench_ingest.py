@@ -242,7 +242,7 @@ def _tree_bytes(path: str) -> int:
 
 
 def run_one(args, payloads: list[bytes], raw_total: int, gzip6_bytes: int, compressor: str,
-            level: int, conns: int, mode: str = "logs") -> dict:
+            level: str, conns: int, mode: str = "logs") -> dict:
     """One service run: start, push ``payloads`` (one per connection), wait, stop."""
     work = tempfile.mkdtemp(prefix="jpb", dir="/tmp")
     try:
@@ -366,7 +366,7 @@ def main() -> None:
     ap.add_argument("--line-bytes", type=int, default=100)
     ap.add_argument("--connections", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--compressors", nargs="+", default=["deflate:5", "isal:1"],
-                    help="name:level pairs")
+                    help="name:level pairs (level an int or 'adaptive')")
     ap.add_argument("--modes", nargs="+", choices=("logs", "mixed"), default=["logs", "mixed"],
                     help="traffic: LOG frames only, and/or 70%% logs, 10%% metrics, "
                     "20%% events; modes alternate run by run")
@@ -412,7 +412,7 @@ def main() -> None:
                 # Alternate the modes, so that both see the same share of the machine's load.
                 for mode in args.modes:
                     runs[mode].append(run_one(args, payloads[mode, conns], raw_total, gzip6,
-                                              name, int(level), conns, mode))
+                                              name, level, conns, mode))
             medians = {}
             for mode, mode_runs in runs.items():
                 mode_runs.sort(key=lambda r: r["frames_per_s"])

@@ -46,7 +46,7 @@ from joblet_persist.rules import (
     show_value,
     valid_host,
 )
-from joblet_persist.storage.compress import COMPRESSOR_LEVELS, ISAL_DEFAULT_LEVEL
+from joblet_persist.storage.compress import ADAPTIVE, COMPRESSOR_LEVELS, ISAL_DEFAULT_LEVEL
 from joblet_persist.storage.durability import FSYNC_POLICIES
 from joblet_persist.storage.files import POOL_FILES_PER_THREAD
 
@@ -398,6 +398,19 @@ class IPCConfig:
         return self.max_partial_bytes_per_connection or self.max_frame_bytes
 
 
+_LEVEL_NUMBER = _integer(0, max(high for _, high in COMPRESSOR_LEVELS.values()))
+
+
+def _compression_level(value: Any) -> int | str:
+    """``storage.compressionLevel``: ``adaptive`` or a fixed integer level."""
+    if isinstance(value, str) and value.strip().lower() == ADAPTIVE:
+        return ADAPTIVE
+    try:
+        return _LEVEL_NUMBER(value)
+    except InvalidValue as e:
+        raise InvalidValue(f"expected {ADAPTIVE!r} or an integer level: {e}") from None
+
+
 @dataclass(frozen=True)
 class RetentionConfig:
     """``storage.retention``: what is deleted, and how often retention runs. 0 disables."""
@@ -419,7 +432,7 @@ class StorageConfig:
     data_dir: str = _key(_path(), DEFAULT_DATA_DIR)
     backend: str = _key(_backend, "local")
     compressor: str = _key(_choice(tuple(COMPRESSION_LEVELS)), "deflate")
-    compression_level: int = _key(_integer(0, max(high for _, high in COMPRESSOR_LEVELS.values())), 5)
+    compression_level: int | str = _key(_compression_level, ADAPTIVE)
     segment_max_bytes: int = _key(_size(1), 256 * MiB)
     fsync: str = _key(_choice(FSYNC_POLICIES), "batch")
     max_open_files: int = _key(_integer(1), 256)
@@ -916,7 +929,7 @@ def _validate(cfg: Config, ctx: _Context) -> None:
     """Checks that span several keys; raise ConfigError naming the key to change."""
     storage = cfg.storage
     low, high = COMPRESSION_LEVELS[storage.compressor]
-    if not low <= storage.compression_level <= high:
+    if storage.compression_level != ADAPTIVE and not low <= storage.compression_level <= high:
         raise ctx.error(
             "storage.compressionLevel",
             f"{storage.compression_level} is out of range for compressor "

@@ -171,6 +171,18 @@ class PersistMetrics:
             ["kind"],
             registry=r,
         )
+        self.compression_batches = Counter(
+            "persist_compression_batches",
+            "Batches handed to the pool to be compressed, by the compression level chosen for "
+            "them (fixed, or chosen per batch when storage.compressionLevel is adaptive).",
+            ["level"],
+            registry=r,
+        )
+        self.compression_level_current = Gauge(
+            "persist_compression_level",
+            "The compression level chosen for the latest batch.",
+            registry=r,
+        )
         self.retention_deleted_jobs = Counter(
             "persist_retention_deleted_jobs",
             "Jobs (or job segments) deleted by retention.",
@@ -337,6 +349,10 @@ class PersistMetrics:
 
     def unsafe_entry(self) -> None:
         self.storage_errors.labels(kind="unsafe_entry").inc()
+
+    def compression_level(self, level: int) -> None:
+        self.compression_batches.labels(level=str(level)).inc()
+        self.compression_level_current.set(level)
 
     # -- queries (gRPC threads) ----------------------------------------
 

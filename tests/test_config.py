@@ -117,7 +117,7 @@ class DefaultsTests(SynchronousTestCase):
         st_ = default_config().storage
         self.assertEqual(st_.data_dir, "/opt/joblet")
         self.assertEqual(st_.compressor, "deflate")
-        self.assertEqual(st_.compression_level, 5)
+        self.assertEqual(st_.compression_level, "adaptive")
         self.assertEqual(st_.segment_max_bytes, 256 * MiB)
         self.assertEqual(st_.fsync, "batch")
         self.assertEqual(st_.max_open_files, 256)
@@ -668,6 +668,20 @@ class CrossFieldTests(SynchronousTestCase, ConfigErrorMixin):
                 "storage.compressionLevel",
             )
         self.assertConfigError("storage:\n  compressionLevel: -1\n", "storage.compressionLevel")
+
+    def test_compression_level_adaptive(self):
+        """``adaptive`` (any case) selects the adaptive policy for every compressor; other
+        words, floats and booleans are refused naming the key and both accepted forms."""
+        for compressor in ("zlib", "deflate", "isal"):
+            c = config_from_string(
+                f"storage:\n  compressor: {compressor}\n  compressionLevel: Adaptive\n"
+            )
+            self.assertEqual(c.storage.compression_level, "adaptive")
+        for bad in ("fast", "5.5", "true", "''"):
+            error = self.assertConfigError(
+                f"storage:\n  compressionLevel: {bad}\n", "storage.compressionLevel"
+            )
+            self.assertIn("'adaptive' or an integer level", str(error))
 
     def test_isal_without_level(self):
         """isal with the level omitted uses ISA-L's default 2 instead of the out-of-range 6."""

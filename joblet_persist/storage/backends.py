@@ -20,7 +20,7 @@ from joblet_persist.storage.api import IStorageBackend
 
 def _make_local(config, *, run, clock, metrics=None, file_budget=None):
     """LocalStorage on ``storage.dataDir``, appending on the ``run`` pool."""
-    from joblet_persist.storage.compress import make_compressor
+    from joblet_persist.storage.compress import make_level_policy
     from joblet_persist.storage.local import LocalStorage
     from joblet_persist.storage.safefs import FileModes
 
@@ -28,7 +28,7 @@ def _make_local(config, *, run, clock, metrics=None, file_budget=None):
     return LocalStorage(
         sc.data_dir,
         run,
-        compressor=make_compressor(sc.compressor, sc.compression_level),
+        compressor=make_level_policy(sc.compressor, sc.compression_level, clock=clock.seconds),
         segment_max_bytes=sc.segment_max_bytes,
         fsync=sc.fsync,
         clock=clock,

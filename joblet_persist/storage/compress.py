@@ -9,20 +9,50 @@ Every compressor produces a complete raw deflate stream (RFC 1951, no zlib or
 gzip wrapper); ``joblet_persist.storage.format`` wraps it into a gzip member.
 Reading never depends on the producer: any raw deflate stream inflates with
 the standard library's ``zlib``.
+
+The level of each batch is chosen by a level policy (``FixedLevel`` or
+``AdaptiveLevel``) on the reactor thread, where the storage backend hands the
+batch to its pool; the member records nothing about the level, so files stay
+plain gzip and readers need nothing new.
 """
 
 from __future__ import annotations
 
+import os
+import time
 import zlib
-from typing import Callable
+from typing import Callable, Optional
 
-__all__ = ["COMPRESSOR_LEVELS", "ISAL_DEFAULT_LEVEL", "Compressor", "make_compressor"]
+__all__ = [
+    "ADAPTIVE",
+    "ADAPTIVE_LEVELS",
+    "COMPRESSOR_LEVELS",
+    "ISAL_DEFAULT_LEVEL",
+    "AdaptiveLevel",
+    "Compressor",
+    "FixedLevel",
+    "make_compressor",
+    "make_level_policy",
+    "proc_stat_cpu",
+]
 
 #: Accepted levels per compressor name (inclusive ranges).
 COMPRESSOR_LEVELS: dict[str, tuple[int, int]] = {
     "zlib": (0, 9),
     "deflate": (0, 12),  # libdeflate: 0 stores, 12 is slowest/smallest
     "isal": (0, 3),  # ISA-L igzip
+}
+
+#: The value of ``storage.compressionLevel`` that selects the adaptive policy.
+ADAPTIVE = "adaptive"
+
+#: The levels the adaptive policy moves between, per compressor (inclusive).  The lowest
+#: is the fastest level that full-speed ingest has always used (libdeflate 5: the old
+#: default), the highest the compressor's smallest output.
+ADAPTIVE_LEVELS: dict[str, tuple[int, int]] = {
+    "zlib": (4, 9),
+    "deflate": (5, 12),
+    "isal": (1, 3),
 }
 
 #: The level used for ``isal`` when configuration names none: ISA-L's own default
@@ -113,3 +143,207 @@ def make_compressor(name: str, level: int) -> Compressor:
             f"compressor {name!r} does not support level {level!r}: expected {low}..{high}"
         )
     return _FACTORIES[name](level)
+
+
+class FixedLevel:
+    """The level policy of a configured fixed level: every batch gets ``compressor``.
+
+    Same interface as AdaptiveLevel (reactor thread; ``set_backlog`` is accepted and
+    ignored).
+    """
+
+    def __init__(self, compressor: Compressor) -> None:
+        self.compressor = compressor
+        self.level = compressor.level
+
+    def set_backlog(self, backlog: Callable[[], float]) -> None:
+        """Ignored: a fixed level follows no signal."""
+
+    def choose(self) -> Compressor:
+        """The compressor for the next batch: always the configured one."""
+        return self.compressor
+
+    def __repr__(self) -> str:
+        return f"FixedLevel({self.compressor!r})"
+
+
+class AdaptiveLevel:
+    """Spare CPU buys a stronger level: the level follows the CPU left idle and the
+    writer's backlog, per batch.  Reactor thread; deterministic given its signals.
+
+    Signals, all injected (tests pass fakes; the service passes the real ones):
+
+    - ``clock()``: seconds (the reactor's ``seconds``);
+    - ``cpu()``: CPU seconds used by this process so far (``time.process_time``): the
+      reactor decoding frames plus the pool compressing and appending;
+    - ``machine()``: ``(busy, total)`` CPU seconds of the whole machine so far
+      (``proc_stat_cpu``, from ``/proc/stat``; None where there is none): CPU that other
+      processes (the jobs themselves) use is not spare;
+    - ``reactor_cpu()``: CPU seconds of the calling (reactor) thread so far
+      (``time.thread_time``; ``choose`` runs on the reactor): when the reactor itself is
+      busy more than ``reactor_limit`` of the time, ingest runs at full speed and every
+      cycle the pool takes from it is ingest lost;
+    - ``backlog()``: the writer's buffered bytes as a fraction of its high-water mark
+      (set with ``set_backlog``; 0 until then).
+
+    ``choose()`` is called once per batch and returns the compressor for it.  At most
+    once per ``interval`` seconds it takes the process's CPU use since the previous
+    decision, as a fraction of ``cores``, and the machine's busy fraction over the same
+    time; the larger of the two is ``busy``, and it moves the level:
+
+    - ``backlog() >= backlog_limit`` (ingest is waiting on appends): straight down to
+      the lowest level, the speed full-speed ingest always had;
+    - ``busy > drop_above``, or the reactor thread busy more than ``reactor_limit``:
+      straight down to the lowest level;
+    - ``busy > lower_above``: one level down;
+    - ``busy < jump_below``: two levels up; ``busy < raise_below``: one level up;
+    - otherwise the level stays.
+
+    It starts at the lowest level, so a service that starts under full load never
+    meets a slow level; a steady moderate rate climbs to the strongest level its spare
+    CPU pays for within a few decisions.  A burst after a quiet spell meets the level
+    the quiet spell bought for at most one interval: the next decision sees the CPU
+    busy (or the writer's backlog growing) and falls back.  ``counts`` holds the
+    batches chosen per level.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        low: int,
+        high: int,
+        *,
+        clock: Callable[[], float],
+        cpu: Callable[[], float] = time.process_time,
+        machine: Optional[Callable[[], tuple[float, float]]] = None,
+        reactor_cpu: Optional[Callable[[], float]] = time.thread_time,
+        reactor_limit: float = 0.7,
+        cores: Optional[int] = None,
+        interval: float = 0.25,
+        raise_below: float = 0.6,
+        jump_below: float = 0.3,
+        lower_above: float = 0.75,
+        drop_above: float = 0.9,
+        backlog_limit: float = 0.25,
+    ) -> None:
+        if low > high:
+            raise ValueError(f"adaptive levels {low}..{high}: the lowest exceeds the highest")
+        if not 0 < jump_below <= raise_below < lower_above <= drop_above:
+            raise ValueError(
+                "adaptive thresholds must satisfy 0 < jump_below <= raise_below < "
+                "lower_above <= drop_above"
+            )
+        if interval <= 0:
+            raise ValueError(f"adaptive interval must be > 0, not {interval!r}")
+        # Every level's compressor is built up front: a bad name or range fails at startup.
+        self._compressors = {lv: make_compressor(name, lv) for lv in range(low, high + 1)}
+        self.name = name
+        self.low = low
+        self.high = high
+        self.level = low
+        self._clock = clock
+        self._cpu = cpu
+        self._machine = machine
+        self._reactor_cpu = reactor_cpu
+        self._reactor_limit = reactor_limit
+        self._reactor_since = reactor_cpu() if reactor_cpu is not None else 0.0
+        self._cores = max(1, cores if cores is not None else (os.cpu_count() or 1))
+        self._interval = interval
+        self._raise_below = raise_below
+        self._jump_below = jump_below
+        self._lower_above = lower_above
+        self._drop_above = drop_above
+        self._backlog_limit = backlog_limit
+        self._backlog: Callable[[], float] = lambda: 0.0
+        self._since = clock()
+        self._cpu_since = cpu()
+        self._machine_since = machine() if machine is not None else None
+        #: The CPU fraction measured at the last decision (None before the first).
+        self.busy: Optional[float] = None
+        #: The reactor thread's busy fraction at the last decision.
+        self.reactor_busy = 0.0
+        #: Batches given each level so far.
+        self.counts: dict[int, int] = {}
+
+    def set_backlog(self, backlog: Callable[[], float]) -> None:
+        """Follow ``backlog()``: the writer's buffered bytes over its high-water mark."""
+        self._backlog = backlog
+
+    def choose(self) -> Compressor:
+        """The compressor for the next batch (and a new level, when one is due)."""
+        if self._backlog() >= self._backlog_limit:
+            self.level = self.low
+        else:
+            now = self._clock()
+            elapsed = now - self._since
+            if elapsed >= self._interval:
+                cpu = self._cpu()
+                busy = (cpu - self._cpu_since) / (elapsed * self._cores)
+                self._since, self._cpu_since = now, cpu
+                if self._machine is not None:
+                    sample = self._machine()
+                    if sample is not None and self._machine_since is not None:
+                        used = sample[0] - self._machine_since[0]
+                        total = sample[1] - self._machine_since[1]
+                        if total > 0:
+                            busy = max(busy, used / total)
+                    self._machine_since = sample
+                self.busy = busy
+                if self._reactor_cpu is not None:
+                    reactor = self._reactor_cpu()
+                    self.reactor_busy = (reactor - self._reactor_since) / elapsed
+                    self._reactor_since = reactor
+                if self.reactor_busy > self._reactor_limit:
+                    self.level = self.low
+                else:
+                    self.level = self.next_level(self.level, busy)
+        self.counts[self.level] = self.counts.get(self.level, 0) + 1
+        return self._compressors[self.level]
+
+    def next_level(self, level: int, busy: float) -> int:
+        """The level after ``level`` when the process used ``busy`` of its cores.  Pure."""
+        if busy > self._drop_above:
+            return self.low
+        if busy > self._lower_above:
+            return max(self.low, level - 1)
+        if busy < self._jump_below:
+            return min(self.high, level + 2)
+        if busy < self._raise_below:
+            return min(self.high, level + 1)
+        return level
+
+    def __repr__(self) -> str:
+        return f"AdaptiveLevel({self.name!r}, {self.low}..{self.high}, at {self.level})"
+
+
+def proc_stat_cpu(path: str = "/proc/stat") -> Optional[tuple[float, float]]:
+    """``(busy, total)`` jiffies of all CPUs since boot, from the first line of Linux's
+    ``/proc/stat``; None when it cannot be read.  Idle and iowait count as not busy;
+    guest time is already inside user and nice.  Any thread (a short procfs read)."""
+    try:
+        with open(path, "rb") as f:
+            fields = f.readline().split()
+        values = [int(v) for v in fields[1:9]]
+    except (OSError, ValueError):
+        return None
+    if len(values) < 5:
+        return None
+    total = sum(values)
+    return float(total - values[3] - values[4]), float(total)
+
+
+def make_level_policy(name: str, level, *, clock: Callable[[], float], **kwargs):
+    """The level policy of ``storage.compressor``/``storage.compressionLevel``.
+
+    ``level`` is ADAPTIVE (an AdaptiveLevel over ADAPTIVE_LEVELS[name], with ``clock``
+    and the keyword arguments of AdaptiveLevel) or an int (a FixedLevel).  Raises
+    ValueError naming the compressor and the level when either is not supported.
+    """
+    if level == ADAPTIVE:
+        if name not in ADAPTIVE_LEVELS:
+            make_compressor(name, 0)  # raises the unknown-compressor error
+        low, high = ADAPTIVE_LEVELS[name]
+        if "machine" not in kwargs and proc_stat_cpu() is not None:
+            kwargs["machine"] = proc_stat_cpu
+        return AdaptiveLevel(name, low, high, clock=clock, **kwargs)
+    return FixedLevel(make_compressor(name, level))

@@ -33,6 +33,9 @@ class NullStorageMetrics:
     def unsafe_entry(self) -> None:
         """A symlink or non-regular file was refused where storage expected its own entry."""
 
+    def compression_level(self, level: int) -> None:
+        """A batch was handed to the pool to be compressed at ``level``."""
+
 
 class Findings:
     """Counters, log lines and metrics of LocalStorage's findings.  Reactor thread."""

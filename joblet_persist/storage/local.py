@@ -70,6 +70,7 @@ from joblet_persist.storage.api import (
     check_job_id,
 )
 from joblet_persist.storage.catalog import JobCatalog
+from joblet_persist.storage.compress import FixedLevel
 from joblet_persist.storage.diskwork import (
     ALL_TOPS,
     PART_TOPS,
@@ -164,7 +165,9 @@ class LocalStorage:
         self._data_dir = data_dir
         self._index_path = jobindex.index_path(data_dir)
         self._run = run_in_thread
-        self._compressor = compressor
+        # A level policy (compress.FixedLevel / AdaptiveLevel) picks each batch's
+        # compressor; a plain Compressor is a fixed level.
+        self._levels = compressor if hasattr(compressor, "choose") else FixedLevel(compressor)
         self._segment_max_bytes = segment_max_bytes
         self._fsync = fsync
         self._clock = clock
@@ -470,7 +473,7 @@ class LocalStorage:
             directory,
             expected_size,
             self._fsync == "batch",
-            self._compressor,
+            self._choose_compressor(),
             state.base,
             *columns,
             modes=self._modes,
@@ -482,6 +485,22 @@ class LocalStorage:
             errbackArgs=(state, kind, index, work),
         )
         return d
+
+    def _choose_compressor(self):
+        """The compressor of the next batch, from the level policy; counted per level."""
+        compressor = self._levels.choose()
+        self._metrics.compression_level(compressor.level)
+        return compressor
+
+    @property
+    def compression(self):
+        """The level policy (compress.FixedLevel or AdaptiveLevel).  Reactor thread."""
+        return self._levels
+
+    def set_compression_backlog(self, backlog) -> None:
+        """Let the level policy follow ``backlog()``: the writer's buffered bytes as a
+        fraction of its high-water mark.  Reactor thread (the composition root)."""
+        self._levels.set_backlog(backlog)
 
     def _write_failed(self, failure: Failure, state: JobState, kind: str, index: int, work):
         """A segment cut or removed behind the service's back: close it, write a new one.
