@@ -485,36 +485,12 @@ class BatchingWriter:
             raise WriterStopped("writer is stopping")
         if stream != 1 and stream != 2:
             raise ValueError(f"stream must be 1 or 2, not {stream!r}")
-        n = len(timestamps)
-        if not n:
+        if not timestamps:
             return
-        job = self._jobs.get(job_id)
-        if job is None:
-            job = self._new_job(job_id)
-        buf = job.buffers[stream]
-        if buf is None:
-            buf = job.buffers[stream] = _Buffer(job, BufferKey(stream), self._retry_initial)
-        nbytes = sum(map(len, contents)) + MESSAGE_OVERHEAD * n
-        self.messages_received += n
-        self._buffered += nbytes + _MEMORY_EXTRA * n
-        max_bytes = self._batch_max_bytes
-        max_messages = self._batch_max_messages
-        if buf.nbytes + nbytes < max_bytes and len(buf.timestamps) + n < max_messages:
-            # The common case: the whole group fits in the open buffer.
-            if not buf.timestamps:
-                self._opened(buf)
-            buf.timestamps.extend(timestamps)
-            buf.sequences.extend(sequences)
-            buf.arrivals.extend(arrivals)
-            buf.contents.extend(contents)
-            buf.nbytes += nbytes
-        else:
-            self._add_logs_sealing(buf, timestamps, sequences, arrivals, contents)
+        self._add_many(job_id, stream, timestamps, sequences, arrivals, contents)
         tap = self.log_taps.get(job_id)
         if tap is not None:
             tap(stream, arrivals, timestamps, sequences, contents)
-        if self._buffered > self._high_water and not self._paused:
-            self._pause()
 
     def _add_logs_sealing(self, buf: _Buffer, timestamps, sequences, arrivals, contents):
         """``add_logs`` for a group that reaches a threshold: fill, seal, repeat."""
@@ -580,8 +556,8 @@ class BatchingWriter:
         self._add_many(job_id, BUFFER_OF_EVENT[kind], timestamps, sequences, arrivals, payloads)
 
     def _add_many(self, job_id: str, index: int, timestamps, sequences, arrivals, items):
-        """``add_logs``' buffering for the buffer ``index`` of the job (sealed exactly where
-        successive single calls would seal it)."""
+        """Buffer several messages in the job's buffer ``index`` (a stream number or a
+        BufferKey), sealed exactly where successive single calls would seal it."""
         n = len(timestamps)
         if not n:
             return

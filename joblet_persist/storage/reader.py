@@ -226,6 +226,12 @@ def _inflate(f, path: str, m: MemberInfo) -> bytes:
     buf = f.read(m.size)
     if len(buf) != m.size:
         raise CorruptMember(f"short read: {len(buf)} of {m.size} bytes", path, m.offset)
+    return bytes(inflate_member_bytes(buf, m, path))
+
+
+def inflate_member_bytes(buf: bytes, m: MemberInfo, path: str):
+    """The data of member ``m`` from its bytes ``buf`` (a bytearray), checked as
+    ``_inflate`` says.  Any thread; raises CorruptMember."""
     try:
         hlen = gzip_header_length(buf)
     except ValueError as e:
@@ -243,7 +249,7 @@ def _inflate(f, path: str, m: MemberInfo) -> bytes:
         raise CorruptMember("CRC32 mismatch", path, m.offset)
     if isize != m.raw_size & 0xFFFFFFFF:
         raise CorruptMember("ISIZE mismatch", path, m.offset)
-    return bytes(data)
+    return data
 
 
 class _Source:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import heapq
 import operator
 import re
-import struct
 import time
 from bisect import bisect_right
 from collections import deque
@@ -40,8 +39,6 @@ from operator import itemgetter
 from typing import Callable, Iterator, Optional
 
 import re2
-from deflate import DeflateError, deflate_decompress
-from deflate import crc32 as _crc32
 
 from joblet_persist.storage import reader
 from joblet_persist.storage.api import STREAM_STDERR, STREAM_STDOUT, STREAM_UNSPECIFIED, ReadStats
@@ -50,7 +47,6 @@ from joblet_persist.storage.format import (
     CorruptMember,
     MemberInfo,
     decode_member_table,
-    gzip_header_length,
 )
 
 __all__ = [
@@ -464,29 +460,11 @@ def compile_matcher(pattern: str, regex: bool = False, ignore_case: bool = False
 
 # -- the scan of one member (pool thread) ------------------------------------------------
 
-_TRAILER = struct.Struct("<II")
 
-
-def _inflate(buf: bytes, m: MemberInfo, path: str) -> bytes:
-    """The data of member ``m`` (its bytes ``buf``), checked like reader._inflate."""
-    try:
-        hlen = gzip_header_length(buf)
-    except ValueError as e:
-        raise CorruptMember(str(e), path, m.offset) from None
-    if hlen is None or hlen + _TRAILER.size > len(buf):
-        raise CorruptMember("truncated gzip header", path, m.offset)
-    try:
-        data = deflate_decompress(memoryview(buf)[hlen : len(buf) - _TRAILER.size], m.raw_size)
-    except DeflateError as e:
-        raise CorruptMember(f"data does not inflate: {e}", path, m.offset) from None
-    if len(data) != m.raw_size:
-        raise CorruptMember("raw size differs from the header", path, m.offset)
-    crc, isize = _TRAILER.unpack_from(buf, len(buf) - _TRAILER.size)
-    if _crc32(data) != crc:
-        raise CorruptMember("CRC32 mismatch", path, m.offset)
-    if isize != m.raw_size & 0xFFFFFFFF:
-        raise CorruptMember("ISIZE mismatch", path, m.offset)
-    return data  # a bytearray: only the matching messages are copied out of it
+def _inflate(buf: bytes, m: MemberInfo, path: str):
+    """The data of member ``m`` (its bytes ``buf``), checked as the reader checks it; a
+    bytearray: only the matching messages are copied out of it."""
+    return reader.inflate_member_bytes(buf, m, path)
 
 
 def thd_scan_member(buf: bytes, m: MemberInfo, path: str, matcher: Matcher,
