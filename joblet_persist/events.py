@@ -55,7 +55,7 @@ __all__ = [
     "record_message",
 ]
 
-# Field types, as WIRE.md names them.
+# Field types, as docs/wire.md names them.
 U32 = "uint32"
 U64 = "uint64"
 I64 = "int64"

@@ -6,7 +6,7 @@ state between calls.
 ``decode_log_frames(data, offset, max_length, arrivals) -> (new_offset, groups, stop_reason)``
 
 Walks the frames of ``data`` (a ``bytes`` object: a 4-byte big-endian length N, then N bytes of
-a serialized ``joblet.ipc.IPCMessage``, WIRE.md section 1) from ``offset`` on, and collects
+a serialized ``joblet.ipc.IPCMessage``, docs/wire.md section 1) from ``offset`` on, and collects
 every *canonical LOG frame* into ``groups``, a dict keyed by ``(job_uuid, stream)`` whose values
 are four lists ``[timestamps, sequences, arrivals, contents]`` (ints, ints, ints, bytes), in
 frame order.  ``job_uuid`` is the envelope's (field 3); timestamp, sequence, stream and content

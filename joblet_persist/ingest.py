@@ -2,7 +2,7 @@
 
 Everything in this module runs on the reactor thread.
 
-Wire format (WIRE.md section 1): a 4-byte big-endian unsigned length N, then N bytes of a
+Wire format (docs/wire.md section 1): a 4-byte big-endian unsigned length N, then N bytes of a
 serialized ``joblet.ipc.IPCMessage``; frames split anywhere, several arrive per read.
 
 Per frame, checks in this order; the first that fails rejects the frame with a reason, counted

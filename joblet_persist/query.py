@@ -995,7 +995,7 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
             self._storage.job_info(job_id) is not None or self._storage.snapshot(job_id) is not None
         )
         freed = int(self._call_on_reactor(self._delete_job, job_id) or 0)
-        # WIRE.md: success=true when the job's data is gone.  An unknown job's
+        # docs/wire.md: success=true when the job's data is gone.  An unknown job's
         # data is gone too, so deleting it succeeds (idempotent delete).
         if known or freed:
             message = f"deleted job {job_id}: {freed} bytes freed"

@@ -127,7 +127,7 @@ def metric_batch(
 
 
 def metric_data(payload: bytes) -> dict:
-    """The stored JSON object of a serialized ipc Metric (WIRE.md snake_case keys)."""
+    """The stored JSON object of a serialized ipc Metric (docs/wire.md snake_case keys)."""
     m = ipc_pb2.Metric.FromString(payload).data
     return {
         "cpu_usage": m.cpu_usage,

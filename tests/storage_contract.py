@@ -214,7 +214,7 @@ class StorageBackendContractMixin:
         self.assertIn(info, storage.list_jobs())
 
     def test_metrics_round_trip(self):
-        """Metric samples read back with exact integers and WIRE.md snake_case keys."""
+        """Metric samples read back with exact integers and docs/wire.md snake_case keys."""
         storage = self.make_storage()
         rows = [
             (5_000_000_001, 7, 0, metric_payload(self.JOB, 5_000_000_001, 7, cpu=12.5)),

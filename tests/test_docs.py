@@ -27,6 +27,17 @@ class StandAloneTests(SynchronousTestCase):
         found = [(os.path.basename(p), m.group()) for p in DOCS for m in bad.finditer(_read(p))]
         self.assertEqual(found, [])
 
+    def test_no_source_comment_points_outside_the_repository(self):
+        """Comments and docstrings of the package cite docs/, never WIRE.md, DESIGN.md,
+        STYLE.md or ../shared, which are not part of the repository."""
+        bad = re.compile(r"(?<!docs/)WIRE\.md|DESIGN\.md|STYLE\.md|\.\./shared")
+        sources = [p for p in glob.glob(os.path.join(ROOT, "joblet_persist", "**", "*.py"),
+                                        recursive=True) if "_proto" not in p]
+        self.assertTrue(sources)
+        found = [(os.path.relpath(p, ROOT), m.group()) for p in sources
+                 for m in bad.finditer(_read(p))]
+        self.assertEqual(found, [])
+
     def test_named_docs_exist(self):
         """Every docs/NAME.md a doc mentions is in the repository."""
         missing = set()

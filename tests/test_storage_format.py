@@ -499,7 +499,7 @@ class MetricLineTests(SynchronousTestCase):
         self.assertEqual(fmt.metric_json_line(job_id, payload), want)
 
     def test_full_sample(self):
-        """All fields appear with WIRE.md snake_case keys and exact integers."""
+        """All fields appear with docs/wire.md snake_case keys and exact integers."""
         data = ipc_pb2.MetricData(
             cpu_usage=12.5,
             memory_usage=(1 << 62) + 1,

@@ -40,7 +40,7 @@ from typing import Optional, Sequence
 
 from zope.interface import Attribute, Interface
 
-#: Stream numbers, as on the wire (WIRE.md StreamType).
+#: Stream numbers, as on the wire (docs/wire.md StreamType).
 STREAM_UNSPECIFIED = 0
 STREAM_STDOUT = 1
 STREAM_STDERR = 2
@@ -271,7 +271,7 @@ class LogRecord:
 class MetricRecord:
     """One stored metric sample, as a query returns it.
 
-    ``data`` is the sample's stored JSON object, with WIRE.md's snake_case keys:
+    ``data`` is the sample's stored JSON object, with docs/wire.md's snake_case keys:
     ``{"cpu_usage": .., "memory_usage": .., "gpu_usage": .., "disk_io":
     {"read_bytes": .., ...}, "network_io": {"rx_bytes": .., ...}}``.
     """

@@ -460,7 +460,7 @@ def metric_record_dict(job_id: str, metric) -> dict:
 def metric_json_line(job_id: str, payload: bytes) -> bytes:
     """One compact JSON line (ending in ``\\n``) for a serialized ``joblet.ipc.Metric``.
 
-    Pure; any thread.  Keys are WIRE.md's snake_case names; ``job_uuid`` is
+    Pure; any thread.  Keys are docs/wire.md's snake_case names; ``job_uuid`` is
     ``job_id``; timestamp and sequence come from the payload; every numeric
     field is present (0 when unset); integers are exact; a non-finite
     cpu/gpu usage is written as ``null`` so the line stays valid JSON.

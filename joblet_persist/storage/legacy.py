@@ -1,4 +1,4 @@
-"""Reading files written by the older Go implementation (DESIGN.md section 3, item 5).
+"""Reading files written by the older Go implementation (docs/storage-format.md).
 
 Leaf module: pure functions, no reactor imports, no module-level mutable
 state; they run on whichever thread scans or reads a segment.

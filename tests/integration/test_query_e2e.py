@@ -118,7 +118,7 @@ def as_tuples(lines) -> list:
 
 
 def select(records, stream=0, start=0, end=0, offset=0, limit=0) -> list:
-    """The reference semantics of WIRE.md: range (bounds > 0), then offset, then limit."""
+    """The reference semantics of docs/wire.md: range (bounds > 0), then offset, then limit."""
     out = [
         r
         for r in records
