@@ -40,12 +40,13 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory  # 
 from google.protobuf.message import DecodeError  # noqa: E402
 from twisted.internet import defer, task  # noqa: E402
 from twisted.protocols.basic import Int32StringReceiver  # noqa: E402
+from zope.interface import implementer  # noqa: E402
 
 from joblet_persist import framing, ingest  # noqa: E402
 from joblet_persist._proto import ipc_pb2  # noqa: E402
 from joblet_persist.ingest import IngestProtocol, RejectionLog  # noqa: E402
 from joblet_persist.storage.api import is_valid_job_id  # noqa: E402
-from joblet_persist.writer import BatchingWriter  # noqa: E402
+from joblet_persist.writer import BatchingWriter, IBulkLogWriter  # noqa: E402
 
 READ_SIZE = 64 * 1024
 JOB_IDS = [f"0b7c6a1e-3f7e-4d2a-9c1b-{i:012d}" for i in range(8)]
@@ -64,6 +65,7 @@ class NullWriter:
         return None
 
 
+@implementer(IBulkLogWriter)
 class NullBulkWriter(NullWriter):
     """Also accepts groups (``add_logs``) and owns the arrival counters, as BatchingWriter."""
 

@@ -100,7 +100,7 @@ from joblet_persist.framing import decode_log_frames
 from joblet_persist.logs import Logger
 from joblet_persist.storage.api import is_valid_job_id
 from joblet_persist.threads import reactor_only
-from joblet_persist.writer import WriterStopped
+from joblet_persist.writer import IBulkLogWriter, IBulkOtherWriter, WriterStopped
 
 __all__ = [
     "EventTally",
@@ -477,11 +477,9 @@ class IngestProtocol(Int32StringReceiver):
         self._add_metric = writer.add_metric
         self._add_event = writer.add_event
         self._decode_frames = decode_log_frames
-        add_logs = getattr(writer, "add_logs", None)
-        arrivals = getattr(writer, "arrivals", None)
-        if add_logs is not None and isinstance(arrivals, dict):
-            self._add_logs = add_logs
-            self._arrivals = arrivals
+        if IBulkLogWriter.providedBy(writer):
+            self._add_logs = writer.add_logs
+            self._arrivals = writer.arrivals
             self._decode = self._decode_bulk
         else:
             # A writer taking one message at a time: one frame per decoder call keeps its
@@ -506,9 +504,10 @@ class IngestProtocol(Int32StringReceiver):
         self._event_rejected = event_rejected
         self._event_accepted = tally.accept
         self._events_accepted = tally.accepted
-        # Optional bulk forms of add_metric and add_event (BatchingWriter has them).
-        self._add_metrics = getattr(writer, "add_metrics", None)
-        self._add_events = getattr(writer, "add_events", None)
+        # Bulk forms of add_metric and add_event, when the writer has them (BatchingWriter).
+        bulk = IBulkOtherWriter.providedBy(writer)
+        self._add_metrics = writer.add_metrics if bulk else None
+        self._add_events = writer.add_events if bulk else None
         self._job_ids = job_ids if job_ids is not None else _JobIdCache()
         self._valid_ids = self._job_ids.ids
         # Receive state between reads; at most one of these is set.

@@ -507,10 +507,11 @@ def build_writer(config, reactor, st: StorageParts, health, metrics) -> WriterPa
         ),
     )
     # An adaptive compression level falls to its fastest while ingest waits on appends.
-    set_backlog = getattr(st.storage, "set_compression_backlog", None)
-    if set_backlog is not None:
+    from joblet_persist.storage.api import ICompressionBacklog
+
+    if ICompressionBacklog.providedBy(st.storage):
         high_water = wc.high_water_bytes
-        set_backlog(lambda: writer.buffered_bytes / high_water)
+        st.storage.set_compression_backlog(lambda: writer.buffered_bytes / high_water)
     service = CallbackService("writer", writer.start, writer.stop)
     return WriterParts(writer=writer, service=service, pause=pause, resume=resume)
 

@@ -45,7 +45,7 @@ from typing import Callable, Optional
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
-from zope.interface import Interface, implementer
+from zope.interface import Attribute, Interface, implementer
 
 from joblet_persist.logs import Logger
 from joblet_persist.storage.api import (
@@ -138,10 +138,8 @@ class IIngestWriter(Interface):
     """What the IPC ingest protocol hands accepted messages to.  Reactor thread.
 
     Each method buffers one message whose job id is already validated; it raises
-    WriterStopped when the writer accepts nothing more.  BatchingWriter provides it; a
-    writer that also takes LOG frames in bulk has ``add_logs`` and the ``arrivals`` dict
-    (see the ingest module), and may have ``add_metrics`` and ``add_events`` for metric and
-    event frames in bulk.
+    WriterStopped when the writer accepts nothing more.  BatchingWriter provides it and
+    the bulk forms below (IBulkLogWriter, IBulkOtherWriter).
     """
 
     def add_log(job_id, stream, timestamp, sequence, content):
@@ -154,6 +152,29 @@ class IIngestWriter(Interface):
         """One telemetry event of ``kind`` (an event kind name: ``"exec"``, ...):
         ``payload`` the IPC payload ``events.check_event`` accepted, ``timestamp`` and
         ``sequence`` the ones it returned."""
+
+
+class IBulkLogWriter(IIngestWriter):
+    """A writer that also takes a read's LOG frames in groups.  Reactor thread.
+
+    The ingest protocol then decodes a whole read at once (``framing.decode_log_frames``),
+    advancing ``arrivals`` itself, and hands each (job, stream) group to ``add_logs``.
+    """
+
+    arrivals = Attribute("dict job id -> the job's next arrival number, shared with ingest")
+
+    def add_logs(job_id, stream, timestamps, sequences, arrivals, contents):
+        """Several LOG messages of one (job, stream), in order (equally long columns)."""
+
+
+class IBulkOtherWriter(IIngestWriter):
+    """A writer that also takes a read's metric and event frames in bulk.  Reactor thread."""
+
+    def add_metrics(job_id, timestamps, sequences, arrivals, payloads):
+        """Several metric samples of one job, in order."""
+
+    def add_events(job_id, kind, timestamps, sequences, arrivals, payloads):
+        """Several telemetry events of one job and ``kind``, in order."""
 
 
 class NullWriterMetrics:
@@ -255,7 +276,7 @@ class _Buffer:
         return f"{self.job.job_id}/{_KIND_OF_BUFFER[self.key]}"
 
 
-@implementer(IIngestWriter)
+@implementer(IBulkLogWriter, IBulkOtherWriter)
 class BatchingWriter:
     """Buffers messages per (job, stream) and appends them to storage in batches.
 

@@ -27,6 +27,8 @@ from joblet_persist.writer import (
     MESSAGE_MEMORY,
     MESSAGE_OVERHEAD,
     BatchingWriter,
+    IBulkLogWriter,
+    IBulkOtherWriter,
     IIngestWriter,
     WriterStopped,
 )
@@ -607,7 +609,7 @@ class SelectionTests(SynchronousTestCase):
 # -- the ingest protocol's bulk path ---------------------------------------------------------
 
 
-@implementer(IIngestWriter)
+@implementer(IBulkLogWriter)
 class BulkWriter:
     """A writer with ``add_logs`` and the shared ``arrivals`` counters, recording every
     message with its arrival number."""
@@ -824,6 +826,7 @@ class BulkIngestTests(test_ingest.IngestTestMixin, SynchronousTestCase):
         self.assertEqual(self.metrics.rejected, ["bad_envelope"])
 
 
+@implementer(IBulkOtherWriter)
 class BulkOthersWriter(BulkWriter):
     """BulkWriter with the bulk forms of add_metric and add_event (as BatchingWriter)."""
 

@@ -601,6 +601,14 @@ class IIdleUnload(Interface):
         """
 
 
+class ICompressionBacklog(Interface):
+    """Optional: the backend's compression level may follow the writer's backlog."""
+
+    def set_compression_backlog(backlog):
+        """Let the level policy follow ``backlog()``: the writer's buffered bytes as a
+        fraction of its high-water mark.  Reactor thread (the composition root)."""
+
+
 class IFreeSpace(Interface):
     """Optional: the backend can tell whether it accepts writes and how much room is left."""
 

@@ -55,6 +55,7 @@ from joblet_persist.storage.api import (
     KIND_OF_EVENT,
     KIND_OF_STREAM,
     EventBatch,
+    ICompressionBacklog,
     IFreeSpace,
     IIdleUnload,
     IOrdinalBase,
@@ -109,7 +110,9 @@ def _finding(name: str) -> property:
     return property(lambda self: getattr(self.findings, name), doc=f"findings.{name}")
 
 
-@implementer(IStorageBackend, IRetentionSegments, IIdleUnload, IFreeSpace, IOrdinalBase)
+@implementer(
+    IStorageBackend, IRetentionSegments, IIdleUnload, IFreeSpace, IOrdinalBase, ICompressionBacklog
+)
 class LocalStorage:
     """IStorageBackend on a local directory of gzip segment files.
 

@@ -53,6 +53,7 @@ from joblet_persist.logs import Logger
 from joblet_persist.storage.api import (
     EVENT_OF_KIND,
     KINDS_OF_PART,
+    ICompressionBacklog,
     IFreeSpace,
     IIdleUnload,
     ILocalTier,
@@ -94,7 +95,10 @@ def _index_of(path: str) -> int:
     return parsed[1] if parsed is not None else -1
 
 
-@implementer(IStorageBackend, IRetentionSegments, IIdleUnload, IFreeSpace, ILocalTier, IRemoteNodes)
+@implementer(
+    IStorageBackend, IRetentionSegments, IIdleUnload, IFreeSpace, ILocalTier, IRemoteNodes,
+    ICompressionBacklog,
+)
 class TieredStorage:
     """The local backend plus the archive-only segments of its jobs.  See the module docstring.
 
@@ -452,6 +456,13 @@ class TieredStorage:
 
     def segment_usage(self, job_id: str):
         return self.local.segment_usage(job_id)
+
+    # -- ICompressionBacklog -------------------------------------------------------
+
+    def set_compression_backlog(self, backlog) -> None:
+        """The local tier compresses what is written."""
+        if ICompressionBacklog.providedBy(self.local):
+            self.local.set_compression_backlog(backlog)
 
     # -- IIdleUnload, IFreeSpace -------------------------------------------------
 
