@@ -45,6 +45,7 @@ from joblet_persist.storage.api import (
 from joblet_persist.storage.format import MemberInfo
 from joblet_persist.storage.reader import SegmentView
 from joblet_persist.storage.segment import segment_name
+from joblet_persist.storage.snapshot import LocalJobSnapshot
 
 WALL0 = 1_800_000_000.0  # the fake wall clock's start (Unix seconds)
 NOW_NS = int(WALL0 * 1e9)
@@ -175,6 +176,9 @@ class FakeMetrics:
 
 class FakeSnapshot:
     """A published job: per kind, a list of segments, each a list of records."""
+
+    # The views of a kind, picked from the attributes below as a LocalJobSnapshot does.
+    views = LocalJobSnapshot.views
 
     def __init__(self, job_id, info, data: dict):
         self.job_id = job_id

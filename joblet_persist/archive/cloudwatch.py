@@ -65,7 +65,7 @@ from joblet_persist.storage.api import (
     STREAM_STDOUT,
     SegmentKind,
 )
-from joblet_persist.storage.segment import parse_segment_name
+from joblet_persist.storage.segment import segment_index
 from joblet_persist.threads import reactor_only
 
 CURSOR_FILENAME = "archive_cloudwatch.json"
@@ -160,20 +160,8 @@ def thd_write_cursors(data_dir: str, data: bytes,
 
 def segment_counts(snapshot, kind: SegmentKind) -> list[tuple[int, int]]:
     """``[(segment index, messages)]`` of one kind of a published local snapshot.  Any thread."""
-    if kind is SegmentKind.STDOUT:
-        views = snapshot.stdout
-    elif kind is SegmentKind.STDERR:
-        views = snapshot.stderr
-    elif kind is SegmentKind.METRICS:
-        views = snapshot.metrics
-    else:
-        views = snapshot.events.get(EVENT_OF_KIND[kind], ())
-    out = []
-    for v in views:
-        parsed = parse_segment_name(os.path.basename(v.path))
-        index = parsed[1] if parsed is not None else 0
-        out.append((index, sum(m.count for m in v.members)))
-    return out
+    return [(segment_index(v.path, 0), sum(m.count for m in v.members))
+            for v in snapshot.views(kind)]
 
 
 def position_to_offset(counts: list, seg: int, n: int) -> int:

@@ -120,6 +120,13 @@ def parse_segment_name(name: str) -> Optional[tuple[SegmentKind, int]]:
     return kind, index
 
 
+def segment_index(path: str, default: int) -> int:
+    """The index in the segment file name at the end of ``path``; ``default`` when it is
+    not a segment's name."""
+    parsed = parse_segment_name(os.path.basename(path))
+    return parsed[1] if parsed is not None else default
+
+
 def thd_list_segments(job_dir: str, kind: str, refused: Optional[list] = None) -> list[tuple[int, str]]:
     """Sorted ``(index, path)`` of ``kind``'s segments in ``job_dir``.  Pool thread.
 

@@ -15,6 +15,7 @@ from zope.interface import implementer
 from joblet_persist import events
 from joblet_persist.storage import reader, search, tail
 from joblet_persist.storage.api import (
+    EVENT_OF_KIND,
     LOG_STREAMS,
     STREAM_STDERR,
     STREAM_STDOUT,
@@ -26,6 +27,7 @@ from joblet_persist.storage.api import (
     ILogTail,
     JobInfo,
     ReadStats,
+    SegmentKind,
     StorageUnavailable,
 )
 from joblet_persist.storage.files import FileBudget
@@ -72,6 +74,16 @@ class LocalJobSnapshot:
     budget: Optional[FileBudget] = field(default=None, repr=False)
     # Event kind name -> tuple[reader.SegmentView, ...]; kinds without segments are absent.
     events: dict = field(default_factory=dict, repr=False)
+
+    def views(self, kind: SegmentKind) -> tuple:
+        """The SegmentViews of one segment kind, in segment order."""
+        if kind == SegmentKind.STDOUT:
+            return self.stdout
+        if kind == SegmentKind.STDERR:
+            return self.stderr
+        if kind == SegmentKind.METRICS:
+            return self.metrics
+        return self.events.get(EVENT_OF_KIND[kind], ())
 
     def iter_logs(
         self,

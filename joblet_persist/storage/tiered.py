@@ -68,7 +68,7 @@ from joblet_persist.storage.api import (
     is_valid_job_id,
 )
 from joblet_persist.storage.format import KIND_LEGACY
-from joblet_persist.storage.segment import parse_segment_name
+from joblet_persist.storage.segment import segment_index
 from joblet_persist.storage.snapshot import LocalJobSnapshot
 from joblet_persist.threads import reactor_only
 
@@ -79,20 +79,8 @@ REMOTE_CACHE_SECONDS = 30.0
 REMOTE_CACHE_ENTRIES = 256
 
 
-def _views(snap: LocalJobSnapshot, kind: SegmentKind) -> tuple:
-    """The snapshot's SegmentViews of ``kind``."""
-    if kind == SegmentKind.STDOUT:
-        return snap.stdout
-    if kind == SegmentKind.STDERR:
-        return snap.stderr
-    if kind == SegmentKind.METRICS:
-        return snap.metrics
-    return snap.events.get(EVENT_OF_KIND[kind], ())
-
-
 def _index_of(path: str) -> int:
-    parsed = parse_segment_name(os.path.basename(path))
-    return parsed[1] if parsed is not None else -1
+    return segment_index(path, -1)
 
 
 @implementer(
@@ -407,7 +395,7 @@ class TieredStorage:
         for kind in kinds:
             if kind not in self._kinds:
                 continue
-            for view in _views(snap, kind):
+            for view in snap.views(kind):
                 if not view.members:
                     continue  # nothing to keep (a placeholder of JobState.empty's floor)
                 seg = self._archived_copy(job_id, kind, view)
@@ -447,7 +435,7 @@ class TieredStorage:
         is stays readable from there."""
         snap = self.local.snapshot(job_id) if is_valid_job_id(job_id) else None
         if snap is not None and kind in self._kinds:
-            for view in _views(snap, kind):
+            for view in snap.views(kind):
                 if _index_of(view.path) == index:
                     seg = self._archived_copy(job_id, kind, view)
                     if seg is not None and seg.members:
@@ -511,7 +499,7 @@ class TieredStorage:
         source = self._source
         views, used = {}, {}
         for kind in SegmentKind:
-            here = _views(local, kind) if local is not None else ()
+            here = local.views(kind) if local is not None else ()
             # An empty local segment (a placeholder) never hides the archived one.
             have = {_index_of(v.path) for v in here if v.members}
             remote = [s for s in arch.segments.get(kind, ()) if s.index not in have]
