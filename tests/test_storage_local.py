@@ -12,6 +12,7 @@ import gzip
 import json
 import os
 import shutil
+import subprocess
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -582,6 +583,62 @@ class TornTailTests(StorageTestCase):
         self.append(storage, STREAM_STDOUT, rows(0, b"more"))
         with open(path, "rb") as f:
             self.assertEqual(gzip.decompress(f.read()), b"first\n" + b"second\n" * 50 + b"more")
+
+    def test_segment_left_empty_by_a_crash_is_removed_on_load(self):
+        """A SIGKILL during the first append to a new segment (after a rotation) leaves
+        that file empty (created, data not yet written) or holding part of its first
+        member, which the torn-tail repair cuts to nothing.  An empty file is not gzip
+        (``gzip -t`` and ``zcat`` fail on it), so loading the job removes such segments
+        (counted as repaired); the data before them is intact, every file left passes
+        ``gzip -t``, and the next appends create the segments again."""
+        storage = self.make(segment_max_bytes=1)  # every append starts a new segment
+        self.append(storage, STREAM_STDOUT, rows(0, b"one\n"))
+        self.append(storage, STREAM_STDOUT, rows(1, b"two\n"))
+        self.successResultOf(
+            storage.append_metrics(metric_batch(JOB, [(5, 0, 2, metric_payload(JOB, 5, 0))]))
+        )
+        self.successResultOf(storage.stop())
+        logs_dir = os.path.join(self.data_dir, "logs", JOB)
+        metrics_dir = os.path.join(self.data_dir, "metrics", JOB)
+        # Killed between creating the next stdout segment and writing to it ...
+        open(os.path.join(logs_dir, "stdout_000002.log.gz"), "wb").close()
+        # ... and part way through the first member of the next metrics segment.
+        with open(os.path.join(metrics_dir, "metrics.jsonl.gz"), "rb") as f:
+            member = f.read()
+        with open(os.path.join(metrics_dir, "metrics_000001.jsonl.gz"), "wb") as f:
+            f.write(member[: len(member) // 2])
+
+        storage = self.make(segment_max_bytes=1)
+        self.assertEqual(self.logs(storage), [(1, b"one\n"), (1, b"two\n")])
+        self.assertEqual(storage.repaired_segments, 2)
+        self.assertEqual(self.segment_files(), ["stdout.log.gz", "stdout_000001.log.gz"])
+        self.assertEqual(self.segment_files("metrics"), ["metrics.jsonl.gz"])
+        self.assertEqual(storage.job_info(JOB).log_count, 2)
+        self.assertEqual(storage.job_info(JOB).metric_count, 1)
+        self.assert_every_file_is_gzip()
+
+        self.append(storage, STREAM_STDOUT, rows(3, b"three\n"))
+        self.successResultOf(
+            storage.append_metrics(metric_batch(JOB, [(6, 1, 4, metric_payload(JOB, 6, 1))]))
+        )
+        self.assertEqual(
+            self.segment_files(),
+            ["stdout.log.gz", "stdout_000001.log.gz", "stdout_000002.log.gz"],
+        )
+        self.assertEqual(self.segment_files("metrics"), ["metrics.jsonl.gz", "metrics_000001.jsonl.gz"])
+        self.assertEqual(
+            [c for _, c in self.logs(storage)], [b"one\n", b"two\n", b"three\n"]
+        )
+        self.assert_every_file_is_gzip()
+
+    def assert_every_file_is_gzip(self):
+        """Every segment file under the data directory passes ``gzip -t``."""
+        for top in ("logs", "metrics", "events"):
+            for root, _dirs, names in os.walk(os.path.join(self.data_dir, top)):
+                for name in names:
+                    path = os.path.join(root, name)
+                    test = subprocess.run(["gzip", "-t", path], capture_output=True)
+                    self.assertEqual(test.returncode, 0, f"gzip -t {path}: {test.stderr!r}")
 
     def test_rebuild_does_not_repair(self):
         """Rebuilding the index reads headers only and leaves a torn file untouched."""

@@ -150,6 +150,41 @@ class AppendTests(SynchronousTestCase):
         self.assertEqual(calls, [4, 7])
         self.assertEqual(read(path), b"kept")
 
+    def test_failed_first_write_to_an_existing_empty_file_removes_it(self):
+        """A failed append at offset 0 to a file that already exists (empty) does not leave
+        it behind empty: nothing of it was published, and an empty file is not gzip."""
+        path = os.path.join(self.mktemp(), "f")
+        os.makedirs(os.path.dirname(path))
+        open(path, "wb").close()
+
+        def failing_pwrite(fd, data, offset):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(segment.os, "pwrite", failing_pwrite)
+        e = self.assertRaises(OSError, thd_append, path, b"0123", 0, False)
+        self.assertEqual(e.errno, errno.ENOSPC)
+        self.assertFalse(os.path.lexists(path))
+
+    def test_remove_if_empty(self):
+        """thd_remove_if_empty removes an empty regular file only: not a file with data,
+        not a symlink (nor its target), not a missing file."""
+        base = self.mktemp()
+        os.makedirs(base)
+        empty, full, link = (os.path.join(base, n) for n in ("empty", "full", "link"))
+        open(empty, "wb").close()
+        with open(full, "wb") as f:
+            f.write(b"x")
+        target = os.path.join(base, "target")
+        open(target, "wb").close()
+        os.symlink(target, link)
+        self.assertTrue(segment.thd_remove_if_empty(empty))
+        self.assertFalse(os.path.lexists(empty))
+        self.assertFalse(segment.thd_remove_if_empty(empty))
+        self.assertFalse(segment.thd_remove_if_empty(full))
+        self.assertFalse(segment.thd_remove_if_empty(link))
+        self.assertEqual(read(full), b"x")
+        self.assertTrue(os.path.islink(link) and os.path.exists(target))
+
     def test_failed_fsync_is_truncated_back(self):
         """A failing fsync also leaves nothing of the new data behind."""
         path = os.path.join(self.mktemp(), "f")

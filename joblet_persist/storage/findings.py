@@ -47,7 +47,8 @@ class Findings:
         self.skipped_metric_payloads = 0
         #: Failed job index writes.
         self.index_write_errors = 0
-        #: Segment files whose torn tail was cut when their job was loaded.
+        #: Segment files whose torn tail was cut (or that held no complete member and
+        #: were removed) when their job was loaded.
         self.repaired_segments = 0
         #: Damaged regions in the middle of segments, stepped over when their job was loaded.
         self.damaged_regions = 0
@@ -70,6 +71,13 @@ class Findings:
         for path in scan.truncated:
             self.repaired_segments += 1
             self._log.warn("cut a torn tail off {path}", path=path)
+        for path in scan.removed:
+            self.repaired_segments += 1
+            self._log.warn(
+                "removed {path}: it held no complete member (a crash during its first "
+                "append); the next append creates it again",
+                path=path,
+            )
         for kind in SegmentKind:
             for s in scan.kind_segments(kind):
                 for start, end in s.result.holes:

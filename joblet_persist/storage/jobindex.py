@@ -348,6 +348,8 @@ class JobScan:
     truncated: tuple = ()  # paths whose torn tail was cut
     #: Paths with a segment's name that are symlinks or not regular files: not read.
     refused: tuple = ()
+    #: Segment files removed because they held no complete member (repair only).
+    removed: tuple = ()
 
     def kind_segments(self, kind: str) -> tuple:
         return self.segments.get(kind, ())
@@ -423,7 +425,9 @@ def thd_scan_job(data_dir: str, job_id: str, repair: bool) -> Optional[JobScan]:
     """Scan the headers of every segment of a job.  Pool thread.
 
     ``job_id`` must already be validated.  With ``repair`` a torn tail of a
-    segment is cut (see segment.thd_scan_segment).  Returns None when the job
+    segment is cut (see segment.thd_scan_segment), and a segment left with no
+    complete member (empty: a crash hit its first append) is removed and
+    listed in ``JobScan.removed``.  Returns None when the job
     has neither a logs nor a metrics directory.  Nothing is followed through
     a symlink: a symlink at ``logs``, ``metrics`` or ``<top>/<job>`` raises
     safefs.UnsafeEntry; one with a segment's name is left out of the scan
@@ -433,6 +437,7 @@ def thd_scan_job(data_dir: str, job_id: str, repair: bool) -> Optional[JobScan]:
     segments = {}
     mtimes = []
     truncated = []
+    removed: list = []
     refused: list = []
     for kind in SegmentKind:
         directory = job_dir(data_dir, kind, job_id)
@@ -450,6 +455,11 @@ def thd_scan_job(data_dir: str, job_id: str, repair: bool) -> Optional[JobScan]:
         scans = []
         for index, path in listed:
             result = segment.thd_scan_segment(path, repair, depth=3)
+            if repair and not result.members and segment.thd_remove_if_empty(path, depth=3):
+                # No complete member (a crash during its first append): an empty
+                # file is not gzip, so it goes; the next append creates it again.
+                removed.append(path)
+                continue
             if result.truncated:
                 truncated.append(path)
             try:
@@ -469,6 +479,7 @@ def thd_scan_job(data_dir: str, job_id: str, repair: bool) -> Optional[JobScan]:
         max_mtime=max(mtimes) if mtimes else 0.0,
         truncated=tuple(truncated),
         refused=tuple(p for _i, p in refused),
+        removed=tuple(removed),
     )
 
 

@@ -16,6 +16,7 @@ import errno
 import mmap
 import os
 import re
+import stat
 import zlib
 from dataclasses import dataclass
 from typing import Optional
@@ -42,6 +43,7 @@ __all__ = [
     "thd_append",
     "thd_fsync_path",
     "thd_list_segments",
+    "thd_remove_if_empty",
     "thd_scan_segment",
 ]
 
@@ -317,6 +319,36 @@ def thd_scan_segment(path: str, repair: bool, depth: int = 1) -> ScanResult:
     return ScanResult(tuple(members), valid_size, file_size, truncated, tuple(holes))
 
 
+def thd_remove_if_empty(path: str, depth: int = 1) -> bool:
+    """Remove segment ``path`` if it is an empty regular file; whether it did.  Pool thread.
+
+    A segment with no complete member is what a crash leaves when it hits the
+    first append to a new segment: the file was created and its data never
+    (or only partly) written, and the scan's repair cut it to nothing.  An empty
+    file is not a gzip file (``gzip -t`` and ``zcat`` reject it), so the loader
+    removes it; the next append to that kind creates it again.  The directory is
+    walked without following symlinks (``depth`` as for thd_scan_segment) and is
+    fsync'd after the removal; anything else at the name is left alone.
+    """
+    directory, name = os.path.split(path)
+    try:
+        dfd = safefs.open_dir(directory or ".", depth - 1)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    try:
+        try:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISREG(st.st_mode) or st.st_size != 0:
+            return False
+        os.unlink(name, dir_fd=dfd)
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return True
+
+
 # -- appending ---------------------------------------------------------------
 
 
@@ -356,8 +388,9 @@ def thd_append(
     When the file is longer than ``expected_size`` (a previous failed partial
     write), it is first cut back.
     On any error (ENOSPC, EIO, ...) the file is truncated back to
-    ``expected_size`` (best effort), or removed when this call created it (an
-    empty file is not valid gzip), and the error re-raised: nothing partial
+    ``expected_size`` (best effort), or removed when this call created it or
+    ``expected_size`` is 0 (an empty file is not valid gzip), and the error
+    re-raised: nothing partial
     stays.  With ``fsync=True`` the file is fsync'd, and so are the parent
     directories of everything this call created.  Raises
     SegmentShorterThanExpected, writing nothing, when the file is shorter
@@ -420,7 +453,9 @@ def _append_in(dfd, name, path, data, expected_size, fsync, modes) -> int:
                 pass
             raise
     except BaseException:
-        if created:
+        if created or expected_size == 0:
+            # Nothing of the file was published: it is removed rather than left
+            # empty (an empty file is not valid gzip).
             try:
                 os.unlink(name, dir_fd=dfd)
             except OSError:
