@@ -34,7 +34,7 @@ _TYPE_NAMES = {
 # series exist at 0 from the first scrape, so increase()/rate() see the first event.
 FRAME_REJECT_REASONS = (
     "oversized", "bad_envelope", "bad_payload", "invalid_job_id", "invalid_stream",
-    "unsupported_type", "unknown_type", "truncated_frame", "stopping", "too_many_connections",
+    "unknown_type", "truncated_frame", "stopping", "too_many_connections",
     "over_budget", "stalled_frame",
 )
 STORAGE_ERROR_KINDS = (

@@ -1,8 +1,10 @@
 """The documentation stands alone: no reference to files outside the repository, every
-docs/ file it names exists, and docs/wire.md's field tables match the .proto files."""
+docs/ file it names exists, docs/wire.md's field tables match the .proto files, and the
+documented frame rejection reasons are the ones ingest produces."""
 
 from __future__ import annotations
 
+import ast
 import glob
 import os
 import re
@@ -10,6 +12,7 @@ import re
 from twisted.trial.unittest import SynchronousTestCase
 
 from joblet_persist._proto import ipc_pb2, persist_pb2
+from joblet_persist.metrics import FRAME_REJECT_REASONS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = sorted(glob.glob(os.path.join(ROOT, "docs", "*.md"))) + [os.path.join(ROOT, "README.md")]
@@ -102,3 +105,43 @@ class HealthExampleTests(SynchronousTestCase):
 
         doc = _read(os.path.join(ROOT, "docs", "operations.md"))
         self.assertIn(f'"version": "{__version__}"}}', doc)
+
+
+def _produced_frame_reject_reasons() -> set:
+    """The rejection reasons the service can produce: every string literal ingest.py passes
+    as the reason of a rejection (``self._reject(...)``, ``rejections.reject(...)``), and
+    the reasons of ``events.EventDecodeError`` (ingest passes ``e.reason`` on)."""
+    reasons = set()
+    tree = ast.parse(_read(os.path.join(ROOT, "joblet_persist", "ingest.py")))
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("_reject", "reject") and node.args):
+            arg = node.args[0]
+            if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                reasons.add(arg.value)
+    tree = ast.parse(_read(os.path.join(ROOT, "joblet_persist", "events.py")))
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                and node.func.id == "EventDecodeError" and node.args
+                and isinstance(node.args[0], ast.Constant)):
+            reasons.add(node.args[0].value)
+    return reasons
+
+
+def _documented_frame_reject_reasons() -> set:
+    """The ``reason`` values docs/operations.md lists for persist_ipc_frames_rejected_total."""
+    text = _read(os.path.join(ROOT, "docs", "operations.md"))
+    row = re.search(r"^\| `persist_ipc_frames_rejected_total` \|[^|]*\|([^|]*)\|", text, re.M)
+    return set(re.findall(r"`(\w+)`", row.group(1).split("`reason`:", 1)[1]))
+
+
+class RejectReasonDocTests(SynchronousTestCase):
+    def test_documented_reasons_are_the_produced_ones(self):
+        """docs/operations.md lists exactly the frame rejection reasons ingest produces (no
+        reason that is no longer produced, none missing), and the metric's series that
+        exist from the first scrape (metrics.FRAME_REJECT_REASONS) are those same reasons."""
+        produced = _produced_frame_reject_reasons()
+        self.assertIn("stalled_frame", produced)  # the extraction finds them
+        self.assertIn("too_many_connections", produced)
+        self.assertEqual(_documented_frame_reject_reasons(), produced)
+        self.assertEqual(set(FRAME_REJECT_REASONS), produced)
