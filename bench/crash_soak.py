@@ -250,7 +250,9 @@ def gzip_test_all(data_dir: str) -> list[str]:
         if result.returncode != 0:
             sizes = {p: os.path.getsize(p) for p in batch if os.path.exists(p)}
             for line in result.stderr.decode(errors="replace").splitlines():
-                path = line.split(": ")[1] if ": " in line else ""
+                if ": " not in line:
+                    continue
+                path = line.split(": ")[1]
                 errors.append(f"{line} (size {sizes.get(path)})")
     return errors
 
@@ -383,19 +385,19 @@ def run(args) -> int:
     kinds_done = {"ingest": 0, "startup": 0, "retention": 0}
     started = time.monotonic()
     passed = 0
+    previous = "nothing"
     try:
         for cycle in range(1, args.cycles + 1):
             point = rng.choice(("ingest", "ingest", "startup", "retention"))
             service = Service(workdir, base_config(workdir, False, args.segment_bytes), "checker")
             service.wait_ready()
-            failed = checker.check(service, f"cycle {cycle} (after {point if cycle > 1 else '-'})")
+            failed = checker.check(service, f"cycle {cycle} (after a kill during {previous})")
+            previous = point
             if point != "ingest":
                 service.kill()  # idle: the next process starts from the same files
                 service = Service(workdir, base_config(workdir, point == "retention", args.segment_bytes), point)
-                if point == "retention":
-                    service.wait_ready()
-                else:
-                    service.wait_ready()  # Ping answers: traffic at once, loads under way
+                # For "startup", traffic starts the moment Ping answers: loads under way.
+                service.wait_ready()
             traffic = Traffic(service.ipc_sock, jobs, checker.resume, rng.randrange(1 << 30))
             traffic.start()
             delay = rng.uniform(0.0, 0.4) if point == "startup" else rng.uniform(0.2, 2.0)
@@ -405,8 +407,8 @@ def run(args) -> int:
             checker.record_cycle(traffic, killed_at, point == "retention")
             kinds_done[point] += 1
             sent = sum(len(v) for v in traffic.sent.values())
-            log(f"cycle {cycle}: {point}, killed after {delay:.2f}s, {sent} frames sent, "
-                f"{failed} failures found at its start")
+            log(f"cycle {cycle}: {failed} failures found at its start; then {point}, killed "
+                f"after {delay:.2f}s, {sent} frames sent")
             if failed:
                 for line in checker.failures[-failed:][:20]:
                     log("  " + line)
@@ -414,7 +416,7 @@ def run(args) -> int:
                 passed += 1
         service = Service(workdir, base_config(workdir, False, args.segment_bytes), "checker")
         service.wait_ready()
-        final = checker.check(service, "final (after the last kill)")
+        final = checker.check(service, f"final (after a kill during {previous})")
         code = service.terminate()
         if code not in (0, -signal.SIGTERM):
             checker.failures.append(f"final: SIGTERM exit status {code}")

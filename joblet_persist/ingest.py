@@ -92,6 +92,9 @@ from typing import Callable, Optional
 from google.protobuf.message import DecodeError
 from twisted.internet import defer, protocol
 from twisted.protocols.basic import Int32StringReceiver
+from zope.interface import Interface, implementer
+from zope.interface.exceptions import Invalid
+from zope.interface.verify import verifyObject
 
 from joblet_persist import events
 from joblet_persist._proto import ipc_pb2
@@ -141,11 +144,54 @@ _parse_metric = ipc_pb2.Metric.FromString
 _EVENT_VIEWS = {t: (k.name, k.view_class.FromString) for t, k in events.KINDS_BY_TYPE.items()}
 
 
-class NullIngestMetrics:
-    """The ingest metrics interface, doing nothing.  Reactor thread.
+class IIngestMetrics(Interface):
+    """What ingest reports to.  Reactor thread.
 
-    ``joblet_persist.metrics.PersistMetrics`` implements it with plain integer counters.
+    Every method is required: the protocol and the factory check the object they are given
+    when they are built (``require_ingest_metrics``), so a missing method is an error there,
+    not a count silently lost at run time.  ``joblet_persist.metrics.PersistMetrics``
+    implements it with plain integer counters; ``NullIngestMetrics`` does nothing.
     """
+
+    def frame_received(msg_type, nbytes):
+        """One frame of ``msg_type`` (``nbytes`` long) was read; it may still be rejected."""
+
+    def frames_received(counts, nbytes):
+        """Bulk form: ``counts`` maps message type to frames read, ``nbytes`` their total."""
+
+    def frame_rejected(reason):
+        """A frame (or a connection, ``too_many_connections``) was rejected."""
+
+    def event_rejected(kind, reason):
+        """A telemetry event frame of ``kind`` was rejected for ``reason`` (also reported
+        through ``frame_rejected``)."""
+
+    def connection_opened():
+        """An IPC connection was accepted."""
+
+    def connection_closed():
+        """An accepted IPC connection closed."""
+
+    def set_partial_budget(budget):
+        """``budget`` (PartialFrameBudget) is exported at scrape time."""
+
+
+def require_ingest_metrics(metrics):
+    """``metrics``, or NullIngestMetrics() for None; TypeError naming what is missing when
+    the object lacks a method of IIngestMetrics (or takes other arguments)."""
+    if metrics is None:
+        return NullIngestMetrics()
+    try:
+        verifyObject(IIngestMetrics, metrics, tentative=True)
+    except Invalid as e:
+        raise TypeError(f"ingest metrics {type(metrics).__name__} do not implement "
+                        f"IIngestMetrics: {e}") from None
+    return metrics
+
+
+@implementer(IIngestMetrics)
+class NullIngestMetrics:
+    """The ingest metrics interface (IIngestMetrics), doing nothing.  Reactor thread."""
 
     def frame_received(self, msg_type: int, nbytes: int) -> None:
         """One frame of ``msg_type`` (``nbytes`` long) was read; it may still be rejected."""
@@ -450,7 +496,8 @@ class _JobIdCache:
 
 class IngestProtocol(Int32StringReceiver):
     """One joblet-core connection: frames in, ``writer.add_logs``/``add_log``/``add_metric``/
-    ``add_event`` out; ``writer`` provides ``writer.IIngestWriter``.
+    ``add_event`` out; ``writer`` provides ``writer.IIngestWriter``, ``metrics``
+    IIngestMetrics (checked here: TypeError when a method is missing; None counts nothing).
 
     Reactor thread.  Keeps Int32StringReceiver's interface (``MAX_LENGTH``,
     ``stringReceived`` for one frame, ``lengthLimitExceeded``) with a faster ``dataReceived``.
@@ -488,12 +535,10 @@ class IngestProtocol(Int32StringReceiver):
             self._arrivals = {}
             self._decode = self._decode_one
         self._reject = rejections.reject
-        metrics = metrics if metrics is not None else NullIngestMetrics()
+        metrics = require_ingest_metrics(metrics)
         self._frame_received = metrics.frame_received
-        self._frames_received = getattr(metrics, "frames_received", None) or self._bulk_fallback
-        count_rejected = (
-            getattr(metrics, "event_rejected", None) or NullIngestMetrics().event_rejected
-        )
+        self._frames_received = metrics.frames_received
+        count_rejected = metrics.event_rejected
         tally = event_tally if event_tally is not None else EventTally(clock)
         tally_rejected = tally.reject
 
@@ -526,12 +571,6 @@ class IngestProtocol(Int32StringReceiver):
         self._stall_timeout = partial_frame_timeout if clock is not None else 0
         self._progress_at = 0.0
         self._stall_timer = None
-
-    def _bulk_fallback(self, counts: dict[int, int], nbytes: int) -> None:
-        # Metrics objects without the bulk method: spread the bytes over single calls.
-        for msg_type, count in counts.items():
-            for i in range(count):
-                self._frame_received(msg_type, nbytes // count + (i < nbytes % count))
 
     # -- receiving ---------------------------------------------------------
 
@@ -1032,7 +1071,7 @@ class IngestFactory(protocol.Factory):
     connections start paused.  ``budget`` (a PartialFrameBudget built from
     ``max_partial_bytes`` and ``max_partial_bytes_per_connection``) bounds the memory of
     frames still arriving; ``partial_frame_timeout`` (0: never) closes connections whose
-    frame stalls.
+    frame stalls.  ``metrics`` provides IIngestMetrics (checked here, as by IngestProtocol).
     """
 
     noisy = False
@@ -1064,7 +1103,7 @@ class IngestFactory(protocol.Factory):
         self.refused_connections = 0
         self.last_refused: Optional[float] = None
         self._writer = writer
-        self._metrics = metrics if metrics is not None else NullIngestMetrics()
+        self._metrics = require_ingest_metrics(metrics)
         self._clock = clock
         self.max_frame_bytes = max_frame_bytes
         self.max_connections = max_connections
@@ -1075,9 +1114,7 @@ class IngestFactory(protocol.Factory):
         self._protocols: dict[IngestProtocol, None] = {}
         self._paused = False
         self._draining = False
-        set_budget = getattr(self._metrics, "set_partial_budget", None)
-        if set_budget is not None:
-            set_budget(self.budget)
+        self._metrics.set_partial_budget(self.budget)
 
     @reactor_only
     def startFactory(self) -> None:

@@ -21,9 +21,11 @@ from typing import Callable, Iterable, Optional
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
+from zope.interface import implementer
 
 from joblet_persist import __version__, events
 from joblet_persist._proto import ipc_pb2, persist_pb2
+from joblet_persist.ingest import IIngestMetrics
 
 _TYPE_NAMES = {
     value.number: value.name.removeprefix("MESSAGE_TYPE_").lower()
@@ -56,6 +58,7 @@ def message_type_name(msg_type: int) -> str:
     return _TYPE_NAMES.get(msg_type, "other")
 
 
+@implementer(IIngestMetrics)
 class PersistMetrics:
     """All metrics of one service instance.
 

@@ -272,11 +272,17 @@ class _Events:
     def frame_rejected(self, reason):
         self.events.append(("reject", reason))
 
+    def event_rejected(self, kind, reason):
+        self.last_event_rejected = (kind, reason)  # also reported through frame_rejected
+
     def connection_opened(self):
         pass
 
     def connection_closed(self):
         pass
+
+    def set_partial_budget(self, budget):
+        self.budget = budget
 
 
 def _feed(factory, data: bytes, splits) -> None:

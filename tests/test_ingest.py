@@ -18,7 +18,13 @@ from zope.interface.verify import verifyObject
 
 from joblet_persist import events
 from joblet_persist._proto import ipc_pb2
-from joblet_persist.ingest import IngestFactory, IngestProtocol, RejectionLog
+from joblet_persist.ingest import (
+    IIngestMetrics,
+    IngestFactory,
+    IngestProtocol,
+    NullIngestMetrics,
+    RejectionLog,
+)
 from joblet_persist.storage.api import is_valid_job_id
 from joblet_persist.writer import IIngestWriter, WriterStopped
 
@@ -153,6 +159,9 @@ class RecordingMetrics:
 
     def connection_closed(self):
         self.connections -= 1
+
+    def set_partial_budget(self, budget):
+        self.budget = budget
 
 
 class IngestTestMixin:
@@ -712,34 +721,38 @@ class FactoryTests(IngestTestMixin, SynchronousTestCase):
         self.assertRaises(TypeError, IngestFactory, self.writer, self.metrics)
 
 
-class BulkFallbackTests(IngestTestMixin, SynchronousTestCase):
-    def test_metrics_without_bulk_method(self):
-        """A metrics object with only frame_received still sees every LOG frame and the
-        exact byte total."""
+class MetricsInterfaceTests(IngestTestMixin, SynchronousTestCase):
+    def test_recording_metrics_provide_the_interface(self):
+        """The test double and NullIngestMetrics have every method of IIngestMetrics, and
+        PersistMetrics declares it."""
+        self.assertTrue(verifyObject(IIngestMetrics, self.metrics, tentative=True))
+        self.assertTrue(verifyObject(IIngestMetrics, NullIngestMetrics()))
+        from prometheus_client import CollectorRegistry
 
-        class Single:
-            def __init__(self):
-                self.frames = []
+        from joblet_persist.metrics import PersistMetrics
 
-            def frame_received(self, msg_type, nbytes):
-                self.frames.append((msg_type, nbytes))
+        persist = PersistMetrics(CollectorRegistry(), process=False)
+        self.assertTrue(IIngestMetrics.providedBy(persist))
+        self.assertTrue(verifyObject(IIngestMetrics, persist))
 
-            def frame_rejected(self, reason):
-                self.rejected = reason
-
-            def connection_opened(self):
-                self.opened = True
-
-            def connection_closed(self):
-                self.opened = False
-
-        metrics = Single()
-        factory = IngestFactory(self.writer, metrics, self.clock)
-        bodies = [log_body(b"a"), log_body(b"bbb"), log_body(b"cc")]
-        self.feed(b"".join(map(frame, bodies)), factory=factory)
-        self.assertEqual(len(metrics.frames), 3)
-        self.assertEqual({t for t, _ in metrics.frames}, {1})
-        self.assertEqual(sum(n for _, n in metrics.frames), sum(map(len, bodies)))
+    def test_metrics_missing_a_method_are_refused_at_construction(self):
+        """A metrics object without one of IIngestMetrics' methods (the bulk count, the
+        event rejection count, the partial-frame budget export) is refused when the factory
+        or a protocol is built, naming the method, instead of its counts being silently
+        dropped or replaced at run time."""
+        for missing in ("frames_received", "event_rejected", "set_partial_budget"):
+            partial = type("Partial", (), {
+                name: (lambda self, *args: None)
+                for name in ("frame_received", "frames_received", "frame_rejected",
+                             "event_rejected", "connection_opened", "connection_closed",
+                             "set_partial_budget")
+                if name != missing
+            })()
+            e = self.assertRaises(TypeError, IngestFactory, self.writer, partial, self.clock)
+            self.assertIn(missing, str(e))
+            e = self.assertRaises(TypeError, IngestProtocol, self.writer,
+                                  RejectionLog(self.clock), partial)
+            self.assertIn(missing, str(e))
 
 
 class PersistMetricsTests(IngestTestMixin, SynchronousTestCase):
