@@ -30,6 +30,7 @@ from joblet_persist.storage.api import (
     STREAM_STDOUT,
     DataVanished,
     ILocalTier,
+    IOrdinalBase,
     IRemoteNodes,
     Part,
     SegmentKind,
@@ -327,6 +328,40 @@ class TieringTests(TieredCase):
             self.assertTrue(got == data, f"{key} was overwritten")
         self.assertEqual(self.logs(storage), before + [(STREAM_STDOUT, r[0], r[3]) for r in again])
         self.assertEqual(storage.job_info(JOB).log_count, 5101)
+
+    def test_partly_released_job_written_again_continues_after_the_archive(self):
+        """A job whose logs were released (metrics, with lower ordinals, stay local) gets
+        new lines after a restart (the writer numbers arrivals from 0 again).  Its ordinal
+        base (IOrdinalBase, which TieredStorage forwards) is above every archived ordinal,
+        the new stdout segment takes no archived name (the archived objects stay
+        byte-identical after the new one is uploaded), and the job reads old then new
+        lines: the stored order FollowLogs' hand-off relies on."""
+        storage = self.make()
+        self.successResultOf(storage.append_metrics(_metric_batch(JOB, 3, 0)))
+        rows = [(T0 + i * 1_000_000, i, 3 + i, _line(i)) for i in range(2000)]
+        self.successResultOf(storage.append_logs(log_batch(JOB, STREAM_STDOUT, rows)))
+        before = self.logs(storage)
+        self.ship(storage)
+        archived = {o["Key"]: self.client.get_object(Bucket=self.bucket, Key=o["Key"])["Body"].read()
+                    for o in self.client.list_objects_v2(Bucket=self.bucket)["Contents"]}
+        self.successResultOf(storage.release_part(JOB, Part.LOGS))
+        self.assertEqual(self.local_files(), ["metrics.jsonl.gz"])
+        self.successResultOf(storage.stop())
+
+        storage = self.make()  # a restart: arrivals start at 0 again
+        self.assertTrue(IOrdinalBase.providedBy(storage))
+        self.successResultOf(storage.open_job(JOB))
+        self.assertEqual(storage.ordinal_base(JOB), 2003)  # above the archived lines
+        again = [(T0 + (5000 + i) * 1_000_000, 5000 + i, i, b"again %d\n" % i) for i in range(50)]
+        self.successResultOf(storage.append_logs(log_batch(JOB, STREAM_STDOUT, again)))
+        new = [n for n in self.local_files() if n.startswith("stdout")]
+        self.assertEqual(new, ["stdout_000001.log.gz"])
+        self.ship(storage)
+        for key, data in archived.items():
+            got = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            self.assertTrue(got == data, f"{key} was overwritten")
+        self.assertEqual(self.logs(storage), before + [(STREAM_STDOUT, r[0], r[3]) for r in again])
+        self.assertEqual(storage.job_info(JOB).log_count, 2050)
 
     def test_unarchived_data_is_never_released(self):
         """release_job of a job whose segments are not archived fails and keeps every file."""

@@ -54,8 +54,15 @@ class JobState:
         self.last_used = now  # clock seconds of the last load, append or open_job
 
     @classmethod
-    def from_scan(cls, job_id: str, scan, info: JobInfo, now: float) -> JobState:
-        """The state of a job scanned from its files (a jobindex.JobScan)."""
+    def from_scan(cls, job_id: str, scan, info: JobInfo, now: float, floor=None) -> JobState:
+        """The state of a job scanned from its files (a jobindex.JobScan).
+
+        ``floor`` is what another tier holds of the job, as for ``empty``: a kind whose
+        local segments all lie below its floor index (its newer segments were released
+        to the archive) gets the closed placeholder there, so its appends take the next
+        index, and the ordinal base is at least the floor's, so new ordinals stay above
+        the archived ones even when what is left locally (another part) has lower ones.
+        """
         segments = {}
         for kind in SegmentKind:
             segments[kind] = tuple(
@@ -76,7 +83,16 @@ class JobState:
             kept = [s for s in segments[kind] if s.index != index]
             kept.append(Segment(index, path, 0, reader.SegmentView(path, ()), True))
             segments[kind] = tuple(sorted(kept, key=lambda s: s.index))
-        return cls(job_id, segments, scan.ordinal_base(), info, now)
+        base = scan.ordinal_base()
+        if floor is not None:
+            placeholders, floor_base = floor
+            for kind, (index, path) in placeholders.items():
+                here = segments[kind]
+                if not here or here[-1].index < index:
+                    placeholder = Segment(index, path, 0, reader.SegmentView(path, ()), True)
+                    segments[kind] = here + (placeholder,)
+            base = max(base, floor_base)
+        return cls(job_id, segments, base, info, now)
 
     @classmethod
     def empty(cls, job_id: str, info: JobInfo, now: float, floor=None) -> JobState:

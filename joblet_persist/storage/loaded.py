@@ -53,7 +53,8 @@ class LoadedJobs:
         self._findings = findings
         self._budget = budget
         #: ``floor(job_id)`` -> ``({kind: last index}, ordinal base)`` that another tier
-        #: holds of a job with no files here, or None; LocalStorage.set_new_job_floor.
+        #: holds of a job, or None; LocalStorage.set_new_job_floor.  Applied to a job
+        #: with no files here and to one loaded from its files (JobState.from_scan).
         self.floor: Optional[Callable] = None
         # Published state, read from any thread; mutated on the reactor only.
         self._snapshots: dict[str, LocalJobSnapshot] = {}
@@ -128,7 +129,9 @@ class LoadedJobs:
             now = int(self._clock.seconds())
             info = dataclasses.replace(info, created_at=now, last_updated=now)
         self._findings.scanned(job_id, scan)
-        state = JobState.from_scan(job_id, scan, info, self._clock.seconds())
+        state = JobState.from_scan(
+            job_id, scan, info, self._clock.seconds(), self._floor_of(job_id)
+        )
         self._findings.check_order(job_id, state.segments)
         self._jobs[job_id] = state
         self.publish(state)

@@ -335,10 +335,12 @@ class LocalStorage:
 
     def set_new_job_floor(self, floor) -> None:
         """``floor(job_id)`` -> ``({SegmentKind: index}, ordinal base)`` or None: what a
-        remote tier (storage/tiered.py) still holds of a job this backend has no files
-        of.  When such a job gets data again, its segments continue after those indexes
-        and its ordinals from that base, so no segment name (an archive key) is reused.
-        Reactor thread (called at wiring time)."""
+        remote tier (storage/tiered.py) still holds of a job.  When such a job gets data
+        again (with no files here, or loaded from the files of a part that was not
+        released), each kind's segments continue after those indexes and its ordinals
+        from at least that base, so no segment name (an archive key) is reused and
+        ordinal_base stays above the archived ordinals.  Reactor thread (called at
+        wiring time)."""
         self._jobs.floor = floor
 
     @reactor_only

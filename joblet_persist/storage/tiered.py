@@ -58,6 +58,7 @@ from joblet_persist.storage.api import (
     IIdleUnload,
     ILocalTier,
     InvalidJobId,
+    IOrdinalBase,
     IRemoteNodes,
     IRetentionSegments,
     IStorageBackend,
@@ -85,7 +86,7 @@ def _index_of(path: str) -> int:
 
 @implementer(
     IStorageBackend, IRetentionSegments, IIdleUnload, IFreeSpace, ILocalTier, IRemoteNodes,
-    ICompressionBacklog,
+    ICompressionBacklog, IOrdinalBase,
 )
 class TieredStorage:
     """The local backend plus the archive-only segments of its jobs.  See the module docstring.
@@ -272,7 +273,8 @@ class TieredStorage:
 
     def _floor(self, job_id: str):
         """``({kind: last archived index}, ordinal base)`` of a job with archive-only
-        segments, for a local job that starts again (LocalStorage.set_new_job_floor)."""
+        segments, for a local job that starts again or is loaded from the files of a part
+        that was not released (LocalStorage.set_new_job_floor)."""
         arch = self._archived.get(job_id)
         saved_indexes, saved_base = self._saved.get(job_id, ({}, 0))
         indexes = dict(saved_indexes)
@@ -444,6 +446,15 @@ class TieredStorage:
 
     def segment_usage(self, job_id: str):
         return self.local.segment_usage(job_id)
+
+    # -- IOrdinalBase (reactor thread) ---------------------------------------------
+
+    @reactor_only
+    def ordinal_base(self, job_id: str):
+        """The local backend's: every append goes there, and a loaded job's base is
+        already above the ordinals of its archive-only segments (the floor the local
+        backend takes from ``_floor`` when it loads or starts the job)."""
+        return self.local.ordinal_base(job_id)
 
     # -- ICompressionBacklog -------------------------------------------------------
 
