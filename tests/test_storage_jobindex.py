@@ -347,6 +347,29 @@ class OpenIndexTests(FilesTestCase):
         jobindex.thd_open_index(self.data_dir)
         self.assertFalse(os.path.exists(stale))
 
+    def test_stale_temporaries_of_every_state_file_removed(self):
+        """A SIGKILL while the S3 manifest, the tier floors or the CloudWatch cursor is
+        being replaced leaves its temporary file (the old file stays whole); opening the
+        index at start removes those too, and nothing else: not the state files, not a
+        foreign file, not another file's temporary."""
+        from joblet_persist.archive import cloudwatch, layout, tier
+
+        self.assertEqual(
+            set(jobindex.STATE_FILENAMES),
+            {jobindex.INDEX_FILENAME, layout.MANIFEST_FILENAME, tier.FLOORS_FILENAME,
+             cloudwatch.CURSOR_FILENAME},
+        )
+        os.makedirs(self.data_dir, exist_ok=True)
+        stale = [f".{name}.k3j_x9a2.tmp" for name in jobindex.STATE_FILENAMES]
+        kept = ["archive_s3.json", "archive_tier.json", ".notes.tmp", ".other.json.k3j_x9a2.tmp"]
+        for name in stale + kept:
+            with open(os.path.join(self.data_dir, name), "w") as f:
+                f.write("{")
+        jobindex.thd_open_index(self.data_dir)
+        left = set(os.listdir(self.data_dir))
+        self.assertEqual(left & set(stale), set())
+        self.assertEqual(left & set(kept), set(kept))
+
     def test_creates_data_dir(self):
         """A data directory that does not exist yet is created, with an empty index."""
         path = os.path.join(self.data_dir, "new", "dir")

@@ -629,11 +629,22 @@ class IndexLoad:
         return self.rebuilt or bool(self.changed)
 
 
+#: The state files replaced atomically in the data directory (safefs.thd_replace_file:
+#: a temporary ``.<name>.<random>.tmp`` beside it, then a rename): this index, the S3
+#: archive's manifest (archive/layout.py), the tier's floors (archive/tier.py) and the
+#: CloudWatch cursor (archive/cloudwatch.py).  A crash during a write leaves the
+#: temporary behind; the old file stays whole.
+STATE_FILENAMES = (
+    INDEX_FILENAME, "archive_s3.json", "archive_tier.json", "archive_cloudwatch.json",
+)
+
+
 def _remove_stale_temporaries(data_dir: str) -> None:
-    """Remove temporary index files left by a crash in the middle of thd_write."""
-    prefix = "." + INDEX_FILENAME + "."
+    """Remove the temporary files of state-file writes (STATE_FILENAMES) a crash
+    interrupted.  Runs when storage starts, before anything writes those files."""
+    prefixes = tuple("." + name + "." for name in STATE_FILENAMES)
     for name in os.listdir(data_dir):
-        if name.startswith(prefix) and name.endswith(".tmp"):
+        if name.startswith(prefixes) and name.endswith(".tmp"):
             try:
                 os.unlink(os.path.join(data_dir, name))
             except FileNotFoundError:
@@ -666,8 +677,8 @@ def thd_make_data_dir(data_dir: str, modes: safefs.FileModes = safefs.DEFAULT_MO
 def thd_open_index(data_dir: str, modes: safefs.FileModes = safefs.DEFAULT_MODES) -> IndexLoad:
     """Load the job index, rebuilding or refreshing it from the files.  Pool thread.
 
-    Creates ``data_dir`` if needed and removes temporary files of an
-    interrupted index write.  A missing or corrupt index is rebuilt
+    Creates ``data_dir`` if needed and removes temporary files of interrupted
+    state-file writes (the index, the archive manifest, floors and cursor).  A missing or corrupt index is rebuilt
     from the files; a valid one gets stale entries refreshed (thd_refresh).
     Does not write anything besides creating the directory: the caller writes
     the result when ``needs_write``.
