@@ -427,8 +427,8 @@ def thd_scan_job(data_dir: str, job_id: str, repair: bool) -> Optional[JobScan]:
     ``job_id`` must already be validated.  With ``repair`` a torn tail of a
     segment is cut (see segment.thd_scan_segment), and a segment left with no
     complete member (empty: a crash hit its first append) is removed and
-    listed in ``JobScan.removed``.  Returns None when the job
-    has neither a logs nor a metrics directory.  Nothing is followed through
+    listed in ``JobScan.removed``.  Returns None when the job has neither a
+    logs nor a metrics directory.  Nothing is followed through
     a symlink: a symlink at ``logs``, ``metrics`` or ``<top>/<job>`` raises
     safefs.UnsafeEntry; one with a segment's name is left out of the scan
     and listed in ``JobScan.refused``.
@@ -678,8 +678,9 @@ def thd_open_index(data_dir: str, modes: safefs.FileModes = safefs.DEFAULT_MODES
     """Load the job index, rebuilding or refreshing it from the files.  Pool thread.
 
     Creates ``data_dir`` if needed and removes temporary files of interrupted
-    state-file writes (the index, the archive manifest, floors and cursor).  A missing or corrupt index is rebuilt
-    from the files; a valid one gets stale entries refreshed (thd_refresh).
+    state-file writes (the index, the archive manifest, floors and cursor).  A
+    missing or corrupt index is rebuilt from the files; a valid one gets stale
+    entries refreshed (thd_refresh).
     Does not write anything besides creating the directory: the caller writes
     the result when ``needs_write``.
     """
