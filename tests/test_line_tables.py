@@ -7,20 +7,23 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import shutil
 import struct
 import zlib
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet import task
 from twisted.trial.unittest import SynchronousTestCase
 
 from joblet_persist.storage import format as fmt
 from joblet_persist.storage import tail
-from joblet_persist.storage.api import ReadStats
+from joblet_persist.storage.api import STREAM_STDOUT, ReadStats
 from joblet_persist.storage.compress import make_compressor
 from joblet_persist.storage.reader import SegmentView, iter_logs, iter_metrics
 from joblet_persist.storage.search import compile_matcher, search_views
 from joblet_persist.storage.segment import segment_name, thd_append, thd_scan_segment
+from tests.test_storage_local import JOB, StorageTestCase, rows
 
 COMP = make_compressor("zlib", 6)
 T0 = 1_700_000_000 * 10**9
@@ -370,3 +373,143 @@ class LineReadTests(SynchronousTestCase):
         segs = (SegmentView(path, thd_scan_segment(path, repair=False).members),)
         got = [(r.timestamp, r.data["cpu_usage"]) for r in iter_metrics(segs, offset=7)]
         self.assertEqual(got, [(T0 + i, i) for i in range(7, 40)])
+
+
+class UnsupportedMemberTests(SynchronousTestCase):
+    """Members of a later format are refused as UnsupportedMember, and a scan never cuts
+    them, even with repair: it stops there and leaves the file as it is."""
+
+    LATER = [
+        ({"flags": 4}, "JP flag bits 0x4"),
+        ({"flags": 4 | fmt.FLAG_LINES}, "JP flag bits 0x4"),
+        ({"version": 2}, "JP version 2"),
+    ]
+
+    def test_header_is_unsupported_not_corrupt(self):
+        """parse_member_header and decode_member_table raise UnsupportedMember (not
+        CorruptMember) for unknown flag bits and an unknown JP version."""
+        for kw, reason in self.LATER:
+            with self.subTest(**kw):
+                blob = forge(b"a\nb\n", 2, **kw)
+                e = self.assertRaises(fmt.UnsupportedMember, fmt.parse_member_header, blob)
+                self.assertIn(reason, str(e))
+                self.assertNotIsInstance(e, fmt.CorruptMember)
+                info, _ = fmt.parse_member_header(forge(b"a\nb\n", 2))
+                self.assertRaises(fmt.UnsupportedMember, fmt.decode_member_table, blob, info)
+
+    def _file(self, *members) -> str:
+        d = self.mktemp()
+        os.makedirs(d)
+        path = os.path.join(d, segment_name("stdout", 0))
+        with open(path, "wb") as f:
+            f.write(b"".join(members))
+        return path
+
+    def test_scan_with_repair_never_cuts_it(self):
+        """thd_scan_segment(repair=True) of a file whose last member (or a middle one) has
+        flags bit 2 (value 4) or JP version 2 leaves the file byte for byte, reports the
+        member's offset and reason, and lists the members before it."""
+        good = encode([b"one\n", b"two\n"])[0][0]
+        after = encode([b"three\n"], start_ord=3)[0][0]
+        for kw, reason in self.LATER:
+            later = forge(b"x\ny\n", 2, first_ordinal=2, **kw)
+            for members in ((good, later), (good, later, after), (later,),
+                            (good, later, b"\x00" * 40)):
+                with self.subTest(kw=kw, n=len(members)):
+                    path = self._file(*members)
+                    with open(path, "rb") as f:
+                        before = f.read()
+                    result = thd_scan_segment(path, repair=True)
+                    with open(path, "rb") as f:
+                        self.assertEqual(f.read(), before)
+                    self.assertFalse(result.truncated)
+                    offset = len(good) if members[0] is good else 0
+                    self.assertEqual(result.unsupported[0], offset)
+                    self.assertIn(reason, result.unsupported[1])
+                    self.assertEqual(len(result.members), 1 if members[0] is good else 0)
+                    self.assertEqual(result.valid_size, offset)
+
+    def test_a_corrupt_last_member_is_still_cut(self):
+        """The same file with a member that is damaged rather than of a later format (its
+        header checksum fails) is cut as a torn tail: the rule above is specific."""
+        good = encode([b"one\n", b"two\n"])[0][0]
+        damaged = bytearray(forge(b"x\ny\n", 2, first_ordinal=2))
+        damaged[18] = 4  # the flags byte, after the checksum was computed
+        damaged[16 + 20] ^= 1  # and the size field: the checksum no longer matches
+        path = self._file(good, bytes(damaged))
+        result = thd_scan_segment(path, repair=True)
+        self.assertTrue(result.truncated)
+        self.assertIsNone(result.unsupported)
+        self.assertEqual(os.path.getsize(path), len(good))
+
+
+
+class StorageTests(StorageTestCase):
+    """LocalStorage: storage.lineTables, and jobs whose files hold a later format."""
+
+    def member_flags(self, name="stdout.log.gz"):
+        path = os.path.join(self.data_dir, "logs", JOB, name)
+        scan = thd_scan_segment(path, repair=False)
+        with open(path, "rb") as f:
+            return [fmt.read_member_header(f, m.offset)[18] for m in scan.members]
+
+    def test_line_tables_on_by_default_and_off(self):
+        """By default appended lines get line tables; with line_tables=False
+        (storage.lineTables: false) every member has a lengths column, and both read."""
+        for line_tables, expect in ((True, fmt.FLAG_LINES), (False, 0)):
+            with self.subTest(line_tables=line_tables):
+                shutil.rmtree(self.data_dir, ignore_errors=True)
+                storage = self.make(line_tables=line_tables)
+                self.append(storage, STREAM_STDOUT, rows(0, b"a\n", b"b\n"))
+                self.append(storage, STREAM_STDOUT, rows(2, b"c", b"d\n"))
+                flags = [f & fmt.FLAG_LINES for f in self.member_flags()]
+                self.assertEqual(flags, [expect, 0])
+                self.assertEqual(self.logs(storage),
+                                 [(1, b"a\n"), (1, b"b\n"), (1, b"c"), (1, b"d\n")])
+                self.successResultOf(storage.stop())
+
+    def test_later_format_is_left_alone_and_reported(self):
+        """A job whose segment ends with a member of a later format (flags bit 2) loads:
+        the member is not cut, the segment is counted and logged by name, queries return
+        the messages before it, and appends go on in a new segment, never into that file."""
+        storage = self.make()
+        self.append(storage, STREAM_STDOUT, rows(0, b"first\n", b"second\n"))
+        self.successResultOf(storage.stop())
+        path = os.path.join(self.data_dir, "logs", JOB, "stdout.log.gz")
+        with open(path, "ab") as f:
+            f.write(forge(b"later\n", 1, flags=4, first_ordinal=2))
+        with open(path, "rb") as f:
+            before = f.read()
+        storage = self.make()
+        self.assertEqual(self.logs(storage), [(1, b"first\n"), (1, b"second\n")])
+        self.assertEqual(storage.unsupported_segments, 1)
+        self.assertEqual(storage.repaired_segments, 0)
+        self.append(storage, STREAM_STDOUT, rows(3, b"third\n"))
+        self.assertEqual(self.logs(storage),
+                         [(1, b"first\n"), (1, b"second\n"), (1, b"third\n")])
+        self.assertEqual(self.segment_files(), ["stdout.log.gz", "stdout_000001.log.gz"])
+        self.successResultOf(storage.stop())
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), before)
+        self.assertEqual(storage.job_info(JOB).size_bytes,
+                         len(before) + os.path.getsize(path.replace(".log", "_000001.log")))
+
+
+class ConfigTests(SynchronousTestCase):
+    """storage.lineTables: a bool, true by default, passed to LocalStorage."""
+
+    def test_key(self):
+        """Omitted: true; false is read; a non-bool is an error naming the key and file;
+        the storage built from the config writes what the key says."""
+        from joblet_persist.config import ConfigError, config_from_string, default_config
+        from joblet_persist.storage.backends import make_storage
+
+        self.assertIs(default_config().storage.line_tables, True)
+        cfg = config_from_string("storage:\n  lineTables: false\n", source="c.yml")
+        self.assertIs(cfg.storage.line_tables, False)
+        e = self.assertRaises(ConfigError, config_from_string,
+                              "storage:\n  lineTables: sometimes\n", source="c.yml")
+        self.assertIn("c.yml", str(e))
+        self.assertIn("storage.lineTables", str(e))
+        storage = make_storage(cfg, run=lambda f, *a, **k: None, clock=task.Clock())
+        self.assertIs(storage._line_tables, False)
