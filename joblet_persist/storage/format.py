@@ -8,7 +8,8 @@ A segment file is a concatenation of gzip members (RFC 1952).  Each member this
 service writes carries, in its gzip header's FEXTRA field, a subfield with
 SI1='J', SI2='P' holding the member's total size, message count, ordinal,
 timestamp and sequence bounds, raw size and a per-message table (content
-lengths and deltas).  Every gzip reader skips that field, so ``zcat`` of a log
+lengths and deltas; a line member, whose messages are all whole lines, has no
+lengths: its newlines give them).  Every gzip reader skips that field, so ``zcat`` of a log
 segment prints exactly the raw bytes received and ``zcat`` of a metrics segment
 prints JSON lines.  docs/storage-format.md specifies every byte.
 """
