@@ -15,6 +15,7 @@ reports size against ``gzip -6`` and encoding MB/s per core (CPU time) per level
     .venv/bin/python bench/bench_compress.py --kinds words json --mb 100 \\
         --rates 50000 full --compressors deflate:adaptive deflate:5
     .venv/bin/python bench/bench_compress.py --mb 100 --offline-levels 5 6 7 8 9 10 11 12
+    .venv/bin/python bench/bench_compress.py --mb 10 --offline-levels 5 12 --line-tables on off
 
 Traffic goes only to Unix sockets in a temporary directory and to 127.0.0.1.
 """
@@ -129,7 +130,7 @@ def _tree_bytes(path: str) -> int:
 
 
 def run_one(payload, offsets, frames: int, raw_total: int, gzip6: int, compressor: str,
-            level: str, rate) -> dict:
+            level: str, rate, line_tables: bool = True) -> dict:
     work = tempfile.mkdtemp(prefix="jpc", dir="/tmp")
     port, hport = _free_port(), _free_port()
     try:
@@ -140,6 +141,7 @@ def run_one(payload, offsets, frames: int, raw_total: int, gzip6: int, compresso
                 f"ipc:\n  socket: {work}/ipc.sock\n"
                 f"storage:\n  dataDir: {work}/data\n  compressor: {compressor}\n"
                 f"  compressionLevel: {level}\n"
+                f"  lineTables: {'true' if line_tables else 'false'}\n"
                 f"monitoring:\n  enabled: true\n  bindAddress: 127.0.0.1\n"
                 f"  metricsPort: {port}\n  healthPort: {hport}\n"
                 f"logging:\n  level: warn\n"
@@ -187,6 +189,7 @@ def run_one(payload, offsets, frames: int, raw_total: int, gzip6: int, compresso
         disk = _tree_bytes(os.path.join(work, "data", "logs"))
         return {
             "compressor": f"{compressor}:{level}",
+            "line_tables": line_tables,
             "rate": "full" if rate is None else rate,
             "frames": frames,
             "seconds": round(elapsed, 3),
@@ -202,7 +205,8 @@ def run_one(payload, offsets, frames: int, raw_total: int, gzip6: int, compresso
         shutil.rmtree(work, ignore_errors=True)
 
 
-def offline(items: list[bytes], jobs: int, rate, levels: list[int], compressor: str) -> list:
+def offline(items: list[bytes], jobs: int, rate, levels: list[int], compressor: str,
+            line_tables: bool = True) -> list:
     """Member bytes per fixed level, encoded in-process the way the service batches them.
 
     Paced at ``rate`` frames/s, each (job, stream) gets one batch per flush interval
@@ -248,7 +252,7 @@ def offline(items: list[bytes], jobs: int, rate, levels: list[int], compressor: 
             idx = [i for i, _ in batch]
             ts = [base_ns + i * 20_000 for i in idx]
             contents = [c for _, c in batch]
-            members = fmt.encode_log_members(ts, idx, idx, contents, comp)
+            members = fmt.encode_log_members(ts, idx, idx, contents, comp, lines=line_tables)
             total += sum(len(m) for m, _ in members)
             encoded.append((contents, members))
         cpu = time.process_time() - t0
@@ -280,6 +284,9 @@ def main() -> None:
                     help="instead of running the service, encode in-process at these fixed "
                     "levels of the first --compressors entry, batched as the service "
                     "batches at each rate; reports size against gzip -6 and MB/s per core")
+    ap.add_argument("--line-tables", nargs="+", choices=("on", "off"), default=["on"],
+                    help="storage.lineTables of each run: 'on off' measures both, "
+                    "alternating, in the same invocation")
     ap.add_argument("--json", help="also write results to this file")
     args = ap.parse_args()
 
@@ -298,9 +305,16 @@ def main() -> None:
             name = args.compressors[0].split(":")[0]
             for rate in args.rates:
                 r_ = None if rate == "full" else float(rate)
-                for level, size, cpu, overhead in offline(items, args.jobs, r_,
-                                                          args.offline_levels, name):
+                # Each level with line tables on and off in turn: the A/B of one run.
+                runs = [
+                    (setting, *row)
+                    for wanted in args.offline_levels
+                    for setting in args.line_tables
+                    for row in offline(items, args.jobs, r_, [wanted], name, setting == "on")
+                ]
+                for lt, level, size, cpu, overhead in runs:
                     r = {"kind": kind, "rate": rate, "compressor": f"{name}:{level}",
+                         "line_tables": lt == "on",
                          "offline": True, "disk_bytes": size, "gzip6_bytes": gzip6,
                          "vs_gzip6": round(size / gzip6, 4),
                          "overhead_vs_gzip6": round(overhead / gzip6, 4),
@@ -310,12 +324,13 @@ def main() -> None:
             continue
         for rate in args.rates:
             for spec in args.compressors:
-                name, level = spec.split(":")
-                r = run_one(payload, offsets, len(items), raw_total, gzip6, name, level,
-                            None if rate == "full" else float(rate))
-                r.update(kind=kind, raw_bytes=raw_total)
-                results.append(r)
-                print(json.dumps(r), flush=True)
+                for lt in args.line_tables:
+                    name, level = spec.split(":")
+                    r = run_one(payload, offsets, len(items), raw_total, gzip6, name, level,
+                                None if rate == "full" else float(rate), lt == "on")
+                    r.update(kind=kind, raw_bytes=raw_total)
+                    results.append(r)
+                    print(json.dumps(r), flush=True)
     info = {
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",

@@ -781,10 +781,13 @@ varint_size(uint64_t v)
 }
 
 PyDoc_STRVAR(member_table_doc,
-"member_table(items, timestamps, sequences, ordinals, i, j) -> (table, min_ts, max_ts)\n\n"
+"member_table(items, timestamps, sequences, ordinals, i, j, lines=False)\n"
+"    -> (table, min_ts, max_ts, is_lines)\n\n"
 "The serialized member table (protobuf wire form of storage/format.py's MemberTable:\n"
 "packed lengths, zigzag timestamp deltas from the window minimum then from the previous\n"
-"message, zigzag sequence deltas, ordinal deltas) of messages [i, j).  Deltas wrap modulo\n"
+"message, zigzag sequence deltas, ordinal deltas) of messages [i, j).  With `lines` true,\n"
+"when every item of the window ends with its only newline, the lengths column is left out\n"
+"and `is_lines` is True (a line table: JP flag FLAG_LINES).  Deltas wrap modulo\n"
 "2**64 like the Python encoder's.  Raises ValueError when a timestamp or ordinal is outside\n"
 "int64, a sequence outside uint64, or ordinals are not strictly increasing (also across the\n"
 "message before i).  Pool thread; holds the GIL, touches no shared state.");
@@ -798,10 +801,17 @@ member_table(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     uint64_t *seqs = NULL;
     column_t cols[4] = {{NULL, 0}, {NULL, 0}, {NULL, 0}, {NULL, 0}};
     int64_t min_ts, max_ts;
+    int lines = 0;
 
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "member_table() takes exactly 6 arguments");
+    if (nargs != 6 && nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "member_table() takes 6 or 7 arguments");
         return NULL;
+    }
+    if (nargs == 7) {
+        lines = PyObject_IsTrue(args[6]);
+        if (lines < 0) {
+            return NULL;
+        }
     }
     items = args[0];
     ts_list = args[1];
@@ -846,6 +856,14 @@ member_table(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             goto done;
         }
         column_put_varint(&cols[0], (uint64_t)PyBytes_GET_SIZE(item));
+        if (lines) {
+            /* A line: at least one byte, the last a newline, no other newline. */
+            const char *b = PyBytes_AS_STRING(item);
+            Py_ssize_t len = PyBytes_GET_SIZE(item);
+            if (len == 0 || b[len - 1] != '\n' || memchr(b, '\n', (size_t)(len - 1)) != NULL) {
+                lines = 0;
+            }
+        }
         ts[k] = PyLong_AsLongLongAndOverflow(PyList_GET_ITEM(ts_list, i + k), &overflow);
         if (overflow) {
             PyErr_SetString(PyExc_ValueError, "timestamp out of range -9223372036854775808.."
@@ -919,7 +937,8 @@ member_table(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         Py_ssize_t total = 0;
         char *out;
         PyObject *table;
-        for (k = 0; k < 4; k++) {
+        Py_ssize_t first = lines ? 1 : 0; /* a line table has no lengths column */
+        for (k = first; k < 4; k++) {
             total += 1 + varint_size((uint64_t)cols[k].len) + cols[k].len;
         }
         table = PyBytes_FromStringAndSize(NULL, total);
@@ -927,7 +946,7 @@ member_table(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             goto done;
         }
         out = PyBytes_AS_STRING(table);
-        for (k = 0; k < 4; k++) {
+        for (k = first; k < 4; k++) {
             column_t header = {(unsigned char *)out, 0};
             header.buf[header.len++] = (unsigned char)(((k + 1) << 3) | 2);
             column_put_varint(&header, (uint64_t)cols[k].len);
@@ -935,7 +954,8 @@ member_table(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             memcpy(out, cols[k].buf, (size_t)cols[k].len);
             out += cols[k].len;
         }
-        result = Py_BuildValue("(NLL)", table, (long long)min_ts, (long long)max_ts);
+        result = Py_BuildValue("(NLLO)", table, (long long)min_ts, (long long)max_ts,
+                               lines ? Py_True : Py_False);
     }
 
 done:
@@ -951,11 +971,12 @@ done:
 /* -- member table decoding (the query path) ------------------------------------------------ */
 
 PyDoc_STRVAR(decode_table_doc,
-"decode_table(raw, count, min_timestamp, first_sequence, first_ordinal)\n"
+"decode_table(raw, count, min_timestamp, first_sequence, first_ordinal, lines=False)\n"
 "    -> (lengths, timestamps, sequences, ordinals, total_length, min_ts, max_ts) | None\n"
 "\n"
 "Decode a member table serialized the canonical way (fields 1-4 once each, in order, each\n"
-"packed, exactly `count` values) into its four columns: the deltas accumulated from the\n"
+"packed, exactly `count` values; with `lines` true, a line table: fields 2-4 only, and\n"
+"`lengths` is None and `total_length` 0) into its columns: the deltas accumulated from the\n"
 "header's bases with 64-bit wrap-around (timestamps and ordinals signed, sequences\n"
 "unsigned), as storage.format._decode_table does.  Also returns the sum of the lengths and\n"
 "the smallest and largest timestamp for the caller's checks.  Returns None for anything\n"
@@ -997,13 +1018,20 @@ decode_table(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     PyObject *result = NULL;
     const unsigned char *p, *end;
     Py_ssize_t n, i;
-    int field;
+    int field, first = 0;
     int64_t min_ts = 0, max_ts = 0;
     uint64_t acc[4], total = 0;
 
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "decode_table() takes exactly 5 arguments");
+    if (nargs != 5 && nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "decode_table() takes 5 or 6 arguments");
         return NULL;
+    }
+    if (nargs == 6) {
+        int lines = PyObject_IsTrue(args[5]);
+        if (lines < 0) {
+            return NULL;
+        }
+        first = lines ? 1 : 0;
     }
     n = PyLong_AsSsize_t(args[1]);
     if (n == -1 && PyErr_Occurred()) {
@@ -1042,7 +1070,7 @@ decode_table(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     p = (const unsigned char *)view.buf;
     end = p + view.len;
-    for (field = 0; field < 4; field++) {
+    for (field = first; field < 4; field++) {
         uint64_t key, size;
         const unsigned char *stop;
         cols[field] = PyList_New(n);
@@ -1117,7 +1145,11 @@ decode_table(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             }
             goto done;
         }
-        for (field = 0; field < 4; field++) {
+        if (first) {
+            Py_INCREF(Py_None);
+            PyTuple_SET_ITEM(result, 0, Py_None); /* a line table has no lengths */
+        }
+        for (field = first; field < 4; field++) {
             PyTuple_SET_ITEM(result, field, cols[field]); /* steals the reference */
             cols[field] = NULL;
         }
@@ -1137,6 +1169,85 @@ done:
         Py_XDECREF(cols[field]);
     }
     return result;
+}
+
+/* -- line_bounds: message offsets of a line member's data (the query path) ----------------- */
+
+PyDoc_STRVAR(line_bounds_doc,
+"line_bounds(data, count) -> list | None\n\n"
+"The `count + 1` offsets `[0, end of line 0, ..., len(data)]` of the lines of `data` (a\n"
+"bytes-like object): message i of a line member is `data[bounds[i]:bounds[i + 1]]`, each\n"
+"ending with its newline.  None when `data` does not hold exactly `count` newlines with\n"
+"the last one at its end (the member is corrupt).  Any thread; holds the GIL.");
+
+static PyObject *
+line_bounds(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    PyObject *bounds = NULL, *value;
+    const char *p, *end, *nl;
+    Py_ssize_t count, k = 1;
+
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "line_bounds() takes exactly 2 arguments");
+        return NULL;
+    }
+    count = PyLong_AsSsize_t(args[1]);
+    if (count == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (count < 0) {
+        Py_RETURN_NONE;
+    }
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    p = (const char *)view.buf;
+    end = p + view.len;
+    /* At most one newline per byte: a count beyond the size cannot match (and must not
+     * size the list). */
+    if (count > view.len || (view.len > 0 && end[-1] != '\n') || (view.len == 0 && count)) {
+        PyBuffer_Release(&view);
+        Py_RETURN_NONE;
+    }
+    bounds = PyList_New(count + 1);
+    if (bounds == NULL) {
+        goto done;
+    }
+    value = PyLong_FromLong(0);
+    if (value == NULL) {
+        goto fail;
+    }
+    PyList_SET_ITEM(bounds, 0, value);
+    while (p < end && (nl = memchr(p, '\n', (size_t)(end - p))) != NULL) {
+        if (k > count) {
+            goto mismatch;
+        }
+        value = PyLong_FromSsize_t((nl + 1) - (const char *)view.buf);
+        if (value == NULL) {
+            goto fail;
+        }
+        PyList_SET_ITEM(bounds, k, value);
+        k++;
+        p = nl + 1;
+    }
+    if (k != count + 1) {
+        goto mismatch;
+    }
+    goto done;
+
+mismatch:
+    Py_DECREF(bounds);
+    bounds = Py_None;
+    Py_INCREF(bounds);
+    goto done;
+
+fail:
+    Py_CLEAR(bounds);
+
+done:
+    PyBuffer_Release(&view);
+    return bounds;
 }
 
 /* ---- metric_json_line: the stored JSON line of a metric sample (storage/format.py) --------- */
@@ -1376,6 +1487,7 @@ static PyMethodDef speedups_methods[] = {
      decode_log_frames_doc},
     {"member_table", (PyCFunction)(void (*)(void))member_table, METH_FASTCALL, member_table_doc},
     {"decode_table", (PyCFunction)(void (*)(void))decode_table, METH_FASTCALL, decode_table_doc},
+    {"line_bounds", (PyCFunction)(void (*)(void))line_bounds, METH_FASTCALL, line_bounds_doc},
     {"metric_json_line", (PyCFunction)(void (*)(void))metric_json_line, METH_FASTCALL,
      metric_json_line_doc},
     {NULL, NULL, 0, NULL},

@@ -433,6 +433,8 @@ class StorageConfig:
     backend: str = _key(_backend, "local")
     compressor: str = _key(_choice(tuple(COMPRESSION_LEVELS)), "deflate")
     compression_level: int | str = _key(_compression_level, ADAPTIVE)
+    # Line tables (docs/storage-format.md): false writes only what releases before them read.
+    line_tables: bool = _key(_boolean, True)
     segment_max_bytes: int = _key(_size(1), 256 * MiB)
     fsync: str = _key(_choice(FSYNC_POLICIES), "batch")
     max_open_files: int = _key(_integer(1), 256)

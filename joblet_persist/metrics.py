@@ -41,7 +41,7 @@ FRAME_REJECT_REASONS = (
 )
 STORAGE_ERROR_KINDS = (
     "index_write_failed", "metric_payload_skipped", "segment_shrunk", "overlapping_segments",
-    "unsafe_entry",
+    "unsafe_entry", "unsupported_member",
 )
 QUERY_MEMBER_RESULTS = ("inflated", "skipped", "corrupt")
 EVENT_REJECT_REASONS = ("bad_payload", "invalid_job_id", "stopping")
@@ -170,7 +170,8 @@ class PersistMetrics:
             "persist_storage_errors",
             "Storage problems that lose nothing else: undecodable metric payloads skipped, "
             "job index writes failed (retried), segments found cut outside the service, "
-            "overlapping or out-of-order segments, symlinks refused under the data directory.",
+            "overlapping or out-of-order segments, symlinks refused under the data directory, "
+            "segments holding a member of a later format (left as they are).",
             ["kind"],
             registry=r,
         )
@@ -352,6 +353,9 @@ class PersistMetrics:
 
     def unsafe_entry(self) -> None:
         self.storage_errors.labels(kind="unsafe_entry").inc()
+
+    def unsupported_member(self) -> None:
+        self.storage_errors.labels(kind="unsupported_member").inc()
 
     def compression_level(self, level: int) -> None:
         self.compression_batches.labels(level=str(level)).inc()

@@ -86,9 +86,9 @@ def doc_reader(blob):
         if flags & 1:
             table = zlib.decompress(table, -15)
         assert len(table) == table_raw
-        cols = []
+        cols = [None] if flags & 2 else []  # a line member has no lengths column
         tpos = 0
-        for key in (0x0A, 0x12, 0x1A, 0x22):
+        for key in (0x12, 0x1A, 0x22) if flags & 2 else (0x0A, 0x12, 0x1A, 0x22):
             assert table[tpos] == key
             length, tpos = read_varint(table, tpos + 1)
             end = tpos + length
@@ -104,6 +104,9 @@ def doc_reader(blob):
         data = zlib.decompress(blob[data_start : pos + size - 8], -15)
         crc, isize = struct.unpack_from("<II", blob, pos + size - 8)
         assert zlib.crc32(data) == crc and len(data) == isize == raw_size
+        if lengths is None:  # message i is line i of the data
+            assert data.endswith(b"\n") and data.count(b"\n") == count
+            lengths = [len(line) + 1 for line in data[:-1].split(b"\n")]
         msgs, t, s, o, off = [], min_ts, first_seq, first_ord, 0
         for i in range(count):
             t = ((t + tsd[i] - I64_MIN) % (1 << 64)) + I64_MIN
@@ -164,10 +167,8 @@ class LogMemberTests(SynchronousTestCase):
             table, data = fmt.read_member(f, info)
             self.assertEqual(fmt.inflate_member(f, info), data)
             self.assertEqual(fmt.decode_member_table(f, info), table)
-            off = 0
-            for length in table.lengths:
-                got.append(data[off : off + length])
-                off += length
+            bounds = fmt.message_bounds(table, data)
+            got += [data[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
         self.assertEqual(got, list(contents))
         self.assertEqual(sum(i.count for i in infos), len(contents))
         return blob, infos
@@ -369,11 +370,10 @@ class LogMemberTests(SynchronousTestCase):
         got = []
         for info in infos:
             table, data = fmt.read_member(f, info)
-            off = 0
-            for i, length in enumerate(table.lengths):
+            bounds = fmt.message_bounds(table, data)
+            for i in range(info.count):
                 got.append((table.timestamps[i], table.sequences[i], table.ordinals[i],
-                            data[off : off + length]))  # fmt: skip
-                off += length
+                            data[bounds[i] : bounds[i + 1]]))  # fmt: skip
             self.assertEqual(info.min_timestamp, min(table.timestamps))
             self.assertEqual(info.max_timestamp, max(table.timestamps))
         self.assertEqual(got, list(zip(ts, seqs, ords, contents, strict=True)))

@@ -37,6 +37,7 @@ def _make_local(config, *, run, clock, metrics=None, file_budget=None):
         metrics=metrics,
         file_budget=file_budget,
         modes=FileModes(sc.file_mode, sc.dir_mode, sc.group),
+        line_tables=sc.line_tables,
     )
 
 

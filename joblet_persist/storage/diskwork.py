@@ -71,14 +71,19 @@ def thd_append_logs(
     arrivals: Sequence[int],
     contents: Sequence[bytes],
     modes: safefs.FileModes = safefs.DEFAULT_MODES,
+    line_tables: bool = True,
 ) -> AppendResult:
     """Encode a log batch as gzip members and append it at ``expected_size``.  Pool thread.
 
     Ordinals are ``base + arrival``.  On error nothing partial stays in the
     file (segment.thd_append truncates back) and the error propagates.
+    ``line_tables`` (False: storage.lineTables off) is format.encode_log_members'
+    ``lines``, here and in the other appends.
     """
     ordinals = arrivals if base == 0 else [base + a for a in arrivals]
-    pieces = fmt.encode_log_members(timestamps, sequences, ordinals, contents, compressor)
+    pieces = fmt.encode_log_members(
+        timestamps, sequences, ordinals, contents, compressor, lines=line_tables
+    )
     return _thd_write_pieces(path, directory, expected_size, fsync, pieces, 0, modes)
 
 
@@ -95,6 +100,7 @@ def thd_append_metrics(
     arrivals: Sequence[int],
     payloads: Sequence[bytes],
     modes: safefs.FileModes = safefs.DEFAULT_MODES,
+    line_tables: bool = True,
 ) -> AppendResult:
     """Convert metric payloads to JSON lines, encode and append them.  Pool thread.
 
@@ -115,7 +121,7 @@ def thd_append_metrics(
         lines.append(line)
     if not lines:
         return AppendResult(expected_size, (), 0, skipped, ())
-    pieces = fmt.encode_metric_members(ts, seqs, ords, lines, compressor)
+    pieces = fmt.encode_metric_members(ts, seqs, ords, lines, compressor, lines=line_tables)
     return _thd_write_pieces(path, directory, expected_size, fsync, pieces, skipped, modes)
 
 
@@ -133,6 +139,7 @@ def thd_append_events(
     arrivals: Sequence[int],
     payloads: Sequence[bytes],
     modes: safefs.FileModes = safefs.DEFAULT_MODES,
+    line_tables: bool = True,
 ) -> AppendResult:
     """Build the JSON lines of event payloads (``kind`` an events.EventKind), encode and
     append them.  Pool thread.
@@ -155,7 +162,7 @@ def thd_append_events(
     if not lines:
         return AppendResult(expected_size, (), 0, skipped, ())
     pieces = fmt.encode_event_members(
-        kind.msg_type, ts, seqs, ords, lines, compressor, events.MEMBER_RAW
+        kind.msg_type, ts, seqs, ords, lines, compressor, events.MEMBER_RAW, lines=line_tables
     )
     return _thd_write_pieces(path, directory, expected_size, fsync, pieces, skipped, modes)
 

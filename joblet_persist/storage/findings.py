@@ -36,6 +36,9 @@ class NullStorageMetrics:
     def compression_level(self, level: int) -> None:
         """A batch was handed to the pool to be compressed at ``level``."""
 
+    def unsupported_member(self) -> None:
+        """A segment holds a member of a later format: left as it is, not read past."""
+
 
 class Findings:
     """Counters, log lines and metrics of LocalStorage's findings.  Reactor thread."""
@@ -58,6 +61,9 @@ class Findings:
         self.unsafe_entries = 0
         #: Jobs found with overlapping or out-of-order segments when loaded.
         self.disordered_jobs = 0
+        #: Segments holding a member of a later format (written by a newer release), found
+        #: when their job was loaded: left as they are, read up to that member.
+        self.unsupported_segments = 0
 
     @reactor_only
     def scanned(self, job_id: str, scan) -> None:
@@ -90,6 +96,19 @@ class Findings:
                         path=s.path,
                         start=start,
                         end=end,
+                    )
+                if s.result.unsupported is not None:
+                    offset, reason = s.result.unsupported
+                    self.unsupported_segments += 1
+                    self._metrics.unsupported_member()
+                    self._log.error(
+                        "{path}: the member at offset {offset} is of a later storage format "
+                        "({reason}), written by a newer release; the file is left as it is "
+                        "(nothing cut), its messages from there on are not readable by this "
+                        "release, and appends go on in a new segment. Upgrade to read it.",
+                        path=s.path,
+                        offset=offset,
+                        reason=reason,
                     )
 
     @reactor_only

@@ -8,7 +8,8 @@ A segment file is a concatenation of gzip members (RFC 1952).  Each member this
 service writes carries, in its gzip header's FEXTRA field, a subfield with
 SI1='J', SI2='P' holding the member's total size, message count, ordinal,
 timestamp and sequence bounds, raw size and a per-message table (content
-lengths and deltas).  Every gzip reader skips that field, so ``zcat`` of a log
+lengths and deltas; a line member, whose messages are all whole lines, has no
+lengths: its newlines give them).  Every gzip reader skips that field, so ``zcat`` of a log
 segment prints exactly the raw bytes received and ``zcat`` of a metrics segment
 prints JSON lines.  docs/storage-format.md specifies every byte.
 """
@@ -23,7 +24,7 @@ import zlib
 from bisect import bisect_right
 from dataclasses import dataclass
 from itertools import accumulate
-from operator import sub
+from operator import methodcaller, sub
 from typing import Optional, Sequence
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -40,6 +41,8 @@ __all__ = [
     "DEFAULT_MEMBER_RAW",
     "MAX_TABLE_BYTES",
     "CorruptMember",
+    "UnsupportedMember",
+    "FLAG_LINES",
     "MemberInfo",
     "MemberTable",
     "encode_log_members",
@@ -49,6 +52,7 @@ __all__ = [
     "metric_record_dict",
     "decode_member_table",
     "inflate_member",
+    "message_bounds",
     "read_member",
     "read_member_header",
     "parse_member_header",
@@ -86,6 +90,14 @@ _CRC_COVERS_FROM = 8  # meta_crc covers the payload from this offset to its end
 
 #: Bit 0 of flags: the table is stored as a raw deflate stream.
 FLAG_TABLE_DEFLATED = 1
+
+#: Bit 1 of flags: a line member.  The table has no lengths column; message i is the i-th
+#: line of the data (every message ends with exactly one newline, its only one).
+FLAG_LINES = 2
+
+#: The flag bits this release reads; a member with any other bit set was written by a later
+#: release (UnsupportedMember).
+_KNOWN_FLAGS = FLAG_TABLE_DEFLATED | FLAG_LINES
 
 #: Largest stored table so that XLEN (4 + payload) stays <= 65535.
 MAX_TABLE_BYTES = 0xFFFF - 4 - _FIXED_SIZE
@@ -141,6 +153,37 @@ try:
 except ImportError:
     _decode_table_c = None
 
+try:
+    # The message offsets of a line member's data in one C pass; _line_bounds_py otherwise.
+    from joblet_persist._speedups import line_bounds as _line_bounds_c
+except ImportError:
+    _line_bounds_c = None
+
+
+class UnsupportedMember(ValueError):
+    """A JP member of a format this release does not know: a later version, or flag bits
+    it does not read.
+
+    Not damage: a later release wrote it, and reads it.  So it is never treated as a torn
+    tail or a damaged region (nothing is cut or skipped over on its account): the scan of a
+    file stops at it and the file is reported by name.  A ValueError, since a header that
+    cannot be parsed is one; callers that must keep the difference catch this first.
+    """
+
+    def __init__(self, reason: str, path: Optional[str] = None, offset: Optional[int] = None):
+        where = []
+        if path is not None:
+            where.append(str(path))
+        if offset is not None:
+            where.append(f"offset {offset}")
+        message = (
+            f"unsupported member at {' '.join(where)}: {reason}" if where else reason
+        )
+        super().__init__(message)
+        self.reason = reason
+        self.path = path
+        self.offset = offset
+
 
 class CorruptMember(Exception):
     """A member whose bytes do not decode: bad header, CRC, size or table.
@@ -185,9 +228,11 @@ class MemberTable:
 
     ``lengths[i]`` is the byte length of message i within the member's
     uncompressed data (for metrics, the JSON line including its newline).
+    ``lengths`` is None for a line member (FLAG_LINES): message i is the i-th
+    line of the data; ``message_bounds`` gives the offsets of both kinds.
     """
 
-    lengths: list
+    lengths: Optional[list]
     timestamps: list
     sequences: list
     ordinals: list
@@ -208,10 +253,24 @@ def _check_range(name: str, values: list, low: int, high: int) -> None:
         raise ValueError(f"{name} out of range {low}..{high}")
 
 
-def _build_table(lengths, ts, d_ts, d_seq, d_ord, i: int, j: int):
+_ends_with_newline = methodcaller("endswith", b"\n")
+
+
+def _is_lines(items, i: int, j: int) -> bool:
+    """Whether every message of [i, j) ends with a newline, its only one (a line member).
+
+    The C table builder checks the same, message by message; an empty message is no line.
+    """
+    window = items[i:j]
+    return all(map(_ends_with_newline, window)) and b"".join(window).count(b"\n") == j - i
+
+
+def _build_table(lengths, ts, d_ts, d_seq, d_ord, i: int, j: int, lines: bool = False):
     """Serialize the table of messages [i, j); returns (stored, flags, raw_len, min_ts, max_ts).
 
-    Raises ValueError when a timestamp of the window is outside int64.
+    With ``lines`` (the window is all lines, see _is_lines) the lengths column is left
+    out and FLAG_LINES is set.  Raises ValueError when a timestamp of the window is
+    outside int64.
     """
     window = ts[i:j]
     min_ts = min(window)
@@ -220,9 +279,10 @@ def _build_table(lengths, ts, d_ts, d_seq, d_ord, i: int, j: int):
         raise ValueError(f"timestamp out of range {_I64_MIN}..{_I64_MAX}")
     ts_deltas = [ts[i] - min_ts] + d_ts[i : j - 1]
     seq_deltas = [0] + d_seq[i : j - 1]
+    window = () if lines else lengths[i:j]
     try:
         msg = _TableProto(
-            lengths=lengths[i:j],
+            lengths=window,
             timestamp_deltas=ts_deltas,
             sequence_deltas=seq_deltas,
             ordinal_deltas=[0] + d_ord[i : j - 1],
@@ -231,14 +291,14 @@ def _build_table(lengths, ts, d_ts, d_seq, d_ord, i: int, j: int):
         # A delta outside int64 (values near both ends of the range): store it modulo
         # 2**64, which the reader undoes.  Rare, so the common path never scans for it.
         msg = _TableProto(
-            lengths=lengths[i:j],
+            lengths=window,
             timestamp_deltas=_wrap_signed(ts_deltas),
             sequence_deltas=_wrap_signed(seq_deltas),
             ordinal_deltas=[0] + d_ord[i : j - 1],
         )
     raw = msg.SerializeToString()
     stored, flags = _pack_table(raw)
-    return stored, flags, len(raw), min_ts, max_ts
+    return stored, flags | (FLAG_LINES if lines else 0), len(raw), min_ts, max_ts
 
 
 def _pack_table(raw: bytes):
@@ -251,13 +311,13 @@ def _pack_table(raw: bytes):
     return raw, 0
 
 
-def _table_builder_c(items, ts, seq, ords):
+def _table_builder_c(items, ts, seq, ords, lines: bool):
     """build_table(i, j) backed by the C extension: same bytes as _build_table."""
 
     def build_table(i, j):
-        raw, min_ts, max_ts = _member_table(items, ts, seq, ords, i, j)
+        raw, min_ts, max_ts, is_lines = _member_table(items, ts, seq, ords, i, j, lines)
         stored, flags = _pack_table(raw)
-        return stored, flags, len(raw), min_ts, max_ts
+        return stored, flags | (FLAG_LINES if is_lines else 0), len(raw), min_ts, max_ts
 
     return build_table
 
@@ -270,6 +330,7 @@ def _encode_members(
     items: Sequence[bytes],
     compressor,
     max_member_raw: int,
+    lines: bool,
 ) -> list:
     n = len(items)
     if not (len(timestamps) == len(sequences) == len(ordinals) == n):
@@ -291,7 +352,7 @@ def _encode_members(
     lengths = list(map(len, items))
     if _member_table is not None:
         # The C table builder validates the columns while it encodes them (one pass).
-        build_table = _table_builder_c(items, ts, seq, ords)
+        build_table = _table_builder_c(items, ts, seq, ords, lines)
     else:
         _check_range("sequence", seq, 0, _U64)
         d_ord = list(map(sub, ords[1:], ords))
@@ -303,7 +364,8 @@ def _encode_members(
         d_seq = list(map(sub, seq[1:], seq))
 
         def build_table(i, j):
-            return _build_table(lengths, ts, d_ts, d_seq, d_ord, i, j)
+            is_lines = lines and _is_lines(items, i, j)
+            return _build_table(lengths, ts, d_ts, d_seq, d_ord, i, j, is_lines)
 
     cum = list(accumulate(lengths, initial=0))
 
@@ -364,6 +426,7 @@ def encode_log_members(
     contents: Sequence[bytes],
     compressor,
     max_member_raw: int = DEFAULT_MEMBER_RAW,
+    lines: bool = True,
 ) -> list:
     """Encode a batch of LOG messages of one stream as gzip members.
 
@@ -373,10 +436,13 @@ def encode_log_members(
     An empty batch gives ``[]``.  The batch is split into several members when
     its data exceeds ``max_member_raw`` bytes or its table does not fit one
     header.  ``ordinals`` must be strictly increasing; timestamps and ordinals
-    must fit int64, sequences uint64.  Raises ValueError otherwise.
+    must fit int64, sequences uint64.  Raises ValueError otherwise.  With
+    ``lines`` (the default) a member whose messages all end with their only
+    newline gets a line table (FLAG_LINES, no lengths column); ``lines=False``
+    writes the lengths column always (files older releases read).
     """
     return _encode_members(
-        KIND_LOG, timestamps, sequences, ordinals, contents, compressor, max_member_raw
+        KIND_LOG, timestamps, sequences, ordinals, contents, compressor, max_member_raw, lines
     )
 
 
@@ -387,6 +453,7 @@ def encode_metric_members(
     json_lines: Sequence[bytes],
     compressor,
     max_member_raw: int = DEFAULT_MEMBER_RAW,
+    lines: bool = True,
 ) -> list:
     """Encode a batch of metric JSON lines (from metric_json_line) as gzip members.
 
@@ -396,7 +463,8 @@ def encode_metric_members(
         if not line.endswith(b"\n"):
             raise ValueError("metric JSON lines must end with a newline")
     return _encode_members(
-        KIND_METRIC, timestamps, sequences, ordinals, json_lines, compressor, max_member_raw
+        KIND_METRIC, timestamps, sequences, ordinals, json_lines, compressor, max_member_raw,
+        lines,
     )
 
 
@@ -408,6 +476,7 @@ def encode_event_members(
     json_lines: Sequence[bytes],
     compressor,
     max_member_raw: int = DEFAULT_MEMBER_RAW,
+    lines: bool = True,
 ) -> list:
     """Encode a batch of telemetry event JSON lines (from events.event_json_line) of one
     kind as gzip members whose JP ``kind`` is the event's IPC message type (3..9).
@@ -420,7 +489,7 @@ def encode_event_members(
         if not line.endswith(b"\n"):
             raise ValueError("event JSON lines must end with a newline")
     return _encode_members(
-        kind, timestamps, sequences, ordinals, json_lines, compressor, max_member_raw
+        kind, timestamps, sequences, ordinals, json_lines, compressor, max_member_raw, lines
     )
 
 
@@ -572,9 +641,14 @@ def _parse_payload(payload: bytes, offset: int):
         first_ord, last_ord, min_ts, max_ts, first_seq, last_seq,
     ) = _FIXED.unpack_from(payload)  # fmt: skip
     if version != FORMAT_VERSION:
-        raise ValueError(f"unsupported JP version {version}")
+        # A later format: its layout past the version byte is not ours to judge.
+        raise UnsupportedMember(f"JP version {version} (this release reads {FORMAT_VERSION})")
     if zlib.crc32(memoryview(payload)[_CRC_COVERS_FROM:]) != meta_crc:
         raise ValueError("JP header checksum mismatch")
+    if flags & ~_KNOWN_FLAGS:
+        raise UnsupportedMember(
+            f"JP flag bits {flags & ~_KNOWN_FLAGS:#x} (this release reads {_KNOWN_FLAGS:#x})"
+        )
     if kind not in _KINDS:
         raise ValueError(f"unknown member kind {kind}")
     if count < 1 or last_ord < first_ord or max_ts < min_ts:
@@ -595,7 +669,9 @@ def parse_member_header(header, offset: int = 0):
     Returns ``(MemberInfo, header_length)`` for a member with a JP subfield
     (``offset`` becomes MemberInfo.offset), or ``(None, header_length)`` for a
     plain gzip member (legacy or foreign).  Raises ValueError when the bytes
-    are not a complete, valid gzip header or the JP subfield is invalid.
+    are not a complete, valid gzip header or the JP subfield is invalid, and
+    its subclass UnsupportedMember when the JP subfield is of a later format
+    (a version or flag bits this release does not know).
     """
     hlen = gzip_header_length(header)
     if hlen is None or len(header) < hlen:
@@ -647,6 +723,8 @@ def _table_from_header(header, member: MemberInfo, where) -> MemberTable:
         if payload is None:
             raise ValueError("member has no JP subfield")
         info, flags, table_raw_size, stored = _parse_payload(payload, member.offset)
+    except UnsupportedMember as e:
+        raise UnsupportedMember(e.reason, *where) from None
     except ValueError as e:
         raise CorruptMember(str(e), *where) from None
     return _decode_table(stored, flags, table_raw_size, info, where)
@@ -672,16 +750,19 @@ def _decode_table(stored: bytes, flags: int, table_raw_size: int, info: MemberIn
             raise CorruptMember("table inflates to the wrong size", *where)
     else:
         raw = stored
+    lines = bool(flags & FLAG_LINES)
     columns = None
     if _decode_table_c is not None:
         columns = _decode_table_c(
-            raw, info.count, info.min_timestamp, info.first_sequence, info.first_ordinal
+            raw, info.count, info.min_timestamp, info.first_sequence, info.first_ordinal, lines
         )
     if columns is None:  # not the canonical encoding, or the extension is not built
-        columns = _decode_table_proto(raw, info, where)
+        columns = _decode_table_proto(raw, info, where, lines)
     lengths, timestamps, sequences, ordinals, total, low, high = columns
+    # A line member's lengths are checked against its data once inflated (message_bounds);
+    # here only that its count of lines, at least a byte each, fits its raw size.
     if (
-        total != info.raw_size
+        (info.raw_size < info.count if lines else total != info.raw_size)
         or ordinals[-1] != info.last_ordinal
         or sequences[-1] != info.last_sequence
         or low != info.min_timestamp
@@ -691,8 +772,11 @@ def _decode_table(stored: bytes, flags: int, table_raw_size: int, info: MemberIn
     return MemberTable(lengths, timestamps, sequences, ordinals)
 
 
-def _decode_table_proto(raw: bytes, info: MemberInfo, where) -> tuple:
-    """The reference decoder: the columns of ``_speedups.decode_table``, from protobuf."""
+def _decode_table_proto(raw: bytes, info: MemberInfo, where, lines: bool = False) -> tuple:
+    """The reference decoder: the columns of ``_speedups.decode_table``, from protobuf.
+
+    With ``lines`` (FLAG_LINES) the lengths column must be absent, and lengths is None.
+    """
     try:
         msg = _TableProto.FromString(raw)
     except DecodeError as e:
@@ -702,14 +786,61 @@ def _decode_table_proto(raw: bytes, info: MemberInfo, where) -> tuple:
     seq_deltas = list(msg.sequence_deltas)
     ord_deltas = list(msg.ordinal_deltas)
     n = info.count
-    if not (len(lengths) == len(ts_deltas) == len(seq_deltas) == len(ord_deltas) == n):
+    if lines:
+        if lengths:
+            raise CorruptMember("line member's table has a lengths column", *where)
+        lengths = None
+    elif len(lengths) != n:
+        raise CorruptMember("table column lengths do not match the count", *where)
+    if not (len(ts_deltas) == len(seq_deltas) == len(ord_deltas) == n):
         raise CorruptMember("table column lengths do not match the count", *where)
     timestamps = _accumulate_wrapped(info.min_timestamp, ts_deltas, unsigned=False)
     sequences = _accumulate_wrapped(info.first_sequence, seq_deltas, unsigned=True)
     ordinals = _accumulate_wrapped(info.first_ordinal, ord_deltas, unsigned=False)
     low = min(timestamps) if timestamps else None
     high = max(timestamps) if timestamps else None
-    return lengths, timestamps, sequences, ordinals, sum(lengths), low, high
+    return lengths, timestamps, sequences, ordinals, sum(lengths or ()), low, high
+
+
+def _line_bounds_py(data, count: int) -> Optional[list]:
+    """The reference of ``_speedups.line_bounds``: the ``count + 1`` offsets of the lines
+    of ``data``, or None when it does not hold exactly ``count`` newlines, the last at its
+    end."""
+    if count < 0 or data.count(b"\n") != count or (data and not data.endswith(b"\n")):
+        return None
+    if not data:
+        return [0] if count == 0 else None
+    parts = data.split(b"\n")
+    parts.pop()  # after the last newline: empty
+    return list(accumulate(map(len, parts), lambda total, n: total + n + 1, initial=0))
+
+
+def message_bounds(table: MemberTable, data, path: Optional[str] = None,
+                   offset: Optional[int] = None) -> list:
+    """Where the member's messages lie in its inflated ``data``: ``count + 1`` offsets,
+    message i being ``data[bounds[i]:bounds[i + 1]]``.
+
+    From the lengths column, or, for a line member (``table.lengths`` None), from the
+    newlines of the data.  Any thread.  Raises CorruptMember (naming ``path`` and
+    ``offset``) when the lengths do not add up to the data, or a line member's data does
+    not hold exactly one newline per message with the last at its end.
+    """
+    if table.lengths is not None:
+        bounds = list(accumulate(table.lengths, initial=0))
+        if bounds[-1] != len(data):
+            raise CorruptMember("message lengths do not add up to the data", path, offset)
+        return bounds
+    count = len(table.ordinals)
+    found = _line_bounds_c(data, count) if _line_bounds_c is not None else None
+    if found is None:
+        found = _line_bounds_py(data, count)
+    if found is None:
+        raise CorruptMember(
+            f"line member's data does not hold exactly {count} newline-terminated lines",
+            path,
+            offset,
+        )
+    return found
 
 
 def _file_name(f) -> Optional[str]:
@@ -788,7 +919,8 @@ def read_member(f, member: MemberInfo):
 
     Blocking; any thread.  Reads the member's bytes once, decodes its table
     (None for a legacy member), inflates its data and verifies CRC32, ISIZE
-    and that the table's lengths add up to the data.  Raises CorruptMember.
+    and that the table's lengths add up to the data (for a line member: that
+    the data is exactly ``count`` lines).  Raises CorruptMember.
     """
     where = (_file_name(f), member.offset)
     buf = _read_exact(f, member)
@@ -801,7 +933,10 @@ def read_member(f, member: MemberInfo):
     table = None
     if member.kind != KIND_LEGACY:
         table = _table_from_header(buf[:hlen], member, where)
-    return table, _inflate_bytes(buf, hlen, member, where)
+    data = _inflate_bytes(buf, hlen, member, where)
+    if table is not None and table.lengths is None:
+        message_bounds(table, data, *where)  # a line member: one newline per message
+    return table, data
 
 
 def inflate_member(f, member: MemberInfo) -> bytes:

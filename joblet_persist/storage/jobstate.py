@@ -72,6 +72,16 @@ class JobState:
                     s.result.valid_size,
                     reader.SegmentView(s.path, s.result.members),
                 )
+                if s.result.unsupported is None
+                # A member of a later format: an append would cut it (appends go at the
+                # valid size), so the segment is closed whole and appends go on in the next.
+                else Segment(
+                    s.index,
+                    s.path,
+                    s.result.file_size,
+                    reader.SegmentView(s.path, s.result.members),
+                    True,
+                )
                 for s in scan.kind_segments(kind)
             )
         for path in scan.refused:

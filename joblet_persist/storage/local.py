@@ -131,7 +131,9 @@ class LocalStorage:
     ``file_budget`` caps the files queries hold open at once (see
     storage.files); the pool's own files are bounded by its thread count.
     ``modes`` (safefs.FileModes) are the permissions and group of the files
-    and directories it creates.  Nothing under the data directory is followed
+    and directories it creates.  ``line_tables`` (storage.lineTables) lets
+    members of newline-terminated messages carry line tables; False writes
+    only the encoding older releases read.  Nothing under the data directory is followed
     through a symlink (see safefs): such entries are refused, logged and
     counted (``unsafe_entries``, metrics ``unsafe_entry()``).
     """
@@ -144,6 +146,7 @@ class LocalStorage:
     shrunk_segments = _finding("shrunk_segments")
     unsafe_entries = _finding("unsafe_entries")
     disordered_jobs = _finding("disordered_jobs")
+    unsupported_segments = _finding("unsupported_segments")
 
     def __init__(
         self,
@@ -160,6 +163,7 @@ class LocalStorage:
         metrics=None,
         file_budget: Optional[FileBudget] = None,
         modes: safefs.FileModes = safefs.DEFAULT_MODES,
+        line_tables: bool = True,
     ) -> None:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"invalid fsync policy {fsync!r}: expected one of {FSYNC_POLICIES}")
@@ -177,6 +181,9 @@ class LocalStorage:
         self._log = log if log is not None else Logger(namespace="joblet_persist.storage.local")
         self._metrics = metrics if metrics is not None else NullStorageMetrics()
         self._modes = modes
+        # Whether members of newline-terminated messages get line tables (FLAG_LINES);
+        # False writes only the encoding older releases read (storage.lineTables).
+        self._line_tables = line_tables
         #: Shared by the snapshots' readers; None: only the per-query limit applies.
         self.file_budget = file_budget
 
@@ -482,6 +489,7 @@ class LocalStorage:
             state.base,
             *columns,
             modes=self._modes,
+            line_tables=self._line_tables,
         )
         d.addCallbacks(
             self._appended,

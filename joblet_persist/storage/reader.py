@@ -57,8 +57,10 @@ from joblet_persist.storage.format import (
     KIND_METRIC,
     CorruptMember,
     MemberInfo,
+    UnsupportedMember,
     decode_member_table,
     gzip_header_length,
+    message_bounds,
     read_member,
 )
 from joblet_persist.storage.legacy import (
@@ -159,7 +161,8 @@ class _Query:
         if key not in self._corrupt:
             try:
                 table = decode_member_table(self.file(path), m)
-            except CorruptMember as e:
+            except (CorruptMember, UnsupportedMember) as e:
+                # (Unsupported: only a file rewritten since its scan, which stops before one.)
                 self.corrupt(path, m, e)
         self._tables[key] = table
         return table
@@ -636,11 +639,12 @@ def _positions(ts: list, rng: _Range, start: int):
     return [i for i in range(start, len(ts)) if contains(ts[i])]
 
 
-def _columns(rng: _Range, m: MemberInfo, table, min_ord):
+def _columns(rng: _Range, m: MemberInfo, table, data, path: str, min_ord):
     """The matching records of a loaded member: (ordinals, timestamps, sequences, begins,
-    ends, first position); offsets ``begins[i]:ends[i]`` into the member's data."""
+    ends, first position); offsets ``begins[i]:ends[i]`` into the member's data.  Raises
+    CorruptMember when the data does not split into the table's messages."""
     ords, ts, seqs = table.ordinals, table.timestamps, table.sequences
-    bounds = list(accumulate(table.lengths, initial=0))
+    bounds = message_bounds(table, data, path, m.offset)
     start = 0 if min_ord is None else bisect_left(ords, min_ord)
     if rng.active and not rng.covers(m):
         keep = _positions(ts, rng, start)
@@ -660,7 +664,7 @@ def _columns(rng: _Range, m: MemberInfo, table, min_ord):
 
 def _log_loader(rng: _Range):
     def load(path, m, table, data, min_ord):
-        ords, ts, seqs, begins, ends, start = _columns(rng, m, table, min_ord)
+        ords, ts, seqs, begins, ends, start = _columns(rng, m, table, data, path, min_ord)
 
         def payloads(i: int, j: int) -> list:
             return [data[a:b] for a, b in zip(begins[i:j], ends[i:j], strict=True)]
@@ -672,7 +676,7 @@ def _log_loader(rng: _Range):
 
 def _metric_loader(rng: _Range):
     def load(path, m, table, data, min_ord):
-        ords, ts, seqs, begins, ends, start = _columns(rng, m, table, min_ord)
+        ords, ts, seqs, begins, ends, start = _columns(rng, m, table, data, path, min_ord)
         # Parsed at once: a member with a line that does not parse is skipped whole.
         parsed = [None] * start
         bulk = _parse_lines(data, begins, ends, start)
@@ -725,7 +729,7 @@ def _parse_lines(data: bytes, begins: list, ends: list, start: int) -> Optional[
 
 def _event_loader(rng: _Range):
     def load(path, m, table, data, min_ord):
-        ords, ts, seqs, begins, ends, start = _columns(rng, m, table, min_ord)
+        ords, ts, seqs, begins, ends, start = _columns(rng, m, table, data, path, min_ord)
         # Parsed at once, like metrics: a member with a line that is not a JSON object is
         # skipped whole (counted as corrupt).
         parsed = [None] * start

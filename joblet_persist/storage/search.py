@@ -34,7 +34,7 @@ import time
 from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass
-from itertools import accumulate, repeat
+from itertools import repeat
 from operator import itemgetter
 from typing import Callable, Iterator, Optional
 
@@ -46,7 +46,9 @@ from joblet_persist.storage.format import (
     KIND_LOG,
     CorruptMember,
     MemberInfo,
+    UnsupportedMember,
     decode_member_table,
+    message_bounds,
 )
 
 __all__ = [
@@ -486,15 +488,16 @@ def thd_scan_member(buf: bytes, m: MemberInfo, path: str, matcher: Matcher,
     if matcher.assertion_free and matcher._rx._regexp.Match(
             _UNANCHORED, data, 0, len(data))[0][0] < 0:
         return [], [], [], []  # no match anywhere in the data: none in any message
-    table = decode_member_table(buf, m)
-    if sum(table.lengths) != len(data):
-        raise CorruptMember("message lengths do not add up to the data", path, m.offset)
+    try:
+        table = decode_member_table(buf, m)
+    except UnsupportedMember as e:  # only a file rewritten since its scan: skipped
+        raise CorruptMember(e.reason, path, m.offset) from None
+    bounds = message_bounds(table, data, path, m.offset)
     rng = reader._Range(start_time, end_time)
     if rng.active and not rng.covers(m):
         positions = reader._positions(table.timestamps, rng, 0)
     else:
-        positions = range(len(table.lengths))
-    bounds = list(accumulate(table.lengths, initial=0))
+        positions = range(len(table.ordinals))
     hits = matcher.scan(data, bounds, positions, hay)
     ords, ts, seqs = table.ordinals, table.timestamps, table.sequences
     return (

@@ -27,6 +27,7 @@ from joblet_persist.storage.format import (
     KIND_LEGACY,
     CorruptMember,
     MemberInfo,
+    UnsupportedMember,
     inflate_member,
     parse_member_header,
     read_member_header,
@@ -77,6 +78,10 @@ class ScanResult:
     #: Damaged byte ranges ``(start, end)`` in the middle of the file that the
     #: walk stepped over to reach complete members after them; never cut.
     holes: tuple[tuple[int, int], ...] = ()
+    #: ``(offset, reason)`` of a member of a later format (format.UnsupportedMember) where
+    #: the walk stopped; None when there is none.  The file is then never cut: ``members``
+    #: are those before it, ``valid_size`` its offset, and nothing may be appended to it.
+    unsupported: Optional[tuple[int, str]] = None
 
 
 class SegmentShorterThanExpected(OSError):
@@ -216,10 +221,13 @@ def _probe(f, pos: int, file_size: int, ordinal: int, legacy_ok: bool) -> Option
 
     Members we wrote are checked by header only (their checksummed header
     records their size); plain gzip members are inflated to find their end.
+    Raises UnsupportedMember (with its offset) for a member of a later format.
     """
     try:
         header = read_member_header(f, pos, file_size)
         info, hlen = parse_member_header(header, pos)
+    except UnsupportedMember as e:
+        raise UnsupportedMember(e.reason, None, pos) from None
     except ValueError:
         return None
     if info is None:
@@ -271,7 +279,10 @@ def thd_scan_segment(path: str, repair: bool, depth: int = 1) -> ScanResult:
     without following a symlink in the last ``depth`` components of ``path``
     (safefs.UnsafeEntry otherwise); a file replaced between the scan and the
     cut is not cut.  A damaged region followed by complete members is stepped
-    over and reported in ``holes`` (never cut).  A missing file gives
+    over and reported in ``holes`` (never cut).  A member of a later format
+    (a JP version or flag bits this release does not read) stops the walk:
+    it and everything after it are left as they are, whatever ``repair`` says,
+    and reported in ``unsupported``.  A missing file gives
     ``ScanResult((), 0, 0, False)``.
     """
     try:
@@ -286,14 +297,21 @@ def thd_scan_segment(path: str, repair: bool, depth: int = 1) -> ScanResult:
         pos = 0
         legacy_seen = 0
         ours_seen = False
+        unsupported = None
         while pos < file_size:
             ordinal = LEGACY_ORDINAL_BASE + legacy_seen
-            info = _probe(f, pos, file_size, ordinal, not ours_seen)
-            if info is None:
-                info = _resync(f, pos + 1, file_size, ordinal, not ours_seen)
+            try:
+                info = _probe(f, pos, file_size, ordinal, not ours_seen)
                 if info is None:
-                    break
-                holes.append((pos, info.offset))
+                    info = _resync(f, pos + 1, file_size, ordinal, not ours_seen)
+                    if info is None:
+                        break
+                    holes.append((pos, info.offset))
+            except UnsupportedMember as e:
+                # Written by a later release: not damage, and not ours to cut or to step
+                # over.  The walk ends here; the file stays as it is.
+                unsupported = (e.offset, e.reason)
+                break
             members.append(info)
             if info.kind == KIND_LEGACY:
                 legacy_seen += info.count
@@ -301,12 +319,12 @@ def thd_scan_segment(path: str, repair: bool, depth: int = 1) -> ScanResult:
                 ours_seen = True
             pos = info.offset + info.size
         valid_size = pos
-        while members and not _verified(f, members[-1]):
+        while unsupported is None and members and not _verified(f, members[-1]):
             valid_size = members.pop().offset
             while holes and holes[-1][1] >= valid_size:
                 valid_size = holes.pop()[0]
     truncated = False
-    if repair and valid_size < file_size:
+    if repair and valid_size < file_size and unsupported is None:
         fd = safefs.open_file(path, depth, os.O_WRONLY)
         try:
             now = os.fstat(fd)
@@ -316,7 +334,9 @@ def thd_scan_segment(path: str, repair: bool, depth: int = 1) -> ScanResult:
                 truncated = True
         finally:
             os.close(fd)
-    return ScanResult(tuple(members), valid_size, file_size, truncated, tuple(holes))
+    return ScanResult(
+        tuple(members), valid_size, file_size, truncated, tuple(holes), unsupported
+    )
 
 
 def thd_remove_if_empty(path: str, depth: int = 1) -> bool:
