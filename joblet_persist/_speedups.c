@@ -1371,6 +1371,438 @@ metric_json_line(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return result;
 }
 
+/* ---- metric_json_lines: metric_json_line over a batch (storage/diskwork.py) --------------- */
+
+PyDoc_STRVAR(metric_json_lines_doc,
+"metric_json_lines(job_json, payloads) -> list\n\n"
+"metric_json_line(job_json, payload) for each payload of the list `payloads`, in one call:\n"
+"a list of the same length whose items are the line, or None where metric_json_line gives\n"
+"None (the caller takes the protobuf route for those).  Pool thread.");
+
+static PyObject *
+metric_json_lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *out, *payloads;
+    Py_ssize_t i, n;
+    if (nargs != 2 || !PyUnicode_Check(args[0]) || !PyList_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "metric_json_lines(job_json: str, payloads: list)");
+        return NULL;
+    }
+    payloads = args[1];
+    n = PyList_GET_SIZE(payloads);
+    out = PyList_New(n);
+    if (out == NULL) {
+        return NULL;
+    }
+    for (i = 0; i < n; i++) {
+        PyObject *call[2], *line;
+        call[0] = args[0];
+        call[1] = PyList_GET_ITEM(payloads, i);
+        line = metric_json_line(self, call, 2);
+        if (line == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, i, line);
+    }
+    return out;
+}
+
+/* ---- event_json_lines: the stored JSON lines of telemetry events (events.py) -------------- */
+
+/* Field codes of an event layout, as events.py's field types map to them. */
+#define EV_U32 0
+#define EV_U64 1
+#define EV_I64 2
+#define EV_STR 3
+#define EV_STRS 4
+#define EV_MAX_FIELDS 16
+
+/* A growable output buffer. */
+typedef struct {
+    char *data;
+    size_t len, room;
+} OutBuf;
+
+static int
+out_reserve(OutBuf *b, size_t more)
+{
+    if (b->len + more > b->room) {
+        size_t room = b->room ? b->room : 512;
+        char *data;
+        while (room < b->len + more) {
+            room *= 2;
+        }
+        data = PyMem_Realloc(b->data, room);
+        if (data == NULL) {
+            PyErr_NoMemory();
+            return 0;
+        }
+        b->data = data;
+        b->room = room;
+    }
+    return 1;
+}
+
+static inline int
+out_put(OutBuf *b, const char *s, size_t n)
+{
+    if (!out_reserve(b, n)) {
+        return 0;
+    }
+    memcpy(b->data + b->len, s, n);
+    b->len += n;
+    return 1;
+}
+
+static const char b64_alphabet[] =
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/* A string field's raw bytes as the stored JSON writes them (events._json_raw_text): valid
+ * UTF-8 as a JSON string the way json.encoder.encode_basestring writes it (", \ and control
+ * characters escaped, the rest as is), anything else as {"b64":"<standard base64>"}. */
+static int
+out_text(OutBuf *b, const unsigned char *s, Py_ssize_t n)
+{
+    Py_ssize_t i;
+    char *o;
+    if (!utf8_valid(s, n)) {
+        Py_ssize_t groups = (n + 2) / 3;
+        if (!out_reserve(b, (size_t)groups * 4 + 12)) {
+            return 0;
+        }
+        o = b->data + b->len;
+        memcpy(o, "{\"b64\":\"", 8);
+        o += 8;
+        for (i = 0; i + 2 < n; i += 3) {
+            uint32_t v = ((uint32_t)s[i] << 16) | ((uint32_t)s[i + 1] << 8) | s[i + 2];
+            *o++ = b64_alphabet[(v >> 18) & 63];
+            *o++ = b64_alphabet[(v >> 12) & 63];
+            *o++ = b64_alphabet[(v >> 6) & 63];
+            *o++ = b64_alphabet[v & 63];
+        }
+        if (i < n) {
+            uint32_t v = (uint32_t)s[i] << 16;
+            if (i + 1 < n) {
+                v |= (uint32_t)s[i + 1] << 8;
+            }
+            *o++ = b64_alphabet[(v >> 18) & 63];
+            *o++ = b64_alphabet[(v >> 12) & 63];
+            *o++ = i + 1 < n ? b64_alphabet[(v >> 6) & 63] : '=';
+            *o++ = '=';
+        }
+        memcpy(o, "\"}", 2);
+        o += 2;
+        b->len = (size_t)(o - b->data);
+        return 1;
+    }
+    /* At most 6 bytes per input byte (\u00XX), plus the quotes. */
+    if (!out_reserve(b, (size_t)n * 6 + 2)) {
+        return 0;
+    }
+    o = b->data + b->len;
+    *o++ = '"';
+    for (i = 0; i < n; i++) {
+        unsigned char c = s[i];
+        if (c >= 0x20 && c != '"' && c != '\\') {
+            *o++ = (char)c;
+            continue;
+        }
+        *o++ = '\\';
+        switch (c) {
+        case '"':
+        case '\\':
+            *o++ = (char)c;
+            break;
+        case '\b':
+            *o++ = 'b';
+            break;
+        case '\f':
+            *o++ = 'f';
+            break;
+        case '\n':
+            *o++ = 'n';
+            break;
+        case '\r':
+            *o++ = 'r';
+            break;
+        case '\t':
+            *o++ = 't';
+            break;
+        default:
+            *o++ = 'u';
+            *o++ = '0';
+            *o++ = '0';
+            *o++ = "0123456789abcdef"[c >> 4];
+            *o++ = "0123456789abcdef"[c & 15];
+        }
+    }
+    *o++ = '"';
+    b->len = (size_t)(o - b->data);
+    return 1;
+}
+
+/* One event payload's fields 4.. (numbers 4 + index into `codes`), canonical only: every
+ * known field with its own wire type (varint for numbers, length-delimited for strings), a
+ * uint32 that fits 32 bits, no groups; the last occurrence of a scalar wins and `args`
+ * collects every occurrence (offsets into `args_at`, a list the caller frees).  Fields 1..3
+ * (job_uuid bytes, timestamp, sequence) are checked and ignored.  0 for anything else: the
+ * caller then takes the protobuf route, which decides. */
+typedef struct {
+    uint64_t number[EV_MAX_FIELDS];
+    const unsigned char *text[EV_MAX_FIELDS];
+    Py_ssize_t text_len[EV_MAX_FIELDS];
+} EventValues;
+
+static int
+parse_event(const unsigned char *p, const unsigned char *end, const int *codes, int nfields,
+            EventValues *v, const unsigned char ***args_at, Py_ssize_t *nargs,
+            Py_ssize_t *args_room)
+{
+    uint64_t value;
+    Py_ssize_t size;
+    memset(v, 0, sizeof(*v));
+    *nargs = 0;
+    while (p < end) {
+        uint32_t field, wire;
+        if (!read_tag(&p, end, &field, &wire)) {
+            return 0;
+        }
+        if (field == 1) {
+            if (wire != 2 || !read_size(&p, end, &size)) {
+                return 0;
+            }
+            p += size;
+        }
+        else if (field == 2 || field == 3) {
+            if (wire != 0 || !read_varint(&p, end, 10, &value)) {
+                return 0;
+            }
+        }
+        else if (field >= 4 && field < 4 + (uint32_t)nfields) {
+            int i = (int)field - 4;
+            int code = codes[i];
+            if (code == EV_STR || code == EV_STRS) {
+                if (wire != 2 || !read_size(&p, end, &size)) {
+                    return 0;
+                }
+                if (code == EV_STR) {
+                    v->text[i] = p;
+                    v->text_len[i] = size;
+                }
+                else {
+                    /* Pairs of (start, end) pointers. */
+                    if (*nargs + 2 > *args_room) {
+                        Py_ssize_t room = *args_room ? *args_room * 2 : 64;
+                        const unsigned char **grown =
+                            PyMem_Realloc((void *)*args_at, (size_t)room * sizeof(**args_at));
+                        if (grown == NULL) {
+                            PyErr_NoMemory();
+                            return -1;
+                        }
+                        *args_at = grown;
+                        *args_room = room;
+                    }
+                    (*args_at)[(*nargs)++] = p;
+                    (*args_at)[(*nargs)++] = p + size;
+                }
+                p += size;
+            }
+            else {
+                if (wire != 0 || !read_varint(&p, end, 10, &value)) {
+                    return 0;
+                }
+                if (code == EV_U32 && value > UINT32_MAX) {
+                    return 0;
+                }
+                v->number[i] = value;
+            }
+        }
+        else if (wire == 3 || wire == 4 || !skip_field(&p, end, wire)) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+PyDoc_STRVAR(event_json_lines_doc,
+"event_json_lines(layout, job_json, payloads, timestamps, sequences) -> list\n\n"
+"The stored JSON lines (events.payload_json_line) of a batch of event payloads of one kind.\n"
+"`layout` is a tuple of (prefix: bytes, code: int) per field from number 4 on, the prefix\n"
+"being ',\"key\":' and the code 0 uint32, 1 uint64, 2 int64, 3 string, 4 repeated string;\n"
+"`job_json` the job id as a JSON string; `timestamps` and `sequences` the values to write.\n"
+"A list of the same length as `payloads` whose items are the line, or None where the\n"
+"payload is not canonical or a value does not fit (the caller takes the protobuf route for\n"
+"those).  Pool thread.");
+
+static PyObject *
+event_json_lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *layout, *payloads, *timestamps, *sequences, *out = NULL;
+    const char *prefix[EV_MAX_FIELDS];
+    Py_ssize_t prefix_len[EV_MAX_FIELDS];
+    int codes[EV_MAX_FIELDS];
+    int nfields, f;
+    const char *job;
+    Py_ssize_t job_len, i, n, nargs_seen = 0, args_room = 0;
+    const unsigned char **args_at = NULL;
+    OutBuf b = {NULL, 0, 0};
+    EventValues v;
+
+    (void)self;
+    if (nargs != 5 || !PyTuple_Check(args[0]) || !PyUnicode_Check(args[1])
+        || !PyList_Check(args[2]) || !PyList_Check(args[3]) || !PyList_Check(args[4])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "event_json_lines(layout: tuple, job_json: str, payloads: list, "
+                        "timestamps: list, sequences: list)");
+        return NULL;
+    }
+    layout = args[0];
+    payloads = args[2];
+    timestamps = args[3];
+    sequences = args[4];
+    n = PyList_GET_SIZE(payloads);
+    if (PyList_GET_SIZE(timestamps) != n || PyList_GET_SIZE(sequences) != n) {
+        PyErr_SetString(PyExc_ValueError, "event_json_lines: column lengths differ");
+        return NULL;
+    }
+    nfields = (int)PyTuple_GET_SIZE(layout);
+    if (nfields > EV_MAX_FIELDS) {
+        PyErr_SetString(PyExc_ValueError, "event_json_lines: too many fields");
+        return NULL;
+    }
+    for (f = 0; f < nfields; f++) {
+        PyObject *item = PyTuple_GET_ITEM(layout, f);
+        long code;
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2
+            || !PyBytes_Check(PyTuple_GET_ITEM(item, 0))) {
+            PyErr_SetString(PyExc_TypeError, "event_json_lines: layout items are (bytes, int)");
+            return NULL;
+        }
+        code = PyLong_AsLong(PyTuple_GET_ITEM(item, 1));
+        if (code == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+        if (code < EV_U32 || code > EV_STRS) {
+            PyErr_SetString(PyExc_ValueError, "event_json_lines: unknown field code");
+            return NULL;
+        }
+        codes[f] = (int)code;
+        prefix[f] = PyBytes_AS_STRING(PyTuple_GET_ITEM(item, 0));
+        prefix_len[f] = PyBytes_GET_SIZE(PyTuple_GET_ITEM(item, 0));
+    }
+    job = PyUnicode_AsUTF8AndSize(args[1], &job_len);
+    if (job == NULL) {
+        return NULL;
+    }
+    out = PyList_New(n);
+    if (out == NULL) {
+        return NULL;
+    }
+    for (i = 0; i < n; i++) {
+        PyObject *payload = PyList_GET_ITEM(payloads, i);
+        PyObject *line;
+        const unsigned char *p;
+        long long ts;
+        unsigned long long seq;
+        char num[48];
+        int len, ok;
+
+        PyList_SET_ITEM(out, i, Py_None);
+        Py_INCREF(Py_None);
+        if (!PyBytes_Check(payload)) {
+            continue;
+        }
+        ts = PyLong_AsLongLong(PyList_GET_ITEM(timestamps, i));
+        if (ts == -1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            continue;
+        }
+        seq = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(sequences, i));
+        if (seq == (unsigned long long)-1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            continue;
+        }
+        p = (const unsigned char *)PyBytes_AS_STRING(payload);
+        ok = parse_event(p, p + PyBytes_GET_SIZE(payload), codes, nfields, &v, &args_at,
+                         &nargs_seen, &args_room);
+        if (ok < 0) {
+            goto error;
+        }
+        if (!ok) {
+            continue;
+        }
+        b.len = 0;
+        len = snprintf(num, sizeof(num), ",\"timestamp\":%lld", ts);
+        if (!out_put(&b, "{\"job_uuid\":", 12) || !out_put(&b, job, (size_t)job_len)
+            || !out_put(&b, num, (size_t)len)) {
+            goto error;
+        }
+        len = snprintf(num, sizeof(num), ",\"sequence\":%llu", seq);
+        if (!out_put(&b, num, (size_t)len)) {
+            goto error;
+        }
+        for (f = 0; f < nfields; f++) {
+            if (!out_put(&b, prefix[f], (size_t)prefix_len[f])) {
+                goto error;
+            }
+            switch (codes[f]) {
+            case EV_U32:
+            case EV_U64:
+                len = snprintf(num, sizeof(num), "%llu", (unsigned long long)v.number[f]);
+                break;
+            case EV_I64:
+                len = snprintf(num, sizeof(num), "%lld", (long long)(int64_t)v.number[f]);
+                break;
+            case EV_STR:
+                len = -1;
+                if (!out_text(&b, v.text[f] ? v.text[f] : (const unsigned char *)"",
+                              v.text_len[f])) {
+                    goto error;
+                }
+                break;
+            default: {
+                Py_ssize_t k;
+                len = -1;
+                if (!out_put(&b, "[", 1)) {
+                    goto error;
+                }
+                for (k = 0; k < nargs_seen; k += 2) {
+                    if ((k && !out_put(&b, ",", 1))
+                        || !out_text(&b, args_at[k], args_at[k + 1] - args_at[k])) {
+                        goto error;
+                    }
+                }
+                if (!out_put(&b, "]", 1)) {
+                    goto error;
+                }
+            }
+            }
+            if (len >= 0 && !out_put(&b, num, (size_t)len)) {
+                goto error;
+            }
+        }
+        if (!out_put(&b, "}\n", 2)) {
+            goto error;
+        }
+        line = PyBytes_FromStringAndSize(b.data, (Py_ssize_t)b.len);
+        if (line == NULL) {
+            goto error;
+        }
+        Py_DECREF(Py_None);
+        PyList_SET_ITEM(out, i, line);
+    }
+    PyMem_Free(b.data);
+    PyMem_Free((void *)args_at);
+    return out;
+
+error:
+    PyMem_Free(b.data);
+    PyMem_Free((void *)args_at);
+    Py_XDECREF(out);
+    return NULL;
+}
+
 static PyMethodDef speedups_methods[] = {
     {"decode_log_frames", (PyCFunction)(void (*)(void))decode_log_frames, METH_FASTCALL,
      decode_log_frames_doc},
@@ -1378,6 +1810,10 @@ static PyMethodDef speedups_methods[] = {
     {"decode_table", (PyCFunction)(void (*)(void))decode_table, METH_FASTCALL, decode_table_doc},
     {"metric_json_line", (PyCFunction)(void (*)(void))metric_json_line, METH_FASTCALL,
      metric_json_line_doc},
+    {"metric_json_lines", (PyCFunction)(void (*)(void))metric_json_lines, METH_FASTCALL,
+     metric_json_lines_doc},
+    {"event_json_lines", (PyCFunction)(void (*)(void))event_json_lines, METH_FASTCALL,
+     event_json_lines_doc},
     {NULL, NULL, 0, NULL},
 };
 
