@@ -31,6 +31,7 @@ static PyObject *str_slow;
 static PyObject *str_partial;
 static PyObject *str_end;
 static PyObject *stream_numbers[3];
+static PyObject *type_keys[10]; /* -2 .. -9: the group keys of metric and event frames */
 static uint64_t hash_seed;
 
 /* -- wire format ---------------------------------------------------------------------------- */
@@ -350,6 +351,8 @@ typedef struct {
     Py_ssize_t len;
     PyObject *job; /* owned; NULL marks a free slot */
     PyObject *columns[2][4];
+    /* Grouped mode: the group columns of message types 2..9 (index type - 2). */
+    PyObject *other_columns[8][4];
     /* The last timestamp appended per stream (borrowed from its list): joblet-core sends
      * whole seconds, so consecutive lines often share one int object. */
     PyObject *last_timestamp[2];
@@ -572,12 +575,48 @@ append_other(PyObject *others, PyObject *job, const Envelope *env, uint32_t leng
 
 /* -- decode_log_frames ----------------------------------------------------------------------- */
 
+/* Grouped mode: the record time of a metric or event frame (type 2..9) whose payload is
+ * canonical (1), or 0 (not canonical), or -1 (error set).  Defined with the payload parsers
+ * below. */
+static int other_payload_time(uint32_t type, const Envelope *env, int64_t *ts, uint64_t *seq);
+
+/* Create the (job, -type) group of a metric or event frame in `groups`. */
+static int
+new_other_group(PyObject *groups, Entry *e, uint32_t type)
+{
+    PyObject *key, *value;
+    int i, rc;
+    value = PyList_New(4);
+    if (value == NULL) {
+        return -1;
+    }
+    for (i = 0; i < 4; i++) {
+        PyObject *column = PyList_New(0);
+        if (column == NULL) {
+            Py_DECREF(value);
+            return -1;
+        }
+        PyList_SET_ITEM(value, i, column);
+        e->other_columns[type - 2][i] = column;
+    }
+    key = PyTuple_Pack(2, e->job, type_keys[type]);
+    if (key == NULL) {
+        Py_DECREF(value);
+        return -1;
+    }
+    rc = PyDict_SetItem(groups, key, value);
+    Py_DECREF(key);
+    Py_DECREF(value);
+    return rc;
+}
+
 PyDoc_STRVAR(decode_log_frames_doc,
-"decode_log_frames(data, offset, max_length, arrivals, others=None)\n\
+"decode_log_frames(data, offset, max_length, arrivals, others=None, grouped=False)\n\
     -> (new_offset, groups, stop_reason)\n\
 \n\
 Collect the canonical LOG frames of data[offset:] into groups keyed by (job_uuid, stream);\n\
 with a list `others`, append the other frames whose envelope is canonical to it and go on;\n\
+with `grouped` true as well, group the canonical metric and event frames by (job_uuid, -type);\n\
 see joblet_persist.framing for the exact contract.");
 
 static PyObject *
@@ -589,20 +628,31 @@ decode_log_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     int overflow;
     const unsigned char *base;
     JobTable table;
+    int grouped = 0;
 
     (void)module;
-    if (nargs != 4 && nargs != 5) {
+    if (nargs < 4 || nargs > 6) {
         PyErr_Format(PyExc_TypeError,
-                     "decode_log_frames() takes 4 or 5 arguments (%zd given)", nargs);
+                     "decode_log_frames() takes 4 to 6 arguments (%zd given)", nargs);
         return NULL;
     }
     data = args[0];
     arrivals = args[3];
-    if (nargs == 5 && args[4] != Py_None) {
+    if (nargs >= 5 && args[4] != Py_None) {
         others = args[4];
         if (!PyList_Check(others)) {
             PyErr_Format(PyExc_TypeError, "others must be a list or None, not %.100s",
                          Py_TYPE(others)->tp_name);
+            return NULL;
+        }
+    }
+    if (nargs == 6) {
+        grouped = PyObject_IsTrue(args[5]);
+        if (grouped < 0) {
+            return NULL;
+        }
+        if (grouped && others == NULL) {
+            PyErr_SetString(PyExc_ValueError, "grouped needs an others list");
             return NULL;
         }
     }
@@ -679,6 +729,36 @@ decode_log_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                     PyErr_Format(PyExc_OverflowError, "arrival number of job %R out of range",
                                  e->job);
                     goto error;
+                }
+                if (grouped) {
+                    int64_t ts;
+                    uint64_t seq;
+                    int ok = other_payload_time(env.type, &env, &ts, &seq);
+                    if (ok < 0) {
+                        goto error;
+                    }
+                    columns = e->other_columns[env.type - 2];
+                    if (ok) {
+                        if (columns[0] == NULL && new_other_group(groups, e, env.type) < 0) {
+                            goto error;
+                        }
+                        if (append_new(columns[0], PyLong_FromLongLong(ts)) < 0
+                            || append_new(columns[1], PyLong_FromUnsignedLongLong(seq)) < 0
+                            || append_new(columns[2], PyLong_FromLongLong(e->next_arrival)) < 0
+                            || append_new(columns[3], PyBytes_FromStringAndSize(
+                                   (const char *)env.data, env.data_end - env.data)) < 0) {
+                            goto error;
+                        }
+                        e->next_arrival++;
+                        pos += 4 + (Py_ssize_t)length;
+                        continue;
+                    }
+                    if (columns[0] != NULL) {
+                        /* After grouped frames of its (job, type): the caller's general
+                         * decoder takes it once the groups are delivered, keeping their order. */
+                        reason = str_slow;
+                        break;
+                    }
                 }
                 Py_INCREF(e->job);
                 if (append_other(others, e->job, &env, length,
@@ -1549,6 +1629,8 @@ out_text(OutBuf *b, const unsigned char *s, Py_ssize_t n)
  * (job_uuid bytes, timestamp, sequence) are checked and ignored.  0 for anything else: the
  * caller then takes the protobuf route, which decides. */
 typedef struct {
+    int64_t timestamp;
+    uint64_t sequence;
     uint64_t number[EV_MAX_FIELDS];
     const unsigned char *text[EV_MAX_FIELDS];
     Py_ssize_t text_len[EV_MAX_FIELDS];
@@ -1577,6 +1659,12 @@ parse_event(const unsigned char *p, const unsigned char *end, const int *codes, 
         else if (field == 2 || field == 3) {
             if (wire != 0 || !read_varint(&p, end, 10, &value)) {
                 return 0;
+            }
+            if (field == 2) {
+                v->timestamp = (int64_t)value;
+            }
+            else {
+                v->sequence = value;
             }
         }
         else if (field >= 4 && field < 4 + (uint32_t)nfields) {
@@ -1623,6 +1711,65 @@ parse_event(const unsigned char *p, const unsigned char *end, const int *codes, 
         }
     }
     return 1;
+}
+
+/* The field codes of the event payloads of types 3..9 (events.py's kinds table), from field
+ * number 4 on; -1 ends a layout. */
+static const int event_layouts[7][EV_MAX_FIELDS] = {
+    /* 3 exec */ {EV_U32, EV_U32, EV_U32, EV_U32, EV_STR, EV_STR, EV_STRS, -1},
+    /* 4 connect */ {EV_U32, EV_STR, EV_STR, EV_U32, EV_STR, EV_U32, EV_STR, -1},
+    /* 5 accept */ {EV_U32, EV_STR, EV_STR, EV_U32, EV_STR, EV_U32, EV_STR, -1},
+    /* 6 socket data */ {EV_U32, EV_STR, EV_STR, EV_STR, EV_U32, EV_STR, EV_I64, -1},
+    /* 7 mmap */ {EV_U32, EV_STR, EV_U64, EV_U64, EV_U32, EV_U32, EV_STR, -1},
+    /* 8 mprotect */ {EV_U32, EV_STR, EV_U64, EV_U64, EV_U32, -1},
+    /* 9 file */ {EV_U32, EV_STR, EV_STR, EV_STR, EV_I64, -1},
+};
+
+static int
+other_payload_time(uint32_t type, const Envelope *env, int64_t *ts, uint64_t *seq)
+{
+    const unsigned char *p = env->data, *end = env->data_end;
+    if (type == 2) {
+        MetricValues m;
+        if (!parse_metric(p, end, &m)) {
+            return 0;
+        }
+        /* The payload's time, or the envelope's when the payload's timestamp is 0. */
+        if (m.timestamp != 0) {
+            *ts = m.timestamp;
+            *seq = m.sequence;
+        }
+        else {
+            *ts = env->timestamp;
+            *seq = env->sequence;
+        }
+        return 1;
+    }
+    else {
+        const int *codes = event_layouts[type - 3];
+        int nfields = 0, ok;
+        EventValues v;
+        const unsigned char **args_at = NULL;
+        Py_ssize_t nargs = 0, args_room = 0;
+        while (nfields < EV_MAX_FIELDS && codes[nfields] >= 0) {
+            nfields++;
+        }
+        ok = parse_event(p, end, codes, nfields, &v, &args_at, &nargs, &args_room);
+        PyMem_Free((void *)args_at);
+        if (ok <= 0) {
+            return ok;
+        }
+        /* The envelope's time, or the payload's when the envelope's timestamp is 0. */
+        if (env->timestamp != 0) {
+            *ts = env->timestamp;
+            *seq = env->sequence;
+        }
+        else {
+            *ts = v.timestamp;
+            *seq = v.sequence;
+        }
+        return 1;
+    }
 }
 
 PyDoc_STRVAR(event_json_lines_doc,
@@ -1845,6 +1992,12 @@ PyInit__speedups(void)
     for (i = 0; i < 3; i++) {
         stream_numbers[i] = PyLong_FromLong(i);
         if (stream_numbers[i] == NULL) {
+            return NULL;
+        }
+    }
+    for (i = 0; i < 10; i++) {
+        type_keys[i] = PyLong_FromLong(-i);
+        if (type_keys[i] == NULL) {
             return NULL;
         }
     }
