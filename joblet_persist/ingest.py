@@ -74,7 +74,7 @@ reserved before anything of it is kept.  A frame that can never fit (above the p
 cap or the global limit) is refused (``over_budget``) and skipped; one that does not fit now
 pauses its connection (reads stop; at most that one read is held) until earlier reservations
 are released, first come first served.  Frames of at most one read (``SMALL_FRAME_BYTES``)
-never wait, so the bound is the budget plus one read per connection.  A connection holding a
+never wait, so the bound is the budget plus one read (``READ_BYTES``) per connection.  A connection holding a
 reservation is never paused for budget, so it can always finish its frame; one that stops
 sending is closed after ``partial_frame_timeout`` (``stalled_frame``).  Frames complete within one read reserve
 nothing and cost nothing extra.  The chunks of a frame are freed together when it completes
@@ -120,10 +120,16 @@ __all__ = [
 DEFAULT_MAX_FRAME_BYTES = 128 * 1024 * 1024
 DEFAULT_MAX_PARTIAL_BYTES = 256 * 1024 * 1024
 DEFAULT_PARTIAL_FRAME_TIMEOUT = 30.0
-#: Frames up to this size (one read of the transport) are reserved even beyond the budget:
-#: a connection waiting for budget holds that much anyway, and small frames split across
-#: reads must not queue behind large ones.  So the memory bound is ``ipc.maxPartialBytes``
-#: plus this much per connection.
+#: Bytes asked of the transport per read (Twisted's default is 64 KiB).  Each read costs a
+#: decoder call and one writer call per (job, stream or type) in it; with logs, metrics and
+#: events interleaved a job has up to ten such groups per read, so larger reads spread that
+#: over more frames (mixed traffic: about a third less reactor time per frame than with
+#: 64 KiB reads, docs/performance.md).  A connection waiting for budget holds at most one read.
+READ_BYTES = 256 * 1024
+#: Frames up to this size (at most one read of the transport) are reserved even beyond the
+#: budget: a connection waiting for budget holds that much anyway, and small frames split
+#: across reads must not queue behind large ones.  So the memory bound is
+#: ``ipc.maxPartialBytes`` plus one read (``READ_BYTES``) per connection.
 SMALL_FRAME_BYTES = 65536
 #: How long a refused connection keeps the connection check unhealthy.
 REFUSAL_WINDOW = 60.0
@@ -285,8 +291,9 @@ def release_memory() -> None:
     """Ask the C allocator to give freed heap pages back to the system (glibc
     ``malloc_trim``; nothing elsewhere).  Reactor thread; takes milliseconds at most.
 
-    The chunks of a partial frame are read-sized (64 KiB) allocations on the heap, below
-    glibc's mmap threshold: freed, they stay in the process until trimmed.
+    The chunks of a partial frame are read-sized (up to ``READ_BYTES``) allocations on the
+    heap, often below glibc's (dynamic) mmap threshold: freed, they stay in the process
+    until trimmed.
     """
     if _malloc_trim is not None:
         _malloc_trim(0)
@@ -1023,6 +1030,9 @@ class IngestProtocol(Int32StringReceiver):
 
     @reactor_only
     def connectionMade(self) -> None:
+        if hasattr(self.transport, "bufferSize"):
+            # Twisted's connections read bufferSize bytes per read: see READ_BYTES.
+            self.transport.bufferSize = READ_BYTES
         factory = getattr(self, "factory", None)
         if factory is not None:
             factory._connection_made(self)

@@ -1148,6 +1148,23 @@ class BulkOthersIngestTests(BulkIngestTests):
         self.in_arrival_order()
 
 
+class ReadSizeTests(SynchronousTestCase):
+    def test_reads_of_read_bytes(self):
+        """A connection asks its transport for reads of ingest.READ_BYTES (256 KiB), not
+        Twisted's default 64 KiB: the attribute the real Unix-socket transport reads."""
+        from twisted.internet import unix
+
+        self.assertEqual(ingest.READ_BYTES, 256 * 1024)
+        self.assertEqual(unix.Server.bufferSize, 64 * 1024)
+        factory = IngestFactory(BulkOthersWriter(), None, task.Clock())
+        proto = factory.buildProtocol(None)
+        transport = StringTransport()
+        transport.bufferSize = unix.Server.bufferSize
+        proto.makeConnection(transport)
+        self.assertEqual(transport.bufferSize, ingest.READ_BYTES)
+        self.assertEqual(unix.Server.bufferSize, 64 * 1024)  # the class is left alone
+
+
 class PythonTwinBulkOthersIngestTests(BulkOthersIngestTests):
     """The bulk-others path's tests (grouped mode) with the pure-Python decoder."""
 
