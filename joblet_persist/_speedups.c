@@ -1370,6 +1370,35 @@ parse_metric(const unsigned char *p, const unsigned char *end, MetricValues *m)
     return 1;
 }
 
+/* Decimal text of integers, as int.__repr__ writes them (snprintf is several times slower). */
+static inline char *
+put_u64_text(char *o, uint64_t v)
+{
+    char tmp[20];
+    int n = 0;
+    do {
+        tmp[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    while (n) {
+        *o++ = tmp[--n];
+    }
+    return o;
+}
+
+static inline char *
+put_i64_text(char *o, int64_t v)
+{
+    if (v < 0) {
+        *o++ = '-';
+        return put_u64_text(o, (uint64_t)0 - (uint64_t)v);
+    }
+    return put_u64_text(o, (uint64_t)v);
+}
+
+/* Copy a string literal to `o`; the position after it. */
+#define PUT_LITERAL(o, lit) (memcpy((o), (lit), sizeof(lit) - 1), (o) + sizeof(lit) - 1)
+
 /* A double as json.dumps writes it (float.__repr__), or null when not finite. */
 static int
 put_double(char *buf, size_t room, double v)
@@ -1400,7 +1429,7 @@ metric_json_line(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     MetricValues m;
     const char *job;
     Py_ssize_t job_len;
-    char cpu[40], gpu[40], *buf;
+    char cpu[40], gpu[40], *buf, stack[1024];
     PyObject *result;
     int n;
     size_t room;
@@ -1426,28 +1455,51 @@ metric_json_line(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     room = (size_t)job_len + 640;
-    buf = PyMem_Malloc(room);
+    buf = room <= sizeof(stack) ? stack : PyMem_Malloc(room);
     if (buf == NULL) {
         return PyErr_NoMemory();
     }
-    n = snprintf(buf, room,
-                 "{\"job_uuid\":%s,\"timestamp\":%lld,\"sequence\":%llu,\"data\":{"
-                 "\"cpu_usage\":%s,\"memory_usage\":%lld,\"gpu_usage\":%s,"
-                 "\"disk_io\":{\"read_bytes\":%lld,\"write_bytes\":%lld,\"read_ops\":%lld,"
-                 "\"write_ops\":%lld},"
-                 "\"network_io\":{\"rx_bytes\":%lld,\"tx_bytes\":%lld,\"rx_packets\":%lld,"
-                 "\"tx_packets\":%lld}}}\n",
-                 job, (long long)m.timestamp, (unsigned long long)m.sequence, cpu,
-                 (long long)m.memory, gpu, (long long)m.io[0], (long long)m.io[1],
-                 (long long)m.io[2], (long long)m.io[3], (long long)m.io[4],
-                 (long long)m.io[5], (long long)m.io[6], (long long)m.io[7]);
-    if (n < 0 || (size_t)n >= room) {
-        PyMem_Free(buf);
-        PyErr_SetString(PyExc_SystemError, "metric_json_line: line buffer too small");
-        return NULL;
+    {
+        char *o = buf;
+        size_t cpu_len = strlen(cpu), gpu_len = strlen(gpu);
+        o = PUT_LITERAL(o, "{\"job_uuid\":");
+        memcpy(o, job, (size_t)job_len);
+        o += job_len;
+        o = PUT_LITERAL(o, ",\"timestamp\":");
+        o = put_i64_text(o, m.timestamp);
+        o = PUT_LITERAL(o, ",\"sequence\":");
+        o = put_u64_text(o, m.sequence);
+        o = PUT_LITERAL(o, ",\"data\":{\"cpu_usage\":");
+        memcpy(o, cpu, cpu_len);
+        o += cpu_len;
+        o = PUT_LITERAL(o, ",\"memory_usage\":");
+        o = put_i64_text(o, m.memory);
+        o = PUT_LITERAL(o, ",\"gpu_usage\":");
+        memcpy(o, gpu, gpu_len);
+        o += gpu_len;
+        o = PUT_LITERAL(o, ",\"disk_io\":{\"read_bytes\":");
+        o = put_i64_text(o, m.io[0]);
+        o = PUT_LITERAL(o, ",\"write_bytes\":");
+        o = put_i64_text(o, m.io[1]);
+        o = PUT_LITERAL(o, ",\"read_ops\":");
+        o = put_i64_text(o, m.io[2]);
+        o = PUT_LITERAL(o, ",\"write_ops\":");
+        o = put_i64_text(o, m.io[3]);
+        o = PUT_LITERAL(o, "},\"network_io\":{\"rx_bytes\":");
+        o = put_i64_text(o, m.io[4]);
+        o = PUT_LITERAL(o, ",\"tx_bytes\":");
+        o = put_i64_text(o, m.io[5]);
+        o = PUT_LITERAL(o, ",\"rx_packets\":");
+        o = put_i64_text(o, m.io[6]);
+        o = PUT_LITERAL(o, ",\"tx_packets\":");
+        o = put_i64_text(o, m.io[7]);
+        o = PUT_LITERAL(o, "}}}\n");
+        n = (int)(o - buf);
     }
     result = PyBytes_FromStringAndSize(buf, n);
-    PyMem_Free(buf);
+    if (buf != stack) {
+        PyMem_Free(buf);
+    }
     return result;
 }
 
