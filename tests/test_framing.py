@@ -605,6 +605,27 @@ class DecoderTestsMixin:
             self.check(frame(body), grouped=True)
         self.check(b"".join(map(frame, bodies)), grouped=True)
 
+    def test_grouped_many_jobs(self):
+        """Grouped mode over 40 jobs (the decoder's job table grows while groups are open):
+        every metric and event frame lands in its job's group, as the reference says."""
+        bodies = []
+        for i in range(400):
+            job = f"job-{i % 40}"
+            slot = (i + i // 40) % 10
+            if slot < 7:
+                bodies.append(canonical_body(job, 1 + slot % 2, i, i, b"%d" % i))
+            elif slot == 7:
+                bodies.append(test_ingest.metric_body(job=job, seq=i)[0])
+            else:
+                msg_type = 3 + i % 7
+                bodies.append(ipc_pb2.IPCMessage(
+                    type=msg_type, job_uuid=job, timestamp=i, sequence=i,
+                    data=encode_event(msg_type, SAMPLES[msg_type])).SerializeToString())
+        pos, groups, reason = self.check(b"".join(map(frame, bodies)), grouped=True)
+        self.assertEqual(reason, "end")
+        self.assertEqual(sum(len(c[0]) for c in groups.values()), 400)
+        self.assertEqual(len({job for job, _ in groups}), 40)
+
     def test_grouped_keeps_order(self):
         """Grouped mode by hand: a metric and an exec event of plain payload are grouped
         with the record's time (metric: its payload's; event: its envelope's, or its
