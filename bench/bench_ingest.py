@@ -11,7 +11,8 @@ Two traffic modes (``--modes``; both by default, alternated run by run so that b
 the same machine load): ``logs``, every frame a LOG line; ``mixed``, the same number of
 frames of which 70% are LOG lines, 10% METRIC samples and 20% telemetry events spread evenly
 over the seven kinds (exec, connect, accept, socket data, mmap, mprotect, file) with payloads
-like a current joblet-core's.  Every setting prints the mixed/logs ratio of the medians.
+like a current joblet-core's; every job sends all three kinds interleaved (``mixed_slot``), in
+those proportions.  Every setting prints the mixed/logs ratio of the medians.
 
     .venv/bin/python bench/bench_ingest.py --frames 2000000 --connections 1 4 \
         --compressors deflate:5 isal:1
@@ -161,9 +162,22 @@ def _event_payload(rng: random.Random, kind: int, job: str, ts: int, seq: int) -
 VARIANTS = 32
 
 
+def mixed_slot(i: int, jobs: int) -> int:
+    """The slot (0..9) of frame ``i`` in mixed mode: 0..6 a LOG line, 7 a METRIC sample,
+    8 and 9 telemetry events.
+
+    Frame ``i`` belongs to job ``i % jobs``; the slot moves on by one with each round over
+    the jobs (``i // jobs``), so every job sends all three kinds, 7:1:2 over any 10 of its
+    frames, and any 10 consecutive frames (with the default 10 jobs) hold every slot once,
+    as real jobs interleave their logs, samples and events.
+    """
+    return (i + i // jobs) % 10
+
+
 def encode_mixed_frames(lines: list[bytes], jobs: int, conn: int, conns: int) -> bytes:
-    """The frames one connection sends in mixed mode: of every 10 frames (by global index),
-    7 LOG lines, 1 METRIC sample, 2 telemetry events; event kinds rotate over 3..9.
+    """The frames one connection sends in mixed mode: of every 10 frames of each job,
+    7 LOG lines, 1 METRIC sample, 2 telemetry events (``mixed_slot``); event kinds rotate
+    over 3..9 within each job.
 
     Every frame has its own envelope (job, timestamp, sequence); payloads of metrics and
     events come from a pool built once per (kind, job), as joblet-core's payloads repeat
@@ -186,10 +200,12 @@ def encode_mixed_frames(lines: list[bytes], jobs: int, conn: int, conns: int) ->
         return variants[v % VARIANTS]
 
     chunks = []
+    sent_metrics: dict = {}
+    sent_events: dict = {}
     for i in range(conn, len(lines), conns):
         job = f"bench-job-{i % jobs:04d}"
         ts = base_ns + (i // 50) * 10**9
-        slot = i % 10
+        slot = mixed_slot(i, jobs)
         if slot < 7:
             stream = 1 if (i // jobs) % 8 else 2
             data = ipc_pb2.LogLine(job_uuid=job, stream=stream, timestamp=ts, sequence=i,
@@ -197,10 +213,15 @@ def encode_mixed_frames(lines: list[bytes], jobs: int, conn: int, conns: int) ->
             msg_type = ipc_pb2.MESSAGE_TYPE_LOG
         elif slot == 7:
             msg_type = ipc_pb2.MESSAGE_TYPE_METRIC
-            data = payload(2, job, i // 10)
+            n = sent_metrics.get(job, 0)
+            sent_metrics[job] = n + 1
+            data = payload(2, job, n)
         else:
-            msg_type = 3 + (i // 10 * 2 + slot - 8) % 7
-            data = payload(msg_type, job, i // 70)
+            # The job's n-th event is of kind 3 + n % 7: each job sends every kind.
+            n = sent_events.get(job, 0)
+            sent_events[job] = n + 1
+            msg_type = 3 + n % 7
+            data = payload(msg_type, job, n // 7)
         body = ipc_pb2.IPCMessage(version=1, type=msg_type, job_uuid=job, timestamp=ts,
                                   sequence=i, data=data).SerializeToString()
         chunks.append(struct.pack(">I", len(body)))

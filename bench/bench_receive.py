@@ -23,7 +23,12 @@ Runs on the calling thread with a task.Clock; nothing touches the network or the
     several frame sizes: the stock receiver re-concatenates its whole buffer on every read, so
     its cost per MiB grows with the frame size; the ingest receiver's stays flat.
 
+(c) bench_ingest.py's logs-only and mixed traffic through IngestProtocol and a real
+    BatchingWriter, at several read sizes (64 KiB is Twisted's default, 256 KiB the service's
+    ``ingest.READ_BYTES``): reactor cost per frame of each mode, and their ratio.
+
 Usage: .venv/bin/python bench/bench_receive.py [--frames 1000000] [--repeat 3] [--big-mib 8]
+       .venv/bin/python bench/bench_receive.py --only-traffic [--read-kib 64 128 256]
 """
 
 from __future__ import annotations
@@ -83,6 +88,9 @@ class InstantStorage:
         return defer.succeed(len(batch.contents))
 
     def append_metrics(self, batch):
+        return defer.succeed(len(batch.payloads))
+
+    def append_events(self, batch):
         return defer.succeed(len(batch.payloads))
 
 
@@ -308,6 +316,37 @@ def bench_big(mib_sizes: list[int], total_mib: int) -> None:
             )
 
 
+def bench_traffic(frames: int, repeat: int, read_sizes: list[int]) -> None:
+    """(c) bench_ingest.py's two traffic modes (logs only; 70% logs, 10% metrics, 20% events
+    with every job sending all three) through IngestProtocol and a real BatchingWriter
+    (``ingest+writer``), at several read sizes: the reactor's cost per frame of each."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_ingest
+
+    lines = bench_ingest.make_lines(frames, 1, 100)
+    streams = {
+        "logs": bench_ingest.encode_frames(lines, 10, 0, 1)[0],
+        "mixed": bench_ingest.encode_mixed_frames(lines, 10, 0, 1),
+    }
+    del lines
+    print(f"(c) bench_ingest traffic, {frames} frames over 10 jobs, ingest+writer; CPU time, "
+          f"best of {repeat}, modes alternated")
+    print(f"    {'read':>7} {'logs us/frame':>14} {'mixed us/frame':>15} {'logs/mixed':>11}")
+    for size in read_sizes:
+        best: dict = {}
+        chunks = {mode: chunked(stream, size) for mode, stream in streams.items()}
+        for _ in range(repeat):
+            for mode in streams:
+                # CPU time of this (single) thread: on a shared machine wall time mostly
+                # measures the other processes.
+                started = time.process_time()
+                run("ingest+writer", chunks[mode])
+                elapsed = time.process_time() - started
+                best[mode] = min(best.get(mode, elapsed), elapsed)
+        print(f"    {size // 1024:>4}KiB {best['logs'] / frames * 1e6:14.3f} "
+              f"{best['mixed'] / frames * 1e6:15.3f} {best['logs'] / best['mixed']:11.2f}")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=1_000_000, help="small frames in (a)")
@@ -315,12 +354,21 @@ def main(argv=None) -> None:
     ap.add_argument("--content", type=int, default=32, help="content bytes per small frame")
     ap.add_argument("--big-mib", type=int, default=8, help="largest frame size in (b), MiB")
     ap.add_argument("--big-total", type=int, default=64, help="MiB streamed per run in (b)")
+    ap.add_argument("--traffic-frames", type=int, default=300_000,
+                    help="frames per mode in (c); 0 skips (c)")
+    ap.add_argument("--read-kib", type=int, nargs="+", default=[64, 256],
+                    help="read sizes of (c), KiB")
+    ap.add_argument("--only-traffic", action="store_true", help="run (c) only")
     args = ap.parse_args(argv)
     print(f"python {sys.version.split()[0]}, protobuf backend: {_pb_backend()}, "
           f"frame decoder: {framing.IMPLEMENTATION}")
-    bench_small(args.frames, args.repeat, args.content)
-    sizes = [s for s in (1, 2, 4, 8, 16, 32) if s <= args.big_mib]
-    bench_big(sizes, args.big_total)
+    if not args.only_traffic:
+        bench_small(args.frames, args.repeat, args.content)
+        sizes = [s for s in (1, 2, 4, 8, 16, 32) if s <= args.big_mib]
+        bench_big(sizes, args.big_total)
+    if args.traffic_frames and framing._decode_log_frames_c is not None:
+        bench_traffic(args.traffic_frames, args.repeat,
+                      [k * 1024 for k in args.read_kib])
 
 
 def _pb_backend() -> str:

@@ -31,6 +31,7 @@ static PyObject *str_slow;
 static PyObject *str_partial;
 static PyObject *str_end;
 static PyObject *stream_numbers[3];
+static PyObject *type_keys[10]; /* -2 .. -9: the group keys of metric and event frames */
 static uint64_t hash_seed;
 
 /* -- wire format ---------------------------------------------------------------------------- */
@@ -350,6 +351,8 @@ typedef struct {
     Py_ssize_t len;
     PyObject *job; /* owned; NULL marks a free slot */
     PyObject *columns[2][4];
+    /* Grouped mode: the group columns of message types 2..9 (index type - 2). */
+    PyObject *other_columns[8][4];
     /* The last timestamp appended per stream (borrowed from its list): joblet-core sends
      * whole seconds, so consecutive lines often share one int object. */
     PyObject *last_timestamp[2];
@@ -572,12 +575,48 @@ append_other(PyObject *others, PyObject *job, const Envelope *env, uint32_t leng
 
 /* -- decode_log_frames ----------------------------------------------------------------------- */
 
+/* Grouped mode: the record time of a metric or event frame (type 2..9) whose payload is
+ * canonical (1), or 0 (not canonical), or -1 (error set).  Defined with the payload parsers
+ * below. */
+static int other_payload_time(uint32_t type, const Envelope *env, int64_t *ts, uint64_t *seq);
+
+/* Create the (job, -type) group of a metric or event frame in `groups`. */
+static int
+new_other_group(PyObject *groups, Entry *e, uint32_t type)
+{
+    PyObject *key, *value;
+    int i, rc;
+    value = PyList_New(4);
+    if (value == NULL) {
+        return -1;
+    }
+    for (i = 0; i < 4; i++) {
+        PyObject *column = PyList_New(0);
+        if (column == NULL) {
+            Py_DECREF(value);
+            return -1;
+        }
+        PyList_SET_ITEM(value, i, column);
+        e->other_columns[type - 2][i] = column;
+    }
+    key = PyTuple_Pack(2, e->job, type_keys[type]);
+    if (key == NULL) {
+        Py_DECREF(value);
+        return -1;
+    }
+    rc = PyDict_SetItem(groups, key, value);
+    Py_DECREF(key);
+    Py_DECREF(value);
+    return rc;
+}
+
 PyDoc_STRVAR(decode_log_frames_doc,
-"decode_log_frames(data, offset, max_length, arrivals, others=None)\n\
+"decode_log_frames(data, offset, max_length, arrivals, others=None, grouped=False)\n\
     -> (new_offset, groups, stop_reason)\n\
 \n\
 Collect the canonical LOG frames of data[offset:] into groups keyed by (job_uuid, stream);\n\
 with a list `others`, append the other frames whose envelope is canonical to it and go on;\n\
+with `grouped` true as well, group the canonical metric and event frames by (job_uuid, -type);\n\
 see joblet_persist.framing for the exact contract.");
 
 static PyObject *
@@ -589,20 +628,31 @@ decode_log_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     int overflow;
     const unsigned char *base;
     JobTable table;
+    int grouped = 0;
 
     (void)module;
-    if (nargs != 4 && nargs != 5) {
+    if (nargs < 4 || nargs > 6) {
         PyErr_Format(PyExc_TypeError,
-                     "decode_log_frames() takes 4 or 5 arguments (%zd given)", nargs);
+                     "decode_log_frames() takes 4 to 6 arguments (%zd given)", nargs);
         return NULL;
     }
     data = args[0];
     arrivals = args[3];
-    if (nargs == 5 && args[4] != Py_None) {
+    if (nargs >= 5 && args[4] != Py_None) {
         others = args[4];
         if (!PyList_Check(others)) {
             PyErr_Format(PyExc_TypeError, "others must be a list or None, not %.100s",
                          Py_TYPE(others)->tp_name);
+            return NULL;
+        }
+    }
+    if (nargs == 6) {
+        grouped = PyObject_IsTrue(args[5]);
+        if (grouped < 0) {
+            return NULL;
+        }
+        if (grouped && others == NULL) {
+            PyErr_SetString(PyExc_ValueError, "grouped needs an others list");
             return NULL;
         }
     }
@@ -679,6 +729,36 @@ decode_log_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                     PyErr_Format(PyExc_OverflowError, "arrival number of job %R out of range",
                                  e->job);
                     goto error;
+                }
+                if (grouped) {
+                    int64_t ts;
+                    uint64_t seq;
+                    int ok = other_payload_time(env.type, &env, &ts, &seq);
+                    if (ok < 0) {
+                        goto error;
+                    }
+                    columns = e->other_columns[env.type - 2];
+                    if (ok) {
+                        if (columns[0] == NULL && new_other_group(groups, e, env.type) < 0) {
+                            goto error;
+                        }
+                        if (append_new(columns[0], PyLong_FromLongLong(ts)) < 0
+                            || append_new(columns[1], PyLong_FromUnsignedLongLong(seq)) < 0
+                            || append_new(columns[2], PyLong_FromLongLong(e->next_arrival)) < 0
+                            || append_new(columns[3], PyBytes_FromStringAndSize(
+                                   (const char *)env.data, env.data_end - env.data)) < 0) {
+                            goto error;
+                        }
+                        e->next_arrival++;
+                        pos += 4 + (Py_ssize_t)length;
+                        continue;
+                    }
+                    if (columns[0] != NULL) {
+                        /* After grouped frames of its (job, type): the caller's general
+                         * decoder takes it once the groups are delivered, keeping their order. */
+                        reason = str_slow;
+                        break;
+                    }
                 }
                 Py_INCREF(e->job);
                 if (append_other(others, e->job, &env, length,
@@ -1401,6 +1481,35 @@ parse_metric(const unsigned char *p, const unsigned char *end, MetricValues *m)
     return 1;
 }
 
+/* Decimal text of integers, as int.__repr__ writes them (snprintf is several times slower). */
+static inline char *
+put_u64_text(char *o, uint64_t v)
+{
+    char tmp[20];
+    int n = 0;
+    do {
+        tmp[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    while (n) {
+        *o++ = tmp[--n];
+    }
+    return o;
+}
+
+static inline char *
+put_i64_text(char *o, int64_t v)
+{
+    if (v < 0) {
+        *o++ = '-';
+        return put_u64_text(o, (uint64_t)0 - (uint64_t)v);
+    }
+    return put_u64_text(o, (uint64_t)v);
+}
+
+/* Copy a string literal to `o`; the position after it. */
+#define PUT_LITERAL(o, lit) (memcpy((o), (lit), sizeof(lit) - 1), (o) + sizeof(lit) - 1)
+
 /* A double as json.dumps writes it (float.__repr__), or null when not finite. */
 static int
 put_double(char *buf, size_t room, double v)
@@ -1431,7 +1540,7 @@ metric_json_line(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     MetricValues m;
     const char *job;
     Py_ssize_t job_len;
-    char cpu[40], gpu[40], *buf;
+    char cpu[40], gpu[40], *buf, stack[1024];
     PyObject *result;
     int n;
     size_t room;
@@ -1457,29 +1566,551 @@ metric_json_line(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     room = (size_t)job_len + 640;
-    buf = PyMem_Malloc(room);
+    buf = room <= sizeof(stack) ? stack : PyMem_Malloc(room);
     if (buf == NULL) {
         return PyErr_NoMemory();
     }
-    n = snprintf(buf, room,
-                 "{\"job_uuid\":%s,\"timestamp\":%lld,\"sequence\":%llu,\"data\":{"
-                 "\"cpu_usage\":%s,\"memory_usage\":%lld,\"gpu_usage\":%s,"
-                 "\"disk_io\":{\"read_bytes\":%lld,\"write_bytes\":%lld,\"read_ops\":%lld,"
-                 "\"write_ops\":%lld},"
-                 "\"network_io\":{\"rx_bytes\":%lld,\"tx_bytes\":%lld,\"rx_packets\":%lld,"
-                 "\"tx_packets\":%lld}}}\n",
-                 job, (long long)m.timestamp, (unsigned long long)m.sequence, cpu,
-                 (long long)m.memory, gpu, (long long)m.io[0], (long long)m.io[1],
-                 (long long)m.io[2], (long long)m.io[3], (long long)m.io[4],
-                 (long long)m.io[5], (long long)m.io[6], (long long)m.io[7]);
-    if (n < 0 || (size_t)n >= room) {
-        PyMem_Free(buf);
-        PyErr_SetString(PyExc_SystemError, "metric_json_line: line buffer too small");
-        return NULL;
+    {
+        char *o = buf;
+        size_t cpu_len = strlen(cpu), gpu_len = strlen(gpu);
+        o = PUT_LITERAL(o, "{\"job_uuid\":");
+        memcpy(o, job, (size_t)job_len);
+        o += job_len;
+        o = PUT_LITERAL(o, ",\"timestamp\":");
+        o = put_i64_text(o, m.timestamp);
+        o = PUT_LITERAL(o, ",\"sequence\":");
+        o = put_u64_text(o, m.sequence);
+        o = PUT_LITERAL(o, ",\"data\":{\"cpu_usage\":");
+        memcpy(o, cpu, cpu_len);
+        o += cpu_len;
+        o = PUT_LITERAL(o, ",\"memory_usage\":");
+        o = put_i64_text(o, m.memory);
+        o = PUT_LITERAL(o, ",\"gpu_usage\":");
+        memcpy(o, gpu, gpu_len);
+        o += gpu_len;
+        o = PUT_LITERAL(o, ",\"disk_io\":{\"read_bytes\":");
+        o = put_i64_text(o, m.io[0]);
+        o = PUT_LITERAL(o, ",\"write_bytes\":");
+        o = put_i64_text(o, m.io[1]);
+        o = PUT_LITERAL(o, ",\"read_ops\":");
+        o = put_i64_text(o, m.io[2]);
+        o = PUT_LITERAL(o, ",\"write_ops\":");
+        o = put_i64_text(o, m.io[3]);
+        o = PUT_LITERAL(o, "},\"network_io\":{\"rx_bytes\":");
+        o = put_i64_text(o, m.io[4]);
+        o = PUT_LITERAL(o, ",\"tx_bytes\":");
+        o = put_i64_text(o, m.io[5]);
+        o = PUT_LITERAL(o, ",\"rx_packets\":");
+        o = put_i64_text(o, m.io[6]);
+        o = PUT_LITERAL(o, ",\"tx_packets\":");
+        o = put_i64_text(o, m.io[7]);
+        o = PUT_LITERAL(o, "}}}\n");
+        n = (int)(o - buf);
     }
     result = PyBytes_FromStringAndSize(buf, n);
-    PyMem_Free(buf);
+    if (buf != stack) {
+        PyMem_Free(buf);
+    }
     return result;
+}
+
+/* ---- metric_json_lines: metric_json_line over a batch (storage/diskwork.py) --------------- */
+
+PyDoc_STRVAR(metric_json_lines_doc,
+"metric_json_lines(job_json, payloads) -> list\n\n"
+"metric_json_line(job_json, payload) for each payload of the list `payloads`, in one call:\n"
+"a list of the same length whose items are the line, or None where metric_json_line gives\n"
+"None (the caller takes the protobuf route for those).  Pool thread.");
+
+static PyObject *
+metric_json_lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *out, *payloads;
+    Py_ssize_t i, n;
+    if (nargs != 2 || !PyUnicode_Check(args[0]) || !PyList_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "metric_json_lines(job_json: str, payloads: list)");
+        return NULL;
+    }
+    payloads = args[1];
+    n = PyList_GET_SIZE(payloads);
+    out = PyList_New(n);
+    if (out == NULL) {
+        return NULL;
+    }
+    for (i = 0; i < n; i++) {
+        PyObject *call[2], *line;
+        call[0] = args[0];
+        call[1] = PyList_GET_ITEM(payloads, i);
+        line = metric_json_line(self, call, 2);
+        if (line == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, i, line);
+    }
+    return out;
+}
+
+/* ---- event_json_lines: the stored JSON lines of telemetry events (events.py) -------------- */
+
+/* Field codes of an event layout, as events.py's field types map to them. */
+#define EV_U32 0
+#define EV_U64 1
+#define EV_I64 2
+#define EV_STR 3
+#define EV_STRS 4
+#define EV_MAX_FIELDS 16
+
+/* A growable output buffer. */
+typedef struct {
+    char *data;
+    size_t len, room;
+} OutBuf;
+
+static int
+out_reserve(OutBuf *b, size_t more)
+{
+    if (b->len + more > b->room) {
+        size_t room = b->room ? b->room : 512;
+        char *data;
+        while (room < b->len + more) {
+            room *= 2;
+        }
+        data = PyMem_Realloc(b->data, room);
+        if (data == NULL) {
+            PyErr_NoMemory();
+            return 0;
+        }
+        b->data = data;
+        b->room = room;
+    }
+    return 1;
+}
+
+static inline int
+out_put(OutBuf *b, const char *s, size_t n)
+{
+    if (!out_reserve(b, n)) {
+        return 0;
+    }
+    memcpy(b->data + b->len, s, n);
+    b->len += n;
+    return 1;
+}
+
+static const char b64_alphabet[] =
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/* A string field's raw bytes as the stored JSON writes them (events._json_raw_text): valid
+ * UTF-8 as a JSON string the way json.encoder.encode_basestring writes it (", \ and control
+ * characters escaped, the rest as is), anything else as {"b64":"<standard base64>"}. */
+static int
+out_text(OutBuf *b, const unsigned char *s, Py_ssize_t n)
+{
+    Py_ssize_t i;
+    char *o;
+    if (!utf8_valid(s, n)) {
+        Py_ssize_t groups = (n + 2) / 3;
+        if (!out_reserve(b, (size_t)groups * 4 + 12)) {
+            return 0;
+        }
+        o = b->data + b->len;
+        memcpy(o, "{\"b64\":\"", 8);
+        o += 8;
+        for (i = 0; i + 2 < n; i += 3) {
+            uint32_t v = ((uint32_t)s[i] << 16) | ((uint32_t)s[i + 1] << 8) | s[i + 2];
+            *o++ = b64_alphabet[(v >> 18) & 63];
+            *o++ = b64_alphabet[(v >> 12) & 63];
+            *o++ = b64_alphabet[(v >> 6) & 63];
+            *o++ = b64_alphabet[v & 63];
+        }
+        if (i < n) {
+            uint32_t v = (uint32_t)s[i] << 16;
+            if (i + 1 < n) {
+                v |= (uint32_t)s[i + 1] << 8;
+            }
+            *o++ = b64_alphabet[(v >> 18) & 63];
+            *o++ = b64_alphabet[(v >> 12) & 63];
+            *o++ = i + 1 < n ? b64_alphabet[(v >> 6) & 63] : '=';
+            *o++ = '=';
+        }
+        memcpy(o, "\"}", 2);
+        o += 2;
+        b->len = (size_t)(o - b->data);
+        return 1;
+    }
+    /* At most 6 bytes per input byte (\u00XX), plus the quotes. */
+    if (!out_reserve(b, (size_t)n * 6 + 2)) {
+        return 0;
+    }
+    o = b->data + b->len;
+    *o++ = '"';
+    for (i = 0; i < n; i++) {
+        unsigned char c = s[i];
+        if (c >= 0x20 && c != '"' && c != '\\') {
+            *o++ = (char)c;
+            continue;
+        }
+        *o++ = '\\';
+        switch (c) {
+        case '"':
+        case '\\':
+            *o++ = (char)c;
+            break;
+        case '\b':
+            *o++ = 'b';
+            break;
+        case '\f':
+            *o++ = 'f';
+            break;
+        case '\n':
+            *o++ = 'n';
+            break;
+        case '\r':
+            *o++ = 'r';
+            break;
+        case '\t':
+            *o++ = 't';
+            break;
+        default:
+            *o++ = 'u';
+            *o++ = '0';
+            *o++ = '0';
+            *o++ = "0123456789abcdef"[c >> 4];
+            *o++ = "0123456789abcdef"[c & 15];
+        }
+    }
+    *o++ = '"';
+    b->len = (size_t)(o - b->data);
+    return 1;
+}
+
+/* One event payload's fields 4.. (numbers 4 + index into `codes`), canonical only: every
+ * known field with its own wire type (varint for numbers, length-delimited for strings), a
+ * uint32 that fits 32 bits, no groups; the last occurrence of a scalar wins and `args`
+ * collects every occurrence (offsets into `args_at`, a list the caller frees).  Fields 1..3
+ * (job_uuid bytes, timestamp, sequence) are checked and ignored.  0 for anything else: the
+ * caller then takes the protobuf route, which decides. */
+typedef struct {
+    int64_t timestamp;
+    uint64_t sequence;
+    uint64_t number[EV_MAX_FIELDS];
+    const unsigned char *text[EV_MAX_FIELDS];
+    Py_ssize_t text_len[EV_MAX_FIELDS];
+} EventValues;
+
+static int
+parse_event(const unsigned char *p, const unsigned char *end, const int *codes, int nfields,
+            EventValues *v, const unsigned char ***args_at, Py_ssize_t *nargs,
+            Py_ssize_t *args_room)
+{
+    uint64_t value;
+    Py_ssize_t size;
+    memset(v, 0, sizeof(*v));
+    *nargs = 0;
+    while (p < end) {
+        uint32_t field, wire;
+        if (!read_tag(&p, end, &field, &wire)) {
+            return 0;
+        }
+        if (field == 1) {
+            if (wire != 2 || !read_size(&p, end, &size)) {
+                return 0;
+            }
+            p += size;
+        }
+        else if (field == 2 || field == 3) {
+            if (wire != 0 || !read_varint(&p, end, 10, &value)) {
+                return 0;
+            }
+            if (field == 2) {
+                v->timestamp = (int64_t)value;
+            }
+            else {
+                v->sequence = value;
+            }
+        }
+        else if (field >= 4 && field < 4 + (uint32_t)nfields) {
+            int i = (int)field - 4;
+            int code = codes[i];
+            if (code == EV_STR || code == EV_STRS) {
+                if (wire != 2 || !read_size(&p, end, &size)) {
+                    return 0;
+                }
+                if (code == EV_STR) {
+                    v->text[i] = p;
+                    v->text_len[i] = size;
+                }
+                else {
+                    /* Pairs of (start, end) pointers. */
+                    if (*nargs + 2 > *args_room) {
+                        Py_ssize_t room = *args_room ? *args_room * 2 : 64;
+                        const unsigned char **grown =
+                            PyMem_Realloc((void *)*args_at, (size_t)room * sizeof(**args_at));
+                        if (grown == NULL) {
+                            PyErr_NoMemory();
+                            return -1;
+                        }
+                        *args_at = grown;
+                        *args_room = room;
+                    }
+                    (*args_at)[(*nargs)++] = p;
+                    (*args_at)[(*nargs)++] = p + size;
+                }
+                p += size;
+            }
+            else {
+                if (wire != 0 || !read_varint(&p, end, 10, &value)) {
+                    return 0;
+                }
+                if (code == EV_U32 && value > UINT32_MAX) {
+                    return 0;
+                }
+                v->number[i] = value;
+            }
+        }
+        else if (wire == 3 || wire == 4 || !skip_field(&p, end, wire)) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* The field codes of the event payloads of types 3..9 (events.py's kinds table), from field
+ * number 4 on; -1 ends a layout. */
+static const int event_layouts[7][EV_MAX_FIELDS] = {
+    /* 3 exec */ {EV_U32, EV_U32, EV_U32, EV_U32, EV_STR, EV_STR, EV_STRS, -1},
+    /* 4 connect */ {EV_U32, EV_STR, EV_STR, EV_U32, EV_STR, EV_U32, EV_STR, -1},
+    /* 5 accept */ {EV_U32, EV_STR, EV_STR, EV_U32, EV_STR, EV_U32, EV_STR, -1},
+    /* 6 socket data */ {EV_U32, EV_STR, EV_STR, EV_STR, EV_U32, EV_STR, EV_I64, -1},
+    /* 7 mmap */ {EV_U32, EV_STR, EV_U64, EV_U64, EV_U32, EV_U32, EV_STR, -1},
+    /* 8 mprotect */ {EV_U32, EV_STR, EV_U64, EV_U64, EV_U32, -1},
+    /* 9 file */ {EV_U32, EV_STR, EV_STR, EV_STR, EV_I64, -1},
+};
+
+static int
+other_payload_time(uint32_t type, const Envelope *env, int64_t *ts, uint64_t *seq)
+{
+    const unsigned char *p = env->data, *end = env->data_end;
+    if (type == 2) {
+        MetricValues m;
+        if (!parse_metric(p, end, &m)) {
+            return 0;
+        }
+        /* The payload's time, or the envelope's when the payload's timestamp is 0. */
+        if (m.timestamp != 0) {
+            *ts = m.timestamp;
+            *seq = m.sequence;
+        }
+        else {
+            *ts = env->timestamp;
+            *seq = env->sequence;
+        }
+        return 1;
+    }
+    else {
+        const int *codes = event_layouts[type - 3];
+        int nfields = 0, ok;
+        EventValues v;
+        const unsigned char **args_at = NULL;
+        Py_ssize_t nargs = 0, args_room = 0;
+        while (nfields < EV_MAX_FIELDS && codes[nfields] >= 0) {
+            nfields++;
+        }
+        ok = parse_event(p, end, codes, nfields, &v, &args_at, &nargs, &args_room);
+        PyMem_Free((void *)args_at);
+        if (ok <= 0) {
+            return ok;
+        }
+        /* The envelope's time, or the payload's when the envelope's timestamp is 0. */
+        if (env->timestamp != 0) {
+            *ts = env->timestamp;
+            *seq = env->sequence;
+        }
+        else {
+            *ts = v.timestamp;
+            *seq = v.sequence;
+        }
+        return 1;
+    }
+}
+
+PyDoc_STRVAR(event_json_lines_doc,
+"event_json_lines(layout, job_json, payloads, timestamps, sequences) -> list\n\n"
+"The stored JSON lines (events.payload_json_line) of a batch of event payloads of one kind.\n"
+"`layout` is a tuple of (prefix: bytes, code: int) per field from number 4 on, the prefix\n"
+"being ',\"key\":' and the code 0 uint32, 1 uint64, 2 int64, 3 string, 4 repeated string;\n"
+"`job_json` the job id as a JSON string; `timestamps` and `sequences` the values to write.\n"
+"A list of the same length as `payloads` whose items are the line, or None where the\n"
+"payload is not canonical or a value does not fit (the caller takes the protobuf route for\n"
+"those).  Pool thread.");
+
+static PyObject *
+event_json_lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *layout, *payloads, *timestamps, *sequences, *out = NULL;
+    const char *prefix[EV_MAX_FIELDS];
+    Py_ssize_t prefix_len[EV_MAX_FIELDS];
+    int codes[EV_MAX_FIELDS];
+    int nfields, f;
+    const char *job;
+    Py_ssize_t job_len, i, n, nargs_seen = 0, args_room = 0;
+    const unsigned char **args_at = NULL;
+    OutBuf b = {NULL, 0, 0};
+    EventValues v;
+
+    (void)self;
+    if (nargs != 5 || !PyTuple_Check(args[0]) || !PyUnicode_Check(args[1])
+        || !PyList_Check(args[2]) || !PyList_Check(args[3]) || !PyList_Check(args[4])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "event_json_lines(layout: tuple, job_json: str, payloads: list, "
+                        "timestamps: list, sequences: list)");
+        return NULL;
+    }
+    layout = args[0];
+    payloads = args[2];
+    timestamps = args[3];
+    sequences = args[4];
+    n = PyList_GET_SIZE(payloads);
+    if (PyList_GET_SIZE(timestamps) != n || PyList_GET_SIZE(sequences) != n) {
+        PyErr_SetString(PyExc_ValueError, "event_json_lines: column lengths differ");
+        return NULL;
+    }
+    nfields = (int)PyTuple_GET_SIZE(layout);
+    if (nfields > EV_MAX_FIELDS) {
+        PyErr_SetString(PyExc_ValueError, "event_json_lines: too many fields");
+        return NULL;
+    }
+    for (f = 0; f < nfields; f++) {
+        PyObject *item = PyTuple_GET_ITEM(layout, f);
+        long code;
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2
+            || !PyBytes_Check(PyTuple_GET_ITEM(item, 0))) {
+            PyErr_SetString(PyExc_TypeError, "event_json_lines: layout items are (bytes, int)");
+            return NULL;
+        }
+        code = PyLong_AsLong(PyTuple_GET_ITEM(item, 1));
+        if (code == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+        if (code < EV_U32 || code > EV_STRS) {
+            PyErr_SetString(PyExc_ValueError, "event_json_lines: unknown field code");
+            return NULL;
+        }
+        codes[f] = (int)code;
+        prefix[f] = PyBytes_AS_STRING(PyTuple_GET_ITEM(item, 0));
+        prefix_len[f] = PyBytes_GET_SIZE(PyTuple_GET_ITEM(item, 0));
+    }
+    job = PyUnicode_AsUTF8AndSize(args[1], &job_len);
+    if (job == NULL) {
+        return NULL;
+    }
+    out = PyList_New(n);
+    if (out == NULL) {
+        return NULL;
+    }
+    for (i = 0; i < n; i++) {
+        PyObject *payload = PyList_GET_ITEM(payloads, i);
+        PyObject *line;
+        const unsigned char *p;
+        long long ts;
+        unsigned long long seq;
+        char num[48];
+        int len, ok;
+
+        PyList_SET_ITEM(out, i, Py_None);
+        Py_INCREF(Py_None);
+        if (!PyBytes_Check(payload)) {
+            continue;
+        }
+        ts = PyLong_AsLongLong(PyList_GET_ITEM(timestamps, i));
+        if (ts == -1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            continue;
+        }
+        seq = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(sequences, i));
+        if (seq == (unsigned long long)-1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            continue;
+        }
+        p = (const unsigned char *)PyBytes_AS_STRING(payload);
+        ok = parse_event(p, p + PyBytes_GET_SIZE(payload), codes, nfields, &v, &args_at,
+                         &nargs_seen, &args_room);
+        if (ok < 0) {
+            goto error;
+        }
+        if (!ok) {
+            continue;
+        }
+        b.len = 0;
+        len = snprintf(num, sizeof(num), ",\"timestamp\":%lld", ts);
+        if (!out_put(&b, "{\"job_uuid\":", 12) || !out_put(&b, job, (size_t)job_len)
+            || !out_put(&b, num, (size_t)len)) {
+            goto error;
+        }
+        len = snprintf(num, sizeof(num), ",\"sequence\":%llu", seq);
+        if (!out_put(&b, num, (size_t)len)) {
+            goto error;
+        }
+        for (f = 0; f < nfields; f++) {
+            if (!out_put(&b, prefix[f], (size_t)prefix_len[f])) {
+                goto error;
+            }
+            switch (codes[f]) {
+            case EV_U32:
+            case EV_U64:
+                len = snprintf(num, sizeof(num), "%llu", (unsigned long long)v.number[f]);
+                break;
+            case EV_I64:
+                len = snprintf(num, sizeof(num), "%lld", (long long)(int64_t)v.number[f]);
+                break;
+            case EV_STR:
+                len = -1;
+                if (!out_text(&b, v.text[f] ? v.text[f] : (const unsigned char *)"",
+                              v.text_len[f])) {
+                    goto error;
+                }
+                break;
+            default: {
+                Py_ssize_t k;
+                len = -1;
+                if (!out_put(&b, "[", 1)) {
+                    goto error;
+                }
+                for (k = 0; k < nargs_seen; k += 2) {
+                    if ((k && !out_put(&b, ",", 1))
+                        || !out_text(&b, args_at[k], args_at[k + 1] - args_at[k])) {
+                        goto error;
+                    }
+                }
+                if (!out_put(&b, "]", 1)) {
+                    goto error;
+                }
+            }
+            }
+            if (len >= 0 && !out_put(&b, num, (size_t)len)) {
+                goto error;
+            }
+        }
+        if (!out_put(&b, "}\n", 2)) {
+            goto error;
+        }
+        line = PyBytes_FromStringAndSize(b.data, (Py_ssize_t)b.len);
+        if (line == NULL) {
+            goto error;
+        }
+        Py_DECREF(Py_None);
+        PyList_SET_ITEM(out, i, line);
+    }
+    PyMem_Free(b.data);
+    PyMem_Free((void *)args_at);
+    return out;
+
+error:
+    PyMem_Free(b.data);
+    PyMem_Free((void *)args_at);
+    Py_XDECREF(out);
+    return NULL;
 }
 
 static PyMethodDef speedups_methods[] = {
@@ -1490,6 +2121,10 @@ static PyMethodDef speedups_methods[] = {
     {"line_bounds", (PyCFunction)(void (*)(void))line_bounds, METH_FASTCALL, line_bounds_doc},
     {"metric_json_line", (PyCFunction)(void (*)(void))metric_json_line, METH_FASTCALL,
      metric_json_line_doc},
+    {"metric_json_lines", (PyCFunction)(void (*)(void))metric_json_lines, METH_FASTCALL,
+     metric_json_lines_doc},
+    {"event_json_lines", (PyCFunction)(void (*)(void))event_json_lines, METH_FASTCALL,
+     event_json_lines_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1521,6 +2156,12 @@ PyInit__speedups(void)
     for (i = 0; i < 3; i++) {
         stream_numbers[i] = PyLong_FromLong(i);
         if (stream_numbers[i] == NULL) {
+            return NULL;
+        }
+    }
+    for (i = 0; i < 10; i++) {
+        type_keys[i] = PyLong_FromLong(-i);
+        if (type_keys[i] == NULL) {
             return NULL;
         }
     }

@@ -42,6 +42,28 @@ and no number.  The caller decides which of them it accepts, and renumbers when 
 (``ingest.IngestProtocol._handle_others``).  A frame whose envelope is not canonical, and a LOG
 frame that is not, still stop the call (``"slow"``).
 
+``decode_log_frames(data, offset, max_length, arrivals, others, grouped)`` with ``grouped``
+true (it needs the ``others`` list) also groups the metric and event frames whose *payload*
+is canonical: a frame of type 2..9 (canonical envelope) whose ``data`` is a canonical Metric
+(type 2) or event payload of its type (3..9, layouts in ``events.KINDS``) goes to
+``groups[(job_uuid, -type)]``, four columns like a LOG group's: the record's timestamp and
+sequence (a metric's are its payload's, or the envelope's when the payload's timestamp is 0;
+an event's are the envelope's, or the payload's when the envelope's timestamp is 0: what
+ingest stores), the arrival number, and the payload bytes.  Such frames need no further
+check: their payloads decode.  A frame of type 2..9 whose payload is not canonical goes to
+``others`` as without ``grouped`` while its (job, type) has no group yet in this call, and
+stops the call (``"slow"``) once it has one, so that the caller's general decoder hands it
+to the writer after the group: a (job, type)'s frames reach the writer in frame order.
+
+Canonical payloads, beyond the wire rules below: a Metric has ``job_uuid`` (1) valid UTF-8,
+``timestamp`` (2) and ``sequence`` (3) varints, ``data`` (4) at most once, and inside it the
+doubles 1 and 3 as fixed64, ``memory_usage`` (2) a varint, ``disk_io`` (4) and ``network_io``
+(5) at most once each with varint fields 1..4; an event payload has ``job_uuid`` (1, bytes)
+length-delimited, 2 and 3 varints, its string fields length-delimited and its integer fields
+varints, a ``uint32`` value below 2**32 (upb would truncate a larger one).  Groups are never
+canonical; unknown fields of wire types 0, 1, 2 and 5 are skipped; the last occurrence of a
+scalar wins.
+
 Protobuf wire format, as upb (the protobuf runtime) applies it to these messages:
 
 - Varints have at most 10 bytes; the value is taken modulo 2**64 (int64 fields are the two's
@@ -80,6 +102,7 @@ from operator import index
 from google.protobuf.message import DecodeError
 
 from joblet_persist._proto import ipc_views_pb2
+from joblet_persist.events import KINDS, STR, STRS, U32
 
 _parse_log_frame = ipc_views_pb2.LogFrame.FromString
 
@@ -266,6 +289,160 @@ def _parse_frame(data: bytes, pos: int, end: int):
     return job_raw.decode(), stream, timestamp, sequence, content
 
 
+def _tag(data: bytes, pos: int, end: int) -> tuple[int, int, int]:
+    """A field tag at ``pos``: (field number, wire type, next pos)."""
+    tag = data[pos]
+    if tag < 0x80:
+        pos += 1
+    else:
+        tag, pos = _varint(data, pos, end, 5)
+        if tag > _MASK32:
+            raise _NotCanonical
+    return tag >> 3, tag & 7, pos
+
+
+def _int64(value: int) -> int:
+    return value - (1 << 64) if value > _INT64_MAX else value
+
+
+def _metric_io(data: bytes, pos: int, end: int) -> None:
+    """Walk a canonical DiskIO / NetworkIO: four int64 fields 1..4."""
+    while pos < end:
+        field, wire, pos = _tag(data, pos, end)
+        if 1 <= field <= 4:
+            if wire != 0:
+                raise _NotCanonical
+            pos = _varint(data, pos, end, 10)[1]
+        else:
+            pos = _skip(data, pos, end, field, wire)
+
+
+def _metric_data(data: bytes, pos: int, end: int) -> None:
+    """Walk a canonical MetricData: 1, 3 double, 2 int64, 4 and 5 embedded (once each)."""
+    seen = set()
+    while pos < end:
+        field, wire, pos = _tag(data, pos, end)
+        if field == 1 or field == 3:
+            if wire != 1 or end - pos < 8:
+                raise _NotCanonical
+            pos += 8
+        elif field == 2:
+            if wire != 0:
+                raise _NotCanonical
+            pos = _varint(data, pos, end, 10)[1]
+        elif field == 4 or field == 5:
+            if wire != 2 or field in seen:
+                raise _NotCanonical
+            seen.add(field)
+            size, pos = _size(data, pos, end)
+            _metric_io(data, pos, pos + size)
+            pos += size
+        else:
+            pos = _skip(data, pos, end, field, wire)
+
+
+def _metric_time(data: bytes, pos: int, end: int, env_timestamp: int, env_sequence: int):
+    """The record time of a canonical Metric payload at data[pos:end]: the payload's
+    timestamp and sequence, or the envelope's when the payload's timestamp is 0.
+
+    Canonical: 1 job_uuid (valid UTF-8), 2 timestamp, 3 sequence, 4 data (at most once),
+    every known field with its own wire type, no groups (also inside ``data``).  Raises
+    _NotCanonical or UnicodeDecodeError otherwise."""
+    timestamp = sequence = 0
+    seen_data = False
+    while pos < end:
+        field, wire, pos = _tag(data, pos, end)
+        if field == 1:
+            if wire != 2:
+                raise _NotCanonical
+            size, pos = _size(data, pos, end)
+            data[pos : pos + size].decode()
+            pos += size
+        elif field == 2:
+            if wire != 0:
+                raise _NotCanonical
+            timestamp, pos = _varint(data, pos, end, 10)
+        elif field == 3:
+            if wire != 0:
+                raise _NotCanonical
+            sequence, pos = _varint(data, pos, end, 10)
+        elif field == 4:
+            if wire != 2 or seen_data:
+                raise _NotCanonical
+            seen_data = True
+            size, pos = _size(data, pos, end)
+            _metric_data(data, pos, pos + size)
+            pos += size
+        else:
+            pos = _skip(data, pos, end, field, wire)
+    if timestamp:
+        return _int64(timestamp), sequence
+    return env_timestamp, env_sequence
+
+
+# Event payload layouts from field number 4 on, per type: True for a length-delimited
+# (string) field, else the largest value of a varint field the walk accepts as canonical
+# (uint32 values past 32 bits are left to upb, which truncates them).
+_EVENT_LAYOUTS = {
+    kind.msg_type: tuple(
+        True if field.type in (STR, STRS) else (_MASK32 if field.type == U32 else _MASK64)
+        for field in kind.fields
+    )
+    for kind in KINDS
+}
+
+
+def _event_time(data: bytes, pos: int, end: int, layout: tuple, env_timestamp: int,
+                env_sequence: int):
+    """The record time of a canonical event payload at data[pos:end]: the envelope's
+    timestamp and sequence, or the payload's when the envelope's timestamp is 0.
+
+    Canonical: 1 job_uuid (bytes), 2 timestamp, 3 sequence and the kind's fields from 4 on
+    with their own wire types, uint32 values within 32 bits, no groups.  Raises
+    _NotCanonical otherwise."""
+    timestamp = sequence = 0
+    last = 3 + len(layout)
+    while pos < end:
+        field, wire, pos = _tag(data, pos, end)
+        if field == 1 or (4 <= field <= last and layout[field - 4] is True):
+            if wire != 2:
+                raise _NotCanonical
+            size, pos = _size(data, pos, end)
+            pos += size
+        elif field == 2 or field == 3:
+            if wire != 0:
+                raise _NotCanonical
+            value, pos = _varint(data, pos, end, 10)
+            if field == 2:
+                timestamp = value
+            else:
+                sequence = value
+        elif 4 <= field <= last:
+            if wire != 0:
+                raise _NotCanonical
+            value, pos = _varint(data, pos, end, 10)
+            if value > layout[field - 4]:
+                raise _NotCanonical
+        else:
+            pos = _skip(data, pos, end, field, wire)
+    if env_timestamp:
+        return env_timestamp, env_sequence
+    return _int64(timestamp), sequence
+
+
+def _payload_time(msg_type: int, data: bytes, pos: int, end: int, env_timestamp: int,
+                  env_sequence: int):
+    """Grouped mode: the record time of a metric or event frame (type 2..9) whose payload
+    data[pos:end] is canonical, or None."""
+    try:
+        if msg_type == 2:
+            return _metric_time(data, pos, end, env_timestamp, env_sequence)
+        return _event_time(data, pos, end, _EVENT_LAYOUTS[msg_type], env_timestamp,
+                           env_sequence)
+    except (_NotCanonical, UnicodeDecodeError):
+        return None
+
+
 def _other_frame(data: bytes, pos: int, end: int):
     """The ``others`` item of a frame body whose envelope is canonical and whose type is not
     LOG; None for any other frame."""
@@ -280,11 +457,12 @@ def _other_frame(data: bytes, pos: int, end: int):
         return None
     if msg_type > 0x7FFFFFFF:
         msg_type -= 1 << 32
-    return msg_type, job, timestamp, sequence, data[payload:payload_end], end - pos
+    return msg_type, job, timestamp, sequence, data[payload:payload_end], end - pos, payload
 
 
 def decode_log_frames_py(
-    data: bytes, offset: int, max_length: int, arrivals: dict, others: list | None = None
+    data: bytes, offset: int, max_length: int, arrivals: dict, others: list | None = None,
+    grouped: bool = False,
 ):
     """Pure-Python ``decode_log_frames`` (see the module docstring).  Reactor thread."""
     if not isinstance(data, bytes):
@@ -293,6 +471,8 @@ def decode_log_frames_py(
         raise TypeError(f"arrivals must be a dict, not {type(arrivals).__name__}")
     if others is not None and not isinstance(others, list):
         raise TypeError(f"others must be a list or None, not {type(others).__name__}")
+    if grouped and others is None:
+        raise ValueError("grouped needs an others list")
     offset = index(offset)
     max_length = index(max_length)
     end = len(data)
@@ -354,10 +534,30 @@ def decode_log_frames_py(
                     arrival = entry[3]
                     if arrival == _INT64_MAX:
                         raise OverflowError(f"arrival number of job {entry[0]!r} out of range")
+                    if grouped:
+                        key = (entry[0], -other[0])
+                        time = _payload_time(other[0], data, other[6], other[6] + len(other[4]),
+                                             other[2], other[3])
+                        columns = groups.get(key)
+                        if time is not None:
+                            if columns is None:
+                                columns = groups[key] = [[], [], [], []]
+                            columns[0].append(time[0])
+                            columns[1].append(time[1])
+                            columns[2].append(arrival)
+                            columns[3].append(other[4])
+                            entry[3] = arrival + 1
+                            pos = stop
+                            continue
+                        if columns is not None:
+                            # After grouped frames of its (job, type): the caller's general
+                            # decoder takes it once the groups are delivered.
+                            reason = "slow"
+                            break
                     entry[3] = arrival + 1
-                    others.append((other[0], entry[0], *other[2:], arrival))
+                    others.append((other[0], entry[0], *other[2:6], arrival))
                 else:
-                    others.append((*other, None))
+                    others.append((*other[:6], None))
                 pos = stop
                 continue
         entry = entries.get(job)

@@ -59,7 +59,10 @@ each would have in frame order, and ``_handle_others`` validates and hands them 
 writer numbers them from the same counters, set to the decoder's number before each call), then
 the groups; a rejected one frees its number and the job's later numbers move down, groups
 included.  With a writer that has ``add_metrics`` and ``add_events`` (BatchingWriter), the
-accepted ones go over in one call per (job, type) per read.  The decoder stops at any other frame, which gets the plain two-step decode
+accepted ones go over in one call per (job, type) per read, and the decoder runs in its
+grouped mode: metric and event frames whose payload is canonical (nearly all: what encoders
+write) come back in per-(job, type) groups with their record time, validated in C, and go to
+the writer with no per-frame Python at all; only the rest takes the ``others`` route.  The decoder stops at any other frame, which gets the plain two-step decode
 (envelope, then payload) before the walk resumes after it; the results are those of the plain
 decode frame by frame (the order of writer calls across files aside).  A frame incomplete at the end of a read is collected as a list of
 chunks (its length prefix included) and joined once, so a multi-MiB frame split over many reads
@@ -71,7 +74,7 @@ reserved before anything of it is kept.  A frame that can never fit (above the p
 cap or the global limit) is refused (``over_budget``) and skipped; one that does not fit now
 pauses its connection (reads stop; at most that one read is held) until earlier reservations
 are released, first come first served.  Frames of at most one read (``SMALL_FRAME_BYTES``)
-never wait, so the bound is the budget plus one read per connection.  A connection holding a
+never wait, so the bound is the budget plus one read (``READ_BYTES``) per connection.  A connection holding a
 reservation is never paused for budget, so it can always finish its frame; one that stops
 sending is closed after ``partial_frame_timeout`` (``stalled_frame``).  Frames complete within one read reserve
 nothing and cost nothing extra.  The chunks of a frame are freed together when it completes
@@ -120,10 +123,16 @@ __all__ = [
 DEFAULT_MAX_FRAME_BYTES = 128 * 1024 * 1024
 DEFAULT_MAX_PARTIAL_BYTES = 256 * 1024 * 1024
 DEFAULT_PARTIAL_FRAME_TIMEOUT = 30.0
-#: Frames up to this size (one read of the transport) are reserved even beyond the budget:
-#: a connection waiting for budget holds that much anyway, and small frames split across
-#: reads must not queue behind large ones.  So the memory bound is ``ipc.maxPartialBytes``
-#: plus this much per connection.
+#: Bytes asked of the transport per read (Twisted's default is 64 KiB).  Each read costs a
+#: decoder call and one writer call per (job, stream or type) in it; with logs, metrics and
+#: events interleaved a job has up to ten such groups per read, so larger reads spread that
+#: over more frames (mixed traffic: about a third less reactor time per frame than with
+#: 64 KiB reads, docs/performance.md).  A connection waiting for budget holds at most one read.
+READ_BYTES = 256 * 1024
+#: Frames up to this size (at most one read of the transport) are reserved even beyond the
+#: budget: a connection waiting for budget holds that much anyway, and small frames split
+#: across reads must not queue behind large ones.  So the memory bound is
+#: ``ipc.maxPartialBytes`` plus one read (``READ_BYTES``) per connection.
 SMALL_FRAME_BYTES = 65536
 #: How long a refused connection keeps the connection check unhealthy.
 REFUSAL_WINDOW = 60.0
@@ -328,8 +337,9 @@ def release_memory() -> None:
     """Ask the C allocator to give freed heap pages back to the system (glibc
     ``malloc_trim``; nothing elsewhere).  Reactor thread; takes milliseconds at most.
 
-    The chunks of a partial frame are read-sized (64 KiB) allocations on the heap, below
-    glibc's mmap threshold: freed, they stay in the process until trimmed.
+    The chunks of a partial frame are read-sized (up to ``READ_BYTES``) allocations on the
+    heap, often below glibc's (dynamic) mmap threshold: freed, they stay in the process
+    until trimmed.
     """
     if _malloc_trim is not None:
         _malloc_trim(0)
@@ -553,6 +563,9 @@ class IngestProtocol(Int32StringReceiver):
         bulk = IBulkOtherWriter.providedBy(writer)
         self._add_metrics = writer.add_metrics if bulk else None
         self._add_events = writer.add_events if bulk else None
+        # With the bulk forms (and the bulk decode), the decoder also groups the metric and
+        # event frames whose payload is canonical: no per-frame work for them here.
+        self._grouped = bulk and self._decode == self._decode_bulk
         self._job_ids = job_ids if job_ids is not None else _JobIdCache()
         self._valid_ids = self._job_ids.ids
         # Receive state between reads; at most one of these is set.
@@ -714,8 +727,8 @@ class IngestProtocol(Int32StringReceiver):
         decode = self._decode
         max_length = self.MAX_LENGTH
         arrivals = self._arrivals
-        nlog = 0
-        nlog_bytes = 0
+        counts: dict = {}  # frames of the decoder's groups per type ...
+        grouped_bytes = 0  # ... and their bytes
         others: list = []
         try:
             while off < end:
@@ -729,9 +742,8 @@ class IngestProtocol(Int32StringReceiver):
                 else:
                     other_bytes = 0
                 if groups:
-                    n = self._deliver(groups)
-                    nlog += n
-                    nlog_bytes += off - start - 4 * n - other_bytes
+                    n = self._deliver(groups, counts)
+                    grouped_bytes += off - start - 4 * n - other_bytes
                 if reason == "slow":
                     # Not a canonical LOG frame (complete unless oversized): the plain decode.
                     (length,) = _HEADER.unpack_from(data, off)
@@ -747,8 +759,8 @@ class IngestProtocol(Int32StringReceiver):
                 elif reason == "partial":
                     break
         finally:
-            if nlog:
-                self._frames_received({MSG_LOG: nlog}, nlog_bytes)
+            if counts:
+                self._frames_received(counts, grouped_bytes)
         return off
 
     def _handle_others(self, others: list, groups: dict) -> int:
@@ -871,8 +883,9 @@ class IngestProtocol(Int32StringReceiver):
 
     def _decode_bulk(self, data: bytes, off: int, max_length: int, arrivals: dict, others):
         """``decode_log_frames`` going on past the other frames of canonical envelope (they
-        land in ``others``)."""
-        return self._decode_frames(data, off, max_length, arrivals, others)
+        land in ``others``, or, with a bulk writer for them, in the groups when their payload
+        is canonical)."""
+        return self._decode_frames(data, off, max_length, arrivals, others, self._grouped)
 
     def _decode_one(self, data: bytes, off: int, max_length: int, arrivals: dict, others=None):
         """``decode_log_frames`` limited to the frame at ``off`` (writers without
@@ -887,15 +900,21 @@ class IngestProtocol(Int32StringReceiver):
                 return off + new, groups, reason
         return self._decode_frames(data, off, max_length, {})
 
-    def _deliver(self, groups: dict) -> int:
+    def _deliver(self, groups: dict, counts: dict) -> int:
         """Hand the decoder's groups to the writer, each job id validated once; return the
-        number of frames in them.  Reactor thread."""
+        number of frames in them, and add them to ``counts`` by type.  Reactor thread."""
         valid_ids = self._valid_ids
         add_logs = self._add_logs
         total = 0
         for (job_id, stream), (timestamps, sequences, arrivals, contents) in groups.items():
             n = len(timestamps)
             total += n
+            if stream < 0:
+                # Metric (-2) or event (-3..-9) frames of canonical payload (grouped mode).
+                counts[-stream] = counts.get(-stream, 0) + n
+                self._deliver_other(job_id, -stream, timestamps, sequences, arrivals, contents)
+                continue
+            counts[MSG_LOG] = counts.get(MSG_LOG, 0) + n
             if job_id not in valid_ids and not self._job_ids.admit(job_id):
                 # Never stored: forget the arrival numbers the decoder gave these frames.
                 self._arrivals.pop(job_id, None)
@@ -910,6 +929,34 @@ class IngestProtocol(Int32StringReceiver):
                 for _ in range(n):
                     self._reject("stopping", detail)
         return total
+
+    def _deliver_other(self, job_id, msg_type, timestamps, sequences, arrivals, payloads):
+        """One metric or event group of the decoder: what ``_handle_other`` does for each of
+        its frames, in one writer call (their payloads are canonical, so valid)."""
+        n = len(timestamps)
+        name = None if msg_type == MSG_METRIC else _EVENT_VIEWS[msg_type][0]
+        if job_id not in self._valid_ids and not self._job_ids.admit(job_id):
+            self._arrivals.pop(job_id, None)  # never stored
+            detail = f"job id {job_id[:160]!r}"
+            for _ in range(n):
+                self._reject("invalid_job_id", detail)
+                if name is not None:
+                    self._event_rejected(name, "invalid_job_id")
+            return
+        try:
+            if name is None:
+                self._add_metrics(job_id, timestamps, sequences, arrivals, payloads)
+                return
+            self._add_events(job_id, name, timestamps, sequences, arrivals, payloads)
+        except WriterStopped:
+            what = "METRIC" if name is None else f"{name} event"
+            for _ in range(n):
+                self._reject("stopping", f"{what} for job {job_id} after the writer stopped")
+                if name is not None:
+                    self._event_rejected(name, "stopping")
+            return
+        accepted = self._events_accepted
+        accepted[name] = accepted.get(name, 0) + n
 
     def _add_logs_singly(self, job_id, stream, timestamps, sequences, arrivals, contents):
         """``add_logs`` for writers that only have ``add_log`` (groups of one frame)."""
@@ -1022,6 +1069,9 @@ class IngestProtocol(Int32StringReceiver):
 
     @reactor_only
     def connectionMade(self) -> None:
+        if hasattr(self.transport, "bufferSize"):
+            # Twisted's connections read bufferSize bytes per read: see READ_BYTES.
+            self.transport.bufferSize = READ_BYTES
         factory = getattr(self, "factory", None)
         if factory is not None:
             factory._connection_made(self)

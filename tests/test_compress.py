@@ -134,6 +134,47 @@ class AdaptiveLevelTests(SynchronousTestCase):
         load.reactor_seconds += 0.6
         self.assertEqual(policy.choose().level, 6)
 
+    def test_json_lines_get_the_fast_level_at_full_speed(self):
+        """Batches of metric and event JSON lines get the policy's level, except while
+        ingest runs at full speed (the writer's backlog, the CPU above 90%, or the reactor
+        above 70% forced the lowest level): then libdeflate 1, while logs keep 5.  Once
+        the load eases they follow the policy's level again; counted per level."""
+        load = FakeLoad()
+        policy = adaptive(load)
+        self.assertEqual(policy.choose(json_lines=True).level, 5)  # not known to be busy
+        load.backlog_fraction = 0.3
+        self.assertEqual(policy.choose(json_lines=True).level, 1)
+        self.assertEqual(policy.choose().level, 5)
+        self.assertTrue(policy.full_speed)
+        load.backlog_fraction = 0.0
+        load.run(1.0, 0.1)
+        self.assertEqual(policy.choose(json_lines=True).level, 7)
+        self.assertFalse(policy.full_speed)
+        load.run(1.0, 0.95)
+        self.assertEqual(policy.choose(json_lines=True).level, 1)
+        load.run(1.0, 0.8)  # stepping down, not forced: the policy's level
+        self.assertEqual(policy.choose(json_lines=True).level, 5)
+        load.run(1.0, 0.5)
+        load.reactor_seconds += 0.8
+        self.assertEqual(policy.choose(json_lines=True).level, 1)
+        self.assertEqual(policy.choose().level, 5)
+        self.assertEqual(policy.counts, {5: 4, 1: 3, 7: 1})
+
+    def test_json_fast_level_per_compressor(self):
+        """The fast level is the compressor's fastest that compresses (zlib 1, isal 0), or
+        ``json_level``; none when that is not below the lowest adaptive level."""
+        for name, fast in (("zlib", 1), ("isal", 0), ("deflate", 1)):
+            load = FakeLoad()
+            load.backlog_fraction = 1.0
+            policy = adaptive(load, name)
+            self.assertEqual(policy.choose(json_lines=True).level, fast)
+            self.assertEqual(policy.choose(json_lines=True).name, name)
+        load = FakeLoad()
+        load.backlog_fraction = 1.0
+        self.assertEqual(adaptive(load, json_level=3).choose(json_lines=True).level, 3)
+        self.assertEqual(adaptive(load, json_level=5).choose(json_lines=True).level, 5)
+        self.assertEqual(FixedLevel(make_compressor("deflate", 6)).choose(True).level, 6)
+
     def test_other_processes_cpu_is_not_spare(self):
         """When the machine's CPUs are busy with other processes (the jobs), the level
         follows the machine's busy fraction even though this process uses little."""
@@ -283,6 +324,41 @@ class StorageLevelTests(SynchronousTestCase):
             self.assertEqual(gzip.decompress(f.read()), b"".join(lines))
         snap = self.successResultOf(storage.open_job(JOB))
         self.assertEqual([r.content for r in snap.iter_logs(0)], lines)
+
+    def test_metric_and_event_batches_ask_for_json_lines(self):
+        """Storage tells the policy which batches are JSON lines (metrics and events): at
+        full speed those are compressed at libdeflate 1 and logs at 5, counted per level,
+        and every file reads back."""
+        from joblet_persist import events
+        from joblet_persist._proto import ipc_pb2
+        from joblet_persist.storage.api import EventBatch, MetricBatch
+        from tests.test_events import SAMPLES, encode_event
+
+        T_NS = int(START) * 10**9
+        load = FakeLoad()
+        load.backlog_fraction = 1.0
+        policy = adaptive(load)
+        metrics = PersistMetrics(process=False)
+        storage = self.make(policy, metrics)
+        lines = repetitive_lines(100)
+        self.successResultOf(storage.append_logs(
+            log_batch(JOB, STREAM_STDOUT, rows(0, *lines))))
+        payload = ipc_pb2.Metric(timestamp=T_NS, sequence=1).SerializeToString()
+        self.successResultOf(storage.append_metrics(
+            MetricBatch(JOB, [T_NS], [1], [100], [payload])))
+        event = encode_event(3, SAMPLES[3])
+        self.successResultOf(storage.append_events(
+            EventBatch(JOB, "exec", [T_NS], [2], [101], [event])))
+        self.assertEqual(metrics.compression_batches.labels(level="5")._value.get(), 1)
+        self.assertEqual(metrics.compression_batches.labels(level="1")._value.get(), 2)
+        snap = self.successResultOf(storage.open_job(JOB))
+        self.assertEqual([r.content for r in snap.iter_logs(0)], lines)
+        exec_dir = os.path.join(self.data_dir, "events", JOB)
+        with open(os.path.join(exec_dir, "exec_events.jsonl.gz"), "rb") as f:
+            self.assertEqual(gzip.decompress(f.read()), events.payload_json_line(
+                events.KINDS_BY_NAME["exec"], event, JOB, T_NS, 2))
+        with open(os.path.join(self.data_dir, "metrics", JOB, "metrics.jsonl.gz"), "rb") as f:
+            self.assertEqual(gzip.decompress(f.read()), fmt.metric_json_line(JOB, payload))
 
     def test_stronger_level_writes_smaller_files(self):
         """The same repetitive batches take fewer bytes when idle CPU bought level 12

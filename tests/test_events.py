@@ -774,6 +774,110 @@ class FuzzTests(EventCodecTestsMixin, SynchronousTestCase):
         self.assertIsInstance(view, getattr(ipc_views_pb2, view.DESCRIPTOR.name))
 
 
+# Raw bytes of string fields: ASCII with every control character, quotes and backslashes,
+# any text, and bytes that are often not UTF-8 (lone surrogates, overlong forms, > U+10FFFF).
+_RAW_TEXT = st.one_of(
+    st.text(st.characters(max_codepoint=0x7F), max_size=12).map(str.encode),
+    st.text(max_size=8).map(str.encode),
+    st.binary(max_size=12),
+    st.sampled_from([b"\xed\xa0\x80", b"\xc0\xaf", b"\xf4\x90\x80\x80", b"\x7f\x00\x1f"]),
+)
+
+
+@st.composite
+def _event_wire_field(draw) -> bytes:
+    """One field of an event payload: a known number (1..10) or an unknown one, with any wire
+    type (wrong ones too), varints of any length (10-byte ones with bits past 64 too),
+    uint32 fields given values past 32 bits, groups, and string bytes of every sort."""
+    number = draw(st.one_of(st.integers(1, 10), st.integers(11, 40)))
+    wire = draw(st.sampled_from([0, 0, 0, 2, 2, 2, 1, 5, 3, 4]))
+    head = tag(number, wire)
+    if wire == 0:
+        if draw(st.integers(0, 9)) == 0:
+            return head + b"\xff" * 9 + draw(st.sampled_from([b"\x01", b"\x7f", b"\x03"]))
+        return head + varint(draw(st.one_of(u32, u64, st.integers(I64_MIN, -1))))
+    if wire == 2:
+        return f_len(number, draw(_RAW_TEXT))
+    if wire == 1:
+        return head + bytes(8)
+    if wire == 5:
+        return head + bytes(4)
+    if wire == 3:
+        return head + f_int(1, 7) + tag(number, 4)
+    return head
+
+
+class BatchLineTests(SynchronousTestCase):
+    """payload_json_lines: the stored lines of a batch, byte for byte payload_json_line's."""
+
+    @given(
+        st.sampled_from(sorted(IPC)),
+        st.lists(st.lists(_event_wire_field(), max_size=12), min_size=1, max_size=4),
+        st.text(max_size=12), i64, u64,
+    )
+    def test_same_as_single_lines(self, msg_type, payloads, job_id, ts, seq):
+        """For any payloads (canonical or not: wrong wire types, groups, unknown fields,
+        10-byte varints, uint32 values past 32 bits, control characters, invalid UTF-8,
+        truncation) and any job id text, each line of the batch (the C builder when the
+        extension is built, and without it) is payload_json_line's line, or None where it
+        raises."""
+        kind = events.KINDS_BY_TYPE[msg_type]
+        batch = []
+        for fields in payloads:
+            payload = b"".join(fields)
+            batch.extend((payload, payload[:-1]))
+        want = []
+        for payload in batch:
+            try:
+                want.append(events.payload_json_line(kind, payload, job_id, ts, seq))
+            except events.EventDecodeError:
+                want.append(None)
+        for builder in (events._event_lines_c, None):  # the C builder, then none
+            self.patch(events, "_event_lines_c", builder)
+            got = events.payload_json_lines(kind, batch, job_id, [ts] * len(batch),
+                                            [seq] * len(batch))
+            self.assertEqual(got, want)
+
+    @given(st.lists(valid_events(), min_size=1, max_size=6))
+    def test_valid_events(self, evs):
+        """Hand-encoded valid events of any kind: the batch's lines are the lines of
+        decode_event's records (event_json_line), for each event's own time."""
+        for msg_type, values, ts, seq in evs:
+            kind = events.KINDS_BY_TYPE[msg_type]
+            payload = encode_event(msg_type, values, ts=ts, seq=seq)
+            record = events.decode_event(msg_type, payload, JOB, ts, seq)
+            self.assertEqual(events.payload_json_lines(kind, [payload], JOB, [ts], [seq]),
+                             [events.event_json_line(record)])
+
+    def test_c_builder_in_use(self):
+        """With the extension built, canonical payloads take the C builder: every kind,
+        64-bit extremes, 1,000 args, escapes and invalid UTF-8; a payload it leaves to the
+        protobuf route (a string field sent as a varint) is None from it."""
+        if events._event_lines_c is None:
+            from twisted.trial.unittest import SkipTest
+
+            raise SkipTest("joblet_persist._speedups is not built")
+        by_type = {
+            "u32": U32_MAX, "u64": U64_MAX, "i64": I64_MIN,
+            "strs": ["a"] * 999 + [b"\xc0\xaf", "\u00e9\t"],
+        }
+        texts = ["c\"\\\n\x01\x7f\u00e9\u2028", b"\xff/x", "", "10.0.0.1"]
+        for msg_type, (_name, layout) in sorted(IPC.items()):
+            kind = events.KINDS_BY_TYPE[msg_type]
+            mine = {name: by_type[t] if t != "str" else texts[n % len(texts)]
+                    for n, name, t in layout}
+            payload = encode_event(msg_type, mine, ts=I64_MIN, seq=U64_MAX)
+            line = events._event_lines_c(
+                events._C_LAYOUTS[msg_type], json.dumps(JOB), [payload], [I64_MAX], [U64_MAX]
+            )[0]
+            self.assertEqual(line, events.payload_json_line(kind, payload, JOB, I64_MAX,
+                                                            U64_MAX))
+            bad = payload + f_int(5, 1)  # comm (or ppid's neighbour) as a varint
+            if layout[1][2] == "str":
+                self.assertIsNone(events._event_lines_c(
+                    events._C_LAYOUTS[msg_type], json.dumps(JOB), [bad], [1], [1])[0])
+
+
 class DocsTests(SynchronousTestCase):
     """The storage format document shows what the codec writes."""
 

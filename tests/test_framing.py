@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from joblet_persist import framing, ingest
+from joblet_persist import events, framing, ingest
 from joblet_persist._proto import ipc_pb2
 from joblet_persist.ingest import IngestFactory
 from joblet_persist.writer import (
@@ -34,7 +34,9 @@ from joblet_persist.writer import (
 )
 from tests import test_ingest, test_writer
 from tests.fakes import FakeStorage
-from tests.test_events import SAMPLES, encode_event
+from tests.test_events import SAMPLES, encode_event, valid_events
+from tests.test_events import _event_wire_field as event_wire_field
+from tests.test_storage_format import _wire_field as metric_wire_field
 
 try:
     from joblet_persist._speedups import decode_log_frames as decode_c
@@ -124,6 +126,113 @@ def reference_decode(data: bytes, offset: int, max_length: int, arrivals: dict, 
                 job = other[1]
                 arrival = nxt.get(job, arrivals.get(job, 0))
                 nxt[job] = arrival + 1
+            others.append((*other, arrival))
+            pos += 4 + length
+            continue
+        job, stream, timestamp, sequence, content = got
+        arrival = nxt.get(job, arrivals.get(job, 0))
+        nxt[job] = arrival + 1
+        columns = groups.setdefault((job, stream), [[], [], [], []])
+        for column, value in zip(columns, (timestamp, sequence, arrival, content), strict=True):
+            column.append(value)
+        pos += 4 + length
+    arrivals.update(nxt)
+    return pos, groups, reason
+
+
+_METRIC_WIRE = {1: 2, 2: 0, 3: 0, 4: 2}
+_METRIC_DATA_WIRE = {1: 1, 2: 0, 3: 1, 4: 2, 5: 2}
+_IO_WIRE = {1: 0, 2: 0, 3: 0, 4: 0}
+_U32_MAX = (1 << 32) - 1
+
+
+def _wire_fields(raw: bytes) -> list:
+    return list(unknown_fields.UnknownFieldSet(empty_pb2.Empty.FromString(raw)))
+
+
+def reference_payload_time(msg_type: int, payload: bytes, env_ts: int, env_seq: int):
+    """Grouped mode's reference: the record time of a metric or event payload upb parses
+    and whose structure is plain (every known field with its own wire type, no group,
+    embedded messages once, uint32 values within 32 bits), else None.  Metrics: the
+    payload's time, or the envelope's when the payload's timestamp is 0; events: the
+    envelope's, or the payload's when the envelope's timestamp is 0."""
+    try:
+        if msg_type == 2:
+            metric = ipc_pb2.Metric.FromString(payload)
+            if not _plain_structure(payload, _METRIC_WIRE, (4,)):
+                return None
+            for f in _wire_fields(payload):
+                if f.field_number != 4:
+                    continue
+                if not _plain_structure(f.data, _METRIC_DATA_WIRE, (4, 5)):
+                    return None
+                for g in _wire_fields(f.data):
+                    if g.field_number in (4, 5) and not _plain_structure(g.data, _IO_WIRE):
+                        return None
+            if metric.timestamp:
+                return metric.timestamp, metric.sequence
+            return env_ts, env_seq
+        kind = events.KINDS_BY_TYPE[msg_type]
+        view = kind.view_class.FromString(payload)
+        wire = {1: 2, 2: 0, 3: 0}
+        u32 = set()
+        for field in kind.fields:
+            wire[field.number] = 2 if field.type in ("string", "repeated string") else 0
+            if field.type == "uint32":
+                u32.add(field.number)
+        if not _plain_structure(payload, wire):
+            return None
+        if any(f.field_number in u32 and f.data > _U32_MAX for f in _wire_fields(payload)):
+            return None
+    except DecodeError:
+        return None
+    if env_ts:
+        return env_ts, env_seq
+    return view.timestamp, view.sequence
+
+
+def reference_decode_grouped(data: bytes, offset: int, max_length: int, arrivals: dict,
+                             others: list):
+    """decode_log_frames(..., others, grouped=True) the straightforward way: as
+    reference_decode with ``others``, except that a metric or event frame whose payload is
+    plain (reference_payload_time) joins the group (job, -type), and one that is not, after
+    such a group of its (job, type) exists, stops the walk ("slow")."""
+    groups: dict = {}
+    nxt: dict = {}
+    pos, end = offset, len(data)
+    while True:
+        if end - pos < 4:
+            reason = "end" if pos == end else "partial"
+            break
+        (length,) = struct.unpack_from(">I", data, pos)
+        if length > max_length:
+            reason = "slow"
+            break
+        if pos + 4 + length > end:
+            reason = "partial"
+            break
+        body = data[pos + 4 : pos + 4 + length]
+        got = reference_frame(body)
+        if got is None:
+            other = reference_other(body)
+            if other is None:
+                reason = "slow"
+                break
+            arrival = None
+            if 2 <= other[0] <= 9:
+                msg_type, job, env_ts, env_seq, payload = other[:5]
+                time = reference_payload_time(msg_type, payload, env_ts, env_seq)
+                if time is None and (job, -msg_type) in groups:
+                    reason = "slow"
+                    break
+                arrival = nxt.get(job, arrivals.get(job, 0))
+                nxt[job] = arrival + 1
+                if time is not None:
+                    columns = groups.setdefault((job, -msg_type), [[], [], [], []])
+                    for column, value in zip(columns, (*time, arrival, payload), strict=True):
+                        column.append(value)
+                    pos += 4 + length
+                    continue
             others.append((*other, arrival))
             pos += 4 + length
             continue
@@ -306,6 +415,38 @@ _mixed_bodies = st.one_of(
 )
 
 
+
+@st.composite
+def _other_bodies(draw) -> bytes:
+    """A metric or event frame (type 2..9) of canonical envelope whose payload is as an
+    encoder writes it, or has wire liberties (unknown fields, wrong wire types, groups,
+    repeated embedded messages, 10-byte varints, uint32 values past 32 bits, bad UTF-8), or
+    is cut short; envelope time set or 0."""
+    msg_type = draw(st.integers(2, 9))
+    style = draw(st.sampled_from(["encoder", "encoder", "liberties", "cut"]))
+    if msg_type == 2:
+        if style == "liberties":
+            payload = b"".join(draw(st.lists(metric_wire_field(range(1, 5)), max_size=6)))
+        else:
+            payload = test_ingest.metric_body(ts=draw(st.sampled_from([0, 5, -1])),
+                                              seq=draw(_u64))[1]
+    elif style == "liberties":
+        payload = b"".join(draw(st.lists(event_wire_field(), max_size=8)))
+    else:
+        kind_type, values, ts, seq = draw(valid_events())
+        msg_type = kind_type
+        payload = encode_event(msg_type, values, ts=ts, seq=seq)
+    if style == "cut":
+        payload = payload[: draw(st.integers(0, len(payload)))]
+    return ipc_pb2.IPCMessage(
+        version=1, type=msg_type, job_uuid=draw(st.sampled_from(JOBS[:3])),
+        timestamp=draw(st.sampled_from([0, 7, -(1 << 63)])), sequence=draw(_u64), data=payload,
+    ).SerializeToString()
+
+
+_grouped_bodies = st.one_of(_canonical_bodies, _other_bodies(), _other_bodies(), _mixed_bodies)
+
+
 # -- the decoders ----------------------------------------------------------------------------
 
 # The property tests below run from several test classes (one per implementation): each run is
@@ -324,17 +465,21 @@ class DecoderTestsMixin:
     decode = None
 
     def check(self, data: bytes, offset: int = 0, max_length: int = 1 << 30, arrivals=None,
-              others: bool = False):
+              others: bool = False, grouped: bool = False):
         """Run the decoder and the reference on the same input; they must agree exactly, also
-        on the arrivals dict afterwards (and on the ``others`` list when ``others``).  Returns
-        the result."""
+        on the arrivals dict afterwards (and on the ``others`` list when ``others``; with
+        ``grouped`` too, the decoder's grouped mode).  Returns the result."""
         arrivals = arrivals or {}
+        others = others or grouped
         want_arrivals = dict(arrivals)
         want_others = [] if others else None
-        want = reference_decode(data, offset, max_length, want_arrivals, want_others)
+        reference = reference_decode_grouped if grouped else reference_decode
+        want = reference(data, offset, max_length, want_arrivals, want_others)
         got_arrivals = dict(arrivals)
         got_others = [] if others else None
-        if others:
+        if grouped:
+            got = type(self).decode(data, offset, max_length, got_arrivals, got_others, True)
+        elif others:
             got = type(self).decode(data, offset, max_length, got_arrivals, got_others)
         else:
             got = type(self).decode(data, offset, max_length, got_arrivals)
@@ -438,6 +583,83 @@ class DecoderTestsMixin:
         for body in bodies:
             self.check(frame(body), others=True)
         self.check(b"".join(map(frame, bodies)), others=True)
+
+    @shared
+    @given(st.lists(_grouped_bodies, max_size=20), st.data())
+    def test_grouped_mixed_stream(self, bodies, data):
+        """Grouped mode: metric and event frames whose payload is plain join their (job,
+        -type) group with the record's time and their arrival number in frame order; others
+        land in ``others`` as without it, and one after its (job, type)'s group stops the walk
+        ("slow"); LOG frames as always.  Also cut anywhere and from any offset."""
+        stream = b"".join(map(frame, bodies))
+        self.check(stream, grouped=True)
+        cut = data.draw(st.integers(0, len(stream)))
+        offset = data.draw(st.integers(0, cut))
+        self.check(stream[:cut], offset, grouped=True, arrivals={"j": 5, JOBS[0]: 1 << 40})
+
+    @shared_fewer
+    @given(st.lists(envelope(), max_size=6))
+    def test_grouped_wire_liberties(self, bodies):
+        """test_wire_liberties' frames (every type, every liberty) in grouped mode."""
+        for body in bodies:
+            self.check(frame(body), grouped=True)
+        self.check(b"".join(map(frame, bodies)), grouped=True)
+
+    def test_grouped_many_jobs(self):
+        """Grouped mode over 40 jobs (the decoder's job table grows while groups are open):
+        every metric and event frame lands in its job's group, as the reference says."""
+        bodies = []
+        for i in range(400):
+            job = f"job-{i % 40}"
+            slot = (i + i // 40) % 10
+            if slot < 7:
+                bodies.append(canonical_body(job, 1 + slot % 2, i, i, b"%d" % i))
+            elif slot == 7:
+                bodies.append(test_ingest.metric_body(job=job, seq=i)[0])
+            else:
+                msg_type = 3 + i % 7
+                bodies.append(ipc_pb2.IPCMessage(
+                    type=msg_type, job_uuid=job, timestamp=i, sequence=i,
+                    data=encode_event(msg_type, SAMPLES[msg_type])).SerializeToString())
+        pos, groups, reason = self.check(b"".join(map(frame, bodies)), grouped=True)
+        self.assertEqual(reason, "end")
+        self.assertEqual(sum(len(c[0]) for c in groups.values()), 400)
+        self.assertEqual(len({job for job, _ in groups}), 40)
+
+    def test_grouped_keeps_order(self):
+        """Grouped mode by hand: a metric and an exec event of plain payload are grouped
+        with the record's time (metric: its payload's; event: its envelope's, or its
+        payload's when that is 0); a non-plain one before any group of its (job, type) goes
+        to ``others``, one after such a group stops the walk at its start."""
+        metric_wire, metric = test_ingest.metric_body(job="j", ts=40, seq=41, env_ts=1)
+        ev = encode_event(3, SAMPLES[3], ts=50, seq=51)
+        exec_env = ipc_pb2.IPCMessage(type=3, job_uuid="j", timestamp=9, sequence=8,
+                                      data=ev).SerializeToString()
+        exec_zero = ipc_pb2.IPCMessage(type=3, job_uuid="j", data=ev).SerializeToString()
+        odd = ev + b"\x20\x01"  # pid again: still plain (the last one wins)
+        exec_odd = ipc_pb2.IPCMessage(type=3, job_uuid="j", data=odd).SerializeToString()
+        bad = ipc_pb2.IPCMessage(type=3, job_uuid="j", data=b"\x42\x01").SerializeToString()
+        bad_first = ipc_pb2.IPCMessage(type=4, job_uuid="j", data=b"\x20\xff\xff\xff\xff\x1f",
+                                       timestamp=3).SerializeToString()
+        log = canonical_body("j", 1, 1, 1, b"x")
+        stream = b"".join(map(frame, [bad_first, log, metric_wire, exec_env, exec_zero,
+                                      exec_odd, bad, log]))
+        others: list = []
+        arrivals: dict = {}
+        pos, groups, reason = type(self).decode(stream, 0, 1 << 20, arrivals, others, True)
+        stop = sum(len(frame(b)) for b in [bad_first, log, metric_wire, exec_env, exec_zero,
+                                           exec_odd])
+        self.assertEqual((pos, reason), (stop, "slow"))
+        self.assertEqual([o[:4] + o[5:] for o in others], [(4, "j", 3, 0, len(bad_first), 0)])
+        self.assertEqual(groups, {
+            ("j", 1): [[1], [1], [1], [b"x"]],
+            ("j", -2): [[40], [41], [2], [metric]],
+            ("j", -3): [[9, 50, 50], [8, 51, 51], [3, 4, 5], [ev, ev, odd]],
+        })
+        self.assertEqual(arrivals, {"j": 6})
+        # Not grouped without the flag; the flag needs the list.
+        self.assertEqual(len(type(self).decode(stream, 0, 1 << 20, {}, [])[1]), 1)
+        self.assertRaises(ValueError, type(self).decode, stream, 0, 1 << 20, {}, None, True)
 
     def test_others_keep_the_group(self):
         """LOG frames between metric and event frames make one group; the other frames come
@@ -590,6 +812,26 @@ class CDecoderTests(DecoderTestsMixin, SynchronousTestCase):
         self.assertEqual(
             decode_c(data, offset, max_length, a1, o1),
             framing.decode_log_frames_py(data, offset, max_length, a2, o2),
+        )
+        self.assertEqual((a1, o1), (a2, o2))
+        o1, o2 = [], []
+        self.assertEqual(
+            decode_c(data, offset, max_length, a1, o1, True),
+            framing.decode_log_frames_py(data, offset, max_length, a2, o2, True),
+        )
+        self.assertEqual((a1, o1), (a2, o2))
+
+    @given(st.lists(_grouped_bodies, max_size=12), st.data())
+    def test_grouped_same_as_python(self, bodies, draw):
+        """Grouped mode: C and Python agree on streams of metric and event frames of any
+        payload, from any offset and cut anywhere."""
+        data = b"".join(map(frame, bodies))
+        cut = draw.draw(st.integers(0, len(data)))
+        offset = draw.draw(st.integers(0, cut))
+        a1, a2, o1, o2 = {"j": 3}, {"j": 3}, [], []
+        self.assertEqual(
+            decode_c(data[:cut], offset, 1 << 20, a1, o1, True),
+            framing.decode_log_frames_py(data[:cut], offset, 1 << 20, a2, o2, True),
         )
         self.assertEqual((a1, o1), (a2, o2))
 
@@ -833,6 +1075,15 @@ class BulkOthersWriter(BulkWriter):
     def __init__(self):
         super().__init__()
         self.other_calls = 0
+        self.single_calls = 0  # add_metric and add_event
+
+    def add_metric(self, job_id, timestamp, sequence, payload):
+        self.single_calls += 1
+        super().add_metric(job_id, timestamp, sequence, payload)
+
+    def add_event(self, job_id, kind, timestamp, sequence, payload):
+        self.single_calls += 1
+        super().add_event(job_id, kind, timestamp, sequence, payload)
 
     def add_metrics(self, job_id, timestamps, sequences, arrivals, payloads):
         if self.stopped:
@@ -858,8 +1109,7 @@ class BulkOthersIngestTests(BulkIngestTests):
 
     def test_one_call_per_job_and_type(self):
         """Metric and event frames of one read reach the writer as one add_metrics or
-        add_events call per (job, type), after the first frame of a job (which admits its id
-        through the general handler)."""
+        add_events call per (job, type)."""
         job = test_ingest.JOB
         bodies = [test_ingest.log_body(b"x", seq=0)]
         for i in range(12):
@@ -867,8 +1117,7 @@ class BulkOthersIngestTests(BulkIngestTests):
             bodies.append(test_ingest.envelope(3, job, encode_event(3, SAMPLES[3]), 5, i))
         factory = self.make_factory()
         self.feed(b"".join(map(frame, bodies)), factory=factory)
-        # The first metric went through add_metric (it admitted the job id); the other 11
-        # metrics are one add_metrics call, the 12 exec events one add_events call.
+        # The 12 metrics are one add_metrics call, the 12 exec events one add_events call.
         self.assertEqual(self.writer.other_calls, 2)
         self.assertEqual(len(self.writer.messages), 25)
         self.feed(b"".join(map(frame, bodies)), factory=factory)
@@ -876,6 +1125,73 @@ class BulkOthersIngestTests(BulkIngestTests):
         self.assertEqual(self.writer.arrivals, {job: 50})
         self.assertEqual(factory.events.accepted, {"exec": 24})
         self.in_arrival_order()
+
+
+    def test_grouped_frames_in_one_call_each(self):
+        """Metric and event frames of plain payload reach the writer as one add_metrics or
+        add_events call per (job, type) of a read, the first ones of a job not yet seen
+        included (nothing per frame), counted as received by type with their bytes, and as
+        accepted events by kind; those of an invalid job id are all rejected, counted by
+        reason and by event kind, and take no arrival numbers."""
+        job = test_ingest.JOB
+        bodies = []
+        for i in range(12):
+            bodies.append(test_ingest.metric_body(seq=i)[0])
+            bodies.append(test_ingest.envelope(3, job, encode_event(3, SAMPLES[3]), 5, i))
+            bodies.append(test_ingest.envelope(9, "../bad", encode_event(9, SAMPLES[9]), 5, i))
+        factory = self.make_factory()
+        self.feed(b"".join(map(frame, bodies)), factory=factory)
+        self.assertEqual((self.writer.other_calls, self.writer.single_calls), (2, 0))
+        self.assertEqual(len(self.writer.messages), 24)
+        self.assertEqual(self.metrics.received, {2: 12, 3: 12, 9: 12})
+        self.assertEqual(self.metrics.received_bytes, sum(map(len, bodies)))
+        self.assertEqual(factory.events.accepted, {"exec": 12})
+        self.assertEqual(self.metrics.rejected, ["invalid_job_id"] * 12)
+        self.assertEqual(self.metrics.events_rejected, [("file", "invalid_job_id")] * 12)
+        self.assertEqual(self.writer.arrivals, {job: 24})
+        self.in_arrival_order()
+
+    def test_grouped_then_not_plain_keeps_order(self):
+        """A metric whose payload is not plain, after plain ones of its job in the same read,
+        reaches the writer after them, with the next arrival number; a bad payload there is
+        rejected and frees its number."""
+        job = test_ingest.JOB
+        first, p1 = test_ingest.metric_body(seq=1)
+        second, p2 = test_ingest.metric_body(seq=2)
+        odd_payload = p2 + b"\x22\x00"  # a second, empty data field: upb merges it
+        odd = test_ingest.envelope(2, job, odd_payload, 11, 12)
+        bad = test_ingest.envelope(2, job, b"\xff", 11, 12)
+        self.feed(b"".join(map(frame, [first, second, odd, bad, first])))
+        metrics = [m for m in self.writer.messages if m[0] == "metric"]
+        self.assertEqual([m[4] for m in sorted(metrics, key=lambda m: m[-1])],
+                         [p1, p2, odd_payload, p1])
+        self.assertEqual(self.metrics.rejected, ["bad_payload"])
+        self.in_arrival_order()
+
+
+class ReadSizeTests(SynchronousTestCase):
+    def test_reads_of_read_bytes(self):
+        """A connection asks its transport for reads of ingest.READ_BYTES (256 KiB), not
+        Twisted's default 64 KiB: the attribute the real Unix-socket transport reads."""
+        from twisted.internet import unix
+
+        self.assertEqual(ingest.READ_BYTES, 256 * 1024)
+        self.assertEqual(unix.Server.bufferSize, 64 * 1024)
+        factory = IngestFactory(BulkOthersWriter(), None, task.Clock())
+        proto = factory.buildProtocol(None)
+        transport = StringTransport()
+        transport.bufferSize = unix.Server.bufferSize
+        proto.makeConnection(transport)
+        self.assertEqual(transport.bufferSize, ingest.READ_BYTES)
+        self.assertEqual(unix.Server.bufferSize, 64 * 1024)  # the class is left alone
+
+
+class PythonTwinBulkOthersIngestTests(BulkOthersIngestTests):
+    """The bulk-others path's tests (grouped mode) with the pure-Python decoder."""
+
+    def setUp(self):
+        super().setUp()
+        self.patch(ingest, "decode_log_frames", framing.decode_log_frames_py)
 
 
 class PythonTwinIngestFramingTests(test_ingest.FramingTests):

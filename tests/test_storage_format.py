@@ -476,6 +476,23 @@ class MetricLineTests(SynchronousTestCase):
                 continue
             self.assertEqual(fmt.metric_json_line(job_id, payload), want)
 
+    @given(st.lists(st.lists(_wire_field(range(1, 5)), max_size=6), max_size=5),
+           st.text(max_size=10))
+    def test_batch_same_as_single_lines(self, payloads, job_id):
+        """metric_json_lines (one C call for the batch when built) gives, for each payload of
+        a batch of any payloads, metric_json_line's line, or None where it raises."""
+        batch = [b"".join(fields) for fields in payloads]
+        batch += [p[:-1] for p in batch if p]
+        want = []
+        for payload in batch:
+            try:
+                want.append(fmt.metric_json_line(job_id, payload))
+            except ValueError:
+                want.append(None)
+        for builder in (fmt._metric_lines_c, None):  # the C batch, then the fallback
+            self.patch(fmt, "_metric_lines_c", builder)
+            self.assertEqual(fmt.metric_json_lines(job_id, batch), want)
+
     def test_c_twin_in_use(self):
         """When the extension is built, canonical payloads take the C route."""
         if fmt._metric_line_c is None:

@@ -87,6 +87,22 @@ def thd_append_logs(
     return _thd_write_pieces(path, directory, expected_size, fsync, pieces, 0, modes)
 
 
+def _decoded(lines: list, base: int, timestamps, sequences, arrivals) -> tuple:
+    """The columns of a batch's decodable messages (``lines[i]`` None: left out), ordinals
+    ``base + arrival``, and how many were left out."""
+    if None not in lines:
+        ords = list(arrivals) if base == 0 else [base + a for a in arrivals]
+        return list(timestamps), list(sequences), ords, lines, 0
+    keep = [i for i, line in enumerate(lines) if line is not None]
+    return (
+        [timestamps[i] for i in keep],
+        [sequences[i] for i in keep],
+        [base + arrivals[i] for i in keep],
+        [lines[i] for i in keep],
+        len(lines) - len(keep),
+    )
+
+
 def thd_append_metrics(
     path: str,
     directory: str,
@@ -107,18 +123,9 @@ def thd_append_metrics(
     An undecodable payload is left out and counted in ``skipped``; it never
     fails the batch.  A batch with nothing decodable appends nothing.
     """
-    ts, seqs, ords, lines = [], [], [], []
-    skipped = 0
-    for i, payload in enumerate(payloads):
-        try:
-            line = fmt.metric_json_line(job_id, payload)
-        except ValueError:
-            skipped += 1
-            continue
-        ts.append(timestamps[i])
-        seqs.append(sequences[i])
-        ords.append(base + arrivals[i])
-        lines.append(line)
+    ts, seqs, ords, lines, skipped = _decoded(
+        fmt.metric_json_lines(job_id, payloads), base, timestamps, sequences, arrivals
+    )
     if not lines:
         return AppendResult(expected_size, (), 0, skipped, ())
     pieces = fmt.encode_metric_members(ts, seqs, ords, lines, compressor, lines=line_tables)
@@ -147,18 +154,10 @@ def thd_append_events(
     Like thd_append_metrics: a payload that does not decode as ``kind`` is left
     out and counted in ``skipped``; it never fails the batch.
     """
-    ts, seqs, ords, lines = [], [], [], []
-    skipped = 0
-    for i, payload in enumerate(payloads):
-        try:
-            line = events.payload_json_line(kind, payload, job_id, timestamps[i], sequences[i])
-        except events.EventDecodeError:
-            skipped += 1
-            continue
-        ts.append(timestamps[i])
-        seqs.append(sequences[i])
-        ords.append(base + arrivals[i])
-        lines.append(line)
+    ts, seqs, ords, lines, skipped = _decoded(
+        events.payload_json_lines(kind, payloads, job_id, timestamps, sequences),
+        base, timestamps, sequences, arrivals,
+    )
     if not lines:
         return AppendResult(expected_size, (), 0, skipped, ())
     pieces = fmt.encode_event_members(

@@ -485,7 +485,7 @@ class LocalStorage:
             directory,
             expected_size,
             self._fsync == "batch",
-            self._choose_compressor(),
+            self._choose_compressor(json_lines=thd is not thd_append_logs),
             state.base,
             *columns,
             modes=self._modes,
@@ -499,9 +499,11 @@ class LocalStorage:
         )
         return d
 
-    def _choose_compressor(self):
-        """The compressor of the next batch, from the level policy; counted per level."""
-        compressor = self._levels.choose()
+    def _choose_compressor(self, json_lines: bool = False):
+        """The compressor of the next batch, from the level policy; counted per level.
+        ``json_lines``: a batch of metric or event JSON lines (the policy may give those a
+        faster level at full speed)."""
+        compressor = self._levels.choose(json_lines)
         self._metrics.compression_level(compressor.level)
         return compressor
 
