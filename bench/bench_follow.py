@@ -178,9 +178,13 @@ def _written(stub) -> int:
     return stub.GetStats(pb.GetStatsRequest(), timeout=10).messages_written
 
 
-def push(stub, work: str, frames: int) -> float:
-    """Send ``frames`` at full speed from a separate process; seconds until all written."""
+def push(stub, work: str, frames: int, fed=None) -> float:
+    """Send ``frames`` at full speed from a separate process; seconds until all written.
+    ``fed`` (a shared counter of lines another process sends meanwhile, or None): those
+    lines count in GetStats too, so the push is written once the count has grown by
+    ``frames`` plus the lines fed since the push began."""
     before = _written(stub)
+    fed_before = fed.value if fed is not None else 0
     ctx = multiprocessing.get_context("spawn")
     ready, go, done = ctx.Event(), ctx.Event(), ctx.Event()
     p = ctx.Process(target=_sender, args=(f"{work}/ipc.sock", frames, ready, go, done))
@@ -188,7 +192,10 @@ def push(stub, work: str, frames: int) -> float:
     ready.wait(120)
     t0 = time.perf_counter()
     go.set()
-    while _written(stub) - before < frames:
+    while True:
+        extra = fed.value - fed_before if fed is not None else 0
+        if _written(stub) - before >= frames + extra:
+            break
         if time.perf_counter() - t0 > 150:
             raise SystemExit("ingest did not finish within 150 s")
         time.sleep(0.02)
@@ -252,7 +259,7 @@ END_LINE = b"bench-phase-end\n"
 FULL = 0  # a rate of 0: the followed job is one of the 10 jobs of the full-speed push
 
 
-def _paced(path: str, job: str, rate: float, go, stop, result) -> None:
+def _paced(path: str, job: str, rate: float, go, stop, result, counter=None) -> None:
     """A separate process feeding ``job`` ``rate`` lines a second (about 100 bytes each,
     carrying their send time: ``probe <CLOCK_REALTIME ns> ...``) from ``go`` until
     ``stop``; then one END_LINE.  Puts ``(lines sent, seconds)``.  Lines are sent every
@@ -283,6 +290,8 @@ def _paced(path: str, job: str, rate: float, go, stop, result) -> None:
             one = frame(b"probe %d %s\n" % (now, pad), now, sent)
             s.sendall(one * due)  # the lines of one tick carry the same send time
             sent += due
+            if counter is not None:
+                counter.value = sent
         time.sleep(0.001)
     elapsed = time.monotonic() - t0
     s.sendall(frame(END_LINE, time.time_ns(), sent))
@@ -378,9 +387,9 @@ def fanout_phase(stub, work: str, frames: int, followers: int, rate: float) -> d
     probe line every 5 ms), with ``followers`` following it (0: none)."""
     ctx = multiprocessing.get_context("spawn")
     job = BUSY_JOB if rate else FOLLOWED
-    go, stop_feed, fed = ctx.Event(), ctx.Event(), ctx.Queue()
+    go, stop_feed, fed, counter = ctx.Event(), ctx.Event(), ctx.Queue(), ctx.Value("q", 0)
     feeder = ctx.Process(target=_paced, args=(f"{work}/ipc.sock", job, rate or 200.0, go,
-                                              stop_feed, fed))
+                                              stop_feed, fed, counter))
     feeder.start()
     proc = None
     if followers:
@@ -392,7 +401,7 @@ def fanout_phase(stub, work: str, frames: int, followers: int, rate: float) -> d
             raise SystemExit("followers did not start")
     go.set()
     cpu0 = process_cpu(SERVICE_PID[0])
-    elapsed = push(stub, work, frames)
+    elapsed = push(stub, work, frames, counter)
     service_cpu = process_cpu(SERVICE_PID[0]) - cpu0
     stop_feed.set()
     sent, seconds = fed.get(timeout=60)
