@@ -12,16 +12,23 @@ full-speed ingest, and ingest speed with 100 followers against none, in one run.
    5 ms to the followed job carrying its send time (CLOCK_REALTIME ns); a follower in this
    process follows that job (FOLLOW_FROM_NOW) and records, for each probe line, receive
    time minus send time.  Percentiles over every probe line.
-3. Ingest rate with 100 followers against none: the same frames sent at full speed, the
-   time until GetStats shows them all written; phases alternate (0, 100, 0, 100, ...,
-   ``--repeat`` pairs) in the same run.  The 100 followers run in a separate process on
-   one asyncio loop (grpc.aio), following one of the 10 jobs and counting the bytes of
-   the messages without parsing them.  Reports the ratio of the medians and how many followers
-   were cut off (RESOURCE_EXHAUSTED).  Then the same with the 100 followers on a job of
-   its own fed at a steady pace (``--busy-interval``: one line per millisecond, about, by
-   default) while the 10 other jobs ingest at full speed.
+3. Fan-out: ingest rate with 100 followers against none, for each of ``--rates``.  In
+   every phase ``--frames`` frames are pushed at full speed to 10 jobs (the time until
+   GetStats shows them all written) while a feeder process writes the followed job: at
+   R lines/s to a job of its own (each line carries its send time), or, for ``full``,
+   the followed job is one of the 10 pushed jobs (a tenth of the frames, plus a probe
+   line every 5 ms).  After one discarded warm-up phase, phases alternate (0, 100, 100,
+   0, ..., ``--repeat`` pairs) in the same run.  The 100 followers run in a separate process on one asyncio loop
+   (grpc.aio), reading the messages as bytes: each counts the lines it receives and
+   records the delivery latency (receive time minus the send time of the oldest probe
+   line in a message); a phase ends with a marker line, after which every follower that
+   received exactly the lines sent (was not cut off) counts as complete.  Reports, per
+   rate, the ingest ratio of the medians, the complete followers per phase and the
+   latency percentiles.
 
-    .venv/bin/python bench/bench_follow.py                  # the full run, about 2-3 minutes
+    .venv/bin/python bench/bench_follow.py                  # the full run, several minutes
+    .venv/bin/python bench/bench_follow.py --no-tail --frames 200000 --repeat 3
+                                                            # the fan-out phases only
     .venv/bin/python bench/bench_follow.py --lines 500000   # a quick look
 
 Traffic goes only to Unix sockets in a temporary directory on this machine.
@@ -171,9 +178,13 @@ def _written(stub) -> int:
     return stub.GetStats(pb.GetStatsRequest(), timeout=10).messages_written
 
 
-def push(stub, work: str, frames: int) -> float:
-    """Send ``frames`` at full speed from a separate process; seconds until all written."""
+def push(stub, work: str, frames: int, fed=None) -> float:
+    """Send ``frames`` at full speed from a separate process; seconds until all written.
+    ``fed`` (a shared counter of lines another process sends meanwhile, or None): those
+    lines count in GetStats too, so the push is written once the count has grown by
+    ``frames`` plus the lines fed since the push began."""
     before = _written(stub)
+    fed_before = fed.value if fed is not None else 0
     ctx = multiprocessing.get_context("spawn")
     ready, go, done = ctx.Event(), ctx.Event(), ctx.Event()
     p = ctx.Process(target=_sender, args=(f"{work}/ipc.sock", frames, ready, go, done))
@@ -181,7 +192,10 @@ def push(stub, work: str, frames: int) -> float:
     ready.wait(120)
     t0 = time.perf_counter()
     go.set()
-    while _written(stub) - before < frames:
+    while True:
+        extra = fed.value - fed_before if fed is not None else 0
+        if _written(stub) - before >= frames + extra:
+            break
         if time.perf_counter() - t0 > 150:
             raise SystemExit("ingest did not finish within 150 s")
         time.sleep(0.02)
@@ -238,18 +252,70 @@ def follow_latency(stub, work: str, frames: int) -> dict:
     }
 
 
-# -- 3. ingest with 100 followers -------------------------------------------------------
+# -- 3. ingest with 100 followers, at several rates of the followed job ------------------
+
+BUSY_JOB = "bench-busy-job"
+END_LINE = b"bench-phase-end\n"
+FULL = 0  # a rate of 0: the followed job is one of the 10 jobs of the full-speed push
 
 
-def _followers(sock: str, n: int, jobs: list, ready, stop, result) -> None:
-    """A separate process: ``n`` FollowLogs calls on one asyncio loop (grpc.aio), counting
-    message bytes without parsing them.  One Python thread, so that the followers' client
-    side takes no more of the machine's two cores than it must."""
+def _paced(path: str, job: str, rate: float, go, stop, result, counter=None) -> None:
+    """A separate process feeding ``job`` ``rate`` lines a second (about 100 bytes each,
+    carrying their send time: ``probe <CLOCK_REALTIME ns> ...``) from ``go`` until
+    ``stop``; then one END_LINE.  Puts ``(lines sent, seconds)``.  Lines are sent every
+    millisecond or so, as many as the schedule is behind by (a full socket slows it)."""
+    import socket
+    import struct
+
+    from joblet_persist._proto import ipc_pb2
+
+    def frame(content: bytes, now: int, seq: int) -> bytes:
+        line = ipc_pb2.LogLine(job_uuid=job, stream=1, timestamp=now, sequence=seq,
+                               content=content)
+        env = ipc_pb2.IPCMessage(version=1, type=ipc_pb2.MESSAGE_TYPE_LOG, job_uuid=job,
+                                 timestamp=now, sequence=seq, data=line.SerializeToString())
+        body = env.SerializeToString()
+        return struct.pack(">I", len(body)) + body
+
+    pad = b"x" * 70
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    go.wait()
+    sent = 0
+    t0 = time.monotonic()
+    while not stop.is_set():
+        due = min(5000, int(rate * (time.monotonic() - t0)) - sent)
+        if due > 0:
+            now = time.time_ns()
+            one = frame(b"probe %d %s\n" % (now, pad), now, sent)
+            s.sendall(one * due)  # the lines of one tick carry the same send time
+            sent += due
+            if counter is not None:
+                counter.value = sent
+        time.sleep(0.001)
+    elapsed = time.monotonic() - t0
+    s.sendall(frame(END_LINE, time.time_ns(), sent))
+    s.close()
+    result.put((sent, elapsed))
+
+
+def _followers(sock: str, n: int, job: str, ready, stop, result) -> None:
+    """A separate process: ``n`` FollowLogs calls of ``job`` (from its last stored line) on
+    one asyncio loop (grpc.aio), reading the messages as bytes without parsing them:
+    lines are counted by the job id field that starts every LogLine, and the delivery
+    latency is receive time minus the send time in the first ``probe`` line of a
+    message (the oldest line in it).  Each call ends at END_LINE, or is cancelled at
+    ``stop``.  One Python thread, so that the followers' client side takes no more of
+    the machine than it must."""
     import asyncio
 
+    marker = b"\x0a" + bytes([len(job)]) + job.encode()
+
     async def run() -> dict:
-        counts = [0] * n
-        codes: dict = {}
+        lines = [0] * n
+        codes: list = [None] * n
+        done = [False] * n
+        latencies: list = []
         started = [0]
         async with grpc.aio.insecure_channel(f"unix:{sock}") as channel:
             follow = channel.unary_stream(
@@ -257,18 +323,26 @@ def _followers(sock: str, n: int, jobs: list, ready, stop, result) -> None:
                 response_deserializer=None)
 
             async def one(i):
-                call = follow(pb.FollowLogsRequest(job_uuid=jobs[i % len(jobs)],
-                                                   start_from=pb.FOLLOW_FROM_TAIL,
+                call = follow(pb.FollowLogsRequest(job_uuid=job, start_from=pb.FOLLOW_FROM_TAIL,
                                                    tail_lines=1))
                 first = True
                 try:
                     async for raw in call:
-                        counts[i] += len(raw)
-                        if first:
+                        now = time.time_ns()
+                        if first:  # the stored line: the follower is registered
                             started[0] += 1
                             first = False
+                            continue
+                        lines[i] += raw.count(marker)
+                        k = raw.find(b"probe ")
+                        if k >= 0:
+                            latencies.append(now - int(raw[k + 6:k + 25]))
+                        if raw.find(END_LINE) >= 0:
+                            done[i] = True
+                            call.cancel()
+                            break
                 except grpc.aio.AioRpcError as e:
-                    codes[e.code().name] = codes.get(e.code().name, 0) + 1
+                    codes[i] = e.code().name
                     if first:
                         started[0] += 1
 
@@ -276,38 +350,110 @@ def _followers(sock: str, n: int, jobs: list, ready, stop, result) -> None:
             while started[0] < n:
                 await asyncio.sleep(0.01)
             ready.set()
-            await asyncio.get_running_loop().run_in_executor(None, stop.wait)
+            cpu0 = time.process_time()
+            finished = asyncio.gather(*tasks, return_exceptions=True)
+            waiter = asyncio.get_running_loop().run_in_executor(None, stop.wait)
+            await asyncio.wait([finished, waiter], return_when=asyncio.FIRST_COMPLETED)
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        codes.pop("CANCELLED", None)
-        return {"bytes": sum(counts), "ended": codes}
+            stop.set()
+            await waiter
+        latencies.sort()
+        return {"lines": lines, "codes": codes, "done": done, "latencies_ns": latencies,
+                "cpu_s": time.process_time() - cpu0}
 
     result.put(asyncio.run(run()))
 
 
-BUSY_JOB = "bench-busy-job"
+def _pct_ms(values: list, q: float):
+    return round(values[min(len(values) - 1, int(len(values) * q))] / 1e6, 1) if values else None
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+#: The service's process id (for its CPU time per phase), set by main().
+SERVICE_PID = [0]
+
+
+def fanout_phase(stub, work: str, frames: int, followers: int, rate: float) -> dict:
+    """One phase: ``frames`` pushed at full speed to the 10 jobs while the followed job is
+    fed (``rate`` lines/s to BUSY_JOB, or FULL: bench-job-0000, one of the 10, plus a
+    probe line every 5 ms), with ``followers`` following it (0: none)."""
+    ctx = multiprocessing.get_context("spawn")
+    job = BUSY_JOB if rate else FOLLOWED
+    go, stop_feed, fed, counter = ctx.Event(), ctx.Event(), ctx.Queue(), ctx.Value("q", 0)
+    feeder = ctx.Process(target=_paced, args=(f"{work}/ipc.sock", job, rate or 200.0, go,
+                                              stop_feed, fed, counter))
+    feeder.start()
+    proc = None
+    if followers:
+        ready, stop, result = ctx.Event(), ctx.Event(), ctx.Queue()
+        proc = ctx.Process(target=_followers,
+                           args=(f"{work}/grpc.sock", followers, job, ready, stop, result))
+        proc.start()
+        if not ready.wait(60):
+            raise SystemExit("followers did not start")
+    go.set()
+    cpu0 = process_cpu(SERVICE_PID[0])
+    elapsed = push(stub, work, frames, counter)
+    service_cpu = process_cpu(SERVICE_PID[0]) - cpu0
+    stop_feed.set()
+    sent, seconds = fed.get(timeout=60)
+    feeder.join(30)
+    out = {"ingest_frames_per_s": round(frames / elapsed),
+           "followed_lines_per_s": round(rate and sent / seconds),
+           "service_cpu_s": round(service_cpu, 2), "push_s": round(elapsed, 2),
+           "loadavg": round(os.getloadavg()[0], 1)}
+    if proc is None:
+        return out
+    try:
+        got = result.get(timeout=60)
+    except Exception:
+        stop.set()
+        got = result.get(timeout=30)
+    proc.join(30)
+    expected = sent + 1 + (0 if rate else (frames + 9) // 10)  # + END_LINE (+ the push's)
+    complete = sum(1 for lines, done in zip(got["lines"], got["done"], strict=True)
+                   if done and lines == expected)
+    codes: dict = {}
+    for code in got["codes"]:
+        if code:
+            codes[code] = codes.get(code, 0) + 1
+    lat = got["latencies_ns"]
+    out.update({
+        "followers_complete": complete,
+        "followers_ended": codes,  # RESOURCE_EXHAUSTED: cut off by the bounded buffer
+        "expected_lines": expected,
+        "followers_process_cpu_s": round(got["cpu_s"], 2),
+        "latency_ms": {"p50": _pct_ms(lat, 0.5), "p90": _pct_ms(lat, 0.9),
+                       "p99": _pct_ms(lat, 0.99), "max": _pct_ms(lat, 1.0),
+                       "samples": len(lat)},
+    })
+    return out
 
 
 def ingest_with_followers(stub, work: str, frames: int, followers: int, repeat: int,
-                          busy_interval: float = 0.0) -> dict:
-    """Ingest rates with 0 and ``followers`` followers.  With ``busy_interval`` 0 the
-    followers follow one of the 10 full-speed jobs (a tenth of the frames); otherwise a
-    separate job fed one line per ``busy_interval`` seconds by a paced sender, which runs
-    in both kinds of phase."""
-    ctx = multiprocessing.get_context("spawn")
-    phases = {0: [], followers: []}
-    extra = []
-    target = FOLLOWED
-    paced = None
-    if busy_interval:
-        target = BUSY_JOB
-        paced_stop = ctx.Event()
-        paced = ctx.Process(target=_prober,
-                            args=(f"{work}/ipc.sock", busy_interval, paced_stop, BUSY_JOB))
-        paced.start()
+                          rate: float) -> dict:
+    """Ingest rates with 0 and ``followers`` followers of a job fed at ``rate`` lines/s
+    (FULL: one of the full-speed jobs); phases alternate 0, N, N, 0, ... in one run."""
+    if rate:
+        # The followed job exists (and has a line to start from) before the first phase.
+        ctx = multiprocessing.get_context("spawn")
+        go, stop, fed = ctx.Event(), ctx.Event(), ctx.Queue()
+        go.set()
+        stop.set()
+        p = ctx.Process(target=_paced, args=(f"{work}/ipc.sock", BUSY_JOB, 1.0, go, stop, fed))
+        p.start()
+        fed.get(timeout=60)
+        p.join(30)
         deadline = time.monotonic() + 60
-        while True:  # until the job exists
+        while True:
             try:
                 stub.GetJobInfo(pb.GetJobInfoRequest(job_uuid=BUSY_JOB), timeout=5)
                 break
@@ -315,37 +461,33 @@ def ingest_with_followers(stub, work: str, frames: int, followers: int, repeat: 
                 if time.monotonic() > deadline:
                     raise SystemExit("the paced job did not appear") from None
                 time.sleep(0.1)
+    # One discarded phase first: the service's first full-speed push of a run is slow
+    # (the adaptive compression level starts high and falls once the reactor saturates),
+    # and would count against whichever kind of phase came first.
+    warm = fanout_phase(stub, work, frames, followers=0, rate=rate)
+    print(json.dumps({"rate": rate or "full", "warm_up": warm}), flush=True)
+    phases: dict = {0: [], followers: []}
     for r in range(repeat):
-        order = (0, followers) if r % 2 == 0 else (followers, 0)
-        for n in order:
-            if n == 0:
-                phases[0].append(frames / push(stub, work, frames))
-                continue
-            ready, stop, result = ctx.Event(), ctx.Event(), ctx.Queue()
-            p = ctx.Process(target=_followers,
-                            args=(f"{work}/grpc.sock", n, [target], ready, stop, result))
-            p.start()
-            if not ready.wait(60):
-                raise SystemExit("followers did not start")
-            phases[n].append(frames / push(stub, work, frames))
-            stop.set()
-            extra.append(result.get(timeout=60))
-            p.join(30)
-    if paced is not None:
-        paced_stop.set()
-        paced.join(10)
-    base = statistics.median(phases[0])
-    loaded = statistics.median(phases[followers])
+        for n in ((0, followers) if r % 2 == 0 else (followers, 0)):
+            phases[n].append(fanout_phase(stub, work, frames, followers=n, rate=rate))
+            print(json.dumps({"rate": rate or "full", "followers": n, **{
+                k: v for k, v in phases[n][-1].items()}}), flush=True)
+    base = statistics.median(p["ingest_frames_per_s"] for p in phases[0])
+    loaded = statistics.median(p["ingest_frames_per_s"] for p in phases[followers])
+    lat = [p["latency_ms"]["p50"] for p in phases[followers] if p["latency_ms"]["p50"]]
+    cpu = {n: statistics.median(p["service_cpu_s"] for p in phases[n]) for n in phases}
     return {
-        "followed_job": target,
-        "busy_interval_s": busy_interval,
+        "followed_job_rate": rate or "full speed (one of the 10 jobs)",
         "frames_per_phase": frames,
-        "rates_0_followers": [round(x) for x in phases[0]],
-        f"rates_{followers}_followers": [round(x) for x in phases[followers]],
+        "warm_up": warm,
+        "phases_0": phases[0],
+        f"phases_{followers}": phases[followers],
         "median_0": round(base),
         f"median_{followers}": round(loaded),
         "ratio": round(loaded / base, 3),
-        "followers_runs": extra,
+        "followers_complete": [p["followers_complete"] for p in phases[followers]],
+        "median_latency_p50_ms": statistics.median(lat) if lat else None,
+        "median_service_cpu_s": {str(n): round(v, 2) for n, v in cpu.items()},
     }
 
 
@@ -356,9 +498,11 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=400_000, help="frames per ingest phase")
     ap.add_argument("--followers", type=int, default=100)
     ap.add_argument("--repeat", type=int, default=3, help="pairs of ingest phases (0 / N)")
-    ap.add_argument("--busy-interval", type=float, default=0.001,
-                    help="also measure followers of a job fed one line per this many "
-                         "seconds while the other jobs ingest at full speed (0: skip)")
+    ap.add_argument("--rates", default="1000,10000,50000,full",
+                    help="rates (lines/s) of the followed job for the ingest phases; 'full': "
+                         "one of the 10 jobs pushed at full speed")
+    ap.add_argument("--no-tail", action="store_true",
+                    help="skip building the big job, TailLogs and the follow latency")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     ap.add_argument("--json", help="also write results to this file")
     args = ap.parse_args()
@@ -375,36 +519,38 @@ def main() -> None:
     }
     work = tempfile.mkdtemp(prefix="jpf", dir="/tmp")
     proc = None
+    rates = [FULL if r.strip() == "full" else float(r) for r in args.rates.split(",") if r.strip()]
     try:
         data_dir = os.path.join(work, "data")
-        results["build"] = build_job(data_dir, args.lines, 20_000, 100, "deflate", 6, 256 << 20)
-        print(json.dumps({"build": results["build"]}), flush=True)
+        if not args.no_tail:
+            results["build"] = build_job(data_dir, args.lines, 20_000, 100, "deflate", 6,
+                                         256 << 20)
+            print(json.dumps({"build": results["build"]}), flush=True)
         proc = start_service(work, data_dir)
+        SERVICE_PID[0] = proc.pid
         _channel, stub = connect(work, proc)
-        info = stub.GetJobInfo(pb.GetJobInfoRequest(job_uuid=JOB), timeout=60)
-        if info.log_count != args.lines:
-            raise SystemExit(f"job has {info.log_count} lines, expected {args.lines}")
-
-        results["tail_n100"] = tail_latencies(stub, args.runs)
-        t = time.perf_counter()
-        inflate_all_zlib(job_files(data_dir))
-        results["tail_n100"]["inflate_whole_job_ms"] = ms(time.perf_counter() - t)
-        print(json.dumps({"tail_n100": results["tail_n100"]}), flush=True)
+        if not args.no_tail:
+            info = stub.GetJobInfo(pb.GetJobInfoRequest(job_uuid=JOB), timeout=60)
+            if info.log_count != args.lines:
+                raise SystemExit(f"job has {info.log_count} lines, expected {args.lines}")
+            results["tail_n100"] = tail_latencies(stub, args.runs)
+            t = time.perf_counter()
+            inflate_all_zlib(job_files(data_dir))
+            results["tail_n100"]["inflate_whole_job_ms"] = ms(time.perf_counter() - t)
+            print(json.dumps({"tail_n100": results["tail_n100"]}), flush=True)
 
         push(stub, work, 20_000)  # the 10 jobs exist from here on
-        results["follow_latency"] = follow_latency(stub, work, args.frames)
-        print(json.dumps({"follow_latency": results["follow_latency"]}), flush=True)
+        if not args.no_tail:
+            results["follow_latency"] = follow_latency(stub, work, args.frames)
+            print(json.dumps({"follow_latency": results["follow_latency"]}), flush=True)
 
-        results["ingest_followers"] = ingest_with_followers(
-            stub, work, args.frames, args.followers, args.repeat
-        )
-        print(json.dumps({"ingest_followers": results["ingest_followers"]}), flush=True)
-        if args.busy_interval:
-            results["ingest_followers_paced_job"] = ingest_with_followers(
-                stub, work, args.frames, args.followers, args.repeat, args.busy_interval
-            )
-            print(json.dumps({"ingest_followers_paced_job":
-                              results["ingest_followers_paced_job"]}), flush=True)
+        results["ingest_followers"] = []
+        for rate in rates:
+            one = ingest_with_followers(stub, work, args.frames, args.followers, args.repeat,
+                                        rate)
+            results["ingest_followers"].append(one)
+            print(json.dumps({"ingest_followers": {
+                k: v for k, v in one.items() if not k.startswith("phases_")}}), flush=True)
         results["loadavg_at_end"] = os.getloadavg()
     finally:
         if proc is not None and proc.poll() is None:

@@ -55,7 +55,9 @@ __all__ = [
     "FollowHub",
     "Follower",
     "batches",
+    "coalesce",
     "follow_batches",
+    "follow_wire",
     "tail_chunks",
 ]
 
@@ -282,13 +284,12 @@ class FollowHub:
     # -- the writer's tap and the delivery ---------------------------------------------
 
     def _collect(self, job_id, stream, arrivals, timestamps, sequences, contents) -> None:
-        """The writer's tap: keep a copy of the accepted lines until this turn ends."""
+        """The writer's tap: copy the accepted lines into the job's collected columns
+        until the next delivery (C-level list extends: no object per line)."""
         collected = self._collected.get(job_id)
         if collected is None:
-            collected = self._collected[job_id] = []
-        collected.append(
-            (stream, tuple(arrivals), tuple(timestamps), tuple(sequences), tuple(contents))
-        )
+            collected = self._collected[job_id] = _Collected()
+        collected.add(stream, arrivals, timestamps, sequences, contents)
         if self._delivery is None:
             delay = self._interval
             if delay:
@@ -297,19 +298,19 @@ class FollowHub:
             self._delivery = self._clock.callLater(delay, self._deliver)
 
     def _deliver(self) -> None:
-        """Merge each job's collected groups by arrival and offer them to its followers."""
+        """Offer each job's collected lines, in arrival order, to its followers."""
         if self._delivery is not None:
             if self._delivery.active():
                 self._delivery.cancel()
             self._delivery = None
         collected, self._collected = self._collected, {}
         cut = 0
-        for job_id, groups in collected.items():
+        for job_id, columns in collected.items():
             followers = self._followers.get(job_id)
             if not followers:
                 continue
-            chunk = LiveChunk(merge_groups(groups))
-            nbytes = sum(map(len, chunk[4])) + LINE_OVERHEAD * len(chunk[4])
+            chunk = LiveChunk(columns.chunk())
+            nbytes = columns.nbytes + LINE_OVERHEAD * len(chunk[4])
             for follower in list(followers):
                 if not follower.offer(chunk, nbytes):
                     cut += 1
@@ -324,33 +325,57 @@ class FollowHub:
             self._metrics.followers(self._total)
 
 
-def merge_groups(groups: list) -> tuple:
-    """Groups ``(stream, arrivals, timestamps, sequences, contents)`` -> one chunk
-    ``(streams, arrivals, timestamps, sequences, contents)`` in arrival order."""
-    if len(groups) == 1:
-        stream, arrivals, timestamps, sequences, contents = groups[0]
-        return (stream,) * len(arrivals), arrivals, timestamps, sequences, contents
-    rows = [
-        (a, stream, t, s, c)
-        for stream, arrivals, timestamps, sequences, contents in groups
-        for a, t, s, c in zip(arrivals, timestamps, sequences, contents, strict=True)
-    ]
-    rows.sort(key=lambda row: row[0])
-    arrivals, streams, timestamps, sequences, contents = zip(*rows, strict=True)
-    return streams, arrivals, timestamps, sequences, contents
+class _Collected:
+    """One followed job's lines collected since the last delivery, as columns.
+    Reactor thread.  Each tap call's lines are in arrival order; the calls usually
+    are too (then ``chunk`` only converts), else ``chunk`` sorts by arrival."""
+
+    __slots__ = ("streams", "arrivals", "timestamps", "sequences", "contents", "nbytes",
+                 "in_order")
+
+    def __init__(self):
+        self.streams: list = []
+        self.arrivals: list = []
+        self.timestamps: list = []
+        self.sequences: list = []
+        self.contents: list = []
+        self.nbytes = 0
+        self.in_order = True
+
+    def add(self, stream, arrivals, timestamps, sequences, contents) -> None:
+        if not arrivals:
+            return
+        if self.arrivals and arrivals[0] < self.arrivals[-1]:
+            self.in_order = False
+        self.streams += (stream,) * len(arrivals)
+        self.arrivals += arrivals
+        self.timestamps += timestamps
+        self.sequences += sequences
+        self.contents += contents
+        self.nbytes += sum(map(len, contents))
+
+    def chunk(self) -> tuple:
+        """``(streams, arrivals, timestamps, sequences, contents)`` in arrival order."""
+        columns = (self.streams, self.arrivals, self.timestamps, self.sequences, self.contents)
+        if self.in_order:
+            return tuple(map(tuple, columns))
+        # Each call's run is sorted already: timsort merges the runs.
+        order = sorted(range(len(self.arrivals)), key=self.arrivals.__getitem__)
+        return tuple(tuple(map(column.__getitem__, order)) for column in columns)
 
 
 class LiveChunk(tuple):
     """A delivered chunk ``(streams, arrivals, timestamps, sequences, contents)``, shared by
-    every follower of the job, with the LogLineBatch messages built from it cached per
-    stream filter: a hundred followers of a job build its messages once, not a hundred
-    times (grpc then only serializes them per call).  Any thread.
+    every follower of the job, with what is sent from it cached per stream filter: the
+    LogLineBatch messages (``batches``) and their serialized bytes (``wire``).  A hundred
+    followers of a job build and serialize a delivery once, not a hundred times.  Any
+    thread.
     """
 
     __slots__ = ()
 
     def __new__(cls, columns: tuple):
-        return super().__new__(cls, (*columns, threading.Lock(), {}))
+        return super().__new__(cls, (*columns, threading.Lock(), {}, {}))
 
     def lines(self, stream: int) -> tuple:
         """``(streams, timestamps, sequences, contents)`` of ``stream`` (0: both)."""
@@ -364,17 +389,58 @@ class LiveChunk(tuple):
                 )
         return streams, ts, seqs, contents
 
+    def _sized(self, job_id: str, stream: int, max_items: int, max_bytes: int) -> list:
+        """``[(LogLineBatch, lines, content bytes)]`` for ``stream``; under the lock."""
+        cache = self[6]
+        found = cache.get(stream)
+        if found is None:
+            lines = self.lines(stream)
+            found = cache[stream] = (
+                list(sized_batches(job_id, [lines], max_items, max_bytes)) if lines[0] else []
+            )
+        return found
+
     def batches(self, job_id: str, stream: int, max_items: int, max_bytes: int) -> list:
         """The chunk's LogLineBatch messages for ``stream`` (built once, then shared)."""
-        lock, cache = self[5], self[6]
+        with self[5]:
+            return [batch for batch, _n, _size in
+                    self._sized(job_id, stream, max_items, max_bytes)]
+
+    def wire(self, job_id: str, stream: int, max_items: int, max_bytes: int) -> list:
+        """``[(serialized LogLineBatch, lines, content bytes)]`` for ``stream``: the same
+        bytes objects for every caller (serialized once)."""
+        lock, cache = self[5], self[7]
         with lock:
             found = cache.get(stream)
             if found is None:
-                lines = self.lines(stream)
-                found = cache[stream] = (
-                    list(batches(job_id, [lines], max_items, max_bytes)) if lines[0] else []
-                )
+                found = cache[stream] = [
+                    (batch.SerializeToString(), n, size)
+                    for batch, n, size in self._sized(job_id, stream, max_items, max_bytes)
+                ]
             return found
+
+
+def coalesce(pieces: list, max_items: int, max_bytes: int) -> Iterator[bytes]:
+    """Serialized LogLineBatches ``(bytes, lines, content bytes)`` joined into as few
+    messages as the bounds allow, in order.
+
+    A serialized message with a repeated field is the concatenation of the encodings
+    of its elements, so ``b"".join`` of two LogLineBatches is byte for byte the
+    LogLineBatch of their lines together.  A piece alone is passed on as it is (the
+    shared object, not a copy).
+    """
+    group: list = []
+    count = size = 0
+    for data, n, nbytes in pieces:
+        if group and (count + n > max_items or size + nbytes > max_bytes):
+            yield group[0] if len(group) == 1 else b"".join(group)
+            group = []
+            count = size = 0
+        group.append(data)
+        count += n
+        size += nbytes
+    if group:
+        yield group[0] if len(group) == 1 else b"".join(group)
 
 
 # -- gRPC thread ------------------------------------------------------------------
@@ -512,10 +578,12 @@ def stored_part(start: FollowStart, stream: int, start_from: int, tail_lines: in
     return _skip(merged, skip) if skip else merged
 
 
-def live_chunks(follower: Follower, stream: int, idle_timeout: float, is_active: Callable[[], bool],
-                clock: Callable[[], float] = time.monotonic,
-                wake: float = _WAKE_SECONDS) -> Iterator[tuple]:
-    """New lines for ``follower``: the LiveChunks holding lines of ``stream`` (0: any).
+def live_takes(follower: Follower, stream: int, idle_timeout: float,
+               is_active: Callable[[], bool], clock: Callable[[], float] = time.monotonic,
+               wake: float = _WAKE_SECONDS) -> Iterator[list]:
+    """New lines for ``follower``: per wake-up, the list of LiveChunks holding lines of
+    ``stream`` (0: any) that arrived since the last one (several when the follower is
+    behind: they go out together).
 
     Blocking; gRPC thread.  Returns (normally) when ``idle_timeout`` > 0
     seconds pass without a line or when ``is_active()`` turns false; raises
@@ -530,18 +598,23 @@ def live_chunks(follower: Follower, stream: int, idle_timeout: float, is_active:
         chunks, ended = follower.take(wait)
         if ended is not None:
             raise ended
-        got = False
-        for chunk in chunks:
-            if stream and stream not in chunk[0]:
-                continue
-            got = True
-            yield chunk
-        if got:
+        if stream:
+            chunks = [chunk for chunk in chunks if stream in chunk[0]]
+        if chunks:
             last = clock()
+            yield chunks
         if not is_active():
             return
         if idle_timeout > 0 and clock() - last >= idle_timeout:
             return
+
+
+def live_chunks(follower: Follower, stream: int, idle_timeout: float, is_active: Callable[[], bool],
+                clock: Callable[[], float] = time.monotonic,
+                wake: float = _WAKE_SECONDS) -> Iterator[tuple]:
+    """``live_takes``, one LiveChunk at a time.  Blocking; gRPC thread."""
+    for chunks in live_takes(follower, stream, idle_timeout, is_active, clock, wake):
+        yield from chunks
 
 
 def follow_batches(start: FollowStart, job_id: str, stream: int, start_from: int,
@@ -562,11 +635,45 @@ def follow_batches(start: FollowStart, job_id: str, stream: int, start_from: int
         yield from chunk.batches(job_id, stream, max_items, max_bytes)
 
 
+def follow_wire(start: FollowStart, job_id: str, stream: int, start_from: int,
+                tail_lines: int, start_time: int, idle_timeout: float, stats, cancelled,
+                max_items: int, max_bytes: int) -> Iterator[bytes]:
+    """``follow_batches`` serialized, for a pass-through response serializer: the same
+    lines in the same order, as serialized LogLineBatch messages.  Live lines are
+    serialized once per delivery and the bytes shared by every follower of the job;
+    what a follower takes in one wake-up goes out in as few messages as ``max_items``
+    / ``max_bytes`` allow.  Blocking; gRPC thread."""
+    for batch in batches(
+        job_id,
+        stored_part(start, stream, start_from, tail_lines, start_time, stats, cancelled),
+        max_items,
+        max_bytes,
+    ):
+        yield batch.SerializeToString()
+    if cancelled():
+        return
+    for chunks in live_takes(start.follower, stream, idle_timeout, lambda: not cancelled()):
+        if len(chunks) == 1:
+            pieces = chunks[0].wire(job_id, stream, max_items, max_bytes)
+        else:
+            pieces = [piece for chunk in chunks
+                      for piece in chunk.wire(job_id, stream, max_items, max_bytes)]
+        yield from coalesce(pieces, max_items, max_bytes)
+
+
 def batches(job_id: str, chunks: Iterator[tuple], max_items: int,
             max_bytes: int) -> Iterator[persist_pb2.LogLineBatch]:
     """LogLineBatch messages of at most ``max_items`` lines / ``max_bytes`` of content,
     one or more per chunk (a chunk's lines are sent before the next chunk is waited
     for; a line larger than ``max_bytes`` travels alone)."""
+    for batch, _n, _size in sized_batches(job_id, chunks, max_items, max_bytes):
+        yield batch
+
+
+def sized_batches(job_id: str, chunks: Iterator[tuple], max_items: int,
+                  max_bytes: int) -> Iterator[tuple]:
+    """``batches`` with each message's line count and content bytes:
+    ``(LogLineBatch, lines, content bytes)``."""
     for streams, timestamps, sequences, contents in chunks:
         batch = persist_pb2.LogLineBatch()
         add = batch.lines.add
@@ -574,7 +681,7 @@ def batches(job_id: str, chunks: Iterator[tuple], max_items: int,
         for st, ts, seq, content in zip(streams, timestamps, sequences, contents, strict=True):
             n = len(content)
             if count and (count >= max_items or size + n > max_bytes):
-                yield batch
+                yield batch, count, size
                 batch = persist_pb2.LogLineBatch()
                 add = batch.lines.add
                 count = size = 0
@@ -587,4 +694,4 @@ def batches(job_id: str, chunks: Iterator[tuple], max_items: int,
             count += 1
             size += n
         if count:
-            yield batch
+            yield batch, count, size

@@ -183,6 +183,30 @@ class _HealthServicer(health.HealthServicer):
         return super().Check(request, context)
 
 
+class _MethodHandler(grpc.GenericRpcHandler):
+    """A generic handler of one method of PersistService (``method_handler``)."""
+
+    def __init__(self, method: str, method_handler: grpc.RpcMethodHandler):
+        self._method = f"/{PERSIST_SERVICE_NAME}/{method}"
+        self.method_handler = method_handler
+
+    def service(self, handler_call_details):
+        if handler_call_details.method == self._method:
+            return self.method_handler
+        return None
+
+
+def follow_logs_handler(servicer) -> _MethodHandler:
+    """The FollowLogs handler with a pass-through response serializer: the servicer's
+    ``follow_logs_serialized`` yields serialized LogLineBatch messages, the very bytes
+    the generated handler would send for the same messages."""
+    return _MethodHandler("FollowLogs", grpc.unary_stream_rpc_method_handler(
+        servicer.follow_logs_serialized,
+        request_deserializer=persist_pb2.FollowLogsRequest.FromString,
+        response_serializer=None,
+    ))
+
+
 class _AllStopped:
     """The events of several ``grpc.Server.stop`` calls, waited for as one
     (``wait(timeout)`` and ``is_set()`` like ``threading.Event``'s).  Any thread."""
@@ -365,8 +389,17 @@ class GrpcServerService(service.Service):
                 ("grpc.so_reuseport", 0),
             ],
         )
-        persist_pb2_grpc.add_PersistServiceServicer_to_server(
-            ListenerServicer(self.servicer, listener), server
+        listener_servicer = ListenerServicer(self.servicer, listener)
+        # FollowLogs sends bytes serialized once per delivery and shared by every
+        # follower (query.follow_logs_serialized), so its handler passes them through
+        # instead of serializing per call.  A call finds it whether the client's stub
+        # registered the method (the registered handlers, where the last registration
+        # of a method wins) or not (the generic handlers, asked in order).
+        follow_handler = follow_logs_handler(listener_servicer)
+        server.add_generic_rpc_handlers((follow_handler,))
+        persist_pb2_grpc.add_PersistServiceServicer_to_server(listener_servicer, server)
+        server.add_registered_method_handlers(
+            PERSIST_SERVICE_NAME, {"FollowLogs": follow_handler.method_handler}
         )
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         # Reflection v1alpha and v1 (grpcio-reflection serves only v1alpha).

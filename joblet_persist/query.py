@@ -295,7 +295,7 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
         self._stopping = False
         self._abandoned = threading.Event()
         # follow.FollowHub (reactor side of FollowLogs), or None: FollowLogs is UNIMPLEMENTED.
-        self._follow = follow_hub
+        self._follow_hub = follow_hub
         # Search: where members are scanned (a Future-returning submit; None: inline),
         # how many at once, and the work bound of each call.
         self._search_submit = search_submit
@@ -314,8 +314,8 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
         stopped on the reactor thread.
         """
         self._stopping = True
-        if self._follow is not None:
-            self._reactor.callFromThread(self._follow.stop)
+        if self._follow_hub is not None:
+            self._reactor.callFromThread(self._follow_hub.stop)
 
     def abandon_reads(self) -> None:
         """Make every read's ``cancelled()`` true from now on.  Any thread.
@@ -908,7 +908,18 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
     @_streaming("FollowLogs", ROLE_VIEWER)
     def FollowLogs(self, request, context):
         """Stored lines from the requested point, then new lines until the call ends."""
-        hub = self._follow
+        yield from self._follow(request, context, follow.follow_batches)
+
+    @_streaming("FollowLogs", ROLE_VIEWER)
+    def follow_logs_serialized(self, request, context):
+        """FollowLogs with its responses already serialized (bytes), for a method
+        handler whose response serializer passes bytes through (grpc_server.py): the
+        live lines of a job are serialized once per delivery and the same bytes sent
+        to each of its followers, instead of once per follower by grpc."""
+        yield from self._follow(request, context, follow.follow_wire)
+
+    def _follow(self, request, context, produce):
+        hub = self._follow_hub
         if hub is None:
             raise RpcStatus(
                 grpc.StatusCode.UNIMPLEMENTED,
@@ -941,7 +952,7 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
         stats = ReadStats()
         cancelled = self._cancelled(context)
         try:
-            yield from follow.follow_batches(
+            yield from produce(
                 start, job_id, stream, start_from, tail_lines, request.start_time,
                 request.idle_timeout_ms / 1000.0, stats, cancelled,
                 self._batch_max_items, self._batch_max_bytes,

@@ -430,6 +430,79 @@ class ServicerTests(SynchronousTestCase):
         self.assertEqual([m.stream for m in first.lines], [1, 2])
         self.assertEqual([m.stream for m in stdout.lines], [1])
 
+    def decode(self, pieces):
+        """Serialized LogLineBatches -> lines; each must be exactly what the generated
+        code serializes for the message it decodes to."""
+        out = []
+        for data in pieces:
+            self.assertIsInstance(data, bytes)
+            batch = persist_pb2.LogLineBatch.FromString(data)
+            self.assertEqual(batch.SerializeToString(), data)
+            self.assertEqual({m.job_uuid for m in batch.lines}, {JOB})
+            out.append(batch)
+        return self.lines(out)
+
+    def test_serialized_follow_sends_what_follow_sends(self):
+        """follow_logs_serialized sends the same lines as FollowLogs, stored then live, as
+        bytes identical to the generated serialization of LogLineBatches."""
+        context = FakeContext()
+        gen = self.servicer.follow_logs_serialized(
+            persist_pb2.FollowLogsRequest(job_uuid=JOB), context)
+        got = []
+        while len(got) < len(self.h.sent):
+            got += self.decode([next(gen)])
+        self.assertEqual(got, self.h.sent)
+        self.h.send(2, 2)
+        self.h.send(1, 1)
+        self.h.clock.advance(0)
+        got += self.decode([next(gen)])
+        self.assertEqual(got, self.h.sent)
+        context.cancel()
+        context.terminate()
+        self.assertEqual(list(gen), [])
+        self.assertEqual(self.h.hub.follower_count, 0)
+
+    def test_serialized_followers_share_the_same_bytes(self):
+        """Followers of a job with the same stream filter are sent the very same bytes
+        object for a delivery (serialized once, not per follower); a one-stream follower
+        gets bytes of its own lines."""
+        gens = []
+        for stream in (0, 0, 1):
+            gen = self.servicer.follow_logs_serialized(
+                persist_pb2.FollowLogsRequest(job_uuid=JOB, stream=stream, tail_lines=1,
+                                              start_from=follow.FOLLOW_FROM_TAIL),
+                FakeContext())
+            self.assertEqual(len(self.decode([next(gen)])), 1)  # the stored line
+            gens.append(gen)
+        self.h.send(1, 1)
+        self.h.send(2, 1)
+        self.h.clock.advance(0)
+        first, second, stdout = (next(gen) for gen in gens)
+        self.assertIs(first, second)
+        self.assertEqual(self.decode([first]), self.h.sent[-2:])
+        self.assertEqual(self.decode([stdout]), self.h.sent[-2:-1])
+
+    def test_a_follower_behind_gets_deliveries_together_within_the_bounds(self):
+        """Deliveries that wait for a follower go out joined into as few messages as
+        batchMaxItems allows (fewer wake-ups and sends), in order, none over the bound."""
+        servicer = PersistServicer(
+            self.h.storage, self.reactor, is_healthy=lambda: True, ingest_stats=dict,
+            delete_job=lambda job: None, follow_hub=self.h.hub, batch_max_items=5,
+        )
+        gen = servicer.follow_logs_serialized(
+            persist_pb2.FollowLogsRequest(job_uuid=JOB, start_from=follow.FOLLOW_FROM_TAIL,
+                                          tail_lines=1, idle_timeout_ms=1),
+            FakeContext())
+        self.assertEqual(self.decode([next(gen)]), self.h.sent[-1:])  # stored; registered
+        for _ in range(4):  # four deliveries of two lines before the follower reads
+            self.h.send(1, 1)
+            self.h.send(2, 1)
+            self.h.clock.advance(0)
+        messages = list(gen)  # the idle timeout ends the call after them
+        sizes = [len(persist_pb2.LogLineBatch.FromString(m).lines) for m in messages]
+        self.assertEqual(sizes, [4, 4])
+        self.assertEqual(self.decode(messages), self.h.sent[-8:])
+
     def test_follow_without_hub_is_unimplemented(self):
         """A servicer built without a hub answers FollowLogs with UNIMPLEMENTED."""
         servicer = PersistServicer(self.h.storage, self.reactor, is_healthy=lambda: True,
