@@ -22,6 +22,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -1418,6 +1419,10 @@ mc_string(const unsigned char **pp, const unsigned char *end, int *escaped)
     *escaped = 0;
     while (p < end) {
         unsigned char c = *p;
+        if (c >= 0x20 && c < 0x80 && c != '"' && c != '\\') {
+            p++; /* the common case first */
+            continue;
+        }
         if (c == '"') {
             *pp = p + 1;
             return 1;
@@ -1809,6 +1814,73 @@ mc_line(const unsigned char *p, const unsigned char *end, NumTok *toks, unsigned
     return data && mc_ws(p, end) == end;
 }
 
+static const double mc_pow10[] = {1e0,  1e1,  1e2,  1e3,  1e4,  1e5,  1e6,  1e7,
+                                  1e8,  1e9,  1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
+                                  1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22};
+
+/* A float token's value when it is exact to compute in one IEEE operation (Clinger's fast
+ * path: at most 15 digits, so the digits are an exact double, and a power of ten up to 1e22,
+ * which is exact too; one multiplication or division is then correctly rounded, the value
+ * float() gives).  0 for anything else (the caller then parses the text as float() does). */
+static inline int
+mc_fast_double(const NumTok *tok, double *out)
+{
+#if defined(FLT_EVAL_METHOD) && FLT_EVAL_METHOD != 0
+    (void)tok;
+    (void)out;
+    return 0; /* extended-precision arithmetic would round twice */
+#endif
+    const unsigned char *p = tok->p, *end = tok->p + tok->n;
+    int64_t mantissa = 0, exponent = 0;
+    int digits = 0, neg = 0, scale = 0;
+    if (*p == '-') {
+        neg = 1;
+        p++;
+    }
+    for (; p < end && *p >= '0' && *p <= '9'; p++) {
+        mantissa = mantissa * 10 + (*p - '0');
+        if (++digits > 15) {
+            return 0;
+        }
+    }
+    if (p < end && *p == '.') {
+        for (p++; p < end && *p >= '0' && *p <= '9'; p++) {
+            mantissa = mantissa * 10 + (*p - '0');
+            scale--;
+            if (++digits > 15) {
+                return 0;
+            }
+        }
+    }
+    if (p < end) { /* the exponent */
+        int eneg = 0;
+        p++;
+        if (*p == '+' || *p == '-') {
+            eneg = *p == '-';
+            p++;
+        }
+        if (end - p > 4) {
+            return 0;
+        }
+        for (; p < end; p++) {
+            exponent = exponent * 10 + (*p - '0');
+        }
+        if (eneg) {
+            exponent = -exponent;
+        }
+    }
+    exponent += scale;
+    if (exponent < -22 || exponent > 22) {
+        return 0;
+    }
+    *out = exponent >= 0 ? (double)mantissa * mc_pow10[exponent]
+                         : (double)mantissa / mc_pow10[-exponent];
+    if (neg) {
+        *out = -*out;
+    }
+    return 1;
+}
+
 /* The Python value of a number token as the aggregation reads the field (aggregate.py's
  * getters over json.loads' value): float fields take float(value), integer fields int(value);
  * a value those conversions reject (OverflowError) reads as 0.  NULL with no exception set:
@@ -1834,6 +1906,15 @@ mc_value(const NumTok *tok, int is_float_field)
             return PyFloat_FromDouble((double)v);
         }
         return PyLong_FromLongLong(v);
+    }
+    if (tok->is_float) {
+        double d;
+        if (mc_fast_double(tok, &d)) {
+            if (is_float_field) {
+                return PyFloat_FromDouble(d);
+            }
+            return isfinite(d) ? PyLong_FromDouble(d) : PyLong_FromLong(0);
+        }
     }
     text = tok->n < sizeof(small) ? small : PyMem_Malloc((size_t)tok->n + 1);
     if (text == NULL) {

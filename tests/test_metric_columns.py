@@ -228,6 +228,22 @@ class ScannerTests(SynchronousTestCase):
         if got is not None:
             self.assertIsNotNone(reference([x.encode() for x in lines], fields))
 
+    @given(st.lists(st.tuples(st.integers(-(10**16), 10**16), st.integers(0, 18),
+                              st.integers(-40, 40), st.booleans()), min_size=1, max_size=20))
+    def test_short_decimals(self, numbers):
+        """Decimals of few digits (those the scanner computes itself, and just past them)
+        read as float() reads their text, in float and integer fields."""
+        texts = []
+        for mantissa, point, exp, with_exp in numbers:
+            digits = str(abs(mantissa)).rjust(point + 1, "0")
+            text = ("-" if mantissa < 0 else "") + digits[: len(digits) - point] + "." + (
+                digits[len(digits) - point :] or "0")
+            texts.append(text + (f"e{exp}" if with_exp else ""))
+        lines = ['{"data":{"cpu_usage":' + t + ',"memory_usage":' + t + '}}\n' for t in texts]
+        got = self.check(lines, ("cpu_usage", "memory_usage"))
+        self.assertIsNotNone(got)
+        self.assertTrue(same(got[:1], [[float(t) for t in texts]]))
+
     def test_odd_values(self):
         """Values whose reading depends on the conversion: ints in float fields (past a
         double's range: 0.0), floats in integer fields (truncated; inf: 0), -0.0, 1e400,
