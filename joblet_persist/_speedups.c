@@ -2102,6 +2102,64 @@ fail:
     return NULL;
 }
 
+/* ---- message_ends: how a member's messages end (storage/search.py) ------------------------ */
+
+PyDoc_STRVAR(message_ends_doc,
+"message_ends(data, lengths) -> (total, nonempty, lines)\n\n"
+"`total` = sum(lengths); `nonempty`: every length is > 0; `lines`: there is a message, every\n"
+"one is non-empty, the lengths add up to len(data), and each message (the `lengths[i]` bytes\n"
+"after the ones before it) ends in a newline.  storage/search.py's _message_ends_py is the\n"
+"reference.  Any thread.");
+
+static PyObject *
+message_ends(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    PyObject *lengths;
+    Py_ssize_t n, i, total = 0, end = 0;
+    int nonempty = 1, lines;
+    const unsigned char *base;
+
+    (void)self;
+    if (nargs != 2 || !PyList_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "message_ends(data, lengths: list)");
+        return NULL;
+    }
+    lengths = args[1];
+    n = PyList_GET_SIZE(lengths);
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    base = (const unsigned char *)view.buf;
+    lines = n > 0;
+    for (i = 0; i < n; i++) {
+        Py_ssize_t len = PyLong_AsSsize_t(PyList_GET_ITEM(lengths, i));
+        if (len == -1 && PyErr_Occurred()) {
+            PyBuffer_Release(&view);
+            return NULL;
+        }
+        if (len < 0 || len > PY_SSIZE_T_MAX - total) {
+            PyBuffer_Release(&view);
+            PyErr_SetString(PyExc_ValueError, "message_ends: a length is negative or too large");
+            return NULL;
+        }
+        total += len;
+        if (len == 0) {
+            nonempty = 0;
+            lines = 0;
+        }
+        end = total;
+        if (lines && (end > view.len || base[end - 1] != '\n')) {
+            lines = 0;
+        }
+    }
+    if (total != view.len) {
+        lines = 0;
+    }
+    PyBuffer_Release(&view);
+    return Py_BuildValue("(nNN)", total, PyBool_FromLong(nonempty), PyBool_FromLong(lines));
+}
+
 static PyMethodDef speedups_methods[] = {
     {"decode_log_frames", (PyCFunction)(void (*)(void))decode_log_frames, METH_FASTCALL,
      decode_log_frames_doc},
@@ -2111,6 +2169,7 @@ static PyMethodDef speedups_methods[] = {
      metric_json_line_doc},
     {"metric_columns", (PyCFunction)(void (*)(void))metric_columns, METH_FASTCALL,
      metric_columns_doc},
+    {"message_ends", (PyCFunction)(void (*)(void))message_ends, METH_FASTCALL, message_ends_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -21,8 +21,13 @@ ignoring case, and a regular expression where it is safe (``Matcher.context_ok``
 ``assertion_free``), are searched by RE2 once over the whole data, and only the
 messages where a match starts are checked alone; otherwise the regex runs on the
 messages that contain the needle, or without one (``^\\d+$``) on every message in
-range.  Members outside the time range are skipped by their index entry, and the
-work per call is bounded (``ScanLimits``: raw bytes scanned, a deadline).
+range.  That RE2 pass runs before the member's message bounds are built (RE2 and
+libdeflate release the GIL, so members scan in parallel on the pool threads), and
+whether the messages all end in a newline is checked in one C call
+(``_speedups.message_ends``): a member without a match costs its inflation, its
+table and one pass of RE2, with no Python work per message.  Members outside the
+time range are skipped by their index entry, and the work per call is bounded
+(``ScanLimits``: raw bytes scanned, a deadline).
 """
 
 from __future__ import annotations
@@ -317,23 +322,25 @@ class Matcher:
             content = content[:-1]
         return self._rx.search(content) is not None
 
-    def scan(self, data: bytes, bounds: list, positions, hay=None) -> list:
+    def scan(self, data: bytes, bounds: list, positions, hay=None, ends=None,
+             first: int = 0) -> list:
         """Positions (message indices) among ``positions`` whose message matches.
 
         ``data`` is a member's inflated data, message i being
         ``data[bounds[i]:bounds[i + 1]]``; ``positions`` a ``range`` (the usual
         case) or an ascending list of indices; ``hay`` the data as the needle is
-        compared with (lower-cased when ``folded``), when the caller has it.
-        Result ascending.
+        compared with (lower-cased when ``folded``), when the caller has it;
+        ``ends``, ``(nonempty, lines)`` of ``message_ends``, when the caller has
+        them; ``first``: no match of the whole data starts before this offset
+        (the caller searched up to there).  Result ascending.
         """
         if not positions:
             return []
         needle = self.needle
-        if not self.exact and (
-            self.assertion_free and all(map(operator.lt, bounds, bounds[1:]))  # none empty
-            or self.context_ok and _lines_only(data, bounds)
-        ):
-            candidates = self._context_candidates(data, bounds, positions)
+        if ends is None:
+            ends = (all(map(operator.lt, bounds, bounds[1:])), _lines_only(data, bounds))
+        if self.context_search(*ends):
+            candidates = self._context_candidates(data, bounds, positions, first)
         elif needle is None:
             candidates = positions
         elif not needle:
@@ -366,7 +373,14 @@ class Matcher:
         matches = self.matches
         return [i for i in candidates if matches(bytes(data[bounds[i] : bounds[i + 1]]))]
 
-    def _context_candidates(self, data, bounds: list, positions) -> list:
+    def context_search(self, nonempty: bool, lines: bool) -> bool:
+        """Whether one search of a member's whole data finds every message that matches
+        (see _context_candidates), for a member whose messages are all non-empty
+        (``nonempty``) and all end in a newline (``lines``)."""
+        return not self.exact and (self.assertion_free and nonempty
+                                   or self.context_ok and lines)
+
+    def _context_candidates(self, data, bounds: list, positions, first: int = 0) -> list:
         """Messages in which a search of the whole data finds a match starting: a
         superset of the matching messages when every message ends in a newline (a match
         of a message alone, without its newline, is a match in the data too: its
@@ -379,7 +393,7 @@ class Matcher:
             wanted = set(positions)
         match = self._rx._regexp.Match
         out = []
-        pos = lo
+        pos = max(lo, first)
         while pos < hi:
             start = match(_UNANCHORED, data, pos, hi)[0][0]
             if start < 0 or start >= hi:
@@ -412,6 +426,23 @@ def _lines_only(data, bounds: list) -> bool:
         return False
     lasts = itemgetter(*map(operator.sub, bounds[1:], repeat(1)))(data)
     return lasts.count(10) == n and all(map(operator.lt, bounds, bounds[1:]))
+
+
+def _message_ends_py(data, lengths: list) -> tuple:
+    """``(total, nonempty, lines)`` of a member's messages (``lengths`` into ``data``):
+    the sum of the lengths; whether every message is non-empty; whether there is one, all
+    are non-empty, the lengths add up to the data and every message ends in a newline."""
+    total = sum(lengths)
+    nonempty = all(lengths)
+    if not lengths or not nonempty or total != len(data):
+        return total, nonempty, False
+    return total, True, _lines_only(data, list(accumulate(lengths, initial=0)))
+
+
+try:
+    from joblet_persist._speedups import message_ends
+except ImportError:  # not built
+    message_ends = _message_ends_py
 
 
 def compile_matcher(pattern: str, regex: bool = False, ignore_case: bool = False) -> Matcher:
@@ -483,19 +514,29 @@ def thd_scan_member(buf: bytes, m: MemberInfo, path: str, matcher: Matcher,
         hay = data.lower() if matcher.folded else data
         if matcher.needle not in hay:
             return [], [], [], []
-    if matcher.assertion_free and matcher._rx._regexp.Match(
-            _UNANCHORED, data, 0, len(data))[0][0] < 0:
-        return [], [], [], []  # no match anywhere in the data: none in any message
+    first = None  # where the first match in the whole data starts (-1: none)
+    if matcher.assertion_free:
+        first = matcher._rx._regexp.Match(_UNANCHORED, data, 0, len(data))[0][0]
+        if first < 0:
+            return [], [], [], []  # no match anywhere in the data: none in any message
     table = decode_member_table(buf, m)
-    if sum(table.lengths) != len(data):
+    total, nonempty, lines = message_ends(data, table.lengths)
+    if total != len(data):
         raise CorruptMember("message lengths do not add up to the data", path, m.offset)
     rng = reader._Range(start_time, end_time)
     if rng.active and not rng.covers(m):
         positions = reader._positions(table.timestamps, rng, 0)
     else:
         positions = range(len(table.lengths))
+    if matcher.context_search(nonempty, lines):
+        # RE2 over the whole data (without the GIL) before the message bounds are built:
+        # most members of a selective search end here.
+        if first is None:
+            first = matcher._rx._regexp.Match(_UNANCHORED, data, 0, len(data))[0][0]
+        if first < 0:
+            return [], [], [], []
     bounds = list(accumulate(table.lengths, initial=0))
-    hits = matcher.scan(data, bounds, positions, hay)
+    hits = matcher.scan(data, bounds, positions, hay, (nonempty, lines), max(0, first or 0))
     ords, ts, seqs = table.ordinals, table.timestamps, table.sequences
     return (
         [ords[i] for i in hits],
