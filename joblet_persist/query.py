@@ -297,8 +297,8 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
         self._abandoned = threading.Event()
         # follow.FollowHub (reactor side of FollowLogs), or None: FollowLogs is UNIMPLEMENTED.
         self._follow = follow_hub
-        # Search: where members are scanned (a Future-returning submit; None: inline),
-        # how many at once, and the work bound of each call.
+        # Search (and AggregateMetrics' read): where members are scanned (a Future-returning
+        # submit; None: inline), how many at once, and the work bound of each search.
         self._search_submit = search_submit
         self._search_window = max(1, int(search_window))
         self._search_max_bytes = max(0, int(search_max_bytes))
