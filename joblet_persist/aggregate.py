@@ -2,9 +2,11 @@
 
 Leaf module: pure functions and one accumulator, no reactor, no I/O.  The
 servicer (gRPC thread) feeds an ``Aggregator`` the samples of one read of the
-range, in arrival order, and builds the answer from ``points()``: one pass, with
-per-bucket running values (and the bucket's values per field only when a
-percentile is asked for).
+range, in arrival order (as columns of the asked fields from
+``storage.metric_columns`` where the snapshot reads them so, else sample by
+sample), and builds the answer from ``points()``: one pass, with per-bucket
+running values (and the bucket's values per field only when a percentile is
+asked for).
 
 Definitions (docs/query-api.md, "Aggregation"):
 
@@ -167,7 +169,8 @@ class FieldStats:
 class Aggregator:
     """Accumulates samples into buckets of ``step`` ns.  One thread (the RPC's).
 
-    ``add(timestamp, data)`` takes the samples in arrival order; ``points()``
+    ``add(timestamp, data)`` takes the samples in arrival order (``add_columns``
+    the same as columns); ``points()``
     returns ``[(bucket start, samples, [FieldStats per field])]`` oldest first.
     Samples are held as rows while they fall into one bucket (a run) and merged
     into the bucket column by column when the run ends, so the per-sample work
