@@ -344,18 +344,25 @@ class ReadTests(SynchronousTestCase):
         return [(r.timestamp, *(g(r.data) for g in gets))
                 for r in iter_metrics(views, start, end, stats=stats)]
 
-    @given(st.lists(st.lists(st.tuples(st.integers(0, 50), WRITER_VALUES), min_size=1,
-                             max_size=6), min_size=1, max_size=4),
+    @given(st.lists(st.lists(st.tuples(st.integers(0, 50), st.one_of(
+                WRITER_VALUES, WRITER_VALUES, WRITER_VALUES,
+                st.sampled_from([b'{"data":{"cpu_usage":\n', b'{"data":[]}\n',
+                                 b'{"data":{"cpuUsage":"2.5"}}\n']))),
+                             min_size=1, max_size=6), min_size=1, max_size=4),
            st.integers(0, 50), st.integers(0, 50), FIELD_SETS)
     def test_same_samples_as_iter_metrics(self, batches, start, end, fields):
-        """For any members (timestamps in or out of order within one) and time range, the
-        columns hold the samples iter_metrics yields, in its order, with the getters'
-        values."""
+        """For any members (timestamps in or out of order within one, lines that do not
+        parse or read oddly, in range or out of it) and time range, the columns hold the
+        samples iter_metrics yields, in its order, with the getters' values, and the same
+        members are skipped as corrupt."""
         path = self.path()
-        views = write_members(path, [[(ts, writer_line("j", ts, 0, v)) for ts, v in batch]
-                                     for batch in batches])
-        got = rows_of(mc.iter_metric_columns(views, fields, start, end))
-        self.assertTrue(same([got], [self.old_rows(views, fields, start, end)]))
+        views = write_members(path, [
+            [(ts, v if isinstance(v, bytes) else writer_line("j", ts, 0, v)) for ts, v in batch]
+            for batch in batches])
+        stats, old = ReadStats(), ReadStats()
+        got = rows_of(mc.iter_metric_columns(views, fields, start, end, stats=stats))
+        self.assertTrue(same([got], [self.old_rows(views, fields, start, end, old)]))
+        self.assertEqual(stats.corrupt_members, old.corrupt_members)
 
     def test_member_with_a_bad_line_is_skipped_whole(self):
         """A member holding a line that does not parse is counted corrupt and skipped, as

@@ -180,20 +180,33 @@ def thd_member_columns(buf, m: MemberInfo, path: str, fields: tuple, start_time:
     table = decode_member_table(buf, m)
     data = reader.inflate_member_bytes(buf, m, path) if m.raw_size else b""
     rng = reader._Range(start_time, end_time)
-    n = len(table.lengths)
     where = reader._positions(table.timestamps, rng, 0) if rng.active and not rng.covers(m) \
-        else range(n)
-    if isinstance(where, range):
-        lo, hi = where.start, where.stop
-    else:
-        lo, hi = 0, n  # timestamps out of order inside the member: parse all, then pick
+        else range(len(table.lengths))
+    # Timestamps out of order inside the member give a list of positions: its runs of
+    # consecutive lines are parsed (only the lines in range, as the reader parses them).
+    runs = [(where.start, where.stop)] if isinstance(where, range) else _runs(where)
+    columns: list = [[] for _ in fields]
     try:
-        columns = parse_columns(data, table.lengths, lo, hi, fields)
+        for lo, hi in runs:
+            for column, part in zip(columns, parse_columns(data, table.lengths, lo, hi, fields),
+                                    strict=True):
+                column += part
     except _BadLine as e:
         raise _BadLine(e.reason, path, m.offset) from None
     if isinstance(where, range):
-        return table.timestamps[lo:hi], columns
-    return [table.timestamps[i] for i in where], [[c[i] for i in where] for c in columns]
+        return table.timestamps[where.start : where.stop], columns
+    return [table.timestamps[i] for i in where], columns
+
+
+def _runs(positions: list) -> list:
+    """``[(lo, hi)]`` of the runs of consecutive numbers in ascending ``positions``."""
+    out: list = []
+    for i in positions:
+        if out and out[-1][1] == i:
+            out[-1][1] = i + 1
+        else:
+            out.append([i, i + 1])
+    return out
 
 
 def _inline(fn, *args):
