@@ -188,6 +188,20 @@ class MatcherTests(SynchronousTestCase):
         m = compile_matcher(r"^\d+$", regex=True)
         self.assertIsNone(m.needle)
 
+    def test_case_invariant_needles(self):
+        """Ignoring case, the longest run of digits, punctuation and spaces (which do not
+        fold) is the needle, compared with the data as it is (no lower-cased copy); a
+        pattern of letters alone keeps RE2 (substring) or the folded needle (regex)."""
+        m = compile_matcher("RETRY=62308 USER=459", ignore_case=True)
+        self.assertEqual((m.needle, m.folded, m.exact), (b"=62308 ", False, False))
+        self.assertTrue(m.matches(b"x retry=62308 user=459\n"))
+        m = compile_matcher(r"user=\d+ FAILED: 42", regex=True, ignore_case=True)
+        self.assertEqual((m.needle, m.folded), (b": 42", False))
+        m = compile_matcher("Timeout a", ignore_case=True)
+        self.assertEqual(m.needle, None)
+        m = compile_matcher(r"disk \d", regex=True, ignore_case=True)
+        self.assertEqual((m.needle, m.folded), (b"di", True))
+
     def test_invalid_patterns_name_the_problem(self):
         """An invalid regex raises BadPattern quoting the pattern and RE2's reason; lookbehind
         and backreferences (not linear-time) are refused."""

@@ -16,7 +16,9 @@ of a message, as grep's do.
 The scan of a member never splits its data into messages first.  A *needle*, a
 literal run of text that every match must contain, is searched in the member's
 whole inflated data (``bytes.find``); a member without it ends there.  For a
-substring the needle is the pattern itself and decides alone.  A substring
+substring the needle is the pattern itself and decides alone; ignoring case, it is
+the pattern's longest run of digits, punctuation and spaces (which do not fold), and
+for a regular expression that run or else a run compared lower-cased.  A substring
 ignoring case, and a regular expression where it is safe (``Matcher.context_ok``,
 ``assertion_free``), are searched by RE2 once over the whole data, and only the
 messages where a match starts are checked alone; otherwise the regex runs on the
@@ -274,6 +276,37 @@ def required_literals(pattern: str) -> Optional[list]:
     return runs
 
 
+#: Shortest run of case-invariant characters worth a prefilter under case folding.
+_MIN_INVARIANT = 2
+
+
+def _invariant_runs(runs: list) -> list:
+    """Sub-runs of ``runs`` made of ASCII characters that are not letters (digits,
+    punctuation, spaces): no character folds to them or from them under Unicode simple case
+    folding, so ignoring case they match only themselves, and ``bytes.find`` in the data as
+    it is (no lower-cased copy) finds them."""
+    out = []
+    for run in runs:
+        piece: list = []
+        for ch in run:
+            if ch.isascii() and not ch.isalpha():
+                piece.append(ch)
+            else:
+                if piece:
+                    out.append("".join(piece))
+                piece = []
+        if piece:
+            out.append("".join(piece))
+    return out
+
+
+def _invariant_needle(runs: list) -> Optional[bytes]:
+    """The longest case-invariant run of ``runs`` (``_invariant_runs``) when it is long
+    enough to be worth a ``find``, else None."""
+    best = max(_invariant_runs(runs), key=len, default="")
+    return best.encode("ascii") if len(best) >= _MIN_INVARIANT else None
+
+
 def _foldable_runs(runs: list) -> list:
     """Sub-runs of ``runs`` that ASCII lower-casing compares exactly under RE2 (?i)."""
     out = []
@@ -467,14 +500,22 @@ def compile_matcher(pattern: str, regex: bool = False, ignore_case: bool = False
     if ignore_case and not regex:
         # A substring ignoring case is found by RE2 itself in the member's data (its DFA,
         # no lower-cased copy of the data; RE2's folding is the reference anyway); each
-        # message where it is found is then checked alone.
-        return Matcher(pattern, regex, ignore_case, None, False, False, rx, True, True)
+        # message where it is found is then checked alone.  Its digits and punctuation do
+        # not fold: the longest run of them, found with bytes.find, dismisses most members
+        # before RE2 runs.
+        needle = _invariant_needle([pattern])
+        return Matcher(pattern, regex, ignore_case, needle, False, False, rx, True, True)
     exact = not regex
     context = bool(regex and "\\A" not in pattern and "\\z" not in pattern
                    and not _NO_MULTILINE.search(pattern))
     free = bool(regex and not any(a in pattern for a in _ASSERTIONS))
     if runs is None or not runs and regex:
         return Matcher(pattern, regex, ignore_case, None, False, False, rx, context, free)
+    if ignore_case and regex:
+        invariant = _invariant_needle(runs)
+        if invariant is not None:  # found in the data as it is: no lower-cased copy
+            return Matcher(pattern, regex, ignore_case, invariant, False, False, rx, context,
+                           free)
     if ignore_case:
         foldable = _foldable_runs(runs)
         if exact and (len(foldable) != 1 or foldable[0] != pattern):
