@@ -17,7 +17,10 @@ the gRPC Unix socket, measures:
    the range: the members outside are skipped by their index);
 4. AggregateMetrics over all ``--samples`` samples: every field with avg,min,max (the
    default) and every field with every function, auto step (100 points); samples/s; and,
-   for reference, streaming the same samples with QueryMetricsBatched.
+   for reference, streaming the same samples with QueryMetricsBatched;
+5. in this process, alternating on the same files, the aggregation's sample-by-sample read
+   (the code before the columnar read) against the columnar one, over the first
+   ``--ab-samples`` samples (``aggregate_ab``).
 
 Results go to stdout as JSON lines (and to ``--json FILE``).
 
@@ -136,6 +139,9 @@ def main() -> int:
                         help="run one half (each stays under about 3 minutes here)")
     parser.add_argument("--functions", choices=["default", "all", "both"], default="both",
                         help="which AggregateMetrics calls to time")
+    parser.add_argument("--ab-samples", type=int, default=200_000,
+                        help="in-process A/B of the aggregation's old and new read over the "
+                             "first this many samples (0: skip)")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args()
     do_search = args.only in (None, "search")
@@ -174,6 +180,8 @@ def main() -> int:
                 search_figures(stub, args, paths, literal, raw, report)
             if do_aggregate:
                 aggregate_figures(stub, args, report)
+        if do_aggregate and args.ab_samples:
+            aggregate_ab(data_dir, args, report)
     finally:
         if proc is not None:
             proc.terminate()
@@ -252,6 +260,52 @@ def aggregate_figures(stub, args, report) -> None:
     t, n = median_of(stream_all, args.runs)
     report(step="stream_metrics", samples=n, seconds=round(t, 3),
            samples_per_s=round(n / t))
+
+
+def aggregate_ab(data_dir: str, args, report) -> None:
+    """In this process, on the same files, alternating: the sample-by-sample path that
+    AggregateMetrics took before (reader.iter_metrics, a dict per sample, Aggregator.add)
+    against the columnar one (metric_columns.iter_metric_columns, Aggregator.add_columns),
+    both on this thread; avg,min,max of every field, auto step.  The results must agree."""
+    from joblet_persist import aggregate
+    from joblet_persist.storage import metric_columns, reader
+
+    d = os.path.join(data_dir, "metrics", METRICS_JOB)
+    views = tuple(
+        reader.SegmentView(p, segment.thd_scan_segment(p, False).members)
+        for p in sorted(os.path.join(d, name) for name in os.listdir(d))
+    )
+    n = args.ab_samples
+    end = T0 + (n - 1) * SEC
+    step = aggregate.auto_step(end - T0, 100)
+    fields, functions = aggregate.FIELDS, aggregate.DEFAULT_FUNCTIONS
+
+    def records():
+        agg = aggregate.Aggregator(step, fields, functions)
+        for rec in reader.iter_metrics(views, T0, end):
+            agg.add(rec.timestamp, rec.data)
+        return agg
+
+    def columns():
+        agg = aggregate.Aggregator(step, fields, functions)
+        for times, cols in metric_columns.iter_metric_columns(views, fields, T0, end):
+            agg.add_columns(times, cols)
+        return agg
+
+    def answer(agg):
+        return repr([(k, c, [[fs.result(f) for f in functions] for fs in st])
+                     for k, c, st in agg.points()])
+
+    old, new, answers = [], [], set()
+    for _ in range(args.runs):
+        for fn, times in ((records, old), (columns, new)):
+            t = time.perf_counter()
+            answers.add(answer(fn()))
+            times.append(time.perf_counter() - t)
+    a, b = statistics.median(old), statistics.median(new)
+    report(step="aggregate_in_process", samples=n, functions="default (avg,min,max)",
+           record_path_s=round(a, 3), column_path_s=round(b, 3), ratio=round(a / b, 2),
+           same_answer=len(answers) == 1, load=round(os.getloadavg()[0], 1))
 
 
 if __name__ == "__main__":

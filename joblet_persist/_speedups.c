@@ -22,6 +22,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -2113,6 +2114,794 @@ error:
     return NULL;
 }
 
+/* ---- metric_columns: numeric columns of stored metric JSON lines (storage/metric_columns.py) -- */
+
+/* Field codes: the order of storage/metric_columns.FIELDS. */
+enum {
+    MC_CPU, MC_MEMORY, MC_GPU,
+    MC_READ_BYTES, MC_WRITE_BYTES, MC_READ_OPS, MC_WRITE_OPS,
+    MC_RX_BYTES, MC_TX_BYTES, MC_RX_PACKETS, MC_TX_PACKETS,
+    MC_FIELDS
+};
+
+/* How deep a value the scanner skips may nest before it defers (json's own limit is the
+ * interpreter's recursion limit, whose error is not a ValueError: the Python route decides). */
+#define MC_MAX_DEPTH 64
+
+typedef struct {
+    const unsigned char *p; /* the number's text in the data */
+    uint32_t n;             /* its length */
+    uint32_t is_float;      /* a fraction or an exponent: json.loads gives a float */
+} NumTok;
+
+static inline const unsigned char *
+mc_ws(const unsigned char *p, const unsigned char *end)
+{
+    while (p < end && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r')) {
+        p++;
+    }
+    return p;
+}
+
+static inline int
+mc_hex(unsigned char c)
+{
+    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F');
+}
+
+/* A JSON string at *pp (which points at its opening quote), as json.loads accepts it (strict:
+ * no control characters), ASCII only (any other byte defers, so that UTF-8 validity is never
+ * this code's question).  *escaped: 0 without escapes, 2 with a \uXXXX escape of a lower-case
+ * letter or '_' (which may spell a key we look for), 1 with other escapes only (they stand for
+ * characters that no key we look for holds, so the raw text decides).  0: defer. */
+static int
+mc_string(const unsigned char **pp, const unsigned char *end, int *escaped)
+{
+    const unsigned char *p = *pp + 1;
+    *escaped = 0;
+    while (p < end) {
+        unsigned char c = *p;
+        if (c >= 0x20 && c < 0x80 && c != '"' && c != '\\') {
+            p++; /* the common case first */
+            continue;
+        }
+        if (c == '"') {
+            *pp = p + 1;
+            return 1;
+        }
+        if (c < 0x20 || c >= 0x80) {
+            return 0;
+        }
+        if (c == '\\') {
+            if (*escaped == 0) {
+                *escaped = 1;
+            }
+            if (++p >= end) {
+                return 0;
+            }
+            c = *p;
+            if (c == 'u') {
+                unsigned code = 0;
+                int k;
+                if (end - p < 5 || !mc_hex(p[1]) || !mc_hex(p[2]) || !mc_hex(p[3])
+                    || !mc_hex(p[4])) {
+                    return 0;
+                }
+                for (k = 1; k <= 4; k++) {
+                    unsigned char h = p[k];
+                    code = code * 16 + (h <= '9' ? h - '0' : (h | 0x20) - 'a' + 10);
+                }
+                if ((code >= 'a' && code <= 'z') || code == '_') {
+                    *escaped = 2; /* may spell a key we look for */
+                }
+                p += 4;
+            }
+            else if (c != '"' && c != '\\' && c != '/' && c != 'b' && c != 'f' && c != 'n'
+                     && c != 'r' && c != 't') {
+                return 0;
+            }
+        }
+        p++;
+    }
+    return 0;
+}
+
+/* A JSON number at *pp, json's grammar: -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?
+ * (NaN and the infinities, which json also reads, defer).  0: defer. */
+static int
+mc_number(const unsigned char **pp, const unsigned char *end, NumTok *tok)
+{
+    const unsigned char *p = *pp, *start = *pp;
+    int is_float = 0;
+    if (p < end && *p == '-') {
+        p++;
+    }
+    if (p >= end) {
+        return 0;
+    }
+    if (*p == '0') {
+        p++;
+    }
+    else if (*p >= '1' && *p <= '9') {
+        while (p < end && *p >= '0' && *p <= '9') {
+            p++;
+        }
+    }
+    else {
+        return 0;
+    }
+    if (p < end && *p == '.') {
+        p++;
+        if (p >= end || *p < '0' || *p > '9') {
+            return 0;
+        }
+        while (p < end && *p >= '0' && *p <= '9') {
+            p++;
+        }
+        is_float = 1;
+    }
+    if (p < end && (*p == 'e' || *p == 'E')) {
+        p++;
+        if (p < end && (*p == '+' || *p == '-')) {
+            p++;
+        }
+        if (p >= end || *p < '0' || *p > '9') {
+            return 0;
+        }
+        while (p < end && *p >= '0' && *p <= '9') {
+            p++;
+        }
+        is_float = 1;
+    }
+    if (p - start > 0x7fffffff) {
+        return 0;
+    }
+    if (tok != NULL) {
+        tok->p = start;
+        tok->n = (uint32_t)(p - start);
+        tok->is_float = (uint32_t)is_float;
+    }
+    *pp = p;
+    return 1;
+}
+
+static int mc_skip_value(const unsigned char **pp, const unsigned char *end, int depth);
+
+/* The members of an object whose '{' is at *pp, each value skipped.  0: defer. */
+static int
+mc_skip_object(const unsigned char **pp, const unsigned char *end, int depth)
+{
+    const unsigned char *p = mc_ws(*pp + 1, end);
+    int escaped;
+    if (p < end && *p == '}') {
+        *pp = p + 1;
+        return 1;
+    }
+    for (;;) {
+        if (p >= end || *p != '"' || !mc_string(&p, end, &escaped)) {
+            return 0;
+        }
+        p = mc_ws(p, end);
+        if (p >= end || *p != ':') {
+            return 0;
+        }
+        p = mc_ws(p + 1, end);
+        if (!mc_skip_value(&p, end, depth + 1)) {
+            return 0;
+        }
+        p = mc_ws(p, end);
+        if (p < end && *p == ',') {
+            p = mc_ws(p + 1, end);
+            continue;
+        }
+        if (p < end && *p == '}') {
+            *pp = p + 1;
+            return 1;
+        }
+        return 0;
+    }
+}
+
+static int
+mc_skip_array(const unsigned char **pp, const unsigned char *end, int depth)
+{
+    const unsigned char *p = mc_ws(*pp + 1, end);
+    if (p < end && *p == ']') {
+        *pp = p + 1;
+        return 1;
+    }
+    for (;;) {
+        if (!mc_skip_value(&p, end, depth + 1)) {
+            return 0;
+        }
+        p = mc_ws(p, end);
+        if (p < end && *p == ',') {
+            p = mc_ws(p + 1, end);
+            continue;
+        }
+        if (p < end && *p == ']') {
+            *pp = p + 1;
+            return 1;
+        }
+        return 0;
+    }
+}
+
+static int
+mc_literal(const unsigned char **pp, const unsigned char *end, const char *word, size_t n)
+{
+    if ((size_t)(end - *pp) < n || memcmp(*pp, word, n) != 0) {
+        return 0;
+    }
+    *pp += n;
+    return 1;
+}
+
+/* Any JSON value at *pp (no leading whitespace), checked as json.loads checks it.  0: defer. */
+static int
+mc_skip_value(const unsigned char **pp, const unsigned char *end, int depth)
+{
+    int escaped;
+    if (*pp >= end || depth > MC_MAX_DEPTH) {
+        return 0;
+    }
+    switch (**pp) {
+    case '"':
+        return mc_string(pp, end, &escaped);
+    case '{':
+        return mc_skip_object(pp, end, depth);
+    case '[':
+        return mc_skip_array(pp, end, depth);
+    case 't':
+        return mc_literal(pp, end, "true", 4);
+    case 'f':
+        return mc_literal(pp, end, "false", 5);
+    case 'n':
+        return mc_literal(pp, end, "null", 4);
+    default:
+        return mc_number(pp, end, NULL);
+    }
+}
+
+static inline int
+mc_key_is(const unsigned char *key, Py_ssize_t n, const char *name)
+{
+    return (size_t)n == strlen(name) && memcmp(key, name, (size_t)n) == 0;
+}
+
+/* An object of numeric fields at *pp ('{'): `names[i]` goes to toks[codes[i]]; other keys are
+ * skipped.  A known key twice, a key holding a unicode escape or a known key whose value is not a number
+ * defers.  0: defer. */
+static int
+mc_fields(const unsigned char **pp, const unsigned char *end, const char *const *names,
+          const int *codes, int count, NumTok *toks, unsigned *seen, int depth)
+{
+    const unsigned char *p, *key;
+    int escaped, i;
+    if (*pp >= end || **pp != '{') {
+        return 0;
+    }
+    p = mc_ws(*pp + 1, end);
+    if (p < end && *p == '}') {
+        *pp = p + 1;
+        return 1;
+    }
+    for (;;) {
+        if (p >= end || *p != '"') {
+            return 0;
+        }
+        key = p + 1;
+        if (!mc_string(&p, end, &escaped) || escaped == 2) {
+            return 0;
+        }
+        Py_ssize_t klen = p - 1 - key;
+        p = mc_ws(p, end);
+        if (p >= end || *p != ':') {
+            return 0;
+        }
+        p = mc_ws(p + 1, end);
+        for (i = 0; i < count; i++) {
+            if (mc_key_is(key, klen, names[i])) {
+                break;
+            }
+        }
+        if (i < count) {
+            int code = codes[i];
+            if (*seen & (1u << code) || !mc_number(&p, end, &toks[code])) {
+                return 0;
+            }
+            *seen |= 1u << code;
+        }
+        else if (!mc_skip_value(&p, end, depth + 1)) {
+            return 0;
+        }
+        p = mc_ws(p, end);
+        if (p < end && *p == ',') {
+            p = mc_ws(p + 1, end);
+            continue;
+        }
+        if (p < end && *p == '}') {
+            *pp = p + 1;
+            return 1;
+        }
+        return 0;
+    }
+}
+
+static const char *const mc_disk_names[] = {"read_bytes", "write_bytes", "read_ops", "write_ops"};
+static const int mc_disk_codes[] = {MC_READ_BYTES, MC_WRITE_BYTES, MC_READ_OPS, MC_WRITE_OPS};
+static const char *const mc_net_names[] = {"rx_bytes", "tx_bytes", "rx_packets", "tx_packets"};
+static const int mc_net_codes[] = {MC_RX_BYTES, MC_TX_BYTES, MC_RX_PACKETS, MC_TX_PACKETS};
+static const char *const mc_top_names[] = {"cpu_usage", "memory_usage", "gpu_usage"};
+static const int mc_top_codes[] = {MC_CPU, MC_MEMORY, MC_GPU};
+
+/* The `data` object of a line, at *pp.  0: defer. */
+static int
+mc_data(const unsigned char **pp, const unsigned char *end, NumTok *toks, unsigned *seen)
+{
+    const unsigned char *p, *key;
+    int escaped, disk = 0, net = 0;
+    if (*pp >= end || **pp != '{') {
+        return 0;
+    }
+    p = mc_ws(*pp + 1, end);
+    if (p < end && *p == '}') {
+        *pp = p + 1;
+        return 1;
+    }
+    for (;;) {
+        if (p >= end || *p != '"') {
+            return 0;
+        }
+        key = p + 1;
+        if (!mc_string(&p, end, &escaped) || escaped == 2) {
+            return 0;
+        }
+        Py_ssize_t klen = p - 1 - key;
+        p = mc_ws(p, end);
+        if (p >= end || *p != ':') {
+            return 0;
+        }
+        p = mc_ws(p + 1, end);
+        if (mc_key_is(key, klen, "disk_io")) {
+            if (disk++ || !mc_fields(&p, end, mc_disk_names, mc_disk_codes, 4, toks, seen, 2)) {
+                return 0;
+            }
+        }
+        else if (mc_key_is(key, klen, "network_io")) {
+            if (net++ || !mc_fields(&p, end, mc_net_names, mc_net_codes, 4, toks, seen, 2)) {
+                return 0;
+            }
+        }
+        else {
+            int i;
+            for (i = 0; i < 3; i++) {
+                if (mc_key_is(key, klen, mc_top_names[i])) {
+                    break;
+                }
+            }
+            if (i < 3) {
+                int code = mc_top_codes[i];
+                if (*seen & (1u << code) || !mc_number(&p, end, &toks[code])) {
+                    return 0;
+                }
+                *seen |= 1u << code;
+            }
+            else if (!mc_skip_value(&p, end, 2)) {
+                return 0;
+            }
+        }
+        p = mc_ws(p, end);
+        if (p < end && *p == ',') {
+            p = mc_ws(p + 1, end);
+            continue;
+        }
+        if (p < end && *p == '}') {
+            *pp = p + 1;
+            return 1;
+        }
+        return 0;
+    }
+}
+
+/* One stored line [p, end): a JSON object (whitespace around it) with one `data` object.
+ * Fills toks (indexed by field code) and *seen.  0: defer. */
+static int
+mc_line(const unsigned char *p, const unsigned char *end, NumTok *toks, unsigned *seen)
+{
+    const unsigned char *key;
+    int escaped, data = 0;
+    *seen = 0;
+    p = mc_ws(p, end);
+    if (p >= end || *p != '{') {
+        return 0;
+    }
+    p = mc_ws(p + 1, end);
+    if (p < end && *p == '}') {
+        return 0; /* no data object */
+    }
+    for (;;) {
+        if (p >= end || *p != '"') {
+            return 0;
+        }
+        key = p + 1;
+        if (!mc_string(&p, end, &escaped) || escaped == 2) {
+            return 0;
+        }
+        Py_ssize_t klen = p - 1 - key;
+        p = mc_ws(p, end);
+        if (p >= end || *p != ':') {
+            return 0;
+        }
+        p = mc_ws(p + 1, end);
+        if (mc_key_is(key, klen, "data")) {
+            if (data++ || !mc_data(&p, end, toks, seen)) {
+                return 0;
+            }
+        }
+        else if (!mc_skip_value(&p, end, 1)) {
+            return 0;
+        }
+        p = mc_ws(p, end);
+        if (p < end && *p == ',') {
+            p = mc_ws(p + 1, end);
+            continue;
+        }
+        if (p < end && *p == '}') {
+            p++;
+            break;
+        }
+        return 0;
+    }
+    return data && mc_ws(p, end) == end;
+}
+
+static const double mc_pow10[] = {1e0,  1e1,  1e2,  1e3,  1e4,  1e5,  1e6,  1e7,
+                                  1e8,  1e9,  1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
+                                  1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22};
+
+/* A float token's value when it is exact to compute in one IEEE operation (Clinger's fast
+ * path: at most 15 digits, so the digits are an exact double, and a power of ten up to 1e22,
+ * which is exact too; one multiplication or division is then correctly rounded, the value
+ * float() gives).  0 for anything else (the caller then parses the text as float() does). */
+static inline int
+mc_fast_double(const NumTok *tok, double *out)
+{
+#if defined(FLT_EVAL_METHOD) && FLT_EVAL_METHOD != 0
+    (void)tok;
+    (void)out;
+    return 0; /* extended-precision arithmetic would round twice */
+#endif
+    const unsigned char *p = tok->p, *end = tok->p + tok->n;
+    int64_t mantissa = 0, exponent = 0;
+    int digits = 0, neg = 0, scale = 0;
+    if (*p == '-') {
+        neg = 1;
+        p++;
+    }
+    for (; p < end && *p >= '0' && *p <= '9'; p++) {
+        mantissa = mantissa * 10 + (*p - '0');
+        if (++digits > 15) {
+            return 0;
+        }
+    }
+    if (p < end && *p == '.') {
+        for (p++; p < end && *p >= '0' && *p <= '9'; p++) {
+            mantissa = mantissa * 10 + (*p - '0');
+            scale--;
+            if (++digits > 15) {
+                return 0;
+            }
+        }
+    }
+    if (p < end) { /* the exponent */
+        int eneg = 0;
+        p++;
+        if (*p == '+' || *p == '-') {
+            eneg = *p == '-';
+            p++;
+        }
+        if (end - p > 4) {
+            return 0;
+        }
+        for (; p < end; p++) {
+            exponent = exponent * 10 + (*p - '0');
+        }
+        if (eneg) {
+            exponent = -exponent;
+        }
+    }
+    exponent += scale;
+    if (exponent < -22 || exponent > 22) {
+        return 0;
+    }
+    *out = exponent >= 0 ? (double)mantissa * mc_pow10[exponent]
+                         : (double)mantissa / mc_pow10[-exponent];
+    if (neg) {
+        *out = -*out;
+    }
+    return 1;
+}
+
+/* The Python value of a number token as the aggregation reads the field (aggregate.py's
+ * getters over json.loads' value): float fields take float(value), integer fields int(value);
+ * a value those conversions reject (OverflowError) reads as 0.  NULL with no exception set:
+ * defer (an integer json.loads itself would refuse, e.g. past int's digit limit).  NULL with
+ * an exception: a real error. */
+static PyObject *
+mc_value(const NumTok *tok, int is_float_field)
+{
+    char small[64], *text;
+    PyObject *result = NULL;
+    uint32_t i;
+    int neg = tok->p[0] == '-';
+    if (!tok->is_float && tok->n - (uint32_t)neg <= 15) {
+        /* At most 15 digits: exact as a long long and as a double. */
+        long long v = 0;
+        for (i = (uint32_t)neg; i < tok->n; i++) {
+            v = v * 10 + (tok->p[i] - '0');
+        }
+        if (neg) {
+            v = -v;
+        }
+        if (is_float_field) {
+            return PyFloat_FromDouble((double)v);
+        }
+        return PyLong_FromLongLong(v);
+    }
+    if (tok->is_float) {
+        double d;
+        if (mc_fast_double(tok, &d)) {
+            if (is_float_field) {
+                return PyFloat_FromDouble(d);
+            }
+            return isfinite(d) ? PyLong_FromDouble(d) : PyLong_FromLong(0);
+        }
+    }
+    text = tok->n < sizeof(small) ? small : PyMem_Malloc((size_t)tok->n + 1);
+    if (text == NULL) {
+        return PyErr_NoMemory();
+    }
+    memcpy(text, tok->p, tok->n);
+    text[tok->n] = '\0';
+    if (tok->is_float) {
+        double d = PyOS_string_to_double(text, NULL, NULL);
+        if (d == -1.0 && PyErr_Occurred()) {
+            goto done;
+        }
+        if (is_float_field) {
+            result = PyFloat_FromDouble(d);
+        }
+        else if (isfinite(d)) {
+            result = PyLong_FromDouble(d);
+        }
+        else {
+            result = PyLong_FromLong(0);
+        }
+    }
+    else {
+        PyObject *number = PyLong_FromString(text, NULL, 10);
+        if (number == NULL) {
+            if (PyErr_ExceptionMatches(PyExc_ValueError)) {
+                PyErr_Clear(); /* past the digit limit: json.loads refuses it too */
+            }
+            goto done;
+        }
+        if (!is_float_field) {
+            result = number;
+            goto done;
+        }
+        double d = PyLong_AsDouble(number);
+        Py_DECREF(number);
+        if (d == -1.0 && PyErr_Occurred()) {
+            if (!PyErr_ExceptionMatches(PyExc_OverflowError)) {
+                goto done;
+            }
+            PyErr_Clear();
+            d = 0.0;
+        }
+        result = PyFloat_FromDouble(d);
+    }
+done:
+    if (text != small) {
+        PyMem_Free(text);
+    }
+    return result;
+}
+
+PyDoc_STRVAR(metric_columns_doc,
+"metric_columns(data, lengths, lo, hi, fields) -> list of lists, or None\n\n"
+"The values of `fields` (field codes, the positions in storage/metric_columns.FIELDS) of the\n"
+"stored metric lines lo..hi-1 of a member: line i is the `lengths[i]` bytes after the lines\n"
+"before it in `data`.  One list per field, values as the aggregation reads them from\n"
+"json.loads' objects.  None when any line is not in the plain form this scanner reads (the\n"
+"caller then takes the json route, which decides).  Scans without the GIL.  Pool thread.");
+
+static PyObject *
+metric_columns(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    Py_ssize_t lo, hi, nlen, nfields, i, f, offset = 0, count;
+    int codes[MC_FIELDS];
+    Py_ssize_t *begins = NULL;
+    NumTok *toks = NULL;
+    PyObject *fields, *lengths, *out = NULL;
+    int ok = 1;
+    unsigned want_mask = 0;
+
+    (void)self;
+    if (nargs != 5 || !PyList_Check(args[1]) || !PyTuple_Check(args[4])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "metric_columns(data, lengths: list, lo: int, hi: int, fields: tuple)");
+        return NULL;
+    }
+    lengths = args[1];
+    fields = args[4];
+    lo = PyLong_AsSsize_t(args[2]);
+    hi = PyLong_AsSsize_t(args[3]);
+    if ((lo == -1 || hi == -1) && PyErr_Occurred()) {
+        return NULL;
+    }
+    nlen = PyList_GET_SIZE(lengths);
+    nfields = PyTuple_GET_SIZE(fields);
+    if (lo < 0 || hi < lo || hi > nlen || nfields > MC_FIELDS) {
+        PyErr_SetString(PyExc_ValueError, "metric_columns: lo/hi or fields out of range");
+        return NULL;
+    }
+    for (f = 0; f < nfields; f++) {
+        long code = PyLong_AsLong(PyTuple_GET_ITEM(fields, f));
+        if (code == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+        if (code < 0 || code >= MC_FIELDS) {
+            PyErr_SetString(PyExc_ValueError, "metric_columns: unknown field code");
+            return NULL;
+        }
+        codes[f] = (int)code;
+        want_mask |= 1u << code;
+    }
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    count = hi - lo;
+    begins = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)(count + 1));
+    toks = PyMem_Malloc(sizeof(NumTok) * (size_t)(count * MC_FIELDS + 1));
+    if (begins == NULL || toks == NULL) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    for (i = 0; i < hi; i++) {
+        Py_ssize_t n = PyLong_AsSsize_t(PyList_GET_ITEM(lengths, i));
+        if (n == -1 && PyErr_Occurred()) {
+            goto fail;
+        }
+        if (n < 0 || n > view.len - offset) {
+            ok = 0; /* past the data: the json route reports it */
+            break;
+        }
+        if (i >= lo) {
+            begins[i - lo] = offset;
+        }
+        offset += n;
+    }
+    if (ok) {
+        begins[count] = offset;
+        const unsigned char *base = (const unsigned char *)view.buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (i = 0; i < count; i++) {
+            unsigned seen;
+            if (!mc_line(base + begins[i], base + begins[i + 1], toks + i * MC_FIELDS, &seen)
+                || (seen & want_mask) != want_mask) {
+                ok = 0;
+                break;
+            }
+        }
+        Py_END_ALLOW_THREADS
+    }
+    if (!ok) {
+        PyMem_Free(begins);
+        PyMem_Free(toks);
+        PyBuffer_Release(&view);
+        Py_RETURN_NONE;
+    }
+    out = PyList_New(nfields);
+    if (out == NULL) {
+        goto fail;
+    }
+    for (f = 0; f < nfields; f++) {
+        int code = codes[f];
+        int is_float = code == MC_CPU || code == MC_GPU;
+        PyObject *column = PyList_New(count);
+        if (column == NULL) {
+            goto fail;
+        }
+        PyList_SET_ITEM(out, f, column);
+        for (i = 0; i < count; i++) {
+            PyObject *value = mc_value(&toks[i * MC_FIELDS + code], is_float);
+            if (value == NULL) {
+                if (PyErr_Occurred()) {
+                    goto fail;
+                }
+                Py_CLEAR(out);
+                PyMem_Free(begins);
+                PyMem_Free(toks);
+                PyBuffer_Release(&view);
+                Py_RETURN_NONE;
+            }
+            PyList_SET_ITEM(column, i, value);
+        }
+    }
+    PyMem_Free(begins);
+    PyMem_Free(toks);
+    PyBuffer_Release(&view);
+    return out;
+
+fail:
+    Py_XDECREF(out);
+    PyMem_Free(begins);
+    PyMem_Free(toks);
+    PyBuffer_Release(&view);
+    return NULL;
+}
+
+/* ---- message_ends: how a member's messages end (storage/search.py) ------------------------ */
+
+PyDoc_STRVAR(message_ends_doc,
+"message_ends(data, lengths) -> (total, nonempty, lines)\n\n"
+"`total` = sum(lengths); `nonempty`: every length is > 0; `lines`: there is a message, every\n"
+"one is non-empty, the lengths add up to len(data), and each message (the `lengths[i]` bytes\n"
+"after the ones before it) ends in a newline.  storage/search.py's _message_ends_py is the\n"
+"reference.  Any thread.");
+
+static PyObject *
+message_ends(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    PyObject *lengths;
+    Py_ssize_t n, i, total = 0, end = 0;
+    int nonempty = 1, lines;
+    const unsigned char *base;
+
+    (void)self;
+    if (nargs != 2 || !PyList_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "message_ends(data, lengths: list)");
+        return NULL;
+    }
+    lengths = args[1];
+    n = PyList_GET_SIZE(lengths);
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    base = (const unsigned char *)view.buf;
+    lines = n > 0;
+    for (i = 0; i < n; i++) {
+        Py_ssize_t len = PyLong_AsSsize_t(PyList_GET_ITEM(lengths, i));
+        if (len == -1 && PyErr_Occurred()) {
+            PyBuffer_Release(&view);
+            return NULL;
+        }
+        if (len < 0 || len > PY_SSIZE_T_MAX - total) {
+            PyBuffer_Release(&view);
+            PyErr_SetString(PyExc_ValueError, "message_ends: a length is negative or too large");
+            return NULL;
+        }
+        total += len;
+        if (len == 0) {
+            nonempty = 0;
+            lines = 0;
+        }
+        end = total;
+        if (lines && (end > view.len || base[end - 1] != '\n')) {
+            lines = 0;
+        }
+    }
+    if (total != view.len) {
+        lines = 0;
+    }
+    PyBuffer_Release(&view);
+    return Py_BuildValue("(nNN)", total, PyBool_FromLong(nonempty), PyBool_FromLong(lines));
+}
+
 static PyMethodDef speedups_methods[] = {
     {"decode_log_frames", (PyCFunction)(void (*)(void))decode_log_frames, METH_FASTCALL,
      decode_log_frames_doc},
@@ -2125,6 +2914,9 @@ static PyMethodDef speedups_methods[] = {
      metric_json_lines_doc},
     {"event_json_lines", (PyCFunction)(void (*)(void))event_json_lines, METH_FASTCALL,
      event_json_lines_doc},
+    {"metric_columns", (PyCFunction)(void (*)(void))metric_columns, METH_FASTCALL,
+     metric_columns_doc},
+    {"message_ends", (PyCFunction)(void (*)(void))message_ends, METH_FASTCALL, message_ends_doc},
     {NULL, NULL, 0, NULL},
 };
 

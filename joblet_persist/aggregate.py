@@ -2,9 +2,11 @@
 
 Leaf module: pure functions and one accumulator, no reactor, no I/O.  The
 servicer (gRPC thread) feeds an ``Aggregator`` the samples of one read of the
-range, in arrival order, and builds the answer from ``points()``: one pass, with
-per-bucket running values (and the bucket's values per field only when a
-percentile is asked for).
+range, in arrival order (as columns of the asked fields from
+``storage.metric_columns`` where the snapshot reads them so, else sample by
+sample), and builds the answer from ``points()``: one pass, with per-bucket
+running values (and the bucket's values per field only when a percentile is
+asked for).
 
 Definitions (docs/query-api.md, "Aggregation"):
 
@@ -24,22 +26,13 @@ Definitions (docs/query-api.md, "Aggregation"):
 from __future__ import annotations
 
 import operator
+from bisect import bisect_left
 from typing import Callable, Optional
 
+from joblet_persist.storage import metric_columns
+
 #: Fields that can be aggregated, in the order answers list them.
-FIELDS = (
-    "cpu_usage",
-    "memory_usage",
-    "gpu_usage",
-    "disk_io.read_bytes",
-    "disk_io.write_bytes",
-    "disk_io.read_ops",
-    "disk_io.write_ops",
-    "network_io.rx_bytes",
-    "network_io.tx_bytes",
-    "network_io.rx_packets",
-    "network_io.tx_packets",
-)
+FIELDS = metric_columns.FIELDS
 #: Cumulative counters: the fields that have a ``rate``.
 COUNTERS = frozenset(FIELDS[3:])
 FUNCTIONS = ("avg", "min", "max", "sum", "last", "count", "p50", "p95", "p99", "rate")
@@ -55,50 +48,9 @@ NICE_STEPS = tuple(
 )
 
 
-def number(data: dict, key: str, kind):
-    """A numeric field of a stored metric object; missing or unreadable -> 0.
-
-    snake_case keys (the stored format) and protobuf JSON's camelCase are both read.
-    """
-    value = data.get(key)
-    if value is None:
-        head, *rest = key.split("_")
-        value = data.get(head + "".join(w.title() for w in rest))
-    if value is None:
-        return kind(0)
-    try:
-        return kind(value)
-    except (TypeError, ValueError, OverflowError):
-        return kind(0)
-
-
-def _getter(field: str) -> Callable[[dict], object]:
-    """The function reading ``field`` from a sample's ``data`` object as QueryMetrics does."""
-    if "." not in field:
-        kind = float if field in ("cpu_usage", "gpu_usage") else int
-
-        def get_top(data: dict):
-            value = data.get(field)
-            if type(value) is kind:  # the stored format: no conversion needed
-                return value
-            return number(data, field, kind)
-
-        return get_top
-    group, name = field.split(".")
-    camel = {"disk_io": "diskIo", "network_io": "networkIo"}[group]
-
-    def get(data: dict):
-        sub = data.get(group)
-        if sub is None:
-            sub = data.get(camel)
-        if not isinstance(sub, dict):
-            return 0
-        value = sub.get(name)
-        if type(value) is int:
-            return value
-        return number(sub, name, int)
-
-    return get
+#: One reading of stored metric fields (QueryMetrics' and the columnar read's).
+number = metric_columns.number
+_getter = metric_columns.getter
 
 
 def _extractor(fields: tuple) -> Callable[[dict], tuple]:
@@ -217,7 +169,8 @@ class FieldStats:
 class Aggregator:
     """Accumulates samples into buckets of ``step`` ns.  One thread (the RPC's).
 
-    ``add(timestamp, data)`` takes the samples in arrival order; ``points()``
+    ``add(timestamp, data)`` takes the samples in arrival order (``add_columns``
+    the same as columns); ``points()``
     returns ``[(bucket start, samples, [FieldStats per field])]`` oldest first.
     Samples are held as rows while they fall into one bucket (a run) and merged
     into the bucket column by column when the run ends, so the per-sample work
@@ -245,6 +198,8 @@ class Aggregator:
         self._times: list = []
         self._prev_ts: Optional[int] = None  # the sample before the current run
         self._prev_row: Optional[tuple] = None
+        self._run_times: list = []  # add_columns' current run: its times and columns
+        self._run_cols: list = []
         self.samples = 0
 
     def add(self, timestamp: int, data: dict) -> None:
@@ -259,6 +214,40 @@ class Aggregator:
         self._times.append(timestamp)
         self.samples += 1
 
+    def add_columns(self, timestamps: list, columns: list) -> None:
+        """Add samples given as columns: ``timestamps`` in arrival order and, per field of
+        ``self.fields``, its values as the getters read them (``storage.metric_columns``).
+
+        The same result as ``add`` for each sample in turn: the samples of a bucket in a
+        row (across calls too) form one run, merged column by column when it ends.  Do not
+        mix with ``add`` on one Aggregator.
+        """
+        n = len(timestamps)
+        if not n:
+            return
+        step = self.step
+        ordered = all(map(operator.le, timestamps, timestamps[1:]))
+        i = 0
+        while i < n:
+            t = timestamps[i]
+            key = t - t % step
+            if ordered:
+                j = bisect_left(timestamps, key + step, i)
+            else:
+                j = i + 1
+                while j < n and key <= timestamps[j] < key + step:
+                    j += 1
+            if key != self._key:
+                self._flush()
+                self._key = key
+            if not self._run_times:
+                self._run_cols = [[] for _ in columns]
+            self._run_times += timestamps[i:j]
+            for run, column in zip(self._run_cols, columns, strict=True):
+                run += column[i:j]
+            i = j
+        self.samples += n
+
     def _columns(self) -> list:
         """The run's values per field; a column holding anything but the stored format's
         numbers (a missing key, camelCase, a string) is read again value by value."""
@@ -270,15 +259,21 @@ class Aggregator:
         return columns
 
     def _flush(self) -> None:
-        rows, times = self._rows, self._times
-        if not rows:
-            return
+        if self._run_times:
+            rows, times = self._run_times, self._run_times
+            columns = self._run_cols
+            self._run_times = []
+            self._run_cols = []
+        else:
+            rows, times = self._rows, self._times
+            if not rows:
+                return
+            columns = self._columns()
         bucket = self._buckets.get(self._key)
         if bucket is None:
             keep = self._keep
             bucket = self._buckets[self._key] = [0, [FieldStats(keep) for _ in self.fields]]
         bucket[0] += len(rows)
-        columns = self._columns()
         stats = bucket[1]
         for i, column in enumerate(columns):
             stats[i].merge(column)
@@ -317,7 +312,8 @@ class Aggregator:
             fs.seconds += seconds
 
     def bucket_count(self) -> int:
-        return len(self._buckets) + (1 if self._rows and self._key not in self._buckets else 0)
+        running = self._rows or self._run_times
+        return len(self._buckets) + (1 if running and self._key not in self._buckets else 0)
 
     def points(self) -> list:
         self._flush()

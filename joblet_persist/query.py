@@ -52,6 +52,7 @@ from joblet_persist.storage.api import (
     DataVanished,
     IBulkLogReads,
     ILogSearch,
+    IMetricColumns,
     InvalidJobId,
     IRemoteNodes,
     JobInfo,
@@ -296,8 +297,8 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
         self._abandoned = threading.Event()
         # follow.FollowHub (reactor side of FollowLogs), or None: FollowLogs is UNIMPLEMENTED.
         self._follow_hub = follow_hub
-        # Search: where members are scanned (a Future-returning submit; None: inline),
-        # how many at once, and the work bound of each call.
+        # Search (and AggregateMetrics' read): where members are scanned (a Future-returning
+        # submit; None: inline), how many at once, and the work bound of each search.
         self._search_submit = search_submit
         self._search_window = max(1, int(search_window))
         self._search_max_bytes = max(0, int(search_max_bytes))
@@ -1070,16 +1071,28 @@ class PersistServicer(persist_pb2_grpc.PersistServiceServicer):
         agg = aggregate.Aggregator(step, fields, functions)
         stats = ReadStats()
         cancelled = self._cancelled(context)
+        too_many = (
+            f"more than {self._aggregate_max_points} points "
+            "(query.aggregateMaxPoints): use a larger step or a narrower time range"
+        )
         try:
-            for rec in snap.iter_metrics(
-                request.start_time, request.end_time, stats=stats, cancelled=cancelled
-            ):
-                agg.add(rec.timestamp, rec.data)
-                if agg.bucket_count() > self._aggregate_max_points:
-                    raise BadRequest(
-                        f"more than {self._aggregate_max_points} points "
-                        "(query.aggregateMaxPoints): use a larger step or a narrower time range"
-                    )
+            if IMetricColumns.providedBy(snap):
+                # Only the asked fields, parsed in bulk per member on the query pool.
+                extra = {} if self._search_submit is None else {"submit": self._search_submit}
+                for times, columns in snap.iter_metric_columns(
+                    fields, request.start_time, request.end_time, window=self._search_window,
+                    stats=stats, cancelled=cancelled, **extra,
+                ):
+                    agg.add_columns(times, columns)
+                    if agg.bucket_count() > self._aggregate_max_points:
+                        raise BadRequest(too_many)
+            else:
+                for rec in snap.iter_metrics(
+                    request.start_time, request.end_time, stats=stats, cancelled=cancelled
+                ):
+                    agg.add(rec.timestamp, rec.data)
+                    if agg.bucket_count() > self._aggregate_max_points:
+                        raise BadRequest(too_many)
         finally:
             self._report(stats)
         if cancelled():

@@ -21,7 +21,7 @@ reverse, each step waiting for the previous):
  4. unload        idle jobs' in-memory state dropped (absent when storage.unloadIdleAfter is 0)
  5. health        probe loop feeding /health, Ping and gRPC health
  6. ingest        IPC Unix socket listener (stop: close listener, drain connections)
- 7. query-pool, retention   SearchLogs' scan threads (stop after grpc's calls ended);
+ 7. query-pool, retention   SearchLogs' and AggregateMetrics' scan threads (stop after grpc's calls ended);
                   periodic retention run (stop: wait for a run in progress)
  7a. archive-pool, archive   S3 archive shipper and its pool (only when archive.s3.enabled)
  7b. cloudwatch-pool, cloudwatch   CloudWatch shipper and its pool (only when
@@ -321,7 +321,7 @@ class QueryParts:
 
     servicer: object
     grpc: object
-    pool: object = None  # query-pool: SearchLogs' member scans
+    pool: object = None  # query-pool: SearchLogs' and AggregateMetrics' member scans
 
 
 def build_service(config, reactor, *, registry=None, exit_on_start_failure=False,
@@ -380,7 +380,7 @@ def build_service(config, reactor, *, registry=None, exit_on_start_failure=False
         lc.unloader,        # unload: idle jobs' state dropped every minute (None when off)
         lc.health_service,  # health: probe loop for /health, Ping and gRPC health
         ing.listener,       # ingest: IPC socket; stop closes it and drains connections
-        q.pool,             # query-pool: search scans (stops after grpc ended its calls)
+        q.pool,             # query-pool: member scans (stops after grpc ended its calls)
         lc.retention_timer,  # retention: stop waits for a run in progress
         arc and arc.pool,     # archive-pool: the archive's S3 calls (absent when off)
         arc and arc.service,  # archive: upload rounds; stop waits for a round in progress

@@ -188,6 +188,20 @@ class MatcherTests(SynchronousTestCase):
         m = compile_matcher(r"^\d+$", regex=True)
         self.assertIsNone(m.needle)
 
+    def test_case_invariant_needles(self):
+        """Ignoring case, the longest run of digits, punctuation and spaces (which do not
+        fold) is the needle, compared with the data as it is (no lower-cased copy); a
+        pattern of letters alone keeps RE2 (substring) or the folded needle (regex)."""
+        m = compile_matcher("RETRY=62308 USER=459", ignore_case=True)
+        self.assertEqual((m.needle, m.folded, m.exact), (b"=62308 ", False, False))
+        self.assertTrue(m.matches(b"x retry=62308 user=459\n"))
+        m = compile_matcher(r"user=\d+ FAILED: 42", regex=True, ignore_case=True)
+        self.assertEqual((m.needle, m.folded), (b": 42", False))
+        m = compile_matcher("Timeout a", ignore_case=True)
+        self.assertEqual(m.needle, None)
+        m = compile_matcher(r"disk \d", regex=True, ignore_case=True)
+        self.assertEqual((m.needle, m.folded), (b"di", True))
+
     def test_invalid_patterns_name_the_problem(self):
         """An invalid regex raises BadPattern quoting the pattern and RE2's reason; lookbehind
         and backreferences (not linear-time) are refused."""
@@ -401,3 +415,82 @@ class SearchViewsTests(SynchronousTestCase):
         before = len(os.listdir("/proc/self/fd"))
         for _chunk in search_views(self.streams, 0, compile_matcher("o")):
             self.assertEqual(len(os.listdir("/proc/self/fd")), before)
+
+
+def _member(messages: list, timestamps: list):
+    """One log member of ``messages``: (bytes, MemberInfo)."""
+    ords = list(range(len(messages)))
+    pieces = fmt.encode_log_members(timestamps, ords, ords, messages, COMP,
+                                    max_member_raw=1 << 30)
+    assert len(pieces) == 1
+    return pieces[0]
+
+
+class MemberScanTests(SynchronousTestCase):
+    """thd_scan_member (the whole-member scan on a pool thread) against RE2 on each message
+    of the member alone: the path searches took before they searched whole members."""
+
+    @given(st.lists(st.tuples(TEXT, st.sampled_from([b"\n", b"\n", b""]), st.integers(0, 5)),
+                    min_size=1, max_size=10),
+           st.one_of(st.tuples(REGEXES, st.just(True)), st.tuples(LITERALS, st.just(False))),
+           st.booleans(), st.integers(0, 5), st.integers(0, 5))
+    def test_same_matches_as_per_message(self, rows, pattern_regex, ignore_case, start, end):
+        """For any member (messages with and without final newlines, empty ones, timestamps
+        in or out of order), pattern and time range, the scan returns exactly the messages
+        in range that RE2 matches alone, in stored order, with their columns."""
+        from joblet_persist.storage.search import thd_scan_member
+
+        pattern, regex = pattern_regex
+        try:
+            m = compile_matcher(pattern, regex=regex, ignore_case=ignore_case)
+        except BadPattern:
+            assume(False)
+        messages = [t.encode("utf-8") + nl for t, nl, _ts in rows]
+        timestamps = [ts for _t, _nl, ts in rows]
+        assume(sum(map(len, messages)) > 0)
+        buf, info = _member(messages, timestamps)
+        ref = _reference(pattern, regex, ignore_case)
+        want = [i for i, msg in enumerate(messages)
+                if (start <= 0 or timestamps[i] >= start) and (end <= 0 or timestamps[i] <= end)
+                and ref(msg)]
+        got = thd_scan_member(buf, info, "p", m, start, end)
+        self.assertEqual(got, (want, [timestamps[i] for i in want], want,
+                               [messages[i] for i in want]))
+
+    @given(st.lists(st.binary(max_size=4), max_size=8), st.integers(-2, 2))
+    def test_message_ends_twins(self, messages, extra):
+        """_speedups.message_ends and its Python twin agree for any messages, also when the
+        lengths do not add up to the data."""
+        from joblet_persist.storage import search
+
+        if search.message_ends is search._message_ends_py:
+            self.skipTest("joblet_persist._speedups is not built")
+        data = b"".join(messages)[: max(0, len(b"".join(messages)) + extra)]
+        if extra > 0:
+            data += b"\n" * extra
+        lengths = [len(x) for x in messages]
+        self.assertEqual(search.message_ends(data, lengths),
+                         search._message_ends_py(data, lengths))
+
+    def test_members_without_a_match_end_before_message_bounds(self):
+        """A regular expression with assertions is searched in the member's whole data
+        (RE2, without the GIL) before anything is done per message: a member that holds its
+        required literal but no match ends there, and the members' ends are checked in one
+        call (no per-message Python work)."""
+        from unittest import mock
+
+        from joblet_persist.storage import search
+
+        messages = [b"ERROR [w12] user=%d\n" % i for i in range(50)]
+        buf, info = _member(messages, [1] * 50)
+        m = compile_matcher(r"\bERROR \[w1\d\] user=9\d\d\b", regex=True)
+        self.assertIsNotNone(m.needle)
+        self.assertFalse(m.assertion_free)
+        if getattr(search, "message_ends", None) is getattr(search, "_message_ends_py", ()):
+            self.skipTest("joblet_persist._speedups is not built")
+        with mock.patch.object(search, "message_bounds", side_effect=AssertionError("bounds")), \
+                mock.patch.object(search, "_lines_only", side_effect=AssertionError("per line")):
+            self.assertEqual(search.thd_scan_member(buf, info, "p", m, 0, 0), ([], [], [], []))
+        messages[7] = b"ERROR [w13] user=912\n"
+        buf, info = _member(messages, [1] * 50)
+        self.assertEqual(search.thd_scan_member(buf, info, "p", m, 0, 0)[3], [messages[7]])

@@ -457,6 +457,24 @@ class ILogSearch(Interface):
         """
 
 
+class IMetricColumns(Interface):
+    """Optional snapshot capability: metric fields read as columns.  gRPC thread.
+
+    AggregateMetrics uses it; without it, the servicer aggregates what
+    ``iter_metrics`` returns, sample by sample.
+    """
+
+    def iter_metric_columns(
+        fields, start_time=0, end_time=0, submit=None, window=4, stats=None, cancelled=None
+    ):
+        """The samples of ``iter_metrics(start_time, end_time)`` as chunks
+        ``(timestamps, columns)``: ``columns`` holds one list per name in ``fields``
+        (``storage.metric_columns.FIELDS``) of the values ``metric_columns.getter`` reads
+        from each sample's data object.  ``submit(fn, *args)`` returns a Future: the
+        per-member work runs through it, up to ``window`` members at once.
+        """
+
+
 class IStorageBackend(Interface):
     """What the writer, the query servicer, retention and the composition root need.
 

@@ -16,13 +16,20 @@ of a message, as grep's do.
 The scan of a member never splits its data into messages first.  A *needle*, a
 literal run of text that every match must contain, is searched in the member's
 whole inflated data (``bytes.find``); a member without it ends there.  For a
-substring the needle is the pattern itself and decides alone.  A substring
+substring the needle is the pattern itself and decides alone; ignoring case, it is
+the pattern's longest run of digits, punctuation and spaces (which do not fold), and
+for a regular expression that run or else a run compared lower-cased.  A substring
 ignoring case, and a regular expression where it is safe (``Matcher.context_ok``,
 ``assertion_free``), are searched by RE2 once over the whole data, and only the
 messages where a match starts are checked alone; otherwise the regex runs on the
 messages that contain the needle, or without one (``^\\d+$``) on every message in
-range.  Members outside the time range are skipped by their index entry, and the
-work per call is bounded (``ScanLimits``: raw bytes scanned, a deadline).
+range.  That RE2 pass runs before the member's message bounds are built (RE2 and
+libdeflate release the GIL, so members scan in parallel on the pool threads), and
+whether the messages all end in a newline is checked in one C call
+(``_speedups.message_ends``): a member without a match costs its inflation, its
+table and one pass of RE2, with no Python work per message.  Members outside the
+time range are skipped by their index entry, and the work per call is bounded
+(``ScanLimits``: raw bytes scanned, a deadline).
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import time
 from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass
-from itertools import repeat
+from itertools import accumulate, repeat
 from operator import itemgetter
 from typing import Callable, Iterator, Optional
 
@@ -271,6 +278,37 @@ def required_literals(pattern: str) -> Optional[list]:
     return runs
 
 
+#: Shortest run of case-invariant characters worth a prefilter under case folding.
+_MIN_INVARIANT = 2
+
+
+def _invariant_runs(runs: list) -> list:
+    """Sub-runs of ``runs`` made of ASCII characters that are not letters (digits,
+    punctuation, spaces): no character folds to them or from them under Unicode simple case
+    folding, so ignoring case they match only themselves, and ``bytes.find`` in the data as
+    it is (no lower-cased copy) finds them."""
+    out = []
+    for run in runs:
+        piece: list = []
+        for ch in run:
+            if ch.isascii() and not ch.isalpha():
+                piece.append(ch)
+            else:
+                if piece:
+                    out.append("".join(piece))
+                piece = []
+        if piece:
+            out.append("".join(piece))
+    return out
+
+
+def _invariant_needle(runs: list) -> Optional[bytes]:
+    """The longest case-invariant run of ``runs`` (``_invariant_runs``) when it is long
+    enough to be worth a ``find``, else None."""
+    best = max(_invariant_runs(runs), key=len, default="")
+    return best.encode("ascii") if len(best) >= _MIN_INVARIANT else None
+
+
 def _foldable_runs(runs: list) -> list:
     """Sub-runs of ``runs`` that ASCII lower-casing compares exactly under RE2 (?i)."""
     out = []
@@ -319,23 +357,25 @@ class Matcher:
             content = content[:-1]
         return self._rx.search(content) is not None
 
-    def scan(self, data: bytes, bounds: list, positions, hay=None) -> list:
+    def scan(self, data: bytes, bounds: list, positions, hay=None, ends=None,
+             first: int = 0) -> list:
         """Positions (message indices) among ``positions`` whose message matches.
 
         ``data`` is a member's inflated data, message i being
         ``data[bounds[i]:bounds[i + 1]]``; ``positions`` a ``range`` (the usual
         case) or an ascending list of indices; ``hay`` the data as the needle is
-        compared with (lower-cased when ``folded``), when the caller has it.
-        Result ascending.
+        compared with (lower-cased when ``folded``), when the caller has it;
+        ``ends``, ``(nonempty, lines)`` of ``message_ends``, when the caller has
+        them; ``first``: no match of the whole data starts before this offset
+        (the caller searched up to there).  Result ascending.
         """
         if not positions:
             return []
         needle = self.needle
-        if not self.exact and (
-            self.assertion_free and all(map(operator.lt, bounds, bounds[1:]))  # none empty
-            or self.context_ok and _lines_only(data, bounds)
-        ):
-            candidates = self._context_candidates(data, bounds, positions)
+        if ends is None:
+            ends = (all(map(operator.lt, bounds, bounds[1:])), _lines_only(data, bounds))
+        if self.context_search(*ends):
+            candidates = self._context_candidates(data, bounds, positions, first)
         elif needle is None:
             candidates = positions
         elif not needle:
@@ -368,7 +408,14 @@ class Matcher:
         matches = self.matches
         return [i for i in candidates if matches(bytes(data[bounds[i] : bounds[i + 1]]))]
 
-    def _context_candidates(self, data, bounds: list, positions) -> list:
+    def context_search(self, nonempty: bool, lines: bool) -> bool:
+        """Whether one search of a member's whole data finds every message that matches
+        (see _context_candidates), for a member whose messages are all non-empty
+        (``nonempty``) and all end in a newline (``lines``)."""
+        return not self.exact and (self.assertion_free and nonempty
+                                   or self.context_ok and lines)
+
+    def _context_candidates(self, data, bounds: list, positions, first: int = 0) -> list:
         """Messages in which a search of the whole data finds a match starting: a
         superset of the matching messages when every message ends in a newline (a match
         of a message alone, without its newline, is a match in the data too: its
@@ -381,7 +428,7 @@ class Matcher:
             wanted = set(positions)
         match = self._rx._regexp.Match
         out = []
-        pos = lo
+        pos = max(lo, first)
         while pos < hi:
             start = match(_UNANCHORED, data, pos, hi)[0][0]
             if start < 0 or start >= hi:
@@ -416,6 +463,23 @@ def _lines_only(data, bounds: list) -> bool:
     return lasts.count(10) == n and all(map(operator.lt, bounds, bounds[1:]))
 
 
+def _message_ends_py(data, lengths: list) -> tuple:
+    """``(total, nonempty, lines)`` of a member's messages (``lengths`` into ``data``):
+    the sum of the lengths; whether every message is non-empty; whether there is one, all
+    are non-empty, the lengths add up to the data and every message ends in a newline."""
+    total = sum(lengths)
+    nonempty = all(lengths)
+    if not lengths or not nonempty or total != len(data):
+        return total, nonempty, False
+    return total, True, _lines_only(data, list(accumulate(lengths, initial=0)))
+
+
+try:
+    from joblet_persist._speedups import message_ends
+except ImportError:  # not built
+    message_ends = _message_ends_py
+
+
 def compile_matcher(pattern: str, regex: bool = False, ignore_case: bool = False) -> Matcher:
     """Compile a user's pattern; BadPattern names the problem.  Any thread.
 
@@ -438,14 +502,22 @@ def compile_matcher(pattern: str, regex: bool = False, ignore_case: bool = False
     if ignore_case and not regex:
         # A substring ignoring case is found by RE2 itself in the member's data (its DFA,
         # no lower-cased copy of the data; RE2's folding is the reference anyway); each
-        # message where it is found is then checked alone.
-        return Matcher(pattern, regex, ignore_case, None, False, False, rx, True, True)
+        # message where it is found is then checked alone.  Its digits and punctuation do
+        # not fold: the longest run of them, found with bytes.find, dismisses most members
+        # before RE2 runs.
+        needle = _invariant_needle([pattern])
+        return Matcher(pattern, regex, ignore_case, needle, False, False, rx, True, True)
     exact = not regex
     context = bool(regex and "\\A" not in pattern and "\\z" not in pattern
                    and not _NO_MULTILINE.search(pattern))
     free = bool(regex and not any(a in pattern for a in _ASSERTIONS))
     if runs is None or not runs and regex:
         return Matcher(pattern, regex, ignore_case, None, False, False, rx, context, free)
+    if ignore_case and regex:
+        invariant = _invariant_needle(runs)
+        if invariant is not None:  # found in the data as it is: no lower-cased copy
+            return Matcher(pattern, regex, ignore_case, invariant, False, False, rx, context,
+                           free)
     if ignore_case:
         foldable = _foldable_runs(runs)
         if exact and (len(foldable) != 1 or foldable[0] != pattern):
@@ -485,20 +557,37 @@ def thd_scan_member(buf: bytes, m: MemberInfo, path: str, matcher: Matcher,
         hay = data.lower() if matcher.folded else data
         if matcher.needle not in hay:
             return [], [], [], []
-    if matcher.assertion_free and matcher._rx._regexp.Match(
-            _UNANCHORED, data, 0, len(data))[0][0] < 0:
-        return [], [], [], []  # no match anywhere in the data: none in any message
+    first = None  # where the first match in the whole data starts (-1: none)
+    if matcher.assertion_free:
+        first = matcher._rx._regexp.Match(_UNANCHORED, data, 0, len(data))[0][0]
+        if first < 0:
+            return [], [], [], []  # no match anywhere in the data: none in any message
     try:
         table = decode_member_table(buf, m)
     except UnsupportedMember as e:  # only a file rewritten since its scan: skipped
         raise CorruptMember(e.reason, path, m.offset) from None
-    bounds = message_bounds(table, data, path, m.offset)
+    if table.lengths is None:
+        # A line member: every message is a non-empty line by construction; its bounds
+        # are checked against the data's newlines when they are built.
+        nonempty = lines = True
+    else:
+        total, nonempty, lines = message_ends(data, table.lengths)
+        if total != len(data):
+            raise CorruptMember("message lengths do not add up to the data", path, m.offset)
     rng = reader._Range(start_time, end_time)
     if rng.active and not rng.covers(m):
         positions = reader._positions(table.timestamps, rng, 0)
     else:
         positions = range(len(table.ordinals))
-    hits = matcher.scan(data, bounds, positions, hay)
+    if matcher.context_search(nonempty, lines):
+        # RE2 over the whole data (without the GIL) before the message bounds are built:
+        # most members of a selective search end here.
+        if first is None:
+            first = matcher._rx._regexp.Match(_UNANCHORED, data, 0, len(data))[0][0]
+        if first < 0:
+            return [], [], [], []
+    bounds = message_bounds(table, data, path, m.offset)
+    hits = matcher.scan(data, bounds, positions, hay, (nonempty, lines), max(0, first or 0))
     ords, ts, seqs = table.ordinals, table.timestamps, table.sequences
     return (
         [ords[i] for i in hits],

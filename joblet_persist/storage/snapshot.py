@@ -13,7 +13,7 @@ from typing import Callable, Optional
 from zope.interface import implementer
 
 from joblet_persist import events
-from joblet_persist.storage import reader, search, tail
+from joblet_persist.storage import metric_columns, reader, search, tail
 from joblet_persist.storage.api import (
     EVENT_OF_KIND,
     LOG_STREAMS,
@@ -25,6 +25,7 @@ from joblet_persist.storage.api import (
     IJobSnapshot,
     ILogSearch,
     ILogTail,
+    IMetricColumns,
     JobInfo,
     ReadStats,
     SegmentKind,
@@ -54,7 +55,7 @@ def _seam_errors(job_id: str, records):
 # -- the published, immutable view -----------------------------------------
 
 
-@implementer(IJobSnapshot, IBulkLogReads, ILogTail, ILogSearch)
+@implementer(IJobSnapshot, IBulkLogReads, ILogTail, ILogSearch, IMetricColumns)
 @dataclass(frozen=True, eq=False)
 class LocalJobSnapshot:
     """One job's published data.  Immutable; any thread.
@@ -195,6 +196,24 @@ class LocalJobSnapshot:
                 self.metrics, start_time, end_time, offset, limit, stats, cancelled, self.budget
             ),
         )
+
+    def iter_metric_columns(
+        self,
+        fields: tuple,
+        start_time: int = 0,
+        end_time: int = 0,
+        submit=None,
+        window: int = 4,
+        stats: Optional[ReadStats] = None,
+        cancelled: Callable[[], bool] = _never_cancelled,
+    ):
+        """Metric fields in columns (IMetricColumns; see metric_columns.iter_metric_columns).
+        gRPC thread."""
+        extra = {} if submit is None else {"submit": submit}
+        return _seam_errors(self.job_id, metric_columns.iter_metric_columns(
+            self.metrics, fields, start_time, end_time, window=window, stats=stats,
+            cancelled=cancelled, budget=self.budget, **extra,
+        ))
 
     def iter_events(
         self,
