@@ -174,16 +174,20 @@ def _prober(path: str, interval: float, stop, job: str = FOLLOWED) -> None:
     s.close()
 
 
-def _written(stub) -> int:
-    return stub.GetStats(pb.GetStatsRequest(), timeout=10).messages_written
+def _counts(stub) -> tuple:
+    stats = stub.GetStats(pb.GetStatsRequest(), timeout=10)
+    return stats.messages_received, stats.messages_written
 
 
 def push(stub, work: str, frames: int, fed=None) -> float:
     """Send ``frames`` at full speed from a separate process; seconds until all written.
     ``fed`` (a shared counter of lines another process sends meanwhile, or None): those
-    lines count in GetStats too, so the push is written once the count has grown by
-    ``frames`` plus the lines fed since the push began."""
-    before = _written(stub)
+    lines count in GetStats too, so the push is received once the received count has
+    grown by ``frames`` plus the lines fed since the push began, and written once the
+    written count reaches what had been received then (a fixed mark: the feeder's own
+    lines always wait up to a flush interval in the writer's buffer, so a written count
+    compared with the feeder's running count could trail it for ever)."""
+    received_before, _ = _counts(stub)
     fed_before = fed.value if fed is not None else 0
     ctx = multiprocessing.get_context("spawn")
     ready, go, done = ctx.Event(), ctx.Event(), ctx.Event()
@@ -192,9 +196,14 @@ def push(stub, work: str, frames: int, fed=None) -> float:
     ready.wait(120)
     t0 = time.perf_counter()
     go.set()
+    mark = None
     while True:
-        extra = fed.value - fed_before if fed is not None else 0
-        if _written(stub) - before >= frames + extra:
+        received, written = _counts(stub)
+        if mark is None:
+            extra = fed.value - fed_before if fed is not None else 0
+            if received - received_before >= frames + extra:
+                mark = received
+        if mark is not None and written >= mark:
             break
         if time.perf_counter() - t0 > 150:
             raise SystemExit("ingest did not finish within 150 s")
