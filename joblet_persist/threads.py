@@ -55,3 +55,16 @@ def reactor_only(f: F) -> F:
         return f(*args, **kwargs)
 
     return checked
+
+
+def run_inline(fn: Callable, *args):
+    """A ``submit`` that runs the work at once on the calling thread: a done Future with
+    its result, or with the exception it raised.  Any thread."""
+    from concurrent.futures import Future
+
+    future: Future = Future()
+    try:
+        future.set_result(fn(*args))
+    except BaseException as e:  # delivered to whoever takes the result
+        future.set_exception(e)
+    return future

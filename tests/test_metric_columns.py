@@ -23,6 +23,7 @@ from joblet_persist.storage.api import JobInfo, ReadStats
 from joblet_persist.storage.reader import SegmentView, iter_metrics
 from joblet_persist.storage.segment import thd_append
 from joblet_persist.storage.snapshot import LocalJobSnapshot
+from joblet_persist.threads import run_inline
 from tests.test_query import JOB, ServicerMixin
 from tests.test_query_search import LocalSnapshots
 from tests.test_storage_reader import COMP
@@ -391,7 +392,7 @@ class ReadTests(SynchronousTestCase):
 
         def submit(fn, *args):
             calls.append(args[1])
-            return mc._inline(fn, *args)
+            return run_inline(fn, *args)
 
         got = rows_of(mc.iter_metric_columns(views, ("cpu_usage",), submit=submit, window=2))
         self.assertEqual([g[0] for g in got], [0, 1, 2, 3, 4])
@@ -472,7 +473,7 @@ class AggregateRpcTests(ServicerMixin, SynchronousTestCase):
 
         def submit(fn, *args):
             submitted.append(fn)
-            return mc._inline(fn, *args)
+            return run_inline(fn, *args)
 
         request = pb.AggregateMetricsRequest(job_uuid=JOB, step_ns=5 * 10**9,
                                              functions=list(aggregate.FUNCTIONS))

@@ -43,6 +43,7 @@ from joblet_persist.storage.format import (
     decode_member_table,
     message_bounds,
 )
+from joblet_persist.threads import run_inline
 
 __all__ = [
     "FIELDS",
@@ -215,18 +216,6 @@ def _runs(positions: list) -> list:
     return out
 
 
-def _inline(fn, *args):
-    """A ``submit`` that runs the work at once on the calling thread (a done Future)."""
-    from concurrent.futures import Future
-
-    future: Future = Future()
-    try:
-        future.set_result(fn(*args))
-    except BaseException as e:  # delivered to whoever takes the result
-        future.set_exception(e)
-    return future
-
-
 def _rows_to_columns(records, fields: tuple, chunk: int = 4096) -> Iterator[tuple]:
     """``(timestamps, columns)`` chunks of MetricRecords (the reader's own order)."""
     getters = [getter(f) for f in fields]
@@ -248,7 +237,7 @@ def iter_metric_columns(
     start_time: int = 0,
     end_time: int = 0,
     *,
-    submit: Callable = _inline,
+    submit: Callable = run_inline,
     window: int = 4,
     stats: Optional[ReadStats] = None,
     cancelled: Callable[[], bool] = lambda: False,

@@ -57,6 +57,7 @@ from joblet_persist.storage.format import (
     decode_member_table,
     message_bounds,
 )
+from joblet_persist.threads import run_inline
 
 __all__ = [
     "BadPattern",
@@ -597,18 +598,6 @@ def thd_scan_member(buf: bytes, m: MemberInfo, path: str, matcher: Matcher,
     )
 
 
-def _inline(fn, *args):
-    """A ``submit`` that runs the work at once on the calling thread (a done Future)."""
-    from concurrent.futures import Future
-
-    future: Future = Future()
-    try:
-        future.set_result(fn(*args))
-    except BaseException as e:  # delivered to whoever takes the result
-        future.set_exception(e)
-    return future
-
-
 # -- the search of one job's segments (gRPC thread) -------------------------------------
 
 
@@ -651,7 +640,7 @@ def search_views(
     end_time: int = 0,
     *,
     limits: Optional[ScanLimits] = None,
-    submit: Callable = _inline,
+    submit: Callable = run_inline,
     window: int = 4,
     stats: Optional[ReadStats] = None,
     cancelled: Callable[[], bool] = lambda: False,
