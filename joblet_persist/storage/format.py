@@ -161,6 +161,17 @@ except ImportError:
     _line_bounds_c = None
 
 
+def _placed(what: str, reason: str, path: Optional[str], offset: Optional[int]) -> str:
+    """The message of a member error: ``"<what> member at <path> offset <n>: <reason>"``
+    with the place parts that are known, or ``reason`` alone when neither is."""
+    where = []
+    if path is not None:
+        where.append(str(path))
+    if offset is not None:
+        where.append(f"offset {offset}")
+    return f"{what} member at {' '.join(where)}: {reason}" if where else reason
+
+
 class UnsupportedMember(ValueError):
     """A JP member of a format this release does not know: a later version, or flag bits
     it does not read.
@@ -172,15 +183,7 @@ class UnsupportedMember(ValueError):
     """
 
     def __init__(self, reason: str, path: Optional[str] = None, offset: Optional[int] = None):
-        where = []
-        if path is not None:
-            where.append(str(path))
-        if offset is not None:
-            where.append(f"offset {offset}")
-        message = (
-            f"unsupported member at {' '.join(where)}: {reason}" if where else reason
-        )
-        super().__init__(message)
+        super().__init__(_placed("unsupported", reason, path, offset))
         self.reason = reason
         self.path = path
         self.offset = offset
@@ -194,13 +197,7 @@ class CorruptMember(Exception):
     """
 
     def __init__(self, reason: str, path: Optional[str] = None, offset: Optional[int] = None):
-        where = []
-        if path is not None:
-            where.append(str(path))
-        if offset is not None:
-            where.append(f"offset {offset}")
-        message = f"corrupt member at {' '.join(where)}: {reason}" if where else reason
-        super().__init__(message)
+        super().__init__(_placed("corrupt", reason, path, offset))
         self.reason = reason
         self.path = path
         self.offset = offset

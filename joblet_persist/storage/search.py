@@ -283,16 +283,14 @@ def required_literals(pattern: str) -> Optional[list]:
 _MIN_INVARIANT = 2
 
 
-def _invariant_runs(runs: list) -> list:
-    """Sub-runs of ``runs`` made of ASCII characters that are not letters (digits,
-    punctuation, spaces): no character folds to them or from them under Unicode simple case
-    folding, so ignoring case they match only themselves, and ``bytes.find`` in the data as
-    it is (no lower-cased copy) finds them."""
+def _sub_runs(runs: list, keep: Callable) -> list:
+    """The maximal non-empty pieces of the strings in ``runs`` whose every character
+    satisfies ``keep``."""
     out = []
     for run in runs:
         piece: list = []
         for ch in run:
-            if ch.isascii() and not ch.isalpha():
+            if keep(ch):
                 piece.append(ch)
             else:
                 if piece:
@@ -301,6 +299,14 @@ def _invariant_runs(runs: list) -> list:
         if piece:
             out.append("".join(piece))
     return out
+
+
+def _invariant_runs(runs: list) -> list:
+    """Sub-runs of ``runs`` made of ASCII characters that are not letters (digits,
+    punctuation, spaces): no character folds to them or from them under Unicode simple case
+    folding, so ignoring case they match only themselves, and ``bytes.find`` in the data as
+    it is (no lower-cased copy) finds them."""
+    return _sub_runs(runs, lambda ch: ch.isascii() and not ch.isalpha())
 
 
 def _invariant_needle(runs: list) -> Optional[bytes]:
@@ -312,19 +318,7 @@ def _invariant_needle(runs: list) -> Optional[bytes]:
 
 def _foldable_runs(runs: list) -> list:
     """Sub-runs of ``runs`` that ASCII lower-casing compares exactly under RE2 (?i)."""
-    out = []
-    for run in runs:
-        piece: list = []
-        for ch in run:
-            if ch.isascii() and ch not in _NON_ASCII_FOLDS:
-                piece.append(ch)
-            else:
-                if piece:
-                    out.append("".join(piece))
-                piece = []
-        if piece:
-            out.append("".join(piece))
-    return out
+    return _sub_runs(runs, lambda ch: ch.isascii() and ch not in _NON_ASCII_FOLDS)
 
 
 @dataclass(frozen=True)
