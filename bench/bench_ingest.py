@@ -262,10 +262,32 @@ def _tree_bytes(path: str) -> int:
     return total
 
 
+def _free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for the service's monitoring servers)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _level_batches(port: int) -> dict:
+    """Batches compressed per level so far, from the service's /metrics
+    (``persist_compression_batches_total{level="N"}``)."""
+    import re
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {int(m.group(1)): int(float(m.group(2))) for m in re.finditer(
+        r'^persist_compression_batches_total\{level="(\d+)"\} (\S+)$', text, re.M)}
+
+
 def run_one(args, payloads: list[bytes], raw_total: int, gzip6_bytes: int, compressor: str,
             level: str, conns: int, mode: str = "logs") -> dict:
     """One service run: start, push ``payloads`` (one per connection), wait, stop."""
     work = tempfile.mkdtemp(prefix="jpb", dir="/tmp")
+    metrics_port = _free_port() if args.levels else 0
     try:
         cfg = os.path.join(work, "persist.yml")
         with open(cfg, "w") as f:
@@ -274,8 +296,10 @@ def run_one(args, payloads: list[bytes], raw_total: int, gzip6_bytes: int, compr
                 f"ipc:\n  socket: {work}/ipc.sock\n"
                 f"storage:\n  dataDir: {work}/data\n  compressor: {compressor}\n"
                 f"  compressionLevel: {level}\n"
-                f"monitoring:\n  enabled: false\n"
-                f"logging:\n  level: warn\n"
+                + (f"monitoring:\n  enabled: true\n  metricsPort: {metrics_port}\n"
+                   f"  healthPort: {_free_port()}\n" if metrics_port else
+                   "monitoring:\n  enabled: false\n")
+                + "logging:\n  level: warn\n"
             )
         env = dict(os.environ, PYTHONPATH=ROOT)
         cprofile = []
@@ -344,6 +368,7 @@ def run_one(args, payloads: list[bytes], raw_total: int, gzip6_bytes: int, compr
             profiler.send_signal(signal.SIGINT)
             profiler.wait(30)
         rss = _peak_rss(proc.pid)
+        levels = _level_batches(metrics_port) if metrics_port else None
         st = _stats(stub)
         channel.close()
         proc.send_signal(signal.SIGTERM)
@@ -375,6 +400,7 @@ def run_one(args, payloads: list[bytes], raw_total: int, gzip6_bytes: int, compr
             "stored_metrics": st.total_metrics,
             "stored_events": st.total_events,
             "exit_code": proc.returncode,
+            **({"level_batches": levels} if levels is not None else {}),
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -384,6 +410,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--frames", type=int, default=2_000_000)
     ap.add_argument("--jobs", type=int, default=10)
+    ap.add_argument("--levels", action="store_true",
+                    help="enable the service's /metrics and print the batches compressed "
+                         "per level (level_batches) for each run")
     ap.add_argument("--line-bytes", type=int, default=100)
     ap.add_argument("--connections", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--compressors", nargs="+", default=["deflate:5", "isal:1"],

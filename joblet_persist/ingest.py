@@ -106,7 +106,7 @@ from joblet_persist.framing import decode_log_frames
 from joblet_persist.logs import Logger
 from joblet_persist.storage.api import is_valid_job_id
 from joblet_persist.threads import reactor_only
-from joblet_persist.writer import IBulkLogWriter, IBulkOtherWriter, WriterStopped
+from joblet_persist.writer import IBulkLogWriter, IBulkOtherWriter, IGroupWriter, WriterStopped
 
 __all__ = [
     "EventTally",
@@ -566,6 +566,10 @@ class IngestProtocol(Int32StringReceiver):
         # With the bulk forms (and the bulk decode), the decoder also groups the metric and
         # event frames whose payload is canonical: no per-frame work for them here.
         self._grouped = bulk and self._decode == self._decode_bulk
+        # One writer call per read for all the decoder's groups, when the writer takes that.
+        self._add_groups = (
+            writer.add_groups if self._grouped and IGroupWriter.providedBy(writer) else None
+        )
         self._job_ids = job_ids if job_ids is not None else _JobIdCache()
         self._valid_ids = self._job_ids.ids
         # Receive state between reads; at most one of these is set.
@@ -902,7 +906,14 @@ class IngestProtocol(Int32StringReceiver):
 
     def _deliver(self, groups: dict, counts: dict) -> int:
         """Hand the decoder's groups to the writer, each job id validated once; return the
-        number of frames in them, and add them to ``counts`` by type.  Reactor thread."""
+        number of frames in them, and add them to ``counts`` by type.  Reactor thread.
+
+        With a writer that has ``add_groups``: every group of the read in one writer call
+        (the groups of invalid job ids taken out and rejected first); otherwise one call per
+        group."""
+        add_groups = self._add_groups
+        if add_groups is not None:
+            return self._deliver_all(add_groups, groups, counts)
         valid_ids = self._valid_ids
         add_logs = self._add_logs
         total = 0
@@ -928,6 +939,60 @@ class IngestProtocol(Int32StringReceiver):
                 detail = f"LOG for job {job_id} after the writer stopped"
                 for _ in range(n):
                     self._reject("stopping", detail)
+        return total
+
+    def _deliver_all(self, add_groups, groups: dict, counts: dict) -> int:
+        """``_deliver`` through the writer's ``add_groups``: what one call per group does
+        (rejections, counts, accepted events), for all groups of the read at once."""
+        valid_ids = self._valid_ids
+        total = 0
+        invalid = None
+        for key, columns in groups.items():
+            n = len(columns[0])
+            total += n
+            code = key[1]
+            msg_type = -code if code < 0 else MSG_LOG
+            counts[msg_type] = counts.get(msg_type, 0) + n
+            if key[0] not in valid_ids and not self._job_ids.admit(key[0]):
+                if invalid is None:
+                    invalid = []
+                invalid.append(key)
+        if invalid is not None:
+            for key in invalid:
+                job_id, code = key
+                n = len(groups.pop(key)[0])
+                # Never stored: forget the arrival numbers the decoder gave these frames.
+                self._arrivals.pop(job_id, None)
+                name = _EVENT_VIEWS[-code][0] if code < -MSG_METRIC else None
+                detail = f"job id {job_id[:160]!r}"
+                for _ in range(n):
+                    self._reject("invalid_job_id", detail)
+                    if name is not None:
+                        self._event_rejected(name, "invalid_job_id")
+            if not groups:
+                return total
+        try:
+            add_groups(groups)
+        except WriterStopped:
+            for (job_id, code), columns in groups.items():
+                name = _EVENT_VIEWS[-code][0] if code < -MSG_METRIC else None
+                if code > 0:
+                    what = "LOG"
+                elif name is None:
+                    what = "METRIC"
+                else:
+                    what = f"{name} event"
+                detail = f"{what} for job {job_id} after the writer stopped"
+                for _ in range(len(columns[0])):
+                    self._reject("stopping", detail)
+                    if name is not None:
+                        self._event_rejected(name, "stopping")
+            return total
+        accepted = self._events_accepted
+        for (_job_id, code), columns in groups.items():
+            if code < -MSG_METRIC:
+                name = _EVENT_VIEWS[-code][0]
+                accepted[name] = accepted.get(name, 0) + len(columns[0])
         return total
 
     def _deliver_other(self, job_id, msg_type, timestamps, sequences, arrivals, payloads):

@@ -65,6 +65,7 @@ __all__ = [
     "MESSAGE_OVERHEAD",
     "BatchingWriter",
     "BufferKey",
+    "IGroupWriter",
     "IIngestWriter",
     "NullWriterMetrics",
     "WriterStopped",
@@ -127,6 +128,12 @@ _KIND_OF_BUFFER = {
 }
 _LOG_BUFFERS = (BufferKey.STDOUT, BufferKey.STDERR)
 
+#: The decoder's group code of metric samples is -MSG_METRIC_CODE; events are -3..-9 (their
+#: IPC message types, which are their buffers' indexes).
+MSG_METRIC_CODE = 2
+_FIRST_EVENT_TYPE = min(_EVENT_OF_BUFFER)
+_LAST_EVENT_TYPE = max(_EVENT_OF_BUFFER)
+
 log = Logger()
 
 
@@ -175,6 +182,14 @@ class IBulkOtherWriter(IIngestWriter):
 
     def add_events(job_id, kind, timestamps, sequences, arrivals, payloads):
         """Several telemetry events of one job and ``kind``, in order."""
+
+
+class IGroupWriter(IBulkLogWriter, IBulkOtherWriter):
+    """A writer that takes all of the frame decoder's groups of one read in one call."""
+
+    def add_groups(groups):
+        """Buffer every group of ``groups`` ((job id, code) -> four columns; code 1/2 a log
+        stream, -2 metric samples, -t events of IPC message type t), job ids validated."""
 
 
 class NullWriterMetrics:
@@ -276,7 +291,7 @@ class _Buffer:
         return f"{self.job.job_id}/{_KIND_OF_BUFFER[self.key]}"
 
 
-@implementer(IBulkLogWriter, IBulkOtherWriter)
+@implementer(IGroupWriter)
 class BatchingWriter:
     """Buffers messages per (job, stream) and appends them to storage in batches.
 
@@ -333,6 +348,9 @@ class BatchingWriter:
         self._metrics = metrics if metrics is not None else NullWriterMetrics()
 
         self._jobs: dict[str, _Job] = {}
+        # (job id, decoder group code) -> the job's buffer, for add_groups; cleared whenever
+        # a job leaves _jobs, so an entry always names a buffer of the job's current _Job.
+        self._group_buffers: dict[tuple[str, int], _Buffer] = {}
         #: Job id -> the job's next arrival ordinal (see the module docstring).  Always this
         #: dict object: the ingest protocol holds on to it.
         self.arrivals: dict[str, int] = {}
@@ -576,6 +594,70 @@ class BatchingWriter:
             raise WriterStopped("writer is stopping")
         self._add_many(job_id, BUFFER_OF_EVENT[kind], timestamps, sequences, arrivals, payloads)
 
+    @reactor_only
+    def add_groups(self, groups: dict) -> None:
+        """Buffer all the frame decoder's groups of one read, in one call.  Reactor thread.
+
+        ``groups`` maps ``(job_id, code)`` to four equally long columns (timestamps,
+        sequences, arrivals, payloads) as ``add_logs`` takes them: ``code`` 1 or 2 is a log
+        stream, ``-2`` metric samples, ``-t`` telemetry events of IPC message type ``t``
+        (3..9).  Every job id must already be validated and every group be non-empty.  The
+        same as one ``add_logs``/``add_metrics``/``add_events`` call per group in the
+        dict's order (batches seal at the same places, log taps see the same calls), minus
+        their per-call cost: each (job, code) finds its buffer in one dict lookup.  Raises
+        WriterStopped, having buffered nothing, once the writer is stopping; ValueError,
+        having buffered nothing, for an unknown code.
+        """
+        if self._stopping:
+            raise WriterStopped("writer is stopping")
+        cache = self._group_buffers
+        for key in groups:
+            if key not in cache:
+                code = key[1]
+                if code == 1 or code == 2:
+                    index = code
+                elif code == -MSG_METRIC_CODE:
+                    index = BufferKey.METRICS
+                elif -_LAST_EVENT_TYPE <= code <= -_FIRST_EVENT_TYPE:
+                    index = -code
+                else:
+                    raise ValueError(f"unknown group code {code!r} for job {key[0]!r}")
+                job = self._jobs.get(key[0])
+                if job is None:
+                    job = self._new_job(key[0])
+                buf = job.buffers[index]
+                if buf is None:
+                    buf = job.buffers[index] = _Buffer(job, BufferKey(index), self._retry_initial)
+                cache[key] = buf
+        max_bytes = self._batch_max_bytes
+        max_messages = self._batch_max_messages
+        high_water = self._high_water
+        taps = self.log_taps
+        for key, (timestamps, sequences, arrivals, items) in groups.items():
+            buf = cache[key]
+            n = len(timestamps)
+            if not n:
+                continue
+            nbytes = sum(map(len, items)) + MESSAGE_OVERHEAD * n
+            self.messages_received += n
+            self._buffered += nbytes + _MEMORY_EXTRA * n
+            if buf.nbytes + nbytes < max_bytes and len(buf.timestamps) + n < max_messages:
+                if not buf.timestamps:
+                    self._opened(buf)
+                buf.timestamps.extend(timestamps)
+                buf.sequences.extend(sequences)
+                buf.arrivals.extend(arrivals)
+                buf.contents.extend(items)
+                buf.nbytes += nbytes
+            else:
+                self._add_logs_sealing(buf, timestamps, sequences, arrivals, items)
+            if taps and key[1] > 0:
+                tap = taps.get(key[0])
+                if tap is not None:
+                    tap(key[1], arrivals, timestamps, sequences, items)
+            if self._buffered > high_water and not self._paused:
+                self._pause()
+
     def _add_many(self, job_id: str, index: int, timestamps, sequences, arrivals, items):
         """Buffer several messages in the job's buffer ``index`` (a stream number or a
         BufferKey), sealed exactly where successive single calls would seal it."""
@@ -665,6 +747,7 @@ class BatchingWriter:
                     break
             if idle_job:
                 del self._jobs[job_id]
+                self._group_buffers.clear()
                 self.arrivals.pop(job_id, None)
                 forgotten += 1
         return forgotten
@@ -709,6 +792,7 @@ class BatchingWriter:
         job = self._jobs.pop(job_id, None)
         if job is None:
             return defer.succeed(None)
+        self._group_buffers.clear()
         job.discarding = True
         self._discards[job_id] = self._discards.get(job_id, 0) + 1
         waits = []

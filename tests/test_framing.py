@@ -29,6 +29,7 @@ from joblet_persist.writer import (
     BatchingWriter,
     IBulkLogWriter,
     IBulkOtherWriter,
+    IGroupWriter,
     IIngestWriter,
     WriterStopped,
 )
@@ -1167,6 +1168,85 @@ class BulkOthersIngestTests(BulkIngestTests):
                          [p1, p2, odd_payload, p1])
         self.assertEqual(self.metrics.rejected, ["bad_payload"])
         self.in_arrival_order()
+
+
+@implementer(IGroupWriter)
+class GroupsWriter(BulkOthersWriter):
+    """BulkOthersWriter that also takes all of a read's groups in one ``add_groups`` call
+    (as BatchingWriter), recorded and then handed to the bulk forms, group by group."""
+
+    KINDS = {-k.msg_type: k.name for k in events.KINDS_BY_TYPE.values()}
+
+    def __init__(self):
+        super().__init__()
+        self.groups_calls = []  # the keys of each add_groups call
+
+    def add_groups(self, groups):
+        if self.stopped:
+            raise WriterStopped("stopping")
+        self.groups_calls.append(list(groups))
+        for (job_id, code), columns in groups.items():
+            if code > 0:
+                self.add_logs(job_id, code, *columns)
+            elif code == -2:
+                self.add_metrics(job_id, *columns)
+            else:
+                self.add_events(job_id, self.KINDS[code], *columns)
+
+
+class GroupsIngestTests(BulkOthersIngestTests):
+    """The bulk-others path's tests with a writer that takes a read's groups in one call."""
+
+    def setUp(self):
+        super().setUp()
+        self.writer = GroupsWriter()
+
+    def test_one_writer_call_per_read(self):
+        """The LOG, metric and event groups of one read, of several jobs, reach the writer
+        in one add_groups call (those of an invalid job id left out and rejected); each
+        read makes its own call; events are counted as accepted by kind."""
+        bodies = []
+        for i in range(30):
+            job = (test_ingest.JOB, test_ingest.JOB2, "../x")[i % 3]
+            t = 2 + i % 8
+            if t == 2:
+                bodies.append(test_ingest.metric_body(job=job, seq=i)[0])
+            elif t == 9:
+                bodies.append(test_ingest.log_body(b"%d" % i, stream=1 + i % 2, seq=i, job=job))
+            else:
+                bodies.append(test_ingest.envelope(t, job, encode_event(t, SAMPLES[t]), 5, i))
+        factory = self.make_factory()
+        self.feed(b"".join(map(frame, bodies)), factory=factory)
+        (keys,) = self.writer.groups_calls
+        self.assertEqual({job for job, _code in keys}, {test_ingest.JOB, test_ingest.JOB2})
+        self.assertEqual(len(self.writer.messages), 20)
+        self.assertEqual(len(self.metrics.rejected), 10)
+        self.assertEqual(sum(factory.events.accepted.values()),
+                         sum(1 for m in self.writer.messages if m[0] == "event"))
+        self.in_arrival_order()
+        self.feed(b"".join(map(frame, bodies)), factory=factory)
+        self.assertEqual(len(self.writer.groups_calls), 2)
+
+    def test_stopping_rejects_every_group(self):
+        """A stopping writer refuses the read's one add_groups call: every frame of every
+        group counts as stopping once, events also by kind, and none is accepted."""
+        self.writer.stopped = True
+        bodies = [test_ingest.log_body(seq=1), test_ingest.metric_body()[0],
+                  test_ingest.envelope(3, test_ingest.JOB, encode_event(3, SAMPLES[3]), 5, 2),
+                  test_ingest.envelope(3, test_ingest.JOB, encode_event(3, SAMPLES[3]), 5, 3)]
+        factory = self.make_factory()
+        self.feed(b"".join(map(frame, bodies)), factory=factory)
+        self.assertEqual(self.metrics.rejected, ["stopping"] * 4)
+        self.assertEqual(self.metrics.events_rejected, [("exec", "stopping")] * 2)
+        self.assertEqual(factory.events.accepted, {})
+
+
+class PythonTwinGroupsIngestTests(GroupsIngestTests):
+    """The add_groups path's tests with the pure-Python decoder."""
+
+    def setUp(self):
+        super().setUp()
+        self.patch(ingest, "decode_log_frames", framing.decode_log_frames_py)
 
 
 class ReadSizeTests(SynchronousTestCase):

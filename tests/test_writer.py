@@ -821,3 +821,122 @@ class EventBufferTests(WriterTestMixin, SynchronousTestCase):
         for i in range(10):
             self.writer.add_event("job1", "file", i, i, b"x" * 100)
         self.assertEqual(self.pauses, ["pause"])
+
+
+class AddGroupsTests(WriterTestMixin, SynchronousTestCase):
+    """``add_groups``: all of a read's decoder groups in one call, as one bulk call each."""
+
+    #: Decoder group codes: log streams 1 and 2, metrics -2, events -3..-9.
+    CODES = (1, 2, -2, -3, -5, -9)
+
+    def per_group(self, writer, groups):
+        """What the ingest protocol did before add_groups: one bulk call per group."""
+        kinds = {-t: name for name, t in (("exec", 3), ("connect", 4), ("accept", 5),
+                                          ("socket_data", 6), ("mmap", 7), ("mprotect", 8),
+                                          ("file", 9))}
+        for (job, code), columns in groups.items():
+            if code > 0:
+                writer.add_logs(job, code, *columns)
+            elif code == -2:
+                writer.add_metrics(job, *columns)
+            else:
+                writer.add_events(job, kinds[code], *columns)
+
+    def recorded(self):
+        return [
+            (c.kind, c.key, list(c.batch.timestamps), list(c.batch.sequences),
+             list(c.batch.arrivals), list(c.items))
+            for c in self.storage.calls
+        ]
+
+    @given(st.lists(st.lists(st.tuples(st.sampled_from(["j1", "j2"]), st.sampled_from(CODES),
+                                       st.integers(1, 4)), max_size=6),
+                    min_size=1, max_size=5))
+    def test_same_batches_as_one_call_per_group(self, reads):
+        """Any sequence of reads' groups (logs, metrics, events of two jobs) gives the same
+        appends, batch by batch (sealed at the same places), the same counters, buffered
+        bytes and backpressure as one add_logs/add_metrics/add_events call per group."""
+        results = []
+        for use_groups in (False, True):
+            w = self.make(auto=True, batch_max_messages=5, batch_max_bytes=200,
+                          high_water_bytes=3000, low_water_bytes=1000)
+            arrivals: dict = {}
+            for r, read in enumerate(reads):
+                groups: dict = {}
+                for job, code, n in read:
+                    columns = groups.setdefault((job, code), ([], [], [], []))
+                    for _ in range(n):
+                        a = arrivals.get(job, 0)
+                        arrivals[job] = a + 1
+                        columns[0].append(1000 + a)
+                        columns[1].append(r)
+                        columns[2].append(a)
+                        columns[3].append(b"x" * (1 + a % 40))
+                if use_groups:
+                    w.add_groups(groups)
+                else:
+                    self.per_group(w, groups)
+            buffered = w.buffered_bytes
+            self.successResultOf(w.flush_all())
+            results.append((self.recorded(), w.messages_received, buffered, list(self.pauses)))
+        self.assertEqual(results[1], results[0])
+
+    def test_log_taps_see_log_groups(self):
+        """A job's log tap is called for each of its log groups, as add_logs calls it, and
+        not for its metric or event groups."""
+        w = self.make()
+        seen = []
+        w.log_taps["j1"] = lambda *args: seen.append(args)
+        w.add_groups({("j1", 2): ([5], [6], [0], [b"err"]), ("j1", -2): ([7], [8], [1], [b"m"]),
+                      ("j2", 1): ([9], [9], [0], [b"other"])})
+        self.assertEqual(seen, [(2, [0], [5], [6], [b"err"])])
+
+    def test_stopping_buffers_nothing(self):
+        """Once the writer is stopping, add_groups raises WriterStopped and buffers nothing."""
+        w = self.make()
+        self.successResultOf(w.stop())
+        with self.assertRaises(WriterStopped):
+            w.add_groups({("j1", 1): ([1], [1], [0], [b"a"])})
+        self.assertEqual((w.messages_received, w.buffered_bytes), (0, 0))
+
+    def test_unknown_code_buffers_nothing(self):
+        """A group code that names no buffer is a ValueError naming it and the job, raised
+        before any group of the call is buffered."""
+        w = self.make()
+        with self.assertRaises(ValueError) as e:
+            w.add_groups({("j1", 1): ([1], [1], [0], [b"a"]), ("j1", -10): ([1], [1], [1], [b"b"])})
+        self.assertIn("-10", str(e.exception))
+        self.assertIn("j1", str(e.exception))
+        self.assertEqual(w.messages_received, 0)
+
+    def test_discarded_job_gets_fresh_buffers(self):
+        """After discard_job, the job's next groups go to the new job's buffers, which a
+        second discard_job drops (the dropped buffers the cache knew would escape it); a
+        third incarnation is stored with arrivals from 0."""
+        w = self.make(auto=True, flush_interval=10)
+        old = {("j1", 1): ([1], [1], [0], [b"old"]), ("j1", -3): ([1], [1], [1], [b"e"])}
+        w.add_groups(old)
+        self.successResultOf(w.discard_job("j1"))
+        w.add_groups({("j1", 1): ([2], [2], [0], [b"new"]), ("j1", -3): ([2], [2], [1], [b"e2"])})
+        self.successResultOf(w.discard_job("j1"))
+        self.assertEqual(w.buffered_bytes, 0)
+        w.add_groups({("j1", 1): ([3], [3], [0], [b"third"])})
+        self.successResultOf(w.flush_all())
+        self.assertEqual([(c.items, list(c.batch.arrivals)) for c in self.storage.calls],
+                         [([b"third"], [0])])
+
+    def test_unloaded_job_gets_fresh_buffers(self):
+        """After unload_idle forgot a job, its next groups start a new job the writer knows:
+        a discard_job then drops them (stale buffers of the forgotten job would escape it)."""
+        w = self.make(auto=True, flush_interval=1.0)
+        w.start()
+        w.add_groups({("j1", 1): ([1], [1], [0], [b"a"])})
+        self.clock.advance(1.0)
+        self.clock.advance(100)
+        self.assertEqual(w.unload_idle(10, resident=lambda job: False), 1)
+        w.add_groups({("j1", 1): ([2], [2], [0], [b"b"])})
+        self.assertEqual([list(m[4]) for m in w.pending_logs("j1")], [[b"b"]])
+        self.successResultOf(w.discard_job("j1"))
+        self.successResultOf(w.flush_all())
+        self.assertEqual([c.items for c in self.storage.calls], [[b"a"]])
+        self.assertEqual(w.buffered_bytes, 0)
