@@ -211,6 +211,23 @@ class AdaptiveLevelTests(SynchronousTestCase):
         self.assertAlmostEqual(policy.busy, 0.2)
         self.assertEqual(policy.counts, {5: 20, 7: 1})
 
+    def test_a_batch_after_a_quiet_spell_buys_no_level(self):
+        """A window that spans a quiet spell (no batch for longer than ``gap``) measured
+        the idle time before a batch that may open a burst: it raises no level and starts
+        a new window, so the burst is judged by its own CPU use."""
+        load = FakeLoad()
+        policy = adaptive(load)
+        load.run(1.0, 0.9)
+        self.assertEqual(policy.choose().level, 5)
+        load.run(30.0, 0.0)  # idle, then the first batch of a burst
+        self.assertEqual(policy.choose().level, 5)
+        self.assertFalse(policy.full_speed)
+        load.run(1.0, 0.95)  # the burst, measured alone: saturated
+        self.assertEqual(policy.choose().level, 5)
+        self.assertTrue(policy.full_speed)
+        load.run(1.0, 0.1)  # a steady moderate rate still climbs
+        self.assertEqual(policy.choose().level, 7)
+
     def test_next_level_bounds(self):
         """next_level never leaves the configured range."""
         policy = adaptive(FakeLoad(), name="isal")

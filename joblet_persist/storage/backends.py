@@ -28,7 +28,12 @@ def _make_local(config, *, run, clock, metrics=None, file_budget=None):
     return LocalStorage(
         sc.data_dir,
         run,
-        compressor=make_level_policy(sc.compressor, sc.compression_level, clock=clock.seconds),
+        # A batch after more than 2.5 flush intervals without one ends a quiet spell:
+        # it moves no adaptive level (AdaptiveLevel, ``gap``).
+        compressor=make_level_policy(
+            sc.compressor, sc.compression_level, clock=clock.seconds,
+            gap=2.5 * max(1.0, wc.flush_interval),
+        ),
         segment_max_bytes=sc.segment_max_bytes,
         fsync=sc.fsync,
         clock=clock,

@@ -211,7 +211,10 @@ class AdaptiveLevel:
     meets a slow level; a steady moderate rate climbs to the strongest level its spare
     CPU pays for within a few decisions.  A burst after a quiet spell meets the level
     the quiet spell bought for at most one interval: the next decision sees the CPU
-    busy (or the writer's backlog growing) and falls back.  ``counts`` holds the
+    busy (or the writer's backlog growing) and falls back.  A batch after ``gap``
+    seconds without one (a quiet spell) moves no level: that window measured mostly the
+    idle time before the batch, which may be the start of a burst, so it only starts a
+    new window.  ``counts`` holds the
     batches chosen per level.
 
     Batches of metric and event JSON lines (``choose(json_lines=True)``) get the same
@@ -241,6 +244,7 @@ class AdaptiveLevel:
         drop_above: float = 0.9,
         backlog_limit: float = 0.25,
         json_level: Optional[int] = None,
+        gap: float = 2.5,
     ) -> None:
         if low > high:
             raise ValueError(f"adaptive levels {low}..{high}: the lowest exceeds the highest")
@@ -274,6 +278,7 @@ class AdaptiveLevel:
         self._reactor_since = reactor_cpu() if reactor_cpu is not None else 0.0
         self._cores = max(1, cores if cores is not None else (os.cpu_count() or 1))
         self._interval = interval
+        self._gap = max(gap, interval)
         self._raise_below = raise_below
         self._jump_below = jump_below
         self._lower_above = lower_above
@@ -303,7 +308,12 @@ class AdaptiveLevel:
         else:
             now = self._clock()
             elapsed = now - self._since
-            if elapsed >= self._interval:
+            if elapsed >= self._gap:
+                # No batch for a while: the window is mostly idle time before this batch,
+                # which may open a burst.  It buys no level: measure afresh from here.
+                self._restart(now)
+                self.full_speed = False
+            elif elapsed >= self._interval:
                 cpu = self._cpu()
                 busy = (cpu - self._cpu_since) / (elapsed * self._cores)
                 self._since, self._cpu_since = now, cpu
@@ -332,6 +342,14 @@ class AdaptiveLevel:
             return fast
         self.counts[self.level] = self.counts.get(self.level, 0) + 1
         return self._compressors[self.level]
+
+    def _restart(self, now: float) -> None:
+        """Start a new measurement window at ``now``; the level is kept."""
+        self._since, self._cpu_since = now, self._cpu()
+        if self._machine is not None:
+            self._machine_since = self._machine()
+        if self._reactor_cpu is not None:
+            self._reactor_since = self._reactor_cpu()
 
     def next_level(self, level: int, busy: float) -> int:
         """The level after ``level`` when the process used ``busy`` of its cores.  Pure."""
