@@ -517,9 +517,10 @@ table_store_arrivals(JobTable *t, PyObject *arrivals)
     return 0;
 }
 
-/* Create the (job, stream) group in `groups`; keep borrowed references to its four lists. */
+/* Create the group (job, tag) in `groups`, a list of four new lists whose borrowed
+ * references go to `columns`. */
 static int
-new_group(PyObject *groups, Entry *e, int stream)
+new_columns_group(PyObject *groups, PyObject *job, PyObject *tag, PyObject **columns)
 {
     PyObject *key, *value;
     int i, rc;
@@ -534,9 +535,9 @@ new_group(PyObject *groups, Entry *e, int stream)
             return -1;
         }
         PyList_SET_ITEM(value, i, column);
-        e->columns[stream - 1][i] = column;
+        columns[i] = column;
     }
-    key = PyTuple_Pack(2, e->job, stream_numbers[stream]);
+    key = PyTuple_Pack(2, job, tag);
     if (key == NULL) {
         Py_DECREF(value);
         return -1;
@@ -545,6 +546,13 @@ new_group(PyObject *groups, Entry *e, int stream)
     Py_DECREF(key);
     Py_DECREF(value);
     return rc;
+}
+
+/* Create the (job, stream) group in `groups`; keep borrowed references to its four lists. */
+static int
+new_group(PyObject *groups, Entry *e, int stream)
+{
+    return new_columns_group(groups, e->job, stream_numbers[stream], e->columns[stream - 1]);
 }
 
 static inline int
@@ -585,30 +593,7 @@ static int other_payload_time(uint32_t type, const Envelope *env, int64_t *ts, u
 static int
 new_other_group(PyObject *groups, Entry *e, uint32_t type)
 {
-    PyObject *key, *value;
-    int i, rc;
-    value = PyList_New(4);
-    if (value == NULL) {
-        return -1;
-    }
-    for (i = 0; i < 4; i++) {
-        PyObject *column = PyList_New(0);
-        if (column == NULL) {
-            Py_DECREF(value);
-            return -1;
-        }
-        PyList_SET_ITEM(value, i, column);
-        e->other_columns[type - 2][i] = column;
-    }
-    key = PyTuple_Pack(2, e->job, type_keys[type]);
-    if (key == NULL) {
-        Py_DECREF(value);
-        return -1;
-    }
-    rc = PyDict_SetItem(groups, key, value);
-    Py_DECREF(key);
-    Py_DECREF(value);
-    return rc;
+    return new_columns_group(groups, e->job, type_keys[type], e->other_columns[type - 2]);
 }
 
 PyDoc_STRVAR(decode_log_frames_doc,

@@ -184,15 +184,7 @@ def _parse_envelope(data: bytes, pos: int, end: int):
     job_raw = b""
     payload = payload_end = -1
     while pos < end:
-        tag = data[pos]
-        if tag < 0x80:
-            pos += 1
-        else:
-            tag, pos = _varint(data, pos, end, 5)
-            if tag > _MASK32:
-                raise _NotCanonical
-        field = tag >> 3
-        wire = tag & 7
+        field, wire, pos = _tag(data, pos, end)
         if field == 3:
             if wire != 2:
                 raise _NotCanonical
@@ -246,15 +238,7 @@ def _parse_frame(data: bytes, pos: int, end: int):
     pos = payload
     end = payload_end
     while pos < end:
-        tag = data[pos]
-        if tag < 0x80:
-            pos += 1
-        else:
-            tag, pos = _varint(data, pos, end, 5)
-            if tag > _MASK32:
-                raise _NotCanonical
-        field = tag >> 3
-        wire = tag & 7
+        field, wire, pos = _tag(data, pos, end)
         if field == 5:
             if wire != 2:
                 raise _NotCanonical
