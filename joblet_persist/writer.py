@@ -629,28 +629,12 @@ class BatchingWriter:
                 if buf is None:
                     buf = job.buffers[index] = _Buffer(job, BufferKey(index), self._retry_initial)
                 cache[key] = buf
-        max_bytes = self._batch_max_bytes
-        max_messages = self._batch_max_messages
         high_water = self._high_water
         taps = self.log_taps
         for key, (timestamps, sequences, arrivals, items) in groups.items():
-            buf = cache[key]
-            n = len(timestamps)
-            if not n:
+            if not timestamps:
                 continue
-            nbytes = sum(map(len, items)) + MESSAGE_OVERHEAD * n
-            self.messages_received += n
-            self._buffered += nbytes + _MEMORY_EXTRA * n
-            if buf.nbytes + nbytes < max_bytes and len(buf.timestamps) + n < max_messages:
-                if not buf.timestamps:
-                    self._opened(buf)
-                buf.timestamps.extend(timestamps)
-                buf.sequences.extend(sequences)
-                buf.arrivals.extend(arrivals)
-                buf.contents.extend(items)
-                buf.nbytes += nbytes
-            else:
-                self._add_logs_sealing(buf, timestamps, sequences, arrivals, items)
+            self._extend(cache[key], timestamps, sequences, arrivals, items)
             if taps and key[1] > 0:
                 tap = taps.get(key[0])
                 if tap is not None:
@@ -670,6 +654,14 @@ class BatchingWriter:
         buf = job.buffers[index]
         if buf is None:
             buf = job.buffers[index] = _Buffer(job, BufferKey(index), self._retry_initial)
+        self._extend(buf, timestamps, sequences, arrivals, items)
+        if self._buffered > self._high_water and not self._paused:
+            self._pause()
+
+    def _extend(self, buf: _Buffer, timestamps, sequences, arrivals, items) -> None:
+        """Buffer a non-empty run of messages in ``buf``, counted, and sealed exactly where
+        successive single calls would seal it (the caller checks the high-water mark)."""
+        n = len(timestamps)
         nbytes = sum(map(len, items)) + MESSAGE_OVERHEAD * n
         self.messages_received += n
         self._buffered += nbytes + _MEMORY_EXTRA * n
@@ -684,8 +676,6 @@ class BatchingWriter:
             buf.nbytes += nbytes
         else:
             self._add_logs_sealing(buf, timestamps, sequences, arrivals, items)
-        if self._buffered > self._high_water and not self._paused:
-            self._pause()
 
     def _add(self, job_id: str, index: int, timestamp: int, sequence: int, item: bytes):
         """Append one message to the job's buffer ``index`` (a BufferKey or a stream number)."""
