@@ -23,6 +23,8 @@ import time
 import zlib
 from typing import Callable, Optional
 
+from zope.interface import Interface, implementer
+
 __all__ = [
     "ADAPTIVE",
     "ADAPTIVE_LEVELS",
@@ -32,6 +34,7 @@ __all__ = [
     "AdaptiveLevel",
     "Compressor",
     "FixedLevel",
+    "ILevelPolicy",
     "make_compressor",
     "make_level_policy",
     "proc_stat_cpu",
@@ -153,6 +156,17 @@ def make_compressor(name: str, level: int) -> Compressor:
     return _FACTORIES[name](level)
 
 
+class ILevelPolicy(Interface):
+    """Picks the compressor of each batch (FixedLevel, AdaptiveLevel).  Reactor thread."""
+
+    def set_backlog(backlog):
+        """Follow ``backlog()``: the writer's buffered bytes over its high-water mark."""
+
+    def choose(json_lines=False):
+        """The compressor for the next batch; ``json_lines``: metric or event lines."""
+
+
+@implementer(ILevelPolicy)
 class FixedLevel:
     """The level policy of a configured fixed level: every batch gets ``compressor``.
 
@@ -175,6 +189,7 @@ class FixedLevel:
         return f"FixedLevel({self.compressor!r})"
 
 
+@implementer(ILevelPolicy)
 class AdaptiveLevel:
     """Spare CPU buys a stronger level: the level follows the CPU left idle and the
     writer's backlog, per batch.  Reactor thread; deterministic given its signals.

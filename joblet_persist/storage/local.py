@@ -71,7 +71,7 @@ from joblet_persist.storage.api import (
     check_job_id,
 )
 from joblet_persist.storage.catalog import JobCatalog
-from joblet_persist.storage.compress import FixedLevel
+from joblet_persist.storage.compress import FixedLevel, ILevelPolicy
 from joblet_persist.storage.diskwork import (
     ALL_TOPS,
     PART_TOPS,
@@ -174,7 +174,9 @@ class LocalStorage:
         self._run = run_in_thread
         # A level policy (compress.FixedLevel / AdaptiveLevel) picks each batch's
         # compressor; a plain Compressor is a fixed level.
-        self._levels = compressor if hasattr(compressor, "choose") else FixedLevel(compressor)
+        self._levels = (
+            compressor if ILevelPolicy.providedBy(compressor) else FixedLevel(compressor)
+        )
         self._segment_max_bytes = segment_max_bytes
         self._fsync = fsync
         self._clock = clock
