@@ -160,7 +160,8 @@ class LoadedJobs:
         return self.load(job_id).addCallback(loaded)
 
     def _floor_of(self, job_id: str):
-        """JobState.empty's ``floor`` for a new job, from ``self.floor``; None without one."""
+        """The ``floor`` of JobState.empty (a new job) and JobState.from_scan (a job loaded
+        from its files), from ``self.floor``; None without one."""
         found = self.floor(job_id) if self.floor is not None else None
         if not found:
             return None
