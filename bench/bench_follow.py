@@ -21,7 +21,7 @@ full-speed ingest, and ingest speed with 100 followers against none, in one run.
    0, ..., ``--repeat`` pairs) in the same run.  The 100 followers run in a separate process on one asyncio loop
    (grpc.aio), reading the messages as bytes: each counts the lines it receives and
    records the delivery latency (receive time minus the send time of the oldest probe
-   line in a message); a phase ends with a marker line, after which every follower that
+   line in a message; the first follower also records every line's latency); a phase ends with a marker line, after which every follower that
    received exactly the lines sent (was not cut off) counts as complete.  Reports, per
    rate, the ingest ratio of the medians, the complete followers per phase and the
    latency percentiles.
@@ -64,14 +64,14 @@ FOLLOWED = "bench-job-0000"  # one of the 10 jobs of encode_frames
 FOLLOW_METHOD = "/joblet.persist.PersistService/FollowLogs"
 
 
-def start_service(work: str, data_dir: str) -> subprocess.Popen:
+def start_service(work: str, data_dir: str, level: str = "adaptive") -> subprocess.Popen:
     cfg = os.path.join(work, "persist.yml")
     with open(cfg, "w") as f:
         f.write(
             f"server:\n  grpcSocket: {work}/grpc.sock\n  grpcAddress: ''\n"
             f"  maxConcurrentRpcs: 256\n"
             f"ipc:\n  socket: {work}/ipc.sock\n"
-            f"storage:\n  dataDir: {data_dir}\n"
+            f"storage:\n  dataDir: {data_dir}\n  compressionLevel: {level}\n"
             f"monitoring:\n  enabled: false\n"
             f"logging:\n  level: warn\n"
         )
@@ -313,7 +313,9 @@ def _followers(sock: str, n: int, job: str, ready, stop, result) -> None:
     one asyncio loop (grpc.aio), reading the messages as bytes without parsing them:
     lines are counted by the job id field that starts every LogLine, and the delivery
     latency is receive time minus the send time in the first ``probe`` line of a
-    message (the oldest line in it).  Each call ends at END_LINE, or is cancelled at
+    message (the oldest line in it).  The first follower also records the latency of
+    every line it receives (``line_latencies_ns``: what "a line's latency" means, where
+    a message's oldest line is its worst).  Each call ends at END_LINE, or is cancelled at
     ``stop``.  One Python thread, so that the followers' client side takes no more of
     the machine than it must."""
     import asyncio
@@ -325,6 +327,7 @@ def _followers(sock: str, n: int, job: str, ready, stop, result) -> None:
         codes: list = [None] * n
         done = [False] * n
         latencies: list = []
+        line_latencies: list = []
         started = [0]
         async with grpc.aio.insecure_channel(f"unix:{sock}") as channel:
             follow = channel.unary_stream(
@@ -346,6 +349,9 @@ def _followers(sock: str, n: int, job: str, ready, stop, result) -> None:
                         k = raw.find(b"probe ")
                         if k >= 0:
                             latencies.append(now - int(raw[k + 6:k + 25]))
+                        while i == 0 and k >= 0:
+                            line_latencies.append(now - int(raw[k + 6:k + 25]))
+                            k = raw.find(b"probe ", k + 25)
                         if raw.find(END_LINE) >= 0:
                             done[i] = True
                             call.cancel()
@@ -369,7 +375,9 @@ def _followers(sock: str, n: int, job: str, ready, stop, result) -> None:
             stop.set()
             await waiter
         latencies.sort()
+        line_latencies.sort()
         return {"lines": lines, "codes": codes, "done": done, "latencies_ns": latencies,
+                "line_latencies_ns": line_latencies,
                 "cpu_s": time.process_time() - cpu0}
 
     result.put(asyncio.run(run()))
@@ -435,6 +443,7 @@ def fanout_phase(stub, work: str, frames: int, followers: int, rate: float) -> d
         if code:
             codes[code] = codes.get(code, 0) + 1
     lat = got["latencies_ns"]
+    per_line = got["line_latencies_ns"]
     out.update({
         "followers_complete": complete,
         "followers_ended": codes,  # RESOURCE_EXHAUSTED: cut off by the bounded buffer
@@ -443,6 +452,9 @@ def fanout_phase(stub, work: str, frames: int, followers: int, rate: float) -> d
         "latency_ms": {"p50": _pct_ms(lat, 0.5), "p90": _pct_ms(lat, 0.9),
                        "p99": _pct_ms(lat, 0.99), "max": _pct_ms(lat, 1.0),
                        "samples": len(lat)},
+        "line_latency_ms": {"p50": _pct_ms(per_line, 0.5), "p90": _pct_ms(per_line, 0.9),
+                            "p99": _pct_ms(per_line, 0.99), "max": _pct_ms(per_line, 1.0),
+                            "samples": len(per_line)},
     })
     return out
 
@@ -484,6 +496,8 @@ def ingest_with_followers(stub, work: str, frames: int, followers: int, repeat: 
     base = statistics.median(p["ingest_frames_per_s"] for p in phases[0])
     loaded = statistics.median(p["ingest_frames_per_s"] for p in phases[followers])
     lat = [p["latency_ms"]["p50"] for p in phases[followers] if p["latency_ms"]["p50"]]
+    per_line = [p["line_latency_ms"]["p50"] for p in phases[followers]
+                if p["line_latency_ms"]["p50"]]
     cpu = {n: statistics.median(p["service_cpu_s"] for p in phases[n]) for n in phases}
     return {
         "followed_job_rate": rate or "full speed (one of the 10 jobs)",
@@ -496,6 +510,7 @@ def ingest_with_followers(stub, work: str, frames: int, followers: int, repeat: 
         "ratio": round(loaded / base, 3),
         "followers_complete": [p["followers_complete"] for p in phases[followers]],
         "median_latency_p50_ms": statistics.median(lat) if lat else None,
+        "median_line_latency_p50_ms": statistics.median(per_line) if per_line else None,
         "median_service_cpu_s": {str(n): round(v, 2) for n, v in cpu.items()},
     }
 
@@ -512,6 +527,10 @@ def main() -> None:
                          "one of the 10 jobs pushed at full speed")
     ap.add_argument("--no-tail", action="store_true",
                     help="skip building the big job, TailLogs and the follow latency")
+    ap.add_argument("--level", default="adaptive",
+                    help="the service's storage.compressionLevel (default: adaptive, the "
+                         "service's default; a fixed level such as 5 steadies the ingest "
+                         "rate from phase to phase)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     ap.add_argument("--json", help="also write results to this file")
     args = ap.parse_args()
@@ -525,6 +544,7 @@ def main() -> None:
             "loadavg_at_start": os.getloadavg(),
         },
         "lines": args.lines,
+        "compression_level": args.level,
     }
     work = tempfile.mkdtemp(prefix="jpf", dir="/tmp")
     proc = None
@@ -535,7 +555,7 @@ def main() -> None:
             results["build"] = build_job(data_dir, args.lines, 20_000, 100, "deflate", 6,
                                          256 << 20)
             print(json.dumps({"build": results["build"]}), flush=True)
-        proc = start_service(work, data_dir)
+        proc = start_service(work, data_dir, args.level)
         SERVICE_PID[0] = proc.pid
         _channel, stub = connect(work, proc)
         if not args.no_tail:

@@ -71,12 +71,15 @@ LINE_OVERHEAD = 64
 #: Seconds the hub gathers followed jobs' new lines before it hands them to the
 #: followers: one wake-up of each follower's thread per interval at most, whatever the
 #: ingest rate (a thread woken per reactor turn would contend for the GIL with the
-#: reactor), at the price of this much latency.  The interval grows by
-#: DELIVERY_PER_FOLLOWER per follower, up to DELIVERY_MAX_INTERVAL, so that many
-#: followers wake up less often: at most about 2,000 wake-ups per second for 100.
+#: reactor), at the price of this much latency.
 DELIVERY_INTERVAL = 0.01
-DELIVERY_PER_FOLLOWER = 0.0004
-DELIVERY_MAX_INTERVAL = 0.05
+#: Follower wake-ups a second that the interval stretches to stay within, up to
+#: DELIVERY_MAX_INTERVAL.  Each wake-up costs the same whatever it carries: the handler
+#: thread's wake-up, one send completed through grpc's polling thread and the GIL
+#: hand-offs of both with the reactor.  With 100 followers the interval is 100 ms: a
+#: line waits 50 ms on average, at most 100 ms, and the reactor keeps its share.
+DELIVERY_WAKEUPS = 1000
+DELIVERY_MAX_INTERVAL = 0.1
 
 #: How often a waiting follower wakes up to check that its call is still active,
 #: besides being woken by new lines, its end, or the call's termination callback.
@@ -208,6 +211,14 @@ class FollowHub:
     def follower_count(self) -> int:
         return self._total
 
+    def delivery_delay(self) -> float:
+        """Seconds from a followed job's first new line to its delivery: the configured
+        interval, stretched with the number of followers so that they wake up at most
+        DELIVERY_WAKEUPS times a second in all (at most DELIVERY_MAX_INTERVAL)."""
+        if not self._interval:
+            return 0.0
+        return max(self._interval, min(DELIVERY_MAX_INTERVAL, self._total / DELIVERY_WAKEUPS))
+
     @reactor_only
     def start(self, job_id: str, stream: int) -> defer.Deferred:
         """Register a follower of ``job_id`` (``stream`` 0, 1 or 2); Deferred[FollowStart].
@@ -291,11 +302,7 @@ class FollowHub:
             collected = self._collected[job_id] = _Collected()
         collected.add(stream, arrivals, timestamps, sequences, contents)
         if self._delivery is None:
-            delay = self._interval
-            if delay:
-                delay = min(DELIVERY_MAX_INTERVAL,
-                            delay + DELIVERY_PER_FOLLOWER * self._total)
-            self._delivery = self._clock.callLater(delay, self._deliver)
+            self._delivery = self._clock.callLater(self.delivery_delay(), self._deliver)
 
     def _deliver(self) -> None:
         """Offer each job's collected lines, in arrival order, to its followers."""

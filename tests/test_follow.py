@@ -246,6 +246,28 @@ class BoundTests(SynchronousTestCase):
         self.assertIsNone(start.follower.ended)
         self.assertEqual(got, h.sent[1:])
 
+    def test_many_followers_are_woken_within_the_budget(self):
+        """The delivery interval stretches with the followers so that they wake up at most
+        DELIVERY_WAKEUPS times a second in all, and never beyond DELIVERY_MAX_INTERVAL:
+        lines collected for 100 followers are not delivered before 100 ms, and then to
+        every one of them at once."""
+        h = Harness(self, sync_runner)
+        h.hub = FollowHub(h.writer, h.storage, h.clock, delivery_interval=follow.DELIVERY_INTERVAL)
+        h.send(1, 1)
+        one = h.start()
+        self.assertEqual(h.hub.delivery_delay(), follow.DELIVERY_INTERVAL)
+        starts = [one] + [h.start() for _ in range(99)]
+        self.assertAlmostEqual(h.hub.delivery_delay(), 100 / follow.DELIVERY_WAKEUPS)
+        self.assertLessEqual(h.hub.delivery_delay(), follow.DELIVERY_MAX_INTERVAL)
+        h.send(1, 3)
+        h.clock.advance(h.hub.delivery_delay() * 0.99)
+        self.assertEqual([s.follower.buffered_bytes for s in starts], [0] * 100)
+        h.clock.advance(h.hub.delivery_delay() * 0.02)
+        self.assertTrue(all(s.follower.buffered_bytes > 0 for s in starts))
+        for _ in range(400):
+            h.start()
+        self.assertEqual(h.hub.delivery_delay(), follow.DELIVERY_MAX_INTERVAL)
+
     def test_tap_only_while_followed(self):
         """The writer's tap dict is empty unless a job is followed, and emptied after."""
         h = Harness(self, sync_runner)
