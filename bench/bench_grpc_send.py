@@ -1,0 +1,192 @@
+"""What one streamed message costs a gRPC server in CPU, synchronous server against asyncio.
+
+FollowLogs sends each delivery to every follower as one message; the service's gRPC server
+is grpcio's synchronous server (a handler thread per call), and this bench measures what
+such a send costs, whatever the message carries, against grpc.aio's server:
+
+- sync: ``grpc.server`` with a thread pool; each of ``--followers`` server-streaming calls
+  is a handler thread waiting on a condition variable, as FollowLogs' followers do; the
+  sender appends the same bytes to every follower's list and notifies it.
+- aio: ``grpc.aio.server``; each call is a coroutine awaiting an asyncio.Queue and
+  ``context.write``.
+
+Every ``1 / --rate`` seconds one message of ``--size`` bytes goes to every follower, for
+``--seconds``; the server process's CPU time (``time.process_time``: every thread) divided by
+the messages sent is the cost per message.  The followers' client is a separate process (one
+asyncio loop, grpc.aio), as in bench_follow.py.  Runs alternate sync, aio, sync, ... for
+``--repeat`` pairs; medians and their ratio come from the same invocation.
+
+    .venv/bin/python bench/bench_grpc_send.py                      # 100 followers, 10/s
+    .venv/bin/python bench/bench_grpc_send.py --followers 1 --rate 1000
+
+Traffic goes only to Unix sockets in a temporary directory on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent import futures
+
+import grpc
+
+METHOD = "/bench.Send/Follow"
+
+
+def _client(sock: str, n: int, ready) -> None:
+    """``n`` calls of METHOD on one asyncio loop, reading until the server ends them."""
+
+    async def run() -> None:
+        async with grpc.aio.insecure_channel(f"unix:{sock}") as channel:
+            follow = channel.unary_stream(METHOD)
+
+            async def one():
+                try:
+                    async for _ in follow(b""):
+                        pass
+                except grpc.aio.AioRpcError:
+                    pass
+
+            tasks = [asyncio.create_task(one()) for _ in range(n)]
+            ready.set()
+            await asyncio.gather(*tasks)
+
+    asyncio.run(run())
+
+
+def _start_client(sock: str, n: int):
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    p = ctx.Process(target=_client, args=(sock, n, ready))
+    p.start()
+    ready.wait(60)
+    return p
+
+
+def run_sync(sock: str, followers: int, rate: float, size: int, seconds: float) -> dict:
+    calls: list = []
+    registered = threading.Condition()
+    done = threading.Event()
+
+    def handler(_request, context):
+        cond, box = threading.Condition(), []
+        with registered:
+            calls.append((cond, box))
+            registered.notify_all()
+        while not done.is_set() and context.is_active():
+            with cond:
+                if not box:
+                    cond.wait(0.5)
+                items, box[:] = list(box), []
+            yield from items
+
+    server = grpc.server(futures.ThreadPoolExecutor(followers + 4))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "bench.Send", {"Follow": grpc.unary_stream_rpc_method_handler(handler)}),))
+    server.add_insecure_port(f"unix:{sock}")
+    server.start()
+    client = _start_client(sock, followers)
+    with registered:
+        registered.wait_for(lambda: len(calls) == followers, 60)
+    message = b"x" * size
+    sent = 0
+    cpu0, t0 = time.process_time(), time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        for cond, box in calls:
+            with cond:
+                box.append(message)
+                cond.notify_all()
+        sent += followers
+        time.sleep(1 / rate)
+    time.sleep(0.2)  # the last sends complete
+    cpu = time.process_time() - cpu0
+    done.set()
+    server.stop(0).wait(10)
+    client.join(30)
+    return {"messages": sent, "cpu_s": round(cpu, 3), "us_per_message": round(cpu / sent * 1e6, 1)}
+
+
+def run_aio(sock: str, followers: int, rate: float, size: int, seconds: float) -> dict:
+    async def main() -> dict:
+        queues: list = []
+
+        async def handler(_request, context):
+            queue: asyncio.Queue = asyncio.Queue()
+            queues.append(queue)
+            while True:
+                message = await queue.get()
+                if message is None:
+                    return
+                await context.write(message)
+
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "bench.Send", {"Follow": grpc.unary_stream_rpc_method_handler(handler)}),))
+        server.add_insecure_port(f"unix:{sock}")
+        await server.start()
+        loop = asyncio.get_running_loop()
+        client = await loop.run_in_executor(None, _start_client, sock, followers)
+        while len(queues) < followers:
+            await asyncio.sleep(0.01)
+        message = b"x" * size
+        sent = 0
+        cpu0, t0 = time.process_time(), time.monotonic()
+        while time.monotonic() - t0 < seconds:
+            for queue in queues:
+                queue.put_nowait(message)
+            sent += followers
+            await asyncio.sleep(1 / rate)
+        await asyncio.sleep(0.2)
+        cpu = time.process_time() - cpu0
+        for queue in queues:
+            queue.put_nowait(None)
+        await server.stop(1)
+        await loop.run_in_executor(None, client.join, 30)
+        return {"messages": sent, "cpu_s": round(cpu, 3),
+                "us_per_message": round(cpu / sent * 1e6, 1)}
+
+    return asyncio.run(main())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--followers", type=int, default=100)
+    ap.add_argument("--rate", type=float, default=10.0, help="deliveries a second")
+    ap.add_argument("--size", type=int, default=5000, help="bytes per message")
+    ap.add_argument("--seconds", type=float, default=5.0, help="per run")
+    ap.add_argument("--repeat", type=int, default=3, help="pairs of runs (sync, aio)")
+    args = ap.parse_args()
+    work = tempfile.mkdtemp(prefix="jpg", dir="/tmp")
+    runs: dict = {"sync": [], "aio": []}
+    try:
+        for r in range(args.repeat):
+            for kind in (("sync", "aio") if r % 2 == 0 else ("aio", "sync")):
+                sock = os.path.join(work, f"{kind}{r}.sock")
+                fn = run_sync if kind == "sync" else run_aio
+                one = fn(sock, args.followers, args.rate, args.size, args.seconds)
+                runs[kind].append(one)
+                print(json.dumps({"server": kind, **one}), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    sync = statistics.median(r["us_per_message"] for r in runs["sync"])
+    aio = statistics.median(r["us_per_message"] for r in runs["aio"])
+    print(json.dumps({
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "nproc": os.cpu_count(), "grpcio": grpc.__version__, "followers": args.followers,
+        "rate": args.rate, "size": args.size,
+        "median_us_per_message": {"sync": sync, "aio": aio},
+        "sync_vs_aio": round(sync / aio, 2), "loadavg": os.getloadavg(),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
