@@ -9,12 +9,16 @@ such a send costs, whatever the message carries, against grpc.aio's server:
   sender appends the same bytes to every follower's list and notifies it.
 - aio: ``grpc.aio.server``; each call is a coroutine awaiting an asyncio.Queue and
   ``context.write``.
+- one-thread: the synchronous server with grpcio's undocumented
+  ``experimental_non_blocking`` handler attribute: the handler returns at once with a send
+  callback, and the sender thread itself sends to every follower in turn (each send
+  blocks until grpc completes it).  Also reports how long a round of sends takes.
 
 Every ``1 / --rate`` seconds one message of ``--size`` bytes goes to every follower, for
 ``--seconds``; the server process's CPU time (``time.process_time``: every thread) divided by
 the messages sent is the cost per message.  The followers' client is a separate process (one
-asyncio loop, grpc.aio), as in bench_follow.py.  Runs alternate sync, aio, sync, ... for
-``--repeat`` pairs; medians and their ratio come from the same invocation.
+asyncio loop, grpc.aio), as in bench_follow.py.  Runs go sync, one-thread, aio, then the other way
+round, for ``--repeat`` rounds; medians and their ratios come from the same invocation.
 
     .venv/bin/python bench/bench_grpc_send.py                      # 100 followers, 10/s
     .venv/bin/python bench/bench_grpc_send.py --followers 1 --rate 1000
@@ -115,6 +119,44 @@ def run_sync(sock: str, followers: int, rate: float, size: int, seconds: float) 
     return {"messages": sent, "cpu_s": round(cpu, 3), "us_per_message": round(cpu / sent * 1e6, 1)}
 
 
+def run_one_thread(sock: str, followers: int, rate: float, size: int, seconds: float) -> dict:
+    senders: list = []
+    registered = threading.Condition()
+
+    def handler(_request, _context, send):
+        with registered:
+            senders.append(send)
+            registered.notify_all()
+
+    handler.experimental_non_blocking = True
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "bench.Send", {"Follow": grpc.unary_stream_rpc_method_handler(handler)}),))
+    server.add_insecure_port(f"unix:{sock}")
+    server.start()
+    client = _start_client(sock, followers)
+    with registered:
+        registered.wait_for(lambda: len(senders) == followers, 60)
+    message = b"x" * size
+    sent = 0
+    rounds: list = []
+    cpu0, t0 = time.process_time(), time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        r0 = time.monotonic()
+        for send in senders:
+            send(message)
+        rounds.append(time.monotonic() - r0)
+        sent += followers
+        time.sleep(1 / rate)
+    cpu = time.process_time() - cpu0
+    for send in senders:
+        send(None)
+    server.stop(1).wait(10)
+    client.join(30)
+    return {"messages": sent, "cpu_s": round(cpu, 3), "us_per_message": round(cpu / sent * 1e6, 1),
+            "round_ms_p50": round(statistics.median(rounds) * 1e3, 1)}
+
+
 def run_aio(sock: str, followers: int, rate: float, size: int, seconds: float) -> dict:
     async def main() -> dict:
         queues: list = []
@@ -163,28 +205,28 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=10.0, help="deliveries a second")
     ap.add_argument("--size", type=int, default=5000, help="bytes per message")
     ap.add_argument("--seconds", type=float, default=5.0, help="per run")
-    ap.add_argument("--repeat", type=int, default=3, help="pairs of runs (sync, aio)")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds of runs (one of each kind)")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="jpg", dir="/tmp")
-    runs: dict = {"sync": [], "aio": []}
+    kinds = {"sync": run_sync, "one-thread": run_one_thread, "aio": run_aio}
+    runs: dict = {kind: [] for kind in kinds}
     try:
         for r in range(args.repeat):
-            for kind in (("sync", "aio") if r % 2 == 0 else ("aio", "sync")):
+            for kind in (list(kinds) if r % 2 == 0 else list(kinds)[::-1]):
                 sock = os.path.join(work, f"{kind}{r}.sock")
-                fn = run_sync if kind == "sync" else run_aio
-                one = fn(sock, args.followers, args.rate, args.size, args.seconds)
+                one = kinds[kind](sock, args.followers, args.rate, args.size, args.seconds)
                 runs[kind].append(one)
                 print(json.dumps({"server": kind, **one}), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    sync = statistics.median(r["us_per_message"] for r in runs["sync"])
-    aio = statistics.median(r["us_per_message"] for r in runs["aio"])
+    med = {kind: statistics.median(r["us_per_message"] for r in runs[kind]) for kind in kinds}
     print(json.dumps({
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "nproc": os.cpu_count(), "grpcio": grpc.__version__, "followers": args.followers,
         "rate": args.rate, "size": args.size,
-        "median_us_per_message": {"sync": sync, "aio": aio},
-        "sync_vs_aio": round(sync / aio, 2), "loadavg": os.getloadavg(),
+        "median_us_per_message": med,
+        "vs_sync": {kind: round(v / med["sync"], 2) for kind, v in med.items()},
+        "loadavg": os.getloadavg(),
     }, indent=2))
 
 
