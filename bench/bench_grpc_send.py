@@ -76,6 +76,20 @@ def _start_client(sock: str, n: int):
     return p
 
 
+def _serve_sync(sock: str, handler, workers: int, registered, calls: list, n: int):
+    """A started sync server of ``handler`` on ``sock`` and its ``n`` followers' client,
+    once every call has registered in ``calls``."""
+    server = grpc.server(futures.ThreadPoolExecutor(workers))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "bench.Send", {"Follow": grpc.unary_stream_rpc_method_handler(handler)}),))
+    server.add_insecure_port(f"unix:{sock}")
+    server.start()
+    client = _start_client(sock, n)
+    with registered:
+        registered.wait_for(lambda: len(calls) == n, 60)
+    return server, client
+
+
 def run_sync(sock: str, followers: int, rate: float, size: int, seconds: float) -> dict:
     calls: list = []
     registered = threading.Condition()
@@ -93,14 +107,7 @@ def run_sync(sock: str, followers: int, rate: float, size: int, seconds: float) 
                 items, box[:] = list(box), []
             yield from items
 
-    server = grpc.server(futures.ThreadPoolExecutor(followers + 4))
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "bench.Send", {"Follow": grpc.unary_stream_rpc_method_handler(handler)}),))
-    server.add_insecure_port(f"unix:{sock}")
-    server.start()
-    client = _start_client(sock, followers)
-    with registered:
-        registered.wait_for(lambda: len(calls) == followers, 60)
+    server, client = _serve_sync(sock, handler, followers + 4, registered, calls, followers)
     message = b"x" * size
     sent = 0
     cpu0, t0 = time.process_time(), time.monotonic()
@@ -129,14 +136,7 @@ def run_one_thread(sock: str, followers: int, rate: float, size: int, seconds: f
             registered.notify_all()
 
     handler.experimental_non_blocking = True
-    server = grpc.server(futures.ThreadPoolExecutor(4))
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "bench.Send", {"Follow": grpc.unary_stream_rpc_method_handler(handler)}),))
-    server.add_insecure_port(f"unix:{sock}")
-    server.start()
-    client = _start_client(sock, followers)
-    with registered:
-        registered.wait_for(lambda: len(senders) == followers, 60)
+    server, client = _serve_sync(sock, handler, 4, registered, senders, followers)
     message = b"x" * size
     sent = 0
     rounds: list = []
