@@ -210,6 +210,7 @@ class _S3Calls:
     """The module interface the shipper uses (archive/s3.py), recording calls."""
 
     LocalUnreadable = type("LocalUnreadable", (Exception,), {})
+    NoCompleteMember = type("NoCompleteMember", (Exception,), {})
     UploadCancelled = type("UploadCancelled", (Exception,), {})
 
     def __init__(self):
@@ -225,6 +226,8 @@ class _S3Calls:
             raise self.fail
         with open(f.path, "rb") as fh:
             data = fh.read()
+        if data.startswith(b"torn"):
+            raise self.NoCompleteMember(f.path)
         key = layout.object_key(cfg.prefix, node_id, f.job_id, f.kind, f.name)
         self.objects[key] = data
         self.modified[key] = self.now()
@@ -546,6 +549,36 @@ class ShipperTests(SynchronousTestCase):
         self.clock.advance(10)
         self.assertEqual(self.s3.objects["p/n1/j/stdout/stdout.log.gz"], b"ab")
         self.assertNotIn("p/n1/j/metrics/metrics.jsonl.gz", self.s3.objects)
+
+    def test_a_segment_without_a_complete_member_is_never_an_object(self):
+        """A crash can leave a segment empty, or holding only a torn first member, until the
+        job is loaded: neither becomes an (empty) object, neither is recorded, and the
+        segment is uploaded once it holds a member."""
+        self.shipper = self.route_shipper("logs: durable")
+        self.write("j", "stdout.log.gz", b"", age=100)
+        self.write("j", "stderr.log.gz", b"torn", age=100)
+        self.shipper.start()
+        self.assertEqual(self.s3.objects, {})
+        self.assertEqual(self.shipper.backlog_segments, 0)
+        self.assertFalse(self.shipper.segment_archived("j", SegmentKind.STDOUT, 0))
+        self.write("j", "stdout.log.gz", b"a", age=0)
+        self.clock.advance(10)
+        self.assertEqual(list(self.s3.objects), ["p/n1/j/stdout/stdout.log.gz"])
+
+    def test_upload_of_a_segment_with_only_a_torn_member_sends_nothing(self):
+        """thd_upload_segment refuses a file whose first member is torn before it makes any
+        S3 call (the client here would fail on any call)."""
+        from joblet_persist.archive import s3
+
+        path = os.path.join(_tempdir(self), "stdout.log.gz")
+        whole = _members(1)
+        with open(path, "wb") as fh:
+            fh.write(whole[: len(whole) // 2])
+        f = layout.SegmentFile("j", SegmentKind.STDOUT, 0, "stdout.log.gz", path,
+                               os.path.getsize(path), 1, 1, True)
+        cfg = config_from_string("server: {nodeId: n1}\narchive: {s3: {enabled: true, bucket: b}}\n").archive.s3
+        with self.assertRaises(s3.NoCompleteMember):
+            s3.thd_upload_segment(None, cfg, "n1", f, threading.Event())
 
     def test_route_idle_waits_for_the_whole_job_to_be_idle(self):
         """routes.logs: idle uploads even closed segments only once the job had no write

@@ -29,6 +29,11 @@ class LocalUnreadable(Exception):
     """The segment file could not be opened (deleted meanwhile, refused symlink): skip it."""
 
 
+class NoCompleteMember(Exception):
+    """The segment has no complete member yet (a crash left it empty or with only a torn
+    first member, which loading the job removes): there is nothing to archive."""
+
+
 class UploadCancelled(Exception):
     """The service is stopping: a multipart upload was abandoned between parts."""
 
@@ -96,6 +101,8 @@ def thd_upload_segment(client, cfg, node_id: str, f: layout.SegmentFile,
         raise LocalUnreadable(f"{f.path}: {e}") from e
     with opened as reader:
         size = reader.size
+        if size == 0:
+            raise NoCompleteMember(f.path)
         multipart = size >= cfg.multipart_threshold
         if multipart:
             _multipart(client, cfg.bucket, key, reader, size, cfg.multipart_threshold, extra,

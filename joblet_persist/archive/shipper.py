@@ -390,8 +390,8 @@ class S3Shipper:
         }
 
         def is_due(f) -> bool:
-            if self._manifest.matches(f):
-                return False
+            if f.size == 0 or self._manifest.matches(f):
+                return False  # empty: a crash between creating a segment and its first write
             route = self._route[f.kind]
             if route == "durable":
                 return True  # whatever is on disk, the open segment again as it grows
@@ -445,6 +445,10 @@ class S3Shipper:
             try:
                 up = yield self._run(self._s3.thd_upload_segment, self._client, self._cfg,
                                      self._node_id, f, self._stopping)
+            except self._s3.NoCompleteMember:
+                remaining.pop(0)  # nothing complete to archive yet; never an empty object
+                self._set_backlog(remaining)
+                continue
             except self._s3.LocalUnreadable as e:
                 # The local file is gone or unreadable (deleted meanwhile): not S3's fault.
                 remaining.pop(0)
