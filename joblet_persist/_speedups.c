@@ -14,19 +14,24 @@
  * Runs on the calling thread (the reactor thread) and holds the GIL throughout: it creates
  * Python objects for every accepted frame.
  *
- * member_table(...) builds a member's table bytes for storage/format.py (the write path), and
- * decode_table(...) decodes canonically encoded tables (the query path); each has a pure-Python
- * reference in storage/format.py that tests/test_member_table.py holds it to.
+ * plan_members(...) splits a batch into storage members and builds their tables and data for
+ * storage/format.py (the write path, on pool threads, mostly without the GIL; links zlib for
+ * the tables), and decode_table(...) decodes canonically encoded tables (the query path);
+ * each has a pure-Python reference in storage/format.py that tests/test_member_table.py
+ * holds it to.
  */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include <float.h>
+#include <limits.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+
+#include <zlib.h>
 
 static PyObject *str_slow;
 static PyObject *str_partial;
@@ -812,7 +817,7 @@ error:
     return NULL;
 }
 
-/* ---- member_table: the per-message table of a storage member (storage/format.py) ---------- */
+/* ---- plan_members: the members of a storage batch (storage/format.py) -------------------- */
 
 typedef struct {
     unsigned char *buf;
@@ -846,190 +851,445 @@ varint_size(uint64_t v)
     return n;
 }
 
-PyDoc_STRVAR(member_table_doc,
-"member_table(items, timestamps, sequences, ordinals, i, j, lines=False)\n"
-"    -> (table, min_ts, max_ts, is_lines)\n\n"
-"The serialized member table (protobuf wire form of storage/format.py's MemberTable:\n"
-"packed lengths, zigzag timestamp deltas from the window minimum then from the previous\n"
-"message, zigzag sequence deltas, ordinal deltas) of messages [i, j).  With `lines` true,\n"
-"when every item of the window ends with its only newline, the lengths column is left out\n"
-"and `is_lines` is True (a line table: JP flag FLAG_LINES).  Deltas wrap modulo\n"
-"2**64 like the Python encoder's.  Raises ValueError when a timestamp or ordinal is outside\n"
-"int64, a sequence outside uint64, or ordinals are not strictly increasing (also across the\n"
-"message before i).  Pool thread; holds the GIL, touches no shared state.");
+/* JP header constants of storage/format.py (FLAG_TABLE_DEFLATED, FLAG_LINES,
+ * _TABLE_DEFLATE_MIN); tests/test_member_table.py checks plan_members against the Python
+ * planner, which uses the module's own constants. */
+#define JP_FLAG_TABLE_DEFLATED 1
+#define JP_FLAG_LINES 2
+#define JP_TABLE_DEFLATE_MIN 64
 
-static PyObject *
-member_table(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    PyObject *items, *ts_list, *seq_list, *ord_list, *result = NULL;
-    Py_ssize_t i, j, n, k;
-    int64_t *ts = NULL, *ords = NULL;
-    uint64_t *seqs = NULL;
-    column_t cols[4] = {{NULL, 0}, {NULL, 0}, {NULL, 0}, {NULL, 0}};
+/* One planned member: messages [start, end) of the batch. */
+typedef struct {
+    Py_ssize_t start, end;
+    unsigned char *stored; /* the stored table (raw or deflated), PyMem_Raw */
+    Py_ssize_t stored_len, raw_len;
+    int flags;
     int64_t min_ts, max_ts;
-    int lines = 0;
+} planned_t;
 
-    if (nargs != 6 && nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "member_table() takes 6 or 7 arguments");
-        return NULL;
+/* The plan's working state; everything here is plain C memory (PyMem_Raw*), so that the
+ * planning runs without the GIL. */
+typedef struct {
+    Py_ssize_t n;
+    const char **ptr;    /* the items' bytes (the snapshot tuple keeps them alive) */
+    Py_ssize_t *len;
+    Py_ssize_t *cum;     /* cum[k]: bytes of items [0, k) */
+    Py_ssize_t *nonline; /* nonline[k]: items of [0, k) that are not a line */
+    int64_t *ts;
+    uint64_t *seq;
+    int64_t *ord;
+    column_t cols[4];    /* scratch: the four packed columns of one table */
+    unsigned char *raw;  /* scratch: one serialized table */
+    Py_ssize_t raw_room;
+    unsigned char *packed; /* scratch: one deflated table */
+    Py_ssize_t packed_room;
+    z_stream zs;
+    int zs_ready;
+    planned_t *members;
+    Py_ssize_t nmembers, members_room;
+} plan_t;
+
+static void
+plan_free(plan_t *p)
+{
+    Py_ssize_t k;
+    PyMem_RawFree((void *)p->ptr);
+    PyMem_RawFree(p->len);
+    PyMem_RawFree(p->cum);
+    PyMem_RawFree(p->nonline);
+    PyMem_RawFree(p->ts);
+    PyMem_RawFree(p->seq);
+    PyMem_RawFree(p->ord);
+    for (k = 0; k < 4; k++) {
+        PyMem_RawFree(p->cols[k].buf);
     }
-    if (nargs == 7) {
-        lines = PyObject_IsTrue(args[6]);
-        if (lines < 0) {
-            return NULL;
+    PyMem_RawFree(p->raw);
+    PyMem_RawFree(p->packed);
+    if (p->zs_ready) {
+        deflateEnd(&p->zs);
+    }
+    if (p->members != NULL) {
+        for (k = 0; k < p->nmembers; k++) {
+            PyMem_RawFree(p->members[k].stored);
+        }
+        PyMem_RawFree(p->members);
+    }
+}
+
+/* Serialize the table of messages [i, j) into p->raw (format.py's _build_table: packed
+ * lengths unless `lines`, zigzag timestamp deltas from the window minimum then from the
+ * previous message, zigzag sequence deltas, ordinal deltas; deltas wrap modulo 2**64).
+ * Returns the raw length, -1 when out of memory.  No GIL needed. */
+static Py_ssize_t
+plan_raw_table(plan_t *p, Py_ssize_t i, Py_ssize_t j, int lines, int64_t *min_out,
+               int64_t *max_out)
+{
+    Py_ssize_t k, total = 0, first = lines ? 1 : 0;
+    int64_t min_ts = p->ts[i], max_ts = p->ts[i];
+    unsigned char *out;
+    for (k = 0; k < 4; k++) {
+        p->cols[k].len = 0;
+    }
+    for (k = i + 1; k < j; k++) {
+        if (p->ts[k] < min_ts) {
+            min_ts = p->ts[k];
+        }
+        if (p->ts[k] > max_ts) {
+            max_ts = p->ts[k];
         }
     }
-    items = args[0];
-    ts_list = args[1];
-    seq_list = args[2];
-    ord_list = args[3];
-    if (!PyList_Check(items) || !PyList_Check(ts_list) || !PyList_Check(seq_list)
-        || !PyList_Check(ord_list)) {
-        PyErr_SetString(PyExc_TypeError, "member_table() columns must be lists");
-        return NULL;
+    if (!lines) {
+        for (k = i; k < j; k++) {
+            column_put_varint(&p->cols[0], (uint64_t)p->len[k]);
+        }
     }
-    i = PyLong_AsSsize_t(args[4]);
-    if (i == -1 && PyErr_Occurred()) {
-        return NULL;
+    column_put_varint(&p->cols[1], zigzag64((int64_t)((uint64_t)p->ts[i] - (uint64_t)min_ts)));
+    column_put_varint(&p->cols[2], 0);
+    column_put_varint(&p->cols[3], 0);
+    for (k = i + 1; k < j; k++) {
+        column_put_varint(&p->cols[1],
+                          zigzag64((int64_t)((uint64_t)p->ts[k] - (uint64_t)p->ts[k - 1])));
+        column_put_varint(&p->cols[2], zigzag64((int64_t)(p->seq[k] - p->seq[k - 1])));
+        column_put_varint(&p->cols[3], (uint64_t)p->ord[k] - (uint64_t)p->ord[k - 1]);
     }
-    j = PyLong_AsSsize_t(args[5]);
-    if (j == -1 && PyErr_Occurred()) {
-        return NULL;
+    for (k = first; k < 4; k++) {
+        total += 1 + varint_size((uint64_t)p->cols[k].len) + p->cols[k].len;
     }
-    n = PyList_GET_SIZE(items);
-    if (i < 0 || j <= i || j > n || PyList_GET_SIZE(ts_list) != n
-        || PyList_GET_SIZE(seq_list) != n || PyList_GET_SIZE(ord_list) != n) {
-        PyErr_SetString(PyExc_ValueError, "member_table(): bad window or column lengths");
-        return NULL;
+    if (total > p->raw_room) {
+        unsigned char *grown = PyMem_RawRealloc(p->raw, (size_t)total);
+        if (grown == NULL) {
+            return -1;
+        }
+        p->raw = grown;
+        p->raw_room = total;
     }
-    n = j - i;
-    ts = PyMem_Malloc(sizeof(int64_t) * (size_t)n);
-    seqs = PyMem_Malloc(sizeof(uint64_t) * (size_t)n);
-    ords = PyMem_Malloc(sizeof(int64_t) * (size_t)n);
+    out = p->raw;
+    for (k = first; k < 4; k++) {
+        column_t header = {out, 0};
+        header.buf[header.len++] = (unsigned char)(((k + 1) << 3) | 2);
+        column_put_varint(&header, (uint64_t)p->cols[k].len);
+        out += header.len;
+        memcpy(out, p->cols[k].buf, (size_t)p->cols[k].len);
+        out += p->cols[k].len;
+    }
+    *min_out = min_ts;
+    *max_out = max_ts;
+    return total;
+}
+
+/* format.py's _pack_table on p->raw[0:raw_len]: deflate it (zlib level 6, raw, as
+ * zlib.compressobj(6, DEFLATED, -15).compress(raw) + .flush() does) when the table is at
+ * least JP_TABLE_DEFLATE_MIN bytes and that makes it smaller.  Sets *stored / *stored_len
+ * (pointing into p->raw or p->packed) and returns the flags; -1 on failure.  No GIL. */
+static int
+plan_pack_table(plan_t *p, Py_ssize_t raw_len, const unsigned char **stored,
+                Py_ssize_t *stored_len)
+{
+    *stored = p->raw;
+    *stored_len = raw_len;
+    if (raw_len < JP_TABLE_DEFLATE_MIN) {
+        return 0;
+    }
+    if (!p->zs_ready) {
+        memset(&p->zs, 0, sizeof(p->zs));
+        if (deflateInit2(&p->zs, 6, Z_DEFLATED, -15, 8, Z_DEFAULT_STRATEGY) != Z_OK) {
+            return -1;
+        }
+        p->zs_ready = 1;
+    }
+    else if (deflateReset(&p->zs) != Z_OK) {
+        return -1;
+    }
+    {
+        Py_ssize_t bound = (Py_ssize_t)deflateBound(&p->zs, (uLong)raw_len) + 16;
+        if (bound > p->packed_room) {
+            unsigned char *grown = PyMem_RawRealloc(p->packed, (size_t)bound);
+            if (grown == NULL) {
+                return -1;
+            }
+            p->packed = grown;
+            p->packed_room = bound;
+        }
+        p->zs.next_in = p->raw;
+        p->zs.avail_in = (uInt)raw_len;
+        p->zs.next_out = p->packed;
+        p->zs.avail_out = (uInt)bound;
+        /* The same calls as the zlib module: all input without flushing, then finish. */
+        if (deflate(&p->zs, Z_NO_FLUSH) == Z_STREAM_ERROR || p->zs.avail_in != 0
+            || deflate(&p->zs, Z_FINISH) != Z_STREAM_END) {
+            return -1;
+        }
+        if ((Py_ssize_t)p->zs.total_out < raw_len) {
+            *stored = p->packed;
+            *stored_len = (Py_ssize_t)p->zs.total_out;
+            return JP_FLAG_TABLE_DEFLATED;
+        }
+    }
+    return 0;
+}
+
+/* Plan every member of the batch (format.py's _plan_members_py): the member boundaries
+ * (max_member_raw, then the MAX_TABLE_BYTES shrink rule) and each member's stored table.
+ * Returns 1 when planned, 0 when the reference path must decide (ordinals not strictly
+ * increasing, a member over 4 GiB), -1 when out of memory.  No GIL. */
+static int
+plan_run(plan_t *p, int lines, long long max_raw, Py_ssize_t max_table)
+{
+    Py_ssize_t i = 0, k, n = p->n;
+    for (k = 1; k < n; k++) {
+        if (p->ord[k] <= p->ord[k - 1]) {
+            return 0;
+        }
+    }
     for (k = 0; k < 4; k++) {
-        cols[k].buf = PyMem_Malloc((size_t)n * 10);
+        /* A varint is at most 10 bytes; the whole batch bounds every window. */
+        p->cols[k].buf = PyMem_RawMalloc((size_t)n * 10);
+        if (p->cols[k].buf == NULL) {
+            return -1;
+        }
     }
-    if (ts == NULL || seqs == NULL || ords == NULL || cols[0].buf == NULL || cols[1].buf == NULL
-        || cols[2].buf == NULL || cols[3].buf == NULL) {
+    while (i < n) {
+        Py_ssize_t j = i + 1, raw_len, stored_len;
+        const unsigned char *stored;
+        int64_t min_ts, max_ts;
+        int flags, is_lines;
+        planned_t *m;
+        while (j < n && (long long)(p->cum[j + 1] - p->cum[i]) <= max_raw) {
+            j++;
+        }
+        for (;;) {
+            is_lines = lines && p->nonline[j] == p->nonline[i];
+            raw_len = plan_raw_table(p, i, j, is_lines, &min_ts, &max_ts);
+            if (raw_len < 0) {
+                return -1;
+            }
+            flags = plan_pack_table(p, raw_len, &stored, &stored_len);
+            if (flags < 0) {
+                return -1;
+            }
+            if (stored_len <= max_table) {
+                break;
+            }
+            {
+                /* Too many messages for one header: shrink proportionally, as
+                 * int((j - i) * MAX_TABLE_BYTES / len(stored) * 0.95) does. */
+                double fit_d = (double)((long long)(j - i) * (long long)max_table)
+                               / (double)stored_len * 0.95;
+                Py_ssize_t fit = (Py_ssize_t)fit_d;
+                if (fit > j - i - 1) {
+                    fit = j - i - 1;
+                }
+                j = i + (fit > 1 ? fit : 1);
+            }
+        }
+        if ((uint64_t)(p->cum[j] - p->cum[i]) > 0xFFFFFFFFu) {
+            return 0;
+        }
+        if (p->nmembers == p->members_room) {
+            Py_ssize_t room = p->members_room ? p->members_room * 2 : 8;
+            planned_t *grown = PyMem_RawRealloc(p->members, (size_t)room * sizeof(planned_t));
+            if (grown == NULL) {
+                return -1;
+            }
+            p->members = grown;
+            p->members_room = room;
+        }
+        m = &p->members[p->nmembers];
+        m->stored = PyMem_RawMalloc((size_t)stored_len);
+        if (m->stored == NULL) {
+            return -1;
+        }
+        p->nmembers++;
+        memcpy(m->stored, stored, (size_t)stored_len);
+        m->start = i;
+        m->end = j;
+        m->stored_len = stored_len;
+        m->raw_len = raw_len;
+        m->flags = flags | (is_lines ? JP_FLAG_LINES : 0);
+        m->min_ts = min_ts;
+        m->max_ts = max_ts;
+        i = j;
+    }
+    return 1;
+}
+
+PyDoc_STRVAR(plan_members_doc,
+"plan_members(items, timestamps, sequences, ordinals, max_member_raw, lines, max_table_bytes)\n"
+"    -> [(end, data, table, flags, table_raw_size, min_ts, max_ts), ...] | None\n\n"
+"storage/format.py's _plan_members_py in C: split the batch (lists of equal length: bytes\n"
+"items, int columns) into members of at most `max_member_raw` data bytes whose stored table\n"
+"fits `max_table_bytes`, and give per member (in order) the index after its last message,\n"
+"its data (the items joined), its stored table (deflated when smaller; flags bit 0) and\n"
+"flags (bit 1: a line table, when `lines` and every message of the member ends with its\n"
+"only newline), the serialized table's size, and the smallest and largest timestamp.\n"
+"Returns None when the reference path must decide: an item that is not bytes, a value that\n"
+"is not an int or is out of range (timestamps and ordinals int64, sequences uint64),\n"
+"ordinals not strictly increasing, a member over 4 GiB.  Pool thread: the inputs are read\n"
+"with the GIL, then the GIL is released while the members are planned, their tables\n"
+"encoded and deflated and their data joined.");
+
+static PyObject *
+plan_members(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *snapshot = NULL, *result = NULL;
+    PyObject **datas = NULL;
+    plan_t p;
+    Py_ssize_t k, n, max_table;
+    long long max_raw;
+    int lines, overflow = 0, status = 0;
+
+    (void)self;
+    memset(&p, 0, sizeof(p));
+    if (nargs != 7 || !PyList_Check(args[0]) || !PyList_Check(args[1]) || !PyList_Check(args[2])
+        || !PyList_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "plan_members(items: list, timestamps: list, sequences: list, "
+                        "ordinals: list, max_member_raw, lines, max_table_bytes)");
+        return NULL;
+    }
+    n = PyList_GET_SIZE(args[0]);
+    if (PyList_GET_SIZE(args[1]) != n || PyList_GET_SIZE(args[2]) != n
+        || PyList_GET_SIZE(args[3]) != n || n == 0) {
+        Py_RETURN_NONE;
+    }
+    max_raw = PyLong_AsLongLongAndOverflow(args[4], &overflow);
+    if (max_raw == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (overflow > 0) {
+        max_raw = LLONG_MAX;
+    }
+    if (overflow < 0 || max_raw < 1) {
+        Py_RETURN_NONE;
+    }
+    lines = PyObject_IsTrue(args[5]);
+    if (lines < 0) {
+        return NULL;
+    }
+    max_table = PyLong_AsSsize_t(args[6]);
+    if (max_table == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    /* The snapshot: a tuple holding every item, so that the list may change (on another
+     * thread) while the GIL is released without the bytes read going away. */
+    snapshot = PyList_AsTuple(args[0]);
+    if (snapshot == NULL) {
+        return NULL;
+    }
+    p.n = n;
+    p.ptr = PyMem_RawMalloc(sizeof(char *) * (size_t)n);
+    p.len = PyMem_RawMalloc(sizeof(Py_ssize_t) * (size_t)n);
+    p.cum = PyMem_RawMalloc(sizeof(Py_ssize_t) * (size_t)(n + 1));
+    p.nonline = PyMem_RawMalloc(sizeof(Py_ssize_t) * (size_t)(n + 1));
+    p.ts = PyMem_RawMalloc(sizeof(int64_t) * (size_t)n);
+    p.seq = PyMem_RawMalloc(sizeof(uint64_t) * (size_t)n);
+    p.ord = PyMem_RawMalloc(sizeof(int64_t) * (size_t)n);
+    if (p.ptr == NULL || p.len == NULL || p.cum == NULL || p.nonline == NULL || p.ts == NULL
+        || p.seq == NULL || p.ord == NULL) {
         PyErr_NoMemory();
         goto done;
     }
+    p.cum[0] = 0;
     for (k = 0; k < n; k++) {
-        PyObject *item = PyList_GET_ITEM(items, i + k);
-        int overflow = 0;
-        if (!PyBytes_Check(item)) {
-            PyErr_SetString(PyExc_TypeError, "member_table() items must be bytes");
-            goto done;
+        PyObject *item = PyTuple_GET_ITEM(snapshot, k);
+        PyObject *t = PyList_GET_ITEM(args[1], k);
+        PyObject *s = PyList_GET_ITEM(args[2], k);
+        PyObject *o = PyList_GET_ITEM(args[3], k);
+        if (!PyBytes_Check(item) || !PyLong_Check(t) || !PyLong_Check(s) || !PyLong_Check(o)) {
+            goto done; /* None: the reference path */
         }
-        column_put_varint(&cols[0], (uint64_t)PyBytes_GET_SIZE(item));
-        if (lines) {
-            /* A line: at least one byte, the last a newline, no other newline. */
-            const char *b = PyBytes_AS_STRING(item);
-            Py_ssize_t len = PyBytes_GET_SIZE(item);
-            if (len == 0 || b[len - 1] != '\n' || memchr(b, '\n', (size_t)(len - 1)) != NULL) {
-                lines = 0;
-            }
-        }
-        ts[k] = PyLong_AsLongLongAndOverflow(PyList_GET_ITEM(ts_list, i + k), &overflow);
+        p.ptr[k] = PyBytes_AS_STRING(item);
+        p.len[k] = PyBytes_GET_SIZE(item);
+        p.cum[k + 1] = p.cum[k] + p.len[k];
+        p.ts[k] = PyLong_AsLongLongAndOverflow(t, &overflow);
         if (overflow) {
-            PyErr_SetString(PyExc_ValueError, "timestamp out of range -9223372036854775808.."
-                                              "9223372036854775807");
             goto done;
         }
-        if (ts[k] == -1 && PyErr_Occurred()) {
-            goto done;
-        }
-        ords[k] = PyLong_AsLongLongAndOverflow(PyList_GET_ITEM(ord_list, i + k), &overflow);
+        p.ord[k] = PyLong_AsLongLongAndOverflow(o, &overflow);
         if (overflow) {
-            PyErr_SetString(PyExc_ValueError, "ordinal out of range");
             goto done;
         }
-        if (ords[k] == -1 && PyErr_Occurred()) {
+        if (_PyLong_Sign(s) < 0) {
             goto done;
         }
-        {
-            PyObject *sv = PyList_GET_ITEM(seq_list, i + k);
-            if (!PyLong_Check(sv) || _PyLong_Sign(sv) < 0) {
-                if (PyLong_Check(sv)) {
-                    PyErr_SetString(PyExc_ValueError, "sequence out of range 0..18446744073709551615");
-                }
-                else {
-                    PyErr_SetString(PyExc_TypeError, "sequences must be ints");
-                }
-                goto done;
-            }
-            seqs[k] = PyLong_AsUnsignedLongLong(sv);
-            if (seqs[k] == (uint64_t)-1 && PyErr_Occurred()) {
-                PyErr_Clear();
-                PyErr_SetString(PyExc_ValueError, "sequence out of range 0..18446744073709551615");
-                goto done;
-            }
-        }
-    }
-    if (i > 0) {
-        int overflow = 0;
-        long long before = PyLong_AsLongLongAndOverflow(PyList_GET_ITEM(ord_list, i - 1),
-                                                        &overflow);
-        if (before == -1 && PyErr_Occurred()) {
-            goto done;
-        }
-        if (!overflow && before >= ords[0]) {
-            PyErr_SetString(PyExc_ValueError, "ordinals must be strictly increasing");
+        p.seq[k] = PyLong_AsUnsignedLongLong(s);
+        if (p.seq[k] == (uint64_t)-1 && PyErr_Occurred()) {
+            PyErr_Clear();
             goto done;
         }
     }
-    min_ts = max_ts = ts[0];
-    for (k = 1; k < n; k++) {
-        if (ts[k] < min_ts) {
-            min_ts = ts[k];
-        }
-        if (ts[k] > max_ts) {
-            max_ts = ts[k];
-        }
-        if (ords[k] <= ords[k - 1]) {
-            PyErr_SetString(PyExc_ValueError, "ordinals must be strictly increasing");
+
+    Py_BEGIN_ALLOW_THREADS
+    p.nonline[0] = 0;
+    for (k = 0; k < n; k++) {
+        /* A line: at least one byte, the last a newline, no other newline. */
+        Py_ssize_t len = p.len[k];
+        int is_line = !lines
+                      || (len > 0 && p.ptr[k][len - 1] == '\n'
+                          && memchr(p.ptr[k], '\n', (size_t)(len - 1)) == NULL);
+        p.nonline[k + 1] = p.nonline[k] + !is_line;
+    }
+    status = plan_run(&p, lines, max_raw, max_table);
+    Py_END_ALLOW_THREADS
+
+    if (status < 0) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (status == 0) {
+        goto done;
+    }
+    /* The members' data: bytes objects allocated with the GIL, filled without it (nothing
+     * else can see them yet). */
+    datas = PyMem_Calloc((size_t)p.nmembers, sizeof(PyObject *));
+    if (datas == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (k = 0; k < p.nmembers; k++) {
+        datas[k] = PyBytes_FromStringAndSize(NULL, p.cum[p.members[k].end]
+                                                       - p.cum[p.members[k].start]);
+        if (datas[k] == NULL) {
             goto done;
         }
     }
-    column_put_varint(&cols[1], zigzag64((int64_t)((uint64_t)ts[0] - (uint64_t)min_ts)));
-    column_put_varint(&cols[2], 0);
-    column_put_varint(&cols[3], 0);
-    for (k = 1; k < n; k++) {
-        column_put_varint(&cols[1], zigzag64((int64_t)((uint64_t)ts[k] - (uint64_t)ts[k - 1])));
-        column_put_varint(&cols[2], zigzag64((int64_t)(seqs[k] - seqs[k - 1])));
-        column_put_varint(&cols[3], (uint64_t)ords[k] - (uint64_t)ords[k - 1]);
-    }
-    {
-        Py_ssize_t total = 0;
-        char *out;
-        PyObject *table;
-        Py_ssize_t first = lines ? 1 : 0; /* a line table has no lengths column */
-        for (k = first; k < 4; k++) {
-            total += 1 + varint_size((uint64_t)cols[k].len) + cols[k].len;
+    Py_BEGIN_ALLOW_THREADS
+    for (k = 0; k < p.nmembers; k++) {
+        char *out = PyBytes_AS_STRING(datas[k]);
+        Py_ssize_t m;
+        for (m = p.members[k].start; m < p.members[k].end; m++) {
+            memcpy(out, p.ptr[m], (size_t)p.len[m]);
+            out += p.len[m];
         }
-        table = PyBytes_FromStringAndSize(NULL, total);
-        if (table == NULL) {
+    }
+    Py_END_ALLOW_THREADS
+    result = PyList_New(p.nmembers);
+    if (result == NULL) {
+        goto done;
+    }
+    for (k = 0; k < p.nmembers; k++) {
+        planned_t *m = &p.members[k];
+        PyObject *member = Py_BuildValue("(nOy#inLL)", m->end, datas[k], (const char *)m->stored,
+                                         m->stored_len, m->flags, m->raw_len,
+                                         (long long)m->min_ts, (long long)m->max_ts);
+        if (member == NULL) {
+            Py_CLEAR(result);
             goto done;
         }
-        out = PyBytes_AS_STRING(table);
-        for (k = first; k < 4; k++) {
-            column_t header = {(unsigned char *)out, 0};
-            header.buf[header.len++] = (unsigned char)(((k + 1) << 3) | 2);
-            column_put_varint(&header, (uint64_t)cols[k].len);
-            out += header.len;
-            memcpy(out, cols[k].buf, (size_t)cols[k].len);
-            out += cols[k].len;
-        }
-        result = Py_BuildValue("(NLLO)", table, (long long)min_ts, (long long)max_ts,
-                               lines ? Py_True : Py_False);
+        PyList_SET_ITEM(result, k, member);
     }
 
 done:
-    PyMem_Free(ts);
-    PyMem_Free(seqs);
-    PyMem_Free(ords);
-    for (k = 0; k < 4; k++) {
-        PyMem_Free(cols[k].buf);
+    if (datas != NULL) {
+        for (k = 0; k < p.nmembers; k++) {
+            Py_XDECREF(datas[k]);
+        }
+        PyMem_Free(datas);
+    }
+    plan_free(&p);
+    Py_DECREF(snapshot);
+    if (result == NULL && !PyErr_Occurred()) {
+        Py_RETURN_NONE;
     }
     return result;
 }
@@ -2890,7 +3150,7 @@ message_ends(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 static PyMethodDef speedups_methods[] = {
     {"decode_log_frames", (PyCFunction)(void (*)(void))decode_log_frames, METH_FASTCALL,
      decode_log_frames_doc},
-    {"member_table", (PyCFunction)(void (*)(void))member_table, METH_FASTCALL, member_table_doc},
+    {"plan_members", (PyCFunction)(void (*)(void))plan_members, METH_FASTCALL, plan_members_doc},
     {"decode_table", (PyCFunction)(void (*)(void))decode_table, METH_FASTCALL, decode_table_doc},
     {"line_bounds", (PyCFunction)(void (*)(void))line_bounds, METH_FASTCALL, line_bounds_doc},
     {"metric_json_line", (PyCFunction)(void (*)(void))metric_json_line, METH_FASTCALL,
