@@ -1913,6 +1913,8 @@ typedef struct {
     size_t len, room;
 } OutBuf;
 
+/* Room for `more` bytes; 0 when out of memory (no exception set: callers run without the
+ * GIL, and set it once they hold it again). */
 static int
 out_reserve(OutBuf *b, size_t more)
 {
@@ -1922,9 +1924,8 @@ out_reserve(OutBuf *b, size_t more)
         while (room < b->len + more) {
             room *= 2;
         }
-        data = PyMem_Realloc(b->data, room);
+        data = PyMem_RawRealloc(b->data, room);
         if (data == NULL) {
-            PyErr_NoMemory();
             return 0;
         }
         b->data = data;
@@ -2034,9 +2035,10 @@ out_text(OutBuf *b, const unsigned char *s, Py_ssize_t n)
 /* One event payload's fields 4.. (numbers 4 + index into `codes`), canonical only: every
  * known field with its own wire type (varint for numbers, length-delimited for strings), a
  * uint32 that fits 32 bits, no groups; the last occurrence of a scalar wins and `args`
- * collects every occurrence (offsets into `args_at`, a list the caller frees).  Fields 1..3
- * (job_uuid bytes, timestamp, sequence) are checked and ignored.  0 for anything else: the
- * caller then takes the protobuf route, which decides. */
+ * collects every occurrence (offsets into `args_at`, a list the caller frees with
+ * PyMem_RawFree).  Fields 1..3 (job_uuid bytes, timestamp, sequence) are checked and ignored.
+ * 0 for anything else: the caller then takes the protobuf route, which decides; -1 when out
+ * of memory, with no exception set (it runs without the GIL). */
 typedef struct {
     int64_t timestamp;
     uint64_t sequence;
@@ -2091,11 +2093,10 @@ parse_event(const unsigned char *p, const unsigned char *end, const int *codes, 
                     /* Pairs of (start, end) pointers. */
                     if (*nargs + 2 > *args_room) {
                         Py_ssize_t room = *args_room ? *args_room * 2 : 64;
-                        const unsigned char **grown =
-                            PyMem_Realloc((void *)*args_at, (size_t)room * sizeof(**args_at));
+                        const unsigned char **grown = PyMem_RawRealloc(
+                            (void *)*args_at, (size_t)room * sizeof(**args_at));
                         if (grown == NULL) {
-                            PyErr_NoMemory();
-                            return -1;
+                            return -1; /* out of memory; the caller sets the exception */
                         }
                         *args_at = grown;
                         *args_room = room;
@@ -2164,7 +2165,10 @@ other_payload_time(uint32_t type, const Envelope *env, int64_t *ts, uint64_t *se
             nfields++;
         }
         ok = parse_event(p, end, codes, nfields, &v, &args_at, &nargs, &args_room);
-        PyMem_Free((void *)args_at);
+        PyMem_RawFree((void *)args_at);
+        if (ok < 0) {
+            PyErr_NoMemory();
+        }
         if (ok <= 0) {
             return ok;
         }
@@ -2189,21 +2193,24 @@ PyDoc_STRVAR(event_json_lines_doc,
 "`job_json` the job id as a JSON string; `timestamps` and `sequences` the values to write.\n"
 "A list of the same length as `payloads` whose items are the line, or None where the\n"
 "payload is not canonical or a value does not fit (the caller takes the protobuf route for\n"
-"those).  Pool thread.");
+"those).  Pool thread: the payloads are parsed and the lines written without the GIL.");
 
 static PyObject *
 event_json_lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *layout, *payloads, *timestamps, *sequences, *out = NULL;
+    PyObject *layout, *snapshot = NULL, *timestamps, *sequences, *out = NULL;
     const char *prefix[EV_MAX_FIELDS];
     Py_ssize_t prefix_len[EV_MAX_FIELDS];
     int codes[EV_MAX_FIELDS];
-    int nfields, f;
+    int nfields, f, failed = 0;
     const char *job;
     Py_ssize_t job_len, i, n, nargs_seen = 0, args_room = 0;
     const unsigned char **args_at = NULL;
+    const unsigned char **ptr = NULL;
+    Py_ssize_t *len = NULL, *start = NULL;
+    int64_t *tss = NULL;
+    uint64_t *seqs = NULL;
     OutBuf b = {NULL, 0, 0};
-    EventValues v;
 
     (void)self;
     if (nargs != 5 || !PyTuple_Check(args[0]) || !PyUnicode_Check(args[1])
@@ -2214,10 +2221,9 @@ event_json_lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     layout = args[0];
-    payloads = args[2];
     timestamps = args[3];
     sequences = args[4];
-    n = PyList_GET_SIZE(payloads);
+    n = PyList_GET_SIZE(args[2]);
     if (PyList_GET_SIZE(timestamps) != n || PyList_GET_SIZE(sequences) != n) {
         PyErr_SetString(PyExc_ValueError, "event_json_lines: column lengths differ");
         return NULL;
@@ -2251,112 +2257,164 @@ event_json_lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (job == NULL) {
         return NULL;
     }
-    out = PyList_New(n);
-    if (out == NULL) {
+    /* With the GIL: a snapshot of the inputs (a tuple holding the payloads, and C arrays);
+     * `start[i]` -1 marks a payload the C route does not take. */
+    snapshot = PyList_AsTuple(args[2]);
+    if (snapshot == NULL) {
         return NULL;
     }
+    ptr = PyMem_RawMalloc(sizeof(*ptr) * (size_t)(n + 1));
+    len = PyMem_RawMalloc(sizeof(*len) * (size_t)(n + 1));
+    start = PyMem_RawMalloc(sizeof(*start) * (size_t)(n + 1));
+    tss = PyMem_RawMalloc(sizeof(*tss) * (size_t)(n + 1));
+    seqs = PyMem_RawMalloc(sizeof(*seqs) * (size_t)(n + 1));
+    if (ptr == NULL || len == NULL || start == NULL || tss == NULL || seqs == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
     for (i = 0; i < n; i++) {
-        PyObject *payload = PyList_GET_ITEM(payloads, i);
-        PyObject *line;
-        const unsigned char *p;
-        long long ts;
-        unsigned long long seq;
-        char num[48];
-        int len, ok;
-
-        PyList_SET_ITEM(out, i, Py_None);
-        Py_INCREF(Py_None);
+        PyObject *payload = PyTuple_GET_ITEM(snapshot, i);
+        start[i] = -1;
         if (!PyBytes_Check(payload)) {
             continue;
         }
-        ts = PyLong_AsLongLong(PyList_GET_ITEM(timestamps, i));
-        if (ts == -1 && PyErr_Occurred()) {
+        tss[i] = PyLong_AsLongLong(PyList_GET_ITEM(timestamps, i));
+        if (tss[i] == -1 && PyErr_Occurred()) {
             PyErr_Clear();
             continue;
         }
-        seq = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(sequences, i));
-        if (seq == (unsigned long long)-1 && PyErr_Occurred()) {
+        seqs[i] = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(sequences, i));
+        if (seqs[i] == (uint64_t)-1 && PyErr_Occurred()) {
             PyErr_Clear();
             continue;
         }
-        p = (const unsigned char *)PyBytes_AS_STRING(payload);
-        ok = parse_event(p, p + PyBytes_GET_SIZE(payload), codes, nfields, &v, &args_at,
-                         &nargs_seen, &args_room);
+        ptr[i] = (const unsigned char *)PyBytes_AS_STRING(payload);
+        len[i] = PyBytes_GET_SIZE(payload);
+        start[i] = 0;
+    }
+
+    /* Without the GIL: every line into one buffer; line i is [start[i], start[i + 1]). */
+    Py_BEGIN_ALLOW_THREADS
+    for (i = 0; i < n && !failed; i++) {
+        EventValues v;
+        char num[48];
+        int nlen, ok;
+        if (start[i] < 0) {
+            continue;
+        }
+        start[i] = (Py_ssize_t)b.len;
+        ok = parse_event(ptr[i], ptr[i] + len[i], codes, nfields, &v, &args_at, &nargs_seen,
+                         &args_room);
         if (ok < 0) {
-            goto error;
+            failed = 1;
+            break;
         }
         if (!ok) {
+            start[i] = -1;
             continue;
         }
-        b.len = 0;
-        len = snprintf(num, sizeof(num), ",\"timestamp\":%lld", ts);
+        nlen = snprintf(num, sizeof(num), ",\"timestamp\":%lld", (long long)tss[i]);
         if (!out_put(&b, "{\"job_uuid\":", 12) || !out_put(&b, job, (size_t)job_len)
-            || !out_put(&b, num, (size_t)len)) {
-            goto error;
+            || !out_put(&b, num, (size_t)nlen)) {
+            failed = 1;
+            break;
         }
-        len = snprintf(num, sizeof(num), ",\"sequence\":%llu", seq);
-        if (!out_put(&b, num, (size_t)len)) {
-            goto error;
+        nlen = snprintf(num, sizeof(num), ",\"sequence\":%llu", (unsigned long long)seqs[i]);
+        if (!out_put(&b, num, (size_t)nlen)) {
+            failed = 1;
+            break;
         }
         for (f = 0; f < nfields; f++) {
             if (!out_put(&b, prefix[f], (size_t)prefix_len[f])) {
-                goto error;
+                failed = 1;
+                break;
             }
             switch (codes[f]) {
             case EV_U32:
             case EV_U64:
-                len = snprintf(num, sizeof(num), "%llu", (unsigned long long)v.number[f]);
+                nlen = snprintf(num, sizeof(num), "%llu", (unsigned long long)v.number[f]);
                 break;
             case EV_I64:
-                len = snprintf(num, sizeof(num), "%lld", (long long)(int64_t)v.number[f]);
+                nlen = snprintf(num, sizeof(num), "%lld", (long long)(int64_t)v.number[f]);
                 break;
             case EV_STR:
-                len = -1;
+                nlen = -1;
                 if (!out_text(&b, v.text[f] ? v.text[f] : (const unsigned char *)"",
                               v.text_len[f])) {
-                    goto error;
+                    failed = 1;
                 }
                 break;
             default: {
                 Py_ssize_t k;
-                len = -1;
+                nlen = -1;
                 if (!out_put(&b, "[", 1)) {
-                    goto error;
+                    failed = 1;
+                    break;
                 }
-                for (k = 0; k < nargs_seen; k += 2) {
+                for (k = 0; k < nargs_seen && !failed; k += 2) {
                     if ((k && !out_put(&b, ",", 1))
                         || !out_text(&b, args_at[k], args_at[k + 1] - args_at[k])) {
-                        goto error;
+                        failed = 1;
                     }
                 }
-                if (!out_put(&b, "]", 1)) {
-                    goto error;
+                if (!failed && !out_put(&b, "]", 1)) {
+                    failed = 1;
                 }
             }
             }
-            if (len >= 0 && !out_put(&b, num, (size_t)len)) {
-                goto error;
+            if (failed || (nlen >= 0 && !out_put(&b, num, (size_t)nlen))) {
+                failed = 1;
+                break;
             }
         }
-        if (!out_put(&b, "}\n", 2)) {
-            goto error;
+        if (!failed && !out_put(&b, "}\n", 2)) {
+            failed = 1;
         }
-        line = PyBytes_FromStringAndSize(b.data, (Py_ssize_t)b.len);
+    }
+    Py_END_ALLOW_THREADS
+
+    if (failed) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    /* With the GIL: the bytes objects. */
+    out = PyList_New(n);
+    if (out == NULL) {
+        goto done;
+    }
+    for (i = 0; i < n; i++) {
+        PyObject *line;
+        Py_ssize_t end = (Py_ssize_t)b.len;
+        Py_ssize_t k;
+        if (start[i] < 0) {
+            Py_INCREF(Py_None);
+            PyList_SET_ITEM(out, i, Py_None);
+            continue;
+        }
+        for (k = i + 1; k < n; k++) {
+            if (start[k] >= 0) {
+                end = start[k];
+                break;
+            }
+        }
+        line = PyBytes_FromStringAndSize(b.data + start[i], end - start[i]);
         if (line == NULL) {
-            goto error;
+            Py_CLEAR(out);
+            goto done;
         }
-        Py_DECREF(Py_None);
         PyList_SET_ITEM(out, i, line);
     }
-    PyMem_Free(b.data);
-    PyMem_Free((void *)args_at);
-    return out;
 
-error:
-    PyMem_Free(b.data);
-    PyMem_Free((void *)args_at);
-    Py_XDECREF(out);
-    return NULL;
+done:
+    PyMem_RawFree(b.data);
+    PyMem_RawFree((void *)args_at);
+    PyMem_RawFree((void *)ptr);
+    PyMem_RawFree(len);
+    PyMem_RawFree(start);
+    PyMem_RawFree(tss);
+    PyMem_RawFree(seqs);
+    Py_DECREF(snapshot);
+    return out;
 }
 
 /* ---- metric_columns: numeric columns of stored metric JSON lines (storage/metric_columns.py) -- */
