@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import zlib
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -163,10 +164,28 @@ class PlanMembersTests(SynchronousTestCase):
                 c, py = _plans(batch, 1 << 20, lines, fmt.MAX_TABLE_BYTES)
                 self.assertEqual(c, py)
                 self.assertGreater(len(c), 1)
-                self.assertTrue(all(m[3] & fmt.FLAG_TABLE_DEFLATED for m in c))
-                self.assertTrue(all(len(m[2]) <= fmt.MAX_TABLE_BYTES for m in c))
+                self.assertTrue(all(m[4] & fmt.FLAG_TABLE_DEFLATED for m in c))
+                self.assertTrue(all(len(m[3]) <= fmt.MAX_TABLE_BYTES for m in c))
                 self.assertEqual(_encode(batch[1:] + (items,), True, 1 << 20),
                                  _encode(batch[1:] + (items,), False, 1 << 20))
+
+    def test_large_batch_released_path(self):
+        """A batch large enough for the C planner to release the GIL (over 256 KiB, over 4096
+        messages), lines and not, split into several members by size: the same plan, and
+        each member's CRC is its data's."""
+        rng = random.Random(3)
+        n = 20_000
+        items = [b"%s %d\n" % (b"w" * rng.randrange(80), i) for i in range(n)]
+        items[n // 2] = b"no newline"
+        ts = [rng.randrange(-(2**63), 2**63) for _ in range(n)]
+        seqs = [rng.randrange(2**64) for _ in range(n)]
+        batch = (items, ts, seqs, list(range(5, n + 5)))
+        for lines in (True, False):
+            with self.subTest(lines=lines):
+                c, py = _plans(batch, 300_000, lines, fmt.MAX_TABLE_BYTES)
+                self.assertEqual(c, py)
+                self.assertGreater(len(c), 3)
+                self.assertEqual([zlib.crc32(m[1]) for m in c], [m[2] for m in c])
 
     @given(plan_batches(), st.integers(0, 3), st.sampled_from((
         2**63, -(2**63) - 1, 2**64, -1, 1.5, "7", None, bytearray(b"ab\n"))))

@@ -312,8 +312,9 @@ def _pack_table(raw: bytes):
 
 def _plan_members_py(items: list, ts: list, seq: list, ords: list, max_member_raw: int,
                      lines: bool) -> list:
-    """Split a batch into members: ``[(end, data, stored_table, flags, table_raw_size, min_ts,
-    max_ts), ...]`` in order, member k holding messages [end of k-1, end).
+    """Split a batch into members: ``[(end, data, crc, stored_table, flags, table_raw_size,
+    min_ts, max_ts), ...]`` in order, member k holding messages [end of k-1, end), ``crc``
+    the CRC-32 of its data.
 
     A member holds as many messages as fit ``max_member_raw`` data bytes (at least one), fewer
     when its table would not fit a header (MAX_TABLE_BYTES: shrunk proportionally).  Validates
@@ -348,7 +349,8 @@ def _plan_members_py(items: list, ts: list, seq: list, ords: list, max_member_ra
         raw_size = cum[j] - cum[i]
         if raw_size > _U32:
             raise ValueError(f"message of {raw_size} bytes is too large for one member")
-        plan.append((j, b"".join(items[i:j]), stored, flags, raw_len, min_ts, max_ts))
+        data = b"".join(items[i:j])
+        plan.append((j, data, zlib.crc32(data), stored, flags, raw_len, min_ts, max_ts))
         i = j
     return plan
 
@@ -374,8 +376,8 @@ def _encode_members(
     if max_member_raw < 1:
         raise ValueError(f"max_member_raw must be >= 1, got {max_member_raw}")
     # This runs on a pool thread, and the reactor needs the GIL for every received frame:
-    # the per-message work (boundaries, tables, joining the data) is the C planner's, which
-    # releases the GIL for it; what stays here is per member.  The C planner returns None
+    # the per-message work (boundaries, tables, joining and checksumming the data) is the C
+    # planner's, which releases the GIL for it; what stays here is per member.  The C planner returns None
     # for input it does not take (a value out of range, ...): the Python planner decides.
     ts = timestamps if type(timestamps) is list else list(timestamps)
     seq = sequences if type(sequences) is list else list(sequences)
@@ -389,11 +391,10 @@ def _encode_members(
 
     out = []
     i = 0
-    for j, data, stored, flags, raw_len, min_ts, max_ts in plan:
+    for j, data, crc, stored, flags, raw_len, min_ts, max_ts in plan:
         raw_size = len(data)
-        # Both release the GIL (libdeflate, ISA-L, zlib) for a member's data.
+        # Releases the GIL (libdeflate, ISA-L, zlib) for a member's data.
         body = compressor.compress_raw(data)
-        crc = compressor.crc32(data) & _U32
         size = _HEADER_OVERHEAD + len(stored) + len(body) + _TRAILER_SIZE
         if size > _U32:
             raise ValueError(f"member of {size} bytes is too large")
@@ -467,9 +468,8 @@ def encode_metric_members(
 
     Same contract as encode_log_members; each line must end in ``b"\\n"``.
     """
-    for line in json_lines:
-        if not line.endswith(b"\n"):
-            raise ValueError("metric JSON lines must end with a newline")
+    if not all(map(_ends_with_newline, json_lines)):  # no Python loop over the batch
+        raise ValueError("metric JSON lines must end with a newline")
     return _encode_members(
         KIND_METRIC, timestamps, sequences, ordinals, json_lines, compressor, max_member_raw,
         lines,
@@ -493,9 +493,8 @@ def encode_event_members(
     """
     if kind not in KIND_EVENTS:
         raise ValueError(f"event member kind must be an event message type 3..9, not {kind}")
-    for line in json_lines:
-        if not line.endswith(b"\n"):
-            raise ValueError("event JSON lines must end with a newline")
+    if not all(map(_ends_with_newline, json_lines)):  # no Python loop over the batch
+        raise ValueError("event JSON lines must end with a newline")
     return _encode_members(
         kind, timestamps, sequences, ordinals, json_lines, compressor, max_member_raw, lines
     )
@@ -561,6 +560,8 @@ def metric_json_lines(job_id: str, payloads: list) -> list:
         )
     else:
         lines = [None] * len(payloads)
+    if None not in lines:  # the common case, without a Python loop over the batch
+        return lines
     for i, line in enumerate(lines):
         if line is None:
             try:
