@@ -1143,7 +1143,8 @@ plan_fill(const plan_t *p, const planned_t *m, char *out)
 }
 
 PyDoc_STRVAR(plan_members_doc,
-"plan_members(items, timestamps, sequences, ordinals, max_member_raw, lines, max_table_bytes)\n"
+"plan_members(items, timestamps, sequences, ordinals, max_member_raw, lines, max_table_bytes,\n"
+"             newlines=False)\n"
 "    -> [(end, data, crc, table, flags, table_raw_size, min_ts, max_ts), ...] | None\n\n"
 "storage/format.py's _plan_members_py in C: split the batch (lists of equal length: bytes\n"
 "items, int columns) into members of at most `max_member_raw` data bytes whose stored table\n"
@@ -1152,7 +1153,8 @@ PyDoc_STRVAR(plan_members_doc,
 "smaller; flags bit 0) and\n"
 "flags (bit 1: a line table, when `lines` and every message of the member ends with its\n"
 "only newline), the serialized table's size, and the smallest and largest timestamp.\n"
-"Returns None when the reference path must decide: an item that is not bytes, a value that\n"
+"Returns None when the reference path must decide: an item that is not bytes (or, with\n"
+"`newlines`, does not end with a newline), a value that\n"
 "is not an int or is out of range (timestamps and ordinals int64, sequences uint64),\n"
 "ordinals not strictly increasing, a member over 4 GiB.  Pool thread: the inputs are read\n"
 "with the GIL, then (for a batch of at least 256 KiB or 4096 messages) the GIL is released\n"
@@ -1169,16 +1171,23 @@ plan_members(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     plan_t p;
     Py_ssize_t k, n, max_table;
     long long max_raw;
-    int lines, overflow = 0, status = 0, release, filled = 0;
+    int lines, overflow = 0, status = 0, release, filled = 0, newlines = 0;
 
     (void)self;
     memset(&p, 0, sizeof(p));
-    if (nargs != 7 || !PyList_Check(args[0]) || !PyList_Check(args[1]) || !PyList_Check(args[2])
-        || !PyList_Check(args[3])) {
+    if ((nargs != 7 && nargs != 8) || !PyList_Check(args[0]) || !PyList_Check(args[1])
+        || !PyList_Check(args[2]) || !PyList_Check(args[3])) {
         PyErr_SetString(PyExc_TypeError,
                         "plan_members(items: list, timestamps: list, sequences: list, "
-                        "ordinals: list, max_member_raw, lines, max_table_bytes)");
+                        "ordinals: list, max_member_raw, lines, max_table_bytes, "
+                        "newlines=False)");
         return NULL;
+    }
+    if (nargs == 8) {
+        newlines = PyObject_IsTrue(args[7]);
+        if (newlines < 0) {
+            return NULL;
+        }
     }
     n = PyList_GET_SIZE(args[0]);
     if (PyList_GET_SIZE(args[1]) != n || PyList_GET_SIZE(args[2]) != n
@@ -1233,6 +1242,9 @@ plan_members(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
         p.ptr[k] = PyBytes_AS_STRING(item);
         p.len[k] = PyBytes_GET_SIZE(item);
+        if (newlines && (p.len[k] == 0 || p.ptr[k][p.len[k] - 1] != '\n')) {
+            goto done; /* None: the caller raises its error */
+        }
         p.cum[k + 1] = p.cum[k] + p.len[k];
         p.ts[k] = PyLong_AsLongLongAndOverflow(t, &overflow);
         if (overflow) {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import zlib
+from functools import partial
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -239,6 +240,36 @@ class PlanMembersTests(SynchronousTestCase):
                                               fmt.MAX_TABLE_BYTES))
         self.assertEqual(_outcome(_encode, (ts, seqs, ords, items), True, 100),
                          (ValueError, "ordinals must be strictly increasing"))
+
+    @given(plan_batches(), st.booleans())
+    def test_newline_check_in_the_planner(self, batch, use_c):
+        """With ``newlines`` the C planner gives None exactly when an item does not end with a
+        newline, and the metric and event encoders raise their own error for such a batch on
+        both paths, before any other check (mismatched columns, a bad member size)."""
+        items, ts, seqs, ords = map(list, batch)
+        complete = all(item.endswith(b"\n") for item in items)
+        plan = fmt._plan_members_c(items, ts, seqs, ords, 100, True, fmt.MAX_TABLE_BYTES, True)
+        self.assertEqual(plan is not None, complete)
+        comp = make_compressor("zlib", 1)
+        saved = fmt._plan_members_c
+        if not use_c:
+            fmt._plan_members_c = None
+        try:
+            for what, encode in (
+                ("metric", fmt.encode_metric_members),
+                ("event", lambda *a, **kw: fmt.encode_event_members(3, *a, **kw)),
+            ):
+                for cols, size in (((ts, seqs, ords), 100), ((ts, seqs, ords[:-1]), 100),
+                                   ((ts, seqs, ords), 0)):
+                    got = _outcome(partial(encode, *cols, items, comp, max_member_raw=size))
+                    if not complete:
+                        self.assertEqual(
+                            got, (ValueError, f"{what} JSON lines must end with a newline"))
+                    elif size == 0 or len(cols[2]) != len(items):
+                        self.assertEqual(got[0], ValueError)
+                        self.assertNotIn("newline", got[1])
+        finally:
+            fmt._plan_members_c = saved
 
     def test_the_snapshot_keeps_items_alive(self):
         """The planner reads the items without the GIL from its own snapshot: data built from

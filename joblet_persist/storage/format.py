@@ -310,6 +310,12 @@ def _pack_table(raw: bytes):
     return raw, 0
 
 
+def _check_newlines(items, what: Optional[str]) -> None:
+    """With ``what`` ("metric", "event"): ValueError unless every item ends with a newline."""
+    if what is not None and not all(map(_ends_with_newline, items)):
+        raise ValueError(f"{what} JSON lines must end with a newline")
+
+
 def _plan_members_py(items: list, ts: list, seq: list, ords: list, max_member_raw: int,
                      lines: bool) -> list:
     """Split a batch into members: ``[(end, data, crc, stored_table, flags, table_raw_size,
@@ -364,9 +370,14 @@ def _encode_members(
     compressor,
     max_member_raw: int,
     lines: bool,
+    newlines: Optional[str] = None,
 ) -> list:
+    """Encode a batch as members (the encode_*_members functions).  With ``newlines`` (what
+    the items are: "metric", "event"), every item must end with a newline: ValueError
+    "<newlines> JSON lines must end with a newline" otherwise, before any other check."""
     n = len(items)
     if not (len(timestamps) == len(sequences) == len(ordinals) == n):
+        _check_newlines(items, newlines)
         raise ValueError(
             f"column lengths differ: {len(timestamps)} timestamps, {len(sequences)} "
             f"sequences, {len(ordinals)} ordinals, {n} items"
@@ -374,6 +385,7 @@ def _encode_members(
     if n == 0:
         return []
     if max_member_raw < 1:
+        _check_newlines(items, newlines)
         raise ValueError(f"max_member_raw must be >= 1, got {max_member_raw}")
     # This runs on a pool thread, and the reactor needs the GIL for every received frame:
     # the per-message work (boundaries, tables, joining and checksumming the data) is the C
@@ -385,8 +397,12 @@ def _encode_members(
     items = items if type(items) is list else list(items)
     plan = None
     if _plan_members_c is not None:
-        plan = _plan_members_c(items, ts, seq, ords, max_member_raw, lines, MAX_TABLE_BYTES)
+        # With ``newlines`` the C planner checks the newlines too (None when one is missing).
+        plan = _plan_members_c(
+            items, ts, seq, ords, max_member_raw, lines, MAX_TABLE_BYTES, newlines is not None
+        )
     if plan is None:
+        _check_newlines(items, newlines)
         plan = _plan_members_py(items, ts, seq, ords, max_member_raw, lines)
 
     out = []
@@ -468,11 +484,9 @@ def encode_metric_members(
 
     Same contract as encode_log_members; each line must end in ``b"\\n"``.
     """
-    if not all(map(_ends_with_newline, json_lines)):  # no Python loop over the batch
-        raise ValueError("metric JSON lines must end with a newline")
     return _encode_members(
         KIND_METRIC, timestamps, sequences, ordinals, json_lines, compressor, max_member_raw,
-        lines,
+        lines, "metric",
     )
 
 
@@ -493,10 +507,9 @@ def encode_event_members(
     """
     if kind not in KIND_EVENTS:
         raise ValueError(f"event member kind must be an event message type 3..9, not {kind}")
-    if not all(map(_ends_with_newline, json_lines)):  # no Python loop over the batch
-        raise ValueError("event JSON lines must end with a newline")
     return _encode_members(
-        kind, timestamps, sequences, ordinals, json_lines, compressor, max_member_raw, lines
+        kind, timestamps, sequences, ordinals, json_lines, compressor, max_member_raw, lines,
+        "event",
     )
 
 
