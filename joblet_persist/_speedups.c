@@ -14,19 +14,24 @@
  * Runs on the calling thread (the reactor thread) and holds the GIL throughout: it creates
  * Python objects for every accepted frame.
  *
- * member_table(...) builds a member's table bytes for storage/format.py (the write path), and
- * decode_table(...) decodes canonically encoded tables (the query path); each has a pure-Python
- * reference in storage/format.py that tests/test_member_table.py holds it to.
+ * plan_members(...) splits a batch into storage members and builds their tables and data for
+ * storage/format.py (the write path, on pool threads, mostly without the GIL; links zlib for
+ * the tables), and decode_table(...) decodes canonically encoded tables (the query path);
+ * each has a pure-Python reference in storage/format.py that tests/test_member_table.py
+ * holds it to.
  */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include <float.h>
+#include <limits.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+
+#include <zlib.h>
 
 static PyObject *str_slow;
 static PyObject *str_partial;
@@ -812,7 +817,7 @@ error:
     return NULL;
 }
 
-/* ---- member_table: the per-message table of a storage member (storage/format.py) ---------- */
+/* ---- plan_members: the members of a storage batch (storage/format.py) -------------------- */
 
 typedef struct {
     unsigned char *buf;
@@ -846,190 +851,556 @@ varint_size(uint64_t v)
     return n;
 }
 
-PyDoc_STRVAR(member_table_doc,
-"member_table(items, timestamps, sequences, ordinals, i, j, lines=False)\n"
-"    -> (table, min_ts, max_ts, is_lines)\n\n"
-"The serialized member table (protobuf wire form of storage/format.py's MemberTable:\n"
-"packed lengths, zigzag timestamp deltas from the window minimum then from the previous\n"
-"message, zigzag sequence deltas, ordinal deltas) of messages [i, j).  With `lines` true,\n"
-"when every item of the window ends with its only newline, the lengths column is left out\n"
-"and `is_lines` is True (a line table: JP flag FLAG_LINES).  Deltas wrap modulo\n"
-"2**64 like the Python encoder's.  Raises ValueError when a timestamp or ordinal is outside\n"
-"int64, a sequence outside uint64, or ordinals are not strictly increasing (also across the\n"
-"message before i).  Pool thread; holds the GIL, touches no shared state.");
+/* JP header constants of storage/format.py (FLAG_TABLE_DEFLATED, FLAG_LINES,
+ * _TABLE_DEFLATE_MIN); tests/test_member_table.py checks plan_members against the Python
+ * planner, which uses the module's own constants. */
+#define JP_FLAG_TABLE_DEFLATED 1
+#define JP_FLAG_LINES 2
+#define JP_TABLE_DEFLATE_MIN 64
+
+/* plan_members releases the GIL for a batch of at least this many bytes or messages. */
+#define JP_RELEASE_BYTES (256 * 1024)
+#define JP_RELEASE_ITEMS 4096
+
+/* metric_json_lines and event_json_lines release it for a batch of at least this many. */
+#define JP_RELEASE_LINES 256
+
+/* One planned member: messages [start, end) of the batch. */
+typedef struct {
+    Py_ssize_t start, end;
+    unsigned char *stored; /* the stored table (raw or deflated), PyMem_Raw */
+    Py_ssize_t stored_len, raw_len;
+    int flags;
+    int64_t min_ts, max_ts;
+    unsigned long crc; /* CRC-32 of the member's data */
+} planned_t;
+
+/* The plan's working state; everything here is plain C memory (PyMem_Raw*), so that the
+ * planning runs without the GIL. */
+typedef struct {
+    Py_ssize_t n;
+    const char **ptr;    /* the items' bytes (the snapshot tuple keeps them alive) */
+    Py_ssize_t *len;
+    Py_ssize_t *cum;     /* cum[k]: bytes of items [0, k) */
+    Py_ssize_t *nonline; /* nonline[k]: items of [0, k) that are not a line */
+    int64_t *ts;
+    uint64_t *seq;
+    int64_t *ord;
+    column_t cols[4];    /* scratch: the four packed columns of one table */
+    unsigned char *raw;  /* scratch: one serialized table */
+    Py_ssize_t raw_room;
+    unsigned char *packed; /* scratch: one deflated table */
+    Py_ssize_t packed_room;
+    z_stream zs;
+    int zs_ready;
+    planned_t *members;
+    Py_ssize_t nmembers, members_room;
+} plan_t;
+
+static void
+plan_free(plan_t *p)
+{
+    Py_ssize_t k;
+    PyMem_RawFree((void *)p->ptr);
+    PyMem_RawFree(p->len);
+    PyMem_RawFree(p->cum);
+    PyMem_RawFree(p->nonline);
+    PyMem_RawFree(p->ts);
+    PyMem_RawFree(p->seq);
+    PyMem_RawFree(p->ord);
+    for (k = 0; k < 4; k++) {
+        PyMem_RawFree(p->cols[k].buf);
+    }
+    PyMem_RawFree(p->raw);
+    PyMem_RawFree(p->packed);
+    if (p->zs_ready) {
+        deflateEnd(&p->zs);
+    }
+    if (p->members != NULL) {
+        for (k = 0; k < p->nmembers; k++) {
+            PyMem_RawFree(p->members[k].stored);
+        }
+        PyMem_RawFree(p->members);
+    }
+}
+
+/* Serialize the table of messages [i, j) into p->raw (format.py's _build_table: packed
+ * lengths unless `lines`, zigzag timestamp deltas from the window minimum then from the
+ * previous message, zigzag sequence deltas, ordinal deltas; deltas wrap modulo 2**64).
+ * Returns the raw length, -1 when out of memory.  No GIL needed. */
+static Py_ssize_t
+plan_raw_table(plan_t *p, Py_ssize_t i, Py_ssize_t j, int lines, int64_t *min_out,
+               int64_t *max_out)
+{
+    Py_ssize_t k, total = 0, first = lines ? 1 : 0;
+    int64_t min_ts = p->ts[i], max_ts = p->ts[i];
+    unsigned char *out;
+    for (k = 0; k < 4; k++) {
+        p->cols[k].len = 0;
+    }
+    for (k = i + 1; k < j; k++) {
+        if (p->ts[k] < min_ts) {
+            min_ts = p->ts[k];
+        }
+        if (p->ts[k] > max_ts) {
+            max_ts = p->ts[k];
+        }
+    }
+    if (!lines) {
+        for (k = i; k < j; k++) {
+            column_put_varint(&p->cols[0], (uint64_t)p->len[k]);
+        }
+    }
+    column_put_varint(&p->cols[1], zigzag64((int64_t)((uint64_t)p->ts[i] - (uint64_t)min_ts)));
+    column_put_varint(&p->cols[2], 0);
+    column_put_varint(&p->cols[3], 0);
+    for (k = i + 1; k < j; k++) {
+        column_put_varint(&p->cols[1],
+                          zigzag64((int64_t)((uint64_t)p->ts[k] - (uint64_t)p->ts[k - 1])));
+        column_put_varint(&p->cols[2], zigzag64((int64_t)(p->seq[k] - p->seq[k - 1])));
+        column_put_varint(&p->cols[3], (uint64_t)p->ord[k] - (uint64_t)p->ord[k - 1]);
+    }
+    for (k = first; k < 4; k++) {
+        total += 1 + varint_size((uint64_t)p->cols[k].len) + p->cols[k].len;
+    }
+    if (total > p->raw_room) {
+        unsigned char *grown = PyMem_RawRealloc(p->raw, (size_t)total);
+        if (grown == NULL) {
+            return -1;
+        }
+        p->raw = grown;
+        p->raw_room = total;
+    }
+    out = p->raw;
+    for (k = first; k < 4; k++) {
+        column_t header = {out, 0};
+        header.buf[header.len++] = (unsigned char)(((k + 1) << 3) | 2);
+        column_put_varint(&header, (uint64_t)p->cols[k].len);
+        out += header.len;
+        memcpy(out, p->cols[k].buf, (size_t)p->cols[k].len);
+        out += p->cols[k].len;
+    }
+    *min_out = min_ts;
+    *max_out = max_ts;
+    return total;
+}
+
+/* format.py's _pack_table on p->raw[0:raw_len]: deflate it (zlib level 6, raw, as
+ * zlib.compressobj(6, DEFLATED, -15).compress(raw) + .flush() does) when the table is at
+ * least JP_TABLE_DEFLATE_MIN bytes and that makes it smaller.  Sets *stored / *stored_len
+ * (pointing into p->raw or p->packed) and returns the flags; -1 on failure.  No GIL. */
+static int
+plan_pack_table(plan_t *p, Py_ssize_t raw_len, const unsigned char **stored,
+                Py_ssize_t *stored_len)
+{
+    *stored = p->raw;
+    *stored_len = raw_len;
+    if (raw_len < JP_TABLE_DEFLATE_MIN) {
+        return 0;
+    }
+    if (!p->zs_ready) {
+        memset(&p->zs, 0, sizeof(p->zs));
+        if (deflateInit2(&p->zs, 6, Z_DEFLATED, -15, 8, Z_DEFAULT_STRATEGY) != Z_OK) {
+            return -1;
+        }
+        p->zs_ready = 1;
+    }
+    else if (deflateReset(&p->zs) != Z_OK) {
+        return -1;
+    }
+    {
+        Py_ssize_t bound = (Py_ssize_t)deflateBound(&p->zs, (uLong)raw_len) + 16;
+        if (bound > p->packed_room) {
+            unsigned char *grown = PyMem_RawRealloc(p->packed, (size_t)bound);
+            if (grown == NULL) {
+                return -1;
+            }
+            p->packed = grown;
+            p->packed_room = bound;
+        }
+        p->zs.next_in = p->raw;
+        p->zs.avail_in = (uInt)raw_len;
+        p->zs.next_out = p->packed;
+        p->zs.avail_out = (uInt)bound;
+        /* The same calls as the zlib module: all input without flushing, then finish. */
+        if (deflate(&p->zs, Z_NO_FLUSH) == Z_STREAM_ERROR || p->zs.avail_in != 0
+            || deflate(&p->zs, Z_FINISH) != Z_STREAM_END) {
+            return -1;
+        }
+        if ((Py_ssize_t)p->zs.total_out < raw_len) {
+            *stored = p->packed;
+            *stored_len = (Py_ssize_t)p->zs.total_out;
+            return JP_FLAG_TABLE_DEFLATED;
+        }
+    }
+    return 0;
+}
+
+/* Plan every member of the batch (format.py's _plan_members_py): the member boundaries
+ * (max_member_raw, then the MAX_TABLE_BYTES shrink rule) and each member's stored table.
+ * Returns 1 when planned, 0 when the reference path must decide (ordinals not strictly
+ * increasing, a member over 4 GiB), -1 when out of memory.  No GIL. */
+static int
+plan_run(plan_t *p, int lines, long long max_raw, Py_ssize_t max_table)
+{
+    Py_ssize_t i = 0, k, n = p->n;
+    for (k = 1; k < n; k++) {
+        if (p->ord[k] <= p->ord[k - 1]) {
+            return 0;
+        }
+    }
+    for (k = 0; k < 4; k++) {
+        /* A varint is at most 10 bytes; the whole batch bounds every window. */
+        p->cols[k].buf = PyMem_RawMalloc((size_t)n * 10);
+        if (p->cols[k].buf == NULL) {
+            return -1;
+        }
+    }
+    while (i < n) {
+        Py_ssize_t j = i + 1, raw_len, stored_len;
+        const unsigned char *stored;
+        int64_t min_ts, max_ts;
+        int flags, is_lines;
+        planned_t *m;
+        while (j < n && (long long)(p->cum[j + 1] - p->cum[i]) <= max_raw) {
+            j++;
+        }
+        for (;;) {
+            is_lines = lines && p->nonline[j] == p->nonline[i];
+            raw_len = plan_raw_table(p, i, j, is_lines, &min_ts, &max_ts);
+            if (raw_len < 0) {
+                return -1;
+            }
+            flags = plan_pack_table(p, raw_len, &stored, &stored_len);
+            if (flags < 0) {
+                return -1;
+            }
+            if (stored_len <= max_table) {
+                break;
+            }
+            {
+                /* Too many messages for one header: shrink proportionally, as
+                 * int((j - i) * MAX_TABLE_BYTES / len(stored) * 0.95) does. */
+                double fit_d = (double)((long long)(j - i) * (long long)max_table)
+                               / (double)stored_len * 0.95;
+                Py_ssize_t fit = (Py_ssize_t)fit_d;
+                if (fit > j - i - 1) {
+                    fit = j - i - 1;
+                }
+                j = i + (fit > 1 ? fit : 1);
+            }
+        }
+        if ((uint64_t)(p->cum[j] - p->cum[i]) > 0xFFFFFFFFu) {
+            return 0;
+        }
+        if (p->nmembers == p->members_room) {
+            Py_ssize_t room = p->members_room ? p->members_room * 2 : 8;
+            planned_t *grown = PyMem_RawRealloc(p->members, (size_t)room * sizeof(planned_t));
+            if (grown == NULL) {
+                return -1;
+            }
+            p->members = grown;
+            p->members_room = room;
+        }
+        m = &p->members[p->nmembers];
+        m->stored = PyMem_RawMalloc((size_t)stored_len);
+        if (m->stored == NULL) {
+            return -1;
+        }
+        p->nmembers++;
+        memcpy(m->stored, stored, (size_t)stored_len);
+        m->start = i;
+        m->end = j;
+        m->stored_len = stored_len;
+        m->raw_len = raw_len;
+        m->flags = flags | (is_lines ? JP_FLAG_LINES : 0);
+        m->min_ts = min_ts;
+        m->max_ts = max_ts;
+        i = j;
+    }
+    return 1;
+}
+
+/* Join the data of member `m` into `out` (its size); returns its CRC-32.  No GIL. */
+static unsigned long
+plan_fill(const plan_t *p, const planned_t *m, char *out)
+{
+    Py_ssize_t k;
+    char *start = out;
+    uLong crc;
+    for (k = m->start; k < m->end; k++) {
+        memcpy(out, p->ptr[k], (size_t)p->len[k]);
+        out += p->len[k];
+    }
+    crc = crc32(0L, Z_NULL, 0);
+    while (out > start) {
+        /* zlib's length is a uInt: in pieces of at most 1 GiB. */
+        Py_ssize_t piece = out - start > (1 << 30) ? (1 << 30) : out - start;
+        crc = crc32(crc, (const Bytef *)start, (uInt)piece);
+        start += piece;
+    }
+    return (unsigned long)crc;
+}
+
+PyDoc_STRVAR(plan_members_doc,
+"plan_members(items, timestamps, sequences, ordinals, max_member_raw, lines, max_table_bytes,\n"
+"             newlines=False)\n"
+"    -> [(end, data, crc, table, flags, table_raw_size, min_ts, max_ts), ...] | None\n\n"
+"storage/format.py's _plan_members_py in C: split the batch (lists of equal length: bytes\n"
+"items, int columns) into members of at most `max_member_raw` data bytes whose stored table\n"
+"fits `max_table_bytes`, and give per member (in order) the index after its last message,\n"
+"its data (the items joined) and the data's CRC-32, its stored table (deflated when\n"
+"smaller; flags bit 0) and\n"
+"flags (bit 1: a line table, when `lines` and every message of the member ends with its\n"
+"only newline), the serialized table's size, and the smallest and largest timestamp.\n"
+"Returns None when the reference path must decide: an item that is not bytes (or, with\n"
+"`newlines`, does not end with a newline), a value that\n"
+"is not an int or is out of range (timestamps and ordinals int64, sequences uint64),\n"
+"ordinals not strictly increasing, a member over 4 GiB.  Pool thread: the inputs are read\n"
+"with the GIL, then (for a batch of at least 256 KiB or 4096 messages) the GIL is released\n"
+"while the members are planned, their tables encoded and deflated and their data joined\n"
+"and checksummed.");
 
 static PyObject *
-member_table(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+plan_members(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *items, *ts_list, *seq_list, *ord_list, *result = NULL;
-    Py_ssize_t i, j, n, k;
-    int64_t *ts = NULL, *ords = NULL;
-    uint64_t *seqs = NULL;
-    column_t cols[4] = {{NULL, 0}, {NULL, 0}, {NULL, 0}, {NULL, 0}};
-    int64_t min_ts, max_ts;
-    int lines = 0;
+    PyObject *snapshot = NULL, *result = NULL;
+    PyObject **datas = NULL;
+    Py_ssize_t *guess = NULL, ndatas = 0;
+    PyThreadState *save = NULL;
+    plan_t p;
+    Py_ssize_t k, n, max_table;
+    long long max_raw;
+    int lines, overflow = 0, status = 0, release, filled = 0, newlines = 0;
 
-    if (nargs != 6 && nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "member_table() takes 6 or 7 arguments");
+    (void)self;
+    memset(&p, 0, sizeof(p));
+    if ((nargs != 7 && nargs != 8) || !PyList_Check(args[0]) || !PyList_Check(args[1])
+        || !PyList_Check(args[2]) || !PyList_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "plan_members(items: list, timestamps: list, sequences: list, "
+                        "ordinals: list, max_member_raw, lines, max_table_bytes, "
+                        "newlines=False)");
         return NULL;
     }
-    if (nargs == 7) {
-        lines = PyObject_IsTrue(args[6]);
-        if (lines < 0) {
+    if (nargs == 8) {
+        newlines = PyObject_IsTrue(args[7]);
+        if (newlines < 0) {
             return NULL;
         }
     }
-    items = args[0];
-    ts_list = args[1];
-    seq_list = args[2];
-    ord_list = args[3];
-    if (!PyList_Check(items) || !PyList_Check(ts_list) || !PyList_Check(seq_list)
-        || !PyList_Check(ord_list)) {
-        PyErr_SetString(PyExc_TypeError, "member_table() columns must be lists");
+    n = PyList_GET_SIZE(args[0]);
+    if (PyList_GET_SIZE(args[1]) != n || PyList_GET_SIZE(args[2]) != n
+        || PyList_GET_SIZE(args[3]) != n || n == 0) {
+        Py_RETURN_NONE;
+    }
+    max_raw = PyLong_AsLongLongAndOverflow(args[4], &overflow);
+    if (max_raw == -1 && PyErr_Occurred()) {
         return NULL;
     }
-    i = PyLong_AsSsize_t(args[4]);
-    if (i == -1 && PyErr_Occurred()) {
+    if (overflow > 0) {
+        max_raw = LLONG_MAX;
+    }
+    if (overflow < 0 || max_raw < 1) {
+        Py_RETURN_NONE;
+    }
+    lines = PyObject_IsTrue(args[5]);
+    if (lines < 0) {
         return NULL;
     }
-    j = PyLong_AsSsize_t(args[5]);
-    if (j == -1 && PyErr_Occurred()) {
+    max_table = PyLong_AsSsize_t(args[6]);
+    if (max_table == -1 && PyErr_Occurred()) {
         return NULL;
     }
-    n = PyList_GET_SIZE(items);
-    if (i < 0 || j <= i || j > n || PyList_GET_SIZE(ts_list) != n
-        || PyList_GET_SIZE(seq_list) != n || PyList_GET_SIZE(ord_list) != n) {
-        PyErr_SetString(PyExc_ValueError, "member_table(): bad window or column lengths");
+    /* The snapshot: a tuple holding every item, so that the list may change (on another
+     * thread) while the GIL is released without the bytes read going away. */
+    snapshot = PyList_AsTuple(args[0]);
+    if (snapshot == NULL) {
         return NULL;
     }
-    n = j - i;
-    ts = PyMem_Malloc(sizeof(int64_t) * (size_t)n);
-    seqs = PyMem_Malloc(sizeof(uint64_t) * (size_t)n);
-    ords = PyMem_Malloc(sizeof(int64_t) * (size_t)n);
-    for (k = 0; k < 4; k++) {
-        cols[k].buf = PyMem_Malloc((size_t)n * 10);
-    }
-    if (ts == NULL || seqs == NULL || ords == NULL || cols[0].buf == NULL || cols[1].buf == NULL
-        || cols[2].buf == NULL || cols[3].buf == NULL) {
+    p.n = n;
+    p.ptr = PyMem_RawMalloc(sizeof(char *) * (size_t)n);
+    p.len = PyMem_RawMalloc(sizeof(Py_ssize_t) * (size_t)n);
+    p.cum = PyMem_RawMalloc(sizeof(Py_ssize_t) * (size_t)(n + 1));
+    p.nonline = PyMem_RawMalloc(sizeof(Py_ssize_t) * (size_t)(n + 1));
+    p.ts = PyMem_RawMalloc(sizeof(int64_t) * (size_t)n);
+    p.seq = PyMem_RawMalloc(sizeof(uint64_t) * (size_t)n);
+    p.ord = PyMem_RawMalloc(sizeof(int64_t) * (size_t)n);
+    if (p.ptr == NULL || p.len == NULL || p.cum == NULL || p.nonline == NULL || p.ts == NULL
+        || p.seq == NULL || p.ord == NULL) {
         PyErr_NoMemory();
         goto done;
     }
+    p.cum[0] = 0;
     for (k = 0; k < n; k++) {
-        PyObject *item = PyList_GET_ITEM(items, i + k);
-        int overflow = 0;
-        if (!PyBytes_Check(item)) {
-            PyErr_SetString(PyExc_TypeError, "member_table() items must be bytes");
-            goto done;
+        PyObject *item = PyTuple_GET_ITEM(snapshot, k);
+        PyObject *t = PyList_GET_ITEM(args[1], k);
+        PyObject *s = PyList_GET_ITEM(args[2], k);
+        PyObject *o = PyList_GET_ITEM(args[3], k);
+        if (!PyBytes_Check(item) || !PyLong_Check(t) || !PyLong_Check(s) || !PyLong_Check(o)) {
+            goto done; /* None: the reference path */
         }
-        column_put_varint(&cols[0], (uint64_t)PyBytes_GET_SIZE(item));
-        if (lines) {
-            /* A line: at least one byte, the last a newline, no other newline. */
-            const char *b = PyBytes_AS_STRING(item);
-            Py_ssize_t len = PyBytes_GET_SIZE(item);
-            if (len == 0 || b[len - 1] != '\n' || memchr(b, '\n', (size_t)(len - 1)) != NULL) {
-                lines = 0;
-            }
+        p.ptr[k] = PyBytes_AS_STRING(item);
+        p.len[k] = PyBytes_GET_SIZE(item);
+        if (newlines && (p.len[k] == 0 || p.ptr[k][p.len[k] - 1] != '\n')) {
+            goto done; /* None: the caller raises its error */
         }
-        ts[k] = PyLong_AsLongLongAndOverflow(PyList_GET_ITEM(ts_list, i + k), &overflow);
+        p.cum[k + 1] = p.cum[k] + p.len[k];
+        p.ts[k] = PyLong_AsLongLongAndOverflow(t, &overflow);
         if (overflow) {
-            PyErr_SetString(PyExc_ValueError, "timestamp out of range -9223372036854775808.."
-                                              "9223372036854775807");
             goto done;
         }
-        if (ts[k] == -1 && PyErr_Occurred()) {
-            goto done;
-        }
-        ords[k] = PyLong_AsLongLongAndOverflow(PyList_GET_ITEM(ord_list, i + k), &overflow);
+        p.ord[k] = PyLong_AsLongLongAndOverflow(o, &overflow);
         if (overflow) {
-            PyErr_SetString(PyExc_ValueError, "ordinal out of range");
             goto done;
         }
-        if (ords[k] == -1 && PyErr_Occurred()) {
+        if (_PyLong_Sign(s) < 0) {
             goto done;
         }
-        {
-            PyObject *sv = PyList_GET_ITEM(seq_list, i + k);
-            if (!PyLong_Check(sv) || _PyLong_Sign(sv) < 0) {
-                if (PyLong_Check(sv)) {
-                    PyErr_SetString(PyExc_ValueError, "sequence out of range 0..18446744073709551615");
-                }
-                else {
-                    PyErr_SetString(PyExc_TypeError, "sequences must be ints");
-                }
-                goto done;
-            }
-            seqs[k] = PyLong_AsUnsignedLongLong(sv);
-            if (seqs[k] == (uint64_t)-1 && PyErr_Occurred()) {
-                PyErr_Clear();
-                PyErr_SetString(PyExc_ValueError, "sequence out of range 0..18446744073709551615");
-                goto done;
-            }
-        }
-    }
-    if (i > 0) {
-        int overflow = 0;
-        long long before = PyLong_AsLongLongAndOverflow(PyList_GET_ITEM(ord_list, i - 1),
-                                                        &overflow);
-        if (before == -1 && PyErr_Occurred()) {
-            goto done;
-        }
-        if (!overflow && before >= ords[0]) {
-            PyErr_SetString(PyExc_ValueError, "ordinals must be strictly increasing");
+        p.seq[k] = PyLong_AsUnsignedLongLong(s);
+        if (p.seq[k] == (uint64_t)-1 && PyErr_Occurred()) {
+            PyErr_Clear();
             goto done;
         }
     }
-    min_ts = max_ts = ts[0];
-    for (k = 1; k < n; k++) {
-        if (ts[k] < min_ts) {
-            min_ts = ts[k];
-        }
-        if (ts[k] > max_ts) {
-            max_ts = ts[k];
-        }
-        if (ords[k] <= ords[k - 1]) {
-            PyErr_SetString(PyExc_ValueError, "ordinals must be strictly increasing");
-            goto done;
-        }
-    }
-    column_put_varint(&cols[1], zigzag64((int64_t)((uint64_t)ts[0] - (uint64_t)min_ts)));
-    column_put_varint(&cols[2], 0);
-    column_put_varint(&cols[3], 0);
-    for (k = 1; k < n; k++) {
-        column_put_varint(&cols[1], zigzag64((int64_t)((uint64_t)ts[k] - (uint64_t)ts[k - 1])));
-        column_put_varint(&cols[2], zigzag64((int64_t)(seqs[k] - seqs[k - 1])));
-        column_put_varint(&cols[3], (uint64_t)ords[k] - (uint64_t)ords[k - 1]);
-    }
+
+    /* The members' data are bytes objects allocated now, with the GIL, for the boundaries
+     * max_member_raw gives (the table shrink rule, for many tiny messages, rarely changes
+     * them), and filled below without it: nothing else can see them yet. */
     {
-        Py_ssize_t total = 0;
-        char *out;
-        PyObject *table;
-        Py_ssize_t first = lines ? 1 : 0; /* a line table has no lengths column */
-        for (k = first; k < 4; k++) {
-            total += 1 + varint_size((uint64_t)cols[k].len) + cols[k].len;
-        }
-        table = PyBytes_FromStringAndSize(NULL, total);
-        if (table == NULL) {
+        Py_ssize_t i = 0, room = 8;
+        datas = PyMem_Calloc((size_t)room, sizeof(PyObject *));
+        guess = PyMem_RawMalloc((size_t)room * sizeof(Py_ssize_t));
+        if (datas == NULL || guess == NULL) {
+            PyErr_NoMemory();
             goto done;
         }
-        out = PyBytes_AS_STRING(table);
-        for (k = first; k < 4; k++) {
-            column_t header = {(unsigned char *)out, 0};
-            header.buf[header.len++] = (unsigned char)(((k + 1) << 3) | 2);
-            column_put_varint(&header, (uint64_t)cols[k].len);
-            out += header.len;
-            memcpy(out, cols[k].buf, (size_t)cols[k].len);
-            out += cols[k].len;
+        while (i < n) {
+            Py_ssize_t j = i + 1;
+            while (j < n && (long long)(p.cum[j + 1] - p.cum[i]) <= max_raw) {
+                j++;
+            }
+            if (ndatas == room) {
+                PyObject **grown_d;
+                Py_ssize_t *grown_g;
+                room *= 2;
+                grown_d = PyMem_Realloc(datas, (size_t)room * sizeof(PyObject *));
+                if (grown_d == NULL) {
+                    PyErr_NoMemory();
+                    goto done;
+                }
+                datas = grown_d;
+                grown_g = PyMem_RawRealloc(guess, (size_t)room * sizeof(Py_ssize_t));
+                if (grown_g == NULL) {
+                    PyErr_NoMemory();
+                    goto done;
+                }
+                guess = grown_g;
+            }
+            datas[ndatas] = PyBytes_FromStringAndSize(NULL, p.cum[j] - p.cum[i]);
+            if (datas[ndatas] == NULL) {
+                goto done;
+            }
+            guess[ndatas++] = j;
+            i = j;
         }
-        result = Py_BuildValue("(NLLO)", table, (long long)min_ts, (long long)max_ts,
-                               lines ? Py_True : Py_False);
+    }
+
+    /* The GIL is released for batches worth it: handing it over and taking it back has a
+     * cost of its own (the reactor thread is made to drop it). */
+    release = p.cum[n] >= JP_RELEASE_BYTES || n >= JP_RELEASE_ITEMS;
+    if (release) {
+        save = PyEval_SaveThread();
+    }
+    p.nonline[0] = 0;
+    for (k = 0; k < n; k++) {
+        /* A line: at least one byte, the last a newline, no other newline. */
+        Py_ssize_t len = p.len[k];
+        int is_line = !lines
+                      || (len > 0 && p.ptr[k][len - 1] == '\n'
+                          && memchr(p.ptr[k], '\n', (size_t)(len - 1)) == NULL);
+        p.nonline[k + 1] = p.nonline[k] + !is_line;
+    }
+    status = plan_run(&p, lines, max_raw, max_table);
+    if (status > 0 && p.nmembers == ndatas) {
+        filled = 1;
+        for (k = 0; k < ndatas; k++) {
+            if (p.members[k].end != guess[k]) {
+                filled = 0;
+                break;
+            }
+        }
+        for (k = 0; filled && k < ndatas; k++) {
+            p.members[k].crc = plan_fill(&p, &p.members[k], PyBytes_AS_STRING(datas[k]));
+        }
+    }
+    if (release) {
+        PyEval_RestoreThread(save);
+    }
+
+    if (status < 0) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (status == 0) {
+        goto done;
+    }
+    if (!filled) {
+        /* Shrunk members: their data, with the GIL (rare). */
+        for (k = 0; k < ndatas; k++) {
+            Py_CLEAR(datas[k]);
+        }
+        if (p.nmembers > ndatas) {
+            PyObject **grown_d = PyMem_Realloc(datas, (size_t)p.nmembers * sizeof(PyObject *));
+            if (grown_d == NULL) {
+                ndatas = 0;
+                PyErr_NoMemory();
+                goto done;
+            }
+            datas = grown_d;
+        }
+        for (k = 0; k < p.nmembers; k++) {
+            datas[k] = NULL;
+        }
+        ndatas = p.nmembers;
+        for (k = 0; k < p.nmembers; k++) {
+            datas[k] = PyBytes_FromStringAndSize(NULL, p.cum[p.members[k].end]
+                                                           - p.cum[p.members[k].start]);
+            if (datas[k] == NULL) {
+                goto done;
+            }
+            p.members[k].crc = plan_fill(&p, &p.members[k], PyBytes_AS_STRING(datas[k]));
+        }
+    }
+    result = PyList_New(p.nmembers);
+    if (result == NULL) {
+        goto done;
+    }
+    for (k = 0; k < p.nmembers; k++) {
+        planned_t *m = &p.members[k];
+        PyObject *member = Py_BuildValue("(nOky#inLL)", m->end, datas[k], m->crc,
+                                         (const char *)m->stored, m->stored_len, m->flags,
+                                         m->raw_len, (long long)m->min_ts,
+                                         (long long)m->max_ts);
+        if (member == NULL) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        PyList_SET_ITEM(result, k, member);
     }
 
 done:
-    PyMem_Free(ts);
-    PyMem_Free(seqs);
-    PyMem_Free(ords);
-    for (k = 0; k < 4; k++) {
-        PyMem_Free(cols[k].buf);
+    if (datas != NULL) {
+        for (k = 0; k < ndatas; k++) {
+            Py_XDECREF(datas[k]);
+        }
+        PyMem_Free(datas);
+    }
+    PyMem_RawFree(guess);
+    plan_free(&p);
+    Py_DECREF(snapshot);
+    if (result == NULL && !PyErr_Occurred()) {
+        Py_RETURN_NONE;
     }
     return result;
 }
@@ -1514,6 +1885,48 @@ put_double(char *buf, size_t room, double v)
     return n;
 }
 
+/* The stored JSON line of metric `m` at `o` (room: job_len + 640 bytes), with `cpu` and `gpu`
+ * the texts of its usages (put_double); the position after it.  No GIL needed. */
+static char *
+put_metric_line(char *o, const char *job, Py_ssize_t job_len, const MetricValues *m,
+                const char *cpu, const char *gpu)
+{
+    size_t cpu_len = strlen(cpu), gpu_len = strlen(gpu);
+    o = PUT_LITERAL(o, "{\"job_uuid\":");
+    memcpy(o, job, (size_t)job_len);
+    o += job_len;
+    o = PUT_LITERAL(o, ",\"timestamp\":");
+    o = put_i64_text(o, m->timestamp);
+    o = PUT_LITERAL(o, ",\"sequence\":");
+    o = put_u64_text(o, m->sequence);
+    o = PUT_LITERAL(o, ",\"data\":{\"cpu_usage\":");
+    memcpy(o, cpu, cpu_len);
+    o += cpu_len;
+    o = PUT_LITERAL(o, ",\"memory_usage\":");
+    o = put_i64_text(o, m->memory);
+    o = PUT_LITERAL(o, ",\"gpu_usage\":");
+    memcpy(o, gpu, gpu_len);
+    o += gpu_len;
+    o = PUT_LITERAL(o, ",\"disk_io\":{\"read_bytes\":");
+    o = put_i64_text(o, m->io[0]);
+    o = PUT_LITERAL(o, ",\"write_bytes\":");
+    o = put_i64_text(o, m->io[1]);
+    o = PUT_LITERAL(o, ",\"read_ops\":");
+    o = put_i64_text(o, m->io[2]);
+    o = PUT_LITERAL(o, ",\"write_ops\":");
+    o = put_i64_text(o, m->io[3]);
+    o = PUT_LITERAL(o, "},\"network_io\":{\"rx_bytes\":");
+    o = put_i64_text(o, m->io[4]);
+    o = PUT_LITERAL(o, ",\"tx_bytes\":");
+    o = put_i64_text(o, m->io[5]);
+    o = PUT_LITERAL(o, ",\"rx_packets\":");
+    o = put_i64_text(o, m->io[6]);
+    o = PUT_LITERAL(o, ",\"tx_packets\":");
+    o = put_i64_text(o, m->io[7]);
+    o = PUT_LITERAL(o, "}}}\n");
+    return o;
+}
+
 PyDoc_STRVAR(metric_json_line_doc,
 "metric_json_line(job_json, payload) -> bytes or None\n\n"
 "The stored JSON line of a serialized joblet.ipc.Metric (storage/format.py's\n"
@@ -1556,43 +1969,7 @@ metric_json_line(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (buf == NULL) {
         return PyErr_NoMemory();
     }
-    {
-        char *o = buf;
-        size_t cpu_len = strlen(cpu), gpu_len = strlen(gpu);
-        o = PUT_LITERAL(o, "{\"job_uuid\":");
-        memcpy(o, job, (size_t)job_len);
-        o += job_len;
-        o = PUT_LITERAL(o, ",\"timestamp\":");
-        o = put_i64_text(o, m.timestamp);
-        o = PUT_LITERAL(o, ",\"sequence\":");
-        o = put_u64_text(o, m.sequence);
-        o = PUT_LITERAL(o, ",\"data\":{\"cpu_usage\":");
-        memcpy(o, cpu, cpu_len);
-        o += cpu_len;
-        o = PUT_LITERAL(o, ",\"memory_usage\":");
-        o = put_i64_text(o, m.memory);
-        o = PUT_LITERAL(o, ",\"gpu_usage\":");
-        memcpy(o, gpu, gpu_len);
-        o += gpu_len;
-        o = PUT_LITERAL(o, ",\"disk_io\":{\"read_bytes\":");
-        o = put_i64_text(o, m.io[0]);
-        o = PUT_LITERAL(o, ",\"write_bytes\":");
-        o = put_i64_text(o, m.io[1]);
-        o = PUT_LITERAL(o, ",\"read_ops\":");
-        o = put_i64_text(o, m.io[2]);
-        o = PUT_LITERAL(o, ",\"write_ops\":");
-        o = put_i64_text(o, m.io[3]);
-        o = PUT_LITERAL(o, "},\"network_io\":{\"rx_bytes\":");
-        o = put_i64_text(o, m.io[4]);
-        o = PUT_LITERAL(o, ",\"tx_bytes\":");
-        o = put_i64_text(o, m.io[5]);
-        o = PUT_LITERAL(o, ",\"rx_packets\":");
-        o = put_i64_text(o, m.io[6]);
-        o = PUT_LITERAL(o, ",\"tx_packets\":");
-        o = put_i64_text(o, m.io[7]);
-        o = PUT_LITERAL(o, "}}}\n");
-        n = (int)(o - buf);
-    }
+    n = (int)(put_metric_line(buf, job, job_len, &m, cpu, gpu) - buf);
     result = PyBytes_FromStringAndSize(buf, n);
     if (buf != stack) {
         PyMem_Free(buf);
@@ -1606,34 +1983,145 @@ PyDoc_STRVAR(metric_json_lines_doc,
 "metric_json_lines(job_json, payloads) -> list\n\n"
 "metric_json_line(job_json, payload) for each payload of the list `payloads`, in one call:\n"
 "a list of the same length whose items are the line, or None where metric_json_line gives\n"
-"None (the caller takes the protobuf route for those).  Pool thread.");
+"None (the caller takes the protobuf route for those).  Pool thread: for a batch of at\n"
+"least 256 payloads the lines are written without the GIL; the parsing, the usages' float\n"
+"texts (the interpreter's float repr) and the bytes objects are made with it.");
+
+/* Room for a usage's text (put_double). */
+#define USAGE_TEXT 40
 
 static PyObject *
 metric_json_lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *out, *payloads;
-    Py_ssize_t i, n;
+    PyObject *snapshot, *out = NULL;
+    const char *job;
+    Py_ssize_t i, n, job_len, room;
+    MetricValues *vals = NULL;
+    const unsigned char **ptr = NULL;
+    Py_ssize_t *len = NULL, *start = NULL;
+    char *texts = NULL, *buf = NULL;
+    int failed = 0;
+    PyThreadState *save = NULL;
+
+    (void)self;
     if (nargs != 2 || !PyUnicode_Check(args[0]) || !PyList_Check(args[1])) {
         PyErr_SetString(PyExc_TypeError, "metric_json_lines(job_json: str, payloads: list)");
         return NULL;
     }
-    payloads = args[1];
-    n = PyList_GET_SIZE(payloads);
-    out = PyList_New(n);
-    if (out == NULL) {
+    n = PyList_GET_SIZE(args[1]);
+    if (!PyUnicode_IS_ASCII(args[0])) {
+        /* metric_json_line gives None for each. */
+        out = PyList_New(n);
+        for (i = 0; out != NULL && i < n; i++) {
+            Py_INCREF(Py_None);
+            PyList_SET_ITEM(out, i, Py_None);
+        }
+        return out;
+    }
+    job = PyUnicode_AsUTF8AndSize(args[0], &job_len);
+    if (job == NULL) {
         return NULL;
     }
+    snapshot = PyList_AsTuple(args[1]);
+    if (snapshot == NULL) {
+        return NULL;
+    }
+    /* With the GIL: the payloads' bytes (the snapshot keeps them alive); start[i] -1 marks
+     * a payload the C route does not take. */
+    vals = PyMem_RawMalloc(sizeof(*vals) * (size_t)(n + 1));
+    ptr = PyMem_RawMalloc(sizeof(*ptr) * (size_t)(n + 1));
+    len = PyMem_RawMalloc(sizeof(*len) * (size_t)(n + 1));
+    start = PyMem_RawMalloc(sizeof(*start) * (size_t)(n + 2));
+    texts = PyMem_RawMalloc((size_t)USAGE_TEXT * 2 * (size_t)(n + 1));
+    if (vals == NULL || ptr == NULL || len == NULL || start == NULL || texts == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
     for (i = 0; i < n; i++) {
-        PyObject *call[2], *line;
-        call[0] = args[0];
-        call[1] = PyList_GET_ITEM(payloads, i);
-        line = metric_json_line(self, call, 2);
+        PyObject *payload = PyTuple_GET_ITEM(snapshot, i);
+        start[i] = PyBytes_Check(payload) ? 0 : -1;
+        if (start[i] == 0) {
+            ptr[i] = (const unsigned char *)PyBytes_AS_STRING(payload);
+            len[i] = PyBytes_GET_SIZE(payload);
+        }
+    }
+    /* With the GIL: the usages' texts (float repr uses the interpreter's dtoa, whose memory
+     * pools the GIL guards), and the parsing that gives them (quick next to the writing). */
+    for (i = 0; i < n; i++) {
+        if (start[i] == 0 && !parse_metric(ptr[i], ptr[i] + len[i], &vals[i])) {
+            start[i] = -1;
+        }
+        if (start[i] < 0) {
+            continue;
+        }
+        if (put_double(texts + USAGE_TEXT * 2 * i, USAGE_TEXT, vals[i].cpu) < 0
+            || put_double(texts + USAGE_TEXT * (2 * i + 1), USAGE_TEXT, vals[i].gpu) < 0) {
+            goto done;
+        }
+    }
+    /* Without the GIL (for a batch worth handing it over): every line into one buffer (a
+     * line takes at most job_len + 640 bytes); line i is [start[i], start[i] + len[i]). */
+    if (n >= JP_RELEASE_LINES) {
+        save = PyEval_SaveThread();
+    }
+    {
+        Py_ssize_t used = 0;
+        room = 0;
+        for (i = 0; i < n; i++) {
+            if (start[i] < 0) {
+                continue;
+            }
+            if (used + job_len + 640 > room) {
+                char *grown;
+                room = (used + job_len + 640) * 2;
+                grown = PyMem_RawRealloc(buf, (size_t)room);
+                if (grown == NULL) {
+                    failed = 1;
+                    break;
+                }
+                buf = grown;
+            }
+            start[i] = used;
+            len[i] = put_metric_line(buf + used, job, job_len, &vals[i],
+                                     texts + USAGE_TEXT * 2 * i,
+                                     texts + USAGE_TEXT * (2 * i + 1)) - (buf + used);
+            used += len[i];
+        }
+    }
+    if (save != NULL) {
+        PyEval_RestoreThread(save);
+    }
+    if (failed) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    out = PyList_New(n);
+    if (out == NULL) {
+        goto done;
+    }
+    for (i = 0; i < n; i++) {
+        PyObject *line;
+        if (start[i] < 0) {
+            Py_INCREF(Py_None);
+            PyList_SET_ITEM(out, i, Py_None);
+            continue;
+        }
+        line = PyBytes_FromStringAndSize(buf + start[i], len[i]);
         if (line == NULL) {
-            Py_DECREF(out);
-            return NULL;
+            Py_CLEAR(out);
+            goto done;
         }
         PyList_SET_ITEM(out, i, line);
     }
+
+done:
+    PyMem_RawFree(vals);
+    PyMem_RawFree((void *)ptr);
+    PyMem_RawFree(len);
+    PyMem_RawFree(start);
+    PyMem_RawFree(texts);
+    PyMem_RawFree(buf);
+    Py_DECREF(snapshot);
     return out;
 }
 
@@ -1653,6 +2141,8 @@ typedef struct {
     size_t len, room;
 } OutBuf;
 
+/* Room for `more` bytes; 0 when out of memory (no exception set: callers run without the
+ * GIL, and set it once they hold it again). */
 static int
 out_reserve(OutBuf *b, size_t more)
 {
@@ -1662,9 +2152,8 @@ out_reserve(OutBuf *b, size_t more)
         while (room < b->len + more) {
             room *= 2;
         }
-        data = PyMem_Realloc(b->data, room);
+        data = PyMem_RawRealloc(b->data, room);
         if (data == NULL) {
-            PyErr_NoMemory();
             return 0;
         }
         b->data = data;
@@ -1774,9 +2263,10 @@ out_text(OutBuf *b, const unsigned char *s, Py_ssize_t n)
 /* One event payload's fields 4.. (numbers 4 + index into `codes`), canonical only: every
  * known field with its own wire type (varint for numbers, length-delimited for strings), a
  * uint32 that fits 32 bits, no groups; the last occurrence of a scalar wins and `args`
- * collects every occurrence (offsets into `args_at`, a list the caller frees).  Fields 1..3
- * (job_uuid bytes, timestamp, sequence) are checked and ignored.  0 for anything else: the
- * caller then takes the protobuf route, which decides. */
+ * collects every occurrence (offsets into `args_at`, a list the caller frees with
+ * PyMem_RawFree).  Fields 1..3 (job_uuid bytes, timestamp, sequence) are checked and ignored.
+ * 0 for anything else: the caller then takes the protobuf route, which decides; -1 when out
+ * of memory, with no exception set (it runs without the GIL). */
 typedef struct {
     int64_t timestamp;
     uint64_t sequence;
@@ -1831,11 +2321,10 @@ parse_event(const unsigned char *p, const unsigned char *end, const int *codes, 
                     /* Pairs of (start, end) pointers. */
                     if (*nargs + 2 > *args_room) {
                         Py_ssize_t room = *args_room ? *args_room * 2 : 64;
-                        const unsigned char **grown =
-                            PyMem_Realloc((void *)*args_at, (size_t)room * sizeof(**args_at));
+                        const unsigned char **grown = PyMem_RawRealloc(
+                            (void *)*args_at, (size_t)room * sizeof(**args_at));
                         if (grown == NULL) {
-                            PyErr_NoMemory();
-                            return -1;
+                            return -1; /* out of memory; the caller sets the exception */
                         }
                         *args_at = grown;
                         *args_room = room;
@@ -1904,7 +2393,10 @@ other_payload_time(uint32_t type, const Envelope *env, int64_t *ts, uint64_t *se
             nfields++;
         }
         ok = parse_event(p, end, codes, nfields, &v, &args_at, &nargs, &args_room);
-        PyMem_Free((void *)args_at);
+        PyMem_RawFree((void *)args_at);
+        if (ok < 0) {
+            PyErr_NoMemory();
+        }
         if (ok <= 0) {
             return ok;
         }
@@ -1929,21 +2421,26 @@ PyDoc_STRVAR(event_json_lines_doc,
 "`job_json` the job id as a JSON string; `timestamps` and `sequences` the values to write.\n"
 "A list of the same length as `payloads` whose items are the line, or None where the\n"
 "payload is not canonical or a value does not fit (the caller takes the protobuf route for\n"
-"those).  Pool thread.");
+"those).  Pool thread: for a batch of at least 256 payloads, the payloads are parsed and\n"
+"the lines written without the GIL.");
 
 static PyObject *
 event_json_lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *layout, *payloads, *timestamps, *sequences, *out = NULL;
+    PyObject *layout, *snapshot = NULL, *timestamps, *sequences, *out = NULL;
     const char *prefix[EV_MAX_FIELDS];
     Py_ssize_t prefix_len[EV_MAX_FIELDS];
     int codes[EV_MAX_FIELDS];
-    int nfields, f;
+    int nfields, f, failed = 0;
     const char *job;
     Py_ssize_t job_len, i, n, nargs_seen = 0, args_room = 0;
     const unsigned char **args_at = NULL;
+    const unsigned char **ptr = NULL;
+    Py_ssize_t *len = NULL, *start = NULL;
+    int64_t *tss = NULL;
+    uint64_t *seqs = NULL;
     OutBuf b = {NULL, 0, 0};
-    EventValues v;
+    PyThreadState *save = NULL;
 
     (void)self;
     if (nargs != 5 || !PyTuple_Check(args[0]) || !PyUnicode_Check(args[1])
@@ -1954,10 +2451,9 @@ event_json_lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     layout = args[0];
-    payloads = args[2];
     timestamps = args[3];
     sequences = args[4];
-    n = PyList_GET_SIZE(payloads);
+    n = PyList_GET_SIZE(args[2]);
     if (PyList_GET_SIZE(timestamps) != n || PyList_GET_SIZE(sequences) != n) {
         PyErr_SetString(PyExc_ValueError, "event_json_lines: column lengths differ");
         return NULL;
@@ -1991,112 +2487,169 @@ event_json_lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (job == NULL) {
         return NULL;
     }
-    out = PyList_New(n);
-    if (out == NULL) {
+    /* With the GIL: a snapshot of the inputs (a tuple holding the payloads, and C arrays);
+     * `start[i]` -1 marks a payload the C route does not take. */
+    snapshot = PyList_AsTuple(args[2]);
+    if (snapshot == NULL) {
         return NULL;
     }
+    ptr = PyMem_RawMalloc(sizeof(*ptr) * (size_t)(n + 1));
+    len = PyMem_RawMalloc(sizeof(*len) * (size_t)(n + 1));
+    start = PyMem_RawMalloc(sizeof(*start) * (size_t)(n + 1));
+    tss = PyMem_RawMalloc(sizeof(*tss) * (size_t)(n + 1));
+    seqs = PyMem_RawMalloc(sizeof(*seqs) * (size_t)(n + 1));
+    if (ptr == NULL || len == NULL || start == NULL || tss == NULL || seqs == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
     for (i = 0; i < n; i++) {
-        PyObject *payload = PyList_GET_ITEM(payloads, i);
-        PyObject *line;
-        const unsigned char *p;
-        long long ts;
-        unsigned long long seq;
-        char num[48];
-        int len, ok;
-
-        PyList_SET_ITEM(out, i, Py_None);
-        Py_INCREF(Py_None);
+        PyObject *payload = PyTuple_GET_ITEM(snapshot, i);
+        start[i] = -1;
         if (!PyBytes_Check(payload)) {
             continue;
         }
-        ts = PyLong_AsLongLong(PyList_GET_ITEM(timestamps, i));
-        if (ts == -1 && PyErr_Occurred()) {
+        tss[i] = PyLong_AsLongLong(PyList_GET_ITEM(timestamps, i));
+        if (tss[i] == -1 && PyErr_Occurred()) {
             PyErr_Clear();
             continue;
         }
-        seq = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(sequences, i));
-        if (seq == (unsigned long long)-1 && PyErr_Occurred()) {
+        seqs[i] = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(sequences, i));
+        if (seqs[i] == (uint64_t)-1 && PyErr_Occurred()) {
             PyErr_Clear();
             continue;
         }
-        p = (const unsigned char *)PyBytes_AS_STRING(payload);
-        ok = parse_event(p, p + PyBytes_GET_SIZE(payload), codes, nfields, &v, &args_at,
-                         &nargs_seen, &args_room);
+        ptr[i] = (const unsigned char *)PyBytes_AS_STRING(payload);
+        len[i] = PyBytes_GET_SIZE(payload);
+        start[i] = 0;
+    }
+
+    /* Without the GIL (for a batch worth handing it over): every line into one buffer;
+     * line i is [start[i], start[i + 1]). */
+    if (n >= JP_RELEASE_LINES) {
+        save = PyEval_SaveThread();
+    }
+    for (i = 0; i < n && !failed; i++) {
+        EventValues v;
+        char num[48];
+        int nlen, ok;
+        if (start[i] < 0) {
+            continue;
+        }
+        start[i] = (Py_ssize_t)b.len;
+        ok = parse_event(ptr[i], ptr[i] + len[i], codes, nfields, &v, &args_at, &nargs_seen,
+                         &args_room);
         if (ok < 0) {
-            goto error;
+            failed = 1;
+            break;
         }
         if (!ok) {
+            start[i] = -1;
             continue;
         }
-        b.len = 0;
-        len = snprintf(num, sizeof(num), ",\"timestamp\":%lld", ts);
+        nlen = snprintf(num, sizeof(num), ",\"timestamp\":%lld", (long long)tss[i]);
         if (!out_put(&b, "{\"job_uuid\":", 12) || !out_put(&b, job, (size_t)job_len)
-            || !out_put(&b, num, (size_t)len)) {
-            goto error;
+            || !out_put(&b, num, (size_t)nlen)) {
+            failed = 1;
+            break;
         }
-        len = snprintf(num, sizeof(num), ",\"sequence\":%llu", seq);
-        if (!out_put(&b, num, (size_t)len)) {
-            goto error;
+        nlen = snprintf(num, sizeof(num), ",\"sequence\":%llu", (unsigned long long)seqs[i]);
+        if (!out_put(&b, num, (size_t)nlen)) {
+            failed = 1;
+            break;
         }
         for (f = 0; f < nfields; f++) {
             if (!out_put(&b, prefix[f], (size_t)prefix_len[f])) {
-                goto error;
+                failed = 1;
+                break;
             }
             switch (codes[f]) {
             case EV_U32:
             case EV_U64:
-                len = snprintf(num, sizeof(num), "%llu", (unsigned long long)v.number[f]);
+                nlen = snprintf(num, sizeof(num), "%llu", (unsigned long long)v.number[f]);
                 break;
             case EV_I64:
-                len = snprintf(num, sizeof(num), "%lld", (long long)(int64_t)v.number[f]);
+                nlen = snprintf(num, sizeof(num), "%lld", (long long)(int64_t)v.number[f]);
                 break;
             case EV_STR:
-                len = -1;
+                nlen = -1;
                 if (!out_text(&b, v.text[f] ? v.text[f] : (const unsigned char *)"",
                               v.text_len[f])) {
-                    goto error;
+                    failed = 1;
                 }
                 break;
             default: {
                 Py_ssize_t k;
-                len = -1;
+                nlen = -1;
                 if (!out_put(&b, "[", 1)) {
-                    goto error;
+                    failed = 1;
+                    break;
                 }
-                for (k = 0; k < nargs_seen; k += 2) {
+                for (k = 0; k < nargs_seen && !failed; k += 2) {
                     if ((k && !out_put(&b, ",", 1))
                         || !out_text(&b, args_at[k], args_at[k + 1] - args_at[k])) {
-                        goto error;
+                        failed = 1;
                     }
                 }
-                if (!out_put(&b, "]", 1)) {
-                    goto error;
+                if (!failed && !out_put(&b, "]", 1)) {
+                    failed = 1;
                 }
             }
             }
-            if (len >= 0 && !out_put(&b, num, (size_t)len)) {
-                goto error;
+            if (failed || (nlen >= 0 && !out_put(&b, num, (size_t)nlen))) {
+                failed = 1;
+                break;
             }
         }
-        if (!out_put(&b, "}\n", 2)) {
-            goto error;
+        if (!failed && !out_put(&b, "}\n", 2)) {
+            failed = 1;
         }
-        line = PyBytes_FromStringAndSize(b.data, (Py_ssize_t)b.len);
+    }
+    if (save != NULL) {
+        PyEval_RestoreThread(save);
+    }
+
+    if (failed) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    /* With the GIL: the bytes objects. */
+    out = PyList_New(n);
+    if (out == NULL) {
+        goto done;
+    }
+    for (i = 0; i < n; i++) {
+        PyObject *line;
+        Py_ssize_t end = (Py_ssize_t)b.len;
+        Py_ssize_t k;
+        if (start[i] < 0) {
+            Py_INCREF(Py_None);
+            PyList_SET_ITEM(out, i, Py_None);
+            continue;
+        }
+        for (k = i + 1; k < n; k++) {
+            if (start[k] >= 0) {
+                end = start[k];
+                break;
+            }
+        }
+        line = PyBytes_FromStringAndSize(b.data + start[i], end - start[i]);
         if (line == NULL) {
-            goto error;
+            Py_CLEAR(out);
+            goto done;
         }
-        Py_DECREF(Py_None);
         PyList_SET_ITEM(out, i, line);
     }
-    PyMem_Free(b.data);
-    PyMem_Free((void *)args_at);
-    return out;
 
-error:
-    PyMem_Free(b.data);
-    PyMem_Free((void *)args_at);
-    Py_XDECREF(out);
-    return NULL;
+done:
+    PyMem_RawFree(b.data);
+    PyMem_RawFree((void *)args_at);
+    PyMem_RawFree((void *)ptr);
+    PyMem_RawFree(len);
+    PyMem_RawFree(start);
+    PyMem_RawFree(tss);
+    PyMem_RawFree(seqs);
+    Py_DECREF(snapshot);
+    return out;
 }
 
 /* ---- metric_columns: numeric columns of stored metric JSON lines (storage/metric_columns.py) -- */
@@ -2890,7 +3443,7 @@ message_ends(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 static PyMethodDef speedups_methods[] = {
     {"decode_log_frames", (PyCFunction)(void (*)(void))decode_log_frames, METH_FASTCALL,
      decode_log_frames_doc},
-    {"member_table", (PyCFunction)(void (*)(void))member_table, METH_FASTCALL, member_table_doc},
+    {"plan_members", (PyCFunction)(void (*)(void))plan_members, METH_FASTCALL, plan_members_doc},
     {"decode_table", (PyCFunction)(void (*)(void))decode_table, METH_FASTCALL, decode_table_doc},
     {"line_bounds", (PyCFunction)(void (*)(void))line_bounds, METH_FASTCALL, line_bounds_doc},
     {"metric_json_line", (PyCFunction)(void (*)(void))metric_json_line, METH_FASTCALL,

@@ -347,6 +347,8 @@ def payload_json_lines(
         )
     else:
         lines = [None] * len(payloads)
+    if None not in lines:  # the common case, without a Python loop over the batch
+        return lines
     for i, line in enumerate(lines):
         if line is None:
             try:

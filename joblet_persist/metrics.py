@@ -187,6 +187,7 @@ class PersistMetrics:
             "The compression level chosen for the latest batch.",
             registry=r,
         )
+        self._compression_children: dict = {}  # level -> compression_batches child
         self.retention_deleted_jobs = Counter(
             "persist_retention_deleted_jobs",
             "Jobs (or job segments) deleted by retention.",
@@ -358,7 +359,14 @@ class PersistMetrics:
         self.storage_errors.labels(kind="unsupported_member").inc()
 
     def compression_level(self, level: int) -> None:
-        self.compression_batches.labels(level=str(level)).inc()
+        # Once per batch on the reactor thread: the labelled child is looked up once per level
+        # (``labels()`` validates and locks on every call).
+        child = self._compression_children.get(level)
+        if child is None:
+            child = self._compression_children[level] = self.compression_batches.labels(
+                level=str(level)
+            )
+        child.inc()
         self.compression_level_current.set(level)
 
     # -- queries (gRPC threads) ----------------------------------------

@@ -164,8 +164,8 @@ class EncodeTests(SynchronousTestCase):
         contents = [b"line %d\n" % i for i in range(50)]
         for use_c in (True, False):
             with self.subTest(c=use_c):
-                c = fmt._member_table if use_c else None
-                (blob, _info), = _with("_member_table", c, encode, contents, lines=False)
+                c = fmt._plan_members_c if use_c else None
+                (blob, _info), = _with("_plan_members_c", c, encode, contents, lines=False)
                 self.assertEqual(flags_of(blob) & ~fmt.FLAG_TABLE_DEFLATED, 0)
                 self.assertEqual(list(fmt._TableProto.FromString(stored_table(blob)).lengths),
                                  [len(m) for m in contents])
@@ -187,10 +187,10 @@ class EncodeTests(SynchronousTestCase):
 
 
 class TwinTests(SynchronousTestCase):
-    """The C table builder and decoder match the Python reference on line members."""
+    """The C planner and table decoder match the Python reference on line members."""
 
     def setUp(self):
-        if fmt._member_table is None or fmt._decode_table_c is None:
+        if fmt._plan_members_c is None or fmt._decode_table_c is None:
             self.skipTest("joblet_persist._speedups is not built (no C compiler at install)")
 
     @settings(max_examples=200)
@@ -201,7 +201,7 @@ class TwinTests(SynchronousTestCase):
         decoders the same tables."""
         contents, ts = batch
         c = encode(contents, lines, max_member_raw=max_member_raw, ts=ts)
-        py = _with("_member_table", None, encode, contents, lines,
+        py = _with("_plan_members_c", None, encode, contents, lines,
                    max_member_raw=max_member_raw, ts=ts)
         self.assertEqual(c, py)
         for blob, info in c:

@@ -1,8 +1,12 @@
-"""The C member-table builder produces exactly the Python encoder's bytes and errors."""
+"""The C member planner produces exactly the Python planner's members and errors."""
 
 from __future__ import annotations
 
-from hypothesis import given
+import random
+import zlib
+from functools import partial
+
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -37,19 +41,19 @@ def batches(draw):
 
 
 def _encode(batch, use_c: bool, max_member_raw: int):
-    saved = fmt._member_table
+    saved = fmt._plan_members_c
     if not use_c:
-        fmt._member_table = None
+        fmt._plan_members_c = None
     try:
         return fmt.encode_log_members(*batch, make_compressor("zlib", 1),
                                       max_member_raw=max_member_raw)
     finally:
-        fmt._member_table = saved
+        fmt._plan_members_c = saved
 
 
 class MemberTableTests(SynchronousTestCase):
     def setUp(self):
-        if fmt._member_table is None:
+        if fmt._plan_members_c is None:
             self.skipTest("joblet_persist._speedups is not built (no C compiler at install)")
 
     @given(batches(), st.integers(1, 400))
@@ -79,6 +83,203 @@ class MemberTableTests(SynchronousTestCase):
         """A non-increasing ordinal exactly at a member boundary is still refused."""
         batch = ([0, 0, 0], [0, 0, 0], [5, 6, 6], [b"aa", b"bb", b"cc"])
         self.assertRaises(ValueError, _encode, batch, True, 2)
+
+
+@st.composite
+def plan_batches(draw):
+    """(items, timestamps, sequences, ordinals) mixing lines (one newline, at the end),
+    messages with no or several newlines and empty ones, with int64/uint64 edge values whose
+    deltas wrap, sometimes with many tiny messages (tables that need deflating)."""
+    n = draw(st.integers(1, 80))
+    line = st.binary(max_size=20).map(lambda b: b.replace(b"\n", b"") + b"\n")
+    other = st.binary(max_size=30).map(lambda b: b.replace(b"\x00", b"\n"))
+    items = draw(st.lists(st.one_of(line, other, st.just(b"")), min_size=n, max_size=n))
+    edges = st.sampled_from((-(2**63), 2**63 - 1, 0, -1, 1))
+    timestamps = draw(st.lists(st.one_of(I64, edges), min_size=n, max_size=n))
+    sequences = draw(st.lists(st.one_of(U64, st.sampled_from((0, 2**64 - 1, 2**63))),
+                              min_size=n, max_size=n))
+    start = draw(st.one_of(st.just(-(2**63)), I64.filter(lambda v: v < 2**63 - 10_000)))
+    steps = draw(st.lists(st.one_of(st.integers(1, 100), st.just(2**62)), min_size=n,
+                          max_size=n))
+    ordinals, value = [], start
+    for step in steps:
+        value += step
+        ordinals.append(value)
+    if ordinals[-1] > 2**63 - 1:
+        ordinals = list(range(start, start + n))
+    return items, timestamps, sequences, ordinals
+
+
+def _plans(batch, max_member_raw, lines, max_table):
+    """The C and the Python plan of ``batch`` with MAX_TABLE_BYTES set to ``max_table``."""
+    saved = fmt.MAX_TABLE_BYTES
+    fmt.MAX_TABLE_BYTES = max_table
+    try:
+        c = fmt._plan_members_c(*map(list, batch), max_member_raw, lines, max_table)
+        py = fmt._plan_members_py(*map(list, batch), max_member_raw, lines)
+    finally:
+        fmt.MAX_TABLE_BYTES = saved
+    return c, py
+
+
+def _outcome(fn, *args):
+    try:
+        return fn(*args)
+    except (ValueError, TypeError) as e:
+        return (type(e), str(e))
+
+
+class PlanMembersTests(SynchronousTestCase):
+    """The C planner (which runs without the GIL) gives exactly the Python planner's members:
+    boundaries, data, stored tables and flags, timestamp bounds."""
+
+    def setUp(self):
+        if fmt._plan_members_c is None:
+            self.skipTest("joblet_persist._speedups is not built (no C compiler at install)")
+
+    @settings(max_examples=300)
+    @given(plan_batches(), st.integers(1, 400), st.booleans(),
+           st.one_of(st.just(fmt.MAX_TABLE_BYTES), st.integers(48, 300)))
+    def test_same_plan_as_python(self, batch, max_member_raw, lines, max_table):
+        """For random batches (line and non-line messages, int64/uint64 edges, wrapped
+        deltas), any member size, with and without line tables, and header limits small enough
+        to force the table-too-big shrink (never below one message's largest table, 48
+        bytes), both planners return identical member lists."""
+        c, py = _plans(batch, max_member_raw, lines, max_table)
+        self.assertIsNotNone(c)
+        self.assertEqual(c, py)
+        self.assertEqual(b"".join(m[1] for m in c), b"".join(batch[0]))
+
+    def test_deflated_tables_and_real_header_limit(self):
+        """Tens of thousands of tiny messages: tables big enough to be deflated and to exceed
+        the real MAX_TABLE_BYTES, so that members are shrunk to fit: the same plan and the same
+        encoded members on both paths, all within the header limit."""
+        rng = random.Random(7)
+        n = 70_000
+        items = [b"%d\n" % (i % 10) if i % 1000 else b"x" for i in range(n)]
+        ts = [1_700_000_000 * 10**9 + rng.randrange(10**6) for i in range(n)]
+        seqs = [rng.randrange(2**20) for i in range(n)]
+        batch = (items, ts, seqs, list(range(n)))
+        for lines in (True, False):
+            with self.subTest(lines=lines):
+                c, py = _plans(batch, 1 << 20, lines, fmt.MAX_TABLE_BYTES)
+                self.assertEqual(c, py)
+                self.assertGreater(len(c), 1)
+                self.assertTrue(all(m[4] & fmt.FLAG_TABLE_DEFLATED for m in c))
+                self.assertTrue(all(len(m[3]) <= fmt.MAX_TABLE_BYTES for m in c))
+                self.assertEqual(_encode(batch[1:] + (items,), True, 1 << 20),
+                                 _encode(batch[1:] + (items,), False, 1 << 20))
+
+    def test_large_batch_released_path(self):
+        """A batch large enough for the C planner to release the GIL (over 256 KiB, over 4096
+        messages), lines and not, split into several members by size: the same plan, and
+        each member's CRC is its data's."""
+        rng = random.Random(3)
+        n = 20_000
+        items = [b"%s %d\n" % (b"w" * rng.randrange(80), i) for i in range(n)]
+        items[n // 2] = b"no newline"
+        ts = [rng.randrange(-(2**63), 2**63) for _ in range(n)]
+        seqs = [rng.randrange(2**64) for _ in range(n)]
+        batch = (items, ts, seqs, list(range(5, n + 5)))
+        for lines in (True, False):
+            with self.subTest(lines=lines):
+                c, py = _plans(batch, 300_000, lines, fmt.MAX_TABLE_BYTES)
+                self.assertEqual(c, py)
+                self.assertGreater(len(c), 3)
+                self.assertEqual([zlib.crc32(m[1]) for m in c], [m[2] for m in c])
+
+    @given(plan_batches(), st.integers(0, 3), st.sampled_from((
+        2**63, -(2**63) - 1, 2**64, -1, 1.5, "7", None, bytearray(b"ab\n"))))
+    def test_other_input_goes_to_the_reference(self, batch, column, bad):
+        """A value of another type, or out of range, in any column (or an item that is not
+        bytes): the C planner either plans it exactly like Python (a value that is in range
+        there) or returns None, and encoding gives exactly the Python path's members or
+        error."""
+        columns = list(map(list, batch))
+        k = len(columns[0]) // 2
+        columns[column][k] = bad
+        items, ts, seqs, ords = columns
+        plan = fmt._plan_members_c(items, ts, seqs, ords, 100, True, fmt.MAX_TABLE_BYTES)
+        if plan is not None:
+            self.assertEqual(plan, fmt._plan_members_py(items, ts, seqs, ords, 100, True))
+        batch = (ts, seqs, ords, items)
+        self.assertEqual(_outcome(_encode, batch, True, 100), _outcome(_encode, batch, False, 100))
+
+    def test_out_of_range_values_go_to_the_reference(self):
+        """Each value the C planner does not take gives None and the Python planner's error:
+        timestamps and ordinals outside int64, sequences outside uint64, non-ints, non-bytes."""
+        good = ([b"a\n", b"b\n"], [0, 0], [0, 0], [1, 2])
+        cases = (
+            (1, 2**63, "timestamp out of range"), (1, -(2**63) - 1, "timestamp out of range"),
+            (2, -1, "sequence out of range"), (2, 2**64, "sequence out of range"),
+            (3, 2**63, "ordinal out of range"), (3, 1, "ordinals must be strictly increasing"),
+            (3, -(2**63) - 1, "ordinal out of range"), (1, 1.5, None), (0, "x\n", None),
+        )
+        for column, bad, message in cases:
+            with self.subTest(column=column, bad=bad):
+                columns = [list(c) for c in good]
+                columns[column][0 if column == 3 and isinstance(bad, int) and bad < 0 else 1] = bad
+                items, ts, seqs, ords = columns
+                self.assertIsNone(fmt._plan_members_c(items, ts, seqs, ords, 100, True,
+                                                      fmt.MAX_TABLE_BYTES))
+                batch = (ts, seqs, ords, items)
+                got = _outcome(_encode, batch, True, 100)
+                self.assertEqual(got, _outcome(_encode, batch, False, 100))
+                if message is not None:
+                    self.assertEqual(got[0], ValueError)
+                    self.assertTrue(got[1].startswith(message), got[1])
+
+    @given(plan_batches().filter(lambda b: len(b[0]) > 1), st.data())
+    def test_unordered_ordinals_go_to_the_reference(self, batch, data):
+        """Ordinals not strictly increasing anywhere: None from C, the Python planner's
+        ValueError from the encoder."""
+        items, ts, seqs, ords = map(list, batch)
+        k = data.draw(st.integers(1, len(ords) - 1))
+        ords[k] = ords[k - 1] - data.draw(st.integers(0, 3))
+        self.assertIsNone(fmt._plan_members_c(items, ts, seqs, ords, 100, True,
+                                              fmt.MAX_TABLE_BYTES))
+        self.assertEqual(_outcome(_encode, (ts, seqs, ords, items), True, 100),
+                         (ValueError, "ordinals must be strictly increasing"))
+
+    @given(plan_batches(), st.booleans())
+    def test_newline_check_in_the_planner(self, batch, use_c):
+        """With ``newlines`` the C planner gives None exactly when an item does not end with a
+        newline, and the metric and event encoders raise their own error for such a batch on
+        both paths, before any other check (mismatched columns, a bad member size)."""
+        items, ts, seqs, ords = map(list, batch)
+        complete = all(item.endswith(b"\n") for item in items)
+        plan = fmt._plan_members_c(items, ts, seqs, ords, 100, True, fmt.MAX_TABLE_BYTES, True)
+        self.assertEqual(plan is not None, complete)
+        comp = make_compressor("zlib", 1)
+        saved = fmt._plan_members_c
+        if not use_c:
+            fmt._plan_members_c = None
+        try:
+            for what, encode in (
+                ("metric", fmt.encode_metric_members),
+                ("event", lambda *a, **kw: fmt.encode_event_members(3, *a, **kw)),
+            ):
+                for cols, size in (((ts, seqs, ords), 100), ((ts, seqs, ords[:-1]), 100),
+                                   ((ts, seqs, ords), 0)):
+                    got = _outcome(partial(encode, *cols, items, comp, max_member_raw=size))
+                    if not complete:
+                        self.assertEqual(
+                            got, (ValueError, f"{what} JSON lines must end with a newline"))
+                    elif size == 0 or len(cols[2]) != len(items):
+                        self.assertEqual(got[0], ValueError)
+                        self.assertNotIn("newline", got[1])
+        finally:
+            fmt._plan_members_c = saved
+
+    def test_the_snapshot_keeps_items_alive(self):
+        """The planner reads the items without the GIL from its own snapshot: data built from
+        items no other reference holds is intact."""
+        items = [bytes([65 + i % 26]) * 50_000 for i in range(40)]
+        expect = b"".join(items)
+        plan = fmt._plan_members_c(items, [0] * 40, [0] * 40, list(range(40)), 1 << 20, True,
+                                   fmt.MAX_TABLE_BYTES)
+        del items
+        self.assertEqual(b"".join(m[1] for m in plan), expect)
 
 
 def _decode(blob: bytes, info, use_c: bool):

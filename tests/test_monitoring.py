@@ -173,6 +173,28 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(s[("persist_retention_bytes_freed_total", ())], 500)
 
 
+class CompressionLevelMetricTests(SynchronousTestCase):
+    def test_level_child_looked_up_once(self):
+        """compression_level (once per batch, on the reactor thread) counts every batch under
+        its level but calls the Counter's labels() only once per level."""
+        m = PersistMetrics(CollectorRegistry(), process=False)
+        calls = []
+        labels = m.compression_batches.labels
+
+        def spy(**kw):
+            calls.append(kw)
+            return labels(**kw)
+
+        m.compression_batches.labels = spy
+        for level in (5, 5, 1, 5, 1):
+            m.compression_level(level)
+        self.assertEqual(calls, [{"level": "5"}, {"level": "1"}])
+        value = m.registry.get_sample_value
+        self.assertEqual(value("persist_compression_batches_total", {"level": "5"}), 3)
+        self.assertEqual(value("persist_compression_batches_total", {"level": "1"}), 2)
+        self.assertEqual(value("persist_compression_level"), 1)
+
+
 class HealthTests(SynchronousTestCase):
     def test_real_probe_on_writable_and_missing_dir(self):
         """The disk probe reports a writable directory with its free space."""

@@ -142,10 +142,11 @@ def _make_table_class():
 _TableProto = _make_table_class()
 
 try:
-    # Builds the same table bytes in one C pass; the Python path below is the reference.
-    from joblet_persist._speedups import member_table as _member_table
-except ImportError:  # not built (no compiler): the pure-Python encoder is used
-    _member_table = None
+    # Plans a batch's members (boundaries, tables, data) in C, mostly without the GIL;
+    # _plan_members_py below is the reference.
+    from joblet_persist._speedups import plan_members as _plan_members_c
+except ImportError:  # not built (no compiler): the pure-Python planner is used
+    _plan_members_c = None
 
 try:
     # Decodes canonically encoded tables in one C pass (about 5x faster); anything else, and
@@ -257,7 +258,7 @@ _ends_with_newline = methodcaller("endswith", b"\n")
 def _is_lines(items, i: int, j: int) -> bool:
     """Whether every message of [i, j) ends with a newline, its only one (a line member).
 
-    The C table builder checks the same, message by message; an empty message is no line.
+    The C planner checks the same, message by message; an empty message is no line.
     """
     window = items[i:j]
     return all(map(_ends_with_newline, window)) and b"".join(window).count(b"\n") == j - i
@@ -309,15 +310,55 @@ def _pack_table(raw: bytes):
     return raw, 0
 
 
-def _table_builder_c(items, ts, seq, ords, lines: bool):
-    """build_table(i, j) backed by the C extension: same bytes as _build_table."""
+def _check_newlines(items, what: Optional[str]) -> None:
+    """With ``what`` ("metric", "event"): ValueError unless every item ends with a newline."""
+    if what is not None and not all(map(_ends_with_newline, items)):
+        raise ValueError(f"{what} JSON lines must end with a newline")
 
-    def build_table(i, j):
-        raw, min_ts, max_ts, is_lines = _member_table(items, ts, seq, ords, i, j, lines)
-        stored, flags = _pack_table(raw)
-        return stored, flags | (FLAG_LINES if is_lines else 0), len(raw), min_ts, max_ts
 
-    return build_table
+def _plan_members_py(items: list, ts: list, seq: list, ords: list, max_member_raw: int,
+                     lines: bool) -> list:
+    """Split a batch into members: ``[(end, data, crc, stored_table, flags, table_raw_size,
+    min_ts, max_ts), ...]`` in order, member k holding messages [end of k-1, end), ``crc``
+    the CRC-32 of its data.
+
+    A member holds as many messages as fit ``max_member_raw`` data bytes (at least one), fewer
+    when its table would not fit a header (MAX_TABLE_BYTES: shrunk proportionally).  Validates
+    the columns (ValueError).  The reference of the C planner ``_speedups.plan_members``,
+    which gives the same tuples (tests/test_member_table.py) and runs mostly without the GIL.
+    """
+    n = len(items)
+    lengths = list(map(len, items))
+    _check_range("sequence", seq, 0, _U64)
+    d_ord = list(map(sub, ords[1:], ords))
+    if d_ord and min(d_ord) <= 0:
+        raise ValueError("ordinals must be strictly increasing")
+    # Strictly increasing: the ends bound every ordinal.
+    _check_range("ordinal", [ords[0], ords[-1]], _I64_MIN, _I64_MAX)
+    d_ts = list(map(sub, ts[1:], ts))
+    d_seq = list(map(sub, seq[1:], seq))
+    cum = list(accumulate(lengths, initial=0))
+    plan = []
+    i = 0
+    while i < n:
+        j = max(i + 1, bisect_right(cum, cum[i] + max_member_raw, i + 1) - 1)
+        while True:
+            is_lines = lines and _is_lines(items, i, j)
+            stored, flags, raw_len, min_ts, max_ts = _build_table(
+                lengths, ts, d_ts, d_seq, d_ord, i, j, is_lines
+            )
+            if len(stored) <= MAX_TABLE_BYTES:
+                break
+            # Too many messages for one header: shrink proportionally.
+            fit = int((j - i) * MAX_TABLE_BYTES / len(stored) * 0.95)
+            j = i + max(1, min(fit, j - i - 1))
+        raw_size = cum[j] - cum[i]
+        if raw_size > _U32:
+            raise ValueError(f"message of {raw_size} bytes is too large for one member")
+        data = b"".join(items[i:j])
+        plan.append((j, data, zlib.crc32(data), stored, flags, raw_len, min_ts, max_ts))
+        i = j
+    return plan
 
 
 def _encode_members(
@@ -329,9 +370,14 @@ def _encode_members(
     compressor,
     max_member_raw: int,
     lines: bool,
+    newlines: Optional[str] = None,
 ) -> list:
+    """Encode a batch as members (the encode_*_members functions).  With ``newlines`` (what
+    the items are: "metric", "event"), every item must end with a newline: ValueError
+    "<newlines> JSON lines must end with a newline" otherwise, before any other check."""
     n = len(items)
     if not (len(timestamps) == len(sequences) == len(ordinals) == n):
+        _check_newlines(items, newlines)
         raise ValueError(
             f"column lengths differ: {len(timestamps)} timestamps, {len(sequences)} "
             f"sequences, {len(ordinals)} ordinals, {n} items"
@@ -339,51 +385,32 @@ def _encode_members(
     if n == 0:
         return []
     if max_member_raw < 1:
+        _check_newlines(items, newlines)
         raise ValueError(f"max_member_raw must be >= 1, got {max_member_raw}")
-    # This runs on a pool thread holding the GIL, which the reactor needs for every
-    # received frame: each pass over the columns counts, so checks ride along with
-    # work that is needed anyway (timestamps: per member in _build_table).
+    # This runs on a pool thread, and the reactor needs the GIL for every received frame:
+    # the per-message work (boundaries, tables, joining and checksumming the data) is the C
+    # planner's, which releases the GIL for it; what stays here is per member.  The C planner returns None
+    # for input it does not take (a value out of range, ...): the Python planner decides.
     ts = timestamps if type(timestamps) is list else list(timestamps)
     seq = sequences if type(sequences) is list else list(sequences)
     ords = ordinals if type(ordinals) is list else list(ordinals)
     items = items if type(items) is list else list(items)
-    lengths = list(map(len, items))
-    if _member_table is not None:
-        # The C table builder validates the columns while it encodes them (one pass).
-        build_table = _table_builder_c(items, ts, seq, ords, lines)
-    else:
-        _check_range("sequence", seq, 0, _U64)
-        d_ord = list(map(sub, ords[1:], ords))
-        if d_ord and min(d_ord) <= 0:
-            raise ValueError("ordinals must be strictly increasing")
-        # Strictly increasing: the ends bound every ordinal.
-        _check_range("ordinal", [ords[0], ords[-1]], _I64_MIN, _I64_MAX)
-        d_ts = list(map(sub, ts[1:], ts))
-        d_seq = list(map(sub, seq[1:], seq))
-
-        def build_table(i, j):
-            is_lines = lines and _is_lines(items, i, j)
-            return _build_table(lengths, ts, d_ts, d_seq, d_ord, i, j, is_lines)
-
-    cum = list(accumulate(lengths, initial=0))
+    plan = None
+    if _plan_members_c is not None:
+        # With ``newlines`` the C planner checks the newlines too (None when one is missing).
+        plan = _plan_members_c(
+            items, ts, seq, ords, max_member_raw, lines, MAX_TABLE_BYTES, newlines is not None
+        )
+    if plan is None:
+        _check_newlines(items, newlines)
+        plan = _plan_members_py(items, ts, seq, ords, max_member_raw, lines)
 
     out = []
     i = 0
-    while i < n:
-        j = max(i + 1, bisect_right(cum, cum[i] + max_member_raw, i + 1) - 1)
-        while True:
-            stored, flags, raw_len, min_ts, max_ts = build_table(i, j)
-            if len(stored) <= MAX_TABLE_BYTES:
-                break
-            # Too many messages for one header: shrink proportionally.
-            fit = int((j - i) * MAX_TABLE_BYTES / len(stored) * 0.95)
-            j = i + max(1, min(fit, j - i - 1))
-        raw_size = cum[j] - cum[i]
-        if raw_size > _U32:
-            raise ValueError(f"message of {raw_size} bytes is too large for one member")
-        data = b"".join(items[i:j])
+    for j, data, crc, stored, flags, raw_len, min_ts, max_ts in plan:
+        raw_size = len(data)
+        # Releases the GIL (libdeflate, ISA-L, zlib) for a member's data.
         body = compressor.compress_raw(data)
-        crc = compressor.crc32(data) & _U32
         size = _HEADER_OVERHEAD + len(stored) + len(body) + _TRAILER_SIZE
         if size > _U32:
             raise ValueError(f"member of {size} bytes is too large")
@@ -457,12 +484,9 @@ def encode_metric_members(
 
     Same contract as encode_log_members; each line must end in ``b"\\n"``.
     """
-    for line in json_lines:
-        if not line.endswith(b"\n"):
-            raise ValueError("metric JSON lines must end with a newline")
     return _encode_members(
         KIND_METRIC, timestamps, sequences, ordinals, json_lines, compressor, max_member_raw,
-        lines,
+        lines, "metric",
     )
 
 
@@ -483,11 +507,9 @@ def encode_event_members(
     """
     if kind not in KIND_EVENTS:
         raise ValueError(f"event member kind must be an event message type 3..9, not {kind}")
-    for line in json_lines:
-        if not line.endswith(b"\n"):
-            raise ValueError("event JSON lines must end with a newline")
     return _encode_members(
-        kind, timestamps, sequences, ordinals, json_lines, compressor, max_member_raw, lines
+        kind, timestamps, sequences, ordinals, json_lines, compressor, max_member_raw, lines,
+        "event",
     )
 
 
@@ -551,6 +573,8 @@ def metric_json_lines(job_id: str, payloads: list) -> list:
         )
     else:
         lines = [None] * len(payloads)
+    if None not in lines:  # the common case, without a Python loop over the batch
+        return lines
     for i, line in enumerate(lines):
         if line is None:
             try:
