@@ -12,7 +12,11 @@ the same machine load): ``logs``, every frame a LOG line; ``mixed``, the same nu
 frames of which 70% are LOG lines, 10% METRIC samples and 20% telemetry events spread evenly
 over the seven kinds (exec, connect, accept, socket data, mmap, mprotect, file) with payloads
 like a current joblet-core's; every job sends all three kinds interleaved (``mixed_slot``), in
-those proportions.  Every setting prints the mixed/logs ratio of the medians.
+those proportions.  Every setting prints the mixed/logs ratio of the medians, of the whole
+runs and of their sustained rates: frames/s from 10% to 90% of the frames written, which
+leaves out the start and the end (the last frames of buffers that no batch filled wait for
+the flush tick, up to ``storage.flushInterval``: a fixed second that a short run counts as
+a large share of its time).
 
     .venv/bin/python bench/bench_ingest.py --frames 2000000 --connections 1 4 \
         --compressors deflate:5 isal:1
@@ -283,6 +287,17 @@ def _level_batches(port: int) -> dict:
         r'^persist_compression_batches_total\{level="(\d+)"\} (\S+)$', text, re.M)}
 
 
+def _sustained(samples: list, total: int, column: int):
+    """Frames per second between the first samples at which ``column`` (1: written, 2:
+    received) reached 10% and 90% of ``total``; None when the run was too short to tell."""
+    t10 = next((s[0] for s in samples if s[column] >= 0.1 * total), None)
+    at90 = next((s for s in samples if s[column] >= 0.9 * total), None)
+    at10 = next((s for s in samples if s[column] >= 0.1 * total), None)
+    if t10 is None or at90 is None or at90[0] <= at10[0]:
+        return None
+    return round((at90[column] - at10[column]) / (at90[0] - at10[0]))
+
+
 def run_one(args, payloads: list[bytes], raw_total: int, gzip6_bytes: int, compressor: str,
             level: str, conns: int, mode: str = "logs") -> dict:
     """One service run: start, push ``payloads`` (one per connection), wait, stop."""
@@ -354,8 +369,10 @@ def run_one(args, payloads: list[bytes], raw_total: int, gzip6_bytes: int, compr
         t0 = time.perf_counter()
         go.set()
         received_at = None
+        samples = []  # (seconds, written, received): the sustained rates
         while True:
             st = _stats(stub)
+            samples.append((time.perf_counter() - t0, st.messages_written, st.messages_received))
             if received_at is None and st.messages_received >= total:
                 received_at = time.perf_counter() - t0
             if st.messages_written >= total:
@@ -389,6 +406,11 @@ def run_one(args, payloads: list[bytes], raw_total: int, gzip6_bytes: int, compr
             "frames_per_s": round(total / elapsed),
             # All frames decoded and buffered (the rest is the last flush and fsync).
             "received_s": round(received_at or elapsed, 3),
+            # Frames/s while the run was in full flow: from 10% to 90% of the frames
+            # written (received), leaving out the start and the end, which waits for the
+            # flush tick of the buffers that no batch filled (up to storage.flushInterval).
+            "sustained_frames_per_s": _sustained(samples, total, 1),
+            "sustained_received_per_s": _sustained(samples, total, 2),
             # Log content per second (logs mode only), and frame bytes per second.
             "mb_per_s": round(raw_total / elapsed / 1e6, 1) if mode == "logs" else None,
             "wire_mb_per_s": round(sum(map(len, payloads)) / elapsed / 1e6, 1),
@@ -464,10 +486,15 @@ def main() -> None:
                     runs[mode].append(run_one(args, payloads[mode, conns], raw_total, gzip6,
                                               name, level, conns, mode))
             medians = {}
+            sustained = {}
             for mode, mode_runs in runs.items():
+                rates = sorted(x["sustained_frames_per_s"] or 0 for x in mode_runs)
+                sustained[mode] = rates[len(rates) // 2]
                 mode_runs.sort(key=lambda r: r["frames_per_s"])
                 r = mode_runs[len(mode_runs) // 2]
                 r["runs_frames_per_s"] = [x["frames_per_s"] for x in mode_runs]
+                r["runs_sustained_frames_per_s"] = [x["sustained_frames_per_s"]
+                                                    for x in mode_runs]
                 medians[mode] = r["frames_per_s"]
                 results.append(r)
                 print(json.dumps(r), flush=True)
@@ -478,6 +505,10 @@ def main() -> None:
                     "logs_frames_per_s": medians["logs"],
                     "mixed_frames_per_s": medians["mixed"],
                     "mixed_vs_logs": round(medians["mixed"] / medians["logs"], 3),
+                    "sustained_logs_frames_per_s": sustained["logs"],
+                    "sustained_mixed_frames_per_s": sustained["mixed"],
+                    "sustained_mixed_vs_logs": (round(sustained["mixed"] / sustained["logs"], 3)
+                                                if sustained["logs"] else None),
                 }
                 ratios.append(ratio)
                 print(json.dumps(ratio), flush=True)
