@@ -49,6 +49,7 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -179,14 +180,17 @@ def _counts(stub) -> tuple:
     return stats.messages_received, stats.messages_written
 
 
-def push(stub, work: str, frames: int, fed=None) -> float:
+def push(stub, work: str, frames: int, fed=None, rates: Optional[list] = None) -> float:
     """Send ``frames`` at full speed from a separate process; seconds until all written.
     ``fed`` (a shared counter of lines another process sends meanwhile, or None): those
     lines count in GetStats too, so the push is received once the received count has
     grown by ``frames`` plus the lines fed since the push began, and written once the
     written count reaches what had been received then (a fixed mark: the feeder's own
     lines always wait up to a flush interval in the writer's buffer, so a written count
-    compared with the feeder's running count could trail it for ever)."""
+    compared with the feeder's running count could trail it for ever).  With ``rates`` (a
+    list), appends the sustained rate: frames written a second from 10% to 90% of the
+    push's frames, leaving out its start and its end, which waits up to a flush interval
+    for the buffers that no batch filled (the paced job's, in every phase)."""
     received_before, _ = _counts(stub)
     fed_before = fed.value if fed is not None else 0
     ctx = multiprocessing.get_context("spawn")
@@ -197,8 +201,11 @@ def push(stub, work: str, frames: int, fed=None) -> float:
     t0 = time.perf_counter()
     go.set()
     mark = None
+    _, written_before = _counts(stub)
+    samples = []
     while True:
         received, written = _counts(stub)
+        samples.append((time.perf_counter() - t0, written - written_before))
         if mark is None:
             extra = fed.value - fed_before if fed is not None else 0
             if received - received_before >= frames + extra:
@@ -210,6 +217,11 @@ def push(stub, work: str, frames: int, fed=None) -> float:
         time.sleep(0.02)
     elapsed = time.perf_counter() - t0
     p.join(30)
+    if rates is not None:
+        at10 = next((s for s in samples if s[1] >= 0.1 * frames), None)
+        at90 = next((s for s in samples if s[1] >= 0.9 * frames), None)
+        ok = at10 is not None and at90 is not None and at90[0] > at10[0]
+        rates.append(round((at90[1] - at10[1]) / (at90[0] - at10[0])) if ok else None)
     return elapsed
 
 
@@ -418,12 +430,14 @@ def fanout_phase(stub, work: str, frames: int, followers: int, rate: float) -> d
             raise SystemExit("followers did not start")
     go.set()
     cpu0 = process_cpu(SERVICE_PID[0])
-    elapsed = push(stub, work, frames, counter)
+    sustained: list = []
+    elapsed = push(stub, work, frames, counter, sustained)
     service_cpu = process_cpu(SERVICE_PID[0]) - cpu0
     stop_feed.set()
     sent, seconds = fed.get(timeout=60)
     feeder.join(30)
     out = {"ingest_frames_per_s": round(frames / elapsed),
+           "sustained_frames_per_s": sustained[0],
            "followed_lines_per_s": round(rate and sent / seconds),
            "service_cpu_s": round(service_cpu, 2), "push_s": round(elapsed, 2),
            "loadavg": round(os.getloadavg()[0], 1)}
@@ -493,6 +507,8 @@ def ingest_with_followers(stub, work: str, frames: int, followers: int, repeat: 
             phases[n].append(fanout_phase(stub, work, frames, followers=n, rate=rate))
             print(json.dumps({"rate": rate or "full", "followers": n, **{
                 k: v for k, v in phases[n][-1].items()}}), flush=True)
+    steady = {n: statistics.median(p["sustained_frames_per_s"] or 0 for p in phases[n])
+              for n in phases}
     base = statistics.median(p["ingest_frames_per_s"] for p in phases[0])
     loaded = statistics.median(p["ingest_frames_per_s"] for p in phases[followers])
     lat = [p["latency_ms"]["p50"] for p in phases[followers] if p["latency_ms"]["p50"]]
@@ -508,6 +524,9 @@ def ingest_with_followers(stub, work: str, frames: int, followers: int, repeat: 
         "median_0": round(base),
         f"median_{followers}": round(loaded),
         "ratio": round(loaded / base, 3),
+        "median_sustained_0": steady[0],
+        f"median_sustained_{followers}": steady[followers],
+        "sustained_ratio": round(steady[followers] / steady[0], 3) if steady[0] else None,
         "followers_complete": [p["followers_complete"] for p in phases[followers]],
         "median_latency_p50_ms": statistics.median(lat) if lat else None,
         "median_line_latency_p50_ms": statistics.median(per_line) if per_line else None,
