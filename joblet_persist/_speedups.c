@@ -1990,12 +1990,57 @@ PyDoc_STRVAR(metric_json_lines_doc,
 /* Room for a usage's text (put_double). */
 #define USAGE_TEXT 40
 
+/* The list of ``n`` lines that a builder wrote one after another into data[0:total]
+ * (without the GIL when ``save`` is set, which this takes back first): line i starts at
+ * start[i] and ends where the next line starts, or at ``total``; start[i] < 0 gives None.
+ * ``failed``: the builder ran out of memory (MemoryError). */
+static PyObject *
+lines_list(PyThreadState *save, int failed, const char *data, Py_ssize_t total,
+           const Py_ssize_t *start, Py_ssize_t n)
+{
+    PyObject *out;
+    Py_ssize_t i, k;
+
+    if (save != NULL) {
+        PyEval_RestoreThread(save);
+    }
+    if (failed) {
+        return PyErr_NoMemory();
+    }
+    out = PyList_New(n);
+    if (out == NULL) {
+        return NULL;
+    }
+    for (i = 0; i < n; i++) {
+        PyObject *line;
+        Py_ssize_t end = total;
+        if (start[i] < 0) {
+            Py_INCREF(Py_None);
+            PyList_SET_ITEM(out, i, Py_None);
+            continue;
+        }
+        for (k = i + 1; k < n; k++) {
+            if (start[k] >= 0) {
+                end = start[k];
+                break;
+            }
+        }
+        line = PyBytes_FromStringAndSize(data + start[i], end - start[i]);
+        if (line == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, i, line);
+    }
+    return out;
+}
+
 static PyObject *
 metric_json_lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     PyObject *snapshot, *out = NULL;
     const char *job;
-    Py_ssize_t i, n, job_len, room;
+    Py_ssize_t i, n, job_len, room, used = 0;
     MetricValues *vals = NULL;
     const unsigned char **ptr = NULL;
     Py_ssize_t *len = NULL, *start = NULL;
@@ -2065,7 +2110,6 @@ metric_json_lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         save = PyEval_SaveThread();
     }
     {
-        Py_ssize_t used = 0;
         room = 0;
         for (i = 0; i < n; i++) {
             if (start[i] < 0) {
@@ -2088,31 +2132,7 @@ metric_json_lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             used += len[i];
         }
     }
-    if (save != NULL) {
-        PyEval_RestoreThread(save);
-    }
-    if (failed) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    out = PyList_New(n);
-    if (out == NULL) {
-        goto done;
-    }
-    for (i = 0; i < n; i++) {
-        PyObject *line;
-        if (start[i] < 0) {
-            Py_INCREF(Py_None);
-            PyList_SET_ITEM(out, i, Py_None);
-            continue;
-        }
-        line = PyBytes_FromStringAndSize(buf + start[i], len[i]);
-        if (line == NULL) {
-            Py_CLEAR(out);
-            goto done;
-        }
-        PyList_SET_ITEM(out, i, line);
-    }
+    out = lines_list(save, failed, buf, used, start, n);
 
 done:
     PyMem_RawFree(vals);
@@ -2604,41 +2624,7 @@ event_json_lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             failed = 1;
         }
     }
-    if (save != NULL) {
-        PyEval_RestoreThread(save);
-    }
-
-    if (failed) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    /* With the GIL: the bytes objects. */
-    out = PyList_New(n);
-    if (out == NULL) {
-        goto done;
-    }
-    for (i = 0; i < n; i++) {
-        PyObject *line;
-        Py_ssize_t end = (Py_ssize_t)b.len;
-        Py_ssize_t k;
-        if (start[i] < 0) {
-            Py_INCREF(Py_None);
-            PyList_SET_ITEM(out, i, Py_None);
-            continue;
-        }
-        for (k = i + 1; k < n; k++) {
-            if (start[k] >= 0) {
-                end = start[k];
-                break;
-            }
-        }
-        line = PyBytes_FromStringAndSize(b.data + start[i], end - start[i]);
-        if (line == NULL) {
-            Py_CLEAR(out);
-            goto done;
-        }
-        PyList_SET_ITEM(out, i, line);
-    }
+    out = lines_list(save, failed, b.data, (Py_ssize_t)b.len, start, n);
 
 done:
     PyMem_RawFree(b.data);
