@@ -1,4 +1,5 @@
 """Debouncer: run a function at most once per interval, at once when flushed or stopped.
+PendingWrites: when a state file changed in memory is due to be written again.
 
 Reactor thread: every method is ``@reactor_only``, and the function runs on the
 reactor thread (it may hand blocking work to a pool and return a Deferred).
@@ -143,3 +144,28 @@ class Debouncer:
             else:
                 d.callback(result)
         return None
+
+
+class PendingWrites:
+    """Changes made in memory to a state file since it was last written, and whether the
+    last write is old enough to write it again: for a file rewritten at most once per
+    interval while work goes on, and whenever a round of work ends with changes pending
+    (the archive's S3 manifest and CloudWatch cursors).  Reactor thread."""
+
+    __slots__ = ("_clock", "count", "_written_at")
+
+    def __init__(self, clock):
+        self._clock = clock
+        self.count = 0
+        self._written_at = 0.0
+
+    def note(self, interval: float) -> bool:
+        """One more change; True when the file was last written ``interval`` seconds ago or
+        more (it is due)."""
+        self.count += 1
+        return self._clock.seconds() - self._written_at >= interval
+
+    def writing(self) -> None:
+        """The file is being written now, with every change so far."""
+        self.count = 0
+        self._written_at = self._clock.seconds()

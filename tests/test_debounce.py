@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.internet import defer, task
 from twisted.trial.unittest import SynchronousTestCase
 
-from joblet_persist.debounce import Debouncer
+from joblet_persist.debounce import Debouncer, PendingWrites
 
 
 class Recorder:
@@ -136,3 +136,24 @@ class DebouncerTests(SynchronousTestCase):
         debounced()
         clock.advance(5)
         self.assertEqual(f.runs, [0.0, 5.0])
+
+
+class PendingWritesTests(SynchronousTestCase):
+    def test_due_once_the_last_write_is_old_enough(self):
+        """Changes are counted; a change is due when the last write is at least the interval
+        old (the first one at once); writing resets the count and the age."""
+        clock = task.Clock()
+        clock.advance(100)
+        pending = PendingWrites(clock)
+        self.assertEqual(pending.count, 0)
+        self.assertTrue(pending.note(1.0))
+        pending.writing()
+        self.assertEqual(pending.count, 0)
+        clock.advance(0.5)
+        self.assertFalse(pending.note(1.0))
+        self.assertFalse(pending.note(1.0))
+        self.assertEqual(pending.count, 2)
+        clock.advance(0.5)
+        self.assertTrue(pending.note(1.0))
+        self.assertEqual(pending.count, 3)
+        self.assertFalse(pending.note(1000.0))

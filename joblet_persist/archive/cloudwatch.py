@@ -54,6 +54,7 @@ from zope.interface import implementer
 from joblet_persist.archive import cloudwatch_api as api
 from joblet_persist.archive import cloudwatch_codec as codec
 from joblet_persist.archive.cloudwatch_tier import merge_job_info, remote_job_info
+from joblet_persist.debounce import PendingWrites
 from joblet_persist.logs import Logger
 from joblet_persist.retention import IArchivedCheck
 from joblet_persist.storage import safefs
@@ -292,8 +293,7 @@ class CloudWatchShipper:
         self._blocked: dict = {}  # (job, kind) -> (failures, retry at, error) after a refusal
         self._failures = 0
         self._retry_at = 0.0
-        self._unwritten = 0
-        self._written_at = 0.0
+        self._unwritten = PendingWrites(clock)  # cursor changes not yet in the file
         self.last_error: Optional[str] = None
         self.shipped_events = 0
         self.shipped_messages = 0
@@ -505,7 +505,7 @@ class CloudWatchShipper:
                 if remote_ok:
                     yield self._ship(work)
             finally:
-                if self._unwritten:
+                if self._unwritten.count:
                     yield self._flush_cursors()
         except _RemoteFailed as e:
             self._remote_failed(e.args[0], e.args[1])
@@ -554,7 +554,7 @@ class CloudWatchShipper:
             fields = merge_job_info(old, snapshot.info)
             if self._cursors.jobs.get(job_id) != fields:
                 self._cursors.jobs[job_id] = fields
-                self._unwritten += 1
+                self._unwritten.note(self.cursor_interval)
             idle = snapshot.info.last_updated <= idle_before
             pending = False
             for kind in self._kinds:
@@ -700,8 +700,7 @@ class CloudWatchShipper:
         key = (job_id, kind)
         if key in self._backlog:
             self._backlog[key] = max(0, self._backlog[key] - (upto - done))
-        self._unwritten += 1
-        return self._clock.seconds() - self._written_at >= self.cursor_interval
+        return self._unwritten.note(self.cursor_interval)
 
     @defer.inlineCallbacks
     def _call(self, what: str, key, f, *args):
@@ -743,8 +742,7 @@ class CloudWatchShipper:
         return delay * (0.5 + self._jitter())
 
     def _flush_cursors(self):
-        self._unwritten = 0
-        self._written_at = self._clock.seconds()
+        self._unwritten.writing()
         return self._write_cursors()
 
     def _write_cursors(self) -> defer.Deferred:

@@ -46,6 +46,7 @@ from twisted.internet import defer, task
 from zope.interface import implementer
 
 from joblet_persist.archive import layout
+from joblet_persist.debounce import PendingWrites
 from joblet_persist.logs import Logger
 from joblet_persist.retention import IArchivedCheck
 from joblet_persist.storage.api import PART_OF_KIND, ILocalTier, SegmentKind
@@ -101,8 +102,7 @@ class S3Shipper:
         self._verify_at: dict = {}  # job -> clock time of its deletion's checking pass
         self._expire_at = 0.0  # clock time of the next archive.s3.maxAge sweep
         self._retry_at = 0.0
-        self._unwritten = 0  # uploads recorded in memory, not yet in the manifest file
-        self._written_at = 0.0
+        self._unwritten = PendingWrites(clock)  # uploads not yet in the manifest file
         self.last_error: Optional[str] = None
         self.backlog_bytes = 0
         self.backlog_segments = 0
@@ -425,7 +425,7 @@ class S3Shipper:
         finally:
             # Whatever ended the uploads (done, S3 failing, stopping), what they took is
             # written down before the round ends.
-            if self._unwritten:
+            if self._unwritten.count:
                 yield self._flush_manifest()
         if due and not self._stopping.is_set():
             self._settle(self._storage.list_jobs(), {j: self._scan[j] for j in
@@ -468,13 +468,11 @@ class S3Shipper:
                 self._metrics.uploaded(up.size)
             self._failures, self.last_error = 0, None
             self._set_backlog(remaining)
-            self._unwritten += 1
-            if self._clock.seconds() - self._written_at >= self.manifest_interval:
+            if self._unwritten.note(self.manifest_interval):
                 yield self._flush_manifest()
 
     def _flush_manifest(self):
-        self._unwritten = 0
-        self._written_at = self._clock.seconds()
+        self._unwritten.writing()
         return self._write_manifest()
 
     def _remote_failed(self, what: str, error: Exception) -> None:
