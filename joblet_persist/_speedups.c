@@ -2791,26 +2791,43 @@ mc_number(const unsigned char **pp, const unsigned char *end, NumTok *tok)
 
 static int mc_skip_value(const unsigned char **pp, const unsigned char *end, int depth);
 
-/* The members of an object whose '{' is at *pp, each value skipped.  0: defer. */
+/* A member's value handler for mc_object: the value of key [key, key + klen) is at *pp
+ * (no leading whitespace); it moves *pp past the value.  0: defer. */
+typedef int (*mc_member_fn)(const unsigned char *key, Py_ssize_t klen,
+                            const unsigned char **pp, const unsigned char *end, void *ctx);
+
+/* The members of an object whose '{' is at *pp, each value handed to `member` with its key;
+ * on success *pp is past the '}'.  Unless `any_keys`, a key holding a \uXXXX escape that may
+ * spell a wanted key defers.  0: defer. */
 static int
-mc_skip_object(const unsigned char **pp, const unsigned char *end, int depth)
+mc_object(const unsigned char **pp, const unsigned char *end, int any_keys, mc_member_fn member,
+          void *ctx)
 {
-    const unsigned char *p = mc_ws(*pp + 1, end);
+    const unsigned char *p, *key;
     int escaped;
+    if (*pp >= end || **pp != '{') {
+        return 0;
+    }
+    p = mc_ws(*pp + 1, end);
     if (p < end && *p == '}') {
         *pp = p + 1;
         return 1;
     }
     for (;;) {
-        if (p >= end || *p != '"' || !mc_string(&p, end, &escaped)) {
+        if (p >= end || *p != '"') {
             return 0;
         }
+        key = p + 1;
+        if (!mc_string(&p, end, &escaped) || (escaped == 2 && !any_keys)) {
+            return 0;
+        }
+        Py_ssize_t klen = p - 1 - key;
         p = mc_ws(p, end);
         if (p >= end || *p != ':') {
             return 0;
         }
         p = mc_ws(p + 1, end);
-        if (!mc_skip_value(&p, end, depth + 1)) {
+        if (!member(key, klen, &p, end, ctx)) {
             return 0;
         }
         p = mc_ws(p, end);
@@ -2824,6 +2841,22 @@ mc_skip_object(const unsigned char **pp, const unsigned char *end, int depth)
         }
         return 0;
     }
+}
+
+static int
+mc_skip_member(const unsigned char *key, Py_ssize_t klen, const unsigned char **pp,
+               const unsigned char *end, void *ctx)
+{
+    (void)key;
+    (void)klen;
+    return mc_skip_value(pp, end, *(const int *)ctx + 1);
+}
+
+/* The members of an object whose '{' is at *pp, each value skipped.  0: defer. */
+static int
+mc_skip_object(const unsigned char **pp, const unsigned char *end, int depth)
+{
+    return mc_object(pp, end, 1, mc_skip_member, &depth);
 }
 
 static int
@@ -2893,63 +2926,56 @@ mc_key_is(const unsigned char *key, Py_ssize_t n, const char *name)
     return (size_t)n == strlen(name) && memcmp(key, name, (size_t)n) == 0;
 }
 
+/* What the handlers below fill: numbers by field code, and which codes were seen. */
+typedef struct {
+    NumTok *toks;
+    unsigned *seen;
+} McOut;
+
+/* A numeric field's value at *pp into out->toks[code]; a code seen before defers. */
+static int
+mc_take_number(const unsigned char **pp, const unsigned char *end, McOut *out, int code)
+{
+    if (*out->seen & (1u << code) || !mc_number(pp, end, &out->toks[code])) {
+        return 0;
+    }
+    *out->seen |= 1u << code;
+    return 1;
+}
+
+/* The members of an object of numeric fields: `names[i]` goes to toks[codes[i]]; other keys
+ * are skipped at `depth`. */
+typedef struct {
+    McOut *out;
+    const char *const *names;
+    const int *codes;
+    int count;
+    int depth;
+} McFields;
+
+static int
+mc_field_member(const unsigned char *key, Py_ssize_t klen, const unsigned char **pp,
+                const unsigned char *end, void *ctx)
+{
+    McFields *f = ctx;
+    int i;
+    for (i = 0; i < f->count; i++) {
+        if (mc_key_is(key, klen, f->names[i])) {
+            return mc_take_number(pp, end, f->out, f->codes[i]);
+        }
+    }
+    return mc_skip_value(pp, end, f->depth + 1);
+}
+
 /* An object of numeric fields at *pp ('{'): `names[i]` goes to toks[codes[i]]; other keys are
  * skipped.  A known key twice, a key holding a unicode escape or a known key whose value is not a number
  * defers.  0: defer. */
 static int
 mc_fields(const unsigned char **pp, const unsigned char *end, const char *const *names,
-          const int *codes, int count, NumTok *toks, unsigned *seen, int depth)
+          const int *codes, int count, McOut *out, int depth)
 {
-    const unsigned char *p, *key;
-    int escaped, i;
-    if (*pp >= end || **pp != '{') {
-        return 0;
-    }
-    p = mc_ws(*pp + 1, end);
-    if (p < end && *p == '}') {
-        *pp = p + 1;
-        return 1;
-    }
-    for (;;) {
-        if (p >= end || *p != '"') {
-            return 0;
-        }
-        key = p + 1;
-        if (!mc_string(&p, end, &escaped) || escaped == 2) {
-            return 0;
-        }
-        Py_ssize_t klen = p - 1 - key;
-        p = mc_ws(p, end);
-        if (p >= end || *p != ':') {
-            return 0;
-        }
-        p = mc_ws(p + 1, end);
-        for (i = 0; i < count; i++) {
-            if (mc_key_is(key, klen, names[i])) {
-                break;
-            }
-        }
-        if (i < count) {
-            int code = codes[i];
-            if (*seen & (1u << code) || !mc_number(&p, end, &toks[code])) {
-                return 0;
-            }
-            *seen |= 1u << code;
-        }
-        else if (!mc_skip_value(&p, end, depth + 1)) {
-            return 0;
-        }
-        p = mc_ws(p, end);
-        if (p < end && *p == ',') {
-            p = mc_ws(p + 1, end);
-            continue;
-        }
-        if (p < end && *p == '}') {
-            *pp = p + 1;
-            return 1;
-        }
-        return 0;
-    }
+    McFields f = {out, names, codes, count, depth};
+    return mc_object(pp, end, 0, mc_field_member, &f);
 }
 
 static const char *const mc_disk_names[] = {"read_bytes", "write_bytes", "read_ops", "write_ops"};
@@ -2959,73 +2985,43 @@ static const int mc_net_codes[] = {MC_RX_BYTES, MC_TX_BYTES, MC_RX_PACKETS, MC_T
 static const char *const mc_top_names[] = {"cpu_usage", "memory_usage", "gpu_usage"};
 static const int mc_top_codes[] = {MC_CPU, MC_MEMORY, MC_GPU};
 
-/* The `data` object of a line, at *pp.  0: defer. */
+/* The `data` object's members: the two counter objects once each, the top-level fields. */
+typedef struct {
+    McOut *out;
+    int disk, net;
+} McData;
+
 static int
-mc_data(const unsigned char **pp, const unsigned char *end, NumTok *toks, unsigned *seen)
+mc_data_member(const unsigned char *key, Py_ssize_t klen, const unsigned char **pp,
+               const unsigned char *end, void *ctx)
 {
-    const unsigned char *p, *key;
-    int escaped, disk = 0, net = 0;
-    if (*pp >= end || **pp != '{') {
-        return 0;
+    McData *d = ctx;
+    if (mc_key_is(key, klen, "disk_io")) {
+        return !d->disk++ && mc_fields(pp, end, mc_disk_names, mc_disk_codes, 4, d->out, 2);
     }
-    p = mc_ws(*pp + 1, end);
-    if (p < end && *p == '}') {
-        *pp = p + 1;
-        return 1;
+    if (mc_key_is(key, klen, "network_io")) {
+        return !d->net++ && mc_fields(pp, end, mc_net_names, mc_net_codes, 4, d->out, 2);
     }
-    for (;;) {
-        if (p >= end || *p != '"') {
-            return 0;
-        }
-        key = p + 1;
-        if (!mc_string(&p, end, &escaped) || escaped == 2) {
-            return 0;
-        }
-        Py_ssize_t klen = p - 1 - key;
-        p = mc_ws(p, end);
-        if (p >= end || *p != ':') {
-            return 0;
-        }
-        p = mc_ws(p + 1, end);
-        if (mc_key_is(key, klen, "disk_io")) {
-            if (disk++ || !mc_fields(&p, end, mc_disk_names, mc_disk_codes, 4, toks, seen, 2)) {
-                return 0;
-            }
-        }
-        else if (mc_key_is(key, klen, "network_io")) {
-            if (net++ || !mc_fields(&p, end, mc_net_names, mc_net_codes, 4, toks, seen, 2)) {
-                return 0;
-            }
-        }
-        else {
-            int i;
-            for (i = 0; i < 3; i++) {
-                if (mc_key_is(key, klen, mc_top_names[i])) {
-                    break;
-                }
-            }
-            if (i < 3) {
-                int code = mc_top_codes[i];
-                if (*seen & (1u << code) || !mc_number(&p, end, &toks[code])) {
-                    return 0;
-                }
-                *seen |= 1u << code;
-            }
-            else if (!mc_skip_value(&p, end, 2)) {
-                return 0;
-            }
-        }
-        p = mc_ws(p, end);
-        if (p < end && *p == ',') {
-            p = mc_ws(p + 1, end);
-            continue;
-        }
-        if (p < end && *p == '}') {
-            *pp = p + 1;
-            return 1;
-        }
-        return 0;
+    McFields top = {d->out, mc_top_names, mc_top_codes, 3, 1};
+    return mc_field_member(key, klen, pp, end, &top);
+}
+
+/* The line's members: one `data` object, the rest skipped. */
+typedef struct {
+    McOut *out;
+    int data;
+} McLine;
+
+static int
+mc_line_member(const unsigned char *key, Py_ssize_t klen, const unsigned char **pp,
+               const unsigned char *end, void *ctx)
+{
+    McLine *l = ctx;
+    if (mc_key_is(key, klen, "data")) {
+        McData d = {l->out, 0, 0};
+        return !l->data++ && mc_object(pp, end, 0, mc_data_member, &d);
     }
+    return mc_skip_value(pp, end, 1);
 }
 
 /* One stored line [p, end): a JSON object (whitespace around it) with one `data` object.
@@ -3033,51 +3029,14 @@ mc_data(const unsigned char **pp, const unsigned char *end, NumTok *toks, unsign
 static int
 mc_line(const unsigned char *p, const unsigned char *end, NumTok *toks, unsigned *seen)
 {
-    const unsigned char *key;
-    int escaped, data = 0;
+    McOut out = {toks, seen};
+    McLine line = {&out, 0};
     *seen = 0;
     p = mc_ws(p, end);
-    if (p >= end || *p != '{') {
+    if (!mc_object(&p, end, 0, mc_line_member, &line)) {
         return 0;
     }
-    p = mc_ws(p + 1, end);
-    if (p < end && *p == '}') {
-        return 0; /* no data object */
-    }
-    for (;;) {
-        if (p >= end || *p != '"') {
-            return 0;
-        }
-        key = p + 1;
-        if (!mc_string(&p, end, &escaped) || escaped == 2) {
-            return 0;
-        }
-        Py_ssize_t klen = p - 1 - key;
-        p = mc_ws(p, end);
-        if (p >= end || *p != ':') {
-            return 0;
-        }
-        p = mc_ws(p + 1, end);
-        if (mc_key_is(key, klen, "data")) {
-            if (data++ || !mc_data(&p, end, toks, seen)) {
-                return 0;
-            }
-        }
-        else if (!mc_skip_value(&p, end, 1)) {
-            return 0;
-        }
-        p = mc_ws(p, end);
-        if (p < end && *p == ',') {
-            p = mc_ws(p + 1, end);
-            continue;
-        }
-        if (p < end && *p == '}') {
-            p++;
-            break;
-        }
-        return 0;
-    }
-    return data && mc_ws(p, end) == end;
+    return line.data && mc_ws(p, end) == end;
 }
 
 static const double mc_pow10[] = {1e0,  1e1,  1e2,  1e3,  1e4,  1e5,  1e6,  1e7,
