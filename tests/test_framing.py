@@ -100,8 +100,12 @@ def reference_other(body: bytes):
     return env.type, env.job_uuid, env.timestamp, env.sequence, env.data, len(body)
 
 
-def reference_decode(data: bytes, offset: int, max_length: int, arrivals: dict, others=None):
-    """decode_log_frames written the straightforward way, on the generated classes."""
+def reference_decode(data: bytes, offset: int, max_length: int, arrivals: dict, others=None,
+                     grouped: bool = False):
+    """decode_log_frames written the straightforward way, on the generated classes.  With
+    ``grouped`` (and ``others``), a metric or event frame whose payload is plain
+    (reference_payload_time) joins the group (job, -type), and one that is not, after such
+    a group of its (job, type) exists, stops the walk ("slow")."""
     groups: dict = {}
     nxt: dict = {}
     pos, end = offset, len(data)
@@ -116,17 +120,29 @@ def reference_decode(data: bytes, offset: int, max_length: int, arrivals: dict, 
         if pos + 4 + length > end:
             reason = "partial"
             break
-        got = reference_frame(data[pos + 4 : pos + 4 + length])
+        body = data[pos + 4 : pos + 4 + length]
+        got = reference_frame(body)
         if got is None:
-            other = None if others is None else reference_other(data[pos + 4 : pos + 4 + length])
+            other = None if others is None else reference_other(body)
             if other is None:
                 reason = "slow"
                 break
             arrival = None
             if 2 <= other[0] <= 9:
-                job = other[1]
+                msg_type, job, env_ts, env_seq, payload = other[:5]
+                time = (reference_payload_time(msg_type, payload, env_ts, env_seq)
+                        if grouped else None)
+                if grouped and time is None and (job, -msg_type) in groups:
+                    reason = "slow"
+                    break
                 arrival = nxt.get(job, arrivals.get(job, 0))
                 nxt[job] = arrival + 1
+                if time is not None:
+                    columns = groups.setdefault((job, -msg_type), [[], [], [], []])
+                    for column, value in zip(columns, (*time, arrival, payload), strict=True):
+                        column.append(value)
+                    pos += 4 + length
+                    continue
             others.append((*other, arrival))
             pos += 4 + length
             continue
@@ -139,7 +155,6 @@ def reference_decode(data: bytes, offset: int, max_length: int, arrivals: dict, 
         pos += 4 + length
     arrivals.update(nxt)
     return pos, groups, reason
-
 
 _METRIC_WIRE = {1: 2, 2: 0, 3: 0, 4: 2}
 _METRIC_DATA_WIRE = {1: 1, 2: 0, 3: 1, 4: 2, 5: 2}
@@ -194,59 +209,8 @@ def reference_payload_time(msg_type: int, payload: bytes, env_ts: int, env_seq: 
 
 def reference_decode_grouped(data: bytes, offset: int, max_length: int, arrivals: dict,
                              others: list):
-    """decode_log_frames(..., others, grouped=True) the straightforward way: as
-    reference_decode with ``others``, except that a metric or event frame whose payload is
-    plain (reference_payload_time) joins the group (job, -type), and one that is not, after
-    such a group of its (job, type) exists, stops the walk ("slow")."""
-    groups: dict = {}
-    nxt: dict = {}
-    pos, end = offset, len(data)
-    while True:
-        if end - pos < 4:
-            reason = "end" if pos == end else "partial"
-            break
-        (length,) = struct.unpack_from(">I", data, pos)
-        if length > max_length:
-            reason = "slow"
-            break
-        if pos + 4 + length > end:
-            reason = "partial"
-            break
-        body = data[pos + 4 : pos + 4 + length]
-        got = reference_frame(body)
-        if got is None:
-            other = reference_other(body)
-            if other is None:
-                reason = "slow"
-                break
-            arrival = None
-            if 2 <= other[0] <= 9:
-                msg_type, job, env_ts, env_seq, payload = other[:5]
-                time = reference_payload_time(msg_type, payload, env_ts, env_seq)
-                if time is None and (job, -msg_type) in groups:
-                    reason = "slow"
-                    break
-                arrival = nxt.get(job, arrivals.get(job, 0))
-                nxt[job] = arrival + 1
-                if time is not None:
-                    columns = groups.setdefault((job, -msg_type), [[], [], [], []])
-                    for column, value in zip(columns, (*time, arrival, payload), strict=True):
-                        column.append(value)
-                    pos += 4 + length
-                    continue
-            others.append((*other, arrival))
-            pos += 4 + length
-            continue
-        job, stream, timestamp, sequence, content = got
-        arrival = nxt.get(job, arrivals.get(job, 0))
-        nxt[job] = arrival + 1
-        columns = groups.setdefault((job, stream), [[], [], [], []])
-        for column, value in zip(columns, (timestamp, sequence, arrival, content), strict=True):
-            column.append(value)
-        pos += 4 + length
-    arrivals.update(nxt)
-    return pos, groups, reason
-
+    """decode_log_frames(..., others, grouped=True) the straightforward way."""
+    return reference_decode(data, offset, max_length, arrivals, others, grouped=True)
 
 # -- wire-level encoding, with the liberties the format allows -------------------------------
 
