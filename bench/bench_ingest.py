@@ -46,6 +46,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import grpc  # noqa: E402
+import yaml  # noqa: E402
 
 from joblet_persist._proto import ipc_pb2, persist_pb2, persist_pb2_grpc  # noqa: E402
 
@@ -258,6 +259,14 @@ def _peak_rss(pid: int) -> int:
     return 0
 
 
+def _cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """CPU seconds (user + system) of process ``pid``, or of its thread ``tid``."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    with open(path) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _tree_bytes(path: str) -> int:
     total = 0
     for dirpath, _, files in os.walk(path):
@@ -275,16 +284,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _level_batches(port: int) -> dict:
-    """Batches compressed per level so far, from the service's /metrics
-    (``persist_compression_batches_total{level="N"}``)."""
+def _monitoring(port: int) -> tuple[dict, float]:
+    """Batches compressed per level so far (``persist_compression_batches_total{level="N"}``)
+    and the seconds ingest was paused by backpressure (``persist_backpressure_seconds_total``),
+    from the service's /metrics."""
     import re
     import urllib.request
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         text = r.read().decode()
+    paused = re.search(r"^persist_backpressure_seconds_total (\S+)$", text, re.M)
     return {int(m.group(1)): int(float(m.group(2))) for m in re.finditer(
-        r'^persist_compression_batches_total\{level="(\d+)"\} (\S+)$', text, re.M)}
+        r'^persist_compression_batches_total\{level="(\d+)"\} (\S+)$', text, re.M)}, (
+        round(float(paused.group(1)), 2) if paused else None)
 
 
 def _sustained(samples: list, total: int, column: int):
@@ -305,17 +317,21 @@ def run_one(args, payloads: list[bytes], raw_total: int, gzip6_bytes: int, compr
     metrics_port = _free_port() if args.levels else 0
     try:
         cfg = os.path.join(work, "persist.yml")
+        config = {
+            "server": {"grpcSocket": f"{work}/grpc.sock", "grpcAddress": ""},
+            "ipc": {"socket": f"{work}/ipc.sock"},
+            "storage": {"dataDir": f"{work}/data", "compressor": compressor,
+                        "compressionLevel": level if level == "adaptive" else int(level)},
+            "monitoring": ({"enabled": True, "metricsPort": metrics_port,
+                            "healthPort": _free_port()} if metrics_port else {"enabled": False}),
+            "logging": {"level": "warn"},
+        }
+        for setting in args.set:
+            dotted, value = setting.split("=", 1)
+            section, key = dotted.split(".", 1)
+            config.setdefault(section, {})[key] = yaml.safe_load(value)
         with open(cfg, "w") as f:
-            f.write(
-                f"server:\n  grpcSocket: {work}/grpc.sock\n  grpcAddress: ''\n"
-                f"ipc:\n  socket: {work}/ipc.sock\n"
-                f"storage:\n  dataDir: {work}/data\n  compressor: {compressor}\n"
-                f"  compressionLevel: {level}\n"
-                + (f"monitoring:\n  enabled: true\n  metricsPort: {metrics_port}\n"
-                   f"  healthPort: {_free_port()}\n" if metrics_port else
-                   "monitoring:\n  enabled: false\n")
-                + "logging:\n  level: warn\n"
-            )
+            yaml.safe_dump(config, f)
         env = dict(os.environ, PYTHONPATH=ROOT)
         cprofile = []
         if args.cprofile:
@@ -347,6 +363,7 @@ def run_one(args, payloads: list[bytes], raw_total: int, gzip6_bytes: int, compr
             profiler = subprocess.Popen(
                 ["py-spy", "record", "--pid", str(proc.pid), "--rate", "250", "--nonblocking",
                  *(["--gil"] if os.environ.get("BENCH_PROFILE_GIL") else []),
+                 *(["--idle"] if os.environ.get("BENCH_PROFILE_IDLE") else []),
                  "--threads", "--format", {".json": "speedscope", ".txt": "raw"}.get(
                     os.path.splitext(args.profile)[1], "flamegraph"),
                  "-o", f"{base}-{mode}-{conns}{ext}"],
@@ -366,6 +383,7 @@ def run_one(args, payloads: list[bytes], raw_total: int, gzip6_bytes: int, compr
         for r in readies:
             r.wait()
         total = args.frames
+        cpu0 = _cpu_seconds(proc.pid), _cpu_seconds(proc.pid, proc.pid)
         t0 = time.perf_counter()
         go.set()
         received_at = None
@@ -381,11 +399,12 @@ def run_one(args, payloads: list[bytes], raw_total: int, gzip6_bytes: int, compr
                 raise SystemExit(f"service exited; see {work}/twistd.log")
             time.sleep(0.02)
         elapsed = time.perf_counter() - t0
+        cpu = _cpu_seconds(proc.pid) - cpu0[0], _cpu_seconds(proc.pid, proc.pid) - cpu0[1]
         if profiler is not None:
             profiler.send_signal(signal.SIGINT)
             profiler.wait(30)
         rss = _peak_rss(proc.pid)
-        levels = _level_batches(metrics_port) if metrics_port else None
+        levels, paused = _monitoring(metrics_port) if metrics_port else (None, None)
         st = _stats(stub)
         channel.close()
         proc.send_signal(signal.SIGTERM)
@@ -415,6 +434,10 @@ def run_one(args, payloads: list[bytes], raw_total: int, gzip6_bytes: int, compr
             "mb_per_s": round(raw_total / elapsed / 1e6, 1) if mode == "logs" else None,
             "wire_mb_per_s": round(sum(map(len, payloads)) / elapsed / 1e6, 1),
             "peak_rss_mb": round(rss / 2**20, 1),
+            # The service's CPU time from the first byte sent until every frame was
+            # written: the whole process, and its main (reactor) thread.
+            "cpu_s": round(cpu[0], 2),
+            "reactor_cpu_s": round(cpu[1], 2),
             "disk_bytes": disk,
             "gzip6_bytes": gzip6_bytes if mode == "logs" else None,
             "vs_gzip6": round(disk / gzip6_bytes, 3) if mode == "logs" else None,
@@ -422,7 +445,7 @@ def run_one(args, payloads: list[bytes], raw_total: int, gzip6_bytes: int, compr
             "stored_metrics": st.total_metrics,
             "stored_events": st.total_events,
             "exit_code": proc.returncode,
-            **({"level_batches": levels} if levels is not None else {}),
+            **({"level_batches": levels, "backpressure_s": paused} if levels is not None else {}),
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -434,7 +457,11 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=10)
     ap.add_argument("--levels", action="store_true",
                     help="enable the service's /metrics and print the batches compressed "
-                         "per level (level_batches) for each run")
+                         "per level (level_batches) and the seconds ingest was paused by "
+                         "backpressure (backpressure_s) for each run")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="a configuration setting of the service for every run, e.g. "
+                         "writer.flushInterval=0.5s or storage.fsync=never (repeatable)")
     ap.add_argument("--line-bytes", type=int, default=100)
     ap.add_argument("--connections", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--compressors", nargs="+", default=["deflate:5", "isal:1"],

@@ -19,10 +19,19 @@
  * the tables), and decode_table(...) decodes canonically encoded tables (the query path);
  * each has a pure-Python reference in storage/format.py that tests/test_member_table.py
  * holds it to.
+ *
+ * append_at(path, blobs, expected_size, fsync) appends a batch's members to an existing
+ * segment file in one stretch without the GIL (storage/segment.py, pool threads).
  */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <unistd.h>
 
 #include <float.h>
 #include <limits.h>
@@ -1885,6 +1894,112 @@ put_double(char *buf, size_t room, double v)
     return n;
 }
 
+/* Whether the `precision`-digit decimal nearest to `v` reads back as `v`. */
+static int
+round_trips(double v, int precision, char *tmp, size_t room)
+{
+    snprintf(tmp, room, "%.*e", precision - 1, v);
+    return strtod(tmp, NULL) == v;
+}
+
+/* put_double without the interpreter: Python's float repr (the shortest decimal that reads
+ * back as `v`, its digits placed as repr places them), written without the GIL.  -1 where
+ * this cannot be sure of repr's choice: an exact power of two (its rounding interval is
+ * lopsided, so the nearest decimal of a length need not be the one repr picks), or a locale
+ * whose decimal point is not '.'; the caller then takes put_double with the GIL. */
+static int
+put_double_nogil(char *buf, size_t room, double v)
+{
+    char tmp[48], digits[24];
+    const char *c;
+    int lo = 1, hi = 15, nd = 0, exponent, decpt, k, m, mantissa_exp;
+    char *o = buf;
+    double a;
+
+    if (!isfinite(v)) {
+        return snprintf(buf, room, "null");
+    }
+    if (v == 0.0) {
+        return snprintf(buf, room, signbit(v) ? "-0.0" : "0.0");
+    }
+    if (room < 32 || frexp(v, &mantissa_exp) == 0.5 || frexp(v, &mantissa_exp) == -0.5) {
+        return -1;
+    }
+    a = fabs(v);
+    /* The fewest digits that read back: 17 always do; most values need 15 to 17. */
+    if (!round_trips(a, 16, tmp, sizeof tmp)) {
+        lo = 17;
+    }
+    else if (!round_trips(a, 15, tmp, sizeof tmp)) {
+        lo = 16;
+    }
+    else {
+        while (lo < hi) {
+            int mid = (lo + hi) / 2;
+            if (round_trips(a, mid, tmp, sizeof tmp)) {
+                hi = mid;
+            }
+            else {
+                lo = mid + 1;
+            }
+        }
+    }
+    snprintf(tmp, sizeof tmp, "%.*e", lo - 1, a); /* d[.ddd]e[+-]XX */
+    for (c = tmp; *c != 'e'; c++) {
+        if (*c >= '0' && *c <= '9') {
+            digits[nd++] = *c;
+        }
+        else if (*c != '.' || c != tmp + 1) {
+            return -1;
+        }
+    }
+    exponent = (int)strtol(c + 1, NULL, 10);
+    while (nd > 1 && digits[nd - 1] == '0') {
+        nd--;
+    }
+    decpt = exponent + 1; /* the point goes after `decpt` digits */
+    if (v < 0) {
+        *o++ = '-';
+    }
+    if (decpt <= -4 || decpt > 16) {
+        /* 1.2345e+20, 5e-07: repr's exponent form, at least two exponent digits */
+        *o++ = digits[0];
+        if (nd > 1) {
+            *o++ = '.';
+            memcpy(o, digits + 1, (size_t)nd - 1);
+            o += nd - 1;
+        }
+        o += sprintf(o, "e%+.02d", decpt - 1);
+    }
+    else if (decpt <= 0) {
+        *o++ = '0';
+        *o++ = '.';
+        for (k = 0; k < -decpt; k++) {
+            *o++ = '0';
+        }
+        memcpy(o, digits, (size_t)nd);
+        o += nd;
+    }
+    else if (decpt >= nd) {
+        memcpy(o, digits, (size_t)nd);
+        o += nd;
+        for (m = nd; m < decpt; m++) {
+            *o++ = '0';
+        }
+        *o++ = '.';
+        *o++ = '0';
+    }
+    else {
+        memcpy(o, digits, (size_t)decpt);
+        o += decpt;
+        *o++ = '.';
+        memcpy(o, digits + decpt, (size_t)(nd - decpt));
+        o += nd - decpt;
+    }
+    *o = '\0';
+    return (int)(o - buf);
+}
+
 /* The stored JSON line of metric `m` at `o` (room: job_len + 640 bytes), with `cpu` and `gpu`
  * the texts of its usages (put_double); the position after it.  No GIL needed. */
 static char *
@@ -1984,8 +2099,9 @@ PyDoc_STRVAR(metric_json_lines_doc,
 "metric_json_line(job_json, payload) for each payload of the list `payloads`, in one call:\n"
 "a list of the same length whose items are the line, or None where metric_json_line gives\n"
 "None (the caller takes the protobuf route for those).  Pool thread: for a batch of at\n"
-"least 256 payloads the lines are written without the GIL; the parsing, the usages' float\n"
-"texts (the interpreter's float repr) and the bytes objects are made with it.");
+"least 256 payloads the payloads are parsed and the lines written without the GIL, the\n"
+"usages' float texts too (repr's digits, found with snprintf and strtod; exact powers of\n"
+"two take the interpreter's float repr, with the GIL); the bytes objects need it.");
 
 /* Room for a usage's text (put_double). */
 #define USAGE_TEXT 40
@@ -2090,26 +2206,49 @@ metric_json_lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             len[i] = PyBytes_GET_SIZE(payload);
         }
     }
-    /* With the GIL: the usages' texts (float repr uses the interpreter's dtoa, whose memory
-     * pools the GIL guards), and the parsing that gives them (quick next to the writing). */
-    for (i = 0; i < n; i++) {
-        if (start[i] == 0 && !parse_metric(ptr[i], ptr[i] + len[i], &vals[i])) {
-            start[i] = -1;
-        }
-        if (start[i] < 0) {
-            continue;
-        }
-        if (put_double(texts + USAGE_TEXT * 2 * i, USAGE_TEXT, vals[i].cpu) < 0
-            || put_double(texts + USAGE_TEXT * (2 * i + 1), USAGE_TEXT, vals[i].gpu) < 0) {
-            goto done;
-        }
-    }
-    /* Without the GIL (for a batch worth handing it over): every line into one buffer (a
-     * line takes at most job_len + 640 bytes); line i is [start[i], start[i] + len[i]). */
+    /* Without the GIL (for a batch worth handing it over): the parsing, the usages' texts
+     * (put_double_nogil; the few it leaves take the interpreter's float repr below, whose
+     * dtoa memory pools the GIL guards), then every line into one buffer (a line takes at
+     * most job_len + 640 bytes); line i is [start[i], start[i] + len[i]). */
     if (n >= JP_RELEASE_LINES) {
         save = PyEval_SaveThread();
     }
     {
+        Py_ssize_t pending = 0;
+        for (i = 0; i < n; i++) {
+            if (start[i] == 0 && !parse_metric(ptr[i], ptr[i] + len[i], &vals[i])) {
+                start[i] = -1;
+            }
+            if (start[i] < 0) {
+                continue;
+            }
+            if (put_double_nogil(texts + USAGE_TEXT * 2 * i, USAGE_TEXT, vals[i].cpu) < 0) {
+                texts[USAGE_TEXT * 2 * i] = 0;
+                pending++;
+            }
+            if (put_double_nogil(texts + USAGE_TEXT * (2 * i + 1), USAGE_TEXT, vals[i].gpu) < 0) {
+                texts[USAGE_TEXT * (2 * i + 1)] = 0;
+                pending++;
+            }
+        }
+        if (pending) {
+            if (save != NULL) {
+                PyEval_RestoreThread(save);
+            }
+            for (i = 0; i < n; i++) {
+                char *cpu = texts + USAGE_TEXT * 2 * i, *gpu = cpu + USAGE_TEXT;
+                if (start[i] < 0) {
+                    continue;
+                }
+                if ((cpu[0] == 0 && put_double(cpu, USAGE_TEXT, vals[i].cpu) < 0)
+                    || (gpu[0] == 0 && put_double(gpu, USAGE_TEXT, vals[i].gpu) < 0)) {
+                    goto done;
+                }
+            }
+            if (save != NULL) {
+                save = PyEval_SaveThread();
+            }
+        }
         room = 0;
         for (i = 0; i < n; i++) {
             if (start[i] < 0) {
@@ -3385,6 +3524,169 @@ message_ends(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return Py_BuildValue("(nNN)", total, PyBool_FromLong(nonempty), PyBool_FromLong(lines));
 }
 
+/* -- append_at: the write path's append to an existing segment, without the GIL ----------- */
+
+/* 0: appended; 1: not this route (nothing written: the caller walks the path, which decides);
+ * -1: a write, truncation or fsync failed with *err (what was written is cut back first). */
+static int
+append_at_nogil(const char *path, struct iovec *iov, Py_ssize_t n, long long expected,
+                int do_fsync, int *err)
+{
+    char proc[64];
+    char link[4096];
+    struct stat st;
+    ssize_t len;
+    off_t offset = (off_t)expected;
+    Py_ssize_t i = 0;
+    int fd = open(path, O_WRONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+
+    if (fd < 0) {
+        return 1;
+    }
+    /* The descriptor must have reached `path` itself: a symlink anywhere on the way resolves
+     * to another name (the same check as safefs.open_read). */
+    snprintf(proc, sizeof proc, "/proc/self/fd/%d", fd);
+    len = readlink(proc, link, sizeof link);
+    if (len < 0 || (size_t)len >= sizeof link || (size_t)len != strlen(path)
+        || memcmp(link, path, (size_t)len) != 0 || fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)
+        || st.st_size < (off_t)expected) {
+        close(fd);
+        return 1;
+    }
+    if (st.st_size > (off_t)expected && ftruncate(fd, (off_t)expected) != 0) {
+        goto failed;
+    }
+    while (i < n) {
+        ssize_t w;
+        int count = n - i > IOV_MAX ? IOV_MAX : (int)(n - i);
+        if (iov[i].iov_len == 0) {
+            i++;
+            continue;
+        }
+        w = pwritev(fd, iov + i, count, offset);
+        if (w < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            goto failed;
+        }
+        if (w == 0) {
+            errno = EIO;
+            goto failed;
+        }
+        offset += w;
+        while (w > 0 && i < n) {
+            if ((size_t)w >= iov[i].iov_len) {
+                w -= (ssize_t)iov[i].iov_len;
+                i++;
+            }
+            else {
+                iov[i].iov_base = (char *)iov[i].iov_base + w;
+                iov[i].iov_len -= (size_t)w;
+                w = 0;
+            }
+        }
+    }
+    if (do_fsync) {
+        while (fsync(fd) != 0) {
+            if (errno != EINTR) {
+                goto failed;
+            }
+        }
+    }
+    if (close(fd) != 0 && errno != EINTR) {
+        *err = errno;
+        return -1;
+    }
+    return 0;
+failed:
+    *err = errno;
+    (void)ftruncate(fd, (off_t)expected);
+    close(fd);
+    return -1;
+}
+
+PyDoc_STRVAR(append_at_doc,
+"append_at(path, blobs, expected_size, fsync) -> new size or None\n\n"
+"Append the bytes-like ``blobs`` in order at ``expected_size`` of the existing regular file\n"
+"``path`` (absolute), cutting back a longer file first, and fsync it when ``fsync``: opened\n"
+"with O_NOFOLLOW, and only when /proc/self/fd shows it reached ``path`` itself (no symlink on\n"
+"the way).  None, with nothing written, when the file is missing, is not regular, is shorter\n"
+"than ``expected_size`` or was reached another way: the caller's walk decides then.  A failed\n"
+"write or fsync cuts the file back to ``expected_size`` and raises OSError.  Runs without the\n"
+"GIL from the open to the close.  Pool thread.");
+
+static PyObject *
+append_at(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *path = NULL, *blobs = NULL, *result = NULL;
+    Py_buffer *views = NULL;
+    struct iovec *iov = NULL;
+    Py_ssize_t n, i, got = 0;
+    long long expected, total = 0;
+    int do_fsync, status, err = 0;
+
+    (void)self;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "append_at(path, blobs, expected_size, fsync)");
+        return NULL;
+    }
+    expected = PyLong_AsLongLong(args[2]);
+    if (expected == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (expected < 0) {
+        PyErr_SetString(PyExc_ValueError, "append_at: expected_size must be >= 0");
+        return NULL;
+    }
+    do_fsync = PyObject_IsTrue(args[3]);
+    if (do_fsync < 0 || !PyUnicode_FSConverter(args[0], &path)) {
+        return NULL;
+    }
+    blobs = PySequence_Fast(args[1], "append_at: blobs must be a sequence");
+    if (blobs == NULL) {
+        goto done;
+    }
+    n = PySequence_Fast_GET_SIZE(blobs);
+    views = PyMem_Calloc((size_t)n + 1, sizeof(Py_buffer));
+    iov = PyMem_Calloc((size_t)n + 1, sizeof(struct iovec));
+    if (views == NULL || iov == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (got = 0; got < n; got++) {
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(blobs, got), &views[got], PyBUF_SIMPLE)
+            < 0) {
+            goto done;
+        }
+        iov[got].iov_base = views[got].buf;
+        iov[got].iov_len = (size_t)views[got].len;
+        total += views[got].len;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    status = append_at_nogil(PyBytes_AS_STRING(path), iov, n, expected, do_fsync, &err);
+    Py_END_ALLOW_THREADS
+    if (status == 1) {
+        result = Py_NewRef(Py_None);
+    }
+    else if (status < 0) {
+        errno = err;
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, args[0]);
+    }
+    else {
+        result = PyLong_FromLongLong(expected + total);
+    }
+done:
+    for (i = 0; i < got; i++) {
+        PyBuffer_Release(&views[i]);
+    }
+    PyMem_Free(views);
+    PyMem_Free(iov);
+    Py_XDECREF(blobs);
+    Py_XDECREF(path);
+    return result;
+}
+
 static PyMethodDef speedups_methods[] = {
     {"decode_log_frames", (PyCFunction)(void (*)(void))decode_log_frames, METH_FASTCALL,
      decode_log_frames_doc},
@@ -3400,6 +3702,7 @@ static PyMethodDef speedups_methods[] = {
     {"metric_columns", (PyCFunction)(void (*)(void))metric_columns, METH_FASTCALL,
      metric_columns_doc},
     {"message_ends", (PyCFunction)(void (*)(void))message_ends, METH_FASTCALL, message_ends_doc},
+    {"append_at", (PyCFunction)(void (*)(void))append_at, METH_FASTCALL, append_at_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -493,6 +493,27 @@ class MetricLineTests(SynchronousTestCase):
             self.patch(fmt, "_metric_lines_c", builder)
             self.assertEqual(fmt.metric_json_lines(job_id, batch), want)
 
+    def test_usage_texts_of_a_large_batch_are_repr(self):
+        """A batch large enough to be written without the GIL formats its usages without
+        the interpreter's float repr: the texts must still be repr's, for doubles of every
+        kind (random bit patterns, subnormals, the ends of repr's fixed-point range, exact
+        powers of two, which take repr with the GIL, integers, -0.0, NaN and infinities)."""
+        rng = random.Random(7)
+        values = [struct.unpack("<d", rng.getrandbits(64).to_bytes(8, "little"))[0]
+                  for _ in range(3000)]
+        values += [rng.uniform(0, 400) for _ in range(500)]
+        values += [round(rng.uniform(0, 100), rng.randrange(6)) for _ in range(500)]
+        values += [2.0 ** k for k in range(-1074, 1024, 7)] + [-(2.0 ** 60), 0.5, 1024.0]
+        values += [1e16, 9999999999999998.0, 1e15, 1e-4, 9.999999999999999e-05, 1e-5, 5e-324,
+                   1.7976931348623157e308, 0.1, 1 / 3, 100.0, 1e22, -0.0, 0.0, math.nan,
+                   math.inf, -math.inf, 123456789012345678.0]
+        batch = [ipc_pb2.Metric(job_uuid="j", data=ipc_pb2.MetricData(
+            cpu_usage=v, gpu_usage=-v)).SerializeToString() for v in values]
+        want = [fmt._metric_json_line_py("j", p) for p in batch]
+        self.assertEqual(fmt.metric_json_lines("j", batch), want)
+        line = json.loads(want[values.index(1e16)])
+        self.assertEqual((line["data"]["cpu_usage"], line["data"]["gpu_usage"]), (1e16, -1e16))
+
     def test_c_twin_in_use(self):
         """When the extension is built, canonical payloads take the C route."""
         if fmt._metric_line_c is None:

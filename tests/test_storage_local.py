@@ -659,16 +659,17 @@ class FailureTests(StorageTestCase):
         """ENOSPC mid-append: nothing is published, and a retry stores the batch once."""
         storage = self.make()
         self.append(storage, STREAM_STDOUT, rows(0, b"before\n"))
-        real_append = segment.thd_append
+        real_append = segment.thd_append_blobs
 
-        def torn_append(path, data, expected_size, fsync, **kwargs):
+        def torn_append(path, blobs, expected_size, fsync, **kwargs):
             # Worst case: half the data reached the file and nothing cleaned up.
+            data = b"".join(blobs)
             with open(path, "r+b") as f:
                 f.seek(expected_size)
                 f.write(data[: len(data) // 2])
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        self.patch(segment, "thd_append", torn_append)
+        self.patch(segment, "thd_append_blobs", torn_append)
         batch = log_batch(JOB, STREAM_STDOUT, rows(1, b"after\n", b"again\n"))
         before = storage.snapshot(JOB)
         f = self.failureResultOf(storage.append_logs(batch), OSError)
@@ -677,7 +678,7 @@ class FailureTests(StorageTestCase):
         self.assertEqual(storage.job_info(JOB).log_count, 1)
         self.assertEqual(self.logs(storage), [(1, b"before\n")])
 
-        self.patch(segment, "thd_append", real_append)
+        self.patch(segment, "thd_append_blobs", real_append)
         self.assertGreater(self.successResultOf(storage.append_logs(batch)), 0)
         self.assertEqual(
             self.logs(storage), [(1, b"before\n"), (1, b"after\n"), (1, b"again\n")]
@@ -987,13 +988,13 @@ class FsyncPolicyTests(StorageTestCase):
 
         self.patch(os, "fsync", record_fsync)
         appends = []
-        real_append = segment.thd_append
+        real_append = segment.thd_append_blobs
 
-        def record_append(path, data, expected_size, fsync, **kwargs):
+        def record_append(path, blobs, expected_size, fsync, **kwargs):
             appends.append(fsync)
-            return real_append(path, data, expected_size, fsync, **kwargs)
+            return real_append(path, blobs, expected_size, fsync, **kwargs)
 
-        self.patch(segment, "thd_append", record_append)
+        self.patch(segment, "thd_append_blobs", record_append)
         return synced, appends
 
     def test_batch_fsyncs_each_append(self):

@@ -224,6 +224,142 @@ class AppendTests(SynchronousTestCase):
         self.assertEqual(synced, [])
 
 
+_FAULT_SCRIPT = """
+import os, resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+from joblet_persist.storage import segment
+append = segment._append_at_py if sys.argv[2] == "py" else segment._append_at
+path = sys.argv[1]
+resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(path) + 3, resource.RLIM_INFINITY))
+try:
+    append(path, [b"01234", b"56789"], 4, True)
+except OSError as e:
+    print(e.errno, e.filename == path)
+"""
+
+
+class _AppendAtTests:
+    """The append to an existing segment in one stretch: ``append`` is ``_speedups.append_at``
+    or its reference ``segment._append_at_py``; both must behave the same."""
+
+    append = None
+    route = ""
+
+    def path(self, content=b"kept"):
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        path = os.path.join(base, "stdout.log.gz")
+        with open(path, "wb") as f:
+            f.write(content)
+        return path
+
+    def test_appends_every_blob_in_order_and_fsyncs(self):
+        """Blobs of any bytes-like kind (empty ones too) land in order at expected_size; the
+        new size is returned."""
+        path = self.path()
+        blobs = [b"ab", memoryview(b"cd"), b"", bytearray(b"e" * 70000)]
+        self.assertEqual(self.append(path, blobs, 4, True), 4 + 4 + 70000)
+        self.assertEqual(read(path), b"keptabcd" + b"e" * 70000)
+        self.assertEqual(self.append(path, [], 70008, False), 70008)
+
+    def test_longer_file_is_cut_back_first(self):
+        """What lies past expected_size (an unpublished, failed append) is replaced."""
+        path = self.path(b"keptTORN-TAIL")
+        self.assertEqual(self.append(path, [b"new"], 4, False), 7)
+        self.assertEqual(read(path), b"keptnew")
+
+    def test_declines_what_the_walk_must_decide(self):
+        """Missing, shorter, a symlink at the name or a symlinked directory on the way, a
+        FIFO, a directory: None, nothing written anywhere (the component walk then raises or
+        creates as it does for every append)."""
+        path = self.path()
+        base = os.path.dirname(path)
+        self.assertIsNone(self.append(os.path.join(base, "missing"), [b"x"], 1, False))
+        self.assertFalse(os.path.lexists(os.path.join(base, "missing")))
+        self.assertIsNone(self.append(path, [b"x"], 5, False))
+        link = os.path.join(base, "link.log.gz")
+        os.symlink(path, link)
+        self.assertIsNone(self.append(link, [b"x"], 4, False))
+        dirlink = base + "-link"
+        os.symlink(base, dirlink)
+        self.assertIsNone(self.append(os.path.join(dirlink, "stdout.log.gz"), [b"x"], 4, False))
+        fifo = os.path.join(base, "fifo")
+        os.mkfifo(fifo)
+        self.assertIsNone(self.append(fifo, [b"x"], 0, False))
+        self.assertIsNone(self.append(base, [b"x"], 0, False))
+        self.assertEqual(read(path), b"kept")
+
+    def test_failed_write_is_cut_back_and_raised(self):
+        """A write that fails part-way (here the file-size limit, EFBIG, in a child process)
+        leaves the file at expected_size and raises OSError naming the file."""
+        import subprocess
+        import sys
+
+        path = self.path()
+        out = subprocess.run(
+            [sys.executable, "-c", _FAULT_SCRIPT, path, self.route],
+            capture_output=True, text=True, timeout=60,
+        )
+        self.assertEqual(out.stdout.split(), [str(errno.EFBIG), "True"], out.stderr)
+        self.assertEqual(read(path), b"kept")
+
+
+class AppendAtReferenceTests(_AppendAtTests, SynchronousTestCase):
+    append = staticmethod(segment._append_at_py)
+    route = "py"
+
+
+class AppendAtTestsC(_AppendAtTests, SynchronousTestCase):
+    route = "c"
+    try:
+        from joblet_persist._speedups import append_at as _c
+    except ImportError:
+        skip = "joblet_persist._speedups is not built"
+    else:
+        append = staticmethod(_c)
+
+
+class AppendBlobsTests(SynchronousTestCase):
+    """thd_append_blobs: the one-stretch route where it applies, the walk otherwise."""
+
+    def test_new_relative_and_existing_files(self):
+        """A new file is created by the walk, a relative path is walked, an existing file
+        is appended to; the content is the blobs' concatenation every time."""
+        rel = os.path.join(self.mktemp(), "f")
+        self.assertEqual(segment.thd_append_blobs(rel, [b"a", b"b"], 0, True), 2)
+        self.assertEqual(segment.thd_append_blobs(rel, [b"c"], 2, True), 3)
+        path = os.path.abspath(rel)
+        self.assertEqual(segment.thd_append_blobs(path, [b"d", b"e"], 3, True), 5)
+        self.assertEqual(read(path), b"abcde")
+
+    def test_symlink_still_refused(self):
+        """An existing segment swapped for a symlink: the walk refuses it (UnsafeEntry),
+        and the link's target is untouched."""
+        from joblet_persist.storage import safefs
+
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(base, "logs", "job"))
+        target = os.path.join(base, "precious")
+        with open(target, "wb") as f:
+            f.write(b"secret")
+        path = os.path.join(base, "logs", "job", "stdout.log.gz")
+        os.symlink(target, path)
+        self.assertRaises(
+            safefs.UnsafeEntry, segment.thd_append_blobs, path, [b"x"], 6, False, depth=3
+        )
+        self.assertEqual(read(target), b"secret")
+
+    def test_shorter_file_raises_for_the_writer(self):
+        """A segment cut behind the service's back: SegmentShorterThanExpected, as before."""
+        path = os.path.abspath(os.path.join(self.mktemp(), "f"))
+        segment.thd_append_blobs(path, [b"abc"], 0, False)
+        os.truncate(path, 1)
+        e = self.assertRaises(
+            SegmentShorterThanExpected, segment.thd_append_blobs, path, [b"x"], 3, False
+        )
+        self.assertEqual(e.actual_size, 1)
+
+
 class ScanTests(SynchronousTestCase):
     """thd_scan_segment: header walk, last-member verification, torn-tail repair."""
 

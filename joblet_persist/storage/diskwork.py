@@ -36,11 +36,11 @@ class AppendResult:
 def _thd_write_pieces(
     path, directory, expected_size, fsync, pieces, skipped, modes=safefs.DEFAULT_MODES
 ) -> AppendResult:
-    data = b"".join(blob for blob, _ in pieces)
+    blobs = [blob for blob, _ in pieces]
     created: list = []
     # logs/<job>/<segment>: three components walked without following symlinks.
-    new_size = segment.thd_append(
-        path, data, expected_size, fsync, depth=SEGMENT_DEPTH, modes=modes, created_dirs=created
+    new_size = segment.thd_append_blobs(
+        path, blobs, expected_size, fsync, depth=SEGMENT_DEPTH, modes=modes, created_dirs=created
     )
     members = []
     position = expected_size
@@ -48,7 +48,10 @@ def _thd_write_pieces(
         members.append(dataclasses.replace(info, offset=position))
         position += len(blob)
     if position != new_size:
-        raise OSError(f"{path}: appended {len(data)} bytes at {expected_size} but size is {new_size}")
+        raise OSError(
+            f"{path}: appended {position - expected_size} bytes at {expected_size}"
+            f" but size is {new_size}"
+        )
     dirty = []
     if not fsync:
         # The parents of created directories have new entries, and so may the job

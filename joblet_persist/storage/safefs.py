@@ -36,6 +36,7 @@ __all__ = [
     "open_dir",
     "open_file",
     "open_read",
+    "reached_directly",
     "split_under",
 ]
 
@@ -245,6 +246,13 @@ def create_file_at(
 _READ_FLAGS = os.O_RDONLY | _NOFOLLOW | os.O_NONBLOCK | _CLOEXEC
 
 
+def reached_directly(fd: int, path: str) -> bool:
+    """Whether open descriptor ``fd`` is the file at absolute ``path`` reached without a
+    symlink: the kernel's name for it (/proc/self/fd) is ``path`` itself, which a symlink
+    anywhere on the way would have changed.  OSError when /proc cannot tell."""
+    return os.readlink(f"/proc/self/fd/{fd}") == path
+
+
 def open_read(path: str, depth: int = 3):
     """``path`` opened for reading as a binary file object; never through a symlink.
 
@@ -263,7 +271,7 @@ def open_read(path: str, depth: int = 3):
                 raise
         else:
             try:
-                if os.readlink(f"/proc/self/fd/{fd}") == path:
+                if reached_directly(fd, path):
                     _check_regular(fd, path)
                     return os.fdopen(fd, "rb")
             except OSError:

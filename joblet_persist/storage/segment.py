@@ -19,7 +19,7 @@ import re
 import stat
 import zlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 from joblet_persist.storage import safefs
 from joblet_persist.storage.api import EVENT_OF_KIND, SegmentKind
@@ -42,6 +42,7 @@ __all__ = [
     "parse_segment_name",
     "segment_name",
     "thd_append",
+    "thd_append_blobs",
     "thd_fsync_path",
     "thd_list_segments",
     "thd_remove_if_empty",
@@ -450,28 +451,9 @@ def _append_in(dfd, name, path, data, expected_size, fsync, modes) -> int:
             )
             error.actual_size = size
             raise error
-        try:
-            if size > expected_size:
-                os.ftruncate(fd, expected_size)
-            view = memoryview(data)
-            written = 0
-            while written < len(view):
-                n = os.pwrite(fd, view[written:], expected_size + written)
-                if n <= 0:
-                    raise OSError(errno.EIO, "write made no progress", path)
-                written += n
-            if fsync:
-                # The parents of the directories the walk created were fsync'd by it;
-                # the job directory gains the file's entry.  Two descriptors at most.
-                os.fsync(fd)
-                if created:
-                    os.fsync(dfd)
-        except BaseException:
-            try:
-                os.ftruncate(fd, expected_size)
-            except OSError:
-                pass
-            raise
+        # The parents of the directories the walk created were fsync'd by it; the job
+        # directory gains the file's entry.  Two descriptors at most.
+        _write_at(fd, path, data, expected_size, size, fsync, dfd if created else None)
     except BaseException:
         if created or expected_size == 0:
             # Nothing of the file was published: it is removed rather than left
@@ -484,3 +466,90 @@ def _append_in(dfd, name, path, data, expected_size, fsync, modes) -> int:
     finally:
         os.close(fd)
     return expected_size + len(data)
+
+
+def _write_at(fd, path, data, expected_size, size, fsync, dfd=None) -> None:
+    """Write ``data`` at ``expected_size`` of open file ``fd`` (now ``size`` bytes long,
+    cut back first when longer), then with ``fsync`` fsync it and ``dfd``.  On any error
+    the file is cut back to ``expected_size`` (best effort) and the error re-raised,
+    naming ``path``."""
+    try:
+        if size > expected_size:
+            os.ftruncate(fd, expected_size)
+        view = memoryview(data)
+        written = 0
+        while written < len(view):
+            n = os.pwrite(fd, view[written:], expected_size + written)
+            if n <= 0:
+                raise OSError(errno.EIO, "write made no progress", path)
+            written += n
+        if fsync:
+            os.fsync(fd)
+            if dfd is not None:
+                os.fsync(dfd)
+    except BaseException as e:
+        try:
+            os.ftruncate(fd, expected_size)
+        except OSError:
+            pass
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, path) from e  # name the file
+        raise
+
+
+def _append_at_py(path: str, blobs: Sequence, expected_size: int, fsync: bool) -> Optional[int]:
+    """The reference of ``_speedups.append_at``: append ``blobs`` to existing regular file
+    ``path`` when it is reached without a symlink (safefs.open_read's check), else None with
+    nothing written."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        try:
+            if not safefs.reached_directly(fd, path):
+                return None
+        except OSError:
+            return None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size < expected_size:
+            return None
+        data = b"".join(blobs)
+        _write_at(fd, path, data, expected_size, st.st_size, fsync)
+    finally:
+        os.close(fd)
+    return expected_size + len(data)
+
+
+try:
+    from joblet_persist._speedups import append_at as _append_at
+except ImportError:  # built without the extension
+    _append_at = _append_at_py
+
+
+def thd_append_blobs(
+    path: str,
+    blobs: Sequence,
+    expected_size: int,
+    fsync: bool,
+    *,
+    depth: int = 1,
+    modes: FileModes = DEFAULT_MODES,
+    created_dirs: Optional[list] = None,
+) -> int:
+    """thd_append of the concatenation of ``blobs``.  Pool thread.
+
+    An append to a file that exists (``expected_size`` > 0) is first tried in one stretch
+    without the GIL (``_speedups.append_at``: open, check, write, fsync, close), which needs
+    ``path`` absolute and reached without any symlink; anything else (a new file, a file
+    missing, shorter than expected or not regular, a symlink anywhere on the path, a data
+    directory reached through a link) takes thd_append's component walk, which decides.
+    """
+    if expected_size > 0 and os.path.isabs(path):
+        new_size = _append_at(path, blobs, expected_size, fsync)
+        if new_size is not None:
+            return new_size
+    return thd_append(
+        path, b"".join(blobs), expected_size, fsync, depth=depth, modes=modes,
+        created_dirs=created_dirs,
+    )
