@@ -494,10 +494,9 @@ class MetricLineTests(SynchronousTestCase):
             self.assertEqual(fmt.metric_json_lines(job_id, batch), want)
 
     def test_usage_texts_of_a_large_batch_are_repr(self):
-        """A batch large enough to be written without the GIL formats its usages without
-        the interpreter's float repr: the texts must still be repr's, for doubles of every
-        kind (random bit patterns, subnormals, the ends of repr's fixed-point range, exact
-        powers of two, which take repr with the GIL, integers, -0.0, NaN and infinities)."""
+        """A batch large enough to be written without the GIL: its usages' texts are repr's
+        (JSON's), for doubles of every kind (random bit patterns, subnormals, the ends of
+        repr's fixed-point range, exact powers of two, integers, -0.0, NaN and infinities)."""
         rng = random.Random(7)
         values = [struct.unpack("<d", rng.getrandbits(64).to_bytes(8, "little"))[0]
                   for _ in range(3000)]
