@@ -1999,6 +1999,55 @@ PyDoc_STRVAR(metric_json_lines_doc,
 /* Room for a usage's text (put_double). */
 #define USAGE_TEXT 40
 
+
+/* A batch's payloads as the line builders read them without the GIL: `snapshot`, a tuple of
+ * the list that keeps every payload alive, and for payload i its bytes in ptr[i], len[i] with
+ * start[i] 0, or start[i] -1 where it is not a bytes object (the C route does not take it).
+ * The arrays have room for n + 2 entries. */
+typedef struct {
+    PyObject *snapshot;
+    const unsigned char **ptr;
+    Py_ssize_t *len, *start;
+} Payloads;
+
+/* Fill `p` from `list`, with the GIL; -1 with an exception set (payloads_free frees what
+ * was made either way). */
+static int
+payloads_take(PyObject *list, Payloads *p)
+{
+    Py_ssize_t i, n = PyList_GET_SIZE(list);
+
+    p->snapshot = PyList_AsTuple(list);
+    if (p->snapshot == NULL) {
+        return -1;
+    }
+    p->ptr = PyMem_RawMalloc(sizeof(*p->ptr) * (size_t)(n + 2));
+    p->len = PyMem_RawMalloc(sizeof(*p->len) * (size_t)(n + 2));
+    p->start = PyMem_RawMalloc(sizeof(*p->start) * (size_t)(n + 2));
+    if (p->ptr == NULL || p->len == NULL || p->start == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (i = 0; i < n; i++) {
+        PyObject *payload = PyTuple_GET_ITEM(p->snapshot, i);
+        p->start[i] = PyBytes_Check(payload) ? 0 : -1;
+        if (p->start[i] == 0) {
+            p->ptr[i] = (const unsigned char *)PyBytes_AS_STRING(payload);
+            p->len[i] = PyBytes_GET_SIZE(payload);
+        }
+    }
+    return 0;
+}
+
+static void
+payloads_free(Payloads *p)
+{
+    PyMem_RawFree((void *)p->ptr);
+    PyMem_RawFree(p->len);
+    PyMem_RawFree(p->start);
+    Py_XDECREF(p->snapshot);
+}
+
 /* The list of ``n`` lines that a builder wrote one after another into data[0:total]
  * (without the GIL when ``save`` is set, which this takes back first): line i starts at
  * start[i] and ends where the next line starts, or at ``total``; start[i] < 0 gives None.
@@ -2047,12 +2096,13 @@ lines_list(PyThreadState *save, int failed, const char *data, Py_ssize_t total,
 static PyObject *
 metric_json_lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *snapshot, *out = NULL;
+    PyObject *out = NULL;
     const char *job;
     Py_ssize_t i, n, job_len, room, used = 0;
     MetricValues *vals = NULL;
-    const unsigned char **ptr = NULL;
-    Py_ssize_t *len = NULL, *start = NULL;
+    Payloads p = {NULL, NULL, NULL, NULL};
+    const unsigned char **ptr;
+    Py_ssize_t *len, *start;
     char *texts = NULL, *buf = NULL;
     int failed = 0;
     PyThreadState *save = NULL;
@@ -2076,28 +2126,18 @@ metric_json_lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (job == NULL) {
         return NULL;
     }
-    snapshot = PyList_AsTuple(args[1]);
-    if (snapshot == NULL) {
-        return NULL;
-    }
-    /* With the GIL: the payloads' bytes (the snapshot keeps them alive); start[i] -1 marks
-     * a payload the C route does not take. */
-    vals = PyMem_RawMalloc(sizeof(*vals) * (size_t)(n + 1));
-    ptr = PyMem_RawMalloc(sizeof(*ptr) * (size_t)(n + 1));
-    len = PyMem_RawMalloc(sizeof(*len) * (size_t)(n + 1));
-    start = PyMem_RawMalloc(sizeof(*start) * (size_t)(n + 2));
-    texts = PyMem_RawMalloc((size_t)USAGE_TEXT * 2 * (size_t)(n + 1));
-    if (vals == NULL || ptr == NULL || len == NULL || start == NULL || texts == NULL) {
-        PyErr_NoMemory();
+    /* With the GIL: the payloads' bytes (Payloads). */
+    if (payloads_take(args[1], &p) < 0) {
         goto done;
     }
-    for (i = 0; i < n; i++) {
-        PyObject *payload = PyTuple_GET_ITEM(snapshot, i);
-        start[i] = PyBytes_Check(payload) ? 0 : -1;
-        if (start[i] == 0) {
-            ptr[i] = (const unsigned char *)PyBytes_AS_STRING(payload);
-            len[i] = PyBytes_GET_SIZE(payload);
-        }
+    ptr = p.ptr;
+    len = p.len;
+    start = p.start;
+    vals = PyMem_RawMalloc(sizeof(*vals) * (size_t)(n + 1));
+    texts = PyMem_RawMalloc((size_t)USAGE_TEXT * 2 * (size_t)(n + 1));
+    if (vals == NULL || texts == NULL) {
+        PyErr_NoMemory();
+        goto done;
     }
     /* With the GIL: the usages' texts (float repr uses the interpreter's dtoa, whose memory
      * pools the GIL guards), and the parsing that gives them (quick next to the writing). */
@@ -2145,12 +2185,9 @@ metric_json_lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 
 done:
     PyMem_RawFree(vals);
-    PyMem_RawFree((void *)ptr);
-    PyMem_RawFree(len);
-    PyMem_RawFree(start);
     PyMem_RawFree(texts);
     PyMem_RawFree(buf);
-    Py_DECREF(snapshot);
+    payloads_free(&p);
     return out;
 }
 
@@ -2456,7 +2493,7 @@ PyDoc_STRVAR(event_json_lines_doc,
 static PyObject *
 event_json_lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *layout, *snapshot = NULL, *timestamps, *sequences, *out = NULL;
+    PyObject *layout, *timestamps, *sequences, *out = NULL;
     const char *prefix[EV_MAX_FIELDS];
     Py_ssize_t prefix_len[EV_MAX_FIELDS];
     int codes[EV_MAX_FIELDS];
@@ -2464,8 +2501,9 @@ event_json_lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     const char *job;
     Py_ssize_t job_len, i, n, nargs_seen = 0, args_room = 0;
     const unsigned char **args_at = NULL;
-    const unsigned char **ptr = NULL;
-    Py_ssize_t *len = NULL, *start = NULL;
+    Payloads p = {NULL, NULL, NULL, NULL};
+    const unsigned char **ptr;
+    Py_ssize_t *len, *start;
     int64_t *tss = NULL;
     uint64_t *seqs = NULL;
     OutBuf b = {NULL, 0, 0};
@@ -2516,40 +2554,35 @@ event_json_lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (job == NULL) {
         return NULL;
     }
-    /* With the GIL: a snapshot of the inputs (a tuple holding the payloads, and C arrays);
-     * `start[i]` -1 marks a payload the C route does not take. */
-    snapshot = PyList_AsTuple(args[2]);
-    if (snapshot == NULL) {
-        return NULL;
+    /* With the GIL: a snapshot of the inputs (Payloads, and the envelope columns in C
+     * arrays); a payload whose timestamp or sequence is out of range is left to Python too. */
+    if (payloads_take(args[2], &p) < 0) {
+        goto done;
     }
-    ptr = PyMem_RawMalloc(sizeof(*ptr) * (size_t)(n + 1));
-    len = PyMem_RawMalloc(sizeof(*len) * (size_t)(n + 1));
-    start = PyMem_RawMalloc(sizeof(*start) * (size_t)(n + 1));
+    ptr = p.ptr;
+    len = p.len;
+    start = p.start;
     tss = PyMem_RawMalloc(sizeof(*tss) * (size_t)(n + 1));
     seqs = PyMem_RawMalloc(sizeof(*seqs) * (size_t)(n + 1));
-    if (ptr == NULL || len == NULL || start == NULL || tss == NULL || seqs == NULL) {
+    if (tss == NULL || seqs == NULL) {
         PyErr_NoMemory();
         goto done;
     }
     for (i = 0; i < n; i++) {
-        PyObject *payload = PyTuple_GET_ITEM(snapshot, i);
-        start[i] = -1;
-        if (!PyBytes_Check(payload)) {
+        if (start[i] < 0) {
             continue;
         }
         tss[i] = PyLong_AsLongLong(PyList_GET_ITEM(timestamps, i));
         if (tss[i] == -1 && PyErr_Occurred()) {
             PyErr_Clear();
+            start[i] = -1;
             continue;
         }
         seqs[i] = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(sequences, i));
         if (seqs[i] == (uint64_t)-1 && PyErr_Occurred()) {
             PyErr_Clear();
-            continue;
+            start[i] = -1;
         }
-        ptr[i] = (const unsigned char *)PyBytes_AS_STRING(payload);
-        len[i] = PyBytes_GET_SIZE(payload);
-        start[i] = 0;
     }
 
     /* Without the GIL (for a batch worth handing it over): every line into one buffer;
@@ -2638,12 +2671,9 @@ event_json_lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 done:
     PyMem_RawFree(b.data);
     PyMem_RawFree((void *)args_at);
-    PyMem_RawFree((void *)ptr);
-    PyMem_RawFree(len);
-    PyMem_RawFree(start);
     PyMem_RawFree(tss);
     PyMem_RawFree(seqs);
-    Py_DECREF(snapshot);
+    payloads_free(&p);
     return out;
 }
 

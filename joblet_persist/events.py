@@ -51,6 +51,7 @@ __all__ = [
     "event_json_line",
     "event_message",
     "event_record_from_json",
+    "fill_missing_lines",
     "payload_json_line",
     "payload_json_lines",
     "record_message",
@@ -347,14 +348,23 @@ def payload_json_lines(
         )
     else:
         lines = [None] * len(payloads)
-    if None not in lines:  # the common case, without a Python loop over the batch
+    return fill_missing_lines(
+        lines,
+        lambda i: payload_json_line(kind, payloads[i], job_id, timestamps[i], sequences[i]),
+    )
+
+
+def fill_missing_lines(lines: list, line_of) -> list:
+    """``lines`` (a batch builder's, None where the C route left a payload) with each None
+    replaced by ``line_of(i)``, or kept None where that raises ValueError (the payload does
+    not decode).  Without a Python loop over the batch when nothing is missing."""
+    if None not in lines:  # the common case
         return lines
     for i, line in enumerate(lines):
         if line is None:
             try:
-                lines[i] = payload_json_line(kind, payloads[i], job_id, timestamps[i],
-                                             sequences[i])
-            except EventDecodeError:
+                lines[i] = line_of(i)
+            except ValueError:
                 pass
     return lines
 

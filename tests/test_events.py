@@ -878,6 +878,27 @@ class BatchLineTests(SynchronousTestCase):
                     events._C_LAYOUTS[msg_type], json.dumps(JOB), [bad], [1], [1])[0])
 
 
+    def test_c_builder_leaves_odd_inputs_to_python(self):
+        """A payload that is not bytes, or whose timestamp or sequence does not fit 64 bits,
+        is None from the C builder and only that one; payload_json_lines then gives each the
+        protobuf route's line."""
+        if events._event_lines_c is None:
+            from twisted.trial.unittest import SkipTest
+
+            raise SkipTest("joblet_persist._speedups is not built")
+        kind = events.KINDS_BY_TYPE[3]
+        payload = encode_event(3, {"pid": 5, "comm": "sh"}, ts=1, seq=1)
+        payloads = [payload, bytearray(payload), payload, payload]
+        stamps, seqs = [1, 2, -(1 << 70), 4], [1, 2, 3, -1]
+        lines = events._event_lines_c(
+            events._C_LAYOUTS[3], json.dumps(JOB), payloads, stamps, seqs)
+        self.assertEqual([line is None for line in lines], [False, True, True, True])
+        self.assertEqual(
+            events.payload_json_lines(kind, payloads, JOB, stamps, seqs),
+            [events.payload_json_line(kind, p, JOB, t, q)
+             for p, t, q in zip(payloads, stamps, seqs, strict=True)])
+
+
 class DocsTests(SynchronousTestCase):
     """The storage format document shows what the codec writes."""
 

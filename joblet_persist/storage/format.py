@@ -31,6 +31,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 
 from joblet_persist._proto import ipc_pb2
+from joblet_persist.events import fill_missing_lines
 
 __all__ = [
     "KIND_LEGACY",
@@ -573,15 +574,7 @@ def metric_json_lines(job_id: str, payloads: list) -> list:
         )
     else:
         lines = [None] * len(payloads)
-    if None not in lines:  # the common case, without a Python loop over the batch
-        return lines
-    for i, line in enumerate(lines):
-        if line is None:
-            try:
-                lines[i] = _metric_json_line_py(job_id, payloads[i])
-            except ValueError:
-                pass
-    return lines
+    return fill_missing_lines(lines, lambda i: _metric_json_line_py(job_id, payloads[i]))
 
 
 def _metric_json_line_py(job_id: str, payload: bytes) -> bytes:

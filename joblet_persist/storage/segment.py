@@ -527,17 +527,9 @@ except ImportError:  # built without the extension
     _append_at = _append_at_py
 
 
-def thd_append_blobs(
-    path: str,
-    blobs: Sequence,
-    expected_size: int,
-    fsync: bool,
-    *,
-    depth: int = 1,
-    modes: FileModes = DEFAULT_MODES,
-    created_dirs: Optional[list] = None,
-) -> int:
-    """thd_append of the concatenation of ``blobs``.  Pool thread.
+def thd_append_blobs(path: str, blobs: Sequence, expected_size: int, fsync: bool, **walk) -> int:
+    """thd_append of the concatenation of ``blobs``; ``walk``: thd_append's keywords
+    (``depth``, ``modes``, ``created_dirs``).  Pool thread.
 
     An append to a file that exists (``expected_size`` > 0) is first tried in one stretch
     without the GIL (``_speedups.append_at``: open, check, write, fsync, close), which needs
@@ -549,7 +541,4 @@ def thd_append_blobs(
         new_size = _append_at(path, blobs, expected_size, fsync)
         if new_size is not None:
             return new_size
-    return thd_append(
-        path, b"".join(blobs), expected_size, fsync, depth=depth, modes=modes,
-        created_dirs=created_dirs,
-    )
+    return thd_append(path, b"".join(blobs), expected_size, fsync, **walk)
