@@ -16,7 +16,9 @@ those proportions.  Every setting prints the mixed/logs ratio of the medians, of
 runs and of their sustained rates: frames/s from 10% to 90% of the frames written, which
 leaves out the start and the end (the last frames of buffers that no batch filled wait for
 the flush tick, up to ``storage.flushInterval``: a fixed second that a short run counts as
-a large share of its time).
+a large share of its time).  It also prints the median of the pair ratios: each mixed run
+over the logs run next to it, which follows a machine whose speed drifts within
+minutes better than the ratio of medians taken over the whole series.
 
     .venv/bin/python bench/bench_ingest.py --frames 2000000 --connections 1 4 \
         --compressors deflate:5 isal:1
@@ -35,6 +37,7 @@ import random
 import shutil
 import signal
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -512,6 +515,7 @@ def main() -> None:
                 for mode in args.modes:
                     runs[mode].append(run_one(args, payloads[mode, conns], raw_total, gzip6,
                                               name, level, conns, mode))
+            order = {mode: list(mode_runs) for mode, mode_runs in runs.items()}
             medians = {}
             sustained = {}
             for mode, mode_runs in runs.items():
@@ -526,6 +530,10 @@ def main() -> None:
                 results.append(r)
                 print(json.dumps(r), flush=True)
             if len(medians) == 2:
+                # The modes alternate run by run: pair i is the i-th run of each.
+                pairs = [(x["frames_per_s"] / y["frames_per_s"],
+                          (x["sustained_frames_per_s"] or 0) / (y["sustained_frames_per_s"] or 1))
+                         for x, y in zip(order["mixed"], order["logs"], strict=True)]
                 ratio = {
                     "compressor": f"{name}:{level}",
                     "connections": conns,
@@ -536,6 +544,11 @@ def main() -> None:
                     "sustained_mixed_frames_per_s": sustained["mixed"],
                     "sustained_mixed_vs_logs": (round(sustained["mixed"] / sustained["logs"], 3)
                                                 if sustained["logs"] else None),
+                    "pair_ratios": [round(w, 3) for w, _ in pairs],
+                    "sustained_pair_ratios": [round(r, 3) for _, r in pairs],
+                    "median_pair_ratio": round(statistics.median(w for w, _ in pairs), 3),
+                    "median_sustained_pair_ratio": round(
+                        statistics.median(r for _, r in pairs), 3),
                 }
                 ratios.append(ratio)
                 print(json.dumps(ratio), flush=True)

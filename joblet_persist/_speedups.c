@@ -868,8 +868,8 @@ varint_size(uint64_t v)
 #define JP_TABLE_DEFLATE_MIN 64
 
 /* plan_members releases the GIL for a batch of at least this many bytes or messages. */
-#define JP_RELEASE_BYTES (256 * 1024)
-#define JP_RELEASE_ITEMS 4096
+#define JP_RELEASE_BYTES (64 * 1024)
+#define JP_RELEASE_ITEMS 256
 
 /* metric_json_lines and event_json_lines release it for a batch of at least this many. */
 #define JP_RELEASE_LINES 256
@@ -1894,6 +1894,114 @@ put_double(char *buf, size_t room, double v)
     return n;
 }
 
+/* Strip `digits` (nd of them) of trailing zeros; the count left. */
+static int
+strip_zeros(const char *digits, int nd)
+{
+    while (nd > 1 && digits[nd - 1] == '0') {
+        nd--;
+    }
+    return nd;
+}
+
+/* put_double without the interpreter: Python's float repr (the shortest decimal that reads
+ * back as `v`, the nearest of that length, its digits placed as repr places them), written
+ * without the GIL.
+ *
+ * The nearest 15-digit decimal of a double that some k <= 15 digit decimal reads back as
+ * is that decimal padded with zeros (the double lies within half an ulp of it, far inside
+ * the 15-digit rounding interval), so stripping its zeros gives the shortest when it reads
+ * back; else the nearest 16-digit decimal when it reads back (tried first: when it does
+ * not, neither does any shorter one), else the nearest 17-digit one, which always does.
+ *
+ * -1 where this cannot be sure of repr's choice: an exact power of two (its rounding
+ * interval is lopsided, so the nearest decimal of a length need not be the one repr picks),
+ * a subnormal (fewer bits: its interval can be wider than the 15-digit argument allows), or
+ * text not in the "C" locale's form; the caller then takes put_double with the GIL. */
+static int
+put_double_nogil(char *buf, size_t room, double v)
+{
+    char tmp[48], digits[24];
+    const char *c;
+    int nd = 0, exponent, decpt, k, m, mantissa_exp;
+    char *o = buf;
+    double a;
+
+    if (!isfinite(v)) {
+        return snprintf(buf, room, "null");
+    }
+    if (v == 0.0) {
+        return snprintf(buf, room, signbit(v) ? "-0.0" : "0.0");
+    }
+    a = fabs(v);
+    if (room < 32 || fabs(frexp(v, &mantissa_exp)) == 0.5 || a < DBL_MIN) {
+        return -1;
+    }
+    /* d.ddde[+-]XX: 16 digits; if they read back, 15 when they do too; else 17. */
+    snprintf(tmp, sizeof tmp, "%.15e", a);
+    if (strtod(tmp, NULL) == a) {
+        char shorter[48];
+        snprintf(shorter, sizeof shorter, "%.14e", a);
+        if (strtod(shorter, NULL) == a) {
+            memcpy(tmp, shorter, sizeof tmp);
+        }
+    }
+    else {
+        snprintf(tmp, sizeof tmp, "%.16e", a);
+    }
+    for (c = tmp; *c != 'e'; c++) {
+        if (*c >= '0' && *c <= '9' && nd < (int)sizeof digits) {
+            digits[nd++] = *c;
+        }
+        else if (*c != '.' || c != tmp + 1) {
+            return -1;
+        }
+    }
+    exponent = (int)strtol(c + 1, NULL, 10);
+    nd = strip_zeros(digits, nd);
+    decpt = exponent + 1; /* the point goes after `decpt` digits */
+    if (v < 0) {
+        *o++ = '-';
+    }
+    if (decpt <= -4 || decpt > 16) {
+        /* 1.2345e+20, 5e-07: repr's exponent form, at least two exponent digits */
+        *o++ = digits[0];
+        if (nd > 1) {
+            *o++ = '.';
+            memcpy(o, digits + 1, (size_t)nd - 1);
+            o += nd - 1;
+        }
+        o += sprintf(o, "e%+.02d", decpt - 1);
+    }
+    else if (decpt <= 0) {
+        *o++ = '0';
+        *o++ = '.';
+        for (k = 0; k < -decpt; k++) {
+            *o++ = '0';
+        }
+        memcpy(o, digits, (size_t)nd);
+        o += nd;
+    }
+    else if (decpt >= nd) {
+        memcpy(o, digits, (size_t)nd);
+        o += nd;
+        for (m = nd; m < decpt; m++) {
+            *o++ = '0';
+        }
+        *o++ = '.';
+        *o++ = '0';
+    }
+    else {
+        memcpy(o, digits, (size_t)decpt);
+        o += decpt;
+        *o++ = '.';
+        memcpy(o, digits + decpt, (size_t)(nd - decpt));
+        o += nd - decpt;
+    }
+    *o = '\0';
+    return (int)(o - buf);
+}
+
 /* The stored JSON line of metric `m` at `o` (room: job_len + 640 bytes), with `cpu` and `gpu`
  * the texts of its usages (put_double); the position after it.  No GIL needed. */
 static char *
@@ -1993,8 +2101,10 @@ PyDoc_STRVAR(metric_json_lines_doc,
 "metric_json_line(job_json, payload) for each payload of the list `payloads`, in one call:\n"
 "a list of the same length whose items are the line, or None where metric_json_line gives\n"
 "None (the caller takes the protobuf route for those).  Pool thread: for a batch of at\n"
-"least 256 payloads the lines are written without the GIL; the parsing, the usages' float\n"
-"texts (the interpreter's float repr) and the bytes objects are made with it.");
+"least 256 payloads the payloads are parsed and the lines written without the GIL, the\n"
+"usages' float texts too (repr's digits, found with snprintf and strtod; exact powers of\n"
+"two and subnormals take the interpreter's float repr, with the GIL); the bytes objects\n"
+"need it.");
 
 /* Room for a usage's text (put_double). */
 #define USAGE_TEXT 40
@@ -2139,26 +2249,51 @@ metric_json_lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_NoMemory();
         goto done;
     }
-    /* With the GIL: the usages' texts (float repr uses the interpreter's dtoa, whose memory
-     * pools the GIL guards), and the parsing that gives them (quick next to the writing). */
-    for (i = 0; i < n; i++) {
-        if (start[i] == 0 && !parse_metric(ptr[i], ptr[i] + len[i], &vals[i])) {
-            start[i] = -1;
-        }
-        if (start[i] < 0) {
-            continue;
-        }
-        if (put_double(texts + USAGE_TEXT * 2 * i, USAGE_TEXT, vals[i].cpu) < 0
-            || put_double(texts + USAGE_TEXT * (2 * i + 1), USAGE_TEXT, vals[i].gpu) < 0) {
-            goto done;
-        }
-    }
-    /* Without the GIL (for a batch worth handing it over): every line into one buffer (a
-     * line takes at most job_len + 640 bytes); line i is [start[i], start[i] + len[i]). */
+    /* Without the GIL (for a batch worth handing it over): the parsing, the usages' texts
+     * (put_double_nogil; the few it leaves take the interpreter's float repr below, whose
+     * dtoa memory pools the GIL guards), then every line into one buffer (a line takes at
+     * most job_len + 640 bytes); line i is [start[i], start[i] + len[i]). */
     if (n >= JP_RELEASE_LINES) {
         save = PyEval_SaveThread();
     }
     {
+        Py_ssize_t pending = 0;
+        for (i = 0; i < n; i++) {
+            char *cpu = texts + USAGE_TEXT * 2 * i, *gpu = cpu + USAGE_TEXT;
+            if (start[i] == 0 && !parse_metric(ptr[i], ptr[i] + len[i], &vals[i])) {
+                start[i] = -1;
+            }
+            if (start[i] < 0) {
+                continue;
+            }
+            if (put_double_nogil(cpu, USAGE_TEXT, vals[i].cpu) < 0) {
+                cpu[0] = 0;
+                pending++;
+            }
+            if (put_double_nogil(gpu, USAGE_TEXT, vals[i].gpu) < 0) {
+                gpu[0] = 0;
+                pending++;
+            }
+        }
+        if (pending) {
+            if (save != NULL) {
+                PyEval_RestoreThread(save);
+                save = NULL;
+            }
+            for (i = 0; i < n; i++) {
+                char *cpu = texts + USAGE_TEXT * 2 * i, *gpu = cpu + USAGE_TEXT;
+                if (start[i] < 0) {
+                    continue;
+                }
+                if ((cpu[0] == 0 && put_double(cpu, USAGE_TEXT, vals[i].cpu) < 0)
+                    || (gpu[0] == 0 && put_double(gpu, USAGE_TEXT, vals[i].gpu) < 0)) {
+                    goto done;
+                }
+            }
+            if (n >= JP_RELEASE_LINES) {
+                save = PyEval_SaveThread();
+            }
+        }
         room = 0;
         for (i = 0; i < n; i++) {
             if (start[i] < 0) {

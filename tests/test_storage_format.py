@@ -494,9 +494,11 @@ class MetricLineTests(SynchronousTestCase):
             self.assertEqual(fmt.metric_json_lines(job_id, batch), want)
 
     def test_usage_texts_of_a_large_batch_are_repr(self):
-        """A batch large enough to be written without the GIL: its usages' texts are repr's
-        (JSON's), for doubles of every kind (random bit patterns, subnormals, the ends of
-        repr's fixed-point range, exact powers of two, integers, -0.0, NaN and infinities)."""
+        """A batch large enough to be written without the GIL formats its usages without
+        the interpreter's float repr: the texts must still be repr's, for doubles of every
+        kind (random bit patterns, short decimals, subnormals, the ends of repr's fixed-point
+        range, exact powers of two, integers, -0.0, NaN and infinities; subnormals and
+        powers of two take repr with the GIL)."""
         rng = random.Random(7)
         values = [struct.unpack("<d", rng.getrandbits(64).to_bytes(8, "little"))[0]
                   for _ in range(3000)]
@@ -505,7 +507,10 @@ class MetricLineTests(SynchronousTestCase):
         values += [2.0 ** k for k in range(-1074, 1024, 7)] + [-(2.0 ** 60), 0.5, 1024.0]
         values += [1e16, 9999999999999998.0, 1e15, 1e-4, 9.999999999999999e-05, 1e-5, 5e-324,
                    1.7976931348623157e308, 0.1, 1 / 3, 100.0, 1e22, -0.0, 0.0, math.nan,
-                   math.inf, -math.inf, 123456789012345678.0]
+                   math.inf, -math.inf, 123456789012345678.0,
+                   9.4883095999446e-310, 8.3693941028992e-310, 3 * 5e-324, 2.2250738585072e-308]
+        values += [rng.randrange(1, 10 ** rng.randrange(1, 17)) / 10 ** rng.randrange(20)
+                   for _ in range(1000)]
         batch = [ipc_pb2.Metric(job_uuid="j", data=ipc_pb2.MetricData(
             cpu_usage=v, gpu_usage=-v)).SerializeToString() for v in values]
         want = [fmt._metric_json_line_py("j", p) for p in batch]
