@@ -117,7 +117,7 @@ def _gil_per_batch(step, batches: int, repeat: int) -> float:
         alone = witness_rate(0.3)
         stop = threading.Event()
 
-        def work():
+        def work(stop=stop):
             for _ in range(batches):
                 step()
             stop.set()
