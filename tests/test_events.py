@@ -877,7 +877,6 @@ class BatchLineTests(SynchronousTestCase):
                 self.assertIsNone(events._event_lines_c(
                     events._C_LAYOUTS[msg_type], json.dumps(JOB), [bad], [1], [1])[0])
 
-
     def test_c_builder_leaves_odd_inputs_to_python(self):
         """A payload that is not bytes, or whose timestamp or sequence does not fit 64 bits,
         is None from the C builder and only that one; payload_json_lines then gives each the
