@@ -3722,6 +3722,310 @@ done:
     return result;
 }
 
+/* -- census_groups and extend_groups ----------------------------------------------------------
+ *
+ * The per-read bookkeeping of the decoder's groups ({(job, code): [timestamps, sequences,
+ * arrivals, items]}, code 1/2 a log stream, -t a frame type t): counted and handed to the
+ * writer's buffers in one call each, instead of a few Python steps per group.  The
+ * pure-Python twins in joblet_persist/grouping.py define the results. */
+
+#define CENSUS_TYPES 10 /* frame types 0..9 */
+
+PyDoc_STRVAR(census_groups_doc,
+"census_groups(groups, valid_ids, counts) -> (total, per_type, unknown)\n\
+\n\
+Count the frames of the decoder's groups: their total, and per frame type (a tuple indexed\n\
+by type 0..9: code 1 or 2 is type 1, code -t type t), each type's count also added to the\n\
+dict `counts`; `unknown` lists, in order, the keys whose job id is not in `valid_ids`.");
+
+static PyObject *
+census_groups(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *groups, *valid_ids, *counts, *unknown, *key, *value, *per_type, *result;
+    Py_ssize_t pos = 0, total = 0, per[CENSUS_TYPES] = {0};
+    int t;
+
+    (void)module;
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "census_groups() takes 3 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    groups = args[0];
+    valid_ids = args[1];
+    counts = args[2];
+    if (!PyDict_Check(groups) || !PyDict_Check(counts)) {
+        PyErr_SetString(PyExc_TypeError, "census_groups() needs dicts of groups and counts");
+        return NULL;
+    }
+    unknown = PyList_New(0);
+    if (unknown == NULL) {
+        return NULL;
+    }
+    while (PyDict_Next(groups, &pos, &key, &value)) {
+        PyObject *first;
+        Py_ssize_t n;
+        long code;
+        int known;
+        if (!PyTuple_Check(key) || PyTuple_GET_SIZE(key) != 2 || !PyList_Check(value)
+            || PyList_GET_SIZE(value) != 4) {
+            PyErr_SetString(PyExc_TypeError,
+                            "census_groups(): a group is (job, code) -> a list of 4 columns");
+            goto error;
+        }
+        code = PyLong_AsLong(PyTuple_GET_ITEM(key, 1));
+        if (code == -1 && PyErr_Occurred()) {
+            goto error;
+        }
+        t = code == 1 || code == 2 ? 1 : (code <= -2 && code > -CENSUS_TYPES ? (int)-code : -1);
+        if (t < 0) {
+            PyErr_Format(PyExc_ValueError, "unknown group code %ld", code);
+            goto error;
+        }
+        first = PyList_GET_ITEM(value, 0);
+        n = PyObject_Length(first);
+        if (n < 0) {
+            goto error;
+        }
+        total += n;
+        per[t] += n;
+        if (PyDict_Check(valid_ids)) {
+            known = PyDict_Contains(valid_ids, PyTuple_GET_ITEM(key, 0));
+        }
+        else if (PyAnySet_Check(valid_ids)) {
+            known = PySet_Contains(valid_ids, PyTuple_GET_ITEM(key, 0));
+        }
+        else {
+            known = PySequence_Contains(valid_ids, PyTuple_GET_ITEM(key, 0));
+        }
+        if (known < 0 || (!known && PyList_Append(unknown, key) < 0)) {
+            goto error;
+        }
+    }
+    for (t = 0; t < CENSUS_TYPES; t++) {
+        PyObject *type, *old, *sum;
+        Py_ssize_t before = 0;
+        if (!per[t]) {
+            continue;
+        }
+        type = PyLong_FromLong(t);
+        if (type == NULL) {
+            goto error;
+        }
+        old = PyDict_GetItemWithError(counts, type);
+        if (old != NULL) {
+            before = PyLong_AsSsize_t(old);
+            if (before == -1 && PyErr_Occurred()) {
+                Py_DECREF(type);
+                goto error;
+            }
+        }
+        else if (PyErr_Occurred()) {
+            Py_DECREF(type);
+            goto error;
+        }
+        sum = PyLong_FromSsize_t(before + per[t]);
+        if (sum == NULL || PyDict_SetItem(counts, type, sum) < 0) {
+            Py_XDECREF(sum);
+            Py_DECREF(type);
+            goto error;
+        }
+        Py_DECREF(sum);
+        Py_DECREF(type);
+    }
+    per_type = PyTuple_New(CENSUS_TYPES);
+    if (per_type == NULL) {
+        goto error;
+    }
+    for (t = 0; t < CENSUS_TYPES; t++) {
+        PyObject *n = PyLong_FromSsize_t(per[t]);
+        if (n == NULL) {
+            Py_DECREF(per_type);
+            goto error;
+        }
+        PyTuple_SET_ITEM(per_type, t, n);
+    }
+    result = Py_BuildValue("(nNN)", total, per_type, unknown);
+    return result;
+error:
+    Py_DECREF(unknown);
+    return NULL;
+}
+
+static PyObject *str_timestamps, *str_sequences, *str_arrivals, *str_contents, *str_nbytes;
+
+PyDoc_STRVAR(extend_groups_doc,
+"extend_groups(groups, buffers, max_bytes, max_messages, overhead, position)\n\
+    -> (messages, nbytes, key, position)\n\
+\n\
+From `position` (0 at first, then what the previous call returned) on, append each\n\
+non-empty group to its buffer (buffers[key], with list attributes timestamps, sequences,\n\
+arrivals, contents and an int nbytes) while that buffer is open (has messages) and stays\n\
+below both limits with it (nbytes counting `overhead` per message).  Stop at the first\n\
+other non-empty group (or one whose items are not all bytes), left untouched: return the\n\
+messages and bytes appended, its key (None at the end of the groups) and the position to go\n\
+on from after it.  The groups must not change between the calls of one walk.");
+
+/* The items of a list or tuple in *items (NULL when empty) and their number in *size: 1,
+ * or 0 (neither a list nor a tuple). */
+static inline int
+seq_items(PyObject *seq, PyObject ***items, Py_ssize_t *size)
+{
+    if (PyList_Check(seq)) {
+        *size = PyList_GET_SIZE(seq);
+        *items = ((PyListObject *)seq)->ob_item;
+        return 1;
+    }
+    if (PyTuple_Check(seq)) {
+        *size = PyTuple_GET_SIZE(seq);
+        *items = ((PyTupleObject *)seq)->ob_item;
+        return 1;
+    }
+    return 0;
+}
+
+/* Append group `columns` to `buf` when it fits: 1 appended (*messages, *nbytes set), 0 not
+ * (the caller's step), -1 error set. */
+static int
+extend_one(PyObject *buf, PyObject **columns, Py_ssize_t n, long long max_bytes,
+           long long max_messages, long long overhead, long long *nbytes)
+{
+    static PyObject **names[4] = {&str_timestamps, &str_sequences, &str_arrivals, &str_contents};
+    PyObject *targets[4] = {NULL, NULL, NULL, NULL}, *have, *total, **items;
+    Py_ssize_t open, i, count;
+    long long size = 0, current;
+    int c, rc = -1;
+
+    for (c = 0; c < 4; c++) {
+        targets[c] = PyObject_GetAttr(buf, *names[c]);
+        if (targets[c] == NULL) {
+            goto done;
+        }
+        if (!PyList_Check(targets[c])) {
+            rc = 0;
+            goto done;
+        }
+    }
+    open = PyList_GET_SIZE(targets[0]);
+    if (open == 0 || open + n >= max_messages) {
+        rc = 0;
+        goto done;
+    }
+    have = PyObject_GetAttr(buf, str_nbytes);
+    if (have == NULL) {
+        goto done;
+    }
+    current = PyLong_AsLongLong(have);
+    Py_DECREF(have);
+    if (current == -1 && PyErr_Occurred()) {
+        goto done;
+    }
+    if (!seq_items(columns[3], &items, &count) || count != n) {
+        rc = 0;
+        goto done;
+    }
+    for (i = 0; i < n; i++) {
+        if (!PyBytes_Check(items[i])) {
+            rc = 0; /* not the decoder's: the caller's step measures it */
+            goto done;
+        }
+        size += PyBytes_GET_SIZE(items[i]);
+    }
+    size += overhead * n;
+    if (current + size >= max_bytes) {
+        rc = 0;
+        goto done;
+    }
+    for (c = 0; c < 4; c++) {
+        Py_ssize_t at = PyList_GET_SIZE(targets[c]);
+        if (PyList_SetSlice(targets[c], at, at, columns[c]) < 0) {
+            goto done;
+        }
+    }
+    total = PyLong_FromLongLong(current + size);
+    if (total == NULL) {
+        goto done;
+    }
+    rc = PyObject_SetAttr(buf, str_nbytes, total) < 0 ? -1 : 1;
+    Py_DECREF(total);
+    *nbytes = size;
+done:
+    for (c = 0; c < 4; c++) {
+        Py_XDECREF(targets[c]);
+    }
+    return rc;
+}
+
+static PyObject *
+extend_groups(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *groups, *buffers, *key, *value;
+    Py_ssize_t pos;
+    long long max_bytes, max_messages, overhead, messages = 0, nbytes = 0;
+
+    (void)module;
+    if (nargs != 6) {
+        PyErr_Format(PyExc_TypeError, "extend_groups() takes 6 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    groups = args[0];
+    buffers = args[1];
+    if (!PyDict_Check(groups) || !PyDict_Check(buffers)) {
+        PyErr_SetString(PyExc_TypeError, "extend_groups() needs dicts of groups and buffers");
+        return NULL;
+    }
+    max_bytes = PyLong_AsLongLong(args[2]);
+    max_messages = PyLong_AsLongLong(args[3]);
+    overhead = PyLong_AsLongLong(args[4]);
+    pos = PyLong_AsSsize_t(args[5]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (pos < 0) {
+        PyErr_SetString(PyExc_ValueError, "extend_groups(): negative position");
+        return NULL;
+    }
+    while (PyDict_Next(groups, &pos, &key, &value)) {
+        PyObject **columns, **items, *buf;
+        Py_ssize_t size, n, m;
+        long long added = 0;
+        int c, rc, fits = 1;
+
+        if (!seq_items(value, &columns, &size) || size != 4
+            || !seq_items(columns[0], &items, &n)) {
+            goto stop; /* not the decoder's shape: the caller's step says what it is */
+        }
+        if (n == 0) {
+            continue;
+        }
+        for (c = 1; c < 4; c++) {
+            if (!seq_items(columns[c], &items, &m) || m != n) {
+                fits = 0;
+            }
+        }
+        buf = fits ? PyDict_GetItemWithError(buffers, key) : NULL;
+        if (buf == NULL) {
+            if (PyErr_Occurred()) {
+                return NULL;
+            }
+            goto stop;
+        }
+        Py_INCREF(buf);
+        rc = extend_one(buf, columns, n, max_bytes, max_messages, overhead, &added);
+        Py_DECREF(buf);
+        if (rc < 0) {
+            return NULL;
+        }
+        if (rc == 0) {
+            goto stop;
+        }
+        messages += n;
+        nbytes += added;
+    }
+    return Py_BuildValue("(LLOn)", messages, nbytes, Py_None, pos);
+stop:
+    return Py_BuildValue("(LLOn)", messages, nbytes, key, pos);
+}
+
 static PyMethodDef speedups_methods[] = {
     {"decode_log_frames", (PyCFunction)(void (*)(void))decode_log_frames, METH_FASTCALL,
      decode_log_frames_doc},
@@ -3738,6 +4042,10 @@ static PyMethodDef speedups_methods[] = {
      metric_columns_doc},
     {"message_ends", (PyCFunction)(void (*)(void))message_ends, METH_FASTCALL, message_ends_doc},
     {"append_at", (PyCFunction)(void (*)(void))append_at, METH_FASTCALL, append_at_doc},
+    {"census_groups", (PyCFunction)(void (*)(void))census_groups, METH_FASTCALL,
+     census_groups_doc},
+    {"extend_groups", (PyCFunction)(void (*)(void))extend_groups, METH_FASTCALL,
+     extend_groups_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -3762,8 +4070,15 @@ PyInit__speedups(void)
 
     str_slow = PyUnicode_InternFromString("slow");
     str_partial = PyUnicode_InternFromString("partial");
+    str_timestamps = PyUnicode_InternFromString("timestamps");
+    str_sequences = PyUnicode_InternFromString("sequences");
+    str_arrivals = PyUnicode_InternFromString("arrivals");
+    str_contents = PyUnicode_InternFromString("contents");
+    str_nbytes = PyUnicode_InternFromString("nbytes");
     str_end = PyUnicode_InternFromString("end");
-    if (str_slow == NULL || str_partial == NULL || str_end == NULL) {
+    if (str_slow == NULL || str_partial == NULL || str_end == NULL || str_timestamps == NULL
+        || str_sequences == NULL || str_arrivals == NULL || str_contents == NULL
+        || str_nbytes == NULL) {
         return NULL;
     }
     for (i = 0; i < 3; i++) {

@@ -103,6 +103,7 @@ from joblet_persist import events
 from joblet_persist._proto import ipc_pb2
 from joblet_persist.framing import IMPLEMENTATION as DECODER_IMPLEMENTATION
 from joblet_persist.framing import decode_log_frames
+from joblet_persist.grouping import census_groups
 from joblet_persist.logs import Logger
 from joblet_persist.storage.api import is_valid_job_id
 from joblet_persist.threads import reactor_only
@@ -151,6 +152,8 @@ _parse_log_line = ipc_pb2.LogLine.FromString
 _parse_metric = ipc_pb2.Metric.FromString
 # Event type -> (kind name, the parse events.check_event does).
 _EVENT_VIEWS = {t: (k.name, k.view_class.FromString) for t, k in events.KINDS_BY_TYPE.items()}
+#: The IPC message types of the telemetry events, ascending.
+_EVENT_TYPES = tuple(sorted(_EVENT_VIEWS))
 
 
 class IIngestMetrics(Interface):
@@ -944,23 +947,19 @@ class IngestProtocol(Int32StringReceiver):
     def _deliver_all(self, add_groups, groups: dict, counts: dict) -> int:
         """``_deliver`` through the writer's ``add_groups``: what one call per group does
         (rejections, counts, accepted events), for all groups of the read at once."""
-        valid_ids = self._valid_ids
-        total = 0
+        total, per_type, unknown = census_groups(groups, self._valid_ids, counts)
         invalid = None
-        for key, columns in groups.items():
-            n = len(columns[0])
-            total += n
-            code = key[1]
-            msg_type = -code if code < 0 else MSG_LOG
-            counts[msg_type] = counts.get(msg_type, 0) + n
-            if key[0] not in valid_ids and not self._job_ids.admit(key[0]):
+        for key in unknown:
+            if not self._job_ids.admit(key[0]):
                 if invalid is None:
                     invalid = []
                 invalid.append(key)
         if invalid is not None:
+            per_type = list(per_type)
             for key in invalid:
                 job_id, code = key
                 n = len(groups.pop(key)[0])
+                per_type[-code if code < 0 else MSG_LOG] -= n
                 # Never stored: forget the arrival numbers the decoder gave these frames.
                 self._arrivals.pop(job_id, None)
                 name = _EVENT_VIEWS[-code][0] if code < -MSG_METRIC else None
@@ -989,10 +988,11 @@ class IngestProtocol(Int32StringReceiver):
                         self._event_rejected(name, "stopping")
             return total
         accepted = self._events_accepted
-        for (_job_id, code), columns in groups.items():
-            if code < -MSG_METRIC:
-                name = _EVENT_VIEWS[-code][0]
-                accepted[name] = accepted.get(name, 0) + len(columns[0])
+        for msg_type in _EVENT_TYPES:
+            n = per_type[msg_type]
+            if n:
+                name = _EVENT_VIEWS[msg_type][0]
+                accepted[name] = accepted.get(name, 0) + n
         return total
 
     def _deliver_other(self, job_id, msg_type, timestamps, sequences, arrivals, payloads):

@@ -47,6 +47,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
+from joblet_persist.grouping import extend_groups
 from joblet_persist.logs import Logger
 from joblet_persist.storage.api import (
     KIND_OF_EVENT,
@@ -604,7 +605,8 @@ class BatchingWriter:
         (3..9).  Every job id must already be validated and every group be non-empty.  The
         same as one ``add_logs``/``add_metrics``/``add_events`` call per group in the
         dict's order (batches seal at the same places, log taps see the same calls), minus
-        their per-call cost: each (job, code) finds its buffer in one dict lookup.  Raises
+        their per-call cost: the groups that fit their open buffers are appended in one
+        call (``grouping.extend_groups``), the others one by one.  Raises
         WriterStopped, having buffered nothing, once the writer is stopping; ValueError,
         having buffered nothing, for an unknown code.
         """
@@ -629,18 +631,33 @@ class BatchingWriter:
                 if buf is None:
                     buf = job.buffers[index] = _Buffer(job, BufferKey(index), self._retry_initial)
                 cache[key] = buf
+        # Runs of groups that fit their open buffers in one call each; between them, the
+        # group that opens or seals its buffer, in the groups' order.
         high_water = self._high_water
-        taps = self.log_taps
-        for key, (timestamps, sequences, arrivals, items) in groups.items():
-            if not timestamps:
-                continue
-            self._extend(cache[key], timestamps, sequences, arrivals, items)
-            if taps and key[1] > 0:
-                tap = taps.get(key[0])
-                if tap is not None:
-                    tap(key[1], arrivals, timestamps, sequences, items)
+        max_bytes = self._batch_max_bytes
+        max_messages = self._batch_max_messages
+        position = 0
+        while True:
+            messages, nbytes, key, position = extend_groups(
+                groups, cache, max_bytes, max_messages, MESSAGE_OVERHEAD, position
+            )
+            if messages:
+                self.messages_received += messages
+                self._buffered += nbytes + _MEMORY_EXTRA * messages
+                if self._buffered > high_water and not self._paused:
+                    self._pause()
+            if key is None:
+                break
+            self._extend(cache[key], *groups[key])
             if self._buffered > high_water and not self._paused:
                 self._pause()
+        taps = self.log_taps
+        if taps:
+            for key, (timestamps, sequences, arrivals, items) in groups.items():
+                if key[1] > 0 and timestamps:
+                    tap = taps.get(key[0])
+                    if tap is not None:
+                        tap(key[1], arrivals, timestamps, sequences, items)
 
     def _add_many(self, job_id: str, index: int, timestamps, sequences, arrivals, items):
         """Buffer several messages in the job's buffer ``index`` (a stream number or a
