@@ -461,6 +461,24 @@ table_grow(JobTable *t)
     return 0;
 }
 
+/* The int at dict[key] in *value (left as it is when the key is absent): 0, or -1 with an
+ * exception set. */
+static int
+dict_get_longlong(PyObject *dict, PyObject *key, long long *value)
+{
+    PyObject *item = PyDict_GetItemWithError(dict, key); /* borrowed */
+    long long v;
+    if (item == NULL) {
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    v = PyLong_AsLongLong(item);
+    if (v == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    *value = v;
+    return 0;
+}
+
 /* The entry of the job whose (valid UTF-8) id is raw[:len], created on first sight with the
  * arrival number read from `arrivals`.  NULL with an exception set on error. */
 static Entry *
@@ -468,7 +486,7 @@ table_get(JobTable *t, const unsigned char *raw, Py_ssize_t len, PyObject *arriv
 {
     uint64_t hash = hash_bytes(raw, len);
     Entry *e = table_probe(t->slots, t->mask, hash, raw, len);
-    PyObject *job, *next;
+    PyObject *job;
     long long next_arrival = 0;
     if (e->job != NULL) {
         return e;
@@ -477,15 +495,7 @@ table_get(JobTable *t, const unsigned char *raw, Py_ssize_t len, PyObject *arriv
     if (job == NULL) {
         return NULL;
     }
-    next = PyDict_GetItemWithError(arrivals, job); /* borrowed */
-    if (next != NULL) {
-        next_arrival = PyLong_AsLongLong(next);
-        if (next_arrival == -1 && PyErr_Occurred()) {
-            Py_DECREF(job);
-            return NULL;
-        }
-    }
-    else if (PyErr_Occurred()) {
+    if (dict_get_longlong(arrivals, job, &next_arrival) < 0) {
         Py_DECREF(job);
         return NULL;
     }
@@ -3802,8 +3812,8 @@ census_groups(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
     }
     for (t = 0; t < CENSUS_TYPES; t++) {
-        PyObject *type, *old, *sum;
-        Py_ssize_t before = 0;
+        PyObject *type, *sum;
+        long long before = 0;
         if (!per[t]) {
             continue;
         }
@@ -3811,19 +3821,11 @@ census_groups(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         if (type == NULL) {
             goto error;
         }
-        old = PyDict_GetItemWithError(counts, type);
-        if (old != NULL) {
-            before = PyLong_AsSsize_t(old);
-            if (before == -1 && PyErr_Occurred()) {
-                Py_DECREF(type);
-                goto error;
-            }
-        }
-        else if (PyErr_Occurred()) {
+        if (dict_get_longlong(counts, type, &before) < 0) {
             Py_DECREF(type);
             goto error;
         }
-        sum = PyLong_FromSsize_t(before + per[t]);
+        sum = PyLong_FromLongLong(before + per[t]);
         if (sum == NULL || PyDict_SetItem(counts, type, sum) < 0) {
             Py_XDECREF(sum);
             Py_DECREF(type);
