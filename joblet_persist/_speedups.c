@@ -558,6 +558,8 @@ new_columns_group(PyObject *groups, PyObject *job, PyObject *tag, PyObject **col
             Py_DECREF(value);
             return -1;
         }
+        /* Only bytes and ints go in: the collector has nothing to find there. */
+        PyObject_GC_UnTrack(column);
         PyList_SET_ITEM(value, i, column);
         columns[i] = column;
     }
@@ -1914,6 +1916,107 @@ strip_zeros(const char *digits, int nd)
     return nd;
 }
 
+#ifdef __SIZEOF_INT128__
+typedef unsigned __int128 jp_u128;
+
+static const uint64_t pow10_u64[20] = {
+    1ULL, 10ULL, 100ULL, 1000ULL, 10000ULL, 100000ULL, 1000000ULL, 10000000ULL,
+    100000000ULL, 1000000000ULL, 10000000000ULL, 100000000000ULL, 1000000000000ULL,
+    10000000000000ULL, 100000000000000ULL, 1000000000000000ULL, 10000000000000000ULL,
+    100000000000000000ULL, 1000000000000000000ULL, 10000000000000000000ULL,
+};
+
+/* What printf("%.{n-1}e") and strtod tell put_double_nogil, in integers: the nearest n-digit
+ * decimal (ties to even, as printf rounds) of a = m * 2^e, with m < 2^53 and a in [1e-3,
+ * 1e14) (so -63 <= e < 0), n 15..17, starting from `estimate` of floor(log10(a)) (off by
+ * one at most): its n digits `*digits` and the power of ten of its first digit `*exponent`.
+ * 1 when it reads back as a (lies within a's rounding interval, the ends included when m
+ * is even, as strtod rounds), 0 when not, -1 outside these bounds.  Within them m * 10^19
+ * and digits * 2^64 stay below 2^128. */
+static int
+nearest_decimal(uint64_t m, int e, int estimate, int n, uint64_t *digits, int *exponent)
+{
+    int tries, point = estimate;
+    for (tries = 0; tries < 3; tries++) {
+        int k = point - n + 1; /* the decimal is q * 10^k */
+        int s = -e;
+        jp_u128 num, q, rem, half, scaled, low, high;
+        if (k > 0 || k < -19 || s < 1 || s > 63) {
+            return -1;
+        }
+        num = (jp_u128)m * pow10_u64[-k]; /* a * 10^-k * 2^s */
+        q = num >> s;                      /* floor(a * 10^-k): n digits iff `point` is right */
+        if (q >= pow10_u64[n] || q < pow10_u64[n - 1]) {
+            point += q < pow10_u64[n - 1] ? -1 : 1;
+            continue;
+        }
+        rem = num - (q << s);
+        half = (jp_u128)1 << (s - 1);
+        if (rem > half || (rem == half && (q & 1))) {
+            q++;
+        }
+        if (q == pow10_u64[n]) { /* rounded up to the next power of ten */
+            q = pow10_u64[n - 1];
+            k++;
+            point++;
+        }
+        *digits = (uint64_t)q;
+        *exponent = point;
+        /* q * 10^k against (2m -+ 1) * 2^(e-1), both times 2^(1-e) * 10^-k. */
+        scaled = q << (1 - e);
+        low = (jp_u128)(2 * m - 1) * pow10_u64[-k];
+        high = (jp_u128)(2 * m + 1) * pow10_u64[-k];
+        if (m & 1) {
+            return scaled > low && scaled < high;
+        }
+        return scaled >= low && scaled <= high;
+    }
+    return -1;
+}
+
+/* put_double_nogil's digits of `a` (positive, normal, not a power of two) in [1e-3, 1e14)
+ * without printf: into `digits` (room for 17), their count, and the power of ten of the first
+ * in `*exponent`; -1 when nearest_decimal cannot say. */
+static int
+exact_digits(double a, char *digits, int *exponent)
+{
+    int binary_exp, estimate, nd, ok;
+    uint64_t m, q;
+    m = (uint64_t)ldexp(frexp(a, &binary_exp), 53);
+    estimate = (int)floor(log10(a));
+    /* 16 digits; if they read back, 15 when they do too; else 17. */
+    ok = nearest_decimal(m, binary_exp - 53, estimate, 16, &q, exponent);
+    nd = 16;
+    if (ok == 1) {
+        uint64_t q15;
+        int exponent15;
+        ok = nearest_decimal(m, binary_exp - 53, *exponent, 15, &q15, &exponent15);
+        if (ok < 0) {
+            return -1;
+        }
+        if (ok == 1) {
+            q = q15;
+            *exponent = exponent15;
+            nd = 15;
+        }
+    }
+    else if (ok == 0) {
+        nd = 17;
+        if (nearest_decimal(m, binary_exp - 53, *exponent, 17, &q, exponent) != 1) {
+            return -1;
+        }
+    }
+    else {
+        return -1;
+    }
+    for (ok = nd - 1; ok >= 0; ok--) {
+        digits[ok] = (char)('0' + q % 10);
+        q /= 10;
+    }
+    return nd;
+}
+#endif
+
 /* put_double without the interpreter: Python's float repr (the shortest decimal that reads
  * back as `v`, the nearest of that length, its digits placed as repr places them), written
  * without the GIL.
@@ -1947,27 +2050,36 @@ put_double_nogil(char *buf, size_t room, double v)
     if (room < 32 || fabs(frexp(v, &mantissa_exp)) == 0.5 || a < DBL_MIN) {
         return -1;
     }
-    /* d.ddde[+-]XX: 16 digits; if they read back, 15 when they do too; else 17. */
-    snprintf(tmp, sizeof tmp, "%.15e", a);
-    if (strtod(tmp, NULL) == a) {
-        char shorter[48];
-        snprintf(shorter, sizeof shorter, "%.14e", a);
-        if (strtod(shorter, NULL) == a) {
-            memcpy(tmp, shorter, sizeof tmp);
+#ifdef __SIZEOF_INT128__
+    /* The common range (usages, rates) in integers: several times faster than printf. */
+    nd = a >= 1e-3 && a < 1e14 ? exact_digits(a, digits, &exponent) : -1;
+#else
+    nd = -1;
+#endif
+    if (nd < 0) {
+        /* d.ddde[+-]XX: 16 digits; if they read back, 15 when they do too; else 17. */
+        nd = 0;
+        snprintf(tmp, sizeof tmp, "%.15e", a);
+        if (strtod(tmp, NULL) == a) {
+            char shorter[48];
+            snprintf(shorter, sizeof shorter, "%.14e", a);
+            if (strtod(shorter, NULL) == a) {
+                memcpy(tmp, shorter, sizeof tmp);
+            }
         }
-    }
-    else {
-        snprintf(tmp, sizeof tmp, "%.16e", a);
-    }
-    for (c = tmp; *c != 'e'; c++) {
-        if (*c >= '0' && *c <= '9' && nd < (int)sizeof digits) {
-            digits[nd++] = *c;
+        else {
+            snprintf(tmp, sizeof tmp, "%.16e", a);
         }
-        else if (*c != '.' || c != tmp + 1) {
-            return -1;
+        for (c = tmp; *c != 'e'; c++) {
+            if (*c >= '0' && *c <= '9' && nd < (int)sizeof digits) {
+                digits[nd++] = *c;
+            }
+            else if (*c != '.' || c != tmp + 1) {
+                return -1;
+            }
         }
+        exponent = (int)strtol(c + 1, NULL, 10);
     }
-    exponent = (int)strtol(c + 1, NULL, 10);
     nd = strip_zeros(digits, nd);
     decpt = exponent + 1; /* the point goes after `decpt` digits */
     if (v < 0) {
@@ -2737,7 +2849,7 @@ event_json_lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     for (i = 0; i < n && !failed; i++) {
         EventValues v;
-        char num[48];
+        char num[96]; /* ,"timestamp":<20 characters>,"sequence":<20 digits> */
         int nlen, ok;
         if (start[i] < 0) {
             continue;
@@ -2753,16 +2865,19 @@ event_json_lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             start[i] = -1;
             continue;
         }
-        nlen = snprintf(num, sizeof(num), ",\"timestamp\":%lld", (long long)tss[i]);
-        if (!out_put(&b, "{\"job_uuid\":", 12) || !out_put(&b, job, (size_t)job_len)
-            || !out_put(&b, num, (size_t)nlen)) {
+        if (!out_put(&b, "{\"job_uuid\":", 12) || !out_put(&b, job, (size_t)job_len)) {
             failed = 1;
             break;
         }
-        nlen = snprintf(num, sizeof(num), ",\"sequence\":%llu", (unsigned long long)seqs[i]);
-        if (!out_put(&b, num, (size_t)nlen)) {
-            failed = 1;
-            break;
+        {
+            char *o = PUT_LITERAL(num, ",\"timestamp\":");
+            o = put_i64_text(o, tss[i]);
+            o = PUT_LITERAL(o, ",\"sequence\":");
+            o = put_u64_text(o, seqs[i]);
+            if (!out_put(&b, num, (size_t)(o - num))) {
+                failed = 1;
+                break;
+            }
         }
         for (f = 0; f < nfields; f++) {
             if (!out_put(&b, prefix[f], (size_t)prefix_len[f])) {
@@ -2772,10 +2887,10 @@ event_json_lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             switch (codes[f]) {
             case EV_U32:
             case EV_U64:
-                nlen = snprintf(num, sizeof(num), "%llu", (unsigned long long)v.number[f]);
+                nlen = (int)(put_u64_text(num, v.number[f]) - num);
                 break;
             case EV_I64:
-                nlen = snprintf(num, sizeof(num), "%lld", (long long)(int64_t)v.number[f]);
+                nlen = (int)(put_i64_text(num, (int64_t)v.number[f]) - num);
                 break;
             case EV_STR:
                 nlen = -1;
@@ -3855,6 +3970,34 @@ error:
 
 static PyObject *str_timestamps, *str_sequences, *str_arrivals, *str_contents, *str_nbytes;
 
+PyDoc_STRVAR(new_columns_doc,
+"new_columns() -> (list, list, list, list)\n\n"
+"Four new empty lists that the cyclic garbage collector does not track, for columns that\n"
+"only ever hold bytes and ints (which cannot be part of a reference cycle): the collector's\n"
+"full passes then skip the items of every buffered message.");
+
+static PyObject *
+new_columns(PyObject *module, PyObject *unused)
+{
+    PyObject *out = PyTuple_New(4);
+    int i;
+    (void)module;
+    (void)unused;
+    if (out == NULL) {
+        return NULL;
+    }
+    for (i = 0; i < 4; i++) {
+        PyObject *column = PyList_New(0);
+        if (column == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyObject_GC_UnTrack(column);
+        PyTuple_SET_ITEM(out, i, column);
+    }
+    return out;
+}
+
 PyDoc_STRVAR(extend_groups_doc,
 "extend_groups(groups, buffers, max_bytes, max_messages, overhead, position)\n\
     -> (messages, nbytes, key, position)\n\
@@ -4048,6 +4191,7 @@ static PyMethodDef speedups_methods[] = {
      census_groups_doc},
     {"extend_groups", (PyCFunction)(void (*)(void))extend_groups, METH_FASTCALL,
      extend_groups_doc},
+    {"new_columns", (PyCFunction)new_columns, METH_NOARGS, new_columns_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -92,11 +92,20 @@ def extend_groups_py(
     return messages, nbytes, None, position
 
 
+def new_columns_py() -> tuple:
+    """A buffer's four empty columns (timestamps, sequences, arrivals, contents).  The C
+    twin's lists are not tracked by the cyclic garbage collector: they only ever hold bytes
+    and ints, and its full passes then skip every buffered message."""
+    return [], [], [], []
+
+
 try:
     from joblet_persist._speedups import census_groups as _census_groups_c
     from joblet_persist._speedups import extend_groups as _extend_groups_c
+    from joblet_persist._speedups import new_columns as _new_columns_c
 except ImportError:  # the C extension is optional
-    _census_groups_c = _extend_groups_c = None
+    _census_groups_c = _extend_groups_c = _new_columns_c = None
 
 census_groups = _census_groups_c or census_groups_py
 extend_groups = _extend_groups_c or extend_groups_py
+new_columns = _new_columns_c or new_columns_py

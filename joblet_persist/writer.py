@@ -47,7 +47,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
-from joblet_persist.grouping import extend_groups
+from joblet_persist.grouping import extend_groups, new_columns
 from joblet_persist.logs import Logger
 from joblet_persist.storage.api import (
     KIND_OF_EVENT,
@@ -274,10 +274,9 @@ class _Buffer:
     def __init__(self, job: _Job, key: BufferKey, retry_delay: float):
         self.job = job
         self.key = key
-        self.timestamps: list[int] = []
-        self.sequences: list[int] = []
-        self.arrivals: list[int] = []
-        self.contents: list[bytes] = []
+        # Lists of ints, ints, ints and bytes (or payload bytes) that the garbage collector
+        # does not track (grouping.new_columns): its full passes skip every buffered message.
+        self.timestamps, self.sequences, self.arrivals, self.contents = new_columns()
         self.nbytes = 0
         self.queue: deque[_Sealed] = deque()
         self.inflight: Optional[_Sealed] = None
@@ -887,10 +886,7 @@ class BatchingWriter:
         buf.serial += 1
         sealed = _Sealed(batch, count, buf.nbytes, buf.serial, buf.opened_at)
         # The lists now belong to the batch, which crosses to a pool thread: never mutate them.
-        buf.timestamps = []
-        buf.sequences = []
-        buf.arrivals = []
-        buf.contents = []
+        buf.timestamps, buf.sequences, buf.arrivals, buf.contents = new_columns()
         buf.nbytes = 0
         self._dirty.pop(buf, None)
         buf.queue.append(sealed)
@@ -991,10 +987,7 @@ class BatchingWriter:
     def _drop_open(self, buf: _Buffer) -> None:
         n = buf.nbytes + _MEMORY_EXTRA * len(buf.timestamps)
         if buf.timestamps:
-            buf.timestamps = []
-            buf.sequences = []
-            buf.arrivals = []
-            buf.contents = []
+            buf.timestamps, buf.sequences, buf.arrivals, buf.contents = new_columns()
             buf.nbytes = 0
             self._buffered -= n
         self._dirty.pop(buf, None)

@@ -3,11 +3,15 @@ over the frame decoder's groups, their C functions held to the pure-Python refer
 
 from __future__ import annotations
 
+import gc
+import struct
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from joblet_persist import grouping
+from joblet_persist import framing, grouping
+from joblet_persist._proto import ipc_pb2
 
 CODES = (1, 2, -2, -3, -4, -5, -6, -7, -8, -9)
 
@@ -180,3 +184,42 @@ class ExtendTests(SynchronousTestCase):
             extend_c({}, [], 1, 1, 0, 0)
         with self.assertRaises(ValueError):
             extend_c({}, {}, 1, 1, 0, -1)
+
+
+class ColumnTests(SynchronousTestCase):
+    """new_columns: a buffer's columns, which the C twin keeps out of the cyclic collector."""
+
+    def test_four_fresh_empty_lists(self):
+        for new in (grouping.new_columns_py, grouping.new_columns):
+            first, second = new(), new()
+            self.assertEqual(first, ([], [], [], []))
+            self.assertEqual(len({id(column) for column in first + second}), 8)
+
+    def test_c_columns_are_untracked_and_work_as_lists(self):
+        if grouping._new_columns_c is None:
+            raise SkipTest("joblet_persist._speedups is not built (no C compiler at install)")
+        columns = grouping._new_columns_c()
+        self.assertEqual([gc.is_tracked(column) for column in columns], [False] * 4)
+        timestamps, sequences, arrivals, contents = columns
+        timestamps.extend([1, 2])
+        sequences.append(3)
+        arrivals[:] = [4]
+        contents.extend([b"a", b"b"])
+        gc.collect()
+        self.assertEqual(columns, ([1, 2], [3], [4], [b"a", b"b"]))
+        self.assertEqual([gc.is_tracked(column) for column in columns], [False] * 4)
+
+    def test_decoder_group_columns_are_untracked(self):
+        """The C frame decoder's group columns (bytes and ints only) are untracked too."""
+        if framing._decode_log_frames_c is None:
+            raise SkipTest("joblet_persist._speedups is not built (no C compiler at install)")
+        body = ipc_pb2.IPCMessage(
+            version=1, type=ipc_pb2.MESSAGE_TYPE_LOG, job_uuid="j", timestamp=5, sequence=1,
+            data=ipc_pb2.LogLine(job_uuid="j", stream=1, timestamp=5, sequence=1,
+                                 content=b"x\n").SerializeToString(),
+        ).SerializeToString()
+        data = struct.pack(">I", len(body)) + body
+        _offset, groups, _stop = framing._decode_log_frames_c(data, 0, 1 << 20, {}, [], True)
+        (columns,) = groups.values()
+        self.assertEqual(columns[3], [b"x\n"])
+        self.assertEqual([gc.is_tracked(column) for column in columns], [False] * 4)

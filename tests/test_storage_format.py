@@ -498,7 +498,7 @@ class MetricLineTests(SynchronousTestCase):
         the interpreter's float repr: the texts must still be repr's, for doubles of every
         kind (random bit patterns, short decimals, subnormals, the ends of repr's fixed-point
         range, exact powers of two, integers, -0.0, NaN and infinities; subnormals and
-        powers of two take repr with the GIL)."""
+        powers of two take repr with the GIL; [1e-3, 1e14) takes integer arithmetic)."""
         rng = random.Random(7)
         values = [struct.unpack("<d", rng.getrandbits(64).to_bytes(8, "little"))[0]
                   for _ in range(3000)]
@@ -511,6 +511,17 @@ class MetricLineTests(SynchronousTestCase):
                    9.4883095999446e-310, 8.3693941028992e-310, 3 * 5e-324, 2.2250738585072e-308]
         values += [rng.randrange(1, 10 ** rng.randrange(1, 17)) / 10 ** rng.randrange(20)
                    for _ in range(1000)]
+        # [1e-3, 1e14) takes 128-bit integers instead of printf: the doubles next to each
+        # power of ten and to both ends (where the first digit's place is easy to get wrong),
+        # any magnitude, and short binary fractions (exact ties between decimals).
+        for power in range(-4, 16):
+            for toward in (0.0, math.inf):
+                value = 10.0 ** power
+                for _ in range(12):
+                    values.append(value)
+                    value = math.nextafter(value, toward)
+        values += [10 ** rng.uniform(-3.5, 14.5) for _ in range(4000)]
+        values += [rng.randrange(1, 1 << 53) / (1 << rng.randrange(1, 60)) for _ in range(1000)]
         batch = [ipc_pb2.Metric(job_uuid="j", data=ipc_pb2.MetricData(
             cpu_usage=v, gpu_usage=-v)).SerializeToString() for v in values]
         want = [fmt._metric_json_line_py("j", p) for p in batch]

@@ -94,8 +94,9 @@ def _decoded(lines: list, base: int, timestamps, sequences, arrivals) -> tuple:
     """The columns of a batch's decodable messages (``lines[i]`` None: left out), ordinals
     ``base + arrival``, and how many were left out."""
     if None not in lines:
-        ords = list(arrivals) if base == 0 else [base + a for a in arrivals]
-        return list(timestamps), list(sequences), ords, lines, 0
+        # The batch's own columns (nothing downstream changes them), as thd_append_logs.
+        ords = arrivals if base == 0 else [base + a for a in arrivals]
+        return timestamps, sequences, ords, lines, 0
     keep = [i for i, line in enumerate(lines) if line is not None]
     return (
         [timestamps[i] for i in keep],
