@@ -10,8 +10,12 @@ Shape (after twisted's ``_AggregateSmallWrites``, with Buildbot ``Debouncer``'s 
   columns (timestamps, sequences, arrivals, contents/payloads) so that a flushed buffer becomes a
   ``LogBatch``/``MetricBatch``/``EventBatch`` without per-message work.
 - A buffer is sealed into a batch when it reaches ``batch_max_messages`` or
-  ``batch_max_bytes``, and every ``flush_interval`` seconds when it is not empty.  Sealed
-  batches of one buffer form a queue: at most one append is in flight per buffer, the next is
+  ``batch_max_bytes``, and once every ``flush_interval`` seconds when it is not empty: the
+  timer ticks ``FLUSH_PHASES`` times per interval and each tick seals the buffers of its phase
+  (phases are dealt out in turn as buffers are created) and any buffer whose oldest message
+  has waited a whole interval (a late tick), so that the many buffers that only fill by the
+  timer (a job's metrics and each event kind) reach the pool a share at a time instead of all
+  at once.  Sealed batches of one buffer form a queue: at most one append is in flight per buffer, the next is
   sent when it completes, so per (job, stream) order is arrival order.  Different buffers
   append in parallel.
 - A failed append stays at the head of its queue and is retried after a backoff
@@ -81,6 +85,10 @@ MESSAGE_OVERHEAD = 32
 MESSAGE_MEMORY = 170
 
 _MEMORY_EXTRA = MESSAGE_MEMORY - MESSAGE_OVERHEAD
+
+#: Ticks of the flush timer per flush interval: each seals the open buffers of one phase
+#: (buffers get their phases in turn), so every buffer is sealed once per interval.
+FLUSH_PHASES = 4
 
 
 
@@ -269,11 +277,13 @@ class _Buffer:
         "done_serial",
         "waiters",
         "opened_at",
+        "phase",
     )
 
-    def __init__(self, job: _Job, key: BufferKey, retry_delay: float):
+    def __init__(self, job: _Job, key: BufferKey, retry_delay: float, phase: int = 0):
         self.job = job
         self.key = key
+        self.phase = phase  # which of the flush timer's FLUSH_PHASES ticks seals it
         # Lists of ints, ints, ints and bytes (or payload bytes) that the garbage collector
         # does not track (grouping.new_columns): its full passes skip every buffered message.
         self.timestamps, self.sequences, self.arrivals, self.contents = new_columns()
@@ -365,6 +375,8 @@ class BatchingWriter:
         self._buffered = 0
         self._paused = False
         self._timer = None
+        self._tick_count = 0
+        self._next_phase = 0
         self._stopping = False
         self._stop_deferreds: list[defer.Deferred] = []
         self._stop_done = False
@@ -450,7 +462,7 @@ class BatchingWriter:
         if self._stopping:
             raise WriterStopped("a stopped writer cannot be restarted")
         if self._timer is None:
-            self._timer = self._clock.callLater(self._flush_interval, self._tick)
+            self._timer = self._clock.callLater(self._flush_interval / FLUSH_PHASES, self._tick)
 
     @reactor_only
     def stop(self) -> defer.Deferred:
@@ -628,7 +640,7 @@ class BatchingWriter:
                     job = self._new_job(key[0])
                 buf = job.buffers[index]
                 if buf is None:
-                    buf = job.buffers[index] = _Buffer(job, BufferKey(index), self._retry_initial)
+                    buf = job.buffers[index] = self._new_buffer(job, index)
                 cache[key] = buf
         # Runs of groups that fit their open buffers in one call each; between them, the
         # group that opens or seals its buffer, in the groups' order.
@@ -669,7 +681,7 @@ class BatchingWriter:
             job = self._new_job(job_id)
         buf = job.buffers[index]
         if buf is None:
-            buf = job.buffers[index] = _Buffer(job, BufferKey(index), self._retry_initial)
+            buf = job.buffers[index] = self._new_buffer(job, index)
         self._extend(buf, timestamps, sequences, arrivals, items)
         if self._buffered > self._high_water and not self._paused:
             self._pause()
@@ -700,7 +712,7 @@ class BatchingWriter:
             job = self._new_job(job_id)
         buf = job.buffers[index]
         if buf is None:
-            buf = job.buffers[index] = _Buffer(job, BufferKey(index), self._retry_initial)
+            buf = job.buffers[index] = self._new_buffer(job, index)
         timestamps = buf.timestamps
         if not timestamps:
             self._opened(buf)
@@ -762,6 +774,12 @@ class BatchingWriter:
         """An empty buffer gets its first message: the flush timer covers it from now on."""
         self._dirty[buf] = None
         buf.opened_at = self._clock.seconds()
+
+    def _new_buffer(self, job: _Job, index: int) -> _Buffer:
+        """A new buffer of ``job``; the flush phases are dealt out in turn."""
+        phase = self._next_phase
+        self._next_phase = (phase + 1) % FLUSH_PHASES
+        return _Buffer(job, BufferKey(index), self._retry_initial, phase)
 
     def _new_job(self, job_id: str) -> _Job:
         job = self._jobs[job_id] = _Job(job_id, held=job_id in self._discards)
@@ -847,14 +865,22 @@ class BatchingWriter:
         return result
 
     def _tick(self) -> None:
+        """Seal the open buffers of this tick's phase: each buffer's turn comes once per
+        flush interval, so nothing waits longer, and the buffers that only fill by the tick
+        (a job's metrics and each event kind) reach the pool a share at a time."""
         self._timer = None
+        self._tick_count += 1
+        phase = self._tick_count % FLUSH_PHASES
+        # A buffer whose oldest message is a whole interval old goes too (a tick can be late).
+        oldest = self._clock.seconds() - self._flush_interval
         try:
-            self._seal_all()
+            for buf in [buf for buf in self._dirty if buf.phase == phase or buf.opened_at <= oldest]:
+                self._seal(buf)
             self._metrics.buffered(self._buffered)
         except Exception:
             log.failure("periodic flush failed")
         if not self._stopping:
-            self._timer = self._clock.callLater(self._flush_interval, self._tick)
+            self._timer = self._clock.callLater(self._flush_interval / FLUSH_PHASES, self._tick)
 
     def _seal_all(self) -> None:
         for buf in list(self._dirty):

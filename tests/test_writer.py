@@ -14,6 +14,7 @@ from zope.interface.verify import verifyObject
 
 from joblet_persist.storage.api import StorageUnavailable
 from joblet_persist.writer import (
+    FLUSH_PHASES,
     MESSAGE_MEMORY,
     MESSAGE_OVERHEAD,
     BatchingWriter,
@@ -96,17 +97,58 @@ class FlushTriggerTests(WriterTestMixin, SynchronousTestCase):
         self.add("job1", 2, b"y" * 10)
         self.assertEqual([c.items for c in self.storage.calls], [[b"x" * 10, b"y" * 10]])
 
-    def test_flush_by_time(self):
-        """Every flush_interval after start(), each non-empty buffer is appended; the timer
-        keeps running and an empty writer appends nothing."""
+    def test_flush_phases_spread_the_buffers(self):
+        """Buffers that only fill by the timer (here 8 jobs' metrics, opened at once) are
+        appended a quarter at each tick, each once per flush_interval, not all at one tick."""
+        self.assertEqual(FLUSH_PHASES, 4)
         w = self.make(auto=True, flush_interval=1.0)
         w.start()
-        self.add("job1", 1, b"a")
-        self.writer.add_metric("job1", 5, 6, b"m")
-        self.add("job2", 2, b"b")
-        self.clock.advance(0.999)
+        for round_ in range(2):
+            for job in range(8):
+                w.add_metric(f"job{job}", round_, 0, b"m%d" % round_)
+            sealed = []
+            for _tick in range(4):
+                before = len(self.storage.calls)
+                self.clock.advance(0.25)
+                sealed.append(sorted(c.key[0] for c in self.storage.calls[before:]))
+            self.assertEqual(sealed, [["job1", "job5"], ["job2", "job6"], ["job3", "job7"],
+                                      ["job0", "job4"]])
+
+    def test_late_tick_seals_every_buffer_an_interval_old(self):
+        """A tick that comes late (a stalled reactor) also seals every buffer whose oldest
+        message has waited flush_interval, whatever its phase."""
+        w = self.make(auto=True, flush_interval=1.0)
+        w.start()
+        for job in range(4):
+            self.add(f"job{job}", 1, b"x")
+        self.clock.advance(3.0)  # one tick, at 3.0 (phase 1)
+        self.assertEqual(sorted(c.key[0] for c in self.storage.calls),
+                         ["job0", "job1", "job2", "job3"])
+        self.add("job0", 1, b"y")  # at 3.0
+        self.clock.advance(0.5)  # the tick at 3.25 (phase 2): job0 is phase 0 and young
+        self.assertEqual(len(self.storage.calls), 4)
+
+    def test_flush_by_time(self):
+        """The timer ticks FLUSH_PHASES times per flush_interval and each tick appends the
+        non-empty buffers of its phase (dealt out in turn as buffers are created), so every
+        buffer is appended within flush_interval; the timer keeps running and an empty
+        writer appends nothing."""
+        w = self.make(auto=True, flush_interval=1.0)
+        w.start()
+        self.add("job1", 1, b"a")  # phase 0
+        self.writer.add_metric("job1", 5, 6, b"m")  # phase 1
+        self.add("job2", 2, b"b")  # phase 2
+        self.clock.advance(0.249)
         self.assertEqual(self.storage.calls, [])
-        self.clock.advance(0.001)
+        self.clock.advance(0.001)  # tick 1 at 0.25: phase 1
+        self.assertEqual([c.items for c in self.storage.calls], [[b"m"]])
+        self.clock.advance(0.25)  # tick 2: phase 2
+        self.assertEqual([c.items for c in self.storage.calls], [[b"m"], [b"b"]])
+        self.clock.advance(0.25)  # tick 3: phase 3, no buffer of it
+        self.assertEqual(len(self.storage.calls), 2)
+        self.clock.advance(0.249)
+        self.assertEqual(len(self.storage.calls), 2)
+        self.clock.advance(0.001)  # tick 4 at 1.0: phase 0
         self.assertEqual(
             sorted((str(c.key), c.items) for c in self.storage.calls),
             sorted(
@@ -566,10 +608,11 @@ class FlushAllTests(WriterTestMixin, SynchronousTestCase):
         metrics = RecordingMetrics()
         self.make(flush_interval=1.0, retry_initial=0.5, metrics=metrics).start()
         self.clock.advance(0.2)
-        self.add("job1", 1, b"first")  # opens the buffer at 0.2
-        self.clock.advance(0.5)
+        self.add("job1", 1, b"first")  # opens the buffer (phase 0) at 0.2
+        self.clock.pump([0.05, 0.25])  # ticks at 0.25 and 0.5: other phases
+        self.clock.advance(0.2)
         self.add("job1", 1, b"second")
-        self.clock.advance(0.3)  # the flush timer seals the batch at 1.0
+        self.clock.pump([0.05, 0.25])  # ticks at 0.75 and 1.0: phase 0 seals the batch
         [call] = self.storage.pending()
         self.clock.advance(0.1)
         call.fail()
