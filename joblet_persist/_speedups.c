@@ -541,8 +541,20 @@ table_store_arrivals(JobTable *t, PyObject *arrivals)
     return 0;
 }
 
-/* Create the group (job, tag) in `groups`, a list of four new lists whose borrowed
- * references go to `columns`. */
+/* A new empty column list that the cyclic garbage collector does not track: columns only
+ * ever hold bytes and ints, which cannot be part of a reference cycle. */
+static PyObject *
+new_column(void)
+{
+    PyObject *column = PyList_New(0);
+    if (column != NULL) {
+        PyObject_GC_UnTrack(column);
+    }
+    return column;
+}
+
+/* Create the group (job, tag) in `groups`, a list of four new columns (new_column) whose
+ * borrowed references go to `columns`. */
 static int
 new_columns_group(PyObject *groups, PyObject *job, PyObject *tag, PyObject **columns)
 {
@@ -553,13 +565,11 @@ new_columns_group(PyObject *groups, PyObject *job, PyObject *tag, PyObject **col
         return -1;
     }
     for (i = 0; i < 4; i++) {
-        PyObject *column = PyList_New(0);
+        PyObject *column = new_column();
         if (column == NULL) {
             Py_DECREF(value);
             return -1;
         }
-        /* Only bytes and ints go in: the collector has nothing to find there. */
-        PyObject_GC_UnTrack(column);
         PyList_SET_ITEM(value, i, column);
         columns[i] = column;
     }
@@ -2009,10 +2019,7 @@ exact_digits(double a, char *digits, int *exponent)
     else {
         return -1;
     }
-    for (ok = nd - 1; ok >= 0; ok--) {
-        digits[ok] = (char)('0' + q % 10);
-        q /= 10;
-    }
+    put_u64_text(digits, q); /* exactly nd digits: q is in [10^(nd-1), 10^nd) */
     return nd;
 }
 #endif
@@ -3863,6 +3870,18 @@ Count the frames of the decoder's groups: their total, and per frame type (a tup
 by type 0..9: code 1 or 2 is type 1, code -t type t), each type's count also added to the\n\
 dict `counts`; `unknown` lists, in order, the keys whose job id is not in `valid_ids`.");
 
+/* 0 when a function `name` that takes `want` positional arguments got `nargs`; else -1 with
+ * TypeError set. */
+static int
+expect_args(const char *name, Py_ssize_t nargs, Py_ssize_t want)
+{
+    if (nargs == want) {
+        return 0;
+    }
+    PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments (%zd given)", name, want, nargs);
+    return -1;
+}
+
 static PyObject *
 census_groups(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -3871,8 +3890,7 @@ census_groups(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     int t;
 
     (void)module;
-    if (nargs != 3) {
-        PyErr_Format(PyExc_TypeError, "census_groups() takes 3 arguments (%zd given)", nargs);
+    if (expect_args("census_groups", nargs, 3) < 0) {
         return NULL;
     }
     groups = args[0];
@@ -3913,15 +3931,7 @@ census_groups(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         total += n;
         per[t] += n;
-        if (PyDict_Check(valid_ids)) {
-            known = PyDict_Contains(valid_ids, PyTuple_GET_ITEM(key, 0));
-        }
-        else if (PyAnySet_Check(valid_ids)) {
-            known = PySet_Contains(valid_ids, PyTuple_GET_ITEM(key, 0));
-        }
-        else {
-            known = PySequence_Contains(valid_ids, PyTuple_GET_ITEM(key, 0));
-        }
+        known = PySequence_Contains(valid_ids, PyTuple_GET_ITEM(key, 0)); /* `in` */
         if (known < 0 || (!known && PyList_Append(unknown, key) < 0)) {
             goto error;
         }
@@ -3974,7 +3984,8 @@ PyDoc_STRVAR(new_columns_doc,
 "new_columns() -> (list, list, list, list)\n\n"
 "Four new empty lists that the cyclic garbage collector does not track, for columns that\n"
 "only ever hold bytes and ints (which cannot be part of a reference cycle): the collector's\n"
-"full passes then skip the items of every buffered message.");
+"full passes then skip the items of every buffered message.  The decoder's group columns\n"
+"are the same kind of list.");
 
 static PyObject *
 new_columns(PyObject *module, PyObject *unused)
@@ -3987,12 +3998,11 @@ new_columns(PyObject *module, PyObject *unused)
         return NULL;
     }
     for (i = 0; i < 4; i++) {
-        PyObject *column = PyList_New(0);
+        PyObject *column = new_column();
         if (column == NULL) {
             Py_DECREF(out);
             return NULL;
         }
-        PyObject_GC_UnTrack(column);
         PyTuple_SET_ITEM(out, i, column);
     }
     return out;
@@ -4108,8 +4118,7 @@ extend_groups(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     long long max_bytes, max_messages, overhead, messages = 0, nbytes = 0;
 
     (void)module;
-    if (nargs != 6) {
-        PyErr_Format(PyExc_TypeError, "extend_groups() takes 6 arguments (%zd given)", nargs);
+    if (expect_args("extend_groups", nargs, 6) < 0) {
         return NULL;
     }
     groups = args[0];

@@ -15,9 +15,9 @@ Shape (after twisted's ``_AggregateSmallWrites``, with Buildbot ``Debouncer``'s 
   (phases are dealt out in turn as buffers are created) and any buffer whose oldest message
   has waited a whole interval (a late tick), so that the many buffers that only fill by the
   timer (a job's metrics and each event kind) reach the pool a share at a time instead of all
-  at once.  Sealed batches of one buffer form a queue: at most one append is in flight per buffer, the next is
-  sent when it completes, so per (job, stream) order is arrival order.  Different buffers
-  append in parallel.
+  at once.  Sealed batches of one buffer form a queue: at most one append is in flight per
+  buffer, the next is sent when it completes, so per (job, stream) order is arrival order.
+  Different buffers append in parallel.
 - A failed append stays at the head of its queue and is retried after a backoff
   (``retry_initial`` doubling up to ``retry_max``); nothing is dropped and order is kept.
 - Backpressure: when buffered bytes (open, queued and in flight) exceed ``high_water_bytes``,
