@@ -898,7 +898,8 @@ class BatchingWriter:
             )
         elif buf.key is BufferKey.METRICS:
             batch = MetricBatch(
-                job.job_id, buf.timestamps, buf.sequences, buf.arrivals, buf.contents
+                job.job_id, buf.timestamps, buf.sequences, buf.arrivals, buf.contents,
+                disposable=True,
             )
         else:
             batch = EventBatch(
@@ -908,10 +909,15 @@ class BatchingWriter:
                 buf.sequences,
                 buf.arrivals,
                 buf.contents,
+                disposable=True,
             )
         buf.serial += 1
         sealed = _Sealed(batch, count, buf.nbytes, buf.serial, buf.opened_at)
         # The lists now belong to the batch, which crosses to a pool thread: never mutate them.
+        # Metric and event batches are disposable: storage empties their columns on its pool
+        # thread once they are stored (nothing here reads them afterwards), so that their
+        # messages are not freed on this thread.  Log batches are not: pending_logs reads
+        # the batch in flight until storage has published it.
         buf.timestamps, buf.sequences, buf.arrivals, buf.contents = new_columns()
         buf.nbytes = 0
         self._dirty.pop(buf, None)

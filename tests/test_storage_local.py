@@ -7,6 +7,7 @@ order.  Time is a task.Clock.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import gzip
 import json
@@ -33,6 +34,8 @@ from joblet_persist.storage.local import LocalStorage
 from tests.storage_contract import (
     INVALID_JOB_IDS,
     StorageBackendContractMixin,
+    event_batch,
+    event_payload,
     log_batch,
     metric_batch,
     metric_payload,
@@ -837,6 +840,81 @@ class FailureTests(StorageTestCase):
         with self.assertRaises(StorageUnavailable) as caught:
             list(snap.iter_logs(0))
         self.assertIn(JOB, caught.exception.cause)
+
+
+class DisposableBatchTests(StorageTestCase):
+    """A disposable metric or event batch (the writer's) is emptied on the pool thread once
+    it is stored, and only then: a failed append keeps it whole for the retry."""
+
+    def event_rows(self, first, count):
+        return [
+            (1000 + i, i, i, event_payload("file", 1000 + i, i, pid=i, path=f"/tmp/{i}"))
+            for i in range(first, first + count)
+        ]
+
+    def stored_events(self, storage):
+        snap = self.successResultOf(storage.open_job(JOB))
+        return [(e.timestamp, e.sequence, e.data["path"]) for e in snap.iter_events("file")]
+
+    def test_stored_disposable_batches_are_emptied(self):
+        storage = self.make()
+        metrics = dataclasses.replace(
+            metric_batch(JOB, [(5, 1, 0, metric_payload(JOB, 5, 1))]), disposable=True
+        )
+        events_ = dataclasses.replace(
+            event_batch(JOB, "file", self.event_rows(1, 3)), disposable=True
+        )
+        kept = event_batch(JOB, "file", self.event_rows(4, 2))  # not disposable
+        self.successResultOf(storage.append_metrics(metrics))
+        self.successResultOf(storage.append_events(events_))
+        self.successResultOf(storage.append_events(kept))
+        for batch in (metrics, events_):
+            self.assertEqual(
+                [batch.timestamps, batch.sequences, batch.arrivals, batch.payloads],
+                [[], [], [], []],
+            )
+        self.assertEqual(len(kept.payloads), 2)
+        self.assertEqual([t for t, _, _ in self.stored_events(storage)], [1001, 1002, 1003,
+                                                                           1004, 1005])
+        snap = self.successResultOf(storage.open_job(JOB))
+        self.assertEqual([m.timestamp for m in snap.iter_metrics()], [5])
+
+    def test_failed_disposable_append_keeps_the_batch_for_the_retry(self):
+        """ENOSPC: the batch is left whole, and the retry stores all of it (then empties it)."""
+        storage = self.make()
+        real_append = segment.thd_append_blobs
+
+        def full(path, blobs, expected_size, fsync, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        batch = dataclasses.replace(
+            event_batch(JOB, "file", self.event_rows(0, 4)), disposable=True
+        )
+        self.patch(segment, "thd_append_blobs", full)
+        self.failureResultOf(storage.append_events(batch), OSError)
+        self.assertEqual(len(batch.payloads), 4)
+        self.assertEqual(batch.arrivals, [0, 1, 2, 3])
+        self.patch(segment, "thd_append_blobs", real_append)
+        self.successResultOf(storage.append_events(batch))
+        self.assertEqual(self.stored_events(storage),
+                         [(1000 + i, i, f"/tmp/{i}") for i in range(4)])
+        self.assertEqual(batch.payloads, [])
+
+    def test_disposable_batch_moved_to_a_new_segment_is_stored_whole(self):
+        """A segment cut behind the service's back: storage itself writes the batch again,
+        to a new segment, from the same columns, which the failed attempt left whole."""
+        storage = self.make()
+        self.successResultOf(storage.append_events(event_batch(JOB, "file", self.event_rows(0, 2))))
+        path = os.path.join(self.data_dir, "events", JOB, "file_events.jsonl.gz")
+        os.truncate(path, 10)
+        batch = dataclasses.replace(
+            event_batch(JOB, "file", self.event_rows(2, 3)), disposable=True
+        )
+        self.successResultOf(storage.append_events(batch))
+        self.assertEqual(storage.shrunk_segments, 1)
+        self.assertEqual(self.stored_events(storage),
+                         [(1000 + i, i, f"/tmp/{i}") for i in range(2, 5)])
+        self.assertEqual(batch.payloads, [])
 
 
 class ConcurrencyTests(StorageTestCase):

@@ -820,6 +820,17 @@ class EventBufferTests(WriterTestMixin, SynchronousTestCase):
             ("exec", [100, 200], [7, 8], [1, 2], [b"e1", b"e2"]),
         )
 
+    def test_metric_and_event_batches_are_disposable_log_batches_not(self):
+        """The writer gives its metric and event batches away (``disposable``: storage
+        frees their messages on its pool thread); log batches stay whole, because
+        pending_logs reads the one in flight until storage has published it."""
+        self.make(batch_max_messages=1)
+        self.add("job1", 1, b"log")
+        self.writer.add_metric("job1", 1, 1, b"m")
+        self.writer.add_event("job1", "file", 1, 1, b"e")
+        disposable = {c.kind: getattr(c.batch, "disposable", None) for c in self.storage.calls}
+        self.assertEqual(disposable, {"logs": None, "metrics": True, "events": True})
+
     def test_kinds_are_separate_keys_in_order(self):
         """Each event kind of a job is its own key: kinds append in parallel, one batch in
         flight per kind, each kind's batches in arrival order."""

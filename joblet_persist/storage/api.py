@@ -223,6 +223,11 @@ class MetricBatch:
     sequences: Sequence[int]
     arrivals: Sequence[int]
     payloads: Sequence[bytes]
+    #: True: the list columns are given away with the batch.  Once they are stored,
+    #: storage empties them on its pool thread, which has just read every message, so that
+    #: the messages are freed there and not where the batch is dropped (for the writer,
+    #: the reactor thread).  A failed append leaves them whole for the retry.
+    disposable: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +247,7 @@ class EventBatch:
     sequences: Sequence[int]
     arrivals: Sequence[int]
     payloads: Sequence[bytes]
+    disposable: bool = False  # as in MetricBatch
 
 
 @dataclass(frozen=True, slots=True)

@@ -407,7 +407,7 @@ class LocalStorage:
             return defer.succeed(0)
 
         columns = (batch.timestamps, batch.sequences, batch.arrivals, batch.contents)
-        return self._append(job_id, kind, (thd_append_logs, columns))
+        return self._append(job_id, kind, (thd_append_logs, columns, {}))
 
     @reactor_only
     def append_metrics(self, batch: MetricBatch):
@@ -426,7 +426,11 @@ class LocalStorage:
             return defer.succeed(0)
 
         columns = (job_id, batch.timestamps, batch.sequences, batch.arrivals, batch.payloads)
-        return self._append(job_id, SegmentKind.METRICS, (thd_append_metrics, columns))
+        return self._append(
+            job_id,
+            SegmentKind.METRICS,
+            (thd_append_metrics, columns, {"dispose": batch.disposable}),
+        )
 
     @reactor_only
     def append_events(self, batch: EventBatch):
@@ -455,10 +459,12 @@ class LocalStorage:
             batch.arrivals,
             batch.payloads,
         )
-        return self._append(job_id, kind, (thd_append_events, columns))
+        work = (thd_append_events, columns, {"dispose": batch.disposable})
+        return self._append(job_id, kind, work)
 
     def _append(self, job_id: str, kind: SegmentKind, work: tuple):
-        """Append a batch: ``work`` is ``(thd_append_*, its batch columns)``.  Reactor thread."""
+        """Append a batch: ``work`` is ``(thd_append_*, its batch columns, its keyword
+        arguments)``.  Reactor thread."""
         try:
             self._check_running()
         except RuntimeError:
@@ -480,7 +486,7 @@ class LocalStorage:
     def _write_batch(self, state: JobState, kind: str, work):
         directory = jobindex.job_dir(self._data_dir, kind, state.job_id)
         index, path, expected_size = state.next_append(kind, directory, self._segment_max_bytes)
-        thd, columns = work
+        thd, columns, options = work
         d = self._run(
             thd,
             path,
@@ -492,6 +498,7 @@ class LocalStorage:
             *columns,
             modes=self._modes,
             line_tables=self._line_tables,
+            **options,
         )
         d.addCallbacks(
             self._appended,
