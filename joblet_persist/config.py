@@ -460,6 +460,7 @@ class WriterConfig:
     high_water_bytes: int = _key(_size(1), 128 * MiB)
     low_water_bytes: int = _key(_size(), 64 * MiB)
     threads: int = _key(_integer(0, 1024), 0)
+    switch_interval: float = _key(_duration(positive=True), 0.001)
     retry_initial: float = _key(_duration(positive=True), 0.5)
     retry_max: float = _key(_duration(positive=True), 30.0)
     index_interval: float = _key(_duration(positive=True), 5.0)

@@ -11,6 +11,7 @@ import fcntl
 import os
 import socket
 import stat
+import sys
 import time
 from typing import Callable, Optional
 
@@ -135,17 +136,28 @@ class ThreadPoolService(service.Service):
 
     ``run(f, *args, **kwargs)`` hands blocking work to the pool and returns a
     Deferred fired on the reactor.
+
+    ``switch_interval`` (seconds), when given, is the interpreter's thread switch interval
+    (``sys.setswitchinterval``) while the service runs, restored at stop: how long a thread
+    that wants the GIL back waits before the thread holding it is asked to let go.  The
+    pool's threads take the GIL back several times per task (after each compression, each
+    write) while the reactor thread holds it for whole reads.
     """
 
-    def __init__(self, reactor, name: str, size: int):
+    def __init__(self, reactor, name: str, size: int, switch_interval: Optional[float] = None):
         self._reactor = reactor
         self._size = max(1, size)
+        self._switch_interval = switch_interval
+        self._saved_switch_interval: Optional[float] = None
         self.setName(name)
         self.pool: Optional[ThreadPool] = None
 
     @reactor_only
     def startService(self):
         super().startService()
+        if self._switch_interval is not None:
+            self._saved_switch_interval = sys.getswitchinterval()
+            sys.setswitchinterval(self._switch_interval)
         self.pool = ThreadPool(minthreads=0, maxthreads=self._size, name=self.name)
         self.pool.start()
 
@@ -156,6 +168,9 @@ class ThreadPoolService(service.Service):
         if pool is not None:
             # The pool is idle by now (its users stopped before us); joining is quick.
             pool.stop()
+        if self._saved_switch_interval is not None:
+            sys.setswitchinterval(self._saved_switch_interval)
+            self._saved_switch_interval = None
 
     @reactor_only
     def run(self, f, *args, **kwargs) -> defer.Deferred:

@@ -424,7 +424,9 @@ def build_storage(config, reactor, metrics) -> StorageParts:
 
     sc, wc = config.storage, config.writer
     lock = DataDirLockService(sc.data_dir)
-    pool = ThreadPoolService(reactor, "cpu-pool", wc.thread_count)
+    pool = ThreadPoolService(
+        reactor, "cpu-pool", wc.thread_count, switch_interval=wc.switch_interval
+    )
     # Queries share what storage.maxOpenFiles leaves after the pool's own files.
     file_budget = FileBudget(query_share(sc.max_open_files, wc.thread_count))
     metrics.set_file_budget(file_budget)

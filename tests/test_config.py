@@ -454,6 +454,15 @@ class ValueTypeTests(SynchronousTestCase, ConfigErrorMixin):
         c = config_from_string("storage:\n  retention:\n    logMaxAge: 0\n")
         self.assertEqual(c.storage.retention.log_max_age, 0.0)
 
+    def test_switch_interval(self):
+        """writer.switchInterval: 1 ms unless set, a duration greater than 0."""
+        self.assertEqual(config_from_string("").writer.switch_interval, 0.001)
+        c = config_from_string('writer:\n  switchInterval: "5ms"\n')
+        self.assertEqual(c.writer.switch_interval, 0.005)
+        self.assertConfigError(
+            "writer:\n  switchInterval: 0s\n", "writer.switchInterval", "greater than 0"
+        )
+
     def test_drain_timeout(self):
         """ipc.drainTimeout is a duration greater than 0; a bad value is an error naming the
         key."""

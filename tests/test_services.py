@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import sys
 import tempfile
 
 from twisted.application import service
@@ -18,6 +19,7 @@ from joblet_persist.services import (
     DataDirLockService,
     OrderedMultiService,
     StartRefused,
+    ThreadPoolService,
     UnixListenerService,
     flock_holders,
     read_proc_locks,
@@ -304,3 +306,27 @@ class ListenerNeverStartedTests(SynchronousTestCase):
         self.assertRaises(OSError, svc.startService)
         self.successResultOf(defer.maybeDeferred(svc.stopService))
         self.assertTrue(os.path.exists(path))
+
+
+class ThreadPoolSwitchIntervalTests(SynchronousTestCase):
+    """ThreadPoolService sets the interpreter's switch interval while it runs (the cpu-pool:
+    writer.switchInterval) and restores the one it found at stop."""
+
+    def setUp(self):
+        before = sys.getswitchinterval()
+        self.addCleanup(sys.setswitchinterval, before)
+        sys.setswitchinterval(0.004)
+
+    def test_set_while_running_and_restored(self):
+        pool = ThreadPoolService(MemoryReactorClock(), "cpu-pool", 1, switch_interval=0.001)
+        pool.startService()
+        self.assertAlmostEqual(sys.getswitchinterval(), 0.001)
+        pool.stopService()
+        self.assertAlmostEqual(sys.getswitchinterval(), 0.004)
+
+    def test_left_alone_without_one(self):
+        pool = ThreadPoolService(MemoryReactorClock(), "query-pool", 1)
+        pool.startService()
+        self.assertAlmostEqual(sys.getswitchinterval(), 0.004)
+        pool.stopService()
+        self.assertAlmostEqual(sys.getswitchinterval(), 0.004)
