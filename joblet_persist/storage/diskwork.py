@@ -121,25 +121,19 @@ def thd_append_metrics(
     payloads: Sequence[bytes],
     modes: safefs.FileModes = safefs.DEFAULT_MODES,
     line_tables: bool = True,
-    dispose: bool = False,
 ) -> AppendResult:
     """Convert metric payloads to JSON lines, encode and append them.  Pool thread.
 
     An undecodable payload is left out and counted in ``skipped``; it never
     fails the batch.  A batch with nothing decodable appends nothing.
-    ``dispose`` (MetricBatch.disposable): empty the list columns once appended.
     """
     ts, seqs, ords, lines, skipped = _decoded(
         fmt.metric_json_lines(job_id, payloads), base, timestamps, sequences, arrivals
     )
     if not lines:
-        result = AppendResult(expected_size, (), 0, skipped, ())
-    else:
-        pieces = fmt.encode_metric_members(ts, seqs, ords, lines, compressor, lines=line_tables)
-        result = _thd_write_pieces(path, directory, expected_size, fsync, pieces, skipped, modes)
-    if dispose:
-        _dispose(timestamps, sequences, arrivals, payloads)
-    return result
+        return AppendResult(expected_size, (), 0, skipped, ())
+    pieces = fmt.encode_metric_members(ts, seqs, ords, lines, compressor, lines=line_tables)
+    return _thd_write_pieces(path, directory, expected_size, fsync, pieces, skipped, modes)
 
 
 def thd_append_events(
@@ -157,7 +151,6 @@ def thd_append_events(
     payloads: Sequence[bytes],
     modes: safefs.FileModes = safefs.DEFAULT_MODES,
     line_tables: bool = True,
-    dispose: bool = False,
 ) -> AppendResult:
     """Build the JSON lines of event payloads (``kind`` an events.EventKind), encode and
     append them.  Pool thread.
@@ -170,26 +163,24 @@ def thd_append_events(
         base, timestamps, sequences, arrivals,
     )
     if not lines:
-        result = AppendResult(expected_size, (), 0, skipped, ())
-    else:
-        pieces = fmt.encode_event_members(
-            kind.msg_type, ts, seqs, ords, lines, compressor, events.MEMBER_RAW,
-            lines=line_tables,
-        )
-        result = _thd_write_pieces(path, directory, expected_size, fsync, pieces, skipped, modes)
-    if dispose:
-        _dispose(timestamps, sequences, arrivals, payloads)
-    return result
+        return AppendResult(expected_size, (), 0, skipped, ())
+    pieces = fmt.encode_event_members(
+        kind.msg_type, ts, seqs, ords, lines, compressor, events.MEMBER_RAW, lines=line_tables
+    )
+    return _thd_write_pieces(path, directory, expected_size, fsync, pieces, skipped, modes)
 
 
-def _dispose(*columns) -> None:
-    """Empty the list columns of a stored batch (its ``disposable``): their messages are
-    freed here, on the pool thread that has just read them, where they are still in this
-    core's cache, instead of on the thread that drops the batch.  Other sequences are
-    left alone."""
+def thd_then_dispose(thd, columns: tuple, *args, **kwargs):
+    """``thd(*args, **kwargs)``, then, once it has returned, empty the list columns among
+    ``columns`` (a ``disposable`` batch's): their messages are freed here, on the pool
+    thread that has just read them, where they are still in this core's cache, instead of
+    on the thread that drops the batch.  When ``thd`` raises they are left whole for the
+    retry.  Other sequences are left alone."""
+    result = thd(*args, **kwargs)
     for column in columns:
         if type(column) is list:
             column.clear()
+    return result
 
 
 #: The top-level directories of each Part (its value), and of a whole job.

@@ -81,6 +81,7 @@ from joblet_persist.storage.diskwork import (
     thd_append_metrics,
     thd_remove_file,
     thd_remove_job,
+    thd_then_dispose,
 )
 from joblet_persist.storage.durability import FSYNC_POLICIES
 from joblet_persist.storage.files import FileBudget
@@ -407,7 +408,7 @@ class LocalStorage:
             return defer.succeed(0)
 
         columns = (batch.timestamps, batch.sequences, batch.arrivals, batch.contents)
-        return self._append(job_id, kind, (thd_append_logs, columns, {}))
+        return self._append(job_id, kind, (thd_append_logs, columns, False))
 
     @reactor_only
     def append_metrics(self, batch: MetricBatch):
@@ -426,11 +427,8 @@ class LocalStorage:
             return defer.succeed(0)
 
         columns = (job_id, batch.timestamps, batch.sequences, batch.arrivals, batch.payloads)
-        return self._append(
-            job_id,
-            SegmentKind.METRICS,
-            (thd_append_metrics, columns, {"dispose": batch.disposable}),
-        )
+        work = (thd_append_metrics, columns, batch.disposable)
+        return self._append(job_id, SegmentKind.METRICS, work)
 
     @reactor_only
     def append_events(self, batch: EventBatch):
@@ -459,12 +457,12 @@ class LocalStorage:
             batch.arrivals,
             batch.payloads,
         )
-        work = (thd_append_events, columns, {"dispose": batch.disposable})
+        work = (thd_append_events, columns, batch.disposable)
         return self._append(job_id, kind, work)
 
     def _append(self, job_id: str, kind: SegmentKind, work: tuple):
-        """Append a batch: ``work`` is ``(thd_append_*, its batch columns, its keyword
-        arguments)``.  Reactor thread."""
+        """Append a batch: ``work`` is ``(thd_append_*, its batch columns, whether the batch
+        is disposable)``.  Reactor thread."""
         try:
             self._check_running()
         except RuntimeError:
@@ -486,9 +484,11 @@ class LocalStorage:
     def _write_batch(self, state: JobState, kind: str, work):
         directory = jobindex.job_dir(self._data_dir, kind, state.job_id)
         index, path, expected_size = state.next_append(kind, directory, self._segment_max_bytes)
-        thd, columns, options = work
+        thd, columns, disposable = work
+        # A disposable batch's columns are emptied on the pool thread once it is stored.
+        call = (thd_then_dispose, thd, columns) if disposable else (thd,)
         d = self._run(
-            thd,
+            *call,
             path,
             directory,
             expected_size,
@@ -498,7 +498,6 @@ class LocalStorage:
             *columns,
             modes=self._modes,
             line_tables=self._line_tables,
-            **options,
         )
         d.addCallbacks(
             self._appended,
