@@ -42,6 +42,18 @@
 
 #include <zlib.h>
 
+/* Conversions of an int to 64 bits.  In CPython 3.11, PyLong_AsLongLong and
+ * PyLong_AsUnsignedLongLong take a generic byte-by-byte path for any int of more than one
+ * 30-bit digit (every nanosecond timestamp), while PyLong_AsLong and PyLong_AsUnsignedLong
+ * loop over the digits: the same results and errors where long has 64 bits. */
+#if LONG_MAX == INT64_MAX
+#define as_i64(o) ((long long)PyLong_AsLong(o))
+#define as_u64(o) ((unsigned long long)PyLong_AsUnsignedLong(o))
+#else
+#define as_i64(o) PyLong_AsLongLong(o)
+#define as_u64(o) PyLong_AsUnsignedLongLong(o)
+#endif
+
 static PyObject *str_slow;
 static PyObject *str_partial;
 static PyObject *str_end;
@@ -471,7 +483,7 @@ dict_get_longlong(PyObject *dict, PyObject *key, long long *value)
     if (item == NULL) {
         return PyErr_Occurred() ? -1 : 0;
     }
-    v = PyLong_AsLongLong(item);
+    v = as_i64(item);
     if (v == -1 && PyErr_Occurred()) {
         return -1;
     }
@@ -1288,7 +1300,7 @@ plan_members(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         if (_PyLong_Sign(s) < 0) {
             goto done;
         }
-        p.seq[k] = PyLong_AsUnsignedLongLong(s);
+        p.seq[k] = as_u64(s);
         if (p.seq[k] == (uint64_t)-1 && PyErr_Occurred()) {
             PyErr_Clear();
             goto done;
@@ -2836,13 +2848,13 @@ event_json_lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         if (start[i] < 0) {
             continue;
         }
-        tss[i] = PyLong_AsLongLong(PyList_GET_ITEM(timestamps, i));
+        tss[i] = as_i64(PyList_GET_ITEM(timestamps, i));
         if (tss[i] == -1 && PyErr_Occurred()) {
             PyErr_Clear();
             start[i] = -1;
             continue;
         }
-        seqs[i] = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(sequences, i));
+        seqs[i] = as_u64(PyList_GET_ITEM(sequences, i));
         if (seqs[i] == (uint64_t)-1 && PyErr_Occurred()) {
             PyErr_Clear();
             start[i] = -1;
@@ -4069,7 +4081,7 @@ extend_one(PyObject *buf, PyObject **columns, Py_ssize_t n, long long max_bytes,
     if (have == NULL) {
         goto done;
     }
-    current = PyLong_AsLongLong(have);
+    current = as_i64(have);
     Py_DECREF(have);
     if (current == -1 && PyErr_Occurred()) {
         goto done;
@@ -4180,6 +4192,31 @@ stop:
     return Py_BuildValue("(LLOn)", messages, nbytes, key, pos);
 }
 
+/* -- has_none ---------------------------------------------------------------------------------- */
+
+PyDoc_STRVAR(has_none_doc,
+"has_none(lines) -> bool\n\n"
+"Whether the list `lines` holds None: `None in lines` by identity alone, without the\n"
+"equality call per item that `in` makes for each item that is not None.");
+
+static PyObject *
+has_none(PyObject *module, PyObject *lines)
+{
+    Py_ssize_t i, n;
+    (void)module;
+    if (!PyList_Check(lines)) {
+        PyErr_SetString(PyExc_TypeError, "has_none() needs a list");
+        return NULL;
+    }
+    n = PyList_GET_SIZE(lines);
+    for (i = 0; i < n; i++) {
+        if (PyList_GET_ITEM(lines, i) == Py_None) {
+            Py_RETURN_TRUE;
+        }
+    }
+    Py_RETURN_FALSE;
+}
+
 static PyMethodDef speedups_methods[] = {
     {"decode_log_frames", (PyCFunction)(void (*)(void))decode_log_frames, METH_FASTCALL,
      decode_log_frames_doc},
@@ -4196,6 +4233,7 @@ static PyMethodDef speedups_methods[] = {
      metric_columns_doc},
     {"message_ends", (PyCFunction)(void (*)(void))message_ends, METH_FASTCALL, message_ends_doc},
     {"append_at", (PyCFunction)(void (*)(void))append_at, METH_FASTCALL, append_at_doc},
+    {"has_none", has_none, METH_O, has_none_doc},
     {"census_groups", (PyCFunction)(void (*)(void))census_groups, METH_FASTCALL,
      census_groups_doc},
     {"extend_groups", (PyCFunction)(void (*)(void))extend_groups, METH_FASTCALL,

@@ -877,6 +877,26 @@ class BatchLineTests(SynchronousTestCase):
                 self.assertIsNone(events._event_lines_c(
                     events._C_LAYOUTS[msg_type], json.dumps(JOB), [bad], [1], [1])[0])
 
+    def test_has_none(self):
+        """has_none (C when built) and has_none_py: whether a batch's lines hold None, by
+        identity (an item equal to None is not None); anything but a list is a TypeError."""
+
+        class EqualsEverything:
+            def __eq__(self, other):
+                return True
+
+            __hash__ = object.__hash__
+
+        cases = [
+            ([], False), ([b"x\n"], False), ([None], True), ([b"a", b"b", None], True),
+            ([None, b"a"], True), ([EqualsEverything(), b""], False), ([b""] * 1000, False),
+        ]
+        for check in {events.has_none, events.has_none_py}:
+            for lines, want in cases:
+                self.assertIs(check(lines), want, (check, lines[:3]))
+            for other in ((None,), iter([None]), b"x"):
+                self.assertRaises(TypeError, check, other)
+
     def test_c_builder_leaves_odd_inputs_to_python(self):
         """A payload that is not bytes, or whose timestamp or sequence does not fit 64 bits,
         is None from the C builder and only that one; payload_json_lines then gives each the

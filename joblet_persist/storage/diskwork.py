@@ -93,7 +93,7 @@ def thd_append_logs(
 def _decoded(lines: list, base: int, timestamps, sequences, arrivals) -> tuple:
     """The columns of a batch's decodable messages (``lines[i]`` None: left out), ordinals
     ``base + arrival``, and how many were left out."""
-    if None not in lines:
+    if not events.has_none(lines):
         # The batch's own columns (nothing downstream changes them), as thd_append_logs.
         ords = arrivals if base == 0 else [base + a for a in arrivals]
         return timestamps, sequences, ords, lines, 0
