@@ -314,6 +314,59 @@ def near_tables(draw):
     return bytes(raw), count
 
 
+class OrdinalBaseTests(SynchronousTestCase):
+    """encode_*_members(..., ordinal_base=B) with arrival numbers is byte for byte the
+    encoding of the ordinals B + arrival, on both planners; a base that takes an ordinal
+    out of int64 is the same ValueError."""
+
+    @settings(max_examples=100)
+    @given(batches(), st.integers(-(2**62), 2**62), st.integers(1, 400), st.booleans())
+    def test_same_members_as_added_ordinals(self, batch, base, max_member_raw, use_c):
+        timestamps, sequences, arrivals, contents = batch
+        arrivals = [a - arrivals[0] for a in arrivals]  # from 0, as a job's arrival numbers
+        added = [base + a for a in arrivals]
+        if added[-1] > 2**63 - 1:
+            return
+        saved = fmt._plan_members_c
+        if not use_c:
+            fmt._plan_members_c = None
+        try:
+            compressor = make_compressor("zlib", 1)
+            lines = [c.replace(b"\n", b"") + b"\n" for c in contents]
+            for encode, items, extra in (
+                (fmt.encode_log_members, contents, ()),
+                (fmt.encode_metric_members, lines, ()),
+                (partial(fmt.encode_event_members, 5), lines, ()),
+            ):
+                want = encode(timestamps, sequences, added, items, compressor,
+                              max_member_raw, *extra)
+                got = encode(timestamps, sequences, arrivals, items, compressor,
+                             max_member_raw, *extra, ordinal_base=base)
+                self.assertEqual(got, want)
+        finally:
+            fmt._plan_members_c = saved
+
+    def test_base_past_int64_is_refused(self):
+        compressor = make_compressor("zlib", 1)
+        for use_c in (True, False):
+            saved = fmt._plan_members_c
+            if not use_c:
+                fmt._plan_members_c = None
+            try:
+                with self.assertRaisesRegex(ValueError, "ordinal out of range"):
+                    fmt.encode_log_members([1, 2], [1, 2], [0, 5], [b"a\n", b"b\n"],
+                                           compressor, ordinal_base=2**63 - 5)
+                with self.assertRaisesRegex(ValueError, "ordinal out of range"):
+                    fmt.encode_log_members([1, 2], [1, 2], [0, 5], [b"a\n", b"b\n"],
+                                           compressor, ordinal_base=-(2**63) - 1)
+                members = fmt.encode_log_members([1, 2], [1, 2], [0, 5],
+                                                 [b"a\n", b"b\n"], compressor,
+                                                 ordinal_base=2**63 - 6)
+                self.assertEqual(members[-1][1].last_ordinal, 2**63 - 1)
+            finally:
+                fmt._plan_members_c = saved
+
+
 class DecodeTableTests(SynchronousTestCase):
     """The C table decoder gives exactly the protobuf path's tables, or defers to it."""
 

@@ -83,25 +83,24 @@ def thd_append_logs(
     ``line_tables`` (False: storage.lineTables off) is format.encode_log_members'
     ``lines``, here and in the other appends.
     """
-    ordinals = arrivals if base == 0 else [base + a for a in arrivals]
     pieces = fmt.encode_log_members(
-        timestamps, sequences, ordinals, contents, compressor, lines=line_tables
+        timestamps, sequences, arrivals, contents, compressor, lines=line_tables,
+        ordinal_base=base,
     )
     return _thd_write_pieces(path, directory, expected_size, fsync, pieces, 0, modes)
 
 
-def _decoded(lines: list, base: int, timestamps, sequences, arrivals) -> tuple:
-    """The columns of a batch's decodable messages (``lines[i]`` None: left out), ordinals
-    ``base + arrival``, and how many were left out."""
+def _decoded(lines: list, timestamps, sequences, arrivals) -> tuple:
+    """The columns of a batch's decodable messages (``lines[i]`` None: left out), and how
+    many were left out."""
     if not events.has_none(lines):
         # The batch's own columns (nothing downstream changes them), as thd_append_logs.
-        ords = arrivals if base == 0 else [base + a for a in arrivals]
-        return timestamps, sequences, ords, lines, 0
+        return timestamps, sequences, arrivals, lines, 0
     keep = [i for i, line in enumerate(lines) if line is not None]
     return (
         [timestamps[i] for i in keep],
         [sequences[i] for i in keep],
-        [base + arrivals[i] for i in keep],
+        [arrivals[i] for i in keep],
         [lines[i] for i in keep],
         len(lines) - len(keep),
     )
@@ -128,11 +127,13 @@ def thd_append_metrics(
     fails the batch.  A batch with nothing decodable appends nothing.
     """
     ts, seqs, ords, lines, skipped = _decoded(
-        fmt.metric_json_lines(job_id, payloads), base, timestamps, sequences, arrivals
+        fmt.metric_json_lines(job_id, payloads), timestamps, sequences, arrivals
     )
     if not lines:
         return AppendResult(expected_size, (), 0, skipped, ())
-    pieces = fmt.encode_metric_members(ts, seqs, ords, lines, compressor, lines=line_tables)
+    pieces = fmt.encode_metric_members(
+        ts, seqs, ords, lines, compressor, lines=line_tables, ordinal_base=base
+    )
     return _thd_write_pieces(path, directory, expected_size, fsync, pieces, skipped, modes)
 
 
@@ -160,12 +161,13 @@ def thd_append_events(
     """
     ts, seqs, ords, lines, skipped = _decoded(
         events.payload_json_lines(kind, payloads, job_id, timestamps, sequences),
-        base, timestamps, sequences, arrivals,
+        timestamps, sequences, arrivals,
     )
     if not lines:
         return AppendResult(expected_size, (), 0, skipped, ())
     pieces = fmt.encode_event_members(
-        kind.msg_type, ts, seqs, ords, lines, compressor, events.MEMBER_RAW, lines=line_tables
+        kind.msg_type, ts, seqs, ords, lines, compressor, events.MEMBER_RAW, lines=line_tables,
+        ordinal_base=base,
     )
     return _thd_write_pieces(path, directory, expected_size, fsync, pieces, skipped, modes)
 

@@ -372,10 +372,13 @@ def _encode_members(
     max_member_raw: int,
     lines: bool,
     newlines: Optional[str] = None,
+    ordinal_base: int = 0,
 ) -> list:
     """Encode a batch as members (the encode_*_members functions).  With ``newlines`` (what
     the items are: "metric", "event"), every item must end with a newline: ValueError
-    "<newlines> JSON lines must end with a newline" otherwise, before any other check."""
+    "<newlines> JSON lines must end with a newline" otherwise, before any other check.
+    Message k's ordinal is ``ordinal_base + ordinals[k]``: tables store ordinal deltas, so
+    the base only moves each member's first and last ordinal (and must keep them int64)."""
     n = len(items)
     if not (len(timestamps) == len(sequences) == len(ordinals) == n):
         _check_newlines(items, newlines)
@@ -405,11 +408,16 @@ def _encode_members(
     if plan is None:
         _check_newlines(items, newlines)
         plan = _plan_members_py(items, ts, seq, ords, max_member_raw, lines)
+    if ordinal_base:
+        # Strictly increasing (the planners checked): the ends bound every ordinal.
+        _check_range("ordinal", [ordinal_base + ords[0], ordinal_base + ords[-1]],
+                     _I64_MIN, _I64_MAX)
 
     out = []
     i = 0
     for j, data, crc, stored, flags, raw_len, min_ts, max_ts in plan:
         raw_size = len(data)
+        first, last = ordinal_base + ords[i], ordinal_base + ords[j - 1]
         # Releases the GIL (libdeflate, ISA-L, zlib) for a member's data.
         body = compressor.compress_raw(data)
         size = _HEADER_OVERHEAD + len(stored) + len(body) + _TRAILER_SIZE
@@ -418,7 +426,7 @@ def _encode_members(
         tail = _FIXED.pack(
             FORMAT_VERSION, kind, flags, 0, 0,
             size, j - i, raw_size, raw_len,
-            ords[i], ords[j - 1], min_ts, max_ts, seq[i], seq[j - 1],
+            first, last, min_ts, max_ts, seq[i], seq[j - 1],
         )[_CRC_COVERS_FROM:] + stored
         meta_crc = zlib.crc32(tail)
         payload = bytes((FORMAT_VERSION, kind, flags, 0)) + struct.pack("<I", meta_crc) + tail
@@ -435,7 +443,7 @@ def _encode_members(
         assert len(member) == size
         info = MemberInfo(
             offset=0, size=size, kind=kind, count=j - i,
-            first_ordinal=ords[i], last_ordinal=ords[j - 1],
+            first_ordinal=first, last_ordinal=last,
             min_timestamp=min_ts, max_timestamp=max_ts,
             first_sequence=seq[i], last_sequence=seq[j - 1],
             raw_size=raw_size,
@@ -453,6 +461,7 @@ def encode_log_members(
     compressor,
     max_member_raw: int = DEFAULT_MEMBER_RAW,
     lines: bool = True,
+    ordinal_base: int = 0,
 ) -> list:
     """Encode a batch of LOG messages of one stream as gzip members.
 
@@ -465,10 +474,13 @@ def encode_log_members(
     must fit int64, sequences uint64.  Raises ValueError otherwise.  With
     ``lines`` (the default) a member whose messages all end with their only
     newline gets a line table (FLAG_LINES, no lengths column); ``lines=False``
-    writes the lengths column always (files older releases read).
+    writes the lengths column always (files older releases read).  Message k's ordinal is
+    ``ordinal_base + ordinals[k]`` (a job's ordinal base plus its arrival numbers, without
+    a list of the sums).
     """
     return _encode_members(
-        KIND_LOG, timestamps, sequences, ordinals, contents, compressor, max_member_raw, lines
+        KIND_LOG, timestamps, sequences, ordinals, contents, compressor, max_member_raw, lines,
+        ordinal_base=ordinal_base,
     )
 
 
@@ -480,6 +492,7 @@ def encode_metric_members(
     compressor,
     max_member_raw: int = DEFAULT_MEMBER_RAW,
     lines: bool = True,
+    ordinal_base: int = 0,
 ) -> list:
     """Encode a batch of metric JSON lines (from metric_json_line) as gzip members.
 
@@ -487,7 +500,7 @@ def encode_metric_members(
     """
     return _encode_members(
         KIND_METRIC, timestamps, sequences, ordinals, json_lines, compressor, max_member_raw,
-        lines, "metric",
+        lines, "metric", ordinal_base,
     )
 
 
@@ -500,6 +513,7 @@ def encode_event_members(
     compressor,
     max_member_raw: int = DEFAULT_MEMBER_RAW,
     lines: bool = True,
+    ordinal_base: int = 0,
 ) -> list:
     """Encode a batch of telemetry event JSON lines (from events.event_json_line) of one
     kind as gzip members whose JP ``kind`` is the event's IPC message type (3..9).
@@ -510,7 +524,7 @@ def encode_event_members(
         raise ValueError(f"event member kind must be an event message type 3..9, not {kind}")
     return _encode_members(
         kind, timestamps, sequences, ordinals, json_lines, compressor, max_member_raw, lines,
-        "event",
+        "event", ordinal_base,
     )
 
 
