@@ -61,21 +61,28 @@ def _python_for_nobody() -> str | None:
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
     for candidate in (sys.executable, f"/usr/bin/{version}", f"/usr/local/bin/{version}"):
         try:
-            done = subprocess.run(
-                [candidate, "-c", "import grpc, joblet_persist._proto.persist_pb2_grpc"],
-                env=_nobody_env(),
-                user=NOBODY,
-                group=NOBODY,
-                extra_groups=[],
-                capture_output=True,
-                timeout=60,
-                cwd="/",
+            done = _as_nobody(
+                [candidate, "-c", "import grpc, joblet_persist._proto.persist_pb2_grpc"]
             )
         except (OSError, subprocess.SubprocessError):
             continue
         if done.returncode == 0:
             return candidate
     return None
+
+
+def _as_nobody(argv: list) -> subprocess.CompletedProcess:
+    """Blocking: run ``argv`` as uid/gid 65534 from ``/``, output captured, 60 s at most."""
+    return subprocess.run(
+        argv,
+        env=_nobody_env(),
+        user=NOBODY,
+        group=NOBODY,
+        extra_groups=[],
+        capture_output=True,
+        timeout=60,
+        cwd="/",
+    )
 
 
 def _nobody_env() -> dict:
@@ -94,16 +101,7 @@ def _run_as_nobody(python: str, spec: dict) -> dict:
     attempts are independent reads, and the abort says nothing about what it could reach.
     Any other failure, or a second abort, fails the test."""
     for attempt in (1, 2):
-        done = subprocess.run(
-            [python, CLIENT, json.dumps(spec)],
-            env=_nobody_env(),
-            user=NOBODY,
-            group=NOBODY,
-            extra_groups=[],
-            capture_output=True,
-            timeout=60,
-            cwd="/",
-        )
+        done = _as_nobody([python, CLIENT, json.dumps(spec)])
         aborted = done.returncode == -signal.SIGABRT and b"Check failed" in done.stderr
         if not (aborted and attempt == 1):
             break
