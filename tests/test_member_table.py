@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import zlib
+from contextlib import contextmanager
 from functools import partial
 
 from hypothesis import given, settings
@@ -40,15 +41,22 @@ def batches(draw):
     return timestamps, sequences, ordinals, contents
 
 
-def _encode(batch, use_c: bool, max_member_raw: int):
+@contextmanager
+def _planner(use_c: bool):
+    """The encoders' planner within the block: the C one (as built), or the Python one."""
     saved = fmt._plan_members_c
     if not use_c:
         fmt._plan_members_c = None
     try:
-        return fmt.encode_log_members(*batch, make_compressor("zlib", 1),
-                                      max_member_raw=max_member_raw)
+        yield
     finally:
         fmt._plan_members_c = saved
+
+
+def _encode(batch, use_c: bool, max_member_raw: int):
+    with _planner(use_c):
+        return fmt.encode_log_members(*batch, make_compressor("zlib", 1),
+                                      max_member_raw=max_member_raw)
 
 
 class MemberTableTests(SynchronousTestCase):
@@ -251,10 +259,7 @@ class PlanMembersTests(SynchronousTestCase):
         plan = fmt._plan_members_c(items, ts, seqs, ords, 100, True, fmt.MAX_TABLE_BYTES, True)
         self.assertEqual(plan is not None, complete)
         comp = make_compressor("zlib", 1)
-        saved = fmt._plan_members_c
-        if not use_c:
-            fmt._plan_members_c = None
-        try:
+        with _planner(use_c):
             for what, encode in (
                 ("metric", fmt.encode_metric_members),
                 ("event", lambda *a, **kw: fmt.encode_event_members(3, *a, **kw)),
@@ -268,8 +273,6 @@ class PlanMembersTests(SynchronousTestCase):
                     elif size == 0 or len(cols[2]) != len(items):
                         self.assertEqual(got[0], ValueError)
                         self.assertNotIn("newline", got[1])
-        finally:
-            fmt._plan_members_c = saved
 
     def test_the_snapshot_keeps_items_alive(self):
         """The planner reads the items without the GIL from its own snapshot: data built from
@@ -327,32 +330,23 @@ class OrdinalBaseTests(SynchronousTestCase):
         added = [base + a for a in arrivals]
         if added[-1] > 2**63 - 1:
             return
-        saved = fmt._plan_members_c
-        if not use_c:
-            fmt._plan_members_c = None
-        try:
-            compressor = make_compressor("zlib", 1)
-            lines = [c.replace(b"\n", b"") + b"\n" for c in contents]
-            for encode, items, extra in (
-                (fmt.encode_log_members, contents, ()),
-                (fmt.encode_metric_members, lines, ()),
-                (partial(fmt.encode_event_members, 5), lines, ()),
+        compressor = make_compressor("zlib", 1)
+        lines = [c.replace(b"\n", b"") + b"\n" for c in contents]
+        with _planner(use_c):
+            for encode, items in (
+                (fmt.encode_log_members, contents),
+                (fmt.encode_metric_members, lines),
+                (partial(fmt.encode_event_members, 5), lines),
             ):
-                want = encode(timestamps, sequences, added, items, compressor,
-                              max_member_raw, *extra)
+                want = encode(timestamps, sequences, added, items, compressor, max_member_raw)
                 got = encode(timestamps, sequences, arrivals, items, compressor,
-                             max_member_raw, *extra, ordinal_base=base)
+                             max_member_raw, ordinal_base=base)
                 self.assertEqual(got, want)
-        finally:
-            fmt._plan_members_c = saved
 
     def test_base_past_int64_is_refused(self):
         compressor = make_compressor("zlib", 1)
         for use_c in (True, False):
-            saved = fmt._plan_members_c
-            if not use_c:
-                fmt._plan_members_c = None
-            try:
+            with _planner(use_c):
                 with self.assertRaisesRegex(ValueError, "ordinal out of range"):
                     fmt.encode_log_members([1, 2], [1, 2], [0, 5], [b"a\n", b"b\n"],
                                            compressor, ordinal_base=2**63 - 5)
@@ -363,8 +357,6 @@ class OrdinalBaseTests(SynchronousTestCase):
                                                  [b"a\n", b"b\n"], compressor,
                                                  ordinal_base=2**63 - 6)
                 self.assertEqual(members[-1][1].last_ordinal, 2**63 - 1)
-            finally:
-                fmt._plan_members_c = saved
 
 
 class DecodeTableTests(SynchronousTestCase):
