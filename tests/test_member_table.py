@@ -344,18 +344,15 @@ class OrdinalBaseTests(SynchronousTestCase):
                 self.assertEqual(got, want)
 
     def test_base_past_int64_is_refused(self):
-        compressor = make_compressor("zlib", 1)
+        encode = partial(fmt.encode_log_members, [1, 2], [1, 2], [0, 5], [b"a\n", b"b\n"],
+                         make_compressor("zlib", 1))
         for use_c in (True, False):
             with _planner(use_c):
                 with self.assertRaisesRegex(ValueError, "ordinal out of range"):
-                    fmt.encode_log_members([1, 2], [1, 2], [0, 5], [b"a\n", b"b\n"],
-                                           compressor, ordinal_base=2**63 - 5)
+                    encode(ordinal_base=2**63 - 5)
                 with self.assertRaisesRegex(ValueError, "ordinal out of range"):
-                    fmt.encode_log_members([1, 2], [1, 2], [0, 5], [b"a\n", b"b\n"],
-                                           compressor, ordinal_base=-(2**63) - 1)
-                members = fmt.encode_log_members([1, 2], [1, 2], [0, 5],
-                                                 [b"a\n", b"b\n"], compressor,
-                                                 ordinal_base=2**63 - 6)
+                    encode(ordinal_base=-(2**63) - 1)
+                members = encode(ordinal_base=2**63 - 6)
                 self.assertEqual(members[-1][1].last_ordinal, 2**63 - 1)
 
 
