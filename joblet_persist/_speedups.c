@@ -370,6 +370,13 @@ parse_frame(const unsigned char *p, const unsigned char *end, LogFrame *f, Envel
 
 /* -- per-call job table ------------------------------------------------------------------ */
 
+/* The (timestamp, sequence, arrival) of each grouped metric or event frame of one
+ * (job, type) in a call, as int64 triples (a sequence's bits as they are). */
+struct triples {
+    int64_t *v;
+    Py_ssize_t n, room;
+};
+
 /* One job seen during a call: its interned id, its group columns per stream (borrowed from the
  * groups dict) and its next arrival number. */
 typedef struct {
@@ -378,8 +385,13 @@ typedef struct {
     Py_ssize_t len;
     PyObject *job; /* owned; NULL marks a free slot */
     PyObject *columns[2][4];
-    /* Grouped mode: the group columns of message types 2..9 (index type - 2). */
-    PyObject *other_columns[8][4];
+    /* Grouped mode, per message type 2..9 (index type - 2): the group (its list of four
+     * columns, borrowed from the groups dict), its payload column (borrowed), and its
+     * frames' (timestamp, sequence, arrival) triples (NULL until the job's first grouped
+     * frame), which become its three packed int columns at the end of the call. */
+    PyObject *other_group[8];
+    PyObject *other_items[8];
+    struct triples *triples;
     /* The last timestamp appended per stream (borrowed from its list): joblet-core sends
      * whole seconds, so consecutive lines often share one int object. */
     PyObject *last_timestamp[2];
@@ -428,8 +440,15 @@ static void
 table_free(JobTable *t)
 {
     size_t i;
+    int k;
     for (i = 0; i <= t->mask; i++) {
         Py_XDECREF(t->slots[i].job);
+        if (t->slots[i].triples != NULL) {
+            for (k = 0; k < 8; k++) {
+                PyMem_Free(t->slots[i].triples[k].v);
+            }
+            PyMem_Free(t->slots[i].triples);
+        }
     }
     if (t->slots != t->inline_slots) {
         PyMem_Free(t->slots);
@@ -637,11 +656,133 @@ append_other(PyObject *others, PyObject *job, const Envelope *env, uint32_t leng
  * below. */
 static int other_payload_time(uint32_t type, const Envelope *env, int64_t *ts, uint64_t *seq);
 
-/* Create the (job, -type) group of a metric or event frame in `groups`. */
+/* Create the (job, -type) group of a metric or event frame in `groups`: a list of four
+ * columns, the payloads' a new column (new_column) and the int columns None until
+ * finish_packed_groups sets them. */
 static int
 new_other_group(PyObject *groups, Entry *e, uint32_t type)
 {
-    return new_columns_group(groups, e->job, type_keys[type], e->other_columns[type - 2]);
+    PyObject *key, *value, *items;
+    int i, rc;
+    if (e->triples == NULL) {
+        e->triples = PyMem_Calloc(8, sizeof(struct triples));
+        if (e->triples == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+    value = PyList_New(4);
+    if (value == NULL) {
+        return -1;
+    }
+    for (i = 0; i < 3; i++) {
+        Py_INCREF(Py_None);
+        PyList_SET_ITEM(value, i, Py_None);
+    }
+    items = new_column();
+    if (items == NULL) {
+        Py_DECREF(value);
+        return -1;
+    }
+    PyList_SET_ITEM(value, 3, items);
+    key = PyTuple_Pack(2, e->job, type_keys[type]);
+    if (key == NULL) {
+        Py_DECREF(value);
+        return -1;
+    }
+    rc = PyDict_SetItem(groups, key, value);
+    Py_DECREF(key);
+    Py_DECREF(value);
+    if (rc == 0) {
+        e->other_group[type - 2] = value;
+        e->other_items[type - 2] = items;
+    }
+    return rc;
+}
+
+static inline int
+triples_add(struct triples *t, int64_t a, int64_t b, int64_t c)
+{
+    int64_t *v;
+    if (t->n == t->room) {
+        Py_ssize_t room = t->room ? t->room * 2 : 64;
+        v = PyMem_Realloc(t->v, (size_t)room * 3 * sizeof(int64_t));
+        if (v == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        t->v = v;
+        t->room = room;
+    }
+    v = t->v + 3 * t->n++;
+    v[0] = a;
+    v[1] = b;
+    v[2] = c;
+    return 0;
+}
+
+/* array('q', [0]) and array('Q', [0]): `one * n` is a new packed column of n items, made
+ * in one C call, whose buffer is then filled. */
+static PyObject *packed_one_signed, *packed_one_unsigned;
+
+/* A new packed column like `one` (packed_one_*) holding the n >= 1 values v[k], v[k + 3],
+ * ... */
+static PyObject *
+packed_from_triples(PyObject *one, const int64_t *v, Py_ssize_t n, int k)
+{
+    PyObject *column = PySequence_Repeat(one, n);
+    Py_buffer view;
+    int64_t *out;
+    Py_ssize_t i;
+    if (column == NULL) {
+        return NULL;
+    }
+    if (PyObject_GetBuffer(column, &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+        Py_DECREF(column);
+        return NULL;
+    }
+    if (view.len != n * (Py_ssize_t)sizeof(int64_t)) {
+        PyBuffer_Release(&view);
+        Py_DECREF(column);
+        PyErr_SetString(PyExc_SystemError, "packed column of an unexpected size");
+        return NULL;
+    }
+    out = view.buf;
+    for (i = 0; i < n; i++) {
+        out[i] = v[3 * i + k];
+    }
+    PyBuffer_Release(&view);
+    return column;
+}
+
+/* Give every metric and event group of the call its packed int columns: timestamps and
+ * arrivals array('q'), sequences array('Q'). */
+static int
+finish_packed_groups(JobTable *t)
+{
+    size_t i;
+    int type, k;
+    for (i = 0; i <= t->mask; i++) {
+        Entry *e = &t->slots[i];
+        if (e->job == NULL || e->triples == NULL) {
+            continue;
+        }
+        for (type = 0; type < 8; type++) {
+            struct triples *tr = &e->triples[type];
+            if (e->other_group[type] == NULL) {
+                continue;
+            }
+            for (k = 0; k < 3; k++) {
+                PyObject *column = packed_from_triples(
+                    k == 1 ? packed_one_unsigned : packed_one_signed, tr->v, tr->n, k);
+                if (column == NULL) {
+                    return -1;
+                }
+                PyList_SetItem(e->other_group[type], k, column); /* steals; frees None's ref */
+            }
+        }
+    }
+    return 0;
 }
 
 PyDoc_STRVAR(decode_log_frames_doc,
@@ -771,23 +912,24 @@ decode_log_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                     if (ok < 0) {
                         goto error;
                     }
-                    columns = e->other_columns[env.type - 2];
                     if (ok) {
-                        if (columns[0] == NULL && new_other_group(groups, e, env.type) < 0) {
+                        if (e->other_group[env.type - 2] == NULL
+                            && new_other_group(groups, e, env.type) < 0) {
                             goto error;
                         }
-                        if (append_new(columns[0], PyLong_FromLongLong(ts)) < 0
-                            || append_new(columns[1], PyLong_FromUnsignedLongLong(seq)) < 0
-                            || append_new(columns[2], PyLong_FromLongLong(e->next_arrival)) < 0
-                            || append_new(columns[3], PyBytes_FromStringAndSize(
-                                   (const char *)env.data, env.data_end - env.data)) < 0) {
+                        if (triples_add(&e->triples[env.type - 2], ts, (int64_t)seq,
+                                        e->next_arrival) < 0
+                            || append_new(e->other_items[env.type - 2],
+                                          PyBytes_FromStringAndSize(
+                                              (const char *)env.data,
+                                              env.data_end - env.data)) < 0) {
                             goto error;
                         }
                         e->next_arrival++;
                         pos += 4 + (Py_ssize_t)length;
                         continue;
                     }
-                    if (columns[0] != NULL) {
+                    if (e->other_group[env.type - 2] != NULL) {
                         /* After grouped frames of its (job, type): the caller's general
                          * decoder takes it once the groups are delivered, keeping their order. */
                         reason = str_slow;
@@ -847,7 +989,7 @@ decode_log_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         e->next_arrival++;
         pos += 4 + (Py_ssize_t)length;
     }
-    if (table_store_arrivals(&table, arrivals) < 0) {
+    if (finish_packed_groups(&table) < 0 || table_store_arrivals(&table, arrivals) < 0) {
         goto error;
     }
     table_free(&table);
@@ -858,6 +1000,58 @@ error:
     table_free(&table);
     Py_DECREF(groups);
     return NULL;
+}
+
+/* -- packed int columns ------------------------------------------------------------------
+ *
+ * The int columns of metric and event groups and batches (timestamps, sequences,
+ * arrivals) are array.array('q') / array('Q') rather than lists of ints: one buffer each,
+ * with no object per value to allocate, read and free.  The functions below that take int
+ * columns take either form. */
+
+/* Whether `format` (a buffer's) is an 8-byte int, unsigned as asked. */
+static int
+int64_format(const char *format, int is_unsigned)
+{
+    if (format == NULL) {
+        return 0;
+    }
+    if (strcmp(format, is_unsigned ? "Q" : "q") == 0) {
+        return 1;
+    }
+    return sizeof(long) == 8 && strcmp(format, is_unsigned ? "L" : "l") == 0;
+}
+
+/* A packed int column of n items: an object other than a list or tuple whose C-contiguous
+ * buffer holds 8-byte ints, unsigned as asked.  1: its items copied to out; 0: not such a
+ * column (no error set); -1: error. */
+static int
+read_packed(PyObject *column, Py_ssize_t n, int is_unsigned, void *out)
+{
+    Py_buffer view;
+    int ok;
+    if (PyList_Check(column) || PyTuple_Check(column) || !PyObject_CheckBuffer(column)) {
+        return 0;
+    }
+    if (PyObject_GetBuffer(column, &view, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    ok = view.itemsize == 8 && int64_format(view.format, is_unsigned)
+         && view.len == n * (Py_ssize_t)sizeof(int64_t);
+    if (ok && n > 0) {
+        memcpy(out, view.buf, (size_t)view.len);
+    }
+    PyBuffer_Release(&view);
+    return ok;
+}
+
+/* The number of items of an int column (a list, or anything with a length), or -1 with an
+ * exception set. */
+static Py_ssize_t
+column_size(PyObject *column)
+{
+    return PyList_Check(column) ? PyList_GET_SIZE(column) : PyObject_Length(column);
 }
 
 /* ---- plan_members: the members of a storage batch (storage/format.py) -------------------- */
@@ -1215,14 +1409,17 @@ plan_members(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t k, n, max_table;
     long long max_raw;
     int lines, overflow = 0, status = 0, release, filled = 0, newlines = 0;
+    int packed_ts, packed_seq, packed_ord;
 
     (void)self;
     memset(&p, 0, sizeof(p));
-    if ((nargs != 7 && nargs != 8) || !PyList_Check(args[0]) || !PyList_Check(args[1])
-        || !PyList_Check(args[2]) || !PyList_Check(args[3])) {
+    if ((nargs != 7 && nargs != 8) || !PyList_Check(args[0])
+        || !(PyList_Check(args[1]) || PyObject_CheckBuffer(args[1]))
+        || !(PyList_Check(args[2]) || PyObject_CheckBuffer(args[2]))
+        || !(PyList_Check(args[3]) || PyObject_CheckBuffer(args[3]))) {
         PyErr_SetString(PyExc_TypeError,
-                        "plan_members(items: list, timestamps: list, sequences: list, "
-                        "ordinals: list, max_member_raw, lines, max_table_bytes, "
+                        "plan_members(items: list, timestamps, sequences, ordinals (lists or "
+                        "packed int columns), max_member_raw, lines, max_table_bytes, "
                         "newlines=False)");
         return NULL;
     }
@@ -1233,8 +1430,16 @@ plan_members(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
     }
     n = PyList_GET_SIZE(args[0]);
-    if (PyList_GET_SIZE(args[1]) != n || PyList_GET_SIZE(args[2]) != n
-        || PyList_GET_SIZE(args[3]) != n || n == 0) {
+    for (k = 1; k <= 3; k++) {
+        Py_ssize_t size = column_size(args[k]);
+        if (size < 0) {
+            return NULL;
+        }
+        if (size != n) {
+            Py_RETURN_NONE;
+        }
+    }
+    if (n == 0) {
         Py_RETURN_NONE;
     }
     max_raw = PyLong_AsLongLongAndOverflow(args[4], &overflow);
@@ -1274,13 +1479,22 @@ plan_members(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_NoMemory();
         goto done;
     }
+    /* Packed int columns are copied whole; a list's items are read one by one below.  A
+     * buffer of another kind: None, the reference path. */
+    packed_ts = read_packed(args[1], n, 0, p.ts);
+    packed_seq = packed_ts < 0 ? -1 : read_packed(args[2], n, 1, p.seq);
+    packed_ord = packed_seq < 0 ? -1 : read_packed(args[3], n, 0, p.ord);
+    if (packed_ord < 0) {
+        goto done;
+    }
+    if ((!packed_ts && !PyList_Check(args[1])) || (!packed_seq && !PyList_Check(args[2]))
+        || (!packed_ord && !PyList_Check(args[3]))) {
+        goto done;
+    }
     p.cum[0] = 0;
     for (k = 0; k < n; k++) {
         PyObject *item = PyTuple_GET_ITEM(snapshot, k);
-        PyObject *t = PyList_GET_ITEM(args[1], k);
-        PyObject *s = PyList_GET_ITEM(args[2], k);
-        PyObject *o = PyList_GET_ITEM(args[3], k);
-        if (!PyBytes_Check(item) || !PyLong_Check(t) || !PyLong_Check(s) || !PyLong_Check(o)) {
+        if (!PyBytes_Check(item)) {
             goto done; /* None: the reference path */
         }
         p.ptr[k] = PyBytes_AS_STRING(item);
@@ -1289,21 +1503,36 @@ plan_members(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             goto done; /* None: the caller raises its error */
         }
         p.cum[k + 1] = p.cum[k] + p.len[k];
-        p.ts[k] = PyLong_AsLongLongAndOverflow(t, &overflow);
-        if (overflow) {
-            goto done;
+        if (!packed_ts) {
+            PyObject *t = PyList_GET_ITEM(args[1], k);
+            if (!PyLong_Check(t)) {
+                goto done;
+            }
+            p.ts[k] = PyLong_AsLongLongAndOverflow(t, &overflow);
+            if (overflow) {
+                goto done;
+            }
         }
-        p.ord[k] = PyLong_AsLongLongAndOverflow(o, &overflow);
-        if (overflow) {
-            goto done;
+        if (!packed_ord) {
+            PyObject *o = PyList_GET_ITEM(args[3], k);
+            if (!PyLong_Check(o)) {
+                goto done;
+            }
+            p.ord[k] = PyLong_AsLongLongAndOverflow(o, &overflow);
+            if (overflow) {
+                goto done;
+            }
         }
-        if (_PyLong_Sign(s) < 0) {
-            goto done;
-        }
-        p.seq[k] = as_u64(s);
-        if (p.seq[k] == (uint64_t)-1 && PyErr_Occurred()) {
-            PyErr_Clear();
-            goto done;
+        if (!packed_seq) {
+            PyObject *s = PyList_GET_ITEM(args[2], k);
+            if (!PyLong_Check(s) || _PyLong_Sign(s) < 0) {
+                goto done;
+            }
+            p.seq[k] = as_u64(s);
+            if (p.seq[k] == (uint64_t)-1 && PyErr_Occurred()) {
+                PyErr_Clear();
+                goto done;
+            }
         }
     }
 
@@ -2760,7 +2989,8 @@ PyDoc_STRVAR(event_json_lines_doc,
 "The stored JSON lines (events.payload_json_line) of a batch of event payloads of one kind.\n"
 "`layout` is a tuple of (prefix: bytes, code: int) per field from number 4 on, the prefix\n"
 "being ',\"key\":' and the code 0 uint32, 1 uint64, 2 int64, 3 string, 4 repeated string;\n"
-"`job_json` the job id as a JSON string; `timestamps` and `sequences` the values to write.\n"
+"`job_json` the job id as a JSON string; `timestamps` and `sequences` the values to write\n"
+"(lists of ints, or packed columns: array('q') and array('Q')).\n"
 "A list of the same length as `payloads` whose items are the line, or None where the\n"
 "payload is not canonical or a value does not fit (the caller takes the protobuf route for\n"
 "those).  Pool thread: for a batch of at least 256 payloads, the payloads are parsed and\n"
@@ -2782,24 +3012,32 @@ event_json_lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t *len, *start;
     int64_t *tss = NULL;
     uint64_t *seqs = NULL;
+    int packed_ts, packed_seq;
     OutBuf b = {NULL, 0, 0};
     PyThreadState *save = NULL;
 
     (void)self;
     if (nargs != 5 || !PyTuple_Check(args[0]) || !PyUnicode_Check(args[1])
-        || !PyList_Check(args[2]) || !PyList_Check(args[3]) || !PyList_Check(args[4])) {
+        || !PyList_Check(args[2]) || !(PyList_Check(args[3]) || PyObject_CheckBuffer(args[3]))
+        || !(PyList_Check(args[4]) || PyObject_CheckBuffer(args[4]))) {
         PyErr_SetString(PyExc_TypeError,
                         "event_json_lines(layout: tuple, job_json: str, payloads: list, "
-                        "timestamps: list, sequences: list)");
+                        "timestamps: list or array('q'), sequences: list or array('Q'))");
         return NULL;
     }
     layout = args[0];
     timestamps = args[3];
     sequences = args[4];
     n = PyList_GET_SIZE(args[2]);
-    if (PyList_GET_SIZE(timestamps) != n || PyList_GET_SIZE(sequences) != n) {
-        PyErr_SetString(PyExc_ValueError, "event_json_lines: column lengths differ");
-        return NULL;
+    {
+        Py_ssize_t nts = column_size(timestamps), nseq = column_size(sequences);
+        if (nts < 0 || nseq < 0) {
+            return NULL;
+        }
+        if (nts != n || nseq != n) {
+            PyErr_SetString(PyExc_ValueError, "event_json_lines: column lengths differ");
+            return NULL;
+        }
     }
     nfields = (int)PyTuple_GET_SIZE(layout);
     if (nfields > EV_MAX_FIELDS) {
@@ -2844,20 +3082,35 @@ event_json_lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_NoMemory();
         goto done;
     }
+    packed_ts = read_packed(timestamps, n, 0, tss);
+    packed_seq = packed_ts < 0 ? -1 : read_packed(sequences, n, 1, seqs);
+    if (packed_seq < 0) {
+        goto done;
+    }
+    if ((!packed_ts && !PyList_Check(timestamps)) || (!packed_seq && !PyList_Check(sequences))) {
+        PyErr_SetString(PyExc_TypeError,
+                        "event_json_lines: timestamps must be a list or array('q'), sequences "
+                        "a list or array('Q')");
+        goto done;
+    }
     for (i = 0; i < n; i++) {
         if (start[i] < 0) {
             continue;
         }
-        tss[i] = as_i64(PyList_GET_ITEM(timestamps, i));
-        if (tss[i] == -1 && PyErr_Occurred()) {
-            PyErr_Clear();
-            start[i] = -1;
-            continue;
+        if (!packed_ts) {
+            tss[i] = as_i64(PyList_GET_ITEM(timestamps, i));
+            if (tss[i] == -1 && PyErr_Occurred()) {
+                PyErr_Clear();
+                start[i] = -1;
+                continue;
+            }
         }
-        seqs[i] = as_u64(PyList_GET_ITEM(sequences, i));
-        if (seqs[i] == (uint64_t)-1 && PyErr_Occurred()) {
-            PyErr_Clear();
-            start[i] = -1;
+        if (!packed_seq) {
+            seqs[i] = as_u64(PyList_GET_ITEM(sequences, i));
+            if (seqs[i] == (uint64_t)-1 && PyErr_Occurred()) {
+                PyErr_Clear();
+                start[i] = -1;
+            }
         }
     }
 
@@ -4025,12 +4278,14 @@ PyDoc_STRVAR(extend_groups_doc,
     -> (messages, nbytes, key, position)\n\
 \n\
 From `position` (0 at first, then what the previous call returned) on, append each\n\
-non-empty group to its buffer (buffers[key], with list attributes timestamps, sequences,\n\
+non-empty group to its buffer (buffers[key], with column attributes timestamps, sequences,\n\
 arrivals, contents and an int nbytes) while that buffer is open (has messages) and stays\n\
 below both limits with it (nbytes counting `overhead` per message).  Stop at the first\n\
 other non-empty group (or one whose items are not all bytes), left untouched: return the\n\
 messages and bytes appended, its key (None at the end of the groups) and the position to go\n\
-on from after it.  The groups must not change between the calls of one walk.");
+on from after it.  The groups must not change between the calls of one walk.  An int column\n\
+is a list, appended to a list, or a packed column (array.array), appended to one of the same\n\
+type and typecode; a group whose columns do not match its buffer's that way is a stop.");
 
 /* The items of a list or tuple in *items (NULL when empty) and their number in *size: 1,
  * or 0 (neither a list nor a tuple). */
@@ -4050,6 +4305,53 @@ seq_items(PyObject *seq, PyObject ***items, Py_ssize_t *size)
     return 0;
 }
 
+/* Whether a and b are packed int columns of one type and item format (array.extend takes
+ * one from the other without a per-item step). */
+static int
+same_packed(PyObject *a, PyObject *b)
+{
+    Py_buffer va, vb;
+    int same;
+    if (Py_TYPE(a) != Py_TYPE(b) || PyList_Check(a) || PyTuple_Check(a)
+        || !PyObject_CheckBuffer(a)) {
+        return 0;
+    }
+    if (PyObject_GetBuffer(a, &va, PyBUF_FORMAT) < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    if (PyObject_GetBuffer(b, &vb, PyBUF_FORMAT) < 0) {
+        PyErr_Clear();
+        PyBuffer_Release(&va);
+        return 0;
+    }
+    same = va.itemsize == 8 && vb.itemsize == 8 && va.format != NULL && vb.format != NULL
+           && strcmp(va.format, vb.format) == 0;
+    PyBuffer_Release(&va);
+    PyBuffer_Release(&vb);
+    return same;
+}
+
+/* The length of a group column: a list's or tuple's, or a packed column's; -1 (no error
+ * set) for anything else. */
+static Py_ssize_t
+group_column_size(PyObject *column)
+{
+    PyObject **items;
+    Py_ssize_t n;
+    if (seq_items(column, &items, &n)) {
+        return n;
+    }
+    if (!PyObject_CheckBuffer(column)) {
+        return -1;
+    }
+    n = PyObject_Length(column);
+    if (n < 0) {
+        PyErr_Clear();
+    }
+    return n;
+}
+
 /* Append group `columns` to `buf` when it fits: 1 appended (*messages, *nbytes set), 0 not
  * (the caller's step), -1 error set. */
 static int
@@ -4067,12 +4369,18 @@ extend_one(PyObject *buf, PyObject **columns, Py_ssize_t n, long long max_bytes,
         if (targets[c] == NULL) {
             goto done;
         }
-        if (!PyList_Check(targets[c])) {
+        /* A list takes a list's or tuple's items; a packed column a packed column's. */
+        if (PyList_Check(targets[c])
+                ? !(PyList_Check(columns[c]) || PyTuple_Check(columns[c]))
+                : (c == 3 || !same_packed(targets[c], columns[c]))) {
             rc = 0;
             goto done;
         }
     }
-    open = PyList_GET_SIZE(targets[0]);
+    open = column_size(targets[0]);
+    if (open < 0) {
+        goto done;
+    }
     if (open == 0 || open + n >= max_messages) {
         rc = 0;
         goto done;
@@ -4103,9 +4411,19 @@ extend_one(PyObject *buf, PyObject **columns, Py_ssize_t n, long long max_bytes,
         goto done;
     }
     for (c = 0; c < 4; c++) {
-        Py_ssize_t at = PyList_GET_SIZE(targets[c]);
-        if (PyList_SetSlice(targets[c], at, at, columns[c]) < 0) {
-            goto done;
+        if (PyList_Check(targets[c])) {
+            Py_ssize_t at = PyList_GET_SIZE(targets[c]);
+            if (PyList_SetSlice(targets[c], at, at, columns[c]) < 0) {
+                goto done;
+            }
+        }
+        else {
+            /* array's += (its extend, by the C slot): a copy of the other's buffer. */
+            PyObject *same = PySequence_InPlaceConcat(targets[c], columns[c]);
+            if (same == NULL) {
+                goto done;
+            }
+            Py_DECREF(same);
         }
     }
     total = PyLong_FromLongLong(current + size);
@@ -4157,14 +4475,16 @@ extend_groups(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         int c, rc, fits = 1;
 
         if (!seq_items(value, &columns, &size) || size != 4
-            || !seq_items(columns[0], &items, &n)) {
+            || (n = group_column_size(columns[0])) < 0) {
             goto stop; /* not the decoder's shape: the caller's step says what it is */
         }
         if (n == 0) {
             continue;
         }
         for (c = 1; c < 4; c++) {
-            if (!seq_items(columns[c], &items, &m) || m != n) {
+            m = c == 3 ? (seq_items(columns[c], &items, &m) ? m : -1)
+                       : group_column_size(columns[c]);
+            if (m != n) {
                 fits = 0;
             }
         }
@@ -4269,6 +4589,18 @@ PyInit__speedups(void)
     str_contents = PyUnicode_InternFromString("contents");
     str_nbytes = PyUnicode_InternFromString("nbytes");
     str_end = PyUnicode_InternFromString("end");
+    {
+        PyObject *array_module = PyImport_ImportModule("array");
+        if (array_module == NULL) {
+            return NULL;
+        }
+        packed_one_signed = PyObject_CallMethod(array_module, "array", "s[i]", "q", 0);
+        packed_one_unsigned = PyObject_CallMethod(array_module, "array", "s[i]", "Q", 0);
+        Py_DECREF(array_module);
+        if (packed_one_signed == NULL || packed_one_unsigned == NULL) {
+            return NULL;
+        }
+    }
     if (str_slow == NULL || str_partial == NULL || str_end == NULL || str_timestamps == NULL
         || str_sequences == NULL || str_arrivals == NULL || str_contents == NULL
         || str_nbytes == NULL) {

@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from array import array
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -341,8 +342,11 @@ def payload_json_lines(
     hold it to ``payload_json_line``); the rest take ``payload_json_line``."""
     if _event_lines_c is not None:
         payloads = payloads if type(payloads) is list else list(payloads)
-        timestamps = timestamps if type(timestamps) is list else list(timestamps)
-        sequences = sequences if type(sequences) is list else list(sequences)
+        # Lists, or the packed columns of the writer's event buffers (array('q'), array('Q')).
+        if not (type(timestamps) is list or _is_packed(timestamps, "q")):
+            timestamps = list(timestamps)
+        if not (type(sequences) is list or _is_packed(sequences, "Q")):
+            sequences = list(sequences)
         lines = _event_lines_c(
             _C_LAYOUTS[kind.msg_type], _encode_str(job_id), payloads, timestamps, sequences
         )
@@ -352,6 +356,10 @@ def payload_json_lines(
         lines,
         lambda i: payload_json_line(kind, payloads[i], job_id, timestamps[i], sequences[i]),
     )
+
+
+def _is_packed(column, typecode: str) -> bool:
+    return type(column) is array and column.typecode == typecode
 
 
 def fill_missing_lines(lines: list, line_of) -> list:

@@ -49,7 +49,8 @@ is canonical: a frame of type 2..9 (canonical envelope) whose ``data`` is a cano
 ``groups[(job_uuid, -type)]``, four columns like a LOG group's: the record's timestamp and
 sequence (a metric's are its payload's, or the envelope's when the payload's timestamp is 0;
 an event's are the envelope's, or the payload's when the envelope's timestamp is 0: what
-ingest stores), the arrival number, and the payload bytes.  Such frames need no further
+ingest stores), the arrival number, and the payload bytes; the three int columns are packed,
+``array('q')``, ``array('Q')`` and ``array('q')`` (no int object per frame).  Such frames need no further
 check: their payloads decode.  A frame of type 2..9 whose payload is not canonical goes to
 ``others`` as without ``grouped`` while its (job, type) has no group yet in this call, and
 stops the call (``"slow"``) once it has one, so that the caller's general decoder hands it
@@ -97,6 +98,7 @@ the answer.  Any other frame upb parses goes through an exact walk of the wire f
 
 from __future__ import annotations
 
+from array import array
 from operator import index
 
 from google.protobuf.message import DecodeError
@@ -525,7 +527,7 @@ def decode_log_frames_py(
                         columns = groups.get(key)
                         if time is not None:
                             if columns is None:
-                                columns = groups[key] = [[], [], [], []]
+                                columns = groups[key] = [array("q"), array("Q"), array("q"), []]
                             columns[0].append(time[0])
                             columns[1].append(time[1])
                             columns[2].append(arrival)

@@ -2,7 +2,8 @@
 
 The decoder returns a read's frames grouped by ``(job_id, code)`` (code 1 or 2 a log
 stream, ``-t`` frames of IPC message type ``t``), each group four equally long columns
-``[timestamps, sequences, arrivals, items]``.  A read of mixed traffic holds dozens of
+``[timestamps, sequences, arrivals, items]`` (lists for a log stream; for metrics and events
+the int columns are packed, ``array('q')``, ``array('Q')``, ``array('q')``).  A read of mixed traffic holds dozens of
 groups, and the two steps here ran as several Python statements per group on the reactor
 thread: counting the frames (``census_groups``) and appending each group to its writer
 buffer (``extend_groups``).  The C extension does each in one call (``extend_groups`` one
@@ -13,6 +14,7 @@ reference and run when it is not built.
 from __future__ import annotations
 
 import itertools
+from array import array
 
 #: Frame types 0..9 (LOG 1, METRIC 2, the telemetry events 3..9): the length of
 #: ``census_groups``' per-type tuple.
@@ -57,7 +59,8 @@ def extend_groups_py(
     limits with it; stop at the first other non-empty group: ``(messages, nbytes, key,
     position)``.
 
-    A buffer has list attributes ``timestamps``, ``sequences``, ``arrivals``, ``contents``
+    A buffer has column attributes ``timestamps``, ``sequences``, ``arrivals`` (lists, or
+    packed int columns for metrics and events: ``new_packed_columns``), a list ``contents``
     and an int ``nbytes`` (its items' bytes plus ``overhead`` per message).  A group is
     appended when its buffer exists, already holds messages, and both ``nbytes + size <
     max_bytes`` and ``messages + n < max_messages`` hold with it (so appending never seals
@@ -97,6 +100,14 @@ def new_columns_py() -> tuple:
     twin's lists are not tracked by the cyclic garbage collector: they only ever hold bytes
     and ints, and its full passes then skip every buffered message."""
     return [], [], [], []
+
+
+def new_packed_columns() -> tuple:
+    """A metric or event buffer's four empty columns: packed int columns for timestamps and
+    arrivals (``array('q')``) and sequences (``array('Q')``), as the decoder's metric and
+    event groups hold them (one buffer each, no object per value to allocate and free), and
+    a payload list like ``new_columns``'."""
+    return array("q"), array("Q"), array("q"), new_columns()[3]
 
 
 try:

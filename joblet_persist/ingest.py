@@ -88,6 +88,7 @@ import ctypes
 import ctypes.util
 import socket
 import struct
+from array import array
 from bisect import bisect_right
 from collections import OrderedDict
 from typing import Callable, Optional
@@ -865,7 +866,10 @@ class IngestProtocol(Int32StringReceiver):
             for (job_id, _stream), columns in groups.items():
                 gaps = freed.get(job_id)
                 if gaps:
-                    columns[2] = [a - bisect_right(gaps, a) for a in columns[2]]
+                    renumbered = [a - bisect_right(gaps, a) for a in columns[2]]
+                    # A metric or event group's arrivals stay packed (array('q')).
+                    columns[2] = (renumbered if type(columns[2]) is list
+                                  else array("q", renumbered))
         return nbytes
 
     def _add_pending(self, pending: dict) -> None:

@@ -30,7 +30,9 @@ Shape (after twisted's ``_AggregateSmallWrites``, with Buildbot ``Debouncer``'s 
 Batch sizes count each message as its content (or payload) length plus ``MESSAGE_OVERHEAD``
 bytes.  Backpressure counts the memory buffered messages really hold: their content plus
 ``MESSAGE_MEMORY`` bytes of Python objects each (a bytes object, three ints and four list
-slots), so that ``high_water_bytes`` bounds the writer's memory, not just its content.
+slots), so that ``high_water_bytes`` bounds the writer's memory, not just its content.  A
+metric or event message holds less (its ints are packed: 24 bytes and one list slot), so the
+bound is conservative for them.
 
 Arrival ordinals: every message of a job gets the next value of a per-job counter shared by both
 log streams and the metrics, so that storage can merge the streams in arrival order.  The
@@ -44,6 +46,7 @@ A counter lives as long as the job is known to the writer (for the process run),
 from __future__ import annotations
 
 import enum
+from array import array
 from collections import deque
 from typing import Callable, Optional
 
@@ -51,7 +54,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
-from joblet_persist.grouping import extend_groups, new_columns
+from joblet_persist.grouping import extend_groups, new_columns, new_packed_columns
 from joblet_persist.logs import Logger
 from joblet_persist.storage.api import (
     KIND_OF_EVENT,
@@ -258,6 +261,26 @@ class _Job:
         self.discarding = False
 
 
+def _new_columns(key: BufferKey) -> tuple:
+    """A buffer's empty columns.  A log stream's are lists of ints, ints, ints and bytes that
+    the garbage collector does not track (grouping.new_columns): its full passes skip every
+    buffered message.  Metrics and events keep their ints packed (grouping.new_packed_columns,
+    as the decoder's groups hold them), so that appending a group copies three buffers and
+    storage reads them without an object per value."""
+    return new_columns() if key in _LOG_BUFFERS else new_packed_columns()
+
+
+_I64_MIN, _I64_MAX, _U64_MAX = -(2**63), 2**63 - 1, 2**64 - 1
+
+
+def _packed(typecode: str, column):
+    """``column`` as a packed int column of ``typecode``: itself when it is one, else a copy
+    (OverflowError for a value out of range)."""
+    if type(column) is array and column.typecode == typecode:
+        return column
+    return array(typecode, column)
+
+
 class _Buffer:
     """One (job, stream) or (job, metrics) buffer: open columns plus its queue of batches."""
 
@@ -284,9 +307,7 @@ class _Buffer:
         self.job = job
         self.key = key
         self.phase = phase  # which of the flush timer's FLUSH_PHASES ticks seals it
-        # Lists of ints, ints, ints and bytes (or payload bytes) that the garbage collector
-        # does not track (grouping.new_columns): its full passes skip every buffered message.
-        self.timestamps, self.sequences, self.arrivals, self.contents = new_columns()
+        self.timestamps, self.sequences, self.arrivals, self.contents = _new_columns(key)
         self.nbytes = 0
         self.queue: deque[_Sealed] = deque()
         self.inflight: Optional[_Sealed] = None
@@ -689,6 +710,12 @@ class BatchingWriter:
     def _extend(self, buf: _Buffer, timestamps, sequences, arrivals, items) -> None:
         """Buffer a non-empty run of messages in ``buf``, counted, and sealed exactly where
         successive single calls would seal it (the caller checks the high-water mark)."""
+        if type(buf.timestamps) is not list:
+            # A packed buffer takes packed columns; a copy first, so that a value out of
+            # range raises before anything is buffered.
+            timestamps = _packed("q", timestamps)
+            sequences = _packed("Q", sequences)
+            arrivals = _packed("q", arrivals)
         n = len(timestamps)
         nbytes = sum(map(len, items)) + MESSAGE_OVERHEAD * n
         self.messages_received += n
@@ -714,6 +741,13 @@ class BatchingWriter:
         if buf is None:
             buf = job.buffers[index] = self._new_buffer(job, index)
         timestamps = buf.timestamps
+        if type(timestamps) is not list and not (
+            _I64_MIN <= timestamp <= _I64_MAX and 0 <= sequence <= _U64_MAX
+        ):
+            raise ValueError(
+                f"job {job_id!r}: timestamp {timestamp} or sequence {sequence} out of range "
+                "(int64, uint64)"
+            )
         if not timestamps:
             self._opened(buf)
         timestamps.append(timestamp)
@@ -918,7 +952,7 @@ class BatchingWriter:
         # thread once they are stored (nothing here reads them afterwards), so that their
         # messages are not freed on this thread.  Log batches are not: pending_logs reads
         # the batch in flight until storage has published it.
-        buf.timestamps, buf.sequences, buf.arrivals, buf.contents = new_columns()
+        buf.timestamps, buf.sequences, buf.arrivals, buf.contents = _new_columns(buf.key)
         buf.nbytes = 0
         self._dirty.pop(buf, None)
         buf.queue.append(sealed)
@@ -1019,7 +1053,7 @@ class BatchingWriter:
     def _drop_open(self, buf: _Buffer) -> None:
         n = buf.nbytes + _MEMORY_EXTRA * len(buf.timestamps)
         if buf.timestamps:
-            buf.timestamps, buf.sequences, buf.arrivals, buf.contents = new_columns()
+            buf.timestamps, buf.sequences, buf.arrivals, buf.contents = _new_columns(buf.key)
             buf.nbytes = 0
             self._buffered -= n
         self._dirty.pop(buf, None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+from array import array
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -832,11 +833,14 @@ class BatchLineTests(SynchronousTestCase):
                 want.append(events.payload_json_line(kind, payload, job_id, ts, seq))
             except events.EventDecodeError:
                 want.append(None)
+        n = len(batch)
         for builder in (events._event_lines_c, None):  # the C builder, then none
             self.patch(events, "_event_lines_c", builder)
-            got = events.payload_json_lines(kind, batch, job_id, [ts] * len(batch),
-                                            [seq] * len(batch))
-            self.assertEqual(got, want)
+            # Int columns as lists, and packed as the writer's event buffers hold them.
+            for stamps, seqs in (([ts] * n, [seq] * n), (array("q", [ts] * n),
+                                                         array("Q", [seq] * n))):
+                got = events.payload_json_lines(kind, batch, job_id, stamps, seqs)
+                self.assertEqual(got, want)
 
     @given(st.lists(valid_events(), min_size=1, max_size=6))
     def test_valid_events(self, evs):
@@ -876,6 +880,38 @@ class BatchLineTests(SynchronousTestCase):
             if layout[1][2] == "str":
                 self.assertIsNone(events._event_lines_c(
                     events._C_LAYOUTS[msg_type], json.dumps(JOB), [bad], [1], [1])[0])
+
+    def test_c_builder_takes_packed_columns(self):
+        """Packed timestamps (array('q')) and sequences (array('Q')) give the lines lists
+        give, 64-bit extremes included; packed columns of another item type are a
+        TypeError, and columns of another length a ValueError, naming what they must be;
+        payload_json_lines copies other arrays to lists."""
+        if events._event_lines_c is None:
+            from twisted.trial.unittest import SkipTest
+
+            raise SkipTest("joblet_persist._speedups is not built")
+        kind = events.KINDS_BY_TYPE[3]
+        payloads = [encode_event(3, {"pid": i, "comm": "sh"}, ts=1, seq=1) for i in range(300)]
+        stamps = [I64_MIN, I64_MAX] + list(range(298))
+        seqs = [U64_MAX, 0] + list(range(298))
+        layout, job = events._C_LAYOUTS[3], json.dumps(JOB)
+        want = events._event_lines_c(layout, job, payloads, stamps, seqs)
+        self.assertNotIn(None, want)
+        self.assertEqual(events._event_lines_c(layout, job, payloads, array("q", stamps),
+                                               array("Q", seqs)), want)
+        self.assertEqual(events._event_lines_c(layout, job, payloads, stamps,
+                                               array("Q", seqs)), want)
+        for odd in ((array("Q", seqs), array("Q", seqs)),
+                    (array("q", stamps), array("i", [0] * 300))):
+            with self.assertRaises(TypeError) as caught:
+                events._event_lines_c(layout, job, payloads, *odd)
+            self.assertIn("array('q')", str(caught.exception))
+        with self.assertRaises(ValueError) as caught:
+            events._event_lines_c(layout, job, payloads, array("q", stamps[:5]), seqs)
+        self.assertIn("column lengths differ", str(caught.exception))
+        self.assertEqual(
+            events.payload_json_lines(kind, payloads, JOB, array("l", stamps),
+                                      array("Q", seqs)), want)
 
     def test_has_none(self):
         """has_none (C when built) and has_none_py: whether a batch's lines hold None, by

@@ -9,6 +9,7 @@ whatever upb decodes, the decoders must decode identically or leave to the gener
 from __future__ import annotations
 
 import struct
+from array import array
 
 from google.protobuf import empty_pb2, unknown_fields
 from google.protobuf.message import DecodeError
@@ -138,7 +139,9 @@ def reference_decode(data: bytes, offset: int, max_length: int, arrivals: dict, 
                 arrival = nxt.get(job, arrivals.get(job, 0))
                 nxt[job] = arrival + 1
                 if time is not None:
-                    columns = groups.setdefault((job, -msg_type), [[], [], [], []])
+                    columns = groups.setdefault(
+                        (job, -msg_type), [array("q"), array("Q"), array("q"), []]
+                    )
                     for column, value in zip(columns, (*time, arrival, payload), strict=True):
                         column.append(value)
                     pos += 4 + length
@@ -456,8 +459,14 @@ class DecoderTestsMixin:
         self.assertIsInstance(got, tuple)
         pos, groups, reason = got
         seen: dict = {}
-        for (job, _stream), columns in groups.items():
+        for (job, code), columns in groups.items():
             self.assertIs(type(job), str)
+            # Log streams' int columns are lists; metrics' and events' are packed.
+            if code > 0:
+                self.assertEqual([type(c) for c in columns], [list] * 4)
+            else:
+                self.assertEqual([type(c) for c in columns], [array, array, array, list])
+                self.assertEqual([c.typecode for c in columns[:3]], ["q", "Q", "q"])
             # One str object per job id within a call.
             self.assertIs(seen.setdefault(job, job), job)
             self.assertEqual(len({len(c) for c in columns}), 1)
@@ -618,13 +627,35 @@ class DecoderTestsMixin:
         self.assertEqual([o[:4] + o[5:] for o in others], [(4, "j", 3, 0, len(bad_first), 0)])
         self.assertEqual(groups, {
             ("j", 1): [[1], [1], [1], [b"x"]],
-            ("j", -2): [[40], [41], [2], [metric]],
-            ("j", -3): [[9, 50, 50], [8, 51, 51], [3, 4, 5], [ev, ev, odd]],
+            ("j", -2): [array("q", [40]), array("Q", [41]), array("q", [2]), [metric]],
+            ("j", -3): [array("q", [9, 50, 50]), array("Q", [8, 51, 51]), array("q", [3, 4, 5]),
+                        [ev, ev, odd]],
         })
         self.assertEqual(arrivals, {"j": 6})
         # Not grouped without the flag; the flag needs the list.
         self.assertEqual(len(type(self).decode(stream, 0, 1 << 20, {}, [])[1]), 1)
         self.assertRaises(ValueError, type(self).decode, stream, 0, 1 << 20, {}, None, True)
+
+    def test_grouped_extremes_are_exact(self):
+        """The packed int columns of a metric or event group keep the 64-bit extremes
+        exactly: the smallest int64 timestamp, the largest uint64 sequence, and the largest
+        arrival numbers (2**63 - 1 is never given); a group of many frames (past the first growth of the C
+        decoder's scratch) keeps every value in order."""
+        ev = encode_event(3, SAMPLES[3], ts=50, seq=51)
+        low = ipc_pb2.IPCMessage(type=3, job_uuid="j", timestamp=-(1 << 63), sequence=MASK64,
+                                 data=ev).SerializeToString()
+        many = [ipc_pb2.IPCMessage(type=3, job_uuid="k", timestamp=i + 1, sequence=i,
+                                   data=ev).SerializeToString() for i in range(300)]
+        arrivals = {"j": (1 << 63) - 3, "k": 5}
+        pos, groups, reason = self.check(b"".join(map(frame, [low, low, *many])),
+                                         arrivals=arrivals, grouped=True)
+        self.assertEqual(reason, "end")
+        ts, seq, arr, items = groups[("j", -3)]
+        self.assertEqual((list(ts), list(seq), list(arr)),
+                         ([-(1 << 63)] * 2, [MASK64] * 2, [(1 << 63) - 3, (1 << 63) - 2]))
+        ts, seq, arr, items = groups[("k", -3)]
+        self.assertEqual((list(ts), list(seq), list(arr)),
+                         (list(range(1, 301)), list(range(300)), list(range(5, 305))))
 
     def test_others_keep_the_group(self):
         """LOG frames between metric and event frames make one group; the other frames come

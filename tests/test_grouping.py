@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import struct
+from array import array
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -21,10 +22,15 @@ class Buf:
 
     __slots__ = ("timestamps", "sequences", "arrivals", "contents", "nbytes")
 
-    def __init__(self, held: int = 0, overhead: int = 0):
+    def __init__(self, held: int = 0, overhead: int = 0, packed: bool = False):
         self.timestamps = list(range(held))
         self.sequences = list(range(held))
         self.arrivals = list(range(held))
+        if packed:  # a metric or event buffer's packed int columns
+            self.timestamps, self.sequences, self.arrivals = (
+                array(code, column) for code, column in
+                zip("qQq", (self.timestamps, self.sequences, self.arrivals), strict=True)
+            )
         self.contents = [b"h" * (i % 5) for i in range(held)]
         self.nbytes = sum(map(len, self.contents)) + overhead * held
 
@@ -38,14 +44,16 @@ def c_functions():
     return grouping._census_groups_c, grouping._extend_groups_c
 
 
-def make_groups(spec) -> dict:
-    """``spec``: (job, code, sizes of the items) per group, in order."""
+def make_groups(spec, packed: bool = False) -> dict:
+    """``spec``: (job, code, sizes of the items) per group, in order; with ``packed``, the
+    int columns of metric and event groups (code < 0) are packed, as the decoder's are."""
     groups: dict = {}
     for i, (job, code, sizes) in enumerate(spec):
         n = len(sizes)
-        groups[(job, code)] = [
-            [1000 + i] * n, [i] * n, list(range(n)), [b"x" * size for size in sizes]
-        ]
+        ints = [[1000 + i] * n, [i] * n, list(range(n))]
+        if packed and code < 0:
+            ints = [array(c, column) for c, column in zip("qQq", ints, strict=True)]
+        groups[(job, code)] = [*ints, [b"x" * size for size in sizes]]
     return groups
 
 
@@ -156,16 +164,18 @@ class ExtendTests(SynchronousTestCase):
             self.assertEqual(walk(extend, groups, buffers, 51, 100, 0), (1, 50, []))
 
     @given(group_specs, st.integers(1, 400), st.integers(1, 12), st.integers(0, 3),
-           st.dictionaries(st.sampled_from(["j1", "j2", "j3"]), st.integers(0, 6)))
+           st.dictionaries(st.sampled_from(["j1", "j2", "j3"]), st.integers(0, 6)),
+           st.booleans())
     @settings(max_examples=300, deadline=None)
-    def test_c_matches_reference(self, spec, max_bytes, max_messages, overhead, held):
-        """Same buffers, counts and stops as the reference, for any groups and limits."""
+    def test_c_matches_reference(self, spec, max_bytes, max_messages, overhead, held, packed):
+        """Same buffers, counts and stops as the reference, for any groups and limits, with
+        list int columns and with metric and event groups and buffers packed."""
         _, extend_c = c_functions()
         results = []
         for extend in (grouping.extend_groups_py, extend_c):
-            groups = make_groups(spec)
+            groups = make_groups(spec, packed)
             buffers = {
-                (job, code): Buf(held[job], overhead)
+                (job, code): Buf(held[job], overhead, packed and code < 0)
                 for job, code, _sizes in spec if job in held
             }
             got = walk(extend, groups, buffers, max_bytes, max_messages, overhead)
@@ -182,6 +192,28 @@ class ExtendTests(SynchronousTestCase):
         self.assertEqual(buffers[("a", 1)].state(), ([0, 7], [0, 8], [0, 9], [b"", b"z"], 1))
         with self.assertRaises(TypeError):
             extend_c({}, [], 1, 1, 0, 0)
+
+    def test_c_appends_packed_columns_to_their_kind_only(self):
+        """Packed int columns are appended to packed buffer columns of the same typecode;
+        packed into lists, lists into packed, or another typecode is a stop that leaves the
+        buffer untouched, for the caller's step (which converts)."""
+        _, extend_c = c_functions()
+        packed = make_groups([("a", -3, [1, 2])], packed=True)[("a", -3)]
+        lists = make_groups([("a", -3, [1, 2])])[("a", -3)]
+        odd = [array("q", packed[1]) if i == 1 else c for i, c in enumerate(packed)]
+        for group, buf, appended in ((packed, Buf(1, packed=True), True),
+                                     (packed, Buf(1), False), (lists, Buf(1, packed=True), False),
+                                     (odd, Buf(1, packed=True), False)):
+            before = Buf(1, packed=type(buf.timestamps) is array).state()
+            got = walk(extend_c, {("a", -3): group}, {("a", -3): buf}, 100, 100, 0)
+            if appended:
+                self.assertEqual(got, (2, 3, []))
+                self.assertEqual(buf.state(), (array("q", [0, 1000, 1000]),
+                                               array("Q", [0, 0, 0]), array("q", [0, 0, 1]),
+                                               [b"", b"x", b"xx"], 3))
+            else:
+                self.assertEqual(got, (0, 0, [("a", -3)]))
+                self.assertEqual(buf.state(), before)
         with self.assertRaises(ValueError):
             extend_c({}, {}, 1, 1, 0, -1)
 
@@ -223,3 +255,11 @@ class ColumnTests(SynchronousTestCase):
         (columns,) = groups.values()
         self.assertEqual(columns[3], [b"x\n"])
         self.assertEqual([gc.is_tracked(column) for column in columns], [False] * 4)
+
+    def test_packed_columns(self):
+        """new_packed_columns: a metric or event buffer's columns, int columns packed as
+        the decoder's groups hold them, fresh each call."""
+        first, second = grouping.new_packed_columns(), grouping.new_packed_columns()
+        self.assertEqual([type(c) for c in first], [array, array, array, list])
+        self.assertEqual([c.typecode for c in first[:3]], ["q", "Q", "q"])
+        self.assertEqual(len({id(column) for column in first + second}), 8)

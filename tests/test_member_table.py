@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import zlib
+from array import array
 from contextlib import contextmanager
 from functools import partial
 
@@ -212,6 +213,42 @@ class PlanMembersTests(SynchronousTestCase):
             self.assertEqual(plan, fmt._plan_members_py(items, ts, seqs, ords, 100, True))
         batch = (ts, seqs, ords, items)
         self.assertEqual(_outcome(_encode, batch, True, 100), _outcome(_encode, batch, False, 100))
+
+    @settings(max_examples=100)
+    @given(plan_batches(), st.integers(1, 400), st.booleans(),
+           st.lists(st.booleans(), min_size=3, max_size=3))
+    def test_packed_columns_plan_like_lists(self, batch, max_member_raw, lines, packed):
+        """Int columns packed as metric and event batches hold them (timestamps and
+        ordinals array('q'), sequences array('Q')), any of them: the same plan as from
+        lists, and the encoder passes them to the C planner as they are."""
+        items, ts, seqs, ords = map(list, batch)
+        want = fmt._plan_members_c(items, ts, seqs, ords, max_member_raw, lines,
+                                   fmt.MAX_TABLE_BYTES)
+        columns = [array(code, column) if pack else column
+                   for code, column, pack in zip("qQq", (ts, seqs, ords), packed, strict=True)]
+        self.assertEqual(fmt._plan_members_c(items, *columns, max_member_raw, lines,
+                                             fmt.MAX_TABLE_BYTES), want)
+        self.assertEqual(_encode((*columns, items), True, max_member_raw),
+                         _encode((ts, seqs, ords, items), True, max_member_raw))
+
+    def test_other_packed_columns_go_to_the_reference(self):
+        """A buffer of another item type (array('Q') timestamps, array('i') ordinals,
+        bytes), or a packed column of another length: None, and the encoder's Python path
+        gives the same members or error as lists do; something neither a list nor a buffer
+        is a TypeError."""
+        items, ts, seqs, ords = [b"a\n", b"b\n"], [5, 6], [1, 2], [1, 2]
+        want = _encode((ts, seqs, ords, items), True, 100)
+        for column, odd in ((1, array("Q", ts)), (3, array("i", ords)), (2, array("q", seqs)),
+                            (1, array("q", [5])), (3, b"\x01\x02")):
+            with self.subTest(column=column, odd=odd):
+                columns = [items, ts, seqs, ords]
+                columns[column] = odd
+                self.assertIsNone(fmt._plan_members_c(*columns, 100, True, fmt.MAX_TABLE_BYTES))
+                if not isinstance(odd, bytes) and len(odd) == 2:
+                    got = _encode((*columns[1:], items), True, 100)
+                    self.assertEqual(got, want)
+        self.assertRaises(TypeError, fmt._plan_members_c, items, ts, (5, 6), ords, 100, True,
+                          fmt.MAX_TABLE_BYTES)
 
     def test_out_of_range_values_go_to_the_reference(self):
         """Each value the C planner does not take gives None and the Python planner's error:

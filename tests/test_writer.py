@@ -6,6 +6,8 @@ fails them, to prove ordering, flush-on-stop, retries and backpressure.
 
 from __future__ import annotations
 
+from array import array
+
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import defer, task
@@ -830,6 +832,50 @@ class EventBufferTests(WriterTestMixin, SynchronousTestCase):
         self.writer.add_event("job1", "file", 1, 1, b"e")
         disposable = {c.kind: getattr(c.batch, "disposable", None) for c in self.storage.calls}
         self.assertEqual(disposable, {"logs": None, "metrics": True, "events": True})
+
+    def test_metric_and_event_ints_are_packed(self):
+        """Metric and event batches carry their int columns packed (timestamps and arrivals
+        array('q'), sequences array('Q')), 64-bit extremes exact, whether they came one by
+        one, as lists or as the decoder's packed columns; log batches keep lists."""
+        self.make(batch_max_messages=3)
+        self.add("job1", 1, b"log")
+        w = self.writer
+        w.add_metric("job1", -(2**63), 2**64 - 1, b"m1")
+        w.add_metrics("job1", [2**63 - 1, 5], [0, 6], [w.arrivals["job1"], 9], [b"m2", b"m3"])
+        w.add_events("job1", "mmap", array("q", [1, 2, 3]), array("Q", [4, 5, 6]),
+                     array("q", [10, 11, 12]), [b"e1", b"e2", b"e3"])
+        self.writer.flush_all()
+        by_kind = {c.kind: c.batch for c in self.storage.calls}
+        self.assertEqual(type(by_kind["logs"].timestamps), list)
+        for kind, want in (("metrics", ([-(2**63), 2**63 - 1, 5], [2**64 - 1, 0, 6], [1, 2, 9])),
+                           ("events", ([1, 2, 3], [4, 5, 6], [10, 11, 12]))):
+            b = by_kind[kind]
+            columns = (b.timestamps, b.sequences, b.arrivals)
+            self.assertEqual([(type(c), c.typecode) for c in columns],
+                             [(array, "q"), (array, "Q"), (array, "q")], kind)
+            self.assertEqual(tuple(map(list, columns)), want)
+
+    def test_out_of_range_metric_or_event_ints_buffer_nothing(self):
+        """A timestamp outside int64 or a sequence outside uint64 for a metric or event
+        buffer is refused before anything is buffered: the buffer and the counts stay as
+        they were, and the next message is buffered normally."""
+        self.make(batch_max_messages=10)
+        w = self.writer
+        w.add_event("job1", "exec", 1, 1, b"e0")
+        cases = [
+            lambda: w.add_event("job1", "exec", 2**63, 1, b"x"),
+            lambda: w.add_metric("job1", 1, -1, b"x"),
+            lambda: w.add_events("job1", "exec", [1, 2], [1, 2**64], [5, 6], [b"x", b"y"]),
+            lambda: w.add_metrics("job1", [1], [1], [-(2**63) - 1], [b"x"]),
+        ]
+        for call in cases:
+            before = (w.messages_received, w.buffered_bytes, dict(w.arrivals))
+            self.assertRaises((ValueError, OverflowError), call)
+            self.assertEqual((w.messages_received, w.buffered_bytes, dict(w.arrivals)), before)
+        w.add_event("job1", "exec", 3, 3, b"e1")
+        self.writer.flush_all()
+        (call,) = self.storage.calls
+        self.assertEqual((list(call.batch.timestamps), call.batch.payloads), ([1, 3], [b"e0", b"e1"]))
 
     def test_kinds_are_separate_keys_in_order(self):
         """Each event kind of a job is its own key: kinds append in parallel, one batch in

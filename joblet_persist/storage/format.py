@@ -21,6 +21,7 @@ import math
 import os
 import struct
 import zlib
+from array import array
 from bisect import bisect_right
 from dataclasses import dataclass
 from itertools import accumulate
@@ -362,6 +363,10 @@ def _plan_members_py(items: list, ts: list, seq: list, ords: list, max_member_ra
     return plan
 
 
+#: The types of int column the planners take as they are.
+_INT_COLUMNS = (list, array)
+
+
 def _encode_members(
     kind: int,
     timestamps: Sequence[int],
@@ -395,9 +400,11 @@ def _encode_members(
     # the per-message work (boundaries, tables, joining and checksumming the data) is the C
     # planner's, which releases the GIL for it; what stays here is per member.  The C planner returns None
     # for input it does not take (a value out of range, ...): the Python planner decides.
-    ts = timestamps if type(timestamps) is list else list(timestamps)
-    seq = sequences if type(sequences) is list else list(sequences)
-    ords = ordinals if type(ordinals) is list else list(ordinals)
+    # Int columns are lists or packed (array.array, what metric and event batches hold):
+    # the C planner copies a packed column whole.
+    ts = timestamps if type(timestamps) in _INT_COLUMNS else list(timestamps)
+    seq = sequences if type(sequences) in _INT_COLUMNS else list(sequences)
+    ords = ordinals if type(ordinals) in _INT_COLUMNS else list(ordinals)
     items = items if type(items) is list else list(items)
     plan = None
     if _plan_members_c is not None:
