@@ -584,13 +584,30 @@ new_column(void)
     return column;
 }
 
+/* groups[(job, tag)] = value, stealing the reference to `value`: 0, or -1 with an
+ * exception set. */
+static int
+set_group(PyObject *groups, PyObject *job, PyObject *tag, PyObject *value)
+{
+    PyObject *key = PyTuple_Pack(2, job, tag);
+    int rc;
+    if (key == NULL) {
+        Py_DECREF(value);
+        return -1;
+    }
+    rc = PyDict_SetItem(groups, key, value);
+    Py_DECREF(key);
+    Py_DECREF(value);
+    return rc;
+}
+
 /* Create the group (job, tag) in `groups`, a list of four new columns (new_column) whose
  * borrowed references go to `columns`. */
 static int
 new_columns_group(PyObject *groups, PyObject *job, PyObject *tag, PyObject **columns)
 {
-    PyObject *key, *value;
-    int i, rc;
+    PyObject *value;
+    int i;
     value = PyList_New(4);
     if (value == NULL) {
         return -1;
@@ -604,15 +621,7 @@ new_columns_group(PyObject *groups, PyObject *job, PyObject *tag, PyObject **col
         PyList_SET_ITEM(value, i, column);
         columns[i] = column;
     }
-    key = PyTuple_Pack(2, job, tag);
-    if (key == NULL) {
-        Py_DECREF(value);
-        return -1;
-    }
-    rc = PyDict_SetItem(groups, key, value);
-    Py_DECREF(key);
-    Py_DECREF(value);
-    return rc;
+    return set_group(groups, job, tag, value);
 }
 
 /* Create the (job, stream) group in `groups`; keep borrowed references to its four lists. */
@@ -662,7 +671,7 @@ static int other_payload_time(uint32_t type, const Envelope *env, int64_t *ts, u
 static int
 new_other_group(PyObject *groups, Entry *e, uint32_t type)
 {
-    PyObject *key, *value, *items;
+    PyObject *value, *items;
     int i, rc;
     if (e->triples == NULL) {
         e->triples = PyMem_Calloc(8, sizeof(struct triples));
@@ -685,15 +694,8 @@ new_other_group(PyObject *groups, Entry *e, uint32_t type)
         return -1;
     }
     PyList_SET_ITEM(value, 3, items);
-    key = PyTuple_Pack(2, e->job, type_keys[type]);
-    if (key == NULL) {
-        Py_DECREF(value);
-        return -1;
-    }
-    rc = PyDict_SetItem(groups, key, value);
-    Py_DECREF(key);
-    Py_DECREF(value);
-    if (rc == 0) {
+    rc = set_group(groups, e->job, type_keys[type], value);
+    if (rc == 0) { /* the dict holds the group */
         e->other_group[type - 2] = value;
         e->other_items[type - 2] = items;
     }
@@ -1052,6 +1054,25 @@ static Py_ssize_t
 column_size(PyObject *column)
 {
     return PyList_Check(column) ? PyList_GET_SIZE(column) : PyObject_Length(column);
+}
+
+/* Item k of a list of ints as an int64 in *out: 1, or 0 (not an int, or out of range; no
+ * error set). */
+static inline int
+list_item_i64(PyObject *list, Py_ssize_t k, int64_t *out)
+{
+    PyObject *item = PyList_GET_ITEM(list, k);
+    int overflow = 0;
+    long long value;
+    if (!PyLong_Check(item)) {
+        return 0;
+    }
+    value = PyLong_AsLongLongAndOverflow(item, &overflow);
+    if (overflow) {
+        return 0;
+    }
+    *out = value;
+    return 1;
 }
 
 /* ---- plan_members: the members of a storage batch (storage/format.py) -------------------- */
@@ -1503,25 +1524,9 @@ plan_members(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             goto done; /* None: the caller raises its error */
         }
         p.cum[k + 1] = p.cum[k] + p.len[k];
-        if (!packed_ts) {
-            PyObject *t = PyList_GET_ITEM(args[1], k);
-            if (!PyLong_Check(t)) {
-                goto done;
-            }
-            p.ts[k] = PyLong_AsLongLongAndOverflow(t, &overflow);
-            if (overflow) {
-                goto done;
-            }
-        }
-        if (!packed_ord) {
-            PyObject *o = PyList_GET_ITEM(args[3], k);
-            if (!PyLong_Check(o)) {
-                goto done;
-            }
-            p.ord[k] = PyLong_AsLongLongAndOverflow(o, &overflow);
-            if (overflow) {
-                goto done;
-            }
+        if ((!packed_ts && !list_item_i64(args[1], k, &p.ts[k]))
+            || (!packed_ord && !list_item_i64(args[3], k, &p.ord[k]))) {
+            goto done;
         }
         if (!packed_seq) {
             PyObject *s = PyList_GET_ITEM(args[2], k);
