@@ -386,11 +386,10 @@ typedef struct {
     PyObject *job; /* owned; NULL marks a free slot */
     PyObject *columns[2][4];
     /* Grouped mode, per message type 2..9 (index type - 2): the group (its list of four
-     * columns, borrowed from the groups dict), its payload column (borrowed), and its
-     * frames' (timestamp, sequence, arrival) triples (NULL until the job's first grouped
-     * frame), which become its three packed int columns at the end of the call. */
+     * columns, borrowed from the groups dict; item 3 the payloads), and its frames'
+     * (timestamp, sequence, arrival) triples (NULL until the job's first grouped frame),
+     * which become its three packed int columns at the end of the call. */
     PyObject *other_group[8];
-    PyObject *other_items[8];
     struct triples *triples;
     /* The last timestamp appended per stream (borrowed from its list): joblet-core sends
      * whole seconds, so consecutive lines often share one int object. */
@@ -697,7 +696,6 @@ new_other_group(PyObject *groups, Entry *e, uint32_t type)
     rc = set_group(groups, e->job, type_keys[type], value);
     if (rc == 0) { /* the dict holds the group */
         e->other_group[type - 2] = value;
-        e->other_items[type - 2] = items;
     }
     return rc;
 }
@@ -921,7 +919,7 @@ decode_log_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                         }
                         if (triples_add(&e->triples[env.type - 2], ts, (int64_t)seq,
                                         e->next_arrival) < 0
-                            || append_new(e->other_items[env.type - 2],
+                            || append_new(PyList_GET_ITEM(e->other_group[env.type - 2], 3),
                                           PyBytes_FromStringAndSize(
                                               (const char *)env.data,
                                               env.data_end - env.data)) < 0) {
@@ -1048,6 +1046,18 @@ read_packed(PyObject *column, Py_ssize_t n, int is_unsigned, void *out)
     return ok;
 }
 
+/* An int column of n items for a C array: 1, a packed column (read_packed) copied to out;
+ * 0, a list, whose items the caller reads; -2, anything else (no error set); -1, error. */
+static int
+take_int_column(PyObject *column, Py_ssize_t n, int is_unsigned, void *out)
+{
+    int packed = read_packed(column, n, is_unsigned, out);
+    if (packed == 0 && !PyList_Check(column)) {
+        return -2;
+    }
+    return packed;
+}
+
 /* The number of items of an int column (a list, or anything with a length), or -1 with an
  * exception set. */
 static Py_ssize_t
@@ -1062,13 +1072,13 @@ static inline int
 list_item_i64(PyObject *list, Py_ssize_t k, int64_t *out)
 {
     PyObject *item = PyList_GET_ITEM(list, k);
-    int overflow = 0;
     long long value;
     if (!PyLong_Check(item)) {
         return 0;
     }
-    value = PyLong_AsLongLongAndOverflow(item, &overflow);
-    if (overflow) {
+    value = as_i64(item);
+    if (value == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
         return 0;
     }
     *out = value;
@@ -1502,15 +1512,11 @@ plan_members(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     /* Packed int columns are copied whole; a list's items are read one by one below.  A
      * buffer of another kind: None, the reference path. */
-    packed_ts = read_packed(args[1], n, 0, p.ts);
-    packed_seq = packed_ts < 0 ? -1 : read_packed(args[2], n, 1, p.seq);
-    packed_ord = packed_seq < 0 ? -1 : read_packed(args[3], n, 0, p.ord);
+    packed_ts = take_int_column(args[1], n, 0, p.ts);
+    packed_seq = packed_ts < 0 ? -1 : take_int_column(args[2], n, 1, p.seq);
+    packed_ord = packed_seq < 0 ? -1 : take_int_column(args[3], n, 0, p.ord);
     if (packed_ord < 0) {
-        goto done;
-    }
-    if ((!packed_ts && !PyList_Check(args[1])) || (!packed_seq && !PyList_Check(args[2]))
-        || (!packed_ord && !PyList_Check(args[3]))) {
-        goto done;
+        goto done; /* an error, or None for another kind of column */
     }
     p.cum[0] = 0;
     for (k = 0; k < n; k++) {
@@ -3087,12 +3093,12 @@ event_json_lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_NoMemory();
         goto done;
     }
-    packed_ts = read_packed(timestamps, n, 0, tss);
-    packed_seq = packed_ts < 0 ? -1 : read_packed(sequences, n, 1, seqs);
-    if (packed_seq < 0) {
+    packed_ts = take_int_column(timestamps, n, 0, tss);
+    packed_seq = packed_ts == -1 ? -1 : take_int_column(sequences, n, 1, seqs);
+    if (packed_seq == -1) {
         goto done;
     }
-    if ((!packed_ts && !PyList_Check(timestamps)) || (!packed_seq && !PyList_Check(sequences))) {
+    if (packed_ts == -2 || packed_seq == -2) {
         PyErr_SetString(PyExc_TypeError,
                         "event_json_lines: timestamps must be a list or array('q'), sequences "
                         "a list or array('Q')");

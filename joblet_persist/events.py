@@ -28,13 +28,13 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from array import array
 from dataclasses import dataclass
 from typing import Any, Union
 
 from google.protobuf.message import DecodeError
 
 from joblet_persist._proto import ipc_pb2, ipc_views_pb2, persist_pb2
+from joblet_persist.grouping import is_packed
 
 __all__ = [
     "KINDS",
@@ -343,9 +343,9 @@ def payload_json_lines(
     if _event_lines_c is not None:
         payloads = payloads if type(payloads) is list else list(payloads)
         # Lists, or the packed columns of the writer's event buffers (array('q'), array('Q')).
-        if not (type(timestamps) is list or _is_packed(timestamps, "q")):
+        if not (type(timestamps) is list or is_packed(timestamps, "q")):
             timestamps = list(timestamps)
-        if not (type(sequences) is list or _is_packed(sequences, "Q")):
+        if not (type(sequences) is list or is_packed(sequences, "Q")):
             sequences = list(sequences)
         lines = _event_lines_c(
             _C_LAYOUTS[kind.msg_type], _encode_str(job_id), payloads, timestamps, sequences
@@ -356,10 +356,6 @@ def payload_json_lines(
         lines,
         lambda i: payload_json_line(kind, payloads[i], job_id, timestamps[i], sequences[i]),
     )
-
-
-def _is_packed(column, typecode: str) -> bool:
-    return type(column) is array and column.typecode == typecode
 
 
 def fill_missing_lines(lines: list, line_of) -> list:

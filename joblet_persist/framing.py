@@ -50,8 +50,8 @@ is canonical: a frame of type 2..9 (canonical envelope) whose ``data`` is a cano
 sequence (a metric's are its payload's, or the envelope's when the payload's timestamp is 0;
 an event's are the envelope's, or the payload's when the envelope's timestamp is 0: what
 ingest stores), the arrival number, and the payload bytes; the three int columns are packed,
-``array('q')``, ``array('Q')`` and ``array('q')`` (no int object per frame).  Such frames need no further
-check: their payloads decode.  A frame of type 2..9 whose payload is not canonical goes to
+``array('q')``, ``array('Q')`` and ``array('q')`` (no int object per frame).  Such frames
+need no further check: their payloads decode.  A frame of type 2..9 whose payload is not canonical goes to
 ``others`` as without ``grouped`` while its (job, type) has no group yet in this call, and
 stops the call (``"slow"``) once it has one, so that the caller's general decoder hands it
 to the writer after the group: a (job, type)'s frames reach the writer in frame order.

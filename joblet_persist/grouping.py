@@ -3,9 +3,9 @@
 The decoder returns a read's frames grouped by ``(job_id, code)`` (code 1 or 2 a log
 stream, ``-t`` frames of IPC message type ``t``), each group four equally long columns
 ``[timestamps, sequences, arrivals, items]`` (lists for a log stream; for metrics and events
-the int columns are packed, ``array('q')``, ``array('Q')``, ``array('q')``).  A read of mixed traffic holds dozens of
-groups, and the two steps here ran as several Python statements per group on the reactor
-thread: counting the frames (``census_groups``) and appending each group to its writer
+the int columns are packed, ``array('q')``, ``array('Q')``, ``array('q')``).  A read of mixed
+traffic holds dozens of groups, and the two steps here ran as several Python statements per
+group on the reactor thread: counting the frames (``census_groups``) and appending each group to its writer
 buffer (``extend_groups``).  The C extension does each in one call (``extend_groups`` one
 call per run of groups that fit their open buffers); the pure-Python functions below are the
 reference and run when it is not built.
@@ -100,6 +100,11 @@ def new_columns_py() -> tuple:
     twin's lists are not tracked by the cyclic garbage collector: they only ever hold bytes
     and ints, and its full passes then skip every buffered message."""
     return [], [], [], []
+
+
+def is_packed(column, typecode: str) -> bool:
+    """Whether ``column`` is a packed int column of ``typecode`` (``"q"`` or ``"Q"``)."""
+    return type(column) is array and column.typecode == typecode
 
 
 def new_packed_columns() -> tuple:

@@ -54,7 +54,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
-from joblet_persist.grouping import extend_groups, new_columns, new_packed_columns
+from joblet_persist.grouping import extend_groups, is_packed, new_columns, new_packed_columns
 from joblet_persist.logs import Logger
 from joblet_persist.storage.api import (
     KIND_OF_EVENT,
@@ -270,15 +270,10 @@ def _new_columns(key: BufferKey) -> tuple:
     return new_columns() if key in _LOG_BUFFERS else new_packed_columns()
 
 
-_I64_MIN, _I64_MAX, _U64_MAX = -(2**63), 2**63 - 1, 2**64 - 1
-
-
 def _packed(typecode: str, column):
     """``column`` as a packed int column of ``typecode``: itself when it is one, else a copy
     (OverflowError for a value out of range)."""
-    if type(column) is array and column.typecode == typecode:
-        return column
-    return array(typecode, column)
+    return column if is_packed(column, typecode) else array(typecode, column)
 
 
 class _Buffer:
@@ -740,20 +735,21 @@ class BatchingWriter:
         buf = job.buffers[index]
         if buf is None:
             buf = job.buffers[index] = self._new_buffer(job, index)
+        arrivals = self.arrivals
+        arrival = arrivals.get(job_id, 0)
         timestamps = buf.timestamps
-        if type(timestamps) is not list and not (
-            _I64_MIN <= timestamp <= _I64_MAX and 0 <= sequence <= _U64_MAX
-        ):
-            raise ValueError(
-                f"job {job_id!r}: timestamp {timestamp} or sequence {sequence} out of range "
-                "(int64, uint64)"
-            )
+        if type(timestamps) is not list:
+            # A packed (metric or event) buffer: _extend's copy refuses a value out of range
+            # before anything is buffered.
+            self._extend(buf, (timestamp,), (sequence,), (arrival,), (item,))
+            arrivals[job_id] = arrival + 1
+            if self._buffered > self._high_water and not self._paused:
+                self._pause()
+            return
         if not timestamps:
             self._opened(buf)
         timestamps.append(timestamp)
         buf.sequences.append(sequence)
-        arrivals = self.arrivals
-        arrival = arrivals.get(job_id, 0)
         arrivals[job_id] = arrival + 1
         buf.arrivals.append(arrival)
         buf.contents.append(item)
